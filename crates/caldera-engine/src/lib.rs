@@ -1,0 +1,7 @@
+//! The engine: sampling and the generation loop over a backend.
+
+pub mod generate;
+pub mod sampler;
+
+pub use generate::{FinishReason, GenParams, GenStats, Generator};
+pub use sampler::{Sampler, SamplerConfig, StopMatcher};

@@ -1,0 +1,40 @@
+//! Architectures as data.
+//!
+//! A model file (GGUF, or a Hugging Face folder translated on load) becomes a
+//! [`ModelFile`]: GGUF-convention metadata plus tensors under GGUF names. Each
+//! architecture module (`arch/*.rs`) reads that into a [`ModelConfig`] (hyperparameters
+//! and one [`LayerSpec`] per layer) and binds the tensors into [`ModelWeights`]. Backends
+//! consume `Model` and never look at architecture names: adding an architecture means one
+//! file here, not one per backend.
+
+pub mod arch;
+pub mod config;
+pub mod error;
+pub mod file;
+pub mod hf_names;
+pub mod weights;
+
+pub use config::{Activation, AttnSpec, LayerSpec, ModelConfig, RopeSpec, RopeStyle};
+pub use error::{ModelError, Result};
+pub use file::{ModelFile, TokenizerSource};
+pub use weights::{AttnWeights, FfnWeights, Layer, ModelWeights, Weight};
+
+/// A loaded model: its description and its weights (views into the mapped file).
+pub struct Model {
+    pub config: ModelConfig,
+    pub weights: ModelWeights,
+}
+
+impl Model {
+    /// Reads the architecture from `file` and binds its tensors.
+    pub fn from_file(file: &ModelFile) -> Result<Model> {
+        arch::build(file)
+    }
+
+    /// Opens a `.gguf` file or an HF folder and builds the model.
+    pub fn open(path: &std::path::Path) -> Result<(ModelFile, Model)> {
+        let file = ModelFile::open(path)?;
+        let model = Model::from_file(&file)?;
+        Ok((file, model))
+    }
+}

@@ -1,0 +1,7 @@
+//! Text to token ids and back, and chat templates.
+
+pub mod template;
+pub mod tokenizer;
+
+pub use template::{ChatTemplate, TemplateError};
+pub use tokenizer::{StreamDecoder, Tokenizer, TokenizerError};

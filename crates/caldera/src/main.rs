@@ -1,0 +1,60 @@
+//! The `caldera` command line: run, inspect, verify.
+
+mod inspect;
+mod load;
+mod run;
+mod verify;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "caldera", version, about = "Local LLM inference on any GPU with a Vulkan driver, and on the CPU")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Backend {
+    Cpu,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate from a prompt, or chat interactively without -p.
+    Run(run::RunArgs),
+    /// Print a model file's metadata and tensor table.
+    Inspect {
+        /// A .gguf file or an HF model folder.
+        model: PathBuf,
+        /// Print every metadata array element instead of a summary.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Check a model against a reference fixture (shared/fixtures/hf/<arch>).
+    Verify(verify::VerifyArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Run(a) => run::run(a),
+        Cmd::Inspect { model, full } => inspect::inspect(&model, full),
+        Cmd::Verify(a) => verify::verify(a),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Threads to use by default: every core the process may run on.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

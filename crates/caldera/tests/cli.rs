@@ -1,0 +1,155 @@
+//! End-to-end tests of the `caldera` binary: fixtures, real models, hostile files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_caldera"))
+}
+
+fn fixtures() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/hf");
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("skipping: no fixtures at {}", p.display());
+        None
+    }
+}
+
+fn models() -> PathBuf {
+    std::env::var_os("CALDERA_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"))
+}
+
+fn model(name: &str) -> Option<PathBuf> {
+    let p = models().join(name);
+    if p.is_file() {
+        Some(p)
+    } else {
+        eprintln!("skipping: {} is missing (scripts/fetch-models.sh fetches it)", p.display());
+        None
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn verify_fixture(arch: &str) {
+    let Some(dir) = fixtures() else { return };
+    let o = bin()
+        .args(["verify", "--threads", "2"])
+        .arg(dir.join(arch))
+        .output()
+        .expect("running caldera");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("PASS"), "{}", text(&o));
+}
+
+#[test]
+fn verify_llama_fixture_cpu() {
+    verify_fixture("llama");
+}
+
+#[test]
+fn verify_qwen3_fixture_cpu() {
+    verify_fixture("qwen3");
+}
+
+#[test]
+fn smollm2_answers_paris() {
+    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let o = bin()
+        .arg("run")
+        .arg(&m)
+        .args(["-p", "What is the capital of France?", "-n", "16", "--temp", "0", "-t", "2"])
+        .output()
+        .expect("running caldera");
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Paris"), "{}", text(&o));
+}
+
+#[test]
+fn gemma3_continues_the_story() {
+    let Some(m) = model("gemma-3-270m-q4_k_m.gguf") else { return };
+    let o = bin()
+        .arg("run")
+        .arg(&m)
+        .args(["--raw", "-p", "Once upon a time, there was a little", "-n", "4", "--temp", "0", "-t", "2"])
+        .output()
+        .expect("running caldera");
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with(" girl named Lily"), "{}", text(&o));
+}
+
+#[test]
+fn inspect_lists_tensors() {
+    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let o = bin().arg("inspect").arg(&m).output().expect("running caldera");
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("token_embd.weight") && out.contains("Q4_1"), "{}", text(&o));
+    assert!(out.contains("272 tensors"), "{}", text(&o));
+}
+
+/// A damaged file is an error with a message and exit code 1 or 2, never a panic (101).
+fn assert_clean_failure(o: &Output) {
+    let code = o.status.code();
+    assert!(matches!(code, Some(1) | Some(2)), "{}", text(o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("error"), "{}", text(o));
+    assert!(!err.contains("panicked"), "{}", text(o));
+}
+
+#[test]
+fn damaged_gguf_files_fail_cleanly() {
+    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let bytes = std::fs::read(&m).expect("reading the model");
+    let dir = std::env::temp_dir().join(format!("caldera-damaged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cases: Vec<(String, Vec<u8>)> = vec![
+        ("empty".into(), Vec::new()),
+        ("magic".into(), b"GGUX".iter().copied().chain(bytes[4..4096].iter().copied()).collect()),
+    ];
+    for cut in [3usize, 24, 1000, 100_000, 2_000_000, bytes.len() / 2, bytes.len() - 1] {
+        cases.push((format!("cut{cut}"), bytes[..cut].to_vec()));
+    }
+    // Corrupt the tensor count and the first key's length.
+    let mut c = bytes[..1 << 20].to_vec();
+    c[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    cases.push(("count".into(), c));
+    let mut c = bytes[..1 << 20].to_vec();
+    c[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    cases.push(("keylen".into(), c));
+    for (name, data) in &cases {
+        let p = dir.join(format!("{name}.gguf"));
+        std::fs::write(&p, data).unwrap();
+        for args in [
+            vec!["inspect".to_string(), p.display().to_string()],
+            vec!["run".into(), p.display().to_string(), "-p".into(), "hi".into(), "-n".into(), "2".into()],
+        ] {
+            let o = bin().args(&args).output().expect("running caldera");
+            assert_clean_failure(&o);
+        }
+        if let Some(f) = fixtures() {
+            let o = bin()
+                .arg("verify")
+                .arg(f.join("llama"))
+                .arg("--model")
+                .arg(&p)
+                .output()
+                .expect("running caldera");
+            assert_clean_failure(&o);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
