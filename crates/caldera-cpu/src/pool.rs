@@ -72,10 +72,10 @@ impl ThreadPool {
             (0..n).for_each(f);
             return;
         }
-        let job: &Job = &f;
+        let job: &(dyn Fn(usize) + Sync + '_) = &f;
         // SAFETY: the reference is only used by workers of this epoch, and `run` does not
         // return (so `f` stays alive) until every worker has checked in for this epoch.
-        let job: &'static Job = unsafe { std::mem::transmute::<&Job, &'static Job>(job) };
+        let job: &'static Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(job) };
         let s = &*self.shared;
         *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
         s.next.store(0, Ordering::Relaxed);

@@ -17,7 +17,9 @@ pub enum FormatError {
     BadMagic([u8; 4]),
     #[error("unsupported GGUF version {0} (caldera reads versions 2 and 3)")]
     UnsupportedVersion(u32),
-    #[error("file is truncated: {what} needs {need} bytes at offset {offset}, but only {have} remain")]
+    #[error(
+        "file is truncated: {what} needs {need} bytes at offset {offset}, but only {have} remain"
+    )]
     Truncated {
         what: String,
         offset: u64,

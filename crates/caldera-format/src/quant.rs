@@ -188,6 +188,8 @@ pub struct QuantizedActs {
     q: Vec<i8>,
     d: Vec<f32>,
     sums: Vec<i16>,
+    /// 32-element blocks only: `d * Σq` per block (the Q8_1 `s` field, in f32).
+    ds: Vec<f32>,
 }
 
 impl QuantizedActs {
@@ -217,6 +219,12 @@ impl QuantizedActs {
                 self.d.resize(n / blk, 0.0);
                 self.sums.resize(n / grp, 0);
                 quantize_acts(x, blk, grp, &mut self.q, &mut self.d, &mut self.sums);
+                if kind == ActKind::Q8B32 {
+                    self.ds.clear();
+                    self.ds.extend(self.d.iter().zip(&self.sums).map(|(&d, &s)| d * s as f32));
+                } else {
+                    self.ds.clear();
+                }
             }
             ActKind::Empty => {}
         }
@@ -237,13 +245,16 @@ impl QuantizedActs {
         &self.f[j * self.k..(j + 1) * self.k]
     }
 
-    fn q_row(&self, j: usize) -> (&[i8], &[f32], &[i16]) {
+    /// Row `j`'s int8 values, scales, sums, and (32-element blocks) `d * Σq` per block.
+    fn q_row(&self, j: usize) -> (&[i8], &[f32], &[i16], &[f32]) {
         let (blk, grp) = self.kind.grouping();
         let k = self.k;
+        let ds: &[f32] = if self.kind == ActKind::Q8B32 { &self.ds[j * (k / blk)..(j + 1) * (k / blk)] } else { &[] };
         (
             &self.q[j * k..(j + 1) * k],
             &self.d[j * (k / blk)..(j + 1) * (k / blk)],
             &self.sums[j * (k / grp)..(j + 1) * (k / grp)],
+            ds,
         )
     }
 
@@ -276,23 +287,6 @@ fn round_even(v: f32) -> f32 {
 
 /// Symmetric int8 quantization of activations in blocks of `blk` with sums per `grp`.
 fn quantize_acts(x: &[f32], blk: usize, grp: usize, q: &mut [i8], d: &mut [f32], sums: &mut [i16]) {
-    #[cfg(target_arch = "x86_64")]
-    if level() >= Level::Avx2 {
-        // SAFETY: AVX2/FMA/F16C presence was checked by `level`.
-        unsafe { simd_x86::quantize_acts(x, blk, grp, q, d, sums) };
-        return;
-    }
-    quantize_acts_scalar(x, blk, grp, q, d, sums)
-}
-
-fn quantize_acts_scalar(
-    x: &[f32],
-    blk: usize,
-    grp: usize,
-    q: &mut [i8],
-    d: &mut [f32],
-    sums: &mut [i16],
-) {
     for (b, (xb, qb)) in x.chunks_exact(blk).zip(q.chunks_exact_mut(blk)).enumerate() {
         let mut amax = 0.0f32;
         for &v in xb {
@@ -371,11 +365,11 @@ pub mod reference {
         match acts.kind {
             ActKind::F32 => floats::dot(wty, w_row, acts.f_row(j)),
             ActKind::Q8B32 => {
-                let (q, d, s) = acts.q_row(j);
-                legacy::dot(wty, w_row, q, d, s)
+                let (q, d, _, ds) = acts.q_row(j);
+                legacy::dot(wty, w_row, q, d, ds)
             }
             ActKind::Q8K => {
-                let (q, d, s) = acts.q_row(j);
+                let (q, d, s, _) = acts.q_row(j);
                 kquants::dot(wty, w_row, q, d, s)
             }
             ActKind::Empty => 0.0,

@@ -17,7 +17,8 @@ impl Storage {
         let file = std::fs::File::open(path).map_err(|e| crate::FormatError::io(path, e))?;
         // SAFETY: the map is read-only; a file truncated underneath us by another process
         // is outside what any reader of mapped files can defend against.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| crate::FormatError::io(path, e))?;
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| crate::FormatError::io(path, e))?;
         Ok(Storage::Mmap(map))
     }
 }

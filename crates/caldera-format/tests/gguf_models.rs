@@ -15,7 +15,10 @@ fn model(name: &str) -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!("skipping: {} not found (set CALDERA_MODELS)", path.display());
+        eprintln!(
+            "skipping: {} not found (set CALDERA_MODELS)",
+            path.display()
+        );
         None
     }
 }
@@ -37,22 +40,54 @@ fn smollm2_facts() {
     assert_eq!(f.get_f32("llama.rope.freq_base"), Some(100000.0));
     assert_eq!(f.get_str("tokenizer.ggml.pre"), Some("smollm"));
     assert_eq!(f.get_bool("tokenizer.ggml.add_bos_token"), Some(false));
-    assert!(f.get_str("tokenizer.chat_template").unwrap().contains("im_start"));
-    let toks = f.get("tokenizer.ggml.tokens").unwrap().as_str_array().unwrap();
+    assert!(f
+        .get_str("tokenizer.chat_template")
+        .unwrap()
+        .contains("im_start"));
+    let toks = f
+        .get("tokenizer.ggml.tokens")
+        .unwrap()
+        .as_str_array()
+        .unwrap();
     assert_eq!(toks.len(), 49152);
-    let types = f.get("tokenizer.ggml.token_type").unwrap().as_array().unwrap();
+    let types = f
+        .get("tokenizer.ggml.token_type")
+        .unwrap()
+        .as_array()
+        .unwrap();
     assert_eq!((types.elem_type, types.len()), (GgufValueType::I32, 49152));
-    assert_eq!(f.get("tokenizer.ggml.merges").unwrap().as_array().unwrap().len(), 48900);
+    assert_eq!(
+        f.get("tokenizer.ggml.merges")
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        48900
+    );
     let emb = f.tensor("token_embd.weight").unwrap();
     assert_eq!(emb.ty, GgmlType::Q8_0);
     assert_eq!(emb.dims, [576, 49152]);
     assert_eq!(emb.n_bytes, 30_081_024);
     assert_eq!(f.tensor_bytes(emb).len(), 30_081_024);
     let down = f.tensor("blk.0.ffn_down.weight").unwrap();
-    assert_eq!((down.ty, &down.dims[..]), (GgmlType::Q4_1, &[1536u64, 576][..]));
+    assert_eq!(
+        (down.ty, &down.dims[..]),
+        (GgmlType::Q4_1, &[1536u64, 576][..])
+    );
     let count = |ty| f.tensors().iter().filter(|t| t.ty == ty).count();
-    assert_eq!((count(GgmlType::Q4_1), count(GgmlType::F32), count(GgmlType::Q8_0)), (210, 61, 1));
-    let end = f.tensors().iter().map(|t| f.data_offset + t.offset + t.n_bytes).max();
+    assert_eq!(
+        (
+            count(GgmlType::Q4_1),
+            count(GgmlType::F32),
+            count(GgmlType::Q8_0)
+        ),
+        (210, 61, 1)
+    );
+    let end = f
+        .tensors()
+        .iter()
+        .map(|t| f.data_offset + t.offset + t.n_bytes)
+        .max();
     assert_eq!(end, Some(f.file_size()));
 }
 
@@ -65,13 +100,30 @@ fn gemma3_facts() {
     assert_eq!(f.get_u64("gemma3.attention.key_length"), Some(256));
     assert_eq!(f.get_u64("gemma3.attention.sliding_window"), Some(512));
     assert_eq!(f.get_str("tokenizer.ggml.model"), Some("llama"));
-    let toks = f.get("tokenizer.ggml.tokens").unwrap().as_str_array().unwrap();
+    let toks = f
+        .get("tokenizer.ggml.tokens")
+        .unwrap()
+        .as_str_array()
+        .unwrap();
     assert_eq!(toks.len(), 262144);
-    let scores = f.get("tokenizer.ggml.scores").unwrap().as_f32_array().unwrap();
+    let scores = f
+        .get("tokenizer.ggml.scores")
+        .unwrap()
+        .as_f32_array()
+        .unwrap();
     assert_eq!(scores.len(), 262144);
     let emb = f.tensor("token_embd.weight").unwrap();
-    assert_eq!((emb.ty, &emb.dims[..]), (GgmlType::Q8_0, &[640u64, 262144][..]));
-    for ty in [GgmlType::F32, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K] {
+    assert_eq!(
+        (emb.ty, &emb.dims[..]),
+        (GgmlType::Q8_0, &[640u64, 262144][..])
+    );
+    for ty in [
+        GgmlType::F32,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
         assert!(f.tensors().iter().any(|t| t.ty == ty), "{ty}");
     }
 }
@@ -87,8 +139,13 @@ fn smollm2_rewrite_is_identical() {
         w.set(k, v.clone());
     }
     for t in f.tensors() {
-        w.add_tensor(&t.name, t.ty, &t.dims, TensorSource::View(f.tensor_bytes(t)))
-            .unwrap();
+        w.add_tensor(
+            &t.name,
+            t.ty,
+            &t.dims,
+            TensorSource::View(f.tensor_bytes(t)),
+        )
+        .unwrap();
     }
     let dir = std::env::temp_dir().join(format!("caldera-gguf-models-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -99,9 +156,16 @@ fn smollm2_rewrite_is_identical() {
     assert_eq!(g.tensors().len(), f.tensors().len());
     for (a, b) in f.tensors().iter().zip(g.tensors()) {
         assert_eq!((&a.name, a.ty, &a.dims), (&b.name, b.ty, &b.dims));
-        assert!(f.tensor_bytes(a).as_slice() == g.tensor_bytes(b).as_slice(), "{}", a.name);
+        assert!(
+            f.tensor_bytes(a).as_slice() == g.tensor_bytes(b).as_slice(),
+            "{}",
+            a.name
+        );
     }
-    assert!(f.storage()[..] == g.storage()[..], "rewrite is byte-identical");
+    assert!(
+        f.storage()[..] == g.storage()[..],
+        "rewrite is byte-identical"
+    );
     drop(g);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -69,7 +69,10 @@ fn every_value_type_round_trips() {
     // Every scalar type as an array element type.
     for (k, v) in every_scalar() {
         let ty = v.value_type();
-        w.set(&format!("arr.of.{k}"), GgufValue::array(ty, vec![v.clone(), v]));
+        w.set(
+            &format!("arr.of.{k}"),
+            GgufValue::array(ty, vec![v.clone(), v]),
+        );
     }
     // Arrays of arrays, with differing element types inside, and 8 levels deep.
     let inner_a = GgufValue::str_array(&["x", "y"]);
@@ -125,7 +128,10 @@ fn accessors_tolerate_numeric_widths() {
     );
     w.set(
         "ints",
-        GgufValue::array(GgufValueType::I16, vec![GgufValue::I16(-2), GgufValue::I16(5)]),
+        GgufValue::array(
+            GgufValueType::I16,
+            vec![GgufValue::I16(-2), GgufValue::I16(5)],
+        ),
     );
     let f = GgufFile::from_bytes(write_bytes(&w)).unwrap();
     assert_eq!(f.get_u64("u8"), Some(7));
@@ -207,7 +213,10 @@ fn tensors_round_trip_with_default_and_custom_alignment() {
         assert_eq!(f.alignment, expect);
         assert_eq!(f.data_offset % expect, 0);
         if alignment.is_some() {
-            assert_eq!(f.get("general.alignment"), Some(&GgufValue::U32(expect as u32)));
+            assert_eq!(
+                f.get("general.alignment"),
+                Some(&GgufValue::U32(expect as u32))
+            );
         }
         check_tensors(&f, &datas);
     }
@@ -234,8 +243,13 @@ fn views_and_files_round_trip() {
         w2.set(k, v.clone());
     }
     for t in first.tensors() {
-        w2.add_tensor(&t.name, t.ty, &t.dims, TensorSource::View(first.tensor_bytes(t)))
-            .unwrap();
+        w2.add_tensor(
+            &t.name,
+            t.ty,
+            &t.dims,
+            TensorSource::View(first.tensor_bytes(t)),
+        )
+        .unwrap();
     }
     let dir = std::env::temp_dir().join(format!("caldera-gguf-rt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -314,7 +328,9 @@ fn writer_refuses_what_the_reader_would() {
     let err = |r: Result<(), FormatError>| r.unwrap_err().to_string();
     assert!(err(w.add_tensor("t", GgmlType::F32, &[4], vec![0u8; 15])).contains("needs 16 bytes"));
     assert!(err(w.add_tensor("t", GgmlType::F32, &[], vec![])).contains("dimensions"));
-    assert!(err(w.add_tensor("t", GgmlType::F32, &[1, 1, 1, 1, 1], vec![0; 4])).contains("dimensions"));
+    assert!(
+        err(w.add_tensor("t", GgmlType::F32, &[1, 1, 1, 1, 1], vec![0; 4])).contains("dimensions")
+    );
     assert!(err(w.add_tensor("t", GgmlType::F32, &[0], vec![])).contains("zero"));
     assert!(err(w.add_tensor("t", GgmlType::Q4_0, &[33], vec![0; 18])).contains("block size"));
     assert!(err(w.add_tensor("t", GgmlType::F32, &[1 << 32, 1 << 32], vec![])).contains("2^63"));
@@ -339,7 +355,10 @@ fn writer_refuses_what_the_reader_would() {
     bad.set_alignment(16);
     bad.write_to(Vec::new()).unwrap();
     bad.set_version(1);
-    assert!(matches!(bad.write_to(Vec::new()), Err(FormatError::UnsupportedVersion(1))));
+    assert!(matches!(
+        bad.write_to(Vec::new()),
+        Err(FormatError::UnsupportedVersion(1))
+    ));
 
     let mut mixed = GgufWriter::new();
     mixed.set(

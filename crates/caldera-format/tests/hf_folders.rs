@@ -214,6 +214,13 @@ fn single_file_and_string_template() {
         r#"{"chat_template": [{"name": "rag", "template": "R"}]}"#,
     );
     assert_eq!(HfModel::open(&dir).unwrap().chat_template(), None);
+
+    // The processor-style chat_template.json comes last.
+    write(&dir, "chat_template.json", r#"{"chat_template": "J"}"#);
+    assert_eq!(
+        HfModel::open(&dir).unwrap().chat_template().as_deref(),
+        Some("J")
+    );
 }
 
 /// A folder with a valid config and one valid shard, and `index` as its index.

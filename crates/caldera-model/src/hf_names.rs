@@ -127,10 +127,7 @@ pub fn translate(hf: &HfModel) -> Result<ModelFile> {
         if tie && name == "output.weight" {
             continue;
         }
-        let ty = t.ty.ok_or_else(|| ModelError::BadTensor {
-            name: t.name.clone(),
-            msg: format!("dtype {:?} is not a weight type", t.dtype),
-        })?;
+        let ty = t.ty;
         let dims: Vec<u64> = t.shape.iter().rev().map(|&d| d as u64).collect();
         let mut data = t.data.clone();
         let mut ty_out = ty;

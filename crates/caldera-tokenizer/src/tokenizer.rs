@@ -233,7 +233,7 @@ impl Tokenizer {
         let byte_level = matches!(spec.model, ModelSpec::ByteLevelBpe { .. });
         let mut tokens = Vec::with_capacity(n);
         for (i, ((text, kind), score)) in spec.tokens.into_iter().zip(spec.types).zip(scores).enumerate() {
-            let piece = make_piece(&text, kind, byte_level).map_err(|e| {
+            let piece = build_piece(&text, kind, byte_level).map_err(|e| {
                 TokenizerError::InvalidVocab(format!("token {i} ({text:?}): {e}"))
             })?;
             tokens.push(TokenEntry { text, kind, score, piece });
@@ -377,13 +377,16 @@ impl Tokenizer {
     /// joined first and converted to UTF-8 once (invalid sequences become U+FFFD).
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
         let mut bytes = Vec::with_capacity(ids.len() * 4);
+        let mut at_start = true;
         for &id in ids {
-            let piece = self.piece_for_decode(id, skip_special)?;
-            if bytes.is_empty() && self.strip_leading_space && piece.first() == Some(&b' ') {
-                bytes.extend_from_slice(&piece[1..]);
-            } else {
-                bytes.extend_from_slice(piece);
+            let mut piece = self.piece_for_decode(id, skip_special)?;
+            if at_start && !piece.is_empty() {
+                if self.strip_leading_space && piece[0] == b' ' {
+                    piece = &piece[1..];
+                }
+                at_start = false;
             }
+            bytes.extend_from_slice(piece);
         }
         Ok(match String::from_utf8(bytes) {
             Ok(s) => s,
@@ -470,7 +473,7 @@ impl Tokenizer {
 
 /// What a token decodes to. Byte-level BPE maps each character back through the GPT-2
 /// alphabet; SentencePiece turns `▁` into a space; byte tokens are one byte.
-fn make_piece(text: &str, kind: TokenType, byte_level: bool) -> Result<Box<[u8]>, String> {
+pub(crate) fn build_piece(text: &str, kind: TokenType, byte_level: bool) -> Result<Box<[u8]>, String> {
     Ok(match kind {
         TokenType::Byte => match parse_byte_token(text) {
             Some(b) => Box::new([b]),
@@ -489,5 +492,3 @@ fn make_piece(text: &str, kind: TokenType, byte_level: bool) -> Result<Box<[u8]>
 pub(crate) fn spm_piece(text: &str) -> String {
     text.replace('\u{2581}', " ")
 }
-
-pub(crate) use make_piece as build_piece;

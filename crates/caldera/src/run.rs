@@ -58,6 +58,9 @@ pub struct RunArgs {
     pub threads: Option<usize>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub backend: Backend,
+    /// Print the prompt as rendered and its token ids to stderr.
+    #[arg(long)]
+    pub verbose_prompt: bool,
 }
 
 pub fn run(a: RunArgs) -> Result<ExitCode> {
@@ -113,6 +116,13 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
                 }
                 None => tok.encode(p, tok.adds_bos(), false)?,
             };
+            if a.verbose_prompt {
+                let shown: Vec<String> = ids
+                    .iter()
+                    .map(|&i| format!("{i}:{:?}", tok.token_text(i).unwrap_or("?")))
+                    .collect();
+                eprintln!("prompt: {} tokens: {}", ids.len(), shown.join(" "));
+            }
             let stats = generate(&mut gen, &tok, &ids, &params)?;
             report(&stats);
         }

@@ -63,6 +63,10 @@ fn verify_qwen3_fixture_cpu() {
     verify_fixture("qwen3");
 }
 
+/// The file's own chat template adds a default system prompt ("You are a helpful AI
+/// assistant named SmolLM, ..."); with it the Q4_1 model's greedy answer starts
+/// "L'Étoile" in llama.cpp (llama-cpp-python 0.3.36) as in caldera: its top-2 logits are
+/// within 0.1. With a plain system prompt both answer "The capital of France is Paris."
 #[test]
 fn smollm2_answers_paris() {
     let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
@@ -70,6 +74,7 @@ fn smollm2_answers_paris() {
         .arg("run")
         .arg(&m)
         .args(["-p", "What is the capital of France?", "-n", "16", "--temp", "0", "-t", "2"])
+        .args(["--system", "You are a helpful assistant."])
         .output()
         .expect("running caldera");
     assert!(o.status.success(), "{}", text(&o));

@@ -182,7 +182,10 @@ impl GgufFile {
     pub fn try_tensor_bytes(&self, t: &GgufTensorInfo) -> Result<TensorBytes> {
         let range_err =
             || FormatError::Invalid(format!("tensor '{}': range does not fit memory", t.name));
-        let start = self.data_offset.checked_add(t.offset).ok_or_else(range_err)?;
+        let start = self
+            .data_offset
+            .checked_add(t.offset)
+            .ok_or_else(range_err)?;
         let start = usize::try_from(start).map_err(|_| range_err())?;
         let len = usize::try_from(t.n_bytes).map_err(|_| range_err())?;
         TensorBytes::new(self.store.clone(), start, len)

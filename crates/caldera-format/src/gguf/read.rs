@@ -142,7 +142,7 @@ impl Budget {
 }
 
 fn count_bytes(count: u64, each: u64) -> u64 {
-    count.checked_mul(each).unwrap_or(u64::MAX)
+    count.saturating_mul(each)
 }
 
 pub(super) fn parse(buf: &[u8]) -> Result<Parsed> {
@@ -193,7 +193,10 @@ pub(super) fn parse(buf: &[u8]) -> Result<Parsed> {
     }
     // Both counts now fit in usize: each is at most the file size.
     let kv_entry = (size_of::<(String, GgufValue)>() + size_of::<(String, usize)>() + 8) as u64;
-    budget.charge(kv_count * kv_entry, Ctx::Header("metadata_kv_count"))?;
+    budget.charge(
+        kv_count.saturating_mul(kv_entry),
+        Ctx::Header("metadata_kv_count"),
+    )?;
     let mut metadata: Vec<(String, GgufValue)> = Vec::with_capacity(kv_count as usize);
     let mut key_index: HashMap<String, usize> = HashMap::with_capacity(kv_count as usize);
     let mut alignment = DEFAULT_ALIGNMENT;
@@ -241,14 +244,22 @@ pub(super) fn parse(buf: &[u8]) -> Result<Parsed> {
     }
 
     let ti_entry = (size_of::<GgufTensorInfo>() + size_of::<(String, usize)>() + 8) as u64;
-    budget.charge(tensor_count * ti_entry, Ctx::Header("tensor_count"))?;
+    budget.charge(
+        tensor_count.saturating_mul(ti_entry),
+        Ctx::Header("tensor_count"),
+    )?;
     let mut tensors: Vec<GgufTensorInfo> = Vec::with_capacity(tensor_count as usize);
     let mut tensor_index: HashMap<String, usize> = HashMap::with_capacity(tensor_count as usize);
     for i in 0..tensor_count {
         let name = r.string(Ctx::TensorName(i), &mut budget)?;
-        budget.charge(name.len() as u64 + (MAX_DIMS * 8) as u64, Ctx::TensorName(i))?;
+        budget.charge(
+            name.len() as u64 + (MAX_DIMS * 8) as u64,
+            Ctx::TensorName(i),
+        )?;
         if name.is_empty() {
-            return Err(FormatError::Invalid(format!("tensor #{i} has an empty name")));
+            return Err(FormatError::Invalid(format!(
+                "tensor #{i} has an empty name"
+            )));
         }
         if tensor_index.contains_key(&name) {
             return Err(FormatError::Duplicate {
@@ -338,14 +349,55 @@ fn read_value(
                 });
             }
             // count ≤ remaining bytes, so it fits in usize.
-            budget.charge(count * size_of::<GgufValue>() as u64, ctx)?;
-            let mut items = Vec::with_capacity(count as usize);
-            for _ in 0..count {
-                items.push(read_value(r, elem_type, key, depth + 1, budget)?);
-            }
+            budget.charge(count.saturating_mul(size_of::<GgufValue>() as u64), ctx)?;
+            let items = match elem_type {
+                GgufValueType::String => {
+                    let mut items = Vec::with_capacity(count as usize);
+                    for _ in 0..count {
+                        items.push(GgufValue::String(r.string(ctx, budget)?));
+                    }
+                    items
+                }
+                GgufValueType::Array | GgufValueType::Bool => {
+                    let mut items = Vec::with_capacity(count as usize);
+                    for _ in 0..count {
+                        items.push(read_value(r, elem_type, key, depth + 1, budget)?);
+                    }
+                    items
+                }
+                // Fixed-width numbers: count × width bytes, checked above.
+                _ => {
+                    let width = elem_type.min_encoded_size() as usize;
+                    let bytes = r.take(need, ctx)?;
+                    bytes
+                        .chunks_exact(width)
+                        .map(|c| decode_number(elem_type, c))
+                        .collect()
+                }
+            };
             GgufValue::Array(GgufArray { elem_type, items })
         }
     })
+}
+
+/// A fixed-width number of type `ty` from exactly its little-endian bytes.
+fn decode_number(ty: GgufValueType, b: &[u8]) -> GgufValue {
+    let mut w = [0u8; 8];
+    w[..b.len()].copy_from_slice(b);
+    let v = u64::from_le_bytes(w);
+    // Truncating casts keep exactly the bytes that were read.
+    match ty {
+        GgufValueType::U8 => GgufValue::U8(v as u8),
+        GgufValueType::I8 => GgufValue::I8(v as u8 as i8),
+        GgufValueType::U16 => GgufValue::U16(v as u16),
+        GgufValueType::I16 => GgufValue::I16(v as u16 as i16),
+        GgufValueType::U32 => GgufValue::U32(v as u32),
+        GgufValueType::I32 => GgufValue::I32(v as u32 as i32),
+        GgufValueType::F32 => GgufValue::F32(f32::from_bits(v as u32)),
+        GgufValueType::U64 => GgufValue::U64(v),
+        GgufValueType::I64 => GgufValue::I64(v as i64),
+        _ => GgufValue::F64(f64::from_bits(v)),
+    }
 }
 
 /// Reads the rest of a tensor description (after its name) and checks its shape.
@@ -354,7 +406,9 @@ fn read_tensor_info(r: &mut Reader<'_>, name: String) -> Result<GgufTensorInfo> 
     let bad = |msg: String| FormatError::Invalid(format!("tensor '{name}': {msg}"));
     let n_dims = r.u32(ctx)?;
     if n_dims == 0 || n_dims as usize > MAX_DIMS {
-        return Err(bad(format!("has {n_dims} dimensions; GGML allows 1 to {MAX_DIMS}")));
+        return Err(bad(format!(
+            "has {n_dims} dimensions; GGML allows 1 to {MAX_DIMS}"
+        )));
     }
     let mut dims = Vec::with_capacity(n_dims as usize);
     for _ in 0..n_dims {

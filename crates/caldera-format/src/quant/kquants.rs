@@ -54,7 +54,7 @@ pub(super) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
 
 /// Six-bit (unsigned, before the -32) scale `g` (0..16) of Q3_K.
 #[inline(always)]
-pub(super) fn scale_q3k(g: usize, s: &[u8]) -> i32 {
+fn scale_q3k(g: usize, s: &[u8]) -> i32 {
     let low = if g < 8 { s[g] & 15 } else { s[g - 8] >> 4 };
     let high = (s[8 + g % 4] >> (2 * (g / 4))) & 3;
     (low | (high << 4)) as i32

@@ -104,9 +104,9 @@ pub(super) fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// Σ over blocks of `d_w * d_a * Σ q_w q_a + m_w * d_a * Σ q_a` (f32 across blocks,
-/// exact integers within a block).
-pub(super) fn dot(ty: GgmlType, w: &[u8], qa: &[i8], da: &[f32], sa: &[i16]) -> f32 {
+/// Σ over blocks of `(d_w * d_a) * Σ q_w q_a + m_w * ds_a` with `ds_a = d_a * Σ q_a`
+/// (f32 across blocks, exact integers within a block).
+pub(super) fn dot(ty: GgmlType, w: &[u8], qa: &[i8], da: &[f32], ds: &[f32]) -> f32 {
     let mut q = [0i32; 32];
     let mut acc = 0.0f32;
     for (bi, b) in w.chunks_exact(ty.type_size()).take(da.len()).enumerate() {
@@ -115,7 +115,7 @@ pub(super) fn dot(ty: GgmlType, w: &[u8], qa: &[i8], da: &[f32], sa: &[i16]) -> 
         let isum: i32 = q.iter().zip(a).map(|(&x, &y)| x * y as i32).sum();
         acc += d * da[bi] * isum as f32;
         if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
-            acc += m * da[bi] * sa[bi] as f32;
+            acc += m * ds[bi];
         }
     }
     acc

@@ -3,8 +3,10 @@
 //! Candidates are control, unknown and user-defined tokens with non-empty text. Matching
 //! gives priority to longer tokens (then lower ids, then earlier positions): a token's
 //! occurrence is taken unless it overlaps one already taken. This is the same result as
-//! scanning the text once per token, longest token first.
+//! scanning the text once per token, longest token first (llama.cpp's order).
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::ops::Range;
 
 use super::{TokenEntry, TokenType};
@@ -64,49 +66,78 @@ impl SpecialMatcher {
         ch.binary_search_by_key(&b, |c| c.0).ok().map(|i| ch[i].1 as usize)
     }
 
+    /// The longest allowed token starting at `p` whose length is at most `max_len`.
+    fn longest_at(
+        &self,
+        bytes: &[u8],
+        p: usize,
+        max_len: usize,
+        tokens: &[TokenEntry],
+        parse_special: bool,
+    ) -> Option<(usize, u32)> {
+        let mut node = 0usize;
+        let mut best = None;
+        let end = bytes.len().min(p.saturating_add(max_len));
+        for (i, &b) in bytes[p..end].iter().enumerate() {
+            match self.child(node, b) {
+                Some(n) => node = n,
+                None => break,
+            }
+            if let Some(id) = self.nodes[node].token {
+                if parse_special || tokens[id as usize].kind == TokenType::UserDefined {
+                    best = Some((i + 1, id));
+                }
+            }
+        }
+        best
+    }
+
     /// Splits `text` into plain-text ranges and special tokens. User-defined tokens always
     /// match; control and unknown tokens only with `parse_special`.
+    ///
+    /// Each position offers its longest match; the heap hands out the longest offer overall
+    /// (then lowest id, then leftmost). An offer that would overlap a taken span is replaced
+    /// by the longest match at the same position that ends before that span, so each
+    /// position is walked a bounded number of times and memory stays linear.
     pub(crate) fn partition(
         &self,
         text: &str,
         tokens: &[TokenEntry],
         parse_special: bool,
     ) -> Vec<Fragment> {
-        if self.nodes[0].children.is_empty() || text.is_empty() {
-            return if text.is_empty() { Vec::new() } else { vec![Fragment::Text(0..text.len())] };
+        if text.is_empty() {
+            return Vec::new();
+        }
+        if self.nodes[0].children.is_empty() {
+            return vec![Fragment::Text(0..text.len())];
         }
         let bytes = text.as_bytes();
-        // (length, id, start)
-        let mut cands: Vec<(usize, u32, usize)> = Vec::new();
-        for start in 0..bytes.len() {
-            let mut node = 0usize;
-            let mut i = start;
-            while i < bytes.len() {
-                match self.child(node, bytes[i]) {
-                    Some(n) => node = n,
-                    None => break,
+        let mut heap: BinaryHeap<(usize, Reverse<u32>, Reverse<usize>)> = BinaryHeap::new();
+        for p in 0..bytes.len() {
+            if let Some((len, id)) = self.longest_at(bytes, p, usize::MAX, tokens, parse_special) {
+                heap.push((len, Reverse(id), Reverse(p)));
+            }
+        }
+        if heap.is_empty() {
+            return vec![Fragment::Text(0..text.len())];
+        }
+        let mut taken = vec![false; bytes.len()];
+        let mut chosen: Vec<(usize, usize, u32)> = Vec::new();
+        while let Some((len, Reverse(id), Reverse(p))) = heap.pop() {
+            if taken[p] {
+                continue;
+            }
+            match taken[p..p + len].iter().position(|&t| t) {
+                None => {
+                    taken[p..p + len].iter_mut().for_each(|t| *t = true);
+                    chosen.push((p, len, id));
                 }
-                i += 1;
-                if let Some(id) = self.nodes[node].token {
-                    let kind = tokens[id as usize].kind;
-                    if parse_special || kind == TokenType::UserDefined {
-                        cands.push((i - start, id, start));
+                Some(q) => {
+                    if let Some((l2, id2)) = self.longest_at(bytes, p, q, tokens, parse_special) {
+                        heap.push((l2, Reverse(id2), Reverse(p)));
                     }
                 }
             }
-        }
-        if cands.is_empty() {
-            return vec![Fragment::Text(0..text.len())];
-        }
-        cands.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        let mut taken = vec![false; bytes.len()];
-        let mut chosen: Vec<(usize, usize, u32)> = Vec::new();
-        for (len, id, start) in cands {
-            if taken[start..start + len].iter().any(|&t| t) {
-                continue;
-            }
-            taken[start..start + len].iter_mut().for_each(|t| *t = true);
-            chosen.push((start, len, id));
         }
         chosen.sort_unstable();
         let mut out = Vec::with_capacity(chosen.len() * 2 + 1);
