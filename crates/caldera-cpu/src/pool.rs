@@ -13,13 +13,17 @@ use std::thread::JoinHandle;
 type Job = dyn Fn(usize) + Sync;
 
 struct Shared {
-    /// The job of the current epoch; valid while `run` waits for `checked_in`.
+    /// The job of epoch `epoch`; only dereferenced by a worker registered in `active`
+    /// while `finished < epoch`.
     job: Mutex<Option<&'static Job>>,
     epoch: AtomicU64,
+    /// The last epoch whose tasks are all done; late workers must not start it.
+    finished: AtomicU64,
     next: AtomicUsize,
     n_tasks: AtomicUsize,
-    /// Workers that finished the current epoch.
-    checked_in: AtomicUsize,
+    done: AtomicUsize,
+    /// Workers currently inside a job.
+    active: AtomicUsize,
     sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
@@ -31,7 +35,24 @@ pub struct ThreadPool {
     workers: Vec<JoinHandle<()>>,
 }
 
-const SPIN_ROUNDS: u32 = 200_000;
+/// Busy-wait rounds before yielding the core, and yields before sleeping. Decode issues
+/// a job every few microseconds, so workers stay awake across a token; yielding keeps an
+/// oversubscribed machine usable.
+const SPINS: u32 = 2_000;
+const YIELDS: u32 = 2_000;
+
+/// Waits until `cond` holds: spin, then yield.
+fn wait_until(cond: impl Fn() -> bool) {
+    let mut n = 0u32;
+    while !cond() {
+        if n < SPINS {
+            std::hint::spin_loop();
+            n += 1;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
 
 impl ThreadPool {
     /// A pool of `threads` threads in all (the caller counts as one).
@@ -39,9 +60,11 @@ impl ThreadPool {
         let shared = Arc::new(Shared {
             job: Mutex::new(None),
             epoch: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
             next: AtomicUsize::new(0),
             n_tasks: AtomicUsize::new(0),
-            checked_in: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -73,29 +96,32 @@ impl ThreadPool {
             return;
         }
         let job: &(dyn Fn(usize) + Sync + '_) = &f;
-        // SAFETY: the reference is only used by workers of this epoch, and `run` does not
-        // return (so `f` stays alive) until every worker has checked in for this epoch.
-        let job: &'static Job = unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(job) };
+        // SAFETY: workers dereference the job only while registered in `active` and
+        // before `finished` reaches this epoch; `run` returns only after publishing
+        // `finished` and then seeing `active == 0`, so `f` outlives every use.
+        let job: &'static Job =
+            unsafe { std::mem::transmute::<&(dyn Fn(usize) + Sync + '_), &'static Job>(job) };
         let s = &*self.shared;
         *s.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(job);
-        s.next.store(0, Ordering::Relaxed);
-        s.n_tasks.store(n, Ordering::Relaxed);
-        s.checked_in.store(0, Ordering::Relaxed);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
+        s.next.store(0, Ordering::SeqCst);
+        s.done.store(0, Ordering::SeqCst);
+        s.n_tasks.store(n, Ordering::SeqCst);
+        let epoch = s.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         if s.sleepers.load(Ordering::SeqCst) > 0 {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
         loop {
-            let i = s.next.fetch_add(1, Ordering::Relaxed);
+            let i = s.next.fetch_add(1, Ordering::AcqRel);
             if i >= n {
                 break;
             }
             f(i);
+            s.done.fetch_add(1, Ordering::AcqRel);
         }
-        while s.checked_in.load(Ordering::Acquire) < self.workers.len() {
-            std::hint::spin_loop();
-        }
+        wait_until(|| s.done.load(Ordering::Acquire) >= n);
+        s.finished.store(epoch, Ordering::SeqCst);
+        wait_until(|| s.active.load(Ordering::SeqCst) == 0);
         *s.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
@@ -103,47 +129,54 @@ impl ThreadPool {
 fn worker(s: Arc<Shared>) {
     let mut seen = 0u64;
     loop {
-        let mut spins = 0u32;
-        loop {
+        // Wait for a new epoch: spin, yield, then sleep.
+        let mut n = 0u32;
+        let epoch = loop {
             if s.shutdown.load(Ordering::Acquire) {
                 return;
             }
-            let e = s.epoch.load(Ordering::Acquire);
+            let e = s.epoch.load(Ordering::SeqCst);
             if e != seen {
-                seen = e;
-                break;
+                break e;
             }
-            spins += 1;
-            if spins < SPIN_ROUNDS {
+            n += 1;
+            if n < SPINS {
                 std::hint::spin_loop();
+            } else if n < SPINS + YIELDS {
+                std::thread::yield_now();
             } else {
                 let g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
                 s.sleepers.fetch_add(1, Ordering::SeqCst);
-                if s.epoch.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::Acquire) {
+                if s.epoch.load(Ordering::SeqCst) == seen && !s.shutdown.load(Ordering::SeqCst) {
                     let _g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
-                s.sleepers.fetch_sub(1, Ordering::AcqRel);
-                spins = 0;
+                s.sleepers.fetch_sub(1, Ordering::SeqCst);
+                n = 0;
             }
-        }
-        let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(job) = job {
-            let n = s.n_tasks.load(Ordering::Relaxed);
-            loop {
-                let i = s.next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
+        };
+        seen = epoch;
+        s.active.fetch_add(1, Ordering::SeqCst);
+        if s.finished.load(Ordering::SeqCst) < epoch {
+            let job = *s.job.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(job) = job {
+                let total = s.n_tasks.load(Ordering::Acquire);
+                loop {
+                    let i = s.next.fetch_add(1, Ordering::AcqRel);
+                    if i >= total {
+                        break;
+                    }
+                    job(i);
+                    s.done.fetch_add(1, Ordering::AcqRel);
                 }
-                job(i);
             }
         }
-        s.checked_in.fetch_add(1, Ordering::Release);
+        s.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.shutdown.store(true, Ordering::SeqCst);
         {
             let _g = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.shared.wake.notify_all();

@@ -13,16 +13,25 @@ use caldera_format::GgmlType;
 fn main() {
     let names: Vec<String> = std::env::args().skip(1).collect();
     let all = [
-        "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS",
-        "F32", "F16", "BF16",
+        "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "MXFP4", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+        "Q6_K", "IQ4_XS", "F32", "F16", "BF16",
     ];
-    let list: Vec<&str> = if names.is_empty() { all.to_vec() } else { names.iter().map(|s| s.as_str()).collect() };
+    let list: Vec<&str> = if names.is_empty() {
+        all.to_vec()
+    } else {
+        names.iter().map(|s| s.as_str()).collect()
+    };
     println!("simd level: {}", simd_level());
-    println!("{:<8} {:>10} {:>12} {:>14}", "type", "rows", "GB/s (m=1)", "GB/s·row (m=8)");
+    println!(
+        "{:<8} {:>10} {:>12} {:>14}",
+        "type", "rows", "GB/s (m=1)", "GB/s·row (m=8)"
+    );
     let k = 2048;
     let mut seed = 1u64;
     let mut rnd = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
     for name in list {

@@ -83,7 +83,7 @@ pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<()> {
 
 fn check_row(ty: GgmlType, bytes: usize, n: usize) -> Result<()> {
     let bs = ty.block_size();
-    if n % bs != 0 {
+    if !n.is_multiple_of(bs) {
         return Err(FormatError::Invalid(format!(
             "{n} elements of {ty} are not a whole number of {bs}-element blocks"
         )));
@@ -114,7 +114,7 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], dst: &mut Vec<u8>) -> Result<()>
         return Err(unsupported(ty, "quantization"));
     }
     let bs = ty.block_size();
-    if src.len() % bs != 0 {
+    if !src.len().is_multiple_of(bs) {
         return Err(FormatError::Invalid(format!(
             "{} values cannot be quantized to {ty}: not a multiple of the block size {bs}",
             src.len()
@@ -197,7 +197,7 @@ impl QuantizedActs {
     /// weights of type `wty`. `k` must be a non-zero multiple of `wty.block_size()`.
     pub fn prepare(&mut self, wty: GgmlType, x: &[f32], k: usize) -> Result<()> {
         let kind = act_kind(wty).ok_or_else(|| unsupported(wty, "dot product"))?;
-        if k == 0 || k % wty.block_size() != 0 || x.len() % k != 0 {
+        if k == 0 || !k.is_multiple_of(wty.block_size()) || !x.len().is_multiple_of(k) {
             return Err(FormatError::Invalid(format!(
                 "activations of {} values in rows of {k} do not fit {wty} blocks of {}",
                 x.len(),
@@ -221,7 +221,8 @@ impl QuantizedActs {
                 quantize_acts(x, blk, grp, &mut self.q, &mut self.d, &mut self.sums);
                 if kind == ActKind::Q8B32 {
                     self.ds.clear();
-                    self.ds.extend(self.d.iter().zip(&self.sums).map(|(&d, &s)| d * s as f32));
+                    self.ds
+                        .extend(self.d.iter().zip(&self.sums).map(|(&d, &s)| d * s as f32));
                 } else {
                     self.ds.clear();
                 }
@@ -249,7 +250,11 @@ impl QuantizedActs {
     fn q_row(&self, j: usize) -> (&[i8], &[f32], &[i16], &[f32]) {
         let (blk, grp) = self.kind.grouping();
         let k = self.k;
-        let ds: &[f32] = if self.kind == ActKind::Q8B32 { &self.ds[j * (k / blk)..(j + 1) * (k / blk)] } else { &[] };
+        let ds: &[f32] = if self.kind == ActKind::Q8B32 {
+            &self.ds[j * (k / blk)..(j + 1) * (k / blk)]
+        } else {
+            &[]
+        };
         (
             &self.q[j * k..(j + 1) * k],
             &self.d[j * (k / blk)..(j + 1) * (k / blk)],
@@ -361,7 +366,12 @@ pub mod reference {
         }
     }
 
-    pub(super) fn dot_unchecked(wty: GgmlType, w_row: &[u8], acts: &QuantizedActs, j: usize) -> f32 {
+    pub(super) fn dot_unchecked(
+        wty: GgmlType,
+        w_row: &[u8],
+        acts: &QuantizedActs,
+        j: usize,
+    ) -> f32 {
         match acts.kind {
             ActKind::F32 => floats::dot(wty, w_row, acts.f_row(j)),
             ActKind::Q8B32 => {
@@ -378,6 +388,7 @@ pub mod reference {
 }
 
 /// Instruction sets the fast paths may use, detected once.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Level {
     Scalar = 1,
@@ -402,7 +413,9 @@ fn level() -> Level {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
             {
-                if is_x86_feature_detected!("avxvnni") && std::env::var_os("CALDERA_NO_VNNI").is_none() {
+                if is_x86_feature_detected!("avxvnni")
+                    && std::env::var_os("CALDERA_NO_VNNI").is_none()
+                {
                     Level::Avx2Vnni
                 } else {
                     Level::Avx2

@@ -15,6 +15,11 @@
 //! wall-clock deadline checked on every write; the filters and methods that can build
 //! large values from small inputs (`indent`, `replace`, `join`, `format`, `batch`, `slice`,
 //! `tojson`, ...) check their arguments and results against the same size cap.
+//!
+//! Not bounded: memory held by intermediate values. minijinja offers no hook on `~`, `+`
+//! or namespace assignment, so a template that doubles a string through
+//! `{% set ns.s = ns.s ~ ns.s %}` in a loop (a few dozen instructions) can exhaust memory
+//! and abort the process. Render untrusted templates only in a process with a memory limit.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -779,9 +784,10 @@ fn flatten_content(v: &serde_json::Value, i: usize) -> Result<serde_json::Value,
         let kind = p.get("type").and_then(|t| t.as_str()).unwrap_or("");
         match (kind, p.get("text").and_then(|t| t.as_str())) {
             ("text", Some(t)) => texts.push(t),
-            _ => return Err(TemplateError::InvalidInput(format!(
-                "message {i}: content part of type `{kind}` is not supported by this chat template"
-            ))),
+            _ => {
+                let msg = format!("message {i}: content part of type `{kind}` is not supported");
+                return Err(TemplateError::InvalidInput(msg));
+            }
         }
     }
     Ok(serde_json::Value::String(texts.join("\n")))
@@ -1276,7 +1282,7 @@ mod tests {
             (f64::INFINITY, "Infinity"),
             (f64::NEG_INFINITY, "-Infinity"),
             (100.0, "100.0"),
-            (3.141592653589793, "3.141592653589793"),
+            (1.1234567890123457, "1.1234567890123457"),
         ];
         for (f, want) in cases {
             assert_eq!(python_float_repr(f), want, "{f}");

@@ -123,7 +123,7 @@ pub(crate) struct TokenEntry {
 
 #[derive(Debug)]
 pub(crate) enum Model {
-    Bpe(Bpe),
+    Bpe(Box<Bpe>),
     Spm { add_space_prefix: bool },
 }
 
@@ -197,17 +197,24 @@ impl Tokenizer {
         tokenizer_json: &str,
         tokenizer_config: Option<&serde_json::Value>,
     ) -> Result<Tokenizer, TokenizerError> {
-        Tokenizer::from_parts(hf_json::parts_from_hf_json(tokenizer_json, tokenizer_config)?)
+        Tokenizer::from_parts(hf_json::parts_from_hf_json(
+            tokenizer_json,
+            tokenizer_config,
+        )?)
     }
 
     /// Builds a tokenizer from plain arrays, validating them (lengths, ids, byte tokens).
     pub fn from_spec(spec: VocabSpec) -> Result<Tokenizer, TokenizerError> {
         let n = spec.tokens.len();
         if n == 0 {
-            return Err(TokenizerError::InvalidVocab("the vocabulary is empty".into()));
+            return Err(TokenizerError::InvalidVocab(
+                "the vocabulary is empty".into(),
+            ));
         }
         if u32::try_from(n).is_err() {
-            return Err(TokenizerError::InvalidVocab(format!("{n} tokens is too many")));
+            return Err(TokenizerError::InvalidVocab(format!(
+                "{n} tokens is too many"
+            )));
         }
         if spec.types.len() != n {
             return Err(TokenizerError::InvalidVocab(format!(
@@ -224,7 +231,9 @@ impl Tokenizer {
                     )));
                 }
                 if let Some(i) = scores.iter().position(|s| s.is_nan()) {
-                    return Err(TokenizerError::InvalidVocab(format!("token {i} has a NaN score")));
+                    return Err(TokenizerError::InvalidVocab(format!(
+                        "token {i} has a NaN score"
+                    )));
                 }
                 scores.clone()
             }
@@ -232,17 +241,27 @@ impl Tokenizer {
         };
         let byte_level = matches!(spec.model, ModelSpec::ByteLevelBpe { .. });
         let mut tokens = Vec::with_capacity(n);
-        for (i, ((text, kind), score)) in spec.tokens.into_iter().zip(spec.types).zip(scores).enumerate() {
-            let piece = build_piece(&text, kind, byte_level).map_err(|e| {
-                TokenizerError::InvalidVocab(format!("token {i} ({text:?}): {e}"))
-            })?;
-            tokens.push(TokenEntry { text, kind, score, piece });
+        for (i, ((text, kind), score)) in spec
+            .tokens
+            .into_iter()
+            .zip(spec.types)
+            .zip(scores)
+            .enumerate()
+        {
+            let piece = build_piece(&text, kind, byte_level)
+                .map_err(|e| TokenizerError::InvalidVocab(format!("token {i} ({text:?}): {e}")))?;
+            tokens.push(TokenEntry {
+                text,
+                kind,
+                score,
+                piece,
+            });
         }
         let model = match spec.model {
             ModelSpec::ByteLevelBpe { merges, pre } => {
                 let pretok = pretok::PreTokenizer::for_gguf_pre(&pre)?;
                 let ignore_merges = pretok::gguf_pre_ignores_merges(&pre);
-                Model::Bpe(Bpe::from_merge_strings(
+                Model::Bpe(Box::new(Bpe::from_merge_strings(
                     &tokens,
                     &merges,
                     bpe::BpeOptions {
@@ -252,14 +271,21 @@ impl Tokenizer {
                         normalizer: pretok::Normalizer::default(),
                         pretok,
                     },
-                )?)
+                )?))
             }
-            ModelSpec::Spm { .. } => Model::Spm { add_space_prefix: spec.add_space_prefix },
+            ModelSpec::Spm { .. } => Model::Spm {
+                add_space_prefix: spec.add_space_prefix,
+            },
         };
         let mut extra_eog = Vec::new();
         extra_eog.extend(spec.eot);
         extra_eog.extend(spec.eom);
-        let strip = matches!(model, Model::Spm { add_space_prefix: true });
+        let strip = matches!(
+            model,
+            Model::Spm {
+                add_space_prefix: true
+            }
+        );
         Tokenizer::from_parts(Parts {
             tokens,
             model,
@@ -309,7 +335,11 @@ impl Tokenizer {
             token_to_id.entry(t.text.clone()).or_insert(id);
         }
         let specials = SpecialMatcher::new(&p.tokens);
-        let mut eog: Vec<u32> = p.eos.into_iter().chain(p.extra_eog.iter().copied()).collect();
+        let mut eog: Vec<u32> = p
+            .eos
+            .into_iter()
+            .chain(p.extra_eog.iter().copied())
+            .collect();
         for name in EOG_TEXTS {
             if let Some(&id) = token_to_id.get(*name) {
                 if p.tokens[id as usize].kind != TokenType::Normal {
@@ -395,11 +425,18 @@ impl Tokenizer {
     }
 
     /// The bytes `id` contributes to decoded text (empty for skipped tokens).
-    pub(crate) fn piece_for_decode(&self, id: u32, skip_special: bool) -> Result<&[u8], TokenizerError> {
-        let t = self.tokens.get(id as usize).ok_or(TokenizerError::IdOutOfRange {
-            id,
-            vocab_size: self.tokens.len(),
-        })?;
+    pub(crate) fn piece_for_decode(
+        &self,
+        id: u32,
+        skip_special: bool,
+    ) -> Result<&[u8], TokenizerError> {
+        let t = self
+            .tokens
+            .get(id as usize)
+            .ok_or(TokenizerError::IdOutOfRange {
+                id,
+                vocab_size: self.tokens.len(),
+            })?;
         if skip_special && matches!(t.kind, TokenType::Control | TokenType::Unknown) {
             return Ok(&[]);
         }
@@ -473,16 +510,18 @@ impl Tokenizer {
 
 /// What a token decodes to. Byte-level BPE maps each character back through the GPT-2
 /// alphabet; SentencePiece turns `▁` into a space; byte tokens are one byte.
-pub(crate) fn build_piece(text: &str, kind: TokenType, byte_level: bool) -> Result<Box<[u8]>, String> {
+pub(crate) fn build_piece(
+    text: &str,
+    kind: TokenType,
+    byte_level: bool,
+) -> Result<Box<[u8]>, String> {
     Ok(match kind {
         TokenType::Byte => match parse_byte_token(text) {
             Some(b) => Box::new([b]),
             None => return Err("a byte token must look like <0xNN>".into()),
         },
         TokenType::Unused => Box::new([]),
-        TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
-            text.as_bytes().into()
-        }
+        TokenType::Control | TokenType::Unknown | TokenType::UserDefined => text.as_bytes().into(),
         TokenType::Normal if byte_level => bpe::byte_level_decode(text).into(),
         TokenType::Normal => spm_piece(text).into_bytes().into(),
     })

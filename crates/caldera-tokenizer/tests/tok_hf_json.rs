@@ -17,6 +17,16 @@ struct Case {
 
 include!("tok_models_expected.in");
 
+#[test]
+fn expected_tables_are_paired() {
+    // Each text appears twice (plain, and with specials + BOS) in both tables.
+    assert_eq!(SMOLLM_EXPECTED.len(), GEMMA_EXPECTED.len());
+    assert!(GEMMA_EXPECTED
+        .iter()
+        .zip(SMOLLM_EXPECTED)
+        .all(|(a, b)| a.text == b.text));
+}
+
 fn models_dir() -> PathBuf {
     match std::env::var_os("CALDERA_MODELS") {
         Some(p) => PathBuf::from(p),
@@ -29,25 +39,45 @@ fn models_dir() -> PathBuf {
 fn smollm_json(pair_merges: bool) -> Option<String> {
     let path = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.exists() {
-        eprintln!("skipping: {} not found (set CALDERA_MODELS)", path.display());
+        eprintln!(
+            "skipping: {} not found (set CALDERA_MODELS)",
+            path.display()
+        );
         return None;
     }
     let f = GgufFile::open(&path).expect("open");
-    let tokens = f.get("tokenizer.ggml.tokens").and_then(|v| v.as_str_array()).expect("tokens");
-    let types = f.get("tokenizer.ggml.token_type").and_then(|v| v.as_i64_array()).expect("types");
-    let merges = f.get("tokenizer.ggml.merges").and_then(|v| v.as_str_array()).expect("merges");
-    let vocab: serde_json::Map<String, Value> =
-        tokens.iter().enumerate().map(|(i, t)| (t.to_string(), json!(i))).collect();
+    let tokens = f
+        .get("tokenizer.ggml.tokens")
+        .and_then(|v| v.as_str_array())
+        .expect("tokens");
+    let types = f
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.as_i64_array())
+        .expect("types");
+    let merges = f
+        .get("tokenizer.ggml.merges")
+        .and_then(|v| v.as_str_array())
+        .expect("merges");
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
     let added: Vec<Value> = (0..tokens.len())
         .filter(|&i| types[i] == 3)
-        .map(|i| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false,
-                        "rstrip": false, "normalized": false, "special": true}))
+        .map(|i| {
+            json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false,
+                        "rstrip": false, "normalized": false, "special": true})
+        })
         .collect();
     let merges: Vec<Value> = if pair_merges {
-        merges.iter().map(|m| {
-            let (a, b) = m.split_once(' ').expect("merge");
-            json!([a, b])
-        }).collect()
+        merges
+            .iter()
+            .map(|m| {
+                let (a, b) = m.split_once(' ').expect("merge");
+                json!([a, b])
+            })
+            .collect()
     } else {
         merges.iter().map(|m| json!(m)).collect()
     };
@@ -73,11 +103,17 @@ fn smollm_json(pair_merges: bool) -> Option<String> {
 #[test]
 fn smollm_tokenizer_json_matches_llama_cpp() {
     for pair_merges in [false, true] {
-        let Some(text) = smollm_json(pair_merges) else { return };
-        let config = json!({"add_bos_token": false, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"});
+        let Some(text) = smollm_json(pair_merges) else {
+            return;
+        };
+        let config =
+            json!({"add_bos_token": false, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"});
         let tok = Tokenizer::from_hf_json(&text, Some(&config)).expect("load");
         assert_eq!(tok.vocab_size(), 49152);
-        assert_eq!((tok.bos_id(), tok.eos_id(), tok.adds_bos()), (Some(1), Some(2), false));
+        assert_eq!(
+            (tok.bos_id(), tok.eos_id(), tok.adds_bos()),
+            (Some(1), Some(2), false)
+        );
         let mut bad = Vec::new();
         for c in SMOLLM_EXPECTED {
             let got = tok.encode(c.text, c.bos, c.special).expect("encode");
@@ -102,7 +138,10 @@ fn spm_json(normalizer: Value, decoder: Value) -> String {
     for b in 0..256 {
         vocab.insert(format!("<0x{b:02X}>"), json!(3 + b));
     }
-    let pieces = ["▁", "H", "e", "l", "o", "w", "r", "d", "ll", "He", "llo", "Hello", "▁w", "or", "▁wor", "ld", "▁world", "▁H", "▁Hello"];
+    let pieces = [
+        "▁", "H", "e", "l", "o", "w", "r", "d", "ll", "He", "llo", "Hello", "▁w", "or", "▁wor",
+        "ld", "▁world", "▁H", "▁Hello",
+    ];
     for (i, p) in pieces.iter().enumerate() {
         vocab.insert(p.to_string(), json!(259 + i));
     }
@@ -159,33 +198,71 @@ fn sentencepiece_style_json() {
             {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
             {"type": "ByteFallback"}, {"type": "Fuse"}]}),
     );
-    let tok = Tokenizer::from_hf_json(&gemma, Some(&json!({"add_bos_token": false, "eos_token": {"content": "</s>"}}))).unwrap();
+    let tok = Tokenizer::from_hf_json(
+        &gemma,
+        Some(&json!({"add_bos_token": false, "eos_token": {"content": "</s>"}})),
+    )
+    .unwrap();
     assert!(!tok.adds_bos());
     assert_eq!(tok.eos_id(), Some(2));
     let ids = tok.encode("Hello world", true, false).unwrap();
-    assert_eq!(ids, [tok.token_id("Hello").unwrap(), tok.token_id("▁world").unwrap()]);
+    assert_eq!(
+        ids,
+        [
+            tok.token_id("Hello").unwrap(),
+            tok.token_id("▁world").unwrap()
+        ]
+    );
     assert_eq!(tok.decode(&ids, false).unwrap(), "Hello world");
 }
 
 #[test]
 fn unsupported_and_malformed_json_are_errors() {
-    assert!(matches!(Tokenizer::from_hf_json("{not json", None), Err(TokenizerError::Json(_))));
+    assert!(matches!(
+        Tokenizer::from_hf_json("{not json", None),
+        Err(TokenizerError::Json(_))
+    ));
     let wp = json!({"model": {"type": "WordPiece", "vocab": {"a": 0}}}).to_string();
-    assert!(matches!(Tokenizer::from_hf_json(&wp, None), Err(TokenizerError::Unsupported(_))));
+    assert!(matches!(
+        Tokenizer::from_hf_json(&wp, None),
+        Err(TokenizerError::Unsupported(_))
+    ));
     let uni = json!({"model": {"type": "Unigram", "vocab": [["a", 0.0]]}}).to_string();
-    assert!(matches!(Tokenizer::from_hf_json(&uni, None), Err(TokenizerError::Unsupported(_))));
-    let gap = json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": 4_000_000_000u64}, "merges": []}}).to_string();
-    assert!(matches!(Tokenizer::from_hf_json(&gap, None), Err(TokenizerError::InvalidVocab(_))));
-    let dup = json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": 0}, "merges": []}}).to_string();
-    assert!(matches!(Tokenizer::from_hf_json(&dup, None), Err(TokenizerError::InvalidVocab(_))));
+    assert!(matches!(
+        Tokenizer::from_hf_json(&uni, None),
+        Err(TokenizerError::Unsupported(_))
+    ));
+    let gap =
+        json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": 4_000_000_000u64}, "merges": []}})
+            .to_string();
+    assert!(matches!(
+        Tokenizer::from_hf_json(&gap, None),
+        Err(TokenizerError::InvalidVocab(_))
+    ));
+    let dup =
+        json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": 0}, "merges": []}}).to_string();
+    assert!(matches!(
+        Tokenizer::from_hf_json(&dup, None),
+        Err(TokenizerError::InvalidVocab(_))
+    ));
     let bad_re = json!({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
         "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(unclosed"}, "behavior": "Isolated"}}).to_string();
-    assert!(matches!(Tokenizer::from_hf_json(&bad_re, None), Err(TokenizerError::Regex(_))));
+    assert!(matches!(
+        Tokenizer::from_hf_json(&bad_re, None),
+        Err(TokenizerError::Regex(_))
+    ));
     let bad_bos = json!({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
         "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}}],
         "special_tokens": {"<s>": {"ids": [77]}}}}).to_string();
-    assert!(matches!(Tokenizer::from_hf_json(&bad_bos, None), Err(TokenizerError::InvalidVocab(_))));
+    assert!(matches!(
+        Tokenizer::from_hf_json(&bad_bos, None),
+        Err(TokenizerError::InvalidVocab(_))
+    ));
     let bert = json!({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
-        "normalizer": {"type": "BertNormalizer"}}).to_string();
-    assert!(matches!(Tokenizer::from_hf_json(&bert, None), Err(TokenizerError::Unsupported(_))));
+        "normalizer": {"type": "BertNormalizer"}})
+    .to_string();
+    assert!(matches!(
+        Tokenizer::from_hf_json(&bert, None),
+        Err(TokenizerError::Unsupported(_))
+    ));
 }

@@ -19,7 +19,10 @@ fn models_dir() -> PathBuf {
 fn load(file: &str) -> Option<Tokenizer> {
     let path = models_dir().join(file);
     if !path.exists() {
-        eprintln!("skipping: {} not found (set CALDERA_MODELS)", path.display());
+        eprintln!(
+            "skipping: {} not found (set CALDERA_MODELS)",
+            path.display()
+        );
         return None;
     }
     let gguf = GgufFile::open(&path).expect("open gguf");
@@ -71,10 +74,18 @@ fn check_expected(tok: &Tokenizer, cases: &[Case]) {
     for c in cases {
         let got = tok.encode(c.text, c.bos, c.special).expect("encode");
         if got != c.ids {
-            bad.push(format!("{:?} special={} bos={}\n  want {:?}\n  got  {:?}", c.text, c.special, c.bos, c.ids, got));
+            bad.push(format!(
+                "{:?} special={} bos={}\n  want {:?}\n  got  {:?}",
+                c.text, c.special, c.bos, c.ids, got
+            ));
         }
     }
-    assert!(bad.is_empty(), "{} mismatches:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{} mismatches:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }
 
 fn check_round_trips(tok: &Tokenizer) {
@@ -122,17 +133,27 @@ fn gemma_round_trips() {
 #[test]
 fn smollm_chat_prompt_and_specials() {
     let Some(tok) = smollm() else { return };
-    let prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
+    let prompt =
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n";
     let ids = tok.encode(prompt, true, true).expect("encode");
-    assert_eq!(ids, [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]);
+    assert_eq!(
+        ids,
+        [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    );
     assert_eq!(tok.decode(&ids, false).expect("decode"), prompt);
-    assert_eq!(tok.decode(&ids, true).expect("decode"), "user\nWhat is the capital of France?\nassistant\n");
+    assert_eq!(
+        tok.decode(&ids, true).expect("decode"),
+        "user\nWhat is the capital of France?\nassistant\n"
+    );
     assert!(!tok.adds_bos());
     assert_eq!(tok.vocab_size(), 49152);
     assert_eq!((tok.bos_id(), tok.eos_id()), (Some(1), Some(2)));
     assert_eq!(tok.bos_text(), Some("<|im_start|>"));
     assert_eq!(tok.eos_text(), Some("<|im_end|>"));
-    assert!(tok.is_eog(2) && tok.is_eog(0), "<|im_end|> and <|endoftext|> end generation");
+    assert!(
+        tok.is_eog(2) && tok.is_eog(0),
+        "<|im_end|> and <|endoftext|> end generation"
+    );
     assert!(!tok.is_eog(1));
     assert!(tok.is_special(1) && !tok.is_special(4093));
     assert_eq!(tok.token_id("<|im_end|>"), Some(2));
@@ -150,12 +171,19 @@ fn gemma_specials() {
     assert_eq!(tok.vocab_size(), 262144);
     assert!(tok.adds_bos());
     assert_eq!((tok.bos_id(), tok.eos_id()), (Some(2), Some(1)));
-    assert_eq!(tok.encode("Hello world", true, false).expect("encode"), [2, 9259, 1902]);
+    assert_eq!(
+        tok.encode("Hello world", true, false).expect("encode"),
+        [2, 9259, 1902]
+    );
     let eot = tok.token_id("<end_of_turn>").expect("<end_of_turn>");
     assert!(tok.is_eog(eot) && tok.is_eog(1));
     assert_eq!(tok.eog_ids(), vec![1, eot]);
     // Byte tokens decode to single bytes.
-    assert_eq!(tok.token_bytes(tok.token_id("<0x41>").expect("byte token")).as_deref(), Some(&b"A"[..]));
+    assert_eq!(
+        tok.token_bytes(tok.token_id("<0x41>").expect("byte token"))
+            .as_deref(),
+        Some(&b"A"[..])
+    );
 }
 
 #[test]

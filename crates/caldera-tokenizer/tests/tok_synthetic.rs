@@ -23,7 +23,9 @@ const CORPUS: &[&str] = &[
 
 /// The GPT-2 byte alphabet character of each byte.
 fn byte_char(b: u8) -> char {
-    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
     if printable(b as u32) {
         return char::from_u32(b as u32).unwrap_or('?');
     }
@@ -40,7 +42,9 @@ fn byte_level_spec() -> VocabSpec {
         tokens.push(byte_char(b).to_string());
         types.push(TokenType::Normal);
     }
-    let merges = ["Ġ w", "o r", "l d", "Ġw or", "Ġwor ld", "h e", "l l", "he ll", "hell o", "x y"];
+    let merges = [
+        "Ġ w", "o r", "l d", "Ġw or", "Ġwor ld", "h e", "l l", "he ll", "hell o", "x y",
+    ];
     for m in merges {
         let t: String = m.split(' ').collect();
         if !tokens.contains(&t) {
@@ -56,7 +60,10 @@ fn byte_level_spec() -> VocabSpec {
     VocabSpec {
         tokens,
         types,
-        model: ModelSpec::ByteLevelBpe { merges: merges.iter().map(|s| s.to_string()).collect(), pre: "gpt2".into() },
+        model: ModelSpec::ByteLevelBpe {
+            merges: merges.iter().map(|s| s.to_string()).collect(),
+            pre: "gpt2".into(),
+        },
         bos: Some(0),
         eos: Some(1),
         eot: None,
@@ -139,16 +146,25 @@ fn byte_level_round_trips_and_merges() {
     let tok = Tokenizer::from_spec(byte_level_spec()).expect("build");
     round_trip(&tok);
     let id = |t: &str| tok.token_id(t).expect(t);
-    assert_eq!(tok.encode("hello world", true, false).unwrap(), [0, id("hello"), id("Ġworld")]);
+    assert_eq!(
+        tok.encode("hello world", true, false).unwrap(),
+        [0, id("hello"), id("Ġworld")]
+    );
     // "xy" is not merged (its merge names a missing token).
     assert_eq!(tok.encode("xy", false, false).unwrap(), [id("x"), id("y")]);
     // User-defined tokens always match; control tokens only with parse_special.
-    assert_eq!(tok.encode("a<user>b", false, false).unwrap(), [id("a"), id("<user>"), id("b")]);
+    assert_eq!(
+        tok.encode("a<user>b", false, false).unwrap(),
+        [id("a"), id("<user>"), id("b")]
+    );
     assert_eq!(tok.encode("</s>", false, true).unwrap(), [1]);
     assert_ne!(tok.encode("</s>", false, false).unwrap(), [1]);
     assert!(tok.is_eog(1) && tok.is_eog(2) && !tok.is_eog(0));
     assert_eq!(tok.decode(&[0, id("hello"), 1], true).unwrap(), "hello");
-    assert!(matches!(tok.decode(&[9999], false), Err(TokenizerError::IdOutOfRange { .. })));
+    assert!(matches!(
+        tok.decode(&[9999], false),
+        Err(TokenizerError::IdOutOfRange { .. })
+    ));
 }
 
 #[test]
@@ -156,10 +172,19 @@ fn spm_round_trips_and_merges() {
     let tok = Tokenizer::from_spec(spm_spec()).expect("build");
     round_trip(&tok);
     let id = |t: &str| tok.token_id(t).expect(t);
-    assert_eq!(tok.encode("Hello world", true, false).unwrap(), [1, id("Hello"), id("▁world")]);
+    assert_eq!(
+        tok.encode("Hello world", true, false).unwrap(),
+        [1, id("Hello"), id("▁world")]
+    );
     // "!" is not in the vocabulary: byte fallback.
-    assert_eq!(tok.encode("Hello!", false, false).unwrap(), [id("Hello"), id("<0x21>")]);
-    assert_eq!(tok.encode("d\n\nd", false, false).unwrap(), [id("d"), id("\n\n"), id("d")]);
+    assert_eq!(
+        tok.encode("Hello!", false, false).unwrap(),
+        [id("Hello"), id("<0x21>")]
+    );
+    assert_eq!(
+        tok.encode("d\n\nd", false, false).unwrap(),
+        [id("d"), id("\n\n"), id("d")]
+    );
     // A 4-byte character split over byte tokens streams without a broken sequence.
     let ids = tok.encode("é😀", false, false).unwrap();
     assert_eq!(ids.len(), 6);
@@ -227,9 +252,17 @@ fn malformed_specs_are_rejected() {
     expect_invalid(s, "empty vocabulary");
     // Unknown pre-tokenizer names are refused, not guessed.
     let mut s = byte_level_spec();
-    s.model = ModelSpec::ByteLevelBpe { merges: vec![], pre: "no-such-pre".into() };
-    assert!(matches!(Tokenizer::from_spec(s), Err(TokenizerError::Unsupported(_))));
+    s.model = ModelSpec::ByteLevelBpe {
+        merges: vec![],
+        pre: "no-such-pre".into(),
+    };
+    assert!(matches!(
+        Tokenizer::from_spec(s),
+        Err(TokenizerError::Unsupported(_))
+    ));
 }
+
+type Edit = Box<dyn FnOnce(&mut GgufWriter)>;
 
 fn gguf_of(spec: &VocabSpec, edit: impl FnOnce(&mut GgufWriter)) -> GgufFile {
     let mut w = GgufWriter::new();
@@ -265,8 +298,14 @@ fn gguf_of(spec: &VocabSpec, edit: impl FnOnce(&mut GgufWriter)) -> GgufFile {
     if let Some(e) = spec.eos {
         w.set("tokenizer.ggml.eos_token_id", GgufValue::U32(e));
     }
-    w.set("tokenizer.ggml.add_bos_token", GgufValue::Bool(spec.add_bos));
-    w.set("tokenizer.ggml.add_space_prefix", GgufValue::Bool(spec.add_space_prefix));
+    w.set(
+        "tokenizer.ggml.add_bos_token",
+        GgufValue::Bool(spec.add_bos),
+    );
+    w.set(
+        "tokenizer.ggml.add_space_prefix",
+        GgufValue::Bool(spec.add_space_prefix),
+    );
     edit(&mut w);
     let mut bytes = Vec::new();
     w.write_to(&mut bytes).expect("write gguf");
@@ -279,9 +318,15 @@ fn gguf_vocabularies_load_and_match_specs() {
         let a = Tokenizer::from_spec(spec.clone()).unwrap();
         let b = Tokenizer::from_gguf(&gguf_of(&spec, |_| {})).unwrap();
         for s in CORPUS {
-            assert_eq!(a.encode(s, true, true).unwrap(), b.encode(s, true, true).unwrap());
+            assert_eq!(
+                a.encode(s, true, true).unwrap(),
+                b.encode(s, true, true).unwrap()
+            );
         }
-        assert_eq!((a.bos_id(), a.eos_id(), a.adds_bos()), (b.bos_id(), b.eos_id(), b.adds_bos()));
+        assert_eq!(
+            (a.bos_id(), a.eos_id(), a.adds_bos()),
+            (b.bos_id(), b.eos_id(), b.adds_bos())
+        );
     }
 }
 
@@ -289,39 +334,72 @@ fn gguf_vocabularies_load_and_match_specs() {
 fn malformed_gguf_vocabularies_are_errors() {
     let spec = spm_spec();
     let n = spec.tokens.len();
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut GgufWriter)>)> = vec![
-        ("bad byte token", Box::new(|w: &mut GgufWriter| {
-            let mut t = spm_spec().tokens;
-            t[10] = "<0x-1>".into();
-            w.set("tokenizer.ggml.tokens", GgufValue::str_array(&t));
-        })),
-        ("bos out of range", Box::new(move |w: &mut GgufWriter| {
-            w.set("tokenizer.ggml.bos_token_id", GgufValue::U32(n as u32));
-        })),
-        ("eos negative", Box::new(|w: &mut GgufWriter| {
-            w.set("tokenizer.ggml.eos_token_id", GgufValue::I32(-7));
-        })),
-        ("short scores", Box::new(|w: &mut GgufWriter| {
-            w.set("tokenizer.ggml.scores", GgufValue::f32_array(&[0.0; 5]));
-        })),
-        ("short token types", Box::new(|w: &mut GgufWriter| {
-            w.set("tokenizer.ggml.token_type", GgufValue::i32_array(&[1; 5]));
-        })),
-        ("unknown token type", Box::new(move |w: &mut GgufWriter| {
-            w.set("tokenizer.ggml.token_type", GgufValue::i32_array(&vec![9; n]));
-        })),
-        ("tokens not strings", Box::new(|w: &mut GgufWriter| {
-            w.set("tokenizer.ggml.tokens", GgufValue::i32_array(&[1, 2, 3]));
-        })),
-        ("missing tokens", Box::new(|w: &mut GgufWriter| {
-            w.remove("tokenizer.ggml.tokens");
-        })),
-        ("unknown model", Box::new(|w: &mut GgufWriter| {
-            w.set("tokenizer.ggml.model", GgufValue::string("bert"));
-        })),
-        ("gpt2 without merges", Box::new(|w: &mut GgufWriter| {
-            w.set("tokenizer.ggml.model", GgufValue::string("gpt2"));
-        })),
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "bad byte token",
+            Box::new(|w: &mut GgufWriter| {
+                let mut t = spm_spec().tokens;
+                t[10] = "<0x-1>".into();
+                w.set("tokenizer.ggml.tokens", GgufValue::str_array(&t));
+            }),
+        ),
+        (
+            "bos out of range",
+            Box::new(move |w: &mut GgufWriter| {
+                w.set("tokenizer.ggml.bos_token_id", GgufValue::U32(n as u32));
+            }),
+        ),
+        (
+            "eos negative",
+            Box::new(|w: &mut GgufWriter| {
+                w.set("tokenizer.ggml.eos_token_id", GgufValue::I32(-7));
+            }),
+        ),
+        (
+            "short scores",
+            Box::new(|w: &mut GgufWriter| {
+                w.set("tokenizer.ggml.scores", GgufValue::f32_array(&[0.0; 5]));
+            }),
+        ),
+        (
+            "short token types",
+            Box::new(|w: &mut GgufWriter| {
+                w.set("tokenizer.ggml.token_type", GgufValue::i32_array(&[1; 5]));
+            }),
+        ),
+        (
+            "unknown token type",
+            Box::new(move |w: &mut GgufWriter| {
+                w.set(
+                    "tokenizer.ggml.token_type",
+                    GgufValue::i32_array(&vec![9; n]),
+                );
+            }),
+        ),
+        (
+            "tokens not strings",
+            Box::new(|w: &mut GgufWriter| {
+                w.set("tokenizer.ggml.tokens", GgufValue::i32_array(&[1, 2, 3]));
+            }),
+        ),
+        (
+            "missing tokens",
+            Box::new(|w: &mut GgufWriter| {
+                w.remove("tokenizer.ggml.tokens");
+            }),
+        ),
+        (
+            "unknown model",
+            Box::new(|w: &mut GgufWriter| {
+                w.set("tokenizer.ggml.model", GgufValue::string("bert"));
+            }),
+        ),
+        (
+            "gpt2 without merges",
+            Box::new(|w: &mut GgufWriter| {
+                w.set("tokenizer.ggml.model", GgufValue::string("gpt2"));
+            }),
+        ),
     ];
     for (what, edit) in cases {
         match Tokenizer::from_gguf(&gguf_of(&spec, edit)) {
@@ -335,8 +413,21 @@ fn malformed_gguf_vocabularies_are_errors() {
 fn hostile_merges_are_skipped() {
     let mut spec = byte_level_spec();
     if let ModelSpec::ByteLevelBpe { merges, .. } = &mut spec.model {
-        merges.extend(["".into(), "nospace".into(), "a b c".into(), " ".into(), "zz qq".into()]);
+        merges.extend([
+            "".into(),
+            "nospace".into(),
+            "a b c".into(),
+            " ".into(),
+            "zz qq".into(),
+        ]);
     }
     let tok = Tokenizer::from_spec(spec).unwrap();
     round_trip(&tok);
+}
+
+#[test]
+fn tokenizer_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Tokenizer>();
+    check::<StreamDecoder<'static>>();
 }

@@ -1,5 +1,6 @@
 //! The `caldera` command line: run, inspect, verify.
 
+mod bench;
 mod inspect;
 mod load;
 mod run;
@@ -36,6 +37,8 @@ enum Cmd {
     },
     /// Check a model against a reference fixture (shared/fixtures/hf/<arch>).
     Verify(verify::VerifyArgs),
+    /// Measure prefill and decode speed.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run::run(a),
         Cmd::Inspect { model, full } => inspect::inspect(&model, full),
         Cmd::Verify(a) => verify::verify(a),
+        Cmd::Bench(a) => bench::bench(a),
     };
     match res {
         Ok(code) => code,

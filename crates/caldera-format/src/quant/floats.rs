@@ -20,7 +20,9 @@ fn f32_to_bf16(v: f32) -> u16 {
 #[inline(always)]
 fn at(ty: GgmlType, src: &[u8], i: usize) -> f32 {
     match ty {
-        GgmlType::F32 => f32::from_le_bytes([src[4 * i], src[4 * i + 1], src[4 * i + 2], src[4 * i + 3]]),
+        GgmlType::F32 => {
+            f32::from_le_bytes([src[4 * i], src[4 * i + 1], src[4 * i + 2], src[4 * i + 3]])
+        }
         GgmlType::F16 => super::f16_at(src, 2 * i),
         _ => bf16_to_f32(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])),
     }
@@ -48,8 +50,12 @@ pub(super) fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
 
 pub(super) fn quantize(ty: GgmlType, src: &[f32], dst: &mut Vec<u8>) {
     match ty {
-        GgmlType::F32 => src.iter().for_each(|v| dst.extend_from_slice(&v.to_le_bytes())),
-        GgmlType::F16 => src.iter().for_each(|&v| dst.extend_from_slice(&super::f16_bytes(v))),
+        GgmlType::F32 => src
+            .iter()
+            .for_each(|v| dst.extend_from_slice(&v.to_le_bytes())),
+        GgmlType::F16 => src
+            .iter()
+            .for_each(|&v| dst.extend_from_slice(&super::f16_bytes(v))),
         _ => src
             .iter()
             .for_each(|&v| dst.extend_from_slice(&f32_to_bf16(v).to_le_bytes())),

@@ -38,7 +38,14 @@ pub(super) struct Unpacked {
 
 impl Default for Unpacked {
     fn default() -> Self {
-        Unpacked { q: [0; 256], gsize: 16, sc: [0; 16], mn: [0; 16], d: 0.0, dmin: 0.0 }
+        Unpacked {
+            q: [0; 256],
+            gsize: 16,
+            sc: [0; 16],
+            mn: [0; 16],
+            d: 0.0,
+            dmin: 0.0,
+        }
     }
 }
 
@@ -48,7 +55,10 @@ pub(super) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        ((s[j + 4] & 15) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+        (
+            (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
     }
 }
 
@@ -70,9 +80,9 @@ pub(super) fn unpack(ty: GgmlType, b: &[u8], u: &mut Unpacked) {
                 let (n, s, l) = (e / 128, (e % 128) / 32, e % 32);
                 u.q[e] = ((qs[32 * n + l] >> (2 * s)) & 3) as i32;
             }
-            for g in 0..16 {
-                u.sc[g] = (b[g] & 15) as i32;
-                u.mn[g] = (b[g] >> 4) as i32;
+            for (g, &v) in b[..16].iter().enumerate() {
+                u.sc[g] = (v & 15) as i32;
+                u.mn[g] = (v >> 4) as i32;
             }
             u.gsize = 16;
             u.d = f16_at(b, 80);
@@ -94,10 +104,18 @@ pub(super) fn unpack(ty: GgmlType, b: &[u8], u: &mut Unpacked) {
         }
         GgmlType::Q4_K | GgmlType::Q5_K => {
             let s = &b[4..16];
-            let (qh, qs) = if ty == GgmlType::Q5_K { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+            let (qh, qs) = if ty == GgmlType::Q5_K {
+                (&b[16..48], &b[48..176])
+            } else {
+                (&b[0..0], &b[16..144])
+            };
             for e in 0..256 {
                 let (j, r) = (e / 64, e % 64);
-                let mut v = if r < 32 { qs[32 * j + r] & 15 } else { qs[32 * j + r - 32] >> 4 } as i32;
+                let mut v = if r < 32 {
+                    qs[32 * j + r] & 15
+                } else {
+                    qs[32 * j + r - 32] >> 4
+                } as i32;
                 if ty == GgmlType::Q5_K {
                     v |= (((qh[e % 32] >> (e / 32)) & 1) as i32) << 4;
                 }
@@ -121,8 +139,8 @@ pub(super) fn unpack(ty: GgmlType, b: &[u8], u: &mut Unpacked) {
                 let hb = (qh[32 * n + l] >> (2 * c)) & 3;
                 u.q[e] = (nib | (hb << 4)) as i32 - 32;
             }
-            for g in 0..16 {
-                u.sc[g] = sc[g] as i8 as i32;
+            for (o, &v) in u.sc.iter_mut().zip(sc) {
+                *o = v as i8 as i32;
             }
             u.gsize = 16;
             u.d = f16_at(b, 208);
@@ -132,7 +150,11 @@ pub(super) fn unpack(ty: GgmlType, b: &[u8], u: &mut Unpacked) {
             let (sl, qs) = (&b[4..8], &b[8..136]);
             for e in 0..256 {
                 let (g, r) = (e / 32, e % 32);
-                let idx = if r < 16 { qs[16 * g + r] & 15 } else { qs[16 * g + r - 16] >> 4 };
+                let idx = if r < 16 {
+                    qs[16 * g + r] & 15
+                } else {
+                    qs[16 * g + r - 16] >> 4
+                };
                 u.q[e] = KVALUES_IQ4NL[idx as usize] as i32;
             }
             for g in 0..8 {
@@ -157,7 +179,10 @@ pub(super) fn unpack(ty: GgmlType, b: &[u8], u: &mut Unpacked) {
 
 pub(super) fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     let mut u = Unpacked::default();
-    for (b, out) in src.chunks_exact(ty.type_size()).zip(dst.chunks_exact_mut(256)) {
+    for (b, out) in src
+        .chunks_exact(ty.type_size())
+        .zip(dst.chunks_exact_mut(256))
+    {
         unpack(ty, b, &mut u);
         for (g, og) in out.chunks_exact_mut(u.gsize).enumerate() {
             let dl = u.d * u.sc[g] as f32;
@@ -180,7 +205,11 @@ pub(super) fn dot(ty: GgmlType, w: &[u8], qa: &[i8], da: &[f32], sa: &[i16]) -> 
         let (mut isum, mut msum) = (0i32, 0i32);
         for g in 0..256 / u.gsize {
             let r = g * u.gsize..(g + 1) * u.gsize;
-            let s: i32 = u.q[r.clone()].iter().zip(&a[r]).map(|(&x, &y)| x * y as i32).sum();
+            let s: i32 = u.q[r.clone()]
+                .iter()
+                .zip(&a[r])
+                .map(|(&x, &y)| x * y as i32)
+                .sum();
             isum += u.sc[g] * s;
             let asum: i32 = if u.gsize == 16 {
                 sums[g] as i32
@@ -207,7 +236,7 @@ fn fit_asym(x: &[f32], nmax: i32) -> (f32, f32) {
     if lo > 0.0 {
         lo = 0.0;
     }
-    if !(hi > lo) {
+    if hi <= lo || hi.is_nan() || lo.is_nan() {
         return (0.0, -lo);
     }
     let err_of = |s: f32, b: f32| -> f32 {
@@ -363,7 +392,13 @@ pub(super) fn quantize(ty: GgmlType, src: &[f32], out: &mut Vec<u8>) {
                 let dmin = quant_scales_unsigned(&m[..ng], top, &mut imn);
                 for g in 0..ng {
                     let r = g * gs..(g + 1) * gs;
-                    levels_asym(&x[r.clone()], d * isc[g] as f32, dmin * imn[g] as f32, nmax, &mut q[r]);
+                    levels_asym(
+                        &x[r.clone()],
+                        d * isc[g] as f32,
+                        dmin * imn[g] as f32,
+                        nmax,
+                        &mut q[r],
+                    );
                 }
                 if ty == GgmlType::Q2_K {
                     for g in 0..16 {
@@ -409,14 +444,21 @@ pub(super) fn quantize(ty: GgmlType, src: &[f32], out: &mut Vec<u8>) {
                 }
             }
             GgmlType::Q3_K | GgmlType::Q6_K => {
-                let (nneg, npos, slo, shi) = if ty == GgmlType::Q3_K { (4, 3, -32, 31) } else { (32, 31, -128, 127) };
-                for g in 0..16 {
-                    s[g] = fit_sym(&x[g * 16..(g + 1) * 16], nneg, npos);
+                let (nneg, npos, slo, shi) = if ty == GgmlType::Q3_K {
+                    (4, 3, -32, 31)
+                } else {
+                    (32, 31, -128, 127)
+                };
+                for (sg, xg) in s.iter_mut().zip(x.chunks_exact(16)) {
+                    *sg = fit_sym(xg, nneg, npos);
                 }
                 let d = quant_scales_signed(&s, slo, shi, &mut isc);
-                for g in 0..16 {
-                    let r = g * 16..(g + 1) * 16;
-                    levels_sym(&x[r.clone()], d * isc[g] as f32, -nneg, npos, &mut q[r]);
+                for ((&sc, xg), qg) in isc
+                    .iter()
+                    .zip(x.chunks_exact(16))
+                    .zip(q.chunks_exact_mut(16))
+                {
+                    levels_sym(xg, d * sc as f32, -nneg, npos, qg);
                 }
                 if ty == GgmlType::Q3_K {
                     let mut hm = [0u8; 32];

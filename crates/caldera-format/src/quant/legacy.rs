@@ -22,7 +22,8 @@ pub(super) const KVALUES_IQ4NL: [i8; 16] = [
 ];
 
 /// E2M1 values times two, indexed by the 4-bit code.
-pub(super) const KVALUES_MXFP4: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+pub(super) const KVALUES_MXFP4: [i8; 16] =
+    [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
 /// `2^(e - 128)`: half the E8M0 scale, matching the doubled table.
 #[inline(always)]
@@ -76,13 +77,15 @@ fn unpack(ty: GgmlType, b: &[u8], q: &mut [i32; 32]) -> (f32, f32) {
         }
         GgmlType::IQ4_NL => {
             nib(&b[2..18], q);
-            q.iter_mut().for_each(|v| *v = KVALUES_IQ4NL[*v as usize] as i32);
+            q.iter_mut()
+                .for_each(|v| *v = KVALUES_IQ4NL[*v as usize] as i32);
             (f16_at(b, 0), 0.0)
         }
         _ => {
             // MXFP4
             nib(&b[1..17], q);
-            q.iter_mut().for_each(|v| *v = KVALUES_MXFP4[*v as usize] as i32);
+            q.iter_mut()
+                .for_each(|v| *v = KVALUES_MXFP4[*v as usize] as i32);
             (e8m0_half(b[0]), 0.0)
         }
     }
@@ -90,7 +93,10 @@ fn unpack(ty: GgmlType, b: &[u8], q: &mut [i32; 32]) -> (f32, f32) {
 
 pub(super) fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     let mut q = [0i32; 32];
-    for (b, out) in src.chunks_exact(ty.type_size()).zip(dst.chunks_exact_mut(32)) {
+    for (b, out) in src
+        .chunks_exact(ty.type_size())
+        .zip(dst.chunks_exact_mut(32))
+    {
         let (d, m) = unpack(ty, b, &mut q);
         if m == 0.0 && !matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
             for (o, &v) in out.iter_mut().zip(&q) {
@@ -207,7 +213,11 @@ pub(super) fn quantize(ty: GgmlType, src: &[f32], out: &mut Vec<u8>) {
     for x in src.chunks_exact(32) {
         match ty {
             GgmlType::Q4_0 | GgmlType::Q5_0 => {
-                let (div, off, top) = if ty == GgmlType::Q4_0 { (-8.0, 8.5, 15) } else { (-16.0, 16.5, 31) };
+                let (div, off, top) = if ty == GgmlType::Q4_0 {
+                    (-8.0, 8.5, 15)
+                } else {
+                    (-16.0, 16.5, 31)
+                };
                 let d = signed_absmax(x) / div;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 for (o, &v) in q.iter_mut().zip(x) {

@@ -26,12 +26,25 @@ fn row(acts: &QuantizedActs, j: usize) -> Row {
     match acts.kind {
         super::ActKind::F32 => {
             let f = acts.f_row(j);
-            let null = std::ptr::null();
-            Row { q: null as *const i8, d: null as *const f32, s: null as *const i16, ds: null as *const f32, f: f.as_ptr(), k: acts.k }
+            Row {
+                q: std::ptr::null(),
+                d: std::ptr::null(),
+                s: std::ptr::null(),
+                ds: std::ptr::null(),
+                f: f.as_ptr(),
+                k: acts.k,
+            }
         }
         _ => {
             let (q, d, s, ds) = acts.q_row(j);
-            Row { q: q.as_ptr(), d: d.as_ptr(), s: s.as_ptr(), ds: ds.as_ptr(), f: std::ptr::null(), k: acts.k }
+            Row {
+                q: q.as_ptr(),
+                d: d.as_ptr(),
+                s: s.as_ptr(),
+                ds: ds.as_ptr(),
+                f: std::ptr::null(),
+                k: acts.k,
+            }
         }
     }
 }
@@ -97,7 +110,12 @@ fn kernel(wty: GgmlType, vnni: bool) -> Option<Kernel> {
 /// # Safety
 /// AVX2, FMA and F16C must be present (AVX-VNNI too when `level()` says so) and
 /// `acts.check(wty, w, j)` must have passed.
-pub(super) unsafe fn vec_dot(wty: GgmlType, w: &[u8], acts: &QuantizedActs, j: usize) -> Option<f32> {
+pub(super) unsafe fn vec_dot(
+    wty: GgmlType,
+    w: &[u8],
+    acts: &QuantizedActs,
+    j: usize,
+) -> Option<f32> {
     let k = kernel(wty, level() == Level::Avx2Vnni)?;
     Some(k(w.as_ptr(), row(acts, j)))
 }
@@ -106,7 +124,12 @@ pub(super) unsafe fn vec_dot(wty: GgmlType, w: &[u8], acts: &QuantizedActs, j: u
 ///
 /// # Safety
 /// As [`vec_dot`], for row 0 (all rows have the same shape).
-pub(super) unsafe fn vec_dot_rows(wty: GgmlType, w: &[u8], acts: &QuantizedActs, out: &mut [f32]) -> bool {
+pub(super) unsafe fn vec_dot_rows(
+    wty: GgmlType,
+    w: &[u8],
+    acts: &QuantizedActs,
+    out: &mut [f32],
+) -> bool {
     let Some(k) = kernel(wty, level() == Level::Avx2Vnni) else {
         return false;
     };
@@ -131,6 +154,14 @@ unsafe fn hsum(v: __m256) -> f32 {
 unsafe fn f16(p: *const u8) -> f32 {
     let bits = std::ptr::read_unaligned(p as *const u16);
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// The f16 at `p`, reading 4 bytes (`p` must have 4 readable bytes). A full 32-bit
+/// `movd` load avoids the merging `pinsrw` that a 16-bit load compiles to, whose false
+/// dependency would chain loop iterations.
+#[inline(always)]
+unsafe fn f16_4(p: *const u8) -> f32 {
+    f16x2(p).0
 }
 
 /// Two adjacent f16 values.
@@ -178,7 +209,8 @@ unsafe fn dot_ss<const V: bool>(w: __m256i, a: __m256i) -> __m256i {
 unsafe fn bits_to_mask(bits: u32) -> __m256i {
     let v = _mm256_set1_epi32(bits as i32);
     let shuf = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
     );
     let v = _mm256_shuffle_epi8(v, shuf);
     let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
@@ -216,7 +248,10 @@ unsafe fn dot_floats<F: Fn(usize) -> __m256, G: Fn(usize) -> f32>(r: Row, load: 
         acc[0] = _mm256_fmadd_ps(load(i), _mm256_loadu_ps(r.f.add(i)), acc[0]);
         i += 8;
     }
-    let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    let mut s = hsum(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
     while i < k {
         s += at(i) * *r.f.add(i);
         i += 1;
@@ -227,7 +262,11 @@ unsafe fn dot_floats<F: Fn(usize) -> __m256, G: Fn(usize) -> f32>(r: Row, load: 
 #[inline(always)]
 unsafe fn dot_f32<const V: bool>(w: *const u8, r: Row) -> f32 {
     let w = w as *const f32;
-    dot_floats(r, |i| _mm256_loadu_ps(w.add(i)), |i| std::ptr::read_unaligned(w.add(i)))
+    dot_floats(
+        r,
+        |i| _mm256_loadu_ps(w.add(i)),
+        |i| std::ptr::read_unaligned(w.add(i)),
+    )
 }
 
 #[inline(always)]
@@ -265,14 +304,26 @@ unsafe fn dot_q8_0<const V: bool>(w: *const u8, r: Row) -> f32 {
         let b1 = w.add(34 * (i + 1));
         let p0 = dot_ss::<V>(load32(b0.add(2)), load32(r.q.add(32 * i) as *const u8));
         let p1 = dot_ss::<V>(load32(b1.add(2)), load32(r.q.add(32 * i + 32) as *const u8));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(b0) * *r.d.add(i)), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16(b1) * *r.d.add(i + 1)), _mm256_cvtepi32_ps(p1), acc1);
+        acc0 = _mm256_fmadd_ps(
+            _mm256_set1_ps(f16_4(b0) * *r.d.add(i)),
+            _mm256_cvtepi32_ps(p0),
+            acc0,
+        );
+        acc1 = _mm256_fmadd_ps(
+            _mm256_set1_ps(f16_4(b1) * *r.d.add(i + 1)),
+            _mm256_cvtepi32_ps(p1),
+            acc1,
+        );
         i += 2;
     }
     if i < nb {
         let b0 = w.add(34 * i);
         let p0 = dot_ss::<V>(load32(b0.add(2)), load32(r.q.add(32 * i) as *const u8));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16(b0) * *r.d.add(i)), _mm256_cvtepi32_ps(p0), acc0);
+        acc0 = _mm256_fmadd_ps(
+            _mm256_set1_ps(f16_4(b0) * *r.d.add(i)),
+            _mm256_cvtepi32_ps(p0),
+            acc0,
+        );
     }
     hsum(_mm256_add_ps(acc0, acc1))
 }
@@ -294,7 +345,7 @@ impl UnsignedBlock for Q40 {
     const BYTES: usize = 18;
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
-        let d = f16(b);
+        let d = f16_4(b);
         (nibbles(b.add(2)), d, -8.0 * d)
     }
 }
@@ -312,7 +363,7 @@ impl UnsignedBlock for Q50 {
     const BYTES: usize = 22;
     #[inline(always)]
     unsafe fn unpack(b: *const u8) -> (__m256i, f32, f32) {
-        let d = f16(b);
+        let d = f16_4(b);
         let qh = std::ptr::read_unaligned(b.add(2) as *const u32);
         let hi = _mm256_and_si256(bits_to_mask(qh), _mm256_set1_epi8(16));
         (_mm256_or_si256(nibbles(b.add(6)), hi), d, -16.0 * d)
@@ -341,8 +392,16 @@ unsafe fn dot_unsigned_blocks<const V: bool, B: UnsignedBlock>(w: *const u8, r: 
     while i + 2 <= nb {
         let (u0, d0, c0) = B::unpack(w.add(bytes * i));
         let (u1, d1, c1) = B::unpack(w.add(bytes * (i + 1)));
-        let p0 = dpbusd::<V>(_mm256_setzero_si256(), u0, load32(r.q.add(32 * i) as *const u8));
-        let p1 = dpbusd::<V>(_mm256_setzero_si256(), u1, load32(r.q.add(32 * i + 32) as *const u8));
+        let p0 = dpbusd::<V>(
+            _mm256_setzero_si256(),
+            u0,
+            load32(r.q.add(32 * i) as *const u8),
+        );
+        let p1 = dpbusd::<V>(
+            _mm256_setzero_si256(),
+            u1,
+            load32(r.q.add(32 * i + 32) as *const u8),
+        );
         let (da0, da1) = (*r.d.add(i), *r.d.add(i + 1));
         acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * da0), _mm256_cvtepi32_ps(p0), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * da1), _mm256_cvtepi32_ps(p1), acc1);
@@ -352,7 +411,11 @@ unsafe fn dot_unsigned_blocks<const V: bool, B: UnsignedBlock>(w: *const u8, r: 
     }
     if i < nb {
         let (u0, d0, c0) = B::unpack(w.add(bytes * i));
-        let p0 = dpbusd::<V>(_mm256_setzero_si256(), u0, load32(r.q.add(32 * i) as *const u8));
+        let p0 = dpbusd::<V>(
+            _mm256_setzero_si256(),
+            u0,
+            load32(r.q.add(32 * i) as *const u8),
+        );
         let da0 = *r.d.add(i);
         acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * da0), _mm256_cvtepi32_ps(p0), acc0);
         corr0 += c0 * *r.ds.add(i);
@@ -397,7 +460,7 @@ impl TableBlock for Iq4Nl {
     const TABLE: [i8; 16] = super::legacy::KVALUES_IQ4NL;
     #[inline(always)]
     unsafe fn scale(b: *const u8) -> f32 {
-        f16(b)
+        f16_4(b)
     }
 }
 
@@ -425,15 +488,27 @@ unsafe fn dot_table_blocks<const V: bool, B: TableBlock>(w: *const u8, r: Row) -
         let w1 = _mm256_shuffle_epi8(t, nibbles(b1.add(B::QS)));
         let p0 = dot_ss::<V>(w0, load32(r.q.add(32 * i) as *const u8));
         let p1 = dot_ss::<V>(w1, load32(r.q.add(32 * i + 32) as *const u8));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(B::scale(b0) * *r.d.add(i)), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(B::scale(b1) * *r.d.add(i + 1)), _mm256_cvtepi32_ps(p1), acc1);
+        acc0 = _mm256_fmadd_ps(
+            _mm256_set1_ps(B::scale(b0) * *r.d.add(i)),
+            _mm256_cvtepi32_ps(p0),
+            acc0,
+        );
+        acc1 = _mm256_fmadd_ps(
+            _mm256_set1_ps(B::scale(b1) * *r.d.add(i + 1)),
+            _mm256_cvtepi32_ps(p1),
+            acc1,
+        );
         i += 2;
     }
     if i < nb {
         let b0 = w.add(B::BYTES * i);
         let w0 = _mm256_shuffle_epi8(t, nibbles(b0.add(B::QS)));
         let p0 = dot_ss::<V>(w0, load32(r.q.add(32 * i) as *const u8));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(B::scale(b0) * *r.d.add(i)), _mm256_cvtepi32_ps(p0), acc0);
+        acc0 = _mm256_fmadd_ps(
+            _mm256_set1_ps(B::scale(b0) * *r.d.add(i)),
+            _mm256_cvtepi32_ps(p0),
+            acc0,
+        );
     }
     hsum(_mm256_add_ps(acc0, acc1))
 }
@@ -505,7 +580,11 @@ unsafe fn dot_k45<const FIVE: bool>(w: *const u8, r: Row) -> f32 {
         accm = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(pm), accm);
 
         let qs = if FIVE { b.add(48) } else { b.add(16) };
-        let mut qh = if FIVE { load32(b.add(16)) } else { _mm256_setzero_si256() };
+        let mut qh = if FIVE {
+            load32(b.add(16))
+        } else {
+            _mm256_setzero_si256()
+        };
         let mut sumi = _mm256_setzero_si256();
         for j in 0..4 {
             let q = load32(qs.add(32 * j));
@@ -513,11 +592,22 @@ unsafe fn dot_k45<const FIVE: bool>(w: *const u8, r: Row) -> f32 {
             let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
             if FIVE {
                 lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(qh, one), 4));
-                hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4));
+                hi = _mm256_or_si256(
+                    hi,
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4),
+                );
                 qh = _mm256_srli_epi16(qh, 2);
             }
-            let p0 = scaled(lo, aq(r, 256 * i + 64 * j), _mm256_set1_epi16(sc[2 * j] as i16));
-            let p1 = scaled(hi, aq(r, 256 * i + 64 * j + 32), _mm256_set1_epi16(sc[2 * j + 1] as i16));
+            let p0 = scaled(
+                lo,
+                aq(r, 256 * i + 64 * j),
+                _mm256_set1_epi16(sc[2 * j] as i16),
+            );
+            let p1 = scaled(
+                hi,
+                aq(r, 256 * i + 64 * j + 32),
+                _mm256_set1_epi16(sc[2 * j + 1] as i16),
+            );
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
@@ -543,7 +633,10 @@ unsafe fn dot_q6_k<const V: bool>(w: *const u8, r: Row) -> f32 {
             let l1 = load32(b.add(64 * n + 32));
             let h = load32(b.add(128 + 32 * n));
             let q = [
-                _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m2), 4)),
+                _mm256_or_si256(
+                    _mm256_and_si256(l0, m4),
+                    _mm256_slli_epi16(_mm256_and_si256(h, m2), 4),
+                ),
                 _mm256_or_si256(
                     _mm256_and_si256(l1, m4),
                     _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m2), 4),
@@ -585,7 +678,10 @@ unsafe fn dot_q3_k<const V: bool>(w: *const u8, r: Row) -> f32 {
         let a1 = (w1 & m4) | (((w2 >> 2) & m2w) << 4);
         let a2 = ((w0 >> 4) & m4) | (((w2 >> 4) & m2w) << 4);
         let a3 = ((w1 >> 4) & m4) | (((w2 >> 6) & m2w) << 4);
-        let sc8 = _mm_sub_epi8(_mm_set_epi32(a3 as i32, a2 as i32, a1 as i32, a0 as i32), _mm_set1_epi8(32));
+        let sc8 = _mm_sub_epi8(
+            _mm_set_epi32(a3 as i32, a2 as i32, a1 as i32, a0 as i32),
+            _mm_set1_epi8(32),
+        );
         let mut sc = [0i8; 16];
         _mm_storeu_si128(sc.as_mut_ptr() as *mut __m128i, sc8);
         let sc16 = _mm256_cvtepi8_epi16(sc8);
@@ -601,7 +697,11 @@ unsafe fn dot_q3_k<const V: bool>(w: *const u8, r: Row) -> f32 {
                 hm = _mm256_srli_epi16(hm, 1);
                 let g = 8 * n + 2 * sh;
                 let u = _mm256_or_si256(low, high);
-                let p = scaled(u, aq(r, 256 * i + 128 * n + 32 * sh), scale_pair(sc[g] as i32, sc[g + 1] as i32));
+                let p = scaled(
+                    u,
+                    aq(r, 256 * i + 128 * n + 32 * sh),
+                    scale_pair(sc[g] as i32, sc[g + 1] as i32),
+                );
                 sumi = _mm256_add_epi32(sumi, p);
             }
         }

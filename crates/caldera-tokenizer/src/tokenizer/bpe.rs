@@ -43,7 +43,9 @@ pub(crate) fn byte_to_char() -> &'static [char; 256] {
         let mut t = ['\0'; 256];
         let mut extra = 0u32;
         for b in 0..256u32 {
-            let printable = (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+            let printable = (0x21..=0x7E).contains(&b)
+                || (0xA1..=0xAC).contains(&b)
+                || (0xAE..=0xFF).contains(&b);
             let c = if printable {
                 b
             } else {
@@ -58,7 +60,8 @@ pub(crate) fn byte_to_char() -> &'static [char; 256] {
 
 fn char_to_byte(c: char) -> Option<u8> {
     let v = c as u32;
-    let printable = (0x21..=0x7E).contains(&v) || (0xA1..=0xAC).contains(&v) || (0xAE..=0xFF).contains(&v);
+    let printable =
+        (0x21..=0x7E).contains(&v) || (0xA1..=0xAC).contains(&v) || (0xAE..=0xFF).contains(&v);
     if printable {
         return Some(v as u8);
     }
@@ -67,7 +70,9 @@ fn char_to_byte(c: char) -> Option<u8> {
         let n = v - 0x100;
         let mut seen = 0;
         for b in 0..256u32 {
-            let p = (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+            let p = (0x21..=0x7E).contains(&b)
+                || (0xA1..=0xAC).contains(&b)
+                || (0xAE..=0xFF).contains(&b);
             if !p {
                 if seen == n {
                     return Some(b as u8);
@@ -116,7 +121,6 @@ pub(crate) struct Bpe {
     byte_char_token: [u32; 256],
     normalizer: Normalizer,
     pretok: PreTokenizer,
-    pub(crate) skipped_merges: usize,
 }
 
 impl Bpe {
@@ -151,21 +155,16 @@ impl Bpe {
             .map(|(i, t)| (t.text.as_str(), i as u32))
             .collect();
         let mut map = PairMap::with_capacity_and_hasher(count, Default::default());
-        let mut skipped = 0usize;
         let mut joined = String::new();
         for (rank, (a, b)) in pairs.enumerate() {
-            let Some(b) = b else {
-                skipped += 1;
-                continue;
-            };
+            let Some(b) = b else { continue };
             joined.clear();
             joined.push_str(a);
             joined.push_str(b);
-            match (lookup.get(a), lookup.get(b), lookup.get(joined.as_str())) {
-                (Some(&l), Some(&r), Some(&m)) => {
-                    map.entry((l, r)).or_insert((rank as u32, m));
-                }
-                _ => skipped += 1,
+            if let (Some(&l), Some(&r), Some(&m)) =
+                (lookup.get(a), lookup.get(b), lookup.get(joined.as_str()))
+            {
+                map.entry((l, r)).or_insert((rank as u32, m));
             }
         }
         let mut byte_char_token = [NO_TOKEN; 256];
@@ -186,7 +185,6 @@ impl Bpe {
             byte_char_token,
             normalizer: opts.normalizer,
             pretok: opts.pretok,
-            skipped_merges: skipped,
         })
     }
 
@@ -211,7 +209,10 @@ impl Bpe {
             if self.ignore_merges {
                 let key: std::borrow::Cow<str> = if self.byte_level {
                     let table = byte_to_char();
-                    word.bytes().map(|b| table[b as usize]).collect::<String>().into()
+                    word.bytes()
+                        .map(|b| table[b as usize])
+                        .collect::<String>()
+                        .into()
                 } else {
                     word.into()
                 };
@@ -287,7 +288,9 @@ impl Bpe {
             if lens[left] == 0 || right >= n || syms[left] != lid || syms[right] != rid {
                 continue;
             }
-            let Some(&(r2, merged)) = self.merges.get(&(lid, rid)) else { continue };
+            let Some(&(r2, merged)) = self.merges.get(&(lid, rid)) else {
+                continue;
+            };
             if r2 != rank {
                 continue;
             }

@@ -12,7 +12,10 @@ const K_SCORES: &str = "tokenizer.ggml.scores";
 const K_MERGES: &str = "tokenizer.ggml.merges";
 
 fn bad(key: &str, reason: impl Into<String>) -> TokenizerError {
-    TokenizerError::BadMetadata { key: key.into(), reason: reason.into() }
+    TokenizerError::BadMetadata {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 /// An optional token id key: absent is `None`; present must be a non-negative integer
@@ -23,7 +26,9 @@ fn id_key(f: &GgufFile, key: &str) -> Result<Option<u32>, TokenizerError> {
         Some(v) => match v.as_i64() {
             // llama.cpp writes -1 (as i32 or u32::MAX) for "none" in some files.
             Some(-1) | Some(0xFFFF_FFFF) => Ok(None),
-            Some(x) => u32::try_from(x).map(Some).map_err(|_| bad(key, format!("{x} is not a token id"))),
+            Some(x) => u32::try_from(x)
+                .map(Some)
+                .map_err(|_| bad(key, format!("{x} is not a token id"))),
             None => Err(bad(key, "expected an integer token id")),
         },
     }
@@ -32,14 +37,19 @@ fn id_key(f: &GgufFile, key: &str) -> Result<Option<u32>, TokenizerError> {
 fn bool_key(f: &GgufFile, key: &str) -> Result<Option<bool>, TokenizerError> {
     match f.get(key) {
         None => Ok(None),
-        Some(v) => v.as_bool().map(Some).ok_or_else(|| bad(key, "expected a boolean")),
+        Some(v) => v
+            .as_bool()
+            .map(Some)
+            .ok_or_else(|| bad(key, "expected a boolean")),
     }
 }
 
 pub(crate) fn spec_from_gguf(f: &GgufFile) -> Result<VocabSpec, TokenizerError> {
     let model = match f.get(K_MODEL) {
         None => return Err(TokenizerError::MissingKey(K_MODEL.into())),
-        Some(v) => v.as_str().ok_or_else(|| bad(K_MODEL, "expected a string"))?,
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| bad(K_MODEL, "expected a string"))?,
     };
     let tokens: Vec<String> = f
         .get(K_TOKENS)
@@ -53,21 +63,30 @@ pub(crate) fn spec_from_gguf(f: &GgufFile) -> Result<VocabSpec, TokenizerError> 
     let types = match f.get(K_TYPES) {
         None => vec![TokenType::Normal; n],
         Some(v) => {
-            let raw = v.as_i64_array().ok_or_else(|| bad(K_TYPES, "expected an array of integers"))?;
+            let raw = v
+                .as_i64_array()
+                .ok_or_else(|| bad(K_TYPES, "expected an array of integers"))?;
             if raw.len() != n {
-                return Err(bad(K_TYPES, format!("{} entries for {n} tokens", raw.len())));
+                return Err(bad(
+                    K_TYPES,
+                    format!("{} entries for {n} tokens", raw.len()),
+                ));
             }
             raw.iter()
                 .enumerate()
                 .map(|(i, &t)| {
-                    TokenType::from_gguf(t).ok_or_else(|| bad(K_TYPES, format!("token {i} has unknown type {t}")))
+                    TokenType::from_gguf(t)
+                        .ok_or_else(|| bad(K_TYPES, format!("token {i} has unknown type {t}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?
         }
     };
     let pre = match f.get(K_PRE) {
         None => "default".to_owned(),
-        Some(v) => v.as_str().ok_or_else(|| bad(K_PRE, "expected a string"))?.to_owned(),
+        Some(v) => v
+            .as_str()
+            .ok_or_else(|| bad(K_PRE, "expected a string"))?
+            .to_owned(),
     };
     let (model_spec, default_bos, default_eos, default_unk, default_add_bos, default_space) = match model {
         "gpt2" => {
@@ -97,13 +116,15 @@ pub(crate) fn spec_from_gguf(f: &GgufFile) -> Result<VocabSpec, TokenizerError> 
             )))
         }
     };
-    let or_default = |v: Option<u32>, d: Option<u32>| v.or(d).filter(|&id| (id as usize) < n || v.is_some());
+    let or_default =
+        |v: Option<u32>, d: Option<u32>| v.or(d).filter(|&id| (id as usize) < n || v.is_some());
     let bos = or_default(id_key(f, "tokenizer.ggml.bos_token_id")?, default_bos);
     let eos = or_default(id_key(f, "tokenizer.ggml.eos_token_id")?, default_eos);
     let unk = or_default(id_key(f, "tokenizer.ggml.unknown_token_id")?, default_unk);
     let eot = id_key(f, "tokenizer.ggml.eot_token_id")?;
     let eom = id_key(f, "tokenizer.ggml.eom_token_id")?;
-    let add_bos = bool_key(f, "tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos) && bos.is_some();
+    let add_bos =
+        bool_key(f, "tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos) && bos.is_some();
     let add_space_prefix = bool_key(f, "tokenizer.ggml.add_space_prefix")?.unwrap_or(default_space);
     Ok(VocabSpec {
         tokens,

@@ -8,7 +8,9 @@
 use serde_json::Value;
 
 use super::bpe::{Bpe, BpeOptions};
-use super::pretok::{self, Behavior, NormOp, Normalizer, Pattern, PreStep, PreTokenizer, PrependScheme};
+use super::pretok::{
+    self, Behavior, NormOp, Normalizer, Pattern, PreStep, PreTokenizer, PrependScheme,
+};
 use super::{build_piece, parse_byte_token, Model, Parts, TokenEntry, TokenType, TokenizerError};
 
 /// Ids may leave gaps (filled with unused entries), but not more than this many.
@@ -31,9 +33,15 @@ fn config_token(v: Option<&Value>) -> Option<&str> {
     }
 }
 
-pub(crate) fn parts_from_hf_json(json: &str, config: Option<&Value>) -> Result<Parts, TokenizerError> {
-    let root: Value = serde_json::from_str(json).map_err(|e| TokenizerError::Json(e.to_string()))?;
-    let model = root.get("model").ok_or_else(|| TokenizerError::Json("no `model` section".into()))?;
+pub(crate) fn parts_from_hf_json(
+    json: &str,
+    config: Option<&Value>,
+) -> Result<Parts, TokenizerError> {
+    let root: Value =
+        serde_json::from_str(json).map_err(|e| TokenizerError::Json(e.to_string()))?;
+    let model = root
+        .get("model")
+        .ok_or_else(|| TokenizerError::Json("no `model` section".into()))?;
     let mtype = type_of(model);
     if !(mtype == "BPE" || (mtype.is_empty() && model.get("merges").is_some())) {
         return Err(unsupported(format!(
@@ -51,26 +59,44 @@ pub(crate) fn parts_from_hf_json(json: &str, config: Option<&Value>) -> Result<P
         let id = id
             .as_u64()
             .and_then(|i| usize::try_from(i).ok())
-            .ok_or_else(|| TokenizerError::InvalidVocab(format!("token {text:?} has a non-integer id")))?;
+            .ok_or_else(|| {
+                TokenizerError::InvalidVocab(format!("token {text:?} has a non-integer id"))
+            })?;
         entries.push((id, text.clone(), TokenType::Normal));
     }
     let mut added: Vec<(usize, String, TokenType)> = Vec::new();
     if let Some(list) = root.get("added_tokens").and_then(Value::as_array) {
         for t in list {
-            let id = t.get("id").and_then(Value::as_u64).and_then(|i| usize::try_from(i).ok());
+            let id = t
+                .get("id")
+                .and_then(Value::as_u64)
+                .and_then(|i| usize::try_from(i).ok());
             let content = t.get("content").and_then(Value::as_str);
             let (Some(id), Some(content)) = (id, content) else {
-                return Err(TokenizerError::InvalidVocab(format!("malformed added token {t}")));
+                return Err(TokenizerError::InvalidVocab(format!(
+                    "malformed added token {t}"
+                )));
             };
             let special = t.get("special").and_then(Value::as_bool).unwrap_or(false);
-            let kind = if special { TokenType::Control } else { TokenType::UserDefined };
+            let kind = if special {
+                TokenType::Control
+            } else {
+                TokenType::UserDefined
+            };
             added.push((id, content.to_owned(), kind));
         }
     }
     let count = entries.len() + added.len();
-    let n = entries.iter().chain(&added).map(|e| e.0).max().map_or(0, |m| m + 1);
+    let n = entries
+        .iter()
+        .chain(&added)
+        .map(|e| e.0)
+        .max()
+        .map_or(0, |m| m + 1);
     if n == 0 {
-        return Err(TokenizerError::InvalidVocab("the vocabulary is empty".into()));
+        return Err(TokenizerError::InvalidVocab(
+            "the vocabulary is empty".into(),
+        ));
     }
     if n > count.saturating_add(MAX_ID_GAP) || u32::try_from(n).is_err() {
         return Err(TokenizerError::InvalidVocab(format!(
@@ -81,7 +107,9 @@ pub(crate) fn parts_from_hf_json(json: &str, config: Option<&Value>) -> Result<P
     let mut slots: Vec<Option<(String, TokenType)>> = vec![None; n];
     for (id, text, kind) in entries {
         if slots[id].is_some() {
-            return Err(TokenizerError::InvalidVocab(format!("token id {id} is used twice")));
+            return Err(TokenizerError::InvalidVocab(format!(
+                "token id {id} is used twice"
+            )));
         }
         slots[id] = Some((text, kind));
     }
@@ -93,8 +121,14 @@ pub(crate) fn parts_from_hf_json(json: &str, config: Option<&Value>) -> Result<P
     let pre = root.get("pre_tokenizer").filter(|v| !v.is_null());
     let decoder = root.get("decoder").filter(|v| !v.is_null());
     let byte_level = contains_type(pre, "ByteLevel") || contains_type(decoder, "ByteLevel");
-    let byte_fallback = model.get("byte_fallback").and_then(Value::as_bool).unwrap_or(false);
-    let ignore_merges = model.get("ignore_merges").and_then(Value::as_bool).unwrap_or(false);
+    let byte_fallback = model
+        .get("byte_fallback")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let ignore_merges = model
+        .get("ignore_merges")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
 
     let mut tokens = Vec::with_capacity(n);
     for (id, slot) in slots.into_iter().enumerate() {
@@ -104,7 +138,12 @@ pub(crate) fn parts_from_hf_json(json: &str, config: Option<&Value>) -> Result<P
         }
         let piece = build_piece(&text, kind, byte_level)
             .map_err(|e| TokenizerError::InvalidVocab(format!("token {id} ({text:?}): {e}")))?;
-        tokens.push(TokenEntry { text, kind, score: 0.0, piece });
+        tokens.push(TokenEntry {
+            text,
+            kind,
+            score: 0.0,
+            piece,
+        });
     }
 
     let mut normalizer = Normalizer::default();
@@ -141,20 +180,35 @@ pub(crate) fn parts_from_hf_json(json: &str, config: Option<&Value>) -> Result<P
         &tokens,
         pairs,
         merges.len(),
-        BpeOptions { byte_level, byte_fallback, ignore_merges, normalizer, pretok },
+        BpeOptions {
+            byte_level,
+            byte_fallback,
+            ignore_merges,
+            normalizer,
+            pretok,
+        },
     )?;
 
     let find = |text: &str| tokens.iter().position(|t| t.text == text).map(|i| i as u32);
-    let unk = model.get("unk_token").and_then(Value::as_str).and_then(find);
+    let unk = model
+        .get("unk_token")
+        .and_then(Value::as_str)
+        .and_then(find);
 
     // BOS from the post-processor template; config overrides.
     let mut post_bos = None;
     if let Some(pp) = root.get("post_processor").filter(|v| !v.is_null()) {
         post_bos = template_leading_special(pp, &find);
     }
-    let cfg_bos = config.and_then(|c| config_token(c.get("bos_token"))).and_then(find);
-    let cfg_eos = config.and_then(|c| config_token(c.get("eos_token"))).and_then(find);
-    let cfg_add_bos = config.and_then(|c| c.get("add_bos_token")).and_then(Value::as_bool);
+    let cfg_bos = config
+        .and_then(|c| config_token(c.get("bos_token")))
+        .and_then(find);
+    let cfg_eos = config
+        .and_then(|c| config_token(c.get("eos_token")))
+        .and_then(find);
+    let cfg_add_bos = config
+        .and_then(|c| c.get("add_bos_token"))
+        .and_then(Value::as_bool);
     let bos = cfg_bos.or(post_bos);
     let add_bos = match cfg_add_bos {
         Some(b) => b && bos.is_some(),
@@ -162,7 +216,7 @@ pub(crate) fn parts_from_hf_json(json: &str, config: Option<&Value>) -> Result<P
     };
     Ok(Parts {
         tokens,
-        model: Model::Bpe(bpe),
+        model: Model::Bpe(Box::new(bpe)),
         bos,
         eos: cfg_eos,
         extra_eog: Vec::new(),
@@ -194,7 +248,10 @@ fn decoder_strips_space(d: Option<&Value>) -> bool {
         }
         "Metaspace" => match d.get("prepend_scheme").and_then(Value::as_str) {
             Some(s) => s != "never",
-            None => d.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(true),
+            None => d
+                .get("add_prefix_space")
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
         },
         "Sequence" => d
             .get("decoders")
@@ -209,7 +266,7 @@ fn string_pattern(v: &Value) -> Result<Pattern, TokenizerError> {
         return Ok(Pattern::Literal(s.to_owned()));
     }
     if let Some(r) = v.get("Regex").and_then(Value::as_str) {
-        return Ok(Pattern::Regex(pretok::compile(r)?));
+        return pretok::compile(r);
     }
     Err(TokenizerError::Json(format!("unreadable pattern {v}")))
 }
@@ -217,7 +274,12 @@ fn string_pattern(v: &Value) -> Result<Pattern, TokenizerError> {
 fn parse_normalizer(v: &Value, n: &mut Normalizer) -> Result<(), TokenizerError> {
     match type_of(v) {
         "Sequence" => {
-            for c in v.get("normalizers").and_then(Value::as_array).into_iter().flatten() {
+            for c in v
+                .get("normalizers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 parse_normalizer(c, n)?;
             }
         }
@@ -231,10 +293,18 @@ fn parse_normalizer(v: &Value, n: &mut Normalizer) -> Result<(), TokenizerError>
             n.ops.push(NormOp::Prepend(p.to_owned()));
         }
         "Replace" => {
-            let content = v.get("content").and_then(Value::as_str).unwrap_or("").to_owned();
+            let content = v
+                .get("content")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
             match v.get("pattern").map(string_pattern).transpose()? {
                 Some(Pattern::Literal(s)) => n.ops.push(NormOp::Replace(s, content)),
-                _ => return Err(unsupported("tokenizer.json normalizer Replace with a regex pattern")),
+                _ => {
+                    return Err(unsupported(
+                        "tokenizer.json normalizer Replace with a regex pattern",
+                    ))
+                }
             }
         }
         other => return Err(unsupported(format!("tokenizer.json normalizer `{other}`"))),
@@ -243,30 +313,51 @@ fn parse_normalizer(v: &Value, n: &mut Normalizer) -> Result<(), TokenizerError>
 }
 
 fn parse_behavior(v: &Value) -> Result<Behavior, TokenizerError> {
-    Ok(match v.get("behavior").and_then(Value::as_str).unwrap_or("Isolated") {
-        "Isolated" => Behavior::Isolated,
-        "Removed" => Behavior::Removed,
-        "MergedWithPrevious" => Behavior::MergedWithPrevious,
-        "MergedWithNext" => Behavior::MergedWithNext,
-        "Contiguous" => Behavior::Contiguous,
-        other => return Err(unsupported(format!("tokenizer.json split behavior `{other}`"))),
-    })
+    Ok(
+        match v
+            .get("behavior")
+            .and_then(Value::as_str)
+            .unwrap_or("Isolated")
+        {
+            "Isolated" => Behavior::Isolated,
+            "Removed" => Behavior::Removed,
+            "MergedWithPrevious" => Behavior::MergedWithPrevious,
+            "MergedWithNext" => Behavior::MergedWithNext,
+            "Contiguous" => Behavior::Contiguous,
+            other => {
+                return Err(unsupported(format!(
+                    "tokenizer.json split behavior `{other}`"
+                )))
+            }
+        },
+    )
 }
 
 fn parse_pretok(v: &Value, n: &mut Normalizer, p: &mut PreTokenizer) -> Result<(), TokenizerError> {
     match type_of(v) {
         "Sequence" => {
-            for c in v.get("pretokenizers").and_then(Value::as_array).into_iter().flatten() {
+            for c in v
+                .get("pretokenizers")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 parse_pretok(c, n, p)?;
             }
         }
         "ByteLevel" => {
-            if v.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(false) {
-                n.ops.push(NormOp::PrefixUnlessPresent(" ".into(), PrependScheme::Always));
+            if v.get("add_prefix_space")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+            {
+                n.ops.push(NormOp::PrefixUnlessPresent(
+                    " ".into(),
+                    PrependScheme::Always,
+                ));
             }
             if v.get("use_regex").and_then(Value::as_bool).unwrap_or(true) {
                 p.steps.push(PreStep::Split {
-                    pattern: Pattern::Regex(pretok::compile(pretok::GPT2)?),
+                    pattern: pretok::compile(pretok::GPT2)?,
                     behavior: Behavior::Isolated,
                 });
             }
@@ -276,15 +367,28 @@ fn parse_pretok(v: &Value, n: &mut Normalizer, p: &mut PreTokenizer) -> Result<(
                 return Err(unsupported("tokenizer.json Split with invert = true"));
             }
             let pattern = string_pattern(v.get("pattern").unwrap_or(&Value::Null))?;
-            p.steps.push(PreStep::Split { pattern, behavior: parse_behavior(v)? });
+            p.steps.push(PreStep::Split {
+                pattern,
+                behavior: parse_behavior(v)?,
+            });
         }
         "Digits" => {
-            let single = v.get("individual_digits").and_then(Value::as_bool).unwrap_or(false);
+            let single = v
+                .get("individual_digits")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
             let re = if single { r"\p{N}" } else { r"\p{N}+" };
-            p.steps.push(PreStep::Split { pattern: Pattern::Regex(pretok::compile(re)?), behavior: Behavior::Isolated });
+            p.steps.push(PreStep::Split {
+                pattern: pretok::compile(re)?,
+                behavior: Behavior::Isolated,
+            });
         }
         "Metaspace" => {
-            let repl = v.get("replacement").and_then(Value::as_str).unwrap_or("\u{2581}").to_owned();
+            let repl = v
+                .get("replacement")
+                .and_then(Value::as_str)
+                .unwrap_or("\u{2581}")
+                .to_owned();
             let scheme = match v.get("prepend_scheme").and_then(Value::as_str) {
                 Some("always") => Some(PrependScheme::Always),
                 Some("first") => Some(PrependScheme::First),
@@ -300,10 +404,17 @@ fn parse_pretok(v: &Value, n: &mut Normalizer, p: &mut PreTokenizer) -> Result<(
                 n.ops.push(NormOp::PrefixUnlessPresent(repl.clone(), s));
             }
             if v.get("split").and_then(Value::as_bool).unwrap_or(true) {
-                p.steps.push(PreStep::Split { pattern: Pattern::Literal(repl), behavior: Behavior::MergedWithNext });
+                p.steps.push(PreStep::Split {
+                    pattern: Pattern::Literal(repl),
+                    behavior: Behavior::MergedWithNext,
+                });
             }
         }
-        other => return Err(unsupported(format!("tokenizer.json pre-tokenizer `{other}`"))),
+        other => {
+            return Err(unsupported(format!(
+                "tokenizer.json pre-tokenizer `{other}`"
+            )))
+        }
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use fancy_regex::Regex;
+use regex_automata::{meta, Input};
 use unicode_normalization::UnicodeNormalization;
 
 use super::TokenizerError;
@@ -31,15 +32,28 @@ pub(crate) enum Behavior {
     Contiguous,
 }
 
+/// A split pattern. Regexes run on `regex-automata` (linear time) where they can; the
+/// common tail `\s+(?!\S)|\s+` is run as `\s+` and the match shortened afterwards (see
+/// [`compile`]). Only other look-arounds fall back to the backtracking `fancy-regex`.
 #[derive(Debug)]
 pub(crate) enum Pattern {
-    Regex(Regex),
+    Fast {
+        re: Box<meta::Regex>,
+        /// The pattern ended in `\s+(?!\S)|\s+`, compiled as `\s+`.
+        ws_lookahead: bool,
+        /// The pattern has a `\s*[\r\n]+` alternative before that tail.
+        newline_alt: bool,
+    },
+    Fancy(Regex),
     Literal(String),
 }
 
 #[derive(Debug)]
 pub(crate) enum PreStep {
-    Split { pattern: Pattern, behavior: Behavior },
+    Split {
+        pattern: Pattern,
+        behavior: Behavior,
+    },
 }
 
 /// Splits (normalized) text into words; each step refines the pieces of the one before.
@@ -116,20 +130,52 @@ impl Normalizer {
     }
 }
 
-pub(crate) fn compile(pattern: &str) -> Result<Regex, TokenizerError> {
+const WS_TAIL: &str = r"\s+(?!\S)|\s+";
+
+/// Compiles a split regex.
+///
+/// `\s+(?!\S)|\s+` at the end of a pattern means: a whitespace run, less its last character
+/// when a non-space follows and the run has at least two characters (the last one then
+/// starts the next piece). Run as `\s+`, a match that is all whitespace came from that tail
+/// unless the pattern has a `\s*[\r\n]+` alternative and the match holds a newline (that
+/// alternative wins whenever the run has one), so the shortening is applied exactly there.
+pub(crate) fn compile(pattern: &str) -> Result<Pattern, TokenizerError> {
+    if let Some(prefix) = pattern.strip_suffix(WS_TAIL) {
+        if let Ok(re) = meta::Regex::new(&format!(r"{prefix}\s+")) {
+            return Ok(Pattern::Fast {
+                re: Box::new(re),
+                ws_lookahead: true,
+                newline_alt: prefix.contains(r"\s*[\r\n]+"),
+            });
+        }
+    }
+    if let Ok(re) = meta::Regex::new(pattern) {
+        return Ok(Pattern::Fast {
+            re: Box::new(re),
+            ws_lookahead: false,
+            newline_alt: false,
+        });
+    }
     fancy_regex::RegexBuilder::new(pattern)
         .backtrack_limit(1_000_000)
         .build()
+        .map(Pattern::Fancy)
         .map_err(|e| TokenizerError::Regex(format!("{pattern:?}: {e}")))
 }
 
 fn isolated(pattern: &str) -> Result<PreStep, TokenizerError> {
-    Ok(PreStep::Split { pattern: Pattern::Regex(compile(pattern)?), behavior: Behavior::Isolated })
+    Ok(PreStep::Split {
+        pattern: compile(pattern)?,
+        behavior: Behavior::Isolated,
+    })
 }
 
 /// `tokenizer.ggml.pre` names whose Hugging Face tokenizers set `ignore_merges`.
 pub(crate) fn gguf_pre_ignores_merges(pre: &str) -> bool {
-    matches!(pre, "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral")
+    matches!(
+        pre,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral"
+    )
 }
 
 impl PreTokenizer {
@@ -154,16 +200,19 @@ impl PreTokenizer {
                 )))
             }
         };
-        let steps = patterns.iter().map(|p| isolated(p)).collect::<Result<_, _>>()?;
+        let steps = patterns
+            .iter()
+            .map(|p| isolated(p))
+            .collect::<Result<_, _>>()?;
         Ok(PreTokenizer { steps })
     }
 
     /// Word ranges of `text`, in order, covering it except for removed matches.
     pub(crate) fn split(&self, text: &str) -> Result<Vec<Range<usize>>, TokenizerError> {
-        let mut pieces = vec![0..text.len()];
         if text.is_empty() {
             return Ok(Vec::new());
         }
+        let mut pieces: Vec<Range<usize>> = std::iter::once(0..text.len()).collect();
         for step in &self.steps {
             let PreStep::Split { pattern, behavior } = step;
             let mut next = Vec::with_capacity(pieces.len() * 2);
@@ -196,7 +245,39 @@ fn split_one(
         last = m.end;
     };
     match pattern {
-        Pattern::Regex(re) => {
+        Pattern::Fast {
+            re,
+            ws_lookahead,
+            newline_alt,
+        } => {
+            let mut pos = 0;
+            while pos < s.len() {
+                let Some(m) = re.search(&Input::new(s).span(pos..s.len())) else {
+                    break;
+                };
+                let (start, mut end) = (m.start(), m.end());
+                if end == start {
+                    // An empty match: step over one character.
+                    pos = start + s[start..].chars().next().map_or(1, char::len_utf8);
+                    continue;
+                }
+                if *ws_lookahead && end < s.len() {
+                    let mt = &s[start..end];
+                    if mt.chars().all(char::is_whitespace)
+                        && !(*newline_alt && mt.contains(['\r', '\n']))
+                    {
+                        if let Some((last, _)) = mt.char_indices().last() {
+                            if last > 0 {
+                                end = start + last;
+                            }
+                        }
+                    }
+                }
+                push_match(start..end, &mut parts);
+                pos = end;
+            }
+        }
+        Pattern::Fancy(re) => {
             for m in re.find_iter(s) {
                 let m = m.map_err(|e| TokenizerError::Encode(format!("pre-tokenizer: {e}")))?;
                 push_match(m.range(), &mut parts);
@@ -271,4 +352,59 @@ fn split_one(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn pieces(p: &Pattern, s: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        split_one(s, 0, p, Behavior::Isolated, &mut out).expect("split");
+        out.into_iter().map(|r| s[r].to_owned()).collect()
+    }
+
+    /// The linear-time emulation of `\s+(?!\S)|\s+` splits exactly like the backtracking
+    /// original, on random mixes of whitespace, letters, digits, marks and punctuation.
+    #[test]
+    fn whitespace_lookahead_emulation_matches_backtracking() {
+        let alphabet = [
+            " ", " ", "  ", "\t", "\n", "\r\n", "\u{3000}", "\u{a0}", "a", "Bc", "é", "e\u{301}",
+            "7", "42", "'s", "'LL", "!", "?!", ".\n", "{", "日本", "😀", "_", "-", "\u{200b}",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for pat in [GPT2, LLAMA3, QWEN2, QWEN35, GPT4O] {
+            let fast = compile(pat).expect("compile");
+            assert!(
+                matches!(
+                    fast,
+                    Pattern::Fast {
+                        ws_lookahead: true,
+                        ..
+                    }
+                ),
+                "{pat}"
+            );
+            let slow = Pattern::Fancy(fancy_regex::Regex::new(pat).expect("fancy"));
+            for _ in 0..3000 {
+                let n = rng.gen_range(0..14);
+                let s: String = (0..n)
+                    .map(|_| alphabet[rng.gen_range(0..alphabet.len())])
+                    .collect();
+                assert_eq!(
+                    pieces(&fast, &s),
+                    pieces(&slow, &s),
+                    "pattern {pat} on {s:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn long_whitespace_runs_are_fine() {
+        let p = compile(GPT2).expect("compile");
+        let s = format!("{}x{}", " ".repeat(200_000), "\n".repeat(100_000));
+        assert_eq!(pieces(&p, &s).len(), 3);
+    }
 }

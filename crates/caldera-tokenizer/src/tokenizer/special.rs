@@ -63,7 +63,9 @@ impl SpecialMatcher {
 
     fn child(&self, node: usize, b: u8) -> Option<usize> {
         let ch = &self.nodes[node].children;
-        ch.binary_search_by_key(&b, |c| c.0).ok().map(|i| ch[i].1 as usize)
+        ch.binary_search_by_key(&b, |c| c.0)
+            .ok()
+            .map(|i| ch[i].1 as usize)
     }
 
     /// The longest allowed token starting at `p` whose length is at most `max_len`.

@@ -33,7 +33,9 @@ impl PartialOrd for Bigram {
 impl Ord for Bigram {
     /// Max-heap order: higher score first, then lower left index.
     fn cmp(&self, o: &Self) -> Ordering {
-        self.score.total_cmp(&o.score).then_with(|| o.left.cmp(&self.left))
+        self.score
+            .total_cmp(&o.score)
+            .then_with(|| o.left.cmp(&self.left))
     }
 }
 
@@ -77,7 +79,12 @@ pub(crate) fn encode(tk: &Tokenizer, text: &str, space_prefix: bool, out: &mut V
         let start = syms[l].start;
         let end = syms[r].start + syms[r].len;
         if let Some(&id) = tk.token_to_id.get(&s[start..end]) {
-            heap.push(Bigram { score: tk.tokens[id as usize].score, left: l, right: r, size: end - start });
+            heap.push(Bigram {
+                score: tk.tokens[id as usize].score,
+                left: l,
+                right: r,
+                size: end - start,
+            });
         }
     };
     for i in 1..syms.len() {

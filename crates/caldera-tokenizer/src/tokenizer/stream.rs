@@ -16,13 +16,21 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(tok: &'a Tokenizer, skip_special: bool) -> Self {
-        StreamDecoder { tok, skip_special, pending: Vec::new(), at_start: true }
+        StreamDecoder {
+            tok,
+            skip_special,
+            pending: Vec::new(),
+            at_start: true,
+        }
     }
 
     /// Adds one token; returns the text that is now complete (possibly empty). An id outside
     /// the vocabulary contributes nothing.
     pub fn push(&mut self, id: u32) -> String {
-        let piece = self.tok.piece_for_decode(id, self.skip_special).unwrap_or(&[]);
+        let piece = self
+            .tok
+            .piece_for_decode(id, self.skip_special)
+            .unwrap_or(&[]);
         let mut piece = piece;
         if self.at_start && !piece.is_empty() {
             if self.tok.strip_leading_space && piece[0] == b' ' {

@@ -1,0 +1,155 @@
+//! `caldera bench`: prefill and decode speed on synthetic prompts, like llama-bench.
+//!
+//! The prompt is `-p` token ids drawn from the vocabulary with a fixed seed; decode
+//! then feeds its own greedy picks for `-n` steps. Each is repeated `-r` times and the
+//! median reported. Weight bytes per decoded token are the bytes of every matrix a
+//! decode step reads (each layer's projections and the output head; the embedding row
+//! is negligible).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use caldera_cpu::{CpuBackend, Logits};
+use clap::Args;
+use serde_json::json;
+
+use crate::load;
+use crate::Backend;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    pub model: PathBuf,
+    /// Prompt tokens.
+    #[arg(short = 'p', long, default_value_t = 512)]
+    pub prompt: usize,
+    /// Decoded tokens.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub gen: usize,
+    /// Repetitions (the median is reported).
+    #[arg(short = 'r', long, default_value_t = 3)]
+    pub reps: usize,
+    #[arg(short, long)]
+    pub threads: Option<usize>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: Backend,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of this process in bytes (Linux), if known.
+pub fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn bench(a: BenchArgs) -> Result<ExitCode> {
+    let loaded = load::open_model(&a.model)?;
+    let model = loaded.model.clone();
+    let cfg = &model.config;
+    let threads = a.threads.unwrap_or_else(crate::default_threads);
+    let backend = CpuBackend::new(model.clone(), threads);
+    let vocab = cfg.vocab_size as u64;
+    // A fixed-seed LCG: the same prompt on every run and machine.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let prompt: Vec<u32> = (0..a.prompt)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab) as u32
+        })
+        .collect();
+    let reps = a.reps.max(1);
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    let mut logits = Vec::new();
+    for _ in 0..reps {
+        let mut s = backend.new_session(a.prompt + a.gen + 1)?;
+        if a.prompt > 0 {
+            let t = Instant::now();
+            backend.forward(&mut s, &prompt, Logits::Last, &mut logits)?;
+            pp.push(a.prompt as f64 / t.elapsed().as_secs_f64());
+        }
+        if a.gen > 0 {
+            let mut next = prompt.last().copied().unwrap_or(0);
+            let t = Instant::now();
+            for _ in 0..a.gen {
+                backend.forward(&mut s, &[next], Logits::Last, &mut logits)?;
+                next = argmax(&logits);
+            }
+            tg.push(a.gen as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let w = &model.weights;
+    let per_token = w.layers.iter().fold(w.output.data.len(), |n, l| {
+        n + [&l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o, &l.ffn.gate, &l.ffn.up, &l.ffn.down]
+            .iter()
+            .map(|m| m.data.len())
+            .sum::<usize>()
+    });
+    let pp_tps = (!pp.is_empty()).then(|| median(pp));
+    let tg_tps = (!tg.is_empty()).then(|| median(tg));
+    let rss = peak_rss();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "model": a.model.display().to_string(),
+                "arch": cfg.arch,
+                "backend": "cpu",
+                "threads": backend.threads(),
+                "prompt_tokens": a.prompt,
+                "gen_tokens": a.gen,
+                "prefill_tok_s": pp_tps,
+                "decode_tok_s": tg_tps,
+                "decode_ms_per_token": tg_tps.map(|t| 1000.0 / t),
+                "weight_bytes_per_token": per_token,
+                "decode_gb_s": tg_tps.map(|t| t * per_token as f64 / 1e9),
+                "peak_rss_bytes": rss,
+            })
+        );
+    } else {
+        println!(
+            "{} ({}), backend cpu, {} threads, {} reps",
+            a.model.display(),
+            cfg.arch,
+            backend.threads(),
+            reps
+        );
+        if let Some(t) = pp_tps {
+            println!("  pp{:<5} {:>9.1} tok/s", a.prompt, t);
+        }
+        if let Some(t) = tg_tps {
+            println!(
+                "  tg{:<5} {:>9.1} tok/s  {:.2} ms/token  {:.1} MB weights/token  {:.1} GB/s",
+                a.gen,
+                t,
+                1000.0 / t,
+                per_token as f64 / 1e6,
+                t * per_token as f64 / 1e9
+            );
+        }
+        if let Some(r) = rss {
+            println!("  peak RSS {:.1} MiB", r as f64 / (1 << 20) as f64);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
