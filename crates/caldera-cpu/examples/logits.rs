@@ -15,7 +15,10 @@ fn top(v: &[f32], k: usize) -> Vec<(usize, f32)> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).ok_or("usage: logits MODEL IDS...")?;
-    let ids: Vec<u32> = args[2..].iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let ids: Vec<u32> = args[2..]
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
     let (_, model) = Model::open(std::path::Path::new(path))?;
     let be = CpuBackend::new(Arc::new(model), 2);
     let mut out = Vec::new();

@@ -194,8 +194,18 @@ impl CpuBackend {
         let d = cfg.d_model;
         let p0 = s.len;
         let sc = &mut s.scratch;
-        let max_q = cfg.layers.iter().map(|l| l.attn.n_heads * l.attn.head_dim).max().unwrap_or(0);
-        let max_kv = cfg.layers.iter().map(|l| l.attn.n_kv_heads * l.attn.head_dim).max().unwrap_or(0);
+        let max_q = cfg
+            .layers
+            .iter()
+            .map(|l| l.attn.n_heads * l.attn.head_dim)
+            .max()
+            .unwrap_or(0);
+        let max_kv = cfg
+            .layers
+            .iter()
+            .map(|l| l.attn.n_kv_heads * l.attn.head_dim)
+            .max()
+            .unwrap_or(0);
         let max_ff = cfg.layers.iter().map(|l| l.d_ff).max().unwrap_or(0);
         for (buf, n) in [
             (&mut sc.x, m * d),
@@ -227,7 +237,12 @@ impl CpuBackend {
             let kvd = a.n_kv_heads * hd;
 
             // Attention block.
-            ops::rms_norm(&sc.x[..m * d], &lw.attn.norm, cfg.norm_eps, &mut sc.h[..m * d]);
+            ops::rms_norm(
+                &sc.x[..m * d],
+                &lw.attn.norm,
+                cfg.norm_eps,
+                &mut sc.h[..m * d],
+            );
             sc.acts_ty = None;
             self.prepare(sc, lw.attn.q.ty, m, d)?;
             self.matmul(&lw.attn.q, &sc.acts, m, &mut sc.q[..m * qd]);
@@ -258,18 +273,34 @@ impl CpuBackend {
             // Append k, v to the cache.
             s.k[li][p0 * kvd..(p0 + m) * kvd].copy_from_slice(&sc.k[..m * kvd]);
             s.v[li][p0 * kvd..(p0 + m) * kvd].copy_from_slice(&sc.v[..m * kvd]);
-            self.attention(spec, &s.k[li], &s.v[li], &sc.q[..m * qd], p0, m, &mut sc.att[..m * qd]);
+            self.attention(
+                spec,
+                &s.k[li],
+                &s.v[li],
+                &sc.q[..m * qd],
+                p0,
+                m,
+                &mut sc.att[..m * qd],
+            );
 
             self.prepare_from(sc, lw.attn.o.ty, m, qd, Src::Att)?;
             self.matmul(&lw.attn.o, &sc.acts, m, &mut sc.o[..m * d]);
             if let Some(pn) = &lw.attn.post_norm {
                 ops::rms_norm_inplace(&mut sc.o[..m * d], pn, cfg.norm_eps);
             }
-            sc.x[..m * d].iter_mut().zip(&sc.o[..m * d]).for_each(|(x, o)| *x += o);
+            sc.x[..m * d]
+                .iter_mut()
+                .zip(&sc.o[..m * d])
+                .for_each(|(x, o)| *x += o);
 
             // Gated MLP.
             let ff = spec.d_ff;
-            ops::rms_norm(&sc.x[..m * d], &lw.ffn.norm, cfg.norm_eps, &mut sc.h[..m * d]);
+            ops::rms_norm(
+                &sc.x[..m * d],
+                &lw.ffn.norm,
+                cfg.norm_eps,
+                &mut sc.h[..m * d],
+            );
             sc.acts_ty = None;
             self.prepare(sc, lw.ffn.gate.ty, m, d)?;
             self.matmul(&lw.ffn.gate, &sc.acts, m, &mut sc.g[..m * ff]);
@@ -279,13 +310,19 @@ impl CpuBackend {
                 Activation::SwiGlu => ops::silu,
                 Activation::GeluTanhGlu => ops::gelu_tanh,
             };
-            sc.g[..m * ff].iter_mut().zip(&sc.u[..m * ff]).for_each(|(g, u)| *g = act(*g) * u);
+            sc.g[..m * ff]
+                .iter_mut()
+                .zip(&sc.u[..m * ff])
+                .for_each(|(g, u)| *g = act(*g) * u);
             self.prepare_from(sc, lw.ffn.down.ty, m, ff, Src::Gate)?;
             self.matmul(&lw.ffn.down, &sc.acts, m, &mut sc.o[..m * d]);
             if let Some(pn) = &lw.ffn.post_norm {
                 ops::rms_norm_inplace(&mut sc.o[..m * d], pn, cfg.norm_eps);
             }
-            sc.x[..m * d].iter_mut().zip(&sc.o[..m * d]).for_each(|(x, o)| *x += o);
+            sc.x[..m * d]
+                .iter_mut()
+                .zip(&sc.o[..m * d])
+                .for_each(|(x, o)| *x += o);
         }
         s.len = p0 + m;
 
@@ -297,7 +334,12 @@ impl CpuBackend {
             Logits::Last => m - 1,
         };
         let rows = m - first;
-        ops::rms_norm(&sc.x[first * d..m * d], &w.output_norm, cfg.norm_eps, &mut sc.h[..rows * d]);
+        ops::rms_norm(
+            &sc.x[first * d..m * d],
+            &w.output_norm,
+            cfg.norm_eps,
+            &mut sc.h[..rows * d],
+        );
         sc.acts_ty = None;
         let vocab = cfg.vocab_size;
         let start = out.len();
@@ -305,7 +347,9 @@ impl CpuBackend {
         self.prepare(sc, w.output.ty, rows, d)?;
         self.matmul(&w.output, &sc.acts, rows, &mut out[start..]);
         if let Some(cap) = cfg.final_logit_softcap {
-            out[start..].iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+            out[start..]
+                .iter_mut()
+                .for_each(|v| *v = cap * (*v / cap).tanh());
         }
         Ok(())
     }
@@ -315,7 +359,14 @@ impl CpuBackend {
         self.prepare_from(sc, ty, m, k, Src::H)
     }
 
-    fn prepare_from(&self, sc: &mut Scratch, ty: GgmlType, m: usize, k: usize, src: Src) -> Result<(), CpuError> {
+    fn prepare_from(
+        &self,
+        sc: &mut Scratch,
+        ty: GgmlType,
+        m: usize,
+        k: usize,
+        src: Src,
+    ) -> Result<(), CpuError> {
         if matches!(src, Src::H) && sc.acts_ty == Some(ty) {
             return Ok(()); // already prepared from the same normed rows
         }
@@ -396,7 +447,8 @@ impl CpuBackend {
             let g = h / group;
             let qv = &q[j * nh * hd + h * hd..][..hd];
             // SAFETY: task (j, h) writes only its own head slice of `out`.
-            let ov = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(j * nh * hd + h * hd), hd) };
+            let ov =
+                unsafe { std::slice::from_raw_parts_mut(ptr.get().add(j * nh * hd + h * hd), hd) };
             SCORES.with(|sbuf| {
                 let mut sbuf = sbuf.borrow_mut();
                 let n = p + 1 - lo;

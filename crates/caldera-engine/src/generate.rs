@@ -93,8 +93,12 @@ impl<'a> Generator<'a> {
         self.cached.truncate(reuse);
 
         let t0 = Instant::now();
-        self.backend
-            .forward(&mut self.session, &prompt[reuse..], Logits::Last, &mut self.logits)?;
+        self.backend.forward(
+            &mut self.session,
+            &prompt[reuse..],
+            Logits::Last,
+            &mut self.logits,
+        )?;
         self.cached.extend_from_slice(&prompt[reuse..]);
         let prefill_time = t0.elapsed();
 

@@ -448,10 +448,16 @@ fn open_reports_missing_and_empty_files() {
     std::fs::create_dir_all(&dir).unwrap();
     let missing = dir.join("missing.gguf");
     let r = GgufFile::open(&missing);
-    assert!(matches!(&r, Err(FormatError::Io { path, .. }) if path == &missing), "{r:?}");
+    assert!(
+        matches!(&r, Err(FormatError::Io { path, .. }) if path == &missing),
+        "{r:?}"
+    );
     let empty = dir.join("empty.gguf");
     std::fs::write(&empty, b"").unwrap();
-    assert!(matches!(GgufFile::open(&empty), Err(FormatError::Truncated { .. })));
+    assert!(matches!(
+        GgufFile::open(&empty),
+        Err(FormatError::Truncated { .. })
+    ));
     let header_only = dir.join("header.gguf");
     std::fs::write(&header_only, Raw::new(3, 0, 0).0).unwrap();
     assert_eq!(GgufFile::open(&header_only).unwrap().file_size(), 24);

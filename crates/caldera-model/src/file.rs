@@ -97,7 +97,10 @@ impl ModelFile {
         let mut tensor_index = HashMap::new();
         for (i, t) in tensors.iter().enumerate() {
             if tensor_index.insert(t.name.clone(), i).is_some() {
-                return Err(ModelError::Invalid(format!("duplicate tensor '{}'", t.name)));
+                return Err(ModelError::Invalid(format!(
+                    "duplicate tensor '{}'",
+                    t.name
+                )));
             }
         }
         Ok(ModelFile {

@@ -82,8 +82,14 @@ pub fn translate(hf: &HfModel) -> Result<ModelFile> {
     let mut meta: Vec<(String, GgufValue)> = Vec::new();
     let mut put = |k: String, v: GgufValue| meta.push((k, v));
     let u32v = |n: u64| GgufValue::U32(n.min(u32::MAX as u64) as u32);
-    put("general.architecture".into(), GgufValue::String(arch.into()));
-    put("general.name".into(), GgufValue::String(hf.dir.display().to_string()));
+    put(
+        "general.architecture".into(),
+        GgufValue::String(arch.into()),
+    );
+    put(
+        "general.name".into(),
+        GgufValue::String(hf.dir.display().to_string()),
+    );
     put(format!("{arch}.block_count"), u32v(n_layers));
     put(format!("{arch}.embedding_length"), u32v(d_model));
     put(
@@ -132,12 +138,17 @@ pub fn translate(hf: &HfModel) -> Result<ModelFile> {
         let mut data = t.data.clone();
         let mut ty_out = ty;
         if arch == "llama" && (name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight")) {
-            let heads = if name.ends_with("attn_q.weight") { n_heads } else { n_kv };
-            data = permute_rows_for_interleaved_rope(&data, ty, &t.shape, heads as usize)
-                .map_err(|msg| ModelError::BadTensor {
+            let heads = if name.ends_with("attn_q.weight") {
+                n_heads
+            } else {
+                n_kv
+            };
+            data = permute_rows_for_interleaved_rope(&data, ty, &t.shape, heads as usize).map_err(
+                |msg| ModelError::BadTensor {
                     name: t.name.clone(),
                     msg,
-                })?;
+                },
+            )?;
         }
         if arch == "gemma3" && name.ends_with("norm.weight") {
             // Gemma's RMSNorm multiplies by (1 + w); GGUF stores 1 + w.
@@ -212,12 +223,14 @@ fn permute_rows_for_interleaved_rope(
         return Err(format!("expected a 2-D tensor, found shape {shape:?}"));
     };
     let (rows, cols) = (*rows, *cols);
-    if heads == 0 || rows % heads != 0 || (rows / heads) % 2 != 0 {
-        return Err(format!("{rows} rows do not split into {heads} heads of even size"));
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return Err(format!(
+            "{rows} rows do not split into {heads} heads of even size"
+        ));
     }
-    let row_bytes = ty
-        .row_bytes(cols as u64)
-        .ok_or_else(|| format!("{cols} columns are not whole {ty} blocks"))? as usize;
+    let row_bytes =
+        ty.row_bytes(cols as u64)
+            .ok_or_else(|| format!("{cols} columns are not whole {ty} blocks"))? as usize;
     let src = data.as_slice();
     if src.len() != row_bytes * rows {
         return Err("tensor byte size does not match its shape".into());

@@ -75,7 +75,13 @@ impl ModelWeights {
         }
         for l in &self.layers {
             for w in [
-                &l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o, &l.ffn.gate, &l.ffn.up, &l.ffn.down,
+                &l.attn.q,
+                &l.attn.k,
+                &l.attn.v,
+                &l.attn.o,
+                &l.ffn.gate,
+                &l.ffn.up,
+                &l.ffn.down,
             ] {
                 n += w.data.len();
             }

@@ -63,7 +63,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     let prompt: Vec<u32> = (0..a.prompt)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) % vocab) as u32
         })
         .collect();
@@ -90,10 +92,18 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     }
     let w = &model.weights;
     let per_token = w.layers.iter().fold(w.output.data.len(), |n, l| {
-        n + [&l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o, &l.ffn.gate, &l.ffn.up, &l.ffn.down]
-            .iter()
-            .map(|m| m.data.len())
-            .sum::<usize>()
+        n + [
+            &l.attn.q,
+            &l.attn.k,
+            &l.attn.v,
+            &l.attn.o,
+            &l.ffn.gate,
+            &l.ffn.up,
+            &l.ffn.down,
+        ]
+        .iter()
+        .map(|m| m.data.len())
+        .sum::<usize>()
     });
     let pp_tps = (!pp.is_empty()).then(|| median(pp));
     let tg_tps = (!tg.is_empty()).then(|| median(tg));

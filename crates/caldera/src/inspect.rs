@@ -27,7 +27,10 @@ pub fn inspect(path: &Path, full: bool) -> Result<ExitCode> {
         println!("  {k:<44} {}", show_value(v, full));
     }
     println!("\ntensors:");
-    println!("  {:<40} {:<8} {:<22} {:>14}", "name", "type", "shape", "bytes");
+    println!(
+        "  {:<40} {:<8} {:<22} {:>14}",
+        "name", "type", "shape", "bytes"
+    );
     let mut by_type: BTreeMap<String, (usize, u64, u64)> = BTreeMap::new();
     let (mut total_bytes, mut total_params) = (0u64, 0u64);
     for t in f.tensors() {
@@ -71,10 +74,22 @@ fn show_value(v: &GgufValue, full: bool) -> String {
             }
         }
         GgufValue::Array(a) => {
-            let shown = if full { a.items.len() } else { a.items.len().min(6) };
-            let items: Vec<String> = a.items[..shown].iter().map(|x| show_value(x, full)).collect();
+            let shown = if full {
+                a.items.len()
+            } else {
+                a.items.len().min(6)
+            };
+            let items: Vec<String> = a.items[..shown]
+                .iter()
+                .map(|x| show_value(x, full))
+                .collect();
             let more = if shown < a.items.len() { ", ..." } else { "" };
-            format!("[{}{more}] ({} x {:?})", items.join(", "), a.items.len(), a.elem_type)
+            format!(
+                "[{}{more}] ({} x {:?})",
+                items.join(", "),
+                a.items.len(),
+                a.elem_type
+            )
         }
         GgufValue::U8(x) => x.to_string(),
         GgufValue::I8(x) => x.to_string(),

@@ -14,7 +14,8 @@ pub struct Loaded {
 
 pub fn open_model(path: &Path) -> Result<Loaded> {
     let file = ModelFile::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let model = Model::from_file(&file).with_context(|| format!("cannot load {}", path.display()))?;
+    let model =
+        Model::from_file(&file).with_context(|| format!("cannot load {}", path.display()))?;
     Ok(Loaded {
         file,
         model: Arc::new(model),
@@ -39,5 +40,7 @@ pub fn chat_template(file: &ModelFile, tok: &Tokenizer) -> Result<Option<ChatTem
     };
     let bos = tok.bos_id().and_then(|i| tok.token_text(i)).unwrap_or("");
     let eos = tok.eos_id().and_then(|i| tok.token_text(i)).unwrap_or("");
-    Ok(Some(ChatTemplate::new(src, bos, eos).context("the model's chat template")?))
+    Ok(Some(
+        ChatTemplate::new(src, bos, eos).context("the model's chat template")?,
+    ))
 }

@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "caldera", version, about = "Local LLM inference on any GPU with a Vulkan driver, and on the CPU")]
+#[command(
+    name = "caldera",
+    version,
+    about = "Local LLM inference on any GPU with a Vulkan driver, and on the CPU"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -66,7 +66,11 @@ pub struct RunArgs {
 pub fn run(a: RunArgs) -> Result<ExitCode> {
     let loaded = load::open_model(&a.model)?;
     let tok = load::tokenizer(&loaded.file)?;
-    let template = if a.raw { None } else { load::chat_template(&loaded.file, &tok)? };
+    let template = if a.raw {
+        None
+    } else {
+        load::chat_template(&loaded.file, &tok)?
+    };
     if !a.raw && template.is_none() {
         eprintln!("note: the model has no chat template; the prompt is used as raw text");
     }
@@ -95,7 +99,9 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         seed: a.seed,
         ..SamplerConfig::default()
     };
-    sampler.validate().map_err(|e| anyhow::anyhow!("sampling options: {e}"))?;
+    sampler
+        .validate()
+        .map_err(|e| anyhow::anyhow!("sampling options: {e}"))?;
     let params = GenParams {
         max_tokens: a.max_tokens,
         sampler,
@@ -131,8 +137,17 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn encode_chat(tok: &Tokenizer, t: &ChatTemplate, messages: &[serde_json::Value]) -> Result<Vec<u32>> {
-    let text = t.render(&serde_json::Value::Array(messages.to_vec()), None, true, None)?;
+fn encode_chat(
+    tok: &Tokenizer,
+    t: &ChatTemplate,
+    messages: &[serde_json::Value],
+) -> Result<Vec<u32>> {
+    let text = t.render(
+        &serde_json::Value::Array(messages.to_vec()),
+        None,
+        true,
+        None,
+    )?;
     // Templates usually write the BOS text themselves; never add a second one.
     let bos_in_text = tok
         .bos_id()
@@ -141,7 +156,12 @@ fn encode_chat(tok: &Tokenizer, t: &ChatTemplate, messages: &[serde_json::Value]
     Ok(tok.encode(&text, tok.adds_bos() && !bos_in_text, true)?)
 }
 
-fn generate(gen: &mut Generator, tok: &Tokenizer, ids: &[u32], params: &GenParams) -> Result<(GenStats, String)> {
+fn generate(
+    gen: &mut Generator,
+    tok: &Tokenizer,
+    ids: &[u32],
+    params: &GenParams,
+) -> Result<(GenStats, String)> {
     let mut out = std::io::stdout().lock();
     let mut text = String::new();
     let stats = gen.generate(tok, ids, params, |piece| {

@@ -44,7 +44,8 @@ struct Reference {
 
 fn read_reference(dir: &std::path::Path) -> Result<Reference> {
     let path = dir.join("reference.safetensors");
-    let tensors = open_safetensors(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let tensors =
+        open_safetensors(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let find = |name: &str| {
         tensors
             .iter()
@@ -175,13 +176,23 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
 
     let mut pre = RowStats::default();
     for i in 0..t {
-        pre.add(i, &logits[i * v..(i + 1) * v], &reference.prefill[i * v..(i + 1) * v], a.tol);
+        pre.add(
+            i,
+            &logits[i * v..(i + 1) * v],
+            &reference.prefill[i * v..(i + 1) * v],
+            a.tol,
+        );
     }
     let mut dec = RowStats::default();
     let mut row = logits[(t - 1) * v..t * v].to_vec();
     for i in 0..n {
         if i > 0 {
-            backend.forward(&mut session, &[reference.greedy_ids[i - 1]], Logits::Last, &mut row)?;
+            backend.forward(
+                &mut session,
+                &[reference.greedy_ids[i - 1]],
+                Logits::Last,
+                &mut row,
+            )?;
         }
         dec.add(i, &row, &reference.decode[i * v..(i + 1) * v], a.tol);
     }
@@ -201,7 +212,10 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
         "  decode:  {n} rows, worst relative L2 error {:.3e} (row {}), {} over tol {:.0e}; greedy ids agree on {}/{} clear rows",
         dec.worst, dec.worst_row, dec.over_tol, a.tol, dec.checked - dec.mismatched.len(), dec.checked
     );
-    let ok = pre.over_tol == 0 && dec.over_tol == 0 && pre.mismatched.is_empty() && dec.mismatched.is_empty();
+    let ok = pre.over_tol == 0
+        && dec.over_tol == 0
+        && pre.mismatched.is_empty()
+        && dec.mismatched.is_empty();
     if !pre.mismatched.is_empty() {
         println!("  prefill argmax differs on rows {:?}", pre.mismatched);
     }
@@ -209,5 +223,9 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
         println!("  greedy id differs on decode rows {:?}", dec.mismatched);
     }
     println!("{}", if ok { "PASS" } else { "FAIL" });
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

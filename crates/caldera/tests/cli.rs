@@ -28,7 +28,10 @@ fn model(name: &str) -> Option<PathBuf> {
     if p.is_file() {
         Some(p)
     } else {
-        eprintln!("skipping: {} is missing (scripts/fetch-models.sh fetches it)", p.display());
+        eprintln!(
+            "skipping: {} is missing (scripts/fetch-models.sh fetches it)",
+            p.display()
+        );
         None
     }
 }
@@ -50,7 +53,11 @@ fn verify_fixture(arch: &str) {
         .output()
         .expect("running caldera");
     assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("PASS"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("PASS"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -69,11 +76,22 @@ fn verify_qwen3_fixture_cpu() {
 /// within 0.1. With a plain system prompt both answer "The capital of France is Paris."
 #[test]
 fn smollm2_answers_paris() {
-    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
     let o = bin()
         .arg("run")
         .arg(&m)
-        .args(["-p", "What is the capital of France?", "-n", "16", "--temp", "0", "-t", "2"])
+        .args([
+            "-p",
+            "What is the capital of France?",
+            "-n",
+            "16",
+            "--temp",
+            "0",
+            "-t",
+            "2",
+        ])
         .args(["--system", "You are a helpful assistant."])
         .output()
         .expect("running caldera");
@@ -84,11 +102,23 @@ fn smollm2_answers_paris() {
 
 #[test]
 fn gemma3_continues_the_story() {
-    let Some(m) = model("gemma-3-270m-q4_k_m.gguf") else { return };
+    let Some(m) = model("gemma-3-270m-q4_k_m.gguf") else {
+        return;
+    };
     let o = bin()
         .arg("run")
         .arg(&m)
-        .args(["--raw", "-p", "Once upon a time, there was a little", "-n", "4", "--temp", "0", "-t", "2"])
+        .args([
+            "--raw",
+            "-p",
+            "Once upon a time, there was a little",
+            "-n",
+            "4",
+            "--temp",
+            "0",
+            "-t",
+            "2",
+        ])
         .output()
         .expect("running caldera");
     assert!(o.status.success(), "{}", text(&o));
@@ -98,11 +128,21 @@ fn gemma3_continues_the_story() {
 
 #[test]
 fn inspect_lists_tensors() {
-    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
-    let o = bin().arg("inspect").arg(&m).output().expect("running caldera");
+    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let o = bin()
+        .arg("inspect")
+        .arg(&m)
+        .output()
+        .expect("running caldera");
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("token_embd.weight") && out.contains("Q4_1"), "{}", text(&o));
+    assert!(
+        out.contains("token_embd.weight") && out.contains("Q4_1"),
+        "{}",
+        text(&o)
+    );
     assert!(out.contains("272 tensors"), "{}", text(&o));
 }
 
@@ -117,15 +157,32 @@ fn assert_clean_failure(o: &Output) {
 
 #[test]
 fn damaged_gguf_files_fail_cleanly() {
-    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
     let bytes = std::fs::read(&m).expect("reading the model");
     let dir = std::env::temp_dir().join(format!("caldera-damaged-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut cases: Vec<(String, Vec<u8>)> = vec![
         ("empty".into(), Vec::new()),
-        ("magic".into(), b"GGUX".iter().copied().chain(bytes[4..4096].iter().copied()).collect()),
+        (
+            "magic".into(),
+            b"GGUX"
+                .iter()
+                .copied()
+                .chain(bytes[4..4096].iter().copied())
+                .collect(),
+        ),
     ];
-    for cut in [3usize, 24, 1000, 100_000, 2_000_000, bytes.len() / 2, bytes.len() - 1] {
+    for cut in [
+        3usize,
+        24,
+        1000,
+        100_000,
+        2_000_000,
+        bytes.len() / 2,
+        bytes.len() - 1,
+    ] {
         cases.push((format!("cut{cut}"), bytes[..cut].to_vec()));
     }
     // Corrupt the tensor count and the first key's length.
@@ -140,7 +197,14 @@ fn damaged_gguf_files_fail_cleanly() {
         std::fs::write(&p, data).unwrap();
         for args in [
             vec!["inspect".to_string(), p.display().to_string()],
-            vec!["run".into(), p.display().to_string(), "-p".into(), "hi".into(), "-n".into(), "2".into()],
+            vec![
+                "run".into(),
+                p.display().to_string(),
+                "-p".into(),
+                "hi".into(),
+                "-n".into(),
+                "2".into(),
+            ],
         ] {
             let o = bin().args(&args).output().expect("running caldera");
             assert_clean_failure(&o);

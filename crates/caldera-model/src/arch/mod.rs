@@ -55,7 +55,7 @@ impl Common {
             .get_u64(&k("attention.head_count_kv"))
             .map(|v| v as usize)
             .unwrap_or(n_heads);
-        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+        if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
             return Err(ModelError::Invalid(format!(
                 "{n_heads} attention heads cannot be grouped over {n_kv_heads} kv heads"
             )));
@@ -77,7 +77,7 @@ impl Common {
             .get_u64(&k("rope.dimension_count"))
             .map(|v| v as usize)
             .unwrap_or(head_dim);
-        if rope_dims > head_dim || rope_dims % 2 != 0 {
+        if rope_dims > head_dim || !rope_dims.is_multiple_of(2) {
             return Err(ModelError::Invalid(format!(
                 "rope dimension count {rope_dims} must be even and <= head size {head_dim}"
             )));
@@ -134,7 +134,14 @@ impl Common {
         })
     }
 
-    pub fn layer_spec(&self, rope: RopeSpec, window: Option<usize>, qk_norm: bool, act: Activation, scale: f32) -> LayerSpec {
+    pub fn layer_spec(
+        &self,
+        rope: RopeSpec,
+        window: Option<usize>,
+        qk_norm: bool,
+        act: Activation,
+        scale: f32,
+    ) -> LayerSpec {
         LayerSpec {
             attn: AttnSpec {
                 n_heads: self.n_heads,
@@ -152,7 +159,13 @@ impl Common {
 }
 
 /// Binds the tensors of one standard attention + gated-MLP layer.
-pub(crate) fn bind_layer(f: &ModelFile, i: usize, spec: &LayerSpec, d_model: usize, sandwich: bool) -> Result<Layer> {
+pub(crate) fn bind_layer(
+    f: &ModelFile,
+    i: usize,
+    spec: &LayerSpec,
+    d_model: usize,
+    sandwich: bool,
+) -> Result<Layer> {
     let a = &spec.attn;
     let p = |s: &str| format!("blk.{i}.{s}");
     let q_out = a.n_heads * a.head_dim;
@@ -194,7 +207,10 @@ pub(crate) fn bind_layer(f: &ModelFile, i: usize, spec: &LayerSpec, d_model: usi
 }
 
 /// Embedding, final norm and output head (tied to the embedding when absent).
-pub(crate) fn bind_io(f: &ModelFile, c: &Common) -> Result<(crate::Weight, Vec<f32>, crate::Weight)> {
+pub(crate) fn bind_io(
+    f: &ModelFile,
+    c: &Common,
+) -> Result<(crate::Weight, Vec<f32>, crate::Weight)> {
     let tok_embd = f.weight("token_embd.weight", c.vocab_size, c.d_model)?;
     let output_norm = f.vector("output_norm.weight", c.d_model)?;
     let output = if f.tensor("output.weight").is_some() {
