@@ -1,15 +1,20 @@
-//! Prefill (a chunk of tokens at once) and decode (one token) for attention
-//! transformers described by [`caldera_model::ModelConfig`].
+//! The forward pass: embeddings, then for each layer
+//! `x += post_norm(mixer(norm(x)))` and `x += ffn_post_norm(ffn(ffn_norm(x)))`, then the
+//! final norm and the output head. Prompts run in chunks of [`CHUNK`] tokens.
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use caldera_format::quant::{self, QuantizedActs};
-use caldera_format::GgmlType;
-use caldera_model::{Activation, Model, Weight};
+use caldera_model::{FfnSpec, FfnWeights, Mixer, MixerWeights, Model, Weight};
 
+use crate::attention::{self, KvCache};
+use crate::ctx::Ctx;
+use crate::ffn;
+use crate::gdn::{self, GdnState};
+use crate::mamba2::{self, Mamba2State};
 use crate::ops;
-use crate::pool::{SyncPtr, ThreadPool};
+use crate::pool::ThreadPool;
+use crate::shortconv::{self, ShortConvState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CpuError {
@@ -21,6 +26,8 @@ pub enum CpuError {
     Weight { name: String, msg: String },
     #[error("cannot allocate a KV cache of {bytes} bytes for {ctx} tokens")]
     KvTooLarge { bytes: u128, ctx: usize },
+    #[error("the CPU backend does not run {0} yet")]
+    Unsupported(String),
 }
 
 /// Which logits `forward` returns.
@@ -33,19 +40,29 @@ pub enum Logits {
 }
 
 /// Tokens per prefill chunk: bounds the scratch memory of long prompts.
-const CHUNK: usize = 256;
+pub const CHUNK: usize = 256;
 
-/// One sequence: its KV cache (f32, `[pos][kv_head][head_dim]` per layer) and scratch.
+/// The per-sequence state of one layer.
+#[derive(Clone)]
+pub enum LayerState {
+    None,
+    Kv(KvCache),
+    Gdn(GdnState),
+    Mamba2(Mamba2State),
+    ShortConv(ShortConvState),
+}
+
+/// One sequence: the state of every layer (KV caches, recurrent states). Clone it to
+/// snapshot a sequence (prefix reuse, forking a slot).
+#[derive(Clone)]
 pub struct Session {
     len: usize,
     cap: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    scratch: Scratch,
+    layers: Vec<LayerState>,
 }
 
 impl Session {
-    /// Tokens held in the cache.
+    /// Tokens the session has seen.
     pub fn len(&self) -> usize {
         self.len
     }
@@ -58,42 +75,37 @@ impl Session {
         self.cap
     }
 
-    /// Forgets every token from position `n` on (prefix reuse).
-    pub fn truncate(&mut self, n: usize) {
-        self.len = self.len.min(n);
+    /// Whether [`Session::truncate`] can go back to any earlier position: true when
+    /// every layer keeps per-position state (attention only). Recurrent layers keep
+    /// only the latest state, so they need a snapshot instead.
+    pub fn can_truncate(&self) -> bool {
+        self.layers
+            .iter()
+            .all(|l| matches!(l, LayerState::None | LayerState::Kv(_)))
     }
 
-    /// Bytes held by the KV cache.
-    pub fn kv_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|b| b.len() * 4).sum()
+    /// Forgets every token from position `n` on (prefix reuse). Returns false, changing
+    /// nothing, when the session has recurrent layers and `n` is not its length.
+    pub fn truncate(&mut self, n: usize) -> bool {
+        if n >= self.len {
+            return true;
+        }
+        if !self.can_truncate() {
+            return false;
+        }
+        self.len = n;
+        true
     }
-}
 
-#[derive(Default)]
-struct Scratch {
-    x: Vec<f32>,
-    h: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att: Vec<f32>,
-    o: Vec<f32>,
-    g: Vec<f32>,
-    u: Vec<f32>,
-    acts: QuantizedActs,
-    acts_ty: Option<GgmlType>,
-    rope: Vec<Vec<(f32, f32)>>,
-    rope_tmp: Vec<(f32, f32)>,
+    pub fn layers(&self) -> &[LayerState] {
+        &self.layers
+    }
 }
 
 pub struct CpuBackend {
     model: Arc<Model>,
     pool: ThreadPool,
-}
-
-thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    acts: std::sync::Mutex<QuantizedActs>,
 }
 
 impl CpuBackend {
@@ -101,6 +113,7 @@ impl CpuBackend {
         CpuBackend {
             model,
             pool: ThreadPool::new(threads.max(1)),
+            acts: std::sync::Mutex::new(QuantizedActs::default()),
         }
     }
 
@@ -115,40 +128,28 @@ impl CpuBackend {
     /// A session holding up to `ctx` tokens.
     pub fn new_session(&self, ctx: usize) -> Result<Session, CpuError> {
         let cfg = &self.model.config;
-        let mut k = Vec::with_capacity(cfg.layers.len());
-        let mut v = Vec::with_capacity(cfg.layers.len());
-        let per_tok: usize = cfg
+        let layers = cfg
             .layers
             .iter()
-            .map(|l| 2 * l.attn.n_kv_heads * l.attn.head_dim)
-            .sum();
-        let bytes = per_tok as u128 * ctx as u128 * 4;
-        if bytes > (isize::MAX as u128) / 2 {
-            return Err(CpuError::KvTooLarge { bytes, ctx });
-        }
-        for l in &cfg.layers {
-            let n = l.attn.n_kv_heads * l.attn.head_dim * ctx;
-            let mut kb = Vec::new();
-            let mut vb = Vec::new();
-            if kb.try_reserve_exact(n).is_err() || vb.try_reserve_exact(n).is_err() {
-                return Err(CpuError::KvTooLarge { bytes, ctx });
-            }
-            kb.resize(n, 0.0);
-            vb.resize(n, 0.0);
-            k.push(kb);
-            v.push(vb);
-        }
+            .map(|l| {
+                Ok(match &l.mixer {
+                    None => LayerState::None,
+                    Some(Mixer::Attention(a)) => LayerState::Kv(KvCache::new(a, ctx)?),
+                    Some(Mixer::GatedDeltaNet(g)) => LayerState::Gdn(GdnState::new(g)),
+                    Some(Mixer::Mamba2(s)) => LayerState::Mamba2(Mamba2State::new(s)),
+                    Some(Mixer::ShortConv(s)) => LayerState::ShortConv(ShortConvState::new(s)),
+                })
+            })
+            .collect::<Result<Vec<_>, CpuError>>()?;
         Ok(Session {
             len: 0,
             cap: ctx,
-            k,
-            v,
-            scratch: Scratch::default(),
+            layers,
         })
     }
 
-    /// Runs `tokens` through the model after the session's cached tokens, appends them to
-    /// the cache, and writes logits to `out` (`Last`: one row; `All`: one row per token).
+    /// Runs `tokens` through the model after the session's tokens, appends them to the
+    /// session, and writes logits to `out` (`Last`: one row; `All`: one row per token).
     pub fn forward(
         &self,
         s: &mut Session,
@@ -168,23 +169,27 @@ impl CpuBackend {
             });
         }
         out.clear();
+        let mut acts = self.acts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ctx = Ctx::new(&self.pool, &mut acts);
         let n_chunks = tokens.len().div_ceil(CHUNK);
         for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
             let want = match logits {
-                Logits::All => true,
-                Logits::Last => ci + 1 == n_chunks,
+                Logits::All => Some(0),
+                Logits::Last if ci + 1 == n_chunks => Some(chunk.len() - 1),
+                Logits::Last => None,
             };
-            self.forward_chunk(s, chunk, want, logits, out)?;
+            self.forward_chunk(&mut ctx, s, chunk, want, out)?;
         }
         Ok(())
     }
 
+    /// One chunk; logits of rows `first..` are appended to `out` when `first` is given.
     fn forward_chunk(
         &self,
+        ctx: &mut Ctx,
         s: &mut Session,
         tokens: &[u32],
-        want_logits: bool,
-        logits: Logits,
+        first: Option<usize>,
         out: &mut Vec<f32>,
     ) -> Result<(), CpuError> {
         let model = &*self.model;
@@ -193,159 +198,76 @@ impl CpuBackend {
         let m = tokens.len();
         let d = cfg.d_model;
         let p0 = s.len;
-        let sc = &mut s.scratch;
-        let max_q = cfg
-            .layers
-            .iter()
-            .map(|l| l.attn.n_heads * l.attn.head_dim)
-            .max()
-            .unwrap_or(0);
-        let max_kv = cfg
-            .layers
-            .iter()
-            .map(|l| l.attn.n_kv_heads * l.attn.head_dim)
-            .max()
-            .unwrap_or(0);
-        let max_ff = cfg.layers.iter().map(|l| l.d_ff).max().unwrap_or(0);
-        for (buf, n) in [
-            (&mut sc.x, m * d),
-            (&mut sc.h, m * d),
-            (&mut sc.o, m * d),
-            (&mut sc.q, m * max_q),
-            (&mut sc.att, m * max_q),
-            (&mut sc.k, m * max_kv),
-            (&mut sc.v, m * max_kv),
-            (&mut sc.g, m * max_ff),
-            (&mut sc.u, m * max_ff),
-        ] {
-            buf.resize(n, 0.0);
-        }
+        let eps = cfg.norm_eps;
 
-        // Embeddings.
+        let mut x = vec![0f32; m * d];
         for (j, &t) in tokens.iter().enumerate() {
-            let row = &mut sc.x[j * d..(j + 1) * d];
+            let row = &mut x[j * d..(j + 1) * d];
             dequant_row(&w.tok_embd, t as usize, row)?;
             if let Some(sc) = cfg.embed_scale {
                 row.iter_mut().for_each(|v| *v *= sc);
             }
         }
-
+        let mut h = vec![0f32; m * d];
+        let mut o = vec![0f32; m * d];
         for (li, (spec, lw)) in cfg.layers.iter().zip(&w.layers).enumerate() {
-            let a = &spec.attn;
-            let hd = a.head_dim;
-            let qd = a.n_heads * hd;
-            let kvd = a.n_kv_heads * hd;
-
-            // Attention block.
-            ops::rms_norm(
-                &sc.x[..m * d],
-                &lw.attn.norm,
-                cfg.norm_eps,
-                &mut sc.h[..m * d],
-            );
-            sc.acts_ty = None;
-            self.prepare(sc, lw.attn.q.ty, m, d)?;
-            self.matmul(&lw.attn.q, &sc.acts, m, &mut sc.q[..m * qd]);
-            self.prepare(sc, lw.attn.k.ty, m, d)?;
-            self.matmul(&lw.attn.k, &sc.acts, m, &mut sc.k[..m * kvd]);
-            self.prepare(sc, lw.attn.v.ty, m, d)?;
-            self.matmul(&lw.attn.v, &sc.acts, m, &mut sc.v[..m * kvd]);
-            if let (Some(qn), Some(kn)) = (&lw.attn.q_norm, &lw.attn.k_norm) {
-                ops::rms_norm_inplace(&mut sc.q[..m * qd], qn, cfg.norm_eps);
-                ops::rms_norm_inplace(&mut sc.k[..m * kvd], kn, cfg.norm_eps);
-            }
-            if let Some(rope) = &a.rope {
-                sc.rope.resize_with(m, Vec::new);
-                for j in 0..m {
-                    ops::rope_angles(rope, p0 + j, &mut sc.rope_tmp);
-                    std::mem::swap(&mut sc.rope[j], &mut sc.rope_tmp);
-                }
-                for j in 0..m {
-                    let ang = &sc.rope[j];
-                    for hq in sc.q[j * qd..(j + 1) * qd].chunks_exact_mut(hd) {
-                        ops::rope_apply(rope.style, ang, &mut hq[..rope.n_dims]);
+            if let (Some(mixer), Some(mw)) = (&spec.mixer, &lw.mixer) {
+                norm_into(&x, lw.norm.as_deref(), eps, &mut h);
+                match (mixer, mw, &mut s.layers[li]) {
+                    (Mixer::Attention(a), MixerWeights::Attention(aw), LayerState::Kv(kv)) => {
+                        attention::forward(ctx, a, aw, kv, &h, m, p0, eps, &mut o)?
                     }
-                    for hk in sc.k[j * kvd..(j + 1) * kvd].chunks_exact_mut(hd) {
-                        ops::rope_apply(rope.style, ang, &mut hk[..rope.n_dims]);
+                    (
+                        Mixer::GatedDeltaNet(g),
+                        MixerWeights::GatedDeltaNet(gw),
+                        LayerState::Gdn(st),
+                    ) => gdn::forward(ctx, g, gw, st, &h, m, eps, &mut o)?,
+                    (Mixer::Mamba2(g), MixerWeights::Mamba2(gw), LayerState::Mamba2(st)) => {
+                        mamba2::forward(ctx, g, gw, st, &h, m, eps, &mut o)?
+                    }
+                    (
+                        Mixer::ShortConv(g),
+                        MixerWeights::ShortConv(gw),
+                        LayerState::ShortConv(st),
+                    ) => shortconv::forward(ctx, g, gw, st, &h, m, eps, &mut o)?,
+                    _ => {
+                        return Err(CpuError::Unsupported(format!(
+                            "layer {li}: mismatched mixer"
+                        )))
                     }
                 }
+                if let Some(pn) = &lw.post_norm {
+                    ops::rms_norm_inplace(&mut o, pn, eps);
+                }
+                x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             }
-            // Append k, v to the cache.
-            s.k[li][p0 * kvd..(p0 + m) * kvd].copy_from_slice(&sc.k[..m * kvd]);
-            s.v[li][p0 * kvd..(p0 + m) * kvd].copy_from_slice(&sc.v[..m * kvd]);
-            self.attention(
-                spec,
-                &s.k[li],
-                &s.v[li],
-                &sc.q[..m * qd],
-                p0,
-                m,
-                &mut sc.att[..m * qd],
-            );
-
-            self.prepare_from(sc, lw.attn.o.ty, m, qd, Src::Att)?;
-            self.matmul(&lw.attn.o, &sc.acts, m, &mut sc.o[..m * d]);
-            if let Some(pn) = &lw.attn.post_norm {
-                ops::rms_norm_inplace(&mut sc.o[..m * d], pn, cfg.norm_eps);
+            if let (Some(fs), Some(fw)) = (&spec.ffn, &lw.ffn) {
+                norm_into(&x, lw.ffn_norm.as_deref(), eps, &mut h);
+                match (fs, fw) {
+                    (FfnSpec::Dense { act, .. }, FfnWeights::Dense(dw)) => {
+                        ffn::dense(ctx, dw, *act, &h, m, &mut o)?
+                    }
+                    (FfnSpec::Moe(ms), FfnWeights::Moe(mw)) => {
+                        ffn::moe(ctx, ms, mw, &h, m, &mut o)?
+                    }
+                    _ => return Err(CpuError::Unsupported(format!("layer {li}: mismatched ffn"))),
+                }
+                if let Some(pn) = &lw.ffn_post_norm {
+                    ops::rms_norm_inplace(&mut o, pn, eps);
+                }
+                x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             }
-            sc.x[..m * d]
-                .iter_mut()
-                .zip(&sc.o[..m * d])
-                .for_each(|(x, o)| *x += o);
-
-            // Gated MLP.
-            let ff = spec.d_ff;
-            ops::rms_norm(
-                &sc.x[..m * d],
-                &lw.ffn.norm,
-                cfg.norm_eps,
-                &mut sc.h[..m * d],
-            );
-            sc.acts_ty = None;
-            self.prepare(sc, lw.ffn.gate.ty, m, d)?;
-            self.matmul(&lw.ffn.gate, &sc.acts, m, &mut sc.g[..m * ff]);
-            self.prepare(sc, lw.ffn.up.ty, m, d)?;
-            self.matmul(&lw.ffn.up, &sc.acts, m, &mut sc.u[..m * ff]);
-            let act: fn(f32) -> f32 = match spec.ffn_act {
-                Activation::SwiGlu => ops::silu,
-                Activation::GeluTanhGlu => ops::gelu_tanh,
-            };
-            sc.g[..m * ff]
-                .iter_mut()
-                .zip(&sc.u[..m * ff])
-                .for_each(|(g, u)| *g = act(*g) * u);
-            self.prepare_from(sc, lw.ffn.down.ty, m, ff, Src::Gate)?;
-            self.matmul(&lw.ffn.down, &sc.acts, m, &mut sc.o[..m * d]);
-            if let Some(pn) = &lw.ffn.post_norm {
-                ops::rms_norm_inplace(&mut sc.o[..m * d], pn, cfg.norm_eps);
-            }
-            sc.x[..m * d]
-                .iter_mut()
-                .zip(&sc.o[..m * d])
-                .for_each(|(x, o)| *x += o);
         }
         s.len = p0 + m;
 
-        if !want_logits {
-            return Ok(());
-        }
-        let first = match logits {
-            Logits::All => 0,
-            Logits::Last => m - 1,
-        };
+        let Some(first) = first else { return Ok(()) };
         let rows = m - first;
-        ops::rms_norm(
-            &sc.x[first * d..m * d],
-            &w.output_norm,
-            cfg.norm_eps,
-            &mut sc.h[..rows * d],
-        );
-        sc.acts_ty = None;
+        let mut hn = vec![0f32; rows * d];
+        ops::rms_norm(&x[first * d..], &w.output_norm, eps, &mut hn);
         let vocab = cfg.vocab_size;
         let start = out.len();
         out.resize(start + rows * vocab, 0.0);
-        self.prepare(sc, w.output.ty, rows, d)?;
-        self.matmul(&w.output, &sc.acts, rows, &mut out[start..]);
+        ctx.matmul(&w.output, &hn, rows, &mut out[start..])?;
         if let Some(cap) = cfg.final_logit_softcap {
             out[start..]
                 .iter_mut()
@@ -353,126 +275,14 @@ impl CpuBackend {
         }
         Ok(())
     }
-
-    /// Prepares `sc.h[..m*k]` as activations for weights of type `ty`.
-    fn prepare(&self, sc: &mut Scratch, ty: GgmlType, m: usize, k: usize) -> Result<(), CpuError> {
-        self.prepare_from(sc, ty, m, k, Src::H)
-    }
-
-    fn prepare_from(
-        &self,
-        sc: &mut Scratch,
-        ty: GgmlType,
-        m: usize,
-        k: usize,
-        src: Src,
-    ) -> Result<(), CpuError> {
-        if matches!(src, Src::H) && sc.acts_ty == Some(ty) {
-            return Ok(()); // already prepared from the same normed rows
-        }
-        let x = match src {
-            Src::H => &sc.h[..m * k],
-            Src::Att => &sc.att[..m * k],
-            Src::Gate => &sc.g[..m * k],
-        };
-        sc.acts.prepare(ty, x, k).map_err(|e| CpuError::Weight {
-            name: ty.to_string(),
-            msg: e.to_string(),
-        })?;
-        sc.acts_ty = match src {
-            Src::H => Some(ty),
-            _ => None,
-        };
-        Ok(())
-    }
-
-    /// `out[j * rows + r] = W[r] · act[j]` for m activation rows, parallel over rows.
-    fn matmul(&self, w: &Weight, acts: &QuantizedActs, m: usize, out: &mut [f32]) {
-        debug_assert_eq!(out.len(), m * w.rows);
-        let rows = w.rows;
-        let threads = self.pool.threads();
-        let chunk = (rows / (threads * 16)).clamp(8, 256);
-        let n_chunks = rows.div_ceil(chunk);
-        let ptr = SyncPtr(out.as_mut_ptr());
-        let ty = w.ty;
-        self.pool.run(n_chunks, |c| {
-            let r0 = c * chunk;
-            let r1 = (r0 + chunk).min(rows);
-            let base = ptr.get();
-            if m == 1 {
-                for r in r0..r1 {
-                    let v = quant::vec_dot(ty, w.row(r), acts, 0);
-                    // SAFETY: each task writes only its own rows r0..r1 of `out`.
-                    unsafe { *base.add(r) = v };
-                }
-            } else {
-                ROWS.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    buf.resize(m, 0.0);
-                    for r in r0..r1 {
-                        quant::vec_dot_rows(ty, w.row(r), acts, &mut buf[..m]);
-                        for (j, &v) in buf[..m].iter().enumerate() {
-                            // SAFETY: as above; element (j, r) belongs to this task's rows.
-                            unsafe { *base.add(j * rows + r) = v };
-                        }
-                    }
-                });
-            }
-        });
-    }
-
-    /// Causal (optionally windowed) attention of m queries at positions p0.. over the
-    /// cache; every query head reads its group's kv head.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        spec: &caldera_model::LayerSpec,
-        kc: &[f32],
-        vc: &[f32],
-        q: &[f32],
-        p0: usize,
-        m: usize,
-        out: &mut [f32],
-    ) {
-        let a = &spec.attn;
-        let hd = a.head_dim;
-        let nh = a.n_heads;
-        let group = a.n_heads / a.n_kv_heads;
-        let kvd = a.n_kv_heads * hd;
-        let ptr = SyncPtr(out.as_mut_ptr());
-        self.pool.run(m * nh, |t| {
-            let (j, h) = (t / nh, t % nh);
-            let p = p0 + j;
-            let lo = a.window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let g = h / group;
-            let qv = &q[j * nh * hd + h * hd..][..hd];
-            // SAFETY: task (j, h) writes only its own head slice of `out`.
-            let ov =
-                unsafe { std::slice::from_raw_parts_mut(ptr.get().add(j * nh * hd + h * hd), hd) };
-            SCORES.with(|sbuf| {
-                let mut sbuf = sbuf.borrow_mut();
-                let n = p + 1 - lo;
-                sbuf.resize(n, 0.0);
-                for (i, sv) in sbuf.iter_mut().enumerate() {
-                    let kp = &kc[(lo + i) * kvd + g * hd..][..hd];
-                    *sv = ops::dot(qv, kp) * a.scale;
-                }
-                ops::softmax(&mut sbuf[..n]);
-                ov.fill(0.0);
-                for (i, &pr) in sbuf.iter().enumerate() {
-                    let vp = &vc[(lo + i) * kvd + g * hd..][..hd];
-                    ops::axpy(pr, vp, ov);
-                }
-            });
-        });
-    }
 }
 
-#[derive(Clone, Copy)]
-enum Src {
-    H,
-    Att,
-    Gate,
+/// `out = rmsnorm(x) * w`, or a copy of `x` when the layer has no norm.
+fn norm_into(x: &[f32], w: Option<&[f32]>, eps: f32, out: &mut [f32]) {
+    match w {
+        Some(w) => ops::rms_norm(x, w, eps, out),
+        None => out.copy_from_slice(x),
+    }
 }
 
 /// Dequantizes row `r` of `w` into `out` (length `w.cols`).

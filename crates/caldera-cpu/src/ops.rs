@@ -37,7 +37,10 @@ pub fn rope_angles(spec: &RopeSpec, pos: usize, out: &mut Vec<(f32, f32)>) {
             inv_freq /= ff[i] as f64;
         }
         let (s, c) = (p * inv_freq).sin_cos();
-        out.push((c as f32, s as f32));
+        out.push((
+            (c * spec.mscale as f64) as f32,
+            (s * spec.mscale as f64) as f32,
+        ));
     }
 }
 
@@ -124,6 +127,7 @@ mod tests {
             theta: 10000.0,
             linear_scale: 1.0,
             freq_factors: None,
+            mscale: 1.0,
         };
         let mut ang = Vec::new();
         rope_angles(&spec, 7, &mut ang);

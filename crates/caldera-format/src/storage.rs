@@ -64,6 +64,24 @@ impl TensorBytes {
         }
     }
 
+    /// The sub-range `[off, off + len)` of this view.
+    pub fn slice(&self, off: usize, len: usize) -> crate::Result<TensorBytes> {
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= self.len)
+            .ok_or_else(|| {
+                crate::FormatError::Invalid(format!(
+                    "range {off}+{len} lies outside a tensor of {} bytes",
+                    self.len
+                ))
+            })?;
+        Ok(TensorBytes {
+            store: self.store.clone(),
+            start: self.start + off,
+            len: end - off,
+        })
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         &self.store[self.start..self.start + self.len]
     }

@@ -175,7 +175,8 @@ impl ModelFile {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }
 
-    /// A 2-D weight `[cols, rows]` (GGUF order) with the given shape.
+    /// A 2-D weight `[cols, rows]` (GGUF order) with the given shape, and its `.bias`
+    /// (`rows` values) when the file has one.
     pub fn weight(&self, name: &str, rows: usize, cols: usize) -> Result<Weight> {
         let t = self
             .tensor(name)
@@ -198,12 +199,17 @@ impl ModelFile {
         if !quant::supports_dequantize(t.ty) {
             return Err(bad(format!("tensor type {} is not supported", t.ty)));
         }
+        let bias = match name.strip_suffix(".weight") {
+            Some(stem) => self.opt_vector(&format!("{stem}.bias"), rows)?,
+            None => None,
+        };
         Ok(Weight {
             name: name.to_owned(),
             ty: t.ty,
             rows,
             cols,
             data: t.data.clone(),
+            bias,
         })
     }
 

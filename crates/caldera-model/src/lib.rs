@@ -2,22 +2,25 @@
 //!
 //! A model file (GGUF, or a Hugging Face folder translated on load) becomes a
 //! [`ModelFile`]: GGUF-convention metadata plus tensors under GGUF names. Each
-//! architecture module (`arch/*.rs`) reads that into a [`ModelConfig`] (hyperparameters
-//! and one [`LayerSpec`] per layer) and binds the tensors into [`ModelWeights`]. Backends
-//! consume `Model` and never look at architecture names: adding an architecture means one
-//! file here, not one per backend.
+//! architecture module (`arch/*.rs`) reads that into a [`ModelConfig`] (one
+//! [`LayerSpec`] per layer, over the block vocabulary in `blocks/`) and binds the tensors
+//! into [`ModelWeights`]. Backends consume `Model` and never look at architecture names:
+//! adding an architecture means one file here, not one per backend.
 
 pub mod arch;
+pub mod blocks;
 pub mod config;
 pub mod error;
 pub mod file;
 pub mod hf_names;
 pub mod weights;
 
-pub use config::{Activation, AttnSpec, LayerSpec, ModelConfig, RopeSpec, RopeStyle};
+pub use config::{
+    Activation, AttnSpec, FfnSpec, LayerSpec, Mixer, ModelConfig, RopeSpec, RopeStyle,
+};
 pub use error::{ModelError, Result};
 pub use file::{ModelFile, TokenizerSource};
-pub use weights::{AttnWeights, FfnWeights, Layer, ModelWeights, Weight};
+pub use weights::{AttnWeights, DenseFfn, FfnWeights, Layer, MixerWeights, ModelWeights, Weight};
 
 /// A loaded model: its description and its weights (views into the mapped file).
 pub struct Model {

@@ -1,9 +1,15 @@
-//! Weights bound to a model's layers: views into the mapped file, never copies.
+//! Weights bound to a model's layers: views into the mapped file, never copies (small
+//! vectors such as norms and biases are f32 copies).
 
 use caldera_format::{GgmlType, TensorBytes};
 
+pub use crate::blocks::gdn::GdnWeights;
+pub use crate::blocks::mamba2::Mamba2Weights;
+pub use crate::blocks::moe::{ExpertWeights, MoeWeights};
+pub use crate::blocks::shortconv::ShortConvWeights;
+
 /// A 2-D weight stored row-major as `rows` rows of `cols` elements (GGUF dims
-/// `[cols, rows]`); each row is a whole number of `ty` blocks.
+/// `[cols, rows]`); each row is a whole number of `ty` blocks. `y = W x (+ bias)`.
 #[derive(Clone, Debug)]
 pub struct Weight {
     pub name: String,
@@ -11,6 +17,8 @@ pub struct Weight {
     pub rows: usize,
     pub cols: usize,
     pub data: TensorBytes,
+    /// `rows` values added to the product, when the file has `<name>.bias`.
+    pub bias: Option<Vec<f32>>,
 }
 
 impl Weight {
@@ -30,31 +38,45 @@ impl Weight {
     }
 }
 
-/// Attention block: `norm` → q/k/v → (q/k norm, RoPE) → attention → o → (`post_norm`).
+/// Attention: q/k/v → (q/k norm, RoPE) → attention → o.
 pub struct AttnWeights {
-    pub norm: Vec<f32>,
     pub q: Weight,
     pub k: Weight,
     pub v: Weight,
     pub o: Weight,
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
-    /// Gemma's "sandwich" norm applied to the block output before the residual add.
-    pub post_norm: Option<Vec<f32>>,
+    /// One logit per head (gpt-oss sinks).
+    pub sinks: Option<Vec<f32>>,
 }
 
-/// Gated MLP: `norm` → act(gate) * up → down → (`post_norm`).
-pub struct FfnWeights {
-    pub norm: Vec<f32>,
-    pub gate: Weight,
+/// A dense MLP: down(act(gate x, up x)); no gate for ungated activations.
+pub struct DenseFfn {
+    pub gate: Option<Weight>,
     pub up: Weight,
     pub down: Weight,
-    pub post_norm: Option<Vec<f32>>,
 }
 
+pub enum MixerWeights {
+    Attention(AttnWeights),
+    GatedDeltaNet(GdnWeights),
+    Mamba2(Mamba2Weights),
+    ShortConv(ShortConvWeights),
+}
+
+pub enum FfnWeights {
+    Dense(DenseFfn),
+    Moe(MoeWeights),
+}
+
+/// One layer: `x += post_norm(mixer(norm(x)))`, then `x += ffn_post_norm(ffn(ffn_norm(x)))`.
 pub struct Layer {
-    pub attn: AttnWeights,
-    pub ffn: FfnWeights,
+    pub norm: Option<Vec<f32>>,
+    pub mixer: Option<MixerWeights>,
+    pub post_norm: Option<Vec<f32>>,
+    pub ffn_norm: Option<Vec<f32>>,
+    pub ffn: Option<FfnWeights>,
+    pub ffn_post_norm: Option<Vec<f32>>,
 }
 
 pub struct ModelWeights {
@@ -64,28 +86,4 @@ pub struct ModelWeights {
     pub output_norm: Vec<f32>,
     /// `[vocab, d_model]`; the embedding matrix itself when tied.
     pub output: Weight,
-}
-
-impl ModelWeights {
-    /// Bytes of all weights (the output matrix counted once when tied).
-    pub fn total_bytes(&self) -> usize {
-        let mut n = self.tok_embd.data.len();
-        if self.output.name != self.tok_embd.name {
-            n += self.output.data.len();
-        }
-        for l in &self.layers {
-            for w in [
-                &l.attn.q,
-                &l.attn.k,
-                &l.attn.v,
-                &l.attn.o,
-                &l.ffn.gate,
-                &l.ffn.up,
-                &l.ffn.down,
-            ] {
-                n += w.data.len();
-            }
-        }
-        n
-    }
 }

@@ -90,21 +90,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             tg.push(a.gen as f64 / t.elapsed().as_secs_f64());
         }
     }
-    let w = &model.weights;
-    let per_token = w.layers.iter().fold(w.output.data.len(), |n, l| {
-        n + [
-            &l.attn.q,
-            &l.attn.k,
-            &l.attn.v,
-            &l.attn.o,
-            &l.ffn.gate,
-            &l.ffn.up,
-            &l.ffn.down,
-        ]
-        .iter()
-        .map(|m| m.data.len())
-        .sum::<usize>()
-    });
+    let per_token = bytes_per_token(&loaded.file, &model);
     let pp_tps = (!pp.is_empty()).then(|| median(pp));
     let tg_tps = (!tg.is_empty()).then(|| median(tg));
     let rss = peak_rss();
@@ -152,6 +138,37 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Weight bytes one decode step reads: every tensor but the embedding table (unless it
+/// doubles as the output head), with stacked expert tensors counted for the experts a
+/// token uses (`n_used / n_experts` of them).
+fn bytes_per_token(file: &caldera_model::ModelFile, model: &caldera_model::Model) -> usize {
+    let tied = file.tensor("output.weight").is_none();
+    let mut total = 0f64;
+    for t in file.tensors() {
+        let n = t.data.len() as f64;
+        if t.name == "token_embd.weight" && !tied {
+            continue;
+        }
+        let layer = t
+            .name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        let share = match (
+            layer.and_then(|i| model.config.layers.get(i)),
+            t.name.contains("_exps"),
+        ) {
+            (Some(l), true) => match &l.ffn {
+                Some(caldera_model::FfnSpec::Moe(m)) => m.n_used as f64 / m.n_experts.max(1) as f64,
+                _ => 1.0,
+            },
+            _ => 1.0,
+        };
+        total += n * share;
+    }
+    total as usize
 }
 
 fn argmax(v: &[f32]) -> u32 {

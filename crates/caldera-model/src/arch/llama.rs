@@ -2,40 +2,51 @@
 //! Pre-norm decoder: x += o(attn(rope(q), rope(k), v)); x += down(silu(gate) * up).
 //! HF sources: transformers `modeling_llama.py`, `modeling_qwen3.py`.
 
-use super::{bind_io, bind_layer, Common};
-use crate::config::{Activation, ModelConfig, RopeStyle};
-use crate::error::Result;
+use super::{bind_io, bind_standard_layer, ArchDef, Common};
+use crate::config::{Activation, LayerSpec, Mixer, ModelConfig, RopeStyle};
+use crate::error::{ModelError, Result};
 use crate::file::ModelFile;
+use crate::hf_names::{common_meta, map_common, permute_for_interleaved_rope, Translation};
 use crate::weights::ModelWeights;
 use crate::Model;
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Variant {
-    Llama,
-    Qwen3,
+pub static LLAMA: ArchDef = ArchDef {
+    name: "llama",
+    hf_model_types: &["llama", "mistral"],
+    build: build_llama,
+    hf_translate: translate_llama,
+};
+
+pub static QWEN3: ArchDef = ArchDef {
+    name: "qwen3",
+    hf_model_types: &["qwen3"],
+    build: build_qwen3,
+    hf_translate: translate_qwen3,
+};
+
+fn build_llama(f: &ModelFile) -> Result<Model> {
+    // GGUF llama stores q/k rows permuted for adjacent-pair RoPE.
+    build(f, "llama", RopeStyle::Interleaved, false)
 }
 
-pub fn build(f: &ModelFile, v: Variant) -> Result<Model> {
-    let arch = match v {
-        Variant::Llama => "llama",
-        Variant::Qwen3 => "qwen3",
-    };
+fn build_qwen3(f: &ModelFile) -> Result<Model> {
+    build(f, "qwen3", RopeStyle::Neox, true)
+}
+
+fn build(f: &ModelFile, arch: &'static str, style: RopeStyle, qk_norm: bool) -> Result<Model> {
     let c = Common::read(f, arch)?;
-    // GGUF llama stores q/k rows permuted for adjacent-pair RoPE; qwen3 keeps NeoX halves.
-    let style = match v {
-        Variant::Llama => RopeStyle::Interleaved,
-        Variant::Qwen3 => RopeStyle::Neox,
-    };
     let rope = c.rope(f, style, c.rope_theta)?;
-    let scale = 1.0 / (c.head_dim as f32).sqrt();
-    let spec = c.layer_spec(rope, None, v == Variant::Qwen3, Activation::SwiGlu, scale);
-    let layers_spec = vec![spec; c.n_layers];
-    let layers = layers_spec
+    let spec = LayerSpec {
+        mixer: Some(Mixer::Attention(c.attn(Some(rope), qk_norm))),
+        ffn: Some(c.dense(Activation::SwiGlu)),
+    };
+    let specs = vec![spec; c.n_layers];
+    let layers = specs
         .iter()
         .enumerate()
-        .map(|(i, s)| bind_layer(f, i, s, c.d_model, false))
+        .map(|(i, s)| bind_standard_layer(f, i, s, c.d_model, false))
         .collect::<Result<Vec<_>>>()?;
-    let (tok_embd, output_norm, output) = bind_io(f, &c)?;
+    let (tok_embd, output_norm, output) = bind_io(f, c.vocab_size, c.d_model)?;
     Ok(Model {
         config: ModelConfig {
             arch: arch.into(),
@@ -45,7 +56,7 @@ pub fn build(f: &ModelFile, v: Variant) -> Result<Model> {
             context_length: c.context_length,
             embed_scale: None,
             final_logit_softcap: None,
-            layers: layers_spec,
+            layers: specs,
         },
         weights: ModelWeights {
             tok_embd,
@@ -54,4 +65,38 @@ pub fn build(f: &ModelFile, v: Variant) -> Result<Model> {
             output,
         },
     })
+}
+
+fn check_rope(t: &Translation) -> Result<()> {
+    let (_, ty, _) = crate::hf_names::rope_params(t.text_cfg(), None);
+    if ty != "default" {
+        return Err(ModelError::Invalid(format!(
+            "rope_type '{ty}' is not supported for {} yet",
+            t.arch
+        )));
+    }
+    Ok(())
+}
+
+fn translate_llama(t: &mut Translation) -> Result<()> {
+    check_rope(t)?;
+    common_meta(t)?;
+    let _ = map_common(t, false);
+    let n_heads = t.req_u64("num_attention_heads")? as usize;
+    let n_kv = t.u64("num_key_value_heads").map_or(n_heads, |v| v as usize);
+    for rt in t.tensors.iter_mut() {
+        if rt.name.ends_with("attn_q.weight") {
+            permute_for_interleaved_rope(rt, n_heads)?;
+        } else if rt.name.ends_with("attn_k.weight") {
+            permute_for_interleaved_rope(rt, n_kv)?;
+        }
+    }
+    Ok(())
+}
+
+fn translate_qwen3(t: &mut Translation) -> Result<()> {
+    check_rope(t)?;
+    common_meta(t)?;
+    let _ = map_common(t, false);
+    Ok(())
 }

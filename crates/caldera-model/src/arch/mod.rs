@@ -1,35 +1,42 @@
-//! Architectures: one file per family over the shared builders below.
+//! Architectures: one file per family, each exporting an [`ArchDef`] listed in
+//! [`ARCHS`], over the shared builders below.
 
 mod gemma3;
 mod llama;
 
-use crate::config::{Activation, AttnSpec, LayerSpec, RopeSpec, RopeStyle};
+use crate::config::{Activation, AttnSpec, FfnSpec, LayerSpec, Mixer, RopeSpec, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::file::ModelFile;
-use crate::weights::{AttnWeights, FfnWeights, Layer};
+use crate::hf_names::Translation;
+use crate::weights::{AttnWeights, DenseFfn, FfnWeights, Layer, MixerWeights, MoeWeights, Weight};
 use crate::Model;
 
-/// The GGUF architecture strings caldera runs.
-pub const SUPPORTED: &[&str] = &["llama", "qwen3", "gemma3"];
+/// One architecture: its GGUF name, the HF `model_type`s it reads, how to build it from
+/// a [`ModelFile`] and how to translate an HF folder into GGUF conventions.
+pub struct ArchDef {
+    pub name: &'static str,
+    pub hf_model_types: &'static [&'static str],
+    pub build: fn(&ModelFile) -> Result<Model>,
+    pub hf_translate: fn(&mut Translation) -> Result<()>,
+}
+
+/// Every architecture caldera runs. Adding one: a file in this folder and a line here.
+pub const ARCHS: &[&ArchDef] = &[&llama::LLAMA, &llama::QWEN3, &gemma3::GEMMA3];
 
 pub fn build(file: &ModelFile) -> Result<Model> {
     let arch = file
         .architecture()
-        .ok_or_else(|| ModelError::MissingKey("general.architecture".into()))?
-        .to_owned();
-    match arch.as_str() {
-        "llama" => llama::build(file, llama::Variant::Llama),
-        "qwen3" => llama::build(file, llama::Variant::Qwen3),
-        "gemma3" => gemma3::build(file),
-        other => Err(ModelError::UnsupportedArch(
-            other.to_owned(),
-            SUPPORTED.join(", "),
-        )),
-    }
+        .ok_or_else(|| ModelError::MissingKey("general.architecture".into()))?;
+    let def = ARCHS.iter().find(|d| d.name == arch).ok_or_else(|| {
+        let names: Vec<&str> = ARCHS.iter().map(|d| d.name).collect();
+        ModelError::UnsupportedArch(arch.to_owned(), names.join(", "))
+    })?;
+    (def.build)(file)
 }
 
-/// Hyperparameters every attention transformer stores under `{arch}.*`.
-pub(crate) struct Common {
+/// Hyperparameters most transformers store under `{arch}.*`.
+pub struct Common {
+    pub arch: &'static str,
     pub n_layers: usize,
     pub d_model: usize,
     pub d_ff: usize,
@@ -45,34 +52,25 @@ pub(crate) struct Common {
 }
 
 impl Common {
-    pub fn read(f: &ModelFile, arch: &str) -> Result<Common> {
+    pub fn read(f: &ModelFile, arch: &'static str) -> Result<Common> {
         let k = |s: &str| format!("{arch}.{s}");
         let n_layers = f.req_usize(&k("block_count"))?;
         let d_model = f.req_usize(&k("embedding_length"))?;
-        let d_ff = f.req_usize(&k("feed_forward_length"))?;
-        let n_heads = f.req_usize(&k("attention.head_count"))?;
+        let d_ff = f.get_u64(&k("feed_forward_length")).unwrap_or(0) as usize;
+        let n_heads = f.get_u64(&k("attention.head_count")).unwrap_or(0) as usize;
         let n_kv_heads = f
             .get_u64(&k("attention.head_count_kv"))
             .map(|v| v as usize)
             .unwrap_or(n_heads);
-        if n_heads == 0 || n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+        if n_heads != 0 && (n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads)) {
             return Err(ModelError::Invalid(format!(
                 "{n_heads} attention heads cannot be grouped over {n_kv_heads} kv heads"
             )));
         }
         let head_dim = match f.get_u64(&k("attention.key_length")) {
             Some(h) => h as usize,
-            None => d_model / n_heads,
+            None => d_model.checked_div(n_heads).unwrap_or(0),
         };
-        let vdim = f
-            .get_u64(&k("attention.value_length"))
-            .map(|v| v as usize)
-            .unwrap_or(head_dim);
-        if vdim != head_dim {
-            return Err(ModelError::Invalid(format!(
-                "key length {head_dim} != value length {vdim} is not supported"
-            )));
-        }
         let rope_dims = f
             .get_u64(&k("rope.dimension_count"))
             .map(|v| v as usize)
@@ -85,13 +83,13 @@ impl Common {
         let mut rope_linear_scale = 1.0;
         if let Some(ty) = f.get(&k("rope.scaling.type")).and_then(|v| v.as_str()) {
             match ty {
-                "none" => {}
+                "none" | "default" => {}
                 "linear" => {
                     rope_linear_scale = f.get_f32(&k("rope.scaling.factor")).unwrap_or(1.0);
                 }
                 other => {
                     return Err(ModelError::Invalid(format!(
-                        "rope scaling '{other}' is not supported yet"
+                        "rope scaling '{other}' is not supported for {arch} yet"
                     )))
                 }
             }
@@ -105,6 +103,7 @@ impl Common {
             return Err(ModelError::Invalid(format!("bad rms epsilon {norm_eps}")));
         }
         Ok(Common {
+            arch,
             n_layers,
             d_model,
             d_ff,
@@ -131,44 +130,43 @@ impl Common {
             theta,
             linear_scale: self.rope_linear_scale,
             freq_factors,
+            mscale: 1.0,
         })
     }
 
-    pub fn layer_spec(
-        &self,
-        rope: RopeSpec,
-        window: Option<usize>,
-        qk_norm: bool,
-        act: Activation,
-        scale: f32,
-    ) -> LayerSpec {
-        LayerSpec {
-            attn: AttnSpec {
-                n_heads: self.n_heads,
-                n_kv_heads: self.n_kv_heads,
-                head_dim: self.head_dim,
-                rope: Some(rope),
-                window,
-                scale,
-                qk_norm,
-            },
-            ffn_act: act,
+    /// A plain attention spec from the common keys (no window, no gate, no sinks).
+    pub fn attn(&self, rope: Option<RopeSpec>, qk_norm: bool) -> AttnSpec {
+        AttnSpec {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            rope,
+            window: None,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+            qk_norm,
+            q_gate: false,
+            sinks: false,
+            softcap: None,
+        }
+    }
+
+    pub fn dense(&self, act: Activation) -> FfnSpec {
+        FfnSpec::Dense {
             d_ff: self.d_ff,
+            act,
         }
     }
 }
 
-/// Binds the tensors of one standard attention + gated-MLP layer.
-pub(crate) fn bind_layer(
+/// Binds an attention mixer's weights (`blk.{i}.attn_*`).
+pub fn bind_attention(
     f: &ModelFile,
     i: usize,
-    spec: &LayerSpec,
+    a: &AttnSpec,
     d_model: usize,
-    sandwich: bool,
-) -> Result<Layer> {
-    let a = &spec.attn;
+) -> Result<AttnWeights> {
     let p = |s: &str| format!("blk.{i}.{s}");
-    let q_out = a.n_heads * a.head_dim;
+    let q_out = a.n_heads * a.head_dim * if a.q_gate { 2 } else { 1 };
     let kv_out = a.n_kv_heads * a.head_dim;
     let (q_norm, k_norm) = if a.qk_norm {
         (
@@ -178,43 +176,97 @@ pub(crate) fn bind_layer(
     } else {
         (None, None)
     };
-    let attn = AttnWeights {
-        norm: f.vector(&p("attn_norm.weight"), d_model)?,
+    Ok(AttnWeights {
         q: f.weight(&p("attn_q.weight"), q_out, d_model)?,
         k: f.weight(&p("attn_k.weight"), kv_out, d_model)?,
         v: f.weight(&p("attn_v.weight"), kv_out, d_model)?,
-        o: f.weight(&p("attn_output.weight"), d_model, q_out)?,
+        o: f.weight(&p("attn_output.weight"), d_model, a.n_heads * a.head_dim)?,
         q_norm,
         k_norm,
-        post_norm: if sandwich {
-            Some(f.vector(&p("post_attention_norm.weight"), d_model)?)
+        sinks: if a.sinks {
+            Some(f.vector(&p("attn_sinks.weight"), a.n_heads)?)
         } else {
             None
         },
-    };
-    let ffn = FfnWeights {
-        norm: f.vector(&p("ffn_norm.weight"), d_model)?,
-        gate: f.weight(&p("ffn_gate.weight"), spec.d_ff, d_model)?,
-        up: f.weight(&p("ffn_up.weight"), spec.d_ff, d_model)?,
-        down: f.weight(&p("ffn_down.weight"), d_model, spec.d_ff)?,
-        post_norm: if sandwich {
-            Some(f.vector(&p("post_ffw_norm.weight"), d_model)?)
+    })
+}
+
+/// Binds a dense FFN (`blk.{i}.ffn_{gate,up,down}`).
+pub fn bind_dense(
+    f: &ModelFile,
+    i: usize,
+    d_ff: usize,
+    act: Activation,
+    d_model: usize,
+) -> Result<DenseFfn> {
+    let p = |s: &str| format!("blk.{i}.{s}");
+    Ok(DenseFfn {
+        gate: if act.gated() {
+            Some(f.weight(&p("ffn_gate.weight"), d_ff, d_model)?)
         } else {
             None
         },
+        up: f.weight(&p("ffn_up.weight"), d_ff, d_model)?,
+        down: f.weight(&p("ffn_down.weight"), d_model, d_ff)?,
+    })
+}
+
+/// Binds the FFN of a layer spec.
+pub fn bind_ffn(f: &ModelFile, i: usize, spec: &FfnSpec, d_model: usize) -> Result<FfnWeights> {
+    Ok(match spec {
+        FfnSpec::Dense { d_ff, act } => FfnWeights::Dense(bind_dense(f, i, *d_ff, *act, d_model)?),
+        FfnSpec::Moe(m) => FfnWeights::Moe(MoeWeights::bind(f, i, m, d_model)?),
+    })
+}
+
+/// A standard pre-norm layer: attention (`attn_norm`) then FFN (`ffn_norm`); with
+/// `sandwich`, also `post_attention_norm` and `post_ffw_norm` (Gemma).
+pub fn bind_standard_layer(
+    f: &ModelFile,
+    i: usize,
+    spec: &LayerSpec,
+    d_model: usize,
+    sandwich: bool,
+) -> Result<Layer> {
+    let p = |s: &str| format!("blk.{i}.{s}");
+    let mixer = match &spec.mixer {
+        Some(Mixer::Attention(a)) => {
+            Some(MixerWeights::Attention(bind_attention(f, i, a, d_model)?))
+        }
+        Some(_) => {
+            return Err(ModelError::Invalid(
+                "bind_standard_layer binds attention mixers only".into(),
+            ))
+        }
+        None => None,
     };
-    Ok(Layer { attn, ffn })
+    let ffn = match &spec.ffn {
+        Some(s) => Some(bind_ffn(f, i, s, d_model)?),
+        None => None,
+    };
+    let opt = |name: &str, on: bool| -> Result<Option<Vec<f32>>> {
+        if on {
+            Ok(Some(f.vector(&p(name), d_model)?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(Layer {
+        norm: opt("attn_norm.weight", mixer.is_some())?,
+        mixer,
+        post_norm: opt("post_attention_norm.weight", sandwich)?,
+        ffn_norm: opt("ffn_norm.weight", ffn.is_some())?,
+        ffn,
+        ffn_post_norm: opt("post_ffw_norm.weight", sandwich)?,
+    })
 }
 
 /// Embedding, final norm and output head (tied to the embedding when absent).
-pub(crate) fn bind_io(
-    f: &ModelFile,
-    c: &Common,
-) -> Result<(crate::Weight, Vec<f32>, crate::Weight)> {
-    let tok_embd = f.weight("token_embd.weight", c.vocab_size, c.d_model)?;
-    let output_norm = f.vector("output_norm.weight", c.d_model)?;
+pub fn bind_io(f: &ModelFile, vocab: usize, d_model: usize) -> Result<(Weight, Vec<f32>, Weight)> {
+    let tok_embd = f.weight("token_embd.weight", vocab, d_model)?;
+    let output_norm = f.vector("output_norm.weight", d_model)?;
     let output = if f.tensor("output.weight").is_some() {
-        f.weight("output.weight", c.vocab_size, c.d_model)?
+        f.weight("output.weight", vocab, d_model)?
     } else {
         tok_embd.clone()
     };

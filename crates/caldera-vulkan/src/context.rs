@@ -1,0 +1,559 @@
+//! One logical device: a compute queue, a command pool, a descriptor pool and every
+//! pipeline of the kernel table, created once when the context opens.
+
+use std::ffi::{c_char, CStr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ash::vk;
+
+use crate::device::{instance, DeviceInfo, DeviceType, Instance};
+use crate::error::{Result, VkError, VkResultExt};
+use crate::kernels::{Kernel, Tuning, KERNELS};
+
+/// Env var: `1` forces the shared-memory reduction kernels (the fallback of devices
+/// without subgroup arithmetic), so CI exercises both paths on one device.
+pub const ENV_NO_SUBGROUP: &str = "CALDERA_VK_NO_SUBGROUP";
+
+/// How long a submit may run before it is reported as a hang.
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Descriptor sets one context can hold at once (bound kernels).
+const MAX_SETS: u32 = 4096;
+
+/// Choices that override what the device reports; `Default` takes the device's own.
+#[derive(Clone, Debug, Default)]
+pub struct ContextOptions {
+    /// Use the shared-memory reduction kernels even where subgroup arithmetic exists.
+    /// `CALDERA_VK_NO_SUBGROUP=1` sets it too.
+    pub force_shared_reduce: bool,
+    /// Workgroup size (power of two); default 64, clamped to the device's limits.
+    pub workgroup_size: Option<u32>,
+    /// Mat-vec rows per workgroup; default 2.
+    pub rows_per_group: Option<u32>,
+    /// Largest buffer (and so largest bound range and allocation) in bytes; default and
+    /// upper bound [`DeviceInfo::max_buffer_bytes`]. Tests set it low to exercise splits.
+    pub max_buffer_bytes: Option<u64>,
+}
+
+/// The pipeline objects of one kernel.
+pub(crate) struct Pipeline {
+    pub set_layout: vk::DescriptorSetLayout,
+    pub layout: vk::PipelineLayout,
+    pub pipeline: vk::Pipeline,
+}
+
+/// Device-level objects, shared by everything created from the context; destroyed when
+/// the last buffer, binding or recording referring to them is gone.
+pub(crate) struct Shared {
+    pub device: ash::Device,
+    pub queue: Mutex<vk::Queue>,
+    pub fence: vk::Fence,
+    pub cmd_pool: Mutex<vk::CommandPool>,
+    pub desc_pool: Mutex<vk::DescriptorPool>,
+    pub pipeline_cache: vk::PipelineCache,
+    pub pipelines: Vec<Pipeline>,
+    pub mem_props: vk::PhysicalDeviceMemoryProperties,
+    /// Dropped (destroyed) after `Drop::drop` destroyed the device.
+    _instance: Arc<Instance>,
+}
+
+// SAFETY: the raw handles inside are plain integers/pointers owned by this struct; every
+// Vulkan object that needs external synchronisation (queue, pools) sits behind a Mutex.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // SAFETY: nothing else refers to these objects any more (this is the last Arc).
+        unsafe {
+            let _ = self.device.device_wait_idle();
+            for p in &self.pipelines {
+                self.device.destroy_pipeline(p.pipeline, None);
+                self.device.destroy_pipeline_layout(p.layout, None);
+                self.device
+                    .destroy_descriptor_set_layout(p.set_layout, None);
+            }
+            self.device
+                .destroy_pipeline_cache(self.pipeline_cache, None);
+            self.device
+                .destroy_descriptor_pool(*lock(&self.desc_pool), None);
+            self.device
+                .destroy_command_pool(*lock(&self.cmd_pool), None);
+            self.device.destroy_fence(self.fence, None);
+            self.device.destroy_device(None);
+        }
+    }
+}
+
+/// An open device, ready to allocate buffers and run kernels.
+pub struct Context {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) info: DeviceInfo,
+    pub(crate) tuning: Tuning,
+    pub(crate) max_buffer_bytes: u64,
+    pub(crate) queue_family: u32,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("device", &self.info.name)
+            .field("tuning", &self.tuning)
+            .field("max_buffer_bytes", &self.max_buffer_bytes)
+            .finish()
+    }
+}
+
+impl Context {
+    /// Opens device `device_index` (as [`crate::list_devices`] numbers them) with the
+    /// device's own settings (and `CALDERA_VK_NO_SUBGROUP`).
+    pub fn new(device_index: usize) -> Result<Context> {
+        Context::with_options(device_index, &ContextOptions::default())
+    }
+
+    /// Opens device `device_index` with `opts`.
+    pub fn with_options(device_index: usize, opts: &ContextOptions) -> Result<Context> {
+        let instance = instance()?;
+        let pds = instance.physical_devices()?;
+        if pds.is_empty() {
+            return Err(VkError::NoDevice);
+        }
+        let pd = *pds.get(device_index).ok_or(VkError::BadDeviceIndex {
+            index: device_index,
+            count: pds.len(),
+        })?;
+        let info = instance.describe(device_index, pd)?;
+        let unusable = |why: &str| VkError::Unsupported {
+            name: info.name.clone(),
+            why: why.to_string(),
+        };
+        if info.api_version < vk::API_VERSION_1_1 {
+            return Err(unusable("it supports only Vulkan 1.0; caldera needs 1.1"));
+        }
+        let family = info
+            .compute_queue_family
+            .ok_or_else(|| unusable("it has no compute queue"))?;
+        let tuning = choose_tuning(&info, opts);
+        let max_buffer_bytes = opts
+            .max_buffer_bytes
+            .map_or(info.max_buffer_bytes(), |m| m.min(info.max_buffer_bytes()))
+            & !255;
+        if max_buffer_bytes < 4096 {
+            return Err(unusable("its storage buffers are smaller than 4 KiB"));
+        }
+
+        let device = create_device(&instance, pd, &info, family)?;
+        // SAFETY: plain queries on the valid device / physical device.
+        let queue = unsafe { device.get_device_queue(family, 0) };
+        let mem_props = unsafe { instance.instance.get_physical_device_memory_properties(pd) };
+        // Null handles until created: `Shared::drop` destroys whatever exists (destroying
+        // a null handle is a no-op), device before instance, on every error path below.
+        let mut shared = Shared {
+            device,
+            queue: Mutex::new(queue),
+            fence: vk::Fence::null(),
+            cmd_pool: Mutex::new(vk::CommandPool::null()),
+            desc_pool: Mutex::new(vk::DescriptorPool::null()),
+            pipeline_cache: vk::PipelineCache::null(),
+            pipelines: Vec::new(),
+            mem_props,
+            _instance: instance,
+        };
+        let dev = &shared.device;
+        // SAFETY: plain object creation on a valid device.
+        unsafe {
+            shared.fence = dev
+                .create_fence(&vk::FenceCreateInfo::default(), None)
+                .vk("creating a fence")?;
+            *lock(&shared.cmd_pool) = dev
+                .create_command_pool(
+                    &vk::CommandPoolCreateInfo::default()
+                        .queue_family_index(family)
+                        .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER),
+                    None,
+                )
+                .vk("creating a command pool")?;
+            let sizes = [vk::DescriptorPoolSize {
+                ty: vk::DescriptorType::STORAGE_BUFFER,
+                descriptor_count: MAX_SETS * 4,
+            }];
+            *lock(&shared.desc_pool) = dev
+                .create_descriptor_pool(
+                    &vk::DescriptorPoolCreateInfo::default()
+                        .max_sets(MAX_SETS)
+                        .pool_sizes(&sizes)
+                        .flags(vk::DescriptorPoolCreateFlags::FREE_DESCRIPTOR_SET),
+                    None,
+                )
+                .vk("creating a descriptor pool")?;
+            shared.pipeline_cache = dev
+                .create_pipeline_cache(&vk::PipelineCacheCreateInfo::default(), None)
+                .vk("creating the pipeline cache")?;
+        }
+        // From here `shared`'s Drop cleans up on error.
+        shared.pipelines = create_pipelines(&shared, &tuning)?;
+        Ok(Context {
+            shared: Arc::new(shared),
+            info,
+            tuning,
+            max_buffer_bytes,
+            queue_family: family,
+        })
+    }
+
+    /// What the device reports.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// The launch shape the pipelines were specialised for.
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
+    }
+
+    /// The largest buffer this context creates (and binds), in bytes.
+    pub fn max_buffer_bytes(&self) -> u64 {
+        self.max_buffer_bytes
+    }
+
+    pub(crate) fn device(&self) -> &ash::Device {
+        &self.shared.device
+    }
+
+    pub(crate) fn pipeline(&self, k: Kernel) -> &Pipeline {
+        &self.shared.pipelines[k as usize]
+    }
+
+    /// Allocates one primary command buffer from the context's pool.
+    pub(crate) fn alloc_cmd(&self) -> Result<vk::CommandBuffer> {
+        let pool = lock(&self.shared.cmd_pool);
+        let info = vk::CommandBufferAllocateInfo::default()
+            .command_pool(*pool)
+            .level(vk::CommandBufferLevel::PRIMARY)
+            .command_buffer_count(1);
+        // SAFETY: the pool is locked; valid device.
+        let v = unsafe { self.device().allocate_command_buffers(&info) }
+            .vk("allocating a command buffer")?;
+        v.first()
+            .copied()
+            .ok_or(VkError::OutOfHostMemory("allocating a command buffer"))
+    }
+
+    pub(crate) fn free_cmd(&self, cmd: vk::CommandBuffer) {
+        free_cmd(&self.shared, cmd);
+    }
+
+    /// Submits `cmd` and waits for it to finish.
+    pub(crate) fn submit_wait(&self, cmd: vk::CommandBuffer, what: &'static str) -> Result<()> {
+        let queue = lock(&self.shared.queue);
+        let dev = self.device();
+        let cmds = [cmd];
+        let submit = vk::SubmitInfo::default().command_buffers(&cmds);
+        // SAFETY: the queue is locked (external synchronisation); the fence is only
+        // used under this lock; `cmd` was recorded and is not pending elsewhere (the
+        // queue lock serialises every submit of this context, and we wait here).
+        unsafe {
+            dev.reset_fences(&[self.shared.fence]).vk(what)?;
+            dev.queue_submit(*queue, &[submit], self.shared.fence)
+                .vk(what)?;
+            dev.wait_for_fences(&[self.shared.fence], true, SUBMIT_TIMEOUT.as_nanos() as u64)
+                .map_err(|r| match r {
+                    vk::Result::TIMEOUT => VkError::DeviceLost(what),
+                    r => VkError::from_vk(what, r),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Records a one-time command buffer with `f`, submits it and waits.
+    pub(crate) fn one_shot(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&ash::Device, vk::CommandBuffer),
+    ) -> Result<()> {
+        let cmd = self.alloc_cmd()?;
+        let r = (|| {
+            let dev = self.device();
+            // SAFETY: fresh command buffer from our pool, used by this thread only.
+            unsafe {
+                dev.begin_command_buffer(
+                    cmd,
+                    &vk::CommandBufferBeginInfo::default()
+                        .flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT),
+                )
+                .vk(what)?;
+                full_barrier(dev, cmd);
+                f(dev, cmd);
+                dev.end_command_buffer(cmd).vk(what)?;
+            }
+            self.submit_wait(cmd, what)
+        })();
+        self.free_cmd(cmd);
+        r
+    }
+}
+
+pub(crate) fn free_cmd(shared: &Shared, cmd: vk::CommandBuffer) {
+    let pool = lock(&shared.cmd_pool);
+    // SAFETY: `cmd` came from this pool and is not pending (every submit waits).
+    unsafe { shared.device.free_command_buffers(*pool, &[cmd]) };
+}
+
+/// Every earlier write (any stage, earlier submissions included) is visible to every
+/// later read or write, host reads included.
+pub(crate) fn full_barrier(dev: &ash::Device, cmd: vk::CommandBuffer) {
+    let mb = [vk::MemoryBarrier::default()
+        .src_access_mask(vk::AccessFlags::MEMORY_WRITE)
+        .dst_access_mask(vk::AccessFlags::MEMORY_READ | vk::AccessFlags::MEMORY_WRITE)];
+    // SAFETY: `cmd` is in the recording state (callers guarantee).
+    unsafe {
+        dev.cmd_pipeline_barrier(
+            cmd,
+            vk::PipelineStageFlags::ALL_COMMANDS,
+            vk::PipelineStageFlags::ALL_COMMANDS,
+            vk::DependencyFlags::empty(),
+            &mb,
+            &[],
+            &[],
+        )
+    };
+}
+
+/// Transfer writes become visible to host reads (after the fence wait).
+pub(crate) fn host_read_barrier(dev: &ash::Device, cmd: vk::CommandBuffer) {
+    let mb = [vk::MemoryBarrier::default()
+        .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+        .dst_access_mask(vk::AccessFlags::HOST_READ)];
+    // SAFETY: `cmd` is in the recording state (callers guarantee).
+    unsafe {
+        dev.cmd_pipeline_barrier(
+            cmd,
+            vk::PipelineStageFlags::TRANSFER,
+            vk::PipelineStageFlags::HOST,
+            vk::DependencyFlags::empty(),
+            &mb,
+            &[],
+            &[],
+        )
+    };
+}
+
+fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
+    let force_shared =
+        opts.force_shared_reduce || std::env::var(ENV_NO_SUBGROUP).is_ok_and(|v| v == "1");
+    let limit = info.max_compute_work_group_size[0]
+        .min(info.max_compute_work_group_invocations)
+        .max(1);
+    let want = opts.workgroup_size.unwrap_or(64).clamp(1, limit);
+    // Largest power of two not above `want`.
+    let workgroup_size = 1u32 << (31 - want.leading_zeros());
+    // Intel Arc runs best at subgroup 16 (DESIGN.md); elsewhere the driver's default.
+    let required_subgroup_size = (info.vendor_id == 0x8086
+        && info.subgroup_size_control
+        && info.device_type != DeviceType::Cpu
+        && (info.subgroup_min..=info.subgroup_max).contains(&16)
+        && workgroup_size >= 16)
+        .then_some(16);
+    Tuning {
+        workgroup_size,
+        rows_per_group: opts.rows_per_group.unwrap_or(2).clamp(1, 64),
+        subgroup_reduce: info.subgroup_arithmetic && !force_shared,
+        required_subgroup_size,
+    }
+}
+
+fn create_device(
+    instance: &Instance,
+    pd: vk::PhysicalDevice,
+    info: &DeviceInfo,
+    family: u32,
+) -> Result<ash::Device> {
+    let prio = [1.0f32];
+    let queues = [vk::DeviceQueueCreateInfo::default()
+        .queue_family_index(family)
+        .queue_priorities(&prio)];
+    let api = info.api_version.min(instance.api_version);
+    let exts = instance.device_extensions(pd)?;
+    let mut ext_ptrs: Vec<*const c_char> = Vec::new();
+    let mut want_ext = |name: &'static CStr| {
+        if exts.iter().any(|e| e.as_bytes() == name.to_bytes()) {
+            ext_ptrs.push(name.as_ptr());
+            true
+        } else {
+            false
+        }
+    };
+    // Needed on portability (MoltenVK-like) drivers when they expose it.
+    want_ext(c"VK_KHR_portability_subset");
+    let coop = info.coopmat && want_ext(ash::khr::cooperative_matrix::NAME);
+
+    let mut f11 = vk::PhysicalDeviceVulkan11Features::default()
+        .storage_buffer16_bit_access(info.storage_16bit);
+    let mut f12 = vk::PhysicalDeviceVulkan12Features::default()
+        .shader_float16(info.fp16)
+        .shader_int8(info.int8)
+        .storage_buffer8_bit_access(info.storage_8bit);
+    let mut f13 = vk::PhysicalDeviceVulkan13Features::default()
+        .subgroup_size_control(info.subgroup_size_control)
+        .compute_full_subgroups(info.compute_full_subgroups)
+        .shader_integer_dot_product(info.int8_dot);
+    let mut coop_f =
+        vk::PhysicalDeviceCooperativeMatrixFeaturesKHR::default().cooperative_matrix(true);
+    let mut create = vk::DeviceCreateInfo::default()
+        .queue_create_infos(&queues)
+        .enabled_extension_names(&ext_ptrs);
+    if api >= vk::API_VERSION_1_2 {
+        create = create.push_next(&mut f11).push_next(&mut f12);
+    }
+    if api >= vk::API_VERSION_1_3 {
+        create = create.push_next(&mut f13);
+    }
+    if coop {
+        create = create.push_next(&mut coop_f);
+    }
+    // SAFETY: every struct `create` points to lives until the call returns; features
+    // requested are those the device reported.
+    unsafe { instance.instance.create_device(pd, &create, None) }.map_err(|r| match r {
+        vk::Result::ERROR_DEVICE_LOST => VkError::DeviceLost("opening the device"),
+        r => VkError::from_vk("creating the Vulkan device", r),
+    })
+}
+
+fn create_pipelines(shared: &Shared, tuning: &Tuning) -> Result<Vec<Pipeline>> {
+    let dev = &shared.device;
+    let mut out: Vec<Pipeline> = Vec::with_capacity(KERNELS.len());
+    // On error, already-created objects are destroyed by `Shared::drop` only once they
+    // are in `shared.pipelines`; destroy the partial ones here.
+    let destroy = |v: &[Pipeline]| {
+        for p in v {
+            // SAFETY: objects created below on this device and not in use.
+            unsafe {
+                dev.destroy_pipeline(p.pipeline, None);
+                dev.destroy_pipeline_layout(p.layout, None);
+                dev.destroy_descriptor_set_layout(p.set_layout, None);
+            }
+        }
+    };
+    for (i, desc) in KERNELS.iter().enumerate() {
+        debug_assert_eq!(desc.kernel as usize, i);
+        match create_pipeline(shared, tuning, desc) {
+            Ok(p) => out.push(p),
+            Err(e) => {
+                destroy(&out);
+                return Err(e);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn create_pipeline(
+    shared: &Shared,
+    tuning: &Tuning,
+    desc: &crate::kernels::KernelDesc,
+) -> Result<Pipeline> {
+    let dev = &shared.device;
+    let what = "creating a compute pipeline";
+    let bindings: Vec<vk::DescriptorSetLayoutBinding> = (0..desc.bindings)
+        .map(|b| {
+            vk::DescriptorSetLayoutBinding::default()
+                .binding(b)
+                .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
+                .descriptor_count(1)
+                .stage_flags(vk::ShaderStageFlags::COMPUTE)
+        })
+        .collect();
+    let spirv = if tuning.subgroup_reduce {
+        desc.spirv_subgroup
+    } else {
+        desc.spirv_shared
+    };
+    let words = ash::util::read_spv(&mut std::io::Cursor::new(spirv))
+        .map_err(|e| VkError::Invalid(format!("SPIR-V of {} is damaged: {e}", desc.name)))?;
+    // SAFETY: plain object creation; each object is destroyed on every error path below.
+    unsafe {
+        let set_layout = dev
+            .create_descriptor_set_layout(
+                &vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings),
+                None,
+            )
+            .vk(what)?;
+        let set_layouts = [set_layout];
+        let ranges = [vk::PushConstantRange {
+            stage_flags: vk::ShaderStageFlags::COMPUTE,
+            offset: 0,
+            size: desc.push_bytes,
+        }];
+        let layout = match dev.create_pipeline_layout(
+            &vk::PipelineLayoutCreateInfo::default()
+                .set_layouts(&set_layouts)
+                .push_constant_ranges(&ranges),
+            None,
+        ) {
+            Ok(l) => l,
+            Err(r) => {
+                dev.destroy_descriptor_set_layout(set_layout, None);
+                return Err(VkError::from_vk(what, r));
+            }
+        };
+        let module = match dev
+            .create_shader_module(&vk::ShaderModuleCreateInfo::default().code(&words), None)
+        {
+            Ok(m) => m,
+            Err(r) => {
+                dev.destroy_pipeline_layout(layout, None);
+                dev.destroy_descriptor_set_layout(set_layout, None);
+                return Err(VkError::from_vk(what, r));
+            }
+        };
+        let spec_data: [u32; 2] = [tuning.workgroup_size, tuning.rows_per_group];
+        let n_spec = if desc.rows_per_group { 2 } else { 1 };
+        let entries: Vec<vk::SpecializationMapEntry> = (0..n_spec)
+            .map(|i| vk::SpecializationMapEntry {
+                constant_id: i,
+                offset: 4 * i,
+                size: 4,
+            })
+            .collect();
+        let spec_bytes: Vec<u8> = spec_data[..n_spec as usize]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let spec = vk::SpecializationInfo::default()
+            .map_entries(&entries)
+            .data(&spec_bytes);
+        let mut req_sg = vk::PipelineShaderStageRequiredSubgroupSizeCreateInfo::default()
+            .required_subgroup_size(tuning.required_subgroup_size.unwrap_or(0));
+        let mut stage = vk::PipelineShaderStageCreateInfo::default()
+            .stage(vk::ShaderStageFlags::COMPUTE)
+            .module(module)
+            .name(c"main")
+            .specialization_info(&spec);
+        if tuning.required_subgroup_size.is_some() {
+            stage = stage.push_next(&mut req_sg);
+        }
+        let info = [vk::ComputePipelineCreateInfo::default()
+            .stage(stage)
+            .layout(layout)];
+        let r = dev.create_compute_pipelines(shared.pipeline_cache, &info, None);
+        dev.destroy_shader_module(module, None);
+        match r {
+            Ok(p) => Ok(Pipeline {
+                set_layout,
+                layout,
+                pipeline: p[0],
+            }),
+            Err((_, r)) => {
+                dev.destroy_pipeline_layout(layout, None);
+                dev.destroy_descriptor_set_layout(set_layout, None);
+                Err(VkError::from_vk(what, r))
+            }
+        }
+    }
+}

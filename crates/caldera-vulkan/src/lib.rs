@@ -1,0 +1,32 @@
+//! caldera's Vulkan backend.
+//!
+//! - [`device`]: the run-time-loaded Vulkan loader, [`list_devices`] and [`DeviceInfo`];
+//! - [`Context`]: one open device with a compute queue, its command and descriptor pools
+//!   and every pipeline of the [`kernels`] table, created once at open;
+//! - [`memory`]: buffers no larger than the device's allocation and binding limits, and
+//!   [`DeviceTensor`]s split over several buffers between rows;
+//! - [`record`]: kernels bound once to buffers ([`Binding`]) and reusable command
+//!   buffers ([`Recording`]);
+//! - [`ops`]: mat-vec straight from GGML blocks (F16, Q8_0, Q4_0, Q4_K, Q6_K) and RMSNorm.
+//!
+//! Shaders are GLSL under `shaders/`, compiled by `build-shaders.sh` into the committed
+//! SPIR-V in `shaders/spv/` (see README.md).
+
+pub mod context;
+pub mod device;
+pub mod error;
+pub mod kernels;
+pub mod memory;
+pub mod ops;
+pub mod record;
+pub mod testing;
+
+pub use context::{Context, ContextOptions, ENV_NO_SUBGROUP};
+pub use device::{list_devices, DeviceInfo, DeviceType, MemoryHeap, ENV_VALIDATION};
+pub use error::{Result, VkError};
+pub use kernels::{Kernel, KernelDesc, Tuning, KERNELS};
+pub use memory::{Buffer, DeviceTensor, MemoryKind, TensorPiece};
+pub use record::{Binding, Recorder, Recording};
+
+/// Env var: the index of the Vulkan device to use (as `caldera devices` lists them).
+pub const ENV_DEVICE: &str = "CALDERA_VK_DEVICE";
