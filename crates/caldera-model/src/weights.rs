@@ -57,6 +57,8 @@ pub struct DenseFfn {
     pub down: Weight,
 }
 
+// One per layer: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum MixerWeights {
     Attention(AttnWeights),
     GatedDeltaNet(GdnWeights),
@@ -64,6 +66,7 @@ pub enum MixerWeights {
     ShortConv(ShortConvWeights),
 }
 
+#[allow(clippy::large_enum_variant)]
 pub enum FfnWeights {
     Dense(DenseFfn),
     Moe(MoeWeights),
