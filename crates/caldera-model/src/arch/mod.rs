@@ -2,7 +2,16 @@
 //! [`ARCHS`], over the shared builders below.
 
 mod gemma3;
+mod gemma4;
+mod gpt_oss;
+mod lfm2;
+mod lfm2moe;
 mod llama;
+mod nemotron_h;
+mod qwen35;
+mod qwen35moe;
+mod qwen3_moe;
+mod qwen3next;
 
 use crate::config::{Activation, AttnSpec, FfnSpec, LayerSpec, Mixer, RopeSpec, RopeStyle};
 use crate::error::{ModelError, Result};
@@ -21,7 +30,20 @@ pub struct ArchDef {
 }
 
 /// Every architecture caldera runs. Adding one: a file in this folder and a line here.
-pub const ARCHS: &[&ArchDef] = &[&llama::LLAMA, &llama::QWEN3, &gemma3::GEMMA3];
+pub const ARCHS: &[&ArchDef] = &[
+    &llama::LLAMA,
+    &llama::QWEN3,
+    &gemma3::GEMMA3,
+    &qwen3_moe::QWEN3_MOE,
+    &gpt_oss::GPT_OSS,
+    &qwen35::QWEN35,
+    &qwen35moe::QWEN35MOE,
+    &qwen3next::QWEN3NEXT,
+    &nemotron_h::NEMOTRON_H,
+    &lfm2::LFM2,
+    &lfm2moe::LFM2MOE,
+    &gemma4::GEMMA4,
+];
 
 pub fn build(file: &ModelFile) -> Result<Model> {
     let arch = file
