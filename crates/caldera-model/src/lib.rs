@@ -26,7 +26,13 @@ pub use weights::{AttnWeights, DenseFfn, FfnWeights, Layer, MixerWeights, ModelW
 pub struct Model {
     pub config: ModelConfig,
     pub weights: ModelWeights,
+    /// Model-level parts only some architectures have (Gemma 4's per-layer inputs).
+    pub extras: Extras,
 }
+
+/// Model-level parts only some architectures have; `Default` is none of them.
+#[derive(Default)]
+pub struct Extras {}
 
 impl Model {
     /// Reads the architecture from `file` and binds its tensors.

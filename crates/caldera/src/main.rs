@@ -1,6 +1,8 @@
 //! The `caldera` command line: run, inspect, verify.
 
 mod bench;
+mod convert;
+mod devices;
 mod inspect;
 mod load;
 mod run;
@@ -43,6 +45,10 @@ enum Cmd {
     Verify(verify::VerifyArgs),
     /// Measure prefill and decode speed.
     Bench(bench::BenchArgs),
+    /// Convert an HF folder to GGUF.
+    Convert(convert::ConvertArgs),
+    /// List the Vulkan devices and what each supports.
+    Devices,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +58,8 @@ fn main() -> ExitCode {
         Cmd::Inspect { model, full } => inspect::inspect(&model, full),
         Cmd::Verify(a) => verify::verify(a),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::Convert(a) => convert::convert(a),
+        Cmd::Devices => devices::devices(),
     };
     match res {
         Ok(code) => code,

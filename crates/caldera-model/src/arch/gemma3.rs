@@ -70,6 +70,7 @@ fn build(f: &ModelFile) -> Result<Model> {
             output_norm,
             output,
         },
+        extras: Default::default(),
     })
 }
 

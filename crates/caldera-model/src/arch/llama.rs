@@ -64,6 +64,7 @@ fn build(f: &ModelFile, arch: &'static str, style: RopeStyle, qk_norm: bool) -> 
             output_norm,
             output,
         },
+        extras: Default::default(),
     })
 }
 
