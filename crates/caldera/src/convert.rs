@@ -91,11 +91,9 @@ fn target_type(t: &RawTensor, out: OutType, n_layers: usize) -> GgmlType {
         OutType::Q6K => GgmlType::Q6_K,
         OutType::Q4KM => {
             let n = &t.name;
-            if n == "output.weight" {
-                GgmlType::Q6_K
-            } else if (n.contains("attn_v") || n.contains("ffn_down"))
-                && layer_of(n).is_some_and(|l| more_bits(l, n_layers))
-            {
+            let more = (n.contains("attn_v") || n.contains("ffn_down"))
+                && layer_of(n).is_some_and(|l| more_bits(l, n_layers));
+            if n == "output.weight" || more {
                 GgmlType::Q6_K
             } else {
                 GgmlType::Q4_K
@@ -105,7 +103,7 @@ fn target_type(t: &RawTensor, out: OutType, n_layers: usize) -> GgmlType {
     let cols = t.dims[0];
     [want, GgmlType::Q8_0, GgmlType::F16]
         .into_iter()
-        .find(|ty| cols % ty.block_size() as u64 == 0)
+        .find(|ty| cols.is_multiple_of(ty.block_size() as u64))
         .unwrap_or(GgmlType::F32)
 }
 
