@@ -1,6 +1,8 @@
 //! The forward pass: embeddings, then for each layer
 //! `x += post_norm(mixer(norm(x)))` and `x += ffn_post_norm(ffn(ffn_norm(x)))`, then the
 //! final norm and the output head. Prompts run in chunks of [`CHUNK`] tokens.
+//! Layers with `Model.extras` (Gemma 4: per-layer inputs, v-norm, KV sharing, output
+//! scale) go through `per_layer.rs`.
 
 use std::sync::Arc;
 
@@ -13,6 +15,7 @@ use crate::ffn;
 use crate::gdn::{self, GdnState};
 use crate::mamba2::{self, Mamba2State};
 use crate::ops;
+use crate::per_layer;
 use crate::pool::ThreadPool;
 use crate::shortconv::{self, ShortConvState};
 
@@ -30,14 +33,7 @@ pub enum CpuError {
     Unsupported(String),
 }
 
-/// Which logits `forward` returns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Logits {
-    /// Only the last token's row.
-    Last,
-    /// One row per input token (verification, scoring).
-    All,
-}
+pub use caldera_model::Logits;
 
 /// Tokens per prefill chunk: bounds the scratch memory of long prompts.
 pub const CHUNK: usize = 256;
@@ -131,7 +127,13 @@ impl CpuBackend {
         let layers = cfg
             .layers
             .iter()
-            .map(|l| {
+            .enumerate()
+            .map(|(li, l)| {
+                let extras = self.model.extras.layers.get(li);
+                if extras.is_some_and(|e| e.kv_from.is_some()) {
+                    // Reads another layer's cache.
+                    return Ok(LayerState::None);
+                }
                 Ok(match &l.mixer {
                     None => LayerState::None,
                     Some(Mixer::Attention(a)) => LayerState::Kv(KvCache::new(a, ctx)?),
@@ -210,30 +212,42 @@ impl CpuBackend {
         }
         let mut h = vec![0f32; m * d];
         let mut o = vec![0f32; m * d];
+        let n_layers = cfg.layers.len();
+        let mut pli = Vec::new();
+        if let Some(pl) = &model.extras.per_layer_inputs {
+            per_layer::inputs(ctx, pl, tokens, &x, m, n_layers, eps, &mut pli)?;
+        }
         for (li, (spec, lw)) in cfg.layers.iter().zip(&w.layers).enumerate() {
+            let extras = model.extras.layers.get(li);
             if let (Some(mixer), Some(mw)) = (&spec.mixer, &lw.mixer) {
                 norm_into(&x, lw.norm.as_deref(), eps, &mut h);
-                match (mixer, mw, &mut s.layers[li]) {
-                    (Mixer::Attention(a), MixerWeights::Attention(aw), LayerState::Kv(kv)) => {
-                        attention::forward(ctx, a, aw, kv, &h, m, p0, eps, &mut o)?
-                    }
-                    (
-                        Mixer::GatedDeltaNet(g),
-                        MixerWeights::GatedDeltaNet(gw),
-                        LayerState::Gdn(st),
-                    ) => gdn::forward(ctx, g, gw, st, &h, m, eps, &mut o)?,
-                    (Mixer::Mamba2(g), MixerWeights::Mamba2(gw), LayerState::Mamba2(st)) => {
-                        mamba2::forward(ctx, g, gw, st, &h, m, eps, &mut o)?
-                    }
-                    (
-                        Mixer::ShortConv(g),
-                        MixerWeights::ShortConv(gw),
-                        LayerState::ShortConv(st),
-                    ) => shortconv::forward(ctx, g, gw, st, &h, m, eps, &mut o)?,
-                    _ => {
-                        return Err(CpuError::Unsupported(format!(
-                            "layer {li}: mismatched mixer"
-                        )))
+                if let (Mixer::Attention(a), MixerWeights::Attention(aw), Some(ex)) =
+                    (mixer, mw, extras)
+                {
+                    per_layer::attention(ctx, a, aw, ex, &mut s.layers, li, &h, m, p0, eps, &mut o)?
+                } else {
+                    match (mixer, mw, &mut s.layers[li]) {
+                        (Mixer::Attention(a), MixerWeights::Attention(aw), LayerState::Kv(kv)) => {
+                            attention::forward(ctx, a, aw, kv, &h, m, p0, eps, &mut o)?
+                        }
+                        (
+                            Mixer::GatedDeltaNet(g),
+                            MixerWeights::GatedDeltaNet(gw),
+                            LayerState::Gdn(st),
+                        ) => gdn::forward(ctx, g, gw, st, &h, m, eps, &mut o)?,
+                        (Mixer::Mamba2(g), MixerWeights::Mamba2(gw), LayerState::Mamba2(st)) => {
+                            mamba2::forward(ctx, g, gw, st, &h, m, eps, &mut o)?
+                        }
+                        (
+                            Mixer::ShortConv(g),
+                            MixerWeights::ShortConv(gw),
+                            LayerState::ShortConv(st),
+                        ) => shortconv::forward(ctx, g, gw, st, &h, m, eps, &mut o)?,
+                        _ => {
+                            return Err(CpuError::Unsupported(format!(
+                                "layer {li}: mismatched mixer"
+                            )))
+                        }
                     }
                 }
                 if let Some(pn) = &lw.post_norm {
@@ -256,6 +270,14 @@ impl CpuBackend {
                     ops::rms_norm_inplace(&mut o, pn, eps);
                 }
                 x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            }
+            if let Some(pl) = &model.extras.per_layer_inputs {
+                if let Some(b) = pl.layers.get(li) {
+                    per_layer::apply(ctx, b, &pli, li, n_layers, &mut x, m, eps)?;
+                }
+            }
+            if let Some(sc) = extras.and_then(|e| e.out_scale) {
+                x.iter_mut().for_each(|v| *v *= sc);
             }
         }
         s.len = p0 + m;
@@ -291,4 +313,56 @@ fn dequant_row(w: &Weight, r: usize, out: &mut [f32]) -> Result<(), CpuError> {
         name: w.name.clone(),
         msg: e.to_string(),
     })
+}
+
+/// A sequence on the CPU backend: the engine's [`caldera_model::Runner`].
+pub struct CpuRunner {
+    backend: Arc<CpuBackend>,
+    session: Session,
+}
+
+impl CpuRunner {
+    pub fn new(backend: Arc<CpuBackend>, ctx: usize) -> Result<CpuRunner, CpuError> {
+        let session = backend.new_session(ctx)?;
+        Ok(CpuRunner { backend, session })
+    }
+}
+
+impl caldera_model::Runner for CpuRunner {
+    fn capacity(&self) -> usize {
+        self.session.capacity()
+    }
+
+    fn len(&self) -> usize {
+        self.session.len()
+    }
+
+    fn truncate(&mut self, n: usize) -> bool {
+        if self.session.truncate(n) {
+            return true;
+        }
+        if n == 0 {
+            // Recurrent states cannot rewind, but they can start over.
+            if let Ok(fresh) = self.backend.new_session(self.session.capacity()) {
+                self.session = fresh;
+                return true;
+            }
+        }
+        false
+    }
+
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+        out: &mut Vec<f32>,
+    ) -> Result<(), caldera_model::RunError> {
+        Ok(self
+            .backend
+            .forward(&mut self.session, tokens, logits, out)?)
+    }
+
+    fn describe(&self) -> String {
+        format!("cpu, {} threads", self.backend.threads())
+    }
 }

@@ -12,9 +12,10 @@ pub mod ffn;
 pub mod gdn;
 pub mod mamba2;
 pub mod ops;
+pub mod per_layer;
 pub mod pool;
 pub mod shortconv;
 
 mod forward;
 
-pub use forward::{CpuBackend, CpuError, LayerState, Logits, Session, CHUNK};
+pub use forward::{CpuBackend, CpuError, CpuRunner, LayerState, Logits, Session, CHUNK};

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use caldera_cpu::{CpuBackend, CpuError, Logits, Session};
+use caldera_model::{Logits, RunError, Runner};
 use caldera_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::sampler::{Sampler, SamplerConfig, StopMatcher};
@@ -50,26 +50,28 @@ impl GenStats {
     }
 }
 
-/// A sequence on a backend: its session and the token ids its cache holds.
-pub struct Generator<'a> {
-    backend: &'a CpuBackend,
-    session: Session,
+/// A sequence on a backend: its runner and the token ids its state holds.
+pub struct Generator {
+    runner: Box<dyn Runner>,
     cached: Vec<u32>,
     logits: Vec<f32>,
 }
 
-impl<'a> Generator<'a> {
-    pub fn new(backend: &'a CpuBackend, ctx: usize) -> Result<Generator<'a>, CpuError> {
-        Ok(Generator {
-            backend,
-            session: backend.new_session(ctx)?,
+impl Generator {
+    pub fn new(runner: Box<dyn Runner>) -> Generator {
+        Generator {
+            runner,
             cached: Vec::new(),
             logits: Vec::new(),
-        })
+        }
     }
 
     pub fn context_size(&self) -> usize {
-        self.session.capacity()
+        self.runner.capacity()
+    }
+
+    pub fn describe(&self) -> String {
+        self.runner.describe()
     }
 
     /// Generates after `prompt`, calling `on_text` with each piece of text as it becomes
@@ -80,7 +82,7 @@ impl<'a> Generator<'a> {
         prompt: &[u32],
         params: &GenParams,
         mut on_text: impl FnMut(&str),
-    ) -> Result<GenStats, CpuError> {
+    ) -> Result<GenStats, RunError> {
         let common = self
             .cached
             .iter()
@@ -88,17 +90,19 @@ impl<'a> Generator<'a> {
             .take_while(|(a, b)| a == b)
             .count();
         // Always recompute at least the last prompt token: its logits pick the first token.
-        let reuse = common.min(prompt.len().saturating_sub(1));
-        self.session.truncate(reuse);
+        let mut reuse = common.min(prompt.len().saturating_sub(1));
+        if !self.runner.truncate(reuse) {
+            // Recurrent state cannot rewind: start the sequence over.
+            reuse = 0;
+            if !self.runner.truncate(0) {
+                return Err("the backend cannot reset this sequence".into());
+            }
+        }
         self.cached.truncate(reuse);
 
         let t0 = Instant::now();
-        self.backend.forward(
-            &mut self.session,
-            &prompt[reuse..],
-            Logits::Last,
-            &mut self.logits,
-        )?;
+        self.runner
+            .forward(&prompt[reuse..], Logits::Last, &mut self.logits)?;
         self.cached.extend_from_slice(&prompt[reuse..]);
         let prefill_time = t0.elapsed();
 
@@ -131,11 +135,11 @@ impl<'a> Generator<'a> {
             if generated >= params.max_tokens {
                 break FinishReason::Length;
             }
-            if self.session.len() + 1 > self.session.capacity() {
+            if self.runner.len() + 1 > self.runner.capacity() {
                 break FinishReason::Context;
             }
-            self.backend
-                .forward(&mut self.session, &[next], Logits::Last, &mut self.logits)?;
+            self.runner
+                .forward(&[next], Logits::Last, &mut self.logits)?;
             self.cached.push(next);
         };
         if finish != FinishReason::Stop {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod file;
 pub mod hf_names;
+pub mod runner;
 pub mod weights;
 
 pub use config::{
@@ -20,6 +21,7 @@ pub use config::{
 };
 pub use error::{ModelError, Result};
 pub use file::{ModelFile, TokenizerSource};
+pub use runner::{Logits, RunError, Runner};
 pub use weights::{AttnWeights, DenseFfn, FfnWeights, Layer, MixerWeights, ModelWeights, Weight};
 
 /// A loaded model: its description and its weights (views into the mapped file).
@@ -32,7 +34,12 @@ pub struct Model {
 
 /// Model-level parts only some architectures have; `Default` is none of them.
 #[derive(Default)]
-pub struct Extras {}
+pub struct Extras {
+    /// Per-layer input embeddings (Gemma 4).
+    pub per_layer_inputs: Option<weights::PerLayerInputs>,
+    /// Empty, or one entry per layer.
+    pub layers: Vec<weights::LayerExtras>,
+}
 
 impl Model {
     /// Reads the architecture from `file` and binds its tensors.

@@ -90,3 +90,46 @@ pub struct ModelWeights {
     /// `[vocab, d_model]`; the embedding matrix itself when tied.
     pub output: Weight,
 }
+
+/// Per-layer input embeddings (Gemma 4 "PLE"). Every layer `l` gets its own `d`-wide
+/// input per token:
+/// `pli[l] = (rmsnorm(P x * proj_scale)[l] * proj_norm + E[t][l] * tok_scale) * input_scale`,
+/// where `x` is the scaled token embedding, `P` is `model_proj` `[n_layers * d, d_model]`
+/// and `E` is `tok_embd` `[vocab_pl, n_layers * d]` (layer-major within a row). After
+/// layer `l`'s FFN residual, `x += rmsnorm(proj(gelu_tanh(gate x) * pli[l])) * post_norm`
+/// (see [`PerLayerBlock`]).
+pub struct PerLayerInputs {
+    /// Width of one layer's input.
+    pub d: usize,
+    pub tok_embd: Weight,
+    pub tok_scale: f32,
+    pub model_proj: Weight,
+    pub proj_scale: f32,
+    /// `d` values.
+    pub proj_norm: Vec<f32>,
+    pub input_scale: f32,
+    /// One per layer.
+    pub layers: Vec<PerLayerBlock>,
+}
+
+/// One layer's use of its per-layer input.
+pub struct PerLayerBlock {
+    /// `[d, d_model]`
+    pub gate: Weight,
+    /// `[d_model, d]`
+    pub proj: Weight,
+    /// `d_model` values.
+    pub post_norm: Vec<f32>,
+}
+
+/// Per-layer parts only some architectures have; `Default` is none of them.
+#[derive(Clone, Debug, Default)]
+pub struct LayerExtras {
+    /// v heads are RMS-normalized without a scale before caching (Gemma 4).
+    pub v_norm: bool,
+    /// The layer has no k/v of its own: it attends over the KV cache of this earlier
+    /// layer (Gemma 4 KV sharing). Its own k/v weights are unused.
+    pub kv_from: Option<usize>,
+    /// The residual stream is multiplied by this at the end of the layer.
+    pub out_scale: Option<f32>,
+}

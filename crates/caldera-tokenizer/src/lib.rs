@@ -4,4 +4,4 @@ pub mod template;
 pub mod tokenizer;
 
 pub use template::{ChatTemplate, TemplateError};
-pub use tokenizer::{StreamDecoder, Tokenizer, TokenizerError};
+pub use tokenizer::{gguf_metadata_from_hf, StreamDecoder, Tokenizer, TokenizerError};

@@ -20,10 +20,12 @@ mod pretok;
 mod special;
 mod spm;
 mod stream;
+mod to_gguf;
 
 use std::collections::HashMap;
 
 pub use stream::StreamDecoder;
+pub use to_gguf::gguf_metadata_from_hf;
 
 use bpe::Bpe;
 use special::{Fragment, SpecialMatcher};

@@ -11,12 +11,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Result;
-use caldera_cpu::{CpuBackend, Logits};
+use caldera_model::Logits;
 use clap::Args;
 use serde_json::json;
 
+use crate::backend::{open_runner, BackendArgs};
 use crate::load;
-use crate::Backend;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -30,10 +30,8 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(short = 'r', long, default_value_t = 3)]
     pub reps: usize,
-    #[arg(short, long)]
-    pub threads: Option<usize>,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub backend: Backend,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// One JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -56,8 +54,6 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let loaded = load::open_model(&a.model)?;
     let model = loaded.model.clone();
     let cfg = &model.config;
-    let threads = a.threads.unwrap_or_else(crate::default_threads);
-    let backend = CpuBackend::new(model.clone(), threads);
     let vocab = cfg.vocab_size as u64;
     // A fixed-seed LCG: the same prompt on every run and machine.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
@@ -73,18 +69,24 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     let mut logits = Vec::new();
+    let mut desc = String::new();
     for _ in 0..reps {
-        let mut s = backend.new_session(a.prompt + a.gen + 1)?;
+        let mut r = open_runner(&a.backend, model.clone(), a.prompt + a.gen + 1)?;
+        if desc.is_empty() {
+            desc = r.describe();
+        }
         if a.prompt > 0 {
             let t = Instant::now();
-            backend.forward(&mut s, &prompt, Logits::Last, &mut logits)?;
+            r.forward(&prompt, Logits::Last, &mut logits)
+                .map_err(|e| anyhow::anyhow!(e))?;
             pp.push(a.prompt as f64 / t.elapsed().as_secs_f64());
         }
         if a.gen > 0 {
             let mut next = prompt.last().copied().unwrap_or(0);
             let t = Instant::now();
             for _ in 0..a.gen {
-                backend.forward(&mut s, &[next], Logits::Last, &mut logits)?;
+                r.forward(&[next], Logits::Last, &mut logits)
+                    .map_err(|e| anyhow::anyhow!(e))?;
                 next = argmax(&logits);
             }
             tg.push(a.gen as f64 / t.elapsed().as_secs_f64());
@@ -100,8 +102,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             json!({
                 "model": a.model.display().to_string(),
                 "arch": cfg.arch,
-                "backend": "cpu",
-                "threads": backend.threads(),
+                "backend": desc,
                 "prompt_tokens": a.prompt,
                 "gen_tokens": a.gen,
                 "prefill_tok_s": pp_tps,
@@ -114,10 +115,10 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         );
     } else {
         println!(
-            "{} ({}), backend cpu, {} threads, {} reps",
+            "{} ({}), {}, {} reps",
             a.model.display(),
             cfg.arch,
-            backend.threads(),
+            desc,
             reps
         );
         if let Some(t) = pp_tps {

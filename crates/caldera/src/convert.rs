@@ -134,7 +134,13 @@ pub fn convert(a: ConvertArgs) -> Result<ExitCode> {
     };
     w.set("general.file_type", GgufValue::U32(ftype));
     w.set("general.quantization_version", GgufValue::U32(2));
-    // TOKENIZER-CARRY
+    if let caldera_model::TokenizerSource::HfJson { json, config } = &file.tokenizer {
+        let keys = caldera_tokenizer::gguf_metadata_from_hf(json, config.as_ref())
+            .context("converting the tokenizer")?;
+        for (k, v) in keys {
+            w.set(&k, v);
+        }
+    }
     if let Some(t) = &file.chat_template {
         w.set("tokenizer.chat_template", GgufValue::String(t.clone()));
     }

@@ -1,5 +1,6 @@
 //! The `caldera` command line: run, inspect, verify.
 
+mod backend;
 mod bench;
 mod convert;
 mod devices;
@@ -11,7 +12,7 @@ mod verify;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -22,11 +23,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Backend {
-    Cpu,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +48,13 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // A closed pipe (`caldera inspect x | head`) ends the process quietly, as other
+    // command-line tools do, instead of panicking inside println!.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of a signal has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Run(a) => run::run(a),

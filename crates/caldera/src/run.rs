@@ -5,14 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use caldera_cpu::CpuBackend;
 use caldera_engine::{GenParams, GenStats, Generator, SamplerConfig};
 use caldera_tokenizer::{ChatTemplate, Tokenizer};
 use clap::Args;
 use serde_json::json;
 
+use crate::backend::{open_runner, BackendArgs};
 use crate::load;
-use crate::Backend;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -53,11 +52,8 @@ pub struct RunArgs {
     /// Context size in tokens (default: the model's, at most 4096).
     #[arg(long)]
     pub ctx: Option<usize>,
-    /// CPU threads (default: all cores).
-    #[arg(short, long)]
-    pub threads: Option<usize>,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub backend: Backend,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Print the prompt as rendered and its token ids to stderr.
     #[arg(long)]
     pub verbose_prompt: bool,
@@ -74,18 +70,17 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     if !a.raw && template.is_none() {
         eprintln!("note: the model has no chat template; the prompt is used as raw text");
     }
-    let threads = a.threads.unwrap_or_else(crate::default_threads);
-    let backend = CpuBackend::new(loaded.model.clone(), threads);
     let ctx = a
         .ctx
         .unwrap_or_else(|| loaded.model.config.context_length.min(4096))
         .max(1);
+    let runner = open_runner(&a.backend, loaded.model.clone(), ctx)?;
     eprintln!(
-        "caldera: {} ({}), {} layers, backend cpu ({} threads), context {}",
+        "caldera: {} ({}), {} layers, {}, context {}",
         a.model.display(),
         loaded.model.config.arch,
         loaded.model.config.n_layers(),
-        backend.threads(),
+        runner.describe(),
         ctx
     );
     let sampler = SamplerConfig {
@@ -107,7 +102,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
         sampler,
         stop: a.stop.clone(),
     };
-    let mut gen = Generator::new(&backend, ctx)?;
+    let mut gen = Generator::new(runner);
 
     let mut messages = Vec::new();
     if let Some(sys) = &a.system {
@@ -164,11 +159,13 @@ fn generate(
 ) -> Result<(GenStats, String)> {
     let mut out = std::io::stdout().lock();
     let mut text = String::new();
-    let stats = gen.generate(tok, ids, params, |piece| {
-        text.push_str(piece);
-        let _ = out.write_all(piece.as_bytes());
-        let _ = out.flush();
-    })?;
+    let stats = gen
+        .generate(tok, ids, params, |piece| {
+            text.push_str(piece);
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        })
+        .map_err(|e| anyhow::anyhow!(e))?;
     let _ = writeln!(out);
     Ok((stats, text))
 }

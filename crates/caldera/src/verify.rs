@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use caldera_cpu::{CpuBackend, Logits};
 use caldera_format::hf::open_safetensors;
+use caldera_model::Logits;
 use clap::Args;
 
+use crate::backend::{open_runner, BackendArgs};
 use crate::load;
-use crate::Backend;
 
 #[derive(Args)]
 pub struct VerifyArgs {
@@ -25,13 +25,14 @@ pub struct VerifyArgs {
     /// Run this model file instead of the folder's own weights (e.g. a converted GGUF).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "cpu")]
-    pub backend: Backend,
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Largest relative L2 error allowed per logits row.
     #[arg(long, default_value_t = 1e-4)]
     pub tol: f64,
-    #[arg(short, long)]
-    pub threads: Option<usize>,
+    /// Print every row's error and argmax agreement.
+    #[arg(long)]
+    pub rows: bool,
 }
 
 struct Reference {
@@ -127,6 +128,8 @@ fn clear_margin(r: &[f32]) -> bool {
 
 #[derive(Default)]
 struct RowStats {
+    /// Print each row as it is added.
+    verbose: Option<&'static str>,
     worst: f64,
     worst_row: usize,
     over_tol: usize,
@@ -137,6 +140,18 @@ struct RowStats {
 impl RowStats {
     fn add(&mut self, row: usize, ours: &[f32], reference: &[f32], tol: f64) {
         let e = rel_l2(ours, reference);
+        if let Some(what) = self.verbose {
+            println!(
+                "  {what} row {row:4}: error {e:.3e}, argmax {} / reference {}{}",
+                argmax(ours),
+                argmax(reference),
+                if clear_margin(reference) {
+                    ""
+                } else {
+                    " (near-tie)"
+                }
+            );
+        }
         if e > self.worst || e.is_nan() {
             self.worst = e;
             self.worst_row = row;
@@ -165,16 +180,19 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
             reference.vocab
         );
     }
-    let threads = a.threads.unwrap_or_else(crate::default_threads);
-    let backend = CpuBackend::new(loaded.model.clone(), threads);
     let v = reference.vocab;
     let t = reference.input_ids.len();
     let n = reference.greedy_ids.len();
-    let mut session = backend.new_session(t + n)?;
+    let mut runner = open_runner(&a.backend, loaded.model.clone(), t + n)?;
     let mut logits = Vec::new();
-    backend.forward(&mut session, &reference.input_ids, Logits::All, &mut logits)?;
+    runner
+        .forward(&reference.input_ids, Logits::All, &mut logits)
+        .map_err(|e| anyhow::anyhow!(e))?;
 
-    let mut pre = RowStats::default();
+    let mut pre = RowStats {
+        verbose: a.rows.then_some("prefill"),
+        ..Default::default()
+    };
     for i in 0..t {
         pre.add(
             i,
@@ -183,25 +201,25 @@ pub fn verify(a: VerifyArgs) -> Result<ExitCode> {
             a.tol,
         );
     }
-    let mut dec = RowStats::default();
+    let mut dec = RowStats {
+        verbose: a.rows.then_some("decode"),
+        ..Default::default()
+    };
     let mut row = logits[(t - 1) * v..t * v].to_vec();
     for i in 0..n {
         if i > 0 {
-            backend.forward(
-                &mut session,
-                &[reference.greedy_ids[i - 1]],
-                Logits::Last,
-                &mut row,
-            )?;
+            runner
+                .forward(&[reference.greedy_ids[i - 1]], Logits::Last, &mut row)
+                .map_err(|e| anyhow::anyhow!(e))?;
         }
         dec.add(i, &row, &reference.decode[i * v..(i + 1) * v], a.tol);
     }
 
     println!(
-        "verify {} ({}, backend {:?}, model {})",
+        "verify {} ({}, {}, model {})",
         a.fixture.display(),
         cfg.arch,
-        a.backend,
+        runner.describe(),
         model_path.display()
     );
     println!(

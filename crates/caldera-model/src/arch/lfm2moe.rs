@@ -1,8 +1,13 @@
-//! `lfm2moe` (HF `lfm2_moe`). Not implemented yet: the architectures issue fills this file
-//! in (GGUF keys and tensor names as llama.cpp writes them, and the HF translation).
+//! `lfm2moe` (HF `lfm2_moe`, LFM2-MoE / LFM2.5 MoE): LFM2's hybrid short-conv / attention
+//! layers (see `lfm2.rs`, which holds the shared builder and translation) with the first
+//! `leading_dense_block_count` FFNs dense and the rest mixtures of SwiGLU experts. The
+//! router scores experts with a sigmoid, selects the top k of `score + expert_bias`,
+//! weights them by their scores, renormalized (`norm_topk_prob`) and scaled
+//! (`routed_scaling_factor`).
 
+use super::lfm2::{build_lfm, translate_lfm};
 use super::ArchDef;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::file::ModelFile;
 use crate::hf_names::Translation;
 use crate::Model;
@@ -14,14 +19,10 @@ pub static LFM2MOE: ArchDef = ArchDef {
     hf_translate: translate,
 };
 
-fn build(_f: &ModelFile) -> Result<Model> {
-    Err(ModelError::Invalid(
-        "architecture 'lfm2moe' is not implemented yet".into(),
-    ))
+fn build(f: &ModelFile) -> Result<Model> {
+    build_lfm(f, "lfm2moe", true)
 }
 
-fn translate(_t: &mut Translation) -> Result<()> {
-    Err(ModelError::Invalid(
-        "architecture 'lfm2_moe' is not implemented yet".into(),
-    ))
+fn translate(t: &mut Translation) -> Result<()> {
+    translate_lfm(t, true)
 }

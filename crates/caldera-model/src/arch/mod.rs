@@ -40,6 +40,7 @@ pub const ARCHS: &[&ArchDef] = &[
     &qwen35moe::QWEN35MOE,
     &qwen3next::QWEN3NEXT,
     &nemotron_h::NEMOTRON_H,
+    &nemotron_h::NEMOTRON_H_MOE,
     &lfm2::LFM2,
     &lfm2moe::LFM2MOE,
     &gemma4::GEMMA4,

@@ -128,7 +128,11 @@ impl MoeWeights {
         }
         let shared = match spec.shared_d_ff {
             Some(sff) => Some(DenseFfn {
-                gate: Some(f.weight(&p("ffn_gate_shexp.weight"), sff, d_model)?),
+                gate: if spec.act.gated() {
+                    Some(f.weight(&p("ffn_gate_shexp.weight"), sff, d_model)?)
+                } else {
+                    None
+                },
                 up: f.weight(&p("ffn_up_shexp.weight"), sff, d_model)?,
                 down: f.weight(&p("ffn_down_shexp.weight"), d_model, sff)?,
             }),

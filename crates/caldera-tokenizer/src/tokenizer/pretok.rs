@@ -184,7 +184,7 @@ impl PreTokenizer {
     pub(crate) fn for_gguf_pre(pre: &str) -> Result<PreTokenizer, TokenizerError> {
         let patterns: &[&str] = match pre {
             "default" | "" => &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
-            "gpt2" | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling" => &[GPT2],
+            "gpt2" | "gpt-2" | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling" => &[GPT2],
             "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" | "dbrx" | "smaug-bpe"
             | "chatglm-bpe" => &[LLAMA3],
             "qwen2" | "stablelm2" | "hunyuan" | "deepseek-r1-qwen" | "grok-2" | "megrez" => {
