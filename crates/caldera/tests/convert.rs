@@ -55,14 +55,29 @@ fn convert_and_verify(arch: &str) {
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
-#[test]
-fn convert_llama() {
-    convert_and_verify("llama");
+macro_rules! convert_tests {
+    ($($name:ident => $arch:literal,)*) => {
+        $(
+            #[test]
+            fn $name() {
+                convert_and_verify($arch);
+            }
+        )*
+    };
 }
 
-#[test]
-fn convert_qwen3() {
-    convert_and_verify("qwen3");
+convert_tests! {
+    convert_llama => "llama",
+    convert_qwen3 => "qwen3",
+    convert_qwen3_moe => "qwen3_moe",
+    convert_gpt_oss => "gpt_oss",
+    convert_qwen3_5 => "qwen3_5",
+    convert_qwen3_5_moe => "qwen3_5_moe",
+    convert_qwen3_next => "qwen3_next",
+    convert_nemotron_h => "nemotron_h",
+    convert_lfm2 => "lfm2",
+    convert_lfm2_moe => "lfm2_moe",
+    convert_gemma4 => "gemma4",
 }
 
 #[test]
