@@ -53,10 +53,12 @@ impl<'a> Ctx<'a> {
             let r1 = (r0 + chunk).min(rows);
             let base = ptr.get();
             if m == 1 {
-                for r in r0..r1 {
-                    let v = quant::vec_dot(ty, w.row(r), acts, 0) + bias.map_or(0.0, |b| b[r]);
-                    // SAFETY: each task writes only its own rows r0..r1 of `out`.
-                    unsafe { *base.add(r) = v };
+                let rb = w.row_bytes();
+                // SAFETY: each task writes only its own rows r0..r1 of `out`.
+                let o = unsafe { std::slice::from_raw_parts_mut(base.add(r0), r1 - r0) };
+                quant::vec_dot_many(ty, &w.bytes()[r0 * rb..r1 * rb], acts, 0, o);
+                if let Some(b) = bias {
+                    o.iter_mut().zip(&b[r0..r1]).for_each(|(v, b)| *v += b);
                 }
             } else {
                 ROWS.with(|buf| {

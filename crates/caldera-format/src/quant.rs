@@ -328,6 +328,28 @@ pub fn vec_dot(wty: GgmlType, w_row: &[u8], acts: &QuantizedActs, j: usize) -> f
     reference::dot_unchecked(wty, w_row, acts, j)
 }
 
+/// `out[i] = vec_dot(wty, row i, acts, j)` for `out.len()` consecutive weight rows of
+/// `w` (each `w.len() / out.len()` bytes): one dispatch for a whole block of rows.
+pub fn vec_dot_many(wty: GgmlType, w: &[u8], acts: &QuantizedActs, j: usize, out: &mut [f32]) {
+    let n = out.len();
+    if n == 0 {
+        return;
+    }
+    assert!(w.len().is_multiple_of(n), "whole rows");
+    let rb = w.len() / n;
+    acts.check(wty, &w[..rb], j);
+    #[cfg(target_arch = "x86_64")]
+    if level() >= Level::Avx2 {
+        // SAFETY: every row has the checked length `rb`; AVX2/FMA/F16C present.
+        if unsafe { simd_x86::vec_dot_many(wty, w, rb, acts, j, out) } {
+            return;
+        }
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = reference::dot_unchecked(wty, &w[i * rb..(i + 1) * rb], acts, j);
+    }
+}
+
 /// `out[j] = vec_dot(wty, w_row, acts, j)` for every activation row; `out.len()` must
 /// be `acts.rows()`. The weight row is read from memory once and stays in cache.
 pub fn vec_dot_rows(wty: GgmlType, w_row: &[u8], acts: &QuantizedActs, out: &mut [f32]) {

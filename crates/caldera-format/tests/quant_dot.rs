@@ -2,7 +2,8 @@
 //! reference, and both against the dot of the dequantized weights.
 
 use caldera_format::quant::{
-    dequantize, quantize, quantize_into, reference, vec_dot, vec_dot_rows, QuantizedActs,
+    dequantize, quantize, quantize_into, reference, vec_dot, vec_dot_many, vec_dot_rows,
+    QuantizedActs,
 };
 use caldera_format::GgmlType;
 use rand::rngs::StdRng;
@@ -93,6 +94,18 @@ fn fast_dot_matches_reference_and_dequantized_dot() {
             acts.prepare(ty, &x, k).unwrap();
             assert_eq!((acts.rows(), acts.k()), (m, k));
             let rb = wq.len() / 2;
+            // Both weight rows against each activation row in one call.
+            for j in 0..m {
+                let mut many = vec![0.0; 2];
+                vec_dot_many(ty, &wq, &acts, j, &mut many);
+                for (r, wr) in wq.chunks(rb).enumerate() {
+                    assert_eq!(
+                        many[r],
+                        vec_dot(ty, wr, &acts, j),
+                        "{ty} k={k}: vec_dot_many row {r}"
+                    );
+                }
+            }
             for (wr, wdr) in wq.chunks(rb).zip(wd.chunks(k)) {
                 let mut rows = vec![0.0; m];
                 vec_dot_rows(ty, wr, &acts, &mut rows);

@@ -50,6 +50,8 @@ fn row(acts: &QuantizedActs, j: usize) -> Row {
 }
 
 type Kernel = unsafe fn(*const u8, Row) -> f32;
+/// `n` consecutive weight rows of `row_bytes` each, one activation row, `n` outputs.
+type ManyKernel = unsafe fn(*const u8, usize, usize, Row, *mut f32);
 
 macro_rules! wrap {
     ($body:ident, $plain:ident, $vnni:ident) => {
@@ -62,6 +64,69 @@ macro_rules! wrap {
             $body::<true>(w, r)
         }
     };
+}
+
+/// Row loops with the kernel body inlined: one dispatch per block of rows instead of
+/// one per row (a 262144-row output head pays the per-call cost once).
+macro_rules! wrap_many {
+    ($body:ident, $plain:ident, $vnni:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn $plain(w: *const u8, rb: usize, n: usize, r: Row, out: *mut f32) {
+            for i in 0..n {
+                *out.add(i) = $body::<false>(w.add(i * rb), r);
+            }
+        }
+        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+        unsafe fn $vnni(w: *const u8, rb: usize, n: usize, r: Row, out: *mut f32) {
+            for i in 0..n {
+                *out.add(i) = $body::<true>(w.add(i * rb), r);
+            }
+        }
+    };
+}
+
+mod many {
+    use super::*;
+    wrap_many!(dot_f32, f32_avx2, f32_vnni);
+    wrap_many!(dot_f16, f16_avx2, f16_vnni);
+    wrap_many!(dot_bf16, bf16_avx2, bf16_vnni);
+    wrap_many!(dot_q8_0, q8_0_avx2, q8_0_vnni);
+    wrap_many!(dot_q4_0, q4_0_avx2, q4_0_vnni);
+    wrap_many!(dot_q4_1, q4_1_avx2, q4_1_vnni);
+    wrap_many!(dot_q5_0, q5_0_avx2, q5_0_vnni);
+    wrap_many!(dot_q5_1, q5_1_avx2, q5_1_vnni);
+    wrap_many!(dot_iq4_nl, iq4_nl_avx2, iq4_nl_vnni);
+    wrap_many!(dot_mxfp4, mxfp4_avx2, mxfp4_vnni);
+    wrap_many!(dot_q2_k, q2_k_avx2, q2_k_vnni);
+    wrap_many!(dot_q3_k, q3_k_avx2, q3_k_vnni);
+    wrap_many!(dot_q4_k, q4_k_avx2, q4_k_vnni);
+    wrap_many!(dot_q5_k, q5_k_avx2, q5_k_vnni);
+    wrap_many!(dot_q6_k, q6_k_avx2, q6_k_vnni);
+    wrap_many!(dot_iq4_xs, iq4_xs_avx2, iq4_xs_vnni);
+
+    pub(super) fn kernel(wty: GgmlType, vnni: bool) -> Option<ManyKernel> {
+        use GgmlType::*;
+        let pair: (ManyKernel, ManyKernel) = match wty {
+            F32 => (f32_avx2, f32_vnni),
+            F16 => (f16_avx2, f16_vnni),
+            BF16 => (bf16_avx2, bf16_vnni),
+            Q8_0 => (q8_0_avx2, q8_0_vnni),
+            Q4_0 => (q4_0_avx2, q4_0_vnni),
+            Q4_1 => (q4_1_avx2, q4_1_vnni),
+            Q5_0 => (q5_0_avx2, q5_0_vnni),
+            Q5_1 => (q5_1_avx2, q5_1_vnni),
+            IQ4_NL => (iq4_nl_avx2, iq4_nl_vnni),
+            MXFP4 => (mxfp4_avx2, mxfp4_vnni),
+            Q2_K => (q2_k_avx2, q2_k_vnni),
+            Q3_K => (q3_k_avx2, q3_k_vnni),
+            Q4_K => (q4_k_avx2, q4_k_vnni),
+            Q5_K => (q5_k_avx2, q5_k_vnni),
+            Q6_K => (q6_k_avx2, q6_k_vnni),
+            IQ4_XS => (iq4_xs_avx2, iq4_xs_vnni),
+            _ => return None,
+        };
+        Some(if vnni { pair.1 } else { pair.0 })
+    }
 }
 
 wrap!(dot_f32, f32_avx2, f32_vnni);
@@ -118,6 +183,32 @@ pub(super) unsafe fn vec_dot(
 ) -> Option<f32> {
     let k = kernel(wty, level() == Level::Avx2Vnni)?;
     Some(k(w.as_ptr(), row(acts, j)))
+}
+
+/// `out[i] = dot(weight row i of w, activation row j)` for `out.len()` consecutive rows
+/// of `row_bytes` each; `false` when `wty` has no kernel.
+///
+/// # Safety
+/// As [`vec_dot`] for every row: `w.len() >= out.len() * row_bytes`, each row checked.
+pub(super) unsafe fn vec_dot_many(
+    wty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &QuantizedActs,
+    j: usize,
+    out: &mut [f32],
+) -> bool {
+    let Some(k) = many::kernel(wty, level() == Level::Avx2Vnni) else {
+        return false;
+    };
+    k(
+        w.as_ptr(),
+        row_bytes,
+        out.len(),
+        row(acts, j),
+        out.as_mut_ptr(),
+    );
+    true
 }
 
 /// All activation rows at once; `false` when `wty` has no kernel.
