@@ -1,17 +1,11 @@
 //! What every block's CPU implementation computes with: the thread pool and mat-muls
 //! straight from quantized weights.
 
-use std::cell::RefCell;
-
 use caldera_format::quant::{self, QuantizedActs};
 use caldera_model::Weight;
 
 use crate::forward::CpuError;
 use crate::pool::{SyncPtr, ThreadPool};
-
-thread_local! {
-    static ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
 
 pub struct Ctx<'a> {
     pub pool: &'a ThreadPool,
@@ -61,18 +55,19 @@ impl<'a> Ctx<'a> {
                     o.iter_mut().zip(&b[r0..r1]).for_each(|(v, b)| *v += b);
                 }
             } else {
-                ROWS.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    buf.resize(m, 0.0);
-                    for r in r0..r1 {
-                        quant::vec_dot_rows(ty, w.row(r), acts, &mut buf[..m]);
-                        let b = bias.map_or(0.0, |b| b[r]);
-                        for (j, &v) in buf[..m].iter().enumerate() {
-                            // SAFETY: as above; element (j, r) belongs to this task's rows.
-                            unsafe { *base.add(j * rows + r) = v + b };
-                        }
+                // The task's block of weight rows stays in cache while every activation
+                // row passes over it; each pass writes a contiguous run of `out`.
+                let rb = w.row_bytes();
+                let wb = &w.bytes()[r0 * rb..r1 * rb];
+                for j in 0..m {
+                    // SAFETY: as above; row j's elements r0..r1 belong to this task.
+                    let o =
+                        unsafe { std::slice::from_raw_parts_mut(base.add(j * rows + r0), r1 - r0) };
+                    quant::vec_dot_many(ty, wb, acts, j, o);
+                    if let Some(b) = bias {
+                        o.iter_mut().zip(&b[r0..r1]).for_each(|(v, b)| *v += b);
                     }
-                });
+                }
             }
         });
         Ok(())
