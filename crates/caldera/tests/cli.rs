@@ -1,74 +1,10 @@
 //! End-to-end tests of the `caldera` binary: fixtures, real models, hostile files.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_caldera"))
-}
+use std::process::Output;
 
-fn fixtures() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/hf");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!("skipping: no fixtures at {}", p.display());
-        None
-    }
-}
-
-fn models() -> PathBuf {
-    std::env::var_os("CALDERA_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"))
-}
-
-fn model(name: &str) -> Option<PathBuf> {
-    let p = models().join(name);
-    if p.is_file() {
-        Some(p)
-    } else {
-        eprintln!(
-            "skipping: {} is missing (scripts/fetch-models.sh fetches it)",
-            p.display()
-        );
-        None
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn verify_fixture(arch: &str) {
-    let Some(dir) = fixtures() else { return };
-    let o = bin()
-        .args(["verify", "--threads", "2"])
-        .arg(dir.join(arch))
-        .output()
-        .expect("running caldera");
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("PASS"),
-        "{}",
-        text(&o)
-    );
-}
-
-#[test]
-fn verify_llama_fixture_cpu() {
-    verify_fixture("llama");
-}
-
-#[test]
-fn verify_qwen3_fixture_cpu() {
-    verify_fixture("qwen3");
-}
+use common::{bin, fixtures, model, text};
 
 /// The file's own chat template adds a default system prompt ("You are a helpful AI
 /// assistant named SmolLM, ..."); with it the Q4_1 model's greedy answer starts

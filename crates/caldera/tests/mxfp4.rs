@@ -1,63 +1,16 @@
-//! MoE architectures against their transformers fixtures (`qwen3_moe`, `gpt_oss`), and
 //! gpt-oss experts stored as MXFP4 in a GGUF file.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
 use std::sync::Arc;
+
+use common::fixtures;
 
 use caldera_cpu::{CpuBackend, Logits};
 use caldera_format::gguf::GgufWriter;
 use caldera_format::{quant, GgmlType};
 use caldera_model::file::RawTensor;
 use caldera_model::{Model, ModelFile};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_caldera"))
-}
-
-fn fixtures() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/hf");
-    if p.is_dir() {
-        Some(p)
-    } else {
-        eprintln!("skipping: no fixtures at {}", p.display());
-        None
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn verify_fixture(arch: &str) {
-    let Some(dir) = fixtures() else { return };
-    let o = bin()
-        .args(["verify", "--threads", "2"])
-        .arg(dir.join(arch))
-        .output()
-        .expect("running caldera");
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("PASS"),
-        "{}",
-        text(&o)
-    );
-}
-
-#[test]
-fn verify_qwen3_moe_fixture_cpu() {
-    verify_fixture("qwen3_moe");
-}
-
-#[test]
-fn verify_gpt_oss_fixture_cpu() {
-    verify_fixture("gpt_oss");
-}
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
