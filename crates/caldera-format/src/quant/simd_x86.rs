@@ -3,7 +3,7 @@
 //! the order of the f32 scale products.
 //!
 //! Kernels are `#[inline(always)]` bodies generic over `V` (use AVX-VNNI `vpdpbusd`),
-//! instantiated by [`wrap!`] inside functions that enable the matching target features.
+//! instantiated by [`kernels!`] inside functions that enable the matching target features.
 
 use std::arch::x86_64::*;
 
@@ -53,121 +53,67 @@ type Kernel = unsafe fn(*const u8, Row) -> f32;
 /// `n` consecutive weight rows of `row_bytes` each, one activation row, `n` outputs.
 type ManyKernel = unsafe fn(*const u8, usize, usize, Row, *mut f32);
 
-macro_rules! wrap {
-    ($body:ident, $plain:ident, $vnni:ident) => {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $plain(w: *const u8, r: Row) -> f32 {
-            $body::<false>(w, r)
-        }
-        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-        unsafe fn $vnni(w: *const u8, r: Row) -> f32 {
-            $body::<true>(w, r)
+/// The kernel table: for each type, the body instantiated inside functions that enable
+/// the matching target features, once for a single row and once as a loop over a block
+/// of rows (one dispatch per block: a 262144-row output head pays the call cost once).
+macro_rules! kernels {
+    ($($ty:ident => $body:ident,)*) => {
+        fn kernel_table(wty: GgmlType, vnni: bool) -> Option<(Kernel, ManyKernel)> {
+            match wty {
+                $(GgmlType::$ty => {
+                    #[target_feature(enable = "avx2,fma,f16c")]
+                    unsafe fn one(w: *const u8, r: Row) -> f32 {
+                        $body::<false>(w, r)
+                    }
+                    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+                    unsafe fn one_vnni(w: *const u8, r: Row) -> f32 {
+                        $body::<true>(w, r)
+                    }
+                    #[target_feature(enable = "avx2,fma,f16c")]
+                    unsafe fn many(w: *const u8, rb: usize, n: usize, r: Row, out: *mut f32) {
+                        for i in 0..n {
+                            *out.add(i) = $body::<false>(w.add(i * rb), r);
+                        }
+                    }
+                    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+                    unsafe fn many_vnni(w: *const u8, rb: usize, n: usize, r: Row, out: *mut f32) {
+                        for i in 0..n {
+                            *out.add(i) = $body::<true>(w.add(i * rb), r);
+                        }
+                    }
+                    Some(if vnni {
+                        (one_vnni as Kernel, many_vnni as ManyKernel)
+                    } else {
+                        (one as Kernel, many as ManyKernel)
+                    })
+                })*
+                _ => None,
+            }
         }
     };
 }
 
-/// Row loops with the kernel body inlined: one dispatch per block of rows instead of
-/// one per row (a 262144-row output head pays the per-call cost once).
-macro_rules! wrap_many {
-    ($body:ident, $plain:ident, $vnni:ident) => {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn $plain(w: *const u8, rb: usize, n: usize, r: Row, out: *mut f32) {
-            for i in 0..n {
-                *out.add(i) = $body::<false>(w.add(i * rb), r);
-            }
-        }
-        #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
-        unsafe fn $vnni(w: *const u8, rb: usize, n: usize, r: Row, out: *mut f32) {
-            for i in 0..n {
-                *out.add(i) = $body::<true>(w.add(i * rb), r);
-            }
-        }
-    };
+kernels! {
+    F32 => dot_f32,
+    F16 => dot_f16,
+    BF16 => dot_bf16,
+    Q8_0 => dot_q8_0,
+    Q4_0 => dot_q4_0,
+    Q4_1 => dot_q4_1,
+    Q5_0 => dot_q5_0,
+    Q5_1 => dot_q5_1,
+    IQ4_NL => dot_iq4_nl,
+    MXFP4 => dot_mxfp4,
+    Q2_K => dot_q2_k,
+    Q3_K => dot_q3_k,
+    Q4_K => dot_q4_k,
+    Q5_K => dot_q5_k,
+    Q6_K => dot_q6_k,
+    IQ4_XS => dot_iq4_xs,
 }
-
-mod many {
-    use super::*;
-    wrap_many!(dot_f32, f32_avx2, f32_vnni);
-    wrap_many!(dot_f16, f16_avx2, f16_vnni);
-    wrap_many!(dot_bf16, bf16_avx2, bf16_vnni);
-    wrap_many!(dot_q8_0, q8_0_avx2, q8_0_vnni);
-    wrap_many!(dot_q4_0, q4_0_avx2, q4_0_vnni);
-    wrap_many!(dot_q4_1, q4_1_avx2, q4_1_vnni);
-    wrap_many!(dot_q5_0, q5_0_avx2, q5_0_vnni);
-    wrap_many!(dot_q5_1, q5_1_avx2, q5_1_vnni);
-    wrap_many!(dot_iq4_nl, iq4_nl_avx2, iq4_nl_vnni);
-    wrap_many!(dot_mxfp4, mxfp4_avx2, mxfp4_vnni);
-    wrap_many!(dot_q2_k, q2_k_avx2, q2_k_vnni);
-    wrap_many!(dot_q3_k, q3_k_avx2, q3_k_vnni);
-    wrap_many!(dot_q4_k, q4_k_avx2, q4_k_vnni);
-    wrap_many!(dot_q5_k, q5_k_avx2, q5_k_vnni);
-    wrap_many!(dot_q6_k, q6_k_avx2, q6_k_vnni);
-    wrap_many!(dot_iq4_xs, iq4_xs_avx2, iq4_xs_vnni);
-
-    pub(super) fn kernel(wty: GgmlType, vnni: bool) -> Option<ManyKernel> {
-        use GgmlType::*;
-        let pair: (ManyKernel, ManyKernel) = match wty {
-            F32 => (f32_avx2, f32_vnni),
-            F16 => (f16_avx2, f16_vnni),
-            BF16 => (bf16_avx2, bf16_vnni),
-            Q8_0 => (q8_0_avx2, q8_0_vnni),
-            Q4_0 => (q4_0_avx2, q4_0_vnni),
-            Q4_1 => (q4_1_avx2, q4_1_vnni),
-            Q5_0 => (q5_0_avx2, q5_0_vnni),
-            Q5_1 => (q5_1_avx2, q5_1_vnni),
-            IQ4_NL => (iq4_nl_avx2, iq4_nl_vnni),
-            MXFP4 => (mxfp4_avx2, mxfp4_vnni),
-            Q2_K => (q2_k_avx2, q2_k_vnni),
-            Q3_K => (q3_k_avx2, q3_k_vnni),
-            Q4_K => (q4_k_avx2, q4_k_vnni),
-            Q5_K => (q5_k_avx2, q5_k_vnni),
-            Q6_K => (q6_k_avx2, q6_k_vnni),
-            IQ4_XS => (iq4_xs_avx2, iq4_xs_vnni),
-            _ => return None,
-        };
-        Some(if vnni { pair.1 } else { pair.0 })
-    }
-}
-
-wrap!(dot_f32, f32_avx2, f32_vnni);
-wrap!(dot_f16, f16_avx2, f16_vnni);
-wrap!(dot_bf16, bf16_avx2, bf16_vnni);
-wrap!(dot_q8_0, q8_0_avx2, q8_0_vnni);
-wrap!(dot_q4_0, q4_0_avx2, q4_0_vnni);
-wrap!(dot_q4_1, q4_1_avx2, q4_1_vnni);
-wrap!(dot_q5_0, q5_0_avx2, q5_0_vnni);
-wrap!(dot_q5_1, q5_1_avx2, q5_1_vnni);
-wrap!(dot_iq4_nl, iq4_nl_avx2, iq4_nl_vnni);
-wrap!(dot_mxfp4, mxfp4_avx2, mxfp4_vnni);
-wrap!(dot_q2_k, q2_k_avx2, q2_k_vnni);
-wrap!(dot_q3_k, q3_k_avx2, q3_k_vnni);
-wrap!(dot_q4_k, q4_k_avx2, q4_k_vnni);
-wrap!(dot_q5_k, q5_k_avx2, q5_k_vnni);
-wrap!(dot_q6_k, q6_k_avx2, q6_k_vnni);
-wrap!(dot_iq4_xs, iq4_xs_avx2, iq4_xs_vnni);
 
 fn kernel(wty: GgmlType, vnni: bool) -> Option<Kernel> {
-    use GgmlType::*;
-    let pair: (Kernel, Kernel) = match wty {
-        F32 => (f32_avx2, f32_vnni),
-        F16 => (f16_avx2, f16_vnni),
-        BF16 => (bf16_avx2, bf16_vnni),
-        Q8_0 => (q8_0_avx2, q8_0_vnni),
-        Q4_0 => (q4_0_avx2, q4_0_vnni),
-        Q4_1 => (q4_1_avx2, q4_1_vnni),
-        Q5_0 => (q5_0_avx2, q5_0_vnni),
-        Q5_1 => (q5_1_avx2, q5_1_vnni),
-        IQ4_NL => (iq4_nl_avx2, iq4_nl_vnni),
-        MXFP4 => (mxfp4_avx2, mxfp4_vnni),
-        Q2_K => (q2_k_avx2, q2_k_vnni),
-        Q3_K => (q3_k_avx2, q3_k_vnni),
-        Q4_K => (q4_k_avx2, q4_k_vnni),
-        Q5_K => (q5_k_avx2, q5_k_vnni),
-        Q6_K => (q6_k_avx2, q6_k_vnni),
-        IQ4_XS => (iq4_xs_avx2, iq4_xs_vnni),
-        _ => return None,
-    };
-    Some(if vnni { pair.1 } else { pair.0 })
+    kernel_table(wty, vnni).map(|k| k.0)
 }
 
 /// SIMD dot of `w` with activation row `j`, or `None` for types without a kernel.
@@ -198,7 +144,7 @@ pub(super) unsafe fn vec_dot_many(
     j: usize,
     out: &mut [f32],
 ) -> bool {
-    let Some(k) = many::kernel(wty, level() == Level::Avx2Vnni) else {
+    let Some((_, k)) = kernel_table(wty, level() == Level::Avx2Vnni) else {
         return false;
     };
     k(
