@@ -7,6 +7,7 @@ mod devices;
 mod inspect;
 mod load;
 mod run;
+mod synth;
 mod verify;
 
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ enum Cmd {
     Convert(convert::ConvertArgs),
     /// List the Vulkan devices and what each supports.
     Devices,
+    /// Write a random-weight GGUF with a real model's shapes.
+    Synth(synth::SynthArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Convert(a) => convert::convert(a),
         Cmd::Devices => devices::devices(),
+        Cmd::Synth(a) => synth::synth(a),
     };
     match res {
         Ok(code) => code,

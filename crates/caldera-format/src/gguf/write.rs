@@ -5,32 +5,70 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{GgufValue, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_DEPTH, MAX_DIMS};
 use crate::{FormatError, GgmlType, Result, TensorBytes};
 
+/// Writes a streamed tensor's bytes, in order, into the file being written.
+pub type TensorFill = dyn Fn(&mut dyn Write) -> std::io::Result<()> + Send + Sync;
+
 /// Where a tensor's bytes come from. A view keeps a large tensor in its memory map, so
-/// converting a model never holds all of it in memory.
-#[derive(Clone, Debug)]
+/// converting a model never holds all of it in memory; a stream produces the bytes only
+/// while the file is written, so a generated model is never in memory at all.
+#[derive(Clone)]
 pub enum TensorSource {
     Owned(Vec<u8>),
     View(TensorBytes),
+    /// Exactly `len` bytes that `fill` writes when the tensor's turn comes. Writing fails
+    /// (and no file is left behind) if `fill` writes more or fewer bytes or errs.
+    Stream {
+        len: u64,
+        fill: Arc<TensorFill>,
+    },
 }
 
 impl TensorSource {
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            TensorSource::Owned(v) => v,
-            TensorSource::View(b) => b.as_slice(),
+    /// A streamed tensor of `len` bytes.
+    pub fn stream(
+        len: u64,
+        fill: impl Fn(&mut dyn Write) -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> TensorSource {
+        TensorSource::Stream {
+            len,
+            fill: Arc::new(fill),
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.as_slice().len()
+    /// The bytes when they are already in memory (`None` for a stream).
+    pub fn bytes(&self) -> Option<&[u8]> {
+        match self {
+            TensorSource::Owned(v) => Some(v),
+            TensorSource::View(b) => Some(b.as_slice()),
+            TensorSource::Stream { .. } => None,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        match self {
+            TensorSource::Owned(v) => v.len() as u64,
+            TensorSource::View(b) => b.as_slice().len() as u64,
+            TensorSource::Stream { len, .. } => *len,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl std::fmt::Debug for TensorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TensorSource::Owned(v) => write!(f, "Owned({} bytes)", v.len()),
+            TensorSource::View(b) => write!(f, "View({} bytes)", b.as_slice().len()),
+            TensorSource::Stream { len, .. } => write!(f, "Stream({len} bytes)"),
+        }
     }
 }
 
@@ -164,7 +202,7 @@ impl GgufWriter {
             })?
             .checked_mul(n_elements / dims[0])
             .ok_or_else(|| bad(format!("shape {dims:?} overflows a byte size")))?;
-        if n_bytes != data.len() as u64 {
+        if n_bytes != data.len() {
             return Err(bad(format!(
                 "{ty} {dims:?} needs {n_bytes} bytes but {} were given",
                 data.len()
@@ -262,11 +300,18 @@ impl GgufWriter {
             }
             out.put(&t.ty.id().to_le_bytes())?;
             out.put(&offset.to_le_bytes())?;
-            offset = next_multiple(offset + t.data.len() as u64, alignment)?;
+            let end = offset
+                .checked_add(t.data.len())
+                .ok_or_else(|| std::io::Error::other("GGUF output size overflows"))?;
+            offset = next_multiple(end, alignment)?;
         }
         out.pad(alignment)?;
         for t in &self.tensors {
-            out.put(t.data.as_slice())?;
+            match &t.data {
+                TensorSource::Owned(v) => out.put(v)?,
+                TensorSource::View(b) => out.put(b.as_slice())?,
+                TensorSource::Stream { len, fill } => out.stream(&t.name, *len, fill.as_ref())?,
+            }
             out.pad(alignment)?;
         }
         Ok(out.n)
@@ -315,6 +360,23 @@ impl<W: Write> Counter<'_, W> {
         Ok(())
     }
 
+    /// Runs `fill`, checking that it writes exactly `len` bytes.
+    fn stream(&mut self, name: &str, len: u64, fill: &TensorFill) -> std::io::Result<()> {
+        let mut exact = Exact {
+            w: &mut *self.w,
+            left: len,
+        };
+        fill(&mut exact)?;
+        if exact.left != 0 {
+            return Err(std::io::Error::other(format!(
+                "tensor '{name}': its stream wrote {} of {len} bytes",
+                len - exact.left
+            )));
+        }
+        self.n += len;
+        Ok(())
+    }
+
     fn pad(&mut self, alignment: u64) -> std::io::Result<()> {
         const ZEROS: [u8; 4096] = [0; 4096];
         let mut left = next_multiple(self.n, alignment)? - self.n;
@@ -355,5 +417,110 @@ impl<W: Write> Counter<'_, W> {
                 Ok(())
             }
         }
+    }
+}
+
+/// Passes at most `left` bytes through; one more is an error.
+struct Exact<'a> {
+    w: &'a mut dyn Write,
+    left: u64,
+}
+
+impl Write for Exact<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(std::io::Error::other(
+                "a streamed tensor wrote more bytes than its declared size",
+            ));
+        }
+        let n = self.w.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgufFile;
+
+    fn pattern(n: usize, k: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(k))
+            .collect()
+    }
+
+    /// A stream that writes `data` in pieces of `piece` bytes.
+    fn streamed(data: Vec<u8>, piece: usize) -> TensorSource {
+        TensorSource::stream(data.len() as u64, move |w| {
+            for c in data.chunks(piece) {
+                w.write_all(c)?;
+            }
+            Ok(())
+        })
+    }
+
+    #[test]
+    fn streamed_tensors_write_the_same_file_as_owned_ones() {
+        let shapes: [(&str, GgmlType, Vec<u64>); 3] = [
+            ("a", GgmlType::F32, vec![3, 5]),
+            ("b", GgmlType::Q8_0, vec![64, 3]),
+            ("c", GgmlType::F16, vec![7]),
+        ];
+        let build = |stream: bool| {
+            let mut w = GgufWriter::new();
+            w.set("general.architecture", GgufValue::String("test".into()));
+            for (i, (name, ty, dims)) in shapes.iter().enumerate() {
+                let n = ty.row_bytes(dims[0]).unwrap() * dims[1..].iter().product::<u64>();
+                let data = pattern(n as usize, i as u8);
+                let src = if stream {
+                    streamed(data, 7)
+                } else {
+                    TensorSource::Owned(data)
+                };
+                w.add_tensor(*name, *ty, dims, src).unwrap();
+            }
+            let mut out = Vec::new();
+            let n = w.write_to(&mut out).unwrap();
+            assert_eq!(n, out.len() as u64);
+            out
+        };
+        let (owned, stream) = (build(false), build(true));
+        assert_eq!(owned, stream);
+        let f = GgufFile::from_bytes(stream).unwrap();
+        let t = f.tensor("b").unwrap();
+        assert_eq!(f.tensor_bytes(t).as_slice(), &pattern(68 * 3, 1)[..]);
+    }
+
+    #[test]
+    fn a_stream_of_the_wrong_length_fails_and_leaves_no_file() {
+        let dir = std::env::temp_dir().join(format!("caldera-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (len, wrote) in [(12u64, 8usize), (12, 16)] {
+            let mut w = GgufWriter::new();
+            let src = TensorSource::stream(len, move |out| out.write_all(&vec![1u8; wrote]));
+            w.add_tensor("t", GgmlType::F32, &[3], src).unwrap();
+            let err = w.write_to(Vec::new()).unwrap_err().to_string();
+            assert!(err.contains("stream") || err.contains("streamed"), "{err}");
+            let path = dir.join("bad.gguf");
+            assert!(w.write_file(&path).is_err());
+            assert!(!path.exists());
+            assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        }
+        // A fill that fails passes its error on.
+        let mut w = GgufWriter::new();
+        let src = TensorSource::stream(4, |_| Err(std::io::Error::other("generator broke")));
+        w.add_tensor("t", GgmlType::F32, &[1], src).unwrap();
+        let err = w.write_to(Vec::new()).unwrap_err().to_string();
+        assert!(err.contains("generator broke"), "{err}");
+        // A declared length that does not match the shape is refused when added.
+        let mut w = GgufWriter::new();
+        let src = TensorSource::stream(8, |out| out.write_all(&[0; 8]));
+        assert!(w.add_tensor("t", GgmlType::F32, &[3], src).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
