@@ -7,6 +7,7 @@ mod devices;
 mod inspect;
 mod load;
 mod run;
+mod serve;
 mod synth;
 mod verify;
 
@@ -48,6 +49,8 @@ enum Cmd {
     Devices,
     /// Write a random-weight GGUF with a real model's shapes.
     Synth(synth::SynthArgs),
+    /// Serve an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
         Cmd::Convert(a) => convert::convert(a),
         Cmd::Devices => devices::devices(),
         Cmd::Synth(a) => synth::synth(a),
+        Cmd::Serve(a) => serve::serve(a),
     };
     match res {
         Ok(code) => code,

@@ -1,0 +1,602 @@
+//! End-to-end tests against a real server on 127.0.0.1 (ephemeral port) running
+//! SmolLM2-135M-Instruct on the CPU. Skipped when the model file is absent.
+//!
+//! The runner is wrapped by the tests: it counts forward calls, can sleep per call (to
+//! make a generation slow enough to cancel) and can be told to panic once.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use caldera_cpu::{CpuBackend, CpuRunner};
+use caldera_model::{Logits, Model, ModelFile, RunError, Runner, TokenizerSource};
+use caldera_server::{Engine, Server, ServerConfig};
+use caldera_tokenizer::{ChatTemplate, Tokenizer};
+use serde_json::{json, Value};
+
+const CTX: usize = 256;
+
+fn model_path() -> Option<PathBuf> {
+    let dir = std::env::var("CALDERA_MODELS")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../models").into());
+    let p = PathBuf::from(dir).join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skip: {} not found", p.display());
+        None
+    }
+}
+
+#[derive(Default)]
+struct Hooks {
+    forwards: AtomicUsize,
+    delay_ms: AtomicUsize,
+    panic_once: AtomicBool,
+}
+
+struct TestRunner {
+    inner: CpuRunner,
+    hooks: Arc<Hooks>,
+}
+
+impl Runner for TestRunner {
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn truncate(&mut self, n: usize) -> bool {
+        self.inner.truncate(n)
+    }
+    fn forward(&mut self, t: &[u32], l: Logits, out: &mut Vec<f32>) -> Result<(), RunError> {
+        self.hooks.forwards.fetch_add(1, Ordering::SeqCst);
+        if self.hooks.panic_once.swap(false, Ordering::SeqCst) {
+            panic!("injected test panic");
+        }
+        let d = self.hooks.delay_ms.load(Ordering::SeqCst);
+        if d > 0 {
+            std::thread::sleep(Duration::from_millis(d as u64));
+        }
+        self.inner.forward(t, l, out)
+    }
+    fn describe(&self) -> String {
+        "test".into()
+    }
+}
+
+struct Fixture {
+    server: Server,
+    hooks: Arc<Hooks>,
+}
+
+fn start(cfg: ServerConfig) -> Option<Fixture> {
+    let path = model_path()?;
+    let file = ModelFile::open(&path).expect("open model");
+    let model = Arc::new(Model::from_file(&file).expect("model"));
+    let tok = match &file.tokenizer {
+        TokenizerSource::Gguf(g) => Tokenizer::from_gguf(g).expect("tokenizer"),
+        _ => panic!("no tokenizer"),
+    };
+    let bos = tok.bos_text().unwrap_or("").to_owned();
+    let eos = tok.eos_text().unwrap_or("").to_owned();
+    let template = file
+        .chat_template
+        .as_deref()
+        .map(|s| ChatTemplate::new(s, &bos, &eos).expect("template"));
+    let hooks = Arc::new(Hooks::default());
+    let be = Arc::new(CpuBackend::new(model, 2));
+    let h = hooks.clone();
+    let engine = Engine {
+        tokenizer: tok,
+        template,
+        new_runner: Box::new(move || {
+            Ok(Box::new(TestRunner {
+                inner: CpuRunner::new(be.clone(), CTX)?,
+                hooks: h.clone(),
+            }) as Box<dyn Runner>)
+        }),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let server = Server::start(engine, cfg, listener).expect("start");
+    Some(Fixture { server, hooks })
+}
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn send_head(s: &mut TcpStream, method: &str, path: &str, extra: &[(&str, &str)], len: usize) {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n"
+    );
+    if !extra.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str("Host: localhost\r\n");
+    }
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).expect("write head");
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = std::str::from_utf8(&b[..eol]).unwrap().trim();
+        let n = usize::from_str_radix(size.split(';').next().unwrap(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+}
+
+fn parse(raw: &[u8]) -> Resp {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = std::str::from_utf8(&raw[..split]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let body = &raw[split + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_vec()
+    };
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    send_head(&mut s, method, path, extra, body.len());
+    // The server may answer (413) before reading everything; a failed write is fine.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse(&raw)
+}
+
+fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
+    request(addr, "POST", path, &[], body.to_string().as_bytes())
+}
+
+fn chat_body(max_tokens: usize) -> Value {
+    json!({
+        "model": "x",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|ev| {
+            ev.lines()
+                .find_map(|l| l.strip_prefix("data:").map(|d| d.trim_start().to_owned()))
+        })
+        .collect()
+}
+
+fn assert_error(r: &Resp, status: u16, param: Option<&str>) {
+    assert_eq!(r.status, status, "{}", r.text());
+    let j = r.json();
+    let e = &j["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{j}");
+    assert!(e["type"].is_string(), "{j}");
+    assert!(e.get("code").is_some() && e.get("param").is_some(), "{j}");
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{j}");
+    }
+}
+
+#[test]
+fn chat_non_streaming_and_streaming_agree() {
+    let Some(f) = start(ServerConfig::default()) else {
+        return;
+    };
+    let addr = f.server.addr();
+
+    let r = post(addr, "/v1/chat/completions", &chat_body(12));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert!(j["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(j["object"], "chat.completion");
+    assert!(j["created"].as_u64().unwrap() > 1_600_000_000);
+    assert_eq!(j["model"], "caldera");
+    let c = &j["choices"][0];
+    assert_eq!(c["index"], 0);
+    assert_eq!(c["message"]["role"], "assistant");
+    let text = c["message"]["content"].as_str().unwrap().to_owned();
+    assert!(!text.is_empty());
+    assert!(["stop", "length"].contains(&c["finish_reason"].as_str().unwrap()));
+    let u = &j["usage"];
+    let (p, n) = (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(p > 5 && (1..=12).contains(&n), "{u}");
+    assert_eq!(u["total_tokens"].as_u64().unwrap(), p + n);
+    if c["finish_reason"] == "length" {
+        assert_eq!(n, 12);
+    }
+    eprintln!("answer: {text:?}");
+
+    // The same request streamed (greedy): same text, chunks in OpenAI's shape.
+    let mut body = chat_body(12);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = post(addr, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let data = sse_data(&r.text());
+    assert_eq!(data.last().unwrap(), "[DONE]", "{data:?}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let id = chunks[0]["id"].as_str().unwrap();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut streamed = String::new();
+    let mut finish = None;
+    for ch in &chunks {
+        assert_eq!(ch["object"], "chat.completion.chunk");
+        assert_eq!(ch["id"], id);
+        if let Some(c) = ch["choices"].get(0) {
+            if let Some(t) = c["delta"]["content"].as_str() {
+                streamed.push_str(t);
+            }
+            if !c["finish_reason"].is_null() {
+                finish = Some(c["finish_reason"].clone());
+            }
+        }
+    }
+    assert_eq!(streamed, text);
+    assert_eq!(finish.as_ref(), Some(&c["finish_reason"]));
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"], *u);
+
+    // Completions, a stop string, models, health.
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0, "stop": ["7"]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    assert_eq!(j["object"], "text_completion");
+    let t = j["choices"][0]["text"].as_str().unwrap();
+    assert!(!t.contains('7'), "{t:?}");
+    eprintln!("completion: {t:?} ({})", j["choices"][0]["finish_reason"]);
+
+    let r = request(addr, "GET", "/v1/models", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["data"][0]["id"], "caldera");
+    let r = request(addr, "GET", "/health", &[], b"");
+    assert_eq!((r.status, r.json()["status"].clone()), (200, json!("ok")));
+    assert!(r.header("access-control-allow-origin").is_none());
+    f.server.shutdown().unwrap();
+}
+
+#[test]
+fn bad_requests_get_400() {
+    let Some(f) = start(ServerConfig::default()) else {
+        return;
+    };
+    let addr = f.server.addr();
+    let path = "/v1/chat/completions";
+    let r = request(addr, "POST", path, &[], b"{\"messages\": [");
+    assert_error(&r, 400, None);
+    let r = request(addr, "POST", path, &[], b"not json at all");
+    assert_error(&r, 400, None);
+    for (field, value) in [
+        ("max_tokens", json!(0)),
+        ("max_tokens", json!(CTX + 1)),
+        ("max_tokens", json!("12")),
+        ("max_completion_tokens", json!(-3)),
+        ("temperature", json!(-0.5)),
+        ("temperature", json!(2.5)),
+        ("top_p", json!(1.5)),
+        ("n", json!(2)),
+        ("presence_penalty", json!(2.01)),
+        ("frequency_penalty", json!("a lot")),
+        ("stop", json!(["a", "b", "c", "d", "e"])),
+        ("stop", json!(42)),
+        ("seed", json!(1.5)),
+        ("stream", json!(1)),
+        ("messages", json!("hello")),
+        ("messages", json!([])),
+    ] {
+        let mut b = chat_body(4);
+        b[field] = value.clone();
+        let r = post(addr, path, &b);
+        assert_error(&r, 400, Some(field));
+        eprintln!("{field}={value}: {}", r.json()["error"]["message"]);
+    }
+    // Boundary values that are allowed.
+    let mut b = chat_body(1);
+    b["temperature"] = json!(2);
+    b["top_p"] = json!(1);
+    b["presence_penalty"] = json!(-2);
+    b["seed"] = json!(u64::MAX);
+    b["stop"] = json!("x");
+    let r = post(addr, path, &b);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 1);
+
+    // A prompt longer than the context: 400 with the token counts, nothing run.
+    let before = f.hooks.forwards.load(Ordering::SeqCst);
+    let long = "word ".repeat(CTX * 2);
+    let mut b = chat_body(4);
+    b["messages"][0]["content"] = json!(long);
+    let r = post(addr, path, &b);
+    assert_error(&r, 400, Some("messages"));
+    let j = r.json();
+    assert_eq!(j["error"]["code"], "context_length_exceeded");
+    assert!(j["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains(&CTX.to_string()));
+    let r = post(addr, "/v1/completions", &json!({"prompt": long}));
+    assert_error(&r, 400, Some("prompt"));
+    assert_eq!(f.hooks.forwards.load(Ordering::SeqCst), before);
+
+    // Without a key, a request addressed to another name (DNS rebinding) is refused.
+    let r = request(
+        addr,
+        "GET",
+        "/v1/models",
+        &[("Host", "evil.example:8080")],
+        b"",
+    );
+    assert_error(&r, 403, None);
+
+    // Unknown route: JSON 404.
+    let r = request(addr, "GET", "/v1/nope", &[], b"");
+    assert_error(&r, 404, None);
+    f.server.shutdown().unwrap();
+}
+
+#[test]
+fn auth_and_body_cap() {
+    let Some(f) = start(ServerConfig {
+        api_key: Some("s3cret-key".into()),
+        max_body_bytes: 64 << 10,
+        header_timeout: Duration::from_millis(300),
+        max_header_bytes: 16 << 10,
+        ..ServerConfig::default()
+    }) else {
+        return;
+    };
+    let addr = f.server.addr();
+    let body = chat_body(2).to_string();
+    let path = "/v1/chat/completions";
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer wrong")],
+        vec![("Authorization", "Bearer s3cret-ke")],
+        vec![("Authorization", "Bearer s3cret-key2")],
+        vec![("Authorization", "s3cret-key")],
+    ] {
+        let r = request(addr, "POST", path, &headers, body.as_bytes());
+        assert_error(&r, 401, None);
+        let r = request(addr, "GET", "/v1/models", &headers, b"");
+        assert_eq!(r.status, 401);
+        let r = request(addr, "GET", "//v1/models", &headers, b"");
+        assert_eq!(r.status, 401);
+    }
+    let ok = [("Authorization", "Bearer s3cret-key")];
+    let r = request(addr, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 200);
+    let r = request(addr, "GET", "/v1/models", &ok, b"");
+    assert_eq!(r.status, 200);
+    let r = request(addr, "POST", path, &ok, body.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let mut huge = chat_body(2);
+    huge["messages"][0]["content"] = json!("a".repeat(200 << 10));
+    let r = request(addr, "POST", path, &ok, huge.to_string().as_bytes());
+    assert_error(&r, 413, None);
+
+    // Header cap: 431.
+    let big = "a".repeat(20 << 10);
+    let r = request(addr, "GET", "/health", &[("X-Big", &big)], b"");
+    assert_eq!(r.status, 431);
+
+    // A client that never finishes its header is disconnected.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 408"),
+        "{rest}"
+    );
+    f.server.shutdown().unwrap();
+}
+
+fn wait_idle(addr: SocketAddr, limit: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let h = request(addr, "GET", "/health", &[], b"").json();
+        if h["busy"] == false && h["queued"] == 0 {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < limit, "the worker stayed busy: {h}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn disconnect_cancels_and_panic_fails_one_request() {
+    let Some(f) = start(ServerConfig::default()) else {
+        return;
+    };
+    let addr = f.server.addr();
+    // 50 ms per token: 200 tokens would take 10 s.
+    f.hooks.delay_ms.store(50, Ordering::SeqCst);
+    let mut b =
+        json!({"prompt": "1, 2, 3, 4,", "max_tokens": 200, "temperature": 0, "stream": true});
+    let body = b.to_string();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    send_head(&mut s, "POST", "/v1/completions", &[], body.len());
+    s.write_all(body.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read until some text chunks have come, then hang up.
+    while got.windows(5).filter(|w| w == b"data:").count() < 3 {
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "stream ended early: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let start_forwards = f.hooks.forwards.load(Ordering::SeqCst);
+    drop(s);
+    let took = wait_idle(addr, Duration::from_secs(5));
+    let ran = f.hooks.forwards.load(Ordering::SeqCst) - start_forwards;
+    eprintln!("cancelled within {took:?}, {ran} more forward calls");
+    assert!(ran < 20, "{ran} tokens ran after the disconnect");
+
+    // A non-streaming client that hangs up cancels too.
+    b["stream"] = json!(false);
+    let body = b.to_string();
+    let mut s = TcpStream::connect(addr).unwrap();
+    send_head(&mut s, "POST", "/v1/completions", &[], body.len());
+    s.write_all(body.as_bytes()).unwrap();
+    let t = Instant::now();
+    while f.hooks.forwards.load(Ordering::SeqCst) < start_forwards + ran + 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the job did not start"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(s);
+    let took = wait_idle(addr, Duration::from_secs(5));
+    eprintln!("non-streaming request cancelled within {took:?}");
+
+    // The worker is free: a following request completes.
+    f.hooks.delay_ms.store(0, Ordering::SeqCst);
+    b["stream"] = json!(false);
+    b["max_tokens"] = json!(3);
+    let r = post(addr, "/v1/completions", &b);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+
+    // A panic inside generation fails that request only.
+    f.hooks.panic_once.store(true, Ordering::SeqCst);
+    let r = post(addr, "/v1/chat/completions", &chat_body(3));
+    assert_error(&r, 500, None);
+    assert!(r.text().contains("injected test panic"), "{}", r.text());
+    let r = post(addr, "/v1/chat/completions", &chat_body(3));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Streamed, a panic ends the stream with an error event.
+    f.hooks.panic_once.store(true, Ordering::SeqCst);
+    let mut sb = chat_body(3);
+    sb["stream"] = json!(true);
+    let r = post(addr, "/v1/chat/completions", &sb);
+    let data = sse_data(&r.text());
+    assert!(data.last().unwrap().contains("\"error\""), "{data:?}");
+    let r = post(addr, "/v1/chat/completions", &chat_body(3));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = request(addr, "GET", "/health", &[], b"");
+    assert_eq!(h.status, 200);
+    f.server.shutdown().unwrap();
+}
+
+#[test]
+fn full_queue_gets_503() {
+    let Some(f) = start(ServerConfig {
+        max_queue: 1,
+        ..ServerConfig::default()
+    }) else {
+        return;
+    };
+    let addr = f.server.addr();
+    f.hooks.delay_ms.store(100, Ordering::SeqCst);
+    // One running, one queued, the third refused.
+    let slow = json!({"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0});
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            let b = slow.clone();
+            std::thread::sleep(Duration::from_millis(if i == 0 { 0 } else { 400 }));
+            std::thread::spawn(move || post(addr, "/v1/completions", &b).status)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    let r = post(addr, "/v1/completions", &slow);
+    assert_error(&r, 503, None);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    f.hooks.delay_ms.store(0, Ordering::SeqCst);
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    f.server.shutdown().unwrap();
+}
