@@ -7,7 +7,10 @@
 //!   [`DeviceTensor`]s split over several buffers between rows;
 //! - [`record`]: kernels bound once to buffers ([`Binding`]) and reusable command
 //!   buffers ([`Recording`]);
-//! - [`ops`]: mat-vec straight from GGML blocks (F16, Q8_0, Q4_0, Q4_K, Q6_K) and RMSNorm.
+//! - [`ops`]: mat-vec straight from GGML blocks (F16, Q8_0, Q4_0, Q4_K, Q6_K) and RMSNorm;
+//!   the batched mat-vec [`ops::Mm`] for every type the models use;
+//! - [`model`]: whole attention-transformer models behind `caldera_model::Runner`, each
+//!   step recorded once and replayed with one submit.
 //!
 //! Shaders are GLSL under `shaders/`, compiled by `build-shaders.sh` into the committed
 //! SPIR-V in `shaders/spv/` (see README.md).
@@ -17,6 +20,7 @@ pub mod device;
 pub mod error;
 pub mod kernels;
 pub mod memory;
+pub mod model;
 pub mod ops;
 pub mod record;
 pub mod testing;
@@ -26,6 +30,7 @@ pub use device::{list_devices, DeviceInfo, DeviceType, MemoryHeap, ENV_VALIDATIO
 pub use error::{Result, VkError};
 pub use kernels::{Kernel, KernelDesc, Tuning, KERNELS};
 pub use memory::{Buffer, DeviceTensor, MemoryKind, TensorPiece};
+pub use model::{StepStats, VkModel, VkRunner};
 pub use record::{Binding, Recorder, Recording};
 
 /// Env var: the index of the Vulkan device to use (as `caldera devices` lists them).

@@ -346,3 +346,111 @@ impl Context {
         })
     }
 }
+
+impl Context {
+    /// Uploads the row-major tensors `parts` (all rows of `row_bytes` bytes) as one
+    /// tensor whose rows are those of `parts[0]`, then `parts[1]`, ... (fused
+    /// projections), split between rows as [`Context::upload_rows`] does. Each piece is
+    /// written straight from the parts' bytes, never assembled on the host.
+    pub fn upload_rows_concat(&self, parts: &[&[u8]], row_bytes: u64) -> Result<DeviceTensor> {
+        if row_bytes == 0
+            || parts
+                .iter()
+                .any(|p| !(p.len() as u64).is_multiple_of(row_bytes))
+        {
+            return Err(VkError::Invalid(format!(
+                "tensors to concatenate are not whole rows of {row_bytes} bytes"
+            )));
+        }
+        let rows: u64 = parts.iter().map(|p| p.len() as u64 / row_bytes).sum();
+        let rows_per_piece = self.max_buffer_bytes / row_bytes;
+        if rows_per_piece == 0 {
+            return Err(VkError::Invalid(format!(
+                "one row of {row_bytes} bytes is larger than a buffer may be on {} ({} bytes)",
+                self.info.name, self.max_buffer_bytes
+            )));
+        }
+        let mut pieces = Vec::new();
+        let mut first = 0u64;
+        while first < rows {
+            let n = rows_per_piece.min(rows - first);
+            let buffer = self.create_buffer(n * row_bytes, MemoryKind::Device)?;
+            // Copy rows first .. first + n from whichever parts hold them.
+            let (lo, hi) = (first * row_bytes, (first + n) * row_bytes);
+            let mut at = 0u64;
+            for part in parts {
+                let (s, e) = (at, at + part.len() as u64);
+                at = e;
+                let (a, b) = (s.max(lo), e.min(hi));
+                if a < b {
+                    self.write_buffer(&buffer, a - lo, &part[(a - s) as usize..(b - s) as usize])?;
+                }
+            }
+            pieces.push(TensorPiece {
+                buffer,
+                first_row: first,
+                rows: n,
+            });
+            first += n;
+        }
+        Ok(DeviceTensor {
+            rows,
+            row_bytes,
+            pieces,
+        })
+    }
+
+    /// Writes `data` at byte `offset` of a host-visible buffer through its mapping. The
+    /// caller makes sure no submitted command is using the buffer (every submit waits).
+    pub fn write_mapped(&self, dst: &Buffer, offset: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        if dst.0.mapped.is_null() || offset.checked_add(len).is_none_or(|e| e > dst.size()) {
+            return Err(VkError::Invalid(format!(
+                "writing {len} bytes at {offset} into a {:?} buffer of {} bytes",
+                dst.kind(),
+                dst.size()
+            )));
+        }
+        // SAFETY: the mapping covers the whole buffer and the range is inside it; no
+        // command reads the buffer now (submits wait before returning).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                dst.0.mapped.add(offset as usize),
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Reads `n` f32 values from byte `offset` of a host-visible buffer through its
+    /// mapping (after the submit that wrote them has been waited for).
+    pub fn read_mapped_f32(
+        &self,
+        src: &Buffer,
+        offset: u64,
+        n: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let len = (n as u64).checked_mul(4);
+        if src.0.mapped.is_null()
+            || !offset.is_multiple_of(4)
+            || len
+                .and_then(|l| l.checked_add(offset))
+                .is_none_or(|e| e > src.size())
+        {
+            return Err(VkError::Invalid(format!(
+                "reading {n} f32 at {offset} from a {:?} buffer of {} bytes",
+                src.kind(),
+                src.size()
+            )));
+        }
+        // SAFETY: in range (checked), 4-aligned (mappings are at least 4-aligned), and the
+        // writes were made host-visible by the recording's host barrier and fence wait.
+        let vals = unsafe {
+            std::slice::from_raw_parts(src.0.mapped.add(offset as usize) as *const f32, n)
+        };
+        out.extend_from_slice(vals);
+        Ok(())
+    }
+}

@@ -155,3 +155,212 @@ pub fn rms_norm_host(ctx: &Context, x: &[f32], w: &[f32], eps: f32) -> Result<Ve
     ctx.submit(&rec)?;
     ctx.read_f32(&yb, x.len())
 }
+
+/// How a [`Mm`] transforms its input and stores its output (`mm.glsl`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MmMode {
+    /// Input is `rmsnorm(x_t) * gam` (needs `gam`, `k` values).
+    pub norm: bool,
+    /// Input is `act(x_t[c]) * x_t[k + c]`: each x row holds gate (k) then up (k).
+    pub glu: Option<GluAct>,
+    /// `y += W x` (residual add) instead of `y = W x`.
+    pub add: bool,
+    /// `y = cap * tanh(y / cap)`.
+    pub softcap: Option<f32>,
+    /// Run over tokens `step[2] .. step[2] + step[3]` (logits rows) instead of `0 .. step[0]`;
+    /// output rows are numbered from `step[2]`.
+    pub token_select: bool,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
+
+/// The activation of a gated MLP folded into its down projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GluAct {
+    Silu,
+    GeluTanh,
+}
+
+/// Batched mat-vec: for each token `t` of a step (count from the step buffer),
+/// `y[t * ld_y + y_offset + r] (+)= W[r] · input(x[t * ld_x ..])` for every row `r` of a
+/// weight tensor of type `ty`, read straight from its blocks (each weight row read once
+/// per 8 tokens). One dispatch per weight piece.
+pub struct Mm {
+    parts: Vec<(Binding, [u8; 32], u64)>,
+    rows_per_group: u32,
+}
+
+/// Where a [`Mm`] reads and writes.
+pub struct MmIo<'a> {
+    /// Input rows, `ld_x` elements apart.
+    pub x: &'a Buffer,
+    pub ld_x: u64,
+    /// Output rows, `ld_y` elements apart; row `r` of the weight lands at `y_offset + r`.
+    pub y: &'a Buffer,
+    pub ld_y: u64,
+    pub y_offset: u64,
+    /// Weights (`k` f32) the input is multiplied by: the norm's for [`MmMode::norm`]; when
+    /// `None` (or shorter than `k`) a buffer of ones is made.
+    pub gam: Option<&'a Buffer>,
+    /// Step values: `[tokens, first position, first logits token, logits tokens]` (u32).
+    pub step: &'a Buffer,
+    /// The most tokens one step runs (sizes are checked against it).
+    pub max_tokens: u64,
+}
+
+impl Mm {
+    pub fn new(
+        ctx: &Context,
+        ty: GgmlType,
+        w: &DeviceTensor,
+        k: u64,
+        io: &MmIo<'_>,
+        mode: MmMode,
+    ) -> Result<Mm> {
+        let kernel = Kernel::mm_for(ty, mode.glu.is_some()).ok_or_else(|| {
+            VkError::Invalid(format!("no Vulkan mat-vec kernel for tensor type {ty} yet"))
+        })?;
+        if k == 0 || ty.row_bytes(k) != Some(w.row_bytes) {
+            return Err(VkError::Invalid(format!(
+                "rows of {} bytes do not hold {k} elements of {ty}",
+                w.row_bytes
+            )));
+        }
+        let x_width = if mode.glu.is_some() { 2 * k } else { k };
+        let t = io.max_tokens.max(1);
+        let x_need = ((t - 1) * io.ld_x + x_width) * 4;
+        let y_need = ((t - 1) * io.ld_y + io.y_offset + w.rows) * 4;
+        if io.ld_x < x_width
+            || io.ld_y < io.y_offset + w.rows
+            || io.x.size() < x_need
+            || io.y.size() < y_need
+            || (mode.norm && io.gam.is_none_or(|g| g.size() < k * 4))
+            || io.step.size() < 16
+        {
+            return Err(VkError::Invalid(format!(
+                "mat-vec of {} x {k} over {t} tokens: buffers too small or strides too short",
+                w.rows
+            )));
+        }
+        let mut flags = 0u32;
+        if mode.norm {
+            flags |= 1;
+        }
+        if mode.add {
+            flags |= 2;
+        }
+        match mode.glu {
+            Some(GluAct::Silu) => flags |= 4,
+            Some(GluAct::GeluTanh) => flags |= 8,
+            None => {}
+        }
+        if mode.softcap.is_some() {
+            flags |= 16;
+        }
+        if mode.token_select {
+            flags |= 32;
+        }
+        let ones;
+        let gam = match io.gam {
+            Some(g) if g.size() >= k * 4 => g,
+            _ if mode.glu.is_some() => io.x,
+            _ => {
+                ones = ctx.upload_f32(&vec![1.0; k as usize])?;
+                &ones
+            }
+        };
+        let mut parts = Vec::with_capacity(w.pieces.len());
+        for piece in &w.pieces {
+            let b = ctx.bind(kernel, &[&piece.buffer, io.x, io.y, gam, io.step])?;
+            let vals = [
+                u32_of(k, "k")?,
+                u32_of(piece.rows, "rows")?,
+                u32_of(io.y_offset + piece.first_row, "y offset")?,
+                u32_of(io.ld_x, "x stride")?,
+                u32_of(io.ld_y, "y stride")?,
+                flags,
+                mode.eps.to_bits(),
+                mode.softcap.unwrap_or(0.0).to_bits(),
+            ];
+            let mut push = [0u8; 32];
+            for (c, v) in push.chunks_exact_mut(4).zip(vals) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+            parts.push((b, push, piece.rows));
+        }
+        Ok(Mm {
+            parts,
+            rows_per_group: ctx.tuning().rows_per_group,
+        })
+    }
+
+    /// Records the mat-vec (one dispatch per weight piece, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        for (b, push, rows) in &self.parts {
+            r.dispatch(b, push, rows.div_ceil(self.rows_per_group as u64))?;
+        }
+        Ok(())
+    }
+
+    /// Dispatches [`Mm::record`] makes.
+    pub fn dispatches(&self) -> usize {
+        self.parts.len()
+    }
+}
+
+/// Runs one [`Mm`] on host data: `w` holds rows of `k` elements of `ty`; `x` holds `m`
+/// token rows of `k` values (`2k` with `glu`); `gam` the norm weights when `mode.norm`.
+/// With `mode.add`, `y` starts from `y0` (`m * rows` values). Returns `m * rows` values.
+#[allow(clippy::too_many_arguments)]
+pub fn mm_host(
+    ctx: &Context,
+    ty: GgmlType,
+    w: &[u8],
+    k: usize,
+    x: &[f32],
+    m: usize,
+    gam: Option<&[f32]>,
+    y0: Option<&[f32]>,
+    mode: MmMode,
+) -> Result<Vec<f32>> {
+    let row_bytes = ty
+        .row_bytes(k as u64)
+        .ok_or_else(|| VkError::Invalid(format!("{k} elements are not whole {ty} blocks")))?;
+    let width = if mode.glu.is_some() { 2 * k } else { k };
+    if m == 0 || x.len() != m * width {
+        return Err(VkError::Invalid(format!(
+            "x has {} values, want {m} x {width}",
+            x.len()
+        )));
+    }
+    let wt = ctx.upload_rows(w, row_bytes)?;
+    let rows = wt.rows as usize;
+    let xb = ctx.upload_f32(x)?;
+    let yb = match y0 {
+        Some(y0) if y0.len() == m * rows => ctx.upload_f32(y0)?,
+        Some(_) => return Err(VkError::Invalid("y0 has the wrong length".into())),
+        None => ctx.create_buffer((m * rows * 4).max(4) as u64, MemoryKind::Device)?,
+    };
+    let gb = gam
+        .filter(|_| mode.norm)
+        .map(|g| ctx.upload_f32(g))
+        .transpose()?;
+    let step = ctx.create_buffer(16, MemoryKind::Upload)?;
+    let vals = [m as u32, 0, 0, m as u32];
+    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    ctx.write_mapped(&step, 0, &bytes)?;
+    let io = MmIo {
+        x: &xb,
+        ld_x: width as u64,
+        y: &yb,
+        ld_y: rows as u64,
+        y_offset: 0,
+        gam: gb.as_ref(),
+        step: &step,
+        max_tokens: m as u64,
+    };
+    let op = Mm::new(ctx, ty, &wt, k as u64, &io, mode)?;
+    let rec = ctx.record(|r| op.record(r))?;
+    ctx.submit(&rec)?;
+    ctx.read_f32(&yb, m * rows)
+}

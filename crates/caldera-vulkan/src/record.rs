@@ -114,7 +114,9 @@ impl Context {
             ctx: self,
             cmd,
             kept: Vec::new(),
+            kept_buffers: Vec::new(),
             dispatches: 0,
+            copies: 0,
         };
         let r = (|| {
             // SAFETY: fresh command buffer from our pool, recorded by this thread only.
@@ -138,7 +140,9 @@ impl Context {
                 shared: self.shared.clone(),
                 cmd,
                 _kept: rec.kept,
+                _kept_buffers: rec.kept_buffers,
                 dispatches: rec.dispatches,
+                copies: rec.copies,
             }),
             Err(e) => {
                 self.free_cmd(cmd);
@@ -163,7 +167,9 @@ pub struct Recorder<'a> {
     ctx: &'a Context,
     cmd: vk::CommandBuffer,
     kept: Vec<Binding>,
+    kept_buffers: Vec<Buffer>,
     dispatches: u32,
+    copies: u32,
 }
 
 impl Recorder<'_> {
@@ -213,6 +219,60 @@ impl Recorder<'_> {
         Ok(())
     }
 
+    /// Copies `size` bytes from `src` (from byte 0) to `dst` (from byte 0), then makes
+    /// the copy visible to later dispatches and to host reads after the submit.
+    pub fn copy(&mut self, src: &Buffer, dst: &Buffer, size: u64) -> Result<()> {
+        if size == 0 || size > src.size() || size > dst.size() {
+            return Err(VkError::Invalid(format!(
+                "copying {size} bytes between buffers of {} and {}",
+                src.size(),
+                dst.size()
+            )));
+        }
+        let dev = self.ctx.device();
+        let region = [vk::BufferCopy {
+            src_offset: 0,
+            dst_offset: 0,
+            size,
+        }];
+        let before = [vk::MemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::HOST_WRITE)
+            .dst_access_mask(vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE)];
+        let after = [vk::MemoryBarrier::default()
+            .src_access_mask(vk::AccessFlags::TRANSFER_WRITE)
+            .dst_access_mask(
+                vk::AccessFlags::SHADER_READ
+                    | vk::AccessFlags::SHADER_WRITE
+                    | vk::AccessFlags::HOST_READ,
+            )];
+        // SAFETY: recording state; both buffers are alive (kept below) and large enough.
+        unsafe {
+            dev.cmd_pipeline_barrier(
+                self.cmd,
+                vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::HOST,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::DependencyFlags::empty(),
+                &before,
+                &[],
+                &[],
+            );
+            dev.cmd_copy_buffer(self.cmd, src.handle(), dst.handle(), &region);
+            dev.cmd_pipeline_barrier(
+                self.cmd,
+                vk::PipelineStageFlags::TRANSFER,
+                vk::PipelineStageFlags::COMPUTE_SHADER | vk::PipelineStageFlags::HOST,
+                vk::DependencyFlags::empty(),
+                &after,
+                &[],
+                &[],
+            );
+        }
+        self.kept_buffers.push(src.clone());
+        self.kept_buffers.push(dst.clone());
+        self.copies += 1;
+        Ok(())
+    }
+
     /// Makes every earlier dispatch's writes visible to later dispatches.
     pub fn barrier(&mut self) {
         let mb = [vk::MemoryBarrier::default()
@@ -238,13 +298,20 @@ pub struct Recording {
     shared: Arc<Shared>,
     cmd: vk::CommandBuffer,
     _kept: Vec<Binding>,
+    _kept_buffers: Vec<Buffer>,
     dispatches: u32,
+    copies: u32,
 }
 
 impl Recording {
     /// Dispatches recorded.
     pub fn dispatches(&self) -> u32 {
         self.dispatches
+    }
+
+    /// Buffer copies recorded.
+    pub fn copies(&self) -> u32 {
+        self.copies
     }
 }
 

@@ -11,6 +11,8 @@ use clap::ValueEnum;
 pub enum Backend {
     Cpu,
     Vulkan,
+    /// A real GPU through Vulkan when one is present, else the CPU (never lavapipe).
+    Auto,
 }
 
 /// Options every model-running command shares.
@@ -34,8 +36,84 @@ pub fn open_runner(args: &BackendArgs, model: Arc<Model>, ctx: usize) -> Result<
             let be = Arc::new(CpuBackend::new(model, threads));
             Ok(Box::new(CpuRunner::new(be, ctx)?))
         }
-        Backend::Vulkan => anyhow::bail!(
-            "the Vulkan backend runs single kernels so far, not whole models; use --backend cpu"
-        ),
+        Backend::Vulkan => vulkan_runner(args, model, ctx, false),
+        Backend::Auto => match vulkan_runner(args, model.clone(), ctx, true) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if args.device.is_some() {
+                    return Err(e);
+                }
+                let cpu = BackendArgs {
+                    backend: Backend::Cpu,
+                    ..args.clone()
+                };
+                open_runner(&cpu, model, ctx)
+            }
+        },
     }
+}
+
+/// The uploaded weights of the last model opened on Vulkan, kept for the next runner of
+/// the same model on the same device (`bench` opens one runner per repetition).
+static VK_MODEL: std::sync::Mutex<Option<(usize, Arc<caldera_vulkan::VkModel>)>> =
+    std::sync::Mutex::new(None);
+
+/// The device to use: `--device`, else `CALDERA_VK_DEVICE`, else the first GPU; a
+/// CPU-type device (lavapipe) only when asked for Vulkan explicitly (`gpu_only` false).
+fn pick_vulkan_device(args: &BackendArgs, gpu_only: bool) -> Result<usize> {
+    let devices = caldera_vulkan::list_devices()?;
+    let env = std::env::var(caldera_vulkan::ENV_DEVICE).ok();
+    let explicit = match (args.device, env) {
+        (Some(i), _) => Some(i),
+        (None, Some(v)) => Some(v.trim().parse::<usize>().map_err(|_| {
+            anyhow::anyhow!("{}={v:?} is not a device index", caldera_vulkan::ENV_DEVICE)
+        })?),
+        (None, None) => None,
+    };
+    if let Some(i) = explicit {
+        if i >= devices.len() {
+            anyhow::bail!(
+                "Vulkan device {i} does not exist: {} device(s) found (`caldera devices` lists them)",
+                devices.len()
+            );
+        }
+        return Ok(i);
+    }
+    let gpu = devices
+        .iter()
+        .position(|d| d.device_type != caldera_vulkan::DeviceType::Cpu);
+    match (gpu, gpu_only) {
+        (Some(i), _) => Ok(i),
+        (None, true) => anyhow::bail!("no Vulkan GPU found"),
+        (None, false) if !devices.is_empty() => Ok(0),
+        (None, false) => Err(caldera_vulkan::VkError::NoDevice.into()),
+    }
+}
+
+fn vulkan_runner(
+    args: &BackendArgs,
+    model: Arc<Model>,
+    ctx: usize,
+    gpu_only: bool,
+) -> Result<Box<dyn Runner>> {
+    let index = pick_vulkan_device(args, gpu_only)?;
+    let mut cache = VK_MODEL.lock().unwrap_or_else(|e| e.into_inner());
+    let vk = match cache.as_ref() {
+        Some((i, m)) if *i == index && Arc::ptr_eq(m.model(), &model) => m.clone(),
+        _ => {
+            *cache = None;
+            let c = caldera_vulkan::Context::new(index)?;
+            let name = c.info().name.clone();
+            let t = std::time::Instant::now();
+            let m = Arc::new(caldera_vulkan::VkModel::new(c, model)?);
+            eprintln!(
+                "caldera: {:.1} MiB of weights uploaded to {name} in {:.2} s",
+                m.weight_bytes() as f64 / (1 << 20) as f64,
+                t.elapsed().as_secs_f64()
+            );
+            *cache = Some((index, m.clone()));
+            m
+        }
+    };
+    Ok(Box::new(caldera_vulkan::VkRunner::new(vk, ctx)?))
 }

@@ -1,0 +1,5 @@
+#version 450
+// Batched mat-vec over BF16 weights with the GLU input (see mm.glsl).
+#define TYPE_BF16 1
+#define MM_GLU 1
+#include "mm.glsl"

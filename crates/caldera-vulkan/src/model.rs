@@ -1,0 +1,806 @@
+//! Whole attention-transformer models (`llama`, `qwen3`, `gemma3`: every layer attention
+//! + dense gated MLP) on one device, behind [`caldera_model::Runner`].
+//!
+//! [`VkModel`] holds the weights, uploaded once in their quantized form; adjacent
+//! projections of the same type and width (q|k|v, gate|up) become one tensor so they run
+//! as one mat-vec. [`VkRunner`] is one sequence: its f32 KV cache, scratch buffers and
+//! recordings. A step of `m` tokens is a [`Recording`] made once per (bucket, logits)
+//! shape and replayed with ONE submit: the step values (`m`, first position, logits rows)
+//! and the input embeddings live in host-visible buffers written before the submit; no
+//! allocation, descriptor update or pipeline creation happens per token.
+//!
+//! Per layer (llama, qwen3): norm + QKV mat-vec (one dispatch per weight type), q/k
+//! norm with RoPE and the KV write, attention, o-proj + residual, norm + gate|up
+//! mat-vec, down (with the GLU activation on its input) + residual: 6 dispatches.
+//! Gemma's post-norms add one `add_norm` dispatch each.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use caldera_format::quant;
+use caldera_format::GgmlType;
+use caldera_model::{
+    Activation, AttnSpec, FfnSpec, FfnWeights, Logits, Mixer, MixerWeights, Model, RopeSpec,
+    RopeStyle, RunError, Weight,
+};
+
+use crate::context::Context;
+use crate::error::{Result, VkError};
+use crate::kernels::Kernel;
+use crate::memory::{Buffer, DeviceTensor, MemoryKind};
+use crate::ops::{GluAct, Mm, MmIo, MmMode};
+use crate::record::{Binding, Recorder, Recording};
+
+/// Tokens per prefill step (the prefill bucket).
+pub const CHUNK: usize = 32;
+
+fn unsupported(what: String) -> VkError {
+    VkError::Invalid(format!("the Vulkan backend does not run {what} yet"))
+}
+
+fn u32_of(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| VkError::Invalid(format!("{what} = {v} does not fit in 32 bits")))
+}
+
+/// A projection: one or more weights of one type and width, uploaded as one tensor.
+struct Proj {
+    ty: GgmlType,
+    k: usize,
+    /// First output element of this tensor within the fused output row.
+    offset: usize,
+    t: DeviceTensor,
+}
+
+struct VkLayer {
+    attn: AttnSpec,
+    d_ff: usize,
+    act: GluAct,
+    norm: Option<Buffer>,
+    /// q | k | v output rows (one Proj per run of equal types).
+    qkv: Vec<Proj>,
+    q_norm: Option<Buffer>,
+    k_norm: Option<Buffer>,
+    o: Proj,
+    post_norm: Option<Buffer>,
+    ffn_norm: Option<Buffer>,
+    /// gate | up output rows.
+    gate_up: Vec<Proj>,
+    down: Proj,
+    ffn_post_norm: Option<Buffer>,
+}
+
+/// A model's weights on one device, shared by every sequence ([`VkRunner`]) on it.
+pub struct VkModel {
+    ctx: Context,
+    model: Arc<Model>,
+    layers: Vec<VkLayer>,
+    output_norm: Buffer,
+    output: Proj,
+    /// Ones, as wide as the widest projection input (the `gam` of un-normed mat-vecs).
+    ones: Buffer,
+    /// Bytes of weights uploaded.
+    weight_bytes: u64,
+}
+
+fn upload_norm(ctx: &Context, w: &Option<Vec<f32>>) -> Result<Option<Buffer>> {
+    w.as_ref().map(|v| ctx.upload_f32(v)).transpose()
+}
+
+/// Uploads `ws` (the output rows of one fused projection, in order): each maximal run of
+/// the same type becomes one tensor.
+fn upload_proj(ctx: &Context, ws: &[&Weight]) -> Result<Vec<Proj>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut offset = 0;
+    while i < ws.len() {
+        let (ty, k) = (ws[i].ty, ws[i].cols);
+        let mut j = i;
+        while j < ws.len() && ws[j].ty == ty && ws[j].cols == k {
+            j += 1;
+        }
+        for w in &ws[i..j] {
+            if w.bias.is_some() {
+                return Err(unsupported(format!("biased projections ({})", w.name)));
+            }
+            if Kernel::mm_for(w.ty, false).is_none() {
+                return Err(unsupported(format!("tensor type {} ({})", w.ty, w.name)));
+            }
+        }
+        let row_bytes = ty
+            .row_bytes(k as u64)
+            .ok_or_else(|| VkError::Invalid(format!("{}: rows of {k} {ty}", ws[i].name)))?;
+        let parts: Vec<&[u8]> = ws[i..j].iter().map(|w| w.bytes()).collect();
+        if parts
+            .iter()
+            .zip(&ws[i..j])
+            .any(|(p, w)| Some(p.len() as u64) != (w.rows as u64).checked_mul(row_bytes))
+        {
+            return Err(VkError::Invalid(format!(
+                "{}: size does not match its shape",
+                ws[i].name
+            )));
+        }
+        let t = ctx.upload_rows_concat(&parts, row_bytes)?;
+        let rows = t.rows as usize;
+        out.push(Proj { ty, k, offset, t });
+        offset += rows;
+        i = j;
+    }
+    Ok(out)
+}
+
+impl VkModel {
+    /// Uploads `model`'s weights to the device of `ctx`. Fails for architectures whose
+    /// blocks this backend does not run yet.
+    pub fn new(ctx: Context, model: Arc<Model>) -> Result<VkModel> {
+        let cfg = &model.config;
+        let w = &model.weights;
+        if model.extras.per_layer_inputs.is_some() {
+            return Err(unsupported("per-layer inputs".into()));
+        }
+        if model
+            .extras
+            .layers
+            .iter()
+            .any(|e| e.v_norm || e.kv_from.is_some() || e.out_scale.is_some())
+        {
+            return Err(unsupported(
+                "v norm, shared KV or layer output scales".into(),
+            ));
+        }
+        let mut layers = Vec::with_capacity(cfg.layers.len());
+        for (li, (spec, lw)) in cfg.layers.iter().zip(&w.layers).enumerate() {
+            let (Some(Mixer::Attention(a)), Some(MixerWeights::Attention(aw))) =
+                (&spec.mixer, &lw.mixer)
+            else {
+                return Err(unsupported(format!("layer {li}: non-attention mixers")));
+            };
+            let (Some(FfnSpec::Dense { d_ff, act }), Some(FfnWeights::Dense(fw))) =
+                (&spec.ffn, &lw.ffn)
+            else {
+                return Err(unsupported(format!("layer {li}: MoE or missing MLPs")));
+            };
+            let act = match act {
+                Activation::SwiGlu => GluAct::Silu,
+                Activation::GeluTanhGlu => GluAct::GeluTanh,
+                other => return Err(unsupported(format!("layer {li}: activation {other:?}"))),
+            };
+            let Some(gate) = &fw.gate else {
+                return Err(unsupported(format!("layer {li}: ungated MLPs")));
+            };
+            if a.sinks || a.q_gate {
+                return Err(unsupported(format!("layer {li}: attention sinks or gates")));
+            }
+            if a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 || a.head_dim > 512 {
+                return Err(unsupported(format!(
+                    "layer {li}: {} heads over {} kv heads of {}",
+                    a.n_heads, a.n_kv_heads, a.head_dim
+                )));
+            }
+            if let Some(r) = &a.rope {
+                if r.n_dims % 2 != 0 || r.n_dims > a.head_dim {
+                    return Err(VkError::Invalid(format!(
+                        "layer {li}: RoPE over {} dims",
+                        r.n_dims
+                    )));
+                }
+            }
+            let qd = a.n_heads * a.head_dim;
+            let kvd = a.n_kv_heads * a.head_dim;
+            if aw.q.rows != qd || aw.k.rows != kvd || aw.v.rows != kvd || aw.o.cols != qd {
+                return Err(VkError::Invalid(format!("layer {li}: attention shapes")));
+            }
+            if gate.rows != *d_ff || fw.up.rows != *d_ff || fw.down.cols != *d_ff {
+                return Err(VkError::Invalid(format!("layer {li}: MLP shapes")));
+            }
+            let o = upload_proj(&ctx, &[&aw.o])?.remove(0);
+            let down = upload_proj(&ctx, &[&fw.down])?.remove(0);
+            layers.push(VkLayer {
+                attn: a.clone(),
+                d_ff: *d_ff,
+                act,
+                norm: upload_norm(&ctx, &lw.norm)?,
+                qkv: upload_proj(&ctx, &[&aw.q, &aw.k, &aw.v])?,
+                q_norm: upload_norm(&ctx, &aw.q_norm)?,
+                k_norm: upload_norm(&ctx, &aw.k_norm)?,
+                o,
+                post_norm: upload_norm(&ctx, &lw.post_norm)?,
+                ffn_norm: upload_norm(&ctx, &lw.ffn_norm)?,
+                gate_up: upload_proj(&ctx, &[gate, &fw.up])?,
+                down,
+                ffn_post_norm: upload_norm(&ctx, &lw.ffn_post_norm)?,
+            });
+        }
+        let output = upload_proj(&ctx, &[&w.output])?.remove(0);
+        let output_norm = ctx.upload_f32(&w.output_norm)?;
+        let mut weight_bytes = output.t.rows * output.t.row_bytes;
+        for l in &layers {
+            for p in l.qkv.iter().chain(&l.gate_up).chain([&l.o, &l.down]) {
+                weight_bytes += p.t.rows * p.t.row_bytes;
+            }
+        }
+        let widest = layers
+            .iter()
+            .flat_map(|l| l.qkv.iter().chain(&l.gate_up).chain([&l.o, &l.down]))
+            .chain([&output])
+            .map(|p| p.k)
+            .max()
+            .unwrap_or(1);
+        let ones = ctx.upload_f32(&vec![1.0; widest])?;
+        Ok(VkModel {
+            ctx,
+            model,
+            layers,
+            output_norm,
+            output,
+            ones,
+            weight_bytes,
+        })
+    }
+
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Bytes of weights held on the device.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+}
+
+/// Counts of what one runner did (for `bench`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepStats {
+    /// Dispatches in the recorded one-token (decode) step; 0 before the first decode.
+    pub decode_dispatches: u32,
+    /// Queue submits per decode step.
+    pub decode_submits: u32,
+    /// Layers of the model.
+    pub layers: u32,
+    /// Steps (submits of a recording) and tokens run so far.
+    pub steps: u64,
+    pub tokens: u64,
+}
+
+/// The recorded ops of one step shape.
+struct Step {
+    rec: Recording,
+}
+
+/// One sequence on a [`VkModel`]: KV caches, scratch buffers, recorded steps.
+pub struct VkRunner {
+    m: Arc<VkModel>,
+    cap: usize,
+    len: usize,
+    /// Host-visible step values: `[tokens, first position, first logits token, logits tokens]`.
+    step: Buffer,
+    /// Host-visible input embeddings, CHUNK rows of d_model.
+    x_in: Buffer,
+    x: Buffer,
+    tmp: Buffer,
+    qkv: Buffer,
+    att: Buffer,
+    gu: Buffer,
+    kv: Vec<(Buffer, Buffer)>,
+    /// RoPE table per layer (shared between layers with equal specs).
+    rope: Vec<Option<Buffer>>,
+    /// Logits of one row (device, host-visible copy) and of `all_rows` rows.
+    logits1: (Buffer, Buffer),
+    logits_all: Option<(Buffer, Buffer)>,
+    all_rows: usize,
+    steps: HashMap<(usize, bool), Step>,
+    stats: StepStats,
+    embed_row: Vec<f32>,
+    embed_bytes: Vec<u8>,
+}
+
+/// (cos, sin) pairs for positions `0..cap`, as the CPU reference computes them.
+fn rope_table(spec: &RopeSpec, cap: usize) -> Vec<f32> {
+    let half = spec.n_dims / 2;
+    let mut out = Vec::with_capacity(cap * half * 2);
+    for pos in 0..cap {
+        let p = pos as f64 / spec.linear_scale as f64;
+        for i in 0..half {
+            let mut inv_freq = (spec.theta as f64).powf(-(2.0 * i as f64) / spec.n_dims as f64);
+            if let Some(ff) = &spec.freq_factors {
+                inv_freq /= ff.get(i).copied().unwrap_or(1.0) as f64;
+            }
+            let (s, c) = (p * inv_freq).sin_cos();
+            out.push((c * spec.mscale as f64) as f32);
+            out.push((s * spec.mscale as f64) as f32);
+        }
+    }
+    out
+}
+
+fn same_rope(a: &RopeSpec, b: &RopeSpec) -> bool {
+    a.style == b.style
+        && a.n_dims == b.n_dims
+        && a.theta == b.theta
+        && a.linear_scale == b.linear_scale
+        && a.freq_factors == b.freq_factors
+        && a.mscale == b.mscale
+}
+
+impl VkRunner {
+    /// A sequence of up to `cap` tokens.
+    pub fn new(m: Arc<VkModel>, cap: usize) -> Result<VkRunner> {
+        let ctx = &m.ctx;
+        let cfg = &m.model.config;
+        let d = cfg.d_model;
+        let cap = cap.max(1);
+        let dev = |n: usize, what: &str| -> Result<Buffer> {
+            let bytes = (n.max(1) as u64)
+                .checked_mul(4)
+                .ok_or_else(|| VkError::Invalid(format!("{what}: size overflows")))?;
+            if bytes > ctx.max_buffer_bytes() {
+                return Err(VkError::Invalid(format!(
+                    "{what} needs {bytes} bytes, more than one buffer may hold on {} ({}); \
+                     use a smaller context (--ctx)",
+                    ctx.info().name,
+                    ctx.max_buffer_bytes()
+                )));
+            }
+            ctx.create_buffer(bytes, MemoryKind::Device)
+        };
+        let mut max_qkv = 0;
+        let mut max_q = 0;
+        let mut max_ff = 0;
+        for l in &m.layers {
+            let a = &l.attn;
+            max_qkv = max_qkv.max((a.n_heads + 2 * a.n_kv_heads) * a.head_dim);
+            max_q = max_q.max(a.n_heads * a.head_dim);
+            max_ff = max_ff.max(l.d_ff);
+        }
+        let step = ctx.create_buffer(16, MemoryKind::Upload)?;
+        let x_in = ctx.create_buffer((CHUNK * d * 4) as u64, MemoryKind::Upload)?;
+        let x = dev(CHUNK * d, "the residual stream")?;
+        let tmp = dev(CHUNK * d, "a scratch buffer")?;
+        let qkv = dev(CHUNK * max_qkv, "the q/k/v rows")?;
+        let att = dev(CHUNK * max_q, "the attention output")?;
+        let gu = dev(CHUNK * 2 * max_ff, "the gate/up rows")?;
+        let mut kv = Vec::with_capacity(m.layers.len());
+        let mut rope: Vec<Option<Buffer>> = Vec::with_capacity(m.layers.len());
+        for (li, l) in m.layers.iter().enumerate() {
+            let kvd = l.attn.n_kv_heads * l.attn.head_dim;
+            let n = cap
+                .checked_mul(kvd)
+                .ok_or_else(|| VkError::Invalid("KV cache size overflows".into()))?;
+            kv.push((dev(n, "a layer's K cache")?, dev(n, "a layer's V cache")?));
+            let table = match &l.attn.rope {
+                None => None,
+                Some(spec) => {
+                    let prev = m.layers[..li].iter().zip(&rope).find(|(pl, b)| {
+                        b.is_some() && pl.attn.rope.as_ref().is_some_and(|r| same_rope(r, spec))
+                    });
+                    match prev {
+                        Some((_, b)) => b.clone(),
+                        None => {
+                            let t = rope_table(spec, cap);
+                            if (t.len() as u64 * 4) > ctx.max_buffer_bytes() {
+                                return Err(VkError::Invalid(format!(
+                                    "a RoPE table for {cap} positions is larger than one \
+                                     buffer may be; use a smaller context (--ctx)"
+                                )));
+                            }
+                            Some(ctx.upload_f32(&t)?)
+                        }
+                    }
+                }
+            };
+            rope.push(table);
+        }
+        let vocab = cfg.vocab_size;
+        let logits1 = (
+            dev(vocab, "a logits row")?,
+            ctx.create_buffer((vocab * 4) as u64, MemoryKind::Readback)?,
+        );
+        let all_rows =
+            (ctx.max_buffer_bytes() / (vocab as u64 * 4)).clamp(1, CHUNK as u64) as usize;
+        Ok(VkRunner {
+            stats: StepStats {
+                decode_submits: 1,
+                layers: m.layers.len() as u32,
+                ..Default::default()
+            },
+            m,
+            cap,
+            len: 0,
+            step,
+            x_in,
+            x,
+            tmp,
+            qkv,
+            att,
+            gu,
+            kv,
+            rope,
+            logits1,
+            logits_all: None,
+            all_rows,
+            steps: HashMap::new(),
+            embed_row: vec![0.0; d],
+            embed_bytes: Vec::with_capacity(CHUNK * d * 4),
+        })
+    }
+
+    /// What this runner has done, and the shape of its recorded decode step.
+    pub fn stats(&self) -> StepStats {
+        self.stats
+    }
+
+    /// Records the step for `bucket` tokens; `all` selects the all-rows logits buffer.
+    fn record_step(&mut self, bucket: usize, all: bool) -> Result<Step> {
+        let m = self.m.clone();
+        let ctx = &m.ctx;
+        let cfg = &m.model.config;
+        let d = cfg.d_model;
+        let eps = cfg.norm_eps;
+        let b = bucket as u64;
+        let mut ops: Vec<Op> = Vec::new();
+        let wg_bind = |k: Kernel, bufs: &[&Buffer]| ctx.bind(k, bufs);
+        for (li, l) in m.layers.iter().enumerate() {
+            let a = &l.attn;
+            let (hd, nh, nkv) = (a.head_dim, a.n_heads, a.n_kv_heads);
+            let ld_qkv = (nh + 2 * nkv) * hd;
+            // norm + q|k|v
+            let mut group = Vec::new();
+            for p in &l.qkv {
+                let io = MmIo {
+                    x: &self.x,
+                    ld_x: d as u64,
+                    y: &self.qkv,
+                    ld_y: ld_qkv as u64,
+                    y_offset: p.offset as u64,
+                    gam: Some(l.norm.as_ref().unwrap_or(&m.ones)),
+                    step: &self.step,
+                    max_tokens: b,
+                };
+                let mode = MmMode {
+                    norm: l.norm.is_some(),
+                    eps,
+                    ..Default::default()
+                };
+                group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+            }
+            ops.push(Op::Mm(group));
+            // q/k norm + RoPE + KV write
+            let (kc, vc) = &self.kv[li];
+            let dummy = &self.x;
+            let rope_buf = self.rope[li].as_ref().unwrap_or(dummy);
+            let binding = wg_bind(
+                Kernel::RopeKv,
+                &[
+                    &self.qkv,
+                    kc,
+                    vc,
+                    l.q_norm.as_ref().unwrap_or(dummy),
+                    l.k_norm.as_ref().unwrap_or(dummy),
+                    rope_buf,
+                    &self.step,
+                ],
+            )?;
+            let mut flags = 0u32;
+            if l.q_norm.is_some() {
+                flags |= 1;
+            }
+            if l.k_norm.is_some() {
+                flags |= 2;
+            }
+            let n_rot = a.rope.as_ref().map_or(0, |r| r.n_dims);
+            if let Some(r) = &a.rope {
+                flags |= 4;
+                if r.style == RopeStyle::Interleaved {
+                    flags |= 8;
+                }
+            }
+            let push = words(&[
+                u32_of(nh, "heads")?,
+                u32_of(nkv, "kv heads")?,
+                u32_of(hd, "head size")?,
+                u32_of(n_rot, "rotated dims")?,
+                flags,
+                u32_of(ld_qkv, "qkv width")?,
+                eps.to_bits(),
+            ]);
+            ops.push(Op::Kernel(binding, push, b * (nh + nkv) as u64));
+            // attention
+            let gsize = nh / nkv;
+            let hpw = gsize.min(8).min(2048 / hd).max(1);
+            let n_chunks = gsize.div_ceil(hpw);
+            let binding = wg_bind(
+                Kernel::Attention,
+                &[&self.qkv, kc, vc, &self.att, &self.step],
+            )?;
+            let push = words(&[
+                u32_of(nh, "heads")?,
+                u32_of(nkv, "kv heads")?,
+                u32_of(hd, "head size")?,
+                hpw as u32,
+                n_chunks as u32,
+                u32_of(a.window.unwrap_or(0).min(u32::MAX as usize), "window")?,
+                ld_qkv as u32,
+                a.scale.to_bits(),
+                a.softcap.unwrap_or(0.0).to_bits(),
+            ]);
+            ops.push(Op::Kernel(binding, push, b * (nkv * n_chunks) as u64));
+            // o-proj + residual (through the post-norm when there is one)
+            self.push_out_proj(
+                &mut ops,
+                &l.o,
+                &self.att,
+                (nh * hd) as u64,
+                None,
+                l.post_norm.as_ref(),
+                b,
+            )?;
+            // norm + gate|up
+            let mut group = Vec::new();
+            for p in &l.gate_up {
+                let io = MmIo {
+                    x: &self.x,
+                    ld_x: d as u64,
+                    y: &self.gu,
+                    ld_y: 2 * l.d_ff as u64,
+                    y_offset: p.offset as u64,
+                    gam: Some(l.ffn_norm.as_ref().unwrap_or(&m.ones)),
+                    step: &self.step,
+                    max_tokens: b,
+                };
+                let mode = MmMode {
+                    norm: l.ffn_norm.is_some(),
+                    eps,
+                    ..Default::default()
+                };
+                group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+            }
+            ops.push(Op::Mm(group));
+            // GLU + down + residual
+            self.push_out_proj(
+                &mut ops,
+                &l.down,
+                &self.gu,
+                2 * l.d_ff as u64,
+                Some(l.act),
+                l.ffn_post_norm.as_ref(),
+                b,
+            )?;
+        }
+        // final norm + LM head on the selected tokens
+        if all && self.logits_all.is_none() {
+            let n = self.all_rows * cfg.vocab_size;
+            self.logits_all = Some((
+                ctx.create_buffer((n * 4) as u64, MemoryKind::Device)?,
+                ctx.create_buffer((n * 4) as u64, MemoryKind::Readback)?,
+            ));
+        }
+        let (ldev, lhost, rows) = match (&self.logits_all, all) {
+            (Some((dv, hv)), true) => (dv, hv, self.all_rows),
+            _ => (&self.logits1.0, &self.logits1.1, 1),
+        };
+        let io = MmIo {
+            x: &self.x,
+            ld_x: d as u64,
+            y: ldev,
+            ld_y: cfg.vocab_size as u64,
+            y_offset: 0,
+            gam: Some(&m.output_norm),
+            step: &self.step,
+            max_tokens: rows as u64,
+        };
+        let mode = MmMode {
+            norm: true,
+            softcap: cfg.final_logit_softcap,
+            token_select: true,
+            eps,
+            ..Default::default()
+        };
+        let head = Mm::new(ctx, m.output.ty, &m.output.t, m.output.k as u64, &io, mode)?;
+        ops.push(Op::Mm(vec![head]));
+        let in_bytes = (bucket * d * 4) as u64;
+        let out_bytes = (rows * cfg.vocab_size * 4) as u64;
+        let rec = ctx.record(|r: &mut Recorder<'_>| {
+            r.copy(&self.x_in, &self.x, in_bytes)?;
+            for op in &ops {
+                match op {
+                    Op::Mm(group) => {
+                        for mm in group {
+                            mm.record(r)?;
+                        }
+                    }
+                    Op::Kernel(binding, push, groups) => r.dispatch(binding, push, *groups)?,
+                }
+                r.barrier();
+            }
+            r.copy(ldev, lhost, out_bytes)
+        })?;
+        Ok(Step { rec })
+    }
+
+    /// `y (+)= W input` with the residual add: straight into x, or through `tmp` and the
+    /// post-norm kernel when the layer has one.
+    #[allow(clippy::too_many_arguments)]
+    fn push_out_proj(
+        &self,
+        ops: &mut Vec<Op>,
+        p: &Proj,
+        x: &Buffer,
+        ld_x: u64,
+        glu: Option<GluAct>,
+        post_norm: Option<&Buffer>,
+        b: u64,
+    ) -> Result<()> {
+        let ctx = &self.m.ctx;
+        let cfg = &self.m.model.config;
+        let d = cfg.d_model as u64;
+        let io = MmIo {
+            x,
+            ld_x,
+            y: if post_norm.is_some() {
+                &self.tmp
+            } else {
+                &self.x
+            },
+            ld_y: d,
+            y_offset: 0,
+            gam: Some(&self.m.ones),
+            step: &self.step,
+            max_tokens: b,
+        };
+        let mode = MmMode {
+            glu,
+            add: post_norm.is_none(),
+            eps: cfg.norm_eps,
+            ..Default::default()
+        };
+        ops.push(Op::Mm(vec![Mm::new(
+            ctx, p.ty, &p.t, p.k as u64, &io, mode,
+        )?]));
+        if let Some(pn) = post_norm {
+            let binding = ctx.bind(Kernel::AddNorm, &[&self.x, &self.tmp, pn, &self.step])?;
+            let push = words(&[u32_of(cfg.d_model, "d_model")?, cfg.norm_eps.to_bits()]);
+            ops.push(Op::Kernel(binding, push, b));
+        }
+        Ok(())
+    }
+
+    /// Runs one step of `tokens` (at most CHUNK) at position `self.len`; logits of
+    /// tokens `first..` are appended to `out` when `first` is given.
+    fn run_step(&mut self, tokens: &[u32], first: Option<usize>, out: &mut Vec<f32>) -> Result<()> {
+        let n = tokens.len();
+        let bucket = if n == 1 { 1 } else { CHUNK };
+        let want = first.map_or(0, |f| n - f);
+        let all = want > 1;
+        let key = (bucket, all);
+        if !self.steps.contains_key(&key) {
+            let s = self.record_step(bucket, all)?;
+            if bucket == 1 {
+                self.stats.decode_dispatches = s.rec.dispatches();
+            }
+            self.steps.insert(key, s);
+        }
+        let cfg = &self.m.model.config;
+        let w = &self.m.model.weights.tok_embd;
+        self.embed_bytes.clear();
+        for &t in tokens {
+            quant::dequantize(w.ty, w.row(t as usize), &mut self.embed_row)
+                .map_err(|e| VkError::Invalid(format!("token embedding {t}: {e}")))?;
+            let sc = cfg.embed_scale.unwrap_or(1.0);
+            for v in &self.embed_row {
+                self.embed_bytes.extend_from_slice(&(v * sc).to_le_bytes());
+            }
+        }
+        let ctx = &self.m.ctx;
+        ctx.write_mapped(&self.x_in, 0, &self.embed_bytes)?;
+        let vals = [
+            n as u32,
+            self.len as u32,
+            first.unwrap_or(0) as u32,
+            want as u32,
+        ];
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        ctx.write_mapped(&self.step, 0, &bytes)?;
+        let step = &self.steps[&key];
+        let t0 = std::time::Instant::now();
+        ctx.submit(&step.rec)?;
+        if std::env::var("CALDERA_VK_TRACE").is_ok() {
+            eprintln!("step of {n} tokens (bucket {bucket}): {:?}", t0.elapsed());
+        }
+        self.len += n;
+        self.stats.steps += 1;
+        self.stats.tokens += n as u64;
+        if want > 0 {
+            let host = if all {
+                self.logits_all.as_ref().map(|l| &l.1).ok_or_else(|| {
+                    VkError::Invalid("the all-rows logits buffer is missing".into())
+                })?
+            } else {
+                &self.logits1.1
+            };
+            ctx.read_mapped_f32(host, 0, want * cfg.vocab_size, out)?;
+        }
+        Ok(())
+    }
+}
+
+enum Op {
+    Mm(Vec<Mm>),
+    Kernel(Binding, Vec<u8>, u64),
+}
+
+fn words(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl caldera_model::Runner for VkRunner {
+    fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn truncate(&mut self, n: usize) -> bool {
+        // The KV cache keeps every position; later tokens overwrite what follows n.
+        self.len = self.len.min(n);
+        true
+    }
+
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+        out: &mut Vec<f32>,
+    ) -> std::result::Result<(), RunError> {
+        let vocab = self.m.model.config.vocab_size;
+        let need = self.len + tokens.len();
+        if need > self.cap {
+            return Err(format!(
+                "context is full: {need} tokens needed, the sequence holds {}",
+                self.cap
+            )
+            .into());
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(format!("token id {id} is outside the vocabulary of {vocab}").into());
+        }
+        out.clear();
+        let chunk = match logits {
+            Logits::All => self.all_rows.min(CHUNK),
+            Logits::Last => CHUNK,
+        };
+        let n_chunks = tokens.len().div_ceil(chunk);
+        for (ci, c) in tokens.chunks(chunk).enumerate() {
+            let first = match logits {
+                Logits::All => Some(0),
+                Logits::Last if ci + 1 == n_chunks => Some(c.len() - 1),
+                Logits::Last => None,
+            };
+            self.run_step(c, first, out)?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let info = self.m.ctx.info();
+        let s = self.stats;
+        let per_token = if s.decode_dispatches > 0 {
+            format!(
+                ", decode {} dispatches / 1 submit per token",
+                s.decode_dispatches
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "vulkan, {} ({}){per_token}",
+            info.name,
+            info.device_type.name()
+        )
+    }
+}

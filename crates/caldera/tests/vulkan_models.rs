@@ -1,0 +1,98 @@
+//! Whole models on the Vulkan backend, through the binary: `verify` on the `llama` and
+//! `qwen3` fixtures, SmolLM2 answering "Paris", gemma-3-270m continuing the story. They
+//! run on the test device (lavapipe by default; `CALDERA_VK_DEVICE=N` picks another) and
+//! skip without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`. lavapipe is slow:
+//! each test runs only what it checks.
+
+mod common;
+
+use common::{assert_pass, bin, fixtures, model, text};
+
+/// The `--device` index for the tests, or `None` (with a message) to skip.
+fn device() -> Option<String> {
+    let required = std::env::var(caldera_vulkan::testing::ENV_REQUIRE).is_ok_and(|v| v == "1");
+    let picked =
+        caldera_vulkan::list_devices().and_then(|d| caldera_vulkan::testing::pick_test_device(&d));
+    match picked {
+        Ok(i) => Some(i.to_string()),
+        Err(e) if !required => {
+            eprintln!("skipping: no Vulkan device ({e})");
+            None
+        }
+        Err(e) => panic!("no Vulkan device (CALDERA_REQUIRE_VULKAN=1): {e}"),
+    }
+}
+
+fn verify(arch: &str) {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let o = bin()
+        .args([
+            "verify",
+            "--backend",
+            "vulkan",
+            "--device",
+            &dev,
+            "--tol",
+            "1e-2",
+        ])
+        .arg(fx.join(arch))
+        .output()
+        .expect("running caldera");
+    assert_pass(&o);
+}
+
+#[test]
+fn vulkan_verifies_llama() {
+    verify("llama");
+}
+
+#[test]
+fn vulkan_verifies_qwen3() {
+    verify("qwen3");
+}
+
+#[test]
+fn vulkan_smollm2_answers_paris() {
+    let (Some(dev), Some(m)) = (device(), model("SmolLM2-135M-Instruct.Q4_1.gguf")) else {
+        return;
+    };
+    let o = bin()
+        .args(["run", "--backend", "vulkan", "--device", &dev])
+        .arg(&m)
+        .args([
+            "-p",
+            "What is the capital of France?",
+            "-n",
+            "16",
+            "--temp",
+            "0",
+        ])
+        .args(["--system", "You are a helpful assistant."])
+        .output()
+        .expect("running caldera");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Paris"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn vulkan_gemma3_continues_the_story() {
+    let (Some(dev), Some(m)) = (device(), model("gemma-3-270m-q4_k_m.gguf")) else {
+        return;
+    };
+    let o = bin()
+        .args(["run", "--backend", "vulkan", "--device", &dev])
+        .arg(&m)
+        .args(["--raw", "-p", "Once upon a time, there was a little"])
+        .args(["-n", "4", "--temp", "0", "--ctx", "256"])
+        .output()
+        .expect("running caldera");
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with(" girl named Lily"), "{}", text(&o));
+}
