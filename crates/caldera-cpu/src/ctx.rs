@@ -37,7 +37,15 @@ impl<'a> Ctx<'a> {
         let acts: &QuantizedActs = self.acts;
         let rows = w.rows;
         let threads = self.pool.threads();
-        let chunk = (rows / (threads * 16)).clamp(8, 256);
+        // A few tasks per thread: enough to balance, few enough that claiming them
+        // (an atomic on a shared line) costs little next to the work.
+        // With several tokens, a task's weight block must also stay in cache while every
+        // token passes over it.
+        let chunk = if m == 1 {
+            rows.div_ceil(threads * 4).max(16)
+        } else {
+            rows.div_ceil(threads * 4).clamp(16, 256)
+        };
         let n_chunks = rows.div_ceil(chunk);
         let ptr = SyncPtr(out.as_mut_ptr());
         let ty = w.ty;
