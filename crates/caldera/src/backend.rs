@@ -18,7 +18,9 @@ pub enum Backend {
 /// Options every model-running command shares.
 #[derive(clap::Args, Clone)]
 pub struct BackendArgs {
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// `auto` takes a real GPU through Vulkan when one is present and runs the model,
+    /// else the CPU; it never picks a CPU-type Vulkan device such as lavapipe.
+    #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,
     /// CPU threads (default: all cores).
     #[arg(short, long)]
@@ -43,6 +45,7 @@ pub fn open_runner(args: &BackendArgs, model: Arc<Model>, ctx: usize) -> Result<
                 if args.device.is_some() {
                     return Err(e);
                 }
+                eprintln!("caldera: using the CPU backend ({e:#})");
                 let cpu = BackendArgs {
                     backend: Backend::Cpu,
                     ..args.clone()
