@@ -22,14 +22,14 @@ use caldera_format::hf::HfTensor;
 use caldera_format::GgmlType;
 use serde_json::Value;
 
-use super::{bind_attention, bind_ffn, bind_io, ArchDef, Common};
+use super::{bind_attention, bind_ffn, ArchDef, Common};
 use crate::config::{
-    Activation, FfnSpec, LayerSpec, Mixer, ModelConfig, MoeSpec, RopeSpec, RopeStyle, RouterKind,
+    Activation, FfnSpec, LayerSpec, Mixer, MoeSpec, RopeSpec, RopeStyle, RouterKind,
 };
 use crate::error::{ModelError, Result};
 use crate::file::ModelFile;
 use crate::hf_names::{common_meta, map_common, rope_params, Translation};
-use crate::weights::{Layer, MixerWeights, ModelWeights};
+use crate::weights::{Layer, MixerWeights};
 use crate::Model;
 
 pub static GPT_OSS: ArchDef = ArchDef {
@@ -236,26 +236,7 @@ fn build(f: &ModelFile) -> Result<Model> {
             ffn_post_norm: None,
         });
     }
-    let (tok_embd, output_norm, output) = bind_io(f, c.vocab_size, c.d_model)?;
-    Ok(Model {
-        config: ModelConfig {
-            arch: ARCH.into(),
-            d_model: c.d_model,
-            vocab_size: c.vocab_size,
-            norm_eps: c.norm_eps,
-            context_length: c.context_length,
-            embed_scale: None,
-            final_logit_softcap: None,
-            layers: specs,
-        },
-        weights: ModelWeights {
-            tok_embd,
-            layers,
-            output_norm,
-            output,
-        },
-        extras: Default::default(),
-    })
+    c.assemble(f, specs, layers)
 }
 
 /// Which layers use the sliding window: `attention.sliding_window_pattern` as a bool per

@@ -2,12 +2,11 @@
 //! Pre-norm decoder: x += o(attn(rope(q), rope(k), v)); x += down(silu(gate) * up).
 //! HF sources: transformers `modeling_llama.py`, `modeling_qwen3.py`.
 
-use super::{bind_io, bind_standard_layer, ArchDef, Common};
-use crate::config::{Activation, LayerSpec, Mixer, ModelConfig, RopeStyle};
+use super::{bind_standard_layer, ArchDef, Common};
+use crate::config::{Activation, LayerSpec, Mixer, RopeStyle};
 use crate::error::{ModelError, Result};
 use crate::file::ModelFile;
 use crate::hf_names::{common_meta, map_common, permute_for_interleaved_rope, Translation};
-use crate::weights::ModelWeights;
 use crate::Model;
 
 pub static LLAMA: ArchDef = ArchDef {
@@ -46,26 +45,7 @@ fn build(f: &ModelFile, arch: &'static str, style: RopeStyle, qk_norm: bool) -> 
         .enumerate()
         .map(|(i, s)| bind_standard_layer(f, i, s, c.d_model, false))
         .collect::<Result<Vec<_>>>()?;
-    let (tok_embd, output_norm, output) = bind_io(f, c.vocab_size, c.d_model)?;
-    Ok(Model {
-        config: ModelConfig {
-            arch: arch.into(),
-            d_model: c.d_model,
-            vocab_size: c.vocab_size,
-            norm_eps: c.norm_eps,
-            context_length: c.context_length,
-            embed_scale: None,
-            final_logit_softcap: None,
-            layers: specs,
-        },
-        weights: ModelWeights {
-            tok_embd,
-            layers,
-            output_norm,
-            output,
-        },
-        extras: Default::default(),
-    })
+    c.assemble(f, specs, layers)
 }
 
 fn check_rope(t: &Translation) -> Result<()> {

@@ -173,6 +173,37 @@ impl Common {
         }
     }
 
+    /// The model from its layer specs and bound layers, with the embedding, final norm
+    /// and output head bound by [`bind_io`]; no embedding scale or logit soft-cap (an
+    /// architecture that has them sets them on the result).
+    pub fn assemble(
+        &self,
+        f: &ModelFile,
+        specs: Vec<LayerSpec>,
+        layers: Vec<Layer>,
+    ) -> Result<Model> {
+        let (tok_embd, output_norm, output) = bind_io(f, self.vocab_size, self.d_model)?;
+        Ok(Model {
+            config: crate::config::ModelConfig {
+                arch: self.arch.into(),
+                d_model: self.d_model,
+                vocab_size: self.vocab_size,
+                norm_eps: self.norm_eps,
+                context_length: self.context_length,
+                embed_scale: None,
+                final_logit_softcap: None,
+                layers: specs,
+            },
+            weights: crate::weights::ModelWeights {
+                tok_embd,
+                layers,
+                output_norm,
+                output,
+            },
+            extras: Default::default(),
+        })
+    }
+
     pub fn dense(&self, act: Activation) -> FfnSpec {
         FfnSpec::Dense {
             d_ff: self.d_ff,

@@ -17,14 +17,11 @@ use caldera_format::gguf::GgufValue;
 use super::gpt_oss::{
     expert_counts, layer_tail, read_common, rope_with_yarn, translate_rope_scaling,
 };
-use super::{bind_io, bind_standard_layer, ArchDef};
-use crate::config::{
-    Activation, FfnSpec, LayerSpec, Mixer, ModelConfig, MoeSpec, RopeStyle, RouterKind,
-};
+use super::{bind_standard_layer, ArchDef};
+use crate::config::{Activation, FfnSpec, LayerSpec, Mixer, MoeSpec, RopeStyle, RouterKind};
 use crate::error::{ModelError, Result};
 use crate::file::ModelFile;
 use crate::hf_names::{common_meta, map_common, stack_experts, Translation};
-use crate::weights::ModelWeights;
 use crate::Model;
 
 pub static QWEN3_MOE: ArchDef = ArchDef {
@@ -76,26 +73,7 @@ fn build(f: &ModelFile) -> Result<Model> {
         .enumerate()
         .map(|(i, s)| bind_standard_layer(f, i, s, c.d_model, false))
         .collect::<Result<Vec<_>>>()?;
-    let (tok_embd, output_norm, output) = bind_io(f, c.vocab_size, c.d_model)?;
-    Ok(Model {
-        config: ModelConfig {
-            arch: ARCH.into(),
-            d_model: c.d_model,
-            vocab_size: c.vocab_size,
-            norm_eps: c.norm_eps,
-            context_length: c.context_length,
-            embed_scale: None,
-            final_logit_softcap: None,
-            layers: specs,
-        },
-        weights: ModelWeights {
-            tok_embd,
-            layers,
-            output_norm,
-            output,
-        },
-        extras: Default::default(),
-    })
+    c.assemble(f, specs, layers)
 }
 
 fn translate(t: &mut Translation) -> Result<()> {

@@ -16,15 +16,13 @@ use caldera_format::gguf::{GgufArray, GgufValue, GgufValueType};
 use caldera_format::hf::HfTensor;
 use serde_json::Value;
 
-use super::{bind_attention, bind_ffn, bind_io, ArchDef, Common};
+use super::{bind_attention, bind_ffn, ArchDef, Common};
 use crate::blocks::gdn::{GdnHeadOrder, GdnSpec, GdnWeights};
-use crate::config::{
-    Activation, FfnSpec, LayerSpec, Mixer, ModelConfig, MoeSpec, RopeStyle, RouterKind,
-};
+use crate::config::{Activation, FfnSpec, LayerSpec, Mixer, MoeSpec, RopeStyle, RouterKind};
 use crate::error::{ModelError, Result};
 use crate::file::ModelFile;
 use crate::hf_names::{add_to_tensors, common_meta, map_common, rope_params, to_f32, Translation};
-use crate::weights::{Layer, MixerWeights, ModelWeights};
+use crate::weights::{Layer, MixerWeights};
 use crate::Model;
 
 pub static QWEN3NEXT: ArchDef = ArchDef {
@@ -140,26 +138,7 @@ pub(super) fn build_hybrid(
             ffn_post_norm: None,
         });
     }
-    let (tok_embd, output_norm, output) = bind_io(f, c.vocab_size, c.d_model)?;
-    Ok(Model {
-        config: ModelConfig {
-            arch: arch.into(),
-            d_model: c.d_model,
-            vocab_size: c.vocab_size,
-            norm_eps: c.norm_eps,
-            context_length: c.context_length,
-            embed_scale: None,
-            final_logit_softcap: None,
-            layers: specs,
-        },
-        weights: ModelWeights {
-            tok_embd,
-            layers,
-            output_norm,
-            output,
-        },
-        extras: Default::default(),
-    })
+    c.assemble(f, specs, layers)
 }
 
 /// GatedDeltaNet sizes from `config.json`.
