@@ -16,16 +16,16 @@ use super::{build_piece, parse_byte_token, Model, Parts, TokenEntry, TokenType, 
 /// Ids may leave gaps (filled with unused entries), but not more than this many.
 const MAX_ID_GAP: usize = 1 << 16;
 
-fn unsupported(what: impl Into<String>) -> TokenizerError {
+pub(super) fn unsupported(what: impl Into<String>) -> TokenizerError {
     TokenizerError::Unsupported(what.into())
 }
 
-fn type_of(v: &Value) -> &str {
+pub(super) fn type_of(v: &Value) -> &str {
     v.get("type").and_then(Value::as_str).unwrap_or("")
 }
 
 /// A token named in tokenizer_config.json: a string or `{"content": ...}`.
-fn config_token(v: Option<&Value>) -> Option<&str> {
+pub(super) fn config_token(v: Option<&Value>) -> Option<&str> {
     match v? {
         Value::String(s) => Some(s),
         Value::Object(o) => o.get("content").and_then(Value::as_str),

@@ -30,22 +30,7 @@ use serde_json::Value;
 use super::pretok::{self, PreTokenizer};
 use super::{hf_json, TokenEntry, TokenType, TokenizerError};
 
-fn unsupported(what: impl Into<String>) -> TokenizerError {
-    TokenizerError::Unsupported(what.into())
-}
-
-fn type_of(v: &Value) -> &str {
-    v.get("type").and_then(Value::as_str).unwrap_or("")
-}
-
-/// A token named in tokenizer_config.json: a string or `{"content": ...}`.
-fn config_token(v: Option<&Value>) -> Option<&str> {
-    match v? {
-        Value::String(s) => Some(s),
-        Value::Object(o) => o.get("content").and_then(Value::as_str),
-        _ => None,
-    }
-}
+use hf_json::{config_token, type_of, unsupported};
 
 /// The `tokenizer.ggml.token_type` number of a token type.
 fn gguf_token_type(t: TokenType) -> i32 {
