@@ -296,6 +296,8 @@ pub struct VkRunner {
     stats: StepStats,
     embed_row: Vec<f32>,
     embed_bytes: Vec<u8>,
+    /// `CALDERA_VK_TRACE` set: print each step's time (read once, not per token).
+    trace: bool,
 }
 
 /// (cos, sin) pairs for positions `0..cap`, as the CPU reference computes them.
@@ -425,6 +427,7 @@ impl VkRunner {
             steps: HashMap::new(),
             embed_row: vec![0.0; d],
             embed_bytes: Vec::with_capacity(CHUNK * d * 4),
+            trace: std::env::var_os("CALDERA_VK_TRACE").is_some(),
         })
     }
 
@@ -702,12 +705,15 @@ impl VkRunner {
             first.unwrap_or(0) as u32,
             want as u32,
         ];
-        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut bytes = [0u8; 16];
+        for (dst, v) in bytes.chunks_exact_mut(4).zip(vals) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
         ctx.write_mapped(&self.step, 0, &bytes)?;
         let step = &self.steps[&key];
         let t0 = std::time::Instant::now();
         ctx.submit(&step.rec)?;
-        if std::env::var("CALDERA_VK_TRACE").is_ok() {
+        if self.trace {
             eprintln!("step of {n} tokens (bucket {bucket}): {:?}", t0.elapsed());
         }
         self.len += n;
