@@ -3,8 +3,9 @@
 // where x_t is token t's input after an optional prologue:
 //   mm_*:  x_t = x[t] * gam, times 1 / rms(x[t]) when MM_NORM (the input norm folded
 //          into the mat-vec; gam is all ones for a plain mat-vec)
-//   mmg_* (MM_GLU): x_t[c] = act(x[t][c]) * x[t][k + c]   (gate | up halves of one
-//          row; the activation of a gated MLP folded into its down projection)
+//   mmg_* (MM_GLU): x_t[c] = act(x[t][2c]) * x[t][2c + 1]   (gate, up pairs of one
+//          row, as the interleaved gate/up weight writes them; the activation of a
+//          gated MLP folded into its down projection)
 // One token takes a plain mat-vec path; more are done TM at a time. The including .comp defines the weight
 // type (TYPE_*) before including this file; deq.glsl decodes 32 elements at a time.
 //
@@ -81,9 +82,9 @@ float silu(float v) {
 // drivers (lavapipe) evaluate both sides of a branch here.
 float xin(uint xb, uint c) {
 #if MM_GLU
-    float g = x[xb + c];
+    float g = x[xb + 2u * c];
     float a = (p.flags & MM_GLU_GELU) != 0u ? gelu_tanh(g) : silu(g);
-    return a * x[xb + p.k + c];
+    return a * x[xb + 2u * c + 1u];
 #else
     return x[xb + c] * gam[c];
 #endif

@@ -31,6 +31,11 @@ pub struct ContextOptions {
     pub workgroup_size: Option<u32>,
     /// Mat-vec rows per workgroup; default 2.
     pub rows_per_group: Option<u32>,
+    /// Decode mat-vec workgroup size (power of two, >= 16); default 128, or
+    /// `CALDERA_VK_MV_WG`.
+    pub mv_workgroup_size: Option<u32>,
+    /// Decode mat-vec outputs per workgroup (1..=4); default 2, or `CALDERA_VK_MV_ROWS`.
+    pub mv_rows: Option<u32>,
     /// Largest buffer (and so largest bound range and allocation) in bytes; default and
     /// upper bound [`DeviceInfo::max_buffer_bytes`]. Tests set it low to exercise splits.
     pub max_buffer_bytes: Option<u64>,
@@ -360,8 +365,22 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         && (info.subgroup_min..=info.subgroup_max).contains(&16)
         && workgroup_size >= 16)
         .then_some(16);
+    let env_u32 = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    let mv_want = opts
+        .mv_workgroup_size
+        .or_else(|| env_u32("CALDERA_VK_MV_WG"))
+        .unwrap_or(128)
+        .clamp(16, limit.max(16));
+    let mv_workgroup_size = (1u32 << (31 - mv_want.leading_zeros())).max(16);
+    let mv_rows = opts
+        .mv_rows
+        .or_else(|| env_u32("CALDERA_VK_MV_ROWS"))
+        .unwrap_or(2)
+        .clamp(1, 4);
     Tuning {
         workgroup_size,
+        mv_workgroup_size,
+        mv_rows,
         rows_per_group: opts.rows_per_group.unwrap_or(2).clamp(1, 64),
         subgroup_reduce: info.subgroup_arithmetic && !force_shared,
         required_subgroup_size,
@@ -512,7 +531,11 @@ fn create_pipeline(
                 return Err(VkError::from_vk(what, r));
             }
         };
-        let spec_data: [u32; 2] = [tuning.workgroup_size, tuning.rows_per_group];
+        let spec_data: [u32; 2] = if desc.mv {
+            [tuning.mv_workgroup_size, tuning.mv_rows]
+        } else {
+            [tuning.workgroup_size, tuning.rows_per_group]
+        };
         let n_spec = if desc.rows_per_group { 2 } else { 1 };
         let entries: Vec<vk::SpecializationMapEntry> = (0..n_spec)
             .map(|i| vk::SpecializationMapEntry {

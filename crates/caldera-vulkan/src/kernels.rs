@@ -16,39 +16,58 @@ use caldera_format::GgmlType;
 /// Every pipeline caldera creates. The discriminant indexes [`KERNELS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    MatVecF16 = 0,
-    MatVecQ8_0 = 1,
-    MatVecQ4_0 = 2,
-    MatVecQ4K = 3,
-    MatVecQ6K = 4,
-    RmsNorm = 5,
-    MmF32 = 6,
-    MmF16 = 7,
-    MmBF16 = 8,
-    MmQ4_0 = 9,
-    MmQ4_1 = 10,
-    MmQ5_0 = 11,
-    MmQ5_1 = 12,
-    MmQ8_0 = 13,
-    MmQ4K = 14,
-    MmQ5K = 15,
-    MmQ6K = 16,
-    MmIQ4XS = 17,
-    RopeKv = 18,
-    Attention = 19,
-    AddNorm = 20,
-    MmgF32 = 21,
-    MmgF16 = 22,
-    MmgBF16 = 23,
-    MmgQ4_0 = 24,
-    MmgQ4_1 = 25,
-    MmgQ5_0 = 26,
-    MmgQ5_1 = 27,
-    MmgQ8_0 = 28,
-    MmgQ4K = 29,
-    MmgQ5K = 30,
-    MmgQ6K = 31,
-    MmgIQ4XS = 32,
+    RmsNorm = 0,
+    MmF32 = 1,
+    MmF16 = 2,
+    MmBF16 = 3,
+    MmQ4_0 = 4,
+    MmQ4_1 = 5,
+    MmQ5_0 = 6,
+    MmQ5_1 = 7,
+    MmQ8_0 = 8,
+    MmQ4K = 9,
+    MmQ5K = 10,
+    MmQ6K = 11,
+    MmIQ4XS = 12,
+    RopeKv = 13,
+    Attention = 14,
+    AddNorm = 15,
+    MmgF32 = 16,
+    MmgF16 = 17,
+    MmgBF16 = 18,
+    MmgQ4_0 = 19,
+    MmgQ4_1 = 20,
+    MmgQ5_0 = 21,
+    MmgQ5_1 = 22,
+    MmgQ8_0 = 23,
+    MmgQ4K = 24,
+    MmgQ5K = 25,
+    MmgQ6K = 26,
+    MmgIQ4XS = 27,
+    MvF32 = 28,
+    MvF16 = 29,
+    MvBF16 = 30,
+    MvQ4_0 = 31,
+    MvQ4_1 = 32,
+    MvQ5_0 = 33,
+    MvQ5_1 = 34,
+    MvQ8_0 = 35,
+    MvQ4K = 36,
+    MvQ5K = 37,
+    MvQ6K = 38,
+    MvIQ4XS = 39,
+    MvgF32 = 40,
+    MvgF16 = 41,
+    MvgBF16 = 42,
+    MvgQ4_0 = 43,
+    MvgQ4_1 = 44,
+    MvgQ5_0 = 45,
+    MvgQ5_1 = 46,
+    MvgQ8_0 = 47,
+    MvgQ4K = 48,
+    MvgQ5K = 49,
+    MvgQ6K = 50,
+    MvgIQ4XS = 51,
 }
 
 /// One entry of the kernel table.
@@ -66,6 +85,9 @@ pub struct KernelDesc {
     pub push_bytes: u32,
     /// Whether specialization constant 1 (rows per workgroup) applies.
     pub rows_per_group: bool,
+    /// A decode mat-vec (`mv.glsl`): specialised with [`Tuning::mv_workgroup_size`] and
+    /// [`Tuning::mv_rows`] instead.
+    pub mv: bool,
 }
 
 macro_rules! spv {
@@ -77,24 +99,6 @@ macro_rules! spv {
     };
 }
 
-const fn matvec(
-    kernel: Kernel,
-    name: &'static str,
-    spv: (&'static [u8], &'static [u8]),
-) -> KernelDesc {
-    KernelDesc {
-        kernel,
-        name,
-        spirv_subgroup: spv.0,
-        spirv_shared: spv.1,
-        bindings: 3,
-        push_bytes: MATVEC_PUSH_BYTES,
-        rows_per_group: true,
-    }
-}
-
-/// Mat-vec push constants: `k, rows, x_offset, y_offset` (u32 each).
-pub const MATVEC_PUSH_BYTES: u32 = 16;
 /// RMSNorm push constants: `n: u32, rows: u32, eps: f32`.
 pub const RMSNORM_PUSH_BYTES: u32 = 12;
 
@@ -118,6 +122,7 @@ const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u
         bindings: 5,
         push_bytes: MM_PUSH_BYTES,
         rows_per_group: true,
+        mv: false,
     }
 }
 
@@ -136,16 +141,29 @@ const fn plain(
         bindings,
         push_bytes,
         rows_per_group: false,
+        mv: false,
+    }
+}
+
+/// Decode mat-vec (`mv.glsl`) push constants: `k, rows, y_offset, flags` (u32),
+/// `eps, cap` (f32).
+pub const MV_PUSH_BYTES: u32 = 24;
+
+const fn mv(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
+    KernelDesc {
+        kernel,
+        name,
+        spirv_subgroup: spv.0,
+        spirv_shared: spv.1,
+        bindings: 4,
+        push_bytes: MV_PUSH_BYTES,
+        rows_per_group: true,
+        mv: true,
     }
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 33] = [
-    matvec(Kernel::MatVecF16, "matvec_f16", spv!("matvec_f16")),
-    matvec(Kernel::MatVecQ8_0, "matvec_q8_0", spv!("matvec_q8_0")),
-    matvec(Kernel::MatVecQ4_0, "matvec_q4_0", spv!("matvec_q4_0")),
-    matvec(Kernel::MatVecQ4K, "matvec_q4_k", spv!("matvec_q4_k")),
-    matvec(Kernel::MatVecQ6K, "matvec_q6_k", spv!("matvec_q6_k")),
+pub const KERNELS: [KernelDesc; 52] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -154,6 +172,7 @@ pub const KERNELS: [KernelDesc; 33] = [
         bindings: 3,
         push_bytes: RMSNORM_PUSH_BYTES,
         rows_per_group: false,
+        mv: false,
     },
     mm(Kernel::MmF32, "mm_f32", spv!("mm_f32")),
     mm(Kernel::MmF16, "mm_f16", spv!("mm_f16")),
@@ -200,23 +219,35 @@ pub const KERNELS: [KernelDesc; 33] = [
     mm(Kernel::MmgQ5K, "mmg_q5_k", spv!("mmg_q5_k")),
     mm(Kernel::MmgQ6K, "mmg_q6_k", spv!("mmg_q6_k")),
     mm(Kernel::MmgIQ4XS, "mmg_iq4_xs", spv!("mmg_iq4_xs")),
+    mv(Kernel::MvF32, "mv_f32", spv!("mv_f32")),
+    mv(Kernel::MvF16, "mv_f16", spv!("mv_f16")),
+    mv(Kernel::MvBF16, "mv_bf16", spv!("mv_bf16")),
+    mv(Kernel::MvQ4_0, "mv_q4_0", spv!("mv_q4_0")),
+    mv(Kernel::MvQ4_1, "mv_q4_1", spv!("mv_q4_1")),
+    mv(Kernel::MvQ5_0, "mv_q5_0", spv!("mv_q5_0")),
+    mv(Kernel::MvQ5_1, "mv_q5_1", spv!("mv_q5_1")),
+    mv(Kernel::MvQ8_0, "mv_q8_0", spv!("mv_q8_0")),
+    mv(Kernel::MvQ4K, "mv_q4_k", spv!("mv_q4_k")),
+    mv(Kernel::MvQ5K, "mv_q5_k", spv!("mv_q5_k")),
+    mv(Kernel::MvQ6K, "mv_q6_k", spv!("mv_q6_k")),
+    mv(Kernel::MvIQ4XS, "mv_iq4_xs", spv!("mv_iq4_xs")),
+    mv(Kernel::MvgF32, "mvg_f32", spv!("mvg_f32")),
+    mv(Kernel::MvgF16, "mvg_f16", spv!("mvg_f16")),
+    mv(Kernel::MvgBF16, "mvg_bf16", spv!("mvg_bf16")),
+    mv(Kernel::MvgQ4_0, "mvg_q4_0", spv!("mvg_q4_0")),
+    mv(Kernel::MvgQ4_1, "mvg_q4_1", spv!("mvg_q4_1")),
+    mv(Kernel::MvgQ5_0, "mvg_q5_0", spv!("mvg_q5_0")),
+    mv(Kernel::MvgQ5_1, "mvg_q5_1", spv!("mvg_q5_1")),
+    mv(Kernel::MvgQ8_0, "mvg_q8_0", spv!("mvg_q8_0")),
+    mv(Kernel::MvgQ4K, "mvg_q4_k", spv!("mvg_q4_k")),
+    mv(Kernel::MvgQ5K, "mvg_q5_k", spv!("mvg_q5_k")),
+    mv(Kernel::MvgQ6K, "mvg_q6_k", spv!("mvg_q6_k")),
+    mv(Kernel::MvgIQ4XS, "mvg_iq4_xs", spv!("mvg_iq4_xs")),
 ];
 
 impl Kernel {
     pub fn desc(self) -> &'static KernelDesc {
         &KERNELS[self as usize]
-    }
-
-    /// The mat-vec kernel that reads weights of type `ty` straight from their blocks.
-    pub fn matvec_for(ty: GgmlType) -> Option<Kernel> {
-        match ty {
-            GgmlType::F16 => Some(Kernel::MatVecF16),
-            GgmlType::Q8_0 => Some(Kernel::MatVecQ8_0),
-            GgmlType::Q4_0 => Some(Kernel::MatVecQ4_0),
-            GgmlType::Q4_K => Some(Kernel::MatVecQ4K),
-            GgmlType::Q6_K => Some(Kernel::MatVecQ6K),
-            _ => None,
-        }
     }
 
     /// The batched mat-vec kernel (`mm.glsl`) for weights of type `ty`; `glu`: the
@@ -240,6 +271,23 @@ impl Kernel {
             Kernel::MmQ6K => Kernel::MmgQ6K,
             _ => Kernel::MmgIQ4XS,
         })
+    }
+
+    /// The decode mat-vec kernel (`mv.glsl`) for weights of type `ty`; `glu`: the
+    /// gate|up variant whose output is the gated activation (`mvg_*`).
+    pub fn mv_for(ty: GgmlType, glu: bool) -> Option<Kernel> {
+        let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
+        let base = if glu { Kernel::MvgF32 } else { Kernel::MvF32 } as usize;
+        Some(KERNELS[base + i].kernel)
+    }
+
+    /// Whether the decode mat-vec of `ty` has a lane-split fast path (others decode
+    /// 32-element groups through `deq.glsl`).
+    pub fn mv_is_fast(ty: GgmlType) -> bool {
+        matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q4_K | GgmlType::Q6_K
+        )
     }
 
     fn mm_plain(ty: GgmlType) -> Option<Kernel> {
@@ -270,6 +318,10 @@ pub struct Tuning {
     pub rows_per_group: u32,
     /// Reduce with subgroup arithmetic (`.sg.spv`) rather than shared memory.
     pub subgroup_reduce: bool,
+    /// Decode mat-vec (`mv.glsl`) workgroup size, a power of two >= 16.
+    pub mv_workgroup_size: u32,
+    /// Decode mat-vec outputs per workgroup (1..=8; 1..=4 for the gate|up variant).
+    pub mv_rows: u32,
     /// Subgroup size requested through subgroup size control, if any.
     pub required_subgroup_size: Option<u32>,
 }

@@ -311,41 +311,13 @@ impl Context {
     /// Uploads a row-major tensor (`data.len() / row_bytes` rows) into as few
     /// device-local buffers as [`Context::max_buffer_bytes`] allows, split between rows.
     pub fn upload_rows(&self, data: &[u8], row_bytes: u64) -> Result<DeviceTensor> {
-        if row_bytes == 0 || !(data.len() as u64).is_multiple_of(row_bytes) {
-            return Err(VkError::Invalid(format!(
-                "{} bytes are not a whole number of rows of {row_bytes} bytes",
-                data.len()
-            )));
-        }
-        let rows = data.len() as u64 / row_bytes;
-        let rows_per_piece = self.max_buffer_bytes / row_bytes;
-        if rows_per_piece == 0 {
-            return Err(VkError::Invalid(format!(
-                "one row of {row_bytes} bytes is larger than a buffer may be on {} ({} bytes)",
-                self.info.name, self.max_buffer_bytes
-            )));
-        }
-        let mut pieces = Vec::new();
-        let mut first = 0u64;
-        while first < rows {
-            let n = rows_per_piece.min(rows - first);
-            let start = (first * row_bytes) as usize;
-            let end = ((first + n) * row_bytes) as usize;
-            let buffer = self.upload(&data[start..end])?;
-            pieces.push(TensorPiece {
-                buffer,
-                first_row: first,
-                rows: n,
-            });
-            first += n;
-        }
-        Ok(DeviceTensor {
-            rows,
-            row_bytes,
-            pieces,
-        })
+        self.upload_rows_grouped(&[data], row_bytes, 1)
     }
 }
+
+/// Bytes past the last row of every weight piece: kernels read whole words (and the
+/// word after) at 2-byte-aligned block offsets, so the tail must be addressable.
+pub const PIECE_PAD: u64 = 16;
 
 impl Context {
     /// Uploads the row-major tensors `parts` (all rows of `row_bytes` bytes) as one
@@ -353,7 +325,19 @@ impl Context {
     /// projections), split between rows as [`Context::upload_rows`] does. Each piece is
     /// written straight from the parts' bytes, never assembled on the host.
     pub fn upload_rows_concat(&self, parts: &[&[u8]], row_bytes: u64) -> Result<DeviceTensor> {
-        if row_bytes == 0
+        self.upload_rows_grouped(parts, row_bytes, 1)
+    }
+
+    /// [`Context::upload_rows_concat`] where every piece holds a multiple of `group`
+    /// rows (the gate/up pairs of a gated MLP stay in one piece).
+    pub fn upload_rows_grouped(
+        &self,
+        parts: &[&[u8]],
+        row_bytes: u64,
+        group: u64,
+    ) -> Result<DeviceTensor> {
+        if group == 0
+            || row_bytes == 0
             || parts
                 .iter()
                 .any(|p| !(p.len() as u64).is_multiple_of(row_bytes))
@@ -363,7 +347,13 @@ impl Context {
             )));
         }
         let rows: u64 = parts.iter().map(|p| p.len() as u64 / row_bytes).sum();
-        let rows_per_piece = self.max_buffer_bytes / row_bytes;
+        if !rows.is_multiple_of(group) {
+            return Err(VkError::Invalid(format!(
+                "{rows} rows are not whole groups of {group}"
+            )));
+        }
+        let rows_per_piece =
+            (self.max_buffer_bytes.saturating_sub(PIECE_PAD) / row_bytes) / group * group;
         if rows_per_piece == 0 {
             return Err(VkError::Invalid(format!(
                 "one row of {row_bytes} bytes is larger than a buffer may be on {} ({} bytes)",
@@ -374,7 +364,7 @@ impl Context {
         let mut first = 0u64;
         while first < rows {
             let n = rows_per_piece.min(rows - first);
-            let buffer = self.create_buffer(n * row_bytes, MemoryKind::Device)?;
+            let buffer = self.create_buffer(n * row_bytes + PIECE_PAD, MemoryKind::Device)?;
             // Copy rows first .. first + n from whichever parts hold them.
             let (lo, hi) = (first * row_bytes, (first + n) * row_bytes);
             let mut at = 0u64;

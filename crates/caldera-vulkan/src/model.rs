@@ -28,7 +28,7 @@ use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::Kernel;
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
-use crate::ops::{GluAct, Mm, MmIo, MmMode};
+use crate::ops::{GluAct, Mm, MmIo, MmMode, Mv, MvMode};
 use crate::record::{Binding, Recorder, Recording};
 
 /// Tokens per prefill step (the prefill bucket).
@@ -63,8 +63,8 @@ struct VkLayer {
     o: Proj,
     post_norm: Option<Buffer>,
     ffn_norm: Option<Buffer>,
-    /// gate | up output rows.
-    gate_up: Vec<Proj>,
+    /// gate and up rows interleaved (row 2i gate i, row 2i + 1 up i), pieces of whole pairs.
+    gate_up: Proj,
     down: Proj,
     ffn_post_norm: Option<Buffer>,
 }
@@ -127,6 +127,50 @@ fn upload_proj(ctx: &Context, ws: &[&Weight]) -> Result<Vec<Proj>> {
         i = j;
     }
     Ok(out)
+}
+
+/// Uploads a gated MLP's gate and up weights as one tensor of interleaved rows (gate i,
+/// up i), so one decode mat-vec makes `act(gate) * up` and a prefill mat-vec writes the
+/// pairs its down projection reads. Both must be of one type and width.
+fn upload_glu(ctx: &Context, gate: &Weight, up: &Weight) -> Result<Proj> {
+    if gate.ty != up.ty || gate.cols != up.cols || gate.rows != up.rows {
+        return Err(unsupported(format!(
+            "gate and up projections of different types or shapes ({} {}, {} {})",
+            gate.name, gate.ty, up.name, up.ty
+        )));
+    }
+    for w in [gate, up] {
+        if w.bias.is_some() {
+            return Err(unsupported(format!("biased projections ({})", w.name)));
+        }
+    }
+    let (ty, k) = (gate.ty, gate.cols);
+    if Kernel::mm_for(ty, false).is_none() {
+        return Err(unsupported(format!("tensor type {ty} ({})", gate.name)));
+    }
+    let rb = ty
+        .row_bytes(k as u64)
+        .ok_or_else(|| VkError::Invalid(format!("{}: rows of {k} {ty}", gate.name)))?
+        as usize;
+    let (g, u) = (gate.bytes(), up.bytes());
+    if g.len() != gate.rows * rb || u.len() != up.rows * rb {
+        return Err(VkError::Invalid(format!(
+            "{}: size does not match its shape",
+            gate.name
+        )));
+    }
+    let mut both = Vec::with_capacity(2 * g.len());
+    for (gr, ur) in g.chunks_exact(rb).zip(u.chunks_exact(rb)) {
+        both.extend_from_slice(gr);
+        both.extend_from_slice(ur);
+    }
+    let t = ctx.upload_rows_grouped(&[&both], rb as u64, 2)?;
+    Ok(Proj {
+        ty,
+        k,
+        offset: 0,
+        t,
+    })
 }
 
 impl VkModel {
@@ -206,7 +250,7 @@ impl VkModel {
                 o,
                 post_norm: upload_norm(&ctx, &lw.post_norm)?,
                 ffn_norm: upload_norm(&ctx, &lw.ffn_norm)?,
-                gate_up: upload_proj(&ctx, &[gate, &fw.up])?,
+                gate_up: upload_glu(&ctx, gate, &fw.up)?,
                 down,
                 ffn_post_norm: upload_norm(&ctx, &lw.ffn_post_norm)?,
             });
@@ -215,13 +259,13 @@ impl VkModel {
         let output_norm = ctx.upload_f32(&w.output_norm)?;
         let mut weight_bytes = output.t.rows * output.t.row_bytes;
         for l in &layers {
-            for p in l.qkv.iter().chain(&l.gate_up).chain([&l.o, &l.down]) {
+            for p in l.qkv.iter().chain([&l.gate_up, &l.o, &l.down]) {
                 weight_bytes += p.t.rows * p.t.row_bytes;
             }
         }
         let widest = layers
             .iter()
-            .flat_map(|l| l.qkv.iter().chain(&l.gate_up).chain([&l.o, &l.down]))
+            .flat_map(|l| l.qkv.iter().chain([&l.gate_up, &l.o, &l.down]))
             .chain([&output])
             .map(|p| p.k)
             .max()
@@ -444,6 +488,8 @@ impl VkRunner {
         let d = cfg.d_model;
         let eps = cfg.norm_eps;
         let b = bucket as u64;
+        // One token: the decode mat-vecs (mv.glsl); more: the batched ones (mm.glsl).
+        let decode = bucket == 1;
         let mut ops: Vec<Op> = Vec::new();
         let wg_bind = |k: Kernel, bufs: &[&Buffer]| ctx.bind(k, bufs);
         for (li, l) in m.layers.iter().enumerate() {
@@ -452,7 +498,29 @@ impl VkRunner {
             let ld_qkv = (nh + 2 * nkv) * hd;
             // norm + q|k|v
             let mut group = Vec::new();
+            let mut mvs = Vec::new();
             for p in &l.qkv {
+                if decode {
+                    let mode = MvMode {
+                        norm: l.norm.is_some(),
+                        eps,
+                        ..Default::default()
+                    };
+                    let (t, k) = (&p.t, p.k as u64);
+                    let y_off = p.offset as u64;
+                    mvs.push(Mv::new(
+                        ctx,
+                        p.ty,
+                        t,
+                        k,
+                        &self.x,
+                        &self.qkv,
+                        y_off,
+                        l.norm.as_ref(),
+                        mode,
+                    )?);
+                    continue;
+                }
                 let io = MmIo {
                     x: &self.x,
                     ld_x: d as u64,
@@ -470,7 +538,7 @@ impl VkRunner {
                 };
                 group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
             }
-            ops.push(Op::Mm(group));
+            ops.push(if decode { Op::Mv(mvs) } else { Op::Mm(group) });
             // q/k norm + RoPE + KV write
             let (kc, vc) = &self.kv[li];
             let dummy = &self.x;
@@ -541,15 +609,34 @@ impl VkRunner {
                 l.post_norm.as_ref(),
                 b,
             )?;
-            // norm + gate|up
-            let mut group = Vec::new();
-            for p in &l.gate_up {
+            // norm + gate|up (decode: with the GLU, into gu[0 .. d_ff])
+            let p = &l.gate_up;
+            if decode {
+                let mode = MvMode {
+                    norm: l.ffn_norm.is_some(),
+                    glu: Some(l.act),
+                    eps,
+                    ..Default::default()
+                };
+                let mv = Mv::new(
+                    ctx,
+                    p.ty,
+                    &p.t,
+                    p.k as u64,
+                    &self.x,
+                    &self.gu,
+                    0,
+                    l.ffn_norm.as_ref(),
+                    mode,
+                )?;
+                ops.push(Op::Mv(vec![mv]));
+            } else {
                 let io = MmIo {
                     x: &self.x,
                     ld_x: d as u64,
                     y: &self.gu,
                     ld_y: 2 * l.d_ff as u64,
-                    y_offset: p.offset as u64,
+                    y_offset: 0,
                     gam: Some(l.ffn_norm.as_ref().unwrap_or(&m.ones)),
                     step: &self.step,
                     max_tokens: b,
@@ -559,16 +646,22 @@ impl VkRunner {
                     eps,
                     ..Default::default()
                 };
-                group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+                ops.push(Op::Mm(vec![Mm::new(
+                    ctx, p.ty, &p.t, p.k as u64, &io, mode,
+                )?]));
             }
-            ops.push(Op::Mm(group));
-            // GLU + down + residual
+            // (GLU +) down + residual
+            let (ld, glu) = if decode {
+                (l.d_ff as u64, None)
+            } else {
+                (2 * l.d_ff as u64, Some(l.act))
+            };
             self.push_out_proj(
                 &mut ops,
                 &l.down,
                 &self.gu,
-                2 * l.d_ff as u64,
-                Some(l.act),
+                ld,
+                glu,
                 l.ffn_post_norm.as_ref(),
                 b,
             )?;
@@ -585,25 +678,47 @@ impl VkRunner {
             (Some((dv, hv)), true) => (dv, hv, self.all_rows),
             _ => (&self.logits1.0, &self.logits1.1, 1),
         };
-        let io = MmIo {
-            x: &self.x,
-            ld_x: d as u64,
-            y: ldev,
-            ld_y: cfg.vocab_size as u64,
-            y_offset: 0,
-            gam: Some(&m.output_norm),
-            step: &self.step,
-            max_tokens: rows as u64,
-        };
-        let mode = MmMode {
-            norm: true,
-            softcap: cfg.final_logit_softcap,
-            token_select: true,
-            eps,
-            ..Default::default()
-        };
-        let head = Mm::new(ctx, m.output.ty, &m.output.t, m.output.k as u64, &io, mode)?;
-        ops.push(Op::Mm(vec![head]));
+        if decode {
+            let mode = MvMode {
+                norm: true,
+                softcap: cfg.final_logit_softcap,
+                eps,
+                ..Default::default()
+            };
+            let o = &m.output;
+            let head = Mv::new(
+                ctx,
+                o.ty,
+                &o.t,
+                o.k as u64,
+                &self.x,
+                ldev,
+                0,
+                Some(&m.output_norm),
+                mode,
+            )?;
+            ops.push(Op::Mv(vec![head]));
+        } else {
+            let io = MmIo {
+                x: &self.x,
+                ld_x: d as u64,
+                y: ldev,
+                ld_y: cfg.vocab_size as u64,
+                y_offset: 0,
+                gam: Some(&m.output_norm),
+                step: &self.step,
+                max_tokens: rows as u64,
+            };
+            let mode = MmMode {
+                norm: true,
+                softcap: cfg.final_logit_softcap,
+                token_select: true,
+                eps,
+                ..Default::default()
+            };
+            let head = Mm::new(ctx, m.output.ty, &m.output.t, m.output.k as u64, &io, mode)?;
+            ops.push(Op::Mm(vec![head]));
+        }
         let in_bytes = (bucket * d * 4) as u64;
         let out_bytes = (rows * cfg.vocab_size * 4) as u64;
         let rec = ctx.record(|r: &mut Recorder<'_>| {
@@ -613,6 +728,11 @@ impl VkRunner {
                     Op::Mm(group) => {
                         for mm in group {
                             mm.record(r)?;
+                        }
+                    }
+                    Op::Mv(group) => {
+                        for mv in group {
+                            mv.record(r)?;
                         }
                     }
                     Op::Kernel(binding, push, groups) => r.dispatch(binding, push, *groups)?,
@@ -640,29 +760,40 @@ impl VkRunner {
         let ctx = &self.m.ctx;
         let cfg = &self.m.model.config;
         let d = cfg.d_model as u64;
-        let io = MmIo {
-            x,
-            ld_x,
-            y: if post_norm.is_some() {
-                &self.tmp
-            } else {
-                &self.x
-            },
-            ld_y: d,
-            y_offset: 0,
-            gam: Some(&self.m.ones),
-            step: &self.step,
-            max_tokens: b,
+        let y = if post_norm.is_some() {
+            &self.tmp
+        } else {
+            &self.x
         };
-        let mode = MmMode {
-            glu,
-            add: post_norm.is_none(),
-            eps: cfg.norm_eps,
-            ..Default::default()
-        };
-        ops.push(Op::Mm(vec![Mm::new(
-            ctx, p.ty, &p.t, p.k as u64, &io, mode,
-        )?]));
+        if b == 1 {
+            // Decode: a plain mat-vec over the input's first row.
+            let mode = MvMode {
+                add: post_norm.is_none(),
+                ..Default::default()
+            };
+            let mv = Mv::new(ctx, p.ty, &p.t, p.k as u64, x, y, 0, None, mode)?;
+            ops.push(Op::Mv(vec![mv]));
+        } else {
+            let io = MmIo {
+                x,
+                ld_x,
+                y,
+                ld_y: d,
+                y_offset: 0,
+                gam: Some(&self.m.ones),
+                step: &self.step,
+                max_tokens: b,
+            };
+            let mode = MmMode {
+                glu,
+                add: post_norm.is_none(),
+                eps: cfg.norm_eps,
+                ..Default::default()
+            };
+            ops.push(Op::Mm(vec![Mm::new(
+                ctx, p.ty, &p.t, p.k as u64, &io, mode,
+            )?]));
+        }
         if let Some(pn) = post_norm {
             let binding = ctx.bind(Kernel::AddNorm, &[&self.x, &self.tmp, pn, &self.step])?;
             let push = words(&[u32_of(cfg.d_model, "d_model")?, cfg.norm_eps.to_bits()]);
@@ -735,6 +866,7 @@ impl VkRunner {
 
 enum Op {
     Mm(Vec<Mm>),
+    Mv(Vec<Mv>),
     Kernel(Binding, Vec<u8>, u64),
 }
 

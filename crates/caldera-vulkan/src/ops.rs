@@ -8,18 +8,15 @@ use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::Kernel;
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
-use crate::record::{Binding, Recorder, Recording};
+use crate::record::{Binding, Recorder};
 
 fn u32_of(v: u64, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| VkError::Invalid(format!("{what} = {v} does not fit in 32 bits")))
 }
 
 /// `y[i] = Σ_j W[i][j] x[j]` for the `rows` rows of a weight tensor of type `ty`, read
-/// straight from its blocks; x and y f32. The tensor's pieces become one dispatch each.
-pub struct MatVec {
-    parts: Vec<(Binding, [u32; 4], u64)>,
-    rows_per_group: u32,
-}
+/// straight from its blocks; x and y f32: a plain [`Mv`]. One dispatch per piece.
+pub struct MatVec(Mv);
 
 impl MatVec {
     /// Binds `w` (`rows` rows of `k` elements of `ty`), x (`k` f32) and y (`w.rows` f32).
@@ -31,49 +28,12 @@ impl MatVec {
         x: &Buffer,
         y: &Buffer,
     ) -> Result<MatVec> {
-        let kernel = Kernel::matvec_for(ty).ok_or_else(|| {
-            VkError::Invalid(format!("no Vulkan mat-vec kernel for tensor type {ty} yet"))
-        })?;
-        if ty.row_bytes(k) != Some(w.row_bytes) || k == 0 {
-            return Err(VkError::Invalid(format!(
-                "rows of {} bytes do not hold {k} elements of {ty}",
-                w.row_bytes
-            )));
-        }
-        if x.size() < k * 4 || y.size() < w.rows * 4 {
-            return Err(VkError::Invalid(format!(
-                "mat-vec of {} x {k}: x holds {} bytes, y {}",
-                w.rows,
-                x.size(),
-                y.size()
-            )));
-        }
-        let k32 = u32_of(k, "k")?;
-        let rows_per_group = ctx.tuning().rows_per_group;
-        let mut parts = Vec::with_capacity(w.pieces.len());
-        for piece in &w.pieces {
-            let b = ctx.bind(kernel, &[&piece.buffer, x, y])?;
-            let push = [
-                k32,
-                u32_of(piece.rows, "rows")?,
-                0,
-                u32_of(piece.first_row, "first row")?,
-            ];
-            parts.push((b, push, piece.rows));
-        }
-        Ok(MatVec {
-            parts,
-            rows_per_group,
-        })
+        Mv::new(ctx, ty, w, k, x, y, 0, None, MvMode::default()).map(MatVec)
     }
 
     /// Records the mat-vec (one dispatch per weight piece, no barrier after).
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
-        for (b, push, rows) in &self.parts {
-            let bytes: Vec<u8> = push.iter().flat_map(|v| v.to_le_bytes()).collect();
-            r.dispatch(b, &bytes, rows.div_ceil(self.rows_per_group as u64))?;
-        }
-        Ok(())
+        self.0.record(r)
     }
 }
 
@@ -120,22 +80,7 @@ impl RmsNorm {
 /// Runs one mat-vec on host data: `w` holds `w.len() / row_bytes` rows of `k` elements
 /// of `ty` (raw blocks), `x` holds `k` values. Returns y.
 pub fn matvec_host(ctx: &Context, ty: GgmlType, w: &[u8], k: usize, x: &[f32]) -> Result<Vec<f32>> {
-    let row_bytes = ty
-        .row_bytes(k as u64)
-        .ok_or_else(|| VkError::Invalid(format!("{k} elements are not whole {ty} blocks")))?;
-    if x.len() != k {
-        return Err(VkError::Invalid(format!(
-            "x has {} values, k = {k}",
-            x.len()
-        )));
-    }
-    let wt = ctx.upload_rows(w, row_bytes)?;
-    let xb = ctx.upload_f32(x)?;
-    let yb = ctx.create_buffer((wt.rows * 4).max(4), MemoryKind::Device)?;
-    let mv = MatVec::new(ctx, ty, &wt, k as u64, &xb, &yb)?;
-    let rec: Recording = ctx.record(|r| mv.record(r))?;
-    ctx.submit(&rec)?;
-    ctx.read_f32(&yb, wt.rows as usize)
+    mv_host(ctx, ty, w, k, x, None, None, MvMode::default())
 }
 
 /// Runs RMSNorm on host data: `x` holds rows of `w.len()` values.
@@ -161,7 +106,8 @@ pub fn rms_norm_host(ctx: &Context, x: &[f32], w: &[f32], eps: f32) -> Result<Ve
 pub struct MmMode {
     /// Input is `rmsnorm(x_t) * gam` (needs `gam`, `k` values).
     pub norm: bool,
-    /// Input is `act(x_t[c]) * x_t[k + c]`: each x row holds gate (k) then up (k).
+    /// Input is `act(x_t[2c]) * x_t[2c + 1]`: each x row holds (gate, up) pairs, as the
+    /// interleaved gate/up weight writes them.
     pub glu: Option<GluAct>,
     /// `y += W x` (residual add) instead of `y = W x`.
     pub add: bool,
@@ -363,4 +309,172 @@ pub fn mm_host(
     let rec = ctx.record(|r| op.record(r))?;
     ctx.submit(&rec)?;
     ctx.read_f32(&yb, m * rows)
+}
+
+/// How a [`Mv`] transforms its input and stores its output (`mv.glsl`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MvMode {
+    /// Input is `rmsnorm(x) * gam`.
+    pub norm: bool,
+    /// The weight rows are (gate, up) pairs, rows 2i and 2i + 1; output i is
+    /// `act(gate_i · in) * (up_i · in)`.
+    pub glu: Option<GluAct>,
+    /// `y += W x` (residual add) instead of `y = W x`.
+    pub add: bool,
+    /// `y = cap * tanh(y / cap)`.
+    pub softcap: Option<f32>,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+}
+
+/// Decode mat-vec (one token): `y[y_offset + i] (+)= W[i] · input(x)` for every row
+/// (or gate/up pair) of a weight tensor of type `ty`, read straight from its blocks with
+/// coalesced loads, x loaded once per block for all the rows of a workgroup. One
+/// dispatch per weight piece.
+pub struct Mv {
+    parts: Vec<(Binding, [u8; 24], u64)>,
+    outs_per_group: u32,
+}
+
+impl Mv {
+    /// Binds `w` (rows of `k` elements of `ty`; with `mode.glu`, interleaved gate/up
+    /// pairs whose pieces hold whole pairs), x (`k` f32), y and, for `mode.norm`, gam
+    /// (`k` f32).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        ty: GgmlType,
+        w: &DeviceTensor,
+        k: u64,
+        x: &Buffer,
+        y: &Buffer,
+        y_offset: u64,
+        gam: Option<&Buffer>,
+        mode: MvMode,
+    ) -> Result<Mv> {
+        let glu = mode.glu.is_some();
+        let kernel = Kernel::mv_for(ty, glu).ok_or_else(|| {
+            VkError::Invalid(format!("no Vulkan mat-vec kernel for tensor type {ty} yet"))
+        })?;
+        if k == 0 || ty.row_bytes(k) != Some(w.row_bytes) {
+            return Err(VkError::Invalid(format!(
+                "rows of {} bytes do not hold {k} elements of {ty}",
+                w.row_bytes
+            )));
+        }
+        if Kernel::mv_is_fast(ty) && !k.is_multiple_of(4) {
+            return Err(VkError::Invalid(format!(
+                "mat-vec over {k} elements of {ty}"
+            )));
+        }
+        let per = if glu { 2 } else { 1 };
+        if glu
+            && w.pieces
+                .iter()
+                .any(|pc| pc.rows % 2 != 0 || pc.first_row % 2 != 0)
+        {
+            return Err(VkError::Invalid(
+                "gate/up mat-vec: pieces must hold whole row pairs".into(),
+            ));
+        }
+        let outs = w.rows / per;
+        if x.size() < k * 4
+            || y.size() < (y_offset + outs) * 4
+            || (mode.norm && gam.is_none_or(|g| g.size() < k * 4))
+        {
+            return Err(VkError::Invalid(format!(
+                "mat-vec of {} x {k}: buffers too small",
+                w.rows
+            )));
+        }
+        let mut flags = 0u32;
+        if mode.norm {
+            flags |= 1;
+        }
+        if mode.add {
+            flags |= 2;
+        }
+        if mode.glu == Some(GluAct::GeluTanh) {
+            flags |= 8;
+        }
+        if mode.softcap.is_some() {
+            flags |= 16;
+        }
+        let gam = gam.filter(|_| mode.norm).unwrap_or(x);
+        let mut parts = Vec::with_capacity(w.pieces.len());
+        for piece in &w.pieces {
+            let b = ctx.bind(kernel, &[&piece.buffer, x, y, gam])?;
+            let vals = [
+                u32_of(k, "k")?,
+                u32_of(piece.rows, "rows")?,
+                u32_of(y_offset + piece.first_row / per, "y offset")?,
+                flags,
+                mode.eps.to_bits(),
+                mode.softcap.unwrap_or(0.0).to_bits(),
+            ];
+            let mut push = [0u8; 24];
+            for (c, v) in push.chunks_exact_mut(4).zip(vals) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+            parts.push((b, push, piece.rows / per));
+        }
+        Ok(Mv {
+            parts,
+            outs_per_group: ctx.tuning().mv_rows,
+        })
+    }
+
+    /// Records the mat-vec (one dispatch per weight piece, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        for (b, push, outs) in &self.parts {
+            r.dispatch(b, push, outs.div_ceil(self.outs_per_group as u64))?;
+        }
+        Ok(())
+    }
+
+    /// Dispatches [`Mv::record`] makes.
+    pub fn dispatches(&self) -> usize {
+        self.parts.len()
+    }
+}
+
+/// Runs one [`Mv`] on host data: `w` holds rows of `k` elements of `ty` (gate/up pairs
+/// with `mode.glu`), `x` holds `k` values, `gam` the norm weights when `mode.norm`; with
+/// `mode.add`, y starts from `y0`. Returns one value per row (per pair with `glu`).
+pub fn mv_host(
+    ctx: &Context,
+    ty: GgmlType,
+    w: &[u8],
+    k: usize,
+    x: &[f32],
+    gam: Option<&[f32]>,
+    y0: Option<&[f32]>,
+    mode: MvMode,
+) -> Result<Vec<f32>> {
+    let row_bytes = ty
+        .row_bytes(k as u64)
+        .ok_or_else(|| VkError::Invalid(format!("{k} elements are not whole {ty} blocks")))?;
+    if x.len() != k {
+        return Err(VkError::Invalid(format!(
+            "x has {} values, k = {k}",
+            x.len()
+        )));
+    }
+    let group = if mode.glu.is_some() { 2 } else { 1 };
+    let wt = ctx.upload_rows_grouped(&[w], row_bytes, group)?;
+    let outs = (wt.rows / group) as usize;
+    let xb = ctx.upload_f32(x)?;
+    let yb = match y0 {
+        Some(y0) if y0.len() == outs => ctx.upload_f32(y0)?,
+        Some(_) => return Err(VkError::Invalid("y0 has the wrong length".into())),
+        None => ctx.create_buffer((outs * 4).max(4) as u64, MemoryKind::Device)?,
+    };
+    let gb = gam
+        .filter(|_| mode.norm)
+        .map(|g| ctx.upload_f32(g))
+        .transpose()?;
+    let op = Mv::new(ctx, ty, &wt, k as u64, &xb, &yb, 0, gb.as_ref(), mode)?;
+    let rec = ctx.record(|r| op.record(r))?;
+    ctx.submit(&rec)?;
+    ctx.read_f32(&yb, outs)
 }

@@ -162,14 +162,14 @@ fn matvec_q6_k() {
 fn matvec_other_tunings() {
     let mut rng = rng("matvec tunings");
     for (wg, rpg, shared) in [
-        (1, 1, true),
+        (16, 1, true),
         (32, 3, false),
-        (128, 5, true),
+        (64, 4, true),
         (256, 1, false),
     ] {
         let opts = ContextOptions {
-            workgroup_size: Some(wg),
-            rows_per_group: Some(rpg),
+            mv_workgroup_size: Some(wg),
+            mv_rows: Some(rpg),
             force_shared_reduce: shared,
             ..Default::default()
         };
@@ -200,7 +200,7 @@ fn matvec_split_weights() {
 
     let w = quantize(ty, &random_vec(&mut rng, rows * k)).unwrap();
     let wt = ctx.upload_rows(&w, 54).unwrap();
-    // 4096 / 54 = 75 rows a piece: 5 pieces, none over the limit.
+    // (4096 - 16) / 54 = 75 rows a piece: 5 pieces, none over the limit.
     assert_eq!(wt.pieces.len(), 5);
     assert!(wt.pieces.iter().all(|p| p.buffer.size() <= 4096));
     let x = ctx.upload_f32(&random_vec(&mut rng, k)).unwrap();

@@ -73,10 +73,10 @@ fn cpu_mm(
                     .collect()
             }
             (false, Some(GluAct::Silu)) => (0..k)
-                .map(|c| silu(xr[c] as f64) * xr[k + c] as f64)
+                .map(|c| silu(xr[2 * c] as f64) * xr[2 * c + 1] as f64)
                 .collect(),
             (false, Some(GluAct::GeluTanh)) => (0..k)
-                .map(|c| gelu_tanh(xr[c] as f64) * xr[k + c] as f64)
+                .map(|c| gelu_tanh(xr[2 * c] as f64) * xr[2 * c + 1] as f64)
                 .collect(),
             (false, None) => xr.iter().map(|&v| v as f64).collect(),
         };

@@ -1,0 +1,5 @@
+#version 450
+// Decode gate|up mat-vec with the GLU over Q5_1 weights (see mv.glsl).
+#define TYPE_Q5_1 1
+#define MVG 1
+#include "mv.glsl"
