@@ -441,6 +441,7 @@ impl Mv {
 /// Runs one [`Mv`] on host data: `w` holds rows of `k` elements of `ty` (gate/up pairs
 /// with `mode.glu`), `x` holds `k` values, `gam` the norm weights when `mode.norm`; with
 /// `mode.add`, y starts from `y0`. Returns one value per row (per pair with `glu`).
+#[allow(clippy::too_many_arguments)]
 pub fn mv_host(
     ctx: &Context,
     ty: GgmlType,
