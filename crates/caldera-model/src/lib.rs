@@ -21,7 +21,7 @@ pub use config::{
 };
 pub use error::{ModelError, Result};
 pub use file::{ModelFile, TokenizerSource};
-pub use runner::{Logits, RunError, Runner};
+pub use runner::{Logits, RunError, Runner, RunnerStats};
 pub use weights::{AttnWeights, DenseFfn, FfnWeights, Layer, MixerWeights, ModelWeights, Weight};
 
 /// A loaded model: its description and its weights (views into the mapped file).

@@ -36,6 +36,7 @@ const uint MV_SOFTCAP = 16u;
 
 layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
 layout(std430, binding = 0) readonly buffer Wbuf2 { uvec2 w2[]; };
+layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
 layout(std430, binding = 1) readonly buffer Xbuf { float x[]; };
 layout(std430, binding = 1) readonly buffer Xbuf4 { vec4 x4[]; };
 layout(std430, binding = 2) buffer Ybuf { float y[]; };
@@ -96,6 +97,10 @@ vec4 nib_hi(uint v) {
     return vec4((uvec4(v) >> uvec4(4u, 12u, 20u, 28u)) & 15u);
 }
 
+// Sums of this lane's x values per half of its block (low / high nibble groups of
+// Q4_K), set before block_dot.
+vec2 xs;
+
 #if defined(TYPE_Q4_0)
 // 18 B / 32: d, qs[16]. Lane t (of 2) holds qs[8t .. 8t + 8]: elements 8t .. 8t + 8
 // (low nibbles) and 16 + 8t .. 24 + 8t (high).
@@ -133,81 +138,82 @@ float block_dot(uint row, uint b, uint lane, vec4 xv[NXV]) {
     return d * (dot(i8x4(q.x), xv[0]) + dot(i8x4(q.y), xv[1]));
 }
 #elif defined(TYPE_Q4_K)
-// 144 B / 256: d, dmin, scales[12], qs[128]. Lane t (of 16), j = t / 4, q = t % 4,
-// holds qs[32j + 8q .. + 8]: elements 64j + 8q .. + 8 (low nibbles, group 2j) and
-// 64j + 32 + 8q .. + 8 (high nibbles, group 2j + 1).
+// 144 B / 256: d, dmin, scales[12], qs[128]. Lane t (of 8), j = t / 2, h = t % 2,
+// holds qs[32j + 16h .. + 16] (one 16-byte load): elements 64j + 16h .. + 16 (low
+// nibbles, group 2j) and 64j + 32 + 16h .. + 16 (high nibbles, group 2j + 1).
 #define MV_FAST 1
-const uint L = 16u;
+const uint L = 8u;
 const uint BE = 256u;
-const uint NXV = 4u;
+const uint NXV = 8u;
 uint xcol(uint lane, uint i) {
-    return 64u * (lane >> 2) + 8u * (lane & 3u) + 32u * (i >> 1) + 4u * (i & 1u);
+    return 64u * (lane >> 1) + 16u * (lane & 1u) + 32u * (i >> 2) + 4u * (i & 3u);
 }
-uint sbyte(uvec3 s, uint i) {
-    uint v = i < 4u ? s.x : (i < 8u ? s.y : s.z);
-    return (v >> (8u * (i & 3u))) & 255u;
+// Nibbles 0 and 2 (sh 0), 1 and 3 (sh 4), ... of the two 16-bit halves of v as floats
+// exactly: each nibble becomes the mantissa of the half 1024 + n.
+vec2 nib2(uint v, uint sh) {
+    return unpackHalf2x16(((v >> sh) & 0x000f000fu) | 0x64006400u) - vec2(1024.0);
 }
-// Six-bit scale and min of group g.
-uvec2 scale_min(uvec3 s, uint g) {
-    if (g < 4u) {
-        return uvec2(sbyte(s, g) & 63u, sbyte(s, g + 4u) & 63u);
-    }
-    uint a = sbyte(s, g + 4u);
-    return uvec2((a & 15u) | ((sbyte(s, g - 4u) >> 6) << 4),
-                 (a >> 4) | ((sbyte(s, g) >> 6) << 4));
+// Sum over the 4 nibbles at bit offsets sh, sh + 8, sh + 16, sh + 24 of v, times x.
+float nibdot(uint v, uint sh, vec4 xv) {
+    vec2 a = nib2(v, sh);      // bytes 0, 2
+    vec2 b = nib2(v, sh + 8u); // bytes 1, 3
+    return a.x * xv.x + b.x * xv.y + a.y * xv.z + b.y * xv.w;
 }
 float block_dot(uint row, uint b, uint lane, vec4 xv[NXV]) {
-    uint o = (row * (p.k / 256u) + b) * 36u; // words
-    uint j = lane >> 2;
-    vec2 dm = unpackHalf2x16(w[o]);
-    uvec3 s = uvec3(w[o + 1u], w[o + 2u], w[o + 3u]);
-    uvec2 sm0 = scale_min(s, 2u * j);
-    uvec2 sm1 = scale_min(s, 2u * j + 1u);
-    uvec2 q = w2[(o + 4u + 8u * j + 2u * (lane & 3u)) >> 1];
-    float lo = dot(nib_lo(q.x), xv[0]) + dot(nib_lo(q.y), xv[1]);
-    float hi = dot(nib_hi(q.x), xv[2]) + dot(nib_hi(q.y), xv[3]);
-    const vec4 one = vec4(1.0);
-    float slo = dot(xv[0] + xv[1], one);
-    float shi = dot(xv[2] + xv[3], one);
-    return dm.x * (float(sm0.x) * lo + float(sm1.x) * hi)
-         - dm.y * (float(sm0.y) * slo + float(sm1.y) * shi);
+    uint o = (row * (p.k / 256u) + b) * 9u; // 16-byte units
+    uint j = lane >> 1;
+    uvec4 hd = w4[o];
+    uvec4 q = w4[o + 1u + 2u * j + (lane & 1u)];
+    vec2 dm = unpackHalf2x16(hd.x);
+    // Six-bit scales and mins of groups 2j, 2j + 1, two bytes at a time.
+    uint sh = 16u * (j & 1u);
+    uint sa = hd.y >> sh;
+    uint sb = hd.z >> sh;
+    uint sc = hd.w >> sh;
+    uint scl = j < 2u ? sa & 0x3f3fu : (sc & 0x0f0fu) | ((sa >> 2) & 0x3030u);
+    uint mnl = j < 2u ? sb & 0x3f3fu : ((sc >> 4) & 0x0f0fu) | ((sb >> 2) & 0x3030u);
+    float lo = nibdot(q.x, 0u, xv[0]) + nibdot(q.y, 0u, xv[1])
+             + nibdot(q.z, 0u, xv[2]) + nibdot(q.w, 0u, xv[3]);
+    float hi = nibdot(q.x, 4u, xv[4]) + nibdot(q.y, 4u, xv[5])
+             + nibdot(q.z, 4u, xv[6]) + nibdot(q.w, 4u, xv[7]);
+    return dm.x * (float(scl & 255u) * lo + float(scl >> 8) * hi)
+         - dm.y * (float(mnl & 255u) * xs.x + float(mnl >> 8) * xs.y);
 }
 #elif defined(TYPE_Q6_K)
-// 210 B / 256: ql[128], qh[64], scales: i8[16], d. Lane t (of 16), n = t / 8,
-// l0 = 4 (t % 8), holds l = l0 .. l0 + 4 of half n: elements 128n + l + {0, 32, 64, 96}
+// 210 B / 256: ql[128], qh[64], scales: i8[16], d. Lane t (of 8), n = t / 4,
+// l0 = 8 (t % 4), holds l = l0 .. l0 + 8 of half n: elements 128n + l + {0, 32, 64, 96}
 // from ql[64n + l] (low / high nibble), ql[64n + 32 + l] and qh[32n + l] (2 bits each),
-// minus 32; scales[8n + l / 16 + {0, 2, 4, 6}].
+// minus 32; scales[8n + l0 / 16 + {0, 2, 4, 6}].
 #define MV_FAST 1
-const uint L = 16u;
+const uint L = 8u;
 const uint BE = 256u;
-const uint NXV = 4u;
+const uint NXV = 8u;
 uint xcol(uint lane, uint i) {
-    return 128u * (lane >> 3) + 4u * (lane & 7u) + 32u * i;
+    return 128u * (lane >> 2) + 8u * (lane & 3u) + 32u * (i >> 1) + 4u * (i & 1u);
+}
+// The four 6-bit values of word pair (a: ql, h: qh) at nibble shift qs and 2-bit shift hs,
+// minus 32, times x.
+float q6dot(uint a, uint h, uint qs, uint hs, vec4 xv) {
+    uvec4 v = ((uvec4(a) >> (uvec4(0u, 8u, 16u, 24u) + qs)) & 15u)
+            | (((uvec4(h) >> (uvec4(0u, 8u, 16u, 24u) + hs)) & 3u) << 4);
+    return dot(vec4(v) - vec4(32.0), xv);
 }
 float block_dot(uint row, uint b, uint lane, vec4 xv[NXV]) {
     uint o = (row * (p.k / 256u) + b) * 210u;
-    uint n = lane >> 3;
-    uint l0 = 4u * (lane & 7u);
-    uint a = u32_at(o + 64u * n + l0);
-    uint c = u32_at(o + 64u * n + 32u + l0);
-    uint h = u32_at(o + 128u + 32u * n + l0);
-    uint s0 = u32_at(o + 192u + 8u * n);
-    uint s1 = u32_at(o + 196u + 8u * n);
+    uint n = lane >> 2;
+    uint l0 = 8u * (lane & 3u);
+    uvec2 a = u64_at(o + 64u * n + l0);
+    uvec2 c = u64_at(o + 64u * n + 32u + l0);
+    uvec2 h = u64_at(o + 128u + 32u * n + l0);
+    uvec2 s = u64_at(o + 192u + 8u * n);
     int is = int(8u * (l0 >> 4));
-    vec4 sc = vec4(bitfieldExtract(int(s0), is, 8), bitfieldExtract(int(s0), is + 16, 8),
-                   bitfieldExtract(int(s1), is, 8), bitfieldExtract(int(s1), is + 16, 8));
+    vec4 sc = vec4(bitfieldExtract(int(s.x), is, 8), bitfieldExtract(int(s.x), is + 16, 8),
+                   bitfieldExtract(int(s.y), is, 8), bitfieldExtract(int(s.y), is + 16, 8));
     float d = f16_at(o + 208u);
-    const uvec4 sh = uvec4(0u, 8u, 16u, 24u);
-    uvec4 av = (uvec4(a) >> sh) & 255u;
-    uvec4 cv = (uvec4(c) >> sh) & 255u;
-    uvec4 hv = (uvec4(h) >> sh) & 255u;
-    const vec4 e32 = vec4(32.0);
-    vec4 q1 = vec4((av & 15u) | ((hv & 3u) << 4)) - e32;
-    vec4 q2 = vec4((cv & 15u) | (((hv >> 2) & 3u) << 4)) - e32;
-    vec4 q3 = vec4((av >> 4) | (((hv >> 4) & 3u) << 4)) - e32;
-    vec4 q4 = vec4((cv >> 4) | (((hv >> 6) & 3u) << 4)) - e32;
-    return d * (sc.x * dot(q1, xv[0]) + sc.y * dot(q2, xv[1])
-              + sc.z * dot(q3, xv[2]) + sc.w * dot(q4, xv[3]));
+    return d * (sc.x * (q6dot(a.x, h.x, 0u, 0u, xv[0]) + q6dot(a.y, h.y, 0u, 0u, xv[1]))
+              + sc.y * (q6dot(c.x, h.x, 0u, 2u, xv[2]) + q6dot(c.y, h.y, 0u, 2u, xv[3]))
+              + sc.z * (q6dot(a.x, h.x, 4u, 4u, xv[4]) + q6dot(a.y, h.y, 4u, 4u, xv[5]))
+              + sc.w * (q6dot(c.x, h.x, 4u, 6u, xv[6]) + q6dot(c.y, h.y, 4u, 6u, xv[7])));
 }
 #else
 // Every other type: deq.glsl's dot32 on the (normed) input.
@@ -311,6 +317,10 @@ void main() {
                 v *= gam4[c];
             }
             xv[i] = v;
+        }
+        xs = vec2(0.0);
+        [[unroll]] for (uint i = 0u; i < NXV; i++) {
+            xs[i * 2u / NXV] += dot(xv[i], vec4(1.0));
         }
         [[unroll]] for (uint r = 0u; r < MAXR; r++) {
             if (r < NR) {

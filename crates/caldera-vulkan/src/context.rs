@@ -31,6 +31,10 @@ pub struct ContextOptions {
     pub workgroup_size: Option<u32>,
     /// Mat-vec rows per workgroup; default 2.
     pub rows_per_group: Option<u32>,
+    /// Never use int8 dot-product instructions (their emulation instead).
+    pub force_no_int8_dot: bool,
+    /// Decode mat-vecs on f32 activations only (no int8 quantization of x).
+    pub force_f32_acts: bool,
     /// Decode mat-vec workgroup size (power of two, >= 16); default 128, or
     /// `CALDERA_VK_MV_WG`.
     pub mv_workgroup_size: Option<u32>,
@@ -377,7 +381,10 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         .or_else(|| env_u32("CALDERA_VK_MV_ROWS"))
         .unwrap_or(2)
         .clamp(1, 4);
+    let env_on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
     Tuning {
+        int8_dot: info.int8_dot && !opts.force_no_int8_dot && !env_on("CALDERA_VK_NO_DOT"),
+        q8_acts: !opts.force_f32_acts && !env_on("CALDERA_VK_NO_Q8"),
         workgroup_size,
         mv_workgroup_size,
         mv_rows,
@@ -461,6 +468,15 @@ fn create_pipelines(shared: &Shared, tuning: &Tuning) -> Result<Vec<Pipeline>> {
     };
     for (i, desc) in KERNELS.iter().enumerate() {
         debug_assert_eq!(desc.kernel as usize, i);
+        if desc.int8_dot && !tuning.int8_dot {
+            // The device cannot run this module; nothing may bind it (ops check).
+            out.push(Pipeline {
+                set_layout: vk::DescriptorSetLayout::null(),
+                layout: vk::PipelineLayout::null(),
+                pipeline: vk::Pipeline::null(),
+            });
+            continue;
+        }
         match create_pipeline(shared, tuning, desc) {
             Ok(p) => out.push(p),
             Err(e) => {

@@ -68,6 +68,24 @@ pub enum Kernel {
     MvgQ5K = 49,
     MvgQ6K = 50,
     MvgIQ4XS = 51,
+    Copy = 52,
+    QuantX = 53,
+    MvqQ4_0 = 54,
+    MvqQ8_0 = 55,
+    MvqQ4K = 56,
+    MvqQ6K = 57,
+    MvqgQ4_0 = 58,
+    MvqgQ8_0 = 59,
+    MvqgQ4K = 60,
+    MvqgQ6K = 61,
+    MvqeQ4_0 = 62,
+    MvqeQ8_0 = 63,
+    MvqeQ4K = 64,
+    MvqeQ6K = 65,
+    MvqgeQ4_0 = 66,
+    MvqgeQ8_0 = 67,
+    MvqgeQ4K = 68,
+    MvqgeQ6K = 69,
 }
 
 /// One entry of the kernel table.
@@ -85,9 +103,12 @@ pub struct KernelDesc {
     pub push_bytes: u32,
     /// Whether specialization constant 1 (rows per workgroup) applies.
     pub rows_per_group: bool,
-    /// A decode mat-vec (`mv.glsl`): specialised with [`Tuning::mv_workgroup_size`] and
-    /// [`Tuning::mv_rows`] instead.
+    /// A decode mat-vec (`mv.glsl`, `mvq.glsl`): specialised with
+    /// [`Tuning::mv_workgroup_size`] and [`Tuning::mv_rows`] instead.
     pub mv: bool,
+    /// Uses int8 dot-product instructions: its pipeline exists only where
+    /// [`Tuning::int8_dot`] holds.
+    pub int8_dot: bool,
 }
 
 macro_rules! spv {
@@ -123,6 +144,7 @@ const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u
         push_bytes: MM_PUSH_BYTES,
         rows_per_group: true,
         mv: false,
+        int8_dot: false,
     }
 }
 
@@ -142,6 +164,7 @@ const fn plain(
         push_bytes,
         rows_per_group: false,
         mv: false,
+        int8_dot: false,
     }
 }
 
@@ -159,11 +182,37 @@ const fn mv(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u
         push_bytes: MV_PUSH_BYTES,
         rows_per_group: true,
         mv: true,
+        int8_dot: false,
+    }
+}
+
+/// `quant_x` push constants: `k, flags` (u32), `eps` (f32).
+pub const QUANT_X_PUSH_BYTES: u32 = 12;
+/// Int8-activation decode mat-vec (`mvq.glsl`) push constants: `k, rows, y_offset,
+/// flags` (u32), `cap` (f32).
+pub const MVQ_PUSH_BYTES: u32 = 20;
+
+const fn mvq(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+    int8_dot: bool,
+) -> KernelDesc {
+    KernelDesc {
+        kernel,
+        name,
+        spirv_subgroup: spv.0,
+        spirv_shared: spv.1,
+        bindings: 4,
+        push_bytes: MVQ_PUSH_BYTES,
+        rows_per_group: true,
+        mv: true,
+        int8_dot,
     }
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 52] = [
+pub const KERNELS: [KernelDesc; 70] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -173,6 +222,7 @@ pub const KERNELS: [KernelDesc; 52] = [
         push_bytes: RMSNORM_PUSH_BYTES,
         rows_per_group: false,
         mv: false,
+        int8_dot: false,
     },
     mm(Kernel::MmF32, "mm_f32", spv!("mm_f32")),
     mm(Kernel::MmF16, "mm_f16", spv!("mm_f16")),
@@ -243,6 +293,30 @@ pub const KERNELS: [KernelDesc; 52] = [
     mv(Kernel::MvgQ5K, "mvg_q5_k", spv!("mvg_q5_k")),
     mv(Kernel::MvgQ6K, "mvg_q6_k", spv!("mvg_q6_k")),
     mv(Kernel::MvgIQ4XS, "mvg_iq4_xs", spv!("mvg_iq4_xs")),
+    plain(Kernel::Copy, "copy", spv!("copy"), 2, 4),
+    plain(
+        Kernel::QuantX,
+        "quant_x",
+        spv!("quant_x"),
+        4,
+        QUANT_X_PUSH_BYTES,
+    ),
+    mvq(Kernel::MvqQ4_0, "mvq_q4_0", spv!("mvq_q4_0"), true),
+    mvq(Kernel::MvqQ8_0, "mvq_q8_0", spv!("mvq_q8_0"), true),
+    mvq(Kernel::MvqQ4K, "mvq_q4_k", spv!("mvq_q4_k"), true),
+    mvq(Kernel::MvqQ6K, "mvq_q6_k", spv!("mvq_q6_k"), true),
+    mvq(Kernel::MvqgQ4_0, "mvqg_q4_0", spv!("mvqg_q4_0"), true),
+    mvq(Kernel::MvqgQ8_0, "mvqg_q8_0", spv!("mvqg_q8_0"), true),
+    mvq(Kernel::MvqgQ4K, "mvqg_q4_k", spv!("mvqg_q4_k"), true),
+    mvq(Kernel::MvqgQ6K, "mvqg_q6_k", spv!("mvqg_q6_k"), true),
+    mvq(Kernel::MvqeQ4_0, "mvqe_q4_0", spv!("mvqe_q4_0"), false),
+    mvq(Kernel::MvqeQ8_0, "mvqe_q8_0", spv!("mvqe_q8_0"), false),
+    mvq(Kernel::MvqeQ4K, "mvqe_q4_k", spv!("mvqe_q4_k"), false),
+    mvq(Kernel::MvqeQ6K, "mvqe_q6_k", spv!("mvqe_q6_k"), false),
+    mvq(Kernel::MvqgeQ4_0, "mvqge_q4_0", spv!("mvqge_q4_0"), false),
+    mvq(Kernel::MvqgeQ8_0, "mvqge_q8_0", spv!("mvqge_q8_0"), false),
+    mvq(Kernel::MvqgeQ4K, "mvqge_q4_k", spv!("mvqge_q4_k"), false),
+    mvq(Kernel::MvqgeQ6K, "mvqge_q6_k", spv!("mvqge_q6_k"), false),
 ];
 
 impl Kernel {
@@ -290,6 +364,26 @@ impl Kernel {
         )
     }
 
+    /// The decode mat-vec on int8 activations (`mvq.glsl`) for weights of type `ty`,
+    /// if there is one; `glu`: the gate|up variant; `dot`: with int8 dot-product
+    /// instructions (else emulated).
+    pub fn mvq_for(ty: GgmlType, glu: bool, dot: bool) -> Option<Kernel> {
+        let i = match ty {
+            GgmlType::Q4_0 => 0,
+            GgmlType::Q8_0 => 1,
+            GgmlType::Q4_K => 2,
+            GgmlType::Q6_K => 3,
+            _ => return None,
+        };
+        let base = match (glu, dot) {
+            (false, true) => Kernel::MvqQ4_0,
+            (true, true) => Kernel::MvqgQ4_0,
+            (false, false) => Kernel::MvqeQ4_0,
+            (true, false) => Kernel::MvqgeQ4_0,
+        } as usize;
+        Some(KERNELS[base + i].kernel)
+    }
+
     fn mm_plain(ty: GgmlType) -> Option<Kernel> {
         Some(match ty {
             GgmlType::F32 => Kernel::MmF32,
@@ -322,6 +416,12 @@ pub struct Tuning {
     pub mv_workgroup_size: u32,
     /// Decode mat-vec outputs per workgroup (1..=8; 1..=4 for the gate|up variant).
     pub mv_rows: u32,
+    /// Int8 dot-product instructions are used (the device has them and they are not
+    /// switched off with `CALDERA_VK_NO_DOT=1`).
+    pub int8_dot: bool,
+    /// Decode mat-vecs read int8-quantized activations where the weight type allows
+    /// (`CALDERA_VK_NO_Q8=1` keeps them in f32).
+    pub q8_acts: bool,
     /// Subgroup size requested through subgroup size control, if any.
     pub required_subgroup_size: Option<u32>,
 }

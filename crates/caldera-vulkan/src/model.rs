@@ -28,7 +28,7 @@ use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::Kernel;
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
-use crate::ops::{GluAct, Mm, MmIo, MmMode, Mv, MvMode};
+use crate::ops::{GluAct, Mm, MmIo, MmMode, Mv, MvMode, Mvq, Q8Acts, QuantX};
 use crate::record::{Binding, Recorder, Recording};
 
 /// Tokens per prefill step (the prefill bucket).
@@ -329,6 +329,9 @@ pub struct VkRunner {
     qkv: Buffer,
     att: Buffer,
     gu: Buffer,
+    /// Int8 activations of the decode mat-vecs (QuantX output): values and scales.
+    xq: Buffer,
+    xd: Buffer,
     kv: Vec<(Buffer, Buffer)>,
     /// RoPE table per layer (shared between layers with equal specs).
     rope: Vec<Option<Buffer>>,
@@ -342,6 +345,11 @@ pub struct VkRunner {
     embed_bytes: Vec<u8>,
     /// `CALDERA_VK_TRACE` set: print each step's time (read once, not per token).
     trace: bool,
+    /// `CALDERA_VK_PROFILE=1`: decode steps write GPU timestamps after every op.
+    profile: bool,
+    /// Device nanoseconds per op label (total, count) over `profile_steps` decode steps.
+    profile_ns: HashMap<&'static str, (f64, u64)>,
+    profile_steps: u64,
 }
 
 /// (cos, sin) pairs for positions `0..cap`, as the CPU reference computes them.
@@ -409,6 +417,9 @@ impl VkRunner {
         let qkv = dev(CHUNK * max_qkv, "the q/k/v rows")?;
         let att = dev(CHUNK * max_q, "the attention output")?;
         let gu = dev(CHUNK * 2 * max_ff, "the gate/up rows")?;
+        let widest = d.max(max_q).max(max_ff);
+        let xq = dev(widest.div_ceil(4), "the quantized activations")?;
+        let xd = dev(widest.div_ceil(32), "the activation scales")?;
         let mut kv = Vec::with_capacity(m.layers.len());
         let mut rope: Vec<Option<Buffer>> = Vec::with_capacity(m.layers.len());
         for (li, l) in m.layers.iter().enumerate() {
@@ -463,6 +474,8 @@ impl VkRunner {
             qkv,
             att,
             gu,
+            xq,
+            xd,
             kv,
             rope,
             logits1,
@@ -472,12 +485,28 @@ impl VkRunner {
             embed_row: vec![0.0; d],
             embed_bytes: Vec::with_capacity(CHUNK * d * 4),
             trace: std::env::var_os("CALDERA_VK_TRACE").is_some(),
+            profile: std::env::var("CALDERA_VK_PROFILE").is_ok_and(|v| v == "1"),
+            profile_ns: HashMap::new(),
+            profile_steps: 0,
         })
     }
 
     /// What this runner has done, and the shape of its recorded decode step.
     pub fn stats(&self) -> StepStats {
         self.stats
+    }
+
+    /// With `CALDERA_VK_PROFILE=1`: device microseconds per decode step by op kind
+    /// (summed over the layers), in the order of the largest first.
+    pub fn profile(&self) -> Vec<(String, f64)> {
+        let steps = self.profile_steps.max(1) as f64;
+        let mut v: Vec<(String, f64)> = self
+            .profile_ns
+            .iter()
+            .map(|(k, (ns, _))| (k.to_string(), ns / steps / 1e3))
+            .collect();
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
     }
 
     /// Records the step for `bucket` tokens; `all` selects the all-rows logits buffer.
@@ -490,7 +519,7 @@ impl VkRunner {
         let b = bucket as u64;
         // One token: the decode mat-vecs (mv.glsl); more: the batched ones (mm.glsl).
         let decode = bucket == 1;
-        let mut ops: Vec<Op> = Vec::new();
+        let mut ops: Vec<(&'static str, Op)> = Vec::new();
         let wg_bind = |k: Kernel, bufs: &[&Buffer]| ctx.bind(k, bufs);
         for (li, l) in m.layers.iter().enumerate() {
             let a = &l.attn;
@@ -498,28 +527,21 @@ impl VkRunner {
             let ld_qkv = (nh + 2 * nkv) * hd;
             // norm + q|k|v
             let mut group = Vec::new();
-            let mut mvs = Vec::new();
+            if decode {
+                let projs: Vec<(&Proj, u64)> = l.qkv.iter().map(|p| (p, p.offset as u64)).collect();
+                self.push_decode_mv(
+                    &mut ops,
+                    "qkv",
+                    &projs,
+                    &self.x,
+                    l.norm.as_ref(),
+                    &self.qkv,
+                    MvMode::default(),
+                )?;
+            }
             for p in &l.qkv {
                 if decode {
-                    let mode = MvMode {
-                        norm: l.norm.is_some(),
-                        eps,
-                        ..Default::default()
-                    };
-                    let (t, k) = (&p.t, p.k as u64);
-                    let y_off = p.offset as u64;
-                    mvs.push(Mv::new(
-                        ctx,
-                        p.ty,
-                        t,
-                        k,
-                        &self.x,
-                        &self.qkv,
-                        y_off,
-                        l.norm.as_ref(),
-                        mode,
-                    )?);
-                    continue;
+                    break;
                 }
                 let io = MmIo {
                     x: &self.x,
@@ -538,7 +560,9 @@ impl VkRunner {
                 };
                 group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
             }
-            ops.push(if decode { Op::Mv(mvs) } else { Op::Mm(group) });
+            if !decode {
+                ops.push(("qkv", Op::Mm(group)));
+            }
             // q/k norm + RoPE + KV write
             let (kc, vc) = &self.kv[li];
             let dummy = &self.x;
@@ -578,7 +602,7 @@ impl VkRunner {
                 u32_of(ld_qkv, "qkv width")?,
                 eps.to_bits(),
             ]);
-            ops.push(Op::Kernel(binding, push, b * (nh + nkv) as u64));
+            ops.push(("rope_kv", Op::Kernel(binding, push, b * (nh + nkv) as u64)));
             // attention
             let gsize = nh / nkv;
             let hpw = gsize.min(8).min(2048 / hd).max(1);
@@ -598,10 +622,14 @@ impl VkRunner {
                 a.scale.to_bits(),
                 a.softcap.unwrap_or(0.0).to_bits(),
             ]);
-            ops.push(Op::Kernel(binding, push, b * (nkv * n_chunks) as u64));
+            ops.push((
+                "attention",
+                Op::Kernel(binding, push, b * (nkv * n_chunks) as u64),
+            ));
             // o-proj + residual (through the post-norm when there is one)
             self.push_out_proj(
                 &mut ops,
+                "o",
                 &l.o,
                 &self.att,
                 (nh * hd) as u64,
@@ -613,23 +641,18 @@ impl VkRunner {
             let p = &l.gate_up;
             if decode {
                 let mode = MvMode {
-                    norm: l.ffn_norm.is_some(),
                     glu: Some(l.act),
-                    eps,
                     ..Default::default()
                 };
-                let mv = Mv::new(
-                    ctx,
-                    p.ty,
-                    &p.t,
-                    p.k as u64,
+                self.push_decode_mv(
+                    &mut ops,
+                    "gate_up",
+                    &[(p, 0)],
                     &self.x,
-                    &self.gu,
-                    0,
                     l.ffn_norm.as_ref(),
+                    &self.gu,
                     mode,
                 )?;
-                ops.push(Op::Mv(vec![mv]));
             } else {
                 let io = MmIo {
                     x: &self.x,
@@ -646,9 +669,10 @@ impl VkRunner {
                     eps,
                     ..Default::default()
                 };
-                ops.push(Op::Mm(vec![Mm::new(
-                    ctx, p.ty, &p.t, p.k as u64, &io, mode,
-                )?]));
+                ops.push((
+                    "gate_up",
+                    Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+                ));
             }
             // (GLU +) down + residual
             let (ld, glu) = if decode {
@@ -658,6 +682,7 @@ impl VkRunner {
             };
             self.push_out_proj(
                 &mut ops,
+                "down",
                 &l.down,
                 &self.gu,
                 ld,
@@ -680,24 +705,18 @@ impl VkRunner {
         };
         if decode {
             let mode = MvMode {
-                norm: true,
                 softcap: cfg.final_logit_softcap,
-                eps,
                 ..Default::default()
             };
-            let o = &m.output;
-            let head = Mv::new(
-                ctx,
-                o.ty,
-                &o.t,
-                o.k as u64,
+            self.push_decode_mv(
+                &mut ops,
+                "head",
+                &[(&m.output, 0)],
                 &self.x,
-                ldev,
-                0,
                 Some(&m.output_norm),
+                ldev,
                 mode,
             )?;
-            ops.push(Op::Mv(vec![head]));
         } else {
             let io = MmIo {
                 x: &self.x,
@@ -717,13 +736,14 @@ impl VkRunner {
                 ..Default::default()
             };
             let head = Mm::new(ctx, m.output.ty, &m.output.t, m.output.k as u64, &io, mode)?;
-            ops.push(Op::Mm(vec![head]));
+            ops.push(("head", Op::Mm(vec![head])));
         }
         let in_bytes = (bucket * d * 4) as u64;
         let out_bytes = (rows * cfg.vocab_size * 4) as u64;
-        let rec = ctx.record(|r: &mut Recorder<'_>| {
+        let rec = ctx.record_with(self.profile && decode, |r: &mut Recorder<'_>| {
             r.copy(&self.x_in, &self.x, in_bytes)?;
-            for op in &ops {
+            r.mark("input");
+            for (label, op) in &ops {
                 match op {
                     Op::Mm(group) => {
                         for mm in group {
@@ -732,16 +752,71 @@ impl VkRunner {
                     }
                     Op::Mv(group) => {
                         for mv in group {
-                            mv.record(r)?;
+                            match mv {
+                                DecodeMv::F32(op) => op.record(r)?,
+                                DecodeMv::Q8(op) => op.record(r)?,
+                            }
                         }
                     }
+                    Op::Quant(q) => q.record(r)?,
                     Op::Kernel(binding, push, groups) => r.dispatch(binding, push, *groups)?,
                 }
                 r.barrier();
+                r.mark(label);
             }
-            r.copy(ldev, lhost, out_bytes)
+            r.copy(ldev, lhost, out_bytes)?;
+            r.mark("output");
+            Ok(())
         })?;
         Ok(Step { rec })
+    }
+
+    /// Decode mat-vecs of `projs` (each with the output offset its rows write at) on
+    /// input `x`, normed by `norm` when given: when the context quantizes activations
+    /// and a projection's type has an int8 kernel, one QuantX (with the norm) feeds
+    /// every such projection; the others read x in f32 and norm it themselves.
+    #[allow(clippy::too_many_arguments)]
+    fn push_decode_mv(
+        &self,
+        ops: &mut Vec<(&'static str, Op)>,
+        label: &'static str,
+        projs: &[(&Proj, u64)],
+        x: &Buffer,
+        norm: Option<&Buffer>,
+        y: &Buffer,
+        mode: MvMode,
+    ) -> Result<()> {
+        let ctx = &self.m.ctx;
+        let eps = self.m.model.config.norm_eps;
+        let k = projs.first().map_or(0, |p| p.0.k);
+        let q8 = |p: &Proj| {
+            ctx.tuning().q8_acts && Mvq::supports(p.ty) && p.k.is_multiple_of(32) && p.k == k
+        };
+        let acts = Q8Acts {
+            q: &self.xq,
+            d: &self.xd,
+        };
+        if projs.iter().any(|(p, _)| q8(p)) {
+            let qx = QuantX::new(ctx, k as u64, x, norm, eps, &acts)?;
+            ops.push(("quant", Op::Quant(qx)));
+        }
+        let mut group = Vec::new();
+        for &(p, off) in projs {
+            if q8(p) {
+                let op = Mvq::new(ctx, p.ty, &p.t, p.k as u64, &acts, y, off, mode)?;
+                group.push(DecodeMv::Q8(op));
+            } else {
+                let m = MvMode {
+                    norm: norm.is_some(),
+                    eps,
+                    ..mode
+                };
+                let op = Mv::new(ctx, p.ty, &p.t, p.k as u64, x, y, off, norm, m)?;
+                group.push(DecodeMv::F32(op));
+            }
+        }
+        ops.push((label, Op::Mv(group)));
+        Ok(())
     }
 
     /// `y (+)= W input` with the residual add: straight into x, or through `tmp` and the
@@ -749,7 +824,8 @@ impl VkRunner {
     #[allow(clippy::too_many_arguments)]
     fn push_out_proj(
         &self,
-        ops: &mut Vec<Op>,
+        ops: &mut Vec<(&'static str, Op)>,
+        label: &'static str,
         p: &Proj,
         x: &Buffer,
         ld_x: u64,
@@ -771,8 +847,7 @@ impl VkRunner {
                 add: post_norm.is_none(),
                 ..Default::default()
             };
-            let mv = Mv::new(ctx, p.ty, &p.t, p.k as u64, x, y, 0, None, mode)?;
-            ops.push(Op::Mv(vec![mv]));
+            self.push_decode_mv(ops, label, &[(p, 0)], x, None, y, mode)?;
         } else {
             let io = MmIo {
                 x,
@@ -790,14 +865,15 @@ impl VkRunner {
                 eps: cfg.norm_eps,
                 ..Default::default()
             };
-            ops.push(Op::Mm(vec![Mm::new(
-                ctx, p.ty, &p.t, p.k as u64, &io, mode,
-            )?]));
+            ops.push((
+                label,
+                Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+            ));
         }
         if let Some(pn) = post_norm {
             let binding = ctx.bind(Kernel::AddNorm, &[&self.x, &self.tmp, pn, &self.step])?;
             let push = words(&[u32_of(cfg.d_model, "d_model")?, cfg.norm_eps.to_bits()]);
-            ops.push(Op::Kernel(binding, push, b));
+            ops.push(("add_norm", Op::Kernel(binding, push, b)));
         }
         Ok(())
     }
@@ -844,6 +920,14 @@ impl VkRunner {
         let step = &self.steps[&key];
         let t0 = std::time::Instant::now();
         ctx.submit(&step.rec)?;
+        if let Some(times) = step.rec.profile()? {
+            for (label, ns) in times {
+                let e = self.profile_ns.entry(label).or_insert((0.0, 0));
+                e.0 += ns;
+                e.1 += 1;
+            }
+            self.profile_steps += 1;
+        }
         if self.trace {
             eprintln!("step of {n} tokens (bucket {bucket}): {:?}", t0.elapsed());
         }
@@ -866,8 +950,15 @@ impl VkRunner {
 
 enum Op {
     Mm(Vec<Mm>),
-    Mv(Vec<Mv>),
+    Mv(Vec<DecodeMv>),
+    Quant(QuantX),
     Kernel(Binding, Vec<u8>, u64),
+}
+
+/// A decode mat-vec on f32 activations, or on the int8 ones of the step's QuantX.
+enum DecodeMv {
+    F32(Mv),
+    Q8(Mvq),
 }
 
 fn words(v: &[u32]) -> Vec<u8> {
@@ -877,6 +968,20 @@ fn words(v: &[u32]) -> Vec<u8> {
 impl caldera_model::Runner for VkRunner {
     fn capacity(&self) -> usize {
         self.cap
+    }
+
+    fn stats(&self) -> caldera_model::RunnerStats {
+        let s = self.stats;
+        caldera_model::RunnerStats {
+            decode_dispatches: (s.decode_dispatches > 0).then_some(s.decode_dispatches),
+            decode_submits: Some(s.decode_submits),
+            layers: s.layers,
+            profile: self.profile(),
+        }
+    }
+
+    fn measure_bandwidth(&mut self) -> Option<f64> {
+        self.m.ctx.measure_copy_bandwidth().ok()
     }
 
     fn len(&self) -> usize {

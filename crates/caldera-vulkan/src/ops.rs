@@ -479,3 +479,207 @@ pub fn mv_host(
     ctx.submit(&rec)?;
     ctx.read_f32(&yb, outs)
 }
+
+/// Quantizes an f32 vector (`k` values, a multiple of 32) for [`Mvq`]: int8 blocks of
+/// 32 with an f32 scale each (`quant_x.comp`), optionally through the RMSNorm first.
+pub struct QuantX {
+    binding: Binding,
+    push: [u8; 12],
+    groups: u64,
+}
+
+/// Where a [`QuantX`] writes: `k / 4` words of int8 values and `k / 32` scales.
+pub struct Q8Acts<'a> {
+    pub q: &'a Buffer,
+    pub d: &'a Buffer,
+}
+
+impl QuantX {
+    /// `gam`: RMSNorm weights (`k` f32) to norm x by first, with `eps`.
+    pub fn new(
+        ctx: &Context,
+        k: u64,
+        x: &Buffer,
+        gam: Option<&Buffer>,
+        eps: f32,
+        out: &Q8Acts<'_>,
+    ) -> Result<QuantX> {
+        if k == 0
+            || !k.is_multiple_of(32)
+            || x.size() < k * 4
+            || gam.is_some_and(|g| g.size() < k * 4)
+            || out.q.size() < k
+            || out.d.size() < k / 8
+        {
+            return Err(VkError::Invalid(format!(
+                "quantizing {k} activations: not whole blocks of 32 or buffers too small"
+            )));
+        }
+        let binding = ctx.bind(Kernel::QuantX, &[x, gam.unwrap_or(x), out.q, out.d])?;
+        let mut push = [0u8; 12];
+        push[0..4].copy_from_slice(&u32_of(k, "k")?.to_le_bytes());
+        push[4..8].copy_from_slice(&u32::from(gam.is_some()).to_le_bytes());
+        push[8..12].copy_from_slice(&eps.to_le_bytes());
+        let wg = ctx.tuning().workgroup_size as u64;
+        Ok(QuantX {
+            binding,
+            push,
+            groups: (k / 32).div_ceil(wg),
+        })
+    }
+
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        r.dispatch(&self.binding, &self.push, self.groups)
+    }
+}
+
+/// Decode mat-vec on int8 activations (`mvq.glsl`): like [`Mv`] but x comes quantized
+/// by a [`QuantX`] and meets the weights in int8 dot products. For Q4_0, Q8_0, Q4_K and
+/// Q6_K weights ([`Mvq::supports`]); `mode.norm` must be off (the norm is QuantX's).
+pub struct Mvq {
+    parts: Vec<(Binding, [u8; 20], u64)>,
+    outs_per_group: u32,
+}
+
+impl Mvq {
+    /// Whether weights of type `ty` have an int8-activation kernel.
+    pub fn supports(ty: GgmlType) -> bool {
+        Kernel::mvq_for(ty, false, false).is_some()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        ty: GgmlType,
+        w: &DeviceTensor,
+        k: u64,
+        x: &Q8Acts<'_>,
+        y: &Buffer,
+        y_offset: u64,
+        mode: MvMode,
+    ) -> Result<Mvq> {
+        let glu = mode.glu.is_some();
+        let kernel = Kernel::mvq_for(ty, glu, ctx.tuning().int8_dot).ok_or_else(|| {
+            VkError::Invalid(format!("no int8-activation mat-vec for tensor type {ty}"))
+        })?;
+        if mode.norm {
+            return Err(VkError::Invalid(
+                "int8-activation mat-vecs take normed activations (QuantX norms)".into(),
+            ));
+        }
+        if k == 0 || !k.is_multiple_of(32) || ty.row_bytes(k) != Some(w.row_bytes) {
+            return Err(VkError::Invalid(format!(
+                "rows of {} bytes do not hold {k} elements of {ty}",
+                w.row_bytes
+            )));
+        }
+        let per = if glu { 2 } else { 1 };
+        if glu
+            && w.pieces
+                .iter()
+                .any(|pc| pc.rows % 2 != 0 || pc.first_row % 2 != 0)
+        {
+            return Err(VkError::Invalid(
+                "gate/up mat-vec: pieces must hold whole row pairs".into(),
+            ));
+        }
+        let outs = w.rows / per;
+        if x.q.size() < k || x.d.size() < k / 8 || y.size() < (y_offset + outs) * 4 {
+            return Err(VkError::Invalid(format!(
+                "mat-vec of {} x {k}: buffers too small",
+                w.rows
+            )));
+        }
+        let mut flags = 0u32;
+        if mode.add {
+            flags |= 2;
+        }
+        if mode.glu == Some(GluAct::GeluTanh) {
+            flags |= 8;
+        }
+        if mode.softcap.is_some() {
+            flags |= 16;
+        }
+        let mut parts = Vec::with_capacity(w.pieces.len());
+        for piece in &w.pieces {
+            let b = ctx.bind(kernel, &[&piece.buffer, x.q, x.d, y])?;
+            let vals = [
+                u32_of(k, "k")?,
+                u32_of(piece.rows, "rows")?,
+                u32_of(y_offset + piece.first_row / per, "y offset")?,
+                flags,
+                mode.softcap.unwrap_or(0.0).to_bits(),
+            ];
+            let mut push = [0u8; 20];
+            for (c, v) in push.chunks_exact_mut(4).zip(vals) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+            parts.push((b, push, piece.rows / per));
+        }
+        Ok(Mvq {
+            parts,
+            outs_per_group: ctx.tuning().mv_rows,
+        })
+    }
+
+    /// Records the mat-vec (one dispatch per weight piece, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        for (b, push, outs) in &self.parts {
+            r.dispatch(b, push, outs.div_ceil(self.outs_per_group as u64))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs [`QuantX`] (norming by `gam` when `mode.norm`) then [`Mvq`] on host data, as
+/// [`mv_host`] does for [`Mv`].
+#[allow(clippy::too_many_arguments)]
+pub fn mvq_host(
+    ctx: &Context,
+    ty: GgmlType,
+    w: &[u8],
+    k: usize,
+    x: &[f32],
+    gam: Option<&[f32]>,
+    y0: Option<&[f32]>,
+    mode: MvMode,
+) -> Result<Vec<f32>> {
+    let row_bytes = ty
+        .row_bytes(k as u64)
+        .ok_or_else(|| VkError::Invalid(format!("{k} elements are not whole {ty} blocks")))?;
+    if x.len() != k {
+        return Err(VkError::Invalid(format!(
+            "x has {} values, k = {k}",
+            x.len()
+        )));
+    }
+    let group = if mode.glu.is_some() { 2 } else { 1 };
+    let wt = ctx.upload_rows_grouped(&[w], row_bytes, group)?;
+    let outs = (wt.rows / group) as usize;
+    let xb = ctx.upload_f32(x)?;
+    let yb = match y0 {
+        Some(y0) if y0.len() == outs => ctx.upload_f32(y0)?,
+        Some(_) => return Err(VkError::Invalid("y0 has the wrong length".into())),
+        None => ctx.create_buffer((outs * 4).max(4) as u64, MemoryKind::Device)?,
+    };
+    let gb = gam
+        .filter(|_| mode.norm)
+        .map(|g| ctx.upload_f32(g))
+        .transpose()?;
+    let q = ctx.create_buffer(k as u64, MemoryKind::Device)?;
+    let d = ctx.create_buffer((k / 8) as u64, MemoryKind::Device)?;
+    let acts = Q8Acts { q: &q, d: &d };
+    let qx = QuantX::new(ctx, k as u64, &xb, gb.as_ref(), mode.eps, &acts)?;
+    let mode = MvMode {
+        norm: false,
+        ..mode
+    };
+    let op = Mvq::new(ctx, ty, &wt, k as u64, &acts, &yb, 0, mode)?;
+    let rec = ctx.record(|r| {
+        qx.record(r)?;
+        r.barrier();
+        op.record(r)
+    })?;
+    ctx.submit(&rec)?;
+    ctx.read_f32(&yb, outs)
+}

@@ -48,6 +48,12 @@ impl Context {
     /// Binds `buffers` to `kernel`'s bindings 0.. in order.
     pub fn bind(&self, kernel: Kernel, buffers: &[&Buffer]) -> Result<Binding> {
         let desc = kernel.desc();
+        if desc.int8_dot && !self.tuning().int8_dot {
+            return Err(VkError::Invalid(format!(
+                "{} needs int8 dot products, which this context does not use",
+                desc.name
+            )));
+        }
         if buffers.len() != desc.bindings as usize {
             return Err(VkError::Invalid(format!(
                 "{} takes {} buffers, got {}",
@@ -109,7 +115,39 @@ impl Context {
 
     /// Records a reusable command buffer with `f`.
     pub fn record(&self, f: impl FnOnce(&mut Recorder<'_>) -> Result<()>) -> Result<Recording> {
-        let cmd = self.alloc_cmd()?;
+        self.record_with(false, f)
+    }
+
+    /// [`Context::record`]; with `profile`, [`Recorder::mark`] writes GPU timestamps
+    /// that [`Recording::profile`] reads back after each submit (a development tool:
+    /// timestamps cost a little and serialise nothing extra, marks follow barriers).
+    pub fn record_with(
+        &self,
+        profile: bool,
+        f: impl FnOnce(&mut Recorder<'_>) -> Result<()>,
+    ) -> Result<Recording> {
+        let pool = if profile && self.info.timestamp_valid_bits > 0 {
+            let info = vk::QueryPoolCreateInfo::default()
+                .query_type(vk::QueryType::TIMESTAMP)
+                .query_count(MAX_MARKS);
+            // SAFETY: plain object creation, destroyed by the Recording (or below).
+            Some(
+                unsafe { self.device().create_query_pool(&info, None) }
+                    .vk("creating a query pool")?,
+            )
+        } else {
+            None
+        };
+        let cmd = match self.alloc_cmd() {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(p) = pool {
+                    // SAFETY: created above, unused.
+                    unsafe { self.device().destroy_query_pool(p, None) };
+                }
+                return Err(e);
+            }
+        };
         let mut rec = Recorder {
             ctx: self,
             cmd,
@@ -117,6 +155,8 @@ impl Context {
             kept_buffers: Vec::new(),
             dispatches: 0,
             copies: 0,
+            pool,
+            marks: Vec::new(),
         };
         let r = (|| {
             // SAFETY: fresh command buffer from our pool, recorded by this thread only.
@@ -125,7 +165,11 @@ impl Context {
                     .begin_command_buffer(cmd, &vk::CommandBufferBeginInfo::default())
                     .vk("recording commands")?;
                 full_barrier(self.device(), cmd);
+                if let Some(p) = pool {
+                    self.device().cmd_reset_query_pool(cmd, p, 0, MAX_MARKS);
+                }
             }
+            rec.mark("start");
             f(&mut rec)?;
             // SAFETY: as above.
             unsafe {
@@ -143,9 +187,16 @@ impl Context {
                 _kept_buffers: rec.kept_buffers,
                 dispatches: rec.dispatches,
                 copies: rec.copies,
+                pool: rec.pool,
+                marks: rec.marks,
+                tick_ns: self.info.timestamp_period as f64,
             }),
             Err(e) => {
                 self.free_cmd(cmd);
+                if let Some(p) = pool {
+                    // SAFETY: the command buffer that used it is freed, never submitted.
+                    unsafe { self.device().destroy_query_pool(p, None) };
+                }
                 Err(e)
             }
         }
@@ -162,6 +213,9 @@ impl Context {
     }
 }
 
+/// Timestamps one profiled recording may write.
+const MAX_MARKS: u32 = 8192;
+
 /// Records dispatches into a command buffer; see [`Context::record`].
 pub struct Recorder<'a> {
     ctx: &'a Context,
@@ -170,9 +224,31 @@ pub struct Recorder<'a> {
     kept_buffers: Vec<Buffer>,
     dispatches: u32,
     copies: u32,
+    pool: Option<vk::QueryPool>,
+    marks: Vec<&'static str>,
 }
 
 impl Recorder<'_> {
+    /// In a profiled recording, writes a timestamp once every command recorded so far
+    /// has finished; the time since the previous mark is attributed to `label`. Does
+    /// nothing otherwise (or past the recording's mark capacity).
+    pub fn mark(&mut self, label: &'static str) {
+        let Some(pool) = self.pool else { return };
+        if self.marks.len() as u32 >= MAX_MARKS {
+            return;
+        }
+        // SAFETY: recording state; the query was reset at the start of the buffer.
+        unsafe {
+            self.ctx.device().cmd_write_timestamp(
+                self.cmd,
+                vk::PipelineStageFlags::BOTTOM_OF_PIPE,
+                pool,
+                self.marks.len() as u32,
+            )
+        };
+        self.marks.push(label);
+    }
+
     /// Dispatches `groups` workgroups (a flat count, laid out 2D as the kernels expect)
     /// of `b`'s kernel with push constants `push` (exactly its declared size).
     pub fn dispatch(&mut self, b: &Binding, push: &[u8], groups: u64) -> Result<()> {
@@ -301,9 +377,42 @@ pub struct Recording {
     _kept_buffers: Vec<Buffer>,
     dispatches: u32,
     copies: u32,
+    pool: Option<vk::QueryPool>,
+    marks: Vec<&'static str>,
+    tick_ns: f64,
 }
 
 impl Recording {
+    /// For a profiled recording after a submit: nanoseconds between consecutive marks,
+    /// each labelled with the later mark's label. `None` when not profiled.
+    pub fn profile(&self) -> Result<Option<Vec<(&'static str, f64)>>> {
+        let Some(pool) = self.pool else {
+            return Ok(None);
+        };
+        let n = self.marks.len();
+        let mut ticks = vec![0u64; n];
+        if n > 0 {
+            // SAFETY: the queries were written by the last submit, which was waited for.
+            unsafe {
+                self.shared.device.get_query_pool_results(
+                    pool,
+                    0,
+                    &mut ticks,
+                    vk::QueryResultFlags::TYPE_64 | vk::QueryResultFlags::WAIT,
+                )
+            }
+            .vk("reading timestamps")?;
+        }
+        Ok(Some(
+            (1..n)
+                .map(|i| {
+                    let dt = ticks[i].wrapping_sub(ticks[i - 1]) as f64 * self.tick_ns;
+                    (self.marks[i], dt)
+                })
+                .collect(),
+        ))
+    }
+
     /// Dispatches recorded.
     pub fn dispatches(&self) -> u32 {
         self.dispatches
@@ -318,5 +427,44 @@ impl Recording {
 impl Drop for Recording {
     fn drop(&mut self) {
         free_cmd(&self.shared, self.cmd);
+        if let Some(p) = self.pool {
+            // SAFETY: no pending command uses it (submits wait), its buffer is freed.
+            unsafe { self.shared.device.destroy_query_pool(p, None) };
+        }
+    }
+}
+
+impl Context {
+    /// The device's memory bandwidth in bytes per second: a buffer of up to 1 GiB
+    /// (bounded by [`Context::max_buffer_bytes`]) copied 8 times by the `copy` kernel
+    /// after a warm-up, timed with GPU timestamps where the queue has them (host time
+    /// otherwise), counting read + write bytes. Allocates two such buffers for the
+    /// duration of the call.
+    pub fn measure_copy_bandwidth(&self) -> Result<f64> {
+        let size = (1u64 << 30).min(self.max_buffer_bytes() / 256 * 256);
+        let a = self.create_buffer(size, crate::memory::MemoryKind::Device)?;
+        let b = self.create_buffer(size, crate::memory::MemoryKind::Device)?;
+        let binding = self.bind(Kernel::Copy, &[&a, &b])?;
+        let n = (size / 16) as u32;
+        let wg = self.tuning().workgroup_size as u64;
+        let groups = (n as u64 / wg / 4).max(1);
+        let reps = 8u32;
+        let rec = self.record_with(true, |r| {
+            for _ in 0..reps {
+                r.dispatch(&binding, &n.to_le_bytes(), groups)?;
+                r.barrier();
+            }
+            r.mark("copies");
+            Ok(())
+        })?;
+        self.submit(&rec)?;
+        let t = std::time::Instant::now();
+        self.submit(&rec)?;
+        let host_ns = t.elapsed().as_nanos() as f64;
+        let ns = match rec.profile()? {
+            Some(p) => p.iter().map(|(_, ns)| ns).sum::<f64>(),
+            None => host_ns,
+        };
+        Ok(2.0 * size as f64 * reps as f64 / (ns.max(1.0) * 1e-9))
     }
 }

@@ -70,10 +70,14 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let mut tg = Vec::new();
     let mut logits = Vec::new();
     let mut desc = String::new();
-    for _ in 0..reps {
+    let mut bandwidth = None;
+    let mut stats = caldera_model::RunnerStats::default();
+    let mut cpu_us = Vec::new();
+    for rep in 0..reps {
         let mut r = open_runner(&a.backend, model.clone(), a.prompt + a.gen + 1)?;
-        if desc.is_empty() {
+        if rep == 0 {
             desc = r.describe();
+            bandwidth = r.measure_bandwidth();
         }
         if a.prompt > 0 {
             let t = Instant::now();
@@ -84,18 +88,28 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         if a.gen > 0 {
             let mut next = prompt.last().copied().unwrap_or(0);
             let t = Instant::now();
+            let c = process_cpu_ns();
             for _ in 0..a.gen {
                 r.forward(&[next], Logits::Last, &mut logits)
                     .map_err(|e| anyhow::anyhow!(e))?;
                 next = argmax(&logits);
             }
             tg.push(a.gen as f64 / t.elapsed().as_secs_f64());
+            cpu_us.push((process_cpu_ns() - c) as f64 / 1e3 / a.gen as f64);
         }
+        stats = r.stats();
     }
     let per_token = bytes_per_token(&loaded.file, &model);
     let pp_tps = (!pp.is_empty()).then(|| median(pp));
     let tg_tps = (!tg.is_empty()).then(|| median(tg));
     let rss = peak_rss();
+    let cpu_us = (!cpu_us.is_empty()).then(|| median(cpu_us));
+    let gbs = tg_tps.map(|t| t * per_token as f64 / 1e9);
+    let share = gbs.zip(bandwidth).map(|(g, b)| g * 1e9 / b);
+    let floor = bandwidth.map(|b| b / per_token as f64);
+    let per_layer = stats
+        .decode_dispatches
+        .map(|d| d as f64 / stats.layers.max(1) as f64);
     if a.json {
         println!(
             "{}",
@@ -109,7 +123,15 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 "decode_tok_s": tg_tps,
                 "decode_ms_per_token": tg_tps.map(|t| 1000.0 / t),
                 "weight_bytes_per_token": per_token,
-                "decode_gb_s": tg_tps.map(|t| t * per_token as f64 / 1e9),
+                "decode_gb_s": gbs,
+                "device_copy_gb_s": bandwidth.map(|b| b / 1e9),
+                "bandwidth_share": share,
+                "floor_tok_s": floor,
+                "decode_dispatches_per_token": stats.decode_dispatches,
+                "dispatches_per_layer": per_layer,
+                "submits_per_token": stats.decode_submits,
+                "host_cpu_us_per_token": cpu_us,
+                "profile_us_per_token": stats.profile,
                 "peak_rss_bytes": rss,
             })
         );
@@ -133,6 +155,33 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                 per_token as f64 / 1e6,
                 t * per_token as f64 / 1e9
             );
+        }
+        if let Some(b) = bandwidth {
+            println!(
+                "  device copy {:.0} GB/s: floor {:.1} tok/s{}",
+                b / 1e9,
+                b / per_token as f64,
+                share.map_or(String::new(), |s| format!(
+                    ", decode at {:.0}% of it",
+                    100.0 * s
+                ))
+            );
+        }
+        if let (Some(d), Some(s)) = (stats.decode_dispatches, stats.decode_submits) {
+            println!(
+                "  decode: {d} dispatches ({:.2} per layer), {s} submit(s) per token",
+                per_layer.unwrap_or(0.0)
+            );
+        }
+        if let Some(c) = cpu_us {
+            println!("  host CPU {c:.0} us per decoded token");
+        }
+        if !stats.profile.is_empty() {
+            let total: f64 = stats.profile.iter().map(|p| p.1).sum();
+            println!("  device time per decode step {total:.0} us:");
+            for (k, us) in &stats.profile {
+                println!("    {k:<10} {us:>9.1} us  {:>5.1}%", 100.0 * us / total);
+            }
         }
         if let Some(r) = rss {
             println!("  peak RSS {:.1} MiB", r as f64 / (1 << 20) as f64);
@@ -170,6 +219,20 @@ fn bytes_per_token(file: &caldera_model::ModelFile, model: &caldera_model::Model
         total += n * share;
     }
     total as usize
+}
+
+/// CPU time this process has used (every thread), in nanoseconds.
+fn process_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn argmax(v: &[f32]) -> u32 {

@@ -1,0 +1,319 @@
+// Decode mat-vec on int8 activations (one token): y[y_offset + r] (=, or +=)
+// dot(W row r, x) where x arrives quantized by quant_x.comp (blocks of 32: int8 q and
+// an f32 scale d). The weight nibbles / bytes meet q in 4-way int8 dot products
+// (OpSDot / OpSUDot where the device has them, USE_DOT = 1; plain integer arithmetic
+// otherwise), exact in int32; the block and group scales are applied in f32. With MVG
+// the weight rows are gate/up pairs (rows 2i, 2i + 1) and the output is act(gate) * up.
+// The work is laid out as in mv.glsl: ROWS outputs per workgroup, L lanes per weight
+// block with adjacent loads, the activation words and scales of a block loaded once for
+// all the rows of the workgroup.
+// Binding 0: the piece's raw blocks. 1: q (u32 words). 2: d (f32 per 32 values). 3: y.
+#include "common.glsl"
+#if USE_DOT
+#extension GL_EXT_spirv_intrinsics : require
+#endif
+
+#ifndef MVG
+#define MVG 0
+#endif
+
+layout(constant_id = 1) const uint ROWS = 2;
+const uint MAXR = 8u;
+#if MVG
+const uint NR = 2u * ROWS;
+#else
+const uint NR = ROWS;
+#endif
+
+const uint MV_ADD = 2u;
+const uint MV_GELU = 8u;
+const uint MV_SOFTCAP = 16u;
+
+layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
+layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
+layout(std430, binding = 1) readonly buffer Qbuf2 { uvec2 xq2[]; };
+layout(std430, binding = 1) readonly buffer Qbuf4 { uvec4 xq4[]; };
+layout(std430, binding = 2) readonly buffer Dbuf { float xd[]; };
+layout(std430, binding = 3) buffer Ybuf { float y[]; };
+
+layout(push_constant) uniform Push {
+    uint k;
+    uint rows;     // weight rows in this piece (pairs: 2 per output with MVG)
+    uint y_offset;
+    uint flags;    // MV_ADD, MV_GELU, MV_SOFTCAP
+    float cap;
+} p;
+
+#if USE_DOT
+spirv_instruction(extensions = ["SPV_KHR_integer_dot_product"], capabilities = [6019, 6018], id = 4450)
+int sdot_packed(uint a, uint b, spirv_literal int fmt);
+spirv_instruction(extensions = ["SPV_KHR_integer_dot_product"], capabilities = [6019, 6018], id = 4452)
+int sudot_packed(uint a, uint b, spirv_literal int fmt);
+// Σ a_i b_i over the 4 signed bytes of a and of b.
+int sdot(uint a, uint b) {
+    return sdot_packed(a, b, 0);
+}
+// Σ u_i s_i over the 4 unsigned bytes of u and the 4 signed bytes of s.
+int udot(uint u, uint s) {
+    return sudot_packed(s, u, 0);
+}
+#else
+ivec4 sbytes(uint v) {
+    return ivec4(uvec4(v) << uvec4(24u, 16u, 8u, 0u)) >> 24;
+}
+int sdot(uint a, uint b) {
+    ivec4 x = sbytes(a) * sbytes(b);
+    return x.x + x.y + x.z + x.w;
+}
+int udot(uint u, uint s) {
+    ivec4 x = ivec4((uvec4(u) >> uvec4(0u, 8u, 16u, 24u)) & 255u) * sbytes(s);
+    return x.x + x.y + x.z + x.w;
+}
+#endif
+
+uint u16_at(uint o) {
+    return (w[o >> 2] >> ((o & 2u) * 8u)) & 0xffffu;
+}
+uvec2 u64_at(uint o) {
+    uint i = o >> 2;
+    uint sh = (o & 2u) * 8u;
+    uint a = w[i];
+    uint b = w[i + 1u];
+    uint c = w[i + 2u];
+    return uvec2((a >> sh) | ((b << 1u) << (31u - sh)), (b >> sh) | ((c << 1u) << (31u - sh)));
+}
+float f16_at(uint o) {
+    return unpackHalf2x16(u16_at(o)).x;
+}
+float gelu_tanh(float v) {
+    const float c = 0.7978845608;
+    float u = c * (v + 0.044715 * v * v * v);
+    float t = 1.0 - 2.0 / (exp(min(2.0 * u, 80.0)) + 1.0);
+    return 0.5 * v * (1.0 + t);
+}
+float silu(float v) {
+    return v / (1.0 + exp(-v));
+}
+
+const uint ONES = 0x01010101u;
+const uint LO4 = 0x0f0f0f0fu;
+
+// Per block slot (set by load_x, used by block_dot for every row).
+uvec4 XA;
+uvec4 XB;
+vec4 FX;
+ivec4 IX;
+
+#if defined(TYPE_Q4_0)
+// 18 B / 32: d, qs[16]. Lane t (of 2): qs[8t .. 8t + 8], elements 8t .. + 8 (low
+// nibbles) and 16 + 8t .. + 8 (high); value d (n - 8).
+const uint L = 2u;
+const uint BE = 32u;
+void load_x(uint b, uint lane) {
+    uvec2 lo = xq2[4u * b + lane];
+    uvec2 hi = xq2[4u * b + 2u + lane];
+    XA = uvec4(lo, hi);
+    FX.x = xd[b];
+    IX.x = sdot(lo.x, ONES) + sdot(lo.y, ONES) + sdot(hi.x, ONES) + sdot(hi.y, ONES);
+}
+float block_dot(uint row, uint b, uint lane) {
+    uint o = (row * (p.k / 32u) + b) * 18u;
+    uvec2 q = u64_at(o + 2u + 8u * lane);
+    int s = udot(q.x & LO4, XA.x) + udot(q.y & LO4, XA.y)
+          + udot((q.x >> 4) & LO4, XA.z) + udot((q.y >> 4) & LO4, XA.w);
+    return f16_at(o) * FX.x * float(s - 8 * IX.x);
+}
+#elif defined(TYPE_Q8_0)
+// 34 B / 32: d, qs: i8[32]. Lane t (of 4): qs[8t .. 8t + 8].
+const uint L = 4u;
+const uint BE = 32u;
+void load_x(uint b, uint lane) {
+    XA.xy = xq2[4u * b + lane];
+    FX.x = xd[b];
+}
+float block_dot(uint row, uint b, uint lane) {
+    uint o = (row * (p.k / 32u) + b) * 34u;
+    uvec2 q = u64_at(o + 2u + 8u * lane);
+    return f16_at(o) * FX.x * float(sdot(q.x, XA.x) + sdot(q.y, XA.y));
+}
+#elif defined(TYPE_Q4_K)
+// 144 B / 256: d, dmin, scales[12], qs[128]. Lane t (of 8), j = t / 2, h = t % 2:
+// qs[32j + 16h .. + 16], elements 64j + 16h .. + 16 (low nibbles, group 2j) and
+// 64j + 32 + 16h .. + 16 (high nibbles, group 2j + 1); value d sc n - dmin mn.
+const uint L = 8u;
+const uint BE = 256u;
+void load_x(uint b, uint lane) {
+    uint j = lane >> 1;
+    uint e = 256u * b + 64u * j + 16u * (lane & 1u);
+    XA = xq4[e >> 4];
+    XB = xq4[(e + 32u) >> 4];
+    float dl = xd[8u * b + 2u * j];
+    float dh = xd[8u * b + 2u * j + 1u];
+    int sl = sdot(XA.x, ONES) + sdot(XA.y, ONES) + sdot(XA.z, ONES) + sdot(XA.w, ONES);
+    int sh = sdot(XB.x, ONES) + sdot(XB.y, ONES) + sdot(XB.z, ONES) + sdot(XB.w, ONES);
+    FX = vec4(dl, dh, dl * float(sl), dh * float(sh));
+}
+float block_dot(uint row, uint b, uint lane) {
+    uint o = (row * (p.k / 256u) + b) * 9u; // 16-byte units
+    uint j = lane >> 1;
+    uvec4 hd = w4[o];
+    uvec4 q = w4[o + 1u + 2u * j + (lane & 1u)];
+    vec2 dm = unpackHalf2x16(hd.x);
+    uint sh = 16u * (j & 1u);
+    uint sa = hd.y >> sh;
+    uint sb = hd.z >> sh;
+    uint sc = hd.w >> sh;
+    uint scl = j < 2u ? sa & 0x3f3fu : (sc & 0x0f0fu) | ((sa >> 2) & 0x3030u);
+    uint mnl = j < 2u ? sb & 0x3f3fu : ((sc >> 4) & 0x0f0fu) | ((sb >> 2) & 0x3030u);
+    int lo = udot(q.x & LO4, XA.x) + udot(q.y & LO4, XA.y)
+           + udot(q.z & LO4, XA.z) + udot(q.w & LO4, XA.w);
+    int hi = udot((q.x >> 4) & LO4, XB.x) + udot((q.y >> 4) & LO4, XB.y)
+           + udot((q.z >> 4) & LO4, XB.z) + udot((q.w >> 4) & LO4, XB.w);
+    return dm.x * (float(scl & 255u) * FX.x * float(lo) + float(scl >> 8) * FX.y * float(hi))
+         - dm.y * (float(mnl & 255u) * FX.z + float(mnl >> 8) * FX.w);
+}
+#elif defined(TYPE_Q6_K)
+// 210 B / 256: ql[128], qh[64], scales: i8[16], d. Lane t (of 8), n = t / 4,
+// l0 = 8 (t % 4): l = l0 .. l0 + 8 of half n, elements 128n + 32m + l (m = 0..3) from
+// the nibbles of ql[64n + l] (m = 0, 2) and ql[64n + 32 + l] (m = 1, 3) and bits 2m of
+// qh[32n + l]; value d sc[8n + l0 / 16 + 2m] (q - 32).
+const uint L = 8u;
+const uint BE = 256u;
+void load_x(uint b, uint lane) {
+    uint n = lane >> 2;
+    uint e = 256u * b + 128u * n + 8u * (lane & 3u);
+    uvec2 x0 = xq2[e >> 3];
+    uvec2 x1 = xq2[(e + 32u) >> 3];
+    uvec2 x2 = xq2[(e + 64u) >> 3];
+    uvec2 x3 = xq2[(e + 96u) >> 3];
+    XA = uvec4(x0, x1);
+    XB = uvec4(x2, x3);
+    uint db = 8u * b + 4u * n;
+    FX = vec4(xd[db], xd[db + 1u], xd[db + 2u], xd[db + 3u]);
+    IX = 32 * ivec4(sdot(x0.x, ONES) + sdot(x0.y, ONES), sdot(x1.x, ONES) + sdot(x1.y, ONES),
+                    sdot(x2.x, ONES) + sdot(x2.y, ONES), sdot(x3.x, ONES) + sdot(x3.y, ONES));
+}
+float block_dot(uint row, uint b, uint lane) {
+    uint o = (row * (p.k / 256u) + b) * 210u;
+    uint n = lane >> 2;
+    uint l0 = 8u * (lane & 3u);
+    uvec2 a = u64_at(o + 64u * n + l0);
+    uvec2 c = u64_at(o + 64u * n + 32u + l0);
+    uvec2 h = u64_at(o + 128u + 32u * n + l0);
+    uvec2 s = u64_at(o + 192u + 8u * n);
+    int is = int(8u * (l0 >> 4));
+    vec4 sc = vec4(bitfieldExtract(int(s.x), is, 8), bitfieldExtract(int(s.x), is + 16, 8),
+                   bitfieldExtract(int(s.y), is, 8), bitfieldExtract(int(s.y), is + 16, 8));
+    const uint M2 = 0x30303030u;
+    int d0 = udot((a.x & LO4) | ((h.x << 4) & M2), XA.x) + udot((a.y & LO4) | ((h.y << 4) & M2), XA.y);
+    int d1 = udot((c.x & LO4) | ((h.x << 2) & M2), XA.z) + udot((c.y & LO4) | ((h.y << 2) & M2), XA.w);
+    int d2 = udot(((a.x >> 4) & LO4) | (h.x & M2), XB.x) + udot(((a.y >> 4) & LO4) | (h.y & M2), XB.y);
+    int d3 = udot(((c.x >> 4) & LO4) | ((h.x >> 2) & M2), XB.z)
+           + udot(((c.y >> 4) & LO4) | ((h.y >> 2) & M2), XB.w);
+    vec4 v = vec4(ivec4(d0, d1, d2, d3) - IX) * FX;
+    return f16_at(o + 208u) * dot(sc, v);
+}
+#else
+#error "no TYPE_* defined"
+#endif
+
+shared float red_mv[MAXR * WG];
+
+void reduce_rows(inout float a[MAXR]) {
+#if USE_SUBGROUP
+    [[unroll]] for (uint j = 0u; j < MAXR; j++) {
+        if (j < NR) {
+            a[j] = subgroupAdd(a[j]);
+        }
+    }
+    if (subgroupElect()) {
+        [[unroll]] for (uint j = 0u; j < MAXR; j++) {
+            if (j < NR) {
+                red_mv[j * WG + gl_SubgroupID] = a[j];
+            }
+        }
+    }
+    barrier();
+    [[unroll]] for (uint j = 0u; j < MAXR; j++) {
+        if (j < NR) {
+            float s = 0.0;
+            for (uint i = 0u; i < gl_NumSubgroups; i++) {
+                s += red_mv[j * WG + i];
+            }
+            a[j] = s;
+        }
+    }
+#else
+    uint t = gl_LocalInvocationID.x;
+    [[unroll]] for (uint j = 0u; j < MAXR; j++) {
+        if (j < NR) {
+            red_mv[j * WG + t] = a[j];
+        }
+    }
+    barrier();
+    for (uint hs = WG / 2u; hs > 0u; hs >>= 1) {
+        if (t < hs) {
+            [[unroll]] for (uint j = 0u; j < MAXR; j++) {
+                if (j < NR) {
+                    red_mv[j * WG + t] += red_mv[j * WG + t + hs];
+                }
+            }
+        }
+        barrier();
+    }
+    [[unroll]] for (uint j = 0u; j < MAXR; j++) {
+        if (j < NR) {
+            a[j] = red_mv[j * WG];
+        }
+    }
+#endif
+}
+
+void store(uint i, float s) {
+    if ((p.flags & MV_SOFTCAP) != 0u) {
+        s = p.cap * tanh(s / p.cap);
+    }
+    uint yi = p.y_offset + i;
+    if ((p.flags & MV_ADD) != 0u) {
+        s += y[yi];
+    }
+    y[yi] = s;
+}
+
+void main() {
+    uint grp = flat_group();
+    uint tid = gl_LocalInvocationID.x;
+    uint row0 = grp * NR;
+    uint last = p.rows - 1u;
+    float a[MAXR];
+    [[unroll]] for (uint r = 0u; r < MAXR; r++) {
+        a[r] = 0.0;
+    }
+    const uint SLOTS = WG / L;
+    uint lane = tid % L;
+    uint nb = p.k / BE;
+    for (uint b = tid / L; b < nb; b += SLOTS) {
+        load_x(b, lane);
+        [[unroll]] for (uint r = 0u; r < MAXR; r++) {
+            if (r < NR) {
+                a[r] += block_dot(min(row0 + r, last), b, lane);
+            }
+        }
+    }
+    reduce_rows(a);
+#if MVG
+    [[unroll]] for (uint i = 0u; i < MAXR / 2u; i++) {
+        if (i < ROWS && tid == i && row0 + 2u * i + 1u <= last) {
+            float g = a[2u * i];
+            float act = (p.flags & MV_GELU) != 0u ? gelu_tanh(g) : silu(g);
+            store(grp * ROWS + i, act * a[2u * i + 1u]);
+        }
+    }
+#else
+    [[unroll]] for (uint r = 0u; r < MAXR; r++) {
+        if (r < NR && tid == r && row0 + r <= last) {
+            store(row0 + r, a[r]);
+        }
+    }
+#endif
+}

@@ -1,0 +1,6 @@
+#version 450
+// Decode gate|up mat-vec with the GLU on int8 activations over Q8_0 weights, int8 dot products (see mvq.glsl).
+#define TYPE_Q8_0 1
+#define USE_DOT 1
+#define MVG 1
+#include "mvq.glsl"
