@@ -86,6 +86,7 @@ pub enum Kernel {
     MvqgeQ8_0 = 67,
     MvqgeQ4K = 68,
     MvqgeQ6K = 69,
+    AttnDecode = 70,
 }
 
 /// One entry of the kernel table.
@@ -131,6 +132,9 @@ pub const ROPE_KV_PUSH_BYTES: u32 = 28;
 /// `attention` push constants: `n_heads, n_kv, hd, hpw, n_chunks, window, ld_qkv` (u32),
 /// `scale, softcap` (f32).
 pub const ATTENTION_PUSH_BYTES: u32 = 36;
+/// `attn_decode` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv, window`
+/// (u32), `eps, scale, softcap` (f32).
+pub const ATTN_DECODE_PUSH_BYTES: u32 = 40;
 /// `add_norm` push constants: `n` (u32), `eps` (f32).
 pub const ADD_NORM_PUSH_BYTES: u32 = 8;
 
@@ -212,7 +216,7 @@ const fn mvq(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 70] = [
+pub const KERNELS: [KernelDesc; 71] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -317,6 +321,13 @@ pub const KERNELS: [KernelDesc; 70] = [
     mvq(Kernel::MvqgeQ8_0, "mvqge_q8_0", spv!("mvqge_q8_0"), false),
     mvq(Kernel::MvqgeQ4K, "mvqge_q4_k", spv!("mvqge_q4_k"), false),
     mvq(Kernel::MvqgeQ6K, "mvqge_q6_k", spv!("mvqge_q6_k"), false),
+    plain(
+        Kernel::AttnDecode,
+        "attn_decode",
+        spv!("attn_decode"),
+        10,
+        ATTN_DECODE_PUSH_BYTES,
+    ),
 ];
 
 impl Kernel {

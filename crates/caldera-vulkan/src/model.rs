@@ -322,6 +322,9 @@ pub struct VkRunner {
     len: usize,
     /// Host-visible step values: `[tokens, first position, first logits token, logits tokens]`.
     step: Buffer,
+    /// Their device copy, made at the start of every step: kernels read it (not the
+    /// host-visible one, which would be a bus read per workgroup).
+    step_dev: Buffer,
     /// Host-visible input embeddings, CHUNK rows of d_model.
     x_in: Buffer,
     x: Buffer,
@@ -411,6 +414,7 @@ impl VkRunner {
             max_ff = max_ff.max(l.d_ff);
         }
         let step = ctx.create_buffer(16, MemoryKind::Upload)?;
+        let step_dev = ctx.create_buffer(16, MemoryKind::Device)?;
         let x_in = ctx.create_buffer((CHUNK * d * 4) as u64, MemoryKind::Upload)?;
         let x = dev(CHUNK * d, "the residual stream")?;
         let tmp = dev(CHUNK * d, "a scratch buffer")?;
@@ -468,6 +472,7 @@ impl VkRunner {
             cap,
             len: 0,
             step,
+            step_dev,
             x_in,
             x,
             tmp,
@@ -550,7 +555,7 @@ impl VkRunner {
                     ld_y: ld_qkv as u64,
                     y_offset: p.offset as u64,
                     gam: Some(l.norm.as_ref().unwrap_or(&m.ones)),
-                    step: &self.step,
+                    step: &self.step_dev,
                     max_tokens: b,
                 };
                 let mode = MmMode {
@@ -567,18 +572,6 @@ impl VkRunner {
             let (kc, vc) = &self.kv[li];
             let dummy = &self.x;
             let rope_buf = self.rope[li].as_ref().unwrap_or(dummy);
-            let binding = wg_bind(
-                Kernel::RopeKv,
-                &[
-                    &self.qkv,
-                    kc,
-                    vc,
-                    l.q_norm.as_ref().unwrap_or(dummy),
-                    l.k_norm.as_ref().unwrap_or(dummy),
-                    rope_buf,
-                    &self.step,
-                ],
-            )?;
             let mut flags = 0u32;
             if l.q_norm.is_some() {
                 flags |= 1;
@@ -593,50 +586,110 @@ impl VkRunner {
                     flags |= 8;
                 }
             }
-            let push = words(&[
-                u32_of(nh, "heads")?,
-                u32_of(nkv, "kv heads")?,
-                u32_of(hd, "head size")?,
-                u32_of(n_rot, "rotated dims")?,
-                flags,
-                u32_of(ld_qkv, "qkv width")?,
-                eps.to_bits(),
-            ]);
-            ops.push(("rope_kv", Op::Kernel(binding, push, b * (nh + nkv) as u64)));
-            // attention
-            let gsize = nh / nkv;
-            let hpw = gsize.min(8).min(2048 / hd).max(1);
-            let n_chunks = gsize.div_ceil(hpw);
-            let binding = wg_bind(
-                Kernel::Attention,
-                &[&self.qkv, kc, vc, &self.att, &self.step],
-            )?;
-            let push = words(&[
-                u32_of(nh, "heads")?,
-                u32_of(nkv, "kv heads")?,
-                u32_of(hd, "head size")?,
-                hpw as u32,
-                n_chunks as u32,
-                u32_of(a.window.unwrap_or(0).min(u32::MAX as usize), "window")?,
-                ld_qkv as u32,
-                a.scale.to_bits(),
-                a.softcap.unwrap_or(0.0).to_bits(),
-            ]);
-            ops.push((
-                "attention",
-                Op::Kernel(binding, push, b * (nkv * n_chunks) as u64),
-            ));
-            // o-proj + residual (through the post-norm when there is one)
-            self.push_out_proj(
-                &mut ops,
-                "o",
-                &l.o,
-                &self.att,
-                (nh * hd) as u64,
-                None,
-                l.post_norm.as_ref(),
-                b,
-            )?;
+            // Decode: one kernel for norm + RoPE + KV write + attention, which also
+            // quantizes its output for the o-projection when that runs on int8.
+            let o_q8 = decode && self.q8_input(&l.o) && hd.is_multiple_of(32);
+            if decode {
+                let binding = wg_bind(
+                    Kernel::AttnDecode,
+                    &[
+                        &self.qkv,
+                        kc,
+                        vc,
+                        &self.att,
+                        &self.step_dev,
+                        l.q_norm.as_ref().unwrap_or(dummy),
+                        l.k_norm.as_ref().unwrap_or(dummy),
+                        rope_buf,
+                        &self.xq,
+                        &self.xd,
+                    ],
+                )?;
+                let q8_flag = if o_q8 { 16 } else { 0 };
+                let push = words(&[
+                    u32_of(nh, "heads")?,
+                    u32_of(nkv, "kv heads")?,
+                    u32_of(hd, "head size")?,
+                    u32_of(n_rot, "rotated dims")?,
+                    flags | q8_flag,
+                    u32_of(ld_qkv, "qkv width")?,
+                    u32_of(a.window.unwrap_or(0).min(u32::MAX as usize), "window")?,
+                    eps.to_bits(),
+                    a.scale.to_bits(),
+                    a.softcap.unwrap_or(0.0).to_bits(),
+                ]);
+                ops.push(("attention", Op::Kernel(binding, push, nh as u64)));
+                self.push_out_proj(
+                    &mut ops,
+                    "o",
+                    &l.o,
+                    &self.att,
+                    (nh * hd) as u64,
+                    None,
+                    l.post_norm.as_ref(),
+                    b,
+                    o_q8,
+                )?;
+            }
+            if !decode {
+                let binding = wg_bind(
+                    Kernel::RopeKv,
+                    &[
+                        &self.qkv,
+                        kc,
+                        vc,
+                        l.q_norm.as_ref().unwrap_or(dummy),
+                        l.k_norm.as_ref().unwrap_or(dummy),
+                        rope_buf,
+                        &self.step_dev,
+                    ],
+                )?;
+                let push = words(&[
+                    u32_of(nh, "heads")?,
+                    u32_of(nkv, "kv heads")?,
+                    u32_of(hd, "head size")?,
+                    u32_of(n_rot, "rotated dims")?,
+                    flags,
+                    u32_of(ld_qkv, "qkv width")?,
+                    eps.to_bits(),
+                ]);
+                ops.push(("rope_kv", Op::Kernel(binding, push, b * (nh + nkv) as u64)));
+                // attention
+                let gsize = nh / nkv;
+                let hpw = gsize.min(8).min(2048 / hd).max(1);
+                let n_chunks = gsize.div_ceil(hpw);
+                let binding = wg_bind(
+                    Kernel::Attention,
+                    &[&self.qkv, kc, vc, &self.att, &self.step_dev],
+                )?;
+                let push = words(&[
+                    u32_of(nh, "heads")?,
+                    u32_of(nkv, "kv heads")?,
+                    u32_of(hd, "head size")?,
+                    hpw as u32,
+                    n_chunks as u32,
+                    u32_of(a.window.unwrap_or(0).min(u32::MAX as usize), "window")?,
+                    ld_qkv as u32,
+                    a.scale.to_bits(),
+                    a.softcap.unwrap_or(0.0).to_bits(),
+                ]);
+                ops.push((
+                    "attention",
+                    Op::Kernel(binding, push, b * (nkv * n_chunks) as u64),
+                ));
+                // o-proj + residual (through the post-norm when there is one)
+                self.push_out_proj(
+                    &mut ops,
+                    "o",
+                    &l.o,
+                    &self.att,
+                    (nh * hd) as u64,
+                    None,
+                    l.post_norm.as_ref(),
+                    b,
+                    false,
+                )?;
+            }
             // norm + gate|up (decode: with the GLU, into gu[0 .. d_ff])
             let p = &l.gate_up;
             if decode {
@@ -661,7 +714,7 @@ impl VkRunner {
                     ld_y: 2 * l.d_ff as u64,
                     y_offset: 0,
                     gam: Some(l.ffn_norm.as_ref().unwrap_or(&m.ones)),
-                    step: &self.step,
+                    step: &self.step_dev,
                     max_tokens: b,
                 };
                 let mode = MmMode {
@@ -689,6 +742,7 @@ impl VkRunner {
                 glu,
                 l.ffn_post_norm.as_ref(),
                 b,
+                false,
             )?;
         }
         // final norm + LM head on the selected tokens
@@ -725,7 +779,7 @@ impl VkRunner {
                 ld_y: cfg.vocab_size as u64,
                 y_offset: 0,
                 gam: Some(&m.output_norm),
-                step: &self.step,
+                step: &self.step_dev,
                 max_tokens: rows as u64,
             };
             let mode = MmMode {
@@ -742,6 +796,7 @@ impl VkRunner {
         let out_bytes = (rows * cfg.vocab_size * 4) as u64;
         let rec = ctx.record_with(self.profile && decode, |r: &mut Recorder<'_>| {
             r.copy(&self.x_in, &self.x, in_bytes)?;
+            r.copy(&self.step, &self.step_dev, 16)?;
             r.mark("input");
             for (label, op) in &ops {
                 match op {
@@ -771,6 +826,11 @@ impl VkRunner {
         Ok(Step { rec })
     }
 
+    /// Whether the decode mat-vec of `p` runs on int8 activations.
+    fn q8_input(&self, p: &Proj) -> bool {
+        self.m.ctx.tuning().q8_acts && Mvq::supports(p.ty) && p.k.is_multiple_of(32)
+    }
+
     /// Decode mat-vecs of `projs` (each with the output offset its rows write at) on
     /// input `x`, normed by `norm` when given: when the context quantizes activations
     /// and a projection's type has an int8 kernel, one QuantX (with the norm) feeds
@@ -789,9 +849,7 @@ impl VkRunner {
         let ctx = &self.m.ctx;
         let eps = self.m.model.config.norm_eps;
         let k = projs.first().map_or(0, |p| p.0.k);
-        let q8 = |p: &Proj| {
-            ctx.tuning().q8_acts && Mvq::supports(p.ty) && p.k.is_multiple_of(32) && p.k == k
-        };
+        let q8 = |p: &Proj| self.q8_input(p) && p.k == k;
         let acts = Q8Acts {
             q: &self.xq,
             d: &self.xd,
@@ -832,6 +890,7 @@ impl VkRunner {
         glu: Option<GluAct>,
         post_norm: Option<&Buffer>,
         b: u64,
+        prequantized: bool,
     ) -> Result<()> {
         let ctx = &self.m.ctx;
         let cfg = &self.m.model.config;
@@ -847,7 +906,17 @@ impl VkRunner {
                 add: post_norm.is_none(),
                 ..Default::default()
             };
-            self.push_decode_mv(ops, label, &[(p, 0)], x, None, y, mode)?;
+            if prequantized {
+                // x already sits in xq / xd (the attention kernel wrote it).
+                let acts = Q8Acts {
+                    q: &self.xq,
+                    d: &self.xd,
+                };
+                let op = Mvq::new(ctx, p.ty, &p.t, p.k as u64, &acts, y, 0, mode)?;
+                ops.push((label, Op::Mv(vec![DecodeMv::Q8(op)])));
+            } else {
+                self.push_decode_mv(ops, label, &[(p, 0)], x, None, y, mode)?;
+            }
         } else {
             let io = MmIo {
                 x,
@@ -856,7 +925,7 @@ impl VkRunner {
                 ld_y: d,
                 y_offset: 0,
                 gam: Some(&self.m.ones),
-                step: &self.step,
+                step: &self.step_dev,
                 max_tokens: b,
             };
             let mode = MmMode {
@@ -871,7 +940,7 @@ impl VkRunner {
             ));
         }
         if let Some(pn) = post_norm {
-            let binding = ctx.bind(Kernel::AddNorm, &[&self.x, &self.tmp, pn, &self.step])?;
+            let binding = ctx.bind(Kernel::AddNorm, &[&self.x, &self.tmp, pn, &self.step_dev])?;
             let push = words(&[u32_of(cfg.d_model, "d_model")?, cfg.norm_eps.to_bits()]);
             ops.push(("add_norm", Op::Kernel(binding, push, b)));
         }
