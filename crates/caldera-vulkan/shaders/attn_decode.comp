@@ -1,17 +1,19 @@
 #version 450
-// Decode attention for one token at position pos = step[1], one workgroup per query
-// head h (kv head g = h / (n_heads / n_kv)): q/k RMSNorm and RoPE of the token's q and
-// k rows, the KV-cache write of its k and v (by the first head of each group), then
-// attention over positions [lo, pos] of the f32 caches in tiles of TILE with an online
-// softmax (the token's own k and v come from shared memory, not the cache the same
-// dispatch writes). With F_Q8 the head's output is also quantized to int8 blocks of 32
-// for the o-projection (quant_x.comp's format), so no separate quantize pass runs.
-// Scores: with subgroups, each subgroup takes one position at a time, its lanes
-// splitting the head dims (coalesced k rows); without, one invocation per position.
+// Decode attention for one token at position pos = step[1], split over positions
+// ("flash decoding"): workgroup (g, c, s) takes query heads c * hpw .. of kv head g
+// (grouped-query heads share each k/v read) and positions lo + s * SPLIT .. of the
+// window [lo, pos]. It norms and rotates those q heads (RMSNorm + RoPE); the split
+// holding pos also norms and rotates the token's k, uses its k and v from shared memory
+// and writes them to the caches (c == 0). Scores and values go through an online
+// softmax per head into partials (m, l, acc[hd]); the last split to finish (an atomic
+// count per (g, c), reset by that split) combines them into the output, and with F_Q8
+// also quantizes it to int8 blocks of 32 for the o-projection (quant_x.comp's format).
+// Splits past the window exit at once: the dispatch covers the longest context.
 // Binding 0: qkv (f32: q | k | v of the token), 1: k cache, 2: v cache ([pos][kv][hd]),
 // 3: out (f32, n_heads * hd), 4: step values ([1] position), 5: q norm, 6: k norm,
 // 7: RoPE table ((cos, sin) of pair i at position p at 2 (p * n_rot / 2 + i)),
-// 8: q8 values (u32), 9: q8 scales (f32).
+// 8: q8 values (u32), 9: q8 scales, 10: partials (f32, [head][split][2 + hd]),
+// 11: counts (u32 per (g, c), zero between dispatches).
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
@@ -24,14 +26,17 @@ layout(std430, binding = 6) readonly buffer Kn { float kn[]; };
 layout(std430, binding = 7) readonly buffer Rope { float rope[]; };
 layout(std430, binding = 8) writeonly buffer Q8 { uint xq[]; };
 layout(std430, binding = 9) writeonly buffer D8 { float xd[]; };
+layout(std430, binding = 10) coherent buffer Part { float part[]; };
+layout(std430, binding = 11) coherent buffer Cnt { uint cnt[]; };
 
 const uint F_QNORM = 1u;
 const uint F_KNORM = 2u;
 const uint F_ROPE = 4u;
 const uint F_INTERLEAVED = 8u;
 const uint F_Q8 = 16u;
-const uint MAX_HD = 512u;
-const uint TILE = 1024u;
+const uint MAX_HD = 256u;
+const uint MAXG = 8u;
+const uint SPLIT = 128u;
 
 layout(push_constant) uniform Push {
     uint n_heads;
@@ -41,49 +46,38 @@ layout(push_constant) uniform Push {
     uint flags;
     uint ld_qkv;
     uint window; // 0: none; else keys at positions > pos - window
+    uint hpw;    // query heads per workgroup (<= MAXG)
+    uint n_chunks; // ceil(group size / hpw)
+    uint max_splits;
     float eps;
     float scale;
     float softcap; // 0: none
 } p;
 
-shared float q_s[MAX_HD];
+shared float q_s[MAXG * MAX_HD];
 shared float k_s[MAX_HD];
 shared float v_s[MAX_HD];
-shared float acc_s[MAX_HD];
-shared float sc[TILE];
-shared float red_max[WG];
+shared float sc[MAXG * SPLIT];
+shared float m_s[MAXG];
+shared float l_s[MAXG];
+shared bool last_s;
 
-float reduce_max(float v) {
-    uint t = gl_LocalInvocationID.x;
-    red_max[t] = v;
-    barrier();
-    for (uint s = WG / 2u; s > 0u; s >>= 1) {
-        if (t < s) {
-            red_max[t] = max(red_max[t], red_max[t + s]);
-        }
-        barrier();
-    }
-    float r = red_max[0];
-    barrier();
-    return r;
-}
-
-// RMSNorm (when `norm`) and RoPE of the hd values in buf (shared), in place.
-void norm_rope(bool norm, bool is_q, uint pos) {
+// RMSNorm (with w at binding 5 or 6) and RoPE of n values at buf offset `off`.
+void norm_rope(bool is_q, uint off, bool norm, uint pos) {
     uint tid = gl_LocalInvocationID.x;
     if (norm) {
         float ss = 0.0;
         for (uint i = tid; i < p.hd; i += WG) {
-            float v = is_q ? q_s[i] : k_s[i];
+            float v = is_q ? q_s[off + i] : k_s[i];
             ss += v * v;
         }
         ss = reduce_sum(ss);
         float inv = inversesqrt(ss / float(p.hd) + p.eps);
         for (uint i = tid; i < p.hd; i += WG) {
             if (is_q) {
-                q_s[i] = q_s[i] * inv * qn[i];
+                q_s[off + i] *= inv * qn[i];
             } else {
-                k_s[i] = k_s[i] * inv * kn[i];
+                k_s[i] *= inv * kn[i];
             }
         }
         barrier();
@@ -98,10 +92,10 @@ void norm_rope(bool norm, bool is_q, uint pos) {
             float c = rope[r];
             float s = rope[r + 1u];
             if (is_q) {
-                float x0 = q_s[a];
-                float x1 = q_s[b];
-                q_s[a] = x0 * c - x1 * s;
-                q_s[b] = x0 * s + x1 * c;
+                float x0 = q_s[off + a];
+                float x1 = q_s[off + b];
+                q_s[off + a] = x0 * c - x1 * s;
+                q_s[off + b] = x0 * s + x1 * c;
             } else {
                 float x0 = k_s[a];
                 float x1 = k_s[b];
@@ -114,122 +108,181 @@ void norm_rope(bool norm, bool is_q, uint pos) {
 }
 
 void main() {
-    uint h = flat_group();
-    if (h >= p.n_heads) {
+    uint grp = flat_group();
+    uint per_g = p.n_chunks * p.max_splits;
+    uint g = grp / per_g;
+    if (g >= p.n_kv) {
+        return;
+    }
+    uint c = (grp % per_g) / p.max_splits;
+    uint s = grp % p.max_splits;
+    uint pos = step[1];
+    uint lo = (p.window > 0u && pos + 1u > p.window) ? pos + 1u - p.window : 0u;
+    uint n_active = (pos + 1u - lo + SPLIT - 1u) / SPLIT;
+    if (s >= n_active) {
         return; // uniform for the workgroup
     }
     uint tid = gl_LocalInvocationID.x;
     uint gsize = p.n_heads / p.n_kv;
-    uint g = h / gsize;
-    uint pos = step[1];
+    uint h0 = g * gsize + c * p.hpw;
+    uint nh = min(p.hpw, gsize - c * p.hpw);
     uint kvd = p.n_kv * p.hd;
-    uint qb = h * p.hd;
     uint kb = p.n_heads * p.hd + g * p.hd;
-    uint vb = kb + kvd;
-    for (uint i = tid; i < p.hd; i += WG) {
-        q_s[i] = qkv[qb + i];
-        k_s[i] = qkv[kb + i];
-        v_s[i] = qkv[vb + i];
-        acc_s[i] = 0.0;
+    uint p0 = lo + s * SPLIT;
+    uint n = min(SPLIT, pos + 1u - p0);
+    bool has_pos = p0 + n == pos + 1u;
+    for (uint i = tid; i < nh * p.hd; i += WG) {
+        q_s[i] = qkv[h0 * p.hd + i];
+    }
+    if (has_pos) {
+        for (uint i = tid; i < p.hd; i += WG) {
+            k_s[i] = qkv[kb + i];
+            v_s[i] = qkv[kb + kvd + i];
+        }
     }
     barrier();
-    norm_rope((p.flags & F_QNORM) != 0u, true, pos);
-    norm_rope((p.flags & F_KNORM) != 0u, false, pos);
-    if (h % gsize == 0u) {
-        uint dst = pos * kvd + g * p.hd;
-        for (uint i = tid; i < p.hd; i += WG) {
-            kc[dst + i] = k_s[i];
-            vc[dst + i] = v_s[i];
+    for (uint h = 0u; h < nh; h++) {
+        norm_rope(true, h * p.hd, (p.flags & F_QNORM) != 0u, pos);
+    }
+    if (has_pos) {
+        norm_rope(false, 0u, (p.flags & F_KNORM) != 0u, pos);
+        if (c == 0u) {
+            uint dst = pos * kvd + g * p.hd;
+            for (uint i = tid; i < p.hd; i += WG) {
+                kc[dst + i] = k_s[i];
+                vc[dst + i] = v_s[i];
+            }
         }
     }
-    uint lo = (p.window > 0u && pos + 1u > p.window) ? pos + 1u - p.window : 0u;
-    float m = -1e30;
-    float l = 0.0;
-    for (uint base = lo; base <= pos; base += TILE) {
-        uint n = min(TILE, pos + 1u - base);
-#if USE_SUBGROUP
-        for (uint i = gl_SubgroupID; i < n; i += gl_NumSubgroups) {
-            uint pi = base + i;
-            uint rb = pi * kvd + g * p.hd;
-            float part = 0.0;
-            for (uint d = gl_SubgroupInvocationID; d < p.hd; d += gl_SubgroupSize) {
-                float kv = pi == pos ? k_s[d] : kc[rb + d];
-                part += q_s[d] * kv;
-            }
-            float s = subgroupAdd(part) * p.scale;
-            if (p.softcap > 0.0) {
-                s = p.softcap * tanh(s / p.softcap);
-            }
-            if (subgroupElect()) {
-                sc[i] = s;
+    // Scores: one invocation per position, every head of the chunk at once.
+    for (uint i = tid; i < n; i += WG) {
+        uint pi = p0 + i;
+        uint rb = pi * kvd + g * p.hd;
+        float a[MAXG];
+        [[unroll]] for (uint h = 0u; h < MAXG; h++) {
+            a[h] = 0.0;
+        }
+        for (uint d = 0u; d < p.hd; d++) {
+            float kv = pi == pos ? k_s[d] : kc[rb + d];
+            [[unroll]] for (uint h = 0u; h < MAXG; h++) {
+                if (h < nh) {
+                    a[h] += q_s[h * p.hd + d] * kv;
+                }
             }
         }
-#else
-        for (uint i = tid; i < n; i += WG) {
-            uint pi = base + i;
-            uint rb = pi * kvd + g * p.hd;
-            float s = 0.0;
-            for (uint d = 0u; d < p.hd; d++) {
-                float kv = pi == pos ? k_s[d] : kc[rb + d];
-                s += q_s[d] * kv;
+        [[unroll]] for (uint h = 0u; h < MAXG; h++) {
+            if (h < nh) {
+                float v = a[h] * p.scale;
+                if (p.softcap > 0.0) {
+                    v = p.softcap * tanh(v / p.softcap);
+                }
+                sc[h * SPLIT + i] = v;
             }
-            s *= p.scale;
-            if (p.softcap > 0.0) {
-                s = p.softcap * tanh(s / p.softcap);
-            }
-            sc[i] = s;
         }
-#endif
-        barrier();
-        float mt = -1e30;
-        for (uint i = tid; i < n; i += WG) {
-            mt = max(mt, sc[i]);
-        }
-        float m_new = max(m, reduce_max(mt));
-        float corr = exp(m - m_new);
-        float part = 0.0;
-        for (uint i = tid; i < n; i += WG) {
-            float e = exp(sc[i] - m_new);
-            sc[i] = e;
-            part += e;
-        }
-        l = l * corr + reduce_sum(part);
-        for (uint d = tid; d < p.hd; d += WG) {
-            float a = acc_s[d] * corr;
-            uint rb = base * kvd + g * p.hd + d;
-            for (uint i = 0u; i < n; i++) {
-                float vv = base + i == pos ? v_s[d] : vc[rb + i * kvd];
-                a += sc[i] * vv;
-            }
-            acc_s[d] = a;
-        }
-        m = m_new;
-        barrier();
     }
-    float inv_l = 1.0 / l;
+    barrier();
+    if (tid < nh) {
+        float mx = -1e30;
+        for (uint i = 0u; i < n; i++) {
+            mx = max(mx, sc[tid * SPLIT + i]);
+        }
+        m_s[tid] = mx;
+    }
+    barrier();
+    for (uint i = tid; i < nh * SPLIT; i += WG) {
+        uint h = i / SPLIT;
+        if (i % SPLIT < n) {
+            sc[i] = exp(sc[i] - m_s[h]);
+        }
+    }
+    barrier();
+    if (tid < nh) {
+        float l = 0.0;
+        for (uint i = 0u; i < n; i++) {
+            l += sc[tid * SPLIT + i];
+        }
+        l_s[tid] = l;
+    }
+    uint stride = 2u + p.hd;
     for (uint d = tid; d < p.hd; d += WG) {
-        float v = acc_s[d] * inv_l;
-        acc_s[d] = v;
-        o[qb + d] = v;
+        float a[MAXG];
+        [[unroll]] for (uint h = 0u; h < MAXG; h++) {
+            a[h] = 0.0;
+        }
+        uint rb = p0 * kvd + g * p.hd + d;
+        for (uint i = 0u; i < n; i++) {
+            float vv = p0 + i == pos ? v_s[d] : vc[rb + i * kvd];
+            [[unroll]] for (uint h = 0u; h < MAXG; h++) {
+                if (h < nh) {
+                    a[h] += sc[h * SPLIT + i] * vv;
+                }
+            }
+        }
+        [[unroll]] for (uint h = 0u; h < MAXG; h++) {
+            if (h < nh) {
+                part[((h0 + h) * p.max_splits + s) * stride + 2u + d] = a[h];
+            }
+        }
+    }
+    barrier();
+    if (tid < nh) {
+        uint pb = ((h0 + tid) * p.max_splits + s) * stride;
+        part[pb] = m_s[tid];
+        part[pb + 1u] = l_s[tid];
+    }
+    // The last split of (g, c) to get here combines every split's partials.
+    memoryBarrierBuffer();
+    barrier();
+    if (tid == 0u) {
+        uint done = atomicAdd(cnt[g * p.n_chunks + c], 1u);
+        last_s = done == n_active - 1u;
+        if (last_s) {
+            cnt[g * p.n_chunks + c] = 0u;
+        }
+    }
+    barrier();
+    if (!last_s) {
+        return; // uniform for the workgroup
+    }
+    memoryBarrierBuffer();
+    for (uint h = 0u; h < nh; h++) {
+        uint hb = (h0 + h) * p.max_splits * stride;
+        float mx = -1e30;
+        for (uint t = 0u; t < n_active; t++) {
+            mx = max(mx, part[hb + t * stride]);
+        }
+        float l = 0.0;
+        for (uint t = 0u; t < n_active; t++) {
+            l += exp(part[hb + t * stride] - mx) * part[hb + t * stride + 1u];
+        }
+        for (uint d = tid; d < p.hd; d += WG) {
+            float a = 0.0;
+            for (uint t = 0u; t < n_active; t++) {
+                a += exp(part[hb + t * stride] - mx) * part[hb + t * stride + 2u + d];
+            }
+            float v = a / l;
+            q_s[h * p.hd + d] = v;
+            o[(h0 + h) * p.hd + d] = v;
+        }
     }
     if ((p.flags & F_Q8) != 0u) {
         barrier();
-        // One invocation per block of 32 of this head's output (hd is a multiple of 32).
-        for (uint bk = tid; bk < p.hd / 32u; bk += WG) {
+        // One invocation per block of 32 of the chunk's output (hd is a multiple of 32).
+        for (uint bk = tid; bk < nh * p.hd / 32u; bk += WG) {
             float amax = 0.0;
             for (uint i = 0u; i < 32u; i++) {
-                amax = max(amax, abs(acc_s[32u * bk + i]));
+                amax = max(amax, abs(q_s[32u * bk + i]));
             }
             float id = amax > 0.0 ? 127.0 / amax : 0.0;
             for (uint wi = 0u; wi < 8u; wi++) {
                 uint word = 0u;
-                for (uint c = 0u; c < 4u; c++) {
-                    int q = clamp(int(roundEven(acc_s[32u * bk + 4u * wi + c] * id)), -127, 127);
-                    word |= (uint(q) & 255u) << (8u * c);
+                for (uint e = 0u; e < 4u; e++) {
+                    int q = clamp(int(roundEven(q_s[32u * bk + 4u * wi + e] * id)), -127, 127);
+                    word |= (uint(q) & 255u) << (8u * e);
                 }
-                xq[(qb >> 2) + 8u * bk + wi] = word;
+                xq[((h0 * p.hd) >> 2) + 8u * bk + wi] = word;
             }
-            xd[(qb >> 5) + bk] = amax / 127.0;
+            xd[((h0 * p.hd) >> 5) + bk] = amax / 127.0;
         }
     }
 }

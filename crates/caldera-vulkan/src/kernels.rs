@@ -132,9 +132,11 @@ pub const ROPE_KV_PUSH_BYTES: u32 = 28;
 /// `attention` push constants: `n_heads, n_kv, hd, hpw, n_chunks, window, ld_qkv` (u32),
 /// `scale, softcap` (f32).
 pub const ATTENTION_PUSH_BYTES: u32 = 36;
-/// `attn_decode` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv, window`
-/// (u32), `eps, scale, softcap` (f32).
-pub const ATTN_DECODE_PUSH_BYTES: u32 = 40;
+/// `attn_decode` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv, window, hpw,
+/// n_chunks, max_splits` (u32), `eps, scale, softcap` (f32).
+pub const ATTN_DECODE_PUSH_BYTES: u32 = 52;
+/// Positions per workgroup of `attn_decode` (its SPLIT).
+pub const ATTN_SPLIT: usize = 128;
 /// `add_norm` push constants: `n` (u32), `eps` (f32).
 pub const ADD_NORM_PUSH_BYTES: u32 = 8;
 
@@ -325,7 +327,7 @@ pub const KERNELS: [KernelDesc; 71] = [
         Kernel::AttnDecode,
         "attn_decode",
         spv!("attn_decode"),
-        10,
+        12,
         ATTN_DECODE_PUSH_BYTES,
     ),
 ];

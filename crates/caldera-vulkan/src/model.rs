@@ -26,7 +26,7 @@ use caldera_model::{
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, ATTN_SPLIT};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::ops::{GluAct, Mm, MmIo, MmMode, Mv, MvMode, Mvq, Q8Acts, QuantX};
 use crate::record::{Binding, Recorder, Recording};
@@ -215,7 +215,7 @@ impl VkModel {
             if a.sinks || a.q_gate {
                 return Err(unsupported(format!("layer {li}: attention sinks or gates")));
             }
-            if a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 || a.head_dim > 512 {
+            if a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 || a.head_dim > 256 {
                 return Err(unsupported(format!(
                     "layer {li}: {} heads over {} kv heads of {}",
                     a.n_heads, a.n_kv_heads, a.head_dim
@@ -332,6 +332,9 @@ pub struct VkRunner {
     qkv: Buffer,
     att: Buffer,
     gu: Buffer,
+    /// Decode attention's per-split partials and its per-(kv head, chunk) counts.
+    attn_part: Buffer,
+    attn_count: Buffer,
     /// Int8 activations of the decode mat-vecs (QuantX output): values and scales.
     xq: Buffer,
     xd: Buffer,
@@ -422,6 +425,19 @@ impl VkRunner {
         let att = dev(CHUNK * max_q, "the attention output")?;
         let gu = dev(CHUNK * 2 * max_ff, "the gate/up rows")?;
         let widest = d.max(max_q).max(max_ff);
+        let mut part_len = 1usize;
+        let mut counts = 1usize;
+        for l in &m.layers {
+            let a = &l.attn;
+            if a.head_dim > 256 {
+                return Err(unsupported(format!("attention heads of {}", a.head_dim)));
+            }
+            let splits = cap.div_ceil(crate::kernels::ATTN_SPLIT);
+            part_len = part_len.max(a.n_heads * splits * (a.head_dim + 2));
+            counts = counts.max(a.n_kv_heads * (a.n_heads / a.n_kv_heads).div_ceil(8));
+        }
+        let attn_part = dev(part_len, "the attention partials")?;
+        let attn_count = ctx.upload(&vec![0u8; counts * 4])?;
         let xq = dev(widest.div_ceil(4), "the quantized activations")?;
         let xd = dev(widest.div_ceil(32), "the activation scales")?;
         let mut kv = Vec::with_capacity(m.layers.len());
@@ -481,6 +497,8 @@ impl VkRunner {
             gu,
             xq,
             xd,
+            attn_part,
+            attn_count,
             kv,
             rope,
             logits1,
@@ -590,6 +608,10 @@ impl VkRunner {
             // quantizes its output for the o-projection when that runs on int8.
             let o_q8 = decode && self.q8_input(&l.o) && hd.is_multiple_of(32);
             if decode {
+                let gsize = nh / nkv;
+                let hpw = gsize.min(8);
+                let n_chunks = gsize.div_ceil(hpw);
+                let max_splits = self.cap.div_ceil(ATTN_SPLIT);
                 let binding = wg_bind(
                     Kernel::AttnDecode,
                     &[
@@ -603,6 +625,8 @@ impl VkRunner {
                         rope_buf,
                         &self.xq,
                         &self.xd,
+                        &self.attn_part,
+                        &self.attn_count,
                     ],
                 )?;
                 let q8_flag = if o_q8 { 16 } else { 0 };
@@ -614,11 +638,15 @@ impl VkRunner {
                     flags | q8_flag,
                     u32_of(ld_qkv, "qkv width")?,
                     u32_of(a.window.unwrap_or(0).min(u32::MAX as usize), "window")?,
+                    hpw as u32,
+                    n_chunks as u32,
+                    u32_of(max_splits, "attention splits")?,
                     eps.to_bits(),
                     a.scale.to_bits(),
                     a.softcap.unwrap_or(0.0).to_bits(),
                 ]);
-                ops.push(("attention", Op::Kernel(binding, push, nh as u64)));
+                let groups = (nkv * n_chunks * max_splits) as u64;
+                ops.push(("attention", Op::Kernel(binding, push, groups)));
                 self.push_out_proj(
                     &mut ops,
                     "o",
