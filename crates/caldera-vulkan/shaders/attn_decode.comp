@@ -1,7 +1,7 @@
 #version 450
 // Decode attention for one token at position pos = step[1], split over positions
 // ("flash decoding"): workgroup (g, c, s) takes query heads c * hpw .. of kv head g
-// (grouped-query heads share each k/v read) and positions lo + s * SPLIT .. of the
+// (grouped-query heads share each k/v read) and positions lo + s * split .. of the
 // window [lo, pos]. It norms and rotates those q heads (RMSNorm + RoPE); the split
 // holding pos also norms and rotates the token's k, uses its k and v from shared memory
 // and writes them to the caches (c == 0). Scores and values go through an online
@@ -18,6 +18,7 @@
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
 layout(std430, binding = 1) buffer Kc { float kc[]; };
+layout(std430, binding = 1) readonly buffer Kc4 { vec4 kc4[]; };
 layout(std430, binding = 2) buffer Vc { float vc[]; };
 layout(std430, binding = 3) writeonly buffer Out { float o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
@@ -36,7 +37,7 @@ const uint F_INTERLEAVED = 8u;
 const uint F_Q8 = 16u;
 const uint MAX_HD = 256u;
 const uint MAXG = 8u;
-const uint SPLIT = 128u;
+const uint MAX_SPLIT = 128u;
 
 layout(push_constant) uniform Push {
     uint n_heads;
@@ -49,6 +50,7 @@ layout(push_constant) uniform Push {
     uint hpw;    // query heads per workgroup (<= MAXG)
     uint n_chunks; // ceil(group size / hpw)
     uint max_splits;
+    uint split;  // positions per workgroup (<= MAX_SPLIT)
     float eps;
     float scale;
     float softcap; // 0: none
@@ -57,27 +59,32 @@ layout(push_constant) uniform Push {
 shared float q_s[MAXG * MAX_HD];
 shared float k_s[MAX_HD];
 shared float v_s[MAX_HD];
-shared float sc[MAXG * SPLIT];
+shared float sc[MAXG * MAX_SPLIT];
+shared float inv_s[MAXG];
 shared float m_s[MAXG];
 shared float l_s[MAXG];
 shared bool last_s;
 
-// RMSNorm (with w at binding 5 or 6) and RoPE of n values at buf offset `off`.
-void norm_rope(bool is_q, uint off, bool norm, uint pos) {
+// RMSNorm (weights w: q norm or k norm) and RoPE of `nh` rows of hd values in q_s
+// (is_q) or k_s, all rows at once.
+void norm_rope(bool is_q, uint nh, bool norm, uint pos) {
     uint tid = gl_LocalInvocationID.x;
     if (norm) {
-        float ss = 0.0;
-        for (uint i = tid; i < p.hd; i += WG) {
-            float v = is_q ? q_s[off + i] : k_s[i];
-            ss += v * v;
+        if (tid < nh) {
+            float ss = 0.0;
+            for (uint i = 0u; i < p.hd; i++) {
+                float v = is_q ? q_s[tid * p.hd + i] : k_s[i];
+                ss += v * v;
+            }
+            inv_s[tid] = inversesqrt(ss / float(p.hd) + p.eps);
         }
-        ss = reduce_sum(ss);
-        float inv = inversesqrt(ss / float(p.hd) + p.eps);
-        for (uint i = tid; i < p.hd; i += WG) {
+        barrier();
+        for (uint j = tid; j < nh * p.hd; j += WG) {
+            uint i = j % p.hd;
             if (is_q) {
-                q_s[off + i] *= inv * qn[i];
+                q_s[j] *= inv_s[j / p.hd] * qn[i];
             } else {
-                k_s[i] *= inv * kn[i];
+                k_s[j] *= inv_s[0] * kn[i];
             }
         }
         barrier();
@@ -85,17 +92,19 @@ void norm_rope(bool is_q, uint off, bool norm, uint pos) {
     if ((p.flags & F_ROPE) != 0u) {
         uint half_rot = p.n_rot / 2u;
         bool il = (p.flags & F_INTERLEAVED) != 0u;
-        for (uint i = tid; i < half_rot; i += WG) {
-            uint a = il ? 2u * i : i;
-            uint b = il ? 2u * i + 1u : i + half_rot;
+        for (uint j = tid; j < nh * half_rot; j += WG) {
+            uint i = j % half_rot;
+            uint off = (j / half_rot) * p.hd;
+            uint a = off + (il ? 2u * i : i);
+            uint b = off + (il ? 2u * i + 1u : i + half_rot);
             uint r = 2u * (pos * half_rot + i);
             float c = rope[r];
             float s = rope[r + 1u];
             if (is_q) {
-                float x0 = q_s[off + a];
-                float x1 = q_s[off + b];
-                q_s[off + a] = x0 * c - x1 * s;
-                q_s[off + b] = x0 * s + x1 * c;
+                float x0 = q_s[a];
+                float x1 = q_s[b];
+                q_s[a] = x0 * c - x1 * s;
+                q_s[b] = x0 * s + x1 * c;
             } else {
                 float x0 = k_s[a];
                 float x1 = k_s[b];
@@ -118,7 +127,7 @@ void main() {
     uint s = grp % p.max_splits;
     uint pos = step[1];
     uint lo = (p.window > 0u && pos + 1u > p.window) ? pos + 1u - p.window : 0u;
-    uint n_active = (pos + 1u - lo + SPLIT - 1u) / SPLIT;
+    uint n_active = (pos + 1u - lo + p.split - 1u) / p.split;
     if (s >= n_active) {
         return; // uniform for the workgroup
     }
@@ -128,8 +137,8 @@ void main() {
     uint nh = min(p.hpw, gsize - c * p.hpw);
     uint kvd = p.n_kv * p.hd;
     uint kb = p.n_heads * p.hd + g * p.hd;
-    uint p0 = lo + s * SPLIT;
-    uint n = min(SPLIT, pos + 1u - p0);
+    uint p0 = lo + s * p.split;
+    uint n = min(p.split, pos + 1u - p0);
     bool has_pos = p0 + n == pos + 1u;
     for (uint i = tid; i < nh * p.hd; i += WG) {
         q_s[i] = qkv[h0 * p.hd + i];
@@ -141,11 +150,9 @@ void main() {
         }
     }
     barrier();
-    for (uint h = 0u; h < nh; h++) {
-        norm_rope(true, h * p.hd, (p.flags & F_QNORM) != 0u, pos);
-    }
+    norm_rope(true, nh, (p.flags & F_QNORM) != 0u, pos);
     if (has_pos) {
-        norm_rope(false, 0u, (p.flags & F_KNORM) != 0u, pos);
+        norm_rope(false, 1u, (p.flags & F_KNORM) != 0u, pos);
         if (c == 0u) {
             uint dst = pos * kvd + g * p.hd;
             for (uint i = tid; i < p.hd; i += WG) {
@@ -162,11 +169,24 @@ void main() {
         [[unroll]] for (uint h = 0u; h < MAXG; h++) {
             a[h] = 0.0;
         }
-        for (uint d = 0u; d < p.hd; d++) {
-            float kv = pi == pos ? k_s[d] : kc[rb + d];
-            [[unroll]] for (uint h = 0u; h < MAXG; h++) {
-                if (h < nh) {
-                    a[h] += q_s[h * p.hd + d] * kv;
+        if (pi == pos) {
+            for (uint d = 0u; d < p.hd; d++) {
+                float kv = k_s[d];
+                [[unroll]] for (uint h = 0u; h < MAXG; h++) {
+                    if (h < nh) {
+                        a[h] += q_s[h * p.hd + d] * kv;
+                    }
+                }
+            }
+        } else {
+            for (uint d = 0u; d < p.hd; d += 4u) {
+                vec4 kv = kc4[(rb + d) >> 2];
+                [[unroll]] for (uint h = 0u; h < MAXG; h++) {
+                    if (h < nh) {
+                        uint qo = h * p.hd + d;
+                        a[h] += q_s[qo] * kv.x + q_s[qo + 1u] * kv.y + q_s[qo + 2u] * kv.z
+                              + q_s[qo + 3u] * kv.w;
+                    }
                 }
             }
         }
@@ -176,7 +196,7 @@ void main() {
                 if (p.softcap > 0.0) {
                     v = p.softcap * tanh(v / p.softcap);
                 }
-                sc[h * SPLIT + i] = v;
+                sc[h * MAX_SPLIT + i] = v;
             }
         }
     }
@@ -184,14 +204,14 @@ void main() {
     if (tid < nh) {
         float mx = -1e30;
         for (uint i = 0u; i < n; i++) {
-            mx = max(mx, sc[tid * SPLIT + i]);
+            mx = max(mx, sc[tid * MAX_SPLIT + i]);
         }
         m_s[tid] = mx;
     }
     barrier();
-    for (uint i = tid; i < nh * SPLIT; i += WG) {
-        uint h = i / SPLIT;
-        if (i % SPLIT < n) {
+    for (uint i = tid; i < nh * MAX_SPLIT; i += WG) {
+        uint h = i / MAX_SPLIT;
+        if (i % MAX_SPLIT < n) {
             sc[i] = exp(sc[i] - m_s[h]);
         }
     }
@@ -199,7 +219,7 @@ void main() {
     if (tid < nh) {
         float l = 0.0;
         for (uint i = 0u; i < n; i++) {
-            l += sc[tid * SPLIT + i];
+            l += sc[tid * MAX_SPLIT + i];
         }
         l_s[tid] = l;
     }
@@ -214,7 +234,7 @@ void main() {
             float vv = p0 + i == pos ? v_s[d] : vc[rb + i * kvd];
             [[unroll]] for (uint h = 0u; h < MAXG; h++) {
                 if (h < nh) {
-                    a[h] += sc[h * SPLIT + i] * vv;
+                    a[h] += sc[h * MAX_SPLIT + i] * vv;
                 }
             }
         }

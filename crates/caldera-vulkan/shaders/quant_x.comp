@@ -2,7 +2,8 @@
 // Quantizes an f32 vector for the int8-dot mat-vecs (mvq.glsl): blocks of 32 values v,
 // d = max|v| / 127, q = roundEven(v * 127 / max|v|) (int8, packed 4 to a word,
 // little-endian); v = x, or x * gam / rms(x) with QX_NORM (every workgroup takes the
-// sum of squares over the whole vector itself). One invocation per block.
+// sum of squares over the whole vector itself). Eight invocations per block, 4 values
+// each (WG >= 8).
 // Binding 0: x (f32, k; k a multiple of 32), 1: gam (f32, k; any buffer of >= k floats
 // without QX_NORM), 2: q (u32, k / 4), 3: d (f32, k / 32).
 #include "common.glsl"
@@ -20,6 +21,8 @@ layout(push_constant) uniform Push {
     float eps;
 } p;
 
+shared float mx_s[WG];
+
 void main() {
     uint tid = gl_LocalInvocationID.x;
     bool norm = (p.flags & QX_NORM) != 0u;
@@ -33,26 +36,32 @@ void main() {
         ss = reduce_sum(ss);
         inv = inversesqrt(ss / float(p.k) + p.eps);
     }
-    uint b = flat_group() * WG + tid;
-    if (b >= p.k / 32u) {
+    // Invocation i takes values 4i .. 4i + 4; the 8 of a block meet through shared memory.
+    uint i = flat_group() * WG + tid;
+    bool live = i < p.k / 4u;
+    vec4 v = vec4(0.0);
+    if (live) {
+        v = x4[i];
+        if (norm) {
+            v = v * inv * gam4[i];
+        }
+    }
+    vec4 av = abs(v);
+    mx_s[tid] = max(max(av.x, av.y), max(av.z, av.w));
+    barrier();
+    uint first = tid & ~7u;
+    float amax = 0.0;
+    [[unroll]] for (uint j = 0u; j < 8u; j++) {
+        amax = max(amax, mx_s[first + j]);
+    }
+    if (!live) {
         return;
     }
-    vec4 v[8];
-    float amax = 0.0;
-    [[unroll]] for (uint i = 0u; i < 8u; i++) {
-        vec4 t = x4[8u * b + i];
-        if (norm) {
-            t = t * inv * gam4[8u * b + i];
-        }
-        v[i] = t;
-        vec4 a = abs(t);
-        amax = max(amax, max(max(a.x, a.y), max(a.z, a.w)));
-    }
     float id = amax > 0.0 ? 127.0 / amax : 0.0;
-    [[unroll]] for (uint i = 0u; i < 8u; i++) {
-        ivec4 t = clamp(ivec4(roundEven(v[i] * id)), ivec4(-127), ivec4(127));
-        uvec4 u = uvec4(t) & 255u;
-        q[8u * b + i] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+    ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
+    uvec4 u = uvec4(t) & 255u;
+    q[i] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+    if ((i & 7u) == 0u) {
+        dq[i / 8u] = amax / 127.0;
     }
-    dq[b] = amax / 127.0;
 }

@@ -133,10 +133,15 @@ pub const ROPE_KV_PUSH_BYTES: u32 = 28;
 /// `scale, softcap` (f32).
 pub const ATTENTION_PUSH_BYTES: u32 = 36;
 /// `attn_decode` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv, window, hpw,
-/// n_chunks, max_splits` (u32), `eps, scale, softcap` (f32).
-pub const ATTN_DECODE_PUSH_BYTES: u32 = 52;
-/// Positions per workgroup of `attn_decode` (its SPLIT).
-pub const ATTN_SPLIT: usize = 128;
+/// n_chunks, max_splits, split` (u32), `eps, scale, softcap` (f32).
+pub const ATTN_DECODE_PUSH_BYTES: u32 = 56;
+
+/// Positions per workgroup of `attn_decode` for a sequence of `cap` tokens: 32 (many
+/// small splits keep short contexts parallel), growing up to 128 so that no more than
+/// 128 splits per kv head are dispatched.
+pub fn attn_split(cap: usize) -> usize {
+    cap.div_ceil(128).next_multiple_of(32).clamp(32, 128)
+}
 /// `add_norm` push constants: `n` (u32), `eps` (f32).
 pub const ADD_NORM_PUSH_BYTES: u32 = 8;
 

@@ -26,7 +26,7 @@ use caldera_model::{
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
-use crate::kernels::{Kernel, ATTN_SPLIT};
+use crate::kernels::{attn_split, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::ops::{GluAct, Mm, MmIo, MmMode, Mv, MvMode, Mvq, Q8Acts, QuantX};
 use crate::record::{Binding, Recorder, Recording};
@@ -215,7 +215,11 @@ impl VkModel {
             if a.sinks || a.q_gate {
                 return Err(unsupported(format!("layer {li}: attention sinks or gates")));
             }
-            if a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 || a.head_dim > 256 {
+            if a.n_kv_heads == 0
+                || a.n_heads % a.n_kv_heads != 0
+                || a.head_dim > 256
+                || a.head_dim % 4 != 0
+            {
                 return Err(unsupported(format!(
                     "layer {li}: {} heads over {} kv heads of {}",
                     a.n_heads, a.n_kv_heads, a.head_dim
@@ -432,7 +436,7 @@ impl VkRunner {
             if a.head_dim > 256 {
                 return Err(unsupported(format!("attention heads of {}", a.head_dim)));
             }
-            let splits = cap.div_ceil(crate::kernels::ATTN_SPLIT);
+            let splits = cap.div_ceil(attn_split(cap));
             part_len = part_len.max(a.n_heads * splits * (a.head_dim + 2));
             counts = counts.max(a.n_kv_heads * (a.n_heads / a.n_kv_heads).div_ceil(8));
         }
@@ -611,7 +615,8 @@ impl VkRunner {
                 let gsize = nh / nkv;
                 let hpw = gsize.min(8);
                 let n_chunks = gsize.div_ceil(hpw);
-                let max_splits = self.cap.div_ceil(ATTN_SPLIT);
+                let split = attn_split(self.cap);
+                let max_splits = self.cap.div_ceil(split);
                 let binding = wg_bind(
                     Kernel::AttnDecode,
                     &[
@@ -641,6 +646,7 @@ impl VkRunner {
                     hpw as u32,
                     n_chunks as u32,
                     u32_of(max_splits, "attention splits")?,
+                    split as u32,
                     eps.to_bits(),
                     a.scale.to_bits(),
                     a.softcap.unwrap_or(0.0).to_bits(),

@@ -521,10 +521,15 @@ impl QuantX {
         push[4..8].copy_from_slice(&u32::from(gam.is_some()).to_le_bytes());
         push[8..12].copy_from_slice(&eps.to_le_bytes());
         let wg = ctx.tuning().workgroup_size as u64;
+        if wg < 8 {
+            return Err(VkError::Invalid(format!(
+                "quant_x needs workgroups of 8 or more invocations (have {wg})"
+            )));
+        }
         Ok(QuantX {
             binding,
             push,
-            groups: (k / 32).div_ceil(wg),
+            groups: (k / 4).div_ceil(wg),
         })
     }
 
