@@ -61,6 +61,10 @@ shared float k_s[MAX_HD];
 shared float v_s[MAX_HD];
 shared float sc[MAXG * MAX_SPLIT];
 shared float inv_s[MAXG];
+// Combine: every split's m and l (then its weight) per head, up to MAX_COMBINE splits.
+const uint MAX_COMBINE = 128u;
+shared float cm_s[MAXG * MAX_COMBINE];
+shared float cl_s[MAXG * MAX_COMBINE];
 shared float m_s[MAXG];
 shared float l_s[MAXG];
 shared bool last_s;
@@ -113,6 +117,31 @@ void norm_rope(bool is_q, uint nh, bool norm, uint pos) {
             }
         }
         barrier();
+    }
+}
+
+// With F_Q8: quantizes the chunk's output (nh heads in q_s; hd a multiple of 32) to int8
+// blocks of 32 for the o-projection, one invocation per block. Follows a barrier.
+void quantize_out(uint h0, uint nh) {
+    if ((p.flags & F_Q8) == 0u) {
+        return;
+    }
+    uint tid = gl_LocalInvocationID.x;
+    for (uint bk = tid; bk < nh * p.hd / 32u; bk += WG) {
+        float amax = 0.0;
+        for (uint i = 0u; i < 32u; i++) {
+            amax = max(amax, abs(q_s[32u * bk + i]));
+        }
+        float id = amax > 0.0 ? 127.0 / amax : 0.0;
+        for (uint wi = 0u; wi < 8u; wi++) {
+            uint word = 0u;
+            for (uint e = 0u; e < 4u; e++) {
+                int q = clamp(int(roundEven(q_s[32u * bk + 4u * wi + e] * id)), -127, 127);
+                word |= (uint(q) & 255u) << (8u * e);
+            }
+            xq[((h0 * p.hd) >> 2) + 8u * bk + wi] = word;
+        }
+        xd[((h0 * p.hd) >> 5) + bk] = amax / 127.0;
     }
 }
 
@@ -223,6 +252,8 @@ void main() {
         }
         l_s[tid] = l;
     }
+    barrier();
+    bool single = n_active == 1u;
     uint stride = 2u + p.hd;
     for (uint d = tid; d < p.hd; d += WG) {
         float a[MAXG];
@@ -240,11 +271,22 @@ void main() {
         }
         [[unroll]] for (uint h = 0u; h < MAXG; h++) {
             if (h < nh) {
-                part[((h0 + h) * p.max_splits + s) * stride + 2u + d] = a[h];
+                if (single) {
+                    // One split: the output directly, no partials.
+                    float v = a[h] / l_s[h];
+                    q_s[h * p.hd + d] = v;
+                    o[(h0 + h) * p.hd + d] = v;
+                } else {
+                    part[((h0 + h) * p.max_splits + s) * stride + 2u + d] = a[h];
+                }
             }
         }
     }
     barrier();
+    if (single) {
+        quantize_out(h0, nh);
+        return;
+    }
     if (tid < nh) {
         uint pb = ((h0 + tid) * p.max_splits + s) * stride;
         part[pb] = m_s[tid];
@@ -265,44 +307,65 @@ void main() {
         return; // uniform for the workgroup
     }
     memoryBarrierBuffer();
-    for (uint h = 0u; h < nh; h++) {
-        uint hb = (h0 + h) * p.max_splits * stride;
-        float mx = -1e30;
-        for (uint t = 0u; t < n_active; t++) {
-            mx = max(mx, part[hb + t * stride]);
+    if (n_active <= MAX_COMBINE) {
+        // Every (head, split) m and l at once, then per-split weights, then the sums.
+        for (uint j = tid; j < nh * n_active; j += WG) {
+            uint pb = ((h0 + j / n_active) * p.max_splits + j % n_active) * stride;
+            cm_s[j] = part[pb];
+            cl_s[j] = part[pb + 1u];
         }
-        float l = 0.0;
-        for (uint t = 0u; t < n_active; t++) {
-            l += exp(part[hb + t * stride] - mx) * part[hb + t * stride + 1u];
-        }
-        for (uint d = tid; d < p.hd; d += WG) {
-            float a = 0.0;
-            for (uint t = 0u; t < n_active; t++) {
-                a += exp(part[hb + t * stride] - mx) * part[hb + t * stride + 2u + d];
-            }
-            float v = a / l;
-            q_s[h * p.hd + d] = v;
-            o[(h0 + h) * p.hd + d] = v;
-        }
-    }
-    if ((p.flags & F_Q8) != 0u) {
         barrier();
-        // One invocation per block of 32 of the chunk's output (hd is a multiple of 32).
-        for (uint bk = tid; bk < nh * p.hd / 32u; bk += WG) {
-            float amax = 0.0;
-            for (uint i = 0u; i < 32u; i++) {
-                amax = max(amax, abs(q_s[32u * bk + i]));
+        if (tid < nh) {
+            float mx = -1e30;
+            for (uint t = 0u; t < n_active; t++) {
+                mx = max(mx, cm_s[tid * n_active + t]);
             }
-            float id = amax > 0.0 ? 127.0 / amax : 0.0;
-            for (uint wi = 0u; wi < 8u; wi++) {
-                uint word = 0u;
-                for (uint e = 0u; e < 4u; e++) {
-                    int q = clamp(int(roundEven(q_s[32u * bk + 4u * wi + e] * id)), -127, 127);
-                    word |= (uint(q) & 255u) << (8u * e);
+            float l = 0.0;
+            for (uint t = 0u; t < n_active; t++) {
+                l += exp(cm_s[tid * n_active + t] - mx) * cl_s[tid * n_active + t];
+            }
+            m_s[tid] = mx;
+            l_s[tid] = l;
+        }
+        barrier();
+        for (uint j = tid; j < nh * n_active; j += WG) {
+            uint h = j / n_active;
+            cm_s[j] = exp(cm_s[j] - m_s[h]) / l_s[h];
+        }
+        barrier();
+        for (uint j = tid; j < nh * p.hd; j += WG) {
+            uint h = j / p.hd;
+            uint d = j % p.hd;
+            uint pb = (h0 + h) * p.max_splits * stride + 2u + d;
+            float acc = 0.0;
+            for (uint t = 0u; t < n_active; t++) {
+                acc += cm_s[h * n_active + t] * part[pb + t * stride];
+            }
+            q_s[j] = acc;
+            o[(h0 + h) * p.hd + d] = acc;
+        }
+    } else {
+        for (uint h = 0u; h < nh; h++) {
+            uint hb = (h0 + h) * p.max_splits * stride;
+            float mx = -1e30;
+            for (uint t = 0u; t < n_active; t++) {
+                mx = max(mx, part[hb + t * stride]);
+            }
+            float l = 0.0;
+            for (uint t = 0u; t < n_active; t++) {
+                l += exp(part[hb + t * stride] - mx) * part[hb + t * stride + 1u];
+            }
+            for (uint d = tid; d < p.hd; d += WG) {
+                float a = 0.0;
+                for (uint t = 0u; t < n_active; t++) {
+                    a += exp(part[hb + t * stride] - mx) * part[hb + t * stride + 2u + d];
                 }
-                xq[((h0 * p.hd) >> 2) + 8u * bk + wi] = word;
+                float v = a / l;
+                q_s[h * p.hd + d] = v;
+                o[(h0 + h) * p.hd + d] = v;
             }
-            xd[((h0 * p.hd) >> 5) + bk] = amax / 127.0;
         }
     }
+    barrier();
+    quantize_out(h0, nh);
 }
