@@ -208,13 +208,24 @@ void main() {
                 }
             }
         } else {
-            for (uint d = 0u; d < p.hd; d += 4u) {
-                vec4 kv = kc4[(rb + d) >> 2];
-                [[unroll]] for (uint h = 0u; h < MAXG; h++) {
-                    if (h < nh) {
-                        uint qo = h * p.hd + d;
-                        a[h] += q_s[qo] * kv.x + q_s[qo + 1u] * kv.y + q_s[qo + 2u] * kv.z
-                              + q_s[qo + 3u] * kv.w;
+            // Eight k loads in flight before their FMAs: a loop of single loads would
+            // wait out the memory latency once per vec4.
+            for (uint d0 = 0u; d0 < p.hd; d0 += 32u) {
+                vec4 kv[8];
+                [[unroll]] for (uint u = 0u; u < 8u; u++) {
+                    uint d = d0 + 4u * u;
+                    kv[u] = d < p.hd ? kc4[(rb + d) >> 2] : vec4(0.0);
+                }
+                [[unroll]] for (uint u = 0u; u < 8u; u++) {
+                    uint d = d0 + 4u * u;
+                    if (d < p.hd) {
+                        [[unroll]] for (uint h = 0u; h < MAXG; h++) {
+                            if (h < nh) {
+                                uint qo = h * p.hd + d;
+                                a[h] += q_s[qo] * kv[u].x + q_s[qo + 1u] * kv[u].y
+                                      + q_s[qo + 2u] * kv[u].z + q_s[qo + 3u] * kv[u].w;
+                            }
+                        }
                     }
                 }
             }
@@ -261,11 +272,21 @@ void main() {
             a[h] = 0.0;
         }
         uint rb = p0 * kvd + g * p.hd + d;
-        for (uint i = 0u; i < n; i++) {
-            float vv = p0 + i == pos ? v_s[d] : vc[rb + i * kvd];
-            [[unroll]] for (uint h = 0u; h < MAXG; h++) {
-                if (h < nh) {
-                    a[h] += sc[h * MAX_SPLIT + i] * vv;
+        for (uint i0 = 0u; i0 < n; i0 += 8u) {
+            // Eight v loads in flight, as for k.
+            float vv[8];
+            [[unroll]] for (uint u = 0u; u < 8u; u++) {
+                uint i = i0 + u;
+                vv[u] = i >= n ? 0.0 : (p0 + i == pos ? v_s[d] : vc[rb + i * kvd]);
+            }
+            [[unroll]] for (uint u = 0u; u < 8u; u++) {
+                uint i = i0 + u;
+                if (i < n) {
+                    [[unroll]] for (uint h = 0u; h < MAXG; h++) {
+                        if (h < nh) {
+                            a[h] += sc[h * MAX_SPLIT + i] * vv[u];
+                        }
+                    }
                 }
             }
         }
