@@ -7,7 +7,12 @@
 // The work is laid out as in mv.glsl: ROWS outputs per workgroup, L lanes per weight
 // block with adjacent loads, the activation words and scales of a block loaded once for
 // all the rows of the workgroup.
+// With MV_TAIL the kernel also prepares the next mat-vec's input: the last workgroup to
+// finish (an atomic count over every workgroup of every piece, reset by that workgroup)
+// quantizes y[0 .. n_next] as quant_x.comp does, through the RMSNorm by ngam with
+// MV_TAIL_NORM, into nq / nd; so no quant_x dispatch runs between the two.
 // Binding 0: the piece's raw blocks. 1: q (u32 words). 2: d (f32 per 32 values). 3: y.
+// 4: count (u32). 5: next q (u32). 6: next d (f32). 7: next norm weights (f32).
 #include "common.glsl"
 #if USE_DOT
 #extension GL_EXT_spirv_intrinsics : require
@@ -28,20 +33,30 @@ const uint NR = ROWS;
 const uint MV_ADD = 2u;
 const uint MV_GELU = 8u;
 const uint MV_SOFTCAP = 16u;
+const uint MV_TAIL = 32u;
+const uint MV_TAIL_NORM = 64u;
 
 layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
 layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
 layout(std430, binding = 1) readonly buffer Qbuf2 { uvec2 xq2[]; };
 layout(std430, binding = 1) readonly buffer Qbuf4 { uvec4 xq4[]; };
 layout(std430, binding = 2) readonly buffer Dbuf { float xd[]; };
-layout(std430, binding = 3) buffer Ybuf { float y[]; };
+layout(std430, binding = 3) coherent buffer Ybuf { float y[]; };
+layout(std430, binding = 3) coherent buffer Ybuf4 { vec4 y4[]; };
+layout(std430, binding = 4) coherent buffer Cnt { uint cnt[]; };
+layout(std430, binding = 5) writeonly buffer NQ { uint nq[]; };
+layout(std430, binding = 6) writeonly buffer ND { float nd[]; };
+layout(std430, binding = 7) readonly buffer NG { vec4 ngam4[]; };
 
 layout(push_constant) uniform Push {
     uint k;
     uint rows;     // weight rows in this piece (pairs: 2 per output with MVG)
     uint y_offset;
-    uint flags;    // MV_ADD, MV_GELU, MV_SOFTCAP
+    uint flags;    // MV_ADD, MV_GELU, MV_SOFTCAP, MV_TAIL, MV_TAIL_NORM
     float cap;
+    uint groups;   // MV_TAIL: workgroups of every piece together
+    uint n_next;   // MV_TAIL: values of y to quantize (a multiple of 32)
+    float eps;     // MV_TAIL_NORM epsilon
 } p;
 
 #if USE_DOT
@@ -218,6 +233,68 @@ float block_dot(uint row, uint b, uint lane) {
 #endif
 
 shared float red_mv[MAXR * WG];
+shared bool last_s;
+shared float mx_s[WG];
+
+// MV_TAIL: once every workgroup has stored, the last one quantizes y for the next
+// mat-vec (8 invocations per block of 32; needs WG >= 8).
+void tail() {
+    uint tid = gl_LocalInvocationID.x;
+    memoryBarrierBuffer();
+    barrier();
+    if (tid == 0u) {
+        uint done = atomicAdd(cnt[0], 1u);
+        last_s = done == p.groups - 1u;
+        if (last_s) {
+            cnt[0] = 0u;
+        }
+    }
+    barrier();
+    if (!last_s) {
+        return; // uniform for the workgroup
+    }
+    memoryBarrierBuffer();
+    bool norm = (p.flags & MV_TAIL_NORM) != 0u;
+    float inv = 1.0;
+    if (norm) {
+        float ss = 0.0;
+        for (uint i = tid; i < p.n_next / 4u; i += WG) {
+            vec4 v = y4[i];
+            ss += dot(v, v);
+        }
+        ss = reduce_sum(ss);
+        inv = inversesqrt(ss / float(p.n_next) + p.eps);
+    }
+    for (uint base = 0u; base < p.n_next / 4u; base += WG) {
+        uint i = base + tid;
+        bool live = i < p.n_next / 4u;
+        vec4 v = vec4(0.0);
+        if (live) {
+            v = y4[i];
+            if (norm) {
+                v = v * inv * ngam4[i];
+            }
+        }
+        vec4 av = abs(v);
+        mx_s[tid] = max(max(av.x, av.y), max(av.z, av.w));
+        barrier();
+        uint first = tid & ~7u;
+        float amax = 0.0;
+        [[unroll]] for (uint j = 0u; j < 8u; j++) {
+            amax = max(amax, mx_s[first + j]);
+        }
+        barrier();
+        if (live) {
+            float id = amax > 0.0 ? 127.0 / amax : 0.0;
+            ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
+            uvec4 u = uvec4(t) & 255u;
+            nq[i] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+            if ((i & 7u) == 0u) {
+                nd[i / 8u] = amax / 127.0;
+            }
+        }
+    }
+}
 
 void reduce_rows(inout float a[MAXR]) {
 #if USE_SUBGROUP
@@ -316,4 +393,7 @@ void main() {
         }
     }
 #endif
+    if ((p.flags & MV_TAIL) != 0u) {
+        tail();
+    }
 }

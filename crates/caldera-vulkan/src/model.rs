@@ -31,7 +31,7 @@ use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::{attn_split, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
-use crate::ops::{GluAct, Mm, MmIo, MmMode, Mv, MvMode, Mvq, Q8Acts, QuantX};
+use crate::ops::{GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq, Q8Acts, QuantX};
 use crate::record::{Binding, Recorder, Recording};
 
 /// Tokens per prefill step (the prefill bucket).
@@ -339,6 +339,8 @@ pub struct VkRunner {
     qkv: Buffer,
     att: Buffer,
     gu: Buffer,
+    /// Finished-workgroup count of the decode mat-vecs that quantize the next input.
+    tail_count: Buffer,
     /// Decode attention's per-split partials and its per-(kv head, chunk) counts.
     attn_part: Buffer,
     attn_count: Buffer,
@@ -445,6 +447,7 @@ impl VkRunner {
         }
         let attn_part = dev(part_len, "the attention partials")?;
         let attn_count = ctx.upload(&vec![0u8; counts * 4])?;
+        let tail_count = ctx.upload(&[0u8; 4])?;
         let xq = dev(widest.div_ceil(4), "the quantized activations")?;
         let xd = dev(widest.div_ceil(32), "the activation scales")?;
         let mut kv = Vec::with_capacity(m.layers.len());
@@ -504,6 +507,7 @@ impl VkRunner {
             gu,
             xq,
             xd,
+            tail_count,
             attn_part,
             attn_count,
             kv,
@@ -551,6 +555,9 @@ impl VkRunner {
         let decode = bucket == 1;
         let mut ops: Vec<(&'static str, Op)> = Vec::new();
         let wg_bind = |k: Kernel, bufs: &[&Buffer]| ctx.bind(k, bufs);
+        // Decode: xq / xd already hold the next q|k|v input (the previous layer's down
+        // mat-vec quantized it).
+        let mut x_ready = false;
         for (li, l) in m.layers.iter().enumerate() {
             let a = &l.attn;
             let (hd, nh, nkv) = (a.head_dim, a.n_heads, a.n_kv_heads);
@@ -567,7 +574,10 @@ impl VkRunner {
                     l.norm.as_ref(),
                     &self.qkv,
                     MvMode::default(),
+                    x_ready,
+                    None,
                 )?;
+                x_ready = false;
             }
             for p in &l.qkv {
                 if decode {
@@ -614,6 +624,7 @@ impl VkRunner {
             // Decode: one kernel for norm + RoPE + KV write + attention, which also
             // quantizes its output for the o-projection when that runs on int8.
             let o_q8 = decode && self.q8_input(&l.o) && hd.is_multiple_of(32);
+            let mut gu_ready = false;
             if decode {
                 let gsize = nh / nkv;
                 let hpw = gsize.min(8);
@@ -656,7 +667,11 @@ impl VkRunner {
                 ]);
                 let groups = (nkv * n_chunks * max_splits) as u64;
                 ops.push(("attention", Op::Kernel(binding, push, groups)));
-                self.push_out_proj(
+                let next = self.q8_input(&l.gate_up).then_some(NextInput {
+                    norm: l.ffn_norm.as_ref(),
+                    n: d,
+                });
+                gu_ready = self.push_out_proj(
                     &mut ops,
                     "o",
                     &l.o,
@@ -666,6 +681,7 @@ impl VkRunner {
                     l.post_norm.as_ref(),
                     b,
                     o_q8,
+                    next,
                 )?;
             }
             if !decode {
@@ -725,16 +741,22 @@ impl VkRunner {
                     l.post_norm.as_ref(),
                     b,
                     false,
+                    None,
                 )?;
             }
             // norm + gate|up (decode: with the GLU, into gu[0 .. d_ff])
             let p = &l.gate_up;
+            let mut down_ready = false;
             if decode {
                 let mode = MvMode {
                     glu: Some(l.act),
                     ..Default::default()
                 };
-                self.push_decode_mv(
+                let next = self.q8_input(&l.down).then_some(NextInput {
+                    norm: None,
+                    n: l.d_ff,
+                });
+                down_ready = self.push_decode_mv(
                     &mut ops,
                     "gate_up",
                     &[(p, 0)],
@@ -742,6 +764,8 @@ impl VkRunner {
                     l.ffn_norm.as_ref(),
                     &self.gu,
                     mode,
+                    gu_ready,
+                    next,
                 )?;
             } else {
                 let io = MmIo {
@@ -770,7 +794,24 @@ impl VkRunner {
             } else {
                 (2 * l.d_ff as u64, Some(l.act))
             };
-            self.push_out_proj(
+            // Decode: down quantizes the next q|k|v input (or the head's).
+            let next = if !decode {
+                None
+            } else if let Some(nl) = m.layers.get(li + 1) {
+                nl.qkv
+                    .iter()
+                    .any(|p| self.q8_input(p) && p.k == d)
+                    .then_some(NextInput {
+                        norm: nl.norm.as_ref(),
+                        n: d,
+                    })
+            } else {
+                self.q8_input(&m.output).then_some(NextInput {
+                    norm: Some(&m.output_norm),
+                    n: d,
+                })
+            };
+            x_ready = self.push_out_proj(
                 &mut ops,
                 "down",
                 &l.down,
@@ -779,7 +820,8 @@ impl VkRunner {
                 glu,
                 l.ffn_post_norm.as_ref(),
                 b,
-                false,
+                down_ready,
+                next,
             )?;
         }
         // final norm + LM head on the selected tokens
@@ -807,6 +849,8 @@ impl VkRunner {
                 Some(&m.output_norm),
                 ldev,
                 mode,
+                x_ready,
+                None,
             )?;
         } else {
             let io = MmIo {
@@ -882,7 +926,9 @@ impl VkRunner {
         norm: Option<&Buffer>,
         y: &Buffer,
         mode: MvMode,
-    ) -> Result<()> {
+        pre: bool,
+        next: Option<NextInput<'_>>,
+    ) -> Result<bool> {
         let ctx = &self.m.ctx;
         let eps = self.m.model.config.norm_eps;
         let k = projs.first().map_or(0, |p| p.0.k);
@@ -891,14 +937,37 @@ impl VkRunner {
             q: &self.xq,
             d: &self.xd,
         };
-        if projs.iter().any(|(p, _)| q8(p)) {
+        if !pre && projs.iter().any(|(p, _)| q8(p)) {
             let qx = QuantX::new(ctx, k as u64, x, norm, eps, &acts)?;
             ops.push(("quant", Op::Quant(qx)));
         }
+        // The next mat-vec's input is quantized by this one's last workgroup when this is
+        // a single int8 mat-vec writing the whole vector from 0.
+        let next = next.filter(|_| projs.len() == 1 && q8(projs[0].0) && projs[0].1 == 0);
         let mut group = Vec::new();
         for &(p, off) in projs {
             if q8(p) {
-                let op = Mvq::new(ctx, p.ty, &p.t, p.k as u64, &acts, y, off, mode)?;
+                let tail = next.as_ref().map(|n| MvTail {
+                    count: &self.tail_count,
+                    out: Q8Acts {
+                        q: &self.xq,
+                        d: &self.xd,
+                    },
+                    gam: n.norm,
+                    n: n.n as u64,
+                    eps,
+                });
+                let op = Mvq::with_tail(
+                    ctx,
+                    p.ty,
+                    &p.t,
+                    p.k as u64,
+                    &acts,
+                    y,
+                    off,
+                    mode,
+                    tail.as_ref(),
+                )?;
                 group.push(DecodeMv::Q8(op));
             } else {
                 let m = MvMode {
@@ -911,7 +980,7 @@ impl VkRunner {
             }
         }
         ops.push((label, Op::Mv(group)));
-        Ok(())
+        Ok(next.is_some())
     }
 
     /// `y (+)= W input` with the residual add: straight into x, or through `tmp` and the
@@ -928,10 +997,12 @@ impl VkRunner {
         post_norm: Option<&Buffer>,
         b: u64,
         prequantized: bool,
-    ) -> Result<()> {
+        next: Option<NextInput<'_>>,
+    ) -> Result<bool> {
         let ctx = &self.m.ctx;
         let cfg = &self.m.model.config;
         let d = cfg.d_model as u64;
+        let mut tailed = false;
         let y = if post_norm.is_some() {
             &self.tmp
         } else {
@@ -943,17 +1014,10 @@ impl VkRunner {
                 add: post_norm.is_none(),
                 ..Default::default()
             };
-            if prequantized {
-                // x already sits in xq / xd (the attention kernel wrote it).
-                let acts = Q8Acts {
-                    q: &self.xq,
-                    d: &self.xd,
-                };
-                let op = Mvq::new(ctx, p.ty, &p.t, p.k as u64, &acts, y, 0, mode)?;
-                ops.push((label, Op::Mv(vec![DecodeMv::Q8(op)])));
-            } else {
-                self.push_decode_mv(ops, label, &[(p, 0)], x, None, y, mode)?;
-            }
+            // With a post-norm the output is not x yet: nothing to prepare.
+            let next = next.filter(|_| post_norm.is_none());
+            tailed =
+                self.push_decode_mv(ops, label, &[(p, 0)], x, None, y, mode, prequantized, next)?;
         } else {
             let io = MmIo {
                 x,
@@ -981,7 +1045,7 @@ impl VkRunner {
             let push = words(&[u32_of(cfg.d_model, "d_model")?, cfg.norm_eps.to_bits()]);
             ops.push(("add_norm", Op::Kernel(binding, push, b)));
         }
-        Ok(())
+        Ok(tailed)
     }
 
     /// Runs one step of `tokens` (at most CHUNK) at position `self.len`; logits of
@@ -1059,6 +1123,14 @@ enum Op {
     Mv(Vec<DecodeMv>),
     Quant(QuantX),
     Kernel(Binding, Vec<u8>, u64),
+}
+
+/// The input of the mat-vec after this one, which a decode mat-vec may quantize for it
+/// (`MV_TAIL`): `n` values of its output, through the RMSNorm by `norm`.
+#[derive(Clone, Copy)]
+struct NextInput<'a> {
+    norm: Option<&'a Buffer>,
+    n: usize,
 }
 
 /// A decode mat-vec on f32 activations, or on the int8 ones of the step's QuantX.

@@ -538,11 +538,22 @@ impl QuantX {
     }
 }
 
+/// What a [`Mvq`] prepares for the next mat-vec after its own output (`MV_TAIL`): its
+/// last workgroup quantizes `y[0 .. n]` (through the RMSNorm by `gam`) into `out`.
+pub struct MvTail<'a> {
+    /// A zeroed u32 the kernels count finished workgroups in (reset after each use).
+    pub count: &'a Buffer,
+    pub out: Q8Acts<'a>,
+    pub gam: Option<&'a Buffer>,
+    pub n: u64,
+    pub eps: f32,
+}
+
 /// Decode mat-vec on int8 activations (`mvq.glsl`): like [`Mv`] but x comes quantized
 /// by a [`QuantX`] and meets the weights in int8 dot products. For Q4_0, Q8_0, Q4_K and
 /// Q6_K weights ([`Mvq::supports`]); `mode.norm` must be off (the norm is QuantX's).
 pub struct Mvq {
-    parts: Vec<(Binding, [u8; 20], u64)>,
+    parts: Vec<(Binding, [u8; 32], u64)>,
     outs_per_group: u32,
 }
 
@@ -562,6 +573,22 @@ impl Mvq {
         y: &Buffer,
         y_offset: u64,
         mode: MvMode,
+    ) -> Result<Mvq> {
+        Mvq::with_tail(ctx, ty, w, k, x, y, y_offset, mode, None)
+    }
+
+    /// [`Mvq::new`], also quantizing the output for the next mat-vec (`tail`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_tail(
+        ctx: &Context,
+        ty: GgmlType,
+        w: &DeviceTensor,
+        k: u64,
+        x: &Q8Acts<'_>,
+        y: &Buffer,
+        y_offset: u64,
+        mode: MvMode,
+        tail: Option<&MvTail<'_>>,
     ) -> Result<Mvq> {
         let glu = mode.glu.is_some();
         let kernel = Kernel::mvq_for(ty, glu, ctx.tuning().int8_dot).ok_or_else(|| {
@@ -605,17 +632,63 @@ impl Mvq {
         if mode.softcap.is_some() {
             flags |= 16;
         }
+        let rows_per_group = ctx.tuning().mv_rows as u64;
+        let groups: u64 = w
+            .pieces
+            .iter()
+            .map(|pc| (pc.rows / per).div_ceil(rows_per_group))
+            .sum();
+        let (n_next, eps) = match tail {
+            Some(t) => {
+                if t.n == 0
+                    || !t.n.is_multiple_of(32)
+                    || y.size() < t.n * 4
+                    || t.out.q.size() < t.n
+                    || t.out.d.size() < t.n / 8
+                    || t.gam.is_some_and(|g| g.size() < t.n * 4)
+                    || t.count.size() < 4
+                    || ctx.tuning().mv_workgroup_size < 8
+                {
+                    return Err(VkError::Invalid(format!(
+                        "quantizing {} outputs for the next mat-vec: bad sizes",
+                        t.n
+                    )));
+                }
+                flags |= 32;
+                if t.gam.is_some() {
+                    flags |= 64;
+                }
+                (t.n, t.eps)
+            }
+            None => (0, 0.0),
+        };
         let mut parts = Vec::with_capacity(w.pieces.len());
         for piece in &w.pieces {
-            let b = ctx.bind(kernel, &[&piece.buffer, x.q, x.d, y])?;
+            let bufs: [&Buffer; 8] = match tail {
+                Some(t) => [
+                    &piece.buffer,
+                    x.q,
+                    x.d,
+                    y,
+                    t.count,
+                    t.out.q,
+                    t.out.d,
+                    t.gam.unwrap_or(y),
+                ],
+                None => [&piece.buffer, x.q, x.d, y, y, x.q, x.d, y],
+            };
+            let b = ctx.bind(kernel, &bufs)?;
             let vals = [
                 u32_of(k, "k")?,
                 u32_of(piece.rows, "rows")?,
                 u32_of(y_offset + piece.first_row / per, "y offset")?,
                 flags,
                 mode.softcap.unwrap_or(0.0).to_bits(),
+                u32_of(groups, "workgroups")?,
+                u32_of(n_next, "outputs")?,
+                eps.to_bits(),
             ];
-            let mut push = [0u8; 20];
+            let mut push = [0u8; 32];
             for (c, v) in push.chunks_exact_mut(4).zip(vals) {
                 c.copy_from_slice(&v.to_le_bytes());
             }

@@ -266,3 +266,90 @@ fn mvq_split_weights() {
         }
     }
 }
+
+/// `MV_TAIL`: the last workgroup quantizes the mat-vec's output for the next one (with
+/// and without the norm, over several pieces and launch shapes), as quant_x would.
+#[test]
+fn mvq_tail_quantizes_the_output() {
+    use caldera_vulkan::ops::{MvTail, Mvq, Q8Acts, QuantX};
+    use caldera_vulkan::MemoryKind;
+    let mut rng = rng("mvq tail");
+    let split = ContextOptions {
+        max_buffer_bytes: Some(64 * 1024),
+        ..Default::default()
+    };
+    let extra = test_context("mvq tail split", &split);
+    let mut ctxs: Vec<&Context> = contexts().iter().collect();
+    ctxs.extend(extra.as_ref());
+    for ctx in ctxs {
+        for (norm, add, rows) in [
+            (true, true, 1024usize),
+            (false, false, 352),
+            (true, false, 96),
+        ] {
+            let (ty, k) = (GgmlType::Q4_K, 512usize);
+            let w = quantize(ty, &random_vec(&mut rng, rows * k, 1.0)).unwrap();
+            let wt = ctx
+                .upload_rows(&w, ty.row_bytes(k as u64).unwrap())
+                .unwrap();
+            let x = random_vec(&mut rng, k, 2.0);
+            let y0 = random_vec(&mut rng, rows, 1.0);
+            let gam = random_vec(&mut rng, rows, 1.5);
+            let xb = ctx.upload_f32(&x).unwrap();
+            let yb = ctx.upload_f32(&y0).unwrap();
+            let gb = ctx.upload_f32(&gam).unwrap();
+            let dev = |n: usize| ctx.create_buffer(n as u64, MemoryKind::Device).unwrap();
+            let (q_in, d_in, q_out, d_out) = (dev(k), dev(k / 8), dev(rows), dev(rows / 8));
+            let count = ctx.upload(&[0u8; 4]).unwrap();
+            let acts = Q8Acts { q: &q_in, d: &d_in };
+            let qx = QuantX::new(ctx, k as u64, &xb, None, 0.0, &acts).unwrap();
+            let tail = MvTail {
+                count: &count,
+                out: Q8Acts {
+                    q: &q_out,
+                    d: &d_out,
+                },
+                gam: norm.then_some(&gb),
+                n: rows as u64,
+                eps: 1e-6,
+            };
+            let mode = MvMode {
+                add,
+                ..Default::default()
+            };
+            let op =
+                Mvq::with_tail(ctx, ty, &wt, k as u64, &acts, &yb, 0, mode, Some(&tail)).unwrap();
+            let rec = ctx
+                .record(|r| {
+                    qx.record(r)?;
+                    r.barrier();
+                    op.record(r)
+                })
+                .unwrap();
+            // Twice: the count must be back at zero after the first run.
+            for _ in 0..2 {
+                ctx.submit(&rec).unwrap();
+            }
+            let y = ctx.read_f32(&yb, rows).unwrap();
+            let q = ctx.read_buffer(&q_out, 0, rows as u64).unwrap();
+            let d = ctx.read_f32(&d_out, rows / 32).unwrap();
+            let cnt = ctx.read_buffer(&count, 0, 4).unwrap();
+            assert_eq!(cnt, vec![0u8; 4], "count not reset");
+            let mode = MvMode {
+                norm,
+                eps: 1e-6,
+                ..Default::default()
+            };
+            let want = quantized_input(&y, &gam, mode);
+            for i in 0..rows {
+                let got = q[i] as i8 as f64 * d[i / 32] as f64;
+                assert!(
+                    (got - want[i]).abs() <= 1.01 * d[i / 32] as f64 + 1e-6,
+                    "norm {norm} rows {rows} (wg {}): [{i}] got {got}, want {}",
+                    ctx.tuning().mv_workgroup_size,
+                    want[i]
+                );
+            }
+        }
+    }
+}
