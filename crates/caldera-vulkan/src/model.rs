@@ -577,7 +577,6 @@ impl VkRunner {
                     x_ready,
                     None,
                 )?;
-                x_ready = false;
             }
             for p in &l.qkv {
                 if decode {
