@@ -41,8 +41,9 @@ layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
 layout(std430, binding = 1) readonly buffer Qbuf2 { uvec2 xq2[]; };
 layout(std430, binding = 1) readonly buffer Qbuf4 { uvec4 xq4[]; };
 layout(std430, binding = 2) readonly buffer Dbuf { float xd[]; };
-layout(std430, binding = 3) coherent buffer Ybuf { float y[]; };
-layout(std430, binding = 3) coherent buffer Ybuf4 { vec4 y4[]; };
+layout(std430, binding = 3) buffer Ybuf { float y[]; };
+// The tail reads the other workgroups' outputs through a coherent view.
+layout(std430, binding = 3) coherent readonly buffer Ybuf4 { vec4 y4[]; };
 layout(std430, binding = 4) coherent buffer Cnt { uint cnt[]; };
 layout(std430, binding = 5) writeonly buffer NQ { uint nq[]; };
 layout(std430, binding = 6) writeonly buffer ND { float nd[]; };

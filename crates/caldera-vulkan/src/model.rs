@@ -360,6 +360,11 @@ pub struct VkRunner {
     embed_bytes: Vec<u8>,
     /// `CALDERA_VK_TRACE` set: print each step's time (read once, not per token).
     trace: bool,
+    /// `CALDERA_VK_FUSE_QUANT=1`: decode mat-vecs quantize the next input in their last
+    /// workgroup instead of a `quant_x` dispatch (5-6 dispatches per layer instead of
+    /// 8-9, but slower on the H100: the single last workgroup is a longer tail than the
+    /// dispatch it saves; docs/BENCHMARKS.md).
+    fuse_quant: bool,
     /// `CALDERA_VK_PROFILE=1`: decode steps write GPU timestamps after every op.
     profile: bool,
     /// Device nanoseconds per op label (total, count) over `profile_steps` decode steps.
@@ -520,6 +525,7 @@ impl VkRunner {
             embed_bytes: Vec::with_capacity(CHUNK * d * 4),
             trace: std::env::var_os("CALDERA_VK_TRACE").is_some(),
             profile: std::env::var("CALDERA_VK_PROFILE").is_ok_and(|v| v == "1"),
+            fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").is_ok_and(|v| v == "1"),
             profile_ns: HashMap::new(),
             profile_steps: 0,
         })
@@ -666,7 +672,7 @@ impl VkRunner {
                 ]);
                 let groups = (nkv * n_chunks * max_splits) as u64;
                 ops.push(("attention", Op::Kernel(binding, push, groups)));
-                let next = self.q8_input(&l.gate_up).then_some(NextInput {
+                let next = (self.fuse_quant && self.q8_input(&l.gate_up)).then_some(NextInput {
                     norm: l.ffn_norm.as_ref(),
                     n: d,
                 });
@@ -751,7 +757,7 @@ impl VkRunner {
                     glu: Some(l.act),
                     ..Default::default()
                 };
-                let next = self.q8_input(&l.down).then_some(NextInput {
+                let next = (self.fuse_quant && self.q8_input(&l.down)).then_some(NextInput {
                     norm: None,
                     n: l.d_ff,
                 });
@@ -794,7 +800,7 @@ impl VkRunner {
                 (2 * l.d_ff as u64, Some(l.act))
             };
             // Decode: down quantizes the next q|k|v input (or the head's).
-            let next = if !decode {
+            let next = if !decode || !self.fuse_quant {
                 None
             } else if let Some(nl) = m.layers.get(li + 1) {
                 nl.qkv
