@@ -5,6 +5,8 @@
 //! Each test runs twice over: with subgroup-arithmetic reductions (where the device has
 //! them) and with the shared-memory fallback. `CALDERA_TEST_SEED=N` replays a seed.
 
+mod common;
+
 use std::sync::OnceLock;
 
 use caldera_format::quant::{dequantize, quantize};
@@ -12,25 +14,9 @@ use caldera_format::GgmlType;
 use caldera_vulkan::ops::{matvec_host, rms_norm_host, MatVec};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Context, ContextOptions, MemoryKind, VkError, KERNELS};
+use common::rng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn seed() -> u64 {
-    std::env::var("CALDERA_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
-}
-
-fn rng(test: &str) -> StdRng {
-    let s = seed();
-    eprintln!("{test}: CALDERA_TEST_SEED={s}");
-    StdRng::seed_from_u64(s)
-}
+use rand::Rng;
 
 /// The two reduction variants (subgroup where supported, shared memory), opened once.
 fn contexts() -> &'static [Context] {

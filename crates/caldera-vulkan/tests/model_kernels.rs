@@ -3,6 +3,8 @@
 //! the test device (lavapipe by default). Skips without a Vulkan device unless
 //! `CALDERA_REQUIRE_VULKAN=1`. `CALDERA_TEST_SEED=N` replays a seed.
 
+mod common;
+
 use std::sync::OnceLock;
 
 use caldera_format::quant::{dequantize, quantize};
@@ -10,38 +12,13 @@ use caldera_format::GgmlType;
 use caldera_vulkan::ops::{mm_host, GluAct, MmMode};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Context, ContextOptions};
+use common::{gelu_tanh, random_vec, rng, silu};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn rng(test: &str) -> StdRng {
-    let s = std::env::var("CALDERA_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("{test}: CALDERA_TEST_SEED={s}");
-    StdRng::seed_from_u64(s)
-}
 
 fn ctx() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
     CTX.get_or_init(|| test_context("vulkan model kernels", &ContextOptions::default()))
         .as_ref()
-}
-
-fn random_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
-}
-
-fn silu(v: f64) -> f64 {
-    v / (1.0 + (-v).exp())
-}
-
-fn gelu_tanh(v: f64) -> f64 {
-    0.5 * v * (1.0 + (0.797_884_560_802_865_4 * (v + 0.044715 * v * v * v)).tanh())
 }
 
 /// CPU twin of `mm_host`: dequantized rows, f64 sums. Returns (y, scale of each y).

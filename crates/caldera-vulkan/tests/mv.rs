@@ -4,28 +4,16 @@
 //! on the test device (lavapipe by default). Skips without a Vulkan device unless
 //! `CALDERA_REQUIRE_VULKAN=1`. `CALDERA_TEST_SEED=N` replays a seed.
 
+mod common;
+
 use std::sync::OnceLock;
 
-use caldera_format::quant::{dequantize, quantize};
 use caldera_format::GgmlType;
-use caldera_vulkan::ops::{mv_host, GluAct, MvMode};
+use caldera_vulkan::ops::{mv_host, MvMode};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Context, ContextOptions};
+use common::{f32_input, modes, rng};
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn rng(test: &str) -> StdRng {
-    let s = std::env::var("CALDERA_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("{test}: CALDERA_TEST_SEED={s}");
-    StdRng::seed_from_u64(s)
-}
 
 /// Launch shapes: the default, and (workgroup, outputs per group, shared-memory reduce)
 /// variants that leave partial groups and partial block slots.
@@ -55,136 +43,11 @@ fn contexts() -> &'static [Context] {
     })
 }
 
-fn random_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
-}
-
-fn silu(v: f64) -> f64 {
-    v / (1.0 + (-v).exp())
-}
-
-fn gelu_tanh(v: f64) -> f64 {
-    0.5 * v * (1.0 + (0.797_884_560_802_865_4 * (v + 0.044715 * v * v * v)).tanh())
-}
-
-/// CPU twin: dequantized rows, f64 sums. Returns (y, error scale of each y).
-fn cpu_mv(
-    ty: GgmlType,
-    w: &[u8],
-    k: usize,
-    x: &[f32],
-    gam: &[f32],
-    y0: &[f32],
-    mode: MvMode,
-) -> (Vec<f64>, Vec<f64>) {
-    let row_bytes = ty.row_bytes(k as u64).unwrap() as usize;
-    let input: Vec<f64> = if mode.norm {
-        let ss = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
-        let inv = 1.0 / (ss + mode.eps as f64).sqrt();
-        (0..k).map(|c| x[c] as f64 * inv * gam[c] as f64).collect()
-    } else {
-        x.iter().map(|&v| v as f64).collect()
-    };
-    let mut deq = vec![0f32; k];
-    let dots: Vec<(f64, f64)> = w
-        .chunks_exact(row_bytes)
-        .map(|row| {
-            dequantize(ty, row, &mut deq).unwrap();
-            let (mut s, mut a) = (0f64, 0f64);
-            for c in 0..k {
-                s += deq[c] as f64 * input[c];
-                a += (deq[c] as f64 * input[c]).abs();
-            }
-            (s, a)
-        })
-        .collect();
-    let mut y = Vec::new();
-    let mut mag = Vec::new();
-    let outs: Vec<(f64, f64)> = match mode.glu {
-        None => dots,
-        Some(act) => dots
-            .chunks_exact(2)
-            .map(|p| {
-                let ((g, mg), (u, mu)) = (p[0], p[1]);
-                let a = match act {
-                    GluAct::Silu => silu(g),
-                    GluAct::GeluTanh => gelu_tanh(g),
-                };
-                (a * u, 1.2 * mg * u.abs() + (g.abs() + 1.0) * mu)
-            })
-            .collect(),
-    };
-    for (i, (mut s, mut a)) in outs.into_iter().enumerate() {
-        if let Some(cap) = mode.softcap {
-            s = cap as f64 * (s / cap as f64).tanh();
-        }
-        if mode.add {
-            s += y0[i] as f64;
-            a += (y0[i] as f64).abs();
-        }
-        y.push(s);
-        mag.push(a);
-    }
-    (y, mag)
-}
-
 fn check(ctx: &Context, rng: &mut StdRng, ty: GgmlType, outs: usize, k: usize, mode: MvMode) {
-    let rows = if mode.glu.is_some() { 2 * outs } else { outs };
-    let w = quantize(ty, &random_vec(rng, rows * k, 1.0)).unwrap();
-    let x = random_vec(rng, k, 2.0);
-    let gam = random_vec(rng, k, 1.5);
-    let y0 = random_vec(rng, outs, 1.0);
-    let got = mv_host(ctx, ty, &w, k, &x, Some(&gam), Some(&y0), mode).unwrap();
-    let (want, mag) = cpu_mv(ty, &w, k, &x, &gam, &y0, mode);
-    assert_eq!(got.len(), outs);
-    let t = ctx.tuning();
-    for i in 0..outs {
-        let err = (got[i] as f64 - want[i]).abs();
-        assert!(
-            err <= 2e-5 * mag[i] + 1e-6,
-            "{ty} {outs}x{k} {mode:?} (wg {}, rows {}, subgroup {}): [{i}] got {}, want {} \
-             (scale {})",
-            t.mv_workgroup_size,
-            t.mv_rows,
-            t.subgroup_reduce,
-            got[i],
-            want[i],
-            mag[i]
-        );
-    }
-}
-
-fn modes() -> Vec<MvMode> {
-    let eps = 1e-6;
-    vec![
-        MvMode::default(),
-        MvMode {
-            norm: true,
-            eps,
-            ..Default::default()
-        },
-        MvMode {
-            add: true,
-            ..Default::default()
-        },
-        MvMode {
-            norm: true,
-            glu: Some(GluAct::Silu),
-            eps,
-            ..Default::default()
-        },
-        MvMode {
-            glu: Some(GluAct::GeluTanh),
-            add: true,
-            ..Default::default()
-        },
-        MvMode {
-            norm: true,
-            softcap: Some(3.0),
-            eps,
-            ..Default::default()
-        },
-    ]
+    let run = |ctx: &Context, w: &[u8], x: &[f32], gam: &[f32], y0: &[f32]| {
+        mv_host(ctx, ty, w, k, x, Some(gam), Some(y0), mode).unwrap()
+    };
+    common::check(ctx, rng, ty, outs, k, mode, run, f32_input, (2e-5, 1e-6));
 }
 
 fn case(ty: GgmlType) {

@@ -1,0 +1,177 @@
+//! What the mat-vec kernel tests share: seeded randomness, activations and the CPU twin
+//! of the decode mat-vecs (`mv.rs`, `mvq.rs`).
+#![allow(dead_code)]
+
+use caldera_format::quant::dequantize;
+use caldera_format::GgmlType;
+use caldera_vulkan::ops::{GluAct, MvMode};
+use caldera_vulkan::Context;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A generator seeded from `CALDERA_TEST_SEED` or the clock (printed, to replay).
+pub fn rng(test: &str) -> StdRng {
+    let s = std::env::var("CALDERA_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("{test}: CALDERA_TEST_SEED={s}");
+    StdRng::seed_from_u64(s)
+}
+
+pub fn random_vec(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
+}
+
+pub fn silu(v: f64) -> f64 {
+    v / (1.0 + (-v).exp())
+}
+
+pub fn gelu_tanh(v: f64) -> f64 {
+    0.5 * v * (1.0 + (0.797_884_560_802_865_4 * (v + 0.044715 * v * v * v)).tanh())
+}
+
+/// The f32 mat-vec input: x, or rmsnorm(x) * gam with `mode.norm`.
+pub fn f32_input(x: &[f32], gam: &[f32], mode: MvMode) -> Vec<f64> {
+    let k = x.len();
+    if mode.norm {
+        let ss = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
+        let inv = 1.0 / (ss + mode.eps as f64).sqrt();
+        (0..k).map(|c| x[c] as f64 * inv * gam[c] as f64).collect()
+    } else {
+        x.iter().map(|&v| v as f64).collect()
+    }
+}
+
+/// CPU twin of a decode mat-vec on a prepared `input`: dequantized rows, f64 sums, then
+/// the GLU / softcap / add of `mode`. Returns (y, error scale of each y).
+pub fn cpu_mv(
+    ty: GgmlType,
+    w: &[u8],
+    input: &[f64],
+    y0: &[f32],
+    mode: MvMode,
+) -> (Vec<f64>, Vec<f64>) {
+    let k = input.len();
+    let row_bytes = ty.row_bytes(k as u64).unwrap() as usize;
+    let mut deq = vec![0f32; k];
+    let dots: Vec<(f64, f64)> = w
+        .chunks_exact(row_bytes)
+        .map(|row| {
+            dequantize(ty, row, &mut deq).unwrap();
+            let (mut s, mut a) = (0f64, 0f64);
+            for c in 0..k {
+                s += deq[c] as f64 * input[c];
+                a += (deq[c] as f64 * input[c]).abs();
+            }
+            (s, a)
+        })
+        .collect();
+    let mut y = Vec::new();
+    let mut mag = Vec::new();
+    let outs: Vec<(f64, f64)> = match mode.glu {
+        None => dots,
+        Some(act) => dots
+            .chunks_exact(2)
+            .map(|p| {
+                let ((g, mg), (u, mu)) = (p[0], p[1]);
+                let a = match act {
+                    GluAct::Silu => silu(g),
+                    GluAct::GeluTanh => gelu_tanh(g),
+                };
+                (a * u, 1.2 * mg * u.abs() + (g.abs() + 1.0) * mu)
+            })
+            .collect(),
+    };
+    for (i, (mut s, mut a)) in outs.into_iter().enumerate() {
+        if let Some(cap) = mode.softcap {
+            s = cap as f64 * (s / cap as f64).tanh();
+        }
+        if mode.add {
+            s += y0[i] as f64;
+            a += (y0[i] as f64).abs();
+        }
+        y.push(s);
+        mag.push(a);
+    }
+    (y, mag)
+}
+
+/// One decode mat-vec case on fresh random data: `run` computes it on the device from
+/// (w, k, x, gam, y0), `input` prepares x for the CPU twin; every output within
+/// `rel * scale + abs`.
+#[allow(clippy::too_many_arguments)]
+pub fn check(
+    ctx: &Context,
+    rng: &mut StdRng,
+    ty: GgmlType,
+    outs: usize,
+    k: usize,
+    mode: MvMode,
+    run: impl Fn(&Context, &[u8], &[f32], &[f32], &[f32]) -> Vec<f32>,
+    input: impl Fn(&[f32], &[f32], MvMode) -> Vec<f64>,
+    (rel, abs): (f64, f64),
+) {
+    let rows = if mode.glu.is_some() { 2 * outs } else { outs };
+    let w = caldera_format::quant::quantize(ty, &random_vec(rng, rows * k, 1.0)).unwrap();
+    let x = random_vec(rng, k, 2.0);
+    let gam = random_vec(rng, k, 1.5);
+    let y0 = random_vec(rng, outs, 1.0);
+    let got = run(ctx, &w, &x, &gam, &y0);
+    let (want, mag) = cpu_mv(ty, &w, &input(&x, &gam, mode), &y0, mode);
+    assert_eq!(got.len(), outs);
+    let t = ctx.tuning();
+    for i in 0..outs {
+        let err = (got[i] as f64 - want[i]).abs();
+        assert!(
+            err <= rel * mag[i] + abs,
+            "{ty} {outs}x{k} {mode:?} (wg {}, rows {}, subgroup {}, int8 dot {}): [{i}] got \
+             {}, want {} (scale {})",
+            t.mv_workgroup_size,
+            t.mv_rows,
+            t.subgroup_reduce,
+            t.int8_dot,
+            got[i],
+            want[i],
+            mag[i]
+        );
+    }
+}
+
+/// The fused modes every decode mat-vec test covers.
+pub fn modes() -> Vec<MvMode> {
+    let eps = 1e-6;
+    vec![
+        MvMode::default(),
+        MvMode {
+            norm: true,
+            eps,
+            ..Default::default()
+        },
+        MvMode {
+            add: true,
+            ..Default::default()
+        },
+        MvMode {
+            norm: true,
+            glu: Some(GluAct::Silu),
+            eps,
+            ..Default::default()
+        },
+        MvMode {
+            glu: Some(GluAct::GeluTanh),
+            add: true,
+            ..Default::default()
+        },
+        MvMode {
+            norm: true,
+            softcap: Some(3.0),
+            eps,
+            ..Default::default()
+        },
+    ]
+}
