@@ -1,0 +1,283 @@
+//! `attn_decode` (q/k norm, RoPE, KV write, split attention, int8 output) against a CPU
+//! twin on fresh random inputs: several head layouts (GQA groups, chunks of query heads),
+//! positions that need one and many splits, windows, softcap, both RoPE styles, and both
+//! reduction variants. Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
+
+mod common;
+
+use caldera_vulkan::kernels::attn_split;
+use caldera_vulkan::testing::test_context;
+use caldera_vulkan::{Context, ContextOptions, Kernel, MemoryKind};
+use common::{random_vec, rng};
+use rand::rngs::StdRng;
+
+struct Case {
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    n_rot: usize,
+    interleaved: bool,
+    qk_norm: bool,
+    window: usize,
+    softcap: f32,
+    pos: usize,
+    cap: usize,
+    q8: bool,
+}
+
+fn rms(v: &mut [f64], w: &[f32], eps: f64) {
+    let ss = v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for (x, g) in v.iter_mut().zip(w) {
+        *x *= inv * *g as f64;
+    }
+}
+
+fn rope(v: &mut [f64], c: &Case, table: &[f32], pos: usize) {
+    let half = c.n_rot / 2;
+    for i in 0..half {
+        let (a, b) = if c.interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let r = 2 * (pos * half + i);
+        let (co, si) = (table[r] as f64, table[r + 1] as f64);
+        let (x0, x1) = (v[a], v[b]);
+        v[a] = x0 * co - x1 * si;
+        v[b] = x0 * si + x1 * co;
+    }
+}
+
+fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
+    let (nh, nkv, hd) = (c.n_heads, c.n_kv, c.hd);
+    let kvd = nkv * hd;
+    let ld = (nh + 2 * nkv) * hd;
+    let eps = 1e-6f32;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let qkv = random_vec(rng, ld, 1.0);
+    let kc = random_vec(rng, c.cap * kvd, 1.0);
+    let vc = random_vec(rng, c.cap * kvd, 1.0);
+    let qn = random_vec(rng, hd, 1.5);
+    let kn = random_vec(rng, hd, 1.5);
+    let half = c.n_rot / 2;
+    let mut table = Vec::with_capacity(c.cap * c.n_rot);
+    for p in 0..c.cap {
+        for i in 0..half {
+            let th = p as f64 * 10000f64.powf(-2.0 * i as f64 / c.n_rot as f64);
+            table.push(th.cos() as f32);
+            table.push(th.sin() as f32);
+        }
+    }
+    // CPU twin.
+    let gsize = nh / nkv;
+    let lo = if c.window > 0 && c.pos + 1 > c.window {
+        c.pos + 1 - c.window
+    } else {
+        0
+    };
+    let mut want = vec![0f64; nh * hd];
+    let mut kv_new = Vec::new();
+    for g in 0..nkv {
+        let mut k: Vec<f64> = (0..hd).map(|i| qkv[nh * hd + g * hd + i] as f64).collect();
+        if c.qk_norm {
+            rms(&mut k, &kn, eps as f64);
+        }
+        rope(&mut k, c, &table, c.pos);
+        let v: Vec<f64> = (0..hd)
+            .map(|i| qkv[nh * hd + kvd + g * hd + i] as f64)
+            .collect();
+        kv_new.push((k, v));
+    }
+    for h in 0..nh {
+        let g = h / gsize;
+        let mut q: Vec<f64> = (0..hd).map(|i| qkv[h * hd + i] as f64).collect();
+        if c.qk_norm {
+            rms(&mut q, &qn, eps as f64);
+        }
+        rope(&mut q, c, &table, c.pos);
+        let (kg, vg) = &kv_new[g];
+        let mut s = Vec::new();
+        for p in lo..=c.pos {
+            let krow: Vec<f64> = if p == c.pos {
+                kg.clone()
+            } else {
+                (0..hd).map(|i| kc[p * kvd + g * hd + i] as f64).collect()
+            };
+            let mut x = q.iter().zip(&krow).map(|(a, b)| a * b).sum::<f64>() * scale as f64;
+            if c.softcap > 0.0 {
+                x = c.softcap as f64 * (x / c.softcap as f64).tanh();
+            }
+            s.push(x);
+        }
+        let m = s.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let l: f64 = e.iter().sum();
+        for (j, p) in (lo..=c.pos).enumerate() {
+            for i in 0..hd {
+                let v = if p == c.pos {
+                    vg[i]
+                } else {
+                    vc[p * kvd + g * hd + i] as f64
+                };
+                want[h * hd + i] += e[j] / l * v;
+            }
+        }
+    }
+    // Device.
+    let up = |v: &[f32]| ctx.upload_f32(v).unwrap();
+    let (qkv_b, kc_b, vc_b) = (up(&qkv), up(&kc), up(&vc));
+    let (qn_b, kn_b, rope_b) = (up(&qn), up(&kn), up(&table));
+    let out = ctx
+        .create_buffer((nh * hd * 4) as u64, MemoryKind::Device)
+        .unwrap();
+    let step_vals: Vec<u8> = [1u32, c.pos as u32, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let step = ctx.upload(&step_vals).unwrap();
+    let xq = ctx
+        .create_buffer((nh * hd) as u64, MemoryKind::Device)
+        .unwrap();
+    let xd = ctx
+        .create_buffer((nh * hd / 8) as u64, MemoryKind::Device)
+        .unwrap();
+    let split = attn_split(c.cap);
+    let max_splits = c.cap.div_ceil(split);
+    let hpw = gsize.min(8);
+    let n_chunks = gsize.div_ceil(hpw);
+    let part = ctx
+        .create_buffer((nh * max_splits * (hd + 2) * 4) as u64, MemoryKind::Device)
+        .unwrap();
+    let count = ctx.upload(&vec![0u8; nkv * n_chunks * 4]).unwrap();
+    let binding = ctx
+        .bind(
+            Kernel::AttnDecode,
+            &[
+                &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &xq, &xd, &part, &count,
+            ],
+        )
+        .unwrap();
+    let mut flags = 4u32;
+    if c.qk_norm {
+        flags |= 3;
+    }
+    if c.interleaved {
+        flags |= 8;
+    }
+    if c.q8 {
+        flags |= 16;
+    }
+    let push: Vec<u8> = [
+        nh as u32,
+        nkv as u32,
+        hd as u32,
+        c.n_rot as u32,
+        flags,
+        ld as u32,
+        c.window as u32,
+        hpw as u32,
+        n_chunks as u32,
+        max_splits as u32,
+        split as u32,
+        eps.to_bits(),
+        scale.to_bits(),
+        c.softcap.to_bits(),
+    ]
+    .iter()
+    .flat_map(|v| v.to_le_bytes())
+    .collect();
+    let groups = (nkv * n_chunks * max_splits) as u64;
+    let rec = ctx.record(|r| r.dispatch(&binding, &push, groups)).unwrap();
+    // Twice: the split counts must be back at zero.
+    for _ in 0..2 {
+        ctx.submit(&rec).unwrap();
+    }
+    let got = ctx.read_f32(&out, nh * hd).unwrap();
+    let what = format!(
+        "{nh}/{nkv} heads of {hd}, pos {}, window {}, softcap {}, norm {}, interleaved {} \
+         (subgroup {})",
+        c.pos,
+        c.window,
+        c.softcap,
+        c.qk_norm,
+        c.interleaved,
+        ctx.tuning().subgroup_reduce
+    );
+    for i in 0..nh * hd {
+        assert!(
+            (got[i] as f64 - want[i]).abs() <= 1e-4,
+            "{what}: out[{i}] = {}, want {}",
+            got[i],
+            want[i]
+        );
+    }
+    // The token's k and v landed in the caches at pos.
+    let kc_got = ctx.read_f32(&kc_b, c.cap * kvd).unwrap();
+    let vc_got = ctx.read_f32(&vc_b, c.cap * kvd).unwrap();
+    for (g, (k, v)) in kv_new.iter().enumerate() {
+        for i in 0..hd {
+            let at = c.pos * kvd + g * hd + i;
+            assert!(
+                (kc_got[at] as f64 - k[i]).abs() <= 1e-5,
+                "{what}: k cache [{g}][{i}]"
+            );
+            assert!(
+                (vc_got[at] as f64 - v[i]).abs() <= 1e-6,
+                "{what}: v cache [{g}][{i}]"
+            );
+        }
+    }
+    if c.q8 {
+        let q = ctx.read_buffer(&xq, 0, (nh * hd) as u64).unwrap();
+        let d = ctx.read_f32(&xd, nh * hd / 32).unwrap();
+        for i in 0..nh * hd {
+            let deq = q[i] as i8 as f64 * d[i / 32] as f64;
+            assert!(
+                (deq - got[i] as f64).abs() <= 0.51 * d[i / 32] as f64 + 1e-6,
+                "{what}: int8 output [{i}] {deq} for {}",
+                got[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn attn_decode_matches_cpu() {
+    let mut rng = rng("attn_decode");
+    let mut ctxs = Vec::new();
+    for shared in [false, true] {
+        let opts = ContextOptions {
+            force_shared_reduce: shared,
+            ..Default::default()
+        };
+        match test_context("attn_decode", &opts) {
+            Some(c) => ctxs.push(c),
+            None => return,
+        }
+    }
+    for ctx in &ctxs {
+        for (n_heads, n_kv, hd, n_rot) in [(8, 2, 64, 64), (4, 4, 32, 16), (20, 2, 96, 96)] {
+            for (pos, cap, window) in [(0, 40, 0), (37, 40, 0), (150, 161, 0), (150, 161, 45)] {
+                for (interleaved, qk_norm, softcap, q8) in
+                    [(false, true, 0.0, true), (true, false, 30.0, false)]
+                {
+                    let c = Case {
+                        n_heads,
+                        n_kv,
+                        hd,
+                        n_rot,
+                        interleaved,
+                        qk_norm,
+                        window,
+                        softcap,
+                        pos,
+                        cap,
+                        q8,
+                    };
+                    run(ctx, &mut rng, &c);
+                }
+            }
+        }
+    }
+}
