@@ -1,0 +1,257 @@
+//! The prefill-side kernels against CPU twins on fresh random inputs: `rope_kv` (q/k norm,
+//! RoPE, KV write for every token of a step) followed by `attention` (causal, windowed,
+//! soft-capped, grouped heads over the cache), and `add_norm` (Gemma's post-norms), with
+//! both reduction variants. Skips without a Vulkan device unless
+//! `CALDERA_REQUIRE_VULKAN=1`.
+
+mod common;
+
+use caldera_vulkan::testing::test_context;
+use caldera_vulkan::{Buffer, Context, ContextOptions, Kernel};
+use common::{random_vec, rng};
+use rand::rngs::StdRng;
+
+fn contexts() -> Vec<Context> {
+    let mut v = Vec::new();
+    for shared in [false, true] {
+        let opts = ContextOptions {
+            force_shared_reduce: shared,
+            ..Default::default()
+        };
+        if let Some(c) = test_context("prefill kernels", &opts) {
+            v.push(c);
+        }
+    }
+    v
+}
+
+fn words(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn step_buf(ctx: &Context, m: usize, pos: usize) -> Buffer {
+    ctx.upload(&words(&[m as u32, pos as u32, 0, m as u32]))
+        .unwrap()
+}
+
+fn rms(v: &mut [f64], w: &[f32], eps: f64) {
+    let ss = v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for (x, g) in v.iter_mut().zip(w) {
+        *x *= inv * *g as f64;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rope_attention_case(
+    ctx: &Context,
+    rng: &mut StdRng,
+    (nh, nkv, hd): (usize, usize, usize),
+    m: usize,
+    p0: usize,
+    window: usize,
+    softcap: f32,
+    interleaved: bool,
+) {
+    let cap = p0 + m;
+    let kvd = nkv * hd;
+    let ld = (nh + 2 * nkv) * hd;
+    let (n_rot, eps) = (hd, 1e-6f32);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let qkv = random_vec(rng, m * ld, 1.0);
+    let kc = random_vec(rng, cap * kvd, 1.0);
+    let vc = random_vec(rng, cap * kvd, 1.0);
+    let (qn, kn) = (random_vec(rng, hd, 1.5), random_vec(rng, hd, 1.5));
+    let half = n_rot / 2;
+    let mut table = Vec::new();
+    for p in 0..cap {
+        for i in 0..half {
+            let th = p as f64 * 10000f64.powf(-2.0 * i as f64 / n_rot as f64);
+            table.push(th.cos() as f32);
+            table.push(th.sin() as f32);
+        }
+    }
+    let rope = |v: &mut Vec<f64>, pos: usize| {
+        for i in 0..half {
+            let (a, b) = if interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
+            let r = 2 * (pos * half + i);
+            let (co, si) = (table[r] as f64, table[r + 1] as f64);
+            let (x0, x1) = (v[a], v[b]);
+            v[a] = x0 * co - x1 * si;
+            v[b] = x0 * si + x1 * co;
+        }
+    };
+    // CPU twin: the cache after the step, then attention for every token.
+    let mut kcw: Vec<f64> = kc.iter().map(|&v| v as f64).collect();
+    let mut vcw: Vec<f64> = vc.iter().map(|&v| v as f64).collect();
+    let mut qs = Vec::new();
+    for t in 0..m {
+        let row = &qkv[t * ld..(t + 1) * ld];
+        for g in 0..nkv {
+            let mut k: Vec<f64> = (0..hd).map(|i| row[nh * hd + g * hd + i] as f64).collect();
+            rms(&mut k, &kn, eps as f64);
+            rope(&mut k, p0 + t);
+            for i in 0..hd {
+                kcw[(p0 + t) * kvd + g * hd + i] = k[i];
+                vcw[(p0 + t) * kvd + g * hd + i] = row[nh * hd + kvd + g * hd + i] as f64;
+            }
+        }
+        for h in 0..nh {
+            let mut q: Vec<f64> = (0..hd).map(|i| row[h * hd + i] as f64).collect();
+            rms(&mut q, &qn, eps as f64);
+            rope(&mut q, p0 + t);
+            qs.push(q);
+        }
+    }
+    let gsize = nh / nkv;
+    let mut want = vec![0f64; m * nh * hd];
+    for t in 0..m {
+        let pos = p0 + t;
+        let lo = if window > 0 && pos + 1 > window {
+            pos + 1 - window
+        } else {
+            0
+        };
+        for h in 0..nh {
+            let g = h / gsize;
+            let q = &qs[t * nh + h];
+            let s: Vec<f64> = (lo..=pos)
+                .map(|p| {
+                    let x = (0..hd)
+                        .map(|i| q[i] * kcw[p * kvd + g * hd + i])
+                        .sum::<f64>()
+                        * scale as f64;
+                    if softcap > 0.0 {
+                        softcap as f64 * (x / softcap as f64).tanh()
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+            let l: f64 = e.iter().sum();
+            for (j, p) in (lo..=pos).enumerate() {
+                for i in 0..hd {
+                    want[(t * nh + h) * hd + i] += e[j] / l * vcw[p * kvd + g * hd + i];
+                }
+            }
+        }
+    }
+    // Device: rope_kv, barrier, attention.
+    let up = |v: &[f32]| ctx.upload_f32(v).unwrap();
+    let (qkv_b, kc_b, vc_b, qn_b, kn_b, rope_b) =
+        (up(&qkv), up(&kc), up(&vc), up(&qn), up(&kn), up(&table));
+    let out = ctx
+        .create_buffer((m * nh * hd * 4) as u64, caldera_vulkan::MemoryKind::Device)
+        .unwrap();
+    let step = step_buf(ctx, m, p0);
+    let rk = ctx
+        .bind(
+            Kernel::RopeKv,
+            &[&qkv_b, &kc_b, &vc_b, &qn_b, &kn_b, &rope_b, &step],
+        )
+        .unwrap();
+    let flags = 1 | 2 | 4 | if interleaved { 8 } else { 0 };
+    let rk_push = words(&[
+        nh as u32,
+        nkv as u32,
+        hd as u32,
+        n_rot as u32,
+        flags,
+        ld as u32,
+        eps.to_bits(),
+    ]);
+    let hpw = gsize.min(8).min(2048 / hd).max(1);
+    let n_chunks = gsize.div_ceil(hpw);
+    let at = ctx
+        .bind(Kernel::Attention, &[&qkv_b, &kc_b, &vc_b, &out, &step])
+        .unwrap();
+    let at_push = words(&[
+        nh as u32,
+        nkv as u32,
+        hd as u32,
+        hpw as u32,
+        n_chunks as u32,
+        window as u32,
+        ld as u32,
+        scale.to_bits(),
+        softcap.to_bits(),
+    ]);
+    let rec = ctx
+        .record(|r| {
+            r.dispatch(&rk, &rk_push, (m * (nh + nkv)) as u64)?;
+            r.barrier();
+            r.dispatch(&at, &at_push, (m * nkv * n_chunks) as u64)
+        })
+        .unwrap();
+    ctx.submit(&rec).unwrap();
+    let got = ctx.read_f32(&out, m * nh * hd).unwrap();
+    for i in 0..got.len() {
+        assert!(
+            (got[i] as f64 - want[i]).abs() <= 1e-4,
+            "{nh}/{nkv} heads of {hd}, {m} tokens at {p0}, window {window}, softcap {softcap}, \
+             interleaved {interleaved} (subgroup {}): out[{i}] = {}, want {}",
+            ctx.tuning().subgroup_reduce,
+            got[i],
+            want[i]
+        );
+    }
+}
+
+#[test]
+fn rope_kv_and_attention_match_cpu() {
+    let mut rng = rng("rope_kv + attention");
+    for ctx in &contexts() {
+        for heads in [(8, 2, 64), (6, 6, 32), (18, 2, 48)] {
+            for (m, p0, window, softcap, il) in [
+                (1, 0, 0, 0.0, false),
+                (13, 0, 0, 0.0, true),
+                (9, 70, 0, 25.0, false),
+                (32, 40, 21, 0.0, true),
+            ] {
+                rope_attention_case(ctx, &mut rng, heads, m, p0, window, softcap, il);
+            }
+        }
+    }
+}
+
+#[test]
+fn add_norm_matches_cpu() {
+    let mut rng = rng("add_norm");
+    for ctx in &contexts() {
+        for (n, m) in [(1usize, 1usize), (37, 3), (640, 5), (2051, 2)] {
+            let x = random_vec(&mut rng, m * n, 1.0);
+            let r = random_vec(&mut rng, m * n, 3.0);
+            let w = random_vec(&mut rng, n, 1.5);
+            let eps = 1e-6f32;
+            let (xb, rb, wb) = (
+                ctx.upload_f32(&x).unwrap(),
+                ctx.upload_f32(&r).unwrap(),
+                ctx.upload_f32(&w).unwrap(),
+            );
+            let step = step_buf(ctx, m, 0);
+            let b = ctx.bind(Kernel::AddNorm, &[&xb, &rb, &wb, &step]).unwrap();
+            let push = words(&[n as u32, eps.to_bits()]);
+            let rec = ctx.record(|rc| rc.dispatch(&b, &push, m as u64)).unwrap();
+            ctx.submit(&rec).unwrap();
+            let got = ctx.read_f32(&xb, m * n).unwrap();
+            for t in 0..m {
+                let mut v: Vec<f64> = r[t * n..(t + 1) * n].iter().map(|&a| a as f64).collect();
+                rms(&mut v, &w, eps as f64);
+                for i in 0..n {
+                    let want = x[t * n + i] as f64 + v[i];
+                    let g = got[t * n + i] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5,
+                        "add_norm n {n} [{t}][{i}]: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
