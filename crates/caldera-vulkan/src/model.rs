@@ -31,7 +31,7 @@ use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::{attn_split, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
-use crate::ops::{GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq, Q8Acts, QuantX};
+use crate::ops::{push_words, GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq, Q8Acts, QuantX};
 use crate::record::{Binding, Recorder, Recording};
 
 /// Tokens per prefill step (the prefill bucket).
@@ -654,7 +654,7 @@ impl VkRunner {
                     ],
                 )?;
                 let q8_flag = if o_q8 { 16 } else { 0 };
-                let push = words(&[
+                let push = push_words(&[
                     u32_of(nh, "heads")?,
                     u32_of(nkv, "kv heads")?,
                     u32_of(hd, "head size")?,
@@ -702,7 +702,7 @@ impl VkRunner {
                         &self.step_dev,
                     ],
                 )?;
-                let push = words(&[
+                let push = push_words(&[
                     u32_of(nh, "heads")?,
                     u32_of(nkv, "kv heads")?,
                     u32_of(hd, "head size")?,
@@ -720,7 +720,7 @@ impl VkRunner {
                     Kernel::Attention,
                     &[&self.qkv, kc, vc, &self.att, &self.step_dev],
                 )?;
-                let push = words(&[
+                let push = push_words(&[
                     u32_of(nh, "heads")?,
                     u32_of(nkv, "kv heads")?,
                     u32_of(hd, "head size")?,
@@ -1047,7 +1047,7 @@ impl VkRunner {
         }
         if let Some(pn) = post_norm {
             let binding = ctx.bind(Kernel::AddNorm, &[&self.x, &self.tmp, pn, &self.step_dev])?;
-            let push = words(&[u32_of(cfg.d_model, "d_model")?, cfg.norm_eps.to_bits()]);
+            let push = push_words(&[u32_of(cfg.d_model, "d_model")?, cfg.norm_eps.to_bits()]);
             ops.push(("add_norm", Op::Kernel(binding, push, b)));
         }
         Ok(tailed)
@@ -1142,10 +1142,6 @@ struct NextInput<'a> {
 enum DecodeMv {
     F32(Mv),
     Q8(Mvq),
-}
-
-fn words(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 impl caldera_model::Runner for VkRunner {

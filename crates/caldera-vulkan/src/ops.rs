@@ -14,6 +14,55 @@ fn u32_of(v: u64, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| VkError::Invalid(format!("{what} = {v} does not fit in 32 bits")))
 }
 
+/// Push constants made of 32-bit words, little-endian.
+pub(crate) fn push_words(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// That `w`'s rows hold `k` elements of `ty` each.
+fn check_rows(ty: GgmlType, w: &DeviceTensor, k: u64) -> Result<()> {
+    if k == 0 || ty.row_bytes(k) != Some(w.row_bytes) {
+        return Err(VkError::Invalid(format!(
+            "rows of {} bytes do not hold {k} elements of {ty}",
+            w.row_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Weight rows per output: 2 for a gate/up mat-vec (whose pieces must then hold whole
+/// row pairs), else 1.
+fn rows_per_output(w: &DeviceTensor, glu: bool) -> Result<u64> {
+    if !glu {
+        return Ok(1);
+    }
+    if w.pieces
+        .iter()
+        .any(|pc| pc.rows % 2 != 0 || pc.first_row % 2 != 0)
+    {
+        return Err(VkError::Invalid(
+            "gate/up mat-vec: pieces must hold whole row pairs".into(),
+        ));
+    }
+    Ok(2)
+}
+
+/// A mat-vec's dispatches, one per weight piece: its binding, push constants and output
+/// rows, `per_group` rows to a workgroup.
+struct PieceDispatches {
+    parts: Vec<(Binding, Vec<u8>, u64)>,
+    per_group: u32,
+}
+
+impl PieceDispatches {
+    fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        for (b, push, rows) in &self.parts {
+            r.dispatch(b, push, rows.div_ceil(self.per_group as u64))?;
+        }
+        Ok(())
+    }
+}
+
 /// `y[i] = Σ_j W[i][j] x[j]` for the `rows` rows of a weight tensor of type `ty`, read
 /// straight from its blocks; x and y f32: a plain [`Mv`]. One dispatch per piece.
 pub struct MatVec(Mv);
@@ -131,10 +180,7 @@ pub enum GluAct {
 /// `y[t * ld_y + y_offset + r] (+)= W[r] · input(x[t * ld_x ..])` for every row `r` of a
 /// weight tensor of type `ty`, read straight from its blocks (each weight row read once
 /// per 8 tokens). One dispatch per weight piece.
-pub struct Mm {
-    parts: Vec<(Binding, [u8; 32], u64)>,
-    rows_per_group: u32,
-}
+pub struct Mm(PieceDispatches);
 
 /// Where a [`Mm`] reads and writes.
 pub struct MmIo<'a> {
@@ -166,12 +212,7 @@ impl Mm {
         let kernel = Kernel::mm_for(ty, mode.glu.is_some()).ok_or_else(|| {
             VkError::Invalid(format!("no Vulkan mat-vec kernel for tensor type {ty} yet"))
         })?;
-        if k == 0 || ty.row_bytes(k) != Some(w.row_bytes) {
-            return Err(VkError::Invalid(format!(
-                "rows of {} bytes do not hold {k} elements of {ty}",
-                w.row_bytes
-            )));
-        }
+        check_rows(ty, w, k)?;
         let x_width = if mode.glu.is_some() { 2 * k } else { k };
         let t = io.max_tokens.max(1);
         let x_need = ((t - 1) * io.ld_x + x_width) * 4;
@@ -218,7 +259,7 @@ impl Mm {
         let mut parts = Vec::with_capacity(w.pieces.len());
         for piece in &w.pieces {
             let b = ctx.bind(kernel, &[&piece.buffer, io.x, io.y, gam, io.step])?;
-            let vals = [
+            let push = push_words(&[
                 u32_of(k, "k")?,
                 u32_of(piece.rows, "rows")?,
                 u32_of(io.y_offset + piece.first_row, "y offset")?,
@@ -227,30 +268,23 @@ impl Mm {
                 flags,
                 mode.eps.to_bits(),
                 mode.softcap.unwrap_or(0.0).to_bits(),
-            ];
-            let mut push = [0u8; 32];
-            for (c, v) in push.chunks_exact_mut(4).zip(vals) {
-                c.copy_from_slice(&v.to_le_bytes());
-            }
+            ]);
             parts.push((b, push, piece.rows));
         }
-        Ok(Mm {
+        Ok(Mm(PieceDispatches {
             parts,
-            rows_per_group: ctx.tuning().rows_per_group,
-        })
+            per_group: ctx.tuning().rows_per_group,
+        }))
     }
 
     /// Records the mat-vec (one dispatch per weight piece, no barrier after).
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
-        for (b, push, rows) in &self.parts {
-            r.dispatch(b, push, rows.div_ceil(self.rows_per_group as u64))?;
-        }
-        Ok(())
+        self.0.record(r)
     }
 
     /// Dispatches [`Mm::record`] makes.
     pub fn dispatches(&self) -> usize {
-        self.parts.len()
+        self.0.parts.len()
     }
 }
 
@@ -327,14 +361,31 @@ pub struct MvMode {
     pub eps: f32,
 }
 
+impl MvMode {
+    /// The `MV_*` bits of `mv.glsl` / `mvq.glsl` for this mode.
+    fn flags(&self) -> u32 {
+        let mut flags = 0u32;
+        if self.norm {
+            flags |= 1;
+        }
+        if self.add {
+            flags |= 2;
+        }
+        if self.glu == Some(GluAct::GeluTanh) {
+            flags |= 8;
+        }
+        if self.softcap.is_some() {
+            flags |= 16;
+        }
+        flags
+    }
+}
+
 /// Decode mat-vec (one token): `y[y_offset + i] (+)= W[i] · input(x)` for every row
 /// (or gate/up pair) of a weight tensor of type `ty`, read straight from its blocks with
 /// coalesced loads, x loaded once per block for all the rows of a workgroup. One
 /// dispatch per weight piece.
-pub struct Mv {
-    parts: Vec<(Binding, [u8; 24], u64)>,
-    outs_per_group: u32,
-}
+pub struct Mv(PieceDispatches);
 
 impl Mv {
     /// Binds `w` (rows of `k` elements of `ty`; with `mode.glu`, interleaved gate/up
@@ -352,31 +403,16 @@ impl Mv {
         gam: Option<&Buffer>,
         mode: MvMode,
     ) -> Result<Mv> {
-        let glu = mode.glu.is_some();
-        let kernel = Kernel::mv_for(ty, glu).ok_or_else(|| {
+        let kernel = Kernel::mv_for(ty, mode.glu.is_some()).ok_or_else(|| {
             VkError::Invalid(format!("no Vulkan mat-vec kernel for tensor type {ty} yet"))
         })?;
-        if k == 0 || ty.row_bytes(k) != Some(w.row_bytes) {
-            return Err(VkError::Invalid(format!(
-                "rows of {} bytes do not hold {k} elements of {ty}",
-                w.row_bytes
-            )));
-        }
+        check_rows(ty, w, k)?;
         if Kernel::mv_is_fast(ty) && !k.is_multiple_of(4) {
             return Err(VkError::Invalid(format!(
                 "mat-vec over {k} elements of {ty}"
             )));
         }
-        let per = if glu { 2 } else { 1 };
-        if glu
-            && w.pieces
-                .iter()
-                .any(|pc| pc.rows % 2 != 0 || pc.first_row % 2 != 0)
-        {
-            return Err(VkError::Invalid(
-                "gate/up mat-vec: pieces must hold whole row pairs".into(),
-            ));
-        }
+        let per = rows_per_output(w, mode.glu.is_some())?;
         let outs = w.rows / per;
         if x.size() < k * 4
             || y.size() < (y_offset + outs) * 4
@@ -387,54 +423,34 @@ impl Mv {
                 w.rows
             )));
         }
-        let mut flags = 0u32;
-        if mode.norm {
-            flags |= 1;
-        }
-        if mode.add {
-            flags |= 2;
-        }
-        if mode.glu == Some(GluAct::GeluTanh) {
-            flags |= 8;
-        }
-        if mode.softcap.is_some() {
-            flags |= 16;
-        }
         let gam = gam.filter(|_| mode.norm).unwrap_or(x);
         let mut parts = Vec::with_capacity(w.pieces.len());
         for piece in &w.pieces {
             let b = ctx.bind(kernel, &[&piece.buffer, x, y, gam])?;
-            let vals = [
+            let push = push_words(&[
                 u32_of(k, "k")?,
                 u32_of(piece.rows, "rows")?,
                 u32_of(y_offset + piece.first_row / per, "y offset")?,
-                flags,
+                mode.flags(),
                 mode.eps.to_bits(),
                 mode.softcap.unwrap_or(0.0).to_bits(),
-            ];
-            let mut push = [0u8; 24];
-            for (c, v) in push.chunks_exact_mut(4).zip(vals) {
-                c.copy_from_slice(&v.to_le_bytes());
-            }
+            ]);
             parts.push((b, push, piece.rows / per));
         }
-        Ok(Mv {
+        Ok(Mv(PieceDispatches {
             parts,
-            outs_per_group: ctx.tuning().mv_rows,
-        })
+            per_group: ctx.tuning().mv_rows,
+        }))
     }
 
     /// Records the mat-vec (one dispatch per weight piece, no barrier after).
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
-        for (b, push, outs) in &self.parts {
-            r.dispatch(b, push, outs.div_ceil(self.outs_per_group as u64))?;
-        }
-        Ok(())
+        self.0.record(r)
     }
 
     /// Dispatches [`Mv::record`] makes.
     pub fn dispatches(&self) -> usize {
-        self.parts.len()
+        self.0.parts.len()
     }
 }
 
@@ -484,7 +500,7 @@ pub fn mv_host(
 /// 32 with an f32 scale each (`quant_x.comp`), optionally through the RMSNorm first.
 pub struct QuantX {
     binding: Binding,
-    push: [u8; 12],
+    push: Vec<u8>,
     groups: u64,
 }
 
@@ -516,10 +532,7 @@ impl QuantX {
             )));
         }
         let binding = ctx.bind(Kernel::QuantX, &[x, gam.unwrap_or(x), out.q, out.d])?;
-        let mut push = [0u8; 12];
-        push[0..4].copy_from_slice(&u32_of(k, "k")?.to_le_bytes());
-        push[4..8].copy_from_slice(&u32::from(gam.is_some()).to_le_bytes());
-        push[8..12].copy_from_slice(&eps.to_le_bytes());
+        let push = push_words(&[u32_of(k, "k")?, u32::from(gam.is_some()), eps.to_bits()]);
         let wg = ctx.tuning().workgroup_size as u64;
         if wg < 8 {
             return Err(VkError::Invalid(format!(
@@ -552,10 +565,7 @@ pub struct MvTail<'a> {
 /// Decode mat-vec on int8 activations (`mvq.glsl`): like [`Mv`] but x comes quantized
 /// by a [`QuantX`] and meets the weights in int8 dot products. For Q4_0, Q8_0, Q4_K and
 /// Q6_K weights ([`Mvq::supports`]); `mode.norm` must be off (the norm is QuantX's).
-pub struct Mvq {
-    parts: Vec<(Binding, [u8; 32], u64)>,
-    outs_per_group: u32,
-}
+pub struct Mvq(PieceDispatches);
 
 impl Mvq {
     /// Whether weights of type `ty` have an int8-activation kernel.
@@ -590,31 +600,22 @@ impl Mvq {
         mode: MvMode,
         tail: Option<&MvTail<'_>>,
     ) -> Result<Mvq> {
-        let glu = mode.glu.is_some();
-        let kernel = Kernel::mvq_for(ty, glu, ctx.tuning().int8_dot).ok_or_else(|| {
-            VkError::Invalid(format!("no int8-activation mat-vec for tensor type {ty}"))
-        })?;
+        let kernel =
+            Kernel::mvq_for(ty, mode.glu.is_some(), ctx.tuning().int8_dot).ok_or_else(|| {
+                VkError::Invalid(format!("no int8-activation mat-vec for tensor type {ty}"))
+            })?;
         if mode.norm {
             return Err(VkError::Invalid(
                 "int8-activation mat-vecs take normed activations (QuantX norms)".into(),
             ));
         }
-        if k == 0 || !k.is_multiple_of(32) || ty.row_bytes(k) != Some(w.row_bytes) {
+        check_rows(ty, w, k)?;
+        if !k.is_multiple_of(32) {
             return Err(VkError::Invalid(format!(
-                "rows of {} bytes do not hold {k} elements of {ty}",
-                w.row_bytes
+                "int8-activation mat-vec over {k} elements (not whole blocks of 32)"
             )));
         }
-        let per = if glu { 2 } else { 1 };
-        if glu
-            && w.pieces
-                .iter()
-                .any(|pc| pc.rows % 2 != 0 || pc.first_row % 2 != 0)
-        {
-            return Err(VkError::Invalid(
-                "gate/up mat-vec: pieces must hold whole row pairs".into(),
-            ));
-        }
+        let per = rows_per_output(w, mode.glu.is_some())?;
         let outs = w.rows / per;
         if x.q.size() < k || x.d.size() < k / 8 || y.size() < (y_offset + outs) * 4 {
             return Err(VkError::Invalid(format!(
@@ -622,16 +623,7 @@ impl Mvq {
                 w.rows
             )));
         }
-        let mut flags = 0u32;
-        if mode.add {
-            flags |= 2;
-        }
-        if mode.glu == Some(GluAct::GeluTanh) {
-            flags |= 8;
-        }
-        if mode.softcap.is_some() {
-            flags |= 16;
-        }
+        let mut flags = mode.flags();
         let rows_per_group = ctx.tuning().mv_rows as u64;
         let groups: u64 = w
             .pieces
@@ -678,7 +670,7 @@ impl Mvq {
                 None => [&piece.buffer, x.q, x.d, y, y, x.q, x.d, y],
             };
             let b = ctx.bind(kernel, &bufs)?;
-            let vals = [
+            let push = push_words(&[
                 u32_of(k, "k")?,
                 u32_of(piece.rows, "rows")?,
                 u32_of(y_offset + piece.first_row / per, "y offset")?,
@@ -687,25 +679,18 @@ impl Mvq {
                 u32_of(groups, "workgroups")?,
                 u32_of(n_next, "outputs")?,
                 eps.to_bits(),
-            ];
-            let mut push = [0u8; 32];
-            for (c, v) in push.chunks_exact_mut(4).zip(vals) {
-                c.copy_from_slice(&v.to_le_bytes());
-            }
+            ]);
             parts.push((b, push, piece.rows / per));
         }
-        Ok(Mvq {
+        Ok(Mvq(PieceDispatches {
             parts,
-            outs_per_group: ctx.tuning().mv_rows,
-        })
+            per_group: rows_per_group as u32,
+        }))
     }
 
     /// Records the mat-vec (one dispatch per weight piece, no barrier after).
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
-        for (b, push, outs) in &self.parts {
-            r.dispatch(b, push, outs.div_ceil(self.outs_per_group as u64))?;
-        }
-        Ok(())
+        self.0.record(r)
     }
 }
 
