@@ -48,34 +48,8 @@ layout(push_constant) uniform Push {
     float cap;     // MM_SOFTCAP: y = cap * tanh(y / cap)
 } p;
 
-uint byte_at(uint o) {
-    return (w[o >> 2] >> ((o & 3u) * 8u)) & 0xffu;
-}
-uint u16_at(uint o) {
-    return (w[o >> 2] >> ((o & 2u) * 8u)) & 0xffffu;
-}
-uint u32_at(uint o) {
-    uint i = o >> 2;
-    if ((o & 2u) == 0u) {
-        return w[i];
-    }
-    return (w[i] >> 16) | (w[i + 1u] << 16);
-}
-float f16_at(uint o) {
-    return unpackHalf2x16(u16_at(o)).x;
-}
-
-float gelu_tanh(float v) {
-    const float c = 0.7978845608;
-    // tanh(u) = 1 - 2 / (exp(2u) + 1), finite for every u.
-    float u = c * (v + 0.044715 * v * v * v);
-    float t = 1.0 - 2.0 / (exp(min(2.0 * u, 80.0)) + 1.0);
-    return 0.5 * v * (1.0 + t);
-}
-
-float silu(float v) {
-    return v / (1.0 + exp(-v));
-}
+#include "words.glsl"
+#include "act.glsl"
 
 // Input element c (< k) of the token whose x row starts at xb. `gam` is all ones when
 // the mat-vec has no norm (the norm's 1/rms is applied to the sum). Branch-free: CPU

@@ -17,23 +17,6 @@
 // Binding 3: gam (f32, k values; any buffer of >= k floats when not MV_NORM).
 #include "common.glsl"
 
-#ifndef MVG
-#define MVG 0
-#endif
-
-layout(constant_id = 1) const uint ROWS = 2;
-const uint MAXR = 8u; // weight rows per workgroup at most
-#if MVG
-const uint NR = 2u * ROWS;
-#else
-const uint NR = ROWS;
-#endif
-
-const uint MV_NORM = 1u;
-const uint MV_ADD = 2u;
-const uint MV_GELU = 8u;
-const uint MV_SOFTCAP = 16u;
-
 layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
 layout(std430, binding = 0) readonly buffer Wbuf2 { uvec2 w2[]; };
 layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
@@ -52,42 +35,7 @@ layout(push_constant) uniform Push {
     float cap;     // MV_SOFTCAP: y = cap * tanh(y / cap)
 } p;
 
-uint byte_at(uint o) {
-    return (w[o >> 2] >> ((o & 3u) * 8u)) & 0xffu;
-}
-uint u16_at(uint o) {
-    return (w[o >> 2] >> ((o & 2u) * 8u)) & 0xffffu;
-}
-// The 4 bytes at even offset `o`, without a branch (lanes of one subgroup read blocks
-// of both alignments): a funnel shift of two words (shift 0 or 16).
-uint u32_at(uint o) {
-    uint i = o >> 2;
-    uint sh = (o & 2u) * 8u;
-    return (w[i] >> sh) | ((w[i + 1u] << 1u) << (31u - sh));
-}
-// The 8 bytes at even offset `o`.
-uvec2 u64_at(uint o) {
-    uint i = o >> 2;
-    uint sh = (o & 2u) * 8u;
-    uint a = w[i];
-    uint b = w[i + 1u];
-    uint c = w[i + 2u];
-    return uvec2((a >> sh) | ((b << 1u) << (31u - sh)), (b >> sh) | ((c << 1u) << (31u - sh)));
-}
-float f16_at(uint o) {
-    return unpackHalf2x16(u16_at(o)).x;
-}
-
-float gelu_tanh(float v) {
-    const float c = 0.7978845608;
-    float u = c * (v + 0.044715 * v * v * v);
-    float t = 1.0 - 2.0 / (exp(min(2.0 * u, 80.0)) + 1.0);
-    return 0.5 * v * (1.0 + t);
-}
-
-float silu(float v) {
-    return v / (1.0 + exp(-v));
-}
+#include "mv_common.glsl"
 
 // Nibbles 0, 2, 4, 6 (lo) or 1, 3, 5, 7 (hi) of a word, as floats.
 vec4 nib_lo(uint v) {
@@ -278,17 +226,6 @@ void reduce_rows(inout float a[MAXR + 1u]) {
         }
     }
 #endif
-}
-
-void store(uint i, float s) {
-    if ((p.flags & MV_SOFTCAP) != 0u) {
-        s = p.cap * tanh(s / p.cap);
-    }
-    uint yi = p.y_offset + i;
-    if ((p.flags & MV_ADD) != 0u) {
-        s += y[yi];
-    }
-    y[yi] = s;
 }
 
 void main() {

@@ -18,24 +18,6 @@
 #extension GL_EXT_spirv_intrinsics : require
 #endif
 
-#ifndef MVG
-#define MVG 0
-#endif
-
-layout(constant_id = 1) const uint ROWS = 2;
-const uint MAXR = 8u;
-#if MVG
-const uint NR = 2u * ROWS;
-#else
-const uint NR = ROWS;
-#endif
-
-const uint MV_ADD = 2u;
-const uint MV_GELU = 8u;
-const uint MV_SOFTCAP = 16u;
-const uint MV_TAIL = 32u;
-const uint MV_TAIL_NORM = 64u;
-
 layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
 layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
 layout(std430, binding = 1) readonly buffer Qbuf2 { uvec2 xq2[]; };
@@ -59,6 +41,8 @@ layout(push_constant) uniform Push {
     uint n_next;   // MV_TAIL: values of y to quantize (a multiple of 32)
     float eps;     // MV_TAIL_NORM epsilon
 } p;
+
+#include "mv_common.glsl"
 
 #if USE_DOT
 spirv_instruction(extensions = ["SPV_KHR_integer_dot_product"], capabilities = [6019, 6018], id = 4450)
@@ -86,30 +70,6 @@ int udot(uint u, uint s) {
     return x.x + x.y + x.z + x.w;
 }
 #endif
-
-uint u16_at(uint o) {
-    return (w[o >> 2] >> ((o & 2u) * 8u)) & 0xffffu;
-}
-uvec2 u64_at(uint o) {
-    uint i = o >> 2;
-    uint sh = (o & 2u) * 8u;
-    uint a = w[i];
-    uint b = w[i + 1u];
-    uint c = w[i + 2u];
-    return uvec2((a >> sh) | ((b << 1u) << (31u - sh)), (b >> sh) | ((c << 1u) << (31u - sh)));
-}
-float f16_at(uint o) {
-    return unpackHalf2x16(u16_at(o)).x;
-}
-float gelu_tanh(float v) {
-    const float c = 0.7978845608;
-    float u = c * (v + 0.044715 * v * v * v);
-    float t = 1.0 - 2.0 / (exp(min(2.0 * u, 80.0)) + 1.0);
-    return 0.5 * v * (1.0 + t);
-}
-float silu(float v) {
-    return v / (1.0 + exp(-v));
-}
 
 const uint ONES = 0x01010101u;
 const uint LO4 = 0x0f0f0f0fu;
@@ -345,17 +305,6 @@ void reduce_rows(inout float a[MAXR]) {
         }
     }
 #endif
-}
-
-void store(uint i, float s) {
-    if ((p.flags & MV_SOFTCAP) != 0u) {
-        s = p.cap * tanh(s / p.cap);
-    }
-    uint yi = p.y_offset + i;
-    if ((p.flags & MV_ADD) != 0u) {
-        s += y[yi];
-    }
-    y[yi] = s;
 }
 
 void main() {
