@@ -8,7 +8,7 @@ mod common;
 use caldera_vulkan::kernels::attn_split;
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Context, ContextOptions, Kernel, MemoryKind};
-use common::{random_vec, rng};
+use common::{random_vec, rms, rng, rope, rope_table, words};
 use rand::rngs::StdRng;
 
 struct Case {
@@ -25,30 +25,6 @@ struct Case {
     q8: bool,
 }
 
-fn rms(v: &mut [f64], w: &[f32], eps: f64) {
-    let ss = v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64;
-    let inv = 1.0 / (ss + eps).sqrt();
-    for (x, g) in v.iter_mut().zip(w) {
-        *x *= inv * *g as f64;
-    }
-}
-
-fn rope(v: &mut [f64], c: &Case, table: &[f32], pos: usize) {
-    let half = c.n_rot / 2;
-    for i in 0..half {
-        let (a, b) = if c.interleaved {
-            (2 * i, 2 * i + 1)
-        } else {
-            (i, i + half)
-        };
-        let r = 2 * (pos * half + i);
-        let (co, si) = (table[r] as f64, table[r + 1] as f64);
-        let (x0, x1) = (v[a], v[b]);
-        v[a] = x0 * co - x1 * si;
-        v[b] = x0 * si + x1 * co;
-    }
-}
-
 fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv, c.hd);
     let kvd = nkv * hd;
@@ -60,15 +36,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let vc = random_vec(rng, c.cap * kvd, 1.0);
     let qn = random_vec(rng, hd, 1.5);
     let kn = random_vec(rng, hd, 1.5);
-    let half = c.n_rot / 2;
-    let mut table = Vec::with_capacity(c.cap * c.n_rot);
-    for p in 0..c.cap {
-        for i in 0..half {
-            let th = p as f64 * 10000f64.powf(-2.0 * i as f64 / c.n_rot as f64);
-            table.push(th.cos() as f32);
-            table.push(th.sin() as f32);
-        }
-    }
+    let table = rope_table(c.cap, c.n_rot);
     // CPU twin.
     let gsize = nh / nkv;
     let lo = if c.window > 0 && c.pos + 1 > c.window {
@@ -83,7 +51,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         if c.qk_norm {
             rms(&mut k, &kn, eps as f64);
         }
-        rope(&mut k, c, &table, c.pos);
+        rope(&mut k, &table, c.n_rot, c.interleaved, c.pos);
         let v: Vec<f64> = (0..hd)
             .map(|i| qkv[nh * hd + kvd + g * hd + i] as f64)
             .collect();
@@ -95,7 +63,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         if c.qk_norm {
             rms(&mut q, &qn, eps as f64);
         }
-        rope(&mut q, c, &table, c.pos);
+        rope(&mut q, &table, c.n_rot, c.interleaved, c.pos);
         let (kg, vg) = &kv_new[g];
         let mut s = Vec::new();
         for p in lo..=c.pos {
@@ -131,11 +99,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let out = ctx
         .create_buffer((nh * hd * 4) as u64, MemoryKind::Device)
         .unwrap();
-    let step_vals: Vec<u8> = [1u32, c.pos as u32, 0, 0]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let step = ctx.upload(&step_vals).unwrap();
+    let step = ctx.upload(&words(&[1, c.pos as u32, 0, 0])).unwrap();
     let xq = ctx
         .create_buffer((nh * hd) as u64, MemoryKind::Device)
         .unwrap();
@@ -168,7 +132,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     if c.q8 {
         flags |= 16;
     }
-    let push: Vec<u8> = [
+    let push = words(&[
         nh as u32,
         nkv as u32,
         hd as u32,
@@ -183,10 +147,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         eps.to_bits(),
         scale.to_bits(),
         c.softcap.to_bits(),
-    ]
-    .iter()
-    .flat_map(|v| v.to_le_bytes())
-    .collect();
+    ]);
     let groups = (nkv * n_chunks * max_splits) as u64;
     let rec = ctx.record(|r| r.dispatch(&binding, &push, groups)).unwrap();
     // Twice: the split counts must be back at zero.

@@ -8,7 +8,7 @@ mod common;
 
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Buffer, Context, ContextOptions, Kernel};
-use common::{random_vec, rng};
+use common::{random_vec, rms, rng, rope, rope_table, words};
 use rand::rngs::StdRng;
 
 fn contexts() -> Vec<Context> {
@@ -25,21 +25,9 @@ fn contexts() -> Vec<Context> {
     v
 }
 
-fn words(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 fn step_buf(ctx: &Context, m: usize, pos: usize) -> Buffer {
     ctx.upload(&words(&[m as u32, pos as u32, 0, m as u32]))
         .unwrap()
-}
-
-fn rms(v: &mut [f64], w: &[f32], eps: f64) {
-    let ss = v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64;
-    let inv = 1.0 / (ss + eps).sqrt();
-    for (x, g) in v.iter_mut().zip(w) {
-        *x *= inv * *g as f64;
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -62,29 +50,7 @@ fn rope_attention_case(
     let kc = random_vec(rng, cap * kvd, 1.0);
     let vc = random_vec(rng, cap * kvd, 1.0);
     let (qn, kn) = (random_vec(rng, hd, 1.5), random_vec(rng, hd, 1.5));
-    let half = n_rot / 2;
-    let mut table = Vec::new();
-    for p in 0..cap {
-        for i in 0..half {
-            let th = p as f64 * 10000f64.powf(-2.0 * i as f64 / n_rot as f64);
-            table.push(th.cos() as f32);
-            table.push(th.sin() as f32);
-        }
-    }
-    let rope = |v: &mut Vec<f64>, pos: usize| {
-        for i in 0..half {
-            let (a, b) = if interleaved {
-                (2 * i, 2 * i + 1)
-            } else {
-                (i, i + half)
-            };
-            let r = 2 * (pos * half + i);
-            let (co, si) = (table[r] as f64, table[r + 1] as f64);
-            let (x0, x1) = (v[a], v[b]);
-            v[a] = x0 * co - x1 * si;
-            v[b] = x0 * si + x1 * co;
-        }
-    };
+    let table = rope_table(cap, n_rot);
     // CPU twin: the cache after the step, then attention for every token.
     let mut kcw: Vec<f64> = kc.iter().map(|&v| v as f64).collect();
     let mut vcw: Vec<f64> = vc.iter().map(|&v| v as f64).collect();
@@ -94,7 +60,7 @@ fn rope_attention_case(
         for g in 0..nkv {
             let mut k: Vec<f64> = (0..hd).map(|i| row[nh * hd + g * hd + i] as f64).collect();
             rms(&mut k, &kn, eps as f64);
-            rope(&mut k, p0 + t);
+            rope(&mut k, &table, n_rot, interleaved, p0 + t);
             for i in 0..hd {
                 kcw[(p0 + t) * kvd + g * hd + i] = k[i];
                 vcw[(p0 + t) * kvd + g * hd + i] = row[nh * hd + kvd + g * hd + i] as f64;
@@ -103,7 +69,7 @@ fn rope_attention_case(
         for h in 0..nh {
             let mut q: Vec<f64> = (0..hd).map(|i| row[h * hd + i] as f64).collect();
             rms(&mut q, &qn, eps as f64);
-            rope(&mut q, p0 + t);
+            rope(&mut q, &table, n_rot, interleaved, p0 + t);
             qs.push(q);
         }
     }

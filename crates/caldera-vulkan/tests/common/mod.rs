@@ -175,3 +175,50 @@ pub fn modes() -> Vec<MvMode> {
         },
     ]
 }
+
+/// Push-constant bytes of 32-bit words.
+pub fn words(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// RMSNorm of `v` in place with weights `w`.
+pub fn rms(v: &mut [f64], w: &[f32], eps: f64) {
+    let ss = v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64;
+    let inv = 1.0 / (ss + eps).sqrt();
+    for (x, g) in v.iter_mut().zip(w) {
+        *x *= inv * *g as f64;
+    }
+}
+
+/// The kernels' RoPE table (theta 10000): (cos, sin) of pair i at position p at
+/// 2 (p * n_rot / 2 + i), for positions 0 .. cap.
+pub fn rope_table(cap: usize, n_rot: usize) -> Vec<f32> {
+    let half = n_rot / 2;
+    let mut table = Vec::with_capacity(cap * n_rot);
+    for p in 0..cap {
+        for i in 0..half {
+            let th = p as f64 * 10000f64.powf(-2.0 * i as f64 / n_rot as f64);
+            table.push(th.cos() as f32);
+            table.push(th.sin() as f32);
+        }
+    }
+    table
+}
+
+/// Rotates the first `n_rot` dims of `v` for position `pos` (pairs (i, i + n_rot / 2), or
+/// (2i, 2i + 1) when `interleaved`).
+pub fn rope(v: &mut [f64], table: &[f32], n_rot: usize, interleaved: bool, pos: usize) {
+    let half = n_rot / 2;
+    for i in 0..half {
+        let (a, b) = if interleaved {
+            (2 * i, 2 * i + 1)
+        } else {
+            (i, i + half)
+        };
+        let r = 2 * (pos * half + i);
+        let (co, si) = (table[r] as f64, table[r + 1] as f64);
+        let (x0, x1) = (v[a], v[b]);
+        v[a] = x0 * co - x1 * si;
+        v[b] = x0 * si + x1 * co;
+    }
+}
