@@ -308,3 +308,26 @@ fn device_list_describes_the_test_device() {
     let all = caldera_vulkan::list_devices().unwrap();
     assert_eq!(all[info.index].name, info.name);
 }
+
+/// The `copy` kernel (`bench`'s bandwidth probe) copies every 16-byte unit, for sizes
+/// that leave partial workgroups and grid-stride rounds.
+#[test]
+fn copy_kernel_copies() {
+    let mut rng = rng("copy");
+    for ctx in contexts() {
+        for units in [1usize, 7, 1000, 70_001] {
+            let src: Vec<f32> = random_vec(&mut rng, units * 4);
+            let a = ctx.upload_f32(&src).unwrap();
+            let b = ctx
+                .create_buffer((units * 16) as u64, MemoryKind::Device)
+                .unwrap();
+            let binding = ctx.bind(caldera_vulkan::Kernel::Copy, &[&a, &b]).unwrap();
+            let wg = ctx.tuning().workgroup_size as u64;
+            let groups = (units as u64 / wg / 4).max(1);
+            let push = (units as u32).to_le_bytes();
+            let rec = ctx.record(|r| r.dispatch(&binding, &push, groups)).unwrap();
+            ctx.submit(&rec).unwrap();
+            assert_eq!(ctx.read_f32(&b, units * 4).unwrap(), src, "{units} units");
+        }
+    }
+}
