@@ -19,6 +19,7 @@ const uint MV_GELU = 8u;
 const uint MV_SOFTCAP = 16u;
 const uint MV_TAIL = 32u;
 const uint MV_TAIL_NORM = 64u;
+const uint MV_XNORM = 128u;
 
 #include "words.glsl"
 #include "act.glsl"

@@ -7,12 +7,18 @@
 // The work is laid out as in mv.glsl: ROWS outputs per workgroup, L lanes per weight
 // block with adjacent loads, the activation words and scales of a block loaded once for
 // all the rows of the workgroup.
-// With MV_TAIL the kernel also prepares the next mat-vec's input: the last workgroup to
-// finish (an atomic count over every workgroup of every piece, reset by that workgroup)
-// quantizes y[0 .. n_next] as quant_x.comp does, through the RMSNorm by ngam with
-// MV_TAIL_NORM, into nq / nd; so no quant_x dispatch runs between the two.
+// With MV_TAIL the kernel also prepares the next mat-vec's input, block by block: each
+// workgroup adds the outputs it stored to an atomic count per block of 32 outputs, and
+// the one that completes a block (and resets its count) quantizes it as quant_x.comp
+// does, times the next norm's weights ngam with MV_TAIL_NORM, also writing the block's
+// sum of squares (of y itself) to ns. The next mat-vec then runs with MV_XNORM: it sums
+// those per-block squares itself and scales its dot products by 1 / rms, which is the
+// same as quantizing the normed vector (the norm's 1 / rms is one factor for the whole
+// vector). So no quant_x dispatch runs between the two, and no workgroup waits for all.
 // Binding 0: the piece's raw blocks. 1: q (u32 words). 2: d (f32 per 32 values). 3: y.
-// 4: count (u32). 5: next q (u32). 6: next d (f32). 7: next norm weights (f32).
+// 4: counts (u32 per block of 32 outputs, zero between dispatches). 5: next q (u32).
+// 6: next d (f32). 7: next norm weights (f32). 8: next sums of squares (f32 per block).
+// 9: with MV_XNORM, this input's sums of squares (f32 per block of 32 inputs).
 #include "common.glsl"
 #if USE_DOT
 #extension GL_EXT_spirv_intrinsics : require
@@ -30,16 +36,17 @@ layout(std430, binding = 4) coherent buffer Cnt { uint cnt[]; };
 layout(std430, binding = 5) writeonly buffer NQ { uint nq[]; };
 layout(std430, binding = 6) writeonly buffer ND { float nd[]; };
 layout(std430, binding = 7) readonly buffer NG { vec4 ngam4[]; };
+layout(std430, binding = 8) writeonly buffer NS { float nss[]; };
+layout(std430, binding = 9) readonly buffer XS { float xs[]; };
 
 layout(push_constant) uniform Push {
     uint k;
     uint rows;     // weight rows in this piece (pairs: 2 per output with MVG)
     uint y_offset;
-    uint flags;    // MV_ADD, MV_GELU, MV_SOFTCAP, MV_TAIL, MV_TAIL_NORM
+    uint flags;    // MV_ADD, MV_GELU, MV_SOFTCAP, MV_TAIL, MV_TAIL_NORM, MV_XNORM
     float cap;
-    uint groups;   // MV_TAIL: workgroups of every piece together
     uint n_next;   // MV_TAIL: values of y to quantize (a multiple of 32)
-    float eps;     // MV_TAIL_NORM epsilon
+    float eps;     // MV_XNORM epsilon
 } p;
 
 #include "mv_common.glsl"
@@ -193,83 +200,90 @@ float block_dot(uint row, uint b, uint lane) {
 #error "no TYPE_* defined"
 #endif
 
-shared float red_mv[MAXR * WG];
-shared bool last_s;
-shared float mx_s[WG];
+shared float red_mv[(MAXR + 1u) * WG];
+shared bool done_s[2];
+shared float mx_s[16];
+shared float ss_s[16];
 
-// MV_TAIL: once every workgroup has stored, the last one quantizes y for the next
-// mat-vec (8 invocations per block of 32; needs WG >= 8).
-void tail() {
+// MV_TAIL: counts the outputs [o0, o1) this workgroup stored into their blocks' counts;
+// for each block it completes, 8 invocations quantize the block for the next mat-vec
+// (needs WG >= 16; a workgroup's outputs touch at most 2 blocks as ROWS <= 32).
+void tail(uint o0, uint o1) {
     uint tid = gl_LocalInvocationID.x;
     memoryBarrierBuffer();
     barrier();
-    if (tid == 0u) {
-        uint done = atomicAdd(cnt[0], 1u);
-        last_s = done == p.groups - 1u;
-        if (last_s) {
-            cnt[0] = 0u;
+    uint fb = o0 / 32u;
+    uint nb = o1 > o0 ? (o1 - 1u) / 32u + 1u - fb : 0u;
+    if (tid < 2u) {
+        bool done = false;
+        uint b = fb + tid;
+        if (tid < nb && 32u * b < p.n_next) {
+            uint lo = max(o0, 32u * b);
+            uint hi = min(o1, 32u * b + 32u);
+            uint prev = atomicAdd(cnt[b], hi - lo);
+            done = prev + (hi - lo) == 32u;
+            if (done) {
+                cnt[b] = 0u;
+            }
         }
+        done_s[tid] = done;
     }
     barrier();
-    if (!last_s) {
+    if (!done_s[0] && !done_s[1]) {
         return; // uniform for the workgroup
     }
     memoryBarrierBuffer();
-    bool norm = (p.flags & MV_TAIL_NORM) != 0u;
-    float inv = 1.0;
-    if (norm) {
-        float ss = 0.0;
-        for (uint i = tid; i < p.n_next / 4u; i += WG) {
-            vec4 v = y4[i];
-            ss += dot(v, v);
-        }
-        ss = reduce_sum(ss);
-        inv = inversesqrt(ss / float(p.n_next) + p.eps);
-    }
-    for (uint base = 0u; base < p.n_next / 4u; base += WG) {
-        uint i = base + tid;
-        bool live = i < p.n_next / 4u;
-        vec4 v = vec4(0.0);
-        if (live) {
-            v = y4[i];
-            if (norm) {
-                v = v * inv * ngam4[i];
-            }
+    uint j = tid >> 3;
+    uint l = tid & 7u;
+    bool act = tid < 16u && done_s[j & 1u];
+    uint b = fb + j;
+    vec4 v = vec4(0.0);
+    if (act) {
+        v = y4[8u * b + l];
+        ss_s[tid] = dot(v, v);
+        if ((p.flags & MV_TAIL_NORM) != 0u) {
+            v *= ngam4[8u * b + l];
         }
         vec4 av = abs(v);
         mx_s[tid] = max(max(av.x, av.y), max(av.z, av.w));
-        barrier();
-        uint first = tid & ~7u;
+    }
+    barrier();
+    if (act) {
         float amax = 0.0;
-        [[unroll]] for (uint j = 0u; j < 8u; j++) {
-            amax = max(amax, mx_s[first + j]);
+        float ss = 0.0;
+        [[unroll]] for (uint i = 0u; i < 8u; i++) {
+            amax = max(amax, mx_s[8u * j + i]);
+            ss += ss_s[8u * j + i];
         }
-        barrier();
-        if (live) {
-            float id = amax > 0.0 ? 127.0 / amax : 0.0;
-            ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
-            uvec4 u = uvec4(t) & 255u;
-            nq[i] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
-            if ((i & 7u) == 0u) {
-                nd[i / 8u] = amax / 127.0;
+        float id = amax > 0.0 ? 127.0 / amax : 0.0;
+        ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
+        uvec4 u = uvec4(t) & 255u;
+        nq[8u * b + l] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+        if (l == 0u) {
+            nd[b] = amax / 127.0;
+            if ((p.flags & MV_TAIL_NORM) != 0u) {
+                nss[b] = ss;
             }
         }
     }
 }
 
-void reduce_rows(inout float a[MAXR]) {
+// Sums a[0 .. NR] and, as slot MAXR, `extra` over the workgroup.
+void reduce_rows(inout float a[MAXR], inout float extra) {
 #if USE_SUBGROUP
     [[unroll]] for (uint j = 0u; j < MAXR; j++) {
         if (j < NR) {
             a[j] = subgroupAdd(a[j]);
         }
     }
+    extra = subgroupAdd(extra);
     if (subgroupElect()) {
         [[unroll]] for (uint j = 0u; j < MAXR; j++) {
             if (j < NR) {
                 red_mv[j * WG + gl_SubgroupID] = a[j];
             }
         }
+        red_mv[MAXR * WG + gl_SubgroupID] = extra;
     }
     barrier();
     [[unroll]] for (uint j = 0u; j < MAXR; j++) {
@@ -281,6 +295,11 @@ void reduce_rows(inout float a[MAXR]) {
             a[j] = s;
         }
     }
+    float e = 0.0;
+    for (uint i = 0u; i < gl_NumSubgroups; i++) {
+        e += red_mv[MAXR * WG + i];
+    }
+    extra = e;
 #else
     uint t = gl_LocalInvocationID.x;
     [[unroll]] for (uint j = 0u; j < MAXR; j++) {
@@ -288,6 +307,7 @@ void reduce_rows(inout float a[MAXR]) {
             red_mv[j * WG + t] = a[j];
         }
     }
+    red_mv[MAXR * WG + t] = extra;
     barrier();
     for (uint hs = WG / 2u; hs > 0u; hs >>= 1) {
         if (t < hs) {
@@ -296,6 +316,7 @@ void reduce_rows(inout float a[MAXR]) {
                     red_mv[j * WG + t] += red_mv[j * WG + t + hs];
                 }
             }
+            red_mv[MAXR * WG + t] += red_mv[MAXR * WG + t + hs];
         }
         barrier();
     }
@@ -304,6 +325,7 @@ void reduce_rows(inout float a[MAXR]) {
             a[j] = red_mv[j * WG];
         }
     }
+    extra = red_mv[MAXR * WG];
 #endif
 }
 
@@ -319,15 +341,28 @@ void main() {
     const uint SLOTS = WG / L;
     uint lane = tid % L;
     uint nb = p.k / BE;
+    // MV_XNORM: the input's per-block sums of squares, each summed by one lane.
+    bool xnorm = (p.flags & MV_XNORM) != 0u;
+    const uint XPB = BE / 32u;
+    float ss = 0.0;
     for (uint b = tid / L; b < nb; b += SLOTS) {
         load_x(b, lane);
+        if (xnorm && lane < XPB) {
+            ss += xs[b * XPB + lane];
+        }
         [[unroll]] for (uint r = 0u; r < MAXR; r++) {
             if (r < NR) {
                 a[r] += block_dot(min(row0 + r, last), b, lane);
             }
         }
     }
-    reduce_rows(a);
+    reduce_rows(a, ss);
+    if (xnorm) {
+        float inv = inversesqrt(ss / float(p.k) + p.eps);
+        [[unroll]] for (uint r = 0u; r < MAXR; r++) {
+            a[r] *= inv;
+        }
+    }
 #if MVG
     [[unroll]] for (uint i = 0u; i < MAXR / 2u; i++) {
         if (i < ROWS && tid == i && row0 + 2u * i + 1u <= last) {
@@ -344,6 +379,8 @@ void main() {
     }
 #endif
     if ((p.flags & MV_TAIL) != 0u) {
-        tail();
+        uint outs = MVG != 0 ? p.rows / 2u : p.rows;
+        uint o0 = grp * ROWS;
+        tail(p.y_offset + o0, p.y_offset + min(o0 + ROWS, outs));
     }
 }

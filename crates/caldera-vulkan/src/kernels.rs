@@ -200,8 +200,8 @@ const fn mv(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u
 /// `quant_x` push constants: `k, flags` (u32), `eps` (f32).
 pub const QUANT_X_PUSH_BYTES: u32 = 12;
 /// Int8-activation decode mat-vec (`mvq.glsl`) push constants: `k, rows, y_offset,
-/// flags` (u32), `cap` (f32), `groups, n_next` (u32), `eps` (f32).
-pub const MVQ_PUSH_BYTES: u32 = 32;
+/// flags` (u32), `cap` (f32), `n_next` (u32), `eps` (f32).
+pub const MVQ_PUSH_BYTES: u32 = 28;
 
 const fn mvq(
     kernel: Kernel,
@@ -214,7 +214,7 @@ const fn mvq(
         name,
         spirv_subgroup: spv.0,
         spirv_shared: spv.1,
-        bindings: 8,
+        bindings: 10,
         push_bytes: MVQ_PUSH_BYTES,
         rows_per_group: true,
         mv: true,

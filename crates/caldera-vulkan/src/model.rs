@@ -339,14 +339,18 @@ pub struct VkRunner {
     qkv: Buffer,
     att: Buffer,
     gu: Buffer,
-    /// Finished-workgroup count of the decode mat-vecs that quantize the next input.
+    /// Stored-output counts per block of 32 of the decode mat-vecs that quantize the
+    /// next input (`MV_TAIL`).
     tail_count: Buffer,
     /// Decode attention's per-split partials and its per-(kv head, chunk) counts.
     attn_part: Buffer,
     attn_count: Buffer,
-    /// Int8 activations of the decode mat-vecs (QuantX output): values and scales.
-    xq: Buffer,
-    xd: Buffer,
+    /// Int8 activations of the decode mat-vecs, two pairs (a mat-vec reads one and
+    /// quantizes the next input into the other): values, scales, per-block sums of
+    /// squares.
+    xq: [Buffer; 2],
+    xd: [Buffer; 2],
+    xss: [Buffer; 2],
     kv: Vec<(Buffer, Buffer)>,
     /// RoPE table per layer (shared between layers with equal specs).
     rope: Vec<Option<Buffer>>,
@@ -360,10 +364,9 @@ pub struct VkRunner {
     embed_bytes: Vec<u8>,
     /// `CALDERA_VK_TRACE` set: print each step's time (read once, not per token).
     trace: bool,
-    /// `CALDERA_VK_FUSE_QUANT=1`: decode mat-vecs quantize the next input in their last
-    /// workgroup instead of a `quant_x` dispatch (5-6 dispatches per layer instead of
-    /// 8-9, but slower on the H100: the single last workgroup is a longer tail than the
-    /// dispatch it saves; docs/BENCHMARKS.md).
+    /// Decode mat-vecs quantize the next input block by block (`MV_TAIL`) instead of a
+    /// `quant_x` dispatch: 5-6 dispatches per layer instead of 8-9.
+    /// `CALDERA_VK_FUSE_QUANT=0` turns it off.
     fuse_quant: bool,
     /// `CALDERA_VK_PROFILE=1`: decode steps write GPU timestamps after every op.
     profile: bool,
@@ -452,9 +455,19 @@ impl VkRunner {
         }
         let attn_part = dev(part_len, "the attention partials")?;
         let attn_count = ctx.upload(&vec![0u8; counts * 4])?;
-        let tail_count = ctx.upload(&[0u8; 4])?;
-        let xq = dev(widest.div_ceil(4), "the quantized activations")?;
-        let xd = dev(widest.div_ceil(32), "the activation scales")?;
+        let tail_count = ctx.upload(&vec![0u8; widest.div_ceil(32) * 4])?;
+        let xq = [
+            dev(widest.div_ceil(4), "the quantized activations")?,
+            dev(widest.div_ceil(4), "the quantized activations")?,
+        ];
+        let xd = [
+            dev(widest.div_ceil(32), "the activation scales")?,
+            dev(widest.div_ceil(32), "the activation scales")?,
+        ];
+        let xss = [
+            dev(widest.div_ceil(32), "the activation sums of squares")?,
+            dev(widest.div_ceil(32), "the activation sums of squares")?,
+        ];
         let mut kv = Vec::with_capacity(m.layers.len());
         let mut rope: Vec<Option<Buffer>> = Vec::with_capacity(m.layers.len());
         for (li, l) in m.layers.iter().enumerate() {
@@ -512,6 +525,7 @@ impl VkRunner {
             gu,
             xq,
             xd,
+            xss,
             tail_count,
             attn_part,
             attn_count,
@@ -525,7 +539,7 @@ impl VkRunner {
             embed_bytes: Vec::with_capacity(CHUNK * d * 4),
             trace: std::env::var_os("CALDERA_VK_TRACE").is_some(),
             profile: std::env::var("CALDERA_VK_PROFILE").is_ok_and(|v| v == "1"),
-            fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").is_ok_and(|v| v == "1"),
+            fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").map_or(true, |v| v != "0"),
             profile_ns: HashMap::new(),
             profile_steps: 0,
         })
@@ -563,7 +577,7 @@ impl VkRunner {
         let wg_bind = |k: Kernel, bufs: &[&Buffer]| ctx.bind(k, bufs);
         // Decode: xq / xd already hold the next q|k|v input (the previous layer's down
         // mat-vec quantized it).
-        let mut x_ready = false;
+        let mut qs = QState::default();
         for (li, l) in m.layers.iter().enumerate() {
             let a = &l.attn;
             let (hd, nh, nkv) = (a.head_dim, a.n_heads, a.n_kv_heads);
@@ -580,7 +594,7 @@ impl VkRunner {
                     l.norm.as_ref(),
                     &self.qkv,
                     MvMode::default(),
-                    x_ready,
+                    &mut qs,
                     None,
                 )?;
             }
@@ -629,7 +643,6 @@ impl VkRunner {
             // Decode: one kernel for norm + RoPE + KV write + attention, which also
             // quantizes its output for the o-projection when that runs on int8.
             let o_q8 = decode && self.q8_input(&l.o) && hd.is_multiple_of(32);
-            let mut gu_ready = false;
             if decode {
                 let gsize = nh / nkv;
                 let hpw = gsize.min(8);
@@ -647,8 +660,8 @@ impl VkRunner {
                         l.q_norm.as_ref().unwrap_or(dummy),
                         l.k_norm.as_ref().unwrap_or(dummy),
                         rope_buf,
-                        &self.xq,
-                        &self.xd,
+                        &self.xq[qs.cur],
+                        &self.xd[qs.cur],
                         &self.attn_part,
                         &self.attn_count,
                     ],
@@ -672,11 +685,16 @@ impl VkRunner {
                 ]);
                 let groups = (nkv * n_chunks * max_splits) as u64;
                 ops.push(("attention", Op::Kernel(binding, push, groups)));
+                qs = QState {
+                    cur: qs.cur,
+                    ready: o_q8,
+                    xnorm: false,
+                };
                 let next = (self.fuse_quant && self.q8_input(&l.gate_up)).then_some(NextInput {
                     norm: l.ffn_norm.as_ref(),
                     n: d,
                 });
-                gu_ready = self.push_out_proj(
+                self.push_out_proj(
                     &mut ops,
                     "o",
                     &l.o,
@@ -685,7 +703,7 @@ impl VkRunner {
                     None,
                     l.post_norm.as_ref(),
                     b,
-                    o_q8,
+                    &mut qs,
                     next,
                 )?;
             }
@@ -745,13 +763,12 @@ impl VkRunner {
                     None,
                     l.post_norm.as_ref(),
                     b,
-                    false,
+                    &mut QState::default(),
                     None,
                 )?;
             }
             // norm + gate|up (decode: with the GLU, into gu[0 .. d_ff])
             let p = &l.gate_up;
-            let mut down_ready = false;
             if decode {
                 let mode = MvMode {
                     glu: Some(l.act),
@@ -761,7 +778,7 @@ impl VkRunner {
                     norm: None,
                     n: l.d_ff,
                 });
-                down_ready = self.push_decode_mv(
+                self.push_decode_mv(
                     &mut ops,
                     "gate_up",
                     &[(p, 0)],
@@ -769,7 +786,7 @@ impl VkRunner {
                     l.ffn_norm.as_ref(),
                     &self.gu,
                     mode,
-                    gu_ready,
+                    &mut qs,
                     next,
                 )?;
             } else {
@@ -816,7 +833,7 @@ impl VkRunner {
                     n: d,
                 })
             };
-            x_ready = self.push_out_proj(
+            self.push_out_proj(
                 &mut ops,
                 "down",
                 &l.down,
@@ -825,7 +842,7 @@ impl VkRunner {
                 glu,
                 l.ffn_post_norm.as_ref(),
                 b,
-                down_ready,
+                &mut qs,
                 next,
             )?;
         }
@@ -854,7 +871,7 @@ impl VkRunner {
                 Some(&m.output_norm),
                 ldev,
                 mode,
-                x_ready,
+                &mut qs,
                 None,
             )?;
         } else {
@@ -917,10 +934,22 @@ impl VkRunner {
         self.m.ctx.tuning().q8_acts && Mvq::supports(p.ty) && p.k.is_multiple_of(32)
     }
 
+    /// Int8 activation buffers of pair `i`, with its sums of squares when `ss`.
+    fn acts(&self, i: usize, ss: bool) -> Q8Acts<'_> {
+        Q8Acts {
+            q: &self.xq[i],
+            d: &self.xd[i],
+            ss: ss.then_some(&self.xss[i]),
+        }
+    }
+
     /// Decode mat-vecs of `projs` (each with the output offset its rows write at) on
-    /// input `x`, normed by `norm` when given: when the context quantizes activations
-    /// and a projection's type has an int8 kernel, one QuantX (with the norm) feeds
-    /// every such projection; the others read x in f32 and norm it themselves.
+    /// input `x`, normed by `norm` when given. When the context quantizes activations
+    /// and a projection's type has an int8 kernel, those read the int8 input of `qs`:
+    /// prepared by the mat-vec before (`qs.ready`), or by a QuantX (with the norm) pushed
+    /// here; the others read x in f32 and norm it themselves. With `next`, a single int8
+    /// mat-vec writing the whole vector from 0 also quantizes its output for the next
+    /// mat-vec into the other buffer pair, and `qs` says so afterwards.
     #[allow(clippy::too_many_arguments)]
     fn push_decode_mv(
         &self,
@@ -931,48 +960,39 @@ impl VkRunner {
         norm: Option<&Buffer>,
         y: &Buffer,
         mode: MvMode,
-        pre: bool,
+        qs: &mut QState,
         next: Option<NextInput<'_>>,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let ctx = &self.m.ctx;
         let eps = self.m.model.config.norm_eps;
         let k = projs.first().map_or(0, |p| p.0.k);
         let q8 = |p: &Proj| self.q8_input(p) && p.k == k;
-        let acts = Q8Acts {
-            q: &self.xq,
-            d: &self.xd,
-        };
-        if !pre && projs.iter().any(|(p, _)| q8(p)) {
+        let cur = qs.cur;
+        let acts = self.acts(cur, qs.ready && qs.xnorm);
+        if !qs.ready && projs.iter().any(|(p, _)| q8(p)) {
             let qx = QuantX::new(ctx, k as u64, x, norm, eps, &acts)?;
             ops.push(("quant", Op::Quant(qx)));
         }
-        // The next mat-vec's input is quantized by this one's last workgroup when this is
-        // a single int8 mat-vec writing the whole vector from 0.
-        let next = next.filter(|_| projs.len() == 1 && q8(projs[0].0) && projs[0].1 == 0);
+        let t = ctx.tuning();
+        let next = next.filter(|_| {
+            projs.len() == 1
+                && q8(projs[0].0)
+                && projs[0].1 == 0
+                && t.mv_workgroup_size >= 16
+                && 32 % t.mv_rows == 0
+        });
         let mut group = Vec::new();
         for &(p, off) in projs {
             if q8(p) {
                 let tail = next.as_ref().map(|n| MvTail {
                     count: &self.tail_count,
-                    out: Q8Acts {
-                        q: &self.xq,
-                        d: &self.xd,
-                    },
+                    out: self.acts(1 - cur, n.norm.is_some()),
                     gam: n.norm,
                     n: n.n as u64,
-                    eps,
                 });
-                let op = Mvq::with_tail(
-                    ctx,
-                    p.ty,
-                    &p.t,
-                    p.k as u64,
-                    &acts,
-                    y,
-                    off,
-                    mode,
-                    tail.as_ref(),
-                )?;
+                let m = MvMode { eps, ..mode };
+                let op =
+                    Mvq::with_tail(ctx, p.ty, &p.t, p.k as u64, &acts, y, off, m, tail.as_ref())?;
                 group.push(DecodeMv::Q8(op));
             } else {
                 let m = MvMode {
@@ -985,7 +1005,19 @@ impl VkRunner {
             }
         }
         ops.push((label, Op::Mv(group)));
-        Ok(next.is_some())
+        *qs = match next {
+            Some(n) => QState {
+                cur: 1 - cur,
+                ready: true,
+                xnorm: n.norm.is_some(),
+            },
+            None => QState {
+                cur,
+                ready: false,
+                xnorm: false,
+            },
+        };
+        Ok(())
     }
 
     /// `y (+)= W input` with the residual add: straight into x, or through `tmp` and the
@@ -1001,13 +1033,12 @@ impl VkRunner {
         glu: Option<GluAct>,
         post_norm: Option<&Buffer>,
         b: u64,
-        prequantized: bool,
+        qs: &mut QState,
         next: Option<NextInput<'_>>,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let ctx = &self.m.ctx;
         let cfg = &self.m.model.config;
         let d = cfg.d_model as u64;
-        let mut tailed = false;
         let y = if post_norm.is_some() {
             &self.tmp
         } else {
@@ -1021,8 +1052,7 @@ impl VkRunner {
             };
             // With a post-norm the output is not x yet: nothing to prepare.
             let next = next.filter(|_| post_norm.is_none());
-            tailed =
-                self.push_decode_mv(ops, label, &[(p, 0)], x, None, y, mode, prequantized, next)?;
+            self.push_decode_mv(ops, label, &[(p, 0)], x, None, y, mode, qs, next)?;
         } else {
             let io = MmIo {
                 x,
@@ -1050,7 +1080,7 @@ impl VkRunner {
             let push = push_words(&[u32_of(cfg.d_model, "d_model")?, cfg.norm_eps.to_bits()]);
             ops.push(("add_norm", Op::Kernel(binding, push, b)));
         }
-        Ok(tailed)
+        Ok(())
     }
 
     /// Runs one step of `tokens` (at most CHUNK) at position `self.len`; logits of
@@ -1128,6 +1158,16 @@ enum Op {
     Mv(Vec<DecodeMv>),
     Quant(QuantX),
     Kernel(Binding, Vec<u8>, u64),
+}
+
+/// Where a decode step's int8 mat-vec input is: buffer pair `cur`, `ready` when the
+/// mat-vec before quantized it (else a QuantX will), `xnorm` when it still needs the
+/// norm's 1 / rms (from its per-block sums of squares).
+#[derive(Clone, Copy, Default)]
+struct QState {
+    cur: usize,
+    ready: bool,
+    xnorm: bool,
 }
 
 /// The input of the mat-vec after this one, which a decode mat-vec may quantize for it

@@ -504,10 +504,14 @@ pub struct QuantX {
     groups: u64,
 }
 
-/// Where a [`QuantX`] writes: `k / 4` words of int8 values and `k / 32` scales.
+/// Int8 activations: `k / 4` words of int8 values and `k / 32` scales, as [`QuantX`]
+/// writes them; `ss`, when given, holds a sum of squares per block of 32 (of the vector
+/// before its norm weights): then the values are not normed yet and the mat-vec
+/// reading them applies the norm's 1 / rms itself (`MV_XNORM`).
 pub struct Q8Acts<'a> {
     pub q: &'a Buffer,
     pub d: &'a Buffer,
+    pub ss: Option<&'a Buffer>,
 }
 
 impl QuantX {
@@ -551,15 +555,17 @@ impl QuantX {
     }
 }
 
-/// What a [`Mvq`] prepares for the next mat-vec after its own output (`MV_TAIL`): its
-/// last workgroup quantizes `y[0 .. n]` (through the RMSNorm by `gam`) into `out`.
+/// What a [`Mvq`] prepares for the next mat-vec after its own output (`MV_TAIL`): the
+/// workgroup completing each block of 32 outputs of `y[0 .. n]` quantizes it into `out`
+/// (times the norm weights `gam`, with the block's sum of squares into `out.ss`, which
+/// must be given then: the next mat-vec applies the 1 / rms).
 pub struct MvTail<'a> {
-    /// A zeroed u32 the kernels count finished workgroups in (reset after each use).
+    /// Zeroed u32s, one per block of 32 outputs, the kernels count stored outputs in
+    /// (each reset by the workgroup that completes its block).
     pub count: &'a Buffer,
     pub out: Q8Acts<'a>,
     pub gam: Option<&'a Buffer>,
     pub n: u64,
-    pub eps: f32,
 }
 
 /// Decode mat-vec on int8 activations (`mvq.glsl`): like [`Mv`] but x comes quantized
@@ -606,7 +612,8 @@ impl Mvq {
             })?;
         if mode.norm {
             return Err(VkError::Invalid(
-                "int8-activation mat-vecs take normed activations (QuantX norms)".into(),
+                "int8-activation mat-vecs norm through QuantX or their input's sums of squares"
+                    .into(),
             ));
         }
         check_rows(ty, w, k)?;
@@ -625,24 +632,30 @@ impl Mvq {
         }
         let mut flags = mode.flags();
         let rows_per_group = ctx.tuning().mv_rows as u64;
-        let groups: u64 = w
-            .pieces
-            .iter()
-            .map(|pc| (pc.rows / per).div_ceil(rows_per_group))
-            .sum();
-        let (n_next, eps) = match tail {
+        if let Some(ss) = x.ss {
+            if ss.size() < k / 8 {
+                return Err(VkError::Invalid(format!(
+                    "mat-vec over {k} int8 activations: sums of squares too small"
+                )));
+            }
+            flags |= 128;
+        }
+        let n_next = match tail {
             Some(t) => {
+                let n_ss = t.gam.is_some() && t.out.ss.is_none_or(|s| s.size() < t.n / 8);
                 if t.n == 0
                     || !t.n.is_multiple_of(32)
                     || y.size() < t.n * 4
                     || t.out.q.size() < t.n
                     || t.out.d.size() < t.n / 8
+                    || n_ss
                     || t.gam.is_some_and(|g| g.size() < t.n * 4)
-                    || t.count.size() < 4
-                    || ctx.tuning().mv_workgroup_size < 8
+                    || t.count.size() < t.n / 8
+                    || ctx.tuning().mv_workgroup_size < 16
+                    || !32u64.is_multiple_of(rows_per_group)
                 {
                     return Err(VkError::Invalid(format!(
-                        "quantizing {} outputs for the next mat-vec: bad sizes",
+                        "quantizing {} outputs for the next mat-vec: bad sizes or launch shape",
                         t.n
                     )));
                 }
@@ -650,13 +663,14 @@ impl Mvq {
                 if t.gam.is_some() {
                     flags |= 64;
                 }
-                (t.n, t.eps)
+                t.n
             }
-            None => (0, 0.0),
+            None => 0,
         };
         let mut parts = Vec::with_capacity(w.pieces.len());
         for piece in &w.pieces {
-            let bufs: [&Buffer; 8] = match tail {
+            let xs = x.ss.unwrap_or(x.d);
+            let bufs: [&Buffer; 10] = match tail {
                 Some(t) => [
                     &piece.buffer,
                     x.q,
@@ -666,8 +680,10 @@ impl Mvq {
                     t.out.q,
                     t.out.d,
                     t.gam.unwrap_or(y),
+                    t.out.ss.unwrap_or(t.out.d),
+                    xs,
                 ],
-                None => [&piece.buffer, x.q, x.d, y, y, x.q, x.d, y],
+                None => [&piece.buffer, x.q, x.d, y, y, x.q, x.d, y, x.d, xs],
             };
             let b = ctx.bind(kernel, &bufs)?;
             let push = push_words(&[
@@ -676,9 +692,8 @@ impl Mvq {
                 u32_of(y_offset + piece.first_row / per, "y offset")?,
                 flags,
                 mode.softcap.unwrap_or(0.0).to_bits(),
-                u32_of(groups, "workgroups")?,
                 u32_of(n_next, "outputs")?,
-                eps.to_bits(),
+                mode.eps.to_bits(),
             ]);
             parts.push((b, push, piece.rows / per));
         }
@@ -731,7 +746,11 @@ pub fn mvq_host(
         .transpose()?;
     let q = ctx.create_buffer(k as u64, MemoryKind::Device)?;
     let d = ctx.create_buffer((k / 8) as u64, MemoryKind::Device)?;
-    let acts = Q8Acts { q: &q, d: &d };
+    let acts = Q8Acts {
+        q: &q,
+        d: &d,
+        ss: None,
+    };
     let qx = QuantX::new(ctx, k as u64, &xb, gb.as_ref(), mode.eps, &acts)?;
     let mode = MvMode {
         norm: false,

@@ -147,8 +147,11 @@ fn mvq_split_weights() {
     }
 }
 
-/// `MV_TAIL`: the last workgroup quantizes the mat-vec's output for the next one (with
-/// and without the norm, over several pieces and launch shapes), as quant_x would.
+/// `MV_TAIL`: the workgroup completing each block of 32 outputs quantizes it for the
+/// next mat-vec (times the next norm's weights, with the block's sum of squares), over
+/// several pieces and launch shapes; then `MV_XNORM`: the next mat-vec, reading those
+/// sums, equals the one on the quant_x-normed input. Launch shapes that cannot tail
+/// (outputs per workgroup not dividing 32) are refused.
 #[test]
 fn mvq_tail_quantizes_the_output() {
     use caldera_vulkan::ops::{MvTail, Mvq, Q8Acts, QuantX};
@@ -162,15 +165,19 @@ fn mvq_tail_quantizes_the_output() {
     let mut ctxs: Vec<&Context> = contexts().iter().collect();
     ctxs.extend(extra.as_ref());
     for ctx in ctxs {
-        for (norm, add, rows) in [
-            (true, true, 1024usize),
-            (false, false, 352),
-            (true, false, 96),
+        let t = ctx.tuning();
+        let can_tail = t.mv_workgroup_size >= 16 && 32 % t.mv_rows == 0;
+        for (norm, add, glu, rows) in [
+            (true, true, false, 1024usize),
+            (false, false, true, 352),
+            (true, false, false, 96),
+            (true, false, true, 160),
         ] {
             let (ty, k) = (GgmlType::Q4_K, 512usize);
-            let w = quantize(ty, &random_vec(&mut rng, rows * k, 1.0)).unwrap();
+            let wrows = if glu { 2 * rows } else { rows };
+            let w = quantize(ty, &random_vec(&mut rng, wrows * k, 1.0)).unwrap();
             let wt = ctx
-                .upload_rows(&w, ty.row_bytes(k as u64).unwrap())
+                .upload_rows_grouped(&[&w], ty.row_bytes(k as u64).unwrap(), 1 + glu as u64)
                 .unwrap();
             let x = random_vec(&mut rng, k, 2.0);
             let y0 = random_vec(&mut rng, rows, 1.0);
@@ -179,55 +186,111 @@ fn mvq_tail_quantizes_the_output() {
             let yb = ctx.upload_f32(&y0).unwrap();
             let gb = ctx.upload_f32(&gam).unwrap();
             let dev = |n: usize| ctx.create_buffer(n as u64, MemoryKind::Device).unwrap();
-            let (q_in, d_in, q_out, d_out) = (dev(k), dev(k / 8), dev(rows), dev(rows / 8));
-            let count = ctx.upload(&[0u8; 4]).unwrap();
-            let acts = Q8Acts { q: &q_in, d: &d_in };
+            let (q_in, d_in) = (dev(k), dev(k / 8));
+            let (q_out, d_out, ss_out) = (dev(rows), dev(rows / 8), dev(rows / 8));
+            let count = ctx.upload(&vec![0u8; rows / 8]).unwrap();
+            let acts = Q8Acts {
+                q: &q_in,
+                d: &d_in,
+                ss: None,
+            };
             let qx = QuantX::new(ctx, k as u64, &xb, None, 0.0, &acts).unwrap();
             let tail = MvTail {
                 count: &count,
                 out: Q8Acts {
                     q: &q_out,
                     d: &d_out,
+                    ss: norm.then_some(&ss_out),
                 },
                 gam: norm.then_some(&gb),
                 n: rows as u64,
-                eps: 1e-6,
             };
             let mode = MvMode {
                 add,
+                glu: glu.then_some(caldera_vulkan::ops::GluAct::Silu),
                 ..Default::default()
             };
-            let op =
-                Mvq::with_tail(ctx, ty, &wt, k as u64, &acts, &yb, 0, mode, Some(&tail)).unwrap();
+            let op = Mvq::with_tail(ctx, ty, &wt, k as u64, &acts, &yb, 0, mode, Some(&tail));
+            if !can_tail {
+                assert!(op.is_err(), "rows {} accepted a tail", t.mv_rows);
+                continue;
+            }
+            let op = op.unwrap();
+            // The next mat-vec (Q8_0, rows -> 37 outputs) on the tail's output.
+            let (ty2, outs2) = (GgmlType::Q8_0, 37usize);
+            let w2 = quantize(ty2, &random_vec(&mut rng, outs2 * rows, 1.0)).unwrap();
+            let wt2 = ctx
+                .upload_rows(&w2, ty2.row_bytes(rows as u64).unwrap())
+                .unwrap();
+            let y2 = dev(outs2 * 4);
+            let acts2 = Q8Acts {
+                q: &q_out,
+                d: &d_out,
+                ss: norm.then_some(&ss_out),
+            };
+            let mode2 = MvMode {
+                eps: 1e-6,
+                ..Default::default()
+            };
+            let op2 = Mvq::new(ctx, ty2, &wt2, rows as u64, &acts2, &y2, 0, mode2).unwrap();
             let rec = ctx
                 .record(|r| {
                     qx.record(r)?;
                     r.barrier();
-                    op.record(r)
+                    op.record(r)?;
+                    r.barrier();
+                    op2.record(r)
                 })
                 .unwrap();
-            // Twice: the count must be back at zero after the first run.
-            for _ in 0..2 {
-                ctx.submit(&rec).unwrap();
-            }
+            ctx.submit(&rec).unwrap();
             let y = ctx.read_f32(&yb, rows).unwrap();
             let q = ctx.read_buffer(&q_out, 0, rows as u64).unwrap();
             let d = ctx.read_f32(&d_out, rows / 32).unwrap();
-            let cnt = ctx.read_buffer(&count, 0, 4).unwrap();
-            assert_eq!(cnt, vec![0u8; 4], "count not reset");
-            let mode = MvMode {
-                norm,
-                eps: 1e-6,
-                ..Default::default()
+            let cnt = ctx.read_buffer(&count, 0, (rows / 8) as u64).unwrap();
+            assert!(cnt.iter().all(|&c| c == 0), "counts not reset");
+            let scaled: Vec<f32> = if norm {
+                y.iter().zip(&gam).map(|(a, b)| a * b).collect()
+            } else {
+                y.clone()
             };
-            let want = quantized_input(&y, &gam, mode);
+            let want = quantized_input(&scaled, &gam, MvMode::default());
             for i in 0..rows {
                 let got = q[i] as i8 as f64 * d[i / 32] as f64;
                 assert!(
                     (got - want[i]).abs() <= 1.01 * d[i / 32] as f64 + 1e-6,
-                    "norm {norm} rows {rows} (wg {}): [{i}] got {got}, want {}",
-                    ctx.tuning().mv_workgroup_size,
+                    "norm {norm} glu {glu} rows {rows} (wg {}, rows {}): [{i}] got {got}, \
+                     want {}",
+                    t.mv_workgroup_size,
+                    t.mv_rows,
                     want[i]
+                );
+            }
+            if norm {
+                let ss = ctx.read_f32(&ss_out, rows / 32).unwrap();
+                for (b, blk) in y.chunks(32).enumerate() {
+                    let want: f64 = blk.iter().map(|&v| v as f64 * v as f64).sum();
+                    assert!(
+                        (ss[b] as f64 - want).abs() <= 1e-5 * want + 1e-6,
+                        "block {b}: sum of squares {} want {want}",
+                        ss[b]
+                    );
+                }
+            }
+            // The consumer equals a mat-vec on the quant_x-normed input.
+            let mode_in = MvMode {
+                norm,
+                eps: 1e-6,
+                ..Default::default()
+            };
+            let input = quantized_input(&y, &gam, mode_in);
+            let (want2, mag2) = common::cpu_mv(ty2, &w2, &input, &[0.0; 37], MvMode::default());
+            let got2 = ctx.read_f32(&y2, outs2).unwrap();
+            for i in 0..outs2 {
+                assert!(
+                    (got2[i] as f64 - want2[i]).abs() <= 2e-3 * mag2[i] + 1e-5,
+                    "next mat-vec, norm {norm} rows {rows}: [{i}] got {} want {}",
+                    got2[i],
+                    want2[i]
                 );
             }
         }
