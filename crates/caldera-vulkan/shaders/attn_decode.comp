@@ -20,6 +20,7 @@ layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
 layout(std430, binding = 1) buffer Kc { float kc[]; };
 layout(std430, binding = 1) readonly buffer Kc4 { vec4 kc4[]; };
 layout(std430, binding = 2) buffer Vc { float vc[]; };
+layout(std430, binding = 2) readonly buffer Vc4 { vec4 vc4[]; };
 layout(std430, binding = 3) writeonly buffer Out { float o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
 layout(std430, binding = 5) readonly buffer Qn { float qn[]; };
@@ -60,6 +61,9 @@ shared float q_s[MAXG * MAX_HD];
 shared float k_s[MAX_HD];
 shared float v_s[MAX_HD];
 shared float sc[MAXG * MAX_SPLIT];
+// A tile of k (then v) rows: TILE / hd positions.
+const uint TILE = 4096u;
+shared float kv_s[TILE];
 shared float inv_s[MAXG];
 // Combine: every split's m and l (then its weight) per head, up to MAX_COMBINE splits.
 const uint MAX_COMBINE = 128u;
@@ -74,13 +78,24 @@ shared bool last_s;
 void norm_rope(bool is_q, uint nh, bool norm, uint pos) {
     uint tid = gl_LocalInvocationID.x;
     if (norm) {
-        if (tid < nh) {
-            float ss = 0.0;
-            for (uint i = 0u; i < p.hd; i++) {
-                float v = is_q ? q_s[tid * p.hd + i] : k_s[i];
+        // G invocations per row sum its squares in strides, then one adds their sums.
+        uint G = WG / nh;
+        uint h = tid / G;
+        float ss = 0.0;
+        if (h < nh) {
+            for (uint i = tid % G; i < p.hd; i += G) {
+                float v = is_q ? q_s[h * p.hd + i] : k_s[i];
                 ss += v * v;
             }
-            inv_s[tid] = inversesqrt(ss / float(p.hd) + p.eps);
+        }
+        red_buf[tid] = ss;
+        barrier();
+        if (tid < nh) {
+            float t = 0.0;
+            for (uint i = 0u; i < G; i++) {
+                t += red_buf[tid * G + i];
+            }
+            inv_s[tid] = inversesqrt(t / float(p.hd) + p.eps);
         }
         barrier();
         for (uint j = tid; j < nh * p.hd; j += WG) {
@@ -121,27 +136,76 @@ void norm_rope(bool is_q, uint nh, bool norm, uint pos) {
 }
 
 // With F_Q8: quantizes the chunk's output (nh heads in q_s; hd a multiple of 32) to int8
-// blocks of 32 for the o-projection, one invocation per block. Follows a barrier.
+// blocks of 32 for the o-projection, 8 invocations per block of 4 values each (WG a
+// multiple of 8). Follows a barrier.
 void quantize_out(uint h0, uint nh) {
     if ((p.flags & F_Q8) == 0u) {
         return;
     }
     uint tid = gl_LocalInvocationID.x;
-    for (uint bk = tid; bk < nh * p.hd / 32u; bk += WG) {
+    uint nw = nh * p.hd / 4u;
+    for (uint base = 0u; base < nw; base += WG) {
+        uint wi = base + tid;
+        vec4 v = vec4(0.0);
+        if (wi < nw) {
+            v = vec4(q_s[4u * wi], q_s[4u * wi + 1u], q_s[4u * wi + 2u], q_s[4u * wi + 3u]);
+        }
+        vec4 av = abs(v);
+        red_buf[tid] = max(max(av.x, av.y), max(av.z, av.w));
+        barrier();
         float amax = 0.0;
-        for (uint i = 0u; i < 32u; i++) {
-            amax = max(amax, abs(q_s[32u * bk + i]));
+        uint first = tid & ~7u;
+        [[unroll]] for (uint j = 0u; j < 8u; j++) {
+            amax = max(amax, red_buf[first + j]);
         }
-        float id = amax > 0.0 ? 127.0 / amax : 0.0;
-        for (uint wi = 0u; wi < 8u; wi++) {
-            uint word = 0u;
-            for (uint e = 0u; e < 4u; e++) {
-                int q = clamp(int(roundEven(q_s[32u * bk + 4u * wi + e] * id)), -127, 127);
-                word |= (uint(q) & 255u) << (8u * e);
+        barrier();
+        if (wi < nw) {
+            float id = amax > 0.0 ? 127.0 / amax : 0.0;
+            ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
+            uvec4 u = uvec4(t) & 255u;
+            xq[((h0 * p.hd) >> 2) + wi] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+            if ((wi & 7u) == 0u) {
+                xd[((h0 * p.hd) >> 5) + wi / 8u] = amax / 127.0;
             }
-            xq[((h0 * p.hd) >> 2) + 8u * bk + wi] = word;
         }
-        xd[((h0 * p.hd) >> 5) + bk] = amax / 127.0;
+    }
+}
+
+// Stages tn rows of the k (or v) cache from position p_first on (kv head g) in kv_s;
+// the token's own row (position pos) comes from k_s / v_s. 16 loads in flight per
+// invocation.
+void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
+    uint tid = gl_LocalInvocationID.x;
+    uint hd4 = p.hd / 4u;
+    uint total = tn * hd4;
+    for (uint j0 = tid; j0 < total; j0 += 16u * WG) {
+        vec4 t[16];
+        [[unroll]] for (uint u = 0u; u < 16u; u++) {
+            uint j = j0 + u * WG;
+            uint pi = p_first + j / hd4;
+            uint d = 4u * (j % hd4);
+            t[u] = vec4(0.0);
+            if (j < total && pi != pos) {
+                uint e = (pi * kvd + g * p.hd + d) >> 2;
+                t[u] = is_v ? vc4[e] : kc4[e];
+            }
+        }
+        [[unroll]] for (uint u = 0u; u < 16u; u++) {
+            uint j = j0 + u * WG;
+            if (j < total) {
+                uint pi = p_first + j / hd4;
+                uint d = 4u * (j % hd4);
+                vec4 v = t[u];
+                if (pi == pos) {
+                    v = is_v ? vec4(v_s[d], v_s[d + 1u], v_s[d + 2u], v_s[d + 3u])
+                             : vec4(k_s[d], k_s[d + 1u], k_s[d + 2u], k_s[d + 3u]);
+                }
+                kv_s[4u * j] = v.x;
+                kv_s[4u * j + 1u] = v.y;
+                kv_s[4u * j + 2u] = v.z;
+                kv_s[4u * j + 3u] = v.w;
+            }
+        }
     }
 }
 
@@ -190,65 +254,61 @@ void main() {
             }
         }
     }
-    // Scores: one invocation per position, every head of the chunk at once.
-    for (uint i = tid; i < n; i += WG) {
-        uint pi = p0 + i;
-        uint rb = pi * kvd + g * p.hd;
-        float a[MAXG];
-        [[unroll]] for (uint h = 0u; h < MAXG; h++) {
-            a[h] = 0.0;
-        }
-        if (pi == pos) {
-            for (uint d = 0u; d < p.hd; d++) {
-                float kv = k_s[d];
-                [[unroll]] for (uint h = 0u; h < MAXG; h++) {
-                    if (h < nh) {
-                        a[h] += q_s[h * p.hd + d] * kv;
-                    }
-                }
-            }
-        } else {
-            // Eight k loads in flight before their FMAs: a loop of single loads would
-            // wait out the memory latency once per vec4.
-            for (uint d0 = 0u; d0 < p.hd; d0 += 32u) {
-                vec4 kv[8];
-                [[unroll]] for (uint u = 0u; u < 8u; u++) {
-                    uint d = d0 + 4u * u;
-                    kv[u] = d < p.hd ? kc4[(rb + d) >> 2] : vec4(0.0);
-                }
-                [[unroll]] for (uint u = 0u; u < 8u; u++) {
-                    uint d = d0 + 4u * u;
-                    if (d < p.hd) {
-                        [[unroll]] for (uint h = 0u; h < MAXG; h++) {
-                            if (h < nh) {
-                                uint qo = h * p.hd + d;
-                                a[h] += q_s[qo] * kv[u].x + q_s[qo + 1u] * kv[u].y
-                                      + q_s[qo + 2u] * kv[u].z + q_s[qo + 3u] * kv[u].w;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        [[unroll]] for (uint h = 0u; h < MAXG; h++) {
-            if (h < nh) {
-                float v = a[h] * p.scale;
-                if (p.softcap > 0.0) {
-                    v = p.softcap * tanh(v / p.softcap);
-                }
-                sc[h * MAX_SPLIT + i] = v;
-            }
-        }
+    // (Profiling only: bits 8.. of flags stop the kernel after a phase.)
+    uint stop = (p.flags >> 8) & 3u;
+    if (stop == 1u) {
+        return;
     }
-    barrier();
-    if (tid < nh) {
+    // Scores, a tile of positions at a time: every invocation first stages the tile's
+    // k rows in shared memory (all loads in flight together: one memory round trip per
+    // tile, not one per step of a dot product), then one task per (head, position).
+    uint hd4 = p.hd / 4u;
+    uint T = min(n, TILE / p.hd);
+    for (uint t0 = 0u; t0 < n; t0 += T) {
+        uint tn = min(T, n - t0);
+        stage(false, p0 + t0, tn, pos, kvd, g);
+        barrier();
+        for (uint task = tid; task < tn * nh; task += WG) {
+            uint i = task % tn;
+            uint h = task / tn;
+            uint qb = h * p.hd;
+            float a = 0.0;
+            for (uint d4 = 0u; d4 < hd4; d4++) {
+                uint kb4 = 4u * (i * hd4 + d4);
+                uint qo = qb + 4u * d4;
+                a += q_s[qo] * kv_s[kb4] + q_s[qo + 1u] * kv_s[kb4 + 1u]
+                   + q_s[qo + 2u] * kv_s[kb4 + 2u] + q_s[qo + 3u] * kv_s[kb4 + 3u];
+            }
+            float v = a * p.scale;
+            if (p.softcap > 0.0) {
+                v = p.softcap * tanh(v / p.softcap);
+            }
+            sc[h * MAX_SPLIT + t0 + i] = v;
+        }
+        barrier();
+    }
+    // Softmax per head: G invocations per head take strided maxima (then sums), one
+    // combines them.
+    uint G = WG / nh;
+    uint hh = tid / G;
+    {
         float mx = -1e30;
-        for (uint i = 0u; i < n; i++) {
-            mx = max(mx, sc[tid * MAX_SPLIT + i]);
+        if (hh < nh) {
+            for (uint i = tid % G; i < n; i += G) {
+                mx = max(mx, sc[hh * MAX_SPLIT + i]);
+            }
         }
-        m_s[tid] = mx;
+        red_buf[tid] = mx;
+        barrier();
+        if (tid < nh) {
+            float t = -1e30;
+            for (uint i = 0u; i < G; i++) {
+                t = max(t, red_buf[tid * G + i]);
+            }
+            m_s[tid] = t;
+        }
+        barrier();
     }
-    barrier();
     for (uint i = tid; i < nh * MAX_SPLIT; i += WG) {
         uint h = i / MAX_SPLIT;
         if (i % MAX_SPLIT < n) {
@@ -256,54 +316,62 @@ void main() {
         }
     }
     barrier();
-    if (tid < nh) {
+    {
         float l = 0.0;
-        for (uint i = 0u; i < n; i++) {
-            l += sc[tid * MAX_SPLIT + i];
+        if (hh < nh) {
+            for (uint i = tid % G; i < n; i += G) {
+                l += sc[hh * MAX_SPLIT + i];
+            }
         }
-        l_s[tid] = l;
+        red_buf[tid] = l;
+        barrier();
+        if (tid < nh) {
+            float t = 0.0;
+            for (uint i = 0u; i < G; i++) {
+                t += red_buf[tid * G + i];
+            }
+            l_s[tid] = t;
+        }
+        barrier();
     }
-    barrier();
     bool single = n_active == 1u;
     uint stride = 2u + p.hd;
-    for (uint d = tid; d < p.hd; d += WG) {
-        float a[MAXG];
-        [[unroll]] for (uint h = 0u; h < MAXG; h++) {
-            a[h] = 0.0;
+    // Values, a tile at a time as for k: the sums go to q_s (q is no longer needed),
+    // one (head, dim) per task.
+    for (uint j = tid; j < nh * p.hd; j += WG) {
+        q_s[j] = 0.0;
+    }
+    for (uint t0 = 0u; t0 < n; t0 += T) {
+        uint tn = min(T, n - t0);
+        stage(true, p0 + t0, tn, pos, kvd, g);
+        barrier();
+        for (uint j = tid; j < nh * p.hd; j += WG) {
+            uint h = j / p.hd;
+            uint d = j % p.hd;
+            float acc = q_s[j];
+            for (uint i = 0u; i < tn; i++) {
+                acc += sc[h * MAX_SPLIT + t0 + i] * kv_s[i * p.hd + d];
+            }
+            q_s[j] = acc;
         }
-        uint rb = p0 * kvd + g * p.hd + d;
-        for (uint i0 = 0u; i0 < n; i0 += 8u) {
-            // Eight v loads in flight, as for k.
-            float vv[8];
-            [[unroll]] for (uint u = 0u; u < 8u; u++) {
-                uint i = i0 + u;
-                vv[u] = i >= n ? 0.0 : (p0 + i == pos ? v_s[d] : vc[rb + i * kvd]);
-            }
-            [[unroll]] for (uint u = 0u; u < 8u; u++) {
-                uint i = i0 + u;
-                if (i < n) {
-                    [[unroll]] for (uint h = 0u; h < MAXG; h++) {
-                        if (h < nh) {
-                            a[h] += sc[h * MAX_SPLIT + i] * vv[u];
-                        }
-                    }
-                }
-            }
-        }
-        [[unroll]] for (uint h = 0u; h < MAXG; h++) {
-            if (h < nh) {
-                if (single) {
-                    // One split: the output directly, no partials.
-                    float v = a[h] / l_s[h];
-                    q_s[h * p.hd + d] = v;
-                    o[(h0 + h) * p.hd + d] = v;
-                } else {
-                    part[((h0 + h) * p.max_splits + s) * stride + 2u + d] = a[h];
-                }
-            }
+        barrier();
+    }
+    for (uint j = tid; j < nh * p.hd; j += WG) {
+        uint h = j / p.hd;
+        uint d = j % p.hd;
+        if (single) {
+            // One split: the output directly, no partials.
+            float v = q_s[j] / l_s[h];
+            q_s[j] = v;
+            o[(h0 + h) * p.hd + d] = v;
+        } else {
+            part[((h0 + h) * p.max_splits + s) * stride + 2u + d] = q_s[j];
         }
     }
     barrier();
+    if (stop == 2u) {
+        return;
+    }
     if (single) {
         quantize_out(h0, nh);
         return;

@@ -8,8 +8,8 @@
 // block with adjacent loads, the activation words and scales of a block loaded once for
 // all the rows of the workgroup.
 // With MV_TAIL the kernel also prepares the next mat-vec's input, block by block: each
-// workgroup adds the outputs it stored to an atomic count per block of 32 outputs, and
-// the one that completes a block (and resets its count) quantizes it as quant_x.comp
+// invocation that stores an output adds it to an atomic count per block of 32 outputs,
+// and the one that completes a block (and resets its count) quantizes it as quant_x.comp
 // does, times the next norm's weights ngam with MV_TAIL_NORM, also writing the block's
 // sum of squares (of y itself) to ns. The next mat-vec then runs with MV_XNORM: it sums
 // those per-block squares itself and scales its dot products by 1 / rms, which is the
@@ -201,70 +201,45 @@ float block_dot(uint row, uint b, uint lane) {
 #endif
 
 shared float red_mv[(MAXR + 1u) * WG];
-shared bool done_s[2];
-shared float mx_s[16];
-shared float ss_s[16];
 
-// MV_TAIL: counts the outputs [o0, o1) this workgroup stored into their blocks' counts;
-// for each block it completes, 8 invocations quantize the block for the next mat-vec
-// (needs WG >= 16; a workgroup's outputs touch at most 2 blocks as ROWS <= 32).
-void tail(uint o0, uint o1) {
-    uint tid = gl_LocalInvocationID.x;
-    memoryBarrierBuffer();
-    barrier();
-    uint fb = o0 / 32u;
-    uint nb = o1 > o0 ? (o1 - 1u) / 32u + 1u - fb : 0u;
-    if (tid < 2u) {
-        bool done = false;
-        uint b = fb + tid;
-        if (tid < nb && 32u * b < p.n_next) {
-            uint lo = max(o0, 32u * b);
-            uint hi = min(o1, 32u * b + 32u);
-            uint prev = atomicAdd(cnt[b], hi - lo);
-            done = prev + (hi - lo) == 32u;
-            if (done) {
-                cnt[b] = 0u;
-            }
-        }
-        done_s[tid] = done;
-    }
-    barrier();
-    if (!done_s[0] && !done_s[1]) {
-        return; // uniform for the workgroup
+// MV_TAIL, by the invocation that stored output o: counts it into its block of 32; the
+// invocation whose count completes the block (and resets it) quantizes the block for
+// the next mat-vec. No workgroup barrier: the other invocations are done.
+void tail_one(uint o) {
+    uint b = o / 32u;
+    if (32u * b >= p.n_next) {
+        return;
     }
     memoryBarrierBuffer();
-    uint j = tid >> 3;
-    uint l = tid & 7u;
-    bool act = tid < 16u && done_s[j & 1u];
-    uint b = fb + j;
-    vec4 v = vec4(0.0);
-    if (act) {
-        v = y4[8u * b + l];
-        ss_s[tid] = dot(v, v);
-        if ((p.flags & MV_TAIL_NORM) != 0u) {
-            v *= ngam4[8u * b + l];
-        }
-        vec4 av = abs(v);
-        mx_s[tid] = max(max(av.x, av.y), max(av.z, av.w));
+    if (atomicAdd(cnt[b], 1u) != 31u) {
+        return;
     }
-    barrier();
-    if (act) {
-        float amax = 0.0;
-        float ss = 0.0;
-        [[unroll]] for (uint i = 0u; i < 8u; i++) {
-            amax = max(amax, mx_s[8u * j + i]);
-            ss += ss_s[8u * j + i];
+    cnt[b] = 0u;
+    memoryBarrierBuffer();
+    bool norm = (p.flags & MV_TAIL_NORM) != 0u;
+    vec4 v[8];
+    float ss = 0.0;
+    float amax = 0.0;
+    [[unroll]] for (uint i = 0u; i < 8u; i++) {
+        v[i] = y4[8u * b + i];
+    }
+    [[unroll]] for (uint i = 0u; i < 8u; i++) {
+        ss += dot(v[i], v[i]);
+        if (norm) {
+            v[i] *= ngam4[8u * b + i];
         }
-        float id = amax > 0.0 ? 127.0 / amax : 0.0;
-        ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
+        vec4 av = abs(v[i]);
+        amax = max(amax, max(max(av.x, av.y), max(av.z, av.w)));
+    }
+    float id = amax > 0.0 ? 127.0 / amax : 0.0;
+    [[unroll]] for (uint i = 0u; i < 8u; i++) {
+        ivec4 t = clamp(ivec4(roundEven(v[i] * id)), ivec4(-127), ivec4(127));
         uvec4 u = uvec4(t) & 255u;
-        nq[8u * b + l] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
-        if (l == 0u) {
-            nd[b] = amax / 127.0;
-            if ((p.flags & MV_TAIL_NORM) != 0u) {
-                nss[b] = ss;
-            }
-        }
+        nq[8u * b + i] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+    }
+    nd[b] = amax / 127.0;
+    if (norm) {
+        nss[b] = ss;
     }
 }
 
@@ -363,24 +338,26 @@ void main() {
             a[r] *= inv;
         }
     }
+    bool tail = (p.flags & MV_TAIL) != 0u;
 #if MVG
     [[unroll]] for (uint i = 0u; i < MAXR / 2u; i++) {
         if (i < ROWS && tid == i && row0 + 2u * i + 1u <= last) {
             float g = a[2u * i];
             float act = (p.flags & MV_GELU) != 0u ? gelu_tanh(g) : silu(g);
             store(grp * ROWS + i, act * a[2u * i + 1u]);
+            if (tail) {
+                tail_one(p.y_offset + grp * ROWS + i);
+            }
         }
     }
 #else
     [[unroll]] for (uint r = 0u; r < MAXR; r++) {
         if (r < NR && tid == r && row0 + r <= last) {
             store(row0 + r, a[r]);
+            if (tail) {
+                tail_one(p.y_offset + row0 + r);
+            }
         }
     }
 #endif
-    if ((p.flags & MV_TAIL) != 0u) {
-        uint outs = MVG != 0 ? p.rows / 2u : p.rows;
-        uint o0 = grp * ROWS;
-        tail(p.y_offset + o0, p.y_offset + min(o0 + ROWS, outs));
-    }
 }

@@ -359,7 +359,11 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
     let limit = info.max_compute_work_group_size[0]
         .min(info.max_compute_work_group_invocations)
         .max(1);
-    let want = opts.workgroup_size.unwrap_or(64).clamp(1, limit);
+    let want = opts
+        .workgroup_size
+        .or_else(|| std::env::var("CALDERA_VK_WG").ok()?.parse().ok())
+        .unwrap_or(64)
+        .clamp(1, limit);
     // Largest power of two not above `want`.
     let workgroup_size = 1u32 << (31 - want.leading_zeros());
     // Intel Arc runs best at subgroup 16 (DESIGN.md); elsewhere the driver's default.
@@ -381,6 +385,19 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         .or_else(|| env_u32("CALDERA_VK_MV_ROWS"))
         .unwrap_or(2)
         .clamp(1, 4);
+    // Gate/up mat-vecs (two weight rows per output) measured fastest at 64 x 1 on the
+    // H100 (docs/BENCHMARKS.md); an explicit plain shape applies to them too.
+    let mvg_want = opts
+        .mv_workgroup_size
+        .or_else(|| env_u32("CALDERA_VK_MVG_WG"))
+        .unwrap_or(64)
+        .clamp(16, limit.max(16));
+    let mvg_workgroup_size = (1u32 << (31 - mvg_want.leading_zeros())).max(16);
+    let mvg_rows = opts
+        .mv_rows
+        .or_else(|| env_u32("CALDERA_VK_MVG_ROWS"))
+        .unwrap_or(1)
+        .clamp(1, 4);
     let env_on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
     Tuning {
         int8_dot: info.int8_dot && !opts.force_no_int8_dot && !env_on("CALDERA_VK_NO_DOT"),
@@ -388,6 +405,8 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         workgroup_size,
         mv_workgroup_size,
         mv_rows,
+        mvg_workgroup_size,
+        mvg_rows,
         rows_per_group: opts.rows_per_group.unwrap_or(2).clamp(1, 64),
         subgroup_reduce: info.subgroup_arithmetic && !force_shared,
         required_subgroup_size,
@@ -548,7 +567,8 @@ fn create_pipeline(
             }
         };
         let spec_data: [u32; 2] = if desc.mv {
-            [tuning.mv_workgroup_size, tuning.mv_rows]
+            let (wg, rows) = tuning.mv_shape(desc.glu);
+            [wg, rows]
         } else {
             [tuning.workgroup_size, tuning.rows_per_group]
         };

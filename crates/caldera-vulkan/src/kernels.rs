@@ -110,6 +110,14 @@ pub struct KernelDesc {
     /// Uses int8 dot-product instructions: its pipeline exists only where
     /// [`Tuning::int8_dot`] holds.
     pub int8_dot: bool,
+    /// A gate|up decode mat-vec: launched with [`Tuning::mv_shape`]`(true)`.
+    pub glu: bool,
+}
+
+/// `d`, marked as a gate|up decode mat-vec.
+const fn glu(mut d: KernelDesc) -> KernelDesc {
+    d.glu = true;
+    d
 }
 
 macro_rules! spv {
@@ -156,6 +164,7 @@ const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u
         rows_per_group: true,
         mv: false,
         int8_dot: false,
+        glu: false,
     }
 }
 
@@ -176,6 +185,7 @@ const fn plain(
         rows_per_group: false,
         mv: false,
         int8_dot: false,
+        glu: false,
     }
 }
 
@@ -194,6 +204,7 @@ const fn mv(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u
         rows_per_group: true,
         mv: true,
         int8_dot: false,
+        glu: false,
     }
 }
 
@@ -219,6 +230,7 @@ const fn mvq(
         rows_per_group: true,
         mv: true,
         int8_dot,
+        glu: false,
     }
 }
 
@@ -234,6 +246,7 @@ pub const KERNELS: [KernelDesc; 71] = [
         rows_per_group: false,
         mv: false,
         int8_dot: false,
+        glu: false,
     },
     mm(Kernel::MmF32, "mm_f32", spv!("mm_f32")),
     mm(Kernel::MmF16, "mm_f16", spv!("mm_f16")),
@@ -292,18 +305,18 @@ pub const KERNELS: [KernelDesc; 71] = [
     mv(Kernel::MvQ5K, "mv_q5_k", spv!("mv_q5_k")),
     mv(Kernel::MvQ6K, "mv_q6_k", spv!("mv_q6_k")),
     mv(Kernel::MvIQ4XS, "mv_iq4_xs", spv!("mv_iq4_xs")),
-    mv(Kernel::MvgF32, "mvg_f32", spv!("mvg_f32")),
-    mv(Kernel::MvgF16, "mvg_f16", spv!("mvg_f16")),
-    mv(Kernel::MvgBF16, "mvg_bf16", spv!("mvg_bf16")),
-    mv(Kernel::MvgQ4_0, "mvg_q4_0", spv!("mvg_q4_0")),
-    mv(Kernel::MvgQ4_1, "mvg_q4_1", spv!("mvg_q4_1")),
-    mv(Kernel::MvgQ5_0, "mvg_q5_0", spv!("mvg_q5_0")),
-    mv(Kernel::MvgQ5_1, "mvg_q5_1", spv!("mvg_q5_1")),
-    mv(Kernel::MvgQ8_0, "mvg_q8_0", spv!("mvg_q8_0")),
-    mv(Kernel::MvgQ4K, "mvg_q4_k", spv!("mvg_q4_k")),
-    mv(Kernel::MvgQ5K, "mvg_q5_k", spv!("mvg_q5_k")),
-    mv(Kernel::MvgQ6K, "mvg_q6_k", spv!("mvg_q6_k")),
-    mv(Kernel::MvgIQ4XS, "mvg_iq4_xs", spv!("mvg_iq4_xs")),
+    glu(mv(Kernel::MvgF32, "mvg_f32", spv!("mvg_f32"))),
+    glu(mv(Kernel::MvgF16, "mvg_f16", spv!("mvg_f16"))),
+    glu(mv(Kernel::MvgBF16, "mvg_bf16", spv!("mvg_bf16"))),
+    glu(mv(Kernel::MvgQ4_0, "mvg_q4_0", spv!("mvg_q4_0"))),
+    glu(mv(Kernel::MvgQ4_1, "mvg_q4_1", spv!("mvg_q4_1"))),
+    glu(mv(Kernel::MvgQ5_0, "mvg_q5_0", spv!("mvg_q5_0"))),
+    glu(mv(Kernel::MvgQ5_1, "mvg_q5_1", spv!("mvg_q5_1"))),
+    glu(mv(Kernel::MvgQ8_0, "mvg_q8_0", spv!("mvg_q8_0"))),
+    glu(mv(Kernel::MvgQ4K, "mvg_q4_k", spv!("mvg_q4_k"))),
+    glu(mv(Kernel::MvgQ5K, "mvg_q5_k", spv!("mvg_q5_k"))),
+    glu(mv(Kernel::MvgQ6K, "mvg_q6_k", spv!("mvg_q6_k"))),
+    glu(mv(Kernel::MvgIQ4XS, "mvg_iq4_xs", spv!("mvg_iq4_xs"))),
     plain(Kernel::Copy, "copy", spv!("copy"), 2, 4),
     plain(
         Kernel::QuantX,
@@ -316,18 +329,38 @@ pub const KERNELS: [KernelDesc; 71] = [
     mvq(Kernel::MvqQ8_0, "mvq_q8_0", spv!("mvq_q8_0"), true),
     mvq(Kernel::MvqQ4K, "mvq_q4_k", spv!("mvq_q4_k"), true),
     mvq(Kernel::MvqQ6K, "mvq_q6_k", spv!("mvq_q6_k"), true),
-    mvq(Kernel::MvqgQ4_0, "mvqg_q4_0", spv!("mvqg_q4_0"), true),
-    mvq(Kernel::MvqgQ8_0, "mvqg_q8_0", spv!("mvqg_q8_0"), true),
-    mvq(Kernel::MvqgQ4K, "mvqg_q4_k", spv!("mvqg_q4_k"), true),
-    mvq(Kernel::MvqgQ6K, "mvqg_q6_k", spv!("mvqg_q6_k"), true),
+    glu(mvq(Kernel::MvqgQ4_0, "mvqg_q4_0", spv!("mvqg_q4_0"), true)),
+    glu(mvq(Kernel::MvqgQ8_0, "mvqg_q8_0", spv!("mvqg_q8_0"), true)),
+    glu(mvq(Kernel::MvqgQ4K, "mvqg_q4_k", spv!("mvqg_q4_k"), true)),
+    glu(mvq(Kernel::MvqgQ6K, "mvqg_q6_k", spv!("mvqg_q6_k"), true)),
     mvq(Kernel::MvqeQ4_0, "mvqe_q4_0", spv!("mvqe_q4_0"), false),
     mvq(Kernel::MvqeQ8_0, "mvqe_q8_0", spv!("mvqe_q8_0"), false),
     mvq(Kernel::MvqeQ4K, "mvqe_q4_k", spv!("mvqe_q4_k"), false),
     mvq(Kernel::MvqeQ6K, "mvqe_q6_k", spv!("mvqe_q6_k"), false),
-    mvq(Kernel::MvqgeQ4_0, "mvqge_q4_0", spv!("mvqge_q4_0"), false),
-    mvq(Kernel::MvqgeQ8_0, "mvqge_q8_0", spv!("mvqge_q8_0"), false),
-    mvq(Kernel::MvqgeQ4K, "mvqge_q4_k", spv!("mvqge_q4_k"), false),
-    mvq(Kernel::MvqgeQ6K, "mvqge_q6_k", spv!("mvqge_q6_k"), false),
+    glu(mvq(
+        Kernel::MvqgeQ4_0,
+        "mvqge_q4_0",
+        spv!("mvqge_q4_0"),
+        false,
+    )),
+    glu(mvq(
+        Kernel::MvqgeQ8_0,
+        "mvqge_q8_0",
+        spv!("mvqge_q8_0"),
+        false,
+    )),
+    glu(mvq(
+        Kernel::MvqgeQ4K,
+        "mvqge_q4_k",
+        spv!("mvqge_q4_k"),
+        false,
+    )),
+    glu(mvq(
+        Kernel::MvqgeQ6K,
+        "mvqge_q6_k",
+        spv!("mvqge_q6_k"),
+        false,
+    )),
     plain(
         Kernel::AttnDecode,
         "attn_decode",
@@ -421,6 +454,17 @@ impl Kernel {
     }
 }
 
+impl Tuning {
+    /// (workgroup size, outputs per workgroup) of the decode mat-vecs, gate|up or plain.
+    pub fn mv_shape(&self, glu: bool) -> (u32, u32) {
+        if glu {
+            (self.mvg_workgroup_size, self.mvg_rows)
+        } else {
+            (self.mv_workgroup_size, self.mv_rows)
+        }
+    }
+}
+
 /// The launch shape chosen once per device (specialization constants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tuning {
@@ -432,8 +476,13 @@ pub struct Tuning {
     pub subgroup_reduce: bool,
     /// Decode mat-vec (`mv.glsl`) workgroup size, a power of two >= 16.
     pub mv_workgroup_size: u32,
-    /// Decode mat-vec outputs per workgroup (1..=8; 1..=4 for the gate|up variant).
+    /// Decode mat-vec outputs per workgroup (1..=4).
     pub mv_rows: u32,
+    /// The same two for the gate|up mat-vecs (`mvg_*`, `mvqg_*`: two weight rows per
+    /// output), which prefer smaller workgroups; `CALDERA_VK_MVG_WG` /
+    /// `CALDERA_VK_MVG_ROWS`.
+    pub mvg_workgroup_size: u32,
+    pub mvg_rows: u32,
     /// Int8 dot-product instructions are used (the device has them and they are not
     /// switched off with `CALDERA_VK_NO_DOT=1`).
     pub int8_dot: bool,

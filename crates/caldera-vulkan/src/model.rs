@@ -667,6 +667,14 @@ impl VkRunner {
                     ],
                 )?;
                 let q8_flag = if o_q8 { 16 } else { 0 };
+                // Profiling only: CALDERA_VK_ATTN_STOP=1|2 ends attention after its q/k
+                // preparation | its softmax-weighted values (wrong output).
+                let stop = std::env::var("CALDERA_VK_ATTN_STOP")
+                    .ok()
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .unwrap_or(0)
+                    .min(3);
+                let q8_flag = q8_flag | (stop << 8);
                 let push = push_words(&[
                     u32_of(nh, "heads")?,
                     u32_of(nkv, "kv heads")?,
@@ -973,14 +981,7 @@ impl VkRunner {
             let qx = QuantX::new(ctx, k as u64, x, norm, eps, &acts)?;
             ops.push(("quant", Op::Quant(qx)));
         }
-        let t = ctx.tuning();
-        let next = next.filter(|_| {
-            projs.len() == 1
-                && q8(projs[0].0)
-                && projs[0].1 == 0
-                && t.mv_workgroup_size >= 16
-                && 32 % t.mv_rows == 0
-        });
+        let next = next.filter(|_| projs.len() == 1 && q8(projs[0].0) && projs[0].1 == 0);
         let mut group = Vec::new();
         for &(p, off) in projs {
             if q8(p) {

@@ -439,7 +439,7 @@ impl Mv {
         }
         Ok(Mv(PieceDispatches {
             parts,
-            per_group: ctx.tuning().mv_rows,
+            per_group: ctx.tuning().mv_shape(mode.glu.is_some()).1,
         }))
     }
 
@@ -631,7 +631,7 @@ impl Mvq {
             )));
         }
         let mut flags = mode.flags();
-        let rows_per_group = ctx.tuning().mv_rows as u64;
+        let rows_per_group = ctx.tuning().mv_shape(mode.glu.is_some()).1 as u64;
         if let Some(ss) = x.ss {
             if ss.size() < k / 8 {
                 return Err(VkError::Invalid(format!(
@@ -651,11 +651,9 @@ impl Mvq {
                     || n_ss
                     || t.gam.is_some_and(|g| g.size() < t.n * 4)
                     || t.count.size() < t.n / 8
-                    || ctx.tuning().mv_workgroup_size < 16
-                    || !32u64.is_multiple_of(rows_per_group)
                 {
                     return Err(VkError::Invalid(format!(
-                        "quantizing {} outputs for the next mat-vec: bad sizes or launch shape",
+                        "quantizing {} outputs for the next mat-vec: bad sizes",
                         t.n
                     )));
                 }
