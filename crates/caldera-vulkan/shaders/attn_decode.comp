@@ -61,8 +61,9 @@ shared float q_s[MAXG * MAX_HD];
 shared float k_s[MAX_HD];
 shared float v_s[MAX_HD];
 shared float sc[MAXG * MAX_SPLIT];
-// A tile of k (then v) rows: TILE / hd positions.
-const uint TILE = 4096u;
+// A tile of k (then v) rows, each padded by one float so that invocations reading
+// consecutive rows hit different banks: TILE / (hd + 1) positions (32 at hd = 128).
+const uint TILE = 4352u;
 shared float kv_s[TILE];
 shared float inv_s[MAXG];
 // Combine: every split's m and l (then its weight) per head, up to MAX_COMBINE splits.
@@ -200,10 +201,11 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
                     v = is_v ? vec4(v_s[d], v_s[d + 1u], v_s[d + 2u], v_s[d + 3u])
                              : vec4(k_s[d], k_s[d + 1u], k_s[d + 2u], k_s[d + 3u]);
                 }
-                kv_s[4u * j] = v.x;
-                kv_s[4u * j + 1u] = v.y;
-                kv_s[4u * j + 2u] = v.z;
-                kv_s[4u * j + 3u] = v.w;
+                uint sb = (j / hd4) * (p.hd + 1u) + d;
+                kv_s[sb] = v.x;
+                kv_s[sb + 1u] = v.y;
+                kv_s[sb + 2u] = v.z;
+                kv_s[sb + 3u] = v.w;
             }
         }
     }
@@ -263,7 +265,7 @@ void main() {
     // k rows in shared memory (all loads in flight together: one memory round trip per
     // tile, not one per step of a dot product), then one task per (head, position).
     uint hd4 = p.hd / 4u;
-    uint T = min(n, TILE / p.hd);
+    uint T = min(n, TILE / (p.hd + 1u));
     for (uint t0 = 0u; t0 < n; t0 += T) {
         uint tn = min(T, n - t0);
         stage(false, p0 + t0, tn, pos, kvd, g);
@@ -274,7 +276,7 @@ void main() {
             uint qb = h * p.hd;
             float a = 0.0;
             for (uint d4 = 0u; d4 < hd4; d4++) {
-                uint kb4 = 4u * (i * hd4 + d4);
+                uint kb4 = i * (p.hd + 1u) + 4u * d4;
                 uint qo = qb + 4u * d4;
                 a += q_s[qo] * kv_s[kb4] + q_s[qo + 1u] * kv_s[kb4 + 1u]
                    + q_s[qo + 2u] * kv_s[kb4 + 2u] + q_s[qo + 3u] * kv_s[kb4 + 3u];
@@ -350,7 +352,7 @@ void main() {
             uint d = j % p.hd;
             float acc = q_s[j];
             for (uint i = 0u; i < tn; i++) {
-                acc += sc[h * MAX_SPLIT + t0 + i] * kv_s[i * p.hd + d];
+                acc += sc[h * MAX_SPLIT + t0 + i] * kv_s[i * (p.hd + 1u) + d];
             }
             q_s[j] = acc;
         }

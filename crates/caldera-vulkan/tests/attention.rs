@@ -218,7 +218,13 @@ fn attn_decode_matches_cpu() {
         }
     }
     for ctx in &ctxs {
-        for (n_heads, n_kv, hd, n_rot) in [(8, 2, 64, 64), (4, 4, 32, 16), (20, 2, 96, 96)] {
+        // hd 256: k/v tiles of 16 positions, several per split.
+        for (n_heads, n_kv, hd, n_rot) in [
+            (8, 2, 64, 64),
+            (4, 4, 32, 16),
+            (20, 2, 96, 96),
+            (4, 2, 256, 128),
+        ] {
             for (pos, cap, window) in [(0, 40, 0), (37, 40, 0), (150, 161, 0), (150, 161, 45)] {
                 for (interleaved, qk_norm, softcap, q8) in
                     [(false, true, 0.0, true), (true, false, 30.0, false)]
