@@ -87,6 +87,9 @@ pub enum Kernel {
     MvqgeQ4K = 68,
     MvqgeQ6K = 69,
     AttnDecode = 70,
+    GdnDecode = 71,
+    Mamba2Decode = 72,
+    ShortConvDecode = 73,
 }
 
 /// One entry of the kernel table.
@@ -144,6 +147,14 @@ pub fn attn_split(cap: usize) -> usize {
 }
 /// `add_norm` push constants: `n` (u32), `eps` (f32).
 pub const ADD_NORM_PUSH_BYTES: u32 = 8;
+/// `gdn_decode` push constants: `n_k, n_v, dk, dv, kern, flags, tile, n_tiles` (u32),
+/// `eps` (f32).
+pub const GDN_DECODE_PUSH_BYTES: u32 = 36;
+/// `mamba2_decode` push constants: `n_h, hp, ns, n_g, kern, tile, n_tiles` (u32), `eps,
+/// dt_min` (f32).
+pub const MAMBA2_DECODE_PUSH_BYTES: u32 = 36;
+/// `shortconv_decode` push constants: `channels, kern` (u32).
+pub const SHORTCONV_DECODE_PUSH_BYTES: u32 = 8;
 
 const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
@@ -223,7 +234,7 @@ const fn mvq(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 71] = [
+pub const KERNELS: [KernelDesc; 74] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -334,6 +345,27 @@ pub const KERNELS: [KernelDesc; 71] = [
         spv!("attn_decode"),
         12,
         ATTN_DECODE_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::GdnDecode,
+        "gdn_decode",
+        spv!("gdn_decode"),
+        8,
+        GDN_DECODE_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::Mamba2Decode,
+        "mamba2_decode",
+        spv!("mamba2_decode"),
+        8,
+        MAMBA2_DECODE_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::ShortConvDecode,
+        "shortconv_decode",
+        spv!("shortconv_decode"),
+        4,
+        SHORTCONV_DECODE_PUSH_BYTES,
     ),
 ];
 

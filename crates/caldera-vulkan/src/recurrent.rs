@@ -1,0 +1,591 @@
+//! Decode steps (one token) of the recurrent mixers: GatedDeltaNet (`gdn_decode.comp`),
+//! Mamba2 (`mamba2_decode.comp`) and the gated short conv (`shortconv_decode.comp`).
+//! Each op is **one dispatch per layer**, between the mixer's input projections (plain
+//! decode mat-vecs writing into one `proj` buffer at the offsets below) and its
+//! out-projection (a mat-vec over `out`). caldera-cpu's `gdn::mix`, `mamba2::mix` and
+//! `shortconv::mix` define them; `tests/recurrent.rs` holds each equal to its twin.
+//!
+//! Every buffer is f32 unless said otherwise; sizes in elements.
+//!
+//! # GatedDeltaNet ([`GdnDecode`])
+//! With `cd = conv_dim = 2·n_k·dk + n_v·dv`:
+//! - `proj` (input): `[qkv: cd | z: n_v·dv | b: n_v | a: n_v]`, i.e. the outputs of
+//!   `attn_qkv`, `attn_gate`, `ssm_beta`, `ssm_alpha` at offsets `0`, `cd`,
+//!   `cd + n_v·dv`, `cd + n_v·dv + n_v`. With the fused `ssm_ba` (Qwen3-Next) the last
+//!   `2·n_v` values are its output as it comes (per key head, the `b` of its value
+//!   heads, then their `a`).
+//! - `out`: `n_v·dv`, `rmsnorm(o)·norm·silu(z)` per value head in value-head order: the
+//!   input of `ssm_out`.
+//! - state ([`RecurrentState::gdn`]): the conv ring `[K][cd]` (below) and
+//!   `S [n_v][dk][dv]` (the CPU's `GdnState::ssm` layout).
+//! - Dispatch: `n_v · ceil(dv / tile)` workgroups: value head × tile of value columns
+//!   (`tile` ≤ the workgroup size; default [`DEFAULT_TILE`]). Tiles of a head finish
+//!   their norm through an atomic count (the last one norms the head).
+//!
+//! # Mamba2 ([`Mamba2Decode`])
+//! With `di = H·P`, `cd = di + 2·G·N`:
+//! - `proj`: `in_proj`'s output as it comes, `[z: di | xBC: cd | dt: H]`.
+//! - `out`: `di`, the input of `ssm_out`.
+//! - state ([`RecurrentState::mamba2`]): the conv ring `[K][cd]` and
+//!   `S [H][N][P]`: per head, **transposed** from the CPU's `[P][N]` so that consecutive
+//!   invocations read consecutive words ([`mamba2_ssm_to_device`] and
+//!   [`mamba2_ssm_from_device`] convert).
+//! - Dispatch: `H · ceil(P / tile)` workgroups; norm groups (`di / G` channels) spanning
+//!   several workgroups finish through an atomic count per group.
+//!
+//! # Short conv ([`ShortConvDecode`])
+//! - `proj`: `in_proj`'s output, `[B: c | C: c | x: c]`; `out`: `c`, the input of
+//!   `out_proj`.
+//! - state ([`RecurrentState::short_conv`]): `[(K-1)][c]`, the last `K-1` inputs `B·x`
+//!   oldest first, exactly the CPU's `ShortConvState`.
+//! - Dispatch: `ceil(c / workgroup size)` workgroups. It needs no step buffer.
+//!
+//! # The conv ring (GatedDeltaNet, Mamba2)
+//! `[K][cd]`: the conv input (pre-activation projection) of the token at position `t`
+//! is row `t % K`. The step at position `pos` (read from `step[1]`, the model's step
+//! values, so the ring must advance with the sequence's positions) reads rows
+//! `(pos + 1 + i) % K` for `i < K-1` and writes row `pos % K`, which that step never
+//! reads: workgroups sharing a channel (q/k of a key head, B/C of a group) never race.
+//! A sequence starts at position 0 with a zeroed ring ([`RecurrentState::reset`]);
+//! [`ring_from_history`] / [`history_from_ring`] convert from / to the CPU's
+//! `[(K-1)][cd]` oldest-first history.
+
+use caldera_model::blocks::gdn::{GdnGates, GdnHeadOrder, GdnSpec, GdnWeights};
+use caldera_model::blocks::mamba2::{Mamba2Spec, Mamba2Weights};
+use caldera_model::blocks::shortconv::{ShortConvSpec, ShortConvWeights};
+
+use crate::context::Context;
+use crate::error::{Result, VkError};
+use crate::kernels::Kernel;
+use crate::memory::Buffer;
+use crate::ops::push_words;
+use crate::record::{Binding, Recorder};
+
+/// Value columns (GatedDeltaNet) or head channels (Mamba2) per workgroup by default
+/// (capped by the head size and the workgroup size).
+pub const DEFAULT_TILE: usize = 32;
+
+/// Largest `dk` (GatedDeltaNet) and `N` (Mamba2) the kernels hold in shared memory.
+pub const MAX_RECURRENT_DIM: usize = 512;
+
+fn invalid(msg: String) -> VkError {
+    VkError::Invalid(msg)
+}
+
+/// `a · b · ...` as elements that a shader may index with 32 bits.
+fn elems(what: &str, factors: &[usize]) -> Result<usize> {
+    factors
+        .iter()
+        .try_fold(1usize, |acc, &f| acc.checked_mul(f))
+        .filter(|&n| n < (1usize << 32))
+        .ok_or_else(|| {
+            invalid(format!(
+                "{what}: sizes {factors:?} do not fit 32-bit indices"
+            ))
+        })
+}
+
+fn need(what: &str, buf: &Buffer, floats: usize) -> Result<()> {
+    if buf.size() < floats as u64 * 4 {
+        return Err(invalid(format!(
+            "{what}: a buffer of {} bytes, want {floats} values",
+            buf.size()
+        )));
+    }
+    Ok(())
+}
+
+fn need_len(what: &str, v: &[f32], n: usize) -> Result<()> {
+    if v.len() != n {
+        return Err(invalid(format!("{what}: {} values, want {n}", v.len())));
+    }
+    Ok(())
+}
+
+fn upload_zeros(ctx: &Context, floats: usize) -> Result<Buffer> {
+    ctx.upload(&vec![0u8; floats.max(1) * 4])
+}
+
+/// A layer's recurrent state on the device: the conv state and, but for the short conv,
+/// the SSM / delta-rule state. Zeroed at creation.
+pub struct RecurrentState {
+    /// The conv ring `[K][cd]` (GatedDeltaNet, Mamba2) or the history `[(K-1)][c]`
+    /// (short conv).
+    pub conv: Buffer,
+    /// `S`: `[n_v][dk][dv]` (GatedDeltaNet) or `[H][N][P]` (Mamba2).
+    pub ssm: Option<Buffer>,
+}
+
+impl RecurrentState {
+    fn zeroed(ctx: &Context, conv: usize, ssm: Option<usize>) -> Result<RecurrentState> {
+        Ok(RecurrentState {
+            conv: upload_zeros(ctx, conv)?,
+            ssm: ssm.map(|n| upload_zeros(ctx, n)).transpose()?,
+        })
+    }
+
+    pub fn gdn(ctx: &Context, spec: &GdnSpec) -> Result<RecurrentState> {
+        let conv = elems(
+            "GatedDeltaNet conv ring",
+            &[spec.conv_kernel, spec.conv_dim()],
+        )?;
+        let ssm = elems(
+            "GatedDeltaNet state",
+            &[spec.n_v_heads, spec.head_k_dim, spec.head_v_dim],
+        )?;
+        RecurrentState::zeroed(ctx, conv, Some(ssm))
+    }
+
+    pub fn mamba2(ctx: &Context, spec: &Mamba2Spec) -> Result<RecurrentState> {
+        let conv = elems("Mamba2 conv ring", &[spec.d_conv, spec.conv_dim()])?;
+        let ssm = elems("Mamba2 state", &[spec.d_inner(), spec.d_state])?;
+        RecurrentState::zeroed(ctx, conv, Some(ssm))
+    }
+
+    pub fn short_conv(ctx: &Context, spec: &ShortConvSpec) -> Result<RecurrentState> {
+        let conv = elems(
+            "short conv state",
+            &[spec.l_cache.saturating_sub(1), spec.channels],
+        )?;
+        RecurrentState::zeroed(ctx, conv, None)
+    }
+
+    /// Zeroes the state (a new sequence, at position 0).
+    pub fn reset(&self, ctx: &Context) -> Result<()> {
+        ctx.write_buffer(&self.conv, 0, &vec![0u8; self.conv.size() as usize])?;
+        if let Some(s) = &self.ssm {
+            ctx.write_buffer(s, 0, &vec![0u8; s.size() as usize])?;
+        }
+        Ok(())
+    }
+}
+
+/// The conv ring (`[K][channels]`) for the token at position `pos` from the CPU's
+/// history (`[(K-1)][channels]`, oldest first: positions `pos-K+1 .. pos-1`); the row
+/// the step writes is zero.
+pub fn ring_from_history(hist: &[f32], kern: usize, channels: usize, pos: u64) -> Result<Vec<f32>> {
+    check_ring_sizes(hist.len(), kern, channels)?;
+    let mut ring = vec![0f32; kern * channels];
+    for (i, row) in hist.chunks_exact(channels.max(1)).enumerate() {
+        let slot = ring_slot(pos, i, kern);
+        ring[slot * channels..(slot + 1) * channels].copy_from_slice(row);
+    }
+    Ok(ring)
+}
+
+/// The CPU's history (`[(K-1)][channels]`, oldest first) from a conv ring at position
+/// `pos` (the next token's).
+pub fn history_from_ring(ring: &[f32], kern: usize, channels: usize, pos: u64) -> Result<Vec<f32>> {
+    if kern == 0 || ring.len() != kern * channels {
+        return Err(invalid(format!(
+            "a conv ring of {} values for kernel {kern} over {channels} channels",
+            ring.len()
+        )));
+    }
+    let mut hist = Vec::with_capacity((kern - 1) * channels);
+    for i in 0..kern - 1 {
+        let slot = ring_slot(pos, i, kern);
+        hist.extend_from_slice(&ring[slot * channels..(slot + 1) * channels]);
+    }
+    Ok(hist)
+}
+
+/// The ring row of history row `i` (position `pos - K + 1 + i`).
+fn ring_slot(pos: u64, i: usize, kern: usize) -> usize {
+    ((pos + 1 + i as u64) % kern as u64) as usize
+}
+
+fn check_ring_sizes(hist: usize, kern: usize, channels: usize) -> Result<()> {
+    if kern == 0 || hist != (kern - 1) * channels {
+        return Err(invalid(format!(
+            "a conv history of {hist} values for kernel {kern} over {channels} channels"
+        )));
+    }
+    Ok(())
+}
+
+/// The CPU's Mamba2 state (`[H][P][N]`) in the device layout (`[H][N][P]`).
+pub fn mamba2_ssm_to_device(spec: &Mamba2Spec, cpu: &[f32]) -> Result<Vec<f32>> {
+    transpose_heads(spec, cpu, spec.head_dim, spec.d_state)
+}
+
+/// The device's Mamba2 state (`[H][N][P]`) in the CPU's layout (`[H][P][N]`).
+pub fn mamba2_ssm_from_device(spec: &Mamba2Spec, dev: &[f32]) -> Result<Vec<f32>> {
+    transpose_heads(spec, dev, spec.d_state, spec.head_dim)
+}
+
+/// Transposes each head's `[rows][cols]` block.
+fn transpose_heads(spec: &Mamba2Spec, v: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
+    let per = rows * cols;
+    if v.len() != spec.n_heads * per {
+        return Err(invalid(format!(
+            "a Mamba2 state of {} values, want {} heads of {rows} x {cols}",
+            v.len(),
+            spec.n_heads
+        )));
+    }
+    let mut out = vec![0f32; v.len()];
+    for (src, dst) in v.chunks_exact(per).zip(out.chunks_exact_mut(per)) {
+        for r in 0..rows {
+            for c in 0..cols {
+                dst[c * rows + r] = src[r * cols + c];
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where a recurrent decode op reads and writes.
+pub struct RecurrentIo<'a> {
+    /// The input projections' outputs (layout per op, see the module doc).
+    pub proj: &'a Buffer,
+    /// The mixer's output, the out-projection's input.
+    pub out: &'a Buffer,
+    pub state: &'a RecurrentState,
+    /// The step values (u32; `[1]` is the token's position). Unused by the short conv.
+    pub step: &'a Buffer,
+}
+
+/// One bound dispatch.
+struct Dispatch {
+    binding: Binding,
+    push: Vec<u8>,
+    groups: u64,
+}
+
+impl Dispatch {
+    fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        r.dispatch(&self.binding, &self.push, self.groups)
+    }
+}
+
+/// Columns per workgroup: `want` capped by the head size and the workgroup size.
+fn tile_of(ctx: &Context, want: usize, cols: usize) -> (usize, usize) {
+    let wg = ctx.tuning().workgroup_size as usize;
+    let tile = want.clamp(1, cols.min(wg).max(1));
+    (tile, cols.div_ceil(tile))
+}
+
+/// Uploads the constants of a recurrent op: the conv taps, its bias (zeros without
+/// one), then `rest` in order.
+fn upload_consts(
+    ctx: &Context,
+    conv: &[f32],
+    bias: Option<&[f32]>,
+    cd: usize,
+    rest: &[&[f32]],
+) -> Result<Buffer> {
+    let mut v = Vec::with_capacity(conv.len() + cd + rest.iter().map(|r| r.len()).sum::<usize>());
+    v.extend_from_slice(conv);
+    match bias {
+        Some(b) => v.extend_from_slice(b),
+        None => v.resize(v.len() + cd, 0.0),
+    }
+    for r in rest {
+        v.extend_from_slice(r);
+    }
+    ctx.upload_f32(&v)
+}
+
+/// The GatedDeltaNet decode step (`gdn_decode.comp`): conv, L2 norms, gates, the delta
+/// rule and the gated RMSNorm of every value head, one dispatch. See the module doc for
+/// the buffers.
+pub struct GdnDecode(Dispatch);
+
+impl GdnDecode {
+    /// Binds the op for a layer of `spec` with weights `w` (only its vectors are read;
+    /// uploaded here), RMSNorm epsilon `eps`, over `io`.
+    pub fn new(
+        ctx: &Context,
+        spec: &GdnSpec,
+        w: &GdnWeights,
+        eps: f32,
+        io: &RecurrentIo<'_>,
+    ) -> Result<GdnDecode> {
+        GdnDecode::with_tile(ctx, spec, w, eps, io, DEFAULT_TILE)
+    }
+
+    /// [`GdnDecode::new`] with `tile` value columns per workgroup (capped by `dv` and
+    /// the workgroup size).
+    pub fn with_tile(
+        ctx: &Context,
+        spec: &GdnSpec,
+        w: &GdnWeights,
+        eps: f32,
+        io: &RecurrentIo<'_>,
+        tile: usize,
+    ) -> Result<GdnDecode> {
+        let (nk, nv, dk, dv, kern) = (
+            spec.n_k_heads,
+            spec.n_v_heads,
+            spec.head_k_dim,
+            spec.head_v_dim,
+            spec.conv_kernel,
+        );
+        let what = "GatedDeltaNet decode";
+        if nk == 0 || nv == 0 || !nv.is_multiple_of(nk) || dv == 0 || kern == 0 {
+            return Err(invalid(format!(
+                "{what}: {nv} value heads over {nk} key heads, dv {dv}, conv kernel {kern}"
+            )));
+        }
+        if dk == 0 || dk > MAX_RECURRENT_DIM {
+            return Err(invalid(format!(
+                "{what}: key head size {dk} is outside 1..={MAX_RECURRENT_DIM}"
+            )));
+        }
+        let cd = spec.conv_dim();
+        let vd = spec.value_dim();
+        let taps = elems(what, &[cd, kern + 1])?;
+        let ssm = elems(what, &[nv, dk, dv])?;
+        elems(what, &[cd + vd + 2 * nv])?;
+        need_len("ssm_conv1d", &w.conv, cd * kern)?;
+        if let Some(b) = &w.conv_bias {
+            need_len("ssm_conv1d.bias", b, cd)?;
+        }
+        need_len("ssm_dt.bias", &w.dt_bias, nv)?;
+        need_len("ssm_a", &w.a, nv)?;
+        need_len("ssm_norm", &w.norm, dv)?;
+        need("GatedDeltaNet proj", io.proj, cd + vd + 2 * nv)?;
+        need("GatedDeltaNet out", io.out, vd)?;
+        need("GatedDeltaNet conv ring", &io.state.conv, taps - cd)?;
+        let s = io
+            .state
+            .ssm
+            .as_ref()
+            .ok_or_else(|| invalid(format!("{what}: a state without S")))?;
+        need("GatedDeltaNet state", s, ssm)?;
+        need("step values", io.step, 2)?;
+        let (tile, n_tiles) = tile_of(ctx, tile, dv);
+        let consts = upload_consts(
+            ctx,
+            &w.conv,
+            w.conv_bias.as_deref(),
+            cd,
+            &[&w.dt_bias, &w.a, &w.norm],
+        )?;
+        let part = upload_zeros(ctx, nv * n_tiles)?;
+        let count = upload_zeros(ctx, nv)?;
+        let binding = ctx.bind(
+            Kernel::GdnDecode,
+            &[
+                io.proj,
+                &consts,
+                &io.state.conv,
+                s,
+                io.out,
+                io.step,
+                &part,
+                &count,
+            ],
+        )?;
+        let mut flags = 0u32;
+        if spec.head_order == GdnHeadOrder::Tiled {
+            flags |= 1;
+        }
+        if matches!(w.gates, GdnGates::Fused(_)) {
+            flags |= 2;
+        }
+        let push = push_words(&[
+            nk as u32,
+            nv as u32,
+            dk as u32,
+            dv as u32,
+            kern as u32,
+            flags,
+            tile as u32,
+            n_tiles as u32,
+            eps.to_bits(),
+        ]);
+        Ok(GdnDecode(Dispatch {
+            binding,
+            push,
+            groups: (nv * n_tiles) as u64,
+        }))
+    }
+
+    /// Records the step (one dispatch, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.0.record(r)
+    }
+}
+
+/// The Mamba2 decode step (`mamba2_decode.comp`): conv, dt, the SSM update with D skip
+/// and the gated group RMSNorm of every head, one dispatch. See the module doc for the
+/// buffers.
+pub struct Mamba2Decode(Dispatch);
+
+impl Mamba2Decode {
+    /// Binds the op for a layer of `spec` with weights `w` (only its vectors are read;
+    /// uploaded here), RMSNorm epsilon `eps`, over `io`.
+    pub fn new(
+        ctx: &Context,
+        spec: &Mamba2Spec,
+        w: &Mamba2Weights,
+        eps: f32,
+        io: &RecurrentIo<'_>,
+    ) -> Result<Mamba2Decode> {
+        Mamba2Decode::with_tile(ctx, spec, w, eps, io, DEFAULT_TILE)
+    }
+
+    /// [`Mamba2Decode::new`] with `tile` head channels per workgroup (capped by the head
+    /// size and the workgroup size).
+    pub fn with_tile(
+        ctx: &Context,
+        spec: &Mamba2Spec,
+        w: &Mamba2Weights,
+        eps: f32,
+        io: &RecurrentIo<'_>,
+        tile: usize,
+    ) -> Result<Mamba2Decode> {
+        let what = "Mamba2 decode";
+        spec.validate()
+            .map_err(|e| invalid(format!("{what}: {e}")))?;
+        let (nh, hp, ns, ng, kern) = (
+            spec.n_heads,
+            spec.head_dim,
+            spec.d_state,
+            spec.n_groups,
+            spec.d_conv,
+        );
+        if ns > MAX_RECURRENT_DIM {
+            return Err(invalid(format!(
+                "{what}: state size {ns} is above {MAX_RECURRENT_DIM}"
+            )));
+        }
+        let di = spec.d_inner();
+        let cd = spec.conv_dim();
+        let taps = elems(what, &[cd, kern + 1])?;
+        let ssm = elems(what, &[di, ns])?;
+        elems(what, &[spec.in_proj_rows()])?;
+        need_len("ssm_conv1d", &w.conv, cd * kern)?;
+        if let Some(b) = &w.conv_bias {
+            need_len("ssm_conv1d.bias", b, cd)?;
+        }
+        need_len("ssm_dt.bias", &w.dt_bias, nh)?;
+        need_len("ssm_a", &w.a, nh)?;
+        need_len("ssm_d", &w.d, nh)?;
+        need_len("ssm_norm", &w.norm, di)?;
+        need("Mamba2 proj", io.proj, spec.in_proj_rows())?;
+        need("Mamba2 out", io.out, di)?;
+        need("Mamba2 conv ring", &io.state.conv, taps - cd)?;
+        let s = io
+            .state
+            .ssm
+            .as_ref()
+            .ok_or_else(|| invalid(format!("{what}: a state without S")))?;
+        need("Mamba2 state", s, ssm)?;
+        need("step values", io.step, 2)?;
+        let (tile, n_tiles) = tile_of(ctx, tile, hp);
+        let consts = upload_consts(
+            ctx,
+            &w.conv,
+            w.conv_bias.as_deref(),
+            cd,
+            &[&w.dt_bias, &w.a, &w.d, &w.norm],
+        )?;
+        let part = upload_zeros(ctx, nh * n_tiles)?;
+        let count = upload_zeros(ctx, ng)?;
+        let binding = ctx.bind(
+            Kernel::Mamba2Decode,
+            &[
+                io.proj,
+                &consts,
+                &io.state.conv,
+                s,
+                io.out,
+                io.step,
+                &part,
+                &count,
+            ],
+        )?;
+        let push = push_words(&[
+            nh as u32,
+            hp as u32,
+            ns as u32,
+            ng as u32,
+            kern as u32,
+            tile as u32,
+            n_tiles as u32,
+            eps.to_bits(),
+            spec.dt_min.to_bits(),
+        ]);
+        Ok(Mamba2Decode(Dispatch {
+            binding,
+            push,
+            groups: (nh * n_tiles) as u64,
+        }))
+    }
+
+    /// Records the step (one dispatch, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.0.record(r)
+    }
+}
+
+/// The short-conv decode step (`shortconv_decode.comp`): `C · conv(B · x)` over the
+/// rolling state, one dispatch. See the module doc for the buffers.
+pub struct ShortConvDecode(Dispatch);
+
+impl ShortConvDecode {
+    /// Binds the op for a layer of `spec` with weights `w` (only its conv taps and bias
+    /// are read; uploaded here) over `io` (`io.step` is not read).
+    pub fn new(
+        ctx: &Context,
+        spec: &ShortConvSpec,
+        w: &ShortConvWeights,
+        io: &RecurrentIo<'_>,
+    ) -> Result<ShortConvDecode> {
+        let (c, kern) = (spec.channels, spec.l_cache);
+        let what = "short conv decode";
+        if c == 0 || kern == 0 {
+            return Err(invalid(format!(
+                "{what}: {c} channels, kernel length {kern}"
+            )));
+        }
+        elems(what, &[c, kern + 1])?;
+        elems(what, &[c, 3])?;
+        need_len("shortconv.conv", &w.conv, c * kern)?;
+        if let Some(b) = &w.conv_bias {
+            need_len("shortconv.conv.bias", b, c)?;
+        }
+        need("short conv proj", io.proj, 3 * c)?;
+        need("short conv out", io.out, c)?;
+        need("short conv state", &io.state.conv, (kern - 1) * c)?;
+        let consts = upload_consts(ctx, &w.conv, w.conv_bias.as_deref(), c, &[])?;
+        let binding = ctx.bind(
+            Kernel::ShortConvDecode,
+            &[io.proj, &consts, &io.state.conv, io.out],
+        )?;
+        let wg = ctx.tuning().workgroup_size as u64;
+        Ok(ShortConvDecode(Dispatch {
+            binding,
+            push: push_words(&[c as u32, kern as u32]),
+            groups: (c as u64).div_ceil(wg),
+        }))
+    }
+
+    /// Records the step (one dispatch, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.0.record(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_round_trip() {
+        let (kern, ch) = (4, 3);
+        let hist: Vec<f32> = (0..(kern - 1) * ch).map(|i| i as f32).collect();
+        for pos in [0u64, 1, 5, 7, 1000] {
+            let ring = ring_from_history(&hist, kern, ch, pos).unwrap();
+            // The row the step at `pos` writes stays zero.
+            let w = (pos % kern as u64) as usize;
+            assert!(ring[w * ch..(w + 1) * ch].iter().all(|&v| v == 0.0));
+            assert_eq!(history_from_ring(&ring, kern, ch, pos).unwrap(), hist);
+        }
+        assert!(ring_from_history(&hist, 3, ch, 0).is_err());
+        assert!(history_from_ring(&[0.0; 12], 0, 3, 0).is_err());
+    }
+}
