@@ -14,7 +14,7 @@
 // Binding 0: proj (f32: qkv [conv_dim] | z [n_v * dv] | b [n_v] | a [n_v], or the fused
 // ssm_ba order for the last 2 n_v with F_FUSED_BA), 1: constants (f32: conv taps
 // [conv_dim][K] | conv bias [conv_dim] | dt_bias [n_v] | A [n_v] | norm [dv]),
-// 2: conv ring ([K][conv_dim], recurrent.glsl), 3: S ([n_v][dk][dv]), 4: out
+// 2: conv ring ([K][conv_dim], conv_ring.glsl), 3: S ([n_v][dk][dv]), 4: out
 // (f32, n_v * dv), 5: step values ([1] position), 6: partial sums of squares
 // ([n_v][n_tiles]), 7: counts (u32 per value head, zero between dispatches).
 #include "common.glsl"
@@ -30,6 +30,7 @@ layout(std430, binding = 7) coherent buffer Cnt { uint cnt[]; };
 
 #include "act.glsl"
 #include "recurrent.glsl"
+#include "conv_ring.glsl"
 
 const uint F_TILED = 1u;    // value head j reads key head j % n_k (else j / (n_v / n_k))
 const uint F_FUSED_BA = 2u; // b and a as ssm_ba writes them

@@ -13,7 +13,7 @@
 //
 // Binding 0: proj (f32: z [d_inner] | xBC [conv_dim] | dt [H], in_proj's rows),
 // 1: constants (f32: conv taps [conv_dim][K] | conv bias [conv_dim] | dt_bias [H] |
-// A [H] | D [H] | norm [d_inner]), 2: conv ring ([K][conv_dim], recurrent.glsl),
+// A [H] | D [H] | norm [d_inner]), 2: conv ring ([K][conv_dim], conv_ring.glsl),
 // 3: S ([H][N][P]: per head, N rows of the P channels), 4: out (f32, d_inner),
 // 5: step values ([1] position), 6: partial sums of squares ([H][n_tiles]),
 // 7: counts (u32 per group, zero between dispatches).
@@ -30,6 +30,7 @@ layout(std430, binding = 7) coherent buffer Cnt { uint cnt[]; };
 
 #include "act.glsl"
 #include "recurrent.glsl"
+#include "conv_ring.glsl"
 
 const uint MAX_N = 512u;
 

@@ -90,6 +90,9 @@ pub enum Kernel {
     GdnDecode = 71,
     Mamba2Decode = 72,
     ShortConvDecode = 73,
+    GdnConv = 74,
+    GdnChunk = 75,
+    GdnNorm = 76,
 }
 
 /// One entry of the kernel table.
@@ -155,6 +158,12 @@ pub const GDN_DECODE_PUSH_BYTES: u32 = 36;
 pub const MAMBA2_DECODE_PUSH_BYTES: u32 = 36;
 /// `shortconv_decode` push constants: `channels, kern` (u32).
 pub const SHORTCONV_DECODE_PUSH_BYTES: u32 = 8;
+/// `gdn_conv` push constants: `cd, kern, ld` (u32).
+pub const GDN_CONV_PUSH_BYTES: u32 = 12;
+/// `gdn_chunk` push constants: `n_k, n_v, dk, dv, kern, flags, ld, n_tiles` (u32).
+pub const GDN_CHUNK_PUSH_BYTES: u32 = 32;
+/// `gdn_norm` push constants: `n_v, dv, cd, ld, norm_at` (u32), `eps` (f32).
+pub const GDN_NORM_PUSH_BYTES: u32 = 24;
 
 const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
@@ -234,7 +243,7 @@ const fn mvq(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 74] = [
+pub const KERNELS: [KernelDesc; 77] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -366,6 +375,27 @@ pub const KERNELS: [KernelDesc; 74] = [
         spv!("shortconv_decode"),
         4,
         SHORTCONV_DECODE_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::GdnConv,
+        "gdn_conv",
+        spv!("gdn_conv"),
+        5,
+        GDN_CONV_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::GdnChunk,
+        "gdn_chunk",
+        spv!("gdn_chunk"),
+        7,
+        GDN_CHUNK_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::GdnNorm,
+        "gdn_norm",
+        spv!("gdn_norm"),
+        4,
+        GDN_NORM_PUSH_BYTES,
     ),
 ];
 

@@ -1,9 +1,11 @@
 //! Decode steps (one token) of the recurrent mixers: GatedDeltaNet (`gdn_decode.comp`),
-//! Mamba2 (`mamba2_decode.comp`) and the gated short conv (`shortconv_decode.comp`).
-//! Each op is **one dispatch per layer**, between the mixer's input projections (plain
-//! decode mat-vecs writing into one `proj` buffer at the offsets below) and its
-//! out-projection (a mat-vec over `out`). caldera-cpu's `gdn::mix`, `mamba2::mix` and
-//! `shortconv::mix` define them; `tests/recurrent.rs` holds each equal to its twin.
+//! Mamba2 (`mamba2_decode.comp`) and the gated short conv (`shortconv_decode.comp`),
+//! and the GatedDeltaNet prefill ([`GdnPrefill`]). Each decode op is **one dispatch per
+//! layer**, between the mixer's input projections (plain decode mat-vecs writing into
+//! one `proj` buffer at the offsets below) and its out-projection (a mat-vec over
+//! `out`). caldera-cpu's `gdn::mix`, `mamba2::mix` and `shortconv::mix` define them;
+//! `tests/recurrent.rs` holds each equal to its twin (and the prefill equal to the
+//! decode step token by token).
 //!
 //! Every buffer is f32 unless said otherwise; sizes in elements.
 //!
@@ -21,6 +23,14 @@
 //! - Dispatch: `n_v · ceil(dv / tile)` workgroups: value head × tile of value columns
 //!   (`tile` ≤ the workgroup size; default [`DEFAULT_TILE`]). Tiles of a head finish
 //!   their norm through an atomic count (the last one norms the head).
+//!
+//! # GatedDeltaNet prefill ([`GdnPrefill`])
+//! The tokens of a prefill step (`step[0]` of them from position `step[1]`), continuing
+//! the same state: `proj` rows `[max_tokens][ld_proj]` each laid out as above (the
+//! batched mat-vecs' output), `out` rows `[max_tokens][n_v·dv]`. Three dispatches with
+//! barriers between: `gdn_conv` (`ceil(cd / wg)` workgroups), `gdn_chunk` (the delta
+//! rule in chunks of 64 tokens in the WY form of caldera-cpu's `delta_chunked`;
+//! `n_v · ceil(dv / wg)` workgroups), `gdn_norm` (`max_tokens · n_v` workgroups).
 //!
 //! # Mamba2 ([`Mamba2Decode`])
 //! With `di = H·P`, `cd = di + 2·G·N`:
@@ -287,6 +297,102 @@ fn upload_consts(
     ctx.upload_f32(&v)
 }
 
+/// The checked sizes of a GatedDeltaNet layer, as its kernels take them.
+struct GdnDims {
+    nk: usize,
+    nv: usize,
+    dk: usize,
+    dv: usize,
+    kern: usize,
+    /// conv_dim
+    cd: usize,
+    /// n_v·dv
+    vd: usize,
+    /// A projection row: `cd + vd + 2·n_v`.
+    row: usize,
+    /// `gdn_decode` / `gdn_chunk` flags: 1 tiled head order, 2 fused `ssm_ba`.
+    flags: u32,
+}
+
+impl GdnDims {
+    fn check(what: &str, spec: &GdnSpec, w: &GdnWeights) -> Result<GdnDims> {
+        let (nk, nv, dk, dv, kern) = (
+            spec.n_k_heads,
+            spec.n_v_heads,
+            spec.head_k_dim,
+            spec.head_v_dim,
+            spec.conv_kernel,
+        );
+        if nk == 0 || nv == 0 || !nv.is_multiple_of(nk) || dv == 0 || kern == 0 {
+            return Err(invalid(format!(
+                "{what}: {nv} value heads over {nk} key heads, dv {dv}, conv kernel {kern}"
+            )));
+        }
+        if dk == 0 || dk > MAX_RECURRENT_DIM {
+            return Err(invalid(format!(
+                "{what}: key head size {dk} is outside 1..={MAX_RECURRENT_DIM}"
+            )));
+        }
+        let cd = spec.conv_dim();
+        let vd = spec.value_dim();
+        elems(what, &[cd, kern + 1])?;
+        elems(what, &[nv, dk, dv])?;
+        let row = elems(what, &[cd + vd + 2 * nv])?;
+        need_len("ssm_conv1d", &w.conv, cd * kern)?;
+        if let Some(b) = &w.conv_bias {
+            need_len("ssm_conv1d.bias", b, cd)?;
+        }
+        need_len("ssm_dt.bias", &w.dt_bias, nv)?;
+        need_len("ssm_a", &w.a, nv)?;
+        need_len("ssm_norm", &w.norm, dv)?;
+        let mut flags = 0u32;
+        if spec.head_order == GdnHeadOrder::Tiled {
+            flags |= 1;
+        }
+        if matches!(w.gates, GdnGates::Fused(_)) {
+            flags |= 2;
+        }
+        Ok(GdnDims {
+            nk,
+            nv,
+            dk,
+            dv,
+            kern,
+            cd,
+            vd,
+            row,
+            flags,
+        })
+    }
+
+    /// The state's S, after checking both buffers' sizes.
+    fn state<'a>(&self, st: &'a RecurrentState) -> Result<&'a Buffer> {
+        need("GatedDeltaNet conv ring", &st.conv, self.kern * self.cd)?;
+        let s = st
+            .ssm
+            .as_ref()
+            .ok_or_else(|| invalid("GatedDeltaNet: a state without S".into()))?;
+        need("GatedDeltaNet state", s, self.nv * self.dk * self.dv)?;
+        Ok(s)
+    }
+
+    /// The kernels' constants: conv taps, conv bias, dt_bias, A, norm.
+    fn consts(&self, ctx: &Context, w: &GdnWeights) -> Result<Buffer> {
+        upload_consts(
+            ctx,
+            &w.conv,
+            w.conv_bias.as_deref(),
+            self.cd,
+            &[&w.dt_bias, &w.a, &w.norm],
+        )
+    }
+
+    /// Offset of the norm weights in the constants.
+    fn norm_at(&self) -> usize {
+        self.cd * (self.kern + 1) + 2 * self.nv
+    }
+}
+
 /// The GatedDeltaNet decode step (`gdn_decode.comp`): conv, L2 norms, gates, the delta
 /// rule and the gated RMSNorm of every value head, one dispatch. See the module doc for
 /// the buffers.
@@ -315,54 +421,14 @@ impl GdnDecode {
         io: &RecurrentIo<'_>,
         tile: usize,
     ) -> Result<GdnDecode> {
-        let (nk, nv, dk, dv, kern) = (
-            spec.n_k_heads,
-            spec.n_v_heads,
-            spec.head_k_dim,
-            spec.head_v_dim,
-            spec.conv_kernel,
-        );
-        let what = "GatedDeltaNet decode";
-        if nk == 0 || nv == 0 || !nv.is_multiple_of(nk) || dv == 0 || kern == 0 {
-            return Err(invalid(format!(
-                "{what}: {nv} value heads over {nk} key heads, dv {dv}, conv kernel {kern}"
-            )));
-        }
-        if dk == 0 || dk > MAX_RECURRENT_DIM {
-            return Err(invalid(format!(
-                "{what}: key head size {dk} is outside 1..={MAX_RECURRENT_DIM}"
-            )));
-        }
-        let cd = spec.conv_dim();
-        let vd = spec.value_dim();
-        let taps = elems(what, &[cd, kern + 1])?;
-        let ssm = elems(what, &[nv, dk, dv])?;
-        elems(what, &[cd + vd + 2 * nv])?;
-        need_len("ssm_conv1d", &w.conv, cd * kern)?;
-        if let Some(b) = &w.conv_bias {
-            need_len("ssm_conv1d.bias", b, cd)?;
-        }
-        need_len("ssm_dt.bias", &w.dt_bias, nv)?;
-        need_len("ssm_a", &w.a, nv)?;
-        need_len("ssm_norm", &w.norm, dv)?;
-        need("GatedDeltaNet proj", io.proj, cd + vd + 2 * nv)?;
+        let g = GdnDims::check("GatedDeltaNet decode", spec, w)?;
+        let (nv, dv, vd) = (g.nv, g.dv, g.vd);
+        need("GatedDeltaNet proj", io.proj, g.row)?;
         need("GatedDeltaNet out", io.out, vd)?;
-        need("GatedDeltaNet conv ring", &io.state.conv, taps - cd)?;
-        let s = io
-            .state
-            .ssm
-            .as_ref()
-            .ok_or_else(|| invalid(format!("{what}: a state without S")))?;
-        need("GatedDeltaNet state", s, ssm)?;
+        let s = g.state(io.state)?;
         need("step values", io.step, 2)?;
         let (tile, n_tiles) = tile_of(ctx, tile, dv);
-        let consts = upload_consts(
-            ctx,
-            &w.conv,
-            w.conv_bias.as_deref(),
-            cd,
-            &[&w.dt_bias, &w.a, &w.norm],
-        )?;
+        let consts = g.consts(ctx, w)?;
         let part = upload_zeros(ctx, nv * n_tiles)?;
         let count = upload_zeros(ctx, nv)?;
         let binding = ctx.bind(
@@ -378,20 +444,13 @@ impl GdnDecode {
                 &count,
             ],
         )?;
-        let mut flags = 0u32;
-        if spec.head_order == GdnHeadOrder::Tiled {
-            flags |= 1;
-        }
-        if matches!(w.gates, GdnGates::Fused(_)) {
-            flags |= 2;
-        }
         let push = push_words(&[
-            nk as u32,
+            g.nk as u32,
             nv as u32,
-            dk as u32,
+            g.dk as u32,
             dv as u32,
-            kern as u32,
-            flags,
+            g.kern as u32,
+            g.flags,
             tile as u32,
             n_tiles as u32,
             eps.to_bits(),
@@ -406,6 +465,112 @@ impl GdnDecode {
     /// Records the step (one dispatch, no barrier after).
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
         self.0.record(r)
+    }
+}
+
+/// Where a [`GdnPrefill`] reads and writes.
+pub struct GdnPrefillIo<'a> {
+    /// Projection rows `[max_tokens][ld_proj]`, each laid out as [`GdnDecode`]'s `proj`
+    /// (the batched mat-vecs' output with `ld_y = ld_proj`).
+    pub proj: &'a Buffer,
+    pub ld_proj: u64,
+    /// Output rows `[max_tokens][n_v·dv]`, the out-projection's input.
+    pub out: &'a Buffer,
+    pub state: &'a RecurrentState,
+    /// Step values: `[0]` tokens (at most `max_tokens`), `[1]` the first one's position.
+    pub step: &'a Buffer,
+    pub max_tokens: u64,
+}
+
+/// GatedDeltaNet over the tokens of a prefill step, three dispatches with barriers
+/// between them: `gdn_conv` (conv + SiLU of every token, ring update;
+/// `ceil(conv_dim / workgroup size)` workgroups), `gdn_chunk` (the delta rule in chunks
+/// of 64 tokens, the chunked form of caldera-cpu's `delta_chunked`; `n_v · ceil(dv /
+/// workgroup size)` workgroups) and `gdn_norm` (the gated RMSNorm; `max_tokens · n_v`
+/// workgroups, those past the step's tokens exit). It continues the state that
+/// [`GdnDecode`] keeps, in the same layout.
+pub struct GdnPrefill {
+    conv: Dispatch,
+    chunk: Dispatch,
+    norm: Dispatch,
+}
+
+impl GdnPrefill {
+    pub fn new(
+        ctx: &Context,
+        spec: &GdnSpec,
+        w: &GdnWeights,
+        eps: f32,
+        io: &GdnPrefillIo<'_>,
+    ) -> Result<GdnPrefill> {
+        let what = "GatedDeltaNet prefill";
+        let g = GdnDims::check(what, spec, w)?;
+        let t = io.max_tokens as usize;
+        let ld = io.ld_proj as usize;
+        if t == 0 || ld < g.row {
+            return Err(invalid(format!(
+                "{what}: {t} tokens of rows of {ld} values (want at least {})",
+                g.row
+            )));
+        }
+        elems(what, &[t, ld])?;
+        elems(what, &[t, g.cd])?;
+        need("GatedDeltaNet proj rows", io.proj, (t - 1) * ld + g.row)?;
+        need("GatedDeltaNet out rows", io.out, t * g.vd)?;
+        let s = g.state(io.state)?;
+        need("step values", io.step, 2)?;
+        let consts = g.consts(ctx, w)?;
+        let xc = upload_zeros(ctx, t * g.cd)?;
+        let u = upload_zeros(ctx, t * g.vd)?;
+        let wg = ctx.tuning().workgroup_size as usize;
+        let conv = Dispatch {
+            binding: ctx.bind(
+                Kernel::GdnConv,
+                &[io.proj, &consts, &io.state.conv, &xc, io.step],
+            )?,
+            push: push_words(&[g.cd as u32, g.kern as u32, ld as u32]),
+            groups: g.cd.div_ceil(wg) as u64,
+        };
+        let n_tiles = g.dv.div_ceil(wg);
+        let chunk = Dispatch {
+            binding: ctx.bind(
+                Kernel::GdnChunk,
+                &[io.proj, &consts, &xc, s, io.out, &u, io.step],
+            )?,
+            push: push_words(&[
+                g.nk as u32,
+                g.nv as u32,
+                g.dk as u32,
+                g.dv as u32,
+                g.kern as u32,
+                g.flags,
+                ld as u32,
+                n_tiles as u32,
+            ]),
+            groups: (g.nv * n_tiles) as u64,
+        };
+        let norm = Dispatch {
+            binding: ctx.bind(Kernel::GdnNorm, &[io.proj, &consts, io.out, io.step])?,
+            push: push_words(&[
+                g.nv as u32,
+                g.dv as u32,
+                g.cd as u32,
+                ld as u32,
+                g.norm_at() as u32,
+                eps.to_bits(),
+            ]),
+            groups: (t * g.nv) as u64,
+        };
+        Ok(GdnPrefill { conv, chunk, norm })
+    }
+
+    /// Records the step: three dispatches with barriers between them, none after.
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.conv.record(r)?;
+        r.barrier();
+        self.chunk.record(r)?;
+        r.barrier();
+        self.norm.record(r)
     }
 }
 

@@ -19,7 +19,8 @@ use caldera_model::blocks::shortconv::{ShortConvSpec, ShortConvWeights};
 use caldera_model::Weight;
 use caldera_vulkan::recurrent::{
     history_from_ring, mamba2_ssm_from_device, mamba2_ssm_to_device, ring_from_history, GdnDecode,
-    Mamba2Decode, RecurrentIo, RecurrentState, ShortConvDecode, DEFAULT_TILE,
+    GdnPrefill, GdnPrefillIo, Mamba2Decode, RecurrentIo, RecurrentState, ShortConvDecode,
+    DEFAULT_TILE,
 };
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Buffer, Context, ContextOptions, MemoryKind, Recording};
@@ -144,7 +145,8 @@ struct GdnCase {
     pos0: usize,
 }
 
-fn gdn_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &GdnCase, steps: usize) {
+/// A random layer of `c`'s shape (projections unused) and a random state.
+fn gdn_layer(rng: &mut StdRng, c: &GdnCase) -> (GdnSpec, GdnWeights, GdnState) {
     let spec = GdnSpec {
         n_k_heads: c.n_k,
         n_v_heads: c.n_v,
@@ -173,16 +175,72 @@ fn gdn_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &GdnCase, ste
         norm: random_vec(rng, c.dv, 1.5),
         out: unused_weight(1, vd),
     };
-    let eps = 1e-6;
     let mut st = GdnState::new(&spec);
     st.conv = random_vec(rng, st.conv.len(), 1.0);
     st.ssm = random_vec(rng, st.ssm.len(), 0.5);
+    (spec, w, st)
+}
 
-    let state = RecurrentState::gdn(ctx, &spec).unwrap();
-    let ring = ring_from_history(&st.conv, c.kern, cd, c.pos0 as u64).unwrap();
-    ctx.write_buffer(&state.conv, 0, &f32_bytes(&ring)).unwrap();
+/// `st` on the device, for the token at `pos`.
+fn gdn_device_state(ctx: &Context, spec: &GdnSpec, st: &GdnState, pos: usize) -> RecurrentState {
+    let state = RecurrentState::gdn(ctx, spec).unwrap();
+    let ring = ring_from_history(&st.conv, spec.conv_kernel, spec.conv_dim(), pos as u64);
+    ctx.write_buffer(&state.conv, 0, &f32_bytes(&ring.unwrap()))
+        .unwrap();
     let ssm = state.ssm.as_ref().unwrap();
     ctx.write_buffer(ssm, 0, &f32_bytes(&st.ssm)).unwrap();
+    state
+}
+
+/// One random projection row of a GatedDeltaNet layer: qkv, z, b|a.
+fn gdn_row(rng: &mut StdRng, spec: &GdnSpec) -> Vec<f32> {
+    let mut row = random_vec(rng, spec.conv_dim(), 1.0);
+    row.extend(random_vec(rng, spec.value_dim(), 2.0));
+    row.extend(random_vec(rng, 2 * spec.n_v_heads, 2.0));
+    row
+}
+
+/// The CPU twin over `m` projection rows of `ld` values: the outputs, `[m × n_v·dv]`.
+#[allow(clippy::too_many_arguments)]
+fn gdn_cpu(
+    pool: &ThreadPool,
+    spec: &GdnSpec,
+    w: &GdnWeights,
+    st: &mut GdnState,
+    rows: &[f32],
+    ld: usize,
+    m: usize,
+    eps: f32,
+) -> Vec<f32> {
+    let (nv, cd, vd) = (spec.n_v_heads, spec.conv_dim(), spec.value_dim());
+    let (mut qkv, mut z, mut gates) = (Vec::new(), Vec::new(), Vec::new());
+    for row in rows.chunks(ld).take(m) {
+        qkv.extend_from_slice(&row[..cd]);
+        z.extend_from_slice(&row[cd..cd + vd]);
+        gates.extend_from_slice(&row[cd + vd..cd + vd + 2 * nv]);
+    }
+    let (b, a) = match w.gates {
+        GdnGates::Fused(_) => gdn::split_fused_ba(spec, &gates, m),
+        GdnGates::Separate { .. } => {
+            let (mut b, mut a) = (Vec::new(), Vec::new());
+            for g in gates.chunks_exact(2 * nv) {
+                b.extend_from_slice(&g[..nv]);
+                a.extend_from_slice(&g[nv..]);
+            }
+            (b, a)
+        }
+    };
+    let mut o = vec![0f32; m * vd];
+    gdn::mix(pool, spec, w, st, &mut qkv, &z, b, a, m, eps, &mut o).unwrap();
+    o
+}
+
+fn gdn_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &GdnCase, steps: usize) {
+    let (spec, w, mut st) = gdn_layer(rng, c);
+    let (nv, cd, vd) = (c.n_v, spec.conv_dim(), spec.value_dim());
+    let eps = 1e-6;
+    let state = gdn_device_state(ctx, &spec, &st, c.pos0);
+    let ssm = state.ssm.as_ref().unwrap();
     let dev = Steps::new(ctx, cd + vd + 2 * nv, vd);
     let op = GdnDecode::with_tile(ctx, &spec, &w, eps, &dev.io(&state), c.tile).unwrap();
     let rec = ctx.record(|r| op.record(r)).unwrap();
@@ -200,33 +258,9 @@ fn gdn_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &GdnCase, ste
         describe(ctx)
     );
     for t in 0..steps {
-        let mut proj = random_vec(rng, cd, 1.0);
-        proj.extend(random_vec(rng, vd, 2.0));
-        proj.extend(random_vec(rng, 2 * nv, 2.0));
+        let proj = gdn_row(rng, &spec);
         let got = dev.run(ctx, &rec, &proj, c.pos0 + t);
-
-        let mut qkv = proj[..cd].to_vec();
-        let gates = &proj[cd + vd..];
-        let (b, a) = if c.fused {
-            gdn::split_fused_ba(&spec, gates, 1)
-        } else {
-            (gates[..nv].to_vec(), gates[nv..].to_vec())
-        };
-        let mut want = vec![0f32; vd];
-        gdn::mix(
-            pool,
-            &spec,
-            &w,
-            &mut st,
-            &mut qkv,
-            &proj[cd..cd + vd],
-            b,
-            a,
-            1,
-            eps,
-            &mut want,
-        )
-        .unwrap();
+        let want = gdn_cpu(pool, &spec, &w, &mut st, &proj, proj.len(), 1, eps);
         assert_close(&got, &want, 1e-4, &format!("{what}: step {t} output"));
     }
     let s_got = ctx.read_f32(ssm, st.ssm.len()).unwrap();
@@ -300,6 +334,153 @@ fn gdn_decode_matches_cpu() {
     for ctx in &contexts() {
         for c in &cases {
             gdn_case(ctx, &mut rng, &pool, c, 5);
+        }
+    }
+}
+
+/// One prefill step of `m` tokens (rows `ld` apart, room for `max_tokens`) against the
+/// CPU (which runs `delta_chunked`) and against the decode kernel token by token.
+#[allow(clippy::too_many_arguments)]
+fn gdn_prefill_case(
+    ctx: &Context,
+    rng: &mut StdRng,
+    pool: &ThreadPool,
+    c: &GdnCase,
+    m: usize,
+    max_tokens: usize,
+) {
+    let (spec, w, st0) = gdn_layer(rng, c);
+    let (cd, vd) = (spec.conv_dim(), spec.value_dim());
+    let row = cd + vd + 2 * c.n_v;
+    let ld = row + 3;
+    let eps = 1e-6;
+    let mut rows = Vec::with_capacity(max_tokens * ld);
+    for _ in 0..max_tokens {
+        rows.extend(gdn_row(rng, &spec));
+        rows.extend([0.0; 3]);
+    }
+    let what = format!(
+        "gdn prefill of {m} tokens at {}: {}/{} heads, dk {}, dv {}, kernel {}, {:?}, fused {} \
+         ({})",
+        c.pos0,
+        c.n_k,
+        c.n_v,
+        c.dk,
+        c.dv,
+        c.kern,
+        c.order,
+        c.fused,
+        describe(ctx)
+    );
+
+    // The prefill op.
+    let state = gdn_device_state(ctx, &spec, &st0, c.pos0);
+    let proj = ctx.upload_f32(&rows).unwrap();
+    let out = ctx
+        .create_buffer((max_tokens * vd * 4) as u64, MemoryKind::Device)
+        .unwrap();
+    let step = ctx
+        .upload(&words(&[m as u32, c.pos0 as u32, 0, 1]))
+        .unwrap();
+    let io = GdnPrefillIo {
+        proj: &proj,
+        ld_proj: ld as u64,
+        out: &out,
+        state: &state,
+        step: &step,
+        max_tokens: max_tokens as u64,
+    };
+    let op = GdnPrefill::new(ctx, &spec, &w, eps, &io).unwrap();
+    let rec = ctx.record(|r| op.record(r)).unwrap();
+    ctx.submit(&rec).unwrap();
+    let got = ctx.read_f32(&out, m * vd).unwrap();
+    let s_got = ctx
+        .read_f32(state.ssm.as_ref().unwrap(), st0.ssm.len())
+        .unwrap();
+    let ring = ctx.read_f32(&state.conv, c.kern * cd).unwrap();
+    let hist = history_from_ring(&ring, c.kern, cd, (c.pos0 + m) as u64).unwrap();
+
+    // The CPU, all tokens at once.
+    let mut st = st0.clone();
+    let want = gdn_cpu(pool, &spec, &w, &mut st, &rows, ld, m, eps);
+    assert_close(&got, &want, 2e-4, &format!("{what}: outputs vs CPU"));
+    assert_close(&s_got, &st.ssm, 2e-4, &format!("{what}: state vs CPU"));
+    assert_eq!(hist, st.conv, "{what}: conv history");
+
+    // The decode kernel, token by token.
+    let dstate = gdn_device_state(ctx, &spec, &st0, c.pos0);
+    let dev = Steps::new(ctx, row, vd);
+    let dop = GdnDecode::new(ctx, &spec, &w, eps, &dev.io(&dstate)).unwrap();
+    let drec = ctx.record(|r| dop.record(r)).unwrap();
+    let mut steps = Vec::with_capacity(m * vd);
+    for t in 0..m {
+        steps.extend(dev.run(ctx, &drec, &rows[t * ld..t * ld + row], c.pos0 + t));
+    }
+    let s_dec = ctx
+        .read_f32(dstate.ssm.as_ref().unwrap(), st0.ssm.len())
+        .unwrap();
+    assert_close(
+        &got,
+        &steps,
+        2e-4,
+        &format!("{what}: outputs vs decode steps"),
+    );
+    assert_close(
+        &s_got,
+        &s_dec,
+        2e-4,
+        &format!("{what}: state vs decode steps"),
+    );
+}
+
+#[test]
+fn gdn_prefill_matches_cpu_and_decode() {
+    let mut rng = rng("gdn_prefill");
+    let pool = ThreadPool::new(1);
+    let base = GdnCase {
+        n_k: 2,
+        n_v: 4,
+        dk: 24,
+        dv: 40,
+        kern: 4,
+        order: GdnHeadOrder::Grouped,
+        fused: false,
+        bias: true,
+        tile: DEFAULT_TILE,
+        pos0: 0,
+    };
+    let tiled = GdnCase {
+        n_k: 3,
+        n_v: 3,
+        dk: 37,
+        dv: 70,
+        kern: 3,
+        order: GdnHeadOrder::Tiled,
+        fused: true,
+        bias: false,
+        pos0: 11,
+        ..base
+    };
+    let ctxs = contexts();
+    for (i, ctx) in ctxs.iter().enumerate() {
+        // Chunks: one partial, one whole, whole + partial, three; fewer tokens than the
+        // conv kernel; larger key heads on the first context only (lavapipe is slow).
+        for (c, m, max_tokens) in [
+            (&base, 5, 8),
+            (&tiled, 64, 64),
+            (&base, 70, 72),
+            (&tiled, 2, 32),
+        ] {
+            gdn_prefill_case(ctx, &mut rng, &pool, c, m, max_tokens);
+        }
+        if i == 0 {
+            let big = GdnCase {
+                dk: 128,
+                dv: 128,
+                pos0: 500,
+                ..base
+            };
+            gdn_prefill_case(ctx, &mut rng, &pool, &big, 130, 130);
         }
     }
 }
