@@ -43,6 +43,7 @@ layout(push_constant) uniform Push {
     uint flags;
     uint ld;
     uint n_tiles;
+    uint max_t; // rows the buffers hold (step[0] beyond it is clamped)
 } p;
 
 shared float m_s[CH * CH];
@@ -70,7 +71,7 @@ void main() {
     uint cd = 2u * kd + nv * p.dv;
     uint vd = nv * p.dv;
     uint pb = cd * (p.kern + 1u);
-    uint m = step[0];
+    uint m = min(step[0], p.max_t);
     uint sb = j * p.dk * p.dv + col;
     float qscale = inversesqrt(float(p.dk));
 

@@ -21,6 +21,7 @@ layout(push_constant) uniform Push {
     uint cd;
     uint kern;
     uint ld;
+    uint max_t; // rows the buffers hold (step[0] beyond it is clamped)
 } p;
 
 void main() {
@@ -28,7 +29,7 @@ void main() {
     if (ch >= p.cd) {
         return;
     }
-    uint m = step[0];
+    uint m = min(step[0], p.max_t);
     uint p0 = step[1];
     uint k = p.kern;
     for (uint t = 0u; t < m; t++) {

@@ -16,7 +16,8 @@
 // [conv_dim][K] | conv bias [conv_dim] | dt_bias [n_v] | A [n_v] | norm [dv]),
 // 2: conv ring ([K][conv_dim], conv_ring.glsl), 3: S ([n_v][dk][dv]), 4: out
 // (f32, n_v * dv), 5: step values ([1] position), 6: partial sums of squares
-// ([n_v][n_tiles]), 7: counts (u32 per value head, zero between dispatches).
+// ([n_v][n_tiles]), 7: counts (u32 per value head, zero between dispatches), 8, 9: with
+// F_Q8, out as int8 blocks of 32 (q8_store.glsl; dv a multiple of 32) for ssm_out.
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Proj { float proj[]; };
@@ -27,13 +28,18 @@ layout(std430, binding = 4) coherent buffer Out { float o[]; };
 layout(std430, binding = 5) readonly buffer Sbuf { uint step[]; };
 layout(std430, binding = 6) coherent buffer Part { float part[]; };
 layout(std430, binding = 7) coherent buffer Cnt { uint cnt[]; };
+layout(std430, binding = 8) writeonly buffer Q8 { uint xq[]; };
+layout(std430, binding = 9) writeonly buffer D8 { float xd[]; };
 
 #include "act.glsl"
 #include "recurrent.glsl"
 #include "conv_ring.glsl"
+#define Q8_SRC(i) o[i]
+#include "q8_store.glsl"
 
 const uint F_TILED = 1u;    // value head j reads key head j % n_k (else j / (n_v / n_k))
 const uint F_FUSED_BA = 2u; // b and a as ssm_ba writes them
+const uint F_Q8 = 4u;       // also write out as int8 blocks
 const uint MAX_DK = 512u;
 const float L2_EPS = 1e-6;
 
@@ -175,6 +181,11 @@ void main() {
         if (lead) {
             o[ob + c] = ov * inv * par[nb + c] * silu(proj[cd + ob + c]);
         }
+        if ((p.flags & F_Q8) != 0u) {
+            memoryBarrierBuffer();
+            barrier();
+            q8_store(ob, p.dv);
+        }
         return;
     }
     if (lead) {
@@ -205,5 +216,10 @@ void main() {
     for (uint cc = tid; cc < p.dv; cc += WG) {
         uint at = ob + cc;
         o[at] = o[at] * inv * par[nb + cc] * silu(proj[cd + at]);
+    }
+    if ((p.flags & F_Q8) != 0u) {
+        memoryBarrierBuffer();
+        barrier();
+        q8_store(ob, p.dv);
     }
 }

@@ -16,7 +16,8 @@
 // A [H] | D [H] | norm [d_inner]), 2: conv ring ([K][conv_dim], conv_ring.glsl),
 // 3: S ([H][N][P]: per head, N rows of the P channels), 4: out (f32, d_inner),
 // 5: step values ([1] position), 6: partial sums of squares ([H][n_tiles]),
-// 7: counts (u32 per group, zero between dispatches).
+// 7: counts (u32 per group, zero between dispatches), 8, 9: with F_Q8, out as int8
+// blocks of 32 (q8_store.glsl; d_inner / G a multiple of 32) for ssm_out.
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Proj { float proj[]; };
@@ -27,12 +28,17 @@ layout(std430, binding = 4) coherent buffer Out { float y[]; };
 layout(std430, binding = 5) readonly buffer Sbuf { uint step[]; };
 layout(std430, binding = 6) coherent buffer Part { float part[]; };
 layout(std430, binding = 7) coherent buffer Cnt { uint cnt[]; };
+layout(std430, binding = 8) writeonly buffer Q8 { uint xq[]; };
+layout(std430, binding = 9) writeonly buffer D8 { float xd[]; };
 
 #include "act.glsl"
 #include "recurrent.glsl"
 #include "conv_ring.glsl"
+#define Q8_SRC(i) y[i]
+#include "q8_store.glsl"
 
 const uint MAX_N = 512u;
+const uint F_Q8 = 1u; // also write out as int8 blocks
 
 layout(push_constant) uniform Push {
     uint n_h;
@@ -42,6 +48,7 @@ layout(push_constant) uniform Push {
     uint kern;
     uint tile;
     uint n_tiles;
+    uint flags;
     float eps;
     float dt_min;
 } p;
@@ -127,6 +134,11 @@ void main() {
         if (lead) {
             y[ch] = yv * inv * par[nb + ch];
         }
+        if ((p.flags & F_Q8) != 0u) {
+            memoryBarrierBuffer();
+            barrier();
+            q8_store(g * gs, gs);
+        }
         return;
     }
     if (lead) {
@@ -157,5 +169,10 @@ void main() {
     for (uint i = tid; i < gs; i += WG) {
         uint at = g * gs + i;
         y[at] = y[at] * inv * par[nb + at];
+    }
+    if ((p.flags & F_Q8) != 0u) {
+        memoryBarrierBuffer();
+        barrier();
+        q8_store(g * gs, gs);
     }
 }

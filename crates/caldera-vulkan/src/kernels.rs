@@ -153,15 +153,15 @@ pub const ADD_NORM_PUSH_BYTES: u32 = 8;
 /// `gdn_decode` push constants: `n_k, n_v, dk, dv, kern, flags, tile, n_tiles` (u32),
 /// `eps` (f32).
 pub const GDN_DECODE_PUSH_BYTES: u32 = 36;
-/// `mamba2_decode` push constants: `n_h, hp, ns, n_g, kern, tile, n_tiles` (u32), `eps,
-/// dt_min` (f32).
-pub const MAMBA2_DECODE_PUSH_BYTES: u32 = 36;
+/// `mamba2_decode` push constants: `n_h, hp, ns, n_g, kern, tile, n_tiles, flags` (u32),
+/// `eps, dt_min` (f32).
+pub const MAMBA2_DECODE_PUSH_BYTES: u32 = 40;
 /// `shortconv_decode` push constants: `channels, kern` (u32).
 pub const SHORTCONV_DECODE_PUSH_BYTES: u32 = 8;
-/// `gdn_conv` push constants: `cd, kern, ld` (u32).
-pub const GDN_CONV_PUSH_BYTES: u32 = 12;
-/// `gdn_chunk` push constants: `n_k, n_v, dk, dv, kern, flags, ld, n_tiles` (u32).
-pub const GDN_CHUNK_PUSH_BYTES: u32 = 32;
+/// `gdn_conv` push constants: `cd, kern, ld, max_t` (u32).
+pub const GDN_CONV_PUSH_BYTES: u32 = 16;
+/// `gdn_chunk` push constants: `n_k, n_v, dk, dv, kern, flags, ld, n_tiles, max_t` (u32).
+pub const GDN_CHUNK_PUSH_BYTES: u32 = 36;
 /// `gdn_norm` push constants: `n_v, dv, cd, ld, norm_at` (u32), `eps` (f32).
 pub const GDN_NORM_PUSH_BYTES: u32 = 24;
 
@@ -359,14 +359,14 @@ pub const KERNELS: [KernelDesc; 77] = [
         Kernel::GdnDecode,
         "gdn_decode",
         spv!("gdn_decode"),
-        8,
+        10,
         GDN_DECODE_PUSH_BYTES,
     ),
     plain(
         Kernel::Mamba2Decode,
         "mamba2_decode",
         spv!("mamba2_decode"),
-        8,
+        10,
         MAMBA2_DECODE_PUSH_BYTES,
     ),
     plain(

@@ -20,6 +20,8 @@
 //!   input of `ssm_out`.
 //! - state ([`RecurrentState::gdn`]): the conv ring `[K][cd]` (below) and
 //!   `S [n_v][dk][dv]` (the CPU's `GdnState::ssm` layout).
+//! - `q8` (optional): `out` also as int8 blocks of 32 (`quant_x`'s format) for an
+//!   int8-activation `ssm_out`, written by the workgroup that norms each head.
 //! - Dispatch: `n_v · ceil(dv / tile)` workgroups: value head × tile of value columns
 //!   (`tile` ≤ the workgroup size; default [`DEFAULT_TILE`]). Tiles of a head finish
 //!   their norm through an atomic count (the last one norms the head).
@@ -35,7 +37,7 @@
 //! # Mamba2 ([`Mamba2Decode`])
 //! With `di = H·P`, `cd = di + 2·G·N`:
 //! - `proj`: `in_proj`'s output as it comes, `[z: di | xBC: cd | dt: H]`.
-//! - `out`: `di`, the input of `ssm_out`.
+//! - `out`: `di`, the input of `ssm_out`; `q8` as for GatedDeltaNet (per norm group).
 //! - state ([`RecurrentState::mamba2`]): the conv ring `[K][cd]` and
 //!   `S [H][N][P]`: per head, **transposed** from the CPU's `[P][N]` so that consecutive
 //!   invocations read consecutive words ([`mamba2_ssm_to_device`] and
@@ -68,7 +70,7 @@ use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::Kernel;
 use crate::memory::Buffer;
-use crate::ops::push_words;
+use crate::ops::{push_words, Q8Acts};
 use crate::record::{Binding, Recorder};
 
 /// Value columns (GatedDeltaNet) or head channels (Mamba2) per workgroup by default
@@ -254,6 +256,36 @@ pub struct RecurrentIo<'a> {
     pub state: &'a RecurrentState,
     /// The step values (u32; `[1]` is the token's position). Unused by the short conv.
     pub step: &'a Buffer,
+    /// Where to also write `out` as int8 blocks of 32 for an int8-activation
+    /// out-projection (`ops::Mvq`), sparing it a `QuantX`: GatedDeltaNet with `dv`, Mamba2
+    /// with `d_inner / G` a multiple of 32; not the short conv.
+    pub q8: Option<Q8Acts<'a>>,
+}
+
+/// Checks `io.q8` for `n` outputs quantized in blocks of 32 that may not straddle
+/// `unit` (a head or norm group); returns its buffers, or `out` twice without it.
+fn q8_buffers<'a>(
+    what: &str,
+    io: &'a RecurrentIo<'a>,
+    n: usize,
+    unit: usize,
+) -> Result<(&'a Buffer, &'a Buffer, u32)> {
+    match &io.q8 {
+        None => Ok((io.out, io.out, 0)),
+        Some(q) => {
+            if !unit.is_multiple_of(32) {
+                return Err(invalid(format!(
+                    "{what}: int8 output in blocks of 32 over units of {unit} values"
+                )));
+            }
+            if q.q.size() < n as u64 || q.d.size() < (n / 8) as u64 {
+                return Err(invalid(format!(
+                    "{what}: int8 output buffers too small for {n} values"
+                )));
+            }
+            Ok((q.q, q.d, 1))
+        }
+    }
 }
 
 /// One bound dispatch.
@@ -428,6 +460,7 @@ impl GdnDecode {
         let s = g.state(io.state)?;
         need("step values", io.step, 2)?;
         let (tile, n_tiles) = tile_of(ctx, tile, dv);
+        let (xq, xd, q8) = q8_buffers("GatedDeltaNet decode", io, vd, dv)?;
         let consts = g.consts(ctx, w)?;
         let part = upload_zeros(ctx, nv * n_tiles)?;
         let count = upload_zeros(ctx, nv)?;
@@ -442,6 +475,8 @@ impl GdnDecode {
                 io.step,
                 &part,
                 &count,
+                xq,
+                xd,
             ],
         )?;
         let push = push_words(&[
@@ -450,7 +485,7 @@ impl GdnDecode {
             g.dk as u32,
             dv as u32,
             g.kern as u32,
-            g.flags,
+            g.flags | (q8 << 2),
             tile as u32,
             n_tiles as u32,
             eps.to_bits(),
@@ -528,7 +563,7 @@ impl GdnPrefill {
                 Kernel::GdnConv,
                 &[io.proj, &consts, &io.state.conv, &xc, io.step],
             )?,
-            push: push_words(&[g.cd as u32, g.kern as u32, ld as u32]),
+            push: push_words(&[g.cd as u32, g.kern as u32, ld as u32, t as u32]),
             groups: g.cd.div_ceil(wg) as u64,
         };
         let n_tiles = g.dv.div_ceil(wg);
@@ -546,6 +581,7 @@ impl GdnPrefill {
                 g.flags,
                 ld as u32,
                 n_tiles as u32,
+                t as u32,
             ]),
             groups: (g.nv * n_tiles) as u64,
         };
@@ -648,6 +684,7 @@ impl Mamba2Decode {
             cd,
             &[&w.dt_bias, &w.a, &w.d, &w.norm],
         )?;
+        let (xq, xd, q8) = q8_buffers("Mamba2 decode", io, di, di / ng)?;
         let part = upload_zeros(ctx, nh * n_tiles)?;
         let count = upload_zeros(ctx, ng)?;
         let binding = ctx.bind(
@@ -661,6 +698,8 @@ impl Mamba2Decode {
                 io.step,
                 &part,
                 &count,
+                xq,
+                xd,
             ],
         )?;
         let push = push_words(&[
@@ -671,6 +710,7 @@ impl Mamba2Decode {
             kern as u32,
             tile as u32,
             n_tiles as u32,
+            q8,
             eps.to_bits(),
             spec.dt_min.to_bits(),
         ]);
@@ -712,6 +752,11 @@ impl ShortConvDecode {
         need_len("shortconv.conv", &w.conv, c * kern)?;
         if let Some(b) = &w.conv_bias {
             need_len("shortconv.conv.bias", b, c)?;
+        }
+        if io.q8.is_some() {
+            return Err(invalid(format!(
+                "{what}: no int8 output (quantize with QuantX)"
+            )));
         }
         need("short conv proj", io.proj, 3 * c)?;
         need("short conv out", io.out, c)?;

@@ -17,6 +17,7 @@ use caldera_model::blocks::gdn::{GdnGates, GdnHeadOrder, GdnSpec, GdnWeights};
 use caldera_model::blocks::mamba2::{Mamba2Spec, Mamba2Weights};
 use caldera_model::blocks::shortconv::{ShortConvSpec, ShortConvWeights};
 use caldera_model::Weight;
+use caldera_vulkan::ops::Q8Acts;
 use caldera_vulkan::recurrent::{
     history_from_ring, mamba2_ssm_from_device, mamba2_ssm_to_device, ring_from_history, GdnDecode,
     GdnPrefill, GdnPrefillIo, Mamba2Decode, RecurrentIo, RecurrentState, ShortConvDecode,
@@ -97,6 +98,8 @@ struct Steps {
     out: Buffer,
     step: Buffer,
     out_len: usize,
+    /// The int8 copy of `out` (values, scales), when the case asks for it.
+    q8: Option<(Buffer, Buffer)>,
 }
 
 impl Steps {
@@ -110,6 +113,29 @@ impl Steps {
             out: buf(out_len),
             step: ctx.upload(&words(&[1, 0, 0, 1])).unwrap(),
             out_len,
+            q8: None,
+        }
+    }
+
+    /// [`Steps::new`], the op also writing `out` as int8 blocks.
+    fn with_q8(ctx: &Context, proj_len: usize, out_len: usize) -> Steps {
+        let mut s = Steps::new(ctx, proj_len, out_len);
+        let mk = |n: usize| ctx.create_buffer(n as u64, MemoryKind::Device).unwrap();
+        s.q8 = Some((mk(out_len), mk(out_len / 8)));
+        s
+    }
+
+    /// With `q8`: the int8 copy of `out` dequantizes to `out` within half a step.
+    fn check_q8(&self, ctx: &Context, out: &[f32], what: &str) {
+        let Some((q, d)) = &self.q8 else { return };
+        let q = ctx.read_buffer(q, 0, out.len() as u64).unwrap();
+        let d = ctx.read_f32(d, out.len() / 32).unwrap();
+        for (i, &v) in out.iter().enumerate() {
+            let deq = q[i] as i8 as f64 * d[i / 32] as f64;
+            assert!(
+                (deq - v as f64).abs() <= 0.51 * d[i / 32] as f64 + 1e-7,
+                "{what}: int8 output [{i}] {deq} for {v}"
+            );
         }
     }
 
@@ -119,6 +145,7 @@ impl Steps {
             out: &self.out,
             state,
             step: &self.step,
+            q8: self.q8.as_ref().map(|(q, d)| Q8Acts { q, d }),
         }
     }
 
@@ -143,6 +170,8 @@ struct GdnCase {
     bias: bool,
     tile: usize,
     pos0: usize,
+    /// Also write int8 output blocks (dv a multiple of 32).
+    q8: bool,
 }
 
 /// A random layer of `c`'s shape (projections unused) and a random state.
@@ -241,7 +270,11 @@ fn gdn_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &GdnCase, ste
     let eps = 1e-6;
     let state = gdn_device_state(ctx, &spec, &st, c.pos0);
     let ssm = state.ssm.as_ref().unwrap();
-    let dev = Steps::new(ctx, cd + vd + 2 * nv, vd);
+    let dev = if c.q8 {
+        Steps::with_q8(ctx, cd + vd + 2 * nv, vd)
+    } else {
+        Steps::new(ctx, cd + vd + 2 * nv, vd)
+    };
     let op = GdnDecode::with_tile(ctx, &spec, &w, eps, &dev.io(&state), c.tile).unwrap();
     let rec = ctx.record(|r| op.record(r)).unwrap();
     let what = format!(
@@ -262,6 +295,7 @@ fn gdn_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &GdnCase, ste
         let got = dev.run(ctx, &rec, &proj, c.pos0 + t);
         let want = gdn_cpu(pool, &spec, &w, &mut st, &proj, proj.len(), 1, eps);
         assert_close(&got, &want, 1e-4, &format!("{what}: step {t} output"));
+        dev.check_q8(ctx, &got, &what);
     }
     let s_got = ctx.read_f32(ssm, st.ssm.len()).unwrap();
     assert_close(&s_got, &st.ssm, 1e-4, &format!("{what}: state"));
@@ -285,6 +319,7 @@ fn gdn_decode_matches_cpu() {
         bias: true,
         tile: DEFAULT_TILE,
         pos0: 0,
+        q8: false,
     };
     let cases = [
         GdnCase { ..base },
@@ -328,6 +363,18 @@ fn gdn_decode_matches_cpu() {
             dk: 128,
             dv: 128,
             pos0: 1000,
+            q8: true,
+            ..base
+        },
+        // One tile per head (at workgroups of 64), int8 output.
+        GdnCase {
+            n_k: 1,
+            n_v: 3,
+            dk: 20,
+            dv: 32,
+            tile: 32,
+            pos0: 4,
+            q8: true,
             ..base
         },
     ];
@@ -448,6 +495,7 @@ fn gdn_prefill_matches_cpu_and_decode() {
         bias: true,
         tile: DEFAULT_TILE,
         pos0: 0,
+        q8: false,
     };
     let tiled = GdnCase {
         n_k: 3,
@@ -495,6 +543,8 @@ struct Mamba2Case {
     bias: bool,
     tile: usize,
     pos0: usize,
+    /// Also write int8 output blocks (d_inner / G a multiple of 32).
+    q8: bool,
 }
 
 fn mamba2_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &Mamba2Case, steps: usize) {
@@ -529,7 +579,11 @@ fn mamba2_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &Mamba2Cas
     let ssm = state.ssm.as_ref().unwrap();
     let s_dev = mamba2_ssm_to_device(&spec, &st.ssm).unwrap();
     ctx.write_buffer(ssm, 0, &f32_bytes(&s_dev)).unwrap();
-    let dev = Steps::new(ctx, rows, di);
+    let dev = if c.q8 {
+        Steps::with_q8(ctx, rows, di)
+    } else {
+        Steps::new(ctx, rows, di)
+    };
     let op = Mamba2Decode::with_tile(ctx, &spec, &w, eps, &dev.io(&state), c.tile).unwrap();
     let rec = ctx.record(|r| op.record(r)).unwrap();
     let what = format!(
@@ -553,6 +607,7 @@ fn mamba2_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &Mamba2Cas
         let mut want = vec![0f32; di];
         mamba2::mix(pool, &spec, &w, &mut st, &proj, 1, eps, &mut want).unwrap();
         assert_close(&got, &want, 1e-4, &format!("{what}: step {t} output"));
+        dev.check_q8(ctx, &got, &what);
     }
     let s_got = ctx.read_f32(ssm, st.ssm.len()).unwrap();
     let s_got = mamba2_ssm_from_device(&spec, &s_got).unwrap();
@@ -576,6 +631,7 @@ fn mamba2_decode_matches_cpu() {
         bias: true,
         tile: DEFAULT_TILE,
         pos0: 0,
+        q8: false,
     };
     let cases = [
         // Three heads per norm group, one tile per head.
@@ -620,6 +676,18 @@ fn mamba2_decode_matches_cpu() {
             ns: 128,
             groups: 2,
             pos0: 999,
+            q8: true,
+            ..base
+        },
+        // One head per group in one workgroup (at workgroups of 64), int8 output.
+        Mamba2Case {
+            heads: 2,
+            hp: 32,
+            ns: 16,
+            groups: 2,
+            tile: 32,
+            pos0: 6,
+            q8: true,
             ..base
         },
     ];
@@ -700,6 +768,9 @@ fn bad_shapes_are_errors() {
     let state = RecurrentState::gdn(&ctx, &spec).unwrap();
     let dev = Steps::new(&ctx, cd + vd + 8, vd);
     assert!(GdnDecode::new(&ctx, &spec, &w, 1e-6, &dev.io(&state)).is_ok());
+    // Int8 output blocks of 32 would straddle value heads of 8.
+    let q8 = Steps::with_q8(&ctx, cd + vd + 8, vd);
+    assert!(GdnDecode::new(&ctx, &spec, &w, 1e-6, &q8.io(&state)).is_err());
     // A proj buffer without the gates.
     let short = Steps::new(&ctx, cd + vd, vd);
     assert!(GdnDecode::new(&ctx, &spec, &w, 1e-6, &short.io(&state)).is_err());
