@@ -12,7 +12,7 @@
 // k_x·k_y below the diagonal, q_y·k_x on and above it), over dk in slices of SL.
 // q and k are L2-normed (q also scaled by 1/sqrt(dk)) through per-token factors.
 // Binding 0: proj rows (f32, [m][ld]: b, a at conv_dim + n_v dv as gdn_decode reads
-// them), 1: constants (gdn_decode's), 2: xc (f32, [m][conv_dim], gdn_conv's output),
+// them), 1: constants (gdn_decode's), 2: xc (f32, [m][conv_dim], conv_rows' output),
 // 3: S ([n_v][dk][dv]), 4: out (f32, [m][n_v dv], o before the gated norm), 5: u
 // (f32 scratch, [m][n_v dv]), 6: step values.
 #include "common.glsl"

@@ -90,9 +90,12 @@ pub enum Kernel {
     GdnDecode = 71,
     Mamba2Decode = 72,
     ShortConvDecode = 73,
-    GdnConv = 74,
+    ConvRows = 74,
     GdnChunk = 75,
     GdnNorm = 76,
+    Mamba2Scan = 77,
+    Mamba2Norm = 78,
+    ShortConvRows = 79,
 }
 
 /// One entry of the kernel table.
@@ -158,12 +161,19 @@ pub const GDN_DECODE_PUSH_BYTES: u32 = 36;
 pub const MAMBA2_DECODE_PUSH_BYTES: u32 = 40;
 /// `shortconv_decode` push constants: `channels, kern` (u32).
 pub const SHORTCONV_DECODE_PUSH_BYTES: u32 = 8;
-/// `gdn_conv` push constants: `cd, kern, ld, max_t` (u32).
-pub const GDN_CONV_PUSH_BYTES: u32 = 16;
+/// `conv_rows` push constants: `cd, kern, ld, max_t, src` (u32).
+pub const CONV_ROWS_PUSH_BYTES: u32 = 20;
 /// `gdn_chunk` push constants: `n_k, n_v, dk, dv, kern, flags, ld, n_tiles, max_t` (u32).
 pub const GDN_CHUNK_PUSH_BYTES: u32 = 36;
 /// `gdn_norm` push constants: `n_v, dv, cd, ld, norm_at` (u32), `eps` (f32).
 pub const GDN_NORM_PUSH_BYTES: u32 = 24;
+/// `mamba2_scan` push constants: `n_h, hp, ns, n_g, tile, n_tiles, ld, max_t, pb` (u32),
+/// `dt_min` (f32).
+pub const MAMBA2_SCAN_PUSH_BYTES: u32 = 40;
+/// `mamba2_norm` push constants: `n_g, gs, norm_at` (u32), `eps` (f32).
+pub const MAMBA2_NORM_PUSH_BYTES: u32 = 16;
+/// `shortconv_rows` push constants: `channels, kern, ld, max_t` (u32).
+pub const SHORTCONV_ROWS_PUSH_BYTES: u32 = 16;
 
 const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
@@ -243,7 +253,7 @@ const fn mvq(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 77] = [
+pub const KERNELS: [KernelDesc; 80] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -377,11 +387,11 @@ pub const KERNELS: [KernelDesc; 77] = [
         SHORTCONV_DECODE_PUSH_BYTES,
     ),
     plain(
-        Kernel::GdnConv,
-        "gdn_conv",
-        spv!("gdn_conv"),
+        Kernel::ConvRows,
+        "conv_rows",
+        spv!("conv_rows"),
         5,
-        GDN_CONV_PUSH_BYTES,
+        CONV_ROWS_PUSH_BYTES,
     ),
     plain(
         Kernel::GdnChunk,
@@ -396,6 +406,27 @@ pub const KERNELS: [KernelDesc; 77] = [
         spv!("gdn_norm"),
         4,
         GDN_NORM_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::Mamba2Scan,
+        "mamba2_scan",
+        spv!("mamba2_scan"),
+        6,
+        MAMBA2_SCAN_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::Mamba2Norm,
+        "mamba2_norm",
+        spv!("mamba2_norm"),
+        3,
+        MAMBA2_NORM_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::ShortConvRows,
+        "shortconv_rows",
+        spv!("shortconv_rows"),
+        5,
+        SHORTCONV_ROWS_PUSH_BYTES,
     ),
 ];
 

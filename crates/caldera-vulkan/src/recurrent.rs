@@ -1,11 +1,11 @@
 //! Decode steps (one token) of the recurrent mixers: GatedDeltaNet (`gdn_decode.comp`),
 //! Mamba2 (`mamba2_decode.comp`) and the gated short conv (`shortconv_decode.comp`),
-//! and the GatedDeltaNet prefill ([`GdnPrefill`]). Each decode op is **one dispatch per
-//! layer**, between the mixer's input projections (plain decode mat-vecs writing into
+//! and their prefill steps ([`GdnPrefill`], [`Mamba2Prefill`], [`ShortConvPrefill`]).
+//! Each decode op is **one dispatch per layer**, between the mixer's input projections (plain decode mat-vecs writing into
 //! one `proj` buffer at the offsets below) and its out-projection (a mat-vec over
 //! `out`). caldera-cpu's `gdn::mix`, `mamba2::mix` and `shortconv::mix` define them;
-//! `tests/recurrent.rs` holds each equal to its twin (and the prefill equal to the
-//! decode step token by token).
+//! `tests/recurrent.rs` holds each equal to its twin (and the prefill ops equal to the
+//! decode ops token by token).
 //!
 //! Every buffer is f32 unless said otherwise; sizes in elements.
 //!
@@ -26,14 +26,6 @@
 //!   (`tile` ≤ the workgroup size; default [`DEFAULT_TILE`]). Tiles of a head finish
 //!   their norm through an atomic count (the last one norms the head).
 //!
-//! # GatedDeltaNet prefill ([`GdnPrefill`])
-//! The tokens of a prefill step (`step[0]` of them from position `step[1]`), continuing
-//! the same state: `proj` rows `[max_tokens][ld_proj]` each laid out as above (the
-//! batched mat-vecs' output), `out` rows `[max_tokens][n_v·dv]`. Three dispatches with
-//! barriers between: `gdn_conv` (`ceil(cd / wg)` workgroups), `gdn_chunk` (the delta
-//! rule in chunks of 64 tokens in the WY form of caldera-cpu's `delta_chunked`;
-//! `n_v · ceil(dv / wg)` workgroups), `gdn_norm` (`max_tokens · n_v` workgroups).
-//!
 //! # Mamba2 ([`Mamba2Decode`])
 //! With `di = H·P`, `cd = di + 2·G·N`:
 //! - `proj`: `in_proj`'s output as it comes, `[z: di | xBC: cd | dt: H]`.
@@ -51,6 +43,20 @@
 //! - state ([`RecurrentState::short_conv`]): `[(K-1)][c]`, the last `K-1` inputs `B·x`
 //!   oldest first, exactly the CPU's `ShortConvState`.
 //! - Dispatch: `ceil(c / workgroup size)` workgroups. It needs no step buffer.
+//!
+//! # Prefill ([`PrefillIo`])
+//! The tokens of a prefill step (`step[0]` of them, at most `max_tokens`, from position
+//! `step[1]`), continuing the decode ops' state in the same layout: `proj` rows
+//! `[max_tokens][ld_proj]` each laid out as the decode op's `proj` (the batched
+//! mat-vecs' output), `out` rows `[max_tokens][width of the decode op's out]`.
+//! - [`GdnPrefill`]: `conv_rows` (`ceil(cd / wg)` workgroups), `gdn_chunk` (the delta
+//!   rule in chunks of 64 tokens in the WY form of caldera-cpu's `delta_chunked`;
+//!   `n_v · ceil(dv / wg)` workgroups), `gdn_norm` (`max_tokens · n_v` workgroups).
+//! - [`Mamba2Prefill`]: `conv_rows`, `mamba2_scan` (the recurrence token after token;
+//!   `H · ceil(P / tile)` workgroups), `mamba2_norm` (`max_tokens · G` workgroups).
+//! - [`ShortConvPrefill`]: `shortconv_rows`, one dispatch.
+//!
+//! The three-dispatch ops record barriers between their dispatches, none after.
 //!
 //! # The conv ring (GatedDeltaNet, Mamba2)
 //! `[K][cd]`: the conv input (pre-activation projection) of the token at position `t`
@@ -503,13 +509,38 @@ impl GdnDecode {
     }
 }
 
-/// Where a [`GdnPrefill`] reads and writes.
-pub struct GdnPrefillIo<'a> {
-    /// Projection rows `[max_tokens][ld_proj]`, each laid out as [`GdnDecode`]'s `proj`
+/// Checks a prefill op's rows (`row` values used of `ld_proj`, `width` outputs) and step
+/// buffer; returns (max_tokens, ld_proj).
+fn prefill_rows(
+    what: &str,
+    io: &PrefillIo<'_>,
+    row: usize,
+    width: usize,
+) -> Result<(usize, usize)> {
+    let t = io.max_tokens as usize;
+    let ld = io.ld_proj as usize;
+    if t == 0 || ld < row {
+        return Err(invalid(format!(
+            "{what}: {t} tokens of rows of {ld} values (want at least {row})"
+        )));
+    }
+    elems(what, &[t, ld])?;
+    elems(what, &[t, width])?;
+    need(&format!("{what} proj rows"), io.proj, (t - 1) * ld + row)?;
+    need(&format!("{what} out rows"), io.out, t * width)?;
+    need("step values", io.step, 2)?;
+    Ok((t, ld))
+}
+
+/// Where a prefill op ([`GdnPrefill`], [`Mamba2Prefill`], [`ShortConvPrefill`]) reads
+/// and writes.
+pub struct PrefillIo<'a> {
+    /// Projection rows `[max_tokens][ld_proj]`, each laid out as the decode op's `proj`
     /// (the batched mat-vecs' output with `ld_y = ld_proj`).
     pub proj: &'a Buffer,
     pub ld_proj: u64,
-    /// Output rows `[max_tokens][n_v·dv]`, the out-projection's input.
+    /// Output rows `[max_tokens][width]` (`width`: the decode op's `out`), the
+    /// out-projection's input.
     pub out: &'a Buffer,
     pub state: &'a RecurrentState,
     /// Step values: `[0]` tokens (at most `max_tokens`), `[1]` the first one's position.
@@ -518,7 +549,7 @@ pub struct GdnPrefillIo<'a> {
 }
 
 /// GatedDeltaNet over the tokens of a prefill step, three dispatches with barriers
-/// between them: `gdn_conv` (conv + SiLU of every token, ring update;
+/// between them: `conv_rows` (conv + SiLU of every token, ring update;
 /// `ceil(conv_dim / workgroup size)` workgroups), `gdn_chunk` (the delta rule in chunks
 /// of 64 tokens, the chunked form of caldera-cpu's `delta_chunked`; `n_v · ceil(dv /
 /// workgroup size)` workgroups) and `gdn_norm` (the gated RMSNorm; `max_tokens · n_v`
@@ -536,34 +567,23 @@ impl GdnPrefill {
         spec: &GdnSpec,
         w: &GdnWeights,
         eps: f32,
-        io: &GdnPrefillIo<'_>,
+        io: &PrefillIo<'_>,
     ) -> Result<GdnPrefill> {
         let what = "GatedDeltaNet prefill";
         let g = GdnDims::check(what, spec, w)?;
-        let t = io.max_tokens as usize;
-        let ld = io.ld_proj as usize;
-        if t == 0 || ld < g.row {
-            return Err(invalid(format!(
-                "{what}: {t} tokens of rows of {ld} values (want at least {})",
-                g.row
-            )));
-        }
-        elems(what, &[t, ld])?;
+        let (t, ld) = prefill_rows(what, io, g.row, g.vd)?;
         elems(what, &[t, g.cd])?;
-        need("GatedDeltaNet proj rows", io.proj, (t - 1) * ld + g.row)?;
-        need("GatedDeltaNet out rows", io.out, t * g.vd)?;
         let s = g.state(io.state)?;
-        need("step values", io.step, 2)?;
         let consts = g.consts(ctx, w)?;
         let xc = upload_zeros(ctx, t * g.cd)?;
         let u = upload_zeros(ctx, t * g.vd)?;
         let wg = ctx.tuning().workgroup_size as usize;
         let conv = Dispatch {
             binding: ctx.bind(
-                Kernel::GdnConv,
+                Kernel::ConvRows,
                 &[io.proj, &consts, &io.state.conv, &xc, io.step],
             )?,
-            push: push_words(&[g.cd as u32, g.kern as u32, ld as u32, t as u32]),
+            push: push_words(&[g.cd as u32, g.kern as u32, ld as u32, t as u32, 0]),
             groups: g.cd.div_ceil(wg) as u64,
         };
         let n_tiles = g.dv.div_ceil(wg);
@@ -610,6 +630,83 @@ impl GdnPrefill {
     }
 }
 
+/// The checked sizes of a Mamba2 layer, as its kernels take them.
+struct Mamba2Dims {
+    nh: usize,
+    hp: usize,
+    ns: usize,
+    ng: usize,
+    kern: usize,
+    /// d_inner
+    di: usize,
+    /// conv_dim
+    cd: usize,
+    /// A projection row: `in_proj_rows`.
+    row: usize,
+}
+
+impl Mamba2Dims {
+    fn check(what: &str, spec: &Mamba2Spec, w: &Mamba2Weights) -> Result<Mamba2Dims> {
+        spec.validate()
+            .map_err(|e| invalid(format!("{what}: {e}")))?;
+        let (nh, ns) = (spec.n_heads, spec.d_state);
+        if ns > MAX_RECURRENT_DIM {
+            return Err(invalid(format!(
+                "{what}: state size {ns} is above {MAX_RECURRENT_DIM}"
+            )));
+        }
+        let (di, cd, kern) = (spec.d_inner(), spec.conv_dim(), spec.d_conv);
+        elems(what, &[cd, kern + 1])?;
+        elems(what, &[di, ns])?;
+        let row = elems(what, &[spec.in_proj_rows()])?;
+        need_len("ssm_conv1d", &w.conv, cd * kern)?;
+        if let Some(b) = &w.conv_bias {
+            need_len("ssm_conv1d.bias", b, cd)?;
+        }
+        need_len("ssm_dt.bias", &w.dt_bias, nh)?;
+        need_len("ssm_a", &w.a, nh)?;
+        need_len("ssm_d", &w.d, nh)?;
+        need_len("ssm_norm", &w.norm, di)?;
+        Ok(Mamba2Dims {
+            nh,
+            hp: spec.head_dim,
+            ns,
+            ng: spec.n_groups,
+            kern,
+            di,
+            cd,
+            row,
+        })
+    }
+
+    /// The state's S, after checking both buffers' sizes.
+    fn state<'a>(&self, st: &'a RecurrentState) -> Result<&'a Buffer> {
+        need("Mamba2 conv ring", &st.conv, self.kern * self.cd)?;
+        let s = st
+            .ssm
+            .as_ref()
+            .ok_or_else(|| invalid("Mamba2: a state without S".into()))?;
+        need("Mamba2 state", s, self.di * self.ns)?;
+        Ok(s)
+    }
+
+    /// The kernels' constants: conv taps, conv bias, dt_bias, A, D, norm.
+    fn consts(&self, ctx: &Context, w: &Mamba2Weights) -> Result<Buffer> {
+        upload_consts(
+            ctx,
+            &w.conv,
+            w.conv_bias.as_deref(),
+            self.cd,
+            &[&w.dt_bias, &w.a, &w.d, &w.norm],
+        )
+    }
+
+    /// Offset of dt_bias in the constants (A, D and the norm follow).
+    fn dt_bias_at(&self) -> usize {
+        self.cd * (self.kern + 1)
+    }
+}
+
 /// The Mamba2 decode step (`mamba2_decode.comp`): conv, dt, the SSM update with D skip
 /// and the gated group RMSNorm of every head, one dispatch. See the module doc for the
 /// buffers.
@@ -638,52 +735,14 @@ impl Mamba2Decode {
         io: &RecurrentIo<'_>,
         tile: usize,
     ) -> Result<Mamba2Decode> {
-        let what = "Mamba2 decode";
-        spec.validate()
-            .map_err(|e| invalid(format!("{what}: {e}")))?;
-        let (nh, hp, ns, ng, kern) = (
-            spec.n_heads,
-            spec.head_dim,
-            spec.d_state,
-            spec.n_groups,
-            spec.d_conv,
-        );
-        if ns > MAX_RECURRENT_DIM {
-            return Err(invalid(format!(
-                "{what}: state size {ns} is above {MAX_RECURRENT_DIM}"
-            )));
-        }
-        let di = spec.d_inner();
-        let cd = spec.conv_dim();
-        let taps = elems(what, &[cd, kern + 1])?;
-        let ssm = elems(what, &[di, ns])?;
-        elems(what, &[spec.in_proj_rows()])?;
-        need_len("ssm_conv1d", &w.conv, cd * kern)?;
-        if let Some(b) = &w.conv_bias {
-            need_len("ssm_conv1d.bias", b, cd)?;
-        }
-        need_len("ssm_dt.bias", &w.dt_bias, nh)?;
-        need_len("ssm_a", &w.a, nh)?;
-        need_len("ssm_d", &w.d, nh)?;
-        need_len("ssm_norm", &w.norm, di)?;
-        need("Mamba2 proj", io.proj, spec.in_proj_rows())?;
+        let g = Mamba2Dims::check("Mamba2 decode", spec, w)?;
+        let (nh, hp, ns, ng, kern, di) = (g.nh, g.hp, g.ns, g.ng, g.kern, g.di);
+        need("Mamba2 proj", io.proj, g.row)?;
         need("Mamba2 out", io.out, di)?;
-        need("Mamba2 conv ring", &io.state.conv, taps - cd)?;
-        let s = io
-            .state
-            .ssm
-            .as_ref()
-            .ok_or_else(|| invalid(format!("{what}: a state without S")))?;
-        need("Mamba2 state", s, ssm)?;
+        let s = g.state(io.state)?;
         need("step values", io.step, 2)?;
         let (tile, n_tiles) = tile_of(ctx, tile, hp);
-        let consts = upload_consts(
-            ctx,
-            &w.conv,
-            w.conv_bias.as_deref(),
-            cd,
-            &[&w.dt_bias, &w.a, &w.d, &w.norm],
-        )?;
+        let consts = g.consts(ctx, w)?;
         let (xq, xd, q8) = q8_buffers("Mamba2 decode", io, di, di / ng)?;
         let part = upload_zeros(ctx, nh * n_tiles)?;
         let count = upload_zeros(ctx, ng)?;
@@ -727,6 +786,85 @@ impl Mamba2Decode {
     }
 }
 
+/// Mamba2 over the tokens of a prefill step, three dispatches with barriers between
+/// them: `conv_rows` (conv + SiLU of xBC for every token, ring update;
+/// `ceil(conv_dim / workgroup size)` workgroups), `mamba2_scan` (the SSM token after
+/// token, gated by silu(z); `H · ceil(P / tile)` workgroups) and `mamba2_norm` (the group
+/// RMSNorm; `max_tokens · G` workgroups). It continues the state that [`Mamba2Decode`]
+/// keeps, in the same layout.
+pub struct Mamba2Prefill {
+    conv: Dispatch,
+    scan: Dispatch,
+    norm: Dispatch,
+}
+
+impl Mamba2Prefill {
+    pub fn new(
+        ctx: &Context,
+        spec: &Mamba2Spec,
+        w: &Mamba2Weights,
+        eps: f32,
+        io: &PrefillIo<'_>,
+    ) -> Result<Mamba2Prefill> {
+        let what = "Mamba2 prefill";
+        let g = Mamba2Dims::check(what, spec, w)?;
+        let (t, ld) = prefill_rows(what, io, g.row, g.di)?;
+        elems(what, &[t, g.cd])?;
+        let s = g.state(io.state)?;
+        let consts = g.consts(ctx, w)?;
+        let xc = upload_zeros(ctx, t * g.cd)?;
+        let wg = ctx.tuning().workgroup_size as usize;
+        let conv = Dispatch {
+            binding: ctx.bind(
+                Kernel::ConvRows,
+                &[io.proj, &consts, &io.state.conv, &xc, io.step],
+            )?,
+            push: push_words(&[g.cd as u32, g.kern as u32, ld as u32, t as u32, g.di as u32]),
+            groups: g.cd.div_ceil(wg) as u64,
+        };
+        let (tile, n_tiles) = tile_of(ctx, DEFAULT_TILE, g.hp);
+        let scan = Dispatch {
+            binding: ctx.bind(
+                Kernel::Mamba2Scan,
+                &[io.proj, &consts, &xc, s, io.out, io.step],
+            )?,
+            push: push_words(&[
+                g.nh as u32,
+                g.hp as u32,
+                g.ns as u32,
+                g.ng as u32,
+                tile as u32,
+                n_tiles as u32,
+                ld as u32,
+                t as u32,
+                g.dt_bias_at() as u32,
+                spec.dt_min.to_bits(),
+            ]),
+            groups: (g.nh * n_tiles) as u64,
+        };
+        let norm = Dispatch {
+            binding: ctx.bind(Kernel::Mamba2Norm, &[&consts, io.out, io.step])?,
+            push: push_words(&[
+                g.ng as u32,
+                (g.di / g.ng) as u32,
+                (g.dt_bias_at() + 3 * g.nh) as u32,
+                eps.to_bits(),
+            ]),
+            groups: (t * g.ng) as u64,
+        };
+        Ok(Mamba2Prefill { conv, scan, norm })
+    }
+
+    /// Records the step: three dispatches with barriers between them, none after.
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.conv.record(r)?;
+        r.barrier();
+        self.scan.record(r)?;
+        r.barrier();
+        self.norm.record(r)
+    }
+}
+
 /// The short-conv decode step (`shortconv_decode.comp`): `C · conv(B · x)` over the
 /// rolling state, one dispatch. See the module doc for the buffers.
 pub struct ShortConvDecode(Dispatch);
@@ -740,19 +878,8 @@ impl ShortConvDecode {
         w: &ShortConvWeights,
         io: &RecurrentIo<'_>,
     ) -> Result<ShortConvDecode> {
-        let (c, kern) = (spec.channels, spec.l_cache);
         let what = "short conv decode";
-        if c == 0 || kern == 0 {
-            return Err(invalid(format!(
-                "{what}: {c} channels, kernel length {kern}"
-            )));
-        }
-        elems(what, &[c, kern + 1])?;
-        elems(what, &[c, 3])?;
-        need_len("shortconv.conv", &w.conv, c * kern)?;
-        if let Some(b) = &w.conv_bias {
-            need_len("shortconv.conv.bias", b, c)?;
-        }
+        let (c, kern) = short_conv_dims(what, spec, w)?;
         if io.q8.is_some() {
             return Err(invalid(format!(
                 "{what}: no int8 output (quantize with QuantX)"
@@ -778,6 +905,63 @@ impl ShortConvDecode {
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
         self.0.record(r)
     }
+}
+
+/// The short conv over the tokens of a prefill step (`shortconv_rows.comp`): one
+/// dispatch of `ceil(c / workgroup size)` workgroups, each invocation a channel through
+/// every token. Continues [`ShortConvDecode`]'s state; `io.proj` rows as its `proj`,
+/// `io.out` rows of `c`.
+pub struct ShortConvPrefill(Dispatch);
+
+impl ShortConvPrefill {
+    pub fn new(
+        ctx: &Context,
+        spec: &ShortConvSpec,
+        w: &ShortConvWeights,
+        io: &PrefillIo<'_>,
+    ) -> Result<ShortConvPrefill> {
+        let what = "short conv prefill";
+        let (c, kern) = short_conv_dims(what, spec, w)?;
+        let (t, ld) = prefill_rows(what, io, 3 * c, c)?;
+        need("short conv state", &io.state.conv, (kern - 1) * c)?;
+        let consts = upload_consts(ctx, &w.conv, w.conv_bias.as_deref(), c, &[])?;
+        let binding = ctx.bind(
+            Kernel::ShortConvRows,
+            &[io.proj, &consts, &io.state.conv, io.out, io.step],
+        )?;
+        let wg = ctx.tuning().workgroup_size as u64;
+        Ok(ShortConvPrefill(Dispatch {
+            binding,
+            push: push_words(&[c as u32, kern as u32, ld as u32, t as u32]),
+            groups: (c as u64).div_ceil(wg),
+        }))
+    }
+
+    /// Records the step (one dispatch, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.0.record(r)
+    }
+}
+
+/// A short conv's checked (channels, kernel length).
+fn short_conv_dims(
+    what: &str,
+    spec: &ShortConvSpec,
+    w: &ShortConvWeights,
+) -> Result<(usize, usize)> {
+    let (c, kern) = (spec.channels, spec.l_cache);
+    if c == 0 || kern == 0 {
+        return Err(invalid(format!(
+            "{what}: {c} channels, kernel length {kern}"
+        )));
+    }
+    elems(what, &[c, kern + 1])?;
+    elems(what, &[c, 3])?;
+    need_len("shortconv.conv", &w.conv, c * kern)?;
+    if let Some(b) = &w.conv_bias {
+        need_len("shortconv.conv.bias", b, c)?;
+    }
+    Ok((c, kern))
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@ use caldera_model::Weight;
 use caldera_vulkan::ops::Q8Acts;
 use caldera_vulkan::recurrent::{
     history_from_ring, mamba2_ssm_from_device, mamba2_ssm_to_device, ring_from_history, GdnDecode,
-    GdnPrefill, GdnPrefillIo, Mamba2Decode, RecurrentIo, RecurrentState, ShortConvDecode,
-    DEFAULT_TILE,
+    GdnPrefill, Mamba2Decode, Mamba2Prefill, PrefillIo, RecurrentIo, RecurrentState,
+    ShortConvDecode, ShortConvPrefill, DEFAULT_TILE,
 };
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Buffer, Context, ContextOptions, MemoryKind, Recording};
@@ -429,7 +429,7 @@ fn gdn_prefill_case(
     let step = ctx
         .upload(&words(&[m as u32, c.pos0 as u32, 0, 1]))
         .unwrap();
-    let io = GdnPrefillIo {
+    let io = PrefillIo {
         proj: &proj,
         ld_proj: ld as u64,
         out: &out,
@@ -547,7 +547,8 @@ struct Mamba2Case {
     q8: bool,
 }
 
-fn mamba2_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &Mamba2Case, steps: usize) {
+/// A random layer of `c`'s shape (projections unused) and a random state.
+fn mamba2_layer(rng: &mut StdRng, c: &Mamba2Case) -> (Mamba2Spec, Mamba2Weights, Mamba2State) {
     let spec = Mamba2Spec {
         n_heads: c.heads,
         head_dim: c.hp,
@@ -568,17 +569,43 @@ fn mamba2_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &Mamba2Cas
         norm: random_vec(rng, di, 1.5),
         out_proj: unused_weight(1, di),
     };
-    let eps = 1e-5;
     let mut st = Mamba2State::new(&spec);
     st.conv = random_vec(rng, st.conv.len(), 1.0);
     st.ssm = random_vec(rng, st.ssm.len(), 0.5);
+    (spec, w, st)
+}
 
-    let state = RecurrentState::mamba2(ctx, &spec).unwrap();
-    let ring = ring_from_history(&st.conv, c.kern, cd, c.pos0 as u64).unwrap();
-    ctx.write_buffer(&state.conv, 0, &f32_bytes(&ring)).unwrap();
+/// `st` on the device, for the token at `pos`.
+fn mamba2_device_state(
+    ctx: &Context,
+    spec: &Mamba2Spec,
+    st: &Mamba2State,
+    pos: usize,
+) -> RecurrentState {
+    let state = RecurrentState::mamba2(ctx, spec).unwrap();
+    let ring = ring_from_history(&st.conv, spec.d_conv, spec.conv_dim(), pos as u64);
+    ctx.write_buffer(&state.conv, 0, &f32_bytes(&ring.unwrap()))
+        .unwrap();
+    let s_dev = mamba2_ssm_to_device(spec, &st.ssm).unwrap();
+    ctx.write_buffer(state.ssm.as_ref().unwrap(), 0, &f32_bytes(&s_dev))
+        .unwrap();
+    state
+}
+
+/// One random `in_proj` row of a Mamba2 layer: z, xBC, dt.
+fn mamba2_row(rng: &mut StdRng, spec: &Mamba2Spec) -> Vec<f32> {
+    let mut row = random_vec(rng, spec.d_inner(), 2.0);
+    row.extend(random_vec(rng, spec.conv_dim(), 1.0));
+    row.extend(random_vec(rng, spec.n_heads, 2.0));
+    row
+}
+
+fn mamba2_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &Mamba2Case, steps: usize) {
+    let (spec, w, mut st) = mamba2_layer(rng, c);
+    let (di, cd, rows) = (spec.d_inner(), spec.conv_dim(), spec.in_proj_rows());
+    let eps = 1e-5;
+    let state = mamba2_device_state(ctx, &spec, &st, c.pos0);
     let ssm = state.ssm.as_ref().unwrap();
-    let s_dev = mamba2_ssm_to_device(&spec, &st.ssm).unwrap();
-    ctx.write_buffer(ssm, 0, &f32_bytes(&s_dev)).unwrap();
     let dev = if c.q8 {
         Steps::with_q8(ctx, rows, di)
     } else {
@@ -600,9 +627,7 @@ fn mamba2_case(ctx: &Context, rng: &mut StdRng, pool: &ThreadPool, c: &Mamba2Cas
         describe(ctx)
     );
     for t in 0..steps {
-        let mut proj = random_vec(rng, di, 2.0);
-        proj.extend(random_vec(rng, cd, 1.0));
-        proj.extend(random_vec(rng, c.heads, 2.0));
+        let proj = mamba2_row(rng, &spec);
         let got = dev.run(ctx, &rec, &proj, c.pos0 + t);
         let mut want = vec![0f32; di];
         mamba2::mix(pool, &spec, &w, &mut st, &proj, 1, eps, &mut want).unwrap();
@@ -698,6 +723,181 @@ fn mamba2_decode_matches_cpu() {
     }
 }
 
+/// A prefill op's buffers: `max_tokens` rows of `ld` projections (random, `row` used),
+/// `width` outputs each, and the step values.
+struct PrefillBufs {
+    rows: Vec<f32>,
+    ld: usize,
+    proj: Buffer,
+    out: Buffer,
+    step: Buffer,
+    max_tokens: usize,
+}
+
+impl PrefillBufs {
+    fn new(
+        ctx: &Context,
+        mut row: impl FnMut() -> Vec<f32>,
+        ld: usize,
+        width: usize,
+        max_tokens: usize,
+    ) -> PrefillBufs {
+        let mut rows = Vec::with_capacity(max_tokens * ld);
+        for _ in 0..max_tokens {
+            let r = row();
+            rows.extend_from_slice(&r);
+            rows.resize(rows.len() + ld - r.len(), 0.0);
+        }
+        PrefillBufs {
+            proj: ctx.upload_f32(&rows).unwrap(),
+            out: ctx
+                .create_buffer((max_tokens * width * 4) as u64, MemoryKind::Device)
+                .unwrap(),
+            step: ctx.upload(&words(&[0, 0, 0, 1])).unwrap(),
+            rows,
+            ld,
+            max_tokens,
+        }
+    }
+
+    fn io<'a>(&'a self, state: &'a RecurrentState) -> PrefillIo<'a> {
+        PrefillIo {
+            proj: &self.proj,
+            ld_proj: self.ld as u64,
+            out: &self.out,
+            state,
+            step: &self.step,
+            max_tokens: self.max_tokens as u64,
+        }
+    }
+
+    /// Runs `rec` over the first `m` rows at position `pos`; returns `m` rows of `width`.
+    fn run(&self, ctx: &Context, rec: &Recording, m: usize, pos: usize, width: usize) -> Vec<f32> {
+        ctx.write_buffer(&self.step, 0, &words(&[m as u32, pos as u32, 0, 1]))
+            .unwrap();
+        ctx.submit(rec).unwrap();
+        ctx.read_f32(&self.out, m * width).unwrap()
+    }
+
+    /// Fresh random rows.
+    fn refill(&mut self, ctx: &Context, mut row: impl FnMut() -> Vec<f32>) {
+        for r in self.rows.chunks_mut(self.ld) {
+            let v = row();
+            r[..v.len()].copy_from_slice(&v);
+        }
+        ctx.write_buffer(&self.proj, 0, &f32_bytes(&self.rows))
+            .unwrap();
+    }
+}
+
+/// One Mamba2 prefill step of `m` tokens (room for `max_tokens`) against the CPU (its
+/// chunked SSD form) and against the decode kernel token by token.
+fn mamba2_prefill_case(
+    ctx: &Context,
+    rng: &mut StdRng,
+    pool: &ThreadPool,
+    c: &Mamba2Case,
+    m: usize,
+    max_tokens: usize,
+) {
+    let (spec, w, st0) = mamba2_layer(rng, c);
+    let (di, cd, row) = (spec.d_inner(), spec.conv_dim(), spec.in_proj_rows());
+    let eps = 1e-5;
+    let bufs = PrefillBufs::new(ctx, || mamba2_row(rng, &spec), row + 5, di, max_tokens);
+    let what = format!(
+        "mamba2 prefill of {m} tokens at {}: {} heads of {}, state {}, {} groups, kernel {} \
+         ({})",
+        c.pos0,
+        c.heads,
+        c.hp,
+        c.ns,
+        c.groups,
+        c.kern,
+        describe(ctx)
+    );
+    let state = mamba2_device_state(ctx, &spec, &st0, c.pos0);
+    let op = Mamba2Prefill::new(ctx, &spec, &w, eps, &bufs.io(&state)).unwrap();
+    let rec = ctx.record(|r| op.record(r)).unwrap();
+    let got = bufs.run(ctx, &rec, m, c.pos0, di);
+    let s_got = ctx
+        .read_f32(state.ssm.as_ref().unwrap(), st0.ssm.len())
+        .unwrap();
+    let s_got = mamba2_ssm_from_device(&spec, &s_got).unwrap();
+    let ring = ctx.read_f32(&state.conv, c.kern * cd).unwrap();
+    let hist = history_from_ring(&ring, c.kern, cd, (c.pos0 + m) as u64).unwrap();
+
+    let mut st = st0.clone();
+    let mut proj = Vec::with_capacity(m * row);
+    for r in bufs.rows.chunks(bufs.ld).take(m) {
+        proj.extend_from_slice(&r[..row]);
+    }
+    let mut want = vec![0f32; m * di];
+    mamba2::mix(pool, &spec, &w, &mut st, &proj, m, eps, &mut want).unwrap();
+    assert_close(&got, &want, 2e-4, &format!("{what}: outputs vs CPU"));
+    assert_close(&s_got, &st.ssm, 2e-4, &format!("{what}: state vs CPU"));
+    assert_eq!(hist, st.conv, "{what}: conv history");
+
+    let dstate = mamba2_device_state(ctx, &spec, &st0, c.pos0);
+    let dev = Steps::new(ctx, row, di);
+    let dop = Mamba2Decode::new(ctx, &spec, &w, eps, &dev.io(&dstate)).unwrap();
+    let drec = ctx.record(|r| dop.record(r)).unwrap();
+    let mut steps = Vec::with_capacity(m * di);
+    for t in 0..m {
+        steps.extend(dev.run(ctx, &drec, &proj[t * row..(t + 1) * row], c.pos0 + t));
+    }
+    let s_dec = ctx
+        .read_f32(dstate.ssm.as_ref().unwrap(), st0.ssm.len())
+        .unwrap();
+    let s_dec = mamba2_ssm_from_device(&spec, &s_dec).unwrap();
+    assert_close(
+        &got,
+        &steps,
+        1e-4,
+        &format!("{what}: outputs vs decode steps"),
+    );
+    assert_close(
+        &s_got,
+        &s_dec,
+        1e-4,
+        &format!("{what}: state vs decode steps"),
+    );
+}
+
+#[test]
+fn mamba2_prefill_matches_cpu_and_decode() {
+    let mut rng = rng("mamba2_prefill");
+    let pool = ThreadPool::new(1);
+    let base = Mamba2Case {
+        heads: 6,
+        hp: 10,
+        ns: 12,
+        groups: 2,
+        kern: 4,
+        dt_min: 0.0,
+        bias: true,
+        tile: DEFAULT_TILE,
+        pos0: 0,
+        q8: false,
+    };
+    let wide = Mamba2Case {
+        heads: 4,
+        hp: 40,
+        ns: 33,
+        groups: 4,
+        kern: 3,
+        dt_min: 0.05,
+        bias: false,
+        pos0: 17,
+        ..base
+    };
+    for ctx in &contexts() {
+        // Fewer tokens than the conv kernel; one and several SSD chunks on the CPU.
+        for (c, m, max_tokens) in [(&base, 2, 8), (&wide, 32, 32), (&base, 70, 75)] {
+            mamba2_prefill_case(ctx, &mut rng, &pool, c, m, max_tokens);
+        }
+    }
+}
+
 fn shortconv_case(ctx: &Context, rng: &mut StdRng, channels: usize, kern: usize, bias: bool) {
     let spec = ShortConvSpec {
         channels,
@@ -736,6 +936,71 @@ fn shortconv_decode_matches_cpu() {
     for ctx in &contexts() {
         for (channels, kern, bias) in [(37, 3, true), (130, 4, false), (200, 1, true)] {
             shortconv_case(ctx, &mut rng, channels, kern, bias);
+        }
+    }
+}
+
+/// Two short-conv prefill steps (the second continuing the first's state) against the
+/// CPU.
+fn shortconv_prefill_case(
+    ctx: &Context,
+    rng: &mut StdRng,
+    channels: usize,
+    kern: usize,
+    steps: [usize; 2],
+) {
+    let spec = ShortConvSpec {
+        channels,
+        l_cache: kern,
+    };
+    let w = ShortConvWeights {
+        in_proj: unused_weight(3 * channels, 1),
+        conv: random_vec(rng, channels * kern, 0.7),
+        conv_bias: Some(random_vec(rng, channels, 0.3)),
+        out_proj: unused_weight(1, channels),
+    };
+    let max_tokens = steps[0].max(steps[1]) + 1;
+    let row = 3 * channels;
+    let mut bufs = PrefillBufs::new(
+        ctx,
+        || random_vec(rng, row, 1.5),
+        row + 2,
+        channels,
+        max_tokens,
+    );
+    let state = RecurrentState::short_conv(ctx, &spec).unwrap();
+    let op = ShortConvPrefill::new(ctx, &spec, &w, &bufs.io(&state)).unwrap();
+    let rec = ctx.record(|r| op.record(r)).unwrap();
+    let mut st = ShortConvState::new(&spec);
+    let mut pos = 0;
+    for (i, m) in steps.into_iter().enumerate() {
+        if i > 0 {
+            bufs.refill(ctx, || random_vec(rng, row, 1.5));
+        }
+        let got = bufs.run(ctx, &rec, m, pos, channels);
+        let mut proj = Vec::with_capacity(m * row);
+        for r in bufs.rows.chunks(bufs.ld).take(m) {
+            proj.extend_from_slice(&r[..row]);
+        }
+        let mut want = vec![0f32; m * channels];
+        shortconv::mix(&spec, &w, &mut st, &proj, m, &mut want).unwrap();
+        let what = format!(
+            "short conv prefill of {m} tokens at {pos}: {channels} channels, kernel {kern} ({})",
+            describe(ctx)
+        );
+        assert_close(&got, &want, 1e-5, &what);
+        let hist = ctx.read_f32(&state.conv, st.inputs().len()).unwrap();
+        assert_eq!(hist, st.inputs(), "{what}: state");
+        pos += m;
+    }
+}
+
+#[test]
+fn shortconv_prefill_matches_cpu() {
+    let mut rng = rng("shortconv_prefill");
+    for ctx in &contexts() {
+        for (channels, kern, steps) in [(37, 3, [5, 1]), (130, 4, [2, 9]), (70, 1, [3, 4])] {
+            shortconv_prefill_case(ctx, &mut rng, channels, kern, steps);
         }
     }
 }
