@@ -142,6 +142,7 @@ impl RecurrentState {
         })
     }
 
+    /// A GatedDeltaNet layer's: the ring `[K][conv_dim]`, S `[n_v][dk][dv]`.
     pub fn gdn(ctx: &Context, spec: &GdnSpec) -> Result<RecurrentState> {
         let conv = elems(
             "GatedDeltaNet conv ring",
@@ -154,12 +155,14 @@ impl RecurrentState {
         RecurrentState::zeroed(ctx, conv, Some(ssm))
     }
 
+    /// A Mamba2 layer's: the ring `[K][conv_dim]`, S `[H][N][P]`.
     pub fn mamba2(ctx: &Context, spec: &Mamba2Spec) -> Result<RecurrentState> {
         let conv = elems("Mamba2 conv ring", &[spec.d_conv, spec.conv_dim()])?;
         let ssm = elems("Mamba2 state", &[spec.d_inner(), spec.d_state])?;
         RecurrentState::zeroed(ctx, conv, Some(ssm))
     }
 
+    /// A short-conv layer's: the history `[(K-1)][channels]`, no S.
     pub fn short_conv(ctx: &Context, spec: &ShortConvSpec) -> Result<RecurrentState> {
         let conv = elems(
             "short conv state",
@@ -168,7 +171,8 @@ impl RecurrentState {
         RecurrentState::zeroed(ctx, conv, None)
     }
 
-    /// Zeroes the state (a new sequence, at position 0).
+    /// Zeroes the state (a new sequence, at position 0), through host uploads: not
+    /// something to record into a step.
     pub fn reset(&self, ctx: &Context) -> Result<()> {
         ctx.write_buffer(&self.conv, 0, &vec![0u8; self.conv.size() as usize])?;
         if let Some(s) = &self.ssm {
