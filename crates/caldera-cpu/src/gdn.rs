@@ -16,7 +16,7 @@ use caldera_model::blocks::gdn::{GdnGates, GdnSpec, GdnWeights};
 use crate::ctx::Ctx;
 use crate::forward::CpuError;
 use crate::ops;
-use crate::pool::SyncPtr;
+use crate::pool::{SyncPtr, ThreadPool};
 
 /// Tokens per chunk of the chunked delta rule.
 pub const DELTA_CHUNK: usize = 64;
@@ -232,27 +232,37 @@ fn gates(
     m: usize,
 ) -> Result<(Vec<f32>, Vec<f32>), CpuError> {
     let nv = spec.n_v_heads;
-    let mut b = vec![0f32; m * nv];
-    let mut a = vec![0f32; m * nv];
     match &w.gates {
         GdnGates::Separate { beta, alpha } => {
+            let mut b = vec![0f32; m * nv];
+            let mut a = vec![0f32; m * nv];
             ctx.matmul(beta, h, m, &mut b)?;
             ctx.matmul(alpha, h, m, &mut a)?;
+            Ok((b, a))
         }
         GdnGates::Fused(ba) => {
             let mut x = vec![0f32; m * 2 * nv];
             ctx.matmul(ba, h, m, &mut x)?;
-            let r = nv / spec.n_k_heads;
-            for t in 0..m {
-                for j in 0..nv {
-                    let (grp, i) = (j / r, j % r);
-                    b[t * nv + j] = x[t * 2 * nv + grp * 2 * r + i];
-                    a[t * nv + j] = x[t * 2 * nv + grp * 2 * r + r + i];
-                }
-            }
+            Ok(split_fused_ba(spec, &x, m))
         }
     }
-    Ok((b, a))
+}
+
+/// The fused `ssm_ba` projection's output (`[m × 2·n_v]`: per key head, the `b` of its
+/// `r = n_v / n_k` value heads, then their `a`) as (`b`, `a`) in value-head order.
+pub fn split_fused_ba(spec: &GdnSpec, x: &[f32], m: usize) -> (Vec<f32>, Vec<f32>) {
+    let nv = spec.n_v_heads;
+    let r = nv / spec.n_k_heads;
+    let mut b = vec![0f32; m * nv];
+    let mut a = vec![0f32; m * nv];
+    for t in 0..m {
+        for j in 0..nv {
+            let (grp, i) = (j / r, j % r);
+            b[t * nv + j] = x[t * 2 * nv + grp * 2 * r + i];
+            a[t * nv + j] = x[t * 2 * nv + grp * 2 * r + r + i];
+        }
+    }
+    (b, a)
 }
 
 /// `out[m × d]` = GatedDeltaNet over `h[m × d]`, continuing from `state`.
@@ -267,6 +277,36 @@ pub fn forward(
     eps: f32,
     out: &mut [f32],
 ) -> Result<(), CpuError> {
+    let mut qkv = vec![0f32; m * spec.conv_dim()];
+    ctx.matmul(&w.qkv, h, m, &mut qkv)?;
+    let mut z = vec![0f32; m * spec.value_dim()];
+    ctx.matmul(&w.gate, h, m, &mut z)?;
+    let (b, a) = gates(ctx, spec, w, h, m)?;
+    let mut o = vec![0f32; m * spec.value_dim()];
+    mix(ctx.pool, spec, w, state, &mut qkv, &z, b, a, m, eps, &mut o)?;
+    ctx.matmul(&w.out, &o, m, out)
+}
+
+/// The mixer between its projections, for `m` tokens continuing from `state`: the
+/// causal conv + SiLU of `qkv` (`[m × conv_dim]`, overwritten by the conv's outputs,
+/// q and k then L2-normed), the gates from `b` and `a` (`[m × n_v]`, value-head order),
+/// the delta rule, and the gated RMSNorm by `z` (`[m × n_v·dv]`) into `o`
+/// (`[m × n_v·dv]`, the out-projection's input). Reads only `w`'s vectors; sizes that
+/// do not match `spec` are an error.
+#[allow(clippy::too_many_arguments)]
+pub fn mix(
+    pool: &ThreadPool,
+    spec: &GdnSpec,
+    w: &GdnWeights,
+    state: &mut GdnState,
+    qkv: &mut [f32],
+    z: &[f32],
+    b: Vec<f32>,
+    a: Vec<f32>,
+    m: usize,
+    eps: f32,
+    o: &mut [f32],
+) -> Result<(), CpuError> {
     let (nk, nv, dk, dv) = (
         spec.n_k_heads,
         spec.n_v_heads,
@@ -279,17 +319,32 @@ pub fn forward(
         spec.conv_dim(),
         spec.conv_kernel,
     );
-    let mut qkv = vec![0f32; m * cd];
-    ctx.matmul(&w.qkv, h, m, &mut qkv)?;
-    let mut z = vec![0f32; m * vd];
-    ctx.matmul(&w.gate, h, m, &mut z)?;
-    let (b, a) = gates(ctx, spec, w, h, m)?;
-
-    // Causal depthwise conv over [history; new rows], then SiLU.
     let hist = kern.saturating_sub(1);
+    if nk == 0
+        || dk == 0
+        || dv == 0
+        || !nv.is_multiple_of(nk)
+        || qkv.len() != m * cd
+        || z.len() != m * vd
+        || b.len() != m * nv
+        || a.len() != m * nv
+        || o.len() != m * vd
+        || state.conv.len() != hist * cd
+        || state.ssm.len() != nv * dk * dv
+        || w.conv.len() != cd * kern
+        || w.conv_bias.as_ref().is_some_and(|c| c.len() != cd)
+        || w.dt_bias.len() != nv
+        || w.a.len() != nv
+        || w.norm.len() != dv
+    {
+        return Err(CpuError::Unsupported(
+            "gdn: inputs, weights or state that do not match the layer spec".into(),
+        ));
+    }
+    // Causal depthwise conv over [history; new rows], then SiLU.
     let mut xe = Vec::with_capacity((hist + m) * cd);
     xe.extend_from_slice(&state.conv);
-    xe.extend_from_slice(&qkv);
+    xe.extend_from_slice(qkv);
     let mut taps = vec![0f32; kern * cd];
     for c in 0..cd {
         for i in 0..kern {
@@ -336,11 +391,10 @@ pub fn forward(
     }
 
     // The delta rule, one task per value head.
-    let mut o = vec![0f32; m * vd];
     let optr = SyncPtr(o.as_mut_ptr());
     let sptr = SyncPtr(state.ssm.as_mut_ptr());
-    let (qkv, beta, g) = (&qkv, &beta, &g);
-    ctx.pool.run(nv, |j| {
+    let (qkv, beta, g) = (&*qkv, &beta, &g);
+    pool.run(nv, |j| {
         let kh = spec.key_head(j);
         // SAFETY: task j touches only value head j's state and output columns.
         let s = unsafe { std::slice::from_raw_parts_mut(sptr.get().add(j * dk * dv), dk * dv) };
@@ -383,5 +437,5 @@ pub fn forward(
             *x = *x * inv * nw * ops::silu(zv);
         }
     }
-    ctx.matmul(&w.out, &o, m, out)
+    Ok(())
 }

@@ -10,7 +10,7 @@ use caldera_model::blocks::mamba2::{Mamba2Spec, Mamba2Weights};
 use crate::ctx::Ctx;
 use crate::forward::CpuError;
 use crate::ops;
-use crate::pool::SyncPtr;
+use crate::pool::{SyncPtr, ThreadPool};
 
 /// Per-sequence recurrent state of one Mamba2 layer (f32).
 #[derive(Clone, Debug)]
@@ -54,7 +54,6 @@ pub fn forward(
     let di = spec.d_inner();
     let cd = spec.conv_dim();
     let rows = spec.in_proj_rows();
-    let nh = spec.n_heads;
     if w.in_proj.rows != rows
         || state.ssm.len() != di * spec.d_state
         || state.conv.len() != spec.d_conv.saturating_sub(1) * cd
@@ -65,8 +64,49 @@ pub fn forward(
     }
     let mut proj = vec![0f32; m * rows];
     ctx.matmul(&w.in_proj, h, m, &mut proj)?;
+    let mut y = vec![0f32; m * di];
+    mix(ctx.pool, spec, w, state, &proj, m, eps, &mut y)?;
+    ctx.matmul(&w.out_proj, &y, m, out)
+}
 
-    let xbc = conv(spec, w, state, &proj, m);
+/// The mixer between its projections, for `m` tokens continuing from `state`: `proj`
+/// is `in_proj`'s output (`[m × (d_inner + conv_dim + H)]`: z, xBC, dt); writes `y`
+/// (`[m × d_inner]`, the out-projection's input). Reads only `w`'s vectors; sizes that
+/// do not match `spec` are an error.
+#[allow(clippy::too_many_arguments)]
+pub fn mix(
+    pool: &ThreadPool,
+    spec: &Mamba2Spec,
+    w: &Mamba2Weights,
+    state: &mut Mamba2State,
+    proj: &[f32],
+    m: usize,
+    eps: f32,
+    y: &mut [f32],
+) -> Result<(), CpuError> {
+    let di = spec.d_inner();
+    let cd = spec.conv_dim();
+    let rows = spec.in_proj_rows();
+    let nh = spec.n_heads;
+    spec.validate()
+        .map_err(|e| CpuError::Unsupported(e.to_string()))?;
+    if proj.len() != m * rows
+        || y.len() != m * di
+        || state.ssm.len() != di * spec.d_state
+        || state.conv.len() != spec.d_conv.saturating_sub(1) * cd
+        || w.conv.len() != cd * spec.d_conv
+        || w.conv_bias.as_ref().is_some_and(|c| c.len() != cd)
+        || w.dt_bias.len() != nh
+        || w.a.len() != nh
+        || w.d.len() != nh
+        || w.norm.len() != di
+    {
+        return Err(CpuError::Unsupported(
+            "mamba2: inputs, weights or state that do not match the layer spec".into(),
+        ));
+    }
+
+    let xbc = conv(spec, w, state, proj, m);
 
     let mut dt = vec![0f32; m * nh];
     for t in 0..m {
@@ -76,11 +116,10 @@ pub fn forward(
         }
     }
 
-    let mut y = vec![0f32; m * di];
     let ys = SyncPtr(y.as_mut_ptr());
     let ss = SyncPtr(state.ssm.as_mut_ptr());
     let (xbc, dt) = (&xbc, &dt);
-    ctx.pool.run(nh, |hh| {
+    pool.run(nh, |hh| {
         // SAFETY: head `hh` alone touches state rows `hh·P·N..(hh+1)·P·N` and the output
         // columns `hh·P..(hh+1)·P` of every token.
         let s = unsafe {
@@ -113,7 +152,7 @@ pub fn forward(
             }
         }
     }
-    ctx.matmul(&w.out_proj, &y, m, out)
+    Ok(())
 }
 
 /// Causal depthwise convolution (with bias) of the `xBC` rows of `proj`, then SiLU;

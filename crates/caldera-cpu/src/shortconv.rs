@@ -43,19 +43,44 @@ pub fn forward(
     out: &mut [f32],
 ) -> Result<(), CpuError> {
     let c = spec.channels;
-    let l = spec.l_cache;
-    let hist = l.saturating_sub(1);
-    if l == 0 || w.conv.len() != c * l || state.prev.len() != hist * c {
-        return Err(CpuError::Unsupported(format!(
-            "short conv of {c} channels, kernel {l}: weights or state of the wrong size"
-        )));
-    }
     if m == 0 {
         return Ok(());
     }
     let mut bcx = vec![0f32; m * 3 * c];
     ctx.matmul(&w.in_proj, h, m, &mut bcx)?;
 
+    let mut y = vec![0f32; m * c];
+    mix(spec, w, state, &bcx, m, &mut y)?;
+    ctx.matmul(&w.out_proj, &y, m, out)?;
+    Ok(())
+}
+
+/// The mixer between its projections, for `m` tokens continuing from `state`: `bcx` is
+/// `in_proj`'s output (`[m × 3·channels]`: B, C, x); writes `y` (`[m × channels]`, the
+/// out-projection's input). Sizes that do not match `spec` are an error.
+pub fn mix(
+    spec: &ShortConvSpec,
+    w: &ShortConvWeights,
+    state: &mut ShortConvState,
+    bcx: &[f32],
+    m: usize,
+    y: &mut [f32],
+) -> Result<(), CpuError> {
+    let c = spec.channels;
+    let l = spec.l_cache;
+    let hist = l.saturating_sub(1);
+    if c == 0
+        || l == 0
+        || w.conv.len() != c * l
+        || w.conv_bias.as_ref().is_some_and(|b| b.len() != c)
+        || state.prev.len() != hist * c
+        || bcx.len() != m * 3 * c
+        || y.len() != m * c
+    {
+        return Err(CpuError::Unsupported(format!(
+            "short conv of {c} channels, kernel {l}: weights, inputs or state of the wrong size"
+        )));
+    }
     // ext: the state's rows then this chunk's B * x rows, time-major.
     let mut ext = Vec::with_capacity((hist + m) * c);
     ext.extend_from_slice(&state.prev);
@@ -65,7 +90,6 @@ pub fn forward(
         ext.extend(b.iter().zip(x).map(|(b, x)| b * x));
     }
 
-    let mut y = vec![0f32; m * c];
     for (t, yr) in y.chunks_exact_mut(c).enumerate() {
         let gate = &bcx[t * 3 * c + c..t * 3 * c + 2 * c];
         for ch in 0..c {
@@ -78,6 +102,5 @@ pub fn forward(
         }
     }
     state.prev.copy_from_slice(&ext[m * c..]);
-    ctx.matmul(&w.out_proj, &y, m, out)?;
     Ok(())
 }

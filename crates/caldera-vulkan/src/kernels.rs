@@ -87,6 +87,15 @@ pub enum Kernel {
     MvqgeQ4K = 68,
     MvqgeQ6K = 69,
     AttnDecode = 70,
+    GdnDecode = 71,
+    Mamba2Decode = 72,
+    ShortConvDecode = 73,
+    ConvRows = 74,
+    GdnChunk = 75,
+    GdnNorm = 76,
+    Mamba2Scan = 77,
+    Mamba2Norm = 78,
+    ShortConvRows = 79,
 }
 
 /// One entry of the kernel table.
@@ -152,6 +161,27 @@ pub fn attn_split(cap: usize) -> usize {
 }
 /// `add_norm` push constants: `n` (u32), `eps` (f32).
 pub const ADD_NORM_PUSH_BYTES: u32 = 8;
+/// `gdn_decode` push constants: `n_k, n_v, dk, dv, kern, flags, tile, n_tiles` (u32),
+/// `eps` (f32).
+pub const GDN_DECODE_PUSH_BYTES: u32 = 36;
+/// `mamba2_decode` push constants: `n_h, hp, ns, n_g, kern, tile, n_tiles, flags` (u32),
+/// `eps, dt_min` (f32).
+pub const MAMBA2_DECODE_PUSH_BYTES: u32 = 40;
+/// `shortconv_decode` push constants: `channels, kern` (u32).
+pub const SHORTCONV_DECODE_PUSH_BYTES: u32 = 8;
+/// `conv_rows` push constants: `cd, kern, ld, max_t, src` (u32).
+pub const CONV_ROWS_PUSH_BYTES: u32 = 20;
+/// `gdn_chunk` push constants: `n_k, n_v, dk, dv, kern, flags, ld, n_tiles, max_t` (u32).
+pub const GDN_CHUNK_PUSH_BYTES: u32 = 36;
+/// `gdn_norm` push constants: `n_v, dv, cd, ld, norm_at` (u32), `eps` (f32).
+pub const GDN_NORM_PUSH_BYTES: u32 = 24;
+/// `mamba2_scan` push constants: `n_h, hp, ns, n_g, tile, n_tiles, ld, max_t, pb` (u32),
+/// `dt_min` (f32).
+pub const MAMBA2_SCAN_PUSH_BYTES: u32 = 40;
+/// `mamba2_norm` push constants: `n_g, gs, norm_at` (u32), `eps` (f32).
+pub const MAMBA2_NORM_PUSH_BYTES: u32 = 16;
+/// `shortconv_rows` push constants: `channels, kern, ld, max_t` (u32).
+pub const SHORTCONV_ROWS_PUSH_BYTES: u32 = 16;
 
 const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
@@ -235,7 +265,7 @@ const fn mvq(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 71] = [
+pub const KERNELS: [KernelDesc; 80] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -367,6 +397,69 @@ pub const KERNELS: [KernelDesc; 71] = [
         spv!("attn_decode"),
         12,
         ATTN_DECODE_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::GdnDecode,
+        "gdn_decode",
+        spv!("gdn_decode"),
+        10,
+        GDN_DECODE_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::Mamba2Decode,
+        "mamba2_decode",
+        spv!("mamba2_decode"),
+        10,
+        MAMBA2_DECODE_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::ShortConvDecode,
+        "shortconv_decode",
+        spv!("shortconv_decode"),
+        4,
+        SHORTCONV_DECODE_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::ConvRows,
+        "conv_rows",
+        spv!("conv_rows"),
+        5,
+        CONV_ROWS_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::GdnChunk,
+        "gdn_chunk",
+        spv!("gdn_chunk"),
+        7,
+        GDN_CHUNK_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::GdnNorm,
+        "gdn_norm",
+        spv!("gdn_norm"),
+        4,
+        GDN_NORM_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::Mamba2Scan,
+        "mamba2_scan",
+        spv!("mamba2_scan"),
+        6,
+        MAMBA2_SCAN_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::Mamba2Norm,
+        "mamba2_norm",
+        spv!("mamba2_norm"),
+        3,
+        MAMBA2_NORM_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::ShortConvRows,
+        "shortconv_rows",
+        spv!("shortconv_rows"),
+        5,
+        SHORTCONV_ROWS_PUSH_BYTES,
     ),
 ];
 

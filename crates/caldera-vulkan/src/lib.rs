@@ -9,6 +9,8 @@
 //!   buffers ([`Recording`]);
 //! - [`ops`]: mat-vec straight from GGML blocks (F16, Q8_0, Q4_0, Q4_K, Q6_K) and RMSNorm;
 //!   the batched mat-vec [`ops::Mm`] for every type the models use;
+//! - [`recurrent`]: the decode steps of the recurrent mixers (GatedDeltaNet, Mamba2,
+//!   short conv), one dispatch each;
 //! - [`model`]: whole attention-transformer models behind `caldera_model::Runner`, each
 //!   step recorded once and replayed with one submit.
 //!
@@ -23,6 +25,7 @@ pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod record;
+pub mod recurrent;
 pub mod testing;
 
 pub use context::{Context, ContextOptions, ENV_NO_SUBGROUP};
