@@ -9,11 +9,12 @@
 //! and the input embeddings live in host-visible buffers written before the submit; no
 //! allocation, descriptor update or pipeline creation happens per token.
 //!
-//! Decode (one token) per layer of llama / qwen3: `quant_x` (input norm + int8 x), q|k|v
-//! mat-vec (one dispatch per weight type), `attn_decode` (q/k norm, RoPE, KV write,
-//! split attention, int8 output), o-proj + residual, `quant_x` (ffn norm), gate|up with
-//! the GLU, `quant_x`, down + residual; weight types without int8 kernels read f32 x and
-//! norm it themselves (`mv.glsl`). Prefill (chunks of CHUNK tokens): norm + QKV (`mm`),
+//! Decode (one token) per layer of llama / qwen3: q|k|v mat-vec (one dispatch per weight
+//! type), `attn_decode` (q/k norm, RoPE, KV write, split attention, int8 output), o-proj
+//! + residual, gate|up with the GLU, down + residual; each int8 mat-vec quantizes the
+//! next one's input block by block (`MV_TAIL`; only the first layer's input needs a
+//! `quant_x`); weight types without int8 kernels read f32 x and norm it themselves
+//! (`mv.glsl`). Prefill (chunks of CHUNK tokens): norm + QKV (`mm`),
 //! `rope_kv`, `attention`, o-proj + residual, norm + gate|up, GLU + down + residual.
 //! Gemma's post-norms add one `add_norm` dispatch each.
 
