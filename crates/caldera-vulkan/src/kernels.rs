@@ -87,6 +87,18 @@ pub enum Kernel {
     MvqgeQ4K = 68,
     MvqgeQ6K = 69,
     AttnDecode = 70,
+    MmtF32 = 71,
+    MmtF16 = 72,
+    MmtBF16 = 73,
+    MmtQ4_0 = 74,
+    MmtQ4_1 = 75,
+    MmtQ5_0 = 76,
+    MmtQ5_1 = 77,
+    MmtQ8_0 = 78,
+    MmtQ4K = 79,
+    MmtQ5K = 80,
+    MmtQ6K = 81,
+    MmtIQ4XS = 82,
 }
 
 /// One entry of the kernel table.
@@ -110,6 +122,12 @@ pub struct KernelDesc {
     /// Uses int8 dot-product instructions: its pipeline exists only where
     /// [`Tuning::int8_dot`] holds.
     pub int8_dot: bool,
+    /// A fixed workgroup size (`local_size_x` in the shader, no specialization constant
+    /// 0), or 0 for [`Tuning::workgroup_size`].
+    pub invocations: u32,
+    /// Bytes of shared memory it declares beyond 16 KiB (Vulkan's guaranteed minimum)
+    /// or 0: its pipeline exists only on devices with that much.
+    pub shared_bytes: u32,
 }
 
 macro_rules! spv {
@@ -156,6 +174,8 @@ const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u
         rows_per_group: true,
         mv: false,
         int8_dot: false,
+        invocations: 0,
+        shared_bytes: 0,
     }
 }
 
@@ -176,6 +196,36 @@ const fn plain(
         rows_per_group: false,
         mv: false,
         int8_dot: false,
+        invocations: 0,
+        shared_bytes: 0,
+    }
+}
+
+/// Tiled prefill matmul (`mmt.glsl`) push constants: [`MM_PUSH_BYTES`]'s words, then
+/// `ttiles` (u32, token tiles per row tile).
+pub const MMT_PUSH_BYTES: u32 = 36;
+/// Tiled matmul tile: weight rows and tokens per workgroup (`BM`, `BN` of `mmt.glsl`).
+pub const MMT_ROWS: u64 = 128;
+pub const MMT_TOKENS: u64 = 64;
+
+const fn mmt(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+) -> KernelDesc {
+    KernelDesc {
+        kernel,
+        name,
+        spirv_subgroup: spv.0,
+        spirv_shared: spv.1,
+        bindings: 5,
+        push_bytes: MMT_PUSH_BYTES,
+        rows_per_group: false,
+        mv: false,
+        int8_dot: false,
+        invocations: 256,
+        // A and B tiles (16 + 8 KiB), the norm's partial sums and scales.
+        shared_bytes: 16384 + 8192 + 1024 + 256,
     }
 }
 
@@ -194,6 +244,8 @@ const fn mv(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u
         rows_per_group: true,
         mv: true,
         int8_dot: false,
+        invocations: 0,
+        shared_bytes: 0,
     }
 }
 
@@ -219,11 +271,13 @@ const fn mvq(
         rows_per_group: true,
         mv: true,
         int8_dot,
+        invocations: 0,
+        shared_bytes: 0,
     }
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 71] = [
+pub const KERNELS: [KernelDesc; 83] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -234,6 +288,8 @@ pub const KERNELS: [KernelDesc; 71] = [
         rows_per_group: false,
         mv: false,
         int8_dot: false,
+        invocations: 0,
+        shared_bytes: 0,
     },
     mm(Kernel::MmF32, "mm_f32", spv!("mm_f32")),
     mm(Kernel::MmF16, "mm_f16", spv!("mm_f16")),
@@ -335,6 +391,18 @@ pub const KERNELS: [KernelDesc; 71] = [
         12,
         ATTN_DECODE_PUSH_BYTES,
     ),
+    mmt(Kernel::MmtF32, "mmt_f32", spv!("mmt_f32")),
+    mmt(Kernel::MmtF16, "mmt_f16", spv!("mmt_f16")),
+    mmt(Kernel::MmtBF16, "mmt_bf16", spv!("mmt_bf16")),
+    mmt(Kernel::MmtQ4_0, "mmt_q4_0", spv!("mmt_q4_0")),
+    mmt(Kernel::MmtQ4_1, "mmt_q4_1", spv!("mmt_q4_1")),
+    mmt(Kernel::MmtQ5_0, "mmt_q5_0", spv!("mmt_q5_0")),
+    mmt(Kernel::MmtQ5_1, "mmt_q5_1", spv!("mmt_q5_1")),
+    mmt(Kernel::MmtQ8_0, "mmt_q8_0", spv!("mmt_q8_0")),
+    mmt(Kernel::MmtQ4K, "mmt_q4_k", spv!("mmt_q4_k")),
+    mmt(Kernel::MmtQ5K, "mmt_q5_k", spv!("mmt_q5_k")),
+    mmt(Kernel::MmtQ6K, "mmt_q6_k", spv!("mmt_q6_k")),
+    mmt(Kernel::MmtIQ4XS, "mmt_iq4_xs", spv!("mmt_iq4_xs")),
 ];
 
 impl Kernel {
@@ -363,6 +431,24 @@ impl Kernel {
             Kernel::MmQ6K => Kernel::MmgQ6K,
             _ => Kernel::MmgIQ4XS,
         })
+    }
+
+    /// The tiled prefill matmul (`mmt.glsl`) for weights of type `ty` (the GLU input is
+    /// a flag of the kernel).
+    pub fn mmt_for(ty: GgmlType) -> Option<Kernel> {
+        let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
+        Some(KERNELS[Kernel::MmtF32 as usize + i].kernel)
+    }
+
+    /// Whether this device can run `self`: its fixed workgroup size and shared memory
+    /// fit the device's limits.
+    pub fn fits(self, info: &crate::device::DeviceInfo) -> bool {
+        let d = self.desc();
+        let inv = d.invocations;
+        (inv == 0
+            || (inv <= info.max_compute_work_group_invocations
+                && inv <= info.max_compute_work_group_size[0]))
+            && d.shared_bytes <= info.max_compute_shared_memory_size
     }
 
     /// The decode mat-vec kernel (`mv.glsl`) for weights of type `ty`; `glu`: the
@@ -442,4 +528,7 @@ pub struct Tuning {
     pub q8_acts: bool,
     /// Subgroup size requested through subgroup size control, if any.
     pub required_subgroup_size: Option<u32>,
+    /// Prefill mat-vecs over more than one token run the tiled matmul (`mmt.glsl`): the
+    /// device fits it and `CALDERA_VK_NO_MMT=1` does not switch it off.
+    pub tiled_mm: bool,
 }

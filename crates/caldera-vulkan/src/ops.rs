@@ -6,7 +6,7 @@ use caldera_format::GgmlType;
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, MMT_ROWS, MMT_TOKENS};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::record::{Binding, Recorder};
 
@@ -176,11 +176,18 @@ pub enum GluAct {
     GeluTanh,
 }
 
-/// Batched mat-vec: for each token `t` of a step (count from the step buffer),
+/// Prefill mat-vec over the tokens of a step (count from the step buffer):
 /// `y[t * ld_y + y_offset + r] (+)= W[r] · input(x[t * ld_x ..])` for every row `r` of a
-/// weight tensor of type `ty`, read straight from its blocks (each weight row read once
-/// per 8 tokens). One dispatch per weight piece.
-pub struct Mm(PieceDispatches);
+/// weight tensor of type `ty`, read straight from its blocks. Over more than one token
+/// (and where [`Tuning::tiled_mm`](crate::kernels::Tuning) holds) the tiled matmul
+/// (`mmt.glsl`: tiles of 128 rows x 64 tokens, each weight block dequantized once per
+/// tile); else the batched mat-vec (`mm.glsl`, each weight row read once per 8 tokens).
+/// One dispatch per weight piece.
+pub struct Mm {
+    /// Per piece: binding, push constants, workgroups.
+    parts: Vec<(Binding, Vec<u8>, u64)>,
+    tiled: bool,
+}
 
 /// Where a [`Mm`] reads and writes.
 pub struct MmIo<'a> {
@@ -209,12 +216,23 @@ impl Mm {
         io: &MmIo<'_>,
         mode: MmMode,
     ) -> Result<Mm> {
-        let kernel = Kernel::mm_for(ty, mode.glu.is_some()).ok_or_else(|| {
+        let t = io.max_tokens.max(1);
+        let tiled = ctx.tuning().tiled_mm && t > 1;
+        let kernel = if tiled {
+            Kernel::mmt_for(ty)
+        } else {
+            Kernel::mm_for(ty, mode.glu.is_some())
+        }
+        .ok_or_else(|| {
             VkError::Invalid(format!("no Vulkan mat-vec kernel for tensor type {ty} yet"))
         })?;
         check_rows(ty, w, k)?;
+        if mode.norm && mode.glu.is_some() {
+            return Err(VkError::Invalid(
+                "a mat-vec cannot both norm its input and take a GLU input".into(),
+            ));
+        }
         let x_width = if mode.glu.is_some() { 2 * k } else { k };
-        let t = io.max_tokens.max(1);
         let x_need = ((t - 1) * io.ld_x + x_width) * 4;
         let y_need = ((t - 1) * io.ld_y + io.y_offset + w.rows) * 4;
         if io.ld_x < x_width
@@ -256,10 +274,11 @@ impl Mm {
                 &ones
             }
         };
+        let ttiles = t.div_ceil(MMT_TOKENS);
         let mut parts = Vec::with_capacity(w.pieces.len());
         for piece in &w.pieces {
             let b = ctx.bind(kernel, &[&piece.buffer, io.x, io.y, gam, io.step])?;
-            let push = push_words(&[
+            let mut words = vec![
                 u32_of(k, "k")?,
                 u32_of(piece.rows, "rows")?,
                 u32_of(io.y_offset + piece.first_row, "y offset")?,
@@ -268,23 +287,34 @@ impl Mm {
                 flags,
                 mode.eps.to_bits(),
                 mode.softcap.unwrap_or(0.0).to_bits(),
-            ]);
-            parts.push((b, push, piece.rows));
+            ];
+            let groups = if tiled {
+                words.push(u32_of(ttiles, "token tiles")?);
+                piece.rows.div_ceil(MMT_ROWS) * ttiles
+            } else {
+                piece.rows.div_ceil(ctx.tuning().rows_per_group as u64)
+            };
+            parts.push((b, push_words(&words), groups));
         }
-        Ok(Mm(PieceDispatches {
-            parts,
-            per_group: ctx.tuning().rows_per_group,
-        }))
+        Ok(Mm { parts, tiled })
     }
 
     /// Records the mat-vec (one dispatch per weight piece, no barrier after).
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
-        self.0.record(r)
+        for (b, push, groups) in &self.parts {
+            r.dispatch(b, push, *groups)?;
+        }
+        Ok(())
     }
 
     /// Dispatches [`Mm::record`] makes.
     pub fn dispatches(&self) -> usize {
-        self.0.parts.len()
+        self.parts.len()
+    }
+
+    /// Whether it runs the tiled matmul (`mmt.glsl`) rather than the batched mat-vec.
+    pub fn tiled(&self) -> bool {
+        self.tiled
     }
 }
 
