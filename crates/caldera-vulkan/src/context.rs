@@ -43,6 +43,9 @@ pub struct ContextOptions {
     /// Prefill mat-vecs never use the tiled matmul (`mmt.glsl`), only the batched
     /// mat-vec (`mm.glsl`). `CALDERA_VK_NO_MMT=1` sets it too.
     pub force_no_tiled_mm: bool,
+    /// Prefill attention never uses `attn_flash`, only `attention`.
+    /// `CALDERA_VK_NO_FLASH=1` sets it too.
+    pub force_no_flash_attn: bool,
     /// Largest buffer (and so largest bound range and allocation) in bytes; default and
     /// upper bound [`DeviceInfo::max_buffer_bytes`]. Tests set it low to exercise splits.
     pub max_buffer_bytes: Option<u64>,
@@ -394,6 +397,9 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         rows_per_group: opts.rows_per_group.unwrap_or(2).clamp(1, 64),
         subgroup_reduce: info.subgroup_arithmetic && !force_shared,
         required_subgroup_size,
+        flash_attn: Kernel::AttnFlash.fits(info)
+            && !opts.force_no_flash_attn
+            && !env_on("CALDERA_VK_NO_FLASH"),
         tiled_mm: Kernel::MmtF32.fits(info)
             && !opts.force_no_tiled_mm
             && !env_on("CALDERA_VK_NO_MMT"),

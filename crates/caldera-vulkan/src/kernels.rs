@@ -99,6 +99,7 @@ pub enum Kernel {
     MmtQ5K = 80,
     MmtQ6K = 81,
     MmtIQ4XS = 82,
+    AttnFlash = 83,
 }
 
 /// One entry of the kernel table.
@@ -150,6 +151,8 @@ pub const ROPE_KV_PUSH_BYTES: u32 = 28;
 /// `attention` push constants: `n_heads, n_kv, hd, hpw, n_chunks, window, ld_qkv` (u32),
 /// `scale, softcap` (f32).
 pub const ATTENTION_PUSH_BYTES: u32 = 36;
+/// `attn_flash` push constants: [`ATTENTION_PUSH_BYTES`]'s words, then `bq, bkv` (u32).
+pub const ATTN_FLASH_PUSH_BYTES: u32 = 44;
 /// `attn_decode` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv, window, hpw,
 /// n_chunks, max_splits, split` (u32), `eps, scale, softcap` (f32).
 pub const ATTN_DECODE_PUSH_BYTES: u32 = 56;
@@ -277,7 +280,7 @@ const fn mvq(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 83] = [
+pub const KERNELS: [KernelDesc; 84] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -403,6 +406,18 @@ pub const KERNELS: [KernelDesc; 83] = [
     mmt(Kernel::MmtQ5K, "mmt_q5_k", spv!("mmt_q5_k")),
     mmt(Kernel::MmtQ6K, "mmt_q6_k", spv!("mmt_q6_k")),
     mmt(Kernel::MmtIQ4XS, "mmt_iq4_xs", spv!("mmt_iq4_xs")),
+    KernelDesc {
+        invocations: 128,
+        // q, k/v and score tiles, per-row max / sum / rescale (attn_flash.comp).
+        shared_bytes: (4352 + 2176 + 1024 + 3 * 64) * 4,
+        ..plain(
+            Kernel::AttnFlash,
+            "attn_flash",
+            spv!("attn_flash"),
+            5,
+            ATTN_FLASH_PUSH_BYTES,
+        )
+    },
 ];
 
 impl Kernel {
@@ -531,4 +546,7 @@ pub struct Tuning {
     /// Prefill mat-vecs over more than one token run the tiled matmul (`mmt.glsl`): the
     /// device fits it and `CALDERA_VK_NO_MMT=1` does not switch it off.
     pub tiled_mm: bool,
+    /// Prefill attention runs `attn_flash` (else `attention`): the device fits it and
+    /// `CALDERA_VK_NO_FLASH=1` does not switch it off.
+    pub flash_attn: bool,
 }

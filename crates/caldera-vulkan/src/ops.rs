@@ -776,3 +776,140 @@ pub fn mvq_host(
     ctx.submit(&rec)?;
     ctx.read_f32(&yb, outs)
 }
+
+/// One attention layer's shape as the prefill attention kernels read it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv: usize,
+    /// Head size, a multiple of 4.
+    pub head_dim: usize,
+    /// Sliding window: a query at position p sees keys at positions > p - window; 0 none.
+    pub window: usize,
+    pub scale: f32,
+    /// Scores become `cap * tanh(score / cap)`.
+    pub softcap: Option<f32>,
+}
+
+/// Causal attention for every token of a prefill step over the f32 KV cache (which
+/// already holds the step's k / v, `rope_kv`): `attn_flash` (query tiles against key
+/// tiles in shared memory, online softmax) where [`Tuning::flash_attn`] holds, else
+/// `attention` (one workgroup per token, the cache read once per token). One dispatch.
+///
+/// [`Tuning::flash_attn`]: crate::kernels::Tuning
+pub struct PrefillAttention {
+    binding: Binding,
+    push: Vec<u8>,
+    groups: u64,
+}
+
+/// Where a [`PrefillAttention`] reads and writes.
+pub struct AttnIo<'a> {
+    /// Rows of q | k | v per token (q read), `ld_qkv` floats apart.
+    pub qkv: &'a Buffer,
+    pub ld_qkv: u64,
+    /// Caches `[position][kv head][head_dim]` (f32).
+    pub k_cache: &'a Buffer,
+    pub v_cache: &'a Buffer,
+    /// Output rows of `n_heads * head_dim` per token.
+    pub out: &'a Buffer,
+    /// Step values: `[tokens, first position, ..]` (u32).
+    pub step: &'a Buffer,
+    /// The most tokens one step runs.
+    pub max_tokens: u64,
+}
+
+/// `attn_flash`'s tiles for heads of `hd` in groups of `gsize` query heads: (query heads
+/// per workgroup, head chunks per kv head, query tokens per workgroup, keys per tile),
+/// within the kernel's capacities (`Q_CAP`, `KV_CAP`, `S_CAP`, `MAX_R`, `ACC`).
+fn flash_tiles(hd: usize, gsize: usize) -> (usize, usize, usize, usize) {
+    let stride = hd + 4;
+    let r_max = (4352 / stride).min(64).min(8 * 128 * 4 / hd).max(1);
+    let hpw = gsize.min(r_max);
+    let n_chunks = gsize.div_ceil(hpw);
+    let bq = (r_max / hpw).max(1);
+    let bkv = (2176 / stride).min(1024 / (bq * hpw)).clamp(1, 32);
+    (hpw, n_chunks, bq, bkv)
+}
+
+impl PrefillAttention {
+    pub fn new(ctx: &Context, s: &AttnShape, io: &AttnIo<'_>) -> Result<PrefillAttention> {
+        let (nh, nkv, hd) = (s.n_heads, s.n_kv, s.head_dim);
+        if nkv == 0
+            || nh % nkv != 0
+            || hd == 0
+            || hd % 4 != 0
+            || hd > 512
+            || !io.ld_qkv.is_multiple_of(4)
+            || io.ld_qkv < ((nh + 2 * nkv) * hd) as u64
+        {
+            return Err(VkError::Invalid(format!(
+                "prefill attention over {nh} heads ({nkv} kv heads) of {hd}, rows of {}",
+                io.ld_qkv
+            )));
+        }
+        let t = io.max_tokens.max(1);
+        let need_out = t * (nh * hd) as u64 * 4;
+        let need_qkv = ((t - 1) * io.ld_qkv + (nh * hd) as u64) * 4;
+        if io.out.size() < need_out || io.qkv.size() < need_qkv || io.step.size() < 8 {
+            return Err(VkError::Invalid(format!(
+                "prefill attention over {t} tokens: buffers too small"
+            )));
+        }
+        let gsize = nh / nkv;
+        let window = u32_of(s.window.min(u32::MAX as usize) as u64, "window")?;
+        let common = [
+            u32_of(nh as u64, "heads")?,
+            u32_of(nkv as u64, "kv heads")?,
+            u32_of(hd as u64, "head size")?,
+        ];
+        let bufs = [io.qkv, io.k_cache, io.v_cache, io.out, io.step];
+        let softcap = s.softcap.unwrap_or(0.0).to_bits();
+        let ld = u32_of(io.ld_qkv, "qkv width")?;
+        if ctx.tuning().flash_attn {
+            let (hpw, n_chunks, bq, bkv) = flash_tiles(hd, gsize);
+            let mut words = common.to_vec();
+            words.extend([
+                hpw as u32,
+                n_chunks as u32,
+                window,
+                ld,
+                s.scale.to_bits(),
+                softcap,
+                bq as u32,
+                bkv as u32,
+            ]);
+            return Ok(PrefillAttention {
+                binding: ctx.bind(Kernel::AttnFlash, &bufs)?,
+                push: push_words(&words),
+                groups: t.div_ceil(bq as u64) * (nkv * n_chunks) as u64,
+            });
+        }
+        let hpw = gsize.min(8).min(2048 / hd).max(1);
+        let n_chunks = gsize.div_ceil(hpw);
+        let mut words = common.to_vec();
+        words.extend([
+            hpw as u32,
+            n_chunks as u32,
+            window,
+            ld,
+            s.scale.to_bits(),
+            softcap,
+        ]);
+        Ok(PrefillAttention {
+            binding: ctx.bind(Kernel::Attention, &bufs)?,
+            push: push_words(&words),
+            groups: t * (nkv * n_chunks) as u64,
+        })
+    }
+
+    /// Records the attention (one dispatch, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        r.dispatch(&self.binding, &self.push, self.groups)
+    }
+
+    /// Whether it runs `attn_flash`.
+    pub fn flash(&self) -> bool {
+        self.binding.kernel() == Kernel::AttnFlash
+    }
+}
