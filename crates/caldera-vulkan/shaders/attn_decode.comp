@@ -59,17 +59,18 @@ layout(push_constant) uniform Push {
 
 shared float q_s[MAXG * MAX_HD];
 shared float k_s[MAX_HD];
-shared float v_s[MAX_HD];
 shared float sc[MAXG * MAX_SPLIT];
 // A tile of k (then v) rows, each padded by one float so that invocations reading
 // consecutive rows hit different banks: TILE / (hd + 1) positions (32 at hd = 128).
-const uint TILE = 4352u;
+const uint TILE = 4224u;
 shared float kv_s[TILE];
 shared float inv_s[MAXG];
-// Combine: every split's m and l (then its weight) per head, up to MAX_COMBINE splits.
+// Combine: every split's m and l (then its weight) per head, up to MAX_COMBINE splits,
+// in the k/v tile's space (free by then): cm at CM, cl at CL. Everything here fits
+// 32 KiB of shared memory.
 const uint MAX_COMBINE = 128u;
-shared float cm_s[MAXG * MAX_COMBINE];
-shared float cl_s[MAXG * MAX_COMBINE];
+const uint CM = 0u;
+const uint CL = MAXG * MAX_COMBINE;
 shared float m_s[MAXG];
 shared float l_s[MAXG];
 shared bool last_s;
@@ -173,7 +174,7 @@ void quantize_out(uint h0, uint nh) {
 }
 
 // Stages tn rows of the k (or v) cache from position p_first on (kv head g) in kv_s;
-// the token's own row (position pos) comes from k_s / v_s. 16 loads in flight per
+// the token's own row (position pos) comes from k_s / the token's raw v in qkv. 16 loads in flight per
 // invocation.
 void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
     uint tid = gl_LocalInvocationID.x;
@@ -198,7 +199,8 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
                 uint d = 4u * (j % hd4);
                 vec4 v = t[u];
                 if (pi == pos) {
-                    v = is_v ? vec4(v_s[d], v_s[d + 1u], v_s[d + 2u], v_s[d + 3u])
+                    uint vb = p.n_heads * p.hd + kvd + g * p.hd + d;
+                    v = is_v ? vec4(qkv[vb], qkv[vb + 1u], qkv[vb + 2u], qkv[vb + 3u])
                              : vec4(k_s[d], k_s[d + 1u], k_s[d + 2u], k_s[d + 3u]);
                 }
                 uint sb = (j / hd4) * (p.hd + 1u) + d;
@@ -241,7 +243,6 @@ void main() {
     if (has_pos) {
         for (uint i = tid; i < p.hd; i += WG) {
             k_s[i] = qkv[kb + i];
-            v_s[i] = qkv[kb + kvd + i];
         }
     }
     barrier();
@@ -252,7 +253,7 @@ void main() {
             uint dst = pos * kvd + g * p.hd;
             for (uint i = tid; i < p.hd; i += WG) {
                 kc[dst + i] = k_s[i];
-                vc[dst + i] = v_s[i];
+                vc[dst + i] = qkv[kb + kvd + i];
             }
         }
     }
@@ -402,18 +403,18 @@ void main() {
         // Every (head, split) m and l at once, then per-split weights, then the sums.
         for (uint j = tid; j < nh * n_active; j += WG) {
             uint pb = ((h0 + j / n_active) * p.max_splits + j % n_active) * stride;
-            cm_s[j] = part[pb];
-            cl_s[j] = part[pb + 1u];
+            kv_s[CM + j] = part[pb];
+            kv_s[CL + j] = part[pb + 1u];
         }
         barrier();
         if (tid < nh) {
             float mx = -1e30;
             for (uint t = 0u; t < n_active; t++) {
-                mx = max(mx, cm_s[tid * n_active + t]);
+                mx = max(mx, kv_s[CM + tid * n_active + t]);
             }
             float l = 0.0;
             for (uint t = 0u; t < n_active; t++) {
-                l += exp(cm_s[tid * n_active + t] - mx) * cl_s[tid * n_active + t];
+                l += exp(kv_s[CM + tid * n_active + t] - mx) * kv_s[CL + tid * n_active + t];
             }
             m_s[tid] = mx;
             l_s[tid] = l;
@@ -421,7 +422,7 @@ void main() {
         barrier();
         for (uint j = tid; j < nh * n_active; j += WG) {
             uint h = j / n_active;
-            cm_s[j] = exp(cm_s[j] - m_s[h]) / l_s[h];
+            kv_s[CM + j] = exp(kv_s[CM + j] - m_s[h]) / l_s[h];
         }
         barrier();
         for (uint j = tid; j < nh * p.hd; j += WG) {
@@ -430,7 +431,7 @@ void main() {
             uint pb = (h0 + h) * p.max_splits * stride + 2u + d;
             float acc = 0.0;
             for (uint t = 0u; t < n_active; t++) {
-                acc += cm_s[h * n_active + t] * part[pb + t * stride];
+                acc += kv_s[CM + h * n_active + t] * part[pb + t * stride];
             }
             q_s[j] = acc;
             o[(h0 + h) * p.hd + d] = acc;

@@ -41,6 +41,12 @@ pub struct ContextOptions {
     pub mv_workgroup_size: Option<u32>,
     /// Decode mat-vec outputs per workgroup (1..=4); default 2, or `CALDERA_VK_MV_ROWS`.
     pub mv_rows: Option<u32>,
+    /// Prefill mat-vecs never use the tiled matmul (`mmt.glsl`), only the batched
+    /// mat-vec (`mm.glsl`). `CALDERA_VK_NO_MMT=1` sets it too.
+    pub force_no_tiled_mm: bool,
+    /// Prefill attention never uses `attn_flash`, only `attention`.
+    /// `CALDERA_VK_NO_FLASH=1` sets it too.
+    pub force_no_flash_attn: bool,
     /// Largest buffer (and so largest bound range and allocation) in bytes; default and
     /// upper bound [`DeviceInfo::max_buffer_bytes`]. Tests set it low to exercise splits.
     pub max_buffer_bytes: Option<u64>,
@@ -207,7 +213,7 @@ impl Context {
                 .vk("creating the pipeline cache")?;
         }
         // From here `shared`'s Drop cleans up on error.
-        shared.pipelines = create_pipelines(&shared, &tuning)?;
+        shared.pipelines = create_pipelines(&shared, &info, &tuning)?;
         Ok(Context {
             shared: Arc::new(shared),
             info,
@@ -417,6 +423,12 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         rows_per_group: opts.rows_per_group.unwrap_or(2).clamp(1, 64),
         subgroup_reduce: info.subgroup_arithmetic && !force_shared,
         required_subgroup_size,
+        flash_attn: Kernel::AttnFlash.fits(info)
+            && !opts.force_no_flash_attn
+            && !env_on("CALDERA_VK_NO_FLASH"),
+        tiled_mm: Kernel::MmtF32.fits(info)
+            && !opts.force_no_tiled_mm
+            && !env_on("CALDERA_VK_NO_MMT"),
     }
 }
 
@@ -477,7 +489,7 @@ fn create_device(
     })
 }
 
-fn create_pipelines(shared: &Shared, tuning: &Tuning) -> Result<Vec<Pipeline>> {
+fn create_pipelines(shared: &Shared, info: &DeviceInfo, tuning: &Tuning) -> Result<Vec<Pipeline>> {
     let dev = &shared.device;
     let mut out: Vec<Pipeline> = Vec::with_capacity(KERNELS.len());
     // On error, already-created objects are destroyed by `Shared::drop` only once they
@@ -494,7 +506,7 @@ fn create_pipelines(shared: &Shared, tuning: &Tuning) -> Result<Vec<Pipeline>> {
     };
     for (i, desc) in KERNELS.iter().enumerate() {
         debug_assert_eq!(desc.kernel as usize, i);
-        if desc.int8_dot && !tuning.int8_dot {
+        if (desc.int8_dot && !tuning.int8_dot) || !desc.kernel.fits(info) {
             // The device cannot run this module; nothing may bind it (ops check).
             out.push(Pipeline {
                 set_layout: vk::DescriptorSetLayout::null(),

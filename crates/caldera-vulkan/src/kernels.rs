@@ -96,6 +96,19 @@ pub enum Kernel {
     Mamba2Scan = 77,
     Mamba2Norm = 78,
     ShortConvRows = 79,
+    MmtF32 = 80,
+    MmtF16 = 81,
+    MmtBF16 = 82,
+    MmtQ4_0 = 83,
+    MmtQ4_1 = 84,
+    MmtQ5_0 = 85,
+    MmtQ5_1 = 86,
+    MmtQ8_0 = 87,
+    MmtQ4K = 88,
+    MmtQ5K = 89,
+    MmtQ6K = 90,
+    MmtIQ4XS = 91,
+    AttnFlash = 92,
 }
 
 /// One entry of the kernel table.
@@ -121,6 +134,12 @@ pub struct KernelDesc {
     pub int8_dot: bool,
     /// A gate|up decode mat-vec: launched with [`Tuning::mv_shape`]`(true)`.
     pub glu: bool,
+    /// A fixed workgroup size (`local_size_x` in the shader, no specialization constant
+    /// 0), or 0 for [`Tuning::workgroup_size`].
+    pub invocations: u32,
+    /// Bytes of shared memory it declares beyond 16 KiB (Vulkan's guaranteed minimum)
+    /// or 0: its pipeline exists only on devices with that much.
+    pub shared_bytes: u32,
 }
 
 /// `d`, marked as a gate|up decode mat-vec.
@@ -149,6 +168,8 @@ pub const ROPE_KV_PUSH_BYTES: u32 = 28;
 /// `attention` push constants: `n_heads, n_kv, hd, hpw, n_chunks, window, ld_qkv` (u32),
 /// `scale, softcap` (f32).
 pub const ATTENTION_PUSH_BYTES: u32 = 36;
+/// `attn_flash` push constants: [`ATTENTION_PUSH_BYTES`]'s words, then `bq, bkv` (u32).
+pub const ATTN_FLASH_PUSH_BYTES: u32 = 44;
 /// `attn_decode` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv, window, hpw,
 /// n_chunks, max_splits, split` (u32), `eps, scale, softcap` (f32).
 pub const ATTN_DECODE_PUSH_BYTES: u32 = 56;
@@ -195,6 +216,8 @@ const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u
         mv: false,
         int8_dot: false,
         glu: false,
+        invocations: 0,
+        shared_bytes: 0,
     }
 }
 
@@ -216,6 +239,37 @@ const fn plain(
         mv: false,
         int8_dot: false,
         glu: false,
+        invocations: 0,
+        shared_bytes: 0,
+    }
+}
+
+/// Tiled prefill matmul (`mmt.glsl`) push constants: [`MM_PUSH_BYTES`]'s words, then
+/// `ttiles` (u32, token tiles per row tile).
+pub const MMT_PUSH_BYTES: u32 = 36;
+/// Tiled matmul tile: weight rows and tokens per workgroup (`BM`, `BN` of `mmt.glsl`).
+pub const MMT_ROWS: u64 = 128;
+pub const MMT_TOKENS: u64 = 64;
+
+const fn mmt(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+) -> KernelDesc {
+    KernelDesc {
+        kernel,
+        name,
+        spirv_subgroup: spv.0,
+        spirv_shared: spv.1,
+        bindings: 5,
+        push_bytes: MMT_PUSH_BYTES,
+        rows_per_group: false,
+        mv: false,
+        int8_dot: false,
+        glu: false,
+        invocations: 256,
+        // A and B tiles (16 + 8 KiB), the norm's partial sums and scales.
+        shared_bytes: 16384 + 8192 + 1024 + 256,
     }
 }
 
@@ -235,6 +289,8 @@ const fn mv(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u
         mv: true,
         int8_dot: false,
         glu: false,
+        invocations: 0,
+        shared_bytes: 0,
     }
 }
 
@@ -261,11 +317,13 @@ const fn mvq(
         mv: true,
         int8_dot,
         glu: false,
+        invocations: 0,
+        shared_bytes: 0,
     }
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 80] = [
+pub const KERNELS: [KernelDesc; 93] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -277,6 +335,8 @@ pub const KERNELS: [KernelDesc; 80] = [
         mv: false,
         int8_dot: false,
         glu: false,
+        invocations: 0,
+        shared_bytes: 0,
     },
     mm(Kernel::MmF32, "mm_f32", spv!("mm_f32")),
     mm(Kernel::MmF16, "mm_f16", spv!("mm_f16")),
@@ -391,13 +451,18 @@ pub const KERNELS: [KernelDesc; 80] = [
         spv!("mvqge_q6_k"),
         false,
     )),
-    plain(
-        Kernel::AttnDecode,
-        "attn_decode",
-        spv!("attn_decode"),
-        12,
-        ATTN_DECODE_PUSH_BYTES,
-    ),
+    KernelDesc {
+        // q, k row, score and k / v tile arrays (attn_decode.comp), a few per-head
+        // values and a reduction slot per invocation (up to 256).
+        shared_bytes: (2048 + 256 + 1024 + 4224 + 32 + 256) * 4,
+        ..plain(
+            Kernel::AttnDecode,
+            "attn_decode",
+            spv!("attn_decode"),
+            12,
+            ATTN_DECODE_PUSH_BYTES,
+        )
+    },
     plain(
         Kernel::GdnDecode,
         "gdn_decode",
@@ -461,6 +526,30 @@ pub const KERNELS: [KernelDesc; 80] = [
         5,
         SHORTCONV_ROWS_PUSH_BYTES,
     ),
+    mmt(Kernel::MmtF32, "mmt_f32", spv!("mmt_f32")),
+    mmt(Kernel::MmtF16, "mmt_f16", spv!("mmt_f16")),
+    mmt(Kernel::MmtBF16, "mmt_bf16", spv!("mmt_bf16")),
+    mmt(Kernel::MmtQ4_0, "mmt_q4_0", spv!("mmt_q4_0")),
+    mmt(Kernel::MmtQ4_1, "mmt_q4_1", spv!("mmt_q4_1")),
+    mmt(Kernel::MmtQ5_0, "mmt_q5_0", spv!("mmt_q5_0")),
+    mmt(Kernel::MmtQ5_1, "mmt_q5_1", spv!("mmt_q5_1")),
+    mmt(Kernel::MmtQ8_0, "mmt_q8_0", spv!("mmt_q8_0")),
+    mmt(Kernel::MmtQ4K, "mmt_q4_k", spv!("mmt_q4_k")),
+    mmt(Kernel::MmtQ5K, "mmt_q5_k", spv!("mmt_q5_k")),
+    mmt(Kernel::MmtQ6K, "mmt_q6_k", spv!("mmt_q6_k")),
+    mmt(Kernel::MmtIQ4XS, "mmt_iq4_xs", spv!("mmt_iq4_xs")),
+    KernelDesc {
+        invocations: 128,
+        // q, k/v and score tiles, per-row max / sum / rescale (attn_flash.comp).
+        shared_bytes: (4352 + 2176 + 1024 + 3 * 64) * 4,
+        ..plain(
+            Kernel::AttnFlash,
+            "attn_flash",
+            spv!("attn_flash"),
+            5,
+            ATTN_FLASH_PUSH_BYTES,
+        )
+    },
 ];
 
 impl Kernel {
@@ -489,6 +578,24 @@ impl Kernel {
             Kernel::MmQ6K => Kernel::MmgQ6K,
             _ => Kernel::MmgIQ4XS,
         })
+    }
+
+    /// The tiled prefill matmul (`mmt.glsl`) for weights of type `ty` (the GLU input is
+    /// a flag of the kernel).
+    pub fn mmt_for(ty: GgmlType) -> Option<Kernel> {
+        let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
+        Some(KERNELS[Kernel::MmtF32 as usize + i].kernel)
+    }
+
+    /// Whether this device can run `self`: its fixed workgroup size and shared memory
+    /// fit the device's limits.
+    pub fn fits(self, info: &crate::device::DeviceInfo) -> bool {
+        let d = self.desc();
+        let inv = d.invocations;
+        (inv == 0
+            || (inv <= info.max_compute_work_group_invocations
+                && inv <= info.max_compute_work_group_size[0]))
+            && d.shared_bytes <= info.max_compute_shared_memory_size
     }
 
     /// The decode mat-vec kernel (`mv.glsl`) for weights of type `ty`; `glu`: the
@@ -584,4 +691,10 @@ pub struct Tuning {
     pub q8_acts: bool,
     /// Subgroup size requested through subgroup size control, if any.
     pub required_subgroup_size: Option<u32>,
+    /// Prefill mat-vecs over more than one token run the tiled matmul (`mmt.glsl`): the
+    /// device fits it and `CALDERA_VK_NO_MMT=1` does not switch it off.
+    pub tiled_mm: bool,
+    /// Prefill attention runs `attn_flash` (else `attention`): the device fits it and
+    /// `CALDERA_VK_NO_FLASH=1` does not switch it off.
+    pub flash_attn: bool,
 }

@@ -10,12 +10,13 @@
 //! allocation, descriptor update or pipeline creation happens per token.
 //!
 //! Decode (one token) per layer of llama / qwen3: q|k|v mat-vec (one dispatch per weight
-//! type), `attn_decode` (q/k norm, RoPE, KV write, split attention, int8 output), o-proj
-//! + residual, gate|up with the GLU, down + residual; each int8 mat-vec quantizes the
+//! type), `attn_decode` (q/k norm, RoPE, KV write, split attention, int8 output),
+//! o-proj with the residual add, gate|up with the GLU, down with the residual add; each int8 mat-vec quantizes the
 //! next one's input block by block (`MV_TAIL`; only the first layer's input needs a
 //! `quant_x`); weight types without int8 kernels read f32 x and norm it themselves
-//! (`mv.glsl`). Prefill (chunks of CHUNK tokens): norm + QKV (`mm`),
-//! `rope_kv`, `attention`, o-proj + residual, norm + gate|up, GLU + down + residual.
+//! (`mv.glsl`). Prefill (steps of up to CHUNK tokens): norm + QKV (`Mm`: the tiled
+//! matmul), `rope_kv`, `attention`, o-proj + residual, norm + gate|up, GLU + down +
+//! residual.
 //! Gemma's post-norms add one `add_norm` dispatch each.
 
 use std::collections::HashMap;
@@ -32,11 +33,19 @@ use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::{attn_split, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
-use crate::ops::{push_words, GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq, Q8Acts, QuantX};
+use crate::ops::{
+    push_words, AttnIo, AttnShape, GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq,
+    PrefillAttention, Q8Acts, QuantX,
+};
 use crate::record::{Binding, Recorder, Recording};
 
-/// Tokens per prefill step (the prefill bucket).
-pub const CHUNK: usize = 32;
+/// Most tokens per prefill step (the prefill bucket): the tiled matmul works on 64
+/// tokens at a time, and a long step gives the GPU enough workgroups. A runner takes
+/// fewer (down to [`MIN_CHUNK`]) when the scratch rows of that many tokens would not fit
+/// one buffer of the device.
+pub const CHUNK: usize = 512;
+/// The fewest tokens per prefill step a runner accepts.
+pub const MIN_CHUNK: usize = 32;
 
 fn unsupported(what: String) -> VkError {
     VkError::Invalid(format!("the Vulkan backend does not run {what} yet"))
@@ -333,7 +342,9 @@ pub struct VkRunner {
     /// Their device copy, made at the start of every step: kernels read it (not the
     /// host-visible one, which would be a bus read per workgroup).
     step_dev: Buffer,
-    /// Host-visible input embeddings, CHUNK rows of d_model.
+    /// Tokens per prefill step (a power of two, MIN_CHUNK..=CHUNK): scratch rows.
+    chunk: usize,
+    /// Host-visible input embeddings, `chunk` rows of d_model.
     x_in: Buffer,
     x: Buffer,
     tmp: Buffer,
@@ -434,14 +445,20 @@ impl VkRunner {
             max_q = max_q.max(a.n_heads * a.head_dim);
             max_ff = max_ff.max(l.d_ff);
         }
+        // The widest scratch row decides how many tokens a step holds.
+        let widest_row = d.max(max_qkv).max(2 * max_ff) as u64 * 4;
+        let mut chunk = CHUNK;
+        while chunk > MIN_CHUNK && chunk as u64 * widest_row > ctx.max_buffer_bytes() {
+            chunk /= 2;
+        }
         let step = ctx.create_buffer(16, MemoryKind::Upload)?;
         let step_dev = ctx.create_buffer(16, MemoryKind::Device)?;
-        let x_in = ctx.create_buffer((CHUNK * d * 4) as u64, MemoryKind::Upload)?;
-        let x = dev(CHUNK * d, "the residual stream")?;
-        let tmp = dev(CHUNK * d, "a scratch buffer")?;
-        let qkv = dev(CHUNK * max_qkv, "the q/k/v rows")?;
-        let att = dev(CHUNK * max_q, "the attention output")?;
-        let gu = dev(CHUNK * 2 * max_ff, "the gate/up rows")?;
+        let x_in = ctx.create_buffer((chunk * d * 4) as u64, MemoryKind::Upload)?;
+        let x = dev(chunk * d, "the residual stream")?;
+        let tmp = dev(chunk * d, "a scratch buffer")?;
+        let qkv = dev(chunk * max_qkv, "the q/k/v rows")?;
+        let att = dev(chunk * max_q, "the attention output")?;
+        let gu = dev(chunk * 2 * max_ff, "the gate/up rows")?;
         let widest = d.max(max_q).max(max_ff);
         let mut part_len = 1usize;
         let mut counts = 1usize;
@@ -506,7 +523,7 @@ impl VkRunner {
             ctx.create_buffer((vocab * 4) as u64, MemoryKind::Readback)?,
         );
         let all_rows =
-            (ctx.max_buffer_bytes() / (vocab as u64 * 4)).clamp(1, CHUNK as u64) as usize;
+            (ctx.max_buffer_bytes() / (vocab as u64 * 4)).clamp(1, chunk as u64) as usize;
         Ok(VkRunner {
             stats: StepStats {
                 decode_submits: 1,
@@ -516,6 +533,7 @@ impl VkRunner {
             m,
             cap,
             len: 0,
+            chunk,
             step,
             step_dev,
             x_in,
@@ -537,7 +555,7 @@ impl VkRunner {
             all_rows,
             steps: HashMap::new(),
             embed_row: vec![0.0; d],
-            embed_bytes: Vec::with_capacity(CHUNK * d * 4),
+            embed_bytes: Vec::with_capacity(chunk * d * 4),
             trace: std::env::var_os("CALDERA_VK_TRACE").is_some(),
             profile: std::env::var("CALDERA_VK_PROFILE").is_ok_and(|v| v == "1"),
             fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").map_or(true, |v| v != "0"),
@@ -740,28 +758,25 @@ impl VkRunner {
                 ]);
                 ops.push(("rope_kv", Op::Kernel(binding, push, b * (nh + nkv) as u64)));
                 // attention
-                let gsize = nh / nkv;
-                let hpw = gsize.min(8).min(2048 / hd).max(1);
-                let n_chunks = gsize.div_ceil(hpw);
-                let binding = wg_bind(
-                    Kernel::Attention,
-                    &[&self.qkv, kc, vc, &self.att, &self.step_dev],
-                )?;
-                let push = push_words(&[
-                    u32_of(nh, "heads")?,
-                    u32_of(nkv, "kv heads")?,
-                    u32_of(hd, "head size")?,
-                    hpw as u32,
-                    n_chunks as u32,
-                    u32_of(a.window.unwrap_or(0).min(u32::MAX as usize), "window")?,
-                    ld_qkv as u32,
-                    a.scale.to_bits(),
-                    a.softcap.unwrap_or(0.0).to_bits(),
-                ]);
-                ops.push((
-                    "attention",
-                    Op::Kernel(binding, push, b * (nkv * n_chunks) as u64),
-                ));
+                let shape = AttnShape {
+                    n_heads: nh,
+                    n_kv: nkv,
+                    head_dim: hd,
+                    window: a.window.unwrap_or(0),
+                    scale: a.scale,
+                    softcap: a.softcap,
+                };
+                let io = AttnIo {
+                    qkv: &self.qkv,
+                    ld_qkv: ld_qkv as u64,
+                    k_cache: kc,
+                    v_cache: vc,
+                    out: &self.att,
+                    step: &self.step_dev,
+                    max_tokens: b,
+                };
+                let att = PrefillAttention::new(ctx, &shape, &io)?;
+                ops.push(("attention", Op::Attention(att)));
                 // o-proj + residual (through the post-norm when there is one)
                 self.push_out_proj(
                     &mut ops,
@@ -926,6 +941,7 @@ impl VkRunner {
                         }
                     }
                     Op::Quant(q) => q.record(r)?,
+                    Op::Attention(a) => a.record(r)?,
                     Op::Kernel(binding, push, groups) => r.dispatch(binding, push, *groups)?,
                 }
                 r.barrier();
@@ -1085,11 +1101,11 @@ impl VkRunner {
         Ok(())
     }
 
-    /// Runs one step of `tokens` (at most CHUNK) at position `self.len`; logits of
+    /// Runs one step of `tokens` (at most `self.chunk`) at position `self.len`; logits of
     /// tokens `first..` are appended to `out` when `first` is given.
     fn run_step(&mut self, tokens: &[u32], first: Option<usize>, out: &mut Vec<f32>) -> Result<()> {
         let n = tokens.len();
-        let bucket = if n == 1 { 1 } else { CHUNK };
+        let bucket = if n == 1 { 1 } else { self.chunk };
         let want = first.map_or(0, |f| n - f);
         let all = want > 1;
         let key = (bucket, all);
@@ -1159,6 +1175,7 @@ enum Op {
     Mm(Vec<Mm>),
     Mv(Vec<DecodeMv>),
     Quant(QuantX),
+    Attention(PrefillAttention),
     Kernel(Binding, Vec<u8>, u64),
 }
 
@@ -1235,8 +1252,8 @@ impl caldera_model::Runner for VkRunner {
         }
         out.clear();
         let chunk = match logits {
-            Logits::All => self.all_rows.min(CHUNK),
-            Logits::Last => CHUNK,
+            Logits::All => self.all_rows.min(self.chunk),
+            Logits::Last => self.chunk,
         };
         let n_chunks = tokens.len().div_ceil(chunk);
         for (ci, c) in tokens.chunks(chunk).enumerate() {

@@ -6,7 +6,7 @@ use caldera_format::GgmlType;
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, MMT_ROWS, MMT_TOKENS};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::record::{Binding, Recorder};
 
@@ -176,11 +176,18 @@ pub enum GluAct {
     GeluTanh,
 }
 
-/// Batched mat-vec: for each token `t` of a step (count from the step buffer),
+/// Prefill mat-vec over the tokens of a step (count from the step buffer):
 /// `y[t * ld_y + y_offset + r] (+)= W[r] · input(x[t * ld_x ..])` for every row `r` of a
-/// weight tensor of type `ty`, read straight from its blocks (each weight row read once
-/// per 8 tokens). One dispatch per weight piece.
-pub struct Mm(PieceDispatches);
+/// weight tensor of type `ty`, read straight from its blocks. Over more than one token
+/// (and where [`Tuning::tiled_mm`](crate::kernels::Tuning) holds) the tiled matmul
+/// (`mmt.glsl`: tiles of 128 rows x 64 tokens, each weight block dequantized once per
+/// tile); else the batched mat-vec (`mm.glsl`, each weight row read once per 8 tokens).
+/// One dispatch per weight piece.
+pub struct Mm {
+    /// Per piece: binding, push constants, workgroups.
+    parts: Vec<(Binding, Vec<u8>, u64)>,
+    tiled: bool,
+}
 
 /// Where a [`Mm`] reads and writes.
 pub struct MmIo<'a> {
@@ -209,12 +216,23 @@ impl Mm {
         io: &MmIo<'_>,
         mode: MmMode,
     ) -> Result<Mm> {
-        let kernel = Kernel::mm_for(ty, mode.glu.is_some()).ok_or_else(|| {
+        let t = io.max_tokens.max(1);
+        let tiled = ctx.tuning().tiled_mm && t > 1;
+        let kernel = if tiled {
+            Kernel::mmt_for(ty)
+        } else {
+            Kernel::mm_for(ty, mode.glu.is_some())
+        }
+        .ok_or_else(|| {
             VkError::Invalid(format!("no Vulkan mat-vec kernel for tensor type {ty} yet"))
         })?;
         check_rows(ty, w, k)?;
+        if mode.norm && mode.glu.is_some() {
+            return Err(VkError::Invalid(
+                "a mat-vec cannot both norm its input and take a GLU input".into(),
+            ));
+        }
         let x_width = if mode.glu.is_some() { 2 * k } else { k };
-        let t = io.max_tokens.max(1);
         let x_need = ((t - 1) * io.ld_x + x_width) * 4;
         let y_need = ((t - 1) * io.ld_y + io.y_offset + w.rows) * 4;
         if io.ld_x < x_width
@@ -256,10 +274,11 @@ impl Mm {
                 &ones
             }
         };
+        let ttiles = t.div_ceil(MMT_TOKENS);
         let mut parts = Vec::with_capacity(w.pieces.len());
         for piece in &w.pieces {
             let b = ctx.bind(kernel, &[&piece.buffer, io.x, io.y, gam, io.step])?;
-            let push = push_words(&[
+            let mut words = vec![
                 u32_of(k, "k")?,
                 u32_of(piece.rows, "rows")?,
                 u32_of(io.y_offset + piece.first_row, "y offset")?,
@@ -268,23 +287,34 @@ impl Mm {
                 flags,
                 mode.eps.to_bits(),
                 mode.softcap.unwrap_or(0.0).to_bits(),
-            ]);
-            parts.push((b, push, piece.rows));
+            ];
+            let groups = if tiled {
+                words.push(u32_of(ttiles, "token tiles")?);
+                piece.rows.div_ceil(MMT_ROWS) * ttiles
+            } else {
+                piece.rows.div_ceil(ctx.tuning().rows_per_group as u64)
+            };
+            parts.push((b, push_words(&words), groups));
         }
-        Ok(Mm(PieceDispatches {
-            parts,
-            per_group: ctx.tuning().rows_per_group,
-        }))
+        Ok(Mm { parts, tiled })
     }
 
     /// Records the mat-vec (one dispatch per weight piece, no barrier after).
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
-        self.0.record(r)
+        for (b, push, groups) in &self.parts {
+            r.dispatch(b, push, *groups)?;
+        }
+        Ok(())
     }
 
     /// Dispatches [`Mm::record`] makes.
     pub fn dispatches(&self) -> usize {
-        self.0.parts.len()
+        self.parts.len()
+    }
+
+    /// Whether it runs the tiled matmul (`mmt.glsl`) rather than the batched mat-vec.
+    pub fn tiled(&self) -> bool {
+        self.tiled
     }
 }
 
@@ -762,4 +792,141 @@ pub fn mvq_host(
     })?;
     ctx.submit(&rec)?;
     ctx.read_f32(&yb, outs)
+}
+
+/// One attention layer's shape as the prefill attention kernels read it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv: usize,
+    /// Head size, a multiple of 4.
+    pub head_dim: usize,
+    /// Sliding window: a query at position p sees keys at positions > p - window; 0 none.
+    pub window: usize,
+    pub scale: f32,
+    /// Scores become `cap * tanh(score / cap)`.
+    pub softcap: Option<f32>,
+}
+
+/// Causal attention for every token of a prefill step over the f32 KV cache (which
+/// already holds the step's k / v, `rope_kv`): `attn_flash` (query tiles against key
+/// tiles in shared memory, online softmax) where [`Tuning::flash_attn`] holds, else
+/// `attention` (one workgroup per token, the cache read once per token). One dispatch.
+///
+/// [`Tuning::flash_attn`]: crate::kernels::Tuning
+pub struct PrefillAttention {
+    binding: Binding,
+    push: Vec<u8>,
+    groups: u64,
+}
+
+/// Where a [`PrefillAttention`] reads and writes.
+pub struct AttnIo<'a> {
+    /// Rows of q | k | v per token (q read), `ld_qkv` floats apart.
+    pub qkv: &'a Buffer,
+    pub ld_qkv: u64,
+    /// Caches `[position][kv head][head_dim]` (f32).
+    pub k_cache: &'a Buffer,
+    pub v_cache: &'a Buffer,
+    /// Output rows of `n_heads * head_dim` per token.
+    pub out: &'a Buffer,
+    /// Step values: `[tokens, first position, ..]` (u32).
+    pub step: &'a Buffer,
+    /// The most tokens one step runs.
+    pub max_tokens: u64,
+}
+
+/// `attn_flash`'s tiles for heads of `hd` in groups of `gsize` query heads: (query heads
+/// per workgroup, head chunks per kv head, query tokens per workgroup, keys per tile),
+/// within the kernel's capacities (`Q_CAP`, `KV_CAP`, `S_CAP`, `MAX_R`, `ACC`).
+fn flash_tiles(hd: usize, gsize: usize) -> (usize, usize, usize, usize) {
+    let stride = hd + 4;
+    let r_max = (4352 / stride).min(64).min(8 * 128 * 4 / hd).max(1);
+    let hpw = gsize.min(r_max);
+    let n_chunks = gsize.div_ceil(hpw);
+    let bq = (r_max / hpw).max(1);
+    let bkv = (2176 / stride).min(1024 / (bq * hpw)).clamp(1, 32);
+    (hpw, n_chunks, bq, bkv)
+}
+
+impl PrefillAttention {
+    pub fn new(ctx: &Context, s: &AttnShape, io: &AttnIo<'_>) -> Result<PrefillAttention> {
+        let (nh, nkv, hd) = (s.n_heads, s.n_kv, s.head_dim);
+        if nkv == 0
+            || nh % nkv != 0
+            || hd == 0
+            || hd % 4 != 0
+            || hd > 512
+            || !io.ld_qkv.is_multiple_of(4)
+            || io.ld_qkv < ((nh + 2 * nkv) * hd) as u64
+        {
+            return Err(VkError::Invalid(format!(
+                "prefill attention over {nh} heads ({nkv} kv heads) of {hd}, rows of {}",
+                io.ld_qkv
+            )));
+        }
+        let t = io.max_tokens.max(1);
+        let need_out = t * (nh * hd) as u64 * 4;
+        let need_qkv = ((t - 1) * io.ld_qkv + (nh * hd) as u64) * 4;
+        if io.out.size() < need_out || io.qkv.size() < need_qkv || io.step.size() < 8 {
+            return Err(VkError::Invalid(format!(
+                "prefill attention over {t} tokens: buffers too small"
+            )));
+        }
+        let gsize = nh / nkv;
+        let window = u32_of(s.window.min(u32::MAX as usize) as u64, "window")?;
+        let common = [
+            u32_of(nh as u64, "heads")?,
+            u32_of(nkv as u64, "kv heads")?,
+            u32_of(hd as u64, "head size")?,
+        ];
+        let bufs = [io.qkv, io.k_cache, io.v_cache, io.out, io.step];
+        let softcap = s.softcap.unwrap_or(0.0).to_bits();
+        let ld = u32_of(io.ld_qkv, "qkv width")?;
+        if ctx.tuning().flash_attn {
+            let (hpw, n_chunks, bq, bkv) = flash_tiles(hd, gsize);
+            let mut words = common.to_vec();
+            words.extend([
+                hpw as u32,
+                n_chunks as u32,
+                window,
+                ld,
+                s.scale.to_bits(),
+                softcap,
+                bq as u32,
+                bkv as u32,
+            ]);
+            return Ok(PrefillAttention {
+                binding: ctx.bind(Kernel::AttnFlash, &bufs)?,
+                push: push_words(&words),
+                groups: t.div_ceil(bq as u64) * (nkv * n_chunks) as u64,
+            });
+        }
+        let hpw = gsize.min(8).min(2048 / hd).max(1);
+        let n_chunks = gsize.div_ceil(hpw);
+        let mut words = common.to_vec();
+        words.extend([
+            hpw as u32,
+            n_chunks as u32,
+            window,
+            ld,
+            s.scale.to_bits(),
+            softcap,
+        ]);
+        Ok(PrefillAttention {
+            binding: ctx.bind(Kernel::Attention, &bufs)?,
+            push: push_words(&words),
+            groups: t * (nkv * n_chunks) as u64,
+        })
+    }
+
+    /// Records the attention (one dispatch, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        r.dispatch(&self.binding, &self.push, self.groups)
+    }
+
+    /// Whether it runs `attn_flash`.
+    pub fn flash(&self) -> bool {
+        self.binding.kernel() == Kernel::AttnFlash
+    }
 }

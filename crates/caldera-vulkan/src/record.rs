@@ -54,6 +54,12 @@ impl Context {
                 desc.name
             )));
         }
+        if !kernel.fits(&self.info) {
+            return Err(VkError::Invalid(format!(
+                "{} needs more workgroup invocations or shared memory than {} has",
+                desc.name, self.info.name
+            )));
+        }
         if buffers.len() != desc.bindings as usize {
             return Err(VkError::Invalid(format!(
                 "{} takes {} buffers, got {}",

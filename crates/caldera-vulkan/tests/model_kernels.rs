@@ -1,82 +1,29 @@
 //! The batched mat-vec kernels (`mm_*`, every weight type the models use) and the
 //! fused modes of each against their CPU twins on fresh random inputs with odd sizes, on
-//! the test device (lavapipe by default). Skips without a Vulkan device unless
+//! the test device (lavapipe by default), with the tiled matmul switched off (its own
+//! twins are in `mmt.rs`). Skips without a Vulkan device unless
 //! `CALDERA_REQUIRE_VULKAN=1`. `CALDERA_TEST_SEED=N` replays a seed.
 
 mod common;
 
 use std::sync::OnceLock;
 
-use caldera_format::quant::{dequantize, quantize};
+use caldera_format::quant::quantize;
 use caldera_format::GgmlType;
 use caldera_vulkan::ops::{mm_host, GluAct, MmMode};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Context, ContextOptions};
-use common::{gelu_tanh, random_vec, rng, silu};
+use common::{cpu_mm, random_vec, rng};
 use rand::rngs::StdRng;
 
 fn ctx() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(|| test_context("vulkan model kernels", &ContextOptions::default()))
+    let opts = ContextOptions {
+        force_no_tiled_mm: true,
+        ..Default::default()
+    };
+    CTX.get_or_init(|| test_context("vulkan model kernels", &opts))
         .as_ref()
-}
-
-/// CPU twin of `mm_host`: dequantized rows, f64 sums. Returns (y, scale of each y).
-#[allow(clippy::too_many_arguments)]
-fn cpu_mm(
-    ty: GgmlType,
-    w: &[u8],
-    k: usize,
-    x: &[f32],
-    m: usize,
-    gam: Option<&[f32]>,
-    y0: Option<&[f32]>,
-    mode: MmMode,
-) -> (Vec<f64>, Vec<f64>) {
-    let row_bytes = ty.row_bytes(k as u64).unwrap() as usize;
-    let rows = w.len() / row_bytes;
-    let width = if mode.glu.is_some() { 2 * k } else { k };
-    let mut deq = vec![0f32; k];
-    let mut y = vec![0f64; m * rows];
-    let mut mag = vec![0f64; m * rows];
-    for t in 0..m {
-        let xr = &x[t * width..(t + 1) * width];
-        let input: Vec<f64> = match (mode.norm, mode.glu) {
-            (true, _) => {
-                let ss = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
-                let inv = 1.0 / (ss + mode.eps as f64).sqrt();
-                (0..k)
-                    .map(|c| xr[c] as f64 * inv * gam.unwrap()[c] as f64)
-                    .collect()
-            }
-            (false, Some(GluAct::Silu)) => (0..k)
-                .map(|c| silu(xr[2 * c] as f64) * xr[2 * c + 1] as f64)
-                .collect(),
-            (false, Some(GluAct::GeluTanh)) => (0..k)
-                .map(|c| gelu_tanh(xr[2 * c] as f64) * xr[2 * c + 1] as f64)
-                .collect(),
-            (false, None) => xr.iter().map(|&v| v as f64).collect(),
-        };
-        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
-            dequantize(ty, row, &mut deq).unwrap();
-            let (mut s, mut a) = (0f64, 0f64);
-            for c in 0..k {
-                s += deq[c] as f64 * input[c];
-                a += (deq[c] as f64 * input[c]).abs();
-            }
-            if let Some(cap) = mode.softcap {
-                s = cap as f64 * (s / cap as f64).tanh();
-            }
-            if mode.add {
-                let b = y0.unwrap()[t * rows + r] as f64;
-                s += b;
-                a += b.abs();
-            }
-            y[t * rows + r] = s;
-            mag[t * rows + r] = a;
-        }
-    }
-    (y, mag)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,11 +1,12 @@
 //! The prefill-side kernels against CPU twins on fresh random inputs: `rope_kv` (q/k norm,
-//! RoPE, KV write for every token of a step) followed by `attention` (causal, windowed,
-//! soft-capped, grouped heads over the cache), and `add_norm` (Gemma's post-norms), with
-//! both reduction variants. Skips without a Vulkan device unless
+//! RoPE, KV write for every token of a step) followed by the prefill attention (causal,
+//! windowed, soft-capped, grouped heads over the cache; both `attn_flash` and
+//! `attention`), and `add_norm` (Gemma's post-norms), with both reduction variants. Skips without a Vulkan device unless
 //! `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
 
+use caldera_vulkan::ops::{AttnIo, AttnShape, PrefillAttention};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Buffer, Context, ContextOptions, Kernel};
 use common::{random_vec, rms, rng, rope, rope_table, words};
@@ -13,9 +14,10 @@ use rand::rngs::StdRng;
 
 fn contexts() -> Vec<Context> {
     let mut v = Vec::new();
-    for shared in [false, true] {
+    for (shared, no_flash) in [(false, false), (true, false), (false, true), (true, true)] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
+            force_no_flash_attn: no_flash,
             ..Default::default()
         };
         if let Some(c) = test_context("prefill kernels", &opts) {
@@ -132,27 +134,30 @@ fn rope_attention_case(
         ld as u32,
         eps.to_bits(),
     ]);
-    let hpw = gsize.min(8).min(2048 / hd).max(1);
-    let n_chunks = gsize.div_ceil(hpw);
-    let at = ctx
-        .bind(Kernel::Attention, &[&qkv_b, &kc_b, &vc_b, &out, &step])
-        .unwrap();
-    let at_push = words(&[
-        nh as u32,
-        nkv as u32,
-        hd as u32,
-        hpw as u32,
-        n_chunks as u32,
-        window as u32,
-        ld as u32,
-        scale.to_bits(),
-        softcap.to_bits(),
-    ]);
+    let shape = AttnShape {
+        n_heads: nh,
+        n_kv: nkv,
+        head_dim: hd,
+        window,
+        scale,
+        softcap: (softcap > 0.0).then_some(softcap),
+    };
+    let io = AttnIo {
+        qkv: &qkv_b,
+        ld_qkv: ld as u64,
+        k_cache: &kc_b,
+        v_cache: &vc_b,
+        out: &out,
+        step: &step,
+        max_tokens: m as u64,
+    };
+    let at = PrefillAttention::new(ctx, &shape, &io).unwrap();
+    assert_eq!(at.flash(), ctx.tuning().flash_attn);
     let rec = ctx
         .record(|r| {
             r.dispatch(&rk, &rk_push, (m * (nh + nkv)) as u64)?;
             r.barrier();
-            r.dispatch(&at, &at_push, (m * nkv * n_chunks) as u64)
+            at.record(r)
         })
         .unwrap();
     ctx.submit(&rec).unwrap();
@@ -161,8 +166,9 @@ fn rope_attention_case(
         assert!(
             (got[i] as f64 - want[i]).abs() <= 1e-4,
             "{nh}/{nkv} heads of {hd}, {m} tokens at {p0}, window {window}, softcap {softcap}, \
-             interleaved {interleaved} (subgroup {}): out[{i}] = {}, want {}",
+             interleaved {interleaved} (subgroup {}, flash {}): out[{i}] = {}, want {}",
             ctx.tuning().subgroup_reduce,
+            ctx.tuning().flash_attn,
             got[i],
             want[i]
         );
@@ -173,12 +179,20 @@ fn rope_attention_case(
 fn rope_kv_and_attention_match_cpu() {
     let mut rng = rng("rope_kv + attention");
     for ctx in &contexts() {
-        for heads in [(8, 2, 64), (6, 6, 32), (18, 2, 48)] {
+        for heads in [
+            (8, 2, 64),
+            (6, 6, 32),
+            (18, 2, 48),
+            (4, 1, 128),
+            (2, 1, 256),
+        ] {
             for (m, p0, window, softcap, il) in [
                 (1, 0, 0, 0.0, false),
                 (13, 0, 0, 0.0, true),
                 (9, 70, 0, 25.0, false),
                 (32, 40, 21, 0.0, true),
+                (71, 45, 0, 0.0, false),
+                (67, 3, 40, 30.0, true),
             ] {
                 rope_attention_case(ctx, &mut rng, heads, m, p0, window, softcap, il);
             }

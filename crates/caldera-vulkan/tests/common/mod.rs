@@ -4,7 +4,7 @@
 
 use caldera_format::quant::dequantize;
 use caldera_format::GgmlType;
-use caldera_vulkan::ops::{GluAct, MvMode};
+use caldera_vulkan::ops::{GluAct, MmMode, MvMode};
 use caldera_vulkan::Context;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -174,6 +174,65 @@ pub fn modes() -> Vec<MvMode> {
             ..Default::default()
         },
     ]
+}
+
+/// CPU twin of a prefill mat-vec (`mm_host`, `Mm`): `m` token rows of x (`k` values, `2k`
+/// with the GLU), dequantized rows, f64 sums. Returns (y, scale of each y).
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_mm(
+    ty: GgmlType,
+    w: &[u8],
+    k: usize,
+    x: &[f32],
+    m: usize,
+    gam: Option<&[f32]>,
+    y0: Option<&[f32]>,
+    mode: MmMode,
+) -> (Vec<f64>, Vec<f64>) {
+    let row_bytes = ty.row_bytes(k as u64).unwrap() as usize;
+    let rows = w.len() / row_bytes;
+    let width = if mode.glu.is_some() { 2 * k } else { k };
+    let mut deq = vec![0f32; k];
+    let mut y = vec![0f64; m * rows];
+    let mut mag = vec![0f64; m * rows];
+    for t in 0..m {
+        let xr = &x[t * width..(t + 1) * width];
+        let input: Vec<f64> = match (mode.norm, mode.glu) {
+            (true, _) => {
+                let ss = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
+                let inv = 1.0 / (ss + mode.eps as f64).sqrt();
+                (0..k)
+                    .map(|c| xr[c] as f64 * inv * gam.unwrap()[c] as f64)
+                    .collect()
+            }
+            (false, Some(GluAct::Silu)) => (0..k)
+                .map(|c| silu(xr[2 * c] as f64) * xr[2 * c + 1] as f64)
+                .collect(),
+            (false, Some(GluAct::GeluTanh)) => (0..k)
+                .map(|c| gelu_tanh(xr[2 * c] as f64) * xr[2 * c + 1] as f64)
+                .collect(),
+            (false, None) => xr.iter().map(|&v| v as f64).collect(),
+        };
+        for (r, row) in w.chunks_exact(row_bytes).enumerate() {
+            dequantize(ty, row, &mut deq).unwrap();
+            let (mut s, mut a) = (0f64, 0f64);
+            for c in 0..k {
+                s += deq[c] as f64 * input[c];
+                a += (deq[c] as f64 * input[c]).abs();
+            }
+            if let Some(cap) = mode.softcap {
+                s = cap as f64 * (s / cap as f64).tanh();
+            }
+            if mode.add {
+                let b = y0.unwrap()[t * rows + r] as f64;
+                s += b;
+                a += b.abs();
+            }
+            y[t * rows + r] = s;
+            mag[t * rows + r] = a;
+        }
+    }
+    (y, mag)
 }
 
 /// Push-constant bytes of 32-bit words.

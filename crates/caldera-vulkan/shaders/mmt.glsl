@@ -1,0 +1,182 @@
+// Tiled matmul over the tokens of one prefill step: for every token t of the step and
+// every row r of one weight piece, y[t * ld_y + y_offset + r] (=, or +=) dot(W row r, x_t),
+// with x_t token t's input after the same prologue as mm.glsl:
+//   plain:   x_t = x[t] * gam, times 1 / rms(x[t]) when MM_NORM
+//   MM_GLU_*: x_t[c] = act(x[t][2c]) * x[t][2c + 1] (gate, up pairs of one row)
+// A workgroup computes a tile of BM weight rows x BN tokens. For each step of BK = 32
+// elements it dequantizes the BM x 32 weight block once into shared memory (deq16 of
+// deq_tile.glsl, one half group per invocation) and stages the BN x 32 inputs beside it,
+// both transposed (element-major) so an invocation reads its rows and tokens as vec4s;
+// each invocation accumulates TM x TN = 8 x 4 outputs in f32 registers. The including
+// .comp defines the weight type (TYPE_*).
+//
+// Launch: MMT_WG invocations; workgroup (flat index f of a 2D dispatch) covers token
+// tile f % ttiles and row tile f / ttiles, so consecutive workgroups share weight rows
+// (read from memory once) while the step's few MB of x stay in cache.
+// Bindings as mm.glsl: 0 weight words, 1 x, 2 y, 3 gam, 4 step values.
+#extension GL_EXT_control_flow_attributes : enable
+
+const uint MMT_WG = 256u;
+const uint BM = 128u; // weight rows per workgroup
+const uint BN = 64u;  // tokens per workgroup
+const uint BK = 32u;  // elements per step: one 32-element group of every block type
+layout(local_size_x = 256, local_size_y = 1, local_size_z = 1) in;
+
+const uint MM_NORM = 1u;
+const uint MM_ADD = 2u;
+const uint MM_GLU_SILU = 4u;
+const uint MM_GLU_GELU = 8u;
+const uint MM_SOFTCAP = 16u;
+const uint MM_TOKSEL = 32u;
+
+layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
+layout(std430, binding = 1) readonly buffer Xbuf { float x[]; };
+layout(std430, binding = 2) buffer Ybuf { float y[]; };
+layout(std430, binding = 3) readonly buffer Gbuf { float gam[]; };
+layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
+
+layout(push_constant) uniform Push {
+    uint k;        // elements per weight row
+    uint rows;     // rows in this piece
+    uint y_offset; // element of a token's y row that the piece's row 0 writes
+    uint ld_x;     // elements between tokens in x
+    uint ld_y;     // elements between tokens in y
+    uint flags;    // MM_* bits
+    float eps;     // MM_NORM epsilon
+    float cap;     // MM_SOFTCAP: y = cap * tanh(y / cap)
+    uint ttiles;   // token tiles dispatched per row tile (ceil(max tokens / BN))
+} p;
+
+#include "words.glsl"
+#include "act.glsl"
+#include "deq_tile.glsl"
+
+// Element c of rows m..m+3 (As) / tokens n..n+3 (Bs) at [c * (BM or BN) / 4 + m / 4].
+shared vec4 As[BK * BM / 4];
+shared vec4 Bs[BK * BN / 4];
+// MM_NORM: each invocation's sum of squares of its token's inputs, then 1 / rms per token.
+shared float ss_s[MMT_WG];
+shared float inv_s[BN];
+
+void main() {
+    uint group = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
+    uint tt = group % p.ttiles;
+    uint row0 = (group / p.ttiles) * BM;
+    uint t0 = 0u;
+    uint nt = step[0];
+    if ((p.flags & MM_TOKSEL) != 0u) {
+        t0 = step[2];
+        nt = step[3];
+    }
+    if (tt * BN >= nt || row0 >= p.rows) {
+        return; // uniform for the workgroup
+    }
+    uint ntile = min(BN, nt - tt * BN);
+    uint tid = gl_LocalInvocationID.x;
+    bool glu = (p.flags & (MM_GLU_SILU | MM_GLU_GELU)) != 0u;
+    bool gelu = (p.flags & MM_GLU_GELU) != 0u;
+
+    // Weight loader: row am of the tile, half group ah (adjacent invocations take
+    // adjacent rows, so the transposed stores hit distinct banks).
+    uint am = tid % BM;
+    uint ah = tid / BM;
+    bool arow_ok = row0 + am < p.rows;
+    // Input loader: token bn of the tile, elements 8 bq .. 8 bq + 8 of each step.
+    uint bn = tid % BN;
+    uint bq = tid / BN;
+    bool btok_ok = bn < ntile;
+    uint xb = (t0 + tt * BN + bn) * p.ld_x;
+    // Outputs: rows 4 tm + i and 64 + 4 tm + i, tokens 4 tn + j (a subgroup shares its
+    // tokens, so subgroups past the step's last token skip the arithmetic).
+    uint tm = tid % 16u;
+    uint tn = tid / 16u;
+    bool busy = tn * 4u < ntile;
+
+    vec4 acc0[4];
+    vec4 acc1[4];
+    [[unroll]] for (uint j = 0u; j < 4u; j++) {
+        acc0[j] = vec4(0.0);
+        acc1[j] = vec4(0.0);
+    }
+    float ss = 0.0;
+    uint nsub = (p.k + BK - 1u) / BK;
+    for (uint sb = 0u; sb < nsub; sb++) {
+        float v[16];
+        if (arow_ok) {
+            deq16(row0 + am, sb, ah, v);
+        } else {
+            [[unroll]] for (uint e = 0u; e < 16u; e++) {
+                v[e] = 0.0;
+            }
+        }
+        [[unroll]] for (uint e = 0u; e < 16u; e++) {
+            As[(16u * ah + e) * (BM / 4u) + am / 4u][am % 4u] = v[e];
+        }
+        [[unroll]] for (uint e = 0u; e < 8u; e++) {
+            uint c = sb * BK + 8u * bq + e;
+            float xv = 0.0;
+            if (btok_ok && c < p.k) {
+                if (glu) {
+                    float g = x[xb + 2u * c];
+                    xv = (gelu ? gelu_tanh(g) : silu(g)) * x[xb + 2u * c + 1u];
+                } else {
+                    float r = x[xb + c];
+                    ss += r * r;
+                    xv = r * gam[c];
+                }
+            }
+            Bs[(8u * bq + e) * (BN / 4u) + bn / 4u][bn % 4u] = xv;
+        }
+        barrier();
+        if (busy) {
+            [[unroll]] for (uint kk = 0u; kk < BK; kk++) {
+                vec4 a0 = As[kk * (BM / 4u) + tm];
+                vec4 a1 = As[kk * (BM / 4u) + 16u + tm];
+                vec4 b = Bs[kk * (BN / 4u) + tn];
+                acc0[0] += a0 * b.x;
+                acc0[1] += a0 * b.y;
+                acc0[2] += a0 * b.z;
+                acc0[3] += a0 * b.w;
+                acc1[0] += a1 * b.x;
+                acc1[1] += a1 * b.y;
+                acc1[2] += a1 * b.z;
+                acc1[3] += a1 * b.w;
+            }
+        }
+        barrier();
+    }
+
+    if ((p.flags & MM_NORM) != 0u) {
+        ss_s[tid] = ss;
+        barrier();
+        if (tid < BN) {
+            float s = ss_s[tid] + ss_s[tid + BN] + ss_s[tid + 2u * BN] + ss_s[tid + 3u * BN];
+            inv_s[tid] = inversesqrt(s / float(p.k) + p.eps);
+        }
+        barrier();
+    }
+    if (!busy) {
+        return;
+    }
+    [[unroll]] for (uint j = 0u; j < 4u; j++) {
+        uint tl = 4u * tn + j;
+        if (tl >= ntile) {
+            break;
+        }
+        float inv = (p.flags & MM_NORM) != 0u ? inv_s[tl] : 1.0;
+        uint yb = (tt * BN + tl) * p.ld_y + p.y_offset + row0;
+        [[unroll]] for (uint i = 0u; i < 8u; i++) {
+            uint r = (i < 4u ? 4u * tm + i : 64u + 4u * tm + i - 4u);
+            if (row0 + r < p.rows) {
+                float s = (i < 4u ? acc0[j][i] : acc1[j][i - 4u]) * inv;
+                if ((p.flags & MM_SOFTCAP) != 0u) {
+                    s = p.cap * tanh(s / p.cap);
+                }
+                if ((p.flags & MM_ADD) != 0u) {
+                    s += y[yb + r];
+                }
+                y[yb + r] = s;
+            }
+        }
+    }
+}
