@@ -14,8 +14,8 @@
 //! split attention, int8 output), o-proj + residual, `quant_x` (ffn norm), gate|up with
 //! the GLU, `quant_x`, down + residual; weight types without int8 kernels read f32 x and
 //! norm it themselves (`mv.glsl`). Prefill (steps of up to CHUNK tokens): norm + QKV
-//! (`Mm`: the tiled matmul), `rope_kv`, `attention`, o-proj + residual, norm + gate|up,
-//! GLU + down + residual.
+//! (`Mm`: the tiled matmul), `rope_kv`, attention (`PrefillAttention`: flash attention
+//! over the cache), o-proj + residual, norm + gate|up, GLU + down + residual.
 //! Gemma's post-norms add one `add_norm` dispatch each.
 
 use std::collections::HashMap;
