@@ -1,10 +1,11 @@
 //! Prefill matmul speed on one device: `cargo run --release --example mmt_bench [DEVICE]
 //! [ROWS] [K] [TOKENS] [TYPE...]` (default: 12288 rows of 4096, 256 tokens, Q4_K Q6_K
 //! Q8_0 F16 — the shape of an 8B model's fused q|k|v at twice its width, a prefill
-//! chunk). For each weight type, records REPS matmuls (`Mm`, the tiled `mmt.glsl` kernel;
-//! then the batched mat-vec `mm.glsl` it replaces) into one command buffer and reports
-//! device time per matmul (GPU timestamps), GFLOP/s (2 rows k tokens per matmul) and
-//! weight GB/s. lavapipe's numbers say nothing about a GPU.
+//! chunk). For each weight type, records REPS matmuls (`Mm`, the tiled `mmt.glsl`
+//! kernel; with `CALDERA_BENCH_OLD=1` also the batched mat-vec `mm.glsl` it replaces)
+//! into one command buffer, runs it for a second to raise the clocks, and reports the
+//! best device time per matmul of 5 runs (GPU timestamps), GFLOP/s (2 rows k tokens per
+//! matmul) and weight GB/s. lavapipe's numbers say nothing about a GPU.
 
 use caldera_format::quant::quantize;
 use caldera_format::GgmlType;
@@ -32,13 +33,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ]
     };
     let tiled = Context::new(dev)?;
-    let plain = Context::with_options(
-        dev,
-        &ContextOptions {
-            force_no_tiled_mm: true,
-            ..Default::default()
-        },
-    )?;
+    let old = std::env::var("CALDERA_BENCH_OLD").is_ok_and(|v| v == "1");
+    let plain = if old {
+        Some(Context::with_options(
+            dev,
+            &ContextOptions {
+                force_no_tiled_mm: true,
+                ..Default::default()
+            },
+        )?)
+    } else {
+        None
+    };
     println!("{} {:?}", tiled.info().name, tiled.tuning());
     let vals: Vec<f32> = (0..rows * k)
         .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0)
@@ -47,7 +53,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for ty in types {
         let w = quantize(ty, &vals)?;
         let row_bytes = ty.row_bytes(k as u64).ok_or("k is not whole blocks")?;
-        for (label, ctx) in [("mmt (tiled)", &tiled), ("mm (batched mat-vec)", &plain)] {
+        let mut runs = vec![("mmt (tiled)", &tiled)];
+        if let Some(p) = &plain {
+            runs.push(("mm (batched mat-vec)", p));
+        }
+        for (label, ctx) in runs {
             let wt = ctx.upload_rows(&w, row_bytes)?;
             let x = ctx.upload_f32(&vec![0.5; k * m])?;
             let y = ctx.create_buffer((rows * m) as u64 * 4, MemoryKind::Device)?;
@@ -77,9 +87,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 Ok(())
             })?;
-            ctx.submit(&rec)?; // warm-up
+            let warm = std::time::Instant::now();
+            while warm.elapsed().as_secs_f64() < 1.0 {
+                ctx.submit(&rec)?;
+            }
             let mut best = f64::INFINITY;
-            for _ in 0..3 {
+            for _ in 0..5 {
                 ctx.submit(&rec)?;
                 let times = rec.profile()?.ok_or("no GPU timestamps")?;
                 let ns: f64 = times.iter().map(|(_, ns)| ns).sum();

@@ -4,10 +4,12 @@
 //   plain:   x_t = x[t] * gam, times 1 / rms(x[t]) when MM_NORM
 //   MM_GLU_*: x_t[c] = act(x[t][2c]) * x[t][2c + 1] (gate, up pairs of one row)
 // A workgroup computes a tile of BM weight rows x BN tokens. For each step of BK = 32
-// elements it dequantizes the BM x 32 weight block once into shared memory (deq16 of
-// deq_tile.glsl, one half group per invocation) and stages the BN x 32 inputs beside it,
-// both transposed (element-major) so an invocation reads its rows and tokens as vec4s;
-// each invocation accumulates TM x TN = 8 x 4 outputs in f32 registers. The including
+// elements it dequantizes the BM x 32 weight block once into shared memory (deq_tile.glsl,
+// one half group per invocation) and stages the BN x 32 inputs beside it, both
+// transposed (element-major) so an invocation reads its rows and tokens as vec4s; each
+// invocation accumulates TM x TN = 8 x 4 outputs in f32 registers. Each step's loads are
+// issued together (fetch) before any is used (decode); fetching the next step during
+// the current one's arithmetic measured slower on the H100 (registers). The including
 // .comp defines the weight type (TYPE_*).
 //
 // Launch: MMT_WG invocations; workgroup (flat index f of a 2D dispatch) covers token
@@ -30,9 +32,14 @@ const uint MM_SOFTCAP = 16u;
 const uint MM_TOKSEL = 32u;
 
 layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
+// The same weights as 16-byte words (block types whose fields are 16-byte aligned).
+layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
 layout(std430, binding = 1) readonly buffer Xbuf { float x[]; };
+// The same inputs and norm weights as vec4s (when ld_x and k are multiples of 8).
+layout(std430, binding = 1) readonly buffer Xbuf4 { vec4 x4[]; };
 layout(std430, binding = 2) buffer Ybuf { float y[]; };
 layout(std430, binding = 3) readonly buffer Gbuf { float gam[]; };
+layout(std430, binding = 3) readonly buffer Gbuf4 { vec4 gam4[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
 
 layout(push_constant) uniform Push {
@@ -57,6 +64,51 @@ shared vec4 Bs[BK * BN / 4];
 // MM_NORM: each invocation's sum of squares of its token's inputs, then 1 / rms per token.
 shared float ss_s[MMT_WG];
 shared float inv_s[BN];
+
+// The raw inputs of step sb for one invocation: the words of weight row `row`, half
+// group ah (wr), and the 8 inputs of the token whose x row starts at xb from element
+// c0 = 32 sb + 8 bq (xr: 8 x and 8 gam values, or 8 (gate, up) pairs); zeros past the
+// last row, token or element, which decode and multiply to zeros.
+// With `vec_x` (ld_x and k multiples of 8) the inputs are read as vec4s.
+void fetch_step(uint row, uint sb, uint ah, bool arow_ok, uint xb, uint c0, bool btok_ok,
+                bool glu, bool vec_x, out uint wr[16], out float xr[16]) {
+    [[unroll]] for (uint e = 0u; e < 16u; e++) {
+        wr[e] = 0u;
+        xr[e] = 0.0;
+    }
+    if (arow_ok) {
+        fetch16(row, sb, ah, wr);
+    }
+    if (vec_x) {
+        if (btok_ok && c0 < p.k) {
+            [[unroll]] for (uint i = 0u; i < 4u; i++) {
+                vec4 v;
+                if (glu) {
+                    v = x4[(xb + 2u * c0) / 4u + i];
+                } else {
+                    v = i < 2u ? x4[(xb + c0) / 4u + i] : gam4[c0 / 4u + i - 2u];
+                }
+                xr[4u * i] = v.x;
+                xr[4u * i + 1u] = v.y;
+                xr[4u * i + 2u] = v.z;
+                xr[4u * i + 3u] = v.w;
+            }
+        }
+    } else if (btok_ok) {
+        [[unroll]] for (uint e = 0u; e < 8u; e++) {
+            uint c = c0 + e;
+            if (c < p.k) {
+                if (glu) {
+                    xr[2u * e] = x[xb + 2u * c];
+                    xr[2u * e + 1u] = x[xb + 2u * c + 1u];
+                } else {
+                    xr[e] = x[xb + c];
+                    xr[8u + e] = gam[c];
+                }
+            }
+        }
+    }
+}
 
 void main() {
     uint group = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
@@ -86,10 +138,12 @@ void main() {
     uint bq = tid / BN;
     bool btok_ok = bn < ntile;
     uint xb = (t0 + tt * BN + bn) * p.ld_x;
-    // Outputs: rows 4 tm + i and 64 + 4 tm + i, tokens 4 tn + j (a subgroup shares its
-    // tokens, so subgroups past the step's last token skip the arithmetic).
-    uint tm = tid % 16u;
-    uint tn = tid / 16u;
+    // Outputs: rows 4 tm + i and 64 + 4 tm + i, tokens 4 tn + j. 32 adjacent
+    // invocations take 8 tm x 4 tn, so each of their shared reads is one 128-byte
+    // wavefront; subgroups past the step's last token skip the arithmetic.
+    uint tm = tid % 8u + 8u * ((tid / 32u) % 2u);
+    uint tn = (tid / 8u) % 4u + 4u * (tid / 64u);
+    bool vec_x = (p.ld_x % 8u) == 0u && (p.k % 8u) == 0u;
     bool busy = tn * 4u < ntile;
 
     vec4 acc0[4];
@@ -100,30 +154,24 @@ void main() {
     }
     float ss = 0.0;
     uint nsub = (p.k + BK - 1u) / BK;
+    // The raw words of this invocation's weight half group and inputs of step `sb`:
+    // xr holds 8 x and 8 gam values, or 8 (gate, up) pairs.
+    uint wr[16];
+    float xr[16];
     for (uint sb = 0u; sb < nsub; sb++) {
+        fetch_step(row0 + am, sb, ah, arow_ok, xb, sb * BK + 8u * bq, btok_ok, glu, vec_x, wr, xr);
         float v[16];
-        if (arow_ok) {
-            deq16(row0 + am, sb, ah, v);
-        } else {
-            [[unroll]] for (uint e = 0u; e < 16u; e++) {
-                v[e] = 0.0;
-            }
-        }
+        decode16(wr, sb, ah, v);
         [[unroll]] for (uint e = 0u; e < 16u; e++) {
-            As[(16u * ah + e) * (BM / 4u) + am / 4u][am % 4u] = v[e];
+            As[(16u * ah + e) * (BM / 4u) + am / 4u][am % 4u] = arow_ok ? v[e] : 0.0;
         }
         [[unroll]] for (uint e = 0u; e < 8u; e++) {
-            uint c = sb * BK + 8u * bq + e;
-            float xv = 0.0;
-            if (btok_ok && c < p.k) {
-                if (glu) {
-                    float g = x[xb + 2u * c];
-                    xv = (gelu ? gelu_tanh(g) : silu(g)) * x[xb + 2u * c + 1u];
-                } else {
-                    float r = x[xb + c];
-                    ss += r * r;
-                    xv = r * gam[c];
-                }
+            float xv;
+            if (glu) {
+                xv = (gelu ? gelu_tanh(xr[2u * e]) : silu(xr[2u * e])) * xr[2u * e + 1u];
+            } else {
+                ss += xr[e] * xr[e];
+                xv = xr[e] * xr[8u + e];
             }
             Bs[(8u * bq + e) * (BN / 4u) + bn / 4u][bn % 4u] = xv;
         }

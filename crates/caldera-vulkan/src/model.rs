@@ -11,12 +11,12 @@
 //!
 //! Decode (one token) per layer of llama / qwen3: q|k|v mat-vec (one dispatch per weight
 //! type), `attn_decode` (q/k norm, RoPE, KV write, split attention, int8 output),
-//! o-proj with the residual add, gate|up with the GLU, down with the residual add; each int8 mat-vec quantizes the
-//! next one's input block by block (`MV_TAIL`; only the first layer's input needs a
-//! `quant_x`); weight types without int8 kernels read f32 x and norm it themselves
-//! (`mv.glsl`). Prefill (steps of up to CHUNK tokens): norm + QKV (`Mm`: the tiled
-//! matmul), `rope_kv`, `attention`, o-proj + residual, norm + gate|up, GLU + down +
-//! residual.
+//! o-proj with the residual add, gate|up with the GLU, down with the residual add; each
+//! int8 mat-vec quantizes the next one's input block by block (`MV_TAIL`; only the first
+//! layer's input needs a `quant_x`); weight types without int8 kernels read f32 x and
+//! norm it themselves (`mv.glsl`). Prefill (steps of up to CHUNK tokens): norm + QKV
+//! (`Mm`: the tiled matmul), `rope_kv`, attention (`PrefillAttention`: flash attention
+//! over the cache), o-proj + residual, norm + gate|up, GLU + down + residual.
 //! Gemma's post-norms add one `add_norm` dispatch each.
 
 use std::collections::HashMap;
@@ -921,7 +921,9 @@ impl VkRunner {
         }
         let in_bytes = (bucket * d * 4) as u64;
         let out_bytes = (rows * cfg.vocab_size * 4) as u64;
-        let rec = ctx.record_with(self.profile && decode, |r: &mut Recorder<'_>| {
+        // Prefill steps are profiled only to print with CALDERA_VK_TRACE.
+        let profiled = self.profile && (decode || self.trace);
+        let rec = ctx.record_with(profiled, |r: &mut Recorder<'_>| {
             r.copy(&self.x_in, &self.x, in_bytes)?;
             r.copy(&self.step, &self.step_dev, 16)?;
             r.mark("input");
@@ -1143,7 +1145,22 @@ impl VkRunner {
         let step = &self.steps[&key];
         let t0 = std::time::Instant::now();
         ctx.submit(&step.rec)?;
-        if let Some(times) = step.rec.profile()? {
+        let times = step.rec.profile()?;
+        if let (Some(times), true) = (&times, bucket > 1) {
+            // CALDERA_VK_TRACE + CALDERA_VK_PROFILE: device time of a prefill step by op.
+            let mut by: Vec<(&str, f64)> = Vec::new();
+            for &(label, ns) in times {
+                match by.iter_mut().find(|e| e.0 == label) {
+                    Some(e) => e.1 += ns,
+                    None => by.push((label, ns)),
+                }
+            }
+            let list: Vec<String> = by
+                .iter()
+                .map(|(l, ns)| format!("{l} {:.0} us", ns / 1e3))
+                .collect();
+            eprintln!("prefill step of {n} tokens: {}", list.join(", "));
+        } else if let Some(times) = times {
             for (label, ns) in times {
                 let e = self.profile_ns.entry(label).or_insert((0.0, 0));
                 e.0 += ns;
