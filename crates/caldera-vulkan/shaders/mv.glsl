@@ -33,6 +33,9 @@ layout(push_constant) uniform Push {
     uint flags;    // MV_* bits
     float eps;     // MV_NORM epsilon
     float cap;     // MV_SOFTCAP: y = cap * tanh(y / cap)
+#if defined(MV_EXPERT)
+#include "mv_expert_push.glsl"
+#endif
 } p;
 
 #include "mv_common.glsl"
@@ -228,6 +231,9 @@ void reduce_rows(inout float a[MAXR + 1u]) {
 #endif
 }
 
+#if defined(MV_EXPERT)
+#include "mv_expert.glsl"
+#else
 void main() {
     uint grp = flat_group();
     uint tid = gl_LocalInvocationID.x;
@@ -309,3 +315,4 @@ void main() {
     }
 #endif
 }
+#endif

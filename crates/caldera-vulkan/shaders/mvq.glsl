@@ -47,6 +47,9 @@ layout(push_constant) uniform Push {
     float cap;
     uint n_next;   // MV_TAIL: values of y to quantize (a multiple of 32)
     float eps;     // MV_XNORM epsilon
+#if defined(MV_EXPERT)
+#include "mv_expert_push.glsl"
+#endif
 } p;
 
 #include "mv_common.glsl"
@@ -196,6 +199,46 @@ float block_dot(uint row, uint b, uint lane) {
     vec4 v = vec4(ivec4(d0, d1, d2, d3) - IX) * FX;
     return f16_at(o + 208u) * dot(sc, v);
 }
+#elif defined(TYPE_MXFP4)
+// 17 B / 32: e (E8M0), qs[16], nibbles as Q4_0; value 2^(e - 128) KV[n], KV the E2M1
+// values doubled (0, 1, 2, 3, 4, 6, 8, 12, then the same negated). Lane t (of 2):
+// qs[8t .. 8t + 8]. Blocks start at any byte: words are read with u64_at_byte.
+const uint L = 2u;
+const uint BE = 32u;
+void load_x(uint b, uint lane) {
+    uvec2 lo = xq2[4u * b + lane];
+    uvec2 hi = xq2[4u * b + 2u + lane];
+    XA = uvec4(lo, hi);
+    FX.x = xd[b];
+}
+// The 8 bytes at any byte offset `o`.
+uvec2 u64_at_byte(uint o) {
+    uint i = o >> 2;
+    uint sh = (o & 3u) * 8u;
+    uint a = w[i];
+    uint b = w[i + 1u];
+    uint c = w[i + 2u];
+    return uvec2((a >> sh) | ((b << 1u) << (31u - sh)), (b >> sh) | ((c << 1u) << (31u - sh)));
+}
+// The codes in the low nibbles of v's 4 bytes as 4 signed bytes KV[code].
+uint mx4(uint v) {
+    uint r = 0u;
+    [[unroll]] for (uint i = 0u; i < 4u; i++) {
+        uint c = (v >> (8u * i)) & 15u;
+        uint m = (0xc8643210u >> (4u * (c & 7u))) & 15u;
+        r |= (((c & 8u) != 0u ? 256u - m : m) & 255u) << (8u * i);
+    }
+    return r;
+}
+float block_dot(uint row, uint b, uint lane) {
+    uint o = (row * (p.k / 32u) + b) * 17u;
+    uint e = byte_at(o);
+    float d = uintBitsToFloat(e < 2u ? 0x00200000u << e : (e - 1u) << 23);
+    uvec2 q = u64_at_byte(o + 1u + 8u * lane);
+    int s = sdot(mx4(q.x & LO4), XA.x) + sdot(mx4(q.y & LO4), XA.y)
+          + sdot(mx4((q.x >> 4) & LO4), XA.z) + sdot(mx4((q.y >> 4) & LO4), XA.w);
+    return d * FX.x * float(s);
+}
 #else
 #error "no TYPE_* defined"
 #endif
@@ -304,6 +347,9 @@ void reduce_rows(inout float a[MAXR], inout float extra) {
 #endif
 }
 
+#if defined(MV_EXPERT)
+#include "mvq_expert.glsl"
+#else
 void main() {
     uint grp = flat_group();
     uint tid = gl_LocalInvocationID.x;
@@ -361,3 +407,4 @@ void main() {
     }
 #endif
 }
+#endif

@@ -109,6 +109,51 @@ pub enum Kernel {
     MmtQ6K = 90,
     MmtIQ4XS = 91,
     AttnFlash = 92,
+    MoeRoute = 93,
+    MvxF32 = 94,
+    MvxF16 = 95,
+    MvxBF16 = 96,
+    MvxQ4_0 = 97,
+    MvxQ4_1 = 98,
+    MvxQ5_0 = 99,
+    MvxQ5_1 = 100,
+    MvxQ8_0 = 101,
+    MvxQ4K = 102,
+    MvxQ5K = 103,
+    MvxQ6K = 104,
+    MvxIQ4XS = 105,
+    MvxgF32 = 106,
+    MvxgF16 = 107,
+    MvxgBF16 = 108,
+    MvxgQ4_0 = 109,
+    MvxgQ4_1 = 110,
+    MvxgQ5_0 = 111,
+    MvxgQ5_1 = 112,
+    MvxgQ8_0 = 113,
+    MvxgQ4K = 114,
+    MvxgQ5K = 115,
+    MvxgQ6K = 116,
+    MvxgIQ4XS = 117,
+    MvqxQ4_0 = 118,
+    MvqxQ8_0 = 119,
+    MvqxQ4K = 120,
+    MvqxQ6K = 121,
+    MvqxMXFP4 = 122,
+    MvqxgQ4_0 = 123,
+    MvqxgQ8_0 = 124,
+    MvqxgQ4K = 125,
+    MvqxgQ6K = 126,
+    MvqxgMXFP4 = 127,
+    MvqxeQ4_0 = 128,
+    MvqxeQ8_0 = 129,
+    MvqxeQ4K = 130,
+    MvqxeQ6K = 131,
+    MvqxeMXFP4 = 132,
+    MvqxgeQ4_0 = 133,
+    MvqxgeQ8_0 = 134,
+    MvqxgeQ4K = 135,
+    MvqxgeQ6K = 136,
+    MvqxgeMXFP4 = 137,
 }
 
 /// One entry of the kernel table.
@@ -322,8 +367,46 @@ const fn mvq(
     }
 }
 
+/// `moe_route` push constants: `n, k, kind, flags` (u32), `scale` (f32).
+pub const MOE_ROUTE_PUSH_BYTES: u32 = 20;
+/// Expert mat-vec on f32 activations (`mv.glsl` with `MV_EXPERT`) push constants:
+/// [`MV_PUSH_BYTES`]'s words, then `rpe, slots, slot0, e0, ne, x_stride, y_stride` (u32),
+/// `alpha, limit` (f32) (`mv_expert_push.glsl`).
+pub const MVX_PUSH_BYTES: u32 = MV_PUSH_BYTES + 36;
+/// Expert mat-vec on int8 activations (`mvq.glsl` with `MV_EXPERT`) push constants:
+/// [`MVQ_PUSH_BYTES`]'s words, then those [`MVX_PUSH_BYTES`] adds.
+pub const MVQX_PUSH_BYTES: u32 = MVQ_PUSH_BYTES + 36;
+
+/// An expert decode mat-vec on f32 activations: [`mv`] with 3 more bindings (ids,
+/// weights, bias).
+const fn mvx(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+) -> KernelDesc {
+    KernelDesc {
+        bindings: 7,
+        push_bytes: MVX_PUSH_BYTES,
+        ..mv(kernel, name, spv)
+    }
+}
+
+/// An expert decode mat-vec on int8 activations: [`mvq`] with 3 more bindings.
+const fn mvqx(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+    int8_dot: bool,
+) -> KernelDesc {
+    KernelDesc {
+        bindings: 13,
+        push_bytes: MVQX_PUSH_BYTES,
+        ..mvq(kernel, name, spv, int8_dot)
+    }
+}
+
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 93] = [
+pub const KERNELS: [KernelDesc; 138] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -550,6 +633,115 @@ pub const KERNELS: [KernelDesc; 93] = [
             ATTN_FLASH_PUSH_BYTES,
         )
     },
+    KernelDesc {
+        invocations: 128,
+        ..plain(
+            Kernel::MoeRoute,
+            "moe_route",
+            spv!("moe_route"),
+            5,
+            MOE_ROUTE_PUSH_BYTES,
+        )
+    },
+    mvx(Kernel::MvxF32, "mvx_f32", spv!("mvx_f32")),
+    mvx(Kernel::MvxF16, "mvx_f16", spv!("mvx_f16")),
+    mvx(Kernel::MvxBF16, "mvx_bf16", spv!("mvx_bf16")),
+    mvx(Kernel::MvxQ4_0, "mvx_q4_0", spv!("mvx_q4_0")),
+    mvx(Kernel::MvxQ4_1, "mvx_q4_1", spv!("mvx_q4_1")),
+    mvx(Kernel::MvxQ5_0, "mvx_q5_0", spv!("mvx_q5_0")),
+    mvx(Kernel::MvxQ5_1, "mvx_q5_1", spv!("mvx_q5_1")),
+    mvx(Kernel::MvxQ8_0, "mvx_q8_0", spv!("mvx_q8_0")),
+    mvx(Kernel::MvxQ4K, "mvx_q4_k", spv!("mvx_q4_k")),
+    mvx(Kernel::MvxQ5K, "mvx_q5_k", spv!("mvx_q5_k")),
+    mvx(Kernel::MvxQ6K, "mvx_q6_k", spv!("mvx_q6_k")),
+    mvx(Kernel::MvxIQ4XS, "mvx_iq4_xs", spv!("mvx_iq4_xs")),
+    glu(mvx(Kernel::MvxgF32, "mvxg_f32", spv!("mvxg_f32"))),
+    glu(mvx(Kernel::MvxgF16, "mvxg_f16", spv!("mvxg_f16"))),
+    glu(mvx(Kernel::MvxgBF16, "mvxg_bf16", spv!("mvxg_bf16"))),
+    glu(mvx(Kernel::MvxgQ4_0, "mvxg_q4_0", spv!("mvxg_q4_0"))),
+    glu(mvx(Kernel::MvxgQ4_1, "mvxg_q4_1", spv!("mvxg_q4_1"))),
+    glu(mvx(Kernel::MvxgQ5_0, "mvxg_q5_0", spv!("mvxg_q5_0"))),
+    glu(mvx(Kernel::MvxgQ5_1, "mvxg_q5_1", spv!("mvxg_q5_1"))),
+    glu(mvx(Kernel::MvxgQ8_0, "mvxg_q8_0", spv!("mvxg_q8_0"))),
+    glu(mvx(Kernel::MvxgQ4K, "mvxg_q4_k", spv!("mvxg_q4_k"))),
+    glu(mvx(Kernel::MvxgQ5K, "mvxg_q5_k", spv!("mvxg_q5_k"))),
+    glu(mvx(Kernel::MvxgQ6K, "mvxg_q6_k", spv!("mvxg_q6_k"))),
+    glu(mvx(Kernel::MvxgIQ4XS, "mvxg_iq4_xs", spv!("mvxg_iq4_xs"))),
+    mvqx(Kernel::MvqxQ4_0, "mvqx_q4_0", spv!("mvqx_q4_0"), true),
+    mvqx(Kernel::MvqxQ8_0, "mvqx_q8_0", spv!("mvqx_q8_0"), true),
+    mvqx(Kernel::MvqxQ4K, "mvqx_q4_k", spv!("mvqx_q4_k"), true),
+    mvqx(Kernel::MvqxQ6K, "mvqx_q6_k", spv!("mvqx_q6_k"), true),
+    mvqx(Kernel::MvqxMXFP4, "mvqx_mxfp4", spv!("mvqx_mxfp4"), true),
+    glu(mvqx(
+        Kernel::MvqxgQ4_0,
+        "mvqxg_q4_0",
+        spv!("mvqxg_q4_0"),
+        true,
+    )),
+    glu(mvqx(
+        Kernel::MvqxgQ8_0,
+        "mvqxg_q8_0",
+        spv!("mvqxg_q8_0"),
+        true,
+    )),
+    glu(mvqx(
+        Kernel::MvqxgQ4K,
+        "mvqxg_q4_k",
+        spv!("mvqxg_q4_k"),
+        true,
+    )),
+    glu(mvqx(
+        Kernel::MvqxgQ6K,
+        "mvqxg_q6_k",
+        spv!("mvqxg_q6_k"),
+        true,
+    )),
+    glu(mvqx(
+        Kernel::MvqxgMXFP4,
+        "mvqxg_mxfp4",
+        spv!("mvqxg_mxfp4"),
+        true,
+    )),
+    mvqx(Kernel::MvqxeQ4_0, "mvqxe_q4_0", spv!("mvqxe_q4_0"), false),
+    mvqx(Kernel::MvqxeQ8_0, "mvqxe_q8_0", spv!("mvqxe_q8_0"), false),
+    mvqx(Kernel::MvqxeQ4K, "mvqxe_q4_k", spv!("mvqxe_q4_k"), false),
+    mvqx(Kernel::MvqxeQ6K, "mvqxe_q6_k", spv!("mvqxe_q6_k"), false),
+    mvqx(
+        Kernel::MvqxeMXFP4,
+        "mvqxe_mxfp4",
+        spv!("mvqxe_mxfp4"),
+        false,
+    ),
+    glu(mvqx(
+        Kernel::MvqxgeQ4_0,
+        "mvqxge_q4_0",
+        spv!("mvqxge_q4_0"),
+        false,
+    )),
+    glu(mvqx(
+        Kernel::MvqxgeQ8_0,
+        "mvqxge_q8_0",
+        spv!("mvqxge_q8_0"),
+        false,
+    )),
+    glu(mvqx(
+        Kernel::MvqxgeQ4K,
+        "mvqxge_q4_k",
+        spv!("mvqxge_q4_k"),
+        false,
+    )),
+    glu(mvqx(
+        Kernel::MvqxgeQ6K,
+        "mvqxge_q6_k",
+        spv!("mvqxge_q6_k"),
+        false,
+    )),
+    glu(mvqx(
+        Kernel::MvqxgeMXFP4,
+        "mvqxge_mxfp4",
+        spv!("mvqxge_mxfp4"),
+        false,
+    )),
 ];
 
 impl Kernel {

@@ -1,0 +1,70 @@
+// What the expert mat-vecs of mv_expert.glsl (f32 input) and mvq_expert.glsl (int8
+// input) share, included by them with EXPERT_BINDING set to their first extra binding.
+//
+// The weight piece holds experts e0 .. e0 + ne of a stacked expert tensor, each `rpe`
+// rows (for MVG: gate/up pairs, row 2i gate i, 2i + 1 up i). The chosen experts come
+// from the router's buffers: slot s uses expert ids[slot0 + s] with weight
+// wts[slot0 + s]; a slot whose expert is not in this piece is skipped, so the same
+// recorded dispatches serve any choice of experts.
+//   per slot (MV_SUM off): workgroup g serves slot g / gpe, rows of it (g % gpe) * NR ..,
+//     gpe = ceil(rpe / NR); output i of slot s lands at y[y_offset + s y_stride + i]:
+//     act(gate + b) * (up + b) with MVG, else (row + b) or relu(row + b)^2 (MV_RELU2);
+//   MV_SUM: workgroup g computes rows g NR .. of every slot and stores
+//     y[y_offset + r] (+)= Σ_s wts[s] (W_{e_s} x_s + b_{e_s})[r] over the slots whose
+//     expert is in this piece (the down projection of the chosen experts; with several
+//     pieces, the later dispatches add with MV_ADD).
+// Slot s reads its input at element s x_stride (0: one input shared by every slot).
+// Bias (MV_BIAS): f32 [n_experts][rpe], in the rows' order, indexed by the expert id.
+// Binding EXPERT_BINDING: ids (u32). + 1: wts (f32). + 2: bias (f32; any buffer without
+// MV_BIAS).
+
+layout(std430, binding = EXPERT_BINDING) readonly buffer Ids { uint ids[]; };
+layout(std430, binding = EXPERT_BINDING + 1) readonly buffer Wts { float wts[]; };
+layout(std430, binding = EXPERT_BINDING + 2) readonly buffer Bias { float ebias[]; };
+
+const uint MV_SUM = 256u;
+const uint MV_BIAS = 512u;
+const uint MV_CLAMP = 1024u;
+const uint MV_RELU2 = 2048u;
+
+// The local index of slot s's expert in this piece, >= p.ne when it is not here.
+uint slot_expert(uint s) {
+    return ids[p.slot0 + s] - p.e0;
+}
+
+float slot_bias(uint s, uint row) {
+    return (p.flags & MV_BIAS) != 0u ? ebias[ids[p.slot0 + s] * p.rpe + row] : 0.0;
+}
+
+// The gated activation of (gate, up): SiLU, GELU (tanh) or gpt-oss's clamped SwiGLU.
+float glu_act(float g, float u) {
+    if ((p.flags & MV_CLAMP) != 0u) {
+        g = min(g, p.limit);
+        u = clamp(u, -p.limit, p.limit);
+        return (u + 1.0) * g / (1.0 + exp(-p.alpha * g));
+    }
+    return ((p.flags & MV_GELU) != 0u ? gelu_tanh(g) : silu(g)) * u;
+}
+
+// The stored value of row `row` of a per-slot (not MVG) mat-vec: dot + bias, relu^2.
+float plain_out(uint s, uint row, float v) {
+    v += slot_bias(s, row);
+    if ((p.flags & MV_RELU2) != 0u) {
+        v = max(v, 0.0);
+        v *= v;
+    }
+    return v;
+}
+
+// Σ over the slots whose expert is in this piece of wts * bias[row].
+float sum_bias(uint row) {
+    float b = 0.0;
+    if ((p.flags & MV_BIAS) != 0u) {
+        for (uint s = 0u; s < p.slots; s++) {
+            if (slot_expert(s) < p.ne) {
+                b += wts[p.slot0 + s] * slot_bias(s, row);
+            }
+        }
+    }
+    return b;
+}

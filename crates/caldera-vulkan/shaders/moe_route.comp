@@ -1,0 +1,214 @@
+#version 450
+// MoE router for one token: from the router logits (n experts, written by a mat-vec)
+// choose k experts and their mixing weights, as caldera-cpu's `ffn::route`:
+//   KIND_SOFTMAX:  p = softmax(logits); the top k of p, weighted by p (ROUTE_RENORM:
+//                  divided by their sum);
+//   KIND_TOPK:     the top k logits, weighted by the softmax over those k (gpt-oss);
+//   KIND_SIGMOID:  s = sigmoid(logits); the top k of s + selection bias (ROUTE_SEL_BIAS),
+//                  weighted by s (ROUTE_RENORM: divided by their sum + 1e-20);
+// then every weight times `scale`. ROUTE_LOGIT_BIAS adds a bias to the logits first (a
+// router with a bias). The top k come in descending order of the key, ties to the lower
+// expert id (torch.topk and the CPU's stable sort).
+// ROUTE_SHARED also fills slot k for the shared expert (a one-expert tensor): id 0 and
+// weight 1, or sigmoid(logits[n]) with ROUTE_SHARED_GATE (its gate's logit, written by the
+// router mat-vec as row n).
+// One workgroup of 128; n <= MAXE, k <= MAXK.
+// Binding 0: logits (f32, n, n + 1 with ROUTE_SHARED_GATE). 1: logit bias (f32, n; any
+// buffer without ROUTE_LOGIT_BIAS). 2: selection bias (f32, n; any buffer without
+// ROUTE_SEL_BIAS). 3: ids (u32, k (+ 1)). 4: weights (f32, k (+ 1)).
+
+layout(local_size_x = 128, local_size_y = 1, local_size_z = 1) in;
+const uint RWG = 128u;
+
+layout(std430, binding = 0) readonly buffer Lbuf { float logits[]; };
+layout(std430, binding = 1) readonly buffer LBbuf { float lbias[]; };
+layout(std430, binding = 2) readonly buffer SBbuf { float sbias[]; };
+layout(std430, binding = 3) writeonly buffer Ibuf { uint ids[]; };
+layout(std430, binding = 4) writeonly buffer Wbuf { float wts[]; };
+
+layout(push_constant) uniform Push {
+    uint n;
+    uint k;
+    uint kind;
+    uint flags;
+    float scale;
+} p;
+
+const uint KIND_SOFTMAX = 0u;
+const uint KIND_TOPK = 1u;
+const uint KIND_SIGMOID = 2u;
+const uint ROUTE_RENORM = 1u;
+const uint ROUTE_SEL_BIAS = 2u;
+const uint ROUTE_LOGIT_BIAS = 4u;
+const uint ROUTE_SHARED = 8u;
+const uint ROUTE_SHARED_GATE = 16u;
+
+const uint MAXE = 1024u;
+const uint MAXK = 32u;
+const uint NONE = 0xffffffffu;
+
+shared float val[MAXE]; // what the weights are taken from: p, the logit or s
+shared float key[MAXE]; // what the top k is chosen by
+shared float rv[RWG];
+shared uint ri[RWG];
+shared uint chosen[MAXK];
+
+float sigm(float v) {
+    return 1.0 / (1.0 + exp(-v));
+}
+
+// Whether (va, ia) ranks before (vb, ib): a larger key, or the same key and a lower id;
+// NONE ranks last.
+bool before(float va, uint ia, float vb, uint ib) {
+    return ia != NONE && (ib == NONE || va > vb || (va == vb && ia < ib));
+}
+
+float reduce_max(float v) {
+    uint t = gl_LocalInvocationID.x;
+    rv[t] = v;
+    barrier();
+    for (uint h = RWG / 2u; h > 0u; h >>= 1) {
+        if (t < h) {
+            rv[t] = max(rv[t], rv[t + h]);
+        }
+        barrier();
+    }
+    float r = rv[0];
+    barrier();
+    return r;
+}
+
+float reduce_add(float v) {
+    uint t = gl_LocalInvocationID.x;
+    rv[t] = v;
+    barrier();
+    for (uint h = RWG / 2u; h > 0u; h >>= 1) {
+        if (t < h) {
+            rv[t] += rv[t + h];
+        }
+        barrier();
+    }
+    float r = rv[0];
+    barrier();
+    return r;
+}
+
+// The expert ranking first over the workgroup, given each invocation's best.
+uint reduce_best(float v, uint i) {
+    uint t = gl_LocalInvocationID.x;
+    rv[t] = v;
+    ri[t] = i;
+    barrier();
+    for (uint h = RWG / 2u; h > 0u; h >>= 1) {
+        if (t < h && before(rv[t + h], ri[t + h], rv[t], ri[t])) {
+            rv[t] = rv[t + h];
+            ri[t] = ri[t + h];
+        }
+        barrier();
+    }
+    uint r = ri[0];
+    barrier();
+    return r;
+}
+
+void main() {
+    uint t = gl_LocalInvocationID.x;
+    uint n = p.n;
+    bool lb = (p.flags & ROUTE_LOGIT_BIAS) != 0u;
+    bool sb = (p.flags & ROUTE_SEL_BIAS) != 0u;
+    float mx = -3.402823466e38;
+    for (uint i = t; i < n; i += RWG) {
+        float l = logits[i] + (lb ? lbias[i] : 0.0);
+        val[i] = l;
+        mx = max(mx, l);
+    }
+    if (p.kind == KIND_SOFTMAX) {
+        mx = reduce_max(mx);
+        float s = 0.0;
+        for (uint i = t; i < n; i += RWG) {
+            float e = exp(val[i] - mx);
+            val[i] = e;
+            s += e;
+        }
+        float inv = 1.0 / reduce_add(s);
+        for (uint i = t; i < n; i += RWG) {
+            float v = val[i] * inv;
+            val[i] = v;
+            key[i] = v;
+        }
+    } else if (p.kind == KIND_SIGMOID) {
+        for (uint i = t; i < n; i += RWG) {
+            float v = sigm(val[i]);
+            val[i] = v;
+            key[i] = v + (sb ? sbias[i] : 0.0);
+        }
+    } else {
+        for (uint i = t; i < n; i += RWG) {
+            key[i] = val[i];
+        }
+    }
+    barrier();
+    // The top k, one per round: each invocation's best among its experts not chosen yet
+    // (ascending ids, so a strict > keeps the lower id of equal keys), then the
+    // workgroup's.
+    for (uint j = 0u; j < p.k; j++) {
+        float bv = 0.0;
+        uint bi = NONE;
+        for (uint i = t; i < n; i += RWG) {
+            bool taken = false;
+            for (uint c = 0u; c < j; c++) {
+                taken = taken || chosen[c] == i;
+            }
+            float v = key[i];
+            if (!taken && (bi == NONE || v > bv)) {
+                bv = v;
+                bi = i;
+            }
+        }
+        uint best = reduce_best(bv, bi);
+        if (t == 0u) {
+            chosen[j] = best;
+        }
+        barrier();
+    }
+    if (t != 0u) {
+        return;
+    }
+    float w[MAXK];
+    float tot = 0.0;
+    if (p.kind == KIND_TOPK) {
+        float m = -3.402823466e38;
+        for (uint j = 0u; j < p.k; j++) {
+            m = max(m, val[chosen[j]]);
+        }
+        for (uint j = 0u; j < p.k; j++) {
+            w[j] = exp(val[chosen[j]] - m);
+            tot += w[j];
+        }
+        float inv = 1.0 / tot;
+        for (uint j = 0u; j < p.k; j++) {
+            w[j] *= inv;
+        }
+    } else {
+        for (uint j = 0u; j < p.k; j++) {
+            w[j] = val[chosen[j]];
+            tot += w[j];
+        }
+        if ((p.flags & ROUTE_RENORM) != 0u) {
+            if (p.kind == KIND_SIGMOID) {
+                tot += 1e-20;
+            }
+            for (uint j = 0u; j < p.k; j++) {
+                w[j] /= tot;
+            }
+        }
+    }
+    for (uint j = 0u; j < p.k; j++) {
+        ids[j] = chosen[j];
+        wts[j] = w[j] * p.scale;
+    }
+    if ((p.flags & ROUTE_SHARED) != 0u) {
+        ids[p.k] = 0u;
+        wts[p.k] = (p.flags & ROUTE_SHARED_GATE) != 0u ? sigm(logits[n]) : 1.0;
+    }
+}

@@ -1,0 +1,6 @@
+#version 450
+// Expert mat-vec on int8 activations over Q6_K weights, emulated int8 dot, the experts chosen by the router (see expert.glsl, mvq.glsl).
+#define TYPE_Q6_K 1
+#define USE_DOT 0
+#define MV_EXPERT 1
+#include "mvq.glsl"

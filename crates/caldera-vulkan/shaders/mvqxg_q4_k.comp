@@ -1,0 +1,7 @@
+#version 450
+// Expert gate|up mat-vec with the GLU on int8 activations over Q4_K weights, int8 dot products, the experts chosen by the router (see expert.glsl, mvq.glsl).
+#define TYPE_Q4_K 1
+#define USE_DOT 1
+#define MVG 1
+#define MV_EXPERT 1
+#include "mvq.glsl"

@@ -1,0 +1,7 @@
+#version 450
+// Expert gate|up mat-vec with the GLU on int8 activations over Q8_0 weights, emulated int8 dot, the experts chosen by the router (see expert.glsl, mvq.glsl).
+#define TYPE_Q8_0 1
+#define USE_DOT 0
+#define MVG 1
+#define MV_EXPERT 1
+#include "mvq.glsl"

@@ -1,0 +1,5 @@
+#version 450
+// Expert mat-vec over Q4_1 weights, the experts chosen by the router (see expert.glsl, mv.glsl).
+#define TYPE_Q4_1 1
+#define MV_EXPERT 1
+#include "mv.glsl"
