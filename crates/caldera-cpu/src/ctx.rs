@@ -13,7 +13,8 @@ pub struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    pub(crate) fn new(pool: &'a ThreadPool, acts: &'a mut QuantizedActs) -> Ctx<'a> {
+    /// Mat-muls on `pool`, preparing their activations in `acts` (reused between calls).
+    pub fn new(pool: &'a ThreadPool, acts: &'a mut QuantizedActs) -> Ctx<'a> {
         Ctx { pool, acts }
     }
 

@@ -11,6 +11,8 @@
 //!   the batched mat-vec [`ops::Mm`] for every type the models use;
 //! - [`recurrent`]: the decode steps of the recurrent mixers (GatedDeltaNet, Mamba2,
 //!   short conv), one dispatch each;
+//! - [`moe`]: mixture-of-experts decode: the router and expert mat-vecs that read the
+//!   chosen experts from device memory, and the whole block ([`moe::MoeFfn`]);
 //! - [`model`]: whole attention-transformer models behind `caldera_model::Runner`, each
 //!   step recorded once and replayed with one submit.
 //!
@@ -23,6 +25,7 @@ pub mod error;
 pub mod kernels;
 pub mod memory;
 pub mod model;
+pub mod moe;
 pub mod ops;
 pub mod record;
 pub mod recurrent;

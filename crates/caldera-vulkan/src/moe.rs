@@ -1,0 +1,1165 @@
+//! Mixture of experts for the decode step (one token): the router and mat-vecs over the
+//! experts it chose, which read the chosen expert ids from device memory. A step records
+//! the same dispatches whatever the router picks, so it needs no host round trip and its
+//! recording stays valid. caldera-cpu's `ffn::moe` / `ffn::route` are the twins.
+//!
+//! Ops and dispatches (each op's `record` adds no barrier after itself):
+//! - router logits: an ordinary [`Mv`] / [`Mvq`](crate::ops::Mvq) of the router weight
+//!   (`n` rows; with a shared-expert gate, its row appended as row `n`) [1 per piece];
+//! - [`MoeRoute`] (`moe_route.comp`): logits → [`Routing`] (ids, weights) [1];
+//! - [`ExpertUp`] (`mvxg_*` / `mvqxg_*`, or `mvx_*` / `mvqx_*` for ungated experts): the
+//!   chosen experts' gate|up rows with the GLU (or up rows with relu²) into `h`, slot `s`
+//!   at `h[s * ff ..]`; optionally quantizing `h` for the down projection on the way
+//!   (`MvTail`) [1 per piece of the expert tensor];
+//! - [`ExpertDown`] (same kernels, `MV_SUM`): `y (+)= Σ_s w_s · down_{e_s}(h_s)` [1 per
+//!   piece, with a barrier between pieces: they add into the same outputs].
+//!
+//! A shared expert is a one-expert tensor ([`Experts::from_glu`], [`Experts::from_weight`])
+//! run by the same two ops on the routing's shared slot (slot `n_used`: id 0, weight 1 or
+//! sigmoid of its gate's logit, which [`MoeRoute`] writes), so its sigmoid gate costs no
+//! dispatch of its own. [`MoeFfn`] strings the whole block together.
+//!
+//! Buffer layouts: ids u32 and weights f32, `n_used` (+ 1 with a shared expert) each;
+//! expert tensors stack `n` experts of `rows` rows (gate|up: row 2i gate i, 2i + 1 up i,
+//! as the dense gate|up mat-vecs), every piece holding whole experts; expert biases f32
+//! `[n][rows]` in the same row order; `h` f32 `[slot][ff]` (and its int8 blocks when the
+//! down projection takes int8).
+//!
+//! In the int8 decode chain: [`ExpertUp`] reads the FFN input as the o-projection's tail
+//! leaves it (int8 blocks of `x * gam` and per-block sums of squares, `MV_XNORM`), its
+//! tail quantizes `h` for [`ExpertDown`], whose tail (on the last down of the block)
+//! quantizes the block's output for the next layer. A router of f32 weights reads the
+//! residual stream and norm weights instead ([`Mv`] with `norm`), exactly as the CPU.
+//! Kernels exist for every type the dense mat-vecs take on f32 activations and for
+//! Q4_0, Q8_0, Q4_K, Q6_K and MXFP4 (int8 only) on int8 activations.
+
+use caldera_format::GgmlType;
+use caldera_model::blocks::moe::{ExpertWeights, MoeSpec, MoeWeights, RouterKind};
+use caldera_model::{Activation, Weight};
+
+use crate::context::Context;
+use crate::error::{Result, VkError};
+use crate::kernels::{Kernel, KERNELS};
+use crate::memory::{Buffer, DeviceTensor, MemoryKind, TensorPiece, PIECE_PAD};
+use crate::ops::{push_words, Mv, MvMode, MvTail, Q8Acts, QuantX};
+use crate::record::{Binding, Recorder};
+
+/// Most experts [`MoeRoute`] chooses among.
+pub const MAX_EXPERTS: u64 = 1024;
+/// Most experts [`MoeRoute`] chooses per token.
+pub const MAX_USED: u64 = 32;
+
+fn invalid(msg: String) -> VkError {
+    VkError::Invalid(msg)
+}
+
+fn u32_of(v: u64, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| invalid(format!("{what} = {v} does not fit in 32 bits")))
+}
+
+/// Weight types with expert mat-vecs on f32 activations (`mvx_*`), in table order.
+const MVX_TYPES: [GgmlType; 12] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+    GgmlType::IQ4_XS,
+];
+/// Weight types with expert mat-vecs on int8 activations (`mvqx_*`), in table order.
+const MVQX_TYPES: [GgmlType; 5] = [
+    GgmlType::Q4_0,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+    GgmlType::MXFP4,
+];
+
+/// The expert mat-vec on f32 activations for `ty`; `glu`: the gate|up variant.
+pub fn mvx_kernel(ty: GgmlType, glu: bool) -> Option<Kernel> {
+    let i = MVX_TYPES.iter().position(|&t| t == ty)?;
+    let base = if glu { Kernel::MvxgF32 } else { Kernel::MvxF32 } as usize;
+    Some(KERNELS[base + i].kernel)
+}
+
+/// The expert mat-vec on int8 activations for `ty`; `glu`: the gate|up variant; `dot`:
+/// with int8 dot-product instructions (else emulated).
+pub fn mvqx_kernel(ty: GgmlType, glu: bool, dot: bool) -> Option<Kernel> {
+    let i = MVQX_TYPES.iter().position(|&t| t == ty)?;
+    let base = match (glu, dot) {
+        (false, true) => Kernel::MvqxQ4_0,
+        (true, true) => Kernel::MvqxgQ4_0,
+        (false, false) => Kernel::MvqxeQ4_0,
+        (true, false) => Kernel::MvqxgeQ4_0,
+    } as usize;
+    Some(KERNELS[base + i].kernel)
+}
+
+/// Whether expert weights of type `ty` have an int8-activation kernel.
+pub fn supports_q8(ty: GgmlType) -> bool {
+    MVQX_TYPES.contains(&ty)
+}
+
+/// The experts chosen for the token: `ids` (u32) and mixing `weights` (f32), slot by
+/// slot; slots `0 .. n_used` are the routed experts in descending order of the router's
+/// key, slot `n_used` (with `shared`) the shared expert (id 0).
+pub struct Routing {
+    pub ids: Buffer,
+    pub weights: Buffer,
+    pub n_used: u64,
+    pub shared: bool,
+}
+
+/// A run of routing slots an expert op serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slots {
+    pub first: u64,
+    pub count: u64,
+}
+
+impl Routing {
+    pub fn new(ctx: &Context, n_used: u64, shared: bool) -> Result<Routing> {
+        if n_used == 0 || n_used > MAX_USED {
+            return Err(invalid(format!(
+                "{n_used} experts per token (1 to {MAX_USED})"
+            )));
+        }
+        let bytes = (n_used + u64::from(shared)) * 4;
+        Ok(Routing {
+            ids: ctx.create_buffer(bytes, MemoryKind::Device)?,
+            weights: ctx.create_buffer(bytes, MemoryKind::Device)?,
+            n_used,
+            shared,
+        })
+    }
+
+    /// The routed experts' slots.
+    pub fn routed(&self) -> Slots {
+        Slots {
+            first: 0,
+            count: self.n_used,
+        }
+    }
+
+    /// The shared expert's slot, if the routing has one.
+    pub fn shared_slot(&self) -> Option<Slots> {
+        self.shared.then_some(Slots {
+            first: self.n_used,
+            count: 1,
+        })
+    }
+}
+
+/// What [`MoeRoute`] writes into the shared expert's slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedSlot {
+    /// No shared expert (no slot).
+    None,
+    /// Weight 1.
+    Ungated,
+    /// Weight sigmoid(logits[n]): the shared expert's gate (qwen2/3-next style), its row
+    /// appended to the router's.
+    Gated,
+}
+
+/// A router as [`MoeRoute`] runs it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouterSpec {
+    pub n_experts: u64,
+    pub n_used: u64,
+    pub kind: RouterKind,
+    /// Multiplier on the mixing weights.
+    pub scale: f32,
+    pub shared: SharedSlot,
+}
+
+impl RouterSpec {
+    /// The router of `spec`; `shared_gate`: its shared expert has a sigmoid gate.
+    pub fn of(spec: &MoeSpec, shared_gate: bool) -> RouterSpec {
+        RouterSpec {
+            n_experts: spec.n_experts as u64,
+            n_used: spec.n_used as u64,
+            kind: spec.router,
+            scale: spec.weights_scale,
+            shared: match (spec.shared_d_ff, shared_gate) {
+                (None, _) => SharedSlot::None,
+                (Some(_), false) => SharedSlot::Ungated,
+                (Some(_), true) => SharedSlot::Gated,
+            },
+        }
+    }
+}
+
+/// The router (`moe_route.comp`, one workgroup): logits → chosen experts and weights, as
+/// caldera-cpu's `ffn::route`, for every [`RouterKind`]. One dispatch.
+pub struct MoeRoute {
+    binding: Binding,
+    push: Vec<u8>,
+}
+
+impl MoeRoute {
+    /// `logits`: `n` f32 (`n + 1` with a gated shared expert); `logit_bias`: the router's
+    /// bias (`n` f32, added to the logits); `selection_bias`: added to the sigmoid scores
+    /// for the choice only (`n` f32; used by [`RouterKind::Sigmoid`] only, as the CPU).
+    pub fn new(
+        ctx: &Context,
+        spec: &RouterSpec,
+        logits: &Buffer,
+        logit_bias: Option<&Buffer>,
+        selection_bias: Option<&Buffer>,
+        out: &Routing,
+    ) -> Result<MoeRoute> {
+        let (n, k) = (spec.n_experts, spec.n_used);
+        if n == 0 || n > MAX_EXPERTS || k == 0 || k > n.min(MAX_USED) {
+            return Err(invalid(format!(
+                "router choosing {k} of {n} experts (at most {MAX_USED} of {MAX_EXPERTS})"
+            )));
+        }
+        let shared = spec.shared != SharedSlot::None;
+        if out.n_used != k || out.shared != shared {
+            return Err(invalid(format!(
+                "routing buffers for {} experts (shared {}), router for {k} (shared {shared})",
+                out.n_used, out.shared
+            )));
+        }
+        let gated = spec.shared == SharedSlot::Gated;
+        let small = |b: Option<&Buffer>| b.is_some_and(|b| b.size() < n * 4);
+        if logits.size() < (n + u64::from(gated)) * 4
+            || small(logit_bias)
+            || small(selection_bias)
+            || !spec.scale.is_finite()
+        {
+            return Err(invalid(format!(
+                "router over {n} experts: logits or biases too small, or a bad scale"
+            )));
+        }
+        let (kind, renorm) = match spec.kind {
+            RouterKind::Softmax { renorm } => (0u32, renorm),
+            RouterKind::TopKSoftmax => (1, false),
+            RouterKind::Sigmoid { renorm } => (2, renorm),
+        };
+        let sel = selection_bias.filter(|_| kind == 2);
+        let mut flags = u32::from(renorm);
+        if sel.is_some() {
+            flags |= 2;
+        }
+        if logit_bias.is_some() {
+            flags |= 4;
+        }
+        if shared {
+            flags |= 8;
+        }
+        if gated {
+            flags |= 16;
+        }
+        let binding = ctx.bind(
+            Kernel::MoeRoute,
+            &[
+                logits,
+                logit_bias.unwrap_or(logits),
+                sel.unwrap_or(logits),
+                &out.ids,
+                &out.weights,
+            ],
+        )?;
+        let push = push_words(&[n as u32, k as u32, kind, flags, spec.scale.to_bits()]);
+        Ok(MoeRoute { binding, push })
+    }
+
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        r.dispatch(&self.binding, &self.push, 1)
+    }
+}
+
+/// Runs [`MoeRoute`] on host logits (`n`, `n + 1` with a gated shared expert). Returns
+/// the ids and weights of every slot.
+pub fn route_host(
+    ctx: &Context,
+    spec: &RouterSpec,
+    logits: &[f32],
+    logit_bias: Option<&[f32]>,
+    selection_bias: Option<&[f32]>,
+) -> Result<(Vec<u32>, Vec<f32>)> {
+    let lb = ctx.upload_f32(logits)?;
+    let up = |b: Option<&[f32]>| b.map(|b| ctx.upload_f32(b)).transpose();
+    let (bias, sel) = (up(logit_bias)?, up(selection_bias)?);
+    let out = Routing::new(ctx, spec.n_used, spec.shared != SharedSlot::None)?;
+    let op = MoeRoute::new(ctx, spec, &lb, bias.as_ref(), sel.as_ref(), &out)?;
+    let rec = ctx.record(|r| op.record(r))?;
+    ctx.submit(&rec)?;
+    let slots = (out.n_used + u64::from(out.shared)) as usize;
+    let ids = ctx.read_buffer(&out.ids, 0, slots as u64 * 4)?;
+    let ids = ids
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((ids, ctx.read_f32(&out.weights, slots)?))
+}
+
+/// A stacked expert tensor on the device: `n` experts of `rows` rows of `k` elements of
+/// `ty` (gate|up: `rows` = 2 ff, interleaved), every piece of `t` holding whole experts.
+pub struct Experts {
+    pub ty: GgmlType,
+    pub n: u64,
+    pub k: u64,
+    /// Weight rows per expert.
+    pub rows: u64,
+    /// Rows are (gate, up) pairs.
+    pub glu: bool,
+    pub t: DeviceTensor,
+    /// `[n][rows]` f32, when the experts have biases.
+    pub bias: Option<Buffer>,
+}
+
+impl Experts {
+    /// Uploads `w` (up-only or down experts).
+    pub fn upload(ctx: &Context, w: &ExpertWeights) -> Result<Experts> {
+        let mats = [w.data.as_slice()];
+        let biases = [w.bias.as_deref()];
+        Experts::stack(ctx, w.ty, w.n, w.rows, w.cols, &mats, &biases, &w.name)
+    }
+
+    /// Uploads gate and up experts row-interleaved.
+    pub fn upload_glu(ctx: &Context, gate: &ExpertWeights, up: &ExpertWeights) -> Result<Experts> {
+        if (gate.ty, gate.n, gate.rows, gate.cols) != (up.ty, up.n, up.rows, up.cols) {
+            return Err(invalid(format!(
+                "gate and up experts of different types or shapes ({} {}, {} {})",
+                gate.name, gate.ty, up.name, up.ty
+            )));
+        }
+        let mats = [gate.data.as_slice(), up.data.as_slice()];
+        let biases = [gate.bias.as_deref(), up.bias.as_deref()];
+        Experts::stack(
+            ctx, gate.ty, gate.n, gate.rows, gate.cols, &mats, &biases, &gate.name,
+        )
+    }
+
+    /// One dense weight as a one-expert tensor (a shared expert's up or down).
+    pub fn from_weight(ctx: &Context, w: &Weight) -> Result<Experts> {
+        let mats = [w.bytes()];
+        let biases = [w.bias.as_deref()];
+        Experts::stack(ctx, w.ty, 1, w.rows, w.cols, &mats, &biases, &w.name)
+    }
+
+    /// Dense gate and up weights as a one-expert gate|up tensor (a shared expert's).
+    pub fn from_glu(ctx: &Context, gate: &Weight, up: &Weight) -> Result<Experts> {
+        if (gate.ty, gate.rows, gate.cols) != (up.ty, up.rows, up.cols) {
+            return Err(invalid(format!(
+                "gate and up projections of different types or shapes ({} {}, {} {})",
+                gate.name, gate.ty, up.name, up.ty
+            )));
+        }
+        let mats = [gate.bytes(), up.bytes()];
+        let biases = [gate.bias.as_deref(), up.bias.as_deref()];
+        Experts::stack(
+            ctx, gate.ty, 1, gate.rows, gate.cols, &mats, &biases, &gate.name,
+        )
+    }
+
+    /// Outputs per expert (rows, or row pairs of a gate|up tensor).
+    pub fn outputs(&self) -> u64 {
+        if self.glu {
+            self.rows / 2
+        } else {
+            self.rows
+        }
+    }
+
+    /// Stacks `mats` (each `n` matrices of `rows` x `cols`), interleaving their rows when
+    /// there are two, into pieces of whole experts.
+    #[allow(clippy::too_many_arguments)]
+    fn stack(
+        ctx: &Context,
+        ty: GgmlType,
+        n: usize,
+        rows: usize,
+        cols: usize,
+        mats: &[&[u8]],
+        biases: &[Option<&[f32]>],
+        name: &str,
+    ) -> Result<Experts> {
+        let rb = ty
+            .row_bytes(cols as u64)
+            .ok_or_else(|| invalid(format!("{name}: rows of {cols} {ty}")))?
+            as usize;
+        if n == 0 || rows == 0 || mats.iter().any(|m| m.len() != n * rows * rb) {
+            return Err(invalid(format!(
+                "{name}: {n} experts of {rows} x {cols} {ty} do not match its size"
+            )));
+        }
+        if biases.iter().flatten().any(|b| b.len() != n * rows) {
+            return Err(invalid(format!("{name}: bias of the wrong length")));
+        }
+        let m = mats.len();
+        let rpe = m * rows;
+        let eb = (rpe * rb) as u64;
+        let per_piece = ctx.max_buffer_bytes().saturating_sub(PIECE_PAD) / eb;
+        if per_piece == 0 {
+            return Err(invalid(format!(
+                "{name}: one expert ({eb} bytes) is larger than a buffer may be on {} ({} \
+                 bytes)",
+                ctx.info().name,
+                ctx.max_buffer_bytes()
+            )));
+        }
+        const STAGE: usize = 16 << 20;
+        let mut pieces = Vec::new();
+        let mut e0 = 0usize;
+        while e0 < n {
+            let ne = (per_piece as usize).min(n - e0);
+            let buffer = ctx.create_buffer(ne as u64 * eb + PIECE_PAD, MemoryKind::Device)?;
+            if m == 1 {
+                let b = &mats[0][e0 * rows * rb..(e0 + ne) * rows * rb];
+                ctx.write_buffer(&buffer, 0, b)?;
+            } else {
+                let mut stage = Vec::with_capacity(STAGE.min(ne * rpe * rb));
+                let mut at = 0u64;
+                for e in e0..e0 + ne {
+                    for r in 0..rows {
+                        let o = (e * rows + r) * rb;
+                        for mat in mats {
+                            stage.extend_from_slice(&mat[o..o + rb]);
+                        }
+                    }
+                    if stage.len() >= STAGE || e + 1 == e0 + ne {
+                        ctx.write_buffer(&buffer, at, &stage)?;
+                        at += stage.len() as u64;
+                        stage.clear();
+                    }
+                }
+            }
+            pieces.push(TensorPiece {
+                buffer,
+                first_row: (e0 * rpe) as u64,
+                rows: (ne * rpe) as u64,
+            });
+            e0 += ne;
+        }
+        let bias = if biases.iter().any(|b| b.is_some()) {
+            let mut v = Vec::with_capacity(n * rpe);
+            for e in 0..n {
+                for r in 0..rows {
+                    for b in biases {
+                        v.push(b.map_or(0.0, |b| b[e * rows + r]));
+                    }
+                }
+            }
+            Some(ctx.upload_f32(&v)?)
+        } else {
+            None
+        };
+        Ok(Experts {
+            ty,
+            n: n as u64,
+            k: cols as u64,
+            rows: rpe as u64,
+            glu: m == 2,
+            t: DeviceTensor {
+                rows: (n * rpe) as u64,
+                row_bytes: rb as u64,
+                pieces,
+            },
+            bias,
+        })
+    }
+}
+
+/// The input of an expert mat-vec.
+pub enum ExpertInput<'a> {
+    /// f32 values; `gam`: norm the input by RMSNorm with these weights first (only for
+    /// [`ExpertUp`], whose slots share one input).
+    F32 {
+        x: &'a Buffer,
+        gam: Option<&'a Buffer>,
+    },
+    /// Int8 blocks (`QuantX`, or a mat-vec's tail); with sums of squares, normed by the
+    /// mat-vec (`MV_XNORM`, only for [`ExpertUp`]). For Q4_0, Q8_0, Q4_K, Q6_K, MXFP4.
+    Q8(&'a Q8Acts<'a>),
+}
+
+/// Dispatches of one expert op, one per weight piece.
+struct ExpertDispatches {
+    parts: Vec<(Binding, Vec<u8>, u64)>,
+    /// A barrier between pieces (they add into the same outputs).
+    serial: bool,
+}
+
+impl ExpertDispatches {
+    fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        for (i, (b, push, groups)) in self.parts.iter().enumerate() {
+            if self.serial && i > 0 {
+                r.barrier();
+            }
+            r.dispatch(b, push, *groups)?;
+        }
+        Ok(())
+    }
+}
+
+/// The settings an expert op passes to its kernel.
+struct Call<'a> {
+    w: &'a Experts,
+    routing: &'a Routing,
+    slots: Slots,
+    input: &'a ExpertInput<'a>,
+    eps: f32,
+    y: &'a Buffer,
+    /// `MV_*` flags (besides the input's and the tail's).
+    flags: u32,
+    sum: bool,
+    alpha: f32,
+    limit: f32,
+    tail: Option<&'a MvTail<'a>>,
+}
+
+const MV_NORM: u32 = 1;
+const MV_ADD: u32 = 2;
+const MV_GELU: u32 = 8;
+const MV_TAIL: u32 = 32;
+const MV_TAIL_NORM: u32 = 64;
+const MV_XNORM: u32 = 128;
+const MV_SUM: u32 = 256;
+const MV_BIAS: u32 = 512;
+const MV_CLAMP: u32 = 1024;
+const MV_RELU2: u32 = 2048;
+
+fn build(ctx: &Context, c: &Call<'_>) -> Result<ExpertDispatches> {
+    let w = c.w;
+    let (ty, k, rpe) = (w.ty, w.k, w.rows);
+    if k == 0 || ty.row_bytes(k) != Some(w.t.row_bytes) {
+        return Err(invalid(format!(
+            "expert rows of {} bytes do not hold {k} elements of {ty}",
+            w.t.row_bytes
+        )));
+    }
+    let s = c.slots;
+    let routed = c.routing.n_used + u64::from(c.routing.shared);
+    if s.count == 0 || s.first + s.count > routed {
+        return Err(invalid(format!(
+            "slots {} .. {} of a routing with {routed}",
+            s.first,
+            s.first + s.count
+        )));
+    }
+    // Inputs: one shared (per slot) or one per slot (sum).
+    let n_in = if c.sum { s.count } else { 1 };
+    let x_stride = if c.sum { k } else { 0 };
+    let (outs, y_stride) = if c.sum {
+        (rpe, 0)
+    } else {
+        (s.count * w.outputs(), w.outputs())
+    };
+    if c.y.size() < outs * 4 {
+        return Err(invalid(format!(
+            "expert mat-vec of {outs} outputs: output buffer too small"
+        )));
+    }
+    let mut flags = c.flags;
+    if w.bias.is_some() {
+        flags |= MV_BIAS;
+    }
+    let glu = w.glu;
+    let (kernel, q8) = match c.input {
+        ExpertInput::F32 { x, gam } => {
+            let kern = mvx_kernel(ty, glu)
+                .ok_or_else(|| invalid(format!("no expert mat-vec for tensor type {ty}")))?;
+            if Kernel::mv_is_fast(ty) && !k.is_multiple_of(4) {
+                return Err(invalid(format!("expert mat-vec over {k} elements of {ty}")));
+            }
+            if x.size() < n_in * k * 4 || gam.is_some_and(|g| g.size() < k * 4) {
+                return Err(invalid(format!(
+                    "expert mat-vec over {n_in} x {k} inputs: buffers too small"
+                )));
+            }
+            if gam.is_some() {
+                if c.sum {
+                    return Err(invalid(
+                        "the expert sum reads one input per slot: it cannot norm them".into(),
+                    ));
+                }
+                flags |= MV_NORM;
+            }
+            (kern, None)
+        }
+        ExpertInput::Q8(a) => {
+            let kern = mvqx_kernel(ty, glu, ctx.tuning().int8_dot).ok_or_else(|| {
+                invalid(format!(
+                    "no int8-activation expert mat-vec for tensor type {ty}"
+                ))
+            })?;
+            if !k.is_multiple_of(32) || a.q.size() < n_in * k || a.d.size() < n_in * k / 8 {
+                return Err(invalid(format!(
+                    "expert mat-vec over {n_in} x {k} int8 inputs: not whole blocks of 32 or \
+                     buffers too small"
+                )));
+            }
+            if let Some(ss) = a.ss {
+                if c.sum || ss.size() < k / 8 {
+                    return Err(invalid(
+                        "sums of squares: only for one shared input, k / 32 of them".into(),
+                    ));
+                }
+                flags |= MV_XNORM;
+            }
+            (kern, Some(*a))
+        }
+    };
+    let n_next = match c.tail {
+        Some(t) => {
+            let ok_layout = if c.sum {
+                t.n <= outs
+            } else {
+                t.n == outs && w.outputs().is_multiple_of(32)
+            };
+            let n_ss = t.gam.is_some() && t.out.ss.is_none_or(|s| s.size() < t.n / 8);
+            if q8.is_none()
+                || !ok_layout
+                || t.n == 0
+                || !t.n.is_multiple_of(32)
+                || t.out.q.size() < t.n
+                || t.out.d.size() < t.n / 8
+                || n_ss
+                || t.gam.is_some_and(|g| g.size() < t.n * 4)
+                || t.count.size() < t.n / 8
+            {
+                return Err(invalid(format!(
+                    "quantizing {} expert outputs for the next mat-vec: bad sizes (int8 \
+                     inputs only; per-slot outputs in whole blocks of 32)",
+                    t.n
+                )));
+            }
+            t.n
+        }
+        None => 0,
+    };
+    let rb = ctx.tuning().mv_shape(glu).1 as u64;
+    let nr = if glu { 2 * rb } else { rb };
+    let gpe = rpe.div_ceil(nr);
+    let groups = if c.sum { gpe } else { s.count * gpe };
+    let bias = w.bias.as_ref().unwrap_or(&c.routing.weights);
+    let last = w.t.pieces.len().saturating_sub(1);
+    let mut parts = Vec::with_capacity(w.t.pieces.len());
+    for (pi, piece) in w.t.pieces.iter().enumerate() {
+        if !piece.first_row.is_multiple_of(rpe) || !piece.rows.is_multiple_of(rpe) {
+            return Err(invalid("expert pieces must hold whole experts".into()));
+        }
+        let mut f = flags;
+        if c.sum && pi > 0 {
+            f |= MV_ADD;
+        }
+        let tail = c.tail.filter(|_| !c.sum || pi == last);
+        if let Some(t) = tail {
+            f |= MV_TAIL;
+            if t.gam.is_some() {
+                f |= MV_TAIL_NORM;
+            }
+        }
+        let expert = [
+            u32_of(rpe, "rows per expert")?,
+            u32_of(s.count, "slots")?,
+            u32_of(s.first, "first slot")?,
+            u32_of(piece.first_row / rpe, "first expert")?,
+            u32_of(piece.rows / rpe, "experts")?,
+            u32_of(x_stride, "input stride")?,
+            u32_of(y_stride, "output stride")?,
+            c.alpha.to_bits(),
+            c.limit.to_bits(),
+        ];
+        let ids = &c.routing.ids;
+        let wts = &c.routing.weights;
+        let (b, mut words) = match (c.input, q8) {
+            (ExpertInput::F32 { x, gam }, None) => {
+                let b = ctx.bind(
+                    kernel,
+                    &[&piece.buffer, x, c.y, gam.unwrap_or(x), ids, wts, bias],
+                )?;
+                let words = vec![
+                    u32_of(k, "k")?,
+                    u32_of(piece.rows, "rows")?,
+                    0,
+                    f,
+                    c.eps.to_bits(),
+                    0,
+                ];
+                (b, words)
+            }
+            (ExpertInput::Q8(_), Some(a)) => {
+                let xs = a.ss.unwrap_or(a.d);
+                let bufs: [&Buffer; 13] = match tail {
+                    Some(t) => [
+                        &piece.buffer,
+                        a.q,
+                        a.d,
+                        c.y,
+                        t.count,
+                        t.out.q,
+                        t.out.d,
+                        t.gam.unwrap_or(c.y),
+                        t.out.ss.unwrap_or(t.out.d),
+                        xs,
+                        ids,
+                        wts,
+                        bias,
+                    ],
+                    None => [
+                        &piece.buffer,
+                        a.q,
+                        a.d,
+                        c.y,
+                        c.y,
+                        a.q,
+                        a.d,
+                        c.y,
+                        a.d,
+                        xs,
+                        ids,
+                        wts,
+                        bias,
+                    ],
+                };
+                let b = ctx.bind(kernel, &bufs)?;
+                let words = vec![
+                    u32_of(k, "k")?,
+                    u32_of(piece.rows, "rows")?,
+                    0,
+                    f,
+                    0,
+                    u32_of(if tail.is_some() { n_next } else { 0 }, "outputs")?,
+                    c.eps.to_bits(),
+                ];
+                (b, words)
+            }
+            _ => return Err(invalid("expert input changed kind".into())),
+        };
+        words.extend(expert);
+        parts.push((b, push_words(&words), groups));
+    }
+    Ok(ExpertDispatches {
+        parts,
+        serial: c.sum,
+    })
+}
+
+/// The chosen experts' first projection: per slot `s` of `slots`, `h[s * ff + i]` =
+/// `act(gate_i · in + b) * (up_i · in + b)` over a gate|up tensor (SwiGLU, GELU-tanh GLU,
+/// gpt-oss's clamped SwiGLU), or `relu(up_i · in + b)²` over an up-only one (relu²).
+/// Every slot reads the same input. One dispatch per piece of `w`, `slots.count *
+/// ceil(ff / rows per workgroup)` workgroups each (those of experts in other pieces exit).
+pub struct ExpertUp(ExpertDispatches);
+
+impl ExpertUp {
+    /// `eps`: the input norm's (`ExpertInput::F32` with `gam`, or int8 with sums of
+    /// squares). `tail`: also quantize `h` (`tail.n` = slots x ff, ff a multiple of 32) for
+    /// the down projection (int8 inputs only; `tail.gam` None).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        w: &Experts,
+        routing: &Routing,
+        slots: Slots,
+        input: &ExpertInput<'_>,
+        act: Activation,
+        eps: f32,
+        h: &Buffer,
+        tail: Option<&MvTail<'_>>,
+    ) -> Result<ExpertUp> {
+        let (flags, alpha, limit) = match (w.glu, act) {
+            (true, Activation::SwiGlu) => (0, 0.0, 0.0),
+            (true, Activation::GeluTanhGlu) => (MV_GELU, 0.0, 0.0),
+            (true, Activation::ClampedSwiGlu { alpha, limit }) => (MV_CLAMP, alpha, limit),
+            (false, Activation::Relu2) => (MV_RELU2, 0.0, 0.0),
+            (glu, act) => {
+                return Err(invalid(format!(
+                    "expert activation {act:?} over {} experts",
+                    if glu { "gate|up" } else { "up-only" }
+                )))
+            }
+        };
+        let call = Call {
+            w,
+            routing,
+            slots,
+            input,
+            eps,
+            y: h,
+            flags,
+            sum: false,
+            alpha,
+            limit,
+            tail,
+        };
+        build(ctx, &call).map(ExpertUp)
+    }
+
+    /// Records the op (one dispatch per piece, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.0.record(r)
+    }
+
+    pub fn dispatches(&self) -> usize {
+        self.0.parts.len()
+    }
+}
+
+/// The chosen experts' down projection, mixed: `y[r] (+)= Σ_s w_s (down_{e_s}[r] · h_s +
+/// b)` over the slots `s` of `slots`, `h_s` at element `s * ff` of the input (f32 or
+/// int8 blocks). One workgroup makes `rows per workgroup` outputs of every slot, so the
+/// sum needs no atomics. One dispatch per piece of `w` (`ceil(d / rows per workgroup)`
+/// workgroups), a barrier between pieces (the later add into the earlier's outputs).
+pub struct ExpertDown(ExpertDispatches);
+
+impl ExpertDown {
+    /// `add`: add to y (the residual); `tail`: quantize y for the next mat-vec (int8
+    /// inputs only; on the last piece's dispatch).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        w: &Experts,
+        routing: &Routing,
+        slots: Slots,
+        input: &ExpertInput<'_>,
+        y: &Buffer,
+        add: bool,
+        tail: Option<&MvTail<'_>>,
+    ) -> Result<ExpertDown> {
+        if w.glu {
+            return Err(invalid("a down projection over gate|up experts".into()));
+        }
+        let call = Call {
+            w,
+            routing,
+            slots,
+            input,
+            eps: 0.0,
+            y,
+            flags: MV_SUM | if add { MV_ADD } else { 0 },
+            sum: true,
+            alpha: 0.0,
+            limit: 0.0,
+            tail,
+        };
+        build(ctx, &call).map(ExpertDown)
+    }
+
+    /// Records the op (one dispatch per piece with barriers between, none after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.0.record(r)
+    }
+
+    pub fn dispatches(&self) -> usize {
+        self.0.parts.len()
+    }
+}
+
+/// A MoE block's weights on the device, as [`MoeFfn`] runs them.
+pub struct MoeDevice {
+    pub spec: MoeSpec,
+    pub d_model: u64,
+    /// The router's rows (`n_experts`, then the shared expert's gate row if any).
+    pub router: DeviceTensor,
+    pub router_ty: GgmlType,
+    /// The router's bias (`n_experts` f32), if it has one.
+    pub logit_bias: Option<Buffer>,
+    /// `exp_probs_b` (`n_experts` f32), if any.
+    pub selection_bias: Option<Buffer>,
+    /// Gate|up experts (up-only for ungated activations) and down experts.
+    pub up: Experts,
+    pub down: Experts,
+    /// The shared expert as one-expert tensors, and its activation (the CPU's: relu² for
+    /// relu² blocks, else SwiGLU).
+    pub shared: Option<(Experts, Experts, Activation)>,
+    pub shared_gate: bool,
+}
+
+impl MoeDevice {
+    pub fn upload(ctx: &Context, spec: &MoeSpec, w: &MoeWeights) -> Result<MoeDevice> {
+        let d = w.router.cols;
+        let r = &w.router;
+        if r.rows != spec.n_experts || w.up.n != spec.n_experts || w.down.rows != d {
+            return Err(invalid(format!(
+                "MoE weights do not match the spec ({} experts, router {} x {d})",
+                spec.n_experts, r.rows
+            )));
+        }
+        let rb =
+            r.ty.row_bytes(d as u64)
+                .ok_or_else(|| invalid(format!("{}: rows of {d} {}", r.name, r.ty)))?;
+        let router = match &w.shared_gate {
+            Some(g) if g.ty != r.ty || g.cols != d || g.rows != 1 || g.bias.is_some() => {
+                return Err(invalid(format!(
+                    "shared expert gate {} ({}) unlike the router ({})",
+                    g.name, g.ty, r.ty
+                )))
+            }
+            Some(g) => ctx.upload_rows_concat(&[r.bytes(), g.bytes()], rb)?,
+            None => ctx.upload_rows(r.bytes(), rb)?,
+        };
+        let vec_buf = |v: &Option<Vec<f32>>| v.as_ref().map(|v| ctx.upload_f32(v)).transpose();
+        let up = match &w.gate {
+            Some(g) => Experts::upload_glu(ctx, g, &w.up)?,
+            None => Experts::upload(ctx, &w.up)?,
+        };
+        let shared = match (&w.shared, spec.shared_d_ff) {
+            (Some(sh), Some(_)) => {
+                let act = match spec.act {
+                    Activation::Relu2 => Activation::Relu2,
+                    _ => Activation::SwiGlu,
+                };
+                let u = match &sh.gate {
+                    Some(g) => Experts::from_glu(ctx, g, &sh.up)?,
+                    None => Experts::from_weight(ctx, &sh.up)?,
+                };
+                Some((u, Experts::from_weight(ctx, &sh.down)?, act))
+            }
+            (None, None) => None,
+            _ => return Err(invalid("shared expert weights unlike the spec".into())),
+        };
+        Ok(MoeDevice {
+            spec: spec.clone(),
+            d_model: d as u64,
+            router,
+            router_ty: r.ty,
+            logit_bias: vec_buf(&r.bias)?,
+            selection_bias: vec_buf(&w.selection_bias)?,
+            up,
+            down: Experts::upload(ctx, &w.down)?,
+            shared_gate: w.shared_gate.is_some() && shared.is_some(),
+            shared,
+        })
+    }
+}
+
+/// Where a [`MoeFfn`] reads and writes.
+pub struct MoeIo<'a> {
+    /// The residual stream (f32, `d_model`); the block's input is `rmsnorm(x) * gam`.
+    pub x: &'a Buffer,
+    pub gam: &'a Buffer,
+    pub eps: f32,
+    /// `y (+)= moe(input)`; may be `x` with `add` (the residual add in place).
+    pub y: &'a Buffer,
+    pub add: bool,
+    /// Quantize y for the next mat-vec (where the last down projection runs on int8).
+    pub next: Option<&'a MvTail<'a>>,
+}
+
+/// A whole MoE block for one token, every op recorded once: the router mat-vec (f32
+/// input, the norm folded in) beside `quant_x` of the normed input (when the experts
+/// take int8), the router, the routed and shared gate|up, then the routed and the shared
+/// down projections adding into y; each phase behind a barrier. Dispatches: router,
+/// (`quant_x`,) route, gate|up, down: 4-5, 6-7 with a shared expert, + 1 per extra
+/// weight piece, + a `quant_x` of `h` where a gate|up on f32 feeds an int8 down.
+pub struct MoeFfn {
+    router: Mv,
+    quant: Option<QuantX>,
+    route: MoeRoute,
+    up: ExpertUp,
+    shared_up: Option<ExpertUp>,
+    /// quant_x of h where the gate|up runs on f32 but the down on int8.
+    quant_h: Vec<QuantX>,
+    down: ExpertDown,
+    shared_down: Option<ExpertDown>,
+    _scratch: Vec<Buffer>,
+    _routing: Routing,
+}
+
+/// The int8 form of `n` activations (a multiple of 32): (q, d).
+fn q8_buffers(ctx: &Context, n: u64) -> Result<(Buffer, Buffer)> {
+    Ok((
+        ctx.create_buffer(n, MemoryKind::Device)?,
+        ctx.create_buffer(n / 8, MemoryKind::Device)?,
+    ))
+}
+
+impl MoeFfn {
+    /// `q8`: run the experts on int8 activations where their type allows (MXFP4 always).
+    pub fn new(ctx: &Context, m: &MoeDevice, io: &MoeIo<'_>, q8: bool) -> Result<MoeFfn> {
+        let spec = &m.spec;
+        let d = m.d_model;
+        let n = spec.n_experts as u64;
+        let shared = m.shared.is_some();
+        let routing = Routing::new(ctx, spec.n_used as u64, shared)?;
+        let mut scratch = Vec::new();
+        let logits = ctx.create_buffer((n + 1) * 4, MemoryKind::Device)?;
+        let router = Mv::new(
+            ctx,
+            m.router_ty,
+            &m.router,
+            d,
+            io.x,
+            &logits,
+            0,
+            Some(io.gam),
+            MvMode {
+                norm: true,
+                eps: io.eps,
+                ..Default::default()
+            },
+        )?;
+        let rs = RouterSpec::of(spec, m.shared_gate);
+        let route = MoeRoute::new(
+            ctx,
+            &rs,
+            &logits,
+            m.logit_bias.as_ref(),
+            m.selection_bias.as_ref(),
+            &routing,
+        )?;
+        scratch.push(logits);
+        // The normed input as int8, for whichever gate|up takes it.
+        // (MXFP4 has int8 kernels only.)
+        let int8 = |e: &Experts, k: u64| {
+            supports_q8(e.ty) && (q8 || mvx_kernel(e.ty, false).is_none()) && k.is_multiple_of(32)
+        };
+        let wants_q8 = |e: &Experts| int8(e, d);
+        let any_q8_in = wants_q8(&m.up) || m.shared.as_ref().is_some_and(|s| wants_q8(&s.0));
+        let (xq, xd) = q8_buffers(ctx, d.next_multiple_of(32))?;
+        let x_acts = Q8Acts {
+            q: &xq,
+            d: &xd,
+            ss: None,
+        };
+        let quant = if any_q8_in {
+            Some(QuantX::new(ctx, d, io.x, Some(io.gam), io.eps, &x_acts)?)
+        } else {
+            None
+        };
+        let x_f32 = ExpertInput::F32 {
+            x: io.x,
+            gam: Some(io.gam),
+        };
+        let x_q8 = ExpertInput::Q8(&x_acts);
+        let mut quant_h = Vec::new();
+        // One gate|up + down pair over `slots`: returns the two ops.
+        let mut pair = |up_w: &Experts,
+                        down_w: &Experts,
+                        act: Activation,
+                        slots: Slots,
+                        add: bool,
+                        last: bool,
+                        scratch: &mut Vec<Buffer>|
+         -> Result<(ExpertUp, ExpertDown)> {
+            let ff = up_w.outputs();
+            if down_w.k != ff || down_w.rows != d || up_w.k != d {
+                return Err(invalid(format!(
+                    "expert shapes: gate|up {} x {}, down {} x {}",
+                    ff, up_w.k, down_w.rows, down_w.k
+                )));
+            }
+            let hn = slots.count * ff;
+            let h = ctx.create_buffer(hn * 4, MemoryKind::Device)?;
+            let (hq, hd) = q8_buffers(ctx, hn.next_multiple_of(32))?;
+            let count = ctx.upload(&vec![0u8; (hn.div_ceil(32) * 4) as usize])?;
+            let h_acts = Q8Acts {
+                q: &hq,
+                d: &hd,
+                ss: None,
+            };
+            let up_in = if wants_q8(up_w) { &x_q8 } else { &x_f32 };
+            let down_q8 = int8(down_w, ff);
+            let up_q8 = matches!(up_in, ExpertInput::Q8(_));
+            let tail = MvTail {
+                count: &count,
+                out: Q8Acts {
+                    q: &hq,
+                    d: &hd,
+                    ss: None,
+                },
+                gam: None,
+                n: hn,
+            };
+            let up_tail = (down_q8 && up_q8).then_some(&tail);
+            let up = ExpertUp::new(ctx, up_w, &routing, slots, up_in, act, io.eps, &h, up_tail)?;
+            if down_q8 && !up_q8 {
+                quant_h.push(QuantX::new(ctx, hn, &h, None, 0.0, &h_acts)?);
+            }
+            let h_f32 = ExpertInput::F32 { x: &h, gam: None };
+            let h_q8 = ExpertInput::Q8(&h_acts);
+            let down_in = if down_q8 { &h_q8 } else { &h_f32 };
+            let next = io.next.filter(|_| last && down_q8);
+            if io.next.is_some() && last && !down_q8 {
+                return Err(invalid(
+                    "quantizing the MoE output needs an int8 down projection".into(),
+                ));
+            }
+            let down = ExpertDown::new(ctx, down_w, &routing, slots, down_in, io.y, add, next)?;
+            scratch.extend([h, hq, hd, count]);
+            Ok((up, down))
+        };
+        let (up, down) = pair(
+            &m.up,
+            &m.down,
+            spec.act,
+            routing.routed(),
+            io.add,
+            !shared,
+            &mut scratch,
+        )?;
+        let (shared_up, shared_down) = match (&m.shared, routing.shared_slot()) {
+            (Some((su, sd, act)), Some(slot)) => {
+                let (u, dn) = pair(su, sd, *act, slot, true, true, &mut scratch)?;
+                (Some(u), Some(dn))
+            }
+            _ => (None, None),
+        };
+        scratch.extend([xq, xd]);
+        Ok(MoeFfn {
+            router,
+            quant,
+            route,
+            up,
+            shared_up,
+            quant_h,
+            down,
+            shared_down,
+            _scratch: scratch,
+            _routing: routing,
+        })
+    }
+
+    /// Dispatches [`MoeFfn::record`] makes.
+    pub fn dispatches(&self) -> usize {
+        let opt = |o: Option<usize>| o.unwrap_or(0);
+        self.router.dispatches()
+            + usize::from(self.quant.is_some())
+            + 1
+            + self.up.dispatches()
+            + opt(self.shared_up.as_ref().map(ExpertUp::dispatches))
+            + self.quant_h.len()
+            + self.down.dispatches()
+            + opt(self.shared_down.as_ref().map(ExpertDown::dispatches))
+    }
+
+    /// Records the block (barriers between its phases, none after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.router.record(r)?;
+        if let Some(q) = &self.quant {
+            q.record(r)?;
+        }
+        r.barrier();
+        self.route.record(r)?;
+        r.barrier();
+        self.up.record(r)?;
+        if let Some(u) = &self.shared_up {
+            u.record(r)?;
+        }
+        if !self.quant_h.is_empty() {
+            r.barrier();
+            for q in &self.quant_h {
+                q.record(r)?;
+            }
+        }
+        r.barrier();
+        self.down.record(r)?;
+        if let Some(dn) = &self.shared_down {
+            r.barrier();
+            dn.record(r)?;
+        }
+        Ok(())
+    }
+}
