@@ -17,10 +17,7 @@
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
-layout(std430, binding = 1) buffer Kc { float kc[]; };
-layout(std430, binding = 1) readonly buffer Kc4 { vec4 kc4[]; };
-layout(std430, binding = 2) buffer Vc { float vc[]; };
-layout(std430, binding = 2) readonly buffer Vc4 { vec4 vc4[]; };
+#include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { float o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
 layout(std430, binding = 5) readonly buffer Qn { float qn[]; };
@@ -189,7 +186,7 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
             t[u] = vec4(0.0);
             if (j < total && pi != pos) {
                 uint e = (pi * kvd + g * p.hd + d) >> 2;
-                t[u] = is_v ? vc4[e] : kc4[e];
+                t[u] = is_v ? v4_at(e) : k4_at(e);
             }
         }
         [[unroll]] for (uint u = 0u; u < 16u; u++) {
@@ -251,9 +248,9 @@ void main() {
         norm_rope(false, 1u, (p.flags & F_KNORM) != 0u, pos);
         if (c == 0u) {
             uint dst = pos * kvd + g * p.hd;
-            for (uint i = tid; i < p.hd; i += WG) {
-                kc[dst + i] = k_s[i];
-                vc[dst + i] = qkv[kb + kvd + i];
+            for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
+                k_put2(dst + i, vec2(k_s[i], k_s[i + 1u]));
+                v_put2(dst + i, vec2(qkv[kb + kvd + i], qkv[kb + kvd + i + 1u]));
             }
         }
     }

@@ -697,4 +697,8 @@ pub struct Tuning {
     /// Prefill attention runs `attn_flash` (else `attention`): the device fits it and
     /// `CALDERA_VK_NO_FLASH=1` does not switch it off.
     pub flash_attn: bool,
+    /// The KV cache holds f16 (two values per 32-bit word) rather than f32
+    /// (`CALDERA_VK_KV_F32=1`, [`crate::ContextOptions::force_kv_f32`]); specialization
+    /// constant 2 of the kernels that touch it.
+    pub kv_f16: bool,
 }

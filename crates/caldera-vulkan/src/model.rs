@@ -493,7 +493,16 @@ impl VkRunner {
             let n = cap
                 .checked_mul(kvd)
                 .ok_or_else(|| VkError::Invalid("KV cache size overflows".into()))?;
-            kv.push((dev(n, "a layer's K cache")?, dev(n, "a layer's V cache")?));
+            // f16: two values per 4-byte word.
+            let words = if ctx.tuning().kv_f16 {
+                n.div_ceil(2)
+            } else {
+                n
+            };
+            kv.push((
+                dev(words, "a layer's K cache")?,
+                dev(words, "a layer's V cache")?,
+            ));
             let table = match &l.attn.rope {
                 None => None,
                 Some(spec) => {

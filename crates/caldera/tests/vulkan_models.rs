@@ -102,7 +102,7 @@ fn vulkan_gemma3_continues_the_story() {
 /// both caches are filled by decode) and checks the logits agree to `tol` (relative L2)
 /// at the first position (`tol0`), then every 50th step and at each of the last 8
 /// (`tol`).
-fn decode_matches_cpu(dev: &str, path: &std::path::Path, tol0: f32, tol: f32) {
+fn decode_matches_cpu(dev: &str, path: &std::path::Path, kv32: bool, tol0: f32, tol: f32) {
     use caldera_model::{Logits, Runner};
     use std::sync::Arc;
     let (_file, model) = caldera_model::Model::open(path).expect("model");
@@ -112,7 +112,11 @@ fn decode_matches_cpu(dev: &str, path: &std::path::Path, tol0: f32, tol: f32) {
     let cap = 320;
     let cpu = Arc::new(caldera_cpu::CpuBackend::new(model.clone(), 2));
     let mut c = caldera_cpu::CpuRunner::new(cpu, cap).expect("cpu runner");
-    let ctx = caldera_vulkan::Context::new(dev.parse().unwrap()).expect("device");
+    let opts = caldera_vulkan::ContextOptions {
+        force_kv_f32: kv32,
+        ..Default::default()
+    };
+    let ctx = caldera_vulkan::Context::with_options(dev.parse().unwrap(), &opts).expect("device");
     let vk = Arc::new(caldera_vulkan::VkModel::new(ctx, model.clone()).expect("upload"));
     let mut g = caldera_vulkan::VkRunner::new(vk, cap).expect("vulkan runner");
     let (mut lc, mut lg) = (Vec::new(), Vec::new());
@@ -158,7 +162,10 @@ fn vulkan_long_context_decode_matches_cpu() {
     let (Some(dev), Some(fx)) = (device(), fixtures()) else {
         return;
     };
-    decode_matches_cpu(&dev, &fx.join("qwen3"), 1e-4, 1e-4);
+    // f32 cache: as exact as the CPU; f16 cache (the default): the first position reads
+    // only its own f32 k/v, later ones the rounded cache.
+    decode_matches_cpu(&dev, &fx.join("qwen3"), true, 1e-4, 1e-4);
+    decode_matches_cpu(&dev, &fx.join("qwen3"), false, 1e-4, 1e-2);
 }
 
 /// The same on Q8_0 and Q4_0 conversions of the fixture: the int8-activation decode path
@@ -185,7 +192,7 @@ fn vulkan_quantized_decode_matches_cpu() {
             .output()
             .expect("running caldera convert");
         assert!(o.status.success(), "convert {ty}: {}", text(&o));
-        decode_matches_cpu(&dev, &out, 1e-4, 0.1);
+        decode_matches_cpu(&dev, &out, false, 1e-4, 0.1);
     }
 }
 
@@ -207,28 +214,48 @@ fn vulkan_prefill_matches_cpu() {
     let cap = 700;
     let cpu = Arc::new(caldera_cpu::CpuBackend::new(model.clone(), 2));
     let mut c = caldera_cpu::CpuRunner::new(cpu, cap).expect("cpu runner");
-    let ctx = caldera_vulkan::Context::new(dev.parse().unwrap()).expect("device");
-    let vk = Arc::new(caldera_vulkan::VkModel::new(ctx, model.clone()).expect("upload"));
-    let mut g = caldera_vulkan::VkRunner::new(vk, cap).expect("vulkan runner");
-    let (mut lc, mut lg) = (Vec::new(), Vec::new());
-    for (range, logits) in [(0..600, Logits::Last), (600..670, Logits::All)] {
-        let rows = if logits == Logits::All {
-            range.len()
-        } else {
-            1
+    let steps = [(0..600, Logits::Last), (600..670, Logits::All)];
+    let cpu_logits: Vec<Vec<f32>> = steps
+        .iter()
+        .map(|(range, logits)| {
+            let mut lc = Vec::new();
+            c.forward(&tokens[range.clone()], *logits, &mut lc).unwrap();
+            lc
+        })
+        .collect();
+    // f32 cache within 1e-4; f16 cache (the default) within 1e-2.
+    for (kv32, tol) in [(true, 1e-4f32), (false, 1e-2)] {
+        let opts = caldera_vulkan::ContextOptions {
+            force_kv_f32: kv32,
+            ..Default::default()
         };
-        c.forward(&tokens[range.clone()], logits, &mut lc).unwrap();
-        g.forward(&tokens[range.clone()], logits, &mut lg).unwrap();
-        assert_eq!((lc.len(), lg.len()), (rows * vocab, rows * vocab));
-        for (r, (a, b)) in lc.chunks(vocab).zip(lg.chunks(vocab)).enumerate() {
-            let err = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).powi(2))
-                .sum::<f32>()
-                .sqrt()
-                / a.iter().map(|x| x * x).sum::<f32>().sqrt();
-            assert!(err < 1e-4, "tokens {range:?}, row {r}: relative L2 {err:e}");
+        let ctx =
+            caldera_vulkan::Context::with_options(dev.parse().unwrap(), &opts).expect("device");
+        let vk = Arc::new(caldera_vulkan::VkModel::new(ctx, model.clone()).expect("upload"));
+        let mut g = caldera_vulkan::VkRunner::new(vk, cap).expect("vulkan runner");
+        let mut lg = Vec::new();
+        for ((range, logits), lc) in steps.iter().zip(&cpu_logits) {
+            let (range, logits) = (range.clone(), *logits);
+            let rows = if logits == Logits::All {
+                range.len()
+            } else {
+                1
+            };
+            g.forward(&tokens[range.clone()], logits, &mut lg).unwrap();
+            assert_eq!((lc.len(), lg.len()), (rows * vocab, rows * vocab));
+            for (r, (a, b)) in lc.chunks(vocab).zip(lg.chunks(vocab)).enumerate() {
+                let err = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).powi(2))
+                    .sum::<f32>()
+                    .sqrt()
+                    / a.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!(
+                    err < tol,
+                    "kv f32 {kv32}, tokens {range:?}, row {r}: relative L2 {err:e}"
+                );
+            }
         }
     }
 }
