@@ -72,6 +72,8 @@ pub(crate) struct Shared {
     pub pipeline_cache: vk::PipelineCache,
     pub pipelines: Vec<Pipeline>,
     pub mem_props: vk::PhysicalDeviceMemoryProperties,
+    /// Told the bytes of every staged upload ([`Context::set_upload_progress`]).
+    pub upload_progress: Mutex<Option<UploadProgress>>,
     /// Dropped (destroyed) after `Drop::drop` destroyed the device.
     _instance: Arc<Instance>,
 }
@@ -81,6 +83,9 @@ pub(crate) struct Shared {
 unsafe impl Send for Shared {}
 // SAFETY: as above.
 unsafe impl Sync for Shared {}
+
+/// A callback told how many bytes each staged upload copied to the device.
+pub type UploadProgress = Box<dyn FnMut(u64) + Send>;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -181,6 +186,7 @@ impl Context {
             pipeline_cache: vk::PipelineCache::null(),
             pipelines: Vec::new(),
             mem_props,
+            upload_progress: Mutex::new(None),
             _instance: instance,
         };
         let dev = &shared.device;
@@ -238,6 +244,18 @@ impl Context {
     /// The largest buffer this context creates (and binds), in bytes.
     pub fn max_buffer_bytes(&self) -> u64 {
         self.max_buffer_bytes
+    }
+
+    /// Calls `f` with the byte count of every staged upload from now on (weights go
+    /// through staging in chunks, so a loader can show a progress bar); `None` stops.
+    pub fn set_upload_progress(&self, f: Option<UploadProgress>) {
+        *lock(&self.shared.upload_progress) = f;
+    }
+
+    pub(crate) fn report_upload(&self, bytes: u64) {
+        if let Some(f) = lock(&self.shared.upload_progress).as_mut() {
+            f(bytes);
+        }
     }
 
     pub(crate) fn device(&self) -> &ash::Device {

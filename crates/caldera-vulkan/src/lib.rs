@@ -28,7 +28,7 @@ pub mod record;
 pub mod recurrent;
 pub mod testing;
 
-pub use context::{Context, ContextOptions, ENV_NO_SUBGROUP};
+pub use context::{Context, ContextOptions, UploadProgress, ENV_NO_SUBGROUP};
 pub use device::{list_devices, DeviceInfo, DeviceType, MemoryHeap, ENV_VALIDATION};
 pub use error::{Result, VkError};
 pub use kernels::{Kernel, KernelDesc, Tuning, KERNELS};

@@ -108,7 +108,27 @@ fn vulkan_runner(
             let c = caldera_vulkan::Context::new(index)?;
             let name = c.info().name.clone();
             let t = std::time::Instant::now();
-            let m = Arc::new(caldera_vulkan::VkModel::new(c, model)?);
+            // Progress while the weights go through staging: bytes so far and the rate
+            // (on a terminal only).
+            let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                indicatif::ProgressBar::new_spinner()
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} uploading weights to {msg}: {bytes} ({bytes_per_sec})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.set_message(name.clone());
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            let b = bar.clone();
+            c.set_upload_progress(Some(Box::new(move |n| b.inc(n))));
+            let m = caldera_vulkan::VkModel::new(c, model);
+            bar.finish_and_clear();
+            let m = Arc::new(m?);
+            m.context().set_upload_progress(None);
             eprintln!(
                 "caldera: {:.1} MiB of weights uploaded to {name} in {:.2} s",
                 m.weight_bytes() as f64 / (1 << 20) as f64,
