@@ -145,7 +145,7 @@ impl Steps {
             out: &self.out,
             state,
             step: &self.step,
-            q8: self.q8.as_ref().map(|(q, d)| Q8Acts { q, d }),
+            q8: self.q8.as_ref().map(|(q, d)| Q8Acts { q, d, ss: None }),
         }
     }
 
