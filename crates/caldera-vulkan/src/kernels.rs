@@ -96,6 +96,9 @@ pub enum Kernel {
     Mamba2Scan = 77,
     Mamba2Norm = 78,
     ShortConvRows = 79,
+    RowsAct = 80,
+    MoeRoute = 81,
+    MoeCombine = 82,
 }
 
 /// One entry of the kernel table.
@@ -182,6 +185,12 @@ pub const MAMBA2_SCAN_PUSH_BYTES: u32 = 40;
 pub const MAMBA2_NORM_PUSH_BYTES: u32 = 16;
 /// `shortconv_rows` push constants: `channels, kern, ld, max_t` (u32).
 pub const SHORTCONV_ROWS_PUSH_BYTES: u32 = 16;
+/// `rows_act` push constants: `n, ld_y, ld_src, src_off, mode, max_t` (u32).
+pub const ROWS_ACT_PUSH_BYTES: u32 = 24;
+/// `moe_route` push constants: `n, k, kind, flags` (u32), `scale` (f32), `max_t` (u32).
+pub const MOE_ROUTE_PUSH_BYTES: u32 = 24;
+/// `moe_combine` push constants: `d, n_exp, n_slots, max_t` (u32).
+pub const MOE_COMBINE_PUSH_BYTES: u32 = 16;
 
 const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
@@ -265,7 +274,7 @@ const fn mvq(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 80] = [
+pub const KERNELS: [KernelDesc; 83] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -460,6 +469,27 @@ pub const KERNELS: [KernelDesc; 80] = [
         spv!("shortconv_rows"),
         5,
         SHORTCONV_ROWS_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::RowsAct,
+        "rows_act",
+        spv!("rows_act"),
+        3,
+        ROWS_ACT_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::MoeRoute,
+        "moe_route",
+        spv!("moe_route"),
+        4,
+        MOE_ROUTE_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::MoeCombine,
+        "moe_combine",
+        spv!("moe_combine"),
+        4,
+        MOE_COMBINE_PUSH_BYTES,
     ),
 ];
 
