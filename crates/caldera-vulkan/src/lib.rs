@@ -12,8 +12,9 @@
 //! - [`recurrent`]: the decode and prefill steps of the recurrent mixers
 //!   (GatedDeltaNet, Mamba2, short conv);
 //! - [`moe`]: mixture-of-experts routing and combining;
-//! - [`model`]: whole attention-transformer models behind `caldera_model::Runner`, each
-//!   step recorded once and replayed with one submit.
+//! - [`model`]: whole models (attention and the recurrent mixers; dense, ungated and
+//!   MoE MLPs) behind `caldera_model::Runner`, each step recorded once and replayed with
+//!   one submit.
 //!
 //! Shaders are GLSL under `shaders/`, compiled by `build-shaders.sh` into the committed
 //! SPIR-V in `shaders/spv/` (see README.md).
