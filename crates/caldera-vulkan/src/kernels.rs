@@ -109,6 +109,9 @@ pub enum Kernel {
     MmtQ6K = 90,
     MmtIQ4XS = 91,
     AttnFlash = 92,
+    RowsAct = 93,
+    MoeRoute = 94,
+    MoeCombine = 95,
 }
 
 /// One entry of the kernel table.
@@ -203,6 +206,12 @@ pub const MAMBA2_SCAN_PUSH_BYTES: u32 = 40;
 pub const MAMBA2_NORM_PUSH_BYTES: u32 = 16;
 /// `shortconv_rows` push constants: `channels, kern, ld, max_t` (u32).
 pub const SHORTCONV_ROWS_PUSH_BYTES: u32 = 16;
+/// `rows_act` push constants: `n, ld_y, ld_src, src_off, mode, max_t` (u32).
+pub const ROWS_ACT_PUSH_BYTES: u32 = 24;
+/// `moe_route` push constants: `n, k, kind, flags` (u32), `scale` (f32), `max_t` (u32).
+pub const MOE_ROUTE_PUSH_BYTES: u32 = 24;
+/// `moe_combine` push constants: `d, n_exp, n_slots, max_t` (u32).
+pub const MOE_COMBINE_PUSH_BYTES: u32 = 16;
 
 const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
@@ -323,7 +332,7 @@ const fn mvq(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 93] = [
+pub const KERNELS: [KernelDesc; 96] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -550,6 +559,27 @@ pub const KERNELS: [KernelDesc; 93] = [
             ATTN_FLASH_PUSH_BYTES,
         )
     },
+    plain(
+        Kernel::RowsAct,
+        "rows_act",
+        spv!("rows_act"),
+        3,
+        ROWS_ACT_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::MoeRoute,
+        "moe_route",
+        spv!("moe_route"),
+        4,
+        MOE_ROUTE_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::MoeCombine,
+        "moe_combine",
+        spv!("moe_combine"),
+        4,
+        MOE_COMBINE_PUSH_BYTES,
+    ),
 ];
 
 impl Kernel {

@@ -9,10 +9,12 @@
 //!   buffers ([`Recording`]);
 //! - [`ops`]: mat-vec straight from GGML blocks (F16, Q8_0, Q4_0, Q4_K, Q6_K) and RMSNorm;
 //!   the batched mat-vec [`ops::Mm`] for every type the models use;
-//! - [`recurrent`]: the decode steps of the recurrent mixers (GatedDeltaNet, Mamba2,
-//!   short conv), one dispatch each;
-//! - [`model`]: whole attention-transformer models behind `caldera_model::Runner`, each
-//!   step recorded once and replayed with one submit.
+//! - [`recurrent`]: the decode and prefill steps of the recurrent mixers
+//!   (GatedDeltaNet, Mamba2, short conv);
+//! - [`moe`]: mixture-of-experts routing and combining;
+//! - [`model`]: whole models (attention and the recurrent mixers; dense, ungated and
+//!   MoE MLPs) behind `caldera_model::Runner`, each step recorded once and replayed with
+//!   one submit.
 //!
 //! Shaders are GLSL under `shaders/`, compiled by `build-shaders.sh` into the committed
 //! SPIR-V in `shaders/spv/` (see README.md).
@@ -23,6 +25,7 @@ pub mod error;
 pub mod kernels;
 pub mod memory;
 pub mod model;
+pub mod moe;
 pub mod ops;
 pub mod record;
 pub mod recurrent;

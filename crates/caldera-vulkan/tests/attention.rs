@@ -1,7 +1,7 @@
-//! `attn_decode` (q/k norm, RoPE, KV write, split attention, int8 output) against a CPU
-//! twin on fresh random inputs: several head layouts (GQA groups, chunks of query heads),
-//! positions that need one and many splits, windows, softcap, both RoPE styles, and both
-//! reduction variants. Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
+//! `attn_decode` (q/k norm, RoPE, KV write, split attention, output gate, int8 output)
+//! against a CPU twin on fresh random inputs: several head layouts (GQA groups, chunks of
+//! query heads), positions that need one and many splits, windows, softcap, both RoPE
+//! styles, partial RoPE, Qwen3.5's sigmoid output gate, and both reduction variants. Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
 
@@ -23,12 +23,15 @@ struct Case {
     pos: usize,
     cap: usize,
     q8: bool,
+    /// The q projection's gates follow v (q | k | v | gate); out *= sigmoid(gate).
+    gate: bool,
 }
 
 fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv, c.hd);
     let kvd = nkv * hd;
-    let ld = (nh + 2 * nkv) * hd;
+    let gates = if c.gate { nh } else { 0 };
+    let ld = (nh + 2 * nkv + gates) * hd;
     let eps = 1e-6f32;
     let scale = 1.0 / (hd as f32).sqrt();
     let qkv = random_vec(rng, ld, 1.0);
@@ -47,6 +50,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         0
     };
     let mut want = vec![0f64; nh * hd];
+    let gate_at = (nh + 2 * nkv) * hd;
     let mut kv_new = Vec::new();
     for g in 0..nkv {
         let mut k: Vec<f64> = (0..hd).map(|i| qkv[nh * hd + g * hd + i] as f64).collect();
@@ -93,6 +97,11 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
                 want[h * hd + i] += e[j] / l * v;
             }
         }
+        if c.gate {
+            for i in 0..hd {
+                want[h * hd + i] /= 1.0 + (-(qkv[gate_at + h * hd + i] as f64)).exp();
+            }
+        }
     }
     // Device.
     let up = |v: &[f32]| ctx.upload_f32(v).unwrap();
@@ -134,6 +143,9 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     if c.q8 {
         flags |= 16;
     }
+    if c.gate {
+        flags |= 32;
+    }
     let push = words(&[
         nh as u32,
         nkv as u32,
@@ -158,13 +170,14 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     }
     let got = ctx.read_f32(&out, nh * hd).unwrap();
     let what = format!(
-        "{nh}/{nkv} heads of {hd}, pos {}, window {}, softcap {}, norm {}, interleaved {} \
-         (subgroup {}, kv f16 {})",
+        "{nh}/{nkv} heads of {hd}, pos {}, window {}, softcap {}, norm {}, interleaved {}, \
+         gate {} (subgroup {}, kv f16 {})",
         c.pos,
         c.window,
         c.softcap,
         c.qk_norm,
         c.interleaved,
+        c.gate,
         ctx.tuning().subgroup_reduce,
         ctx.tuning().kv_f16
     );
@@ -234,9 +247,11 @@ fn attn_decode_matches_cpu() {
             (4, 2, 256, 128),
         ] {
             for (pos, cap, window) in [(0, 40, 0), (37, 40, 0), (150, 161, 0), (150, 161, 45)] {
-                for (interleaved, qk_norm, softcap, q8) in
-                    [(false, true, 0.0, true), (true, false, 30.0, false)]
-                {
+                for (interleaved, qk_norm, softcap, q8, gate) in [
+                    (false, true, 0.0, true, false),
+                    (true, false, 30.0, false, false),
+                    (false, true, 0.0, true, true),
+                ] {
                     let c = Case {
                         n_heads,
                         n_kv,
@@ -249,6 +264,7 @@ fn attn_decode_matches_cpu() {
                         pos,
                         cap,
                         q8,
+                        gate,
                     };
                     run(ctx, &mut rng, &c);
                 }

@@ -91,6 +91,10 @@ pub fn cpu_mv(
         if let Some(cap) = mode.softcap {
             s = cap as f64 * (s / cap as f64).tanh();
         }
+        if mode.relu2 {
+            a *= 2.0 * s.abs() + a;
+            s = s.max(0.0).powi(2);
+        }
         if mode.add {
             s += y0[i] as f64;
             a += (y0[i] as f64).abs();
@@ -170,6 +174,12 @@ pub fn modes() -> Vec<MvMode> {
         MvMode {
             norm: true,
             softcap: Some(3.0),
+            eps,
+            ..Default::default()
+        },
+        MvMode {
+            norm: true,
+            relu2: true,
             eps,
             ..Default::default()
         },
