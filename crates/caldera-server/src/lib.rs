@@ -562,11 +562,11 @@ async fn handle(
         .with_code("context_length_exceeded"));
     }
     let prompt_tokens = prompt.len();
-    let params = GenParams {
-        max_tokens: max_tokens.unwrap_or(st.context - prompt_tokens),
+    let params = GenParams::new(
+        max_tokens.unwrap_or(st.context - prompt_tokens),
         sampler,
         stop,
-    };
+    );
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, rx) = unbounded_channel();
     let job = Job {
