@@ -94,6 +94,7 @@ fn start(cfg: ServerConfig) -> Option<Fixture> {
     let engine = Engine {
         tokenizer: tok,
         template,
+        arch: "llama".into(),
         new_runner: Box::new(move || {
             Ok(Box::new(TestRunner {
                 inner: CpuRunner::new(be.clone(), CTX)?,
