@@ -266,6 +266,8 @@ struct Slot<'t> {
     gen: Option<Generator>,
     active: Option<Active<'t>>,
     requests: u64,
+    /// Prompt, reused and generated tokens of the last finished request.
+    last: (usize, usize, usize),
 }
 
 /// Scheduler settings.
@@ -306,6 +308,7 @@ pub fn run(
             gen: Some(Generator::new(r)),
             active: None,
             requests: 0,
+            last: (0, 0, 0),
         })
         .collect();
     let chunk = settings.prefill_chunk.max(1);
@@ -334,7 +337,10 @@ pub fn run(
                 .as_ref()
                 .is_some_and(|a| a.job.cancel.load(Ordering::Relaxed))
             {
-                s.active = None;
+                if let Some(a) = s.active.take() {
+                    let q = &a.seq;
+                    s.last = (q.prompt_tokens(), q.reused_tokens(), q.generated_tokens());
+                }
                 shared.queue.release();
                 shared.counters.cancelled.fetch_add(1, Ordering::Relaxed);
             }
@@ -538,6 +544,11 @@ fn step(
                     .fetch_add(stats.generated_tokens as u64, Ordering::Relaxed);
                 c.finished.fetch_add(1, Ordering::Relaxed);
                 slot.requests += 1;
+                slot.last = (
+                    stats.prompt_tokens,
+                    stats.reused_tokens,
+                    stats.generated_tokens,
+                );
                 slot.active = None;
                 shared.queue.release();
             }
@@ -581,6 +592,7 @@ fn publish(slots: &[Slot<'_>], shared: &Shared) {
             }
             None => {
                 inf.state = SlotState::Idle;
+                (inf.prompt_tokens, inf.reused_tokens, inf.generated_tokens) = s.last;
                 inf.tokens_per_second = 0.0;
             }
         }
