@@ -805,6 +805,8 @@ fn prefix_reuse_is_counted() {
     ]);
     let r = post(addr, "/v1/chat/completions", &b);
     assert_eq!(r.status, 200);
+    // /slots is refreshed after the step that answered.
+    wait_all_idle(addr, Duration::from_secs(5));
     let s = get_json(addr, "/slots");
     assert_eq!(
         (s[0]["requests"].clone(), s[1]["requests"].clone()),
@@ -950,5 +952,59 @@ fn tool_call_round_trip() {
     bad["tools"] = weather_tools();
     bad["tool_choice"] = json!({"type": "function", "function": {"name": "nope"}});
     assert_error(&post(addr, path, &bad), 400, Some("tool_choice"));
+    f.server.shutdown().unwrap();
+}
+
+#[test]
+fn long_prompt_prefills_between_decode_steps() {
+    let Some(f) = start(ServerConfig {
+        slots: 2,
+        prefill_chunk: 16,
+        ..ServerConfig::default()
+    }) else {
+        return;
+    };
+    let addr = f.server.addr();
+    f.hooks.delay_ms.store(10, Ordering::SeqCst);
+    let a = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": "1, 2, 3,", "max_tokens": 120, "temperature": 0}),
+        )
+    });
+    let t = Instant::now();
+    while states(addr) != ["decode", "idle"] {
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", states(addr));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // ~300 prompt tokens in chunks of 16: while they go in, the first stream still gains
+    // tokens step after step.
+    let b = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": "the cat sat on the mat ".repeat(50), "max_tokens": 2}),
+        )
+    });
+    let mut seen: Vec<u64> = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        let s = get_json(addr, "/slots");
+        if s[1]["state"] == "prefill" && s[0]["state"] == "decode" {
+            seen.push(s[0]["generated_tokens"].as_u64().unwrap());
+        } else if !seen.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    seen.dedup();
+    assert!(
+        seen.len() >= 3,
+        "decode did not advance during the prefill: {seen:?}"
+    );
+    assert_eq!(b.join().unwrap().status, 200);
+    f.hooks.delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(a.join().unwrap().status, 200);
     f.server.shutdown().unwrap();
 }
