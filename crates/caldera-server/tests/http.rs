@@ -75,6 +75,11 @@ struct Fixture {
 }
 
 fn start(cfg: ServerConfig) -> Option<Fixture> {
+    start_with(cfg, None)
+}
+
+/// A server whose chat template is `template` instead of the model's.
+fn start_with(cfg: ServerConfig, template: Option<&str>) -> Option<Fixture> {
     let path = model_path()?;
     let file = ModelFile::open(&path).expect("open model");
     let model = Arc::new(Model::from_file(&file).expect("model"));
@@ -84,9 +89,8 @@ fn start(cfg: ServerConfig) -> Option<Fixture> {
     };
     let bos = tok.bos_text().unwrap_or("").to_owned();
     let eos = tok.eos_text().unwrap_or("").to_owned();
-    let template = file
-        .chat_template
-        .as_deref()
+    let template = template
+        .or(file.chat_template.as_deref())
         .map(|s| ChatTemplate::new(s, &bos, &eos).expect("template"));
     let hooks = Arc::new(Hooks::default());
     let be = Arc::new(CpuBackend::new(model, 2));
@@ -1006,5 +1010,43 @@ fn long_prompt_prefills_between_decode_steps() {
     assert_eq!(b.join().unwrap().status, 200);
     f.hooks.delay_ms.store(0, Ordering::SeqCst);
     assert_eq!(a.join().unwrap().status, 200);
+    f.server.shutdown().unwrap();
+}
+
+/// A ChatML template that renders `tools` and past tool calls itself (as Qwen's do).
+const NATIVE_TOOLS_TEMPLATE: &str = "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function.name }}: {{ t.function.parameters | tojson }}\n{% endfor %}</tools><|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{\"name\": {{ c.function.name | tojson }}, \"arguments\": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}{% elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+#[test]
+fn native_template_renders_tools() {
+    let Some(f) = start_with(ServerConfig::default(), Some(NATIVE_TOOLS_TEMPLATE)) else {
+        return;
+    };
+    let addr = f.server.addr();
+    assert_eq!(f.server.tool_format().name(), "hermes");
+    let path = "/v1/chat/completions";
+    let prompt_tokens = |extra: Value| {
+        let mut b = chat_body(1);
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let r = post(addr, path, &b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let plain = prompt_tokens(json!({}));
+    let with_tools = prompt_tokens(json!({"tools": weather_tools()}));
+    let none = prompt_tokens(json!({"tools": weather_tools(), "tool_choice": "none"}));
+    eprintln!("prompt tokens: plain {plain}, tools {with_tools}, none {none}");
+    // The template got the tools, and only when they are offered.
+    assert!(with_tools > plain + 10);
+    assert_eq!(none, plain);
+    // A past call and its result render through the template.
+    let history = json!({"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ], "tools": weather_tools(), "max_tokens": 4});
+    let r = post(addr, path, &history);
+    assert_eq!(r.status, 200, "{}", r.text());
     f.server.shutdown().unwrap();
 }
