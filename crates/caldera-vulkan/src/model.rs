@@ -750,6 +750,9 @@ pub struct VkRunner {
     fuse_quant: bool,
     /// `CALDERA_VK_PROFILE=1`: decode steps write GPU timestamps after every op.
     profile: bool,
+    /// Profiling only: `CALDERA_VK_ATTN_STOP=1|2` ends decode attention after its q/k
+    /// preparation | its softmax-weighted values (wrong output); read once.
+    attn_stop: u32,
     /// Device nanoseconds per op label (total, count) over `profile_steps` decode steps.
     profile_ns: HashMap<&'static str, (f64, u64)>,
     profile_steps: u64,
@@ -984,6 +987,11 @@ impl VkRunner {
             embed_bytes: Vec::with_capacity(chunk * d * 4),
             trace: std::env::var_os("CALDERA_VK_TRACE").is_some(),
             profile: std::env::var("CALDERA_VK_PROFILE").is_ok_and(|v| v == "1"),
+            attn_stop: std::env::var("CALDERA_VK_ATTN_STOP")
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+                .min(3),
             fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").map_or(true, |v| v != "0"),
             profile_ns: HashMap::new(),
             profile_steps: 0,
@@ -1251,14 +1259,7 @@ impl VkRunner {
             )?;
             let q8_flag = if o_q8 { 16 } else { 0 };
             let gate_flag = if a.q_gate { 32 } else { 0 };
-            // Profiling only: CALDERA_VK_ATTN_STOP=1|2 ends attention after its q/k
-            // preparation | its softmax-weighted values (wrong output).
-            let stop = std::env::var("CALDERA_VK_ATTN_STOP")
-                .ok()
-                .and_then(|v| v.parse::<u32>().ok())
-                .unwrap_or(0)
-                .min(3);
-            let q8_flag = q8_flag | gate_flag | (stop << 8);
+            let q8_flag = q8_flag | gate_flag | (self.attn_stop << 8);
             let push = push_words(&[
                 u32_of(nh, "heads")?,
                 u32_of(nkv, "kv heads")?,
