@@ -215,18 +215,8 @@ pub const MOE_COMBINE_PUSH_BYTES: u32 = 16;
 
 const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
-        kernel,
-        name,
-        spirv_subgroup: spv.0,
-        spirv_shared: spv.1,
-        bindings: 5,
-        push_bytes: MM_PUSH_BYTES,
         rows_per_group: true,
-        mv: false,
-        int8_dot: false,
-        glu: false,
-        invocations: 0,
-        shared_bytes: 0,
+        ..plain(kernel, name, spv, 5, MM_PUSH_BYTES)
     }
 }
 
@@ -266,19 +256,10 @@ const fn mmt(
     spv: (&'static [u8], &'static [u8]),
 ) -> KernelDesc {
     KernelDesc {
-        kernel,
-        name,
-        spirv_subgroup: spv.0,
-        spirv_shared: spv.1,
-        bindings: 5,
-        push_bytes: MMT_PUSH_BYTES,
-        rows_per_group: false,
-        mv: false,
-        int8_dot: false,
-        glu: false,
         invocations: 256,
         // A and B tiles (16 + 8 KiB), the norm's partial sums and scales.
         shared_bytes: 16384 + 8192 + 1024 + 256,
+        ..plain(kernel, name, spv, 5, MMT_PUSH_BYTES)
     }
 }
 
@@ -288,18 +269,9 @@ pub const MV_PUSH_BYTES: u32 = 24;
 
 const fn mv(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
-        kernel,
-        name,
-        spirv_subgroup: spv.0,
-        spirv_shared: spv.1,
-        bindings: 4,
-        push_bytes: MV_PUSH_BYTES,
         rows_per_group: true,
         mv: true,
-        int8_dot: false,
-        glu: false,
-        invocations: 0,
-        shared_bytes: 0,
+        ..plain(kernel, name, spv, 4, MV_PUSH_BYTES)
     }
 }
 
@@ -316,18 +288,10 @@ const fn mvq(
     int8_dot: bool,
 ) -> KernelDesc {
     KernelDesc {
-        kernel,
-        name,
-        spirv_subgroup: spv.0,
-        spirv_shared: spv.1,
-        bindings: 10,
-        push_bytes: MVQ_PUSH_BYTES,
         rows_per_group: true,
         mv: true,
         int8_dot,
-        glu: false,
-        invocations: 0,
-        shared_bytes: 0,
+        ..plain(kernel, name, spv, 10, MVQ_PUSH_BYTES)
     }
 }
 
