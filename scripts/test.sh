@@ -13,3 +13,5 @@ for off in CALDERA_NO_VNNI CALDERA_NO_SIMD; do
   echo "== caldera-format dot products with $off=1"
   env "$off=1" cargo test -p caldera-format --test quant_dot --test quant_formats "$@"
 done
+# The HTTP server against the official openai SDK, and a bounded load test.
+"$root/scripts/test_serve.sh"

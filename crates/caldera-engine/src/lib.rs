@@ -3,5 +3,5 @@
 pub mod generate;
 pub mod sampler;
 
-pub use generate::{FinishReason, GenParams, GenStats, Generator};
+pub use generate::{FinishReason, GenParams, GenStats, Generator, Piece, Sequence};
 pub use sampler::{Sampler, SamplerConfig, StopMatcher};

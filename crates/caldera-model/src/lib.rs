@@ -21,7 +21,10 @@ pub use config::{
 };
 pub use error::{ModelError, Result};
 pub use file::{ModelFile, TokenizerSource};
-pub use runner::{Logits, RunError, Runner, RunnerStats};
+pub use runner::{
+    panic_message, BatchItem, BatchStepper, Logits, RunError, Runner, RunnerStats, SerialStepper,
+    StepOutcome,
+};
 pub use weights::{AttnWeights, DenseFfn, FfnWeights, Layer, MixerWeights, ModelWeights, Weight};
 
 /// A loaded model: its description and its weights (views into the mapped file).

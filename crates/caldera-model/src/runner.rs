@@ -60,3 +60,60 @@ pub trait Runner: Send {
         None
     }
 }
+
+/// One sequence's part of a step over several sequences.
+pub struct BatchItem<'a> {
+    pub runner: &'a mut dyn Runner,
+    /// Tokens to run after the sequence's tokens: one to decode, or a prefill chunk.
+    pub tokens: &'a [u32],
+    /// Receives the last token's logits row.
+    pub logits: &'a mut Vec<f32>,
+    /// Set by the step.
+    pub outcome: StepOutcome,
+}
+
+/// What a step did for one [`BatchItem`].
+#[derive(Debug)]
+pub enum StepOutcome {
+    /// Not run yet.
+    Pending,
+    Done,
+    Failed(RunError),
+    /// The backend panicked; the runner's state is unknown and should be replaced.
+    Panicked(String),
+}
+
+/// Runs one step of several sequences (a server's slots). The default runs each item's
+/// runner on its own, one after another, and keeps a panic in one item from reaching the
+/// others. A backend that can batch (one read of the weights for every sequence's token)
+/// implements this for its runners.
+pub trait BatchStepper: Send {
+    fn step_batch(&mut self, items: &mut [BatchItem<'_>]) {
+        for it in items.iter_mut() {
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                it.runner.forward(it.tokens, Logits::Last, it.logits)
+            }));
+            it.outcome = match run {
+                Ok(Ok(())) => StepOutcome::Done,
+                Ok(Err(e)) => StepOutcome::Failed(e),
+                Err(p) => StepOutcome::Panicked(panic_message(&*p)),
+            };
+        }
+    }
+}
+
+/// The default [`BatchStepper`]: one runner after another.
+pub struct SerialStepper;
+
+impl BatchStepper for SerialStepper {}
+
+/// The message of a caught panic.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_owned()
+    }
+}

@@ -1,29 +1,35 @@
-//! An OpenAI-compatible HTTP server over one model sequence.
+//! An OpenAI-compatible HTTP server over a model's slots (parallel sequences).
 //!
-//! Routes: `POST /v1/chat/completions`, `POST /v1/completions` (both streaming as
-//! server-sent events ending with `data: [DONE]`, or not), `GET /v1/models`,
-//! `GET /health`. Request fields and their bounds are listed in [`request`].
+//! Routes: `POST /v1/chat/completions` (with tool calling: [`tools`]),
+//! `POST /v1/completions` (both streaming as server-sent events ending with
+//! `data: [DONE]`, or not), `GET /v1/models`, `GET /health`, `GET /slots` (JSON per
+//! slot), `GET /metrics` (Prometheus text). Request fields and their bounds are listed in
+//! [`request`].
 //!
-//! Threads: the HTTP side runs on a small tokio runtime and never touches the model; a
-//! single worker thread ([`worker`]) owns the generator and serves jobs one at a time from
-//! a bounded queue (full queue: 503 with `Retry-After`). Prompts are rendered and
-//! tokenized on tokio's blocking pool before they are queued, so an over-long prompt is
-//! refused (400 with the token counts) before it reaches the model.
+//! Threads: the HTTP side runs on a small tokio runtime and never touches the model; one
+//! scheduler thread ([`scheduler`]) owns every slot and advances all active ones each step
+//! (continuous batching; prefill in chunks between decode steps). Requests wait in a
+//! bounded queue while every slot is busy (full queue: 503 with `Retry-After`). Prompts
+//! are rendered and tokenized on tokio's blocking pool before they are queued, so an
+//! over-long prompt is refused (400 with the token counts) before it reaches the model.
 //!
 //! Safety rails: caps on the header block (431) and the body (413), a header-read
 //! deadline, bearer-key auth on every route but `/health` with a constant-time compare;
 //! without a key, only requests whose `Host` names localhost are answered (403
 //! otherwise: DNS rebinding); no CORS headers; cancellation of a job whose client went
-//! away (checked before every token); a panic inside one generation fails only that
-//! request; graceful shutdown (in-flight requests finish, up to 30 s).
+//! away (its slot is freed at the next step); a panic inside one slot's generation fails
+//! only that request; graceful shutdown (in-flight requests finish, up to 30 s).
 
 pub mod request;
-pub mod worker;
+pub mod scheduler;
+pub mod tools;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -36,20 +42,24 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use caldera_engine::{FinishReason, GenParams};
+use caldera_model::SerialStepper;
 use caldera_tokenizer::{ChatTemplate, Tokenizer};
+use scheduler::{Event, Job, Refused, Settings, Shared};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tools::{Out, ToolCall, ToolChoice, ToolFormat, ToolParser};
 
 pub use request::ApiError;
 use request::{Input, Parsed};
-pub use worker::RunnerFactory;
-use worker::{Event, Job, WorkerState};
+pub use scheduler::RunnerFactory;
 
-/// What the server runs: the tokenizer, the chat template, and a way to make runners
-/// (one at start-up, another after a generation panicked).
+/// What the server runs: the tokenizer, the chat template, the architecture name (for
+/// the tool-call format), and a way to make runners (one per slot at start-up, another
+/// after a slot's generation panicked).
 pub struct Engine {
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
+    pub arch: String,
     pub new_runner: RunnerFactory,
 }
 
@@ -58,7 +68,12 @@ pub struct Engine {
 pub struct ServerConfig {
     /// The id `/v1/models` lists and responses carry.
     pub model_name: String,
-    /// Requests that may wait while one runs; beyond it, 503.
+    /// Sequences served at once, each with its own runner and context.
+    pub slots: usize,
+    /// Most prompt tokens prefilled in one scheduler step (over all slots), so that
+    /// running streams keep flowing while long prompts come in.
+    pub prefill_chunk: usize,
+    /// Requests that may wait while every slot is busy; beyond it, 503.
     pub max_queue: usize,
     /// Largest request body in bytes; beyond it, 413.
     pub max_body_bytes: usize,
@@ -77,6 +92,8 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             model_name: "caldera".into(),
+            slots: 1,
+            prefill_chunk: 256,
             max_queue: 16,
             max_body_bytes: 4 << 20,
             api_key: None,
@@ -121,9 +138,14 @@ struct AppState {
     cfg: ServerConfig,
     tok: Arc<Tokenizer>,
     template: Option<Arc<ChatTemplate>>,
+    /// Whether the template renders `tools` itself (else they go in a system message).
+    template_tools: bool,
+    tool_format: ToolFormat,
+    /// Tokens of one slot.
     context: usize,
-    jobs: mpsc::SyncSender<Job>,
-    worker: Arc<WorkerState>,
+    shared: Arc<Shared>,
+    /// Finished HTTP requests by (route, status).
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     created: u64,
 }
 
@@ -133,12 +155,14 @@ pub struct Server {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     worker: Option<std::thread::JoinHandle<()>>,
+    shared: Arc<Shared>,
     context: usize,
+    tool_format: ToolFormat,
 }
 
 impl Server {
-    /// Starts serving on `listener` (already bound). Makes the first runner now, so a
-    /// model that cannot run fails here.
+    /// Starts serving on `listener` (already bound). Makes every slot's runner now, so a
+    /// model that cannot run (or does not fit `slots` times) fails here.
     pub fn start(
         engine: Engine,
         cfg: ServerConfig,
@@ -147,30 +171,61 @@ impl Server {
         let Engine {
             tokenizer,
             template,
+            arch,
             mut new_runner,
         } = engine;
-        let first = new_runner().map_err(|e| format!("cannot open the model: {e}"))?;
-        let context = first.capacity();
+        if cfg.slots == 0 {
+            return Err("the server needs at least one slot".into());
+        }
+        let mut runners = Vec::with_capacity(cfg.slots);
+        for i in 0..cfg.slots {
+            let r = new_runner().map_err(|e| {
+                if i == 0 {
+                    format!("cannot open the model: {e}")
+                } else {
+                    format!("cannot open slot {i} of {}: {e}", cfg.slots)
+                }
+            })?;
+            runners.push(r);
+        }
+        let capacities: Vec<usize> = runners.iter().map(|r| r.capacity()).collect();
+        let context = capacities.iter().copied().min().unwrap_or(0);
         let tok = Arc::new(tokenizer);
-        let (jobs, rx) = mpsc::sync_channel(cfg.max_queue);
-        let wstate = Arc::new(WorkerState::default());
-        wstate.alive.store(true, Ordering::SeqCst);
+        let shared = Arc::new(Shared::new(&capacities, cfg.max_queue));
         let worker = {
-            let (tok, ws) = (tok.clone(), wstate.clone());
+            let (tok, sh) = (tok.clone(), shared.clone());
+            let settings = Settings {
+                prefill_chunk: cfg.prefill_chunk,
+            };
             std::thread::Builder::new()
-                .name("caldera-worker".into())
-                .spawn(move || worker::run(rx, tok, new_runner, first, ws))
-                .map_err(|e| format!("cannot start the worker thread: {e}"))?
+                .name("caldera-scheduler".into())
+                .spawn(move || {
+                    scheduler::run(
+                        tok,
+                        new_runner,
+                        runners,
+                        Box::new(SerialStepper),
+                        sh,
+                        settings,
+                    )
+                })
+                .map_err(|e| format!("cannot start the scheduler thread: {e}"))?
         };
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let tool_format = ToolFormat::detect(template.as_ref().map(|t| t.source()), &arch);
+        let template_tools = template
+            .as_ref()
+            .is_some_and(|t| tools::template_handles_tools(t.source()));
         let state = Arc::new(AppState {
             cfg: cfg.clone(),
             tok,
             template: template.map(Arc::new),
+            template_tools,
+            tool_format,
             context,
-            jobs,
-            worker: wstate,
+            shared: shared.clone(),
+            requests: Mutex::new(BTreeMap::new()),
             created: now(),
         });
         let app = router(state);
@@ -197,7 +252,9 @@ impl Server {
             stop: Some(stop),
             thread: Some(thread),
             worker: Some(worker),
+            shared,
             context,
+            tool_format,
         })
     }
 
@@ -205,9 +262,14 @@ impl Server {
         self.addr
     }
 
-    /// Tokens the sequence holds.
+    /// Tokens one slot holds.
     pub fn context(&self) -> usize {
         self.context
+    }
+
+    /// The tool-call format chosen for the model.
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_format
     }
 
     /// Asks the server to stop (in-flight requests finish) and waits for it.
@@ -229,7 +291,8 @@ impl Server {
             Some(Err(_)) => Err(std::io::Error::other("the HTTP thread panicked")),
             None => Ok(()),
         };
-        // The router (and with it the job sender) is gone: the worker drains and ends.
+        // The HTTP side is gone: the scheduler finishes what it holds and ends.
+        self.shared.queue.close();
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
@@ -324,6 +387,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/slots", get(slots))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -344,7 +409,27 @@ pub fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// The route label requests are counted under.
+fn route_label(path: &str) -> Option<&'static str> {
+    match path {
+        "/v1/chat/completions" => Some("chat"),
+        "/v1/completions" => Some("completions"),
+        "/v1/models" => Some("models"),
+        _ => None,
+    }
+}
+
 async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let label = route_label(req.uri().path());
+    let resp = check_auth(&st, req, next).await;
+    if let Some(l) = label {
+        let mut m = st.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((l, resp.status().as_u16())).or_insert(0) += 1;
+    }
+    resp
+}
+
+async fn check_auth(st: &AppState, req: Request, next: Next) -> Response {
     // Without a key, only this machine may talk to the server: a web page that rebinds
     // its own name to 127.0.0.1 still sends its name as the Host.
     if st.cfg.api_key.is_none() {
@@ -392,11 +477,14 @@ async fn not_found(req: Request) -> ApiError {
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
-    let alive = st.worker.alive.load(Ordering::SeqCst);
+    let alive = st.shared.alive.load(Ordering::SeqCst);
+    let q = &st.shared.queue;
     let body = json!({
         "status": if alive { "ok" } else { "error" },
-        "busy": st.worker.busy.load(Ordering::SeqCst),
-        "queued": st.worker.queued.load(Ordering::SeqCst),
+        "busy": q.active() > 0,
+        "slots": st.cfg.slots,
+        "slots_busy": q.active(),
+        "queued": q.len(),
     });
     let code = if alive {
         StatusCode::OK
@@ -404,6 +492,172 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body)).into_response()
+}
+
+async fn slots(State(st): State<Arc<AppState>>) -> Json<Value> {
+    let list: Vec<Value> = st
+        .shared
+        .slot_infos()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({
+                "id": i,
+                "state": s.state.as_str(),
+                "context_used": s.context_used,
+                "context_capacity": s.context_capacity,
+                "prompt_tokens": s.prompt_tokens,
+                "reused_tokens": s.reused_tokens,
+                "generated_tokens": s.generated_tokens,
+                "tokens_per_second": (s.tokens_per_second * 100.0).round() / 100.0,
+                "requests": s.requests,
+            })
+        })
+        .collect();
+    Json(Value::Array(list))
+}
+
+/// Prometheus text exposition (version 0.0.4).
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    let mut o = String::new();
+    let infos = st.shared.slot_infos();
+    let name = "caldera_slot_state";
+    let _ = writeln!(
+        o,
+        "# HELP {name} 1 for the state each slot is in (idle, prefill, decode).\n# TYPE {name} gauge"
+    );
+    for (i, s) in infos.iter().enumerate() {
+        for state in ["idle", "prefill", "decode"] {
+            let on = (s.state.as_str() == state) as u8;
+            let _ = writeln!(o, "{name}{{slot=\"{i}\",state=\"{state}\"}} {on}");
+        }
+    }
+    type Gauge = (&'static str, &'static str, fn(&scheduler::SlotInfo) -> f64);
+    let per_slot: [Gauge; 4] = [
+        (
+            "caldera_slot_tokens_per_second",
+            "Decode speed of the slot's current request (0 when idle).",
+            |s| s.tokens_per_second,
+        ),
+        (
+            "caldera_slot_context_used_tokens",
+            "Tokens the slot's sequence holds.",
+            |s| s.context_used as f64,
+        ),
+        (
+            "caldera_slot_context_capacity_tokens",
+            "Tokens the slot's sequence can hold.",
+            |s| s.context_capacity as f64,
+        ),
+        (
+            "caldera_slot_generated_tokens",
+            "Tokens generated for the slot's current (or last) request.",
+            |s| s.generated_tokens as f64,
+        ),
+    ];
+    for (name, help, get) in per_slot {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (i, s) in infos.iter().enumerate() {
+            let _ = writeln!(o, "{name}{{slot=\"{i}\"}} {}", get(s));
+        }
+    }
+    let q = &st.shared.queue;
+    let c = &st.shared.counters;
+    let scalars: [(&str, &str, &str, u64); 12] = [
+        (
+            "caldera_slots",
+            "gauge",
+            "Slots (parallel sequences).",
+            infos.len() as u64,
+        ),
+        (
+            "caldera_slots_busy",
+            "gauge",
+            "Slots holding a request.",
+            q.active() as u64,
+        ),
+        (
+            "caldera_queue_depth",
+            "gauge",
+            "Requests waiting for a slot.",
+            q.len() as u64,
+        ),
+        (
+            "caldera_queue_capacity",
+            "gauge",
+            "Most requests that may wait.",
+            q.capacity() as u64,
+        ),
+        (
+            "caldera_prefix_cache_hits_total",
+            "counter",
+            "Requests that reused part of their prompt from a slot's cache.",
+            c.prefix_hits.load(Ordering::Relaxed),
+        ),
+        (
+            "caldera_prefix_cache_reused_tokens_total",
+            "counter",
+            "Prompt tokens taken from slot caches instead of computed.",
+            c.reused_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "caldera_prompt_tokens_total",
+            "counter",
+            "Prompt tokens of requests started.",
+            c.prompt_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "caldera_generated_tokens_total",
+            "counter",
+            "Tokens generated by finished requests.",
+            c.generated_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "caldera_generations_finished_total",
+            "counter",
+            "Generations that ran to their end.",
+            c.finished.load(Ordering::Relaxed),
+        ),
+        (
+            "caldera_generations_cancelled_total",
+            "counter",
+            "Generations stopped because the client went away.",
+            c.cancelled.load(Ordering::Relaxed),
+        ),
+        (
+            "caldera_generations_failed_total",
+            "counter",
+            "Generations that ended with an error.",
+            c.failed.load(Ordering::Relaxed),
+        ),
+        (
+            "caldera_slot_restarts_total",
+            "counter",
+            "Slot runners replaced after a panic.",
+            c.restarts.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, v) in scalars {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    let name = "caldera_requests_total";
+    let _ = writeln!(
+        o,
+        "# HELP {name} Finished HTTP requests by route and status.\n# TYPE {name} counter"
+    );
+    let reqs = st
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    for ((route, status), v) in reqs {
+        let _ = writeln!(o, "{name}{{route=\"{route}\",status=\"{status}\"}} {v}");
+    }
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        o,
+    )
+        .into_response()
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
@@ -476,13 +730,21 @@ async fn completions(
         .unwrap_or_else(IntoResponse::into_response)
 }
 
-fn encode(st: &AppState, input: Input) -> Result<Vec<u32>, ApiError> {
+/// The prompt's tokens, and the text the prompt put at the start of the answer (a
+/// forced tool call's opening).
+fn encode(
+    st: &AppState,
+    input: Input,
+    tools: &[Value],
+    choice: &ToolChoice,
+) -> Result<(Vec<u32>, String), ApiError> {
     let tok = &st.tok;
     let bad = |e: String| ApiError::invalid(Some("prompt"), e);
     match input {
-        Input::Tokens(t) => Ok(t),
+        Input::Tokens(t) => Ok((t, String::new())),
         Input::Text(s) => tok
             .encode(&s, tok.adds_bos(), false)
+            .map(|t| (t, String::new()))
             .map_err(|e| bad(format!("cannot tokenize the prompt: {e}"))),
         Input::Messages(m) => {
             let t = st.template.as_ref().ok_or_else(|| {
@@ -491,14 +753,29 @@ fn encode(st: &AppState, input: Input) -> Result<Vec<u32>, ApiError> {
                     "the model has no chat template: use /v1/completions",
                 )
             })?;
-            let text = t
-                .render(&m, None, true, None)
-                .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+            let offer = !tools.is_empty() && *choice != ToolChoice::None;
+            let rendered = if st.template_tools {
+                let list = Value::Array(tools.to_vec());
+                t.render(&m, offer.then_some(&list), true, None)
+            } else {
+                let msgs = m.as_array().map_or(&[][..], Vec::as_slice);
+                let msgs = tools::fallback_messages(msgs, offer.then_some(tools));
+                t.render(&Value::Array(msgs), None, true, None)
+            };
+            let mut text =
+                rendered.map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+            let prefix = if offer {
+                st.tool_format.forced_prefix(choice)
+            } else {
+                String::new()
+            };
+            text.push_str(&prefix);
             // Templates usually write the BOS text themselves; never add a second one.
             let bos_in_text = tok
                 .bos_text()
                 .is_some_and(|b| !b.is_empty() && text.starts_with(b));
             tok.encode(&text, tok.adds_bos() && !bos_in_text, true)
+                .map(|t| (t, prefix))
                 .map_err(|e| ApiError::invalid(Some("messages"), format!("cannot tokenize: {e}")))
         }
     }
@@ -531,17 +808,23 @@ async fn handle(
         stop,
         stream,
         include_usage,
+        tools,
+        tool_choice,
+        parallel_tool_calls,
     } = parsed;
+    let offered = !tools.is_empty() && tool_choice != ToolChoice::None;
     let st2 = st.clone();
-    let prompt = tokio::task::spawn_blocking(move || encode(&st2, input))
-        .await
-        .map_err(|e| {
-            ApiError::status(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                format!("prompt rendering failed: {e}"),
-            )
-        })??;
+    let (tools2, choice2) = (tools.clone(), tool_choice.clone());
+    let (prompt, prefix) =
+        tokio::task::spawn_blocking(move || encode(&st2, input, &tools2, &choice2))
+            .await
+            .map_err(|e| {
+                ApiError::status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    format!("prompt rendering failed: {e}"),
+                )
+            })??;
     if prompt.is_empty() {
         return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
     }
@@ -554,19 +837,28 @@ async fn handle(
         return Err(ApiError::invalid(
             Some(param),
             format!(
-                "the prompt is {} tokens, but the context holds {} tokens (the prompt must leave room for at least one new token)",
+                "the prompt is {} tokens, but a slot's context holds {} tokens (the prompt must leave room for at least one new token)",
                 prompt.len(),
                 st.context
             ),
         )
         .with_code("context_length_exceeded"));
     }
+    // Chat answers go through a tool parser when tools are offered, and always for
+    // Harmony models (their channels separate the answer from the reasoning).
+    let parser =
+        (kind == Kind::Chat && (offered || st.tool_format == ToolFormat::Harmony)).then(|| {
+            let mut p = ToolParser::new(st.tool_format, if offered { &tools } else { &[] });
+            p.prime(&prefix);
+            p
+        });
     let prompt_tokens = prompt.len();
-    let params = GenParams {
-        max_tokens: max_tokens.unwrap_or(st.context - prompt_tokens),
+    let mut params = GenParams::new(
+        max_tokens.unwrap_or(st.context - prompt_tokens),
         sampler,
         stop,
-    };
+    );
+    params.specials = parser.is_some();
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, rx) = unbounded_channel();
     let job = Job {
@@ -575,19 +867,17 @@ async fn handle(
         events: tx,
         cancel: cancel.clone(),
     };
-    st.worker.queued.fetch_add(1, Ordering::SeqCst);
-    if let Err(e) = st.jobs.try_send(job) {
-        st.worker.queued.fetch_sub(1, Ordering::SeqCst);
-        let mut err = match e {
-            mpsc::TrySendError::Full(_) => ApiError::status(
+    if let Err(why) = st.shared.queue.push(job) {
+        let mut err = match why {
+            Refused::Full => ApiError::status(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 format!(
-                    "the server is busy: {} requests are already waiting; retry later",
-                    st.cfg.max_queue
+                    "the server is busy: all {} slots are in use and {} requests are already waiting; retry later",
+                    st.cfg.slots, st.cfg.max_queue
                 ),
             ),
-            mpsc::TrySendError::Disconnected(_) => ApiError::status(
+            Refused::Closed => ApiError::status(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "the model worker has stopped",
@@ -606,11 +896,88 @@ async fn handle(
         model: st.cfg.model_name.clone(),
         kind,
     };
+    let reader = Reader {
+        parser,
+        forced: offered && matches!(tool_choice, ToolChoice::Required | ToolChoice::Named(_)),
+        parallel: parallel_tool_calls,
+        calls: 0,
+    };
     let guard = CancelOnDrop(cancel);
     if stream {
-        Ok(stream_response(meta, rx, guard, include_usage))
+        Ok(stream_response(meta, rx, guard, include_usage, reader))
     } else {
-        collect_response(meta, rx, guard).await
+        collect_response(meta, rx, guard, reader).await
+    }
+}
+
+/// Reads a generation's events: through the tool parser when there is one.
+struct Reader {
+    parser: Option<ToolParser>,
+    /// `tool_choice` asked for a call.
+    forced: bool,
+    /// Several calls allowed (`parallel_tool_calls`).
+    parallel: bool,
+    /// Calls passed on so far.
+    calls: usize,
+}
+
+impl Reader {
+    fn text(&mut self, t: String) -> Vec<Out> {
+        let outs = match &mut self.parser {
+            Some(p) => p.push_text(&t),
+            None => vec![Out::Content(t)],
+        };
+        self.keep(outs)
+    }
+
+    fn special(&mut self, t: &str) -> Vec<Out> {
+        let outs = match &mut self.parser {
+            Some(p) => p.push_special(t),
+            None => Vec::new(),
+        };
+        self.keep(outs)
+    }
+
+    fn finish(&mut self) -> Vec<Out> {
+        let outs = match &mut self.parser {
+            Some(p) => p.finish(),
+            None => Vec::new(),
+        };
+        self.keep(outs)
+    }
+
+    /// Drops calls past the first without `parallel_tool_calls`, and empty text.
+    fn keep(&mut self, outs: Vec<Out>) -> Vec<Out> {
+        let mut kept = Vec::with_capacity(outs.len());
+        for o in outs {
+            match &o {
+                Out::Call(_) if !self.parallel && self.calls > 0 => continue,
+                Out::Call(_) => self.calls += 1,
+                Out::Content(t) | Out::Reasoning(t) if t.is_empty() => continue,
+                _ => {}
+            }
+            kept.push(o);
+        }
+        kept
+    }
+
+    /// The error when `tool_choice` required a call and none came.
+    fn missing_call(&self, text: &str) -> Option<ApiError> {
+        if !self.forced || self.calls > 0 {
+            return None;
+        }
+        let mut shown: String = text.chars().take(200).collect();
+        if shown.len() < text.len() {
+            shown.push_str("...");
+        }
+        Some(
+            ApiError::status(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "server_error",
+                format!("`tool_choice` asked for a tool call, but the model's output is not a valid call: {shown:?}"),
+            )
+            .with_code("tool_call_not_produced"),
+        )
     }
 }
 
@@ -629,15 +996,48 @@ fn internal(message: String) -> ApiError {
     ApiError::status(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
 }
 
+fn call_id() -> String {
+    new_id("call").replacen('-', "_", 1)
+}
+
+fn call_json(c: &ToolCall, id: String) -> Value {
+    json!({
+        "id": id,
+        "type": "function",
+        "function": {"name": c.name, "arguments": c.arguments},
+    })
+}
+
 async fn collect_response(
     meta: Meta,
     mut rx: UnboundedReceiver<Event>,
     _guard: CancelOnDrop,
+    mut reader: Reader,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut reasoning = String::new();
+    let mut calls: Vec<ToolCall> = Vec::new();
+    let mut raw = String::new();
+    let mut take = |outs: Vec<Out>, text: &mut String| {
+        for o in outs {
+            match o {
+                Out::Content(t) => text.push_str(&t),
+                Out::Reasoning(t) => reasoning.push_str(&t),
+                Out::Call(c) => calls.push(c),
+            }
+        }
+    };
     loop {
         match rx.recv().await {
-            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Text(t)) => {
+                raw.push_str(&t);
+                let outs = reader.text(t);
+                take(outs, &mut text);
+            }
+            Some(Event::Special(t)) => {
+                let outs = reader.special(&t);
+                take(outs, &mut text);
+            }
             Some(Event::Error(e)) => return Err(internal(e)),
             None => return Err(internal("the generation ended without a result".into())),
             Some(Event::Done {
@@ -645,18 +1045,41 @@ async fn collect_response(
                 completion_tokens,
                 finish,
             }) => {
+                let outs = reader.finish();
+                take(outs, &mut text);
+                if let Some(e) = reader.missing_call(&raw) {
+                    return Err(e);
+                }
+                let finish = if calls.is_empty() {
+                    finish_str(finish)
+                } else {
+                    "tool_calls"
+                };
                 let choice = match meta.kind {
-                    Kind::Chat => json!({
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": null,
-                        "finish_reason": finish_str(finish),
-                    }),
+                    Kind::Chat => {
+                        let mut message = json!({"role": "assistant", "content": text});
+                        if !calls.is_empty() {
+                            if text.is_empty() {
+                                message["content"] = Value::Null;
+                            }
+                            message["tool_calls"] =
+                                calls.iter().map(|c| call_json(c, call_id())).collect();
+                        }
+                        if !reasoning.is_empty() {
+                            message["reasoning_content"] = reasoning.clone().into();
+                        }
+                        json!({
+                            "index": 0,
+                            "message": message,
+                            "logprobs": null,
+                            "finish_reason": finish,
+                        })
+                    }
                     Kind::Completion => json!({
                         "index": 0,
                         "text": text,
                         "logprobs": null,
-                        "finish_reason": finish_str(finish),
+                        "finish_reason": finish,
                     }),
                 };
                 let object = match meta.kind {
@@ -717,6 +1140,43 @@ impl Meta {
             }),
         }
     }
+
+    /// A chat chunk whose delta is `delta`.
+    fn chat_delta(&self, delta: Value) -> SseEvent {
+        sse(&self.chunk(
+            Some(json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": null})),
+            None,
+        ))
+    }
+
+    /// The chunks of parser outputs; `calls` counts the tool calls streamed so far.
+    fn outs(&self, outs: Vec<Out>, calls: &mut usize) -> Vec<SseEvent> {
+        let mut ev = Vec::new();
+        for o in outs {
+            match o {
+                Out::Content(t) => ev.push(sse(
+                    &self.chunk(Some(self.delta(Some(&t), false, None)), None)
+                )),
+                Out::Reasoning(t) => ev.push(self.chat_delta(json!({"reasoning_content": t}))),
+                Out::Call(c) => {
+                    let index = *calls;
+                    *calls += 1;
+                    // The call's id and name first, then its arguments (whole).
+                    ev.push(self.chat_delta(json!({"tool_calls": [{
+                        "index": index,
+                        "id": call_id(),
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": ""},
+                    }]})));
+                    ev.push(self.chat_delta(json!({"tool_calls": [{
+                        "index": index,
+                        "function": {"arguments": c.arguments},
+                    }]})));
+                }
+            }
+        }
+        ev
+    }
 }
 
 fn sse(v: &Value) -> SseEvent {
@@ -728,6 +1188,7 @@ fn stream_response(
     mut rx: UnboundedReceiver<Event>,
     guard: CancelOnDrop,
     include_usage: bool,
+    mut reader: Reader,
 ) -> Response {
     let (out, out_rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
     tokio::spawn(async move {
@@ -738,24 +1199,44 @@ fn stream_response(
                 return;
             }
         }
+        let mut calls = 0usize;
+        let mut raw = String::new();
         loop {
             let ev = tokio::select! {
                 ev = rx.recv() => ev,
                 _ = out.closed() => return,
             };
-            let msg = match ev {
+            let msgs = match ev {
                 Some(Event::Text(t)) => {
-                    sse(&meta.chunk(Some(meta.delta(Some(&t), false, None)), None))
+                    raw.push_str(&t);
+                    let outs = reader.text(t);
+                    meta.outs(outs, &mut calls)
+                }
+                Some(Event::Special(t)) => {
+                    let outs = reader.special(&t);
+                    meta.outs(outs, &mut calls)
                 }
                 Some(Event::Done {
                     prompt_tokens,
                     completion_tokens,
                     finish,
                 }) => {
-                    let last = meta.chunk(
-                        Some(meta.delta(None, false, Some(finish_str(finish)))),
-                        None,
-                    );
+                    let outs = reader.finish();
+                    for m in meta.outs(outs, &mut calls) {
+                        if out.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    if let Some(e) = reader.missing_call(&raw) {
+                        let _ = out.send(sse(&e.body())).await;
+                        return;
+                    }
+                    let finish = if calls > 0 {
+                        "tool_calls"
+                    } else {
+                        finish_str(finish)
+                    };
+                    let last = meta.chunk(Some(meta.delta(None, false, Some(finish))), None);
                     if out.send(sse(&last)).await.is_err() {
                         return;
                     }
@@ -778,8 +1259,10 @@ fn stream_response(
                     return;
                 }
             };
-            if out.send(msg).await.is_err() {
-                return;
+            for m in msgs {
+                if out.send(m).await.is_err() {
+                    return;
+                }
             }
         }
     });

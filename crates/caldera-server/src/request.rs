@@ -18,7 +18,9 @@
 //! | `stream` | boolean | | false |
 //! | `stream_options.include_usage` | boolean | only with `stream` | false |
 //! | `logprobs` | boolean | false | false |
-//! | `tools` | array | empty (tool calls come in a later version) | none |
+//! | `tools` (chat) | array of `{"type": "function", "function": {"name", "description", "parameters"}}` | at most 128 tools; names 1 ..= 64 of `[A-Za-z0-9_.-]`, unique | none |
+//! | `tool_choice` (chat) | `"none"`, `"auto"`, `"required"`, or `{"type": "function", "function": {"name"}}` naming a tool | `"auto"` with tools, else `"none"` |
+//! | `parallel_tool_calls` (chat) | boolean | | true |
 //! | `messages` (chat) | array of messages | 1 ..= 4096 messages | required |
 //! | `prompt` (completions) | string, array of one string, or array of token ids | non-empty | required |
 //!
@@ -31,6 +33,8 @@ use axum::response::{IntoResponse, Response};
 use caldera_engine::SamplerConfig;
 use serde_json::{json, Map, Value};
 
+use crate::tools::ToolChoice;
+
 /// Most stop strings a request may give.
 pub const MAX_STOP: usize = 4;
 /// Longest stop string, in bytes.
@@ -39,6 +43,10 @@ pub const MAX_STOP_BYTES: usize = 256;
 pub const MAX_MESSAGES: usize = 4096;
 /// Largest `top_k`.
 pub const MAX_TOP_K: u64 = 1 << 20;
+/// Most tools a request may offer.
+pub const MAX_TOOLS: usize = 128;
+/// Longest tool name.
+pub const MAX_TOOL_NAME: usize = 64;
 
 /// An error answered as `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]
@@ -125,6 +133,10 @@ pub struct Parsed {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// The request's tools (chat), validated; empty when none.
+    pub tools: Vec<Value>,
+    pub tool_choice: ToolChoice,
+    pub parallel_tool_calls: bool,
 }
 
 fn field<'a>(o: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
@@ -265,17 +277,6 @@ fn common(o: &Map<String, Value>, context: usize, input: Input) -> Result<Parsed
             "`logprobs` is not supported",
         ));
     }
-    match field(o, "tools") {
-        None => {}
-        Some(Value::Array(a)) if a.is_empty() => {}
-        Some(Value::Array(_)) => {
-            return Err(ApiError::invalid(
-                Some("tools"),
-                "tool calling is not supported by this server yet",
-            ))
-        }
-        Some(_) => return Err(ApiError::invalid(Some("tools"), "`tools` must be an array")),
-    }
     let stream = boolean(o, "stream")?.unwrap_or(false);
     let include_usage = match field(o, "stream_options") {
         None => false,
@@ -309,7 +310,151 @@ fn common(o: &Map<String, Value>, context: usize, input: Input) -> Result<Parsed
         stop: stops(o)?,
         stream,
         include_usage,
+        tools: Vec::new(),
+        tool_choice: ToolChoice::None,
+        parallel_tool_calls: true,
     })
+}
+
+fn valid_tool_name(name: &str) -> bool {
+    (1..=MAX_TOOL_NAME).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls` of a chat request.
+fn tools(o: &Map<String, Value>) -> Result<(Vec<Value>, ToolChoice, bool), ApiError> {
+    let p = Some("tools");
+    let list = match field(o, "tools") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a.clone(),
+        Some(_) => return Err(ApiError::invalid(p, "`tools` must be an array")),
+    };
+    if list.len() > MAX_TOOLS {
+        return Err(ApiError::invalid(
+            p,
+            format!(
+                "`tools` holds at most {MAX_TOOLS} tools, got {}",
+                list.len()
+            ),
+        ));
+    }
+    let mut names: Vec<String> = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        let bad = |m: &str| ApiError::invalid(p, format!("tools[{i}]: {m}"));
+        let t = t.as_object().ok_or_else(|| bad("must be an object"))?;
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(bad("`type` must be \"function\""));
+        }
+        let f = t
+            .get("function")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("`function` must be an object"))?;
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("`function.name` must be a string"))?;
+        if !valid_tool_name(name) {
+            return Err(bad(&format!(
+                "`function.name` must be 1 to {MAX_TOOL_NAME} letters, digits, `_`, `-` or `.`"
+            )));
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(bad(&format!("the tool name `{name}` is used twice")));
+        }
+        if !matches!(
+            f.get("description"),
+            None | Some(Value::Null) | Some(Value::String(_))
+        ) {
+            return Err(bad("`function.description` must be a string"));
+        }
+        if !matches!(
+            f.get("parameters"),
+            None | Some(Value::Null) | Some(Value::Object(_))
+        ) {
+            return Err(bad("`function.parameters` must be a JSON schema object"));
+        }
+        names.push(name.to_owned());
+    }
+    let cp = Some("tool_choice");
+    let choice = match field(o, "tool_choice") {
+        None if list.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            _ => {
+                return Err(ApiError::invalid(
+                    cp,
+                    "`tool_choice` must be \"none\", \"auto\", \"required\" or a function",
+                ))
+            }
+        },
+        Some(Value::Object(c)) => {
+            let name = c
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .filter(|_| c.get("type").and_then(Value::as_str) == Some("function"))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        cp,
+                        "`tool_choice` as an object must be {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                    )
+                })?;
+            if !names.iter().any(|n| n == name) {
+                return Err(ApiError::invalid(
+                    cp,
+                    format!("`tool_choice` names `{name}`, which is not in `tools`"),
+                ));
+            }
+            ToolChoice::Named(name.to_owned())
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                cp,
+                "`tool_choice` must be a string or an object",
+            ))
+        }
+    };
+    if list.is_empty() && matches!(choice, ToolChoice::Required | ToolChoice::Named(_)) {
+        return Err(ApiError::invalid(
+            cp,
+            "`tool_choice` asks for a tool call, but `tools` is empty",
+        ));
+    }
+    let parallel = boolean(o, "parallel_tool_calls")?.unwrap_or(true);
+    Ok((list, choice, parallel))
+}
+
+/// An assistant message's `tool_calls`: `[{"id", "type": "function", "function": {"name",
+/// "arguments"}}]`.
+fn check_tool_calls(i: usize, calls: &Value) -> Result<(), ApiError> {
+    let param = format!("messages[{i}].tool_calls");
+    let bad = |m: String| ApiError::invalid(Some(&param), m);
+    let Value::Array(calls) = calls else {
+        return Err(bad(format!("{param} must be an array")));
+    };
+    for (j, c) in calls.iter().enumerate() {
+        let f = c.get("function").and_then(Value::as_object);
+        let ok = c.get("type").is_none_or(|t| t == "function")
+            && f.is_some_and(|f| {
+                f.get("name").is_some_and(Value::is_string)
+                    && matches!(
+                        f.get("arguments"),
+                        None | Some(Value::String(_)) | Some(Value::Object(_))
+                    )
+            })
+            && c.get("id").is_none_or(Value::is_string);
+        if !ok {
+            return Err(bad(format!(
+                "{param}[{j}] must be {{\"id\": string, \"type\": \"function\", \"function\": {{\"name\": string, \"arguments\": string}}}}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
@@ -381,9 +526,31 @@ pub fn parse_chat(body: &[u8], context: usize) -> Result<Parsed, ApiError> {
                 return Err(e);
             }
         }
+        if let Some(calls) = m.get("tool_calls").filter(|c| !c.is_null()) {
+            if m["role"] != "assistant" {
+                let mut e = at(".tool_calls");
+                e.message =
+                    format!("messages[{i}].tool_calls is only allowed on assistant messages");
+                return Err(e);
+            }
+            check_tool_calls(i, calls)?;
+        }
+        if !matches!(
+            m.get("tool_call_id"),
+            None | Some(Value::Null) | Some(Value::String(_))
+        ) {
+            let mut e = at(".tool_call_id");
+            e.message = format!("messages[{i}].tool_call_id must be a string");
+            return Err(e);
+        }
         out.push(Value::Object(m));
     }
-    common(&o, context, Input::Messages(Value::Array(out)))
+    let (tools, tool_choice, parallel_tool_calls) = tools(&o)?;
+    let mut parsed = common(&o, context, Input::Messages(Value::Array(out)))?;
+    parsed.tools = tools;
+    parsed.tool_choice = tool_choice;
+    parsed.parallel_tool_calls = parallel_tool_calls;
+    Ok(parsed)
 }
 
 /// Parses a `/v1/completions` body. `vocab` bounds token ids given as the prompt.
@@ -424,6 +591,12 @@ pub fn parse_completion(body: &[u8], context: usize, vocab: usize) -> Result<Par
         ));
     }
     integer(&o, "best_of", 1, 1)?;
+    if field(&o, "tools").is_some() {
+        return Err(ApiError::invalid(
+            Some("tools"),
+            "`tools` belongs to /v1/chat/completions",
+        ));
+    }
     common(&o, context, input)
 }
 
@@ -468,6 +641,20 @@ mod tests {
             ),
             (r#""seed":"x""#, Some("seed")),
             (r#""tools":[{"type":"function"}]"#, Some("tools")),
+            (r#""tools":{}"#, Some("tools")),
+            (
+                r#""tools":[{"type":"function","function":{"name":"a b"}}]"#,
+                Some("tools"),
+            ),
+            (r#""tool_choice":"required""#, Some("tool_choice")),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":{"type":"function","function":{"name":"g"}}"#,
+                Some("tool_choice"),
+            ),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}],"tool_choice":"sometimes""#,
+                Some("tool_choice"),
+            ),
         ] {
             let e = chat(&format!("{{{M},{extra}}}")).unwrap_err();
             assert_eq!(e.param.as_deref(), param, "{extra}");
@@ -477,6 +664,22 @@ mod tests {
         assert!(chat(r#"{"messages":[{"role":"bot","content":"x"}]}"#).is_err());
         assert!(chat(r#"{"messages":[{"role":"user","content":5}]}"#).is_err());
         assert!(chat("[1]").is_err());
+        let t = chat(&format!(
+            r#"{{{M},"tools":[{{"type":"function","function":{{"name":"get_weather","parameters":{{"type":"object"}}}}}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!((t.tools.len(), t.tool_choice), (1, ToolChoice::Auto));
+        let t = chat(&format!(
+            r#"{{{M},"tools":[{{"type":"function","function":{{"name":"f"}}}}],"tool_choice":{{"type":"function","function":{{"name":"f"}}}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(t.tool_choice, ToolChoice::Named("f".into()));
+        let e = chat(r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"a","type":"function","function":{"name":5}}]}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].tool_calls"));
+        let ok = chat(
+            r#"{"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"a","type":"function","function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"a","content":"1"}]}"#,
+        );
+        assert!(ok.is_ok());
         assert!(chat("{").is_err());
         let e = parse_completion(br#"{"prompt":[1,99]}"#, 100, 50).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("prompt"));

@@ -17,7 +17,7 @@ use caldera_server::{Engine, Server, ServerConfig};
 use caldera_tokenizer::{ChatTemplate, Tokenizer};
 use serde_json::{json, Value};
 
-const CTX: usize = 256;
+const CTX: usize = 512;
 
 fn model_path() -> Option<PathBuf> {
     let dir = std::env::var("CALDERA_MODELS")
@@ -75,6 +75,11 @@ struct Fixture {
 }
 
 fn start(cfg: ServerConfig) -> Option<Fixture> {
+    start_with(cfg, None)
+}
+
+/// A server whose chat template is `template` instead of the model's.
+fn start_with(cfg: ServerConfig, template: Option<&str>) -> Option<Fixture> {
     let path = model_path()?;
     let file = ModelFile::open(&path).expect("open model");
     let model = Arc::new(Model::from_file(&file).expect("model"));
@@ -84,9 +89,8 @@ fn start(cfg: ServerConfig) -> Option<Fixture> {
     };
     let bos = tok.bos_text().unwrap_or("").to_owned();
     let eos = tok.eos_text().unwrap_or("").to_owned();
-    let template = file
-        .chat_template
-        .as_deref()
+    let template = template
+        .or(file.chat_template.as_deref())
         .map(|s| ChatTemplate::new(s, &bos, &eos).expect("template"));
     let hooks = Arc::new(Hooks::default());
     let be = Arc::new(CpuBackend::new(model, 2));
@@ -94,6 +98,7 @@ fn start(cfg: ServerConfig) -> Option<Fixture> {
     let engine = Engine {
         tokenizer: tok,
         template,
+        arch: "llama".into(),
         new_runner: Box::new(move || {
             Ok(Box::new(TestRunner {
                 inner: CpuRunner::new(be.clone(), CTX)?,
@@ -443,12 +448,21 @@ fn auth_and_body_cap() {
         assert_eq!(r.status, 401);
         let r = request(addr, "GET", "//v1/models", &headers, b"");
         assert_eq!(r.status, 401);
+        for path in ["/slots", "/metrics"] {
+            let r = request(addr, "GET", path, &headers, b"");
+            assert_eq!(r.status, 401, "{path}");
+        }
     }
     let ok = [("Authorization", "Bearer s3cret-key")];
     let r = request(addr, "GET", "/health", &[], b"");
     assert_eq!(r.status, 200);
     let r = request(addr, "GET", "/v1/models", &ok, b"");
     assert_eq!(r.status, 200);
+    let r = request(addr, "GET", "/slots", &ok, b"");
+    assert_eq!(r.status, 200);
+    let r = request(addr, "GET", "/metrics", &ok, b"");
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("# TYPE caldera_queue_depth gauge"));
     let r = request(addr, "POST", path, &ok, body.as_bytes());
     assert_eq!(r.status, 200, "{}", r.text());
 
@@ -598,5 +612,441 @@ fn full_queue_gets_503() {
     for h in handles {
         assert_eq!(h.join().unwrap(), 200);
     }
+    f.server.shutdown().unwrap();
+}
+
+fn get_json(addr: SocketAddr, path: &str) -> Value {
+    let r = request(addr, "GET", path, &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+fn states(addr: SocketAddr) -> Vec<String> {
+    get_json(addr, "/slots")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn wait_all_idle(addr: SocketAddr, limit: Duration) {
+    let t = Instant::now();
+    while states(addr).iter().any(|s| s != "idle") {
+        assert!(t.elapsed() < limit, "slots stayed busy: {:?}", states(addr));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn slots_run_together_cancel_and_fail_alone() {
+    let Some(f) = start(ServerConfig {
+        slots: 3,
+        max_queue: 1,
+        prefill_chunk: 8,
+        ..ServerConfig::default()
+    }) else {
+        return;
+    };
+    let addr = f.server.addr();
+    let s = get_json(addr, "/slots");
+    assert_eq!(s.as_array().unwrap().len(), 3);
+    assert_eq!(s[2]["context_capacity"], CTX);
+
+    // Three requests at once run together: the slots are seen decoding side by side.
+    f.hooks.delay_ms.store(15, Ordering::SeqCst);
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0});
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let b = body.clone();
+            std::thread::spawn(move || post(addr, "/v1/completions", &b))
+        })
+        .collect();
+    let t = Instant::now();
+    let mut most = 0;
+    while most < 3 && t.elapsed() < Duration::from_secs(20) {
+        most = most.max(states(addr).iter().filter(|s| *s == "decode").count());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(most, 3, "the slots did not decode together");
+    let texts: Vec<String> = handles
+        .into_iter()
+        .map(|h| {
+            let r = h.join().unwrap();
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["choices"][0]["text"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    // Greedy and the same prompt: the same text on every slot.
+    assert!(texts.iter().all(|t| *t == texts[0]), "{texts:?}");
+    wait_all_idle(addr, Duration::from_secs(5));
+    let s = get_json(addr, "/slots");
+    for slot in s.as_array().unwrap() {
+        assert_eq!(slot["requests"], 1, "{s}");
+        assert_eq!(slot["generated_tokens"], 24, "{s}");
+        assert!(slot["context_used"].as_u64().unwrap() > 24, "{s}");
+    }
+
+    // 3 running + 1 queued; the fifth is refused.
+    f.hooks.delay_ms.store(40, Ordering::SeqCst);
+    let long = json!({"prompt": "1, 2, 3,", "max_tokens": 200, "temperature": 0, "stream": true});
+    let mut streams: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let b = long.to_string();
+            let mut s = TcpStream::connect(addr).unwrap();
+            send_head(&mut s, "POST", "/v1/completions", &[], b.len());
+            s.write_all(b.as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let t = Instant::now();
+    while states(addr).iter().filter(|s| *s != "idle").count() < 3 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let queued = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": "Hi", "max_tokens": 2}),
+        )
+    });
+    let t = Instant::now();
+    while get_json(addr, "/health")["queued"] != 1 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"prompt": "Hi", "max_tokens": 2}),
+    );
+    assert_error(&r, 503, None);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(metric(&m, "caldera_queue_depth"), 1.0);
+    assert_eq!(metric(&m, "caldera_slots_busy"), 3.0);
+
+    // Hanging up frees a slot within a step: the queued request gets it and finishes.
+    let hung = streams.pop().unwrap();
+    let before = f.hooks.forwards.load(Ordering::SeqCst);
+    drop(hung);
+    let r = queued.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ran = f.hooks.forwards.load(Ordering::SeqCst) - before;
+    eprintln!("{ran} forward calls between the hang-up and the queued request's end");
+
+    // A panic in one slot fails that request only; the other stream goes on.
+    f.hooks.panic_once.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    while f.hooks.panic_once.load(Ordering::SeqCst) {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    f.hooks.delay_ms.store(0, Ordering::SeqCst);
+    let mut ends = Vec::new();
+    for mut s in streams {
+        let mut raw = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let _ = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&parse(&raw).body).into_owned();
+        ends.push(sse_data(&text).last().cloned().unwrap_or_default());
+    }
+    ends.sort();
+    assert_eq!(ends[0], "[DONE]", "{ends:?}");
+    assert!(ends[1].contains("injected test panic"), "{ends:?}");
+    wait_all_idle(addr, Duration::from_secs(5));
+    let r = post(addr, "/v1/chat/completions", &chat_body(3));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(metric(&m, "caldera_slot_restarts_total"), 1.0);
+    assert_eq!(metric(&m, "caldera_generations_cancelled_total"), 1.0);
+    assert_eq!(metric(&m, "caldera_generations_failed_total"), 1.0);
+    assert_eq!(metric(&m, "caldera_queue_depth"), 0.0);
+    assert_eq!(
+        metric(
+            &m,
+            "caldera_requests_total{route=\"completions\",status=\"503\"}"
+        ),
+        1.0
+    );
+    assert!(
+        metric(
+            &m,
+            "caldera_requests_total{route=\"completions\",status=\"200\"}"
+        ) >= 4.0
+    );
+    assert_eq!(
+        metric(&m, "caldera_slot_state{slot=\"0\",state=\"idle\"}"),
+        1.0
+    );
+    f.server.shutdown().unwrap();
+}
+
+#[test]
+fn prefix_reuse_is_counted() {
+    let Some(f) = start(ServerConfig {
+        slots: 2,
+        ..ServerConfig::default()
+    }) else {
+        return;
+    };
+    let addr = f.server.addr();
+    let mut b = chat_body(4);
+    let r = post(addr, "/v1/chat/completions", &b);
+    assert_eq!(r.status, 200);
+    let answer = r.json()["choices"][0]["message"]["content"].clone();
+    // The next turn of the same conversation goes to the slot holding its prefix.
+    b["messages"].as_array_mut().unwrap().extend([
+        json!({"role": "assistant", "content": answer}),
+        json!({"role": "user", "content": "And of Spain?"}),
+    ]);
+    let r = post(addr, "/v1/chat/completions", &b);
+    assert_eq!(r.status, 200);
+    // /slots is refreshed after the step that answered.
+    wait_all_idle(addr, Duration::from_secs(5));
+    let s = get_json(addr, "/slots");
+    assert_eq!(
+        (s[0]["requests"].clone(), s[1]["requests"].clone()),
+        (json!(2), json!(0)),
+        "{s}"
+    );
+    assert!(s[0]["reused_tokens"].as_u64().unwrap() > 10, "{s}");
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(metric(&m, "caldera_prefix_cache_hits_total"), 1.0);
+    f.server.shutdown().unwrap();
+}
+
+fn weather_tools() -> Value {
+    json!([{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "description": "The city"}},
+                "required": ["city"],
+            },
+        },
+    }])
+}
+
+#[test]
+fn tool_call_round_trip() {
+    let Some(f) = start(ServerConfig::default()) else {
+        return;
+    };
+    let addr = f.server.addr();
+    assert_eq!(f.server.tool_format().name(), "hermes");
+    let path = "/v1/chat/completions";
+    let user = json!({"role": "user", "content": "What is the weather in Paris?"});
+    // A named tool_choice: the answer is a call of that function (SmolLM2's skill is
+    // weak, so only the protocol is checked, not the arguments' values).
+    let body = json!({
+        "messages": [user],
+        "tools": weather_tools(),
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "max_tokens": 40,
+        "temperature": 0,
+    });
+    let r = post(addr, path, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    eprintln!("{j}");
+    let c = &j["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert!(!calls.is_empty());
+    let call = &calls[0];
+    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(args.is_object());
+    let content = c["message"]["content"].as_str().unwrap_or("");
+    assert!(!content.contains("<tool_call>"), "{content}");
+
+    // Streamed: tool-call deltas (id and name first, then arguments), no raw markup.
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let r = post(addr, path, &sb);
+    let data = sse_data(&r.text());
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let (mut name, mut args_text, mut finish, mut text) =
+        (String::new(), String::new(), Value::Null, String::new());
+    for d in &data[..data.len() - 1] {
+        let ch: Value = serde_json::from_str(d).unwrap();
+        let Some(c) = ch["choices"].get(0) else {
+            continue;
+        };
+        if let Some(t) = c["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(tc) = c["delta"]["tool_calls"].get(0) {
+            assert_eq!(tc["index"], 0);
+            if let Some(n) = tc["function"]["name"].as_str() {
+                assert!(tc["id"].is_string());
+                name.push_str(n);
+            }
+            if let Some(a) = tc["function"]["arguments"].as_str() {
+                args_text.push_str(a);
+            }
+        }
+        if !c["finish_reason"].is_null() {
+            finish = c["finish_reason"].clone();
+        }
+    }
+    assert_eq!(
+        (name.as_str(), finish),
+        ("get_weather", json!("tool_calls"))
+    );
+    assert_eq!(args_text, call["function"]["arguments"].as_str().unwrap());
+    assert!(!text.contains("<tool_call>"), "{text}");
+
+    // The result goes back through the template; the model answers (anything).
+    let body = json!({
+        "messages": [
+            user,
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "{\"temperature_c\": 21, \"sky\": \"sunny\"}"},
+        ],
+        "tools": weather_tools(),
+        "max_tokens": 16,
+        "temperature": 0,
+    });
+    let r = post(addr, path, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let j = r.json();
+    eprintln!("{j}");
+    assert!(j["usage"]["prompt_tokens"].as_u64().unwrap() > 50);
+    let reason = j["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(
+        ["stop", "length", "tool_calls"].contains(&reason),
+        "{reason}"
+    );
+
+    // tool_choice none: plain content, no calls.
+    let body = json!({
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "tools": weather_tools(),
+        "tool_choice": "none",
+        "max_tokens": 8,
+        "temperature": 0,
+    });
+    let r = post(addr, path, &body);
+    let j = r.json();
+    assert!(
+        j["choices"][0]["message"].get("tool_calls").is_none(),
+        "{j}"
+    );
+    assert_ne!(j["choices"][0]["finish_reason"], "tool_calls");
+
+    // Bad tool definitions are 400s.
+    let mut bad = body.clone();
+    bad["tools"] = json!([{"type": "function", "function": {"name": "has space"}}]);
+    assert_error(&post(addr, path, &bad), 400, Some("tools"));
+    bad["tools"] = weather_tools();
+    bad["tool_choice"] = json!({"type": "function", "function": {"name": "nope"}});
+    assert_error(&post(addr, path, &bad), 400, Some("tool_choice"));
+    f.server.shutdown().unwrap();
+}
+
+#[test]
+fn long_prompt_prefills_between_decode_steps() {
+    let Some(f) = start(ServerConfig {
+        slots: 2,
+        prefill_chunk: 16,
+        ..ServerConfig::default()
+    }) else {
+        return;
+    };
+    let addr = f.server.addr();
+    f.hooks.delay_ms.store(10, Ordering::SeqCst);
+    let a = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": "1, 2, 3,", "max_tokens": 120, "temperature": 0}),
+        )
+    });
+    let t = Instant::now();
+    while states(addr) != ["decode", "idle"] {
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", states(addr));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // ~300 prompt tokens in chunks of 16: while they go in, the first stream still gains
+    // tokens step after step.
+    let b = std::thread::spawn(move || {
+        post(
+            addr,
+            "/v1/completions",
+            &json!({"prompt": "the cat sat on the mat ".repeat(50), "max_tokens": 2}),
+        )
+    });
+    let mut seen: Vec<u64> = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(20) {
+        let s = get_json(addr, "/slots");
+        if s[1]["state"] == "prefill" && s[0]["state"] == "decode" {
+            seen.push(s[0]["generated_tokens"].as_u64().unwrap());
+        } else if !seen.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    seen.dedup();
+    assert!(
+        seen.len() >= 3,
+        "decode did not advance during the prefill: {seen:?}"
+    );
+    assert_eq!(b.join().unwrap().status, 200);
+    f.hooks.delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(a.join().unwrap().status, 200);
+    f.server.shutdown().unwrap();
+}
+
+/// A ChatML template that renders `tools` and past tool calls itself (as Qwen's do).
+const NATIVE_TOOLS_TEMPLATE: &str = "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t.function.name }}: {{ t.function.parameters | tojson }}\n{% endfor %}</tools><|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{\"name\": {{ c.function.name | tojson }}, \"arguments\": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}{% elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+#[test]
+fn native_template_renders_tools() {
+    let Some(f) = start_with(ServerConfig::default(), Some(NATIVE_TOOLS_TEMPLATE)) else {
+        return;
+    };
+    let addr = f.server.addr();
+    assert_eq!(f.server.tool_format().name(), "hermes");
+    let path = "/v1/chat/completions";
+    let prompt_tokens = |extra: Value| {
+        let mut b = chat_body(1);
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        let r = post(addr, path, &b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let plain = prompt_tokens(json!({}));
+    let with_tools = prompt_tokens(json!({"tools": weather_tools()}));
+    let none = prompt_tokens(json!({"tools": weather_tools(), "tool_choice": "none"}));
+    eprintln!("prompt tokens: plain {plain}, tools {with_tools}, none {none}");
+    // The template got the tools, and only when they are offered.
+    assert!(with_tools > plain + 10);
+    assert_eq!(none, plain);
+    // A past call and its result render through the template.
+    let history = json!({"messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ], "tools": weather_tools(), "max_tokens": 4});
+    let r = post(addr, path, &history);
+    assert_eq!(r.status, 200, "{}", r.text());
     f.server.shutdown().unwrap();
 }

@@ -8,8 +8,7 @@
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
-layout(std430, binding = 1) readonly buffer Kc { float kc[]; };
-layout(std430, binding = 2) readonly buffer Vc { float vc[]; };
+#include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { float o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
 
@@ -71,7 +70,7 @@ void main() {
         if (i <= pos) {
             uint kb = i * kvd + g * p.hd;
             for (uint d = 0u; d < p.hd; d++) {
-                float kv = kc[kb + d];
+                float kv = k_at(kb + d);
                 [[unroll]] for (uint h = 0u; h < MAXH; h++) {
                     if (h < nh) {
                         s[h] += q_s[h * p.hd + d] * kv;
@@ -120,7 +119,7 @@ void main() {
             }
             uint vb = base * kvd + g * p.hd + d;
             for (uint j = 0u; j < cnt; j++) {
-                float vv = vc[vb + j * kvd];
+                float vv = v_at(vb + j * kvd);
                 [[unroll]] for (uint h = 0u; h < MAXH; h++) {
                     a[h] += sc[h * WG + j] * vv;
                 }

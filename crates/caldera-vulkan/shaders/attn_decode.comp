@@ -8,8 +8,10 @@
 // softmax per head into partials (m, l, acc[hd]); the last split to finish (an atomic
 // count per (g, c), reset by that split) combines them into the output, and with F_Q8
 // also quantizes it to int8 blocks of 32 for the o-projection (quant_x.comp's format).
+// With F_QGATE (Qwen3.5's gated attention) the output is multiplied by sigmoid(gate),
+// the gates of the n_heads query heads following v in qkv: q | k | v | gate.
 // Splits past the window exit at once: the dispatch covers the longest context.
-// Binding 0: qkv (f32: q | k | v of the token), 1: k cache, 2: v cache ([pos][kv][hd]),
+// Binding 0: qkv (f32: q | k | v (| gate) of the token), 1: k cache, 2: v cache ([pos][kv][hd]),
 // 3: out (f32, n_heads * hd), 4: step values ([1] position), 5: q norm, 6: k norm,
 // 7: RoPE table ((cos, sin) of pair i at position p at 2 (p * n_rot / 2 + i)),
 // 8: q8 values (u32), 9: q8 scales, 10: partials (f32, [head][split][2 + hd]),
@@ -17,10 +19,7 @@
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
-layout(std430, binding = 1) buffer Kc { float kc[]; };
-layout(std430, binding = 1) readonly buffer Kc4 { vec4 kc4[]; };
-layout(std430, binding = 2) buffer Vc { float vc[]; };
-layout(std430, binding = 2) readonly buffer Vc4 { vec4 vc4[]; };
+#include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { float o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
 layout(std430, binding = 5) readonly buffer Qn { float qn[]; };
@@ -36,6 +35,7 @@ const uint F_KNORM = 2u;
 const uint F_ROPE = 4u;
 const uint F_INTERLEAVED = 8u;
 const uint F_Q8 = 16u;
+const uint F_QGATE = 32u;
 const uint MAX_HD = 256u;
 const uint MAXG = 8u;
 const uint MAX_SPLIT = 128u;
@@ -137,6 +137,15 @@ void norm_rope(bool is_q, uint nh, bool norm, uint pos) {
     }
 }
 
+// The output gate of query head h at dim d: sigmoid(gate) with F_QGATE, else 1.
+float out_gate(uint h, uint d) {
+    if ((p.flags & F_QGATE) == 0u) {
+        return 1.0;
+    }
+    float gt = qkv[(p.n_heads + 2u * p.n_kv) * p.hd + h * p.hd + d];
+    return 1.0 / (1.0 + exp(-gt));
+}
+
 // With F_Q8: quantizes the chunk's output (nh heads in q_s; hd a multiple of 32) to int8
 // blocks of 32 for the o-projection, 8 invocations per block of 4 values each (WG a
 // multiple of 8). Follows a barrier.
@@ -189,7 +198,7 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
             t[u] = vec4(0.0);
             if (j < total && pi != pos) {
                 uint e = (pi * kvd + g * p.hd + d) >> 2;
-                t[u] = is_v ? vc4[e] : kc4[e];
+                t[u] = is_v ? v4_at(e) : k4_at(e);
             }
         }
         [[unroll]] for (uint u = 0u; u < 16u; u++) {
@@ -251,9 +260,9 @@ void main() {
         norm_rope(false, 1u, (p.flags & F_KNORM) != 0u, pos);
         if (c == 0u) {
             uint dst = pos * kvd + g * p.hd;
-            for (uint i = tid; i < p.hd; i += WG) {
-                kc[dst + i] = k_s[i];
-                vc[dst + i] = qkv[kb + kvd + i];
+            for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
+                k_put2(dst + i, vec2(k_s[i], k_s[i + 1u]));
+                v_put2(dst + i, vec2(qkv[kb + kvd + i], qkv[kb + kvd + i + 1u]));
             }
         }
     }
@@ -364,7 +373,7 @@ void main() {
         uint d = j % p.hd;
         if (single) {
             // One split: the output directly, no partials.
-            float v = q_s[j] / l_s[h];
+            float v = q_s[j] / l_s[h] * out_gate(h0 + h, d);
             q_s[j] = v;
             o[(h0 + h) * p.hd + d] = v;
         } else {
@@ -433,6 +442,7 @@ void main() {
             for (uint t = 0u; t < n_active; t++) {
                 acc += kv_s[CM + h * n_active + t] * part[pb + t * stride];
             }
+            acc *= out_gate(h0 + h, d);
             q_s[j] = acc;
             o[(h0 + h) * p.hd + d] = acc;
         }
@@ -452,7 +462,7 @@ void main() {
                 for (uint t = 0u; t < n_active; t++) {
                     a += exp(part[hb + t * stride] - mx) * part[hb + t * stride + 2u + d];
                 }
-                float v = a / l;
+                float v = a / l * out_gate(h0 + h, d);
                 q_s[h * p.hd + d] = v;
                 o[(h0 + h) * p.hd + d] = v;
             }

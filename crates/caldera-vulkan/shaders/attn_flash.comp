@@ -1,7 +1,7 @@
 #version 450
 // Causal (optionally windowed, soft-capped) flash attention for the tokens of a prefill
-// step, over the f32 KV cache (which rope_kv has already written for this step), with
-// grouped kv heads. One workgroup per (tile of bq query tokens, kv head g, chunk of hpw
+// step, over the KV cache (f32 or f16: kv.glsl), which rope_kv has already written for
+// this step, with grouped kv heads. One workgroup per (tile of bq query tokens, kv head g, chunk of hpw
 // of g's query heads): its R = bq * hpw query rows (row r = token r / hpw, head
 // r % hpw) sit in shared memory; keys are visited in tiles of bkv positions, each k and
 // v tile staged in shared memory once for all R rows; an online softmax (running max m
@@ -16,8 +16,7 @@ const uint FA_WG = 128u;
 layout(local_size_x = 128, local_size_y = 1, local_size_z = 1) in;
 
 layout(std430, binding = 0) readonly buffer Qkv { vec4 qkv[]; };
-layout(std430, binding = 1) readonly buffer Kc { vec4 kc[]; };
-layout(std430, binding = 2) readonly buffer Vc { vec4 vc[]; };
+#include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { vec4 o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
 
@@ -101,7 +100,7 @@ void main() {
         for (uint i = tid; i < nk * hd4; i += FA_WG) {
             uint j = i / hd4;
             uint d = i % hd4;
-            kv_s[j * st4 + d] = kc[(kb + j) * kvd4 + g * hd4 + d];
+            kv_s[j * st4 + d] = k4_at((kb + j) * kvd4 + g * hd4 + d);
         }
         barrier();
         // Scores of every (row, key) of the tile; masked ones NEG.
@@ -148,7 +147,7 @@ void main() {
         for (uint i = tid; i < nk * hd4; i += FA_WG) {
             uint j = i / hd4;
             uint d = i % hd4;
-            kv_s[j * st4 + d] = vc[(kb + j) * kvd4 + g * hd4 + d];
+            kv_s[j * st4 + d] = v4_at((kb + j) * kvd4 + g * hd4 + d);
         }
         barrier();
         [[unroll]] for (uint a = 0u; a < ACC; a++) {

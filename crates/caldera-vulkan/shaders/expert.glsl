@@ -22,10 +22,10 @@ layout(std430, binding = EXPERT_BINDING) readonly buffer Ids { uint ids[]; };
 layout(std430, binding = EXPERT_BINDING + 1) readonly buffer Wts { float wts[]; };
 layout(std430, binding = EXPERT_BINDING + 2) readonly buffer Bias { float ebias[]; };
 
-const uint MV_SUM = 256u;
-const uint MV_BIAS = 512u;
-const uint MV_CLAMP = 1024u;
-const uint MV_RELU2 = 2048u;
+// (MV_RELU2, 256, is mv_common.glsl's: store() applies it after the bias.)
+const uint MV_SUM = 512u;
+const uint MV_BIAS = 1024u;
+const uint MV_CLAMP = 2048u;
 
 // The local index of slot s's expert in this piece, >= p.ne when it is not here.
 uint slot_expert(uint s) {
@@ -46,14 +46,10 @@ float glu_act(float g, float u) {
     return ((p.flags & MV_GELU) != 0u ? gelu_tanh(g) : silu(g)) * u;
 }
 
-// The stored value of row `row` of a per-slot (not MVG) mat-vec: dot + bias, relu^2.
+// The value of row `row` of a per-slot (not MVG) mat-vec: dot + bias (store() applies
+// relu^2 where MV_RELU2 asks for it).
 float plain_out(uint s, uint row, float v) {
-    v += slot_bias(s, row);
-    if ((p.flags & MV_RELU2) != 0u) {
-        v = max(v, 0.0);
-        v *= v;
-    }
-    return v;
+    return v + slot_bias(s, row);
 }
 
 // Σ over the slots whose expert is in this piece of wts * bias[row].

@@ -20,14 +20,20 @@ const uint MV_SOFTCAP = 16u;
 const uint MV_TAIL = 32u;
 const uint MV_TAIL_NORM = 64u;
 const uint MV_XNORM = 128u;
+const uint MV_RELU2 = 256u;
 
 #include "words.glsl"
 #include "act.glsl"
 
-// y[y_offset + i] (=, or += with MV_ADD) s, soft-capped with MV_SOFTCAP.
+// y[y_offset + i] (=, or += with MV_ADD) s, soft-capped with MV_SOFTCAP, through
+// max(s, 0)² with MV_RELU2 (the up projection of an ungated relu² MLP).
 void store(uint i, float s) {
     if ((p.flags & MV_SOFTCAP) != 0u) {
         s = p.cap * tanh(s / p.cap);
+    }
+    if ((p.flags & MV_RELU2) != 0u) {
+        s = max(s, 0.0);
+        s *= s;
     }
     uint yi = p.y_offset + i;
     if ((p.flags & MV_ADD) != 0u) {

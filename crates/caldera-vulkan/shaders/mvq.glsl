@@ -43,7 +43,7 @@ layout(push_constant) uniform Push {
     uint k;
     uint rows;     // weight rows in this piece (pairs: 2 per output with MVG)
     uint y_offset;
-    uint flags;    // MV_ADD, MV_GELU, MV_SOFTCAP, MV_TAIL, MV_TAIL_NORM, MV_XNORM
+    uint flags;    // MV_ADD, MV_GELU, MV_SOFTCAP, MV_TAIL, MV_TAIL_NORM, MV_XNORM, MV_RELU2
     float cap;
     uint n_next;   // MV_TAIL: values of y to quantize (a multiple of 32)
     float eps;     // MV_XNORM epsilon

@@ -11,8 +11,7 @@
 #include "common.glsl"
 
 layout(std430, binding = 0) buffer Qkv { float qkv[]; };
-layout(std430, binding = 1) writeonly buffer Kc { float kc[]; };
-layout(std430, binding = 2) writeonly buffer Vc { float vc[]; };
+#include "kv.glsl"
 layout(std430, binding = 3) readonly buffer Qn { float qn[]; };
 layout(std430, binding = 4) readonly buffer Kn { float kn[]; };
 layout(std430, binding = 5) readonly buffer Rope { float rope[]; };
@@ -89,9 +88,9 @@ void main() {
     } else {
         uint dst = pos * kvd + g * p.hd;
         uint vsrc = t * p.ld_qkv + p.n_heads * p.hd + kvd + g * p.hd;
-        for (uint i = tid; i < p.hd; i += WG) {
-            kc[dst + i] = buf[i];
-            vc[dst + i] = qkv[vsrc + i];
+        for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
+            k_put2(dst + i, vec2(buf[i], buf[i + 1u]));
+            v_put2(dst + i, vec2(qkv[vsrc + i], qkv[vsrc + i + 1u]));
         }
     }
 }

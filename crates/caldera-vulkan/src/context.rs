@@ -50,6 +50,8 @@ pub struct ContextOptions {
     /// Largest buffer (and so largest bound range and allocation) in bytes; default and
     /// upper bound [`DeviceInfo::max_buffer_bytes`]. Tests set it low to exercise splits.
     pub max_buffer_bytes: Option<u64>,
+    /// Keep the KV cache in f32 instead of f16. `CALDERA_VK_KV_F32=1` sets it too.
+    pub force_kv_f32: bool,
 }
 
 /// The pipeline objects of one kernel.
@@ -70,6 +72,8 @@ pub(crate) struct Shared {
     pub pipeline_cache: vk::PipelineCache,
     pub pipelines: Vec<Pipeline>,
     pub mem_props: vk::PhysicalDeviceMemoryProperties,
+    /// Told the bytes of every staged upload ([`Context::set_upload_progress`]).
+    pub upload_progress: Mutex<Option<UploadProgress>>,
     /// Dropped (destroyed) after `Drop::drop` destroyed the device.
     _instance: Arc<Instance>,
 }
@@ -79,6 +83,9 @@ pub(crate) struct Shared {
 unsafe impl Send for Shared {}
 // SAFETY: as above.
 unsafe impl Sync for Shared {}
+
+/// A callback told how many bytes each staged upload copied to the device.
+pub type UploadProgress = Box<dyn FnMut(u64) + Send>;
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -179,6 +186,7 @@ impl Context {
             pipeline_cache: vk::PipelineCache::null(),
             pipelines: Vec::new(),
             mem_props,
+            upload_progress: Mutex::new(None),
             _instance: instance,
         };
         let dev = &shared.device;
@@ -236,6 +244,18 @@ impl Context {
     /// The largest buffer this context creates (and binds), in bytes.
     pub fn max_buffer_bytes(&self) -> u64 {
         self.max_buffer_bytes
+    }
+
+    /// Calls `f` with the byte count of every staged upload from now on (weights go
+    /// through staging in chunks, so a loader can show a progress bar); `None` stops.
+    pub fn set_upload_progress(&self, f: Option<UploadProgress>) {
+        *lock(&self.shared.upload_progress) = f;
+    }
+
+    pub(crate) fn report_upload(&self, bytes: u64) {
+        if let Some(f) = lock(&self.shared.upload_progress).as_mut() {
+            f(bytes);
+        }
     }
 
     pub(crate) fn device(&self) -> &ash::Device {
@@ -429,6 +449,7 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         tiled_mm: Kernel::MmtF32.fits(info)
             && !opts.force_no_tiled_mm
             && !env_on("CALDERA_VK_NO_MMT"),
+        kv_f16: !opts.force_kv_f32 && !env_on("CALDERA_VK_KV_F32"),
     }
 }
 
@@ -585,24 +606,28 @@ fn create_pipeline(
                 return Err(VkError::from_vk(what, r));
             }
         };
-        let spec_data: [u32; 2] = if desc.mv {
-            let (wg, rows) = tuning.mv_shape(desc.glu);
-            [wg, rows]
+        let (wg, rows) = if desc.mv {
+            tuning.mv_shape(desc.glu)
         } else {
-            [tuning.workgroup_size, tuning.rows_per_group]
+            (tuning.workgroup_size, tuning.rows_per_group)
         };
-        let n_spec = if desc.rows_per_group { 2 } else { 1 };
-        let entries: Vec<vk::SpecializationMapEntry> = (0..n_spec)
-            .map(|i| vk::SpecializationMapEntry {
+        // Constant 0: workgroup size; 1: rows per workgroup (mat-vecs only); 2: the KV
+        // cache holds f16 (a VkBool32; kernels without a KV cache ignore it).
+        let spec_data = [wg, rows, u32::from(tuning.kv_f16)];
+        let ids: &[u32] = if desc.rows_per_group {
+            &[0, 1, 2]
+        } else {
+            &[0, 2]
+        };
+        let entries: Vec<vk::SpecializationMapEntry> = ids
+            .iter()
+            .map(|&i| vk::SpecializationMapEntry {
                 constant_id: i,
                 offset: 4 * i,
                 size: 4,
             })
             .collect();
-        let spec_bytes: Vec<u8> = spec_data[..n_spec as usize]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
+        let spec_bytes: Vec<u8> = spec_data.iter().flat_map(|v| v.to_ne_bytes()).collect();
         let spec = vk::SpecializationInfo::default()
             .map_entries(&entries)
             .data(&spec_bytes);

@@ -109,51 +109,54 @@ pub enum Kernel {
     MmtQ6K = 90,
     MmtIQ4XS = 91,
     AttnFlash = 92,
-    MoeRoute = 93,
-    MvxF32 = 94,
-    MvxF16 = 95,
-    MvxBF16 = 96,
-    MvxQ4_0 = 97,
-    MvxQ4_1 = 98,
-    MvxQ5_0 = 99,
-    MvxQ5_1 = 100,
-    MvxQ8_0 = 101,
-    MvxQ4K = 102,
-    MvxQ5K = 103,
-    MvxQ6K = 104,
-    MvxIQ4XS = 105,
-    MvxgF32 = 106,
-    MvxgF16 = 107,
-    MvxgBF16 = 108,
-    MvxgQ4_0 = 109,
-    MvxgQ4_1 = 110,
-    MvxgQ5_0 = 111,
-    MvxgQ5_1 = 112,
-    MvxgQ8_0 = 113,
-    MvxgQ4K = 114,
-    MvxgQ5K = 115,
-    MvxgQ6K = 116,
-    MvxgIQ4XS = 117,
-    MvqxQ4_0 = 118,
-    MvqxQ8_0 = 119,
-    MvqxQ4K = 120,
-    MvqxQ6K = 121,
-    MvqxMXFP4 = 122,
-    MvqxgQ4_0 = 123,
-    MvqxgQ8_0 = 124,
-    MvqxgQ4K = 125,
-    MvqxgQ6K = 126,
-    MvqxgMXFP4 = 127,
-    MvqxeQ4_0 = 128,
-    MvqxeQ8_0 = 129,
-    MvqxeQ4K = 130,
-    MvqxeQ6K = 131,
-    MvqxeMXFP4 = 132,
-    MvqxgeQ4_0 = 133,
-    MvqxgeQ8_0 = 134,
-    MvqxgeQ4K = 135,
-    MvqxgeQ6K = 136,
-    MvqxgeMXFP4 = 137,
+    RowsAct = 93,
+    MoeMix = 94,
+    MoeCombine = 95,
+    MoeRoute = 96,
+    MvxF32 = 97,
+    MvxF16 = 98,
+    MvxBF16 = 99,
+    MvxQ4_0 = 100,
+    MvxQ4_1 = 101,
+    MvxQ5_0 = 102,
+    MvxQ5_1 = 103,
+    MvxQ8_0 = 104,
+    MvxQ4K = 105,
+    MvxQ5K = 106,
+    MvxQ6K = 107,
+    MvxIQ4XS = 108,
+    MvxgF32 = 109,
+    MvxgF16 = 110,
+    MvxgBF16 = 111,
+    MvxgQ4_0 = 112,
+    MvxgQ4_1 = 113,
+    MvxgQ5_0 = 114,
+    MvxgQ5_1 = 115,
+    MvxgQ8_0 = 116,
+    MvxgQ4K = 117,
+    MvxgQ5K = 118,
+    MvxgQ6K = 119,
+    MvxgIQ4XS = 120,
+    MvqxQ4_0 = 121,
+    MvqxQ8_0 = 122,
+    MvqxQ4K = 123,
+    MvqxQ6K = 124,
+    MvqxMXFP4 = 125,
+    MvqxgQ4_0 = 126,
+    MvqxgQ8_0 = 127,
+    MvqxgQ4K = 128,
+    MvqxgQ6K = 129,
+    MvqxgMXFP4 = 130,
+    MvqxeQ4_0 = 131,
+    MvqxeQ8_0 = 132,
+    MvqxeQ4K = 133,
+    MvqxeQ6K = 134,
+    MvqxeMXFP4 = 135,
+    MvqxgeQ4_0 = 136,
+    MvqxgeQ8_0 = 137,
+    MvqxgeQ4K = 138,
+    MvqxgeQ6K = 139,
+    MvqxgeMXFP4 = 140,
 }
 
 /// One entry of the kernel table.
@@ -248,21 +251,17 @@ pub const MAMBA2_SCAN_PUSH_BYTES: u32 = 40;
 pub const MAMBA2_NORM_PUSH_BYTES: u32 = 16;
 /// `shortconv_rows` push constants: `channels, kern, ld, max_t` (u32).
 pub const SHORTCONV_ROWS_PUSH_BYTES: u32 = 16;
+/// `rows_act` push constants: `n, ld_y, ld_src, src_off, mode, max_t` (u32).
+pub const ROWS_ACT_PUSH_BYTES: u32 = 24;
+/// `moe_mix` push constants: `n, k, kind, flags` (u32), `scale` (f32), `max_t` (u32).
+pub const MOE_MIX_PUSH_BYTES: u32 = 24;
+/// `moe_combine` push constants: `d, n_exp, n_slots, max_t` (u32).
+pub const MOE_COMBINE_PUSH_BYTES: u32 = 16;
 
 const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
-        kernel,
-        name,
-        spirv_subgroup: spv.0,
-        spirv_shared: spv.1,
-        bindings: 5,
-        push_bytes: MM_PUSH_BYTES,
         rows_per_group: true,
-        mv: false,
-        int8_dot: false,
-        glu: false,
-        invocations: 0,
-        shared_bytes: 0,
+        ..plain(kernel, name, spv, 5, MM_PUSH_BYTES)
     }
 }
 
@@ -302,19 +301,10 @@ const fn mmt(
     spv: (&'static [u8], &'static [u8]),
 ) -> KernelDesc {
     KernelDesc {
-        kernel,
-        name,
-        spirv_subgroup: spv.0,
-        spirv_shared: spv.1,
-        bindings: 5,
-        push_bytes: MMT_PUSH_BYTES,
-        rows_per_group: false,
-        mv: false,
-        int8_dot: false,
-        glu: false,
         invocations: 256,
         // A and B tiles (16 + 8 KiB), the norm's partial sums and scales.
         shared_bytes: 16384 + 8192 + 1024 + 256,
+        ..plain(kernel, name, spv, 5, MMT_PUSH_BYTES)
     }
 }
 
@@ -324,18 +314,9 @@ pub const MV_PUSH_BYTES: u32 = 24;
 
 const fn mv(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
-        kernel,
-        name,
-        spirv_subgroup: spv.0,
-        spirv_shared: spv.1,
-        bindings: 4,
-        push_bytes: MV_PUSH_BYTES,
         rows_per_group: true,
         mv: true,
-        int8_dot: false,
-        glu: false,
-        invocations: 0,
-        shared_bytes: 0,
+        ..plain(kernel, name, spv, 4, MV_PUSH_BYTES)
     }
 }
 
@@ -352,21 +333,14 @@ const fn mvq(
     int8_dot: bool,
 ) -> KernelDesc {
     KernelDesc {
-        kernel,
-        name,
-        spirv_subgroup: spv.0,
-        spirv_shared: spv.1,
-        bindings: 10,
-        push_bytes: MVQ_PUSH_BYTES,
         rows_per_group: true,
         mv: true,
         int8_dot,
-        glu: false,
-        invocations: 0,
-        shared_bytes: 0,
+        ..plain(kernel, name, spv, 10, MVQ_PUSH_BYTES)
     }
 }
 
+/// The kernel table, indexed by `Kernel as usize`.
 /// `moe_route` push constants: `n, k, kind, flags` (u32), `scale` (f32).
 pub const MOE_ROUTE_PUSH_BYTES: u32 = 20;
 /// Expert mat-vec on f32 activations (`mv.glsl` with `MV_EXPERT`) push constants:
@@ -406,7 +380,7 @@ const fn mvqx(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 138] = [
+pub const KERNELS: [KernelDesc; 141] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -633,6 +607,27 @@ pub const KERNELS: [KernelDesc; 138] = [
             ATTN_FLASH_PUSH_BYTES,
         )
     },
+    plain(
+        Kernel::RowsAct,
+        "rows_act",
+        spv!("rows_act"),
+        3,
+        ROWS_ACT_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::MoeMix,
+        "moe_mix",
+        spv!("moe_mix"),
+        4,
+        MOE_MIX_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::MoeCombine,
+        "moe_combine",
+        spv!("moe_combine"),
+        4,
+        MOE_COMBINE_PUSH_BYTES,
+    ),
     KernelDesc {
         invocations: 128,
         ..plain(
@@ -889,4 +884,8 @@ pub struct Tuning {
     /// Prefill attention runs `attn_flash` (else `attention`): the device fits it and
     /// `CALDERA_VK_NO_FLASH=1` does not switch it off.
     pub flash_attn: bool,
+    /// The KV cache holds f16 (two values per 32-bit word) rather than f32
+    /// (`CALDERA_VK_KV_F32=1`, [`crate::ContextOptions::force_kv_f32`]); specialization
+    /// constant 2 of the kernels that touch it.
+    pub kv_f16: bool,
 }

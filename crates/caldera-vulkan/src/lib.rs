@@ -9,12 +9,15 @@
 //!   buffers ([`Recording`]);
 //! - [`ops`]: mat-vec straight from GGML blocks (F16, Q8_0, Q4_0, Q4_K, Q6_K) and RMSNorm;
 //!   the batched mat-vec [`ops::Mm`] for every type the models use;
-//! - [`recurrent`]: the decode steps of the recurrent mixers (GatedDeltaNet, Mamba2,
-//!   short conv), one dispatch each;
+//! - [`recurrent`]: the decode and prefill steps of the recurrent mixers
+//!   (GatedDeltaNet, Mamba2, short conv);
 //! - [`moe`]: mixture-of-experts decode: the router and expert mat-vecs that read the
 //!   chosen experts from device memory, and the whole block ([`moe::MoeFfn`]);
-//! - [`model`]: whole attention-transformer models behind `caldera_model::Runner`, each
-//!   step recorded once and replayed with one submit.
+//! - [`moe_dense`]: the all-experts MoE of prefill steps: dense mixing weights per token
+//!   and their weighted sum;
+//! - [`model`]: whole models (attention and the recurrent mixers; dense, ungated and
+//!   MoE MLPs) behind `caldera_model::Runner`, each step recorded once and replayed with
+//!   one submit.
 //!
 //! Shaders are GLSL under `shaders/`, compiled by `build-shaders.sh` into the committed
 //! SPIR-V in `shaders/spv/` (see README.md).
@@ -26,12 +29,13 @@ pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod moe;
+pub mod moe_dense;
 pub mod ops;
 pub mod record;
 pub mod recurrent;
 pub mod testing;
 
-pub use context::{Context, ContextOptions, ENV_NO_SUBGROUP};
+pub use context::{Context, ContextOptions, UploadProgress, ENV_NO_SUBGROUP};
 pub use device::{list_devices, DeviceInfo, DeviceType, MemoryHeap, ENV_VALIDATION};
 pub use error::{Result, VkError};
 pub use kernels::{Kernel, KernelDesc, Tuning, KERNELS};

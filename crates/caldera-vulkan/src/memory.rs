@@ -249,6 +249,7 @@ impl Context {
                 unsafe { dev.cmd_copy_buffer(cmd, staging.handle(), dst.handle(), &region) };
             })?;
             done += chunk.len() as u64;
+            self.report_upload(chunk.len() as u64);
         }
         Ok(())
     }

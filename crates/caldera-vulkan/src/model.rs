@@ -1,13 +1,15 @@
-//! Whole attention-transformer models (`llama`, `qwen3`, `gemma3`: every layer attention
-//! + dense gated MLP) on one device, behind [`caldera_model::Runner`].
+//! Whole models on one device, behind [`caldera_model::Runner`]: every layer an optional
+//! token mixer (attention, GatedDeltaNet, Mamba2, short conv) and an optional MLP (gated
+//! dense, ungated relu², mixture of experts), each `x += post_norm(block(norm(x)))`.
 //!
 //! [`VkModel`] holds the weights, uploaded once in their quantized form; adjacent
-//! projections of the same type and width (q|k|v, gate|up) become one tensor so they run
-//! as one mat-vec. [`VkRunner`] is one sequence: its f32 KV cache, scratch buffers and
-//! recordings. A step of `m` tokens is a [`Recording`] made once per (bucket, logits)
-//! shape and replayed with ONE submit: the step values (`m`, first position, logits rows)
-//! and the input embeddings live in host-visible buffers written before the submit; no
-//! allocation, descriptor update or pipeline creation happens per token.
+//! projections of the same type and width (q|k|v, a recurrent mixer's inputs, gate|up)
+//! become one tensor so they run as one mat-vec. [`VkRunner`] is one sequence: its f32
+//! KV caches and recurrent states, scratch buffers and recordings. A step of `m` tokens
+//! is a [`Recording`] made once per (bucket, logits) shape and replayed with ONE submit:
+//! the step values (`m`, first position, logits rows) and the input embeddings live in
+//! host-visible buffers written before the submit; no allocation, descriptor update or
+//! pipeline creation happens per token.
 //!
 //! Decode (one token) per layer of llama / qwen3: q|k|v mat-vec (one dispatch per weight
 //! type), `attn_decode` (q/k norm, RoPE, KV write, split attention, int8 output),
@@ -18,26 +20,45 @@
 //! (`Mm`: the tiled matmul), `rope_kv`, attention (`PrefillAttention`: flash attention
 //! over the cache), o-proj + residual, norm + gate|up, GLU + down + residual.
 //! Gemma's post-norms add one `add_norm` dispatch each.
+//!
+//! A recurrent mixer runs its input projections side by side into one row (the layout
+//! of `recurrent.rs`), its decode op (one dispatch) or prefill op (whole chunk, on the
+//! GPU), then its out-projection + residual. Its state lives in the runner, which
+//! therefore cannot rewind except to the start (`truncate(0)` zeroes it). A relu² MLP
+//! applies the activation in the up mat-vec (decode) or in `rows_act` (prefill); a MoE
+//! routes on the GPU (`moe_route`), runs EVERY expert as an MLP over the step's tokens
+//! and sums them weighted (`moe_combine`, the unchosen weigh 0): exact but it reads all
+//! experts' weights per step (a correctness path, not a fast one). Qwen3.5's gated
+//! attention uploads the gate rows of its q projection after v (`q | k | v | gate`):
+//! `attn_decode` gates its output itself, prefill through `rows_act`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use caldera_format::quant;
 use caldera_format::GgmlType;
+use caldera_format::TensorBytes;
+use caldera_model::blocks::gdn::GdnGates;
+use caldera_model::blocks::moe::{MoeSpec, MoeWeights, RouterKind};
 use caldera_model::{
-    Activation, AttnSpec, FfnSpec, FfnWeights, Logits, Mixer, MixerWeights, Model, RopeSpec,
-    RopeStyle, RunError, Weight,
+    Activation, AttnSpec, AttnWeights, FfnSpec, FfnWeights, Logits, Mixer, MixerWeights, Model,
+    RopeSpec, RopeStyle, RunError, Weight,
 };
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::{attn_split, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
+use crate::moe_dense::{MoeCombine, MoeMix, MAX_EXPERTS, MAX_USED};
 use crate::ops::{
     push_words, AttnIo, AttnShape, GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq,
-    PrefillAttention, Q8Acts, QuantX,
+    PrefillAttention, Q8Acts, QuantX, RowAct, RowsAct,
 };
 use crate::record::{Binding, Recorder, Recording};
+use crate::recurrent::{
+    GdnDecode, GdnPrefill, Mamba2Decode, Mamba2Prefill, PrefillIo, RecurrentIo, RecurrentState,
+    ShortConvDecode, ShortConvPrefill,
+};
 
 /// Most tokens per prefill step (the prefill bucket): the tiled matmul works on 64
 /// tokens at a time, and a long step gives the GPU enough workgroups. A runner takes
@@ -64,22 +85,156 @@ struct Proj {
     t: DeviceTensor,
 }
 
-struct VkLayer {
+impl Proj {
+    fn bytes(&self) -> u64 {
+        self.t.rows * self.t.row_bytes
+    }
+}
+
+/// Attention on the device.
+struct VkAttn {
     attn: AttnSpec,
-    d_ff: usize,
-    act: GluAct,
-    norm: Option<Buffer>,
-    /// q | k | v output rows (one Proj per run of equal types).
+    /// q | k | v (| gate, with `AttnSpec::q_gate`) output rows (one Proj per run of equal
+    /// types). The gates come last so that q, k and v sit where the kernels expect them.
     qkv: Vec<Proj>,
     q_norm: Option<Buffer>,
     k_norm: Option<Buffer>,
     o: Proj,
+}
+
+impl VkAttn {
+    /// Values of one token's q | k | v (| gate) row.
+    fn ld_qkv(&self) -> usize {
+        let a = &self.attn;
+        let gates = if a.q_gate { a.n_heads } else { 0 };
+        (a.n_heads + 2 * a.n_kv_heads + gates) * a.head_dim
+    }
+}
+
+/// A recurrent mixer (GatedDeltaNet, Mamba2, short conv) on the device: its input
+/// projections write side by side into one row of `row` values, laid out as its op's
+/// `proj` (`recurrent.rs`); the op writes `width` values, the input of `out`. The op's
+/// vectors (conv taps, gates, norms) are read from the model's weights when a step is
+/// recorded.
+struct VkRecurrent {
+    spec: Mixer,
+    input: Vec<Proj>,
+    row: usize,
+    width: usize,
+    /// Whether the decode op can write its output as int8 blocks for `out`.
+    q8_out: bool,
+    out: Proj,
+}
+
+/// What an MLP does between its up and down projections.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MlpAct {
+    /// `act(gate) * up`: gate and up rows interleaved in `up` (row 2i gate i, 2i + 1 up
+    /// i), pieces of whole pairs.
+    Glu(GluAct),
+    /// `relu(up)²`, no gate.
+    Relu2,
+}
+
+struct VkMlp {
+    d_ff: usize,
+    act: MlpAct,
+    up: Proj,
+    down: Proj,
+}
+
+impl VkMlp {
+    /// Values per token of the up projection's output.
+    fn up_width(&self) -> usize {
+        match self.act {
+            MlpAct::Glu(_) => 2 * self.d_ff,
+            MlpAct::Relu2 => self.d_ff,
+        }
+    }
+}
+
+/// A mixture of experts: the router, every expert as an MLP, the shared expert.
+struct VkMoe {
+    spec: MoeSpec,
+    router: Proj,
+    selection_bias: Option<Buffer>,
+    experts: Vec<VkMlp>,
+    shared: Option<VkMlp>,
+}
+
+impl VkMoe {
+    /// Output slots per token in the runner's `moe_y`: the experts, then the shared one.
+    fn slots(&self) -> usize {
+        self.experts.len() + usize::from(self.shared.is_some())
+    }
+}
+
+enum VkMixer {
+    Attention(VkAttn),
+    Recurrent(VkRecurrent),
+}
+
+enum VkFfn {
+    Dense(VkMlp),
+    Moe(VkMoe),
+}
+
+impl VkFfn {
+    fn mlps(&self) -> Vec<&VkMlp> {
+        match self {
+            VkFfn::Dense(m) => vec![m],
+            VkFfn::Moe(m) => m.experts.iter().chain(&m.shared).collect(),
+        }
+    }
+}
+
+struct VkLayer {
+    norm: Option<Buffer>,
+    mixer: Option<VkMixer>,
     post_norm: Option<Buffer>,
     ffn_norm: Option<Buffer>,
-    /// gate and up rows interleaved (row 2i gate i, row 2i + 1 up i), pieces of whole pairs.
-    gate_up: Proj,
-    down: Proj,
+    ffn: Option<VkFfn>,
     ffn_post_norm: Option<Buffer>,
+}
+
+impl VkLayer {
+    /// Every projection of the layer.
+    fn projs(&self) -> Vec<&Proj> {
+        let mut v: Vec<&Proj> = Vec::new();
+        match &self.mixer {
+            Some(VkMixer::Attention(a)) => v.extend(a.qkv.iter().chain([&a.o])),
+            Some(VkMixer::Recurrent(r)) => v.extend(r.input.iter().chain([&r.out])),
+            None => {}
+        }
+        if let Some(f) = &self.ffn {
+            for m in f.mlps() {
+                v.extend([&m.up, &m.down]);
+            }
+            if let VkFfn::Moe(moe) = f {
+                v.push(&moe.router);
+            }
+        }
+        v
+    }
+
+    /// The norm and the projections of the mixer's first mat-vec.
+    fn mixer_input(&self) -> Option<(Option<&Buffer>, Vec<&Proj>)> {
+        let projs = match self.mixer.as_ref()? {
+            VkMixer::Attention(a) => a.qkv.iter().collect(),
+            VkMixer::Recurrent(r) => r.input.iter().collect(),
+        };
+        Some((self.norm.as_ref(), projs))
+    }
+
+    /// The norm and the projections of the FFN's first mat-vec that a decode mat-vec
+    /// before it may quantize the input of (none for a MoE, which quantizes its own).
+    fn ffn_input(&self) -> Option<(Option<&Buffer>, Vec<&Proj>)> {
+        let projs = match self.ffn.as_ref()? {
+            VkFfn::Dense(m) => vec![&m.up],
+            VkFfn::Moe(_) => Vec::new(),
+        };
+        Some((self.ffn_norm.as_ref(), projs))
+    }
 }
 
 /// A model's weights on one device, shared by every sequence ([`VkRunner`]) on it.
@@ -186,12 +341,240 @@ fn upload_glu(ctx: &Context, gate: &Weight, up: &Weight) -> Result<Proj> {
     })
 }
 
+/// `q`'s rows (per head: hd query rows, then hd gate rows) as two weights, the queries
+/// and the gates, so that the gates can follow k and v in the fused projection.
+fn split_q_gate(q: &Weight, nh: usize, hd: usize) -> Result<(Weight, Weight)> {
+    if q.bias.is_some() {
+        return Err(unsupported(format!("biased projections ({})", q.name)));
+    }
+    let bytes = q.bytes();
+    if q.rows != 2 * nh * hd || q.rows == 0 || !bytes.len().is_multiple_of(q.rows) {
+        return Err(VkError::Invalid(format!(
+            "{}: {} rows for {nh} gated heads of {hd}",
+            q.name, q.rows
+        )));
+    }
+    let rb = bytes.len() / q.rows;
+    let (mut qa, mut ga) = (
+        Vec::with_capacity(bytes.len() / 2),
+        Vec::with_capacity(bytes.len() / 2),
+    );
+    for head in bytes.chunks_exact(2 * hd * rb) {
+        qa.extend_from_slice(&head[..hd * rb]);
+        ga.extend_from_slice(&head[hd * rb..]);
+    }
+    let part = |name: &str, data: Vec<u8>| Weight {
+        name: format!("{} ({name})", q.name),
+        ty: q.ty,
+        rows: nh * hd,
+        cols: q.cols,
+        data: TensorBytes::from_vec(data),
+        bias: None,
+    };
+    Ok((part("queries", qa), part("gates", ga)))
+}
+
+/// The checks and uploads of one attention mixer.
+fn upload_attention(ctx: &Context, li: usize, a: &AttnSpec, aw: &AttnWeights) -> Result<VkAttn> {
+    if a.sinks {
+        return Err(unsupported(format!("layer {li}: attention sinks")));
+    }
+    if a.n_kv_heads == 0
+        || !a.n_heads.is_multiple_of(a.n_kv_heads)
+        || a.head_dim > 256
+        || !a.head_dim.is_multiple_of(4)
+    {
+        return Err(unsupported(format!(
+            "layer {li}: {} heads over {} kv heads of {}",
+            a.n_heads, a.n_kv_heads, a.head_dim
+        )));
+    }
+    if let Some(r) = &a.rope {
+        if r.n_dims % 2 != 0 || r.n_dims > a.head_dim {
+            return Err(VkError::Invalid(format!(
+                "layer {li}: RoPE over {} dims",
+                r.n_dims
+            )));
+        }
+    }
+    let qd = a.n_heads * a.head_dim;
+    let kvd = a.n_kv_heads * a.head_dim;
+    let q_rows = if a.q_gate { 2 * qd } else { qd };
+    if aw.q.rows != q_rows || aw.k.rows != kvd || aw.v.rows != kvd || aw.o.cols != qd {
+        return Err(VkError::Invalid(format!("layer {li}: attention shapes")));
+    }
+    let qkv = if a.q_gate {
+        let (q, gate) = split_q_gate(&aw.q, a.n_heads, a.head_dim)?;
+        upload_proj(ctx, &[&q, &aw.k, &aw.v, &gate])?
+    } else {
+        upload_proj(ctx, &[&aw.q, &aw.k, &aw.v])?
+    };
+    Ok(VkAttn {
+        attn: a.clone(),
+        qkv,
+        q_norm: upload_norm(ctx, &aw.q_norm)?,
+        k_norm: upload_norm(ctx, &aw.k_norm)?,
+        o: upload_proj(ctx, &[&aw.o])?.remove(0),
+    })
+}
+
+/// The uploads of one recurrent mixer: its input projections in its op's `proj` order,
+/// and its out-projection.
+fn upload_recurrent(
+    ctx: &Context,
+    li: usize,
+    spec: &Mixer,
+    mw: &MixerWeights,
+    d: usize,
+) -> Result<VkRecurrent> {
+    let (input, row, width, q8_out, out): (Vec<&Weight>, usize, usize, bool, &Weight) =
+        match (spec, mw) {
+            (Mixer::GatedDeltaNet(s), MixerWeights::GatedDeltaNet(w)) => {
+                let mut input = vec![&w.qkv, &w.gate];
+                match &w.gates {
+                    GdnGates::Separate { beta, alpha } => input.extend([beta, alpha]),
+                    GdnGates::Fused(ba) => input.push(ba),
+                }
+                let vd = s.value_dim();
+                let row = s.conv_dim() + vd + 2 * s.n_v_heads;
+                (input, row, vd, s.head_v_dim.is_multiple_of(32), &w.out)
+            }
+            (Mixer::Mamba2(s), MixerWeights::Mamba2(w)) => {
+                let di = s.d_inner();
+                let unit = di / s.n_groups.max(1);
+                let q8 = unit.is_multiple_of(32) && di.is_multiple_of(s.n_groups.max(1));
+                (vec![&w.in_proj], s.in_proj_rows(), di, q8, &w.out_proj)
+            }
+            (Mixer::ShortConv(s), MixerWeights::ShortConv(w)) => (
+                vec![&w.in_proj],
+                3 * s.channels,
+                s.channels,
+                false,
+                &w.out_proj,
+            ),
+            _ => return Err(VkError::Invalid(format!("layer {li}: mismatched mixer"))),
+        };
+    let rows: usize = input.iter().map(|w| w.rows).sum();
+    if rows != row || input.iter().any(|w| w.cols != d) || out.cols != width || out.rows != d {
+        return Err(VkError::Invalid(format!(
+            "layer {li}: recurrent mixer projection shapes"
+        )));
+    }
+    Ok(VkRecurrent {
+        spec: spec.clone(),
+        input: upload_proj(ctx, &input)?,
+        row,
+        width,
+        q8_out,
+        out: upload_proj(ctx, &[out])?.remove(0),
+    })
+}
+
+/// An MLP `down(act(gate x, up x))` of activation `act`.
+fn upload_mlp(
+    ctx: &Context,
+    what: &str,
+    gate: Option<&Weight>,
+    up: &Weight,
+    down: &Weight,
+    act: Activation,
+) -> Result<VkMlp> {
+    let d_ff = up.rows;
+    if down.cols != d_ff || gate.is_some_and(|g| g.rows != d_ff || g.cols != up.cols) {
+        return Err(VkError::Invalid(format!("{what}: MLP shapes")));
+    }
+    let (act, up) = match (act, gate) {
+        (Activation::Relu2, _) => (MlpAct::Relu2, upload_proj(ctx, &[up])?.remove(0)),
+        (Activation::SwiGlu, Some(g)) => (MlpAct::Glu(GluAct::Silu), upload_glu(ctx, g, up)?),
+        (Activation::GeluTanhGlu, Some(g)) => {
+            (MlpAct::Glu(GluAct::GeluTanh), upload_glu(ctx, g, up)?)
+        }
+        (other, _) => {
+            return Err(unsupported(format!(
+                "{what}: activation {other:?} (gate {})",
+                gate.is_some()
+            )))
+        }
+    };
+    Ok(VkMlp {
+        d_ff,
+        act,
+        up,
+        down: upload_proj(ctx, &[down])?.remove(0),
+    })
+}
+
+fn upload_moe(ctx: &Context, li: usize, spec: &MoeSpec, w: &MoeWeights) -> Result<VkMoe> {
+    if w.shared_gate.is_some() {
+        return Err(unsupported(format!("layer {li}: gated shared experts")));
+    }
+    let n = spec.n_experts;
+    if n == 0 || n > MAX_EXPERTS || spec.n_used == 0 || spec.n_used > n.min(MAX_USED) {
+        return Err(unsupported(format!(
+            "layer {li}: {} of {n} experts",
+            spec.n_used
+        )));
+    }
+    if w.up.n != n || w.down.n != n || w.gate.as_ref().is_some_and(|g| g.n != n) {
+        return Err(VkError::Invalid(format!("layer {li}: expert counts")));
+    }
+    let mut experts = Vec::with_capacity(n);
+    for e in 0..n {
+        let gate = w.gate.as_ref().map(|g| g.expert(e));
+        let what = format!("layer {li} expert {e}");
+        experts.push(upload_mlp(
+            ctx,
+            &what,
+            gate.as_ref(),
+            &w.up.expert(e),
+            &w.down.expert(e),
+            spec.act,
+        )?);
+    }
+    let shared = match &w.shared {
+        Some(sh) => {
+            // As the CPU: the shared expert is relu² with relu² experts, else SwiGLU.
+            let act = match spec.act {
+                Activation::Relu2 => Activation::Relu2,
+                _ => Activation::SwiGlu,
+            };
+            let what = format!("layer {li} shared expert");
+            Some(upload_mlp(
+                ctx,
+                &what,
+                sh.gate.as_ref(),
+                &sh.up,
+                &sh.down,
+                act,
+            )?)
+        }
+        None => None,
+    };
+    let selection_bias = match (&w.selection_bias, spec.router) {
+        (Some(b), RouterKind::Sigmoid { .. }) => Some(ctx.upload_f32(b)?),
+        (Some(_), _) => {
+            return Err(unsupported(format!(
+                "layer {li}: a selection bias without a sigmoid router"
+            )))
+        }
+        (None, _) => None,
+    };
+    Ok(VkMoe {
+        spec: spec.clone(),
+        router: upload_proj(ctx, &[&w.router])?.remove(0),
+        selection_bias,
+        experts,
+        shared,
+    })
+}
+
 impl VkModel {
     /// Uploads `model`'s weights to the device of `ctx`. Fails for architectures whose
     /// blocks this backend does not run yet.
     pub fn new(ctx: Context, model: Arc<Model>) -> Result<VkModel> {
         let cfg = &model.config;
         let w = &model.weights;
+        let d = cfg.d_model;
         if model.extras.per_layer_inputs.is_some() {
             return Err(unsupported("per-layer inputs".into()));
         }
@@ -207,86 +590,60 @@ impl VkModel {
         }
         let mut layers = Vec::with_capacity(cfg.layers.len());
         for (li, (spec, lw)) in cfg.layers.iter().zip(&w.layers).enumerate() {
-            let (Some(Mixer::Attention(a)), Some(MixerWeights::Attention(aw))) =
-                (&spec.mixer, &lw.mixer)
-            else {
-                return Err(unsupported(format!("layer {li}: non-attention mixers")));
-            };
-            let (Some(FfnSpec::Dense { d_ff, act }), Some(FfnWeights::Dense(fw))) =
-                (&spec.ffn, &lw.ffn)
-            else {
-                return Err(unsupported(format!("layer {li}: MoE or missing MLPs")));
-            };
-            let act = match act {
-                Activation::SwiGlu => GluAct::Silu,
-                Activation::GeluTanhGlu => GluAct::GeluTanh,
-                other => return Err(unsupported(format!("layer {li}: activation {other:?}"))),
-            };
-            let Some(gate) = &fw.gate else {
-                return Err(unsupported(format!("layer {li}: ungated MLPs")));
-            };
-            if a.sinks || a.q_gate {
-                return Err(unsupported(format!("layer {li}: attention sinks or gates")));
-            }
-            if a.n_kv_heads == 0
-                || a.n_heads % a.n_kv_heads != 0
-                || a.head_dim > 256
-                || a.head_dim % 4 != 0
-            {
-                return Err(unsupported(format!(
-                    "layer {li}: {} heads over {} kv heads of {}",
-                    a.n_heads, a.n_kv_heads, a.head_dim
-                )));
-            }
-            if let Some(r) = &a.rope {
-                if r.n_dims % 2 != 0 || r.n_dims > a.head_dim {
-                    return Err(VkError::Invalid(format!(
-                        "layer {li}: RoPE over {} dims",
-                        r.n_dims
-                    )));
+            let mixer = match (&spec.mixer, &lw.mixer) {
+                (None, None) => None,
+                (Some(Mixer::Attention(a)), Some(MixerWeights::Attention(aw))) => {
+                    Some(VkMixer::Attention(upload_attention(&ctx, li, a, aw)?))
                 }
-            }
-            let qd = a.n_heads * a.head_dim;
-            let kvd = a.n_kv_heads * a.head_dim;
-            if aw.q.rows != qd || aw.k.rows != kvd || aw.v.rows != kvd || aw.o.cols != qd {
-                return Err(VkError::Invalid(format!("layer {li}: attention shapes")));
-            }
-            if gate.rows != *d_ff || fw.up.rows != *d_ff || fw.down.cols != *d_ff {
-                return Err(VkError::Invalid(format!("layer {li}: MLP shapes")));
-            }
-            let o = upload_proj(&ctx, &[&aw.o])?.remove(0);
-            let down = upload_proj(&ctx, &[&fw.down])?.remove(0);
+                (Some(mixer), Some(mw)) => Some(VkMixer::Recurrent(upload_recurrent(
+                    &ctx, li, mixer, mw, d,
+                )?)),
+                _ => return Err(VkError::Invalid(format!("layer {li}: mismatched mixer"))),
+            };
+            let ffn = match (&spec.ffn, &lw.ffn) {
+                (None, None) => None,
+                (Some(FfnSpec::Dense { d_ff, act }), Some(FfnWeights::Dense(fw))) => {
+                    if fw.up.rows != *d_ff {
+                        return Err(VkError::Invalid(format!("layer {li}: MLP shapes")));
+                    }
+                    let what = format!("layer {li}");
+                    Some(VkFfn::Dense(upload_mlp(
+                        &ctx,
+                        &what,
+                        fw.gate.as_ref(),
+                        &fw.up,
+                        &fw.down,
+                        *act,
+                    )?))
+                }
+                (Some(FfnSpec::Moe(ms)), Some(FfnWeights::Moe(mw))) => {
+                    if lw.ffn_post_norm.is_some() {
+                        return Err(unsupported(format!(
+                            "layer {li}: a post-norm after a mixture of experts"
+                        )));
+                    }
+                    Some(VkFfn::Moe(upload_moe(&ctx, li, ms, mw)?))
+                }
+                _ => return Err(VkError::Invalid(format!("layer {li}: mismatched MLP"))),
+            };
             layers.push(VkLayer {
-                attn: a.clone(),
-                d_ff: *d_ff,
-                act,
                 norm: upload_norm(&ctx, &lw.norm)?,
-                qkv: upload_proj(&ctx, &[&aw.q, &aw.k, &aw.v])?,
-                q_norm: upload_norm(&ctx, &aw.q_norm)?,
-                k_norm: upload_norm(&ctx, &aw.k_norm)?,
-                o,
+                mixer,
                 post_norm: upload_norm(&ctx, &lw.post_norm)?,
                 ffn_norm: upload_norm(&ctx, &lw.ffn_norm)?,
-                gate_up: upload_glu(&ctx, gate, &fw.up)?,
-                down,
+                ffn,
                 ffn_post_norm: upload_norm(&ctx, &lw.ffn_post_norm)?,
             });
         }
         let output = upload_proj(&ctx, &[&w.output])?.remove(0);
         let output_norm = ctx.upload_f32(&w.output_norm)?;
-        let mut weight_bytes = output.t.rows * output.t.row_bytes;
-        for l in &layers {
-            for p in l.qkv.iter().chain([&l.gate_up, &l.o, &l.down]) {
-                weight_bytes += p.t.rows * p.t.row_bytes;
-            }
-        }
-        let widest = layers
+        let all: Vec<&Proj> = layers
             .iter()
-            .flat_map(|l| l.qkv.iter().chain([&l.gate_up, &l.o, &l.down]))
+            .flat_map(|l| l.projs())
             .chain([&output])
-            .map(|p| p.k)
-            .max()
-            .unwrap_or(1);
+            .collect();
+        let weight_bytes = all.iter().map(|p| p.bytes()).sum();
+        let widest = all.iter().map(|p| p.k).max().unwrap_or(1);
         let ones = ctx.upload_f32(&vec![1.0; widest])?;
         Ok(VkModel {
             ctx,
@@ -332,7 +689,8 @@ struct Step {
     rec: Recording,
 }
 
-/// One sequence on a [`VkModel`]: KV caches, scratch buffers, recorded steps.
+/// One sequence on a [`VkModel`]: KV caches, recurrent states, scratch buffers, recorded
+/// steps.
 pub struct VkRunner {
     m: Arc<VkModel>,
     cap: usize,
@@ -348,9 +706,16 @@ pub struct VkRunner {
     x_in: Buffer,
     x: Buffer,
     tmp: Buffer,
+    /// Attention's q | k | v rows, or a recurrent mixer's projection rows.
     qkv: Buffer,
+    /// The mixer's output rows (the out-projection's input).
     att: Buffer,
     gu: Buffer,
+    /// A MoE's router logits and mixing weights (`[chunk][n_experts]`), and its experts'
+    /// outputs (`[chunk][slots][d_model]`).
+    moe_logits: Buffer,
+    moe_w: Buffer,
+    moe_y: Buffer,
     /// Stored-output counts per block of 32 of the decode mat-vecs that quantize the
     /// next input (`MV_TAIL`).
     tail_count: Buffer,
@@ -363,7 +728,10 @@ pub struct VkRunner {
     xq: [Buffer; 2],
     xd: [Buffer; 2],
     xss: [Buffer; 2],
-    kv: Vec<(Buffer, Buffer)>,
+    /// K and V caches of the attention layers.
+    kv: Vec<Option<(Buffer, Buffer)>>,
+    /// The recurrent mixers' states (zeroed at position 0).
+    states: Vec<Option<RecurrentState>>,
     /// RoPE table per layer (shared between layers with equal specs).
     rope: Vec<Option<Buffer>>,
     /// Logits of one row (device, host-visible copy) and of `all_rows` rows.
@@ -382,6 +750,9 @@ pub struct VkRunner {
     fuse_quant: bool,
     /// `CALDERA_VK_PROFILE=1`: decode steps write GPU timestamps after every op.
     profile: bool,
+    /// Profiling only: `CALDERA_VK_ATTN_STOP=1|2` ends decode attention after its q/k
+    /// preparation | its softmax-weighted values (wrong output); read once.
+    attn_stop: u32,
     /// Device nanoseconds per op label (total, count) over `profile_steps` decode steps.
     profile_ns: HashMap<&'static str, (f64, u64)>,
     profile_steps: u64,
@@ -439,14 +810,33 @@ impl VkRunner {
         let mut max_qkv = 0;
         let mut max_q = 0;
         let mut max_ff = 0;
+        let mut max_in = d;
+        let (mut moe_experts, mut moe_slots) = (1usize, 1usize);
         for l in &m.layers {
-            let a = &l.attn;
-            max_qkv = max_qkv.max((a.n_heads + 2 * a.n_kv_heads) * a.head_dim);
-            max_q = max_q.max(a.n_heads * a.head_dim);
-            max_ff = max_ff.max(l.d_ff);
+            match &l.mixer {
+                Some(VkMixer::Attention(a)) => {
+                    max_qkv = max_qkv.max(a.ld_qkv());
+                    max_q = max_q.max(a.attn.n_heads * a.attn.head_dim);
+                }
+                Some(VkMixer::Recurrent(r)) => {
+                    max_qkv = max_qkv.max(r.row);
+                    max_q = max_q.max(r.width);
+                }
+                None => {}
+            }
+            if let Some(f) = &l.ffn {
+                for mlp in f.mlps() {
+                    max_ff = max_ff.max(mlp.d_ff);
+                }
+                if let VkFfn::Moe(moe) = f {
+                    moe_experts = moe_experts.max(moe.spec.n_experts);
+                    moe_slots = moe_slots.max(moe.slots());
+                }
+            }
+            max_in = max_in.max(l.projs().iter().map(|p| p.k).max().unwrap_or(0));
         }
         // The widest scratch row decides how many tokens a step holds.
-        let widest_row = d.max(max_qkv).max(2 * max_ff) as u64 * 4;
+        let widest_row = d.max(max_qkv).max(2 * max_ff).max(moe_slots * d) as u64 * 4;
         let mut chunk = CHUNK;
         while chunk > MIN_CHUNK && chunk as u64 * widest_row > ctx.max_buffer_bytes() {
             chunk /= 2;
@@ -459,11 +849,17 @@ impl VkRunner {
         let qkv = dev(chunk * max_qkv, "the q/k/v rows")?;
         let att = dev(chunk * max_q, "the attention output")?;
         let gu = dev(chunk * 2 * max_ff, "the gate/up rows")?;
-        let widest = d.max(max_q).max(max_ff);
+        let moe_logits = dev(chunk * moe_experts, "the router logits")?;
+        let moe_w = dev(chunk * moe_experts, "the expert weights")?;
+        let moe_y = dev(chunk * moe_slots * d, "the experts' outputs")?;
+        let widest = max_in.max(max_q).max(max_ff);
         let mut part_len = 1usize;
         let mut counts = 1usize;
         for l in &m.layers {
-            let a = &l.attn;
+            let Some(VkMixer::Attention(at)) = &l.mixer else {
+                continue;
+            };
+            let a = &at.attn;
             if a.head_dim > 256 {
                 return Err(unsupported(format!("attention heads of {}", a.head_dim)));
             }
@@ -487,18 +883,47 @@ impl VkRunner {
             dev(widest.div_ceil(32), "the activation sums of squares")?,
         ];
         let mut kv = Vec::with_capacity(m.layers.len());
+        let mut states = Vec::with_capacity(m.layers.len());
         let mut rope: Vec<Option<Buffer>> = Vec::with_capacity(m.layers.len());
         for (li, l) in m.layers.iter().enumerate() {
-            let kvd = l.attn.n_kv_heads * l.attn.head_dim;
+            let state = match &l.mixer {
+                Some(VkMixer::Recurrent(r)) => Some(match &r.spec {
+                    Mixer::GatedDeltaNet(s) => RecurrentState::gdn(ctx, s)?,
+                    Mixer::Mamba2(s) => RecurrentState::mamba2(ctx, s)?,
+                    Mixer::ShortConv(s) => RecurrentState::short_conv(ctx, s)?,
+                    Mixer::Attention(_) => {
+                        return Err(VkError::Invalid(format!("layer {li}: mismatched mixer")))
+                    }
+                }),
+                _ => None,
+            };
+            states.push(state);
+            let Some(VkMixer::Attention(at)) = &l.mixer else {
+                kv.push(None);
+                rope.push(None);
+                continue;
+            };
+            let kvd = at.attn.n_kv_heads * at.attn.head_dim;
             let n = cap
                 .checked_mul(kvd)
                 .ok_or_else(|| VkError::Invalid("KV cache size overflows".into()))?;
-            kv.push((dev(n, "a layer's K cache")?, dev(n, "a layer's V cache")?));
-            let table = match &l.attn.rope {
+            // f16: two values per 4-byte word.
+            let words = if ctx.tuning().kv_f16 {
+                n.div_ceil(2)
+            } else {
+                n
+            };
+            kv.push(Some((
+                dev(words, "a layer's K cache")?,
+                dev(words, "a layer's V cache")?,
+            )));
+            let table = match &at.attn.rope {
                 None => None,
                 Some(spec) => {
                     let prev = m.layers[..li].iter().zip(&rope).find(|(pl, b)| {
-                        b.is_some() && pl.attn.rope.as_ref().is_some_and(|r| same_rope(r, spec))
+                        b.is_some()
+                            && matches!(&pl.mixer, Some(VkMixer::Attention(pa))
+                                if pa.attn.rope.as_ref().is_some_and(|r| same_rope(r, spec)))
                     });
                     match prev {
                         Some((_, b)) => b.clone(),
@@ -542,6 +967,9 @@ impl VkRunner {
             qkv,
             att,
             gu,
+            moe_logits,
+            moe_w,
+            moe_y,
             xq,
             xd,
             xss,
@@ -549,6 +977,7 @@ impl VkRunner {
             attn_part,
             attn_count,
             kv,
+            states,
             rope,
             logits1,
             logits_all: None,
@@ -558,6 +987,11 @@ impl VkRunner {
             embed_bytes: Vec::with_capacity(chunk * d * 4),
             trace: std::env::var_os("CALDERA_VK_TRACE").is_some(),
             profile: std::env::var("CALDERA_VK_PROFILE").is_ok_and(|v| v == "1"),
+            attn_stop: std::env::var("CALDERA_VK_ATTN_STOP")
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(0)
+                .min(3),
             fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").map_or(true, |v| v != "0"),
             profile_ns: HashMap::new(),
             profile_steps: 0,
@@ -589,286 +1023,40 @@ impl VkRunner {
         let cfg = &m.model.config;
         let d = cfg.d_model;
         let eps = cfg.norm_eps;
-        let b = bucket as u64;
         // One token: the decode mat-vecs (mv.glsl); more: the batched ones (mm.glsl).
         let decode = bucket == 1;
         let mut ops: Vec<(&'static str, Op)> = Vec::new();
-        let wg_bind = |k: Kernel, bufs: &[&Buffer]| ctx.bind(k, bufs);
         // Decode: xq / xd already hold the next q|k|v input (the previous layer's down
         // mat-vec quantized it).
         let mut qs = QState::default();
         for (li, l) in m.layers.iter().enumerate() {
-            let a = &l.attn;
-            let (hd, nh, nkv) = (a.head_dim, a.n_heads, a.n_kv_heads);
-            let ld_qkv = (nh + 2 * nkv) * hd;
-            // norm + q|k|v
-            let mut group = Vec::new();
-            if decode {
-                let projs: Vec<(&Proj, u64)> = l.qkv.iter().map(|p| (p, p.offset as u64)).collect();
-                self.push_decode_mv(
-                    &mut ops,
-                    "qkv",
-                    &projs,
-                    &self.x,
-                    l.norm.as_ref(),
-                    &self.qkv,
-                    MvMode::default(),
-                    &mut qs,
-                    None,
-                )?;
-            }
-            for p in &l.qkv {
-                if decode {
-                    break;
+            match &l.mixer {
+                Some(VkMixer::Attention(a)) => {
+                    self.push_attention(&mut ops, li, l, a, bucket, &mut qs)?
                 }
-                let io = MmIo {
-                    x: &self.x,
-                    ld_x: d as u64,
-                    y: &self.qkv,
-                    ld_y: ld_qkv as u64,
-                    y_offset: p.offset as u64,
-                    gam: Some(l.norm.as_ref().unwrap_or(&m.ones)),
-                    step: &self.step_dev,
-                    max_tokens: b,
-                };
-                let mode = MmMode {
-                    norm: l.norm.is_some(),
-                    eps,
-                    ..Default::default()
-                };
-                group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
-            }
-            if !decode {
-                ops.push(("qkv", Op::Mm(group)));
-            }
-            // q/k norm + RoPE + KV write
-            let (kc, vc) = &self.kv[li];
-            let dummy = &self.x;
-            let rope_buf = self.rope[li].as_ref().unwrap_or(dummy);
-            let mut flags = 0u32;
-            if l.q_norm.is_some() {
-                flags |= 1;
-            }
-            if l.k_norm.is_some() {
-                flags |= 2;
-            }
-            let n_rot = a.rope.as_ref().map_or(0, |r| r.n_dims);
-            if let Some(r) = &a.rope {
-                flags |= 4;
-                if r.style == RopeStyle::Interleaved {
-                    flags |= 8;
+                Some(VkMixer::Recurrent(r)) => {
+                    self.push_recurrent(&mut ops, li, l, r, bucket, &mut qs)?
                 }
+                None => {}
             }
-            // Decode: one kernel for norm + RoPE + KV write + attention, which also
-            // quantizes its output for the o-projection when that runs on int8.
-            let o_q8 = decode && self.q8_input(&l.o) && hd.is_multiple_of(32);
-            if decode {
-                let gsize = nh / nkv;
-                let hpw = gsize.min(8);
-                let n_chunks = gsize.div_ceil(hpw);
-                let split = attn_split(self.cap);
-                let max_splits = self.cap.div_ceil(split);
-                let binding = wg_bind(
-                    Kernel::AttnDecode,
-                    &[
-                        &self.qkv,
-                        kc,
-                        vc,
-                        &self.att,
-                        &self.step_dev,
-                        l.q_norm.as_ref().unwrap_or(dummy),
-                        l.k_norm.as_ref().unwrap_or(dummy),
-                        rope_buf,
-                        &self.xq[qs.cur],
-                        &self.xd[qs.cur],
-                        &self.attn_part,
-                        &self.attn_count,
-                    ],
-                )?;
-                let q8_flag = if o_q8 { 16 } else { 0 };
-                // Profiling only: CALDERA_VK_ATTN_STOP=1|2 ends attention after its q/k
-                // preparation | its softmax-weighted values (wrong output).
-                let stop = std::env::var("CALDERA_VK_ATTN_STOP")
-                    .ok()
-                    .and_then(|v| v.parse::<u32>().ok())
-                    .unwrap_or(0)
-                    .min(3);
-                let q8_flag = q8_flag | (stop << 8);
-                let push = push_words(&[
-                    u32_of(nh, "heads")?,
-                    u32_of(nkv, "kv heads")?,
-                    u32_of(hd, "head size")?,
-                    u32_of(n_rot, "rotated dims")?,
-                    flags | q8_flag,
-                    u32_of(ld_qkv, "qkv width")?,
-                    u32_of(a.window.unwrap_or(0).min(u32::MAX as usize), "window")?,
-                    hpw as u32,
-                    n_chunks as u32,
-                    u32_of(max_splits, "attention splits")?,
-                    split as u32,
-                    eps.to_bits(),
-                    a.scale.to_bits(),
-                    a.softcap.unwrap_or(0.0).to_bits(),
-                ]);
-                let groups = (nkv * n_chunks * max_splits) as u64;
-                ops.push(("attention", Op::Kernel(binding, push, groups)));
-                qs = QState {
-                    cur: qs.cur,
-                    ready: o_q8,
-                    xnorm: false,
-                };
-                let next = (self.fuse_quant && self.q8_input(&l.gate_up)).then_some(NextInput {
-                    norm: l.ffn_norm.as_ref(),
-                    n: d,
-                });
-                self.push_out_proj(
-                    &mut ops,
-                    "o",
-                    &l.o,
-                    &self.att,
-                    (nh * hd) as u64,
-                    None,
-                    l.post_norm.as_ref(),
-                    b,
-                    &mut qs,
-                    next,
-                )?;
+            match &l.ffn {
+                Some(VkFfn::Dense(mlp)) => {
+                    let next = if decode {
+                        self.next_input(li, false)
+                    } else {
+                        None
+                    };
+                    let out = MlpOut::Residual {
+                        post_norm: l.ffn_post_norm.as_ref(),
+                        next,
+                    };
+                    self.push_mlp(&mut ops, mlp, l.ffn_norm.as_ref(), out, bucket, &mut qs)?;
+                }
+                Some(VkFfn::Moe(moe)) => {
+                    self.push_moe(&mut ops, moe, l.ffn_norm.as_ref(), bucket, &mut qs)?
+                }
+                None => {}
             }
-            if !decode {
-                let binding = wg_bind(
-                    Kernel::RopeKv,
-                    &[
-                        &self.qkv,
-                        kc,
-                        vc,
-                        l.q_norm.as_ref().unwrap_or(dummy),
-                        l.k_norm.as_ref().unwrap_or(dummy),
-                        rope_buf,
-                        &self.step_dev,
-                    ],
-                )?;
-                let push = push_words(&[
-                    u32_of(nh, "heads")?,
-                    u32_of(nkv, "kv heads")?,
-                    u32_of(hd, "head size")?,
-                    u32_of(n_rot, "rotated dims")?,
-                    flags,
-                    u32_of(ld_qkv, "qkv width")?,
-                    eps.to_bits(),
-                ]);
-                ops.push(("rope_kv", Op::Kernel(binding, push, b * (nh + nkv) as u64)));
-                // attention
-                let shape = AttnShape {
-                    n_heads: nh,
-                    n_kv: nkv,
-                    head_dim: hd,
-                    window: a.window.unwrap_or(0),
-                    scale: a.scale,
-                    softcap: a.softcap,
-                };
-                let io = AttnIo {
-                    qkv: &self.qkv,
-                    ld_qkv: ld_qkv as u64,
-                    k_cache: kc,
-                    v_cache: vc,
-                    out: &self.att,
-                    step: &self.step_dev,
-                    max_tokens: b,
-                };
-                let att = PrefillAttention::new(ctx, &shape, &io)?;
-                ops.push(("attention", Op::Attention(att)));
-                // o-proj + residual (through the post-norm when there is one)
-                self.push_out_proj(
-                    &mut ops,
-                    "o",
-                    &l.o,
-                    &self.att,
-                    (nh * hd) as u64,
-                    None,
-                    l.post_norm.as_ref(),
-                    b,
-                    &mut QState::default(),
-                    None,
-                )?;
-            }
-            // norm + gate|up (decode: with the GLU, into gu[0 .. d_ff])
-            let p = &l.gate_up;
-            if decode {
-                let mode = MvMode {
-                    glu: Some(l.act),
-                    ..Default::default()
-                };
-                let next = (self.fuse_quant && self.q8_input(&l.down)).then_some(NextInput {
-                    norm: None,
-                    n: l.d_ff,
-                });
-                self.push_decode_mv(
-                    &mut ops,
-                    "gate_up",
-                    &[(p, 0)],
-                    &self.x,
-                    l.ffn_norm.as_ref(),
-                    &self.gu,
-                    mode,
-                    &mut qs,
-                    next,
-                )?;
-            } else {
-                let io = MmIo {
-                    x: &self.x,
-                    ld_x: d as u64,
-                    y: &self.gu,
-                    ld_y: 2 * l.d_ff as u64,
-                    y_offset: 0,
-                    gam: Some(l.ffn_norm.as_ref().unwrap_or(&m.ones)),
-                    step: &self.step_dev,
-                    max_tokens: b,
-                };
-                let mode = MmMode {
-                    norm: l.ffn_norm.is_some(),
-                    eps,
-                    ..Default::default()
-                };
-                ops.push((
-                    "gate_up",
-                    Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
-                ));
-            }
-            // (GLU +) down + residual
-            let (ld, glu) = if decode {
-                (l.d_ff as u64, None)
-            } else {
-                (2 * l.d_ff as u64, Some(l.act))
-            };
-            // Decode: down quantizes the next q|k|v input (or the head's).
-            let next = if !decode || !self.fuse_quant {
-                None
-            } else if let Some(nl) = m.layers.get(li + 1) {
-                nl.qkv
-                    .iter()
-                    .any(|p| self.q8_input(p) && p.k == d)
-                    .then_some(NextInput {
-                        norm: nl.norm.as_ref(),
-                        n: d,
-                    })
-            } else {
-                self.q8_input(&m.output).then_some(NextInput {
-                    norm: Some(&m.output_norm),
-                    n: d,
-                })
-            };
-            self.push_out_proj(
-                &mut ops,
-                "down",
-                &l.down,
-                &self.gu,
-                ld,
-                glu,
-                l.ffn_post_norm.as_ref(),
-                b,
-                &mut qs,
-                next,
-            )?;
         }
         // final norm + LM head on the selected tokens
         if all && self.logits_all.is_none() {
@@ -945,6 +1133,10 @@ impl VkRunner {
                     Op::Quant(q) => q.record(r)?,
                     Op::Attention(a) => a.record(r)?,
                     Op::Kernel(binding, push, groups) => r.dispatch(binding, push, *groups)?,
+                    Op::Rec(op) => op.record(r)?,
+                    Op::Act(op) => op.record(r)?,
+                    Op::Route(op) => op.record(r)?,
+                    Op::Combine(op) => op.record(r)?,
                 }
                 r.barrier();
                 r.mark(label);
@@ -954,6 +1146,654 @@ impl VkRunner {
             Ok(())
         })?;
         Ok(Step { rec })
+    }
+
+    /// Attention over the step's tokens: norm + q|k|v, then (decode) `attn_decode` or
+    /// (prefill) `rope_kv` and `attention` (and the output gate), then the o-projection
+    /// + residual.
+    #[allow(clippy::too_many_arguments)]
+    fn push_attention(
+        &self,
+        ops: &mut Vec<(&'static str, Op)>,
+        li: usize,
+        layer: &VkLayer,
+        l: &VkAttn,
+        bucket: usize,
+        qs: &mut QState,
+    ) -> Result<()> {
+        let m = &self.m;
+        let ctx = &m.ctx;
+        let d = m.model.config.d_model;
+        let eps = m.model.config.norm_eps;
+        let b = bucket as u64;
+        let decode = bucket == 1;
+        let wg_bind = |k: Kernel, bufs: &[&Buffer]| ctx.bind(k, bufs);
+        let a = &l.attn;
+        let (hd, nh, nkv) = (a.head_dim, a.n_heads, a.n_kv_heads);
+        let ld_qkv = l.ld_qkv();
+        // norm + q|k|v
+        let mut group = Vec::new();
+        if decode {
+            let projs: Vec<(&Proj, u64)> = l.qkv.iter().map(|p| (p, p.offset as u64)).collect();
+            self.push_decode_mv(
+                ops,
+                "qkv",
+                &projs,
+                &self.x,
+                layer.norm.as_ref(),
+                &self.qkv,
+                MvMode::default(),
+                qs,
+                None,
+            )?;
+        }
+        for p in &l.qkv {
+            if decode {
+                break;
+            }
+            let io = MmIo {
+                x: &self.x,
+                ld_x: d as u64,
+                y: &self.qkv,
+                ld_y: ld_qkv as u64,
+                y_offset: p.offset as u64,
+                gam: Some(layer.norm.as_ref().unwrap_or(&m.ones)),
+                step: &self.step_dev,
+                max_tokens: b,
+            };
+            let mode = MmMode {
+                norm: layer.norm.is_some(),
+                eps,
+                ..Default::default()
+            };
+            group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+        }
+        if !decode {
+            ops.push(("qkv", Op::Mm(group)));
+        }
+        // q/k norm + RoPE + KV write
+        let Some((kc, vc)) = &self.kv[li] else {
+            return Err(VkError::Invalid(format!("layer {li}: no KV cache")));
+        };
+        let dummy = &self.x;
+        let rope_buf = self.rope[li].as_ref().unwrap_or(dummy);
+        let mut flags = 0u32;
+        if l.q_norm.is_some() {
+            flags |= 1;
+        }
+        if l.k_norm.is_some() {
+            flags |= 2;
+        }
+        let n_rot = a.rope.as_ref().map_or(0, |r| r.n_dims);
+        if let Some(r) = &a.rope {
+            flags |= 4;
+            if r.style == RopeStyle::Interleaved {
+                flags |= 8;
+            }
+        }
+        // Decode: one kernel for norm + RoPE + KV write + attention (+ output gate),
+        // which also quantizes its output for the o-projection when that runs on int8.
+        let o_q8 = decode && self.q8_input(&l.o) && hd.is_multiple_of(32);
+        if decode {
+            let gsize = nh / nkv;
+            let hpw = gsize.min(8);
+            let n_chunks = gsize.div_ceil(hpw);
+            let split = attn_split(self.cap);
+            let max_splits = self.cap.div_ceil(split);
+            let binding = wg_bind(
+                Kernel::AttnDecode,
+                &[
+                    &self.qkv,
+                    kc,
+                    vc,
+                    &self.att,
+                    &self.step_dev,
+                    l.q_norm.as_ref().unwrap_or(dummy),
+                    l.k_norm.as_ref().unwrap_or(dummy),
+                    rope_buf,
+                    &self.xq[qs.cur],
+                    &self.xd[qs.cur],
+                    &self.attn_part,
+                    &self.attn_count,
+                ],
+            )?;
+            let q8_flag = if o_q8 { 16 } else { 0 };
+            let gate_flag = if a.q_gate { 32 } else { 0 };
+            let q8_flag = q8_flag | gate_flag | (self.attn_stop << 8);
+            let push = push_words(&[
+                u32_of(nh, "heads")?,
+                u32_of(nkv, "kv heads")?,
+                u32_of(hd, "head size")?,
+                u32_of(n_rot, "rotated dims")?,
+                flags | q8_flag,
+                u32_of(ld_qkv, "qkv width")?,
+                u32_of(a.window.unwrap_or(0).min(u32::MAX as usize), "window")?,
+                hpw as u32,
+                n_chunks as u32,
+                u32_of(max_splits, "attention splits")?,
+                split as u32,
+                eps.to_bits(),
+                a.scale.to_bits(),
+                a.softcap.unwrap_or(0.0).to_bits(),
+            ]);
+            let groups = (nkv * n_chunks * max_splits) as u64;
+            ops.push(("attention", Op::Kernel(binding, push, groups)));
+            *qs = QState {
+                cur: qs.cur,
+                ready: o_q8,
+                xnorm: false,
+            };
+            let next = self.next_input(li, true);
+            self.push_out_proj(
+                ops,
+                "o",
+                &l.o,
+                &self.att,
+                (nh * hd) as u64,
+                None,
+                layer.post_norm.as_ref(),
+                b,
+                qs,
+                next,
+            )?;
+        }
+        if !decode {
+            let binding = wg_bind(
+                Kernel::RopeKv,
+                &[
+                    &self.qkv,
+                    kc,
+                    vc,
+                    l.q_norm.as_ref().unwrap_or(dummy),
+                    l.k_norm.as_ref().unwrap_or(dummy),
+                    rope_buf,
+                    &self.step_dev,
+                ],
+            )?;
+            let push = push_words(&[
+                u32_of(nh, "heads")?,
+                u32_of(nkv, "kv heads")?,
+                u32_of(hd, "head size")?,
+                u32_of(n_rot, "rotated dims")?,
+                flags,
+                u32_of(ld_qkv, "qkv width")?,
+                eps.to_bits(),
+            ]);
+            ops.push(("rope_kv", Op::Kernel(binding, push, b * (nh + nkv) as u64)));
+            // attention (flash attention where the device fits it)
+            let shape = AttnShape {
+                n_heads: nh,
+                n_kv: nkv,
+                head_dim: hd,
+                window: a.window.unwrap_or(0),
+                scale: a.scale,
+                softcap: a.softcap,
+            };
+            let io = AttnIo {
+                qkv: &self.qkv,
+                ld_qkv: ld_qkv as u64,
+                k_cache: kc,
+                v_cache: vc,
+                out: &self.att,
+                step: &self.step_dev,
+                max_tokens: b,
+            };
+            let att = PrefillAttention::new(ctx, &shape, &io)?;
+            ops.push(("attention", Op::Attention(att)));
+            if a.q_gate {
+                // The output gate: the gates follow v in each q|k|v|gate row.
+                let act = RowAct::Gate {
+                    ld_src: ld_qkv as u64,
+                    src_off: ((nh + 2 * nkv) * hd) as u64,
+                };
+                let qd = (nh * hd) as u64;
+                let op = RowsAct::new(ctx, act, qd, &self.att, qd, &self.qkv, &self.step_dev, b)?;
+                ops.push(("attn_gate", Op::Act(op)));
+            }
+            // o-proj + residual (through the post-norm when there is one)
+            self.push_out_proj(
+                ops,
+                "o",
+                &l.o,
+                &self.att,
+                (nh * hd) as u64,
+                None,
+                layer.post_norm.as_ref(),
+                b,
+                &mut QState::default(),
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A recurrent mixer over the step's tokens: norm + its input projections, its decode
+    /// or prefill op, the out-projection + residual.
+    #[allow(clippy::too_many_arguments)]
+    fn push_recurrent(
+        &self,
+        ops: &mut Vec<(&'static str, Op)>,
+        li: usize,
+        layer: &VkLayer,
+        r: &VkRecurrent,
+        bucket: usize,
+        qs: &mut QState,
+    ) -> Result<()> {
+        let m = &self.m;
+        let ctx = &m.ctx;
+        let d = m.model.config.d_model;
+        let eps = m.model.config.norm_eps;
+        let b = bucket as u64;
+        let decode = bucket == 1;
+        let state = self.states[li]
+            .as_ref()
+            .ok_or_else(|| VkError::Invalid(format!("layer {li}: no recurrent state")))?;
+        let mw = m.model.weights.layers[li].mixer.as_ref();
+        let mismatch = || VkError::Invalid(format!("layer {li}: mismatched mixer"));
+        // norm + input projections, side by side in one row
+        if decode {
+            let projs: Vec<(&Proj, u64)> = r.input.iter().map(|p| (p, p.offset as u64)).collect();
+            self.push_decode_mv(
+                ops,
+                "mixer_in",
+                &projs,
+                &self.x,
+                layer.norm.as_ref(),
+                &self.qkv,
+                MvMode::default(),
+                qs,
+                None,
+            )?;
+        } else {
+            let mut group = Vec::new();
+            for p in &r.input {
+                let io = MmIo {
+                    x: &self.x,
+                    ld_x: d as u64,
+                    y: &self.qkv,
+                    ld_y: r.row as u64,
+                    y_offset: p.offset as u64,
+                    gam: Some(layer.norm.as_ref().unwrap_or(&m.ones)),
+                    step: &self.step_dev,
+                    max_tokens: b,
+                };
+                let mode = MmMode {
+                    norm: layer.norm.is_some(),
+                    eps,
+                    ..Default::default()
+                };
+                group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+            }
+            ops.push(("mixer_in", Op::Mm(group)));
+        }
+        // the mixer
+        let o_q8 = decode && r.q8_out && self.q8_input(&r.out);
+        let (label, op) = if decode {
+            let io = RecurrentIo {
+                proj: &self.qkv,
+                out: &self.att,
+                state,
+                step: &self.step_dev,
+                q8: o_q8.then(|| self.acts(qs.cur, false)),
+            };
+            match (&r.spec, mw) {
+                (Mixer::GatedDeltaNet(s), Some(MixerWeights::GatedDeltaNet(w))) => (
+                    "gdn",
+                    RecOp::GdnDecode(GdnDecode::new(ctx, s, w, eps, &io)?),
+                ),
+                (Mixer::Mamba2(s), Some(MixerWeights::Mamba2(w))) => (
+                    "mamba2",
+                    RecOp::Mamba2Decode(Mamba2Decode::new(ctx, s, w, eps, &io)?),
+                ),
+                (Mixer::ShortConv(s), Some(MixerWeights::ShortConv(w))) => (
+                    "shortconv",
+                    RecOp::ShortConvDecode(ShortConvDecode::new(ctx, s, w, &io)?),
+                ),
+                _ => return Err(mismatch()),
+            }
+        } else {
+            let io = PrefillIo {
+                proj: &self.qkv,
+                ld_proj: r.row as u64,
+                out: &self.att,
+                state,
+                step: &self.step_dev,
+                max_tokens: b,
+            };
+            match (&r.spec, mw) {
+                (Mixer::GatedDeltaNet(s), Some(MixerWeights::GatedDeltaNet(w))) => (
+                    "gdn",
+                    RecOp::GdnPrefill(GdnPrefill::new(ctx, s, w, eps, &io)?),
+                ),
+                (Mixer::Mamba2(s), Some(MixerWeights::Mamba2(w))) => (
+                    "mamba2",
+                    RecOp::Mamba2Prefill(Mamba2Prefill::new(ctx, s, w, eps, &io)?),
+                ),
+                (Mixer::ShortConv(s), Some(MixerWeights::ShortConv(w))) => (
+                    "shortconv",
+                    RecOp::ShortConvPrefill(ShortConvPrefill::new(ctx, s, w, &io)?),
+                ),
+                _ => return Err(mismatch()),
+            }
+        };
+        ops.push((label, Op::Rec(op)));
+        // out-projection + residual
+        let mut prefill_qs = QState::default();
+        let (qs, next) = if decode {
+            *qs = QState {
+                cur: qs.cur,
+                ready: o_q8,
+                xnorm: false,
+            };
+            (qs, self.next_input(li, true))
+        } else {
+            (&mut prefill_qs, None)
+        };
+        self.push_out_proj(
+            ops,
+            "mixer_out",
+            &r.out,
+            &self.att,
+            r.width as u64,
+            None,
+            layer.post_norm.as_ref(),
+            b,
+            qs,
+            next,
+        )
+    }
+
+    /// An MLP over the step's tokens on input `x` normed by `norm`: up (gate|up), the
+    /// activation, down into `out`.
+    fn push_mlp(
+        &self,
+        ops: &mut Vec<(&'static str, Op)>,
+        mlp: &VkMlp,
+        norm: Option<&Buffer>,
+        out: MlpOut<'_>,
+        bucket: usize,
+        qs: &mut QState,
+    ) -> Result<()> {
+        let m = &self.m;
+        let ctx = &m.ctx;
+        let d = m.model.config.d_model;
+        let eps = m.model.config.norm_eps;
+        let b = bucket as u64;
+        let decode = bucket == 1;
+        let glu = match mlp.act {
+            MlpAct::Glu(act) => Some(act),
+            MlpAct::Relu2 => None,
+        };
+        // norm + up (decode: with the activation, into gu[0 .. d_ff])
+        let p = &mlp.up;
+        if decode {
+            let mode = MvMode {
+                glu,
+                relu2: mlp.act == MlpAct::Relu2,
+                ..Default::default()
+            };
+            let next = (self.fuse_quant && self.q8_input(&mlp.down)).then_some(NextInput {
+                norm: None,
+                n: mlp.d_ff,
+            });
+            self.push_decode_mv(
+                ops,
+                "gate_up",
+                &[(p, 0)],
+                &self.x,
+                norm,
+                &self.gu,
+                mode,
+                qs,
+                next,
+            )?;
+            if !qs.ready {
+                // The down projection's quant_x writes the other pair: this one still holds
+                // the MLP's input, which a MoE's next expert reads again.
+                qs.cur = 1 - qs.cur;
+            }
+        } else {
+            let io = MmIo {
+                x: &self.x,
+                ld_x: d as u64,
+                y: &self.gu,
+                ld_y: mlp.up_width() as u64,
+                y_offset: 0,
+                gam: Some(norm.unwrap_or(&m.ones)),
+                step: &self.step_dev,
+                max_tokens: b,
+            };
+            let mode = MmMode {
+                norm: norm.is_some(),
+                eps,
+                ..Default::default()
+            };
+            ops.push((
+                "gate_up",
+                Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+            ));
+            if mlp.act == MlpAct::Relu2 {
+                let ff = mlp.d_ff as u64;
+                let act = RowsAct::new(
+                    ctx,
+                    RowAct::Relu2,
+                    ff,
+                    &self.gu,
+                    ff,
+                    &self.gu,
+                    &self.step_dev,
+                    b,
+                )?;
+                ops.push(("act", Op::Act(act)));
+            }
+        }
+        // (GLU +) down (+ residual)
+        let (ld, glu) = if decode {
+            (mlp.d_ff as u64, None)
+        } else {
+            (mlp.up_width() as u64, glu)
+        };
+        match out {
+            MlpOut::Residual { post_norm, next } => self.push_out_proj(
+                ops, "down", &mlp.down, &self.gu, ld, glu, post_norm, b, qs, next,
+            ),
+            MlpOut::Slot { y, offset, ld_y } => {
+                let p = &mlp.down;
+                if decode {
+                    let mode = MvMode::default();
+                    self.push_decode_mv(
+                        ops,
+                        "down",
+                        &[(p, offset)],
+                        &self.gu,
+                        None,
+                        y,
+                        mode,
+                        qs,
+                        None,
+                    )
+                } else {
+                    let io = MmIo {
+                        x: &self.gu,
+                        ld_x: ld,
+                        y,
+                        ld_y,
+                        y_offset: offset,
+                        gam: Some(&m.ones),
+                        step: &self.step_dev,
+                        max_tokens: b,
+                    };
+                    let mode = MmMode {
+                        glu,
+                        eps,
+                        ..Default::default()
+                    };
+                    ops.push((
+                        "down",
+                        Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+                    ));
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// A mixture of experts over the step's tokens on input `x` normed by `norm`: the
+    /// router, the routing, every expert (and the shared one) into its slot of `moe_y`,
+    /// their weighted sum into x.
+    fn push_moe(
+        &self,
+        ops: &mut Vec<(&'static str, Op)>,
+        moe: &VkMoe,
+        norm: Option<&Buffer>,
+        bucket: usize,
+        qs: &mut QState,
+    ) -> Result<()> {
+        let m = &self.m;
+        let ctx = &m.ctx;
+        let d = m.model.config.d_model;
+        let eps = m.model.config.norm_eps;
+        let b = bucket as u64;
+        let decode = bucket == 1;
+        let n = moe.spec.n_experts;
+        let slots = moe.slots();
+        if decode {
+            // The normed input, quantized once for the router and every expert.
+            let q8 = |p: &Proj| self.q8_input(p) && p.k == d;
+            let any_q8 =
+                q8(&moe.router) || moe.experts.iter().chain(&moe.shared).any(|e| q8(&e.up));
+            if any_q8 && !qs.ready {
+                let acts = self.acts(qs.cur, false);
+                let qx = QuantX::new(ctx, d as u64, &self.x, norm, eps, &acts)?;
+                ops.push(("quant", Op::Quant(qx)));
+                *qs = QState {
+                    cur: qs.cur,
+                    ready: true,
+                    xnorm: false,
+                };
+            }
+            let q_in = *qs;
+            let mut q = q_in;
+            let mode = MvMode::default();
+            let router = [(&moe.router, 0)];
+            self.push_decode_mv(
+                ops,
+                "router",
+                &router,
+                &self.x,
+                norm,
+                &self.moe_logits,
+                mode,
+                &mut q,
+                None,
+            )?;
+            let route = MoeMix::new(
+                ctx,
+                &moe.spec,
+                &self.moe_logits,
+                moe.selection_bias.as_ref(),
+                &self.moe_w,
+                &self.step_dev,
+                1,
+            )?;
+            ops.push(("route", Op::Route(route)));
+            for (e, mlp) in moe.experts.iter().chain(&moe.shared).enumerate() {
+                let mut q = q_in;
+                let out = MlpOut::Slot {
+                    y: &self.moe_y,
+                    offset: (e * d) as u64,
+                    ld_y: (slots * d) as u64,
+                };
+                self.push_mlp(ops, mlp, norm, out, bucket, &mut q)?;
+            }
+            *qs = QState {
+                cur: q_in.cur,
+                ready: false,
+                xnorm: false,
+            };
+        } else {
+            let io = MmIo {
+                x: &self.x,
+                ld_x: d as u64,
+                y: &self.moe_logits,
+                ld_y: n as u64,
+                y_offset: 0,
+                gam: Some(norm.unwrap_or(&m.ones)),
+                step: &self.step_dev,
+                max_tokens: b,
+            };
+            let mode = MmMode {
+                norm: norm.is_some(),
+                eps,
+                ..Default::default()
+            };
+            let p = &moe.router;
+            ops.push((
+                "router",
+                Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+            ));
+            let route = MoeMix::new(
+                ctx,
+                &moe.spec,
+                &self.moe_logits,
+                moe.selection_bias.as_ref(),
+                &self.moe_w,
+                &self.step_dev,
+                b,
+            )?;
+            ops.push(("route", Op::Route(route)));
+            for (e, mlp) in moe.experts.iter().chain(&moe.shared).enumerate() {
+                let out = MlpOut::Slot {
+                    y: &self.moe_y,
+                    offset: (e * d) as u64,
+                    ld_y: (slots * d) as u64,
+                };
+                self.push_mlp(ops, mlp, norm, out, bucket, &mut QState::default())?;
+            }
+        }
+        let combine = MoeCombine::new(
+            ctx,
+            d,
+            n,
+            slots,
+            &self.x,
+            &self.moe_y,
+            &self.moe_w,
+            &self.step_dev,
+            b,
+        )?;
+        ops.push(("combine", Op::Combine(combine)));
+        Ok(())
+    }
+
+    /// What a decode mat-vec finishing a block of layer `li` (its mixer with
+    /// `after_mixer`, else its MLP) may quantize for the block after it: the input of
+    /// the layer's MLP, of the next layer, or of the head.
+    fn next_input(&self, li: usize, after_mixer: bool) -> Option<NextInput<'_>> {
+        if !self.fuse_quant {
+            return None;
+        }
+        let m = &self.m;
+        let d = m.model.config.d_model;
+        let l = &m.layers[li];
+        let block = match (after_mixer, l.ffn_input()) {
+            (true, Some(f)) => Some(f),
+            _ => m.layers.get(li + 1).map(|nl| {
+                nl.mixer_input()
+                    .or_else(|| nl.ffn_input())
+                    .unwrap_or((None, Vec::new()))
+            }),
+        };
+        match block {
+            Some((norm, projs)) => projs
+                .iter()
+                .any(|p| self.q8_input(p) && p.k == d)
+                .then_some(NextInput { norm, n: d }),
+            None => self.q8_input(&m.output).then_some(NextInput {
+                norm: Some(&m.output_norm),
+                n: d,
+            }),
+        }
     }
 
     /// Whether the decode mat-vec of `p` runs on int8 activations.
@@ -1194,6 +2034,49 @@ enum Op {
     Quant(QuantX),
     Attention(PrefillAttention),
     Kernel(Binding, Vec<u8>, u64),
+    Rec(RecOp),
+    Act(RowsAct),
+    Route(MoeMix),
+    Combine(MoeCombine),
+}
+
+/// A recurrent mixer's op (`recurrent.rs`).
+enum RecOp {
+    GdnDecode(GdnDecode),
+    GdnPrefill(GdnPrefill),
+    Mamba2Decode(Mamba2Decode),
+    Mamba2Prefill(Mamba2Prefill),
+    ShortConvDecode(ShortConvDecode),
+    ShortConvPrefill(ShortConvPrefill),
+}
+
+impl RecOp {
+    fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        match self {
+            RecOp::GdnDecode(op) => op.record(r),
+            RecOp::GdnPrefill(op) => op.record(r),
+            RecOp::Mamba2Decode(op) => op.record(r),
+            RecOp::Mamba2Prefill(op) => op.record(r),
+            RecOp::ShortConvDecode(op) => op.record(r),
+            RecOp::ShortConvPrefill(op) => op.record(r),
+        }
+    }
+}
+
+/// Where an MLP's down projection writes.
+enum MlpOut<'a> {
+    /// Added to the residual stream x (through the post-norm when there is one); a
+    /// decode mat-vec may quantize `next` from it.
+    Residual {
+        post_norm: Option<&'a Buffer>,
+        next: Option<NextInput<'a>>,
+    },
+    /// Stored at `y[t * ld_y + offset ..]` (a MoE expert's slot).
+    Slot {
+        y: &'a Buffer,
+        offset: u64,
+        ld_y: u64,
+    },
 }
 
 /// Where a decode step's int8 mat-vec input is: buffer pair `cur`, `ready` when the
@@ -1244,8 +2127,24 @@ impl caldera_model::Runner for VkRunner {
     }
 
     fn truncate(&mut self, n: usize) -> bool {
-        // The KV cache keeps every position; later tokens overwrite what follows n.
-        self.len = self.len.min(n);
+        if n >= self.len {
+            return true;
+        }
+        if self.states.iter().all(Option::is_none) {
+            // The KV cache keeps every position; later tokens overwrite what follows n.
+            self.len = n;
+            return true;
+        }
+        // Recurrent states keep only the latest position: they cannot rewind, but they
+        // can start over.
+        if n != 0 {
+            return false;
+        }
+        let ctx = &self.m.ctx;
+        if self.states.iter().flatten().any(|s| s.reset(ctx).is_err()) {
+            return false;
+        }
+        self.len = 0;
         true
     }
 

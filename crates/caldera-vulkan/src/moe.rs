@@ -524,10 +524,10 @@ const MV_GELU: u32 = 8;
 const MV_TAIL: u32 = 32;
 const MV_TAIL_NORM: u32 = 64;
 const MV_XNORM: u32 = 128;
-const MV_SUM: u32 = 256;
-const MV_BIAS: u32 = 512;
-const MV_CLAMP: u32 = 1024;
-const MV_RELU2: u32 = 2048;
+const MV_RELU2: u32 = 256;
+const MV_SUM: u32 = 512;
+const MV_BIAS: u32 = 1024;
+const MV_CLAMP: u32 = 2048;
 
 fn build(ctx: &Context, c: &Call<'_>) -> Result<ExpertDispatches> {
     let w = c.w;

@@ -387,6 +387,9 @@ pub struct MvMode {
     pub add: bool,
     /// `y = cap * tanh(y / cap)`.
     pub softcap: Option<f32>,
+    /// `y = max(y, 0)²`, after the softcap and before the add: the up projection of an
+    /// ungated relu² MLP (Nemotron-H).
+    pub relu2: bool,
     /// RMSNorm epsilon.
     pub eps: f32,
 }
@@ -406,6 +409,9 @@ impl MvMode {
         }
         if self.softcap.is_some() {
             flags |= 16;
+        }
+        if self.relu2 {
+            flags |= 256;
         }
         flags
     }
@@ -928,5 +934,79 @@ impl PrefillAttention {
     /// Whether it runs `attn_flash`.
     pub fn flash(&self) -> bool {
         self.binding.kernel() == Kernel::AttnFlash
+    }
+}
+
+/// What [`RowsAct`] does to each value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowAct {
+    /// `y = max(y, 0)²`: an ungated relu² MLP between its up and down projections.
+    Relu2,
+    /// `y *= sigmoid(src[t * ld_src + src_off + i])`: an attention output gate.
+    Gate { ld_src: u64, src_off: u64 },
+}
+
+/// Elementwise over the first `n` values of the rows `y[t * ld_y ..]` of a step's tokens
+/// (`step[0]` of them, at most `max_tokens`): `rows_act.comp`, one dispatch.
+pub struct RowsAct {
+    binding: Binding,
+    push: Vec<u8>,
+    groups: u64,
+}
+
+impl RowsAct {
+    /// `src`: the gates for [`RowAct::Gate`] (unread for `Relu2`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        act: RowAct,
+        n: u64,
+        y: &Buffer,
+        ld_y: u64,
+        src: &Buffer,
+        step: &Buffer,
+        max_tokens: u64,
+    ) -> Result<RowsAct> {
+        let t = max_tokens;
+        let (mode, ld_src, src_off) = match act {
+            RowAct::Relu2 => (0u32, 0, 0),
+            RowAct::Gate { ld_src, src_off } => (1, ld_src, src_off),
+        };
+        let src_need = if mode == 1 {
+            (t.max(1) - 1) * ld_src + src_off + n
+        } else {
+            0
+        };
+        if n == 0
+            || t == 0
+            || ld_y < n
+            || y.size() < ((t - 1) * ld_y + n) * 4
+            || src.size() < src_need * 4
+            || step.size() < 4
+        {
+            return Err(VkError::Invalid(format!(
+                "{act:?} over {t} rows of {n} (stride {ld_y}): buffers too small"
+            )));
+        }
+        let binding = ctx.bind(Kernel::RowsAct, &[y, src, step])?;
+        let push = push_words(&[
+            u32_of(n, "values per row")?,
+            u32_of(ld_y, "row stride")?,
+            u32_of(ld_src, "gate stride")?,
+            u32_of(src_off, "gate offset")?,
+            mode,
+            u32_of(t, "rows")?,
+        ]);
+        let wg = ctx.tuning().workgroup_size as u64;
+        Ok(RowsAct {
+            binding,
+            push,
+            groups: t * n.div_ceil(wg),
+        })
+    }
+
+    /// Records the dispatch (no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        r.dispatch(&self.binding, &self.push, self.groups)
     }
 }

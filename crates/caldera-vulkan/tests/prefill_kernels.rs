@@ -9,15 +9,22 @@ mod common;
 use caldera_vulkan::ops::{AttnIo, AttnShape, PrefillAttention};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Buffer, Context, ContextOptions, Kernel};
-use common::{random_vec, rms, rng, rope, rope_table, words};
+use common::{kv_round, random_vec, rms, rng, rope, rope_table, upload_kv, words};
 use rand::rngs::StdRng;
 
 fn contexts() -> Vec<Context> {
     let mut v = Vec::new();
-    for (shared, no_flash) in [(false, false), (true, false), (false, true), (true, true)] {
+    // Reductions x prefill attention kernels, f16 and f32 KV caches among them.
+    for (shared, no_flash, kv32) in [
+        (false, false, false),
+        (true, false, true),
+        (false, true, true),
+        (true, true, false),
+    ] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
             force_no_flash_attn: no_flash,
+            force_kv_f32: kv32,
             ..Default::default()
         };
         if let Some(c) = test_context("prefill kernels", &opts) {
@@ -49,8 +56,10 @@ fn rope_attention_case(
     let (n_rot, eps) = (hd, 1e-6f32);
     let scale = 1.0 / (hd as f32).sqrt();
     let qkv = random_vec(rng, m * ld, 1.0);
-    let kc = random_vec(rng, cap * kvd, 1.0);
-    let vc = random_vec(rng, cap * kvd, 1.0);
+    let mut kc = random_vec(rng, cap * kvd, 1.0);
+    let mut vc = random_vec(rng, cap * kvd, 1.0);
+    // The cache in the context's format (f16 rounds what the CPU twin reads too).
+    let (kc_b, vc_b) = (upload_kv(ctx, &mut kc), upload_kv(ctx, &mut vc));
     let (qn, kn) = (random_vec(rng, hd, 1.5), random_vec(rng, hd, 1.5));
     let table = rope_table(cap, n_rot);
     // CPU twin: the cache after the step, then attention for every token.
@@ -64,8 +73,9 @@ fn rope_attention_case(
             rms(&mut k, &kn, eps as f64);
             rope(&mut k, &table, n_rot, interleaved, p0 + t);
             for i in 0..hd {
-                kcw[(p0 + t) * kvd + g * hd + i] = k[i];
-                vcw[(p0 + t) * kvd + g * hd + i] = row[nh * hd + kvd + g * hd + i] as f64;
+                kcw[(p0 + t) * kvd + g * hd + i] = kv_round(ctx, k[i]);
+                vcw[(p0 + t) * kvd + g * hd + i] =
+                    kv_round(ctx, row[nh * hd + kvd + g * hd + i] as f64);
             }
         }
         for h in 0..nh {
@@ -112,8 +122,7 @@ fn rope_attention_case(
     }
     // Device: rope_kv, barrier, attention.
     let up = |v: &[f32]| ctx.upload_f32(v).unwrap();
-    let (qkv_b, kc_b, vc_b, qn_b, kn_b, rope_b) =
-        (up(&qkv), up(&kc), up(&vc), up(&qn), up(&kn), up(&table));
+    let (qkv_b, qn_b, kn_b, rope_b) = (up(&qkv), up(&qn), up(&kn), up(&table));
     let out = ctx
         .create_buffer((m * nh * hd * 4) as u64, caldera_vulkan::MemoryKind::Device)
         .unwrap();
@@ -162,13 +171,17 @@ fn rope_attention_case(
         .unwrap();
     ctx.submit(&rec).unwrap();
     let got = ctx.read_f32(&out, m * nh * hd).unwrap();
+    // f16 cache: our k and the device's may round to neighbouring halves.
+    let tol = if ctx.tuning().kv_f16 { 2e-3 } else { 1e-4 };
     for i in 0..got.len() {
         assert!(
-            (got[i] as f64 - want[i]).abs() <= 1e-4,
+            (got[i] as f64 - want[i]).abs() <= tol,
             "{nh}/{nkv} heads of {hd}, {m} tokens at {p0}, window {window}, softcap {softcap}, \
-             interleaved {interleaved} (subgroup {}, flash {}): out[{i}] = {}, want {}",
+             interleaved {interleaved} (subgroup {}, flash {}, kv f16 {}): out[{i}] = {}, \
+             want {}",
             ctx.tuning().subgroup_reduce,
             ctx.tuning().flash_attn,
+            ctx.tuning().kv_f16,
             got[i],
             want[i]
         );

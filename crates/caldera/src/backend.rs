@@ -56,6 +56,93 @@ pub fn open_runner(args: &BackendArgs, model: Arc<Model>, ctx: usize) -> Result<
     }
 }
 
+/// Makes runners of `ctx` tokens on demand.
+pub type RunnerMaker = Box<dyn FnMut() -> Result<Box<dyn Runner>> + Send>;
+
+/// A maker of runners for `serve`'s slots, and what the backend is ("cpu, 8 threads").
+/// On the CPU every runner shares one backend, hence one thread pool: the slots step one
+/// after another on all the threads instead of each slot oversubscribing the cores. On
+/// Vulkan the runners share the uploaded weights.
+pub fn slot_runners(
+    args: &BackendArgs,
+    model: Arc<Model>,
+    ctx: usize,
+) -> Result<(RunnerMaker, String)> {
+    let cpu = |threads: Option<usize>| -> (RunnerMaker, String) {
+        let threads = threads.unwrap_or_else(crate::default_threads);
+        let be = Arc::new(CpuBackend::new(model.clone(), threads));
+        let desc = format!("cpu, {threads} threads shared by the slots");
+        (
+            Box::new(move || Ok(Box::new(CpuRunner::new(be.clone(), ctx)?) as Box<dyn Runner>)),
+            desc,
+        )
+    };
+    let vulkan = |first: Box<dyn Runner>, gpu_only: bool| -> (RunnerMaker, String) {
+        let desc = first.describe();
+        let mut first = Some(first);
+        let (args, model) = (args.clone(), model.clone());
+        (
+            Box::new(move || match first.take() {
+                Some(r) => Ok(r),
+                None => vulkan_runner(&args, model.clone(), ctx, gpu_only),
+            }),
+            desc,
+        )
+    };
+    match args.backend {
+        Backend::Cpu => Ok(cpu(args.threads)),
+        Backend::Vulkan => {
+            let first = vulkan_runner(args, model.clone(), ctx, false)?;
+            Ok(vulkan(first, false))
+        }
+        Backend::Auto => match vulkan_runner(args, model.clone(), ctx, true) {
+            Ok(first) => Ok(vulkan(first, true)),
+            Err(e) => {
+                if args.device.is_some() {
+                    return Err(e);
+                }
+                eprintln!("caldera: using the CPU backend ({e:#})");
+                Ok(cpu(args.threads))
+            }
+        },
+    }
+}
+
+/// Bytes one sequence of `ctx` tokens keeps besides the weights: f32 K and V rows of
+/// every attention layer that has its own cache, and the recurrent layers' states (what
+/// the CPU backend allocates; the Vulkan backend's f32 cache is the same size).
+pub fn sequence_state_bytes(model: &Model, ctx: usize) -> u64 {
+    use caldera_model::Mixer;
+    let mut bytes = 0u64;
+    for (li, l) in model.config.layers.iter().enumerate() {
+        if model
+            .extras
+            .layers
+            .get(li)
+            .is_some_and(|e| e.kv_from.is_some())
+        {
+            continue;
+        }
+        let floats = match &l.mixer {
+            None => 0,
+            Some(Mixer::Attention(a)) => 2 * (a.n_kv_heads * a.head_dim) as u64 * ctx as u64,
+            Some(Mixer::GatedDeltaNet(g)) => {
+                let s = caldera_cpu::gdn::GdnState::new(g);
+                (s.conv.len() + s.ssm.len()) as u64
+            }
+            Some(Mixer::Mamba2(m)) => {
+                let s = caldera_cpu::mamba2::Mamba2State::new(m);
+                (s.conv.len() + s.ssm.len()) as u64
+            }
+            Some(Mixer::ShortConv(c)) => caldera_cpu::shortconv::ShortConvState::new(c)
+                .inputs()
+                .len() as u64,
+        };
+        bytes += floats * 4;
+    }
+    bytes
+}
+
 /// The uploaded weights of the last model opened on Vulkan, kept for the next runner of
 /// the same model on the same device (`bench` opens one runner per repetition).
 static VK_MODEL: std::sync::Mutex<Option<(usize, Arc<caldera_vulkan::VkModel>)>> =
@@ -108,7 +195,27 @@ fn vulkan_runner(
             let c = caldera_vulkan::Context::new(index)?;
             let name = c.info().name.clone();
             let t = std::time::Instant::now();
-            let m = Arc::new(caldera_vulkan::VkModel::new(c, model)?);
+            // Progress while the weights go through staging: bytes so far and the rate
+            // (on a terminal only).
+            let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                indicatif::ProgressBar::new_spinner()
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} uploading weights to {msg}: {bytes} ({bytes_per_sec})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.set_message(name.clone());
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            let b = bar.clone();
+            c.set_upload_progress(Some(Box::new(move |n| b.inc(n))));
+            let m = caldera_vulkan::VkModel::new(c, model);
+            bar.finish_and_clear();
+            let m = Arc::new(m?);
+            m.context().set_upload_progress(None);
             eprintln!(
                 "caldera: {:.1} MiB of weights uploaded to {name} in {:.2} s",
                 m.weight_bytes() as f64 / (1 << 20) as f64,

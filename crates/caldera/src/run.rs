@@ -97,11 +97,7 @@ pub fn run(a: RunArgs) -> Result<ExitCode> {
     sampler
         .validate()
         .map_err(|e| anyhow::anyhow!("sampling options: {e}"))?;
-    let params = GenParams {
-        max_tokens: a.max_tokens,
-        sampler,
-        stop: a.stop.clone(),
-    };
+    let params = GenParams::new(a.max_tokens, sampler, a.stop.clone());
     let mut gen = Generator::new(runner);
 
     let mut messages = Vec::new();

@@ -1,4 +1,4 @@
-//! `caldera serve`: the OpenAI-compatible HTTP server over one model sequence.
+//! `caldera serve`: the OpenAI-compatible HTTP server over the model's slots.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,7 +8,7 @@ use caldera_model::{RunError, Runner};
 use caldera_server::{check_bind, Engine, Server, ServerConfig};
 use clap::Args;
 
-use crate::backend::{open_runner, BackendArgs};
+use crate::backend::{sequence_state_bytes, slot_runners, BackendArgs};
 use crate::load;
 
 #[derive(Args)]
@@ -20,16 +20,25 @@ pub struct ServeArgs {
     pub host: String,
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Context size in tokens of the (single) sequence (default: the model's, at most 4096).
+    /// Sequences served at once (slots), each with its own context of --ctx tokens, its
+    /// own KV cache and its own prefix cache; more requests wait in the queue.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub slots: u64,
+    /// Context size in tokens of EACH slot (default: the model's, at most 4096); memory
+    /// for the KV cache is slots x ctx.
     #[arg(long)]
     pub ctx: Option<usize>,
+    /// Most prompt tokens prefilled per scheduler step (over all slots), so streams that
+    /// are decoding keep flowing while a long prompt comes in.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub prefill_chunk: u64,
     /// Require `Authorization: Bearer KEY` on every route but /health.
     #[arg(long, conflicts_with = "api_key_file")]
     pub api_key: Option<String>,
     /// Read the API key from this file (first line), keeping it out of the process list.
     #[arg(long)]
     pub api_key_file: Option<PathBuf>,
-    /// Requests that may wait while one runs; more get 503 with Retry-After.
+    /// Requests that may wait while every slot is busy; more get 503 with Retry-After.
     #[arg(long, default_value_t = 16)]
     pub max_queue: usize,
     /// Largest request body in bytes; larger ones get 413.
@@ -67,13 +76,29 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         .ctx
         .unwrap_or_else(|| loaded.model.config.context_length.min(4096))
         .max(1);
-    let model = loaded.model.clone();
-    let backend = a.backend.clone();
+    let slots = a.slots as usize;
+    let (mut make, backend_desc) = slot_runners(&a.backend, loaded.model.clone(), ctx)?;
+    let weights: u64 = loaded
+        .file
+        .tensors()
+        .iter()
+        .map(|t| t.data.len() as u64)
+        .sum();
+    let per_slot = sequence_state_bytes(&loaded.model, ctx);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    eprintln!(
+        "caldera: memory plan: weights {:.1} MiB; KV cache and state {:.1} MiB per slot x {slots} slots = {:.1} MiB; total {:.1} MiB",
+        mib(weights),
+        mib(per_slot),
+        mib(per_slot * slots as u64),
+        mib(weights + per_slot * slots as u64),
+    );
     let engine = Engine {
         tokenizer,
         template,
+        arch: loaded.model.config.arch.clone(),
         new_runner: Box::new(move || -> Result<Box<dyn Runner>, RunError> {
-            open_runner(&backend, model.clone(), ctx).map_err(Into::into)
+            make().map_err(Into::into)
         }),
     };
     let name = a.alias.clone().unwrap_or_else(|| {
@@ -85,6 +110,8 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
     let cfg = ServerConfig {
         model_name: name.clone(),
+        slots,
+        prefill_chunk: a.prefill_chunk as usize,
         max_queue: a.max_queue,
         max_body_bytes: a.max_body,
         api_key,
@@ -93,11 +120,13 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
     };
     let server = Server::start(engine, cfg, listener).map_err(anyhow::Error::msg)?;
     eprintln!(
-        "caldera: serving {name} ({}, {} layers), 1 slot of {} tokens, queue {}, on http://{}{}",
+        "caldera: serving {name} ({}, {} layers) on {backend_desc}: {slots} slot{} of {} tokens each (--ctx is per slot), queue {}, tool calls as {}, on http://{}{}",
         loaded.model.config.arch,
         loaded.model.config.n_layers(),
+        if slots == 1 { "" } else { "s" },
         server.context(),
         a.max_queue,
+        server.tool_format().name(),
         server.addr(),
         if a.api_key.is_some() || a.api_key_file.is_some() {
             " (API key required)"
@@ -106,7 +135,7 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         }
     );
     eprintln!(
-        "caldera: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health; Ctrl-C stops"
+        "caldera: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /slots, GET /metrics; Ctrl-C stops"
     );
     server.wait().context("the HTTP server failed")?;
     eprintln!("caldera: stopped");

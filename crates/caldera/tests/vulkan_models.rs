@@ -1,5 +1,6 @@
-//! Whole models on the Vulkan backend, through the binary: `verify` on the `llama` and
-//! `qwen3` fixtures, SmolLM2 answering "Paris", gemma-3-270m continuing the story. They
+//! Whole models on the Vulkan backend, through the binary: `verify` on the `llama`,
+//! `qwen3` and hybrid / MoE fixtures, SmolLM2 answering "Paris", gemma-3-270m continuing
+//! the story; the hybrids' chunked prefill against their own token-by-token decode. They
 //! run on the test device (lavapipe by default; `CALDERA_VK_DEVICE=N` picks another) and
 //! skip without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`. lavapipe is slow:
 //! each test runs only what it checks.
@@ -53,6 +54,88 @@ fn vulkan_verifies_qwen3() {
     verify("qwen3");
 }
 
+/// Short conv + attention with q/k norms.
+#[test]
+fn vulkan_verifies_lfm2() {
+    verify("lfm2");
+}
+
+/// Mamba2, attention without RoPE, relu² MLP, a sigmoid-routed MoE with a shared expert,
+/// each a one-block layer.
+#[test]
+fn vulkan_verifies_nemotron_h() {
+    verify("nemotron_h");
+}
+
+/// GatedDeltaNet + gated attention with partial RoPE.
+#[test]
+fn vulkan_verifies_qwen3_5() {
+    verify("qwen3_5");
+}
+
+/// Softmax-routed MoE (renormed top-2 of 8).
+#[test]
+fn vulkan_verifies_qwen3_moe() {
+    verify("qwen3_moe");
+}
+
+/// Short conv + MoE after a dense first layer.
+#[test]
+fn vulkan_verifies_lfm2_moe() {
+    verify("lfm2_moe");
+}
+
+/// The hybrid fixtures' 80 prompt tokens as one GPU prefill (chunks of 32 with every
+/// row's logits: the recurrent mixers' prefill ops) give the logits of feeding them one
+/// at a time (the decode ops), and the recurrent runner refuses to rewind but starts
+/// over at 0.
+#[test]
+fn vulkan_hybrid_prefill_matches_decode() {
+    use caldera_model::{Logits, Runner};
+    use std::sync::Arc;
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    for arch in ["lfm2", "nemotron_h", "qwen3_5"] {
+        let (_file, model) = caldera_model::Model::open(&fx.join(arch)).expect("model");
+        let model = Arc::new(model);
+        let vocab = model.config.vocab_size;
+        let tokens: Vec<u32> = (0..80).map(|i| (i * 7919 % vocab) as u32).collect();
+        // An f32 KV cache: with f16, prefill reads even the token's own k / v rounded
+        // from the cache while decode takes them in f32 (~2e-4 apart here).
+        let opts = caldera_vulkan::ContextOptions {
+            force_kv_f32: true,
+            ..Default::default()
+        };
+        let ctx =
+            caldera_vulkan::Context::with_options(dev.parse().unwrap(), &opts).expect("device");
+        let vk = Arc::new(caldera_vulkan::VkModel::new(ctx, model.clone()).expect("upload"));
+        let mut g = caldera_vulkan::VkRunner::new(vk, 128).expect("vulkan runner");
+        let mut all = Vec::new();
+        g.forward(&tokens, Logits::All, &mut all).unwrap();
+        assert_eq!(all.len(), tokens.len() * vocab);
+        assert!(!g.truncate(5), "{arch}: a recurrent runner rewound");
+        assert!(
+            g.truncate(0),
+            "{arch}: a recurrent runner did not start over"
+        );
+        let mut row = Vec::new();
+        for (i, t) in tokens.iter().enumerate() {
+            g.forward(&[*t], Logits::Last, &mut row).unwrap();
+            let want = &all[i * vocab..(i + 1) * vocab];
+            let err = rel_l2(want, &row);
+            assert!(err < 1e-4, "{arch}: token {i}: relative L2 {err:e}");
+        }
+    }
+}
+
+/// `|a - b| / |a|`.
+fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let d = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
+    (d / a.iter().map(|x| x * x).sum::<f32>()).sqrt()
+}
+
 #[test]
 fn vulkan_smollm2_answers_paris() {
     let (Some(dev), Some(m)) = (device(), model("SmolLM2-135M-Instruct.Q4_1.gguf")) else {
@@ -99,10 +182,9 @@ fn vulkan_gemma3_continues_the_story() {
 
 /// Feeds `path` (a fixture folder or a GGUF) 300 tokens one at a time, then 8 greedy
 /// ones, through the CPU and Vulkan runners (so every step is a decode step on both, and
-/// both caches are filled by decode) and checks the logits agree to `tol` (relative L2)
-/// at the first position (`tol0`), then every 50th step and at each of the last 8
-/// (`tol`).
-fn decode_matches_cpu(dev: &str, path: &std::path::Path, tol0: f32, tol: f32) {
+/// both caches and states are filled by decode), the KV cache in f32 when `kv32`;
+/// returns the relative L2 error of the Vulkan logits against the CPU's at every step.
+fn decode_errors(dev: &str, path: &std::path::Path, kv32: bool) -> Vec<f32> {
     use caldera_model::{Logits, Runner};
     use std::sync::Arc;
     let (_file, model) = caldera_model::Model::open(path).expect("model");
@@ -112,10 +194,15 @@ fn decode_matches_cpu(dev: &str, path: &std::path::Path, tol0: f32, tol: f32) {
     let cap = 320;
     let cpu = Arc::new(caldera_cpu::CpuBackend::new(model.clone(), 2));
     let mut c = caldera_cpu::CpuRunner::new(cpu, cap).expect("cpu runner");
-    let ctx = caldera_vulkan::Context::new(dev.parse().unwrap()).expect("device");
+    let opts = caldera_vulkan::ContextOptions {
+        force_kv_f32: kv32,
+        ..Default::default()
+    };
+    let ctx = caldera_vulkan::Context::with_options(dev.parse().unwrap(), &opts).expect("device");
     let vk = Arc::new(caldera_vulkan::VkModel::new(ctx, model.clone()).expect("upload"));
     let mut g = caldera_vulkan::VkRunner::new(vk, cap).expect("vulkan runner");
     let (mut lc, mut lg) = (Vec::new(), Vec::new());
+    let mut errs = Vec::with_capacity(308);
     for step in 0..308 {
         lc.clear();
         lg.clear();
@@ -123,21 +210,7 @@ fn decode_matches_cpu(dev: &str, path: &std::path::Path, tol0: f32, tol: f32) {
             .unwrap();
         g.forward(&tokens[step..step + 1], Logits::Last, &mut lg)
             .unwrap();
-        if step % 50 == 0 || step >= 299 {
-            let err = lc
-                .iter()
-                .zip(&lg)
-                .map(|(a, b)| (a - b).powi(2))
-                .sum::<f32>()
-                .sqrt()
-                / lc.iter().map(|a| a * a).sum::<f32>().sqrt();
-            let t = if step == 0 { tol0 } else { tol };
-            assert!(
-                err < t,
-                "{}: position {step}: relative L2 {err:e}",
-                path.display()
-            );
-        }
+        errs.push(rel_l2(&lc, &lg));
         if step >= 299 {
             let next = lc
                 .iter()
@@ -146,6 +219,22 @@ fn decode_matches_cpu(dev: &str, path: &std::path::Path, tol0: f32, tol: f32) {
                 .map(|(i, _)| i as u32)
                 .unwrap();
             tokens.push(next);
+        }
+    }
+    errs
+}
+
+/// [`decode_errors`] within `tol0` at the first position, then `tol` at every 50th step
+/// and at each of the last 8.
+fn decode_matches_cpu(dev: &str, path: &std::path::Path, kv32: bool, tol0: f32, tol: f32) {
+    for (step, err) in decode_errors(dev, path, kv32).into_iter().enumerate() {
+        if step % 50 == 0 || step >= 299 {
+            let t = if step == 0 { tol0 } else { tol };
+            assert!(
+                err < t,
+                "{}: position {step}: relative L2 {err:e}",
+                path.display()
+            );
         }
     }
 }
@@ -158,7 +247,10 @@ fn vulkan_long_context_decode_matches_cpu() {
     let (Some(dev), Some(fx)) = (device(), fixtures()) else {
         return;
     };
-    decode_matches_cpu(&dev, &fx.join("qwen3"), 1e-4, 1e-4);
+    // f32 cache: as exact as the CPU; f16 cache (the default): the first position reads
+    // only its own f32 k/v, later ones the rounded cache.
+    decode_matches_cpu(&dev, &fx.join("qwen3"), true, 1e-4, 1e-4);
+    decode_matches_cpu(&dev, &fx.join("qwen3"), false, 1e-4, 1e-2);
 }
 
 /// The same on Q8_0 and Q4_0 conversions of the fixture: the int8-activation decode path
@@ -185,7 +277,7 @@ fn vulkan_quantized_decode_matches_cpu() {
             .output()
             .expect("running caldera convert");
         assert!(o.status.success(), "convert {ty}: {}", text(&o));
-        decode_matches_cpu(&dev, &out, 1e-4, 0.1);
+        decode_matches_cpu(&dev, &out, false, 1e-4, 0.1);
     }
 }
 
@@ -207,28 +299,91 @@ fn vulkan_prefill_matches_cpu() {
     let cap = 700;
     let cpu = Arc::new(caldera_cpu::CpuBackend::new(model.clone(), 2));
     let mut c = caldera_cpu::CpuRunner::new(cpu, cap).expect("cpu runner");
-    let ctx = caldera_vulkan::Context::new(dev.parse().unwrap()).expect("device");
-    let vk = Arc::new(caldera_vulkan::VkModel::new(ctx, model.clone()).expect("upload"));
-    let mut g = caldera_vulkan::VkRunner::new(vk, cap).expect("vulkan runner");
-    let (mut lc, mut lg) = (Vec::new(), Vec::new());
-    for (range, logits) in [(0..600, Logits::Last), (600..670, Logits::All)] {
-        let rows = if logits == Logits::All {
-            range.len()
-        } else {
-            1
+    let steps = [(0..600, Logits::Last), (600..670, Logits::All)];
+    let cpu_logits: Vec<Vec<f32>> = steps
+        .iter()
+        .map(|(range, logits)| {
+            let mut lc = Vec::new();
+            c.forward(&tokens[range.clone()], *logits, &mut lc).unwrap();
+            lc
+        })
+        .collect();
+    // f32 cache within 1e-4; f16 cache (the default) within 1e-2.
+    for (kv32, tol) in [(true, 1e-4f32), (false, 1e-2)] {
+        let opts = caldera_vulkan::ContextOptions {
+            force_kv_f32: kv32,
+            ..Default::default()
         };
-        c.forward(&tokens[range.clone()], logits, &mut lc).unwrap();
-        g.forward(&tokens[range.clone()], logits, &mut lg).unwrap();
-        assert_eq!((lc.len(), lg.len()), (rows * vocab, rows * vocab));
-        for (r, (a, b)) in lc.chunks(vocab).zip(lg.chunks(vocab)).enumerate() {
-            let err = a
-                .iter()
-                .zip(b)
-                .map(|(x, y)| (x - y).powi(2))
-                .sum::<f32>()
-                .sqrt()
-                / a.iter().map(|x| x * x).sum::<f32>().sqrt();
-            assert!(err < 1e-4, "tokens {range:?}, row {r}: relative L2 {err:e}");
+        let ctx =
+            caldera_vulkan::Context::with_options(dev.parse().unwrap(), &opts).expect("device");
+        let vk = Arc::new(caldera_vulkan::VkModel::new(ctx, model.clone()).expect("upload"));
+        let mut g = caldera_vulkan::VkRunner::new(vk, cap).expect("vulkan runner");
+        let mut lg = Vec::new();
+        for ((range, logits), lc) in steps.iter().zip(&cpu_logits) {
+            let (range, logits) = (range.clone(), *logits);
+            let rows = if logits == Logits::All {
+                range.len()
+            } else {
+                1
+            };
+            g.forward(&tokens[range.clone()], logits, &mut lg).unwrap();
+            assert_eq!((lc.len(), lg.len()), (rows * vocab, rows * vocab));
+            for (r, (a, b)) in lc.chunks(vocab).zip(lg.chunks(vocab)).enumerate() {
+                let err = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).powi(2))
+                    .sum::<f32>()
+                    .sqrt()
+                    / a.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!(
+                    err < tol,
+                    "kv f32 {kv32}, tokens {range:?}, row {r}: relative L2 {err:e}"
+                );
+            }
         }
+    }
+}
+
+/// The same on Q8_0 conversions of the hybrid fixtures: the int8-activation decode path
+/// through the recurrent mixers (GatedDeltaNet's and Mamba2's int8 outputs, the short
+/// conv's quant_x), the relu² up projection's quantizing tail, a MoE's shared quant_x.
+/// lfm2 and qwen3_5 agree at the first position to float rounding (measured ~2e-7).
+/// nemotron_h does not (measured 2e-2): its first layer's input, a Q8_0 embedding row
+/// times bf16 norm weights, has a value exactly half-way between two int8 steps, which
+/// `quant_x` (v * 127 / amax) and the CPU (v / (amax / 127)) round to different sides.
+/// Later such one-step differences (attention sums in another order) persist in the
+/// recurrent states, and these random tiny models amplify them: measured medians over the
+/// 308 steps 0.7-1.7e-2, single steps up to 0.5 (quantizing activations at all moves
+/// qwen3_5's logits by a median 6e-2). So the bounds are on the median and the worst
+/// step, which a wrong kernel (errors of order 1 throughout) still fails.
+#[test]
+fn vulkan_quantized_hybrid_decode_matches_cpu() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let tmp = TempDir::new("vk-quant-hybrid");
+    for (arch, tol0) in [("lfm2", 1e-4), ("nemotron_h", 0.1), ("qwen3_5", 1e-4)] {
+        let out = tmp.0.join(format!("{arch}-q8_0.gguf"));
+        let o = bin()
+            .arg("convert")
+            .arg(fx.join(arch))
+            .arg(&out)
+            .args(["--type", "q8_0"])
+            .output()
+            .expect("running caldera convert");
+        assert!(o.status.success(), "convert {arch}: {}", text(&o));
+        let mut errs = decode_errors(&dev, &out, false);
+        assert!(
+            errs[0] < tol0,
+            "{arch}: position 0: relative L2 {:e}",
+            errs[0]
+        );
+        errs.sort_by(f32::total_cmp);
+        let (median, worst) = (errs[errs.len() / 2], errs[errs.len() - 1]);
+        assert!(
+            median < 0.05 && worst < 1.0,
+            "{arch}: relative L2 median {median:e}, worst {worst:e}"
+        );
     }
 }

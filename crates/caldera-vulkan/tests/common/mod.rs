@@ -91,6 +91,10 @@ pub fn cpu_mv(
         if let Some(cap) = mode.softcap {
             s = cap as f64 * (s / cap as f64).tanh();
         }
+        if mode.relu2 {
+            a *= 2.0 * s.abs() + a;
+            s = s.max(0.0).powi(2);
+        }
         if mode.add {
             s += y0[i] as f64;
             a += (y0[i] as f64).abs();
@@ -170,6 +174,12 @@ pub fn modes() -> Vec<MvMode> {
         MvMode {
             norm: true,
             softcap: Some(3.0),
+            eps,
+            ..Default::default()
+        },
+        MvMode {
+            norm: true,
+            relu2: true,
             eps,
             ..Default::default()
         },
@@ -279,5 +289,45 @@ pub fn rope(v: &mut [f64], table: &[f32], n_rot: usize, interleaved: bool, pos: 
         let (x0, x1) = (v[a], v[b]);
         v[a] = x0 * co - x1 * si;
         v[b] = x0 * si + x1 * co;
+    }
+}
+
+/// Uploads KV-cache values in the context's cache format (f16 pairs per word when
+/// `kv_f16`), first rounding `vals` to what the cache holds so the CPU twin sees the
+/// same values.
+pub fn upload_kv(ctx: &caldera_vulkan::Context, vals: &mut [f32]) -> caldera_vulkan::Buffer {
+    if !ctx.tuning().kv_f16 {
+        return ctx.upload_f32(vals).unwrap();
+    }
+    let mut bytes = Vec::with_capacity(vals.len() * 2 + 4);
+    for v in vals.iter_mut() {
+        let h = half::f16::from_f32(*v);
+        *v = h.to_f32();
+        bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+    }
+    while bytes.len() % 4 != 0 || bytes.is_empty() {
+        bytes.push(0);
+    }
+    ctx.upload(&bytes).unwrap()
+}
+
+/// Reads `n` KV-cache values back in the context's cache format.
+pub fn read_kv(ctx: &caldera_vulkan::Context, buf: &caldera_vulkan::Buffer, n: usize) -> Vec<f32> {
+    if !ctx.tuning().kv_f16 {
+        return ctx.read_f32(buf, n).unwrap();
+    }
+    let bytes = ctx.read_buffer(buf, 0, (n * 2) as u64).unwrap();
+    bytes
+        .chunks_exact(2)
+        .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+        .collect()
+}
+
+/// What the KV cache keeps of `v`: itself in f32, rounded to f16 with `kv_f16`.
+pub fn kv_round(ctx: &caldera_vulkan::Context, v: f64) -> f64 {
+    if ctx.tuning().kv_f16 {
+        half::f16::from_f64(v).to_f64()
+    } else {
+        v
     }
 }

@@ -1,0 +1,600 @@
+//! The model thread: owns every slot (a [`Generator`]: one runner, its own sequence and
+//! prefix cache) and advances them together.
+//!
+//! Continuous scheduling: each step runs every active slot once, through one
+//! [`BatchStepper`] call: a decoding slot runs its one sampled token, a slot still
+//! prefilling runs a chunk of its prompt (all prefilling slots together run at most
+//! `prefill_chunk` prompt tokens a step, taken in turn), so running streams keep flowing
+//! while a long prompt comes in. The default stepper runs the slots' runners one after
+//! another; a backend with a batched decode step replaces it without touching this loop.
+//!
+//! Jobs wait in a bounded [`Queue`] until a slot is free; a free slot is matched to the
+//! job whose prompt shares the longest prefix with the tokens it holds. A job whose
+//! client went away (its cancel flag) leaves its slot at the start of the next step. A
+//! panic in one slot's step fails that slot's request only: its runner is replaced from
+//! the factory, the other slots go on.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use caldera_engine::{FinishReason, GenParams, Generator, Piece, Sequence};
+use caldera_model::{panic_message, BatchItem, BatchStepper, RunError, Runner, StepOutcome};
+use caldera_tokenizer::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Makes a fresh runner (one empty sequence) for a slot.
+pub type RunnerFactory = Box<dyn FnMut() -> Result<Box<dyn Runner>, RunError> + Send>;
+
+/// What the scheduler tells a request.
+#[derive(Debug)]
+pub enum Event {
+    /// Whole UTF-8 text, in order.
+    Text(String),
+    /// A special token's text (only for jobs with `params.specials`).
+    Special(String),
+    /// Generation ended normally.
+    Done {
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        finish: FinishReason,
+    },
+    /// Generation failed (backend error, or a caught panic).
+    Error(String),
+}
+
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub params: GenParams,
+    pub events: UnboundedSender<Event>,
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Every slot is busy and `max_queue` jobs wait.
+    Full,
+    /// The scheduler has stopped.
+    Closed,
+}
+
+/// Jobs waiting for a slot. Admits a job while the waiting jobs are fewer than
+/// `max_queue` plus the free slots (a job for a free slot waits only until the next step).
+pub struct Queue {
+    inner: Mutex<QueueInner>,
+    ready: Condvar,
+    max_queue: usize,
+    slots: usize,
+    /// Slots holding a job; raised under the queue lock when a job is taken.
+    active: AtomicUsize,
+}
+
+struct QueueInner {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+enum Popped {
+    Job(Job),
+    Empty,
+    Closed,
+}
+
+impl Queue {
+    pub fn new(slots: usize, max_queue: usize) -> Queue {
+        Queue {
+            inner: Mutex::new(QueueInner {
+                jobs: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            max_queue,
+            slots,
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn push(&self, job: Job) -> Result<(), Refused> {
+        let mut q = self.lock();
+        if q.closed {
+            return Err(Refused::Closed);
+        }
+        let free = self
+            .slots
+            .saturating_sub(self.active.load(Ordering::SeqCst));
+        if q.jobs.len() >= self.max_queue + free {
+            return Err(Refused::Full);
+        }
+        q.jobs.push_back(job);
+        drop(q);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Jobs waiting.
+    pub fn len(&self) -> usize {
+        self.lock().jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Slots holding a job.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.max_queue
+    }
+
+    /// No more jobs are admitted; the scheduler ends once the queue and slots are empty.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+
+    /// Takes the next job (waiting for one when `block`), counting it as active.
+    fn pop(&self, block: bool) -> Popped {
+        let mut q = self.lock();
+        loop {
+            if let Some(j) = q.jobs.pop_front() {
+                self.active.fetch_add(1, Ordering::SeqCst);
+                return Popped::Job(j);
+            }
+            if q.closed {
+                return Popped::Closed;
+            }
+            if !block {
+                return Popped::Empty;
+            }
+            q = self
+                .ready
+                .wait_timeout(q, Duration::from_secs(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn release(&self) {
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a slot is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    Idle,
+    Prefill,
+    Decode,
+}
+
+impl SlotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Idle => "idle",
+            SlotState::Prefill => "prefill",
+            SlotState::Decode => "decode",
+        }
+    }
+}
+
+/// A slot as `/slots` and `/metrics` show it (refreshed after every step).
+#[derive(Clone, Debug)]
+pub struct SlotInfo {
+    pub state: SlotState,
+    /// Tokens the slot's sequence holds (a finished request's tokens stay for reuse).
+    pub context_used: usize,
+    pub context_capacity: usize,
+    /// Of the current (or last) request.
+    pub prompt_tokens: usize,
+    pub reused_tokens: usize,
+    pub generated_tokens: usize,
+    /// Decode speed of the current request; 0 when idle.
+    pub tokens_per_second: f64,
+    /// Requests this slot has finished.
+    pub requests: u64,
+}
+
+/// Counters the scheduler keeps for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    /// Requests that started with part of their prompt already in the slot.
+    pub prefix_hits: AtomicU64,
+    pub reused_tokens: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub finished: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub failed: AtomicU64,
+    /// Slots whose runner was replaced after a panic.
+    pub restarts: AtomicU64,
+}
+
+/// Shared between the scheduler and the HTTP side.
+pub struct Shared {
+    pub queue: Queue,
+    pub slots: Mutex<Vec<SlotInfo>>,
+    pub counters: Counters,
+    /// False once the scheduler thread has ended.
+    pub alive: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(capacities: &[usize], max_queue: usize) -> Shared {
+        let slots = capacities
+            .iter()
+            .map(|&c| SlotInfo {
+                state: SlotState::Idle,
+                context_used: 0,
+                context_capacity: c,
+                prompt_tokens: 0,
+                reused_tokens: 0,
+                generated_tokens: 0,
+                tokens_per_second: 0.0,
+                requests: 0,
+            })
+            .collect();
+        Shared {
+            queue: Queue::new(capacities.len(), max_queue),
+            slots: Mutex::new(slots),
+            counters: Counters::default(),
+            alive: AtomicBool::new(true),
+        }
+    }
+
+    pub fn slot_infos(&self) -> Vec<SlotInfo> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+struct Active<'t> {
+    job: Job,
+    seq: Sequence<'t>,
+}
+
+struct Slot<'t> {
+    /// `None` after a panic until a fresh runner is made.
+    gen: Option<Generator>,
+    active: Option<Active<'t>>,
+    requests: u64,
+    /// Prompt, reused and generated tokens of the last finished request.
+    last: (usize, usize, usize),
+}
+
+/// Scheduler settings.
+pub struct Settings {
+    /// Most prompt tokens run in one step, over every prefilling slot.
+    pub prefill_chunk: usize,
+}
+
+/// Runs until the queue is closed and drained. `runners` are the slots' first runners;
+/// `factory` replaces one after a panic.
+pub fn run(
+    tok: Arc<Tokenizer>,
+    mut factory: RunnerFactory,
+    runners: Vec<Box<dyn Runner>>,
+    mut stepper: Box<dyn BatchStepper>,
+    shared: Arc<Shared>,
+    settings: Settings,
+) {
+    struct Alive(Arc<Shared>);
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            self.0.alive.store(false, Ordering::SeqCst);
+            // Whatever still waits gets an answer instead of hanging.
+            let mut q = self.0.queue.lock();
+            q.closed = true;
+            for j in q.jobs.drain(..) {
+                let _ = j
+                    .events
+                    .send(Event::Error("the model worker has stopped".into()));
+            }
+        }
+    }
+    let _alive = Alive(shared.clone());
+    let tok: &Tokenizer = &tok;
+    let mut slots: Vec<Slot> = runners
+        .into_iter()
+        .map(|r| Slot {
+            gen: Some(Generator::new(r)),
+            active: None,
+            requests: 0,
+            last: (0, 0, 0),
+        })
+        .collect();
+    let chunk = settings.prefill_chunk.max(1);
+    let mut turn = 0usize;
+    loop {
+        // Fill free slots from the queue; wait when nothing runs.
+        let mut closed = false;
+        while slots.iter().any(|s| s.active.is_none()) {
+            let busy = slots.iter().any(|s| s.active.is_some());
+            match shared.queue.pop(!busy) {
+                Popped::Job(job) => admit(&mut slots, job, tok, &mut factory, &shared),
+                Popped::Empty => {
+                    if busy {
+                        break;
+                    }
+                }
+                Popped::Closed => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        // Clients that went away leave now.
+        for s in slots.iter_mut() {
+            if s.active
+                .as_ref()
+                .is_some_and(|a| a.job.cancel.load(Ordering::Relaxed))
+            {
+                if let Some(a) = s.active.take() {
+                    let q = &a.seq;
+                    s.last = (q.prompt_tokens(), q.reused_tokens(), q.generated_tokens());
+                }
+                shared.queue.release();
+                shared.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if slots.iter().all(|s| s.active.is_none()) {
+            publish(&slots, &shared);
+            if closed {
+                return;
+            }
+            continue;
+        }
+        step(&mut slots, &mut *stepper, chunk, turn, &shared);
+        turn = turn.wrapping_add(1);
+        publish(&slots, &shared);
+    }
+}
+
+/// Puts `job` on the free slot holding the longest prefix of its prompt.
+fn admit<'t>(
+    slots: &mut [Slot<'t>],
+    job: Job,
+    tok: &'t Tokenizer,
+    factory: &mut RunnerFactory,
+    shared: &Shared,
+) {
+    if job.cancel.load(Ordering::Relaxed) {
+        shared.queue.release();
+        shared.counters.cancelled.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let Some(i) = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.active.is_none())
+        .max_by_key(|(i, s)| {
+            let common = s.gen.as_ref().map_or(0, |g| g.common_prefix(&job.prompt));
+            // Ties go to the lowest index.
+            (common, usize::MAX - i)
+        })
+        .map(|(i, _)| i)
+    else {
+        // Cannot happen: admit is called only with a free slot.
+        let _ = job.events.send(Event::Error("no free slot".into()));
+        shared.queue.release();
+        return;
+    };
+    let slot = &mut slots[i];
+    let fail = |job: &Job, msg: String| {
+        let _ = job.events.send(Event::Error(msg));
+        shared.queue.release();
+        shared.counters.failed.fetch_add(1, Ordering::Relaxed);
+    };
+    if slot.gen.is_none() {
+        match catch_unwind(AssertUnwindSafe(&mut *factory)) {
+            Ok(Ok(r)) => slot.gen = Some(Generator::new(r)),
+            Ok(Err(e)) => return fail(&job, format!("cannot restart the model: {e}")),
+            Err(p) => {
+                return fail(
+                    &job,
+                    format!("cannot restart the model: {}", panic_message(&*p)),
+                )
+            }
+        }
+    }
+    let Some(gen) = slot.gen.as_mut() else {
+        return fail(&job, "the slot has no runner".into());
+    };
+    let started = catch_unwind(AssertUnwindSafe(|| {
+        gen.start(tok, job.prompt.clone(), job.params.clone())
+    }));
+    match started {
+        Ok(Ok(seq)) => {
+            let c = &shared.counters;
+            if seq.reused_tokens() > 0 {
+                c.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                c.reused_tokens
+                    .fetch_add(seq.reused_tokens() as u64, Ordering::Relaxed);
+            }
+            c.prompt_tokens
+                .fetch_add(seq.prompt_tokens() as u64, Ordering::Relaxed);
+            slot.active = Some(Active { job, seq });
+        }
+        Ok(Err(e)) => {
+            gen.reset();
+            fail(&job, format!("generation failed: {e}"))
+        }
+        Err(p) => {
+            slot.gen = None;
+            fail(
+                &job,
+                format!("internal error during generation: {}", panic_message(&*p)),
+            )
+        }
+    }
+}
+
+/// One step of every active slot.
+fn step(
+    slots: &mut [Slot<'_>],
+    stepper: &mut dyn BatchStepper,
+    chunk: usize,
+    turn: usize,
+    shared: &Shared,
+) {
+    let n = slots.len();
+    // The prefill budget goes to prefilling slots in turn, starting at a rotating slot.
+    let mut budget = vec![0usize; n];
+    let mut left = chunk;
+    for k in 0..n {
+        let i = (turn + k) % n;
+        if let Some(a) = &slots[i].active {
+            if a.seq.prefilling() {
+                let take = a.seq.prefill_left().min(left);
+                budget[i] = take;
+                left -= take;
+            }
+        }
+    }
+    let mut ran = vec![None::<usize>; n];
+    let mut outcomes: Vec<(usize, StepOutcome)> = Vec::with_capacity(n);
+    {
+        let mut items: Vec<BatchItem> = Vec::with_capacity(n);
+        let mut owners = Vec::with_capacity(n);
+        for (i, s) in slots.iter_mut().enumerate() {
+            let (Some(gen), Some(a)) = (s.gen.as_mut(), s.active.as_ref()) else {
+                continue;
+            };
+            if let Some(item) = gen.batch_item(&a.seq, budget[i]) {
+                ran[i] = Some(item.tokens.len());
+                items.push(item);
+                owners.push(i);
+            }
+        }
+        if !items.is_empty() {
+            stepper.step_batch(&mut items);
+        }
+        for (item, i) in items.iter_mut().zip(owners) {
+            outcomes.push((
+                i,
+                std::mem::replace(&mut item.outcome, StepOutcome::Pending),
+            ));
+        }
+    }
+    let c = &shared.counters;
+    for (i, outcome) in outcomes {
+        let slot = &mut slots[i];
+        let Some(ran) = ran[i] else { continue };
+        let error = match outcome {
+            StepOutcome::Done => None,
+            StepOutcome::Failed(e) => {
+                if let Some(g) = slot.gen.as_mut() {
+                    if !g.reset() {
+                        slot.gen = None;
+                    }
+                }
+                Some(format!("generation failed: {e}"))
+            }
+            StepOutcome::Panicked(m) => {
+                slot.gen = None;
+                c.restarts.fetch_add(1, Ordering::Relaxed);
+                Some(format!("internal error during generation: {m}"))
+            }
+            StepOutcome::Pending => Some("the step did not run".into()),
+        };
+        let (Some(gen), Some(active)) = (slot.gen.as_mut(), slot.active.as_mut()) else {
+            if let (Some(e), Some(a)) = (error, slot.active.take()) {
+                let _ = a.job.events.send(Event::Error(e));
+                shared.queue.release();
+                c.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            continue;
+        };
+        if let Some(e) = error {
+            let _ = active.job.events.send(Event::Error(e));
+            slot.active = None;
+            shared.queue.release();
+            c.failed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let Active { job, seq } = active;
+        let done = catch_unwind(AssertUnwindSafe(|| {
+            gen.advance(seq, ran, |p| {
+                let ev = match p {
+                    Piece::Text(t) => Event::Text(t.to_owned()),
+                    Piece::Special(t) => Event::Special(t.to_owned()),
+                };
+                if job.events.send(ev).is_err() {
+                    job.cancel.store(true, Ordering::Relaxed);
+                }
+            })
+        }));
+        match done {
+            Ok(None) => {}
+            Ok(Some(stats)) => {
+                let _ = job.events.send(Event::Done {
+                    prompt_tokens: stats.prompt_tokens,
+                    completion_tokens: stats.generated_tokens,
+                    finish: stats.finish,
+                });
+                c.generated_tokens
+                    .fetch_add(stats.generated_tokens as u64, Ordering::Relaxed);
+                c.finished.fetch_add(1, Ordering::Relaxed);
+                slot.requests += 1;
+                slot.last = (
+                    stats.prompt_tokens,
+                    stats.reused_tokens,
+                    stats.generated_tokens,
+                );
+                slot.active = None;
+                shared.queue.release();
+            }
+            Err(p) => {
+                let _ = job.events.send(Event::Error(format!(
+                    "internal error during generation: {}",
+                    panic_message(&*p)
+                )));
+                slot.gen = None;
+                slot.active = None;
+                shared.queue.release();
+                c.restarts.fetch_add(1, Ordering::Relaxed);
+                c.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Refreshes what `/slots` shows.
+fn publish(slots: &[Slot<'_>], shared: &Shared) {
+    let mut info = shared.slots.lock().unwrap_or_else(|e| e.into_inner());
+    for (s, inf) in slots.iter().zip(info.iter_mut()) {
+        if let Some(g) = &s.gen {
+            inf.context_used = g.context_used();
+            inf.context_capacity = g.context_size();
+        } else {
+            inf.context_used = 0;
+        }
+        inf.requests = s.requests;
+        match &s.active {
+            Some(a) => {
+                inf.state = if a.seq.prefilling() {
+                    SlotState::Prefill
+                } else {
+                    SlotState::Decode
+                };
+                inf.prompt_tokens = a.seq.prompt_tokens();
+                inf.reused_tokens = a.seq.reused_tokens();
+                inf.generated_tokens = a.seq.generated_tokens();
+                inf.tokens_per_second = a.seq.decode_tps();
+            }
+            None => {
+                inf.state = SlotState::Idle;
+                (inf.prompt_tokens, inf.reused_tokens, inf.generated_tokens) = s.last;
+                inf.tokens_per_second = 0.0;
+            }
+        }
+    }
+}
