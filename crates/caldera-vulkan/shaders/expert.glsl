@@ -13,7 +13,11 @@
 //     y[y_offset + r] (+)= Σ_s wts[s] (W_{e_s} x_s + b_{e_s})[r] over the slots whose
 //     expert is in this piece (the down projection of the chosen experts; with several
 //     pieces, the later dispatches add with MV_ADD).
-// Slot s reads its input at element s x_stride (0: one input shared by every slot).
+// Tokens: a dispatch serves every token of the step (as many as the routing holds);
+// slot s (0 .. tokens x slots) is slot s % slots of token s / slots, its routing entry
+// slot0 + (s / slots) id_stride + s % slots (an id of 0xffffffff, a token past the
+// step's, is skipped). Slot s reads its input at element (s / x_div) x_stride (x_stride
+// 0: one input shared by every slot); MV_SUM writes token t's outputs at t y_stride.
 // Bias (MV_BIAS): f32 [n_experts][rpe], in the rows' order, indexed by the expert id.
 // Binding EXPERT_BINDING: ids (u32). + 1: wts (f32). + 2: bias (f32; any buffer without
 // MV_BIAS).
@@ -28,12 +32,26 @@ const uint MV_BIAS = 1024u;
 const uint MV_CLAMP = 2048u;
 
 // The local index of slot s's expert in this piece, >= p.ne when it is not here.
+// The routing entry of slot s.
+uint slot_entry(uint s) {
+    return p.slot0 + (s / p.slots) * p.id_stride + s % p.slots;
+}
+
 uint slot_expert(uint s) {
-    return ids[p.slot0 + s] - p.e0;
+    return ids[slot_entry(s)] - p.e0;
+}
+
+float slot_weight(uint s) {
+    return wts[slot_entry(s)];
+}
+
+// The element of slot s's input where it starts.
+uint slot_input(uint s) {
+    return (s / p.x_div) * p.x_stride;
 }
 
 float slot_bias(uint s, uint row) {
-    return (p.flags & MV_BIAS) != 0u ? ebias[ids[p.slot0 + s] * p.rpe + row] : 0.0;
+    return (p.flags & MV_BIAS) != 0u ? ebias[ids[slot_entry(s)] * p.rpe + row] : 0.0;
 }
 
 // The gated activation of (gate, up): SiLU, GELU (tanh) or gpt-oss's clamped SwiGLU.
@@ -52,13 +70,13 @@ float plain_out(uint s, uint row, float v) {
     return v + slot_bias(s, row);
 }
 
-// Σ over the slots whose expert is in this piece of wts * bias[row].
-float sum_bias(uint row) {
+// Σ over the slots s0 .. s1 whose expert is in this piece of wts * bias[row].
+float sum_bias(uint s0, uint s1, uint row) {
     float b = 0.0;
     if ((p.flags & MV_BIAS) != 0u) {
-        for (uint s = 0u; s < p.slots; s++) {
+        for (uint s = s0; s < s1; s++) {
             if (slot_expert(s) < p.ne) {
-                b += wts[p.slot0 + s] * slot_bias(s, row);
+                b += slot_weight(s) * slot_bias(s, row);
             }
         }
     }

@@ -1,5 +1,5 @@
 #version 450
-// MoE router for one token: from the router logits (n experts, written by a mat-vec)
+// MoE router, one workgroup per token t of the step: from token t's router logits (n experts, written by a mat-vec)
 // choose k experts and their mixing weights, as caldera-cpu's `ffn::route`:
 //   KIND_SOFTMAX:  p = softmax(logits); the top k of p, weighted by p (ROUTE_RENORM:
 //                  divided by their sum);
@@ -12,10 +12,13 @@
 // ROUTE_SHARED also fills slot k for the shared expert (a one-expert tensor): id 0 and
 // weight 1, or sigmoid(logits[n]) with ROUTE_SHARED_GATE (its gate's logit, written by the
 // router mat-vec as row n).
-// One workgroup of 128; n <= MAXE, k <= MAXK.
+// One workgroup of 128 per token; n <= MAXE, k <= MAXK. Token t reads logits row t (ld
+// values apart) and writes entries t (k + shared) ..; a token past the step's (t >=
+// step[0]) gets ids 0xffffffff, which the expert mat-vecs skip.
 // Binding 0: logits (f32, n, n + 1 with ROUTE_SHARED_GATE). 1: logit bias (f32, n; any
 // buffer without ROUTE_LOGIT_BIAS). 2: selection bias (f32, n; any buffer without
-// ROUTE_SEL_BIAS). 3: ids (u32, k (+ 1)). 4: weights (f32, k (+ 1)).
+// ROUTE_SEL_BIAS). 3: ids (u32, k (+ 1) per token). 4: weights (f32, the same).
+// 5: step values (u32; step[0] = tokens in the step).
 
 layout(local_size_x = 128, local_size_y = 1, local_size_z = 1) in;
 const uint RWG = 128u;
@@ -25,6 +28,7 @@ layout(std430, binding = 1) readonly buffer LBbuf { float lbias[]; };
 layout(std430, binding = 2) readonly buffer SBbuf { float sbias[]; };
 layout(std430, binding = 3) writeonly buffer Ibuf { uint ids[]; };
 layout(std430, binding = 4) writeonly buffer Wbuf { float wts[]; };
+layout(std430, binding = 5) readonly buffer Sbuf { uint step[]; };
 
 layout(push_constant) uniform Push {
     uint n;
@@ -32,6 +36,7 @@ layout(push_constant) uniform Push {
     uint kind;
     uint flags;
     float scale;
+    uint ld; // logits values between tokens
 } p;
 
 const uint KIND_SOFTMAX = 0u;
@@ -113,12 +118,23 @@ uint reduce_best(float v, uint i) {
 
 void main() {
     uint t = gl_LocalInvocationID.x;
+    uint tok = gl_WorkGroupID.x;
+    uint per = p.k + ((p.flags & ROUTE_SHARED) != 0u ? 1u : 0u);
+    uint out0 = tok * per;
+    if (tok >= step[0]) {
+        for (uint j = t; j < per; j += RWG) {
+            ids[out0 + j] = NONE;
+            wts[out0 + j] = 0.0;
+        }
+        return;
+    }
+    uint l0 = tok * p.ld;
     uint n = p.n;
     bool lb = (p.flags & ROUTE_LOGIT_BIAS) != 0u;
     bool sb = (p.flags & ROUTE_SEL_BIAS) != 0u;
     float mx = -3.402823466e38;
     for (uint i = t; i < n; i += RWG) {
-        float l = logits[i] + (lb ? lbias[i] : 0.0);
+        float l = logits[l0 + i] + (lb ? lbias[i] : 0.0);
         val[i] = l;
         mx = max(mx, l);
     }
@@ -204,11 +220,11 @@ void main() {
         }
     }
     for (uint j = 0u; j < p.k; j++) {
-        ids[j] = chosen[j];
-        wts[j] = w[j] * p.scale;
+        ids[out0 + j] = chosen[j];
+        wts[out0 + j] = w[j] * p.scale;
     }
     if ((p.flags & ROUTE_SHARED) != 0u) {
-        ids[p.k] = 0u;
-        wts[p.k] = (p.flags & ROUTE_SHARED_GATE) != 0u ? sigm(logits[n]) : 1.0;
+        ids[out0 + p.k] = 0u;
+        wts[out0 + p.k] = (p.flags & ROUTE_SHARED_GATE) != 0u ? sigm(logits[l0 + n]) : 1.0;
     }
 }

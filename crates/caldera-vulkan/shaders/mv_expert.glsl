@@ -1,7 +1,7 @@
 // The main of the expert mat-vecs on f32 activations (mv.glsl with MV_EXPERT; the layout
 // is expert.glsl's). The dots run as in mv.glsl's main, over (slot, block) pairs: each on
 // the slot's expert rows and input, times wts[s] with MV_SUM, all summed before the one
-// reduction. MV_NORM (one shared input only) norms the input as in mv.glsl.
+// reduction. MV_NORM (per-slot mode only) norms the slot's input as in mv.glsl.
 // Bindings 4, 5, 6: ids, wts, bias.
 #define EXPERT_BINDING 4
 #include "expert.glsl"
@@ -12,9 +12,10 @@ void main() {
     bool sum = (p.flags & MV_SUM) != 0u;
     bool norm = (p.flags & MV_NORM) != 0u;
     uint gpe = (p.rpe + NR - 1u) / NR;
-    uint s0 = sum ? 0u : grp / gpe;
-    uint s1 = sum ? p.slots : s0 + 1u;
-    uint r0 = (sum ? grp : grp % gpe) * NR;
+    uint tok = grp / gpe; // MV_SUM: the token
+    uint s0 = sum ? tok * p.slots : grp / gpe;
+    uint s1 = sum ? s0 + p.slots : s0 + 1u;
+    uint r0 = (grp % gpe) * NR;
     if (!sum && slot_expert(s0) >= p.ne) {
         return; // the whole workgroup: its expert lives in another piece
     }
@@ -38,10 +39,10 @@ void main() {
         if (le >= p.ne) {
             continue;
         }
-        float ws = sum ? wts[p.slot0 + s] : 1.0;
+        float ws = sum ? slot_weight(s) : 1.0;
         uint base = le * p.rpe + r0;
         uint last = le * p.rpe + p.rpe - 1u;
-        uint xo = (s * p.x_stride) >> 2;
+        uint xo = slot_input(s) >> 2;
         vec4 xv[NXV];
         [[unroll]] for (uint i = 0u; i < NXV; i++) {
             uint c = (b * BE + xcol(lane, i)) >> 2;
@@ -72,18 +73,19 @@ void main() {
         if (le >= p.ne) {
             continue;
         }
-        float ws = sum ? wts[p.slot0 + s] : 1.0;
+        float ws = sum ? slot_weight(s) : 1.0;
         uint base = le * p.rpe + r0;
         uint last = le * p.rpe + p.rpe - 1u;
         [[unroll]] for (uint r = 0u; r < MAXR; r++) {
             if (r < NR) {
-                a[r] += ws * dot32(min(base + r, last), sb, s * p.x_stride);
+                a[r] += ws * dot32(min(base + r, last), sb, slot_input(s));
             }
         }
     }
     if (norm) {
+        uint x0 = slot_input(s0);
         for (uint i = tid; i < p.k; i += WG) {
-            ss += x[i] * x[i];
+            ss += x[x0 + i] * x[x0 + i];
         }
     }
 #endif
@@ -113,7 +115,7 @@ void main() {
         uint row = r0 + r;
         if (r < NR && tid == r && row < p.rpe) {
             if (sum) {
-                store(row, a[r] + sum_bias(row));
+                store(tok * p.y_stride + row, a[r] + sum_bias(s0, s1, row));
             } else {
                 store(s0 * p.y_stride + row, plain_out(s0, row, a[r] * inv));
             }

@@ -13,9 +13,10 @@ void main() {
     uint tid = gl_LocalInvocationID.x;
     bool sum = (p.flags & MV_SUM) != 0u;
     uint gpe = (p.rpe + NR - 1u) / NR;
-    uint s0 = sum ? 0u : grp / gpe;
-    uint s1 = sum ? p.slots : s0 + 1u;
-    uint r0 = (sum ? grp : grp % gpe) * NR;
+    uint tok = grp / gpe; // MV_SUM: the token
+    uint s0 = sum ? tok * p.slots : grp / gpe;
+    uint s1 = sum ? s0 + p.slots : s0 + 1u;
+    uint r0 = (grp % gpe) * NR;
     if (!sum && slot_expert(s0) >= p.ne) {
         return; // the whole workgroup: its expert lives in another piece
     }
@@ -39,10 +40,10 @@ void main() {
         if (le >= p.ne) {
             continue;
         }
-        float ws = sum ? wts[p.slot0 + s] : 1.0;
+        float ws = sum ? slot_weight(s) : 1.0;
         uint base = le * p.rpe + r0;
         uint last = le * p.rpe + p.rpe - 1u;
-        uint xb = s * (p.x_stride / BE) + b;
+        uint xb = slot_input(s) / BE + b;
         load_x(xb, lane);
         if (xnorm && lane < XPB) {
             ss += xs[xb * XPB + lane];
@@ -78,8 +79,8 @@ void main() {
     [[unroll]] for (uint r = 0u; r < MAXR; r++) {
         uint row = r0 + r;
         if (r < NR && tid == r && row < p.rpe) {
-            uint o = sum ? row : s0 * p.y_stride + row;
-            store(o, sum ? a[r] + sum_bias(row) : plain_out(s0, row, a[r]));
+            uint o = (sum ? tok : s0) * p.y_stride + row;
+            store(o, sum ? a[r] + sum_bias(s0, s1, row) : plain_out(s0, row, a[r]));
             if (tail) {
                 tail_one(p.y_offset + o);
             }

@@ -110,53 +110,51 @@ pub enum Kernel {
     MmtIQ4XS = 91,
     AttnFlash = 92,
     RowsAct = 93,
-    MoeMix = 94,
-    MoeCombine = 95,
-    MoeRoute = 96,
-    MvxF32 = 97,
-    MvxF16 = 98,
-    MvxBF16 = 99,
-    MvxQ4_0 = 100,
-    MvxQ4_1 = 101,
-    MvxQ5_0 = 102,
-    MvxQ5_1 = 103,
-    MvxQ8_0 = 104,
-    MvxQ4K = 105,
-    MvxQ5K = 106,
-    MvxQ6K = 107,
-    MvxIQ4XS = 108,
-    MvxgF32 = 109,
-    MvxgF16 = 110,
-    MvxgBF16 = 111,
-    MvxgQ4_0 = 112,
-    MvxgQ4_1 = 113,
-    MvxgQ5_0 = 114,
-    MvxgQ5_1 = 115,
-    MvxgQ8_0 = 116,
-    MvxgQ4K = 117,
-    MvxgQ5K = 118,
-    MvxgQ6K = 119,
-    MvxgIQ4XS = 120,
-    MvqxQ4_0 = 121,
-    MvqxQ8_0 = 122,
-    MvqxQ4K = 123,
-    MvqxQ6K = 124,
-    MvqxMXFP4 = 125,
-    MvqxgQ4_0 = 126,
-    MvqxgQ8_0 = 127,
-    MvqxgQ4K = 128,
-    MvqxgQ6K = 129,
-    MvqxgMXFP4 = 130,
-    MvqxeQ4_0 = 131,
-    MvqxeQ8_0 = 132,
-    MvqxeQ4K = 133,
-    MvqxeQ6K = 134,
-    MvqxeMXFP4 = 135,
-    MvqxgeQ4_0 = 136,
-    MvqxgeQ8_0 = 137,
-    MvqxgeQ4K = 138,
-    MvqxgeQ6K = 139,
-    MvqxgeMXFP4 = 140,
+    MoeRoute = 94,
+    MvxF32 = 95,
+    MvxF16 = 96,
+    MvxBF16 = 97,
+    MvxQ4_0 = 98,
+    MvxQ4_1 = 99,
+    MvxQ5_0 = 100,
+    MvxQ5_1 = 101,
+    MvxQ8_0 = 102,
+    MvxQ4K = 103,
+    MvxQ5K = 104,
+    MvxQ6K = 105,
+    MvxIQ4XS = 106,
+    MvxgF32 = 107,
+    MvxgF16 = 108,
+    MvxgBF16 = 109,
+    MvxgQ4_0 = 110,
+    MvxgQ4_1 = 111,
+    MvxgQ5_0 = 112,
+    MvxgQ5_1 = 113,
+    MvxgQ8_0 = 114,
+    MvxgQ4K = 115,
+    MvxgQ5K = 116,
+    MvxgQ6K = 117,
+    MvxgIQ4XS = 118,
+    MvqxQ4_0 = 119,
+    MvqxQ8_0 = 120,
+    MvqxQ4K = 121,
+    MvqxQ6K = 122,
+    MvqxMXFP4 = 123,
+    MvqxgQ4_0 = 124,
+    MvqxgQ8_0 = 125,
+    MvqxgQ4K = 126,
+    MvqxgQ6K = 127,
+    MvqxgMXFP4 = 128,
+    MvqxeQ4_0 = 129,
+    MvqxeQ8_0 = 130,
+    MvqxeQ4K = 131,
+    MvqxeQ6K = 132,
+    MvqxeMXFP4 = 133,
+    MvqxgeQ4_0 = 134,
+    MvqxgeQ8_0 = 135,
+    MvqxgeQ4K = 136,
+    MvqxgeQ6K = 137,
+    MvqxgeMXFP4 = 138,
 }
 
 /// One entry of the kernel table.
@@ -253,10 +251,6 @@ pub const MAMBA2_NORM_PUSH_BYTES: u32 = 16;
 pub const SHORTCONV_ROWS_PUSH_BYTES: u32 = 16;
 /// `rows_act` push constants: `n, ld_y, ld_src, src_off, mode, max_t` (u32).
 pub const ROWS_ACT_PUSH_BYTES: u32 = 24;
-/// `moe_mix` push constants: `n, k, kind, flags` (u32), `scale` (f32), `max_t` (u32).
-pub const MOE_MIX_PUSH_BYTES: u32 = 24;
-/// `moe_combine` push constants: `d, n_exp, n_slots, max_t` (u32).
-pub const MOE_COMBINE_PUSH_BYTES: u32 = 16;
 
 const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
@@ -341,15 +335,15 @@ const fn mvq(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-/// `moe_route` push constants: `n, k, kind, flags` (u32), `scale` (f32).
-pub const MOE_ROUTE_PUSH_BYTES: u32 = 20;
+/// `moe_route` push constants: `n, k, kind, flags` (u32), `scale` (f32), `ld` (u32).
+pub const MOE_ROUTE_PUSH_BYTES: u32 = 24;
 /// Expert mat-vec on f32 activations (`mv.glsl` with `MV_EXPERT`) push constants:
 /// [`MV_PUSH_BYTES`]'s words, then `rpe, slots, slot0, e0, ne, x_stride, y_stride` (u32),
-/// `alpha, limit` (f32) (`mv_expert_push.glsl`).
-pub const MVX_PUSH_BYTES: u32 = MV_PUSH_BYTES + 36;
+/// `alpha, limit` (f32), `x_div, id_stride` (u32) (`mv_expert_push.glsl`).
+pub const MVX_PUSH_BYTES: u32 = MV_PUSH_BYTES + 44;
 /// Expert mat-vec on int8 activations (`mvq.glsl` with `MV_EXPERT`) push constants:
 /// [`MVQ_PUSH_BYTES`]'s words, then those [`MVX_PUSH_BYTES`] adds.
-pub const MVQX_PUSH_BYTES: u32 = MVQ_PUSH_BYTES + 36;
+pub const MVQX_PUSH_BYTES: u32 = MVQ_PUSH_BYTES + 44;
 
 /// An expert decode mat-vec on f32 activations: [`mv`] with 3 more bindings (ids,
 /// weights, bias).
@@ -380,7 +374,7 @@ const fn mvqx(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 141] = [
+pub const KERNELS: [KernelDesc; 139] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -614,27 +608,13 @@ pub const KERNELS: [KernelDesc; 141] = [
         3,
         ROWS_ACT_PUSH_BYTES,
     ),
-    plain(
-        Kernel::MoeMix,
-        "moe_mix",
-        spv!("moe_mix"),
-        4,
-        MOE_MIX_PUSH_BYTES,
-    ),
-    plain(
-        Kernel::MoeCombine,
-        "moe_combine",
-        spv!("moe_combine"),
-        4,
-        MOE_COMBINE_PUSH_BYTES,
-    ),
     KernelDesc {
         invocations: 128,
         ..plain(
             Kernel::MoeRoute,
             "moe_route",
             spv!("moe_route"),
-            5,
+            6,
             MOE_ROUTE_PUSH_BYTES,
         )
     },

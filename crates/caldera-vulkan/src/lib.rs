@@ -11,10 +11,9 @@
 //!   the batched mat-vec [`ops::Mm`] for every type the models use;
 //! - [`recurrent`]: the decode and prefill steps of the recurrent mixers
 //!   (GatedDeltaNet, Mamba2, short conv);
-//! - [`moe`]: mixture-of-experts decode: the router and expert mat-vecs that read the
-//!   chosen experts from device memory, and the whole block ([`moe::MoeFfn`]);
-//! - [`moe_dense`]: the all-experts MoE of prefill steps: dense mixing weights per token
-//!   and their weighted sum;
+//! - [`moe`]: mixture of experts: the router and expert mat-vecs that read the chosen
+//!   experts from device memory; the whole block for decode ([`moe::MoeFfn`]) and
+//!   prefill ([`moe::MoeSteps`]);
 //! - [`model`]: whole models (attention and the recurrent mixers; dense, ungated and
 //!   MoE MLPs) behind `caldera_model::Runner`, each step recorded once and replayed with
 //!   one submit.
@@ -29,7 +28,6 @@ pub mod kernels;
 pub mod memory;
 pub mod model;
 pub mod moe;
-pub mod moe_dense;
 pub mod ops;
 pub mod record;
 pub mod recurrent;

@@ -26,9 +26,10 @@
 //! GPU), then its out-projection + residual. Its state lives in the runner, which
 //! therefore cannot rewind except to the start (`truncate(0)` zeroes it). A relu² MLP
 //! applies the activation in the up mat-vec (decode) or in `rows_act` (prefill); a MoE
-//! routes on the GPU (`moe_route`), runs EVERY expert as an MLP over the step's tokens
-//! and sums them weighted (`moe_combine`, the unchosen weigh 0): exact but it reads all
-//! experts' weights per step (a correctness path, not a fast one). Qwen3.5's gated
+//! runs `moe.rs` over its stacked experts: the router, the routing on the GPU and
+//! mat-vecs over the chosen experts only (ids read from device memory), [`MoeFfn`] in
+//! decode and [`MoeSteps`] (the same kernels over every token of the step) in prefill.
+//! Qwen3.5's gated
 //! attention uploads the gate rows of its q projection after v (`q | k | v | gate`):
 //! `attn_decode` gates its output itself, prefill through `rows_act`.
 
@@ -49,7 +50,7 @@ use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::{attn_split, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
-use crate::moe_dense::{MoeCombine, MoeMix, MAX_EXPERTS, MAX_USED};
+use crate::moe::{MoeDevice, MoeFfn, MoeIo, MoeScratch, MoeSteps, MAX_EXPERTS, MAX_USED};
 use crate::ops::{
     push_words, AttnIo, AttnShape, GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq,
     PrefillAttention, Q8Acts, QuantX, RowAct, RowsAct,
@@ -153,22 +154,6 @@ impl VkMlp {
     }
 }
 
-/// A mixture of experts: the router, every expert as an MLP, the shared expert.
-struct VkMoe {
-    spec: MoeSpec,
-    router: Proj,
-    selection_bias: Option<Buffer>,
-    experts: Vec<VkMlp>,
-    shared: Option<VkMlp>,
-}
-
-impl VkMoe {
-    /// Output slots per token in the runner's `moe_y`: the experts, then the shared one.
-    fn slots(&self) -> usize {
-        self.experts.len() + usize::from(self.shared.is_some())
-    }
-}
-
 enum VkMixer {
     Attention(VkAttn),
     Recurrent(VkRecurrent),
@@ -176,14 +161,15 @@ enum VkMixer {
 
 enum VkFfn {
     Dense(VkMlp),
-    Moe(VkMoe),
+    /// Stacked experts (`moe.rs`): decode runs [`MoeFfn`], prefill [`MoeSteps`].
+    Moe(Box<MoeDevice>),
 }
 
 impl VkFfn {
     fn mlps(&self) -> Vec<&VkMlp> {
         match self {
             VkFfn::Dense(m) => vec![m],
-            VkFfn::Moe(m) => m.experts.iter().chain(&m.shared).collect(),
+            VkFfn::Moe(_) => Vec::new(),
         }
     }
 }
@@ -209,9 +195,6 @@ impl VkLayer {
         if let Some(f) = &self.ffn {
             for m in f.mlps() {
                 v.extend([&m.up, &m.down]);
-            }
-            if let VkFfn::Moe(moe) = f {
-                v.push(&moe.router);
             }
         }
         v
@@ -504,68 +487,20 @@ fn upload_mlp(
     })
 }
 
-fn upload_moe(ctx: &Context, li: usize, spec: &MoeSpec, w: &MoeWeights) -> Result<VkMoe> {
-    if w.shared_gate.is_some() {
-        return Err(unsupported(format!("layer {li}: gated shared experts")));
-    }
-    let n = spec.n_experts;
-    if n == 0 || n > MAX_EXPERTS || spec.n_used == 0 || spec.n_used > n.min(MAX_USED) {
+fn upload_moe(ctx: &Context, li: usize, spec: &MoeSpec, w: &MoeWeights) -> Result<MoeDevice> {
+    let n = spec.n_experts as u64;
+    if n == 0 || n > MAX_EXPERTS || spec.n_used == 0 || spec.n_used as u64 > n.min(MAX_USED) {
         return Err(unsupported(format!(
             "layer {li}: {} of {n} experts",
             spec.n_used
         )));
     }
-    if w.up.n != n || w.down.n != n || w.gate.as_ref().is_some_and(|g| g.n != n) {
-        return Err(VkError::Invalid(format!("layer {li}: expert counts")));
+    if w.selection_bias.is_some() && !matches!(spec.router, RouterKind::Sigmoid { .. }) {
+        return Err(unsupported(format!(
+            "layer {li}: a selection bias without a sigmoid router"
+        )));
     }
-    let mut experts = Vec::with_capacity(n);
-    for e in 0..n {
-        let gate = w.gate.as_ref().map(|g| g.expert(e));
-        let what = format!("layer {li} expert {e}");
-        experts.push(upload_mlp(
-            ctx,
-            &what,
-            gate.as_ref(),
-            &w.up.expert(e),
-            &w.down.expert(e),
-            spec.act,
-        )?);
-    }
-    let shared = match &w.shared {
-        Some(sh) => {
-            // As the CPU: the shared expert is relu² with relu² experts, else SwiGLU.
-            let act = match spec.act {
-                Activation::Relu2 => Activation::Relu2,
-                _ => Activation::SwiGlu,
-            };
-            let what = format!("layer {li} shared expert");
-            Some(upload_mlp(
-                ctx,
-                &what,
-                sh.gate.as_ref(),
-                &sh.up,
-                &sh.down,
-                act,
-            )?)
-        }
-        None => None,
-    };
-    let selection_bias = match (&w.selection_bias, spec.router) {
-        (Some(b), RouterKind::Sigmoid { .. }) => Some(ctx.upload_f32(b)?),
-        (Some(_), _) => {
-            return Err(unsupported(format!(
-                "layer {li}: a selection bias without a sigmoid router"
-            )))
-        }
-        (None, _) => None,
-    };
-    Ok(VkMoe {
-        spec: spec.clone(),
-        router: upload_proj(ctx, &[&w.router])?.remove(0),
-        selection_bias,
-        experts,
-        shared,
-    })
+    MoeDevice::upload(ctx, spec, w).map_err(|e| VkError::Invalid(format!("layer {li}: {e}")))
 }
 
 impl VkModel {
@@ -622,7 +557,7 @@ impl VkModel {
                             "layer {li}: a post-norm after a mixture of experts"
                         )));
                     }
-                    Some(VkFfn::Moe(upload_moe(&ctx, li, ms, mw)?))
+                    Some(VkFfn::Moe(Box::new(upload_moe(&ctx, li, ms, mw)?)))
                 }
                 _ => return Err(VkError::Invalid(format!("layer {li}: mismatched MLP"))),
             };
@@ -642,7 +577,14 @@ impl VkModel {
             .flat_map(|l| l.projs())
             .chain([&output])
             .collect();
-        let weight_bytes = all.iter().map(|p| p.bytes()).sum();
+        let experts: u64 = layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                Some(VkFfn::Moe(m)) => Some(m.bytes()),
+                _ => None,
+            })
+            .sum();
+        let weight_bytes = all.iter().map(|p| p.bytes()).sum::<u64>() + experts;
         let widest = all.iter().map(|p| p.k).max().unwrap_or(1);
         let ones = ctx.upload_f32(&vec![1.0; widest])?;
         Ok(VkModel {
@@ -711,11 +653,8 @@ pub struct VkRunner {
     /// The mixer's output rows (the out-projection's input).
     att: Buffer,
     gu: Buffer,
-    /// A MoE's router logits and mixing weights (`[chunk][n_experts]`), and its experts'
-    /// outputs (`[chunk][slots][d_model]`).
-    moe_logits: Buffer,
-    moe_w: Buffer,
-    moe_y: Buffer,
+    /// Scratch of the MoE layers' prefill steps.
+    moe: Option<MoeScratch>,
     /// Stored-output counts per block of 32 of the decode mat-vecs that quantize the
     /// next input (`MV_TAIL`).
     tail_count: Buffer,
@@ -811,7 +750,7 @@ impl VkRunner {
         let mut max_q = 0;
         let mut max_ff = 0;
         let mut max_in = d;
-        let (mut moe_experts, mut moe_slots) = (1usize, 1usize);
+        let mut moe_row = 0usize;
         for l in &m.layers {
             match &l.mixer {
                 Some(VkMixer::Attention(a)) => {
@@ -829,14 +768,13 @@ impl VkRunner {
                     max_ff = max_ff.max(mlp.d_ff);
                 }
                 if let VkFfn::Moe(moe) = f {
-                    moe_experts = moe_experts.max(moe.spec.n_experts);
-                    moe_slots = moe_slots.max(moe.slots());
+                    moe_row = moe_row.max(moe.spec.n_used * moe.up.outputs() as usize);
                 }
             }
             max_in = max_in.max(l.projs().iter().map(|p| p.k).max().unwrap_or(0));
         }
         // The widest scratch row decides how many tokens a step holds.
-        let widest_row = d.max(max_qkv).max(2 * max_ff).max(moe_slots * d) as u64 * 4;
+        let widest_row = d.max(max_qkv).max(2 * max_ff).max(moe_row) as u64 * 4;
         let mut chunk = CHUNK;
         while chunk > MIN_CHUNK && chunk as u64 * widest_row > ctx.max_buffer_bytes() {
             chunk /= 2;
@@ -849,9 +787,15 @@ impl VkRunner {
         let qkv = dev(chunk * max_qkv, "the q/k/v rows")?;
         let att = dev(chunk * max_q, "the attention output")?;
         let gu = dev(chunk * 2 * max_ff, "the gate/up rows")?;
-        let moe_logits = dev(chunk * moe_experts, "the router logits")?;
-        let moe_w = dev(chunk * moe_experts, "the expert weights")?;
-        let moe_y = dev(chunk * moe_slots * d, "the experts' outputs")?;
+        let moe_blocks: Vec<&MoeDevice> = m
+            .layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                Some(VkFfn::Moe(moe)) => Some(&**moe),
+                _ => None,
+            })
+            .collect();
+        let moe = MoeScratch::new(ctx, &moe_blocks, chunk as u64)?;
         let widest = max_in.max(max_q).max(max_ff);
         let mut part_len = 1usize;
         let mut counts = 1usize;
@@ -967,9 +911,7 @@ impl VkRunner {
             qkv,
             att,
             gu,
-            moe_logits,
-            moe_w,
-            moe_y,
+            moe,
             xq,
             xd,
             xss,
@@ -1046,7 +988,7 @@ impl VkRunner {
                     } else {
                         None
                     };
-                    let out = MlpOut::Residual {
+                    let out = MlpOut {
                         post_norm: l.ffn_post_norm.as_ref(),
                         next,
                     };
@@ -1135,8 +1077,8 @@ impl VkRunner {
                     Op::Kernel(binding, push, groups) => r.dispatch(binding, push, *groups)?,
                     Op::Rec(op) => op.record(r)?,
                     Op::Act(op) => op.record(r)?,
-                    Op::Route(op) => op.record(r)?,
-                    Op::Combine(op) => op.record(r)?,
+                    Op::MoeDecode(op) => op.record(r)?,
+                    Op::MoePrefill(op) => op.record(r)?,
                 }
                 r.barrier();
                 r.mark(label);
@@ -1593,176 +1535,52 @@ impl VkRunner {
         } else {
             (mlp.up_width() as u64, glu)
         };
-        match out {
-            MlpOut::Residual { post_norm, next } => self.push_out_proj(
-                ops, "down", &mlp.down, &self.gu, ld, glu, post_norm, b, qs, next,
-            ),
-            MlpOut::Slot { y, offset, ld_y } => {
-                let p = &mlp.down;
-                if decode {
-                    let mode = MvMode::default();
-                    self.push_decode_mv(
-                        ops,
-                        "down",
-                        &[(p, offset)],
-                        &self.gu,
-                        None,
-                        y,
-                        mode,
-                        qs,
-                        None,
-                    )
-                } else {
-                    let io = MmIo {
-                        x: &self.gu,
-                        ld_x: ld,
-                        y,
-                        ld_y,
-                        y_offset: offset,
-                        gam: Some(&m.ones),
-                        step: &self.step_dev,
-                        max_tokens: b,
-                    };
-                    let mode = MmMode {
-                        glu,
-                        eps,
-                        ..Default::default()
-                    };
-                    ops.push((
-                        "down",
-                        Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
-                    ));
-                    Ok(())
-                }
-            }
-        }
+        let MlpOut { post_norm, next } = out;
+        self.push_out_proj(
+            ops, "down", &mlp.down, &self.gu, ld, glu, post_norm, b, qs, next,
+        )
     }
 
-    /// A mixture of experts over the step's tokens on input `x` normed by `norm`: the
-    /// router, the routing, every expert (and the shared one) into its slot of `moe_y`,
-    /// their weighted sum into x.
+    /// A mixture of experts over the step's tokens on input `x` normed by `norm`, its
+    /// output added to x: decode runs [`MoeFfn`] (the chosen experts only, int8 where
+    /// the types allow), prefill [`MoeSteps`].
     fn push_moe(
         &self,
         ops: &mut Vec<(&'static str, Op)>,
-        moe: &VkMoe,
+        moe: &MoeDevice,
         norm: Option<&Buffer>,
         bucket: usize,
         qs: &mut QState,
     ) -> Result<()> {
         let m = &self.m;
         let ctx = &m.ctx;
-        let d = m.model.config.d_model;
         let eps = m.model.config.norm_eps;
-        let b = bucket as u64;
-        let decode = bucket == 1;
-        let n = moe.spec.n_experts;
-        let slots = moe.slots();
-        if decode {
-            // The normed input, quantized once for the router and every expert.
-            let q8 = |p: &Proj| self.q8_input(p) && p.k == d;
-            let any_q8 =
-                q8(&moe.router) || moe.experts.iter().chain(&moe.shared).any(|e| q8(&e.up));
-            if any_q8 && !qs.ready {
-                let acts = self.acts(qs.cur, false);
-                let qx = QuantX::new(ctx, d as u64, &self.x, norm, eps, &acts)?;
-                ops.push(("quant", Op::Quant(qx)));
-                *qs = QState {
-                    cur: qs.cur,
-                    ready: true,
-                    xnorm: false,
-                };
-            }
-            let q_in = *qs;
-            let mut q = q_in;
-            let mode = MvMode::default();
-            let router = [(&moe.router, 0)];
-            self.push_decode_mv(
-                ops,
-                "router",
-                &router,
-                &self.x,
-                norm,
-                &self.moe_logits,
-                mode,
-                &mut q,
-                None,
-            )?;
-            let route = MoeMix::new(
-                ctx,
-                &moe.spec,
-                &self.moe_logits,
-                moe.selection_bias.as_ref(),
-                &self.moe_w,
-                &self.step_dev,
-                1,
-            )?;
-            ops.push(("route", Op::Route(route)));
-            for (e, mlp) in moe.experts.iter().chain(&moe.shared).enumerate() {
-                let mut q = q_in;
-                let out = MlpOut::Slot {
-                    y: &self.moe_y,
-                    offset: (e * d) as u64,
-                    ld_y: (slots * d) as u64,
-                };
-                self.push_mlp(ops, mlp, norm, out, bucket, &mut q)?;
-            }
+        let gam = norm.unwrap_or(&m.ones);
+        if bucket == 1 {
+            let io = MoeIo {
+                x: &self.x,
+                gam,
+                eps,
+                y: &self.x,
+                add: true,
+                next: None,
+            };
+            let op = MoeFfn::new(ctx, moe, &io, ctx.tuning().q8_acts)?;
+            ops.push(("moe", Op::MoeDecode(op)));
+            // The block leaves f32 output: the next int8 mat-vec quantizes it first.
             *qs = QState {
-                cur: q_in.cur,
+                cur: qs.cur,
                 ready: false,
                 xnorm: false,
             };
         } else {
-            let io = MmIo {
-                x: &self.x,
-                ld_x: d as u64,
-                y: &self.moe_logits,
-                ld_y: n as u64,
-                y_offset: 0,
-                gam: Some(norm.unwrap_or(&m.ones)),
-                step: &self.step_dev,
-                max_tokens: b,
-            };
-            let mode = MmMode {
-                norm: norm.is_some(),
-                eps,
-                ..Default::default()
-            };
-            let p = &moe.router;
-            ops.push((
-                "router",
-                Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
-            ));
-            let route = MoeMix::new(
-                ctx,
-                &moe.spec,
-                &self.moe_logits,
-                moe.selection_bias.as_ref(),
-                &self.moe_w,
-                &self.step_dev,
-                b,
-            )?;
-            ops.push(("route", Op::Route(route)));
-            for (e, mlp) in moe.experts.iter().chain(&moe.shared).enumerate() {
-                let out = MlpOut::Slot {
-                    y: &self.moe_y,
-                    offset: (e * d) as u64,
-                    ld_y: (slots * d) as u64,
-                };
-                self.push_mlp(ops, mlp, norm, out, bucket, &mut QState::default())?;
-            }
+            let scratch = self
+                .moe
+                .as_ref()
+                .ok_or_else(|| VkError::Invalid("a MoE layer without MoE scratch".into()))?;
+            let op = MoeSteps::new(ctx, moe, &self.x, gam, eps, &self.step_dev, scratch)?;
+            ops.push(("moe", Op::MoePrefill(op)));
         }
-        let combine = MoeCombine::new(
-            ctx,
-            d,
-            n,
-            slots,
-            &self.x,
-            &self.moe_y,
-            &self.moe_w,
-            &self.step_dev,
-            b,
-        )?;
-        ops.push(("combine", Op::Combine(combine)));
         Ok(())
     }
 
@@ -2036,8 +1854,8 @@ enum Op {
     Kernel(Binding, Vec<u8>, u64),
     Rec(RecOp),
     Act(RowsAct),
-    Route(MoeMix),
-    Combine(MoeCombine),
+    MoeDecode(MoeFfn),
+    MoePrefill(MoeSteps),
 }
 
 /// A recurrent mixer's op (`recurrent.rs`).
@@ -2063,20 +1881,11 @@ impl RecOp {
     }
 }
 
-/// Where an MLP's down projection writes.
-enum MlpOut<'a> {
-    /// Added to the residual stream x (through the post-norm when there is one); a
-    /// decode mat-vec may quantize `next` from it.
-    Residual {
-        post_norm: Option<&'a Buffer>,
-        next: Option<NextInput<'a>>,
-    },
-    /// Stored at `y[t * ld_y + offset ..]` (a MoE expert's slot).
-    Slot {
-        y: &'a Buffer,
-        offset: u64,
-        ld_y: u64,
-    },
+/// Where an MLP's down projection writes: added to the residual stream x (through the
+/// post-norm when there is one); a decode mat-vec may quantize `next` from it.
+struct MlpOut<'a> {
+    post_norm: Option<&'a Buffer>,
+    next: Option<NextInput<'a>>,
 }
 
 /// Where a decode step's int8 mat-vec input is: buffer pair `cur`, `ready` when the

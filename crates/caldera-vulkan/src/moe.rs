@@ -106,14 +106,17 @@ pub fn supports_q8(ty: GgmlType) -> bool {
     MVQX_TYPES.contains(&ty)
 }
 
-/// The experts chosen for the token: `ids` (u32) and mixing `weights` (f32), slot by
-/// slot; slots `0 .. n_used` are the routed experts in descending order of the router's
-/// key, slot `n_used` (with `shared`) the shared expert (id 0).
+/// The experts chosen for each token of a step: `ids` (u32) and mixing `weights` (f32),
+/// [`Routing::per_token`] entries per token: entries `0 .. n_used` are the routed experts
+/// in descending order of the router's key, entry `n_used` (with `shared`) the shared
+/// expert (id 0). Tokens past the step's have ids `u32::MAX`.
 pub struct Routing {
     pub ids: Buffer,
     pub weights: Buffer,
     pub n_used: u64,
     pub shared: bool,
+    /// Tokens the buffers hold (1 for decode).
+    pub tokens: u64,
 }
 
 /// A run of routing slots an expert op serves.
@@ -124,19 +127,31 @@ pub struct Slots {
 }
 
 impl Routing {
+    /// Routing buffers for one token.
     pub fn new(ctx: &Context, n_used: u64, shared: bool) -> Result<Routing> {
-        if n_used == 0 || n_used > MAX_USED {
+        Routing::for_tokens(ctx, n_used, shared, 1)
+    }
+
+    /// Routing buffers for steps of up to `tokens` tokens.
+    pub fn for_tokens(ctx: &Context, n_used: u64, shared: bool, tokens: u64) -> Result<Routing> {
+        if n_used == 0 || n_used > MAX_USED || tokens == 0 {
             return Err(invalid(format!(
-                "{n_used} experts per token (1 to {MAX_USED})"
+                "{n_used} experts per token (1 to {MAX_USED}) over {tokens} tokens"
             )));
         }
-        let bytes = (n_used + u64::from(shared)) * 4;
+        let bytes = tokens * (n_used + u64::from(shared)) * 4;
         Ok(Routing {
             ids: ctx.create_buffer(bytes, MemoryKind::Device)?,
             weights: ctx.create_buffer(bytes, MemoryKind::Device)?,
             n_used,
             shared,
+            tokens,
         })
+    }
+
+    /// Entries per token.
+    pub fn per_token(&self) -> u64 {
+        self.n_used + u64::from(self.shared)
     }
 
     /// The routed experts' slots.
@@ -201,6 +216,8 @@ impl RouterSpec {
 pub struct MoeRoute {
     binding: Binding,
     push: Vec<u8>,
+    groups: u64,
+    _step: Option<Buffer>,
 }
 
 impl MoeRoute {
@@ -214,6 +231,24 @@ impl MoeRoute {
         logit_bias: Option<&Buffer>,
         selection_bias: Option<&Buffer>,
         out: &Routing,
+    ) -> Result<MoeRoute> {
+        let ld = spec.n_experts + u64::from(spec.shared == SharedSlot::Gated);
+        MoeRoute::steps(ctx, spec, logits, ld, logit_bias, selection_bias, out, None)
+    }
+
+    /// The router over the tokens of a step: token `t`'s logits at `logits[t * ld ..]`,
+    /// its routing at entry `t * out.per_token()`; `step` holds the step's token count
+    /// (`step[0]`; None: one token). One workgroup per token `out` holds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn steps(
+        ctx: &Context,
+        spec: &RouterSpec,
+        logits: &Buffer,
+        ld: u64,
+        logit_bias: Option<&Buffer>,
+        selection_bias: Option<&Buffer>,
+        out: &Routing,
+        step: Option<&Buffer>,
     ) -> Result<MoeRoute> {
         let (n, k) = (spec.n_experts, spec.n_used);
         if n == 0 || n > MAX_EXPERTS || k == 0 || k > n.min(MAX_USED) {
@@ -230,7 +265,10 @@ impl MoeRoute {
         }
         let gated = spec.shared == SharedSlot::Gated;
         let small = |b: Option<&Buffer>| b.is_some_and(|b| b.size() < n * 4);
-        if logits.size() < (n + u64::from(gated)) * 4
+        let row = n + u64::from(gated);
+        if ld < row
+            || logits.size() < ((out.tokens - 1) * ld + row) * 4
+            || step.is_some_and(|s| s.size() < 4)
             || small(logit_bias)
             || small(selection_bias)
             || !spec.scale.is_finite()
@@ -258,6 +296,10 @@ impl MoeRoute {
         if gated {
             flags |= 16;
         }
+        let own_step = match step {
+            Some(_) => None,
+            None => Some(ctx.upload(&1u32.to_le_bytes())?),
+        };
         let binding = ctx.bind(
             Kernel::MoeRoute,
             &[
@@ -266,14 +308,27 @@ impl MoeRoute {
                 sel.unwrap_or(logits),
                 &out.ids,
                 &out.weights,
+                step.or(own_step.as_ref()).unwrap_or(logits),
             ],
         )?;
-        let push = push_words(&[n as u32, k as u32, kind, flags, spec.scale.to_bits()]);
-        Ok(MoeRoute { binding, push })
+        let push = push_words(&[
+            n as u32,
+            k as u32,
+            kind,
+            flags,
+            spec.scale.to_bits(),
+            u32_of(ld, "router logits stride")?,
+        ]);
+        Ok(MoeRoute {
+            binding,
+            push,
+            groups: out.tokens,
+            _step: own_step,
+        })
     }
 
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
-        r.dispatch(&self.binding, &self.push, 1)
+        r.dispatch(&self.binding, &self.push, self.groups)
     }
 }
 
@@ -360,6 +415,11 @@ impl Experts {
         Experts::stack(
             ctx, gate.ty, 1, gate.rows, gate.cols, &mats, &biases, &gate.name,
         )
+    }
+
+    /// Bytes of the weights (every expert).
+    pub fn bytes(&self) -> u64 {
+        self.t.rows * self.t.row_bytes
     }
 
     /// Outputs per expert (rows, or row pairs of a gate|up tensor).
@@ -539,7 +599,8 @@ fn build(ctx: &Context, c: &Call<'_>) -> Result<ExpertDispatches> {
         )));
     }
     let s = c.slots;
-    let routed = c.routing.n_used + u64::from(c.routing.shared);
+    let tokens = c.routing.tokens;
+    let routed = c.routing.per_token();
     if s.count == 0 || s.first + s.count > routed {
         return Err(invalid(format!(
             "slots {} .. {} of a routing with {routed}",
@@ -547,13 +608,18 @@ fn build(ctx: &Context, c: &Call<'_>) -> Result<ExpertDispatches> {
             s.first + s.count
         )));
     }
-    // Inputs: one shared (per slot) or one per slot (sum).
-    let n_in = if c.sum { s.count } else { 1 };
-    let x_stride = if c.sum { k } else { 0 };
+    // Inputs: the sum reads one per slot; the others one per token (shared by the
+    // token's slots), `k` apart. Outputs: the sum's `rpe` per token, the others' one row
+    // per slot.
+    let (n_in, x_stride, x_div) = match (c.sum, tokens) {
+        (true, _) => (tokens * s.count, k, 1),
+        (false, 1) => (1, 0, 1),
+        (false, _) => (tokens, k, s.count),
+    };
     let (outs, y_stride) = if c.sum {
-        (rpe, 0)
+        (tokens * rpe, rpe)
     } else {
-        (s.count * w.outputs(), w.outputs())
+        (tokens * s.count * w.outputs(), w.outputs())
     };
     if c.y.size() < outs * 4 {
         return Err(invalid(format!(
@@ -600,7 +666,7 @@ fn build(ctx: &Context, c: &Call<'_>) -> Result<ExpertDispatches> {
                 )));
             }
             if let Some(ss) = a.ss {
-                if c.sum || ss.size() < k / 8 {
+                if c.sum || ss.size() < n_in * k / 8 {
                     return Err(invalid(
                         "sums of squares: only for one shared input, k / 32 of them".into(),
                     ));
@@ -641,7 +707,11 @@ fn build(ctx: &Context, c: &Call<'_>) -> Result<ExpertDispatches> {
     let rb = ctx.tuning().mv_shape(glu).1 as u64;
     let nr = if glu { 2 * rb } else { rb };
     let gpe = rpe.div_ceil(nr);
-    let groups = if c.sum { gpe } else { s.count * gpe };
+    let groups = if c.sum {
+        tokens * gpe
+    } else {
+        tokens * s.count * gpe
+    };
     let bias = w.bias.as_ref().unwrap_or(&c.routing.weights);
     let last = w.t.pieces.len().saturating_sub(1);
     let mut parts = Vec::with_capacity(w.t.pieces.len());
@@ -670,6 +740,8 @@ fn build(ctx: &Context, c: &Call<'_>) -> Result<ExpertDispatches> {
             u32_of(y_stride, "output stride")?,
             c.alpha.to_bits(),
             c.limit.to_bits(),
+            u32_of(x_div, "slots per input")?,
+            u32_of(routed, "routing entries per token")?,
         ];
         let ids = &c.routing.ids;
         let wts = &c.routing.weights;
@@ -878,6 +950,26 @@ pub struct MoeDevice {
 }
 
 impl MoeDevice {
+    /// Bytes of every weight of the block.
+    pub fn bytes(&self) -> u64 {
+        let sh = self
+            .shared
+            .as_ref()
+            .map_or(0, |(u, d, _)| u.bytes() + d.bytes());
+        self.router.rows * self.router.row_bytes + self.up.bytes() + self.down.bytes() + sh
+    }
+
+    /// Weight bytes one decode token reads: the router, `n_used` experts and the shared
+    /// expert.
+    pub fn active_bytes(&self) -> u64 {
+        let sh = self
+            .shared
+            .as_ref()
+            .map_or(0, |(u, d, _)| u.bytes() + d.bytes());
+        let per = (self.up.bytes() + self.down.bytes()) / self.up.n.max(1);
+        self.router.rows * self.router.row_bytes + per * self.spec.n_used as u64 + sh
+    }
+
     pub fn upload(ctx: &Context, spec: &MoeSpec, w: &MoeWeights) -> Result<MoeDevice> {
         let d = w.router.cols;
         let r = &w.router;
@@ -1153,6 +1245,182 @@ impl MoeFfn {
             for q in &self.quant_h {
                 q.record(r)?;
             }
+        }
+        r.barrier();
+        self.down.record(r)?;
+        if let Some(dn) = &self.shared_down {
+            r.barrier();
+            dn.record(r)?;
+        }
+        Ok(())
+    }
+}
+
+/// The scratch a [`MoeSteps`] block works in, shared by the MoE layers of a runner:
+/// `logits` (`tokens x (n_experts + 1)` f32), `routing` (for `tokens`), `h` (`tokens x
+/// n_used x ff` f32) and `hs` (`tokens x shared ff` f32, with a shared expert).
+pub struct MoeScratch {
+    pub logits: Buffer,
+    pub routing: Routing,
+    pub h: Buffer,
+    pub hs: Option<Buffer>,
+}
+
+impl MoeScratch {
+    /// Scratch for the widest of `blocks` over steps of up to `tokens` tokens.
+    pub fn new(ctx: &Context, blocks: &[&MoeDevice], tokens: u64) -> Result<Option<MoeScratch>> {
+        let Some(first) = blocks.first() else {
+            return Ok(None);
+        };
+        let n_used = first.spec.n_used as u64;
+        let shared = first.shared.is_some();
+        let mut logits = 0u64;
+        let mut h = 0u64;
+        let mut hs = 0u64;
+        for b in blocks {
+            if b.spec.n_used as u64 != n_used || b.shared.is_some() != shared {
+                return Err(invalid(
+                    "MoE layers with different expert counts per token".into(),
+                ));
+            }
+            logits = logits.max(b.spec.n_experts as u64 + 1);
+            h = h.max(n_used * b.up.outputs());
+            if let Some((su, _, _)) = &b.shared {
+                hs = hs.max(su.outputs());
+            }
+        }
+        let dev = |n: u64| ctx.create_buffer(tokens * n * 4, MemoryKind::Device);
+        Ok(Some(MoeScratch {
+            logits: dev(logits)?,
+            routing: Routing::for_tokens(ctx, n_used, shared, tokens)?,
+            h: dev(h)?,
+            hs: if shared { Some(dev(hs)?) } else { None },
+        }))
+    }
+}
+
+/// A whole MoE block over the tokens of a step (prefill): the router as a tiled matmul
+/// (the norm folded in) into `logits`, the routing of every token, the chosen experts'
+/// gate|up for every (token, slot) pair on the normed f32 input, then their down
+/// projections summed per token into the residual stream (and the shared expert's the
+/// same way). Each expert mat-vec reads its expert's rows per (token, slot), so the
+/// weights of an expert chosen by several tokens are read several times (from cache
+/// when they are close). Tokens past the step's are skipped by their routing.
+pub struct MoeSteps {
+    router: crate::ops::Mm,
+    route: MoeRoute,
+    up: ExpertUp,
+    shared_up: Option<ExpertUp>,
+    down: ExpertDown,
+    shared_down: Option<ExpertDown>,
+}
+
+impl MoeSteps {
+    /// `x`: the residual stream (`tokens x d` f32), the block's input `rmsnorm(x) * gam`
+    /// and where its output is added; `step`: the step values (`step[0]` tokens).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        m: &MoeDevice,
+        x: &Buffer,
+        gam: &Buffer,
+        eps: f32,
+        step: &Buffer,
+        s: &MoeScratch,
+    ) -> Result<MoeSteps> {
+        let spec = &m.spec;
+        let d = m.d_model;
+        let n = spec.n_experts as u64;
+        let tokens = s.routing.tokens;
+        let ld = n + 1;
+        let io = crate::ops::MmIo {
+            x,
+            ld_x: d,
+            y: &s.logits,
+            ld_y: ld,
+            y_offset: 0,
+            gam: Some(gam),
+            step,
+            max_tokens: tokens,
+        };
+        let mode = crate::ops::MmMode {
+            norm: true,
+            eps,
+            ..Default::default()
+        };
+        let router = crate::ops::Mm::new(ctx, m.router_ty, &m.router, d, &io, mode)?;
+        let rs = RouterSpec::of(spec, m.shared_gate);
+        let route = MoeRoute::steps(
+            ctx,
+            &rs,
+            &s.logits,
+            ld,
+            m.logit_bias.as_ref(),
+            m.selection_bias.as_ref(),
+            &s.routing,
+            Some(step),
+        )?;
+        let input = ExpertInput::F32 { x, gam: Some(gam) };
+        let h_in = ExpertInput::F32 { x: &s.h, gam: None };
+        let up = ExpertUp::new(
+            ctx,
+            &m.up,
+            &s.routing,
+            s.routing.routed(),
+            &input,
+            spec.act,
+            eps,
+            &s.h,
+            None,
+        )?;
+        let down = ExpertDown::new(
+            ctx,
+            &m.down,
+            &s.routing,
+            s.routing.routed(),
+            &h_in,
+            x,
+            true,
+            None,
+        )?;
+        let (shared_up, shared_down) = match (&m.shared, s.routing.shared_slot(), &s.hs) {
+            (Some((su, sd, act)), Some(slot), Some(hs)) => {
+                let hs_in = ExpertInput::F32 { x: hs, gam: None };
+                (
+                    Some(ExpertUp::new(
+                        ctx, su, &s.routing, slot, &input, *act, eps, hs, None,
+                    )?),
+                    Some(ExpertDown::new(
+                        ctx, sd, &s.routing, slot, &hs_in, x, true, None,
+                    )?),
+                )
+            }
+            (None, None, _) => (None, None),
+            _ => {
+                return Err(invalid(
+                    "MoE scratch without the shared expert's slot".into(),
+                ))
+            }
+        };
+        Ok(MoeSteps {
+            router,
+            route,
+            up,
+            shared_up,
+            down,
+            shared_down,
+        })
+    }
+
+    /// Records the block (barriers between its phases, none after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.router.record(r)?;
+        r.barrier();
+        self.route.record(r)?;
+        r.barrier();
+        self.up.record(r)?;
+        if let Some(u) = &self.shared_up {
+            u.record(r)?;
         }
         r.barrier();
         self.down.record(r)?;

@@ -85,6 +85,18 @@ fn vulkan_verifies_lfm2_moe() {
     verify("lfm2_moe");
 }
 
+/// GatedDeltaNet + gated attention + MoE with a sigmoid-gated shared expert.
+#[test]
+fn vulkan_verifies_qwen3_5_moe() {
+    verify("qwen3_5_moe");
+}
+
+/// Qwen3-Next: GatedDeltaNet + gated attention + MoE with a gated shared expert.
+#[test]
+fn vulkan_verifies_qwen3_next() {
+    verify("qwen3_next");
+}
+
 /// The hybrid fixtures' 80 prompt tokens as one GPU prefill (chunks of 32 with every
 /// row's logits: the recurrent mixers' prefill ops) give the logits of feeding them one
 /// at a time (the decode ops), and the recurrent runner refuses to rewind but starts

@@ -1,20 +1,19 @@
-//! The mixture-of-experts kernels (`moe_route`, `moe_combine`) and `rows_act` against
-//! CPU twins on fresh random inputs: caldera-cpu's `ffn::route` for every router kind
-//! (with and without renorm, selection bias, scale), odd expert counts, several tokens of
-//! a step with rows past the step's tokens left alone; each with subgroup and
-//! shared-memory reductions. Skips without a Vulkan device unless
-//! `CALDERA_REQUIRE_VULKAN=1`.
+//! Kernels over the tokens of a prefill step against CPU twins on fresh random inputs:
+//! the MoE router (`moe_route` over several tokens, `MoeRoute::steps`) against
+//! caldera-cpu's `ffn::route` for every router kind (with and without renorm, selection
+//! bias, scale), odd expert counts, a logits stride, tokens past the step's marked
+//! skipped; and `rows_act`. Each with subgroup and shared-memory reductions. Skips
+//! without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
 
 use caldera_model::blocks::moe::{MoeSpec, RouterKind};
 use caldera_model::Activation;
-use caldera_vulkan::moe_dense::{MoeCombine, MoeMix};
+use caldera_vulkan::moe::{MoeRoute, RouterSpec, Routing};
 use caldera_vulkan::ops::{RowAct, RowsAct};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Context, ContextOptions};
 use common::{random_vec, rng, words};
-use rand::Rng;
 
 fn contexts(test: &str) -> Vec<Context> {
     let mut v = Vec::new();
@@ -38,8 +37,8 @@ fn step(ctx: &Context, m: usize) -> caldera_vulkan::Buffer {
 }
 
 #[test]
-fn moe_route_matches_cpu() {
-    let mut rng = rng("moe_route");
+fn moe_route_steps_match_cpu() {
+    let mut rng = rng("moe_route_steps");
     let kinds = [
         RouterKind::Softmax { renorm: false },
         RouterKind::Softmax { renorm: true },
@@ -47,7 +46,7 @@ fn moe_route_matches_cpu() {
         RouterKind::Sigmoid { renorm: false },
         RouterKind::Sigmoid { renorm: true },
     ];
-    for ctx in contexts("moe_route") {
+    for ctx in contexts("moe_route_steps") {
         for (n, k) in [(4, 2), (37, 5), (128, 8), (300, 1)] {
             for kind in kinds {
                 let biases: &[bool] = match kind {
@@ -65,34 +64,58 @@ fn moe_route_matches_cpu() {
                         shared_d_ff: None,
                     };
                     let (max_t, m) = (5, 3);
-                    let logits = random_vec(&mut rng, max_t * n, 4.0);
+                    let ld = n + 3;
+                    let logits = random_vec(&mut rng, max_t * ld, 4.0);
                     let sel = random_vec(&mut rng, n, 0.5);
                     let lb = ctx.upload_f32(&logits).unwrap();
                     let bb = ctx.upload_f32(&sel).unwrap();
-                    let wb = ctx.upload_f32(&vec![-7.0; max_t * n]).unwrap();
                     let sb = step(&ctx, m);
-                    let op = MoeMix::new(
+                    let out = Routing::for_tokens(&ctx, k as u64, false, max_t as u64).unwrap();
+                    let rs = RouterSpec::of(&spec, false);
+                    let op = MoeRoute::steps(
                         &ctx,
-                        &spec,
+                        &rs,
                         &lb,
+                        ld as u64,
+                        None,
                         bias.then_some(&bb),
-                        &wb,
-                        &sb,
-                        max_t as u64,
+                        &out,
+                        Some(&sb),
                     )
                     .unwrap();
                     let rec = ctx.record(|r| op.record(r)).unwrap();
                     ctx.submit(&rec).unwrap();
-                    let got = ctx.read_f32(&wb, max_t * n).unwrap();
+                    let ids = ctx
+                        .read_buffer(&out.ids, 0, (max_t * k * 4) as u64)
+                        .unwrap();
+                    let ids: Vec<u32> = ids
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect();
+                    let wts = ctx.read_f32(&out.weights, max_t * k).unwrap();
+                    // Dense rows of mixing weights, as the CPU's route gives them.
+                    let mut got = vec![0f32; max_t * n];
+                    for t in 0..max_t {
+                        for j in 0..k {
+                            let id = ids[t * k + j];
+                            if t >= m {
+                                assert_eq!(id, u32::MAX, "token {t} past the step");
+                                got[t * n] = -7.0;
+                                continue;
+                            }
+                            assert!((id as usize) < n, "token {t}: expert {id} of {n}");
+                            got[t * n + id as usize] += wts[t * k + j];
+                        }
+                    }
                     for t in 0..max_t {
                         let row = &got[t * n..(t + 1) * n];
                         if t >= m {
-                            assert!(row.iter().all(|&v| v == -7.0), "row {t} past the step");
+                            assert_eq!(row[0], -7.0);
                             continue;
                         }
                         let mut want = vec![0f32; n];
                         let b = bias.then_some(sel.as_slice());
-                        for (e, w) in caldera_cpu::ffn::route(&spec, &logits[t * n..][..n], b) {
+                        for (e, w) in caldera_cpu::ffn::route(&spec, &logits[t * ld..][..n], b) {
                             want[e] = w;
                         }
                         for e in 0..n {
@@ -104,50 +127,6 @@ fn moe_route_matches_cpu() {
                             );
                         }
                     }
-                }
-            }
-        }
-    }
-}
-
-#[test]
-fn moe_combine_matches_cpu() {
-    let mut rng = rng("moe_combine");
-    for ctx in contexts("moe_combine") {
-        for (d, n, slots) in [(64, 4, 5), (37, 3, 3), (300, 8, 9)] {
-            let (max_t, m) = (4, 3);
-            let x = random_vec(&mut rng, max_t * d, 1.0);
-            let y = random_vec(&mut rng, max_t * slots * d, 1.0);
-            let mut w = random_vec(&mut rng, max_t * n, 1.0);
-            for v in w.iter_mut() {
-                if rng.gen_bool(0.5) {
-                    *v = 0.0;
-                }
-            }
-            let (xb, yb, wb) = (
-                ctx.upload_f32(&x).unwrap(),
-                ctx.upload_f32(&y).unwrap(),
-                ctx.upload_f32(&w).unwrap(),
-            );
-            let sb = step(&ctx, m);
-            let op = MoeCombine::new(&ctx, d, n, slots, &xb, &yb, &wb, &sb, max_t as u64).unwrap();
-            let rec = ctx.record(|r| op.record(r)).unwrap();
-            ctx.submit(&rec).unwrap();
-            let got = ctx.read_f32(&xb, max_t * d).unwrap();
-            for t in 0..max_t {
-                for i in 0..d {
-                    let mut want = x[t * d + i] as f64;
-                    if t < m {
-                        for e in 0..slots {
-                            let wt = if e < n { w[t * n + e] as f64 } else { 1.0 };
-                            want += wt * y[(t * slots + e) * d + i] as f64;
-                        }
-                    }
-                    let g = got[t * d + i] as f64;
-                    assert!(
-                        (g - want).abs() <= 1e-5,
-                        "{slots} slots of {d}: x[{t}][{i}] = {g}, want {want}"
-                    );
                 }
             }
         }
