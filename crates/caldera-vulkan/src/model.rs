@@ -692,6 +692,11 @@ pub struct VkRunner {
     /// Profiling only: `CALDERA_VK_ATTN_STOP=1|2` ends decode attention after its q/k
     /// preparation | its softmax-weighted values (wrong output); read once.
     attn_stop: u32,
+    /// Decode attention's launch shape: query heads per workgroup (at most 8) and
+    /// positions per split (8 to 128); `CALDERA_VK_ATTN_HPW` / `CALDERA_VK_ATTN_SPLIT`
+    /// override the defaults (8, and [`attn_split`] of the capacity) for tuning.
+    attn_hpw: usize,
+    attn_split: usize,
     /// Device nanoseconds per op label (total, count) over `profile_steps` decode steps.
     profile_ns: HashMap<&'static str, (f64, u64)>,
     profile_steps: u64,
@@ -797,6 +802,10 @@ impl VkRunner {
             .collect();
         let moe = MoeScratch::new(ctx, &moe_blocks, chunk as u64)?;
         let widest = max_in.max(max_q).max(max_ff);
+        let env_usize = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+        let attn_hpw = env_usize("CALDERA_VK_ATTN_HPW").unwrap_or(8).clamp(1, 8);
+        let split = env_usize("CALDERA_VK_ATTN_SPLIT")
+            .map_or(attn_split(cap), |v| v.clamp(8, 128) / 8 * 8);
         let mut part_len = 1usize;
         let mut counts = 1usize;
         for l in &m.layers {
@@ -807,9 +816,9 @@ impl VkRunner {
             if a.head_dim > 256 {
                 return Err(unsupported(format!("attention heads of {}", a.head_dim)));
             }
-            let splits = cap.div_ceil(attn_split(cap));
+            let splits = cap.div_ceil(split);
             part_len = part_len.max(a.n_heads * splits * (a.head_dim + 2));
-            counts = counts.max(a.n_kv_heads * (a.n_heads / a.n_kv_heads).div_ceil(8));
+            counts = counts.max(a.n_kv_heads * (a.n_heads / a.n_kv_heads).div_ceil(attn_hpw));
         }
         let attn_part = dev(part_len, "the attention partials")?;
         let attn_count = ctx.upload(&vec![0u8; counts * 4])?;
@@ -929,6 +938,8 @@ impl VkRunner {
             embed_bytes: Vec::with_capacity(chunk * d * 4),
             trace: std::env::var_os("CALDERA_VK_TRACE").is_some(),
             profile: std::env::var("CALDERA_VK_PROFILE").is_ok_and(|v| v == "1"),
+            attn_hpw,
+            attn_split: split,
             attn_stop: std::env::var("CALDERA_VK_ATTN_STOP")
                 .ok()
                 .and_then(|v| v.parse::<u32>().ok())
@@ -1178,9 +1189,9 @@ impl VkRunner {
         let o_q8 = decode && self.q8_input(&l.o) && hd.is_multiple_of(32);
         if decode {
             let gsize = nh / nkv;
-            let hpw = gsize.min(8);
+            let hpw = gsize.min(self.attn_hpw);
             let n_chunks = gsize.div_ceil(hpw);
-            let split = attn_split(self.cap);
+            let split = self.attn_split;
             let max_splits = self.cap.div_ceil(split);
             let binding = wg_bind(
                 Kernel::AttnDecode,

@@ -1227,15 +1227,19 @@ impl MoeFfn {
             + opt(self.shared_down.as_ref().map(ExpertDown::dispatches))
     }
 
-    /// Records the block (barriers between its phases, none after).
+    /// Records the block (barriers between its phases, none after). With profiling on,
+    /// the phases before the down projections get their own timestamps (`moe_router`,
+    /// `moe_route`, `moe_up`); the caller's mark after the block times the downs.
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
         self.router.record(r)?;
         if let Some(q) = &self.quant {
             q.record(r)?;
         }
         r.barrier();
+        r.mark("moe_router");
         self.route.record(r)?;
         r.barrier();
+        r.mark("moe_route");
         self.up.record(r)?;
         if let Some(u) = &self.shared_up {
             u.record(r)?;
@@ -1247,6 +1251,7 @@ impl MoeFfn {
             }
         }
         r.barrier();
+        r.mark("moe_up");
         self.down.record(r)?;
         if let Some(dn) = &self.shared_down {
             r.barrier();
