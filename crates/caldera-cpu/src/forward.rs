@@ -9,12 +9,13 @@ use std::sync::Arc;
 use caldera_format::quant::{self, QuantizedActs};
 use caldera_model::{FfnSpec, FfnWeights, Mixer, MixerWeights, Model, Weight};
 
-use crate::attention::{self, KvCache};
+use crate::attention;
 use crate::ctx::Ctx;
 use crate::ffn;
 use crate::gdn::{self, GdnState};
 use crate::mamba2::{self, Mamba2State};
 use crate::ops;
+use crate::paged::{KvConfig, KvPages, KvPool, PageTable};
 use crate::per_layer;
 use crate::pool::ThreadPool;
 use crate::shortconv::{self, ShortConvState};
@@ -29,6 +30,10 @@ pub enum CpuError {
     Weight { name: String, msg: String },
     #[error("cannot allocate a KV cache of {bytes} bytes for {ctx} tokens")]
     KvTooLarge { bytes: u128, ctx: usize },
+    #[error("the KV cache is full: all {pages} pages of {page_tokens} tokens are in use")]
+    KvFull { pages: usize, page_tokens: usize },
+    #[error("the session belongs to another backend's KV pool")]
+    ForeignSession,
     #[error("the CPU backend does not run {0} yet")]
     Unsupported(String),
 }
@@ -42,19 +47,22 @@ pub const CHUNK: usize = 256;
 #[derive(Clone)]
 pub enum LayerState {
     None,
-    Kv(KvCache),
+    /// Attention with its own K and V rows (in the sequence's pages).
+    Kv,
     Gdn(GdnState),
     Mamba2(Mamba2State),
     ShortConv(ShortConvState),
 }
 
-/// One sequence: the state of every layer (KV caches, recurrent states). Clone it to
-/// snapshot a sequence (prefix reuse, forking a slot).
+/// One sequence: its page table (the KV rows of every attention layer, in the backend's
+/// pool) and the recurrent states. Clone it to snapshot a sequence (forking a slot):
+/// the copy shares the pages until one of them writes.
 #[derive(Clone)]
 pub struct Session {
     len: usize,
     cap: usize,
     layers: Vec<LayerState>,
+    kv: PageTable,
 }
 
 impl Session {
@@ -77,7 +85,7 @@ impl Session {
     pub fn can_truncate(&self) -> bool {
         self.layers
             .iter()
-            .all(|l| matches!(l, LayerState::None | LayerState::Kv(_)))
+            .all(|l| matches!(l, LayerState::None | LayerState::Kv))
     }
 
     /// Forgets every token from position `n` on (prefix reuse). Returns false, changing
@@ -90,7 +98,25 @@ impl Session {
             return false;
         }
         self.len = n;
+        self.kv.truncate(n);
         true
+    }
+
+    /// KV pages the session holds.
+    pub fn pages(&self) -> usize {
+        self.kv.pages()
+    }
+
+    /// For a session holding `prompt[..len]`: takes the prefix cache's pages continuing
+    /// `prompt`, up to `limit` positions, instead of computing them. Returns the
+    /// positions it holds now (its length unchanged when nothing is cached, the model
+    /// has recurrent layers, or its length is not at a page boundary).
+    pub fn reuse_prefix(&mut self, prompt: &[u32], limit: usize) -> usize {
+        if !self.can_truncate() {
+            return self.len;
+        }
+        self.len = self.kv.adopt(self.len, prompt, limit.min(self.cap));
+        self.len
     }
 
     pub fn layers(&self) -> &[LayerState] {
@@ -102,15 +128,30 @@ pub struct CpuBackend {
     model: Arc<Model>,
     pool: ThreadPool,
     acts: std::sync::Mutex<QuantizedActs>,
+    kv: Arc<KvPool>,
 }
 
 impl CpuBackend {
+    /// A backend whose KV pool grows as its sessions need (default page size, prefix
+    /// cache on).
     pub fn new(model: Arc<Model>, threads: usize) -> CpuBackend {
+        CpuBackend::with_kv(model, threads, &KvConfig::default())
+    }
+
+    /// A backend with the KV pool `kv` describes (page size, bound, prefix cache).
+    pub fn with_kv(model: Arc<Model>, threads: usize, kv: &KvConfig) -> CpuBackend {
+        let kv = Arc::new(KvPool::new(&model, kv));
         CpuBackend {
             model,
             pool: ThreadPool::new(threads.max(1)),
             acts: std::sync::Mutex::new(QuantizedActs::default()),
+            kv,
         }
+    }
+
+    /// The KV pages every session of this backend takes from.
+    pub fn kv_pool(&self) -> &Arc<KvPool> {
+        &self.kv
     }
 
     pub fn model(&self) -> &Model {
@@ -136,7 +177,7 @@ impl CpuBackend {
                 }
                 Ok(match &l.mixer {
                     None => LayerState::None,
-                    Some(Mixer::Attention(a)) => LayerState::Kv(KvCache::new(a, ctx)?),
+                    Some(Mixer::Attention(_)) => LayerState::Kv,
                     Some(Mixer::GatedDeltaNet(g)) => LayerState::Gdn(GdnState::new(g)),
                     Some(Mixer::Mamba2(s)) => LayerState::Mamba2(Mamba2State::new(s)),
                     Some(Mixer::ShortConv(s)) => LayerState::ShortConv(ShortConvState::new(s)),
@@ -147,6 +188,7 @@ impl CpuBackend {
             len: 0,
             cap: ctx,
             layers,
+            kv: PageTable::new(self.kv.clone()),
         })
     }
 
@@ -170,9 +212,16 @@ impl CpuBackend {
                 vocab: cfg.vocab_size,
             });
         }
+        if !Arc::ptr_eq(s.kv.pool(), &self.kv) {
+            return Err(CpuError::ForeignSession);
+        }
         out.clear();
         let mut acts = self.acts.lock().unwrap_or_else(|e| e.into_inner());
         let mut ctx = Ctx::new(&self.pool, &mut acts);
+        // The pages of every token of the call are taken first: a full pool fails the
+        // call before anything runs.
+        let mut inner = self.kv.lock();
+        s.kv.prepare(&mut inner, s.len, tokens.len())?;
         let n_chunks = tokens.len().div_ceil(CHUNK);
         for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
             let want = match logits {
@@ -180,16 +229,28 @@ impl CpuBackend {
                 Logits::Last if ci + 1 == n_chunks => Some(chunk.len() - 1),
                 Logits::Last => None,
             };
-            self.forward_chunk(&mut ctx, s, chunk, want, out)?;
+            let p0 = s.len;
+            let mut kv = KvPages {
+                pages: &mut inner.pages,
+                table: s.kv.ids(),
+                pool: &self.kv,
+            };
+            self.forward_chunk(&mut ctx, &mut s.layers, &mut kv, p0, chunk, want, out)?;
+            s.len = p0 + chunk.len();
+            s.kv.wrote(&mut inner, p0, chunk);
         }
         Ok(())
     }
 
-    /// One chunk; logits of rows `first..` are appended to `out` when `first` is given.
+    /// One chunk at positions `p0..`; logits of rows `first..` are appended to `out` when
+    /// `first` is given.
+    #[allow(clippy::too_many_arguments)]
     fn forward_chunk(
         &self,
         ctx: &mut Ctx,
-        s: &mut Session,
+        states: &mut [LayerState],
+        kv: &mut KvPages,
+        p0: usize,
         tokens: &[u32],
         first: Option<usize>,
         out: &mut Vec<f32>,
@@ -199,7 +260,6 @@ impl CpuBackend {
         let w = &model.weights;
         let m = tokens.len();
         let d = cfg.d_model;
-        let p0 = s.len;
         let eps = cfg.norm_eps;
 
         let mut x = vec![0f32; m * d];
@@ -224,11 +284,11 @@ impl CpuBackend {
                 if let (Mixer::Attention(a), MixerWeights::Attention(aw), Some(ex)) =
                     (mixer, mw, extras)
                 {
-                    per_layer::attention(ctx, a, aw, ex, &mut s.layers, li, &h, m, p0, eps, &mut o)?
+                    per_layer::attention(ctx, a, aw, ex, kv, li, &h, m, p0, eps, &mut o)?
                 } else {
-                    match (mixer, mw, &mut s.layers[li]) {
-                        (Mixer::Attention(a), MixerWeights::Attention(aw), LayerState::Kv(kv)) => {
-                            attention::forward(ctx, a, aw, kv, &h, m, p0, eps, &mut o)?
+                    match (mixer, mw, &mut states[li]) {
+                        (Mixer::Attention(a), MixerWeights::Attention(aw), LayerState::Kv) => {
+                            attention::forward(ctx, a, aw, kv, li, &h, m, p0, eps, &mut o)?
                         }
                         (
                             Mixer::GatedDeltaNet(g),
@@ -280,8 +340,6 @@ impl CpuBackend {
                 x.iter_mut().for_each(|v| *v *= sc);
             }
         }
-        s.len = p0 + m;
-
         let Some(first) = first else { return Ok(()) };
         let rows = m - first;
         let mut hn = vec![0f32; rows * d];
@@ -360,6 +418,18 @@ impl caldera_model::Runner for CpuRunner {
         Ok(self
             .backend
             .forward(&mut self.session, tokens, logits, out)?)
+    }
+
+    fn reuse_prefix(&mut self, tokens: &[u32], limit: usize) -> usize {
+        self.session.reuse_prefix(tokens, limit)
+    }
+
+    fn shares_prefixes(&self) -> bool {
+        self.backend.kv.prefix_cache()
+    }
+
+    fn kv_pages(&self) -> Option<usize> {
+        Some(self.session.pages())
     }
 
     fn describe(&self) -> String {

@@ -212,6 +212,20 @@ impl Generator {
             }
         }
         self.cached.truncate(reuse);
+        // The backend's shared prefix cache may hold more of the prompt (pages of earlier
+        // requests on any slot); the last prompt token always runs.
+        let held = self.runner.reuse_prefix(&prompt, prompt.len() - 1);
+        if held > reuse && held < prompt.len() {
+            self.cached.extend_from_slice(&prompt[reuse..held]);
+            reuse = held;
+        } else if held != reuse {
+            // Not a state this generator can describe: start over.
+            reuse = 0;
+            self.cached.clear();
+            if !self.runner.truncate(0) {
+                return Err("the backend cannot reset this sequence".into());
+            }
+        }
         let mut sampler = Sampler::new(params.sampler.clone());
         for &t in &prompt {
             sampler.accept(t);
