@@ -174,6 +174,17 @@ impl Generator {
         self.runner.describe()
     }
 
+    /// KV pages of the backend's shared pool the sequence holds (`None`: the runner has
+    /// its own cache).
+    pub fn kv_pages(&self) -> Option<usize> {
+        self.runner.kv_pages()
+    }
+
+    /// Whether the backend keeps computed prefixes in a cache shared by its runners.
+    pub fn shares_prefixes(&self) -> bool {
+        self.runner.shares_prefixes()
+    }
+
     /// How many leading tokens of `prompt` the cache holds.
     pub fn common_prefix(&self, prompt: &[u32]) -> usize {
         self.cached

@@ -142,7 +142,11 @@ fn shared_prefix_reuse_matches_a_cold_run() {
         .encode(&format!("{system} Question: what is a knot?"), false, false)
         .unwrap();
     let b = tok
-        .encode(&format!("{system} Question: why is the sea salty?"), false, false)
+        .encode(
+            &format!("{system} Question: why is the sea salty?"),
+            false,
+            false,
+        )
         .unwrap();
     let cold_kv = KvConfig {
         prefix_cache: false,
