@@ -216,6 +216,32 @@ impl KvPool {
         self.allocated.store(inner.pages.len(), Ordering::Relaxed);
     }
 
+    /// Allocates every page of a bounded pool now (a server: the memory is taken, and
+    /// fails, at start-up instead of growing during the first requests).
+    pub fn preallocate(&self) -> Result<(), CpuError> {
+        if self.max_pages == usize::MAX || self.page_floats == 0 {
+            return Ok(());
+        }
+        let mut inner = self.lock();
+        while inner.pages.len() < self.max_pages.min(ROOT as usize) {
+            let mut v = Vec::new();
+            if v.try_reserve_exact(self.page_floats).is_err() {
+                return Err(CpuError::KvTooLarge {
+                    bytes: (self.max_pages as u128) * self.page_bytes() as u128,
+                    ctx: self.max_pages.saturating_mul(self.page_tokens),
+                });
+            }
+            v.resize(self.page_floats, 0.0);
+            inner.pages.push(v.into_boxed_slice());
+            inner.refs.push(0);
+            let id = (inner.pages.len() - 1) as u32;
+            inner.free.push(id);
+        }
+        inner.free.reverse();
+        self.publish_stats(&inner);
+        Ok(())
+    }
+
     /// A page for one sequence (reference count 1): a free one, a new one while under the
     /// bound, else the least recently used cached page nobody holds.
     fn alloc(&self, inner: &mut Inner) -> Result<u32, CpuError> {
@@ -465,7 +491,7 @@ impl PageTable {
         let pool = self.pool.clone();
         let pt = pool.page_tokens;
         if !pool.prefix
-            || len % pt != 0
+            || !len.is_multiple_of(pt)
             || self.published != len / pt
             || self.tokens.len() != len
             || prompt.get(..len) != Some(&self.tokens[..])

@@ -218,3 +218,21 @@ fn cached_pages_are_evicted_when_needed() {
     let mut c = be.new_session(64).unwrap();
     assert_eq!(c.reuse_prefix(&p1, 16), 4);
 }
+
+#[test]
+fn a_bounded_pool_can_take_its_memory_up_front() {
+    let sp = spec("llama", None, 2);
+    let model = Arc::new(random_model(&sp, 3));
+    let be = backend(&model, 8, Some(5), true);
+    let pool = be.kv_pool().clone();
+    pool.preallocate().unwrap();
+    let st = pool.stats();
+    assert_eq!((st.allocated, st.in_use, st.free()), (5, 0, 5));
+    let mut s = be.new_session(64).unwrap();
+    let mut out = Vec::new();
+    be.forward(&mut s, &tokens(40, sp.vocab, 1), Logits::Last, &mut out)
+        .unwrap();
+    assert_eq!((pool.stats().allocated, pool.stats().in_use), (5, 5));
+    // 8 KiB of f32 K and V per position of this model.
+    assert_eq!(pool.page_bytes(), 2 * 2 * 2 * 16 * 8 * 4);
+}

@@ -78,18 +78,20 @@ pub fn slot_runners(
     ctx: usize,
     kv: &KvConfig,
 ) -> Result<SlotRunners> {
-    let cpu = |threads: Option<usize>| -> SlotRunners {
+    let cpu = |threads: Option<usize>| -> Result<SlotRunners> {
         let threads = threads.unwrap_or_else(crate::default_threads);
         let be = Arc::new(CpuBackend::with_kv(model.clone(), threads, kv));
+        // The whole pool now: a plan that does not fit fails at start-up.
+        be.kv_pool().preallocate()?;
         let desc = format!("cpu, {threads} threads shared by the slots");
         let pool = Some(be.kv_pool().clone());
-        SlotRunners {
+        Ok(SlotRunners {
             make: Box::new(move || {
                 Ok(Box::new(CpuRunner::new(be.clone(), ctx)?) as Box<dyn Runner>)
             }),
             desc,
             pool,
-        }
+        })
     };
     let vulkan = |first: Box<dyn Runner>, gpu_only: bool| -> SlotRunners {
         let desc = first.describe();
@@ -105,7 +107,7 @@ pub fn slot_runners(
         }
     };
     match args.backend {
-        Backend::Cpu => Ok(cpu(args.threads)),
+        Backend::Cpu => cpu(args.threads),
         Backend::Vulkan => {
             let first = vulkan_runner(args, model.clone(), ctx, false)?;
             Ok(vulkan(first, false))
@@ -117,7 +119,7 @@ pub fn slot_runners(
                     return Err(e);
                 }
                 eprintln!("caldera: using the CPU backend ({e:#})");
-                Ok(cpu(args.threads))
+                cpu(args.threads)
             }
         },
     }
