@@ -63,6 +63,8 @@ pub struct Session {
     cap: usize,
     layers: Vec<LayerState>,
     kv: PageTable,
+    /// The token at each position.
+    tokens: Vec<u32>,
 }
 
 impl Session {
@@ -99,7 +101,13 @@ impl Session {
         }
         self.len = n;
         self.kv.truncate(n);
+        self.tokens.truncate(n);
         true
+    }
+
+    /// The tokens the session holds.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
     /// KV pages the session holds.
@@ -115,7 +123,11 @@ impl Session {
         if !self.can_truncate() {
             return self.len;
         }
-        self.len = self.kv.adopt(self.len, prompt, limit.min(self.cap));
+        let n = self.kv.adopt(self.len, prompt, limit.min(self.cap));
+        if n > self.len {
+            self.tokens.extend_from_slice(&prompt[self.len..n]);
+            self.len = n;
+        }
         self.len
     }
 
@@ -129,6 +141,9 @@ pub struct CpuBackend {
     pool: ThreadPool,
     acts: std::sync::Mutex<QuantizedActs>,
     kv: Arc<KvPool>,
+    /// Prompt snapshots of a model with recurrent layers, least recently used first.
+    snapshots: std::sync::Mutex<Vec<Session>>,
+    max_snapshots: usize,
 }
 
 impl CpuBackend {
@@ -140,13 +155,90 @@ impl CpuBackend {
 
     /// A backend with the KV pool `kv` describes (page size, bound, prefix cache).
     pub fn with_kv(model: Arc<Model>, threads: usize, kv: &KvConfig) -> CpuBackend {
-        let kv = Arc::new(KvPool::new(&model, kv));
+        let pool = Arc::new(KvPool::new(&model, kv));
         CpuBackend {
             model,
             pool: ThreadPool::new(threads.max(1)),
             acts: std::sync::Mutex::new(QuantizedActs::default()),
-            kv,
+            max_snapshots: if pool.recurrent() { kv.snapshots } else { 0 },
+            kv: pool,
+            snapshots: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    fn snaps(&self) -> std::sync::MutexGuard<'_, Vec<Session>> {
+        self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this backend keeps prompt snapshots (a model with recurrent layers and
+    /// [`KvConfig::snapshots`] > 0).
+    pub fn snapshots_on(&self) -> bool {
+        self.max_snapshots > 0
+    }
+
+    /// Prompt snapshots held now.
+    pub fn snapshot_count(&self) -> usize {
+        self.snaps().len()
+    }
+
+    /// Keeps a copy of `s` (its recurrent states; its pages shared) for later sessions
+    /// whose prompt starts with its tokens; the least recently used copy goes beyond
+    /// [`KvConfig::snapshots`]. Does nothing for models without recurrent layers (their
+    /// pages are shared through the prefix cache) or an empty session.
+    pub fn snapshot(&self, s: &Session) {
+        if self.max_snapshots == 0 || s.is_empty() {
+            return;
+        }
+        let copy = s.clone();
+        let dropped = {
+            let mut snaps = self.snaps();
+            snaps.retain(|x| x.tokens != copy.tokens);
+            snaps.push(copy);
+            let over = snaps.len().saturating_sub(self.max_snapshots);
+            snaps.drain(..over).collect::<Vec<_>>()
+        };
+        drop(dropped);
+    }
+
+    /// For a session holding `prompt[..len]`: becomes a copy of the longest snapshot
+    /// that `prompt` continues, up to `limit` positions, when it holds more than `len`.
+    /// Returns the positions the session holds.
+    pub fn restore_snapshot(&self, s: &mut Session, prompt: &[u32], limit: usize) -> usize {
+        if self.max_snapshots == 0 {
+            return s.len;
+        }
+        let limit = limit.min(s.cap).min(prompt.len());
+        let mut snaps = self.snaps();
+        let best = snaps
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| {
+                x.len > s.len && x.len <= limit && x.cap <= s.cap && prompt.starts_with(&x.tokens)
+            })
+            .max_by_key(|(_, x)| x.len)
+            .map(|(i, _)| i);
+        let Some(i) = best else { return s.len };
+        let snap = snaps.remove(i);
+        let mut copy = snap.clone();
+        copy.cap = s.cap;
+        // Most recently used last.
+        snaps.push(snap);
+        drop(snaps);
+        *s = copy;
+        s.len
+    }
+
+    /// Drops the least recently used snapshot; false when there is none.
+    fn evict_snapshot(&self) -> bool {
+        let dropped = {
+            let mut snaps = self.snaps();
+            if snaps.is_empty() {
+                return false;
+            }
+            snaps.remove(0)
+        };
+        drop(dropped);
+        true
     }
 
     /// The KV pages every session of this backend takes from.
@@ -189,6 +281,7 @@ impl CpuBackend {
             cap: ctx,
             layers,
             kv: PageTable::new(self.kv.clone()),
+            tokens: Vec::new(),
         })
     }
 
@@ -220,8 +313,20 @@ impl CpuBackend {
         let mut ctx = Ctx::new(&self.pool, &mut acts);
         // The pages of every token of the call are taken first: a full pool fails the
         // call before anything runs.
-        let mut inner = self.kv.lock();
-        s.kv.prepare(&mut inner, s.len, tokens.len())?;
+        let mut inner = loop {
+            let mut inner = self.kv.lock();
+            match s.kv.prepare(&mut inner, s.len, tokens.len()) {
+                Ok(()) => break inner,
+                // Snapshots give their pages back when a running sequence needs them.
+                Err(e @ CpuError::KvFull { .. }) => {
+                    drop(inner);
+                    if !self.evict_snapshot() {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let n_chunks = tokens.len().div_ceil(CHUNK);
         for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
             let want = match logits {
@@ -237,6 +342,8 @@ impl CpuBackend {
             };
             self.forward_chunk(&mut ctx, &mut s.layers, &mut kv, p0, chunk, want, out)?;
             s.len = p0 + chunk.len();
+            s.tokens.truncate(p0);
+            s.tokens.extend_from_slice(chunk);
             s.kv.wrote(&mut inner, p0, chunk);
         }
         Ok(())
@@ -421,7 +528,16 @@ impl caldera_model::Runner for CpuRunner {
     }
 
     fn reuse_prefix(&mut self, tokens: &[u32], limit: usize) -> usize {
-        self.session.reuse_prefix(tokens, limit)
+        if self.backend.snapshots_on() {
+            self.backend
+                .restore_snapshot(&mut self.session, tokens, limit)
+        } else {
+            self.session.reuse_prefix(tokens, limit)
+        }
+    }
+
+    fn checkpoint(&mut self) {
+        self.backend.snapshot(&self.session);
     }
 
     fn shares_prefixes(&self) -> bool {

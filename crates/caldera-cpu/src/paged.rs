@@ -38,6 +38,10 @@ pub struct KvConfig {
     /// Share full pages between sequences with the same token prefix (ignored for models
     /// with recurrent layers).
     pub prefix_cache: bool,
+    /// Models with recurrent layers: how many prompt snapshots (the whole sequence at the
+    /// end of a prompt: recurrent states and shared pages) the backend keeps for later
+    /// requests starting the same way; 0 turns them off.
+    pub snapshots: usize,
 }
 
 impl Default for KvConfig {
@@ -46,6 +50,7 @@ impl Default for KvConfig {
             page_tokens: DEFAULT_PAGE_TOKENS,
             max_pages: None,
             prefix_cache: true,
+            snapshots: 0,
         }
     }
 }
@@ -86,6 +91,7 @@ pub struct KvPool {
     prefix: bool,
     layers: Vec<Option<LayerSlot>>,
     page_floats: usize,
+    recurrent: bool,
     inner: Mutex<Inner>,
     in_use: AtomicUsize,
     cached: AtomicUsize,
@@ -154,6 +160,7 @@ impl KvPool {
             prefix: cfg.prefix_cache && !recurrent && off > 0,
             layers,
             page_floats: off,
+            recurrent,
             inner: Mutex::new(Inner {
                 pages: Vec::new(),
                 refs: Vec::new(),
@@ -174,6 +181,11 @@ impl KvPool {
     /// Whether full pages are shared between sequences.
     pub fn prefix_cache(&self) -> bool {
         self.prefix
+    }
+
+    /// Whether the model has recurrent layers (whose state is outside the pages).
+    pub fn recurrent(&self) -> bool {
+        self.recurrent
     }
 
     /// Bytes of one page.

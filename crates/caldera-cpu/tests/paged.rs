@@ -36,6 +36,7 @@ fn backend(model: &Arc<Model>, page_tokens: usize, max: Option<usize>, prefix: b
             page_tokens,
             max_pages: max,
             prefix_cache: prefix,
+            snapshots: 0,
         },
     )
 }

@@ -302,6 +302,8 @@ impl Generator {
             }
             seq.prefill_time = seq.started.elapsed();
             seq.decode_start = Some(Instant::now());
+            // The whole prompt is in: a state later requests may start from.
+            self.runner.checkpoint();
         } else {
             self.cached.push(seq.next);
         }

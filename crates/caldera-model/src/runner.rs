@@ -55,6 +55,10 @@ pub trait Runner: Send {
         let _ = (tokens, limit);
         self.len()
     }
+    /// Marks the sequence's state now (the end of a prompt) as worth keeping for later
+    /// requests that start the same way: a backend that cannot share state by pages
+    /// (recurrent layers) may snapshot it. The default does nothing.
+    fn checkpoint(&mut self) {}
     /// Whether the backend keeps what its runners computed in a shared prefix cache, so an
     /// idle sequence can be emptied (its KV pages freed) without losing reuse.
     fn shares_prefixes(&self) -> bool {

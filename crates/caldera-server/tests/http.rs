@@ -59,6 +59,9 @@ impl Runner for TestRunner {
     fn shares_prefixes(&self) -> bool {
         self.inner.shares_prefixes()
     }
+    fn checkpoint(&mut self) {
+        self.inner.checkpoint()
+    }
     fn kv_pages(&self) -> Option<usize> {
         self.inner.kv_pages()
     }
@@ -118,6 +121,7 @@ fn start_kv(
         page_tokens: 16,
         max_pages: Some(pages),
         prefix_cache,
+        snapshots: 0,
     };
     let be = Arc::new(CpuBackend::with_kv(model, 2, &kv));
     let pool = be.kv_pool().clone();

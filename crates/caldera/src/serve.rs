@@ -92,6 +92,8 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         page_tokens,
         max_pages: Some(pages),
         prefix_cache: true,
+        // Models with recurrent layers: one prompt snapshot per slot.
+        snapshots: slots,
     };
     let SlotRunners {
         mut make,
@@ -111,12 +113,12 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         Some(p) => (
             (pages * p.page_bytes()) as u64,
             format!(
-                "KV pool {pages} pages x {page_tokens} tokens = {} tokens shared by the slots (at most {ctx} per slot; prefix cache {})",
+                "KV pool {pages} pages x {page_tokens} tokens = {} tokens shared by the slots (at most {ctx} per slot; {})",
                 pages * page_tokens,
                 if p.prefix_cache() {
-                    "on"
+                    "prefix cache of pages".to_string()
                 } else {
-                    "off: recurrent layers"
+                    format!("recurrent layers: no page sharing, up to {slots} prompt snapshots")
                 }
             ),
         ),
@@ -127,9 +129,11 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
             ),
         ),
     };
-    let total = weights + kv_bytes + state * slots as u64;
+    // On the CPU a hybrid model also keeps one snapshot's recurrent state per slot.
+    let states = if pool.is_some() { 2 * slots } else { slots } as u64;
+    let total = weights + kv_bytes + state * states;
     eprintln!(
-        "caldera: memory plan: weights {:.1} MiB; {kv_desc}: {:.1} MiB; recurrent state {:.1} MiB per slot x {slots}; total {:.1} MiB",
+        "caldera: memory plan: weights {:.1} MiB; {kv_desc}: {:.1} MiB; recurrent state {:.1} MiB x {states}; total {:.1} MiB",
         mib(weights),
         mib(kv_bytes),
         mib(state),
