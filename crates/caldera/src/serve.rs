@@ -20,8 +20,9 @@ pub struct ServeArgs {
     pub host: String,
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Sequences served at once (slots), each with its own context of --ctx tokens, its
-    /// own KV cache and its own prefix cache; more requests wait in the queue.
+    /// Sequences served at once (slots), each of at most --ctx tokens; on the CPU their
+    /// KV cache is one pool of pages (--kv-pages) with a shared prefix cache; more
+    /// requests wait in the queue.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub slots: u64,
     /// Context size in tokens of EACH slot (default: the model's, at most 4096): the most
