@@ -237,3 +237,107 @@ fn a_bounded_pool_can_take_its_memory_up_front() {
     // 8 KiB of f32 K and V per position of this model.
     assert_eq!(pool.page_bytes(), 2 * 2 * 2 * 16 * 8 * 4);
 }
+
+/// Random forwards, truncates, clones, drops and prefix reuses over a small bounded pool
+/// with a prefix cache: every session's next logits equal a cold run of its tokens, a
+/// full pool is an error that changes nothing, and every page comes back at the end.
+#[test]
+fn random_operations_keep_pages_and_contents_consistent() {
+    let mut sp = spec("llama", None, 2);
+    sp.d = 32;
+    sp.ff = 48;
+    let model = Arc::new(random_model(&sp, 12));
+    let v = sp.vocab;
+    let be = backend(&model, 4, Some(40), true);
+    let cold_be = backend(&model, 64, None, false);
+    let pool = be.kv_pool().clone();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    // Three documents: prompts start with one of them, so chains get shared.
+    let docs: Vec<Vec<u32>> = (0..3).map(|i| tokens(40, v, 50 + i)).collect();
+    let mut sessions: Vec<Session> = Vec::new();
+    let mut out = Vec::new();
+    let mut full_errors = 0;
+    let mut reused = 0;
+    for step in 0..400 {
+        let op = rng.gen_range(0..10);
+        if sessions.is_empty() || (op == 0 && sessions.len() < 5) {
+            let mut s = be.new_session(64).unwrap();
+            let d = &docs[rng.gen_range(0..3)];
+            let limit = rng.gen_range(0..=d.len());
+            let n = s.reuse_prefix(d, limit);
+            assert!(n <= limit && n % 4 == 0);
+            assert_eq!(s.tokens(), &d[..n]);
+            reused += n;
+            sessions.push(s);
+            continue;
+        }
+        let i = rng.gen_range(0..sessions.len());
+        match op {
+            1 if sessions.len() < 5 => {
+                let c = sessions[i].clone();
+                sessions.push(c);
+            }
+            2 => {
+                sessions.swap_remove(i);
+            }
+            3 => {
+                let s = &mut sessions[i];
+                let n = rng.gen_range(0..=s.len());
+                assert!(s.truncate(n));
+                assert_eq!(s.len(), n);
+            }
+            _ => {
+                let s = &mut sessions[i];
+                let room = 64 - s.len();
+                if room == 0 {
+                    assert!(s.truncate(0));
+                    continue;
+                }
+                let n = rng.gen_range(1..=room.min(20));
+                // Mostly continue a document, sometimes leave it.
+                let d = &docs[rng.gen_range(0..3)];
+                let toks: Vec<u32> = (0..n)
+                    .map(|j| {
+                        let p = s.len() + j;
+                        if p < d.len() && rng.gen_range(0..4) > 0 {
+                            d[p]
+                        } else {
+                            rng.gen_range(0..v as u32)
+                        }
+                    })
+                    .collect();
+                let before = s.tokens().to_vec();
+                match be.forward(s, &toks, Logits::Last, &mut out) {
+                    Ok(()) => {
+                        let mut cold = cold_be.new_session(64).unwrap();
+                        let mut all = before.clone();
+                        all.extend_from_slice(&toks);
+                        let mut want = Vec::new();
+                        cold_be
+                            .forward(&mut cold, &all, Logits::Last, &mut want)
+                            .unwrap();
+                        let e = rel_l2(&out, &want);
+                        assert!(e <= 1e-5, "step {step}: error {e:.3e}");
+                        assert_eq!(s.tokens(), &all[..]);
+                    }
+                    Err(CpuError::KvFull { .. }) => {
+                        full_errors += 1;
+                        assert_eq!(s.tokens(), &before[..]);
+                    }
+                    Err(e) => panic!("step {step}: {e}"),
+                }
+            }
+        }
+        let st = pool.stats();
+        let held: usize = sessions.iter().map(|s| s.pages()).sum();
+        assert!(
+            st.in_use <= held && st.allocated <= 40,
+            "step {step}: {st:?}"
+        );
+    }
+    eprintln!("{full_errors} calls found the pool full; {reused} tokens reused");
+    assert!(full_errors > 0 && reused > 0);
+    sessions.clear();
+    let st = pool.stats();
+    assert_eq!((st.in_use, st.free()), (0, 40), "{st:?}");
+}
