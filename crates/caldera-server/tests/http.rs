@@ -1229,3 +1229,64 @@ fn shared_prefix_is_reused_across_requests() {
     );
     f.server.shutdown().unwrap();
 }
+
+/// Without a shared prefix cache, idle slots keep their sequence (per-slot reuse) until
+/// a request needs their pages: then the idle slot gives them back instead of the
+/// request waiting for ever.
+#[test]
+fn idle_slots_give_back_pages_when_needed() {
+    let Some(f) = start_kv(
+        ServerConfig {
+            slots: 2,
+            ..ServerConfig::default()
+        },
+        None,
+        40,
+        false,
+    ) else {
+        return;
+    };
+    let addr = f.server.addr();
+    f.hooks.delay_ms.store(30, Ordering::SeqCst);
+    let long =
+        |w: &str| json!({"prompt": format!("{w} ").repeat(260), "max_tokens": 1, "temperature": 0});
+    let handles: Vec<_> = ["apple", "river"]
+        .into_iter()
+        .map(|w| {
+            let b = long(w);
+            std::thread::spawn(move || post(addr, "/v1/completions", &b).status)
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    f.hooks.delay_ms.store(0, Ordering::SeqCst);
+    wait_all_idle(addr, Duration::from_secs(5));
+    let s = get_json(addr, "/slots");
+    let held: Vec<u64> = (0..2).map(|i| s[i]["kv_pages"].as_u64().unwrap()).collect();
+    assert!(
+        held.iter().all(|&p| p >= 16),
+        "both slots keep their sequence: {s}"
+    );
+    // 26 pages next to 2 x 16+ held: one idle slot must give its pages back.
+    let b =
+        json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stop": [" "]});
+    let r = post(addr, "/v1/completions", &b);
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_all_idle(addr, Duration::from_secs(5));
+    let s = get_json(addr, "/slots");
+    let held: u64 = (0..2).map(|i| s[i]["kv_pages"].as_u64().unwrap()).sum();
+    assert!(held < 16 + 16, "{s}");
+    assert!(
+        (0..2).any(|i| s[i]["context_used"] == 0),
+        "one slot was emptied: {s}"
+    );
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(metric(&m, "caldera_kv_pages_reserved"), 0.0);
+    assert_eq!(
+        metric(&m, "caldera_kv_pages_free"),
+        40.0 - held as f64,
+        "{m}"
+    );
+    f.server.shutdown().unwrap();
+}
