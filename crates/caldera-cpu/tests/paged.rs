@@ -265,7 +265,7 @@ fn random_operations_keep_pages_and_contents_consistent() {
             let d = &docs[rng.gen_range(0..3)];
             let limit = rng.gen_range(0..=d.len());
             let n = s.reuse_prefix(d, limit);
-            assert!(n <= limit && n % 4 == 0);
+            assert!(n <= limit && n.is_multiple_of(4));
             assert_eq!(s.tokens(), &d[..n]);
             reused += n;
             sessions.push(s);
