@@ -140,6 +140,7 @@ def main():
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--rss-mib", type=float, default=48.0, help="largest RSS growth allowed")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--kv-pages", type=int, help="KV pages of the pool (default: slots x ctx)")
     a = ap.parse_args()
     binary = serve_harness.default_binary()
     model = serve_harness.model_path()
@@ -150,7 +151,8 @@ def main():
     srv = serve_harness.Server(
         binary,
         model,
-        ["--slots", str(a.slots), "--ctx", str(CTX), "--max-queue", str(a.concurrency)],
+        ["--slots", str(a.slots), "--ctx", str(CTX), "--max-queue", str(a.concurrency)]
+        + (["--kv-pages", str(a.kv_pages)] if a.kv_pages else []),
         log=log,
     )
     failures = []
@@ -191,7 +193,7 @@ def main():
         for line in metrics.splitlines():
             if line.startswith(("caldera_generations_", "caldera_prefix_cache_", "caldera_prompt_tokens_total",
                                 "caldera_generated_tokens_total", "caldera_requests_total",
-                                "caldera_kv_pages_")):
+                                "caldera_kv_")):
                 print("  ", line)
 
         def check(name, ok, detail=""):

@@ -613,7 +613,13 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     let q = &st.shared.queue;
     let c = &st.shared.counters;
     let kv = &st.shared.kv;
-    let scalars: [(&str, &str, &str, u64); 18] = [
+    let scalars: [(&str, &str, &str, u64); 19] = [
+        (
+            "caldera_kv_admission_waits_total",
+            "counter",
+            "Requests that waited in the queue for KV pages (a slot was free).",
+            c.page_waits.load(Ordering::Relaxed),
+        ),
         (
             "caldera_kv_page_tokens",
             "gauge",
@@ -952,6 +958,7 @@ async fn handle(
         params,
         events: tx,
         cancel: cancel.clone(),
+        waited_for_pages: AtomicBool::new(false),
     };
     if let Err(why) = st.shared.queue.push(job) {
         let mut err = match why {

@@ -55,6 +55,8 @@ pub struct Job {
     pub params: GenParams,
     pub events: UnboundedSender<Event>,
     pub cancel: Arc<AtomicBool>,
+    /// Set when the job first had to wait for KV pages at the head of the queue.
+    pub waited_for_pages: AtomicBool,
 }
 
 /// Why a job was not queued.
@@ -152,11 +154,15 @@ impl Queue {
 
     /// Takes the next job (waiting for one when `block`) when `fits` says its pages can
     /// be reserved (a cancelled job is taken anyway, to be dropped), counting it as active.
-    fn pop(&self, block: bool, fits: impl Fn(&Job) -> bool) -> Popped {
+    /// `waits` counts the jobs that had to wait for pages.
+    fn pop(&self, block: bool, fits: impl Fn(&Job) -> bool, waits: &AtomicU64) -> Popped {
         let mut q = self.lock();
         loop {
             if let Some(j) = q.jobs.front() {
                 if !j.cancel.load(Ordering::Relaxed) && !fits(j) {
+                    if !j.waited_for_pages.swap(true, Ordering::Relaxed) {
+                        waits.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Popped::Wait;
                 }
             }
@@ -231,6 +237,8 @@ pub struct Counters {
     pub prefix_hits: AtomicU64,
     /// Requests that computed their whole prompt.
     pub prefix_misses: AtomicU64,
+    /// Requests that waited at the head of the queue for KV pages.
+    pub page_waits: AtomicU64,
     pub reused_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
@@ -443,7 +451,7 @@ pub fn run(
             let reserved = kv.reserved.load(Ordering::SeqCst);
             // Idle sequences give their pages back when needed, so only reservations count.
             let fits = |j: &Job| reserved + job_pages(kv, j, cap) <= kv.total;
-            match shared.queue.pop(!busy, fits) {
+            match shared.queue.pop(!busy, fits, &shared.counters.page_waits) {
                 Popped::Job(job) => admit(&mut slots, job, tok, &mut factory, &shared, cap),
                 Popped::Empty | Popped::Wait => {
                     if busy {

@@ -1168,6 +1168,7 @@ fn admission_waits_for_pages_and_cancel_returns_them() {
     let m = request(addr, "GET", "/metrics", &[], b"").text();
     assert_eq!(metric(&m, "caldera_kv_pages_reserved"), 26.0);
     assert!(metric(&m, "caldera_kv_pages_free") < 40.0);
+    assert_eq!(metric(&m, "caldera_kv_admission_waits_total"), 1.0);
     // A's client hangs up: its slot and pages go, B runs.
     f.hooks.delay_ms.store(0, Ordering::SeqCst);
     drop(a);
