@@ -147,8 +147,8 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend whose KV pool grows as its sessions need (default page size, prefix
-    /// cache on).
+    /// A backend whose KV pool grows as its sessions need (default page size, no prefix
+    /// cache).
     pub fn new(model: Arc<Model>, threads: usize) -> CpuBackend {
         CpuBackend::with_kv(model, threads, &KvConfig::default())
     }

@@ -36,7 +36,8 @@ pub struct KvConfig {
     /// Most pages the pool holds; `None` grows as sequences need.
     pub max_pages: Option<usize>,
     /// Share full pages between sequences with the same token prefix (ignored for models
-    /// with recurrent layers).
+    /// with recurrent layers). Cached pages nobody holds are evicted only when the pool
+    /// is full, so give a cached pool a bound (`max_pages`).
     pub prefix_cache: bool,
     /// Models with recurrent layers: how many prompt snapshots (the whole sequence at the
     /// end of a prompt: recurrent states and shared pages) the backend keeps for later
@@ -45,11 +46,12 @@ pub struct KvConfig {
 }
 
 impl Default for KvConfig {
+    /// Unbounded, no prefix cache, no snapshots: one-sequence use (`caldera run`).
     fn default() -> Self {
         KvConfig {
             page_tokens: DEFAULT_PAGE_TOKENS,
             max_pages: None,
-            prefix_cache: true,
+            prefix_cache: false,
             snapshots: 0,
         }
     }

@@ -33,12 +33,8 @@ fn steps_match_generate() {
         TokenizerSource::Gguf(g) => Tokenizer::from_gguf(g).unwrap(),
         _ => panic!("no tokenizer"),
     };
-    // No shared prefix cache here: the stepped run below must prefill every prompt token.
-    let kv = KvConfig {
-        prefix_cache: false,
-        ..KvConfig::default()
-    };
-    let be = Arc::new(CpuBackend::with_kv(model.clone(), 2, &kv));
+    // No shared prefix cache (the default): the stepped run must prefill every token.
+    let be = Arc::new(CpuBackend::new(model, 2));
     let new = || Generator::new(Box::new(CpuRunner::new(be.clone(), 256).unwrap()));
     let params = GenParams::new(12, SamplerConfig::greedy(), Vec::new());
     let prompts: Vec<Vec<u32>> = [
@@ -148,17 +144,18 @@ fn shared_prefix_reuse_matches_a_cold_run() {
             false,
         )
         .unwrap();
-    let cold_kv = KvConfig {
-        prefix_cache: false,
-        ..KvConfig::default()
-    };
-    let cold_be = Arc::new(CpuBackend::with_kv(model.clone(), 2, &cold_kv));
+    let cold_be = Arc::new(CpuBackend::new(model.clone(), 2));
     let mut cold = Generator::new(Box::new(CpuRunner::new(cold_be, 256).unwrap()));
     let mut want = String::new();
     cold.generate(&tok, &b, &params, |t| want.push_str(t))
         .unwrap();
 
-    let be = Arc::new(CpuBackend::new(model, 2));
+    let kv = KvConfig {
+        max_pages: Some(64),
+        prefix_cache: true,
+        ..KvConfig::default()
+    };
+    let be = Arc::new(CpuBackend::with_kv(model, 2, &kv));
     let pt = be.kv_pool().page_tokens();
     let mut first = Generator::new(Box::new(CpuRunner::new(be.clone(), 256).unwrap()));
     first.generate(&tok, &a, &params, |_| {}).unwrap();
