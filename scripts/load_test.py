@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """A bounded load test of `caldera serve` (SmolLM2-135M-Instruct, CPU backend, 4 slots):
 N requests (default 500) at concurrency C (default 32) with tiny max_tokens, a mix of
-chat, streamed chat, completions, streams the client hangs up on midway, and prompts
-longer than a slot's context. Passes when no request got a 5xx (or a transport error),
-every over-long prompt got a 400, all slots are idle and the queue empty at the end, and
+chat, streamed chat, completions, streams the client hangs up on midway, chats that
+share a long system prompt (agents resending it: the prefix cache), and prompts longer
+than a slot's context. Passes when no request got a 5xx (or a transport error), every
+over-long prompt got a 400, all slots are idle and the queue empty at the end, the free
+KV pages are back to their starting count (/metrics), the shared prefix was reused, and
 the server's RSS grew by less than --rss-mib (measured after a warm-up).
 
 Needs `pip install httpx` (the openai SDK depends on it) and a built binary
@@ -27,12 +29,25 @@ import httpx  # noqa: E402
 
 CTX = 512
 TOPICS = ["the sea", "a robot", "Paris", "winter", "a cat", "mountains", "tea", "the moon"]
+# About 150 tokens: several whole KV pages that every "shared" request starts with.
+SYSTEM = (
+    "You are the support agent of a small ferry company that links three islands, North "
+    "Rock, Gull Bay and Long Sands, with the mainland port of Easthaven. Ferries leave "
+    "every two hours from six in the morning to ten at night, bicycles travel free, cars "
+    "need a reservation, and dogs must stay on a lead on the open deck. Tickets can be "
+    "changed up to one hour before departure without a fee. When the sea is rough the "
+    "last crossing may be cancelled; passengers then get a full refund or a seat on the "
+    "first morning ferry. Answer in one short, friendly sentence and never invent "
+    "timetables, prices or names that are not given here."
+)
 
 
 def kind_of(i, rng):
     r = rng.random()
-    if r < 0.40:
+    if r < 0.30:
         return "chat"
+    if r < 0.40:
+        return "shared"
     if r < 0.60:
         return "stream"
     if r < 0.72:
@@ -47,7 +62,9 @@ async def one(client, i, kind, rng, stats):
     msgs = [{"role": "user", "content": f"Write one sentence about {topic}. ({i})"}]
     body = {"messages": msgs, "max_tokens": rng.randint(1, 3), "temperature": 0.7, "seed": i}
     path = "/v1/chat/completions"
-    if kind == "completion":
+    if kind == "shared":
+        msgs.insert(0, {"role": "system", "content": SYSTEM})
+    elif kind == "completion":
         path = "/v1/completions"
         body = {"prompt": f"A story about {topic}:", "max_tokens": 2, "temperature": 0}
     elif kind == "too_long":
@@ -123,6 +140,7 @@ def main():
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--rss-mib", type=float, default=48.0, help="largest RSS growth allowed")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--kv-pages", type=int, help="KV pages of the pool (default: slots x ctx)")
     a = ap.parse_args()
     binary = serve_harness.default_binary()
     model = serve_harness.model_path()
@@ -133,12 +151,21 @@ def main():
     srv = serve_harness.Server(
         binary,
         model,
-        ["--slots", str(a.slots), "--ctx", str(CTX), "--max-queue", str(a.concurrency)],
+        ["--slots", str(a.slots), "--ctx", str(CTX), "--max-queue", str(a.concurrency)]
+        + (["--kv-pages", str(a.kv_pages)] if a.kv_pages else []),
         log=log,
     )
     failures = []
     passed = 0
+
+    def metric(text, name):
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
     try:
+        pages0 = metric(srv.get("/metrics"), "caldera_kv_pages_free")
         # Warm-up: allocations that stay (thread-local scratch, first KV pages touched).
         asyncio.run(run_load(srv.base, 2 * a.concurrency, a.concurrency, a.seed + 1))
         rss0 = srv.rss_kib()
@@ -165,7 +192,8 @@ def main():
         print(f"RSS {rss0 / 1024:.1f} MiB after warm-up, {rss1 / 1024:.1f} MiB after the run")
         for line in metrics.splitlines():
             if line.startswith(("caldera_generations_", "caldera_prefix_cache_", "caldera_prompt_tokens_total",
-                                "caldera_generated_tokens_total", "caldera_requests_total")):
+                                "caldera_generated_tokens_total", "caldera_requests_total",
+                                "caldera_kv_")):
                 print("  ", line)
 
         def check(name, ok, detail=""):
@@ -183,10 +211,16 @@ def main():
             "every over-long prompt got 400 with the token counts",
             stats[("too_long", 400)] == counts["too_long"] and not stats[("too_long", "bad_400_body")],
         )
-        ok_kinds = ("chat", "stream", "completion", "cancel")
+        ok_kinds = ("chat", "shared", "stream", "completion", "cancel")
         check("every other request got 200", all(stats[(k, 200)] == counts[k] for k in ok_kinds))
         check("all slots idle, queue empty", all(s["state"] == "idle" for s in slots) and health["queued"] == 0,
               (slots, health))
+        pages1 = metric(metrics, "caldera_kv_pages_free")
+        check(f"free KV pages back to their starting count ({pages1:.0f} of {pages0:.0f})",
+              pages1 == pages0 == metric(metrics, "caldera_kv_pages_total"))
+        reused = metric(metrics, "caldera_prefix_cache_reused_tokens_total")
+        check(f"the shared system prompt was reused ({reused:.0f} tokens)",
+              counts["shared"] == 0 or reused >= 64 * min(counts["shared"], 10))
         growth = (rss1 - rss0) / 1024
         check(f"RSS growth {growth:.1f} MiB < {a.rss_mib} MiB", growth < a.rss_mib)
     finally:

@@ -9,43 +9,22 @@ use caldera_model::{AttnSpec, AttnWeights};
 use crate::ctx::Ctx;
 use crate::forward::CpuError;
 use crate::ops;
+use crate::paged::KvPages;
 use crate::pool::SyncPtr;
-
-/// The KV cache of one attention layer: f32, `[pos][kv_head][head_dim]`.
-#[derive(Clone)]
-pub struct KvCache {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-}
-
-impl KvCache {
-    pub fn new(spec: &AttnSpec, ctx: usize) -> Result<KvCache, CpuError> {
-        let n = spec.n_kv_heads * spec.head_dim * ctx;
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        if k.try_reserve_exact(n).is_err() || v.try_reserve_exact(n).is_err() {
-            return Err(CpuError::KvTooLarge {
-                bytes: n as u128 * 8,
-                ctx,
-            });
-        }
-        k.resize(n, 0.0);
-        v.resize(n, 0.0);
-        Ok(KvCache { k, v })
-    }
-}
 
 thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `out[m × d]` = attention over `h[m × d]` for tokens at positions `p0..p0+m`.
+/// `out[m × d]` = attention over `h[m × d]` for tokens at positions `p0..p0+m` of layer
+/// `li`, whose K and V rows go to and come from the sequence's pages.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     ctx: &mut Ctx,
     a: &AttnSpec,
     w: &AttnWeights,
-    cache: &mut KvCache,
+    kv: &mut KvPages,
+    li: usize,
     h: &[f32],
     m: usize,
     p0: usize,
@@ -93,13 +72,14 @@ pub fn forward(
             }
         }
     }
-    cache.k[p0 * kvd..(p0 + m) * kvd].copy_from_slice(&k);
-    cache.v[p0 * kvd..(p0 + m) * kvd].copy_from_slice(&v);
+    kv.write(li, p0, &k, &v)?;
 
     let mut att = vec![0f32; m * qd];
     let group = nh / a.n_kv_heads;
     let ptr = SyncPtr(att.as_mut_ptr());
-    let (kc, vc) = (&cache.k, &cache.v);
+    let Some(lkv) = kv.layer(li) else {
+        return Err(CpuError::Unsupported(format!("layer {li}: no KV cache")));
+    };
     let sinks = w.sinks.as_deref();
     let q = &q;
     ctx.pool.run(m * nh, |t| {
@@ -114,14 +94,18 @@ pub fn forward(
             let mut s = sbuf.borrow_mut();
             let n = p + 1 - lo;
             s.resize(n + 1, 0.0);
-            for (i, sv) in s[..n].iter_mut().enumerate() {
-                let kp = &kc[(lo + i) * kvd + g * hd..][..hd];
-                let mut x = ops::dot(qv, kp) * a.scale;
-                if let Some(cap) = a.softcap {
-                    x = cap * (x / cap).tanh();
+            let mut i = 0;
+            lkv.runs(lo, p + 1, |kr, _, cnt| {
+                for r in 0..cnt {
+                    let kp = &kr[r * kvd + g * hd..][..hd];
+                    let mut x = ops::dot(qv, kp) * a.scale;
+                    if let Some(cap) = a.softcap {
+                        x = cap * (x / cap).tanh();
+                    }
+                    s[i] = x;
+                    i += 1;
                 }
-                *sv = x;
-            }
+            });
             // A sink joins the softmax as one more logit with no value.
             let total = match sinks {
                 Some(sk) => {
@@ -132,10 +116,14 @@ pub fn forward(
             };
             ops::softmax(&mut s[..total]);
             ov.fill(0.0);
-            for (i, &pr) in s[..n].iter().enumerate() {
-                let vp = &vc[(lo + i) * kvd + g * hd..][..hd];
-                ops::axpy(pr, vp, ov);
-            }
+            let mut i = 0;
+            lkv.runs(lo, p + 1, |_, vr, cnt| {
+                for r in 0..cnt {
+                    let vp = &vr[r * kvd + g * hd..][..hd];
+                    ops::axpy(s[i], vp, ov);
+                    i += 1;
+                }
+            });
         });
     });
     if let Some(g) = gate {

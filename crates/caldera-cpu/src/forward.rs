@@ -9,12 +9,13 @@ use std::sync::Arc;
 use caldera_format::quant::{self, QuantizedActs};
 use caldera_model::{FfnSpec, FfnWeights, Mixer, MixerWeights, Model, Weight};
 
-use crate::attention::{self, KvCache};
+use crate::attention;
 use crate::ctx::Ctx;
 use crate::ffn;
 use crate::gdn::{self, GdnState};
 use crate::mamba2::{self, Mamba2State};
 use crate::ops;
+use crate::paged::{KvConfig, KvPages, KvPool, PageTable};
 use crate::per_layer;
 use crate::pool::ThreadPool;
 use crate::shortconv::{self, ShortConvState};
@@ -29,6 +30,10 @@ pub enum CpuError {
     Weight { name: String, msg: String },
     #[error("cannot allocate a KV cache of {bytes} bytes for {ctx} tokens")]
     KvTooLarge { bytes: u128, ctx: usize },
+    #[error("the KV cache is full: all {pages} pages of {page_tokens} tokens are in use")]
+    KvFull { pages: usize, page_tokens: usize },
+    #[error("the session belongs to another backend's KV pool")]
+    ForeignSession,
     #[error("the CPU backend does not run {0} yet")]
     Unsupported(String),
 }
@@ -42,19 +47,24 @@ pub const CHUNK: usize = 256;
 #[derive(Clone)]
 pub enum LayerState {
     None,
-    Kv(KvCache),
+    /// Attention with its own K and V rows (in the sequence's pages).
+    Kv,
     Gdn(GdnState),
     Mamba2(Mamba2State),
     ShortConv(ShortConvState),
 }
 
-/// One sequence: the state of every layer (KV caches, recurrent states). Clone it to
-/// snapshot a sequence (prefix reuse, forking a slot).
+/// One sequence: its page table (the KV rows of every attention layer, in the backend's
+/// pool) and the recurrent states. Clone it to snapshot a sequence (forking a slot):
+/// the copy shares the pages until one of them writes.
 #[derive(Clone)]
 pub struct Session {
     len: usize,
     cap: usize,
     layers: Vec<LayerState>,
+    kv: PageTable,
+    /// The token at each position.
+    tokens: Vec<u32>,
 }
 
 impl Session {
@@ -77,7 +87,7 @@ impl Session {
     pub fn can_truncate(&self) -> bool {
         self.layers
             .iter()
-            .all(|l| matches!(l, LayerState::None | LayerState::Kv(_)))
+            .all(|l| matches!(l, LayerState::None | LayerState::Kv))
     }
 
     /// Forgets every token from position `n` on (prefix reuse). Returns false, changing
@@ -90,7 +100,35 @@ impl Session {
             return false;
         }
         self.len = n;
+        self.kv.truncate(n);
+        self.tokens.truncate(n);
         true
+    }
+
+    /// The tokens the session holds.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// KV pages the session holds.
+    pub fn pages(&self) -> usize {
+        self.kv.pages()
+    }
+
+    /// For a session holding `prompt[..len]`: takes the prefix cache's pages continuing
+    /// `prompt`, up to `limit` positions, instead of computing them. Returns the
+    /// positions it holds now (its length unchanged when nothing is cached, the model
+    /// has recurrent layers, or its length is not at a page boundary).
+    pub fn reuse_prefix(&mut self, prompt: &[u32], limit: usize) -> usize {
+        if !self.can_truncate() {
+            return self.len;
+        }
+        let n = self.kv.adopt(self.len, prompt, limit.min(self.cap));
+        if n > self.len {
+            self.tokens.extend_from_slice(&prompt[self.len..n]);
+            self.len = n;
+        }
+        self.len
     }
 
     pub fn layers(&self) -> &[LayerState] {
@@ -102,15 +140,110 @@ pub struct CpuBackend {
     model: Arc<Model>,
     pool: ThreadPool,
     acts: std::sync::Mutex<QuantizedActs>,
+    kv: Arc<KvPool>,
+    /// Prompt snapshots of a model with recurrent layers, least recently used first.
+    snapshots: std::sync::Mutex<Vec<Session>>,
+    max_snapshots: usize,
 }
 
 impl CpuBackend {
+    /// A backend whose KV pool grows as its sessions need (default page size, no prefix
+    /// cache).
     pub fn new(model: Arc<Model>, threads: usize) -> CpuBackend {
+        CpuBackend::with_kv(model, threads, &KvConfig::default())
+    }
+
+    /// A backend with the KV pool `kv` describes (page size, bound, prefix cache).
+    pub fn with_kv(model: Arc<Model>, threads: usize, kv: &KvConfig) -> CpuBackend {
+        let pool = Arc::new(KvPool::new(&model, kv));
         CpuBackend {
             model,
             pool: ThreadPool::new(threads.max(1)),
             acts: std::sync::Mutex::new(QuantizedActs::default()),
+            max_snapshots: if pool.recurrent() { kv.snapshots } else { 0 },
+            kv: pool,
+            snapshots: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    fn snaps(&self) -> std::sync::MutexGuard<'_, Vec<Session>> {
+        self.snapshots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this backend keeps prompt snapshots (a model with recurrent layers and
+    /// [`KvConfig::snapshots`] > 0).
+    pub fn snapshots_on(&self) -> bool {
+        self.max_snapshots > 0
+    }
+
+    /// Prompt snapshots held now.
+    pub fn snapshot_count(&self) -> usize {
+        self.snaps().len()
+    }
+
+    /// Keeps a copy of `s` (its recurrent states; its pages shared) for later sessions
+    /// whose prompt starts with its tokens; the least recently used copy goes beyond
+    /// [`KvConfig::snapshots`]. Does nothing for models without recurrent layers (their
+    /// pages are shared through the prefix cache) or an empty session.
+    pub fn snapshot(&self, s: &Session) {
+        if self.max_snapshots == 0 || s.is_empty() {
+            return;
+        }
+        let copy = s.clone();
+        let dropped = {
+            let mut snaps = self.snaps();
+            snaps.retain(|x| x.tokens != copy.tokens);
+            snaps.push(copy);
+            let over = snaps.len().saturating_sub(self.max_snapshots);
+            snaps.drain(..over).collect::<Vec<_>>()
+        };
+        drop(dropped);
+    }
+
+    /// For a session holding `prompt[..len]`: becomes a copy of the longest snapshot
+    /// that `prompt` continues, up to `limit` positions, when it holds more than `len`.
+    /// Returns the positions the session holds.
+    pub fn restore_snapshot(&self, s: &mut Session, prompt: &[u32], limit: usize) -> usize {
+        if self.max_snapshots == 0 {
+            return s.len;
+        }
+        let limit = limit.min(s.cap).min(prompt.len());
+        let mut snaps = self.snaps();
+        let best = snaps
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| {
+                x.len > s.len && x.len <= limit && x.cap <= s.cap && prompt.starts_with(&x.tokens)
+            })
+            .max_by_key(|(_, x)| x.len)
+            .map(|(i, _)| i);
+        let Some(i) = best else { return s.len };
+        let snap = snaps.remove(i);
+        let mut copy = snap.clone();
+        copy.cap = s.cap;
+        // Most recently used last.
+        snaps.push(snap);
+        drop(snaps);
+        *s = copy;
+        s.len
+    }
+
+    /// Drops the least recently used snapshot; false when there is none.
+    fn evict_snapshot(&self) -> bool {
+        let dropped = {
+            let mut snaps = self.snaps();
+            if snaps.is_empty() {
+                return false;
+            }
+            snaps.remove(0)
+        };
+        drop(dropped);
+        true
+    }
+
+    /// The KV pages every session of this backend takes from.
+    pub fn kv_pool(&self) -> &Arc<KvPool> {
+        &self.kv
     }
 
     pub fn model(&self) -> &Model {
@@ -136,7 +269,7 @@ impl CpuBackend {
                 }
                 Ok(match &l.mixer {
                     None => LayerState::None,
-                    Some(Mixer::Attention(a)) => LayerState::Kv(KvCache::new(a, ctx)?),
+                    Some(Mixer::Attention(_)) => LayerState::Kv,
                     Some(Mixer::GatedDeltaNet(g)) => LayerState::Gdn(GdnState::new(g)),
                     Some(Mixer::Mamba2(s)) => LayerState::Mamba2(Mamba2State::new(s)),
                     Some(Mixer::ShortConv(s)) => LayerState::ShortConv(ShortConvState::new(s)),
@@ -147,6 +280,8 @@ impl CpuBackend {
             len: 0,
             cap: ctx,
             layers,
+            kv: PageTable::new(self.kv.clone()),
+            tokens: Vec::new(),
         })
     }
 
@@ -170,9 +305,28 @@ impl CpuBackend {
                 vocab: cfg.vocab_size,
             });
         }
+        if !Arc::ptr_eq(s.kv.pool(), &self.kv) {
+            return Err(CpuError::ForeignSession);
+        }
         out.clear();
         let mut acts = self.acts.lock().unwrap_or_else(|e| e.into_inner());
         let mut ctx = Ctx::new(&self.pool, &mut acts);
+        // The pages of every token of the call are taken first: a full pool fails the
+        // call before anything runs.
+        let mut inner = loop {
+            let mut inner = self.kv.lock();
+            match s.kv.prepare(&mut inner, s.len, tokens.len()) {
+                Ok(()) => break inner,
+                // Snapshots give their pages back when a running sequence needs them.
+                Err(e @ CpuError::KvFull { .. }) => {
+                    drop(inner);
+                    if !self.evict_snapshot() {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let n_chunks = tokens.len().div_ceil(CHUNK);
         for (ci, chunk) in tokens.chunks(CHUNK).enumerate() {
             let want = match logits {
@@ -180,16 +334,30 @@ impl CpuBackend {
                 Logits::Last if ci + 1 == n_chunks => Some(chunk.len() - 1),
                 Logits::Last => None,
             };
-            self.forward_chunk(&mut ctx, s, chunk, want, out)?;
+            let p0 = s.len;
+            let mut kv = KvPages {
+                pages: &mut inner.pages,
+                table: s.kv.ids(),
+                pool: &self.kv,
+            };
+            self.forward_chunk(&mut ctx, &mut s.layers, &mut kv, p0, chunk, want, out)?;
+            s.len = p0 + chunk.len();
+            s.tokens.truncate(p0);
+            s.tokens.extend_from_slice(chunk);
+            s.kv.wrote(&mut inner, p0, chunk);
         }
         Ok(())
     }
 
-    /// One chunk; logits of rows `first..` are appended to `out` when `first` is given.
+    /// One chunk at positions `p0..`; logits of rows `first..` are appended to `out` when
+    /// `first` is given.
+    #[allow(clippy::too_many_arguments)]
     fn forward_chunk(
         &self,
         ctx: &mut Ctx,
-        s: &mut Session,
+        states: &mut [LayerState],
+        kv: &mut KvPages,
+        p0: usize,
         tokens: &[u32],
         first: Option<usize>,
         out: &mut Vec<f32>,
@@ -199,7 +367,6 @@ impl CpuBackend {
         let w = &model.weights;
         let m = tokens.len();
         let d = cfg.d_model;
-        let p0 = s.len;
         let eps = cfg.norm_eps;
 
         let mut x = vec![0f32; m * d];
@@ -224,11 +391,11 @@ impl CpuBackend {
                 if let (Mixer::Attention(a), MixerWeights::Attention(aw), Some(ex)) =
                     (mixer, mw, extras)
                 {
-                    per_layer::attention(ctx, a, aw, ex, &mut s.layers, li, &h, m, p0, eps, &mut o)?
+                    per_layer::attention(ctx, a, aw, ex, kv, li, &h, m, p0, eps, &mut o)?
                 } else {
-                    match (mixer, mw, &mut s.layers[li]) {
-                        (Mixer::Attention(a), MixerWeights::Attention(aw), LayerState::Kv(kv)) => {
-                            attention::forward(ctx, a, aw, kv, &h, m, p0, eps, &mut o)?
+                    match (mixer, mw, &mut states[li]) {
+                        (Mixer::Attention(a), MixerWeights::Attention(aw), LayerState::Kv) => {
+                            attention::forward(ctx, a, aw, kv, li, &h, m, p0, eps, &mut o)?
                         }
                         (
                             Mixer::GatedDeltaNet(g),
@@ -280,8 +447,6 @@ impl CpuBackend {
                 x.iter_mut().for_each(|v| *v *= sc);
             }
         }
-        s.len = p0 + m;
-
         let Some(first) = first else { return Ok(()) };
         let rows = m - first;
         let mut hn = vec![0f32; rows * d];
@@ -360,6 +525,27 @@ impl caldera_model::Runner for CpuRunner {
         Ok(self
             .backend
             .forward(&mut self.session, tokens, logits, out)?)
+    }
+
+    fn reuse_prefix(&mut self, tokens: &[u32], limit: usize) -> usize {
+        if self.backend.snapshots_on() {
+            self.backend
+                .restore_snapshot(&mut self.session, tokens, limit)
+        } else {
+            self.session.reuse_prefix(tokens, limit)
+        }
+    }
+
+    fn checkpoint(&mut self) {
+        self.backend.snapshot(&self.session);
+    }
+
+    fn shares_prefixes(&self) -> bool {
+        self.backend.kv.prefix_cache()
+    }
+
+    fn kv_pages(&self) -> Option<usize> {
+        Some(self.session.pages())
     }
 
     fn describe(&self) -> String {

@@ -17,5 +17,7 @@ pub mod pool;
 pub mod shortconv;
 
 mod forward;
+pub mod paged;
 
 pub use forward::{CpuBackend, CpuError, CpuRunner, LayerState, Logits, Session, CHUNK};
+pub use paged::{KvConfig, KvPool, PoolStats};

@@ -8,10 +8,10 @@ use caldera_format::quant;
 use caldera_model::weights::{LayerExtras, PerLayerBlock, PerLayerInputs};
 use caldera_model::{AttnSpec, AttnWeights};
 
-use crate::attention::KvCache;
 use crate::ctx::Ctx;
-use crate::forward::{CpuError, LayerState};
+use crate::forward::CpuError;
 use crate::ops;
+use crate::paged::{KvPages, LayerKv};
 use crate::pool::SyncPtr;
 
 thread_local! {
@@ -106,7 +106,7 @@ pub fn attention(
     a: &AttnSpec,
     w: &AttnWeights,
     ex: &LayerExtras,
-    states: &mut [LayerState],
+    kv: &mut KvPages,
     li: usize,
     h: &[f32],
     m: usize,
@@ -158,20 +158,16 @@ pub fn attention(
                     }
                 }
             }
-            let Some(LayerState::Kv(cache)) = states.get_mut(li) else {
-                return Err(CpuError::Unsupported(format!("layer {li}: no KV cache")));
-            };
-            cache.k[p0 * kvd..(p0 + m) * kvd].copy_from_slice(&k);
-            cache.v[p0 * kvd..(p0 + m) * kvd].copy_from_slice(&v);
+            kv.write(li, p0, &k, &v)?;
             li
         }
     };
-    let Some(LayerState::Kv(cache)) = states.get(src) else {
+    let Some(cache) = kv.layer(src) else {
         return Err(CpuError::Unsupported(format!(
             "layer {li}: kv source layer {src} has no KV cache"
         )));
     };
-    if cache.k.len() < (p0 + m) * kvd {
+    if cache.kvd() != kvd || cache.positions() < p0 + m {
         return Err(CpuError::Unsupported(format!(
             "layer {li}: kv source layer {src} has another kv size"
         )));
@@ -186,7 +182,7 @@ pub fn attention(
 fn attend(
     ctx: &Ctx,
     a: &AttnSpec,
-    cache: &KvCache,
+    cache: LayerKv<'_>,
     q: &[f32],
     m: usize,
     p0: usize,
@@ -198,7 +194,6 @@ fn attend(
     let kvd = a.n_kv_heads * hd;
     let group = nh / a.n_kv_heads;
     let ptr = SyncPtr(att.as_mut_ptr());
-    let (kc, vc) = (&cache.k, &cache.v);
     ctx.pool.run(m * nh, |t| {
         let (j, hi) = (t / nh, t % nh);
         let p = p0 + j;
@@ -211,20 +206,28 @@ fn attend(
             let mut s = sbuf.borrow_mut();
             let n = p + 1 - lo;
             s.resize(n, 0.0);
-            for (i, sv) in s.iter_mut().enumerate() {
-                let kp = &kc[(lo + i) * kvd + g * hd..][..hd];
-                let mut x = ops::dot(qv, kp) * a.scale;
-                if let Some(cap) = a.softcap {
-                    x = cap * (x / cap).tanh();
+            let mut i = 0;
+            cache.runs(lo, p + 1, |kr, _, cnt| {
+                for r in 0..cnt {
+                    let kp = &kr[r * kvd + g * hd..][..hd];
+                    let mut x = ops::dot(qv, kp) * a.scale;
+                    if let Some(cap) = a.softcap {
+                        x = cap * (x / cap).tanh();
+                    }
+                    s[i] = x;
+                    i += 1;
                 }
-                *sv = x;
-            }
+            });
             ops::softmax(&mut s[..n]);
             ov.fill(0.0);
-            for (i, &pr) in s[..n].iter().enumerate() {
-                let vp = &vc[(lo + i) * kvd + g * hd..][..hd];
-                ops::axpy(pr, vp, ov);
-            }
+            let mut i = 0;
+            cache.runs(lo, p + 1, |_, vr, cnt| {
+                for r in 0..cnt {
+                    let vp = &vr[r * kvd + g * hd..][..hd];
+                    ops::axpy(s[i], vp, ov);
+                    i += 1;
+                }
+            });
         });
     });
 }

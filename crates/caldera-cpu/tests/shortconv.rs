@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use caldera_cpu::{CpuBackend, LayerState, Logits};
+use caldera_cpu::{CpuBackend, KvConfig, LayerState, Logits};
 use caldera_format::gguf::GgufValue;
 use caldera_format::{quant, GgmlType, TensorBytes};
 use caldera_model::file::RawTensor;
@@ -262,4 +262,57 @@ fn cloned_session_continues_like_the_original() {
     be.forward(&mut c, &toks[12..], Logits::All, &mut rc)
         .unwrap();
     assert!(rel_l2(&rc, &ra) > 1e-3);
+}
+
+/// Prompt snapshots of a hybrid model: no page sharing (recurrent state is outside the
+/// pages), but a later prompt that continues a snapshotted one starts from a copy of it
+/// and gives a cold run's logits; snapshots give their pages back when pages run out.
+#[test]
+fn prompt_snapshots_equal_a_cold_run() {
+    let s = lfm2(GgmlType::F32);
+    let model = Arc::new(random_model(&s, 17));
+    let kv = KvConfig {
+        page_tokens: 4,
+        max_pages: Some(8),
+        prefix_cache: true,
+        snapshots: 2,
+    };
+    let be = CpuBackend::with_kv(model.clone(), 2, &kv);
+    assert!(!be.kv_pool().prefix_cache() && be.snapshots_on());
+    let p = tokens(13, s.vocab, 3);
+    let mut q = p.clone();
+    q.extend(tokens(9, s.vocab, 4));
+    let mut out = Vec::new();
+    {
+        let mut a = be.new_session(32).unwrap();
+        be.forward(&mut a, &p, Logits::Last, &mut out).unwrap();
+        be.snapshot(&a);
+        // The copy holds a's 4 pages too (shared).
+        assert_eq!(be.kv_pool().stats().in_use, 4);
+    }
+    assert_eq!(be.snapshot_count(), 1);
+    let mut b = be.new_session(32).unwrap();
+    // A prompt that leaves the snapshot's tokens takes nothing.
+    let mut other = q.clone();
+    other[5] = (other[5] + 1) % s.vocab as u32;
+    assert_eq!(be.restore_snapshot(&mut b, &other, 21), 0);
+    assert_eq!(be.restore_snapshot(&mut b, &q, 12), 0);
+    assert_eq!(be.restore_snapshot(&mut b, &q, 21), 13);
+    let mut warm = Vec::new();
+    be.forward(&mut b, &q[13..], Logits::All, &mut warm)
+        .unwrap();
+    let cold_be = CpuBackend::new(model, 2);
+    let mut c = cold_be.new_session(32).unwrap();
+    let mut cold = Vec::new();
+    cold_be.forward(&mut c, &q, Logits::All, &mut cold).unwrap();
+    let e = rel_l2(&warm, &cold[13 * s.vocab..]);
+    assert!(e <= 1e-6, "snapshot vs cold: {e:.3e}");
+    // b holds 6 pages (one copied on write), the snapshot 4 (3 shared with b): a
+    // session needing 4 more pages evicts the snapshot instead of failing.
+    assert_eq!(be.kv_pool().stats().in_use, 7);
+    drop(b);
+    let mut d = be.new_session(32).unwrap();
+    be.forward(&mut d, &tokens(32, s.vocab, 5), Logits::Last, &mut out)
+        .unwrap();
+    assert_eq!(be.snapshot_count(), 0);
 }

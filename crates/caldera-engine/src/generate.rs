@@ -174,6 +174,17 @@ impl Generator {
         self.runner.describe()
     }
 
+    /// KV pages of the backend's shared pool the sequence holds (`None`: the runner has
+    /// its own cache).
+    pub fn kv_pages(&self) -> Option<usize> {
+        self.runner.kv_pages()
+    }
+
+    /// Whether the backend keeps computed prefixes in a cache shared by its runners.
+    pub fn shares_prefixes(&self) -> bool {
+        self.runner.shares_prefixes()
+    }
+
     /// How many leading tokens of `prompt` the cache holds.
     pub fn common_prefix(&self, prompt: &[u32]) -> usize {
         self.cached
@@ -212,6 +223,20 @@ impl Generator {
             }
         }
         self.cached.truncate(reuse);
+        // The backend's shared prefix cache may hold more of the prompt (pages of earlier
+        // requests on any slot); the last prompt token always runs.
+        let held = self.runner.reuse_prefix(&prompt, prompt.len() - 1);
+        if held > reuse && held < prompt.len() {
+            self.cached.extend_from_slice(&prompt[reuse..held]);
+            reuse = held;
+        } else if held != reuse {
+            // Not a state this generator can describe: start over.
+            reuse = 0;
+            self.cached.clear();
+            if !self.runner.truncate(0) {
+                return Err("the backend cannot reset this sequence".into());
+            }
+        }
         let mut sampler = Sampler::new(params.sampler.clone());
         for &t in &prompt {
             sampler.accept(t);
@@ -277,6 +302,8 @@ impl Generator {
             }
             seq.prefill_time = seq.started.elapsed();
             seq.decode_start = Some(Instant::now());
+            // The whole prompt is in: a state later requests may start from.
+            self.runner.checkpoint();
         } else {
             self.cached.push(seq.next);
         }

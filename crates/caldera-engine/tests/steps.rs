@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use caldera_cpu::{CpuBackend, CpuRunner};
+use caldera_cpu::{CpuBackend, CpuRunner, KvConfig};
 use caldera_engine::{GenParams, Generator, Piece, SamplerConfig};
 use caldera_model::{
     BatchItem, BatchStepper, Model, ModelFile, SerialStepper, StepOutcome, TokenizerSource,
@@ -33,6 +33,7 @@ fn steps_match_generate() {
         TokenizerSource::Gguf(g) => Tokenizer::from_gguf(g).unwrap(),
         _ => panic!("no tokenizer"),
     };
+    // No shared prefix cache (the default): the stepped run must prefill every token.
     let be = Arc::new(CpuBackend::new(model, 2));
     let new = || Generator::new(Box::new(CpuRunner::new(be.clone(), 256).unwrap()));
     let params = GenParams::new(12, SamplerConfig::greedy(), Vec::new());
@@ -116,4 +117,56 @@ fn steps_match_generate() {
         .unwrap();
     assert_eq!(text, want[1]);
     assert_eq!(stats.reused_tokens, prompts[1].len() - 1);
+}
+
+/// Another slot's pages: a generator on a backend with a shared prefix cache reuses the
+/// whole pages of a prompt that an earlier generator ran, and writes what a cold run
+/// writes (greedy).
+#[test]
+fn shared_prefix_reuse_matches_a_cold_run() {
+    let Some(path) = model_path() else { return };
+    let file = ModelFile::open(&path).unwrap();
+    let model = Arc::new(Model::from_file(&file).unwrap());
+    let tok = match &file.tokenizer {
+        TokenizerSource::Gguf(g) => Tokenizer::from_gguf(g).unwrap(),
+        _ => panic!("no tokenizer"),
+    };
+    let params = GenParams::new(10, SamplerConfig::greedy(), Vec::new());
+    let system = "You are a careful assistant. Answer briefly and precisely, in English, \
+        and never invent facts you are not sure about. The user is a sailor.";
+    let a = tok
+        .encode(&format!("{system} Question: what is a knot?"), false, false)
+        .unwrap();
+    let b = tok
+        .encode(
+            &format!("{system} Question: why is the sea salty?"),
+            false,
+            false,
+        )
+        .unwrap();
+    let cold_be = Arc::new(CpuBackend::new(model.clone(), 2));
+    let mut cold = Generator::new(Box::new(CpuRunner::new(cold_be, 256).unwrap()));
+    let mut want = String::new();
+    cold.generate(&tok, &b, &params, |t| want.push_str(t))
+        .unwrap();
+
+    let kv = KvConfig {
+        max_pages: Some(64),
+        prefix_cache: true,
+        ..KvConfig::default()
+    };
+    let be = Arc::new(CpuBackend::with_kv(model, 2, &kv));
+    let pt = be.kv_pool().page_tokens();
+    let mut first = Generator::new(Box::new(CpuRunner::new(be.clone(), 256).unwrap()));
+    first.generate(&tok, &a, &params, |_| {}).unwrap();
+    drop(first);
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    assert!(common >= pt, "the prompts share {common} tokens");
+    let mut second = Generator::new(Box::new(CpuRunner::new(be.clone(), 256).unwrap()));
+    let mut got = String::new();
+    let stats = second
+        .generate(&tok, &b, &params, |t| got.push_str(t))
+        .unwrap();
+    assert_eq!(stats.reused_tokens, common / pt * pt);
+    assert_eq!(got, want);
 }

@@ -47,6 +47,28 @@ pub trait Runner: Send {
         logits: Logits,
         out: &mut Vec<f32>,
     ) -> Result<(), RunError>;
+    /// For a sequence holding `tokens[..len()]`: takes state continuing `tokens`, up to
+    /// `limit` positions, from a prefix cache its backend shares between runners, instead
+    /// of computing it. Returns the positions the sequence holds now; the default (no
+    /// shared cache) changes nothing.
+    fn reuse_prefix(&mut self, tokens: &[u32], limit: usize) -> usize {
+        let _ = (tokens, limit);
+        self.len()
+    }
+    /// Marks the sequence's state now (the end of a prompt) as worth keeping for later
+    /// requests that start the same way: a backend that cannot share state by pages
+    /// (recurrent layers) may snapshot it. The default does nothing.
+    fn checkpoint(&mut self) {}
+    /// Whether the backend keeps what its runners computed in a shared prefix cache, so an
+    /// idle sequence can be emptied (its KV pages freed) without losing reuse.
+    fn shares_prefixes(&self) -> bool {
+        false
+    }
+    /// KV pages of the backend's shared pool this sequence holds; `None` where the
+    /// runner has its own contiguous cache.
+    fn kv_pages(&self) -> Option<usize> {
+        None
+    }
     /// A short description of where this runs ("cpu, 2 threads", a device name).
     fn describe(&self) -> String;
     /// Counters for `bench`; backends without any report the defaults.

@@ -9,7 +9,8 @@
 //! Threads: the HTTP side runs on a small tokio runtime and never touches the model; one
 //! scheduler thread ([`scheduler`]) owns every slot and advances all active ones each step
 //! (continuous batching; prefill in chunks between decode steps). Requests wait in a
-//! bounded queue while every slot is busy (full queue: 503 with `Retry-After`). Prompts
+//! bounded queue while every slot is busy or the KV pages they can need cannot be
+//! reserved (full queue: 503 with `Retry-After`). Prompts
 //! are rendered and tokenized on tokio's blocking pool before they are queued, so an
 //! over-long prompt is refused (400 with the token counts) before it reaches the model.
 //!
@@ -44,14 +45,27 @@ use axum::{Json, Router};
 use caldera_engine::{FinishReason, GenParams};
 use caldera_model::SerialStepper;
 use caldera_tokenizer::{ChatTemplate, Tokenizer};
-use scheduler::{Event, Job, Refused, Settings, Shared};
+use scheduler::{Event, Job, KvBudget, Refused, Settings, Shared};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tools::{Out, ToolCall, ToolChoice, ToolFormat, ToolParser};
 
 pub use request::ApiError;
 use request::{Input, Parsed};
-pub use scheduler::RunnerFactory;
+pub use scheduler::{PoolCounts, PoolProbe, RunnerFactory};
+
+/// Positions per KV page when the backend does not say.
+pub const DEFAULT_PAGE_TOKENS: usize = 16;
+
+/// The KV pages requests are admitted by.
+pub struct KvPlan {
+    pub page_tokens: usize,
+    /// Pages shared by all slots.
+    pub pages: usize,
+    /// The backend pool's live counts (the CPU backend's paged cache); `None` where each
+    /// runner keeps its own cache and the pages are an admission budget only.
+    pub probe: Option<PoolProbe>,
+}
 
 /// What the server runs: the tokenizer, the chat template, the architecture name (for
 /// the tool-call format), and a way to make runners (one per slot at start-up, another
@@ -61,6 +75,9 @@ pub struct Engine {
     pub template: Option<ChatTemplate>,
     pub arch: String,
     pub new_runner: RunnerFactory,
+    /// The KV pool; `None`: a budget of [`DEFAULT_PAGE_TOKENS`]-token pages covering every
+    /// slot's whole context (admission is then by slots only).
+    pub kv: Option<KvPlan>,
 }
 
 /// Server settings.
@@ -173,6 +190,7 @@ impl Server {
             template,
             arch,
             mut new_runner,
+            kv,
         } = engine;
         if cfg.slots == 0 {
             return Err("the server needs at least one slot".into());
@@ -191,7 +209,30 @@ impl Server {
         let capacities: Vec<usize> = runners.iter().map(|r| r.capacity()).collect();
         let context = capacities.iter().copied().min().unwrap_or(0);
         let tok = Arc::new(tokenizer);
-        let shared = Arc::new(Shared::new(&capacities, cfg.max_queue));
+        let kv = kv.unwrap_or_else(|| KvPlan {
+            page_tokens: DEFAULT_PAGE_TOKENS,
+            pages: capacities
+                .iter()
+                .map(|c| c.div_ceil(DEFAULT_PAGE_TOKENS))
+                .sum(),
+            probe: None,
+        });
+        let page_tokens = kv.page_tokens.max(1);
+        let largest = capacities.iter().copied().max().unwrap_or(0);
+        if kv.pages < largest.div_ceil(page_tokens) {
+            return Err(format!(
+                "{} KV pages of {page_tokens} tokens cannot hold one slot's context of {largest} tokens (it needs {} pages)",
+                kv.pages,
+                largest.div_ceil(page_tokens)
+            ));
+        }
+        let budget = KvBudget {
+            page_tokens,
+            total: kv.pages,
+            reserved: std::sync::atomic::AtomicUsize::new(0),
+            probe: kv.probe,
+        };
+        let shared = Arc::new(Shared::new(&capacities, cfg.max_queue, budget));
         let worker = {
             let (tok, sh) = (tok.clone(), shared.clone());
             let settings = Settings {
@@ -485,6 +526,7 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
         "slots": st.cfg.slots,
         "slots_busy": q.active(),
         "queued": q.len(),
+        "kv_pages_free": st.shared.kv.free(&st.shared.slot_infos()),
     });
     let code = if alive {
         StatusCode::OK
@@ -511,6 +553,8 @@ async fn slots(State(st): State<Arc<AppState>>) -> Json<Value> {
                 "generated_tokens": s.generated_tokens,
                 "tokens_per_second": (s.tokens_per_second * 100.0).round() / 100.0,
                 "requests": s.requests,
+                "kv_pages": s.kv_pages,
+                "kv_pages_reserved": s.kv_reserved,
             })
         })
         .collect();
@@ -533,7 +577,12 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         }
     }
     type Gauge = (&'static str, &'static str, fn(&scheduler::SlotInfo) -> f64);
-    let per_slot: [Gauge; 4] = [
+    let per_slot: [Gauge; 5] = [
+        (
+            "caldera_slot_kv_pages",
+            "KV pages the slot's sequence holds.",
+            |s| s.kv_pages as f64,
+        ),
         (
             "caldera_slot_tokens_per_second",
             "Decode speed of the slot's current request (0 when idle).",
@@ -563,7 +612,50 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     }
     let q = &st.shared.queue;
     let c = &st.shared.counters;
-    let scalars: [(&str, &str, &str, u64); 12] = [
+    let kv = &st.shared.kv;
+    let scalars: [(&str, &str, &str, u64); 19] = [
+        (
+            "caldera_kv_admission_waits_total",
+            "counter",
+            "Requests that waited in the queue for KV pages (a slot was free).",
+            c.page_waits.load(Ordering::Relaxed),
+        ),
+        (
+            "caldera_kv_page_tokens",
+            "gauge",
+            "Positions per KV page.",
+            kv.page_tokens as u64,
+        ),
+        (
+            "caldera_kv_pages_total",
+            "gauge",
+            "KV pages of the pool shared by the slots (or the admission budget).",
+            kv.total as u64,
+        ),
+        (
+            "caldera_kv_pages_free",
+            "gauge",
+            "KV pages no running or idle sequence holds (free or only cached).",
+            kv.free(&infos) as u64,
+        ),
+        (
+            "caldera_kv_pages_cached",
+            "gauge",
+            "KV pages in the shared prefix cache (evicted, least recently used first, when needed).",
+            kv.cached() as u64,
+        ),
+        (
+            "caldera_kv_pages_reserved",
+            "gauge",
+            "KV pages reserved for the running requests (prompt + max_tokens each).",
+            kv.reserved.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            "caldera_prefix_cache_misses_total",
+            "counter",
+            "Requests that computed their whole prompt.",
+            c.prefix_misses.load(Ordering::Relaxed),
+        ),
         (
             "caldera_slots",
             "gauge",
@@ -591,13 +683,13 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
         (
             "caldera_prefix_cache_hits_total",
             "counter",
-            "Requests that reused part of their prompt from a slot's cache.",
+            "Requests that reused part of their prompt (a slot's sequence or the shared prefix cache).",
             c.prefix_hits.load(Ordering::Relaxed),
         ),
         (
             "caldera_prefix_cache_reused_tokens_total",
             "counter",
-            "Prompt tokens taken from slot caches instead of computed.",
+            "Prompt tokens taken from caches instead of computed.",
             c.reused_tokens.load(Ordering::Relaxed),
         ),
         (
@@ -866,6 +958,7 @@ async fn handle(
         params,
         events: tx,
         cancel: cancel.clone(),
+        waited_for_pages: AtomicBool::new(false),
     };
     if let Err(why) = st.shared.queue.push(job) {
         let mut err = match why {
@@ -873,8 +966,8 @@ async fn handle(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 format!(
-                    "the server is busy: all {} slots are in use and {} requests are already waiting; retry later",
-                    st.cfg.slots, st.cfg.max_queue
+                    "the server is busy: {} requests are already waiting for one of the {} slots or for KV pages; retry later",
+                    st.cfg.max_queue, st.cfg.slots
                 ),
             ),
             Refused::Closed => ApiError::status(

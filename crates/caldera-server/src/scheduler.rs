@@ -8,8 +8,13 @@
 //! while a long prompt comes in. The default stepper runs the slots' runners one after
 //! another; a backend with a batched decode step replaces it without touching this loop.
 //!
-//! Jobs wait in a bounded [`Queue`] until a slot is free; a free slot is matched to the
-//! job whose prompt shares the longest prefix with the tokens it holds. A job whose
+//! Jobs wait in a bounded [`Queue`] until a slot is free and the KV pages the job can
+//! need (prompt + `max_tokens`, at most a slot's context) can be reserved ([`KvBudget`]),
+//! so no request runs out of KV memory halfway; the head of the queue waits for pages
+//! (first come, first served). A job goes to the free slot holding the longest prefix of
+//! its prompt. Idle slots whose backend keeps a shared prefix cache (CPU) give their
+//! pages back when their request ends; other idle slots keep their sequence for reuse
+//! until its pages are needed. A job whose
 //! client went away (its cancel flag) leaves its slot at the start of the next step. A
 //! panic in one slot's step fails that slot's request only: its runner is replaced from
 //! the factory, the other slots go on.
@@ -50,6 +55,8 @@ pub struct Job {
     pub params: GenParams,
     pub events: UnboundedSender<Event>,
     pub cancel: Arc<AtomicBool>,
+    /// Set when the job first had to wait for KV pages at the head of the queue.
+    pub waited_for_pages: AtomicBool,
 }
 
 /// Why a job was not queued.
@@ -61,8 +68,9 @@ pub enum Refused {
     Closed,
 }
 
-/// Jobs waiting for a slot. Admits a job while the waiting jobs are fewer than
-/// `max_queue` plus the free slots (a job for a free slot waits only until the next step).
+/// Jobs waiting for a slot (and KV pages). Admits a job while the waiting jobs are fewer
+/// than `max_queue` plus the free slots (a job for a free slot waits only until the next
+/// step, unless pages are short).
 pub struct Queue {
     inner: Mutex<QueueInner>,
     ready: Condvar,
@@ -80,6 +88,8 @@ struct QueueInner {
 enum Popped {
     Job(Job),
     Empty,
+    /// The next job waits for KV pages.
+    Wait,
     Closed,
 }
 
@@ -142,10 +152,20 @@ impl Queue {
         self.ready.notify_all();
     }
 
-    /// Takes the next job (waiting for one when `block`), counting it as active.
-    fn pop(&self, block: bool) -> Popped {
+    /// Takes the next job (waiting for one when `block`) when `fits` says its pages can
+    /// be reserved (a cancelled job is taken anyway, to be dropped), counting it as active.
+    /// `waits` counts the jobs that had to wait for pages.
+    fn pop(&self, block: bool, fits: impl Fn(&Job) -> bool, waits: &AtomicU64) -> Popped {
         let mut q = self.lock();
         loop {
+            if let Some(j) = q.jobs.front() {
+                if !j.cancel.load(Ordering::Relaxed) && !fits(j) {
+                    if !j.waited_for_pages.swap(true, Ordering::Relaxed) {
+                        waits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Popped::Wait;
+                }
+            }
             if let Some(j) = q.jobs.pop_front() {
                 self.active.fetch_add(1, Ordering::SeqCst);
                 return Popped::Job(j);
@@ -202,13 +222,23 @@ pub struct SlotInfo {
     pub tokens_per_second: f64,
     /// Requests this slot has finished.
     pub requests: u64,
+    /// KV pages the slot's sequence holds (the backend's count, else its length in
+    /// pages).
+    pub kv_pages: usize,
+    /// KV pages reserved for the slot's request (0 when idle).
+    pub kv_reserved: usize,
 }
 
 /// Counters the scheduler keeps for `/metrics`.
 #[derive(Default)]
 pub struct Counters {
-    /// Requests that started with part of their prompt already in the slot.
+    /// Requests that started with part of their prompt already computed (in the slot or
+    /// the backend's shared prefix cache).
     pub prefix_hits: AtomicU64,
+    /// Requests that computed their whole prompt.
+    pub prefix_misses: AtomicU64,
+    /// Requests that waited at the head of the queue for KV pages.
+    pub page_waits: AtomicU64,
     pub reused_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
@@ -219,17 +249,63 @@ pub struct Counters {
     pub restarts: AtomicU64,
 }
 
+/// Live counts of a backend's KV pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolCounts {
+    /// Pages held by at least one sequence.
+    pub in_use: usize,
+    /// Pages in the backend's prefix cache (some may be in use too).
+    pub cached: usize,
+}
+
+/// Reads a backend pool's counts (without waiting for a running step).
+pub type PoolProbe = Box<dyn Fn() -> PoolCounts + Send + Sync>;
+
+/// The KV pages requests are admitted by: the backend's shared pool (CPU), or, where each
+/// runner has its own cache, a budget of the same size as the slots' caches.
+pub struct KvBudget {
+    pub page_tokens: usize,
+    pub total: usize,
+    /// Pages reserved for the requests running now.
+    pub reserved: AtomicUsize,
+    /// The real pool's counts; `None` when the pages are a budget only.
+    pub probe: Option<PoolProbe>,
+}
+
+impl KvBudget {
+    /// Pages of `tokens` positions.
+    pub fn pages_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.page_tokens.max(1))
+    }
+
+    /// Pages held by no running sequence: the pool's (free and cached ones nobody holds),
+    /// else the budget less what the slots hold.
+    pub fn free(&self, slots: &[SlotInfo]) -> usize {
+        match &self.probe {
+            Some(p) => self.total.saturating_sub(p().in_use),
+            None => self
+                .total
+                .saturating_sub(slots.iter().map(|s| s.kv_pages).sum()),
+        }
+    }
+
+    pub fn cached(&self) -> usize {
+        self.probe.as_ref().map_or(0, |p| p().cached)
+    }
+}
+
 /// Shared between the scheduler and the HTTP side.
 pub struct Shared {
     pub queue: Queue,
     pub slots: Mutex<Vec<SlotInfo>>,
     pub counters: Counters,
+    pub kv: KvBudget,
     /// False once the scheduler thread has ended.
     pub alive: AtomicBool,
 }
 
 impl Shared {
-    pub fn new(capacities: &[usize], max_queue: usize) -> Shared {
+    pub fn new(capacities: &[usize], max_queue: usize, kv: KvBudget) -> Shared {
         let slots = capacities
             .iter()
             .map(|&c| SlotInfo {
@@ -241,12 +317,15 @@ impl Shared {
                 generated_tokens: 0,
                 tokens_per_second: 0.0,
                 requests: 0,
+                kv_pages: 0,
+                kv_reserved: 0,
             })
             .collect();
         Shared {
             queue: Queue::new(capacities.len(), max_queue),
             slots: Mutex::new(slots),
             counters: Counters::default(),
+            kv,
             alive: AtomicBool::new(true),
         }
     }
@@ -268,6 +347,49 @@ struct Slot<'t> {
     requests: u64,
     /// Prompt, reused and generated tokens of the last finished request.
     last: (usize, usize, usize),
+    /// KV pages reserved for the running request.
+    reserved: usize,
+    /// When the slot last ended a request (scheduler steps), for choosing which idle
+    /// sequence gives its pages back first.
+    used: u64,
+}
+
+impl Slot<'_> {
+    /// KV pages the sequence holds.
+    fn held(&self, kv: &KvBudget) -> usize {
+        self.gen.as_ref().map_or(0, |g| {
+            g.kv_pages()
+                .unwrap_or_else(|| kv.pages_for(g.context_used()))
+        })
+    }
+
+    /// Ends the running request: its reservation goes back, and a sequence whose
+    /// backend keeps a shared prefix cache gives its pages back too.
+    fn finish(&mut self, shared: &Shared, tick: u64) {
+        self.active = None;
+        shared
+            .kv
+            .reserved
+            .fetch_sub(self.reserved, Ordering::SeqCst);
+        self.reserved = 0;
+        self.used = tick;
+        if let Some(g) = self.gen.as_mut() {
+            if g.shares_prefixes() && !g.reset() {
+                self.gen = None;
+            }
+        }
+        shared.queue.release();
+    }
+}
+
+/// Pages a job can need on a slot of `cap` tokens.
+fn job_pages(kv: &KvBudget, job: &Job, cap: usize) -> usize {
+    let tokens = job
+        .prompt
+        .len()
+        .saturating_add(job.params.max_tokens)
+        .min(cap);
+    kv.pages_for(tokens).max(1)
 }
 
 /// Scheduler settings.
@@ -309,8 +431,15 @@ pub fn run(
             active: None,
             requests: 0,
             last: (0, 0, 0),
+            reserved: 0,
+            used: 0,
         })
         .collect();
+    let cap = slots
+        .iter()
+        .filter_map(|s| s.gen.as_ref().map(|g| g.context_size()))
+        .min()
+        .unwrap_or(0);
     let chunk = settings.prefill_chunk.max(1);
     let mut turn = 0usize;
     loop {
@@ -318,12 +447,19 @@ pub fn run(
         let mut closed = false;
         while slots.iter().any(|s| s.active.is_none()) {
             let busy = slots.iter().any(|s| s.active.is_some());
-            match shared.queue.pop(!busy) {
-                Popped::Job(job) => admit(&mut slots, job, tok, &mut factory, &shared),
-                Popped::Empty => {
+            let kv = &shared.kv;
+            let reserved = kv.reserved.load(Ordering::SeqCst);
+            // Idle sequences give their pages back when needed, so only reservations count.
+            let fits = |j: &Job| reserved + job_pages(kv, j, cap) <= kv.total;
+            match shared.queue.pop(!busy, fits, &shared.counters.page_waits) {
+                Popped::Job(job) => admit(&mut slots, job, tok, &mut factory, &shared, cap),
+                Popped::Empty | Popped::Wait => {
                     if busy {
                         break;
                     }
+                    // Nothing runs, so nothing is reserved (a job larger than the pool is
+                    // refused before it is queued); never wait on a stale count.
+                    kv.reserved.store(0, Ordering::SeqCst);
                 }
                 Popped::Closed => {
                     closed = true;
@@ -337,11 +473,11 @@ pub fn run(
                 .as_ref()
                 .is_some_and(|a| a.job.cancel.load(Ordering::Relaxed))
             {
-                if let Some(a) = s.active.take() {
+                if let Some(a) = s.active.as_ref() {
                     let q = &a.seq;
                     s.last = (q.prompt_tokens(), q.reused_tokens(), q.generated_tokens());
                 }
-                shared.queue.release();
+                s.finish(&shared, turn as u64);
                 shared.counters.cancelled.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -358,13 +494,17 @@ pub fn run(
     }
 }
 
-/// Puts `job` on the free slot holding the longest prefix of its prompt.
+/// Puts `job` on the free slot holding the longest prefix of its prompt, reserving the
+/// KV pages it can need (idle sequences give theirs back, least recently used first, when
+/// the pool would not hold them and the reservations).
+#[allow(clippy::too_many_arguments)]
 fn admit<'t>(
     slots: &mut [Slot<'t>],
     job: Job,
     tok: &'t Tokenizer,
     factory: &mut RunnerFactory,
     shared: &Shared,
+    cap: usize,
 ) {
     if job.cancel.load(Ordering::Relaxed) {
         shared.queue.release();
@@ -387,8 +527,36 @@ fn admit<'t>(
         shared.queue.release();
         return;
     };
+    let kv = &shared.kv;
+    let need = job_pages(kv, &job, cap);
+    let reserved = kv.reserved.fetch_add(need, Ordering::SeqCst) + need;
+    loop {
+        let idle_held: usize = slots
+            .iter()
+            .enumerate()
+            .filter(|(j, s)| *j != i && s.active.is_none())
+            .map(|(_, s)| s.held(kv))
+            .sum();
+        if reserved + idle_held <= kv.total {
+            break;
+        }
+        let Some(victim) = slots
+            .iter()
+            .enumerate()
+            .filter(|(j, s)| *j != i && s.active.is_none() && s.held(kv) > 0)
+            .min_by_key(|(_, s)| s.used)
+            .map(|(j, _)| j)
+        else {
+            break;
+        };
+        let v = &mut slots[victim];
+        if !v.gen.as_mut().is_some_and(|g| g.reset()) {
+            v.gen = None;
+        }
+    }
     let slot = &mut slots[i];
     let fail = |job: &Job, msg: String| {
+        kv.reserved.fetch_sub(need, Ordering::SeqCst);
         let _ = job.events.send(Event::Error(msg));
         shared.queue.release();
         shared.counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -418,7 +586,10 @@ fn admit<'t>(
                 c.prefix_hits.fetch_add(1, Ordering::Relaxed);
                 c.reused_tokens
                     .fetch_add(seq.reused_tokens() as u64, Ordering::Relaxed);
+            } else {
+                c.prefix_misses.fetch_add(1, Ordering::Relaxed);
             }
+            slot.reserved = need;
             c.prompt_tokens
                 .fetch_add(seq.prompt_tokens() as u64, Ordering::Relaxed);
             slot.active = Some(Active { job, seq });
@@ -505,18 +676,18 @@ fn step(
             }
             StepOutcome::Pending => Some("the step did not run".into()),
         };
+        let tick = turn as u64;
         let (Some(gen), Some(active)) = (slot.gen.as_mut(), slot.active.as_mut()) else {
-            if let (Some(e), Some(a)) = (error, slot.active.take()) {
+            if let (Some(e), Some(a)) = (error, slot.active.as_ref()) {
                 let _ = a.job.events.send(Event::Error(e));
-                shared.queue.release();
+                slot.finish(shared, tick);
                 c.failed.fetch_add(1, Ordering::Relaxed);
             }
             continue;
         };
         if let Some(e) = error {
             let _ = active.job.events.send(Event::Error(e));
-            slot.active = None;
-            shared.queue.release();
+            slot.finish(shared, tick);
             c.failed.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -549,8 +720,7 @@ fn step(
                     stats.reused_tokens,
                     stats.generated_tokens,
                 );
-                slot.active = None;
-                shared.queue.release();
+                slot.finish(shared, tick);
             }
             Err(p) => {
                 let _ = job.events.send(Event::Error(format!(
@@ -558,8 +728,7 @@ fn step(
                     panic_message(&*p)
                 )));
                 slot.gen = None;
-                slot.active = None;
-                shared.queue.release();
+                slot.finish(shared, tick);
                 c.restarts.fetch_add(1, Ordering::Relaxed);
                 c.failed.fetch_add(1, Ordering::Relaxed);
             }
@@ -578,6 +747,8 @@ fn publish(slots: &[Slot<'_>], shared: &Shared) {
             inf.context_used = 0;
         }
         inf.requests = s.requests;
+        inf.kv_pages = s.held(&shared.kv);
+        inf.kv_reserved = s.reserved;
         match &s.active {
             Some(a) => {
                 inf.state = if a.seq.prefilling() {

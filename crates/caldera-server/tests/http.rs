@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use caldera_cpu::{CpuBackend, CpuRunner};
+use caldera_cpu::{CpuBackend, CpuRunner, KvConfig, KvPool};
 use caldera_model::{Logits, Model, ModelFile, RunError, Runner, TokenizerSource};
-use caldera_server::{Engine, Server, ServerConfig};
+use caldera_server::{Engine, KvPlan, PoolCounts, Server, ServerConfig};
 use caldera_tokenizer::{ChatTemplate, Tokenizer};
 use serde_json::{json, Value};
 
@@ -53,6 +53,18 @@ impl Runner for TestRunner {
     fn truncate(&mut self, n: usize) -> bool {
         self.inner.truncate(n)
     }
+    fn reuse_prefix(&mut self, t: &[u32], limit: usize) -> usize {
+        self.inner.reuse_prefix(t, limit)
+    }
+    fn shares_prefixes(&self) -> bool {
+        self.inner.shares_prefixes()
+    }
+    fn checkpoint(&mut self) {
+        self.inner.checkpoint()
+    }
+    fn kv_pages(&self) -> Option<usize> {
+        self.inner.kv_pages()
+    }
     fn forward(&mut self, t: &[u32], l: Logits, out: &mut Vec<f32>) -> Result<(), RunError> {
         self.hooks.forwards.fetch_add(1, Ordering::SeqCst);
         if self.hooks.panic_once.swap(false, Ordering::SeqCst) {
@@ -72,6 +84,7 @@ impl Runner for TestRunner {
 struct Fixture {
     server: Server,
     hooks: Arc<Hooks>,
+    pool: Arc<KvPool>,
 }
 
 fn start(cfg: ServerConfig) -> Option<Fixture> {
@@ -80,6 +93,17 @@ fn start(cfg: ServerConfig) -> Option<Fixture> {
 
 /// A server whose chat template is `template` instead of the model's.
 fn start_with(cfg: ServerConfig, template: Option<&str>) -> Option<Fixture> {
+    let pages = cfg.slots * CTX.div_ceil(16);
+    start_kv(cfg, template, pages, true)
+}
+
+/// A server whose CPU backend has a pool of `pages` KV pages of 16 tokens.
+fn start_kv(
+    cfg: ServerConfig,
+    template: Option<&str>,
+    pages: usize,
+    prefix_cache: bool,
+) -> Option<Fixture> {
     let path = model_path()?;
     let file = ModelFile::open(&path).expect("open model");
     let model = Arc::new(Model::from_file(&file).expect("model"));
@@ -93,7 +117,15 @@ fn start_with(cfg: ServerConfig, template: Option<&str>) -> Option<Fixture> {
         .or(file.chat_template.as_deref())
         .map(|s| ChatTemplate::new(s, &bos, &eos).expect("template"));
     let hooks = Arc::new(Hooks::default());
-    let be = Arc::new(CpuBackend::new(model, 2));
+    let kv = KvConfig {
+        page_tokens: 16,
+        max_pages: Some(pages),
+        prefix_cache,
+        snapshots: 0,
+    };
+    let be = Arc::new(CpuBackend::with_kv(model, 2, &kv));
+    let pool = be.kv_pool().clone();
+    let probe = pool.clone();
     let h = hooks.clone();
     let engine = Engine {
         tokenizer: tok,
@@ -105,10 +137,25 @@ fn start_with(cfg: ServerConfig, template: Option<&str>) -> Option<Fixture> {
                 hooks: h.clone(),
             }) as Box<dyn Runner>)
         }),
+        kv: Some(KvPlan {
+            page_tokens: 16,
+            pages,
+            probe: Some(Box::new(move || {
+                let s = probe.stats();
+                PoolCounts {
+                    in_use: s.in_use,
+                    cached: s.cached,
+                }
+            })),
+        }),
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let server = Server::start(engine, cfg, listener).expect("start");
-    Some(Fixture { server, hooks })
+    Some(Fixture {
+        server,
+        hooks,
+        pool,
+    })
 }
 
 struct Resp {
@@ -690,7 +737,9 @@ fn slots_run_together_cancel_and_fail_alone() {
     for slot in s.as_array().unwrap() {
         assert_eq!(slot["requests"], 1, "{s}");
         assert_eq!(slot["generated_tokens"], 24, "{s}");
-        assert!(slot["context_used"].as_u64().unwrap() > 24, "{s}");
+        // The finished sequence went to the shared prefix cache: the slot holds nothing.
+        assert_eq!(slot["context_used"], 0, "{s}");
+        assert_eq!(slot["kv_pages"], 0, "{s}");
     }
 
     // 3 running + 1 queued; the fifth is refused.
@@ -764,6 +813,8 @@ fn slots_run_together_cancel_and_fail_alone() {
     wait_all_idle(addr, Duration::from_secs(5));
     let r = post(addr, "/v1/chat/completions", &chat_body(3));
     assert_eq!(r.status, 200, "{}", r.text());
+    // /slots is refreshed after the step that answered.
+    wait_all_idle(addr, Duration::from_secs(5));
     let m = request(addr, "GET", "/metrics", &[], b"").text();
     assert_eq!(metric(&m, "caldera_slot_restarts_total"), 1.0);
     assert_eq!(metric(&m, "caldera_generations_cancelled_total"), 1.0);
@@ -1048,5 +1099,195 @@ fn native_template_renders_tools() {
     ], "tools": weather_tools(), "max_tokens": 4});
     let r = post(addr, path, &history);
     assert_eq!(r.status, 200, "{}", r.text());
+    f.server.shutdown().unwrap();
+}
+
+/// A request whose pages (prompt + max_tokens) cannot be reserved next to a running one
+/// waits in the queue although a slot is free, then runs once the first is cancelled;
+/// every page comes back.
+#[test]
+fn admission_waits_for_pages_and_cancel_returns_them() {
+    // Two slots of 512 tokens over 40 pages (640 tokens): one request of ~410 tokens
+    // (26 pages) at a time.
+    let Some(f) = start_kv(
+        ServerConfig {
+            slots: 2,
+            ..ServerConfig::default()
+        },
+        None,
+        40,
+        true,
+    ) else {
+        return;
+    };
+    let addr = f.server.addr();
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(metric(&m, "caldera_kv_pages_total"), 40.0);
+    assert_eq!(metric(&m, "caldera_kv_pages_free"), 40.0);
+    f.hooks.delay_ms.store(40, Ordering::SeqCst);
+    let body =
+        json!({"prompt": "1, 2, 3, 4,", "max_tokens": 400, "temperature": 0, "stream": true})
+            .to_string();
+    let mut a = TcpStream::connect(addr).unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    send_head(&mut a, "POST", "/v1/completions", &[], body.len());
+    a.write_all(body.as_bytes()).unwrap();
+    let mut buf = [0u8; 256];
+    let _ = a.read(&mut buf).unwrap();
+    let t = Instant::now();
+    while !states(addr).contains(&"decode".to_string()) {
+        assert!(t.elapsed() < Duration::from_secs(20), "A never decoded");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let b = std::thread::spawn(move || {
+        let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
+                          "stop": [" "]});
+        post(addr, "/v1/completions", &body)
+    });
+    // B waits: one slot busy, one idle, one request queued, A's pages reserved.
+    let t = Instant::now();
+    loop {
+        let h = get_json(addr, "/health");
+        if h["queued"] == 1 {
+            assert_eq!(h["slots_busy"], 1, "{h}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "B never queued: {h}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(get_json(addr, "/health")["queued"], 1);
+    let s = get_json(addr, "/slots");
+    let reserved: u64 = s
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["kv_pages_reserved"].as_u64().unwrap())
+        .sum();
+    assert_eq!(reserved, 26, "{s}");
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(metric(&m, "caldera_kv_pages_reserved"), 26.0);
+    assert!(metric(&m, "caldera_kv_pages_free") < 40.0);
+    assert_eq!(metric(&m, "caldera_kv_admission_waits_total"), 1.0);
+    // A's client hangs up: its slot and pages go, B runs.
+    f.hooks.delay_ms.store(0, Ordering::SeqCst);
+    drop(a);
+    let r = b.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_idle(addr, Duration::from_secs(10));
+    wait_all_idle(addr, Duration::from_secs(5));
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(metric(&m, "caldera_kv_pages_free"), 40.0, "{m}");
+    assert_eq!(metric(&m, "caldera_kv_pages_reserved"), 0.0);
+    assert_eq!(metric(&m, "caldera_generations_cancelled_total"), 1.0);
+    assert_eq!(f.pool.stats().in_use, 0);
+    f.server.shutdown().unwrap();
+}
+
+/// Requests sharing a long system prompt reuse its pages whatever slot computed them; a
+/// warm answer equals the cold one (greedy); pages all come back.
+#[test]
+fn shared_prefix_is_reused_across_requests() {
+    let Some(f) = start(ServerConfig {
+        slots: 2,
+        ..ServerConfig::default()
+    }) else {
+        return;
+    };
+    let addr = f.server.addr();
+    let system = "You are a meticulous assistant for a shipping company. Answer in one short \
+        sentence, in plain English, without lists, and say so when you do not know. The \
+        company runs ferries between three islands and a mainland port.";
+    let ask = |q: &str| {
+        let b = json!({
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+            "max_tokens": 6,
+            "temperature": 0,
+        });
+        let r = post(addr, "/v1/chat/completions", &b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let cold = ask("How many islands are there?");
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(metric(&m, "caldera_prefix_cache_misses_total"), 1.0);
+    assert!(metric(&m, "caldera_kv_pages_cached") >= 3.0, "{m}");
+    ask("What do the ferries carry?");
+    let warm = ask("How many islands are there?");
+    assert_eq!(warm, cold);
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(metric(&m, "caldera_prefix_cache_hits_total"), 2.0, "{m}");
+    let reused = metric(&m, "caldera_prefix_cache_reused_tokens_total");
+    assert!(reused >= 2.0 * 48.0 && reused % 16.0 == 0.0, "{m}");
+    wait_all_idle(addr, Duration::from_secs(5));
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(
+        metric(&m, "caldera_kv_pages_free"),
+        metric(&m, "caldera_kv_pages_total")
+    );
+    f.server.shutdown().unwrap();
+}
+
+/// Without a shared prefix cache, idle slots keep their sequence (per-slot reuse) until
+/// a request needs their pages: then the idle slot gives them back instead of the
+/// request waiting for ever.
+#[test]
+fn idle_slots_give_back_pages_when_needed() {
+    let Some(f) = start_kv(
+        ServerConfig {
+            slots: 2,
+            ..ServerConfig::default()
+        },
+        None,
+        40,
+        false,
+    ) else {
+        return;
+    };
+    let addr = f.server.addr();
+    f.hooks.delay_ms.store(30, Ordering::SeqCst);
+    let long =
+        |w: &str| json!({"prompt": format!("{w} ").repeat(260), "max_tokens": 1, "temperature": 0});
+    let handles: Vec<_> = ["apple", "river"]
+        .into_iter()
+        .map(|w| {
+            let b = long(w);
+            std::thread::spawn(move || post(addr, "/v1/completions", &b).status)
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    f.hooks.delay_ms.store(0, Ordering::SeqCst);
+    wait_all_idle(addr, Duration::from_secs(5));
+    let s = get_json(addr, "/slots");
+    let held: Vec<u64> = (0..2).map(|i| s[i]["kv_pages"].as_u64().unwrap()).collect();
+    assert!(
+        held.iter().all(|&p| p >= 16),
+        "both slots keep their sequence: {s}"
+    );
+    // 26 pages next to 2 x 16+ held: one idle slot must give its pages back.
+    let b =
+        json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stop": [" "]});
+    let r = post(addr, "/v1/completions", &b);
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_all_idle(addr, Duration::from_secs(5));
+    let s = get_json(addr, "/slots");
+    let held: u64 = (0..2).map(|i| s[i]["kv_pages"].as_u64().unwrap()).sum();
+    assert!(held < 16 + 16, "{s}");
+    assert!(
+        (0..2).any(|i| s[i]["context_used"] == 0),
+        "one slot was emptied: {s}"
+    );
+    let m = request(addr, "GET", "/metrics", &[], b"").text();
+    assert_eq!(metric(&m, "caldera_kv_pages_reserved"), 0.0);
+    assert_eq!(
+        metric(&m, "caldera_kv_pages_free"),
+        40.0 - held as f64,
+        "{m}"
+    );
     f.server.shutdown().unwrap();
 }

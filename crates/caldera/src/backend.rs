@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use caldera_cpu::{CpuBackend, CpuRunner};
+use caldera_cpu::{CpuBackend, CpuRunner, KvConfig, KvPool};
 use caldera_model::{Model, Runner};
 use clap::ValueEnum;
 
@@ -59,38 +59,55 @@ pub fn open_runner(args: &BackendArgs, model: Arc<Model>, ctx: usize) -> Result<
 /// Makes runners of `ctx` tokens on demand.
 pub type RunnerMaker = Box<dyn FnMut() -> Result<Box<dyn Runner>> + Send>;
 
-/// A maker of runners for `serve`'s slots, and what the backend is ("cpu, 8 threads").
-/// On the CPU every runner shares one backend, hence one thread pool: the slots step one
-/// after another on all the threads instead of each slot oversubscribing the cores. On
-/// Vulkan the runners share the uploaded weights.
+/// Runners for `serve`'s slots.
+pub struct SlotRunners {
+    pub make: RunnerMaker,
+    /// What the backend is ("cpu, 8 threads").
+    pub desc: String,
+    /// The KV pool the runners share (CPU); `None` where each runner has its own cache.
+    pub pool: Option<Arc<KvPool>>,
+}
+
+/// A maker of runners for `serve`'s slots. On the CPU every runner shares one backend,
+/// hence one thread pool (the slots step one after another on all the threads instead
+/// of each slot oversubscribing the cores) and one KV pool of `kv` pages. On Vulkan the
+/// runners share the uploaded weights and each has its own KV cache of `ctx` tokens.
 pub fn slot_runners(
     args: &BackendArgs,
     model: Arc<Model>,
     ctx: usize,
-) -> Result<(RunnerMaker, String)> {
-    let cpu = |threads: Option<usize>| -> (RunnerMaker, String) {
+    kv: &KvConfig,
+) -> Result<SlotRunners> {
+    let cpu = |threads: Option<usize>| -> Result<SlotRunners> {
         let threads = threads.unwrap_or_else(crate::default_threads);
-        let be = Arc::new(CpuBackend::new(model.clone(), threads));
+        let be = Arc::new(CpuBackend::with_kv(model.clone(), threads, kv));
+        // The whole pool now: a plan that does not fit fails at start-up.
+        be.kv_pool().preallocate()?;
         let desc = format!("cpu, {threads} threads shared by the slots");
-        (
-            Box::new(move || Ok(Box::new(CpuRunner::new(be.clone(), ctx)?) as Box<dyn Runner>)),
+        let pool = Some(be.kv_pool().clone());
+        Ok(SlotRunners {
+            make: Box::new(move || {
+                Ok(Box::new(CpuRunner::new(be.clone(), ctx)?) as Box<dyn Runner>)
+            }),
             desc,
-        )
+            pool,
+        })
     };
-    let vulkan = |first: Box<dyn Runner>, gpu_only: bool| -> (RunnerMaker, String) {
+    let vulkan = |first: Box<dyn Runner>, gpu_only: bool| -> SlotRunners {
         let desc = first.describe();
         let mut first = Some(first);
         let (args, model) = (args.clone(), model.clone());
-        (
-            Box::new(move || match first.take() {
+        SlotRunners {
+            make: Box::new(move || match first.take() {
                 Some(r) => Ok(r),
                 None => vulkan_runner(&args, model.clone(), ctx, gpu_only),
             }),
             desc,
-        )
+            pool: None,
+        }
     };
     match args.backend {
-        Backend::Cpu => Ok(cpu(args.threads)),
+        Backend::Cpu => cpu(args.threads),
         Backend::Vulkan => {
             let first = vulkan_runner(args, model.clone(), ctx, false)?;
             Ok(vulkan(first, false))
@@ -102,15 +119,16 @@ pub fn slot_runners(
                     return Err(e);
                 }
                 eprintln!("caldera: using the CPU backend ({e:#})");
-                Ok(cpu(args.threads))
+                cpu(args.threads)
             }
         },
     }
 }
 
 /// Bytes one sequence of `ctx` tokens keeps besides the weights: f32 K and V rows of
-/// every attention layer that has its own cache, and the recurrent layers' states (what
-/// the CPU backend allocates; the Vulkan backend's f32 cache is the same size).
+/// every attention layer that has its own cache (`sequence_state_bytes(m, 1) -
+/// sequence_state_bytes(m, 0)` per token), and the recurrent layers' states (what the
+/// CPU backend allocates; the Vulkan backend's f32 cache is the same size).
 pub fn sequence_state_bytes(model: &Model, ctx: usize) -> u64 {
     use caldera_model::Mixer;
     let mut bytes = 0u64;

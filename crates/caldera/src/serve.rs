@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use caldera_model::{RunError, Runner};
-use caldera_server::{check_bind, Engine, Server, ServerConfig};
+use caldera_server::{check_bind, Engine, KvPlan, PoolCounts, Server, ServerConfig};
 use clap::Args;
 
-use crate::backend::{sequence_state_bytes, slot_runners, BackendArgs};
+use crate::backend::{sequence_state_bytes, slot_runners, BackendArgs, SlotRunners};
 use crate::load;
 
 #[derive(Args)]
@@ -20,14 +20,21 @@ pub struct ServeArgs {
     pub host: String,
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Sequences served at once (slots), each with its own context of --ctx tokens, its
-    /// own KV cache and its own prefix cache; more requests wait in the queue.
+    /// Sequences served at once (slots), each of at most --ctx tokens; on the CPU their
+    /// KV cache is one pool of pages (--kv-pages) with a shared prefix cache; more
+    /// requests wait in the queue.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub slots: u64,
-    /// Context size in tokens of EACH slot (default: the model's, at most 4096); memory
-    /// for the KV cache is slots x ctx.
+    /// Context size in tokens of EACH slot (default: the model's, at most 4096): the most
+    /// one request can hold. The KV pool is slots x ctx tokens unless --kv-pages says
+    /// otherwise.
     #[arg(long)]
     pub ctx: Option<usize>,
+    /// KV pages (of 16 tokens) shared by all slots on the CPU backend (default: enough for
+    /// every slot's whole context). Fewer pages than that make requests wait for pages
+    /// (admission by prompt + max_tokens); cached prefixes use the pages nobody holds.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1 << 24)))]
+    pub kv_pages: Option<u64>,
     /// Most prompt tokens prefilled per scheduler step (over all slots), so streams that
     /// are decoding keep flowing while a long prompt comes in.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
@@ -77,22 +84,75 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         .unwrap_or_else(|| loaded.model.config.context_length.min(4096))
         .max(1);
     let slots = a.slots as usize;
-    let (mut make, backend_desc) = slot_runners(&a.backend, loaded.model.clone(), ctx)?;
+    let page_tokens = caldera_cpu::paged::DEFAULT_PAGE_TOKENS;
+    let pages = match a.kv_pages {
+        Some(p) => p as usize,
+        None => slots * ctx.div_ceil(page_tokens),
+    };
+    let kv = caldera_cpu::KvConfig {
+        page_tokens,
+        max_pages: Some(pages),
+        prefix_cache: true,
+        // Models with recurrent layers: one prompt snapshot per slot.
+        snapshots: slots,
+    };
+    let SlotRunners {
+        mut make,
+        desc: backend_desc,
+        pool,
+    } = slot_runners(&a.backend, loaded.model.clone(), ctx, &kv)?;
     let weights: u64 = loaded
         .file
         .tensors()
         .iter()
         .map(|t| t.data.len() as u64)
         .sum();
-    let per_slot = sequence_state_bytes(&loaded.model, ctx);
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let state = sequence_state_bytes(&loaded.model, 0);
+    let kv_token = sequence_state_bytes(&loaded.model, 1) - state;
+    let (kv_bytes, kv_desc) = match &pool {
+        Some(p) => (
+            (pages * p.page_bytes()) as u64,
+            format!(
+                "KV pool {pages} pages x {page_tokens} tokens = {} tokens shared by the slots (at most {ctx} per slot; {})",
+                pages * page_tokens,
+                if p.prefix_cache() {
+                    "prefix cache of pages".to_string()
+                } else {
+                    format!("recurrent layers: no page sharing, up to {slots} prompt snapshots")
+                }
+            ),
+        ),
+        None => (
+            kv_token * (ctx * slots) as u64,
+            format!(
+                "KV cache {ctx} tokens per slot, each runner its own (admission budget {pages} pages x {page_tokens} tokens)"
+            ),
+        ),
+    };
+    // On the CPU a hybrid model also keeps one snapshot's recurrent state per slot.
+    let states = if pool.is_some() { 2 * slots } else { slots } as u64;
+    let total = weights + kv_bytes + state * states;
     eprintln!(
-        "caldera: memory plan: weights {:.1} MiB; KV cache and state {:.1} MiB per slot x {slots} slots = {:.1} MiB; total {:.1} MiB",
+        "caldera: memory plan: weights {:.1} MiB; {kv_desc}: {:.1} MiB; recurrent state {:.1} MiB x {states}; total {:.1} MiB",
         mib(weights),
-        mib(per_slot),
-        mib(per_slot * slots as u64),
-        mib(weights + per_slot * slots as u64),
+        mib(kv_bytes),
+        mib(state),
+        mib(total),
     );
+    let kv_plan = KvPlan {
+        page_tokens,
+        pages,
+        probe: pool.map(|p| {
+            Box::new(move || {
+                let s = p.stats();
+                PoolCounts {
+                    in_use: s.in_use,
+                    cached: s.cached,
+                }
+            }) as caldera_server::PoolProbe
+        }),
+    };
     let engine = Engine {
         tokenizer,
         template,
@@ -100,6 +160,7 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         new_runner: Box::new(move || -> Result<Box<dyn Runner>, RunError> {
             make().map_err(Into::into)
         }),
+        kv: Some(kv_plan),
     };
     let name = a.alias.clone().unwrap_or_else(|| {
         a.model
@@ -120,7 +181,7 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
     };
     let server = Server::start(engine, cfg, listener).map_err(anyhow::Error::msg)?;
     eprintln!(
-        "caldera: serving {name} ({}, {} layers) on {backend_desc}: {slots} slot{} of {} tokens each (--ctx is per slot), queue {}, tool calls as {}, on http://{}{}",
+        "caldera: serving {name} ({}, {} layers) on {backend_desc}: {slots} slot{} of {} tokens each (--ctx is per slot), {pages} KV pages, queue {}, tool calls as {}, on http://{}{}",
         loaded.model.config.arch,
         loaded.model.config.n_layers(),
         if slots == 1 { "" } else { "s" },
