@@ -55,18 +55,12 @@ const uint NONE = 0xffffffffu;
 shared float val[MAXE]; // what the weights are taken from: p, the logit or s
 shared float key[MAXE]; // what the top k is chosen by
 shared float rv[RWG];
-shared uint ri[RWG];
 shared uint chosen[MAXK];
 
 float sigm(float v) {
     return 1.0 / (1.0 + exp(-v));
 }
 
-// Whether (va, ia) ranks before (vb, ib): a larger key, or the same key and a lower id;
-// NONE ranks last.
-bool before(float va, uint ia, float vb, uint ib) {
-    return ia != NONE && (ib == NONE || va > vb || (va == vb && ia < ib));
-}
 
 float reduce_max(float v) {
     uint t = gl_LocalInvocationID.x;
@@ -98,23 +92,6 @@ float reduce_add(float v) {
     return r;
 }
 
-// The expert ranking first over the workgroup, given each invocation's best.
-uint reduce_best(float v, uint i) {
-    uint t = gl_LocalInvocationID.x;
-    rv[t] = v;
-    ri[t] = i;
-    barrier();
-    for (uint h = RWG / 2u; h > 0u; h >>= 1) {
-        if (t < h && before(rv[t + h], ri[t + h], rv[t], ri[t])) {
-            rv[t] = rv[t + h];
-            ri[t] = ri[t + h];
-        }
-        barrier();
-    }
-    uint r = ri[0];
-    barrier();
-    return r;
-}
 
 void main() {
     uint t = gl_LocalInvocationID.x;
@@ -163,30 +140,26 @@ void main() {
             key[i] = val[i];
         }
     }
-    barrier();
-    // The top k, one per round: each invocation's best among its experts not chosen yet
-    // (ascending ids, so a strict > keeps the lower id of equal keys), then the
-    // workgroup's.
-    for (uint j = 0u; j < p.k; j++) {
-        float bv = 0.0;
-        uint bi = NONE;
-        for (uint i = t; i < n; i += RWG) {
-            bool taken = false;
-            for (uint c = 0u; c < j; c++) {
-                taken = taken || chosen[c] == i;
-            }
-            float v = key[i];
-            if (!taken && (bi == NONE || v > bv)) {
-                bv = v;
-                bi = i;
-            }
-        }
-        uint best = reduce_best(bv, bi);
-        if (t == 0u) {
-            chosen[j] = best;
-        }
-        barrier();
+    // (Fallback picks should the keys hold NaNs, which rank nothing.)
+    if (t < p.k) {
+        chosen[t] = t;
     }
+    barrier();
+    // The top k by rank: expert i's rank is how many experts come before it (a larger
+    // key, or an equal key and a lower id); ranks 0 .. k - 1 are the chosen, in order.
+    // One pass, no reductions: each invocation ranks its experts against all n.
+    for (uint i = t; i < n; i += RWG) {
+        float ki = key[i];
+        uint rank = 0u;
+        for (uint j = 0u; j < n; j++) {
+            float kj = key[j];
+            rank += (kj > ki || (kj == ki && j < i)) ? 1u : 0u;
+        }
+        if (rank < p.k) {
+            chosen[rank] = i;
+        }
+    }
+    barrier();
     if (t != 0u) {
         return;
     }

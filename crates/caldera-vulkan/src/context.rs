@@ -431,6 +431,11 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         .or_else(|| env_u32("CALDERA_VK_MVG_ROWS"))
         .unwrap_or(1)
         .clamp(1, 4);
+    let mvx_want = env_u32("CALDERA_VK_MVX_WG")
+        .unwrap_or(128)
+        .clamp(16, limit.max(16));
+    let mvx_workgroup_size = (1u32 << (31 - mvx_want.leading_zeros())).max(16);
+    let mvx_rows = env_u32("CALDERA_VK_MVX_ROWS").unwrap_or(2).clamp(1, 4);
     let env_on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
     Tuning {
         int8_dot: info.int8_dot && !opts.force_no_int8_dot && !env_on("CALDERA_VK_NO_DOT"),
@@ -440,6 +445,8 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         mv_rows,
         mvg_workgroup_size,
         mvg_rows,
+        mvx_workgroup_size,
+        mvx_rows,
         rows_per_group: opts.rows_per_group.unwrap_or(2).clamp(1, 64),
         subgroup_reduce: info.subgroup_arithmetic && !force_shared,
         required_subgroup_size,
@@ -606,7 +613,9 @@ fn create_pipeline(
                 return Err(VkError::from_vk(what, r));
             }
         };
-        let (wg, rows) = if desc.mv {
+        let (wg, rows) = if desc.expert {
+            tuning.mvx_shape()
+        } else if desc.mv {
             tuning.mv_shape(desc.glu)
         } else {
             (tuning.workgroup_size, tuning.rows_per_group)

@@ -180,6 +180,8 @@ pub struct KernelDesc {
     pub int8_dot: bool,
     /// A gate|up decode mat-vec: launched with [`Tuning::mv_shape`]`(true)`.
     pub glu: bool,
+    /// An expert mat-vec (`mvx*`, `mvqx*`): launched with [`Tuning::mvx_shape`].
+    pub expert: bool,
     /// A fixed workgroup size (`local_size_x` in the shader, no specialization constant
     /// 0), or 0 for [`Tuning::workgroup_size`].
     pub invocations: u32,
@@ -277,6 +279,7 @@ const fn plain(
         mv: false,
         int8_dot: false,
         glu: false,
+        expert: false,
         invocations: 0,
         shared_bytes: 0,
     }
@@ -355,6 +358,7 @@ const fn mvx(
     KernelDesc {
         bindings: 7,
         push_bytes: MVX_PUSH_BYTES,
+        expert: true,
         ..mv(kernel, name, spv)
     }
 }
@@ -369,26 +373,20 @@ const fn mvqx(
     KernelDesc {
         bindings: 13,
         push_bytes: MVQX_PUSH_BYTES,
+        expert: true,
         ..mvq(kernel, name, spv, int8_dot)
     }
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
 pub const KERNELS: [KernelDesc; 139] = [
-    KernelDesc {
-        kernel: Kernel::RmsNorm,
-        name: "rms_norm",
-        spirv_subgroup: spv!("rms_norm").0,
-        spirv_shared: spv!("rms_norm").1,
-        bindings: 3,
-        push_bytes: RMSNORM_PUSH_BYTES,
-        rows_per_group: false,
-        mv: false,
-        int8_dot: false,
-        glu: false,
-        invocations: 0,
-        shared_bytes: 0,
-    },
+    plain(
+        Kernel::RmsNorm,
+        "rms_norm",
+        spv!("rms_norm"),
+        3,
+        RMSNORM_PUSH_BYTES,
+    ),
     mm(Kernel::MmF32, "mm_f32", spv!("mm_f32")),
     mm(Kernel::MmF16, "mm_f16", spv!("mm_f16")),
     mm(Kernel::MmBF16, "mm_bf16", spv!("mm_bf16")),
@@ -830,6 +828,12 @@ impl Tuning {
             (self.mv_workgroup_size, self.mv_rows)
         }
     }
+
+    /// (workgroup size, outputs per workgroup) of the expert mat-vecs (gate|up ones
+    /// compute two weight rows per output).
+    pub fn mvx_shape(&self) -> (u32, u32) {
+        (self.mvx_workgroup_size, self.mvx_rows)
+    }
 }
 
 /// The launch shape chosen once per device (specialization constants).
@@ -850,6 +854,11 @@ pub struct Tuning {
     /// `CALDERA_VK_MVG_ROWS`.
     pub mvg_workgroup_size: u32,
     pub mvg_rows: u32,
+    /// The same two for the expert mat-vecs (`mvx*`, `mvqx*`), which launch a workgroup
+    /// per (slot, row group): more rows per workgroup means fewer, fuller workgroups;
+    /// `CALDERA_VK_MVX_WG` / `CALDERA_VK_MVX_ROWS`.
+    pub mvx_workgroup_size: u32,
+    pub mvx_rows: u32,
     /// Int8 dot-product instructions are used (the device has them and they are not
     /// switched off with `CALDERA_VK_NO_DOT=1`).
     pub int8_dot: bool,

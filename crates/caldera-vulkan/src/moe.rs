@@ -704,7 +704,7 @@ fn build(ctx: &Context, c: &Call<'_>) -> Result<ExpertDispatches> {
         }
         None => 0,
     };
-    let rb = ctx.tuning().mv_shape(glu).1 as u64;
+    let rb = ctx.tuning().mvx_shape().1 as u64;
     let nr = if glu { 2 * rb } else { rb };
     let gpe = rpe.div_ceil(nr);
     let groups = if c.sum {
