@@ -112,6 +112,7 @@ pub enum Kernel {
     RowsAct = 93,
     MoeRoute = 94,
     MoeCombine = 95,
+    AttnBatch = 96,
 }
 
 /// One entry of the kernel table.
@@ -176,6 +177,9 @@ pub const ATTN_FLASH_PUSH_BYTES: u32 = 44;
 /// `attn_decode` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv, window, hpw,
 /// n_chunks, max_splits, split` (u32), `eps, scale, softcap` (f32).
 pub const ATTN_DECODE_PUSH_BYTES: u32 = 56;
+/// `attn_batch` push constants: [`ATTN_DECODE_PUSH_BYTES`]'s words, then `slot_elems`
+/// (u32).
+pub const ATTN_BATCH_PUSH_BYTES: u32 = 60;
 
 /// Positions per workgroup of `attn_decode` for a sequence of `cap` tokens: 32 (many
 /// small splits keep short contexts parallel), growing up to 128 so that no more than
@@ -296,7 +300,7 @@ const fn mvq(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 96] = [
+pub const KERNELS: [KernelDesc; 97] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -544,6 +548,17 @@ pub const KERNELS: [KernelDesc; 96] = [
         4,
         MOE_COMBINE_PUSH_BYTES,
     ),
+    KernelDesc {
+        // As attn_decode's (attn_batch.comp is attn_decode.comp per column).
+        shared_bytes: (2048 + 256 + 1024 + 4224 + 32 + 256) * 4,
+        ..plain(
+            Kernel::AttnBatch,
+            "attn_batch",
+            spv!("attn_batch"),
+            10,
+            ATTN_BATCH_PUSH_BYTES,
+        )
+    },
 ];
 
 impl Kernel {

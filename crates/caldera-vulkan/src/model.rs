@@ -668,6 +668,26 @@ impl VkModel {
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }
+
+    /// Why this model has no batched decode step (recurrent mixers keep a state per
+    /// sequence that the batched step does not gather yet), or `None`.
+    pub fn batch_unsupported(&self) -> Option<String> {
+        self.layers
+            .iter()
+            .position(|l| matches!(l.mixer, Some(VkMixer::Recurrent(_))))
+            .map(|li| format!("layer {li} is a recurrent mixer"))
+    }
+
+    /// Per layer, the K (= V) values per position of its cache (`None` without one).
+    pub(crate) fn kv_widths(&self) -> Vec<Option<usize>> {
+        self.layers
+            .iter()
+            .map(|l| match &l.mixer {
+                Some(VkMixer::Attention(a)) => Some(a.attn.n_kv_heads * a.attn.head_dim),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Counts of what one runner did (for `bench`).
@@ -756,6 +776,65 @@ pub struct VkRunner {
     /// Device nanoseconds per op label (total, count) over `profile_steps` decode steps.
     profile_ns: HashMap<&'static str, (f64, u64)>,
     profile_steps: u64,
+    /// The batched-decode runner of a [`VkBatch`](crate::VkBatch): its steps are
+    /// columns of different sequences (`attn_batch` over the pooled caches).
+    batch: Option<BatchMode>,
+    /// The pool slot whose region of a [`VkBatch`](crate::VkBatch)'s caches this
+    /// runner's KV caches are (freed when the runner is dropped).
+    pub(crate) lease: Option<crate::batch::SlotLease>,
+}
+
+/// Where a runner's KV caches come from.
+pub(crate) enum KvSource {
+    /// Its own buffers.
+    Own,
+    /// Per layer, views of a pool slot's region (`None` for layers without attention).
+    Views(Vec<Option<(Buffer, Buffer)>>),
+    /// A batched-decode runner of up to `cols` columns over the whole pools, with the
+    /// cache values per pool slot of each layer.
+    Batch {
+        pool: Vec<Option<(Buffer, Buffer)>>,
+        cols: usize,
+        slot_elems: Vec<u32>,
+        mm: BatchMm,
+    },
+}
+
+/// Which mat-vec kernels a batched decode step's weights go through
+/// (`CALDERA_VK_BATCH_MM`): `mm` the batched mat-vec (`mm.glsl`), `mmt` the tiled
+/// matmul, `auto` (default) `mm.glsl` up to 8 columns (one weight read, no work for
+/// absent columns), the tiled matmul for 16 (`mm.glsl` would read the weights twice).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchMm {
+    Auto,
+    Rowwise,
+    Tiled,
+}
+
+impl BatchMm {
+    pub fn from_env() -> BatchMm {
+        match std::env::var("CALDERA_VK_BATCH_MM").as_deref() {
+            Ok("mm") => BatchMm::Rowwise,
+            Ok("mmt") => BatchMm::Tiled,
+            _ => BatchMm::Auto,
+        }
+    }
+}
+
+struct BatchMode {
+    cols: usize,
+    slot_elems: Vec<u32>,
+    mm: BatchMm,
+}
+
+impl BatchMode {
+    fn rowwise(&self, tokens: u64) -> bool {
+        match self.mm {
+            BatchMm::Rowwise => true,
+            BatchMm::Tiled => false,
+            BatchMm::Auto => tokens <= 8,
+        }
+    }
 }
 
 /// (cos, sin) pairs for positions `0..cap`, as the CPU reference computes them.
@@ -789,6 +868,11 @@ fn same_rope(a: &RopeSpec, b: &RopeSpec) -> bool {
 impl VkRunner {
     /// A sequence of up to `cap` tokens.
     pub fn new(m: Arc<VkModel>, cap: usize) -> Result<VkRunner> {
+        Self::build(m, cap, KvSource::Own)
+    }
+
+    /// A runner whose KV caches come from `src`.
+    pub(crate) fn build(m: Arc<VkModel>, cap: usize, src: KvSource) -> Result<VkRunner> {
         let ctx = &m.ctx;
         let cfg = &m.model.config;
         let d = cfg.d_model;
@@ -841,8 +925,17 @@ impl VkRunner {
         while chunk > MIN_CHUNK && chunk as u64 * widest_row > ctx.max_buffer_bytes() {
             chunk /= 2;
         }
-        let step = ctx.create_buffer(16, MemoryKind::Upload)?;
-        let step_dev = ctx.create_buffer(16, MemoryKind::Device)?;
+        // A batched runner: one scratch row per column; step values [8 + 2 c ..] hold
+        // column c's slot and position.
+        let (cols_mult, step_bytes) = match &src {
+            KvSource::Batch { cols, .. } => {
+                chunk = *cols;
+                (*cols, (8 + 2 * *cols) as u64 * 4)
+            }
+            _ => (1, 16),
+        };
+        let step = ctx.create_buffer(step_bytes, MemoryKind::Upload)?;
+        let step_dev = ctx.create_buffer(step_bytes, MemoryKind::Device)?;
         let x_in = ctx.create_buffer((chunk * d * 4) as u64, MemoryKind::Upload)?;
         let x = dev(chunk * d, "the residual stream")?;
         let tmp = dev(chunk * d, "a scratch buffer")?;
@@ -867,8 +960,8 @@ impl VkRunner {
             part_len = part_len.max(a.n_heads * splits * (a.head_dim + 2));
             counts = counts.max(a.n_kv_heads * (a.n_heads / a.n_kv_heads).div_ceil(8));
         }
-        let attn_part = dev(part_len, "the attention partials")?;
-        let attn_count = ctx.upload(&vec![0u8; counts * 4])?;
+        let attn_part = dev(part_len * cols_mult, "the attention partials")?;
+        let attn_count = ctx.upload(&vec![0u8; counts * cols_mult * 4])?;
         let tail_count = ctx.upload(&vec![0u8; widest.div_ceil(32) * 4])?;
         let xq = [
             dev(widest.div_ceil(4), "the quantized activations")?,
@@ -913,10 +1006,18 @@ impl VkRunner {
             } else {
                 n
             };
-            kv.push(Some((
-                dev(words, "a layer's K cache")?,
-                dev(words, "a layer's V cache")?,
-            )));
+            let caches = match &src {
+                KvSource::Own => (
+                    dev(words, "a layer's K cache")?,
+                    dev(words, "a layer's V cache")?,
+                ),
+                KvSource::Views(v) | KvSource::Batch { pool: v, .. } => {
+                    v.get(li).cloned().flatten().ok_or_else(|| {
+                        VkError::Invalid(format!("layer {li}: no pooled KV cache"))
+                    })?
+                }
+            };
+            kv.push(Some(caches));
             let table = match &at.attn.rope {
                 None => None,
                 Some(spec) => {
@@ -947,8 +1048,23 @@ impl VkRunner {
             dev(vocab, "a logits row")?,
             ctx.create_buffer((vocab * 4) as u64, MemoryKind::Readback)?,
         );
-        let all_rows =
-            (ctx.max_buffer_bytes() / (vocab as u64 * 4)).clamp(1, chunk as u64) as usize;
+        let all_rows = match &src {
+            KvSource::Batch { cols, .. } => *cols,
+            _ => (ctx.max_buffer_bytes() / (vocab as u64 * 4)).clamp(1, chunk as u64) as usize,
+        };
+        let batch = match src {
+            KvSource::Batch {
+                cols,
+                slot_elems,
+                mm,
+                ..
+            } => Some(BatchMode {
+                cols,
+                slot_elems,
+                mm,
+            }),
+            _ => None,
+        };
         Ok(VkRunner {
             stats: StepStats {
                 decode_submits: 1,
@@ -995,6 +1111,8 @@ impl VkRunner {
             fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").map_or(true, |v| v != "0"),
             profile_ns: HashMap::new(),
             profile_steps: 0,
+            batch,
+            lease: None,
         })
     }
 
@@ -1024,7 +1142,7 @@ impl VkRunner {
         let d = cfg.d_model;
         let eps = cfg.norm_eps;
         // One token: the decode mat-vecs (mv.glsl); more: the batched ones (mm.glsl).
-        let decode = bucket == 1;
+        let decode = self.is_decode(bucket);
         let mut ops: Vec<(&'static str, Op)> = Vec::new();
         // Decode: xq / xd already hold the next q|k|v input (the previous layer's down
         // mat-vec quantized it).
@@ -1104,7 +1222,7 @@ impl VkRunner {
                 eps,
                 ..Default::default()
             };
-            let head = Mm::new(ctx, m.output.ty, &m.output.t, m.output.k as u64, &io, mode)?;
+            let head = self.mm(ctx, m.output.ty, &m.output.t, m.output.k as u64, &io, mode)?;
             ops.push(("head", Op::Mm(vec![head])));
         }
         let in_bytes = (bucket * d * 4) as u64;
@@ -1113,7 +1231,7 @@ impl VkRunner {
         let profiled = self.profile && (decode || self.trace);
         let rec = ctx.record_with(profiled, |r: &mut Recorder<'_>| {
             r.copy(&self.x_in, &self.x, in_bytes)?;
-            r.copy(&self.step, &self.step_dev, 16)?;
+            r.copy(&self.step, &self.step_dev, self.step.size())?;
             r.mark("input");
             for (label, op) in &ops {
                 match op {
@@ -1148,6 +1266,29 @@ impl VkRunner {
         Ok(Step { rec })
     }
 
+    /// Whether a step of `bucket` tokens is a single-sequence decode step (the decode
+    /// mat-vecs and `attn_decode`); a batched runner's steps never are.
+    fn is_decode(&self, bucket: usize) -> bool {
+        bucket == 1 && self.batch.is_none()
+    }
+
+    /// A [`Mm`], kept on the batched mat-vec where a batched decode step wants it.
+    fn mm(
+        &self,
+        ctx: &Context,
+        ty: GgmlType,
+        w: &crate::memory::DeviceTensor,
+        k: u64,
+        io: &MmIo<'_>,
+        mode: MmMode,
+    ) -> Result<Mm> {
+        let rowwise = self
+            .batch
+            .as_ref()
+            .is_some_and(|b| b.rowwise(io.max_tokens));
+        Mm::new(ctx, ty, w, k, io, MmMode { rowwise, ..mode })
+    }
+
     /// Attention over the step's tokens: norm + q|k|v, then (decode) `attn_decode` or
     /// (prefill) `rope_kv` and `attention` (and the output gate), then the o-projection
     /// + residual.
@@ -1166,7 +1307,7 @@ impl VkRunner {
         let d = m.model.config.d_model;
         let eps = m.model.config.norm_eps;
         let b = bucket as u64;
-        let decode = bucket == 1;
+        let decode = self.is_decode(bucket);
         let wg_bind = |k: Kernel, bufs: &[&Buffer]| ctx.bind(k, bufs);
         let a = &l.attn;
         let (hd, nh, nkv) = (a.head_dim, a.n_heads, a.n_kv_heads);
@@ -1206,7 +1347,7 @@ impl VkRunner {
                 eps,
                 ..Default::default()
             };
-            group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+            group.push(self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
         }
         if !decode {
             ops.push(("qkv", Op::Mm(group)));
@@ -1234,6 +1375,65 @@ impl VkRunner {
         // Decode: one kernel for norm + RoPE + KV write + attention (+ output gate),
         // which also quantizes its output for the o-projection when that runs on int8.
         let o_q8 = decode && self.q8_input(&l.o) && hd.is_multiple_of(32);
+        if let (false, Some(bm)) = (decode, &self.batch) {
+            // Batched decode: every column attends over its own slot of the pools.
+            let gsize = nh / nkv;
+            let hpw = gsize.min(8);
+            let n_chunks = gsize.div_ceil(hpw);
+            let split = attn_split(self.cap);
+            let max_splits = self.cap.div_ceil(split);
+            let slot_elems = *bm
+                .slot_elems
+                .get(li)
+                .ok_or_else(|| VkError::Invalid(format!("layer {li}: no pooled KV cache")))?;
+            let binding = wg_bind(
+                Kernel::AttnBatch,
+                &[
+                    &self.qkv,
+                    kc,
+                    vc,
+                    &self.att,
+                    &self.step_dev,
+                    l.q_norm.as_ref().unwrap_or(dummy),
+                    l.k_norm.as_ref().unwrap_or(dummy),
+                    rope_buf,
+                    &self.attn_part,
+                    &self.attn_count,
+                ],
+            )?;
+            let gate_flag = if a.q_gate { 32 } else { 0 };
+            let push = push_words(&[
+                u32_of(nh, "heads")?,
+                u32_of(nkv, "kv heads")?,
+                u32_of(hd, "head size")?,
+                u32_of(n_rot, "rotated dims")?,
+                flags | gate_flag | (self.attn_stop << 8),
+                u32_of(ld_qkv, "qkv width")?,
+                u32_of(a.window.unwrap_or(0).min(u32::MAX as usize), "window")?,
+                hpw as u32,
+                n_chunks as u32,
+                u32_of(max_splits, "attention splits")?,
+                split as u32,
+                eps.to_bits(),
+                a.scale.to_bits(),
+                a.softcap.unwrap_or(0.0).to_bits(),
+                slot_elems,
+            ]);
+            let groups = (bucket * nkv * n_chunks * max_splits) as u64;
+            ops.push(("attention", Op::Kernel(binding, push, groups)));
+            return self.push_out_proj(
+                ops,
+                "o",
+                &l.o,
+                &self.att,
+                (nh * hd) as u64,
+                None,
+                layer.post_norm.as_ref(),
+                b,
+                &mut QState::default(),
+                None,
+            );
+        }
         if decode {
             let gsize = nh / nkv;
             let hpw = gsize.min(8);
@@ -1384,7 +1584,7 @@ impl VkRunner {
         let d = m.model.config.d_model;
         let eps = m.model.config.norm_eps;
         let b = bucket as u64;
-        let decode = bucket == 1;
+        let decode = self.is_decode(bucket);
         let state = self.states[li]
             .as_ref()
             .ok_or_else(|| VkError::Invalid(format!("layer {li}: no recurrent state")))?;
@@ -1422,7 +1622,7 @@ impl VkRunner {
                     eps,
                     ..Default::default()
                 };
-                group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+                group.push(self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
             }
             ops.push(("mixer_in", Op::Mm(group)));
         }
@@ -1519,7 +1719,7 @@ impl VkRunner {
         let d = m.model.config.d_model;
         let eps = m.model.config.norm_eps;
         let b = bucket as u64;
-        let decode = bucket == 1;
+        let decode = self.is_decode(bucket);
         let glu = match mlp.act {
             MlpAct::Glu(act) => Some(act),
             MlpAct::Relu2 => None,
@@ -1570,7 +1770,7 @@ impl VkRunner {
             };
             ops.push((
                 "gate_up",
-                Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+                Op::Mm(vec![self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
             ));
             if mlp.act == MlpAct::Relu2 {
                 let ff = mlp.d_ff as u64;
@@ -1630,7 +1830,7 @@ impl VkRunner {
                     };
                     ops.push((
                         "down",
-                        Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+                        Op::Mm(vec![self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
                     ));
                     Ok(())
                 }
@@ -1654,7 +1854,7 @@ impl VkRunner {
         let d = m.model.config.d_model;
         let eps = m.model.config.norm_eps;
         let b = bucket as u64;
-        let decode = bucket == 1;
+        let decode = self.is_decode(bucket);
         let n = moe.spec.n_experts;
         let slots = moe.slots();
         if decode {
@@ -1730,7 +1930,7 @@ impl VkRunner {
             let p = &moe.router;
             ops.push((
                 "router",
-                Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+                Op::Mm(vec![self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
             ));
             let route = MoeRoute::new(
                 ctx,
@@ -1904,7 +2104,7 @@ impl VkRunner {
         } else {
             &self.x
         };
-        if b == 1 {
+        if self.is_decode(b as usize) {
             // Decode: a plain mat-vec over the input's first row.
             let mode = MvMode {
                 add: post_norm.is_none(),
@@ -1932,7 +2132,7 @@ impl VkRunner {
             };
             ops.push((
                 label,
-                Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+                Op::Mm(vec![self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
             ));
         }
         if let Some(pn) = post_norm {
@@ -1941,6 +2141,80 @@ impl VkRunner {
             ops.push(("add_norm", Op::Kernel(binding, push, b)));
         }
         Ok(())
+    }
+
+    /// Writes the input embeddings of `tokens` into `x_in`.
+    fn write_embeddings(&mut self, tokens: impl Iterator<Item = u32>) -> Result<()> {
+        let cfg = &self.m.model.config;
+        let w = &self.m.model.weights.tok_embd;
+        self.embed_bytes.clear();
+        for t in tokens {
+            quant::dequantize(w.ty, w.row(t as usize), &mut self.embed_row)
+                .map_err(|e| VkError::Invalid(format!("token embedding {t}: {e}")))?;
+            let sc = cfg.embed_scale.unwrap_or(1.0);
+            for v in &self.embed_row {
+                self.embed_bytes.extend_from_slice(&(v * sc).to_le_bytes());
+            }
+        }
+        self.m.ctx.write_mapped(&self.x_in, 0, &self.embed_bytes)
+    }
+
+    /// Columns a batched runner's step takes at most (0 for other runners).
+    pub(crate) fn batch_cols(&self) -> usize {
+        self.batch.as_ref().map_or(0, |b| b.cols)
+    }
+
+    /// A batched decode step (batched runners only): column c decodes token `cols[c].2`
+    /// of the sequence in pool slot `cols[c].0` at position `cols[c].1`; `out` receives
+    /// the columns' logits rows, in order. Runs in the recording of the smallest bucket
+    /// (power of two) holding the columns; the padding columns do nothing.
+    pub(crate) fn run_batch(&mut self, cols: &[(u32, u32, u32)], out: &mut Vec<f32>) -> Result<()> {
+        let max = self.batch_cols();
+        let n = cols.len();
+        if n == 0 || n > max {
+            return Err(VkError::Invalid(format!(
+                "a batched step of {n} sequences on a batch of up to {max}"
+            )));
+        }
+        let bucket = n.next_power_of_two();
+        let key = (bucket, true);
+        if !self.steps.contains_key(&key) {
+            let s = self.record_step(bucket, true)?;
+            self.steps.insert(key, s);
+        }
+        self.write_embeddings(cols.iter().map(|c| c.2))?;
+        let mut words = vec![n as u32, 0, 0, n as u32, 0, 0, 0, 0];
+        for &(slot, pos, _) in cols {
+            words.extend([slot, pos]);
+        }
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let ctx = &self.m.ctx;
+        ctx.write_mapped(&self.step, 0, &bytes)?;
+        let t0 = std::time::Instant::now();
+        ctx.submit(&self.steps[&key].rec)?;
+        if self.trace {
+            eprintln!(
+                "batched step of {n} sequences (bucket {bucket}): {:?}",
+                t0.elapsed()
+            );
+        }
+        self.stats.steps += 1;
+        self.stats.tokens += n as u64;
+        let host = self
+            .logits_all
+            .as_ref()
+            .map(|l| &l.1)
+            .ok_or_else(|| VkError::Invalid("the all-rows logits buffer is missing".into()))?;
+        let vocab = self.m.model.config.vocab_size;
+        out.clear();
+        ctx.read_mapped_f32(host, 0, n * vocab, out)
+    }
+
+    /// Counts a token decoded by a batched step for this sequence.
+    pub(crate) fn advance(&mut self) {
+        self.len += 1;
+        self.stats.steps += 1;
+        self.stats.tokens += 1;
     }
 
     /// Runs one step of `tokens` (at most `self.chunk`) at position `self.len`; logits of
@@ -1958,19 +2232,9 @@ impl VkRunner {
             }
             self.steps.insert(key, s);
         }
+        self.write_embeddings(tokens.iter().copied())?;
         let cfg = &self.m.model.config;
-        let w = &self.m.model.weights.tok_embd;
-        self.embed_bytes.clear();
-        for &t in tokens {
-            quant::dequantize(w.ty, w.row(t as usize), &mut self.embed_row)
-                .map_err(|e| VkError::Invalid(format!("token embedding {t}: {e}")))?;
-            let sc = cfg.embed_scale.unwrap_or(1.0);
-            for v in &self.embed_row {
-                self.embed_bytes.extend_from_slice(&(v * sc).to_le_bytes());
-            }
-        }
         let ctx = &self.m.ctx;
-        ctx.write_mapped(&self.x_in, 0, &self.embed_bytes)?;
         let vals = [
             n as u32,
             self.len as u32,
@@ -2120,6 +2384,10 @@ impl caldera_model::Runner for VkRunner {
 
     fn measure_bandwidth(&mut self) -> Option<f64> {
         self.m.ctx.measure_copy_bandwidth().ok()
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 
     fn len(&self) -> usize {

@@ -167,6 +167,10 @@ pub struct MmMode {
     pub token_select: bool,
     /// RMSNorm epsilon.
     pub eps: f32,
+    /// Keep the batched mat-vec (`mm.glsl`) over several tokens instead of the tiled
+    /// matmul (batched decode of a few sequences: each weight row is read once per 8
+    /// tokens either way, and `mm.glsl` does no work for a tile's missing tokens).
+    pub rowwise: bool,
 }
 
 /// The activation of a gated MLP folded into its down projection.
@@ -217,7 +221,7 @@ impl Mm {
         mode: MmMode,
     ) -> Result<Mm> {
         let t = io.max_tokens.max(1);
-        let tiled = ctx.tuning().tiled_mm && t > 1;
+        let tiled = ctx.tuning().tiled_mm && t > 1 && !mode.rowwise;
         let kernel = if tiled {
             Kernel::mmt_for(ty)
         } else {
