@@ -42,6 +42,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use caldera_engine::{FinishReason, GenParams};
+use caldera_model::BatchStepper;
+#[cfg(doc)]
 use caldera_model::SerialStepper;
 use caldera_tokenizer::{ChatTemplate, Tokenizer};
 use scheduler::{Event, Job, Refused, Settings, Shared};
@@ -54,13 +56,16 @@ use request::{Input, Parsed};
 pub use scheduler::RunnerFactory;
 
 /// What the server runs: the tokenizer, the chat template, the architecture name (for
-/// the tool-call format), and a way to make runners (one per slot at start-up, another
-/// after a slot's generation panicked).
+/// the tool-call format), a way to make runners (one per slot at start-up, another
+/// after a slot's generation panicked) and the stepper that runs a step of the slots
+/// ([`SerialStepper`]: one runner after another; a backend with a batched decode gives
+/// its own).
 pub struct Engine {
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
     pub arch: String,
     pub new_runner: RunnerFactory,
+    pub stepper: Box<dyn BatchStepper>,
 }
 
 /// Server settings.
@@ -173,6 +178,7 @@ impl Server {
             template,
             arch,
             mut new_runner,
+            stepper,
         } = engine;
         if cfg.slots == 0 {
             return Err("the server needs at least one slot".into());
@@ -199,16 +205,7 @@ impl Server {
             };
             std::thread::Builder::new()
                 .name("caldera-scheduler".into())
-                .spawn(move || {
-                    scheduler::run(
-                        tok,
-                        new_runner,
-                        runners,
-                        Box::new(SerialStepper),
-                        sh,
-                        settings,
-                    )
-                })
+                .spawn(move || scheduler::run(tok, new_runner, runners, stepper, sh, settings))
                 .map_err(|e| format!("cannot start the scheduler thread: {e}"))?
         };
         let addr = listener.local_addr().map_err(|e| e.to_string())?;

@@ -105,6 +105,7 @@ fn start_with(cfg: ServerConfig, template: Option<&str>) -> Option<Fixture> {
                 hooks: h.clone(),
             }) as Box<dyn Runner>)
         }),
+        stepper: Box::new(caldera_model::SerialStepper),
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let server = Server::start(engine, cfg, listener).expect("start");

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use caldera_cpu::{CpuBackend, CpuRunner};
-use caldera_model::{Model, Runner};
+use caldera_model::{BatchStepper, Model, Runner, SerialStepper};
 use clap::ValueEnum;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -59,44 +59,84 @@ pub fn open_runner(args: &BackendArgs, model: Arc<Model>, ctx: usize) -> Result<
 /// Makes runners of `ctx` tokens on demand.
 pub type RunnerMaker = Box<dyn FnMut() -> Result<Box<dyn Runner>> + Send>;
 
-/// A maker of runners for `serve`'s slots, and what the backend is ("cpu, 8 threads").
-/// On the CPU every runner shares one backend, hence one thread pool: the slots step one
-/// after another on all the threads instead of each slot oversubscribing the cores. On
-/// Vulkan the runners share the uploaded weights.
+/// What runs several sequences (`serve`'s slots, `bench --batch`): a maker of their
+/// runners, what the backend is ("cpu, 8 threads"), and the stepper of a step over them.
+pub struct SlotRunners {
+    pub make: RunnerMaker,
+    pub desc: String,
+    pub stepper: Box<dyn BatchStepper>,
+}
+
+/// Runners for `slots` sequences of `ctx` tokens. On the CPU every runner shares one
+/// backend, hence one thread pool: the slots step one after another on all the threads
+/// instead of each slot oversubscribing the cores. On Vulkan the runners share the
+/// uploaded weights and, for models with a batched decode step (attention-only), one
+/// pool of KV caches (`VkBatch`): their decode steps run together, one weight read for
+/// all (`CALDERA_VK_NO_BATCH=1` steps them one after another instead).
 pub fn slot_runners(
     args: &BackendArgs,
     model: Arc<Model>,
     ctx: usize,
-) -> Result<(RunnerMaker, String)> {
-    let cpu = |threads: Option<usize>| -> (RunnerMaker, String) {
+    slots: usize,
+) -> Result<SlotRunners> {
+    let cpu = |threads: Option<usize>| -> SlotRunners {
         let threads = threads.unwrap_or_else(crate::default_threads);
         let be = Arc::new(CpuBackend::new(model.clone(), threads));
-        let desc = format!("cpu, {threads} threads shared by the slots");
-        (
-            Box::new(move || Ok(Box::new(CpuRunner::new(be.clone(), ctx)?) as Box<dyn Runner>)),
-            desc,
-        )
+        SlotRunners {
+            make: Box::new(move || {
+                Ok(Box::new(CpuRunner::new(be.clone(), ctx)?) as Box<dyn Runner>)
+            }),
+            desc: format!("cpu, {threads} threads shared by the slots"),
+            stepper: Box::new(SerialStepper),
+        }
     };
-    let vulkan = |first: Box<dyn Runner>, gpu_only: bool| -> (RunnerMaker, String) {
-        let desc = first.describe();
+    let vulkan = |gpu_only: bool| -> Result<SlotRunners> {
+        let vk = vulkan_model(args, model.clone(), gpu_only)?;
+        let no_batch = std::env::var("CALDERA_VK_NO_BATCH").is_ok_and(|v| v == "1");
+        let why_not = vk.batch_unsupported();
+        if let (Some(why), false) = (&why_not, no_batch) {
+            eprintln!(
+                "caldera: no batched decode on Vulkan for this model ({why}): the slots decode one after another"
+            );
+        }
+        if no_batch || why_not.is_some() {
+            let first = caldera_vulkan::VkRunner::new(vk.clone(), ctx)?;
+            let desc = first.describe();
+            let mut first = Some(first);
+            return Ok(SlotRunners {
+                make: Box::new(move || {
+                    let r = match first.take() {
+                        Some(r) => r,
+                        None => caldera_vulkan::VkRunner::new(vk.clone(), ctx)?,
+                    };
+                    Ok(Box::new(r) as Box<dyn Runner>)
+                }),
+                desc,
+                stepper: Box::new(SerialStepper),
+            });
+        }
+        let batch = caldera_vulkan::VkBatch::new(vk, slots, ctx)?;
+        let first = batch.runner()?;
+        let desc = format!("{}; slots decode in batched steps", first.describe());
         let mut first = Some(first);
-        let (args, model) = (args.clone(), model.clone());
-        (
-            Box::new(move || match first.take() {
-                Some(r) => Ok(r),
-                None => vulkan_runner(&args, model.clone(), ctx, gpu_only),
+        let b = batch.clone();
+        Ok(SlotRunners {
+            make: Box::new(move || {
+                let r = match first.take() {
+                    Some(r) => r,
+                    None => b.runner()?,
+                };
+                Ok(Box::new(r) as Box<dyn Runner>)
             }),
             desc,
-        )
+            stepper: Box::new(caldera_vulkan::VkBatchStepper::new(batch)),
+        })
     };
     match args.backend {
         Backend::Cpu => Ok(cpu(args.threads)),
-        Backend::Vulkan => {
-            let first = vulkan_runner(args, model.clone(), ctx, false)?;
-            Ok(vulkan(first, false))
-        }
-        Backend::Auto => match vulkan_runner(args, model.clone(), ctx, true) {
-            Ok(first) => Ok(vulkan(first, true)),
+        Backend::Vulkan => vulkan(false),
+        Backend::Auto => match vulkan(true) {
+            Ok(s) => Ok(s),
             Err(e) => {
                 if args.device.is_some() {
                     return Err(e);
@@ -186,6 +226,17 @@ fn vulkan_runner(
     ctx: usize,
     gpu_only: bool,
 ) -> Result<Box<dyn Runner>> {
+    let vk = vulkan_model(args, model, gpu_only)?;
+    Ok(Box::new(caldera_vulkan::VkRunner::new(vk, ctx)?))
+}
+
+/// `model`'s weights on the chosen Vulkan device: uploaded now, or kept from the last
+/// call for the same model and device.
+fn vulkan_model(
+    args: &BackendArgs,
+    model: Arc<Model>,
+    gpu_only: bool,
+) -> Result<Arc<caldera_vulkan::VkModel>> {
     let index = pick_vulkan_device(args, gpu_only)?;
     let mut cache = VK_MODEL.lock().unwrap_or_else(|e| e.into_inner());
     let vk = match cache.as_ref() {
@@ -225,5 +276,5 @@ fn vulkan_runner(
             m
         }
     };
-    Ok(Box::new(caldera_vulkan::VkRunner::new(vk, ctx)?))
+    Ok(vk)
 }

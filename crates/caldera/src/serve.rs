@@ -8,7 +8,7 @@ use caldera_model::{RunError, Runner};
 use caldera_server::{check_bind, Engine, Server, ServerConfig};
 use clap::Args;
 
-use crate::backend::{sequence_state_bytes, slot_runners, BackendArgs};
+use crate::backend::{sequence_state_bytes, slot_runners, BackendArgs, SlotRunners};
 use crate::load;
 
 #[derive(Args)]
@@ -77,7 +77,11 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         .unwrap_or_else(|| loaded.model.config.context_length.min(4096))
         .max(1);
     let slots = a.slots as usize;
-    let (mut make, backend_desc) = slot_runners(&a.backend, loaded.model.clone(), ctx)?;
+    let SlotRunners {
+        mut make,
+        desc: backend_desc,
+        stepper,
+    } = slot_runners(&a.backend, loaded.model.clone(), ctx, slots)?;
     let weights: u64 = loaded
         .file
         .tensors()
@@ -100,6 +104,7 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         new_runner: Box::new(move || -> Result<Box<dyn Runner>, RunError> {
             make().map_err(Into::into)
         }),
+        stepper,
     };
     let name = a.alias.clone().unwrap_or_else(|| {
         a.model

@@ -237,6 +237,16 @@ fn vulkan_batch_matches_alone_llama() {
     );
 }
 
+/// A mixture of experts (the qwen3_moe fixture): routing and the experts per column.
+#[test]
+fn vulkan_batch_matches_alone_qwen3_moe() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let p = fx.join("qwen3_moe");
+    scenario(dev, &p, false, BatchMm::Auto, 1e-4, Size::Small);
+}
+
 /// gemma-3-270m (Q4_K_M; sliding-window and global layers, post-norms, 262k vocabulary)
 /// in the short scenario: within 1e-2 (quantized weights read by different kernels alone
 /// and batched).
