@@ -801,9 +801,14 @@ pub(crate) enum KvSource {
 }
 
 /// Which mat-vec kernels a batched decode step's weights go through
-/// (`CALDERA_VK_BATCH_MM`): `mm` the batched mat-vec (`mm.glsl`), `mmt` the tiled
-/// matmul, `auto` (default) `mm.glsl` up to 8 columns (one weight read, no work for
-/// absent columns), the tiled matmul for 16 (`mm.glsl` would read the weights twice).
+/// (`CALDERA_VK_BATCH_MM`): `mm` the batched mat-vec (`mm.glsl`: 8 columns per pass over
+/// the weights, f32 activations), `mmt` the tiled matmul (one pass for up to 64 columns,
+/// each weight block dequantized once into shared memory), `auto` (default): the tiled
+/// matmul. Reasoning, not measurement of this step: on the H100 `mm.glsl` ran a 12288 x
+/// 4096 matmul at 0.25 TFLOP/s against 24.8 for `mmt` (docs/ARCHITECTURE.md), i.e. ~3 ms
+/// per 8-column pass, far slower than the weight read itself, while `mmt` costs about a
+/// 64-token tile whatever the column count. Neither is the right kernel for a few
+/// columns (an int8 multi-column `mvq` is); this switch is there to time them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchMm {
     Auto,
@@ -832,7 +837,7 @@ impl BatchMode {
         match self.mm {
             BatchMm::Rowwise => true,
             BatchMm::Tiled => false,
-            BatchMm::Auto => tokens <= 8,
+            BatchMm::Auto => tokens <= 1,
         }
     }
 }

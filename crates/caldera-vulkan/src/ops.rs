@@ -168,8 +168,7 @@ pub struct MmMode {
     /// RMSNorm epsilon.
     pub eps: f32,
     /// Keep the batched mat-vec (`mm.glsl`) over several tokens instead of the tiled
-    /// matmul (batched decode of a few sequences: each weight row is read once per 8
-    /// tokens either way, and `mm.glsl` does no work for a tile's missing tokens).
+    /// matmul (a batched decode step may ask for it: `CALDERA_VK_BATCH_MM=mm`).
     pub rowwise: bool,
 }
 
