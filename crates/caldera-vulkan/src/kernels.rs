@@ -113,6 +113,15 @@ pub enum Kernel {
     MoeRoute = 94,
     MoeCombine = 95,
     AttnBatch = 96,
+    MvqnQ4_0 = 97,
+    MvqnQ8_0 = 98,
+    MvqnQ4K = 99,
+    MvqnQ6K = 100,
+    MvqneQ4_0 = 101,
+    MvqneQ8_0 = 102,
+    MvqneQ4K = 103,
+    MvqneQ6K = 104,
+    QuantRows = 105,
 }
 
 /// One entry of the kernel table.
@@ -180,6 +189,10 @@ pub const ATTN_DECODE_PUSH_BYTES: u32 = 56;
 /// `attn_batch` push constants: [`ATTN_DECODE_PUSH_BYTES`]'s words, then `slot_elems`
 /// (u32).
 pub const ATTN_BATCH_PUSH_BYTES: u32 = 60;
+/// `mvqn_*` push constants: `k, rows, y_offset, ld_y, flags` (u32), `cap` (f32).
+pub const MVQN_PUSH_BYTES: u32 = 24;
+/// `quant_rows` push constants: `k, flags` (u32), `eps` (f32), `ld_x, gpr` (u32).
+pub const QUANT_ROWS_PUSH_BYTES: u32 = 20;
 
 /// Positions per workgroup of `attn_decode` for a sequence of `cap` tokens: 32 (many
 /// small splits keep short contexts parallel), growing up to 128 so that no more than
@@ -299,8 +312,22 @@ const fn mvq(
     }
 }
 
+/// A batched decode mat-vec on int8 activations (`mvqn.glsl`): the context's workgroup
+/// size, 2 rows per workgroup.
+const fn mvqn(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+    int8_dot: bool,
+) -> KernelDesc {
+    KernelDesc {
+        int8_dot,
+        ..plain(kernel, name, spv, 5, MVQN_PUSH_BYTES)
+    }
+}
+
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 97] = [
+pub const KERNELS: [KernelDesc; 106] = [
     KernelDesc {
         kernel: Kernel::RmsNorm,
         name: "rms_norm",
@@ -559,6 +586,21 @@ pub const KERNELS: [KernelDesc; 97] = [
             ATTN_BATCH_PUSH_BYTES,
         )
     },
+    mvqn(Kernel::MvqnQ4_0, "mvqn_q4_0", spv!("mvqn_q4_0"), true),
+    mvqn(Kernel::MvqnQ8_0, "mvqn_q8_0", spv!("mvqn_q8_0"), true),
+    mvqn(Kernel::MvqnQ4K, "mvqn_q4_k", spv!("mvqn_q4_k"), true),
+    mvqn(Kernel::MvqnQ6K, "mvqn_q6_k", spv!("mvqn_q6_k"), true),
+    mvqn(Kernel::MvqneQ4_0, "mvqne_q4_0", spv!("mvqne_q4_0"), false),
+    mvqn(Kernel::MvqneQ8_0, "mvqne_q8_0", spv!("mvqne_q8_0"), false),
+    mvqn(Kernel::MvqneQ4K, "mvqne_q4_k", spv!("mvqne_q4_k"), false),
+    mvqn(Kernel::MvqneQ6K, "mvqne_q6_k", spv!("mvqne_q6_k"), false),
+    plain(
+        Kernel::QuantRows,
+        "quant_rows",
+        spv!("quant_rows"),
+        5,
+        QUANT_ROWS_PUSH_BYTES,
+    ),
 ];
 
 impl Kernel {
@@ -640,6 +682,24 @@ impl Kernel {
             (true, true) => Kernel::MvqgQ4_0,
             (false, false) => Kernel::MvqeQ4_0,
             (true, false) => Kernel::MvqgeQ4_0,
+        } as usize;
+        Some(KERNELS[base + i].kernel)
+    }
+
+    /// The batched decode mat-vec on int8 activations (`mvqn.glsl`) for weights of
+    /// type `ty`; `dot`: the int8-dot variant, else the emulated one.
+    pub fn mvqn_for(ty: GgmlType, dot: bool) -> Option<Kernel> {
+        let i = match ty {
+            GgmlType::Q4_0 => 0,
+            GgmlType::Q8_0 => 1,
+            GgmlType::Q4_K => 2,
+            GgmlType::Q6_K => 3,
+            _ => return None,
+        };
+        let base = if dot {
+            Kernel::MvqnQ4_0
+        } else {
+            Kernel::MvqneQ4_0
         } as usize;
         Some(KERNELS[base + i].kernel)
     }
