@@ -51,8 +51,8 @@ use crate::kernels::{attn_split, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::moe::{MoeCombine, MoeRoute, MAX_EXPERTS, MAX_USED};
 use crate::ops::{
-    push_words, AttnIo, AttnShape, GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq,
-    PrefillAttention, Q8Acts, QuantX, RowAct, RowsAct,
+    push_words, AttnIo, AttnShape, GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq, Mvqn,
+    PrefillAttention, Q8Acts, QuantRows, QuantX, RowAct, RowsAct,
 };
 use crate::record::{Binding, Recorder, Recording};
 use crate::recurrent::{
@@ -801,19 +801,21 @@ pub(crate) enum KvSource {
 }
 
 /// Which mat-vec kernels a batched decode step's weights go through
-/// (`CALDERA_VK_BATCH_MM`): `mm` the batched mat-vec (`mm.glsl`: 8 columns per pass over
-/// the weights, f32 activations), `mmt` the tiled matmul (one pass for up to 64 columns,
-/// each weight block dequantized once into shared memory), `auto` (default): the tiled
-/// matmul. Reasoning, not measurement of this step: on the H100 `mm.glsl` ran a 12288 x
-/// 4096 matmul at 0.25 TFLOP/s against 24.8 for `mmt` (docs/ARCHITECTURE.md), i.e. ~3 ms
-/// per 8-column pass, far slower than the weight read itself, while `mmt` costs about a
-/// 64-token tile whatever the column count. Neither is the right kernel for a few
-/// columns (an int8 multi-column `mvq` is); this switch is there to time them.
+/// (`CALDERA_VK_BATCH_MM`): `auto` (default) and `mvq`: the batched int8 mat-vec
+/// (`quant_rows` + `mvqn`: each weight block read once for up to 16 columns, int8 dot
+/// products as the single-sequence decode) for the types it has (Q4_0, Q8_0, Q4_K,
+/// Q6_K; where the context quantizes activations), else the tiled matmul; `mmt`: the
+/// tiled matmul for every weight (one pass for up to 64 columns, each weight block
+/// dequantized once into shared memory, but a whole 64-token tile of arithmetic);
+/// `mm`: the batched mat-vec (`mm.glsl`, 8 columns per pass, f32 activations; on the
+/// H100 it ran a 12288 x 4096 matmul at 0.25 TFLOP/s against mmt's 24.8). Chosen by
+/// reasoning, not measurement of this step: this switch is there to time them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchMm {
     Auto,
     Rowwise,
     Tiled,
+    Q8,
 }
 
 impl BatchMm {
@@ -821,6 +823,7 @@ impl BatchMm {
         match std::env::var("CALDERA_VK_BATCH_MM").as_deref() {
             Ok("mm") => BatchMm::Rowwise,
             Ok("mmt") => BatchMm::Tiled,
+            Ok("mvq") => BatchMm::Q8,
             _ => BatchMm::Auto,
         }
     }
@@ -837,7 +840,7 @@ impl BatchMode {
         match self.mm {
             BatchMm::Rowwise => true,
             BatchMm::Tiled => false,
-            BatchMm::Auto => tokens <= 1,
+            BatchMm::Auto | BatchMm::Q8 => tokens <= 1,
         }
     }
 }
@@ -969,12 +972,12 @@ impl VkRunner {
         let attn_count = ctx.upload(&vec![0u8; counts * cols_mult * 4])?;
         let tail_count = ctx.upload(&vec![0u8; widest.div_ceil(32) * 4])?;
         let xq = [
-            dev(widest.div_ceil(4), "the quantized activations")?,
-            dev(widest.div_ceil(4), "the quantized activations")?,
+            dev(widest.div_ceil(4) * cols_mult, "the quantized activations")?,
+            dev(widest.div_ceil(4) * cols_mult, "the quantized activations")?,
         ];
         let xd = [
-            dev(widest.div_ceil(32), "the activation scales")?,
-            dev(widest.div_ceil(32), "the activation scales")?,
+            dev(widest.div_ceil(32) * cols_mult, "the activation scales")?,
+            dev(widest.div_ceil(32) * cols_mult, "the activation scales")?,
         ];
         let xss = [
             dev(widest.div_ceil(32), "the activation sums of squares")?,
@@ -1277,7 +1280,9 @@ impl VkRunner {
         bucket == 1 && self.batch.is_none()
     }
 
-    /// A [`Mm`], kept on the batched mat-vec where a batched decode step wants it.
+    /// A mat-vec over the step's tokens: a [`Mm`]; in a batched decode step, the
+    /// batched int8 mat-vec ([`Mvqn`]) where the weight type has one (and the context
+    /// quantizes activations), else the kernel [`BatchMm`] says.
     fn mm(
         &self,
         ctx: &Context,
@@ -1286,12 +1291,55 @@ impl VkRunner {
         k: u64,
         io: &MmIo<'_>,
         mode: MmMode,
-    ) -> Result<Mm> {
-        let rowwise = self
-            .batch
-            .as_ref()
-            .is_some_and(|b| b.rowwise(io.max_tokens));
-        Mm::new(ctx, ty, w, k, io, MmMode { rowwise, ..mode })
+    ) -> Result<AnyMm> {
+        let Some(bm) = &self.batch else {
+            return Ok(AnyMm::Mm(Mm::new(ctx, ty, w, k, io, mode)?));
+        };
+        let q8 = matches!(bm.mm, BatchMm::Auto | BatchMm::Q8)
+            && ctx.tuning().q8_acts
+            && Mvqn::supports(ty)
+            && k.is_multiple_of(32)
+            && io.max_tokens <= Mvqn::MAX_COLS;
+        if q8 {
+            let acts = self.acts(0, false);
+            let gam = if mode.norm { io.gam } else { None };
+            let qr = QuantRows::new(
+                ctx,
+                k,
+                io.x,
+                io.ld_x,
+                gam,
+                mode.glu,
+                mode.eps,
+                &acts,
+                io.step,
+                io.max_tokens,
+            )?;
+            let mv = Mvqn::new(
+                ctx,
+                ty,
+                w,
+                k,
+                &acts,
+                io.y,
+                io.ld_y,
+                io.y_offset,
+                mode.add,
+                mode.softcap,
+                io.step,
+                io.max_tokens,
+            )?;
+            return Ok(AnyMm::Q8(qr, mv));
+        }
+        let rowwise = bm.rowwise(io.max_tokens);
+        Ok(AnyMm::Mm(Mm::new(
+            ctx,
+            ty,
+            w,
+            k,
+            io,
+            MmMode { rowwise, ..mode },
+        )?))
     }
 
     /// Attention over the step's tokens: norm + q|k|v, then (decode) `attn_decode` or
@@ -2298,7 +2346,7 @@ impl VkRunner {
 }
 
 enum Op {
-    Mm(Vec<Mm>),
+    Mm(Vec<AnyMm>),
     Mv(Vec<DecodeMv>),
     Quant(QuantX),
     Attention(PrefillAttention),
@@ -2307,6 +2355,28 @@ enum Op {
     Act(RowsAct),
     Route(MoeRoute),
     Combine(MoeCombine),
+}
+
+/// A mat-vec over a step's tokens: [`Mm`], or in a batched decode step on int8
+/// activations, the columns' quantization and the batched int8 mat-vec.
+enum AnyMm {
+    Mm(Mm),
+    Q8(QuantRows, Mvqn),
+}
+
+impl AnyMm {
+    fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        match self {
+            AnyMm::Mm(m) => m.record(r),
+            AnyMm::Q8(q, m) => {
+                // Members of a group share the int8 buffers: one after another.
+                r.barrier();
+                q.record(r)?;
+                r.barrier();
+                m.record(r)
+            }
+        }
+    }
 }
 
 /// A recurrent mixer's op (`recurrent.rs`).
