@@ -2,8 +2,10 @@
 //! decoded together give the logits and greedy tokens of each decoded alone (its own
 //! `VkRunner`), for live counts that are and are not bucket sizes (1, 3, 9, 16), with
 //! sequences joining (into a freed slot, over its previous tenant's cache) and leaving
-//! between steps and idle ones left untouched by the buckets' padding. Runs on the test
-//! device (lavapipe by default) and skips without one unless `CALDERA_REQUIRE_VULKAN=1`.
+//! between steps and idle ones left untouched by the buckets' padding; on f32 weights
+//! (the matmuls) and on quantized ones (int8 activations, `mvqn`); the server's stepper;
+//! `caldera bench --batch`. Runs on the test device (lavapipe by default) and skips
+//! without one unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
 
@@ -378,4 +380,50 @@ fn vulkan_batch_refuses_hybrids() {
     let vk = open(dev, &fx.join("lfm2"), false, true);
     let e = VkBatch::new(vk, 2, 32).err().expect("an error");
     assert!(e.to_string().contains("recurrent"), "{e}");
+}
+
+/// `caldera bench --batch`: one row per N with aggregate and per-sequence speed, on the
+/// CPU (serial stepper) and on the Vulkan device (batched steps).
+#[test]
+fn bench_batch_reports_each_n() {
+    let tmp = common::TempDir::new("vk-batch-bench");
+    let synth = tmp.0.join("qwen3-tiny.gguf");
+    let o = common::bin()
+        .args(["synth", "--arch", "qwen3", "--shape", "tiny"])
+        .arg(&synth)
+        .output()
+        .expect("running caldera synth");
+    assert!(o.status.success(), "synth: {}", common::text(&o));
+    let mut backends = vec![vec!["--backend", "cpu", "-t", "1"]];
+    let dev = device().map(|d| d.to_string());
+    if let Some(d) = &dev {
+        backends.push(vec!["--backend", "vulkan", "--device", d]);
+    }
+    for be in backends {
+        let o = common::bin()
+            .arg("bench")
+            .arg(&synth)
+            .args([
+                "--batch", "1,3,9", "-p", "5", "-n", "3", "-r", "1", "--json",
+            ])
+            .args(&be)
+            .output()
+            .expect("running caldera bench");
+        assert!(o.status.success(), "bench {be:?}: {}", common::text(&o));
+        let v: serde_json::Value =
+            serde_json::from_slice(&o.stdout).expect("bench --json prints JSON");
+        let rows = v["batch"].as_array().expect("batch rows");
+        assert_eq!(rows.len(), 3, "{v}");
+        for (r, n) in rows.iter().zip([1, 3, 9]) {
+            assert_eq!(r["sequences"], n, "{v}");
+            let agg = r["decode_tok_s"].as_f64().unwrap();
+            let per = r["per_sequence_tok_s"].as_f64().unwrap();
+            assert!(
+                agg > 0.0 && (agg - n as f64 * per).abs() < 1e-6 * agg,
+                "{v}"
+            );
+            assert!(r["ms_per_step"].as_f64().unwrap() > 0.0, "{v}");
+        }
+        assert_eq!(rows[0]["ratio_to_1"], 1.0, "{v}");
+    }
 }
