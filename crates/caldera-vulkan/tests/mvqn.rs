@@ -2,7 +2,8 @@
 //! Q4_K, Q6_K) against a CPU twin that quantizes each column the same way, on fresh
 //! random inputs: 1, 3, 8 and 16 columns dispatched over their bucket (the padding
 //! columns must write nothing), odd row counts, strided and offset outputs, the input
-//! norm or the GLU input in `quant_rows`, the residual add and softcap, with int8 dot
+//! norm or the GLU input in `quant_rows`, the residual add and softcap, weights split
+//! over several buffers, with int8 dot
 //! products and with their emulation, both reductions. Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 //! `CALDERA_TEST_SEED=N` replays a seed.
 
@@ -136,6 +137,12 @@ fn run(
         .unwrap();
     ctx.submit(&rec).unwrap();
     let got = ctx.read_f32(&yb, bucket * ld_y).unwrap();
+    if rows * ty.row_bytes(k as u64).unwrap() as usize > 64 * 1024 {
+        assert!(
+            ctx.max_buffer_bytes() > 64 * 1024 || wt.pieces.len() > 1,
+            "the weights were not split"
+        );
+    }
     let what = format!(
         "{ty}: {rows} x {k}, {cols} columns, {mode:?} (subgroup {}, int8 dot {}, pieces {})",
         ctx.tuning().subgroup_reduce,
@@ -256,4 +263,30 @@ fn mvqn_q4_k() {
 #[test]
 fn mvqn_q6_k() {
     case(GgmlType::Q6_K);
+}
+
+/// Weights split over several buffers: one dispatch per piece, same results.
+#[test]
+fn mvqn_split_weights() {
+    let opts = ContextOptions {
+        max_buffer_bytes: Some(64 * 1024),
+        ..Default::default()
+    };
+    let Some(ctx) = test_context("mvqn split", &opts) else {
+        return;
+    };
+    let mut rng = rng("mvqn split");
+    for ty in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q8_0] {
+        for cols in [3usize, 16] {
+            for (norm, add) in [(true, false), (false, true)] {
+                let mode = Mode {
+                    norm,
+                    glu: None,
+                    add,
+                    softcap: None,
+                };
+                run(&ctx, &mut rng, ty, 333, 512, cols, mode);
+            }
+        }
+    }
 }
