@@ -221,12 +221,10 @@ impl VkBatch {
         }
         let mut runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
         let per = runner.batch_cols().max(1);
-        let mut all = Vec::new();
         for (chunk, cs) in seqs.chunks_mut(per).zip(cols.chunks(per)) {
-            runner.run_batch(cs, &mut all)?;
+            runner.run_batch(cs)?;
             for (i, (r, _, out)) in chunk.iter_mut().enumerate() {
-                out.clear();
-                out.extend_from_slice(&all[i * vocab..(i + 1) * vocab]);
+                runner.batch_logits(i, out)?;
                 r.advance();
             }
         }

@@ -2220,8 +2220,9 @@ impl VkRunner {
     /// A batched decode step (batched runners only): column c decodes token `cols[c].2`
     /// of the sequence in pool slot `cols[c].0` at position `cols[c].1`; `out` receives
     /// the columns' logits rows, in order. Runs in the recording of the smallest bucket
-    /// (power of two) holding the columns; the padding columns do nothing.
-    pub(crate) fn run_batch(&mut self, cols: &[(u32, u32, u32)], out: &mut Vec<f32>) -> Result<()> {
+    /// (power of two) holding the columns; the padding columns do nothing. Column c's
+    /// logits are then [`VkRunner::batch_logits`]`(c)`.
+    pub(crate) fn run_batch(&mut self, cols: &[(u32, u32, u32)]) -> Result<()> {
         let max = self.batch_cols();
         let n = cols.len();
         if n == 0 || n > max {
@@ -2236,13 +2237,17 @@ impl VkRunner {
             self.steps.insert(key, s);
         }
         self.write_embeddings(cols.iter().map(|c| c.2))?;
-        let mut words = vec![n as u32, 0, 0, n as u32, 0, 0, 0, 0];
-        for &(slot, pos, _) in cols {
-            words.extend([slot, pos]);
+        // The step values: [n, 0, 0, n (logits rows), 0 x 4], then (slot, position) per
+        // column (reusing the embedding bytes' buffer: no allocation per step).
+        let words = [n as u32, 0, 0, n as u32, 0, 0, 0, 0]
+            .into_iter()
+            .chain(cols.iter().flat_map(|&(slot, pos, _)| [slot, pos]));
+        self.embed_bytes.clear();
+        for w in words {
+            self.embed_bytes.extend_from_slice(&w.to_le_bytes());
         }
-        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         let ctx = &self.m.ctx;
-        ctx.write_mapped(&self.step, 0, &bytes)?;
+        ctx.write_mapped(&self.step, 0, &self.embed_bytes)?;
         let t0 = std::time::Instant::now();
         ctx.submit(&self.steps[&key].rec)?;
         if self.trace {
@@ -2253,6 +2258,11 @@ impl VkRunner {
         }
         self.stats.steps += 1;
         self.stats.tokens += n as u64;
+        Ok(())
+    }
+
+    /// Replaces `out` with the logits of column `c` of the last batched step.
+    pub(crate) fn batch_logits(&self, c: usize, out: &mut Vec<f32>) -> Result<()> {
         let host = self
             .logits_all
             .as_ref()
@@ -2260,7 +2270,9 @@ impl VkRunner {
             .ok_or_else(|| VkError::Invalid("the all-rows logits buffer is missing".into()))?;
         let vocab = self.m.model.config.vocab_size;
         out.clear();
-        ctx.read_mapped_f32(host, 0, n * vocab, out)
+        self.m
+            .ctx
+            .read_mapped_f32(host, (c * vocab * 4) as u64, vocab, out)
     }
 
     /// Counts a token decoded by a batched step for this sequence.

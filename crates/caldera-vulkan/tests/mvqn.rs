@@ -3,8 +3,8 @@
 //! random inputs: 1, 3, 8 and 16 columns dispatched over their bucket (the padding
 //! columns must write nothing), odd row counts, strided and offset outputs, the input
 //! norm or the GLU input in `quant_rows`, the residual add and softcap, weights split
-//! over several buffers, with int8 dot
-//! products and with their emulation, both reductions. Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
+//! over several buffers, with int8 dot products and with their emulation, both
+//! reductions. Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 //! `CALDERA_TEST_SEED=N` replays a seed.
 
 mod common;
