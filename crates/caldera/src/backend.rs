@@ -93,13 +93,20 @@ pub fn slot_runners(
     let vulkan = |gpu_only: bool| -> Result<SlotRunners> {
         let vk = vulkan_model(args, model.clone(), gpu_only)?;
         let no_batch = std::env::var("CALDERA_VK_NO_BATCH").is_ok_and(|v| v == "1");
-        let why_not = vk.batch_unsupported();
-        if let (Some(why), false) = (&why_not, no_batch) {
-            eprintln!(
-                "caldera: no batched decode on Vulkan for this model ({why}): the slots decode one after another"
-            );
-        }
-        if no_batch || why_not.is_some() {
+        let batch = if no_batch {
+            None
+        } else {
+            // A model without a batched step, or pools larger than one buffer: the
+            // slots decode one after another on their own caches.
+            match caldera_vulkan::VkBatch::new(vk.clone(), slots, ctx) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    eprintln!("caldera: {e}; the slots decode one after another");
+                    None
+                }
+            }
+        };
+        let Some(batch) = batch else {
             let first = caldera_vulkan::VkRunner::new(vk.clone(), ctx)?;
             let desc = first.describe();
             let mut first = Some(first);
@@ -114,8 +121,7 @@ pub fn slot_runners(
                 desc,
                 stepper: Box::new(SerialStepper),
             });
-        }
-        let batch = caldera_vulkan::VkBatch::new(vk, slots, ctx)?;
+        };
         let first = batch.runner()?;
         let desc = format!("{}; slots decode in batched steps", first.describe());
         let mut first = Some(first);
