@@ -22,8 +22,8 @@ pub use config::{
 pub use error::{ModelError, Result};
 pub use file::{ModelFile, TokenizerSource};
 pub use runner::{
-    panic_message, BatchItem, BatchStepper, Logits, RunError, Runner, RunnerStats, SerialStepper,
-    StepOutcome,
+    panic_message, step_one, BatchItem, BatchStepper, Logits, RunError, Runner, RunnerStats,
+    SerialStepper, StepOutcome,
 };
 pub use weights::{AttnWeights, DenseFfn, FfnWeights, Layer, MixerWeights, ModelWeights, Weight};
 

@@ -81,6 +81,11 @@ pub trait Runner: Send {
     fn measure_bandwidth(&mut self) -> Option<f64> {
         None
     }
+    /// The runner as `Any`, so that a backend's [`BatchStepper`] can find its own runners
+    /// among a step's items; `None` (the default) for runners no stepper batches.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
 
 /// One sequence's part of a step over several sequences.
@@ -112,16 +117,22 @@ pub enum StepOutcome {
 pub trait BatchStepper: Send {
     fn step_batch(&mut self, items: &mut [BatchItem<'_>]) {
         for it in items.iter_mut() {
-            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                it.runner.forward(it.tokens, Logits::Last, it.logits)
-            }));
-            it.outcome = match run {
-                Ok(Ok(())) => StepOutcome::Done,
-                Ok(Err(e)) => StepOutcome::Failed(e),
-                Err(p) => StepOutcome::Panicked(panic_message(&*p)),
-            };
+            step_one(it);
         }
     }
+}
+
+/// Runs one item on its own runner (what the default [`BatchStepper`] does per item),
+/// catching a panic.
+pub fn step_one(it: &mut BatchItem<'_>) {
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        it.runner.forward(it.tokens, Logits::Last, it.logits)
+    }));
+    it.outcome = match run {
+        Ok(Ok(())) => StepOutcome::Done,
+        Ok(Err(e)) => StepOutcome::Failed(e),
+        Err(p) => StepOutcome::Panicked(panic_message(&*p)),
+    };
 }
 
 /// The default [`BatchStepper`]: one runner after another.

@@ -43,6 +43,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use caldera_engine::{FinishReason, GenParams};
+use caldera_model::BatchStepper;
+#[cfg(doc)]
 use caldera_model::SerialStepper;
 use caldera_tokenizer::{ChatTemplate, Tokenizer};
 use scheduler::{Event, Job, KvBudget, Refused, Settings, Shared};
@@ -68,8 +70,10 @@ pub struct KvPlan {
 }
 
 /// What the server runs: the tokenizer, the chat template, the architecture name (for
-/// the tool-call format), and a way to make runners (one per slot at start-up, another
-/// after a slot's generation panicked).
+/// the tool-call format), a way to make runners (one per slot at start-up, another
+/// after a slot's generation panicked) and the stepper that runs a step of the slots
+/// ([`SerialStepper`]: one runner after another; a backend with a batched decode gives
+/// its own).
 pub struct Engine {
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
@@ -78,6 +82,7 @@ pub struct Engine {
     /// The KV pool; `None`: a budget of [`DEFAULT_PAGE_TOKENS`]-token pages covering every
     /// slot's whole context (admission is then by slots only).
     pub kv: Option<KvPlan>,
+    pub stepper: Box<dyn BatchStepper>,
 }
 
 /// Server settings.
@@ -191,6 +196,7 @@ impl Server {
             arch,
             mut new_runner,
             kv,
+            stepper,
         } = engine;
         if cfg.slots == 0 {
             return Err("the server needs at least one slot".into());
@@ -240,16 +246,7 @@ impl Server {
             };
             std::thread::Builder::new()
                 .name("caldera-scheduler".into())
-                .spawn(move || {
-                    scheduler::run(
-                        tok,
-                        new_runner,
-                        runners,
-                        Box::new(SerialStepper),
-                        sh,
-                        settings,
-                    )
-                })
+                .spawn(move || scheduler::run(tok, new_runner, runners, stepper, sh, settings))
                 .map_err(|e| format!("cannot start the scheduler thread: {e}"))?
         };
         let addr = listener.local_addr().map_err(|e| e.to_string())?;

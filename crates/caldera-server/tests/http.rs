@@ -148,6 +148,7 @@ fn start_kv(
                 }
             })),
         }),
+        stepper: Box::new(caldera_model::SerialStepper),
     };
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let server = Server::start(engine, cfg, listener).expect("start");

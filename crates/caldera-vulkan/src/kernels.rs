@@ -155,6 +155,16 @@ pub enum Kernel {
     MvqxgeQ4K = 136,
     MvqxgeQ6K = 137,
     MvqxgeMXFP4 = 138,
+    AttnBatch = 139,
+    MvqnQ4_0 = 140,
+    MvqnQ8_0 = 141,
+    MvqnQ4K = 142,
+    MvqnQ6K = 143,
+    MvqneQ4_0 = 144,
+    MvqneQ8_0 = 145,
+    MvqneQ4K = 146,
+    MvqneQ6K = 147,
+    QuantRows = 148,
 }
 
 /// One entry of the kernel table.
@@ -221,6 +231,13 @@ pub const ATTN_FLASH_PUSH_BYTES: u32 = 44;
 /// `attn_decode` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv, window, hpw,
 /// n_chunks, max_splits, split` (u32), `eps, scale, softcap` (f32).
 pub const ATTN_DECODE_PUSH_BYTES: u32 = 56;
+/// `attn_batch` push constants: [`ATTN_DECODE_PUSH_BYTES`]'s words, then `slot_elems`
+/// (u32).
+pub const ATTN_BATCH_PUSH_BYTES: u32 = 60;
+/// `mvqn_*` push constants: `k, rows, y_offset, ld_y, flags` (u32), `cap` (f32).
+pub const MVQN_PUSH_BYTES: u32 = 24;
+/// `quant_rows` push constants: `k, flags` (u32), `eps` (f32), `ld_x, gpr` (u32).
+pub const QUANT_ROWS_PUSH_BYTES: u32 = 20;
 
 /// Positions per workgroup of `attn_decode` for a sequence of `cap` tokens: 32 (many
 /// small splits keep short contexts parallel), growing up to 128 so that no more than
@@ -337,7 +354,20 @@ const fn mvq(
     }
 }
 
-/// The kernel table, indexed by `Kernel as usize`.
+/// A batched decode mat-vec on int8 activations (`mvqn.glsl`): the context's workgroup
+/// size, 2 rows per workgroup.
+const fn mvqn(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+    int8_dot: bool,
+) -> KernelDesc {
+    KernelDesc {
+        int8_dot,
+        ..plain(kernel, name, spv, 5, MVQN_PUSH_BYTES)
+    }
+}
+
 /// `moe_route` push constants: `n, k, kind, flags` (u32), `scale` (f32), `ld` (u32).
 pub const MOE_ROUTE_PUSH_BYTES: u32 = 24;
 /// Expert mat-vec on f32 activations (`mv.glsl` with `MV_EXPERT`) push constants:
@@ -379,7 +409,7 @@ const fn mvqx(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 139] = [
+pub const KERNELS: [KernelDesc; 149] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -715,6 +745,32 @@ pub const KERNELS: [KernelDesc; 139] = [
         spv!("mvqxge_mxfp4"),
         false,
     )),
+    KernelDesc {
+        // As attn_decode's (attn_batch.comp is attn_decode.comp per column).
+        shared_bytes: (2048 + 256 + 1024 + 4224 + 32 + 256) * 4,
+        ..plain(
+            Kernel::AttnBatch,
+            "attn_batch",
+            spv!("attn_batch"),
+            10,
+            ATTN_BATCH_PUSH_BYTES,
+        )
+    },
+    mvqn(Kernel::MvqnQ4_0, "mvqn_q4_0", spv!("mvqn_q4_0"), true),
+    mvqn(Kernel::MvqnQ8_0, "mvqn_q8_0", spv!("mvqn_q8_0"), true),
+    mvqn(Kernel::MvqnQ4K, "mvqn_q4_k", spv!("mvqn_q4_k"), true),
+    mvqn(Kernel::MvqnQ6K, "mvqn_q6_k", spv!("mvqn_q6_k"), true),
+    mvqn(Kernel::MvqneQ4_0, "mvqne_q4_0", spv!("mvqne_q4_0"), false),
+    mvqn(Kernel::MvqneQ8_0, "mvqne_q8_0", spv!("mvqne_q8_0"), false),
+    mvqn(Kernel::MvqneQ4K, "mvqne_q4_k", spv!("mvqne_q4_k"), false),
+    mvqn(Kernel::MvqneQ6K, "mvqne_q6_k", spv!("mvqne_q6_k"), false),
+    plain(
+        Kernel::QuantRows,
+        "quant_rows",
+        spv!("quant_rows"),
+        5,
+        QUANT_ROWS_PUSH_BYTES,
+    ),
 ];
 
 impl Kernel {
@@ -796,6 +852,24 @@ impl Kernel {
             (true, true) => Kernel::MvqgQ4_0,
             (false, false) => Kernel::MvqeQ4_0,
             (true, false) => Kernel::MvqgeQ4_0,
+        } as usize;
+        Some(KERNELS[base + i].kernel)
+    }
+
+    /// The batched decode mat-vec on int8 activations (`mvqn.glsl`) for weights of
+    /// type `ty`; `dot`: the int8-dot variant, else the emulated one.
+    pub fn mvqn_for(ty: GgmlType, dot: bool) -> Option<Kernel> {
+        let i = match ty {
+            GgmlType::Q4_0 => 0,
+            GgmlType::Q8_0 => 1,
+            GgmlType::Q4_K => 2,
+            GgmlType::Q6_K => 3,
+            _ => return None,
+        };
+        let base = if dot {
+            Kernel::MvqnQ4_0
+        } else {
+            Kernel::MvqneQ4_0
         } as usize;
         Some(KERNELS[base + i].kernel)
     }

@@ -16,11 +16,14 @@
 //!   prefill ([`moe::MoeSteps`]);
 //! - [`model`]: whole models (attention and the recurrent mixers; dense, ungated and
 //!   MoE MLPs) behind `caldera_model::Runner`, each step recorded once and replayed with
-//!   one submit.
+//!   one submit;
+//! - [`batch`]: batched decode of several sequences (server slots) in one step, over
+//!   pooled KV caches.
 //!
 //! Shaders are GLSL under `shaders/`, compiled by `build-shaders.sh` into the committed
 //! SPIR-V in `shaders/spv/` (see README.md).
 
+pub mod batch;
 pub mod context;
 pub mod device;
 pub mod error;
@@ -33,12 +36,13 @@ pub mod record;
 pub mod recurrent;
 pub mod testing;
 
+pub use batch::{VkBatch, VkBatchStepper, MAX_BATCH};
 pub use context::{Context, ContextOptions, UploadProgress, ENV_NO_SUBGROUP};
 pub use device::{list_devices, DeviceInfo, DeviceType, MemoryHeap, ENV_VALIDATION};
 pub use error::{Result, VkError};
 pub use kernels::{Kernel, KernelDesc, Tuning, KERNELS};
 pub use memory::{Buffer, DeviceTensor, MemoryKind, TensorPiece};
-pub use model::{StepStats, VkModel, VkRunner};
+pub use model::{BatchMm, StepStats, VkModel, VkRunner};
 pub use record::{Binding, Recorder, Recording};
 
 /// Env var: the index of the Vulkan device to use (as `caldera devices` lists them).

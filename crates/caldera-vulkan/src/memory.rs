@@ -39,6 +39,10 @@ struct BufferInner {
     kind: MemoryKind,
     /// Host address of the whole buffer for host-visible kinds, else null.
     mapped: *mut u8,
+    /// A view ([`Buffer::view`]): bytes `offset .. offset + size` of `parent`, whose
+    /// buffer and memory it borrows (and does not free).
+    offset: u64,
+    parent: Option<Buffer>,
 }
 
 // SAFETY: the mapped pointer is only dereferenced through `&mut`/exclusive paths of the
@@ -49,6 +53,9 @@ unsafe impl Sync for BufferInner {}
 
 impl Drop for BufferInner {
     fn drop(&mut self) {
+        if self.parent.is_some() {
+            return; // a view: the parent owns the buffer and its memory
+        }
         // SAFETY: no command using the buffer is pending: every submit waits, and
         // bindings/recordings hold a clone of the buffer while they live.
         unsafe {
@@ -83,6 +90,51 @@ impl Buffer {
 
     pub(crate) fn handle(&self) -> vk::Buffer {
         self.0.buffer
+    }
+
+    /// Byte offset of this buffer within its Vulkan buffer (non-zero for views only).
+    pub(crate) fn offset(&self) -> u64 {
+        self.0.offset
+    }
+
+    /// Whether this is a view of part of another buffer.
+    pub(crate) fn is_view(&self) -> bool {
+        self.0.parent.is_some()
+    }
+
+    /// Offsets of views must be multiples of this (the largest
+    /// minStorageBufferOffsetAlignment Vulkan allows, so it holds on every device).
+    pub const VIEW_ALIGN: u64 = 256;
+
+    /// Bytes `offset .. offset + size` of this device-local buffer as a buffer of their
+    /// own (sharing its memory), for binding part of a buffer: a sequence's region of a
+    /// pooled KV cache. `offset` must be a multiple of [`Buffer::VIEW_ALIGN`] and `size`
+    /// of 4.
+    pub fn view(&self, offset: u64, size: u64) -> Result<Buffer> {
+        let base = self.offset() + offset;
+        if self.kind() != MemoryKind::Device
+            || !base.is_multiple_of(Self::VIEW_ALIGN)
+            || !size.is_multiple_of(4)
+            || size == 0
+            || offset.checked_add(size).is_none_or(|e| e > self.size())
+        {
+            return Err(VkError::Invalid(format!(
+                "a view of {size} bytes at {offset} of a {:?} buffer of {} bytes",
+                self.kind(),
+                self.size()
+            )));
+        }
+        let root = self.0.parent.clone().unwrap_or_else(|| self.clone());
+        Ok(Buffer(Arc::new(BufferInner {
+            shared: self.0.shared.clone(),
+            buffer: self.0.buffer,
+            memory: self.0.memory,
+            size,
+            kind: self.0.kind,
+            mapped: std::ptr::null_mut(),
+            offset: base,
+            parent: Some(root),
+        })))
     }
 }
 
@@ -199,6 +251,8 @@ impl Context {
             size,
             kind,
             mapped,
+            offset: 0,
+            parent: None,
         })))
     }
 
@@ -241,7 +295,7 @@ impl Context {
             unsafe { std::ptr::copy_nonoverlapping(chunk.as_ptr(), staging.0.mapped, chunk.len()) };
             let region = [vk::BufferCopy {
                 src_offset: 0,
-                dst_offset: offset + done,
+                dst_offset: dst.offset() + offset + done,
                 size: chunk.len() as u64,
             }];
             self.one_shot("uploading to the device", |dev, cmd| {
@@ -270,7 +324,7 @@ impl Context {
         while (out.len() as u64) < len {
             let n = (len - out.len() as u64).min(staging.size());
             let region = [vk::BufferCopy {
-                src_offset: offset + out.len() as u64,
+                src_offset: src.offset() + offset + out.len() as u64,
                 dst_offset: 0,
                 size: n,
             }];

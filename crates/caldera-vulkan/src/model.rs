@@ -52,8 +52,8 @@ use crate::kernels::{attn_split, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::moe::{MoeDevice, MoeFfn, MoeIo, MoeScratch, MoeSteps, MAX_EXPERTS, MAX_USED};
 use crate::ops::{
-    push_words, AttnIo, AttnShape, GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq,
-    PrefillAttention, Q8Acts, QuantX, RowAct, RowsAct,
+    push_words, AttnIo, AttnShape, GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq, Mvqn,
+    PrefillAttention, Q8Acts, QuantRows, QuantX, RowAct, RowsAct,
 };
 use crate::record::{Binding, Recorder, Recording};
 use crate::recurrent::{
@@ -610,6 +610,26 @@ impl VkModel {
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }
+
+    /// Why this model has no batched decode step (recurrent mixers keep a state per
+    /// sequence that the batched step does not gather yet), or `None`.
+    pub fn batch_unsupported(&self) -> Option<String> {
+        self.layers
+            .iter()
+            .position(|l| matches!(l.mixer, Some(VkMixer::Recurrent(_))))
+            .map(|li| format!("layer {li} is a recurrent mixer"))
+    }
+
+    /// Per layer, the K (= V) values per position of its cache (`None` without one).
+    pub(crate) fn kv_widths(&self) -> Vec<Option<usize>> {
+        self.layers
+            .iter()
+            .map(|l| match &l.mixer {
+                Some(VkMixer::Attention(a)) => Some(a.attn.n_kv_heads * a.attn.head_dim),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Counts of what one runner did (for `bench`).
@@ -700,6 +720,73 @@ pub struct VkRunner {
     /// Device nanoseconds per op label (total, count) over `profile_steps` decode steps.
     profile_ns: HashMap<&'static str, (f64, u64)>,
     profile_steps: u64,
+    /// The batched-decode runner of a [`VkBatch`](crate::VkBatch): its steps are
+    /// columns of different sequences (`attn_batch` over the pooled caches).
+    batch: Option<BatchMode>,
+    /// The pool slot whose region of a [`VkBatch`](crate::VkBatch)'s caches this
+    /// runner's KV caches are (freed when the runner is dropped).
+    pub(crate) lease: Option<crate::batch::SlotLease>,
+}
+
+/// Where a runner's KV caches come from.
+pub(crate) enum KvSource {
+    /// Its own buffers.
+    Own,
+    /// Per layer, views of a pool slot's region (`None` for layers without attention).
+    Views(Vec<Option<(Buffer, Buffer)>>),
+    /// A batched-decode runner of up to `cols` columns over the whole pools, with the
+    /// cache values per pool slot of each layer.
+    Batch {
+        pool: Vec<Option<(Buffer, Buffer)>>,
+        cols: usize,
+        slot_elems: Vec<u32>,
+        mm: BatchMm,
+    },
+}
+
+/// Which mat-vec kernels a batched decode step's weights go through
+/// (`CALDERA_VK_BATCH_MM`): `auto` (default) and `mvq`: the batched int8 mat-vec
+/// (`quant_rows` + `mvqn`: each weight block read once for up to 16 columns, int8 dot
+/// products as the single-sequence decode) for the types it has (Q4_0, Q8_0, Q4_K,
+/// Q6_K; where the context quantizes activations), else the tiled matmul; `mmt`: the
+/// tiled matmul for every weight (one pass for up to 64 columns, each weight block
+/// dequantized once into shared memory, but a whole 64-token tile of arithmetic);
+/// `mm`: the batched mat-vec (`mm.glsl`, 8 columns per pass, f32 activations; on the
+/// H100 it ran a 12288 x 4096 matmul at 0.25 TFLOP/s against mmt's 24.8). Chosen by
+/// reasoning, not measurement of this step: this switch is there to time them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchMm {
+    Auto,
+    Rowwise,
+    Tiled,
+    Q8,
+}
+
+impl BatchMm {
+    pub fn from_env() -> BatchMm {
+        match std::env::var("CALDERA_VK_BATCH_MM").as_deref() {
+            Ok("mm") => BatchMm::Rowwise,
+            Ok("mmt") => BatchMm::Tiled,
+            Ok("mvq") => BatchMm::Q8,
+            _ => BatchMm::Auto,
+        }
+    }
+}
+
+struct BatchMode {
+    cols: usize,
+    slot_elems: Vec<u32>,
+    mm: BatchMm,
+}
+
+impl BatchMode {
+    fn rowwise(&self, tokens: u64) -> bool {
+        match self.mm {
+            BatchMm::Rowwise => true,
+            BatchMm::Tiled => false,
+            BatchMm::Auto | BatchMm::Q8 => tokens <= 1,
+        }
+    }
 }
 
 /// (cos, sin) pairs for positions `0..cap`, as the CPU reference computes them.
@@ -733,6 +820,11 @@ fn same_rope(a: &RopeSpec, b: &RopeSpec) -> bool {
 impl VkRunner {
     /// A sequence of up to `cap` tokens.
     pub fn new(m: Arc<VkModel>, cap: usize) -> Result<VkRunner> {
+        Self::build(m, cap, KvSource::Own)
+    }
+
+    /// A runner whose KV caches come from `src`.
+    pub(crate) fn build(m: Arc<VkModel>, cap: usize, src: KvSource) -> Result<VkRunner> {
         let ctx = &m.ctx;
         let cfg = &m.model.config;
         let d = cfg.d_model;
@@ -784,8 +876,17 @@ impl VkRunner {
         while chunk > MIN_CHUNK && chunk as u64 * widest_row > ctx.max_buffer_bytes() {
             chunk /= 2;
         }
-        let step = ctx.create_buffer(16, MemoryKind::Upload)?;
-        let step_dev = ctx.create_buffer(16, MemoryKind::Device)?;
+        // A batched runner: one scratch row per column; step values [8 + 2 c ..] hold
+        // column c's slot and position.
+        let (cols_mult, step_bytes) = match &src {
+            KvSource::Batch { cols, .. } => {
+                chunk = *cols;
+                (*cols, (8 + 2 * *cols) as u64 * 4)
+            }
+            _ => (1, 16),
+        };
+        let step = ctx.create_buffer(step_bytes, MemoryKind::Upload)?;
+        let step_dev = ctx.create_buffer(step_bytes, MemoryKind::Device)?;
         let x_in = ctx.create_buffer((chunk * d * 4) as u64, MemoryKind::Upload)?;
         let x = dev(chunk * d, "the residual stream")?;
         let tmp = dev(chunk * d, "a scratch buffer")?;
@@ -804,8 +905,8 @@ impl VkRunner {
         let widest = max_in.max(max_q).max(max_ff);
         let env_usize = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
         let attn_hpw = env_usize("CALDERA_VK_ATTN_HPW").unwrap_or(8).clamp(1, 8);
-        let split = env_usize("CALDERA_VK_ATTN_SPLIT")
-            .map_or(attn_split(cap), |v| v.clamp(8, 128) / 8 * 8);
+        let split =
+            env_usize("CALDERA_VK_ATTN_SPLIT").map_or(attn_split(cap), |v| v.clamp(8, 128) / 8 * 8);
         let mut part_len = 1usize;
         let mut counts = 1usize;
         for l in &m.layers {
@@ -820,16 +921,16 @@ impl VkRunner {
             part_len = part_len.max(a.n_heads * splits * (a.head_dim + 2));
             counts = counts.max(a.n_kv_heads * (a.n_heads / a.n_kv_heads).div_ceil(attn_hpw));
         }
-        let attn_part = dev(part_len, "the attention partials")?;
-        let attn_count = ctx.upload(&vec![0u8; counts * 4])?;
+        let attn_part = dev(part_len * cols_mult, "the attention partials")?;
+        let attn_count = ctx.upload(&vec![0u8; counts * cols_mult * 4])?;
         let tail_count = ctx.upload(&vec![0u8; widest.div_ceil(32) * 4])?;
         let xq = [
-            dev(widest.div_ceil(4), "the quantized activations")?,
-            dev(widest.div_ceil(4), "the quantized activations")?,
+            dev(widest.div_ceil(4) * cols_mult, "the quantized activations")?,
+            dev(widest.div_ceil(4) * cols_mult, "the quantized activations")?,
         ];
         let xd = [
-            dev(widest.div_ceil(32), "the activation scales")?,
-            dev(widest.div_ceil(32), "the activation scales")?,
+            dev(widest.div_ceil(32) * cols_mult, "the activation scales")?,
+            dev(widest.div_ceil(32) * cols_mult, "the activation scales")?,
         ];
         let xss = [
             dev(widest.div_ceil(32), "the activation sums of squares")?,
@@ -866,10 +967,18 @@ impl VkRunner {
             } else {
                 n
             };
-            kv.push(Some((
-                dev(words, "a layer's K cache")?,
-                dev(words, "a layer's V cache")?,
-            )));
+            let caches = match &src {
+                KvSource::Own => (
+                    dev(words, "a layer's K cache")?,
+                    dev(words, "a layer's V cache")?,
+                ),
+                KvSource::Views(v) | KvSource::Batch { pool: v, .. } => {
+                    v.get(li).cloned().flatten().ok_or_else(|| {
+                        VkError::Invalid(format!("layer {li}: no pooled KV cache"))
+                    })?
+                }
+            };
+            kv.push(Some(caches));
             let table = match &at.attn.rope {
                 None => None,
                 Some(spec) => {
@@ -900,8 +1009,23 @@ impl VkRunner {
             dev(vocab, "a logits row")?,
             ctx.create_buffer((vocab * 4) as u64, MemoryKind::Readback)?,
         );
-        let all_rows =
-            (ctx.max_buffer_bytes() / (vocab as u64 * 4)).clamp(1, chunk as u64) as usize;
+        let all_rows = match &src {
+            KvSource::Batch { cols, .. } => *cols,
+            _ => (ctx.max_buffer_bytes() / (vocab as u64 * 4)).clamp(1, chunk as u64) as usize,
+        };
+        let batch = match src {
+            KvSource::Batch {
+                cols,
+                slot_elems,
+                mm,
+                ..
+            } => Some(BatchMode {
+                cols,
+                slot_elems,
+                mm,
+            }),
+            _ => None,
+        };
         Ok(VkRunner {
             stats: StepStats {
                 decode_submits: 1,
@@ -948,6 +1072,8 @@ impl VkRunner {
             fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").map_or(true, |v| v != "0"),
             profile_ns: HashMap::new(),
             profile_steps: 0,
+            batch,
+            lease: None,
         })
     }
 
@@ -977,7 +1103,7 @@ impl VkRunner {
         let d = cfg.d_model;
         let eps = cfg.norm_eps;
         // One token: the decode mat-vecs (mv.glsl); more: the batched ones (mm.glsl).
-        let decode = bucket == 1;
+        let decode = self.is_decode(bucket);
         let mut ops: Vec<(&'static str, Op)> = Vec::new();
         // Decode: xq / xd already hold the next q|k|v input (the previous layer's down
         // mat-vec quantized it).
@@ -1057,7 +1183,7 @@ impl VkRunner {
                 eps,
                 ..Default::default()
             };
-            let head = Mm::new(ctx, m.output.ty, &m.output.t, m.output.k as u64, &io, mode)?;
+            let head = self.mm(ctx, m.output.ty, &m.output.t, m.output.k as u64, &io, mode)?;
             ops.push(("head", Op::Mm(vec![head])));
         }
         let in_bytes = (bucket * d * 4) as u64;
@@ -1066,7 +1192,7 @@ impl VkRunner {
         let profiled = self.profile && (decode || self.trace);
         let rec = ctx.record_with(profiled, |r: &mut Recorder<'_>| {
             r.copy(&self.x_in, &self.x, in_bytes)?;
-            r.copy(&self.step, &self.step_dev, 16)?;
+            r.copy(&self.step, &self.step_dev, self.step.size())?;
             r.mark("input");
             for (label, op) in &ops {
                 match op {
@@ -1101,6 +1227,74 @@ impl VkRunner {
         Ok(Step { rec })
     }
 
+    /// Whether a step of `bucket` tokens is a single-sequence decode step (the decode
+    /// mat-vecs and `attn_decode`); a batched runner's steps never are.
+    fn is_decode(&self, bucket: usize) -> bool {
+        bucket == 1 && self.batch.is_none()
+    }
+
+    /// A mat-vec over the step's tokens: a [`Mm`]; in a batched decode step, the
+    /// batched int8 mat-vec ([`Mvqn`]) where the weight type has one (and the context
+    /// quantizes activations), else the kernel [`BatchMm`] says.
+    fn mm(
+        &self,
+        ctx: &Context,
+        ty: GgmlType,
+        w: &crate::memory::DeviceTensor,
+        k: u64,
+        io: &MmIo<'_>,
+        mode: MmMode,
+    ) -> Result<AnyMm> {
+        let Some(bm) = &self.batch else {
+            return Ok(AnyMm::Mm(Mm::new(ctx, ty, w, k, io, mode)?));
+        };
+        let q8 = matches!(bm.mm, BatchMm::Auto | BatchMm::Q8)
+            && ctx.tuning().q8_acts
+            && Mvqn::supports(ty)
+            && k.is_multiple_of(32)
+            && io.max_tokens <= Mvqn::MAX_COLS;
+        if q8 {
+            let acts = self.acts(0, false);
+            let gam = if mode.norm { io.gam } else { None };
+            let qr = QuantRows::new(
+                ctx,
+                k,
+                io.x,
+                io.ld_x,
+                gam,
+                mode.glu,
+                mode.eps,
+                &acts,
+                io.step,
+                io.max_tokens,
+            )?;
+            let mv = Mvqn::new(
+                ctx,
+                ty,
+                w,
+                k,
+                &acts,
+                io.y,
+                io.ld_y,
+                io.y_offset,
+                mode.add,
+                mode.softcap,
+                io.step,
+                io.max_tokens,
+            )?;
+            return Ok(AnyMm::Q8(qr, mv));
+        }
+        let rowwise = bm.rowwise(io.max_tokens);
+        Ok(AnyMm::Mm(Mm::new(
+            ctx,
+            ty,
+            w,
+            k,
+            io,
+            MmMode { rowwise, ..mode },
+        )?))
+    }
+
     /// Attention over the step's tokens: norm + q|k|v, then (decode) `attn_decode` or
     /// (prefill) `rope_kv` and `attention` (and the output gate), then the o-projection
     /// + residual.
@@ -1119,7 +1313,7 @@ impl VkRunner {
         let d = m.model.config.d_model;
         let eps = m.model.config.norm_eps;
         let b = bucket as u64;
-        let decode = bucket == 1;
+        let decode = self.is_decode(bucket);
         let wg_bind = |k: Kernel, bufs: &[&Buffer]| ctx.bind(k, bufs);
         let a = &l.attn;
         let (hd, nh, nkv) = (a.head_dim, a.n_heads, a.n_kv_heads);
@@ -1159,7 +1353,7 @@ impl VkRunner {
                 eps,
                 ..Default::default()
             };
-            group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+            group.push(self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
         }
         if !decode {
             ops.push(("qkv", Op::Mm(group)));
@@ -1187,6 +1381,65 @@ impl VkRunner {
         // Decode: one kernel for norm + RoPE + KV write + attention (+ output gate),
         // which also quantizes its output for the o-projection when that runs on int8.
         let o_q8 = decode && self.q8_input(&l.o) && hd.is_multiple_of(32);
+        if let (false, Some(bm)) = (decode, &self.batch) {
+            // Batched decode: every column attends over its own slot of the pools.
+            let gsize = nh / nkv;
+            let hpw = gsize.min(8);
+            let n_chunks = gsize.div_ceil(hpw);
+            let split = attn_split(self.cap);
+            let max_splits = self.cap.div_ceil(split);
+            let slot_elems = *bm
+                .slot_elems
+                .get(li)
+                .ok_or_else(|| VkError::Invalid(format!("layer {li}: no pooled KV cache")))?;
+            let binding = wg_bind(
+                Kernel::AttnBatch,
+                &[
+                    &self.qkv,
+                    kc,
+                    vc,
+                    &self.att,
+                    &self.step_dev,
+                    l.q_norm.as_ref().unwrap_or(dummy),
+                    l.k_norm.as_ref().unwrap_or(dummy),
+                    rope_buf,
+                    &self.attn_part,
+                    &self.attn_count,
+                ],
+            )?;
+            let gate_flag = if a.q_gate { 32 } else { 0 };
+            let push = push_words(&[
+                u32_of(nh, "heads")?,
+                u32_of(nkv, "kv heads")?,
+                u32_of(hd, "head size")?,
+                u32_of(n_rot, "rotated dims")?,
+                flags | gate_flag | (self.attn_stop << 8),
+                u32_of(ld_qkv, "qkv width")?,
+                u32_of(a.window.unwrap_or(0).min(u32::MAX as usize), "window")?,
+                hpw as u32,
+                n_chunks as u32,
+                u32_of(max_splits, "attention splits")?,
+                split as u32,
+                eps.to_bits(),
+                a.scale.to_bits(),
+                a.softcap.unwrap_or(0.0).to_bits(),
+                slot_elems,
+            ]);
+            let groups = (bucket * nkv * n_chunks * max_splits) as u64;
+            ops.push(("attention", Op::Kernel(binding, push, groups)));
+            return self.push_out_proj(
+                ops,
+                "o",
+                &l.o,
+                &self.att,
+                (nh * hd) as u64,
+                None,
+                layer.post_norm.as_ref(),
+                b,
+                &mut QState::default(),
+                None,
+            );
+        }
         if decode {
             let gsize = nh / nkv;
             let hpw = gsize.min(self.attn_hpw);
@@ -1337,7 +1590,7 @@ impl VkRunner {
         let d = m.model.config.d_model;
         let eps = m.model.config.norm_eps;
         let b = bucket as u64;
-        let decode = bucket == 1;
+        let decode = self.is_decode(bucket);
         let state = self.states[li]
             .as_ref()
             .ok_or_else(|| VkError::Invalid(format!("layer {li}: no recurrent state")))?;
@@ -1375,7 +1628,7 @@ impl VkRunner {
                     eps,
                     ..Default::default()
                 };
-                group.push(Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+                group.push(self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
             }
             ops.push(("mixer_in", Op::Mm(group)));
         }
@@ -1472,7 +1725,7 @@ impl VkRunner {
         let d = m.model.config.d_model;
         let eps = m.model.config.norm_eps;
         let b = bucket as u64;
-        let decode = bucket == 1;
+        let decode = self.is_decode(bucket);
         let glu = match mlp.act {
             MlpAct::Glu(act) => Some(act),
             MlpAct::Relu2 => None,
@@ -1523,7 +1776,7 @@ impl VkRunner {
             };
             ops.push((
                 "gate_up",
-                Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+                Op::Mm(vec![self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
             ));
             if mlp.act == MlpAct::Relu2 {
                 let ff = mlp.d_ff as u64;
@@ -1567,7 +1820,7 @@ impl VkRunner {
         let ctx = &m.ctx;
         let eps = m.model.config.norm_eps;
         let gam = norm.unwrap_or(&m.ones);
-        if bucket == 1 {
+        if self.is_decode(bucket) {
             let io = MoeIo {
                 x: &self.x,
                 gam,
@@ -1733,7 +1986,7 @@ impl VkRunner {
         } else {
             &self.x
         };
-        if b == 1 {
+        if self.is_decode(b as usize) {
             // Decode: a plain mat-vec over the input's first row.
             let mode = MvMode {
                 add: post_norm.is_none(),
@@ -1761,7 +2014,7 @@ impl VkRunner {
             };
             ops.push((
                 label,
-                Op::Mm(vec![Mm::new(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+                Op::Mm(vec![self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
             ));
         }
         if let Some(pn) = post_norm {
@@ -1770,6 +2023,92 @@ impl VkRunner {
             ops.push(("add_norm", Op::Kernel(binding, push, b)));
         }
         Ok(())
+    }
+
+    /// Writes the input embeddings of `tokens` into `x_in`.
+    fn write_embeddings(&mut self, tokens: impl Iterator<Item = u32>) -> Result<()> {
+        let cfg = &self.m.model.config;
+        let w = &self.m.model.weights.tok_embd;
+        self.embed_bytes.clear();
+        for t in tokens {
+            quant::dequantize(w.ty, w.row(t as usize), &mut self.embed_row)
+                .map_err(|e| VkError::Invalid(format!("token embedding {t}: {e}")))?;
+            let sc = cfg.embed_scale.unwrap_or(1.0);
+            for v in &self.embed_row {
+                self.embed_bytes.extend_from_slice(&(v * sc).to_le_bytes());
+            }
+        }
+        self.m.ctx.write_mapped(&self.x_in, 0, &self.embed_bytes)
+    }
+
+    /// Columns a batched runner's step takes at most (0 for other runners).
+    pub(crate) fn batch_cols(&self) -> usize {
+        self.batch.as_ref().map_or(0, |b| b.cols)
+    }
+
+    /// A batched decode step (batched runners only): column c decodes token `cols[c].2`
+    /// of the sequence in pool slot `cols[c].0` at position `cols[c].1`; `out` receives
+    /// the columns' logits rows, in order. Runs in the recording of the smallest bucket
+    /// (power of two) holding the columns; the padding columns do nothing. Column c's
+    /// logits are then [`VkRunner::batch_logits`]`(c)`.
+    pub(crate) fn run_batch(&mut self, cols: &[(u32, u32, u32)]) -> Result<()> {
+        let max = self.batch_cols();
+        let n = cols.len();
+        if n == 0 || n > max {
+            return Err(VkError::Invalid(format!(
+                "a batched step of {n} sequences on a batch of up to {max}"
+            )));
+        }
+        let bucket = n.next_power_of_two();
+        let key = (bucket, true);
+        if !self.steps.contains_key(&key) {
+            let s = self.record_step(bucket, true)?;
+            self.steps.insert(key, s);
+        }
+        self.write_embeddings(cols.iter().map(|c| c.2))?;
+        // The step values: [n, 0, 0, n (logits rows), 0 x 4], then (slot, position) per
+        // column (reusing the embedding bytes' buffer: no allocation per step).
+        let words = [n as u32, 0, 0, n as u32, 0, 0, 0, 0]
+            .into_iter()
+            .chain(cols.iter().flat_map(|&(slot, pos, _)| [slot, pos]));
+        self.embed_bytes.clear();
+        for w in words {
+            self.embed_bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        let ctx = &self.m.ctx;
+        ctx.write_mapped(&self.step, 0, &self.embed_bytes)?;
+        let t0 = std::time::Instant::now();
+        ctx.submit(&self.steps[&key].rec)?;
+        if self.trace {
+            eprintln!(
+                "batched step of {n} sequences (bucket {bucket}): {:?}",
+                t0.elapsed()
+            );
+        }
+        self.stats.steps += 1;
+        self.stats.tokens += n as u64;
+        Ok(())
+    }
+
+    /// Replaces `out` with the logits of column `c` of the last batched step.
+    pub(crate) fn batch_logits(&self, c: usize, out: &mut Vec<f32>) -> Result<()> {
+        let host = self
+            .logits_all
+            .as_ref()
+            .map(|l| &l.1)
+            .ok_or_else(|| VkError::Invalid("the all-rows logits buffer is missing".into()))?;
+        let vocab = self.m.model.config.vocab_size;
+        out.clear();
+        self.m
+            .ctx
+            .read_mapped_f32(host, (c * vocab * 4) as u64, vocab, out)
+    }
+
+    /// Counts a token decoded by a batched step for this sequence.
+    pub(crate) fn advance(&mut self) {
+        self.len += 1;
+        self.stats.steps += 1;
+        self.stats.tokens += 1;
     }
 
     /// Runs one step of `tokens` (at most `self.chunk`) at position `self.len`; logits of
@@ -1787,19 +2126,9 @@ impl VkRunner {
             }
             self.steps.insert(key, s);
         }
+        self.write_embeddings(tokens.iter().copied())?;
         let cfg = &self.m.model.config;
-        let w = &self.m.model.weights.tok_embd;
-        self.embed_bytes.clear();
-        for &t in tokens {
-            quant::dequantize(w.ty, w.row(t as usize), &mut self.embed_row)
-                .map_err(|e| VkError::Invalid(format!("token embedding {t}: {e}")))?;
-            let sc = cfg.embed_scale.unwrap_or(1.0);
-            for v in &self.embed_row {
-                self.embed_bytes.extend_from_slice(&(v * sc).to_le_bytes());
-            }
-        }
         let ctx = &self.m.ctx;
-        ctx.write_mapped(&self.x_in, 0, &self.embed_bytes)?;
         let vals = [
             n as u32,
             self.len as u32,
@@ -1858,7 +2187,7 @@ impl VkRunner {
 }
 
 enum Op {
-    Mm(Vec<Mm>),
+    Mm(Vec<AnyMm>),
     Mv(Vec<DecodeMv>),
     Quant(QuantX),
     Attention(PrefillAttention),
@@ -1867,6 +2196,28 @@ enum Op {
     Act(RowsAct),
     MoeDecode(MoeFfn),
     MoePrefill(MoeSteps),
+}
+
+/// A mat-vec over a step's tokens: [`Mm`], or in a batched decode step on int8
+/// activations, the columns' quantization and the batched int8 mat-vec.
+enum AnyMm {
+    Mm(Mm),
+    Q8(QuantRows, Mvqn),
+}
+
+impl AnyMm {
+    fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        match self {
+            AnyMm::Mm(m) => m.record(r),
+            AnyMm::Q8(q, m) => {
+                // Members of a group share the int8 buffers: one after another.
+                r.barrier();
+                q.record(r)?;
+                r.barrier();
+                m.record(r)
+            }
+        }
+    }
 }
 
 /// A recurrent mixer's op (`recurrent.rs`).
@@ -1940,6 +2291,10 @@ impl caldera_model::Runner for VkRunner {
 
     fn measure_bandwidth(&mut self) -> Option<f64> {
         self.m.ctx.measure_copy_bandwidth().ok()
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 
     fn len(&self) -> usize {

@@ -167,6 +167,9 @@ pub struct MmMode {
     pub token_select: bool,
     /// RMSNorm epsilon.
     pub eps: f32,
+    /// Keep the batched mat-vec (`mm.glsl`) over several tokens instead of the tiled
+    /// matmul (a batched decode step may ask for it: `CALDERA_VK_BATCH_MM=mm`).
+    pub rowwise: bool,
 }
 
 /// The activation of a gated MLP folded into its down projection.
@@ -217,7 +220,7 @@ impl Mm {
         mode: MmMode,
     ) -> Result<Mm> {
         let t = io.max_tokens.max(1);
-        let tiled = ctx.tuning().tiled_mm && t > 1;
+        let tiled = ctx.tuning().tiled_mm && t > 1 && !mode.rowwise;
         let kernel = if tiled {
             Kernel::mmt_for(ty)
         } else {
@@ -588,6 +591,171 @@ impl QuantX {
 
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
         r.dispatch(&self.binding, &self.push, self.groups)
+    }
+}
+
+/// Quantizes the rows of a batched decode step (`quant_rows.comp`): row r < step[0] of
+/// `x` (`ld_x` floats apart; `k` values, or `k` (gate, up) pairs with `glu`) into int8
+/// blocks of 32 at `r * k / 32` of `out`, through the RMSNorm by `gam` when given.
+pub struct QuantRows {
+    binding: Binding,
+    push: Vec<u8>,
+    groups: u64,
+}
+
+impl QuantRows {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        k: u64,
+        x: &Buffer,
+        ld_x: u64,
+        gam: Option<&Buffer>,
+        glu: Option<GluAct>,
+        eps: f32,
+        out: &Q8Acts<'_>,
+        step: &Buffer,
+        max_rows: u64,
+    ) -> Result<QuantRows> {
+        let width = if glu.is_some() { 2 * k } else { k };
+        let rows = max_rows.max(1);
+        if k == 0
+            || !k.is_multiple_of(32)
+            || !ld_x.is_multiple_of(4)
+            || ld_x < width
+            || x.size() < ((rows - 1) * ld_x + width) * 4
+            || gam.is_some_and(|g| g.size() < k * 4)
+            || (gam.is_some() && glu.is_some())
+            || out.q.size() < rows * k
+            || out.d.size() < rows * k / 8
+            || step.size() < 4
+        {
+            return Err(VkError::Invalid(format!(
+                "quantizing {rows} rows of {k} activations: not whole blocks of 32, buffers \
+                 too small or strides too short"
+            )));
+        }
+        let wg = ctx.tuning().workgroup_size as u64;
+        if wg < 8 {
+            return Err(VkError::Invalid(format!(
+                "quant_rows needs workgroups of 8 or more invocations (have {wg})"
+            )));
+        }
+        let mut flags = u32::from(gam.is_some());
+        match glu {
+            Some(GluAct::Silu) => flags |= 2,
+            Some(GluAct::GeluTanh) => flags |= 4,
+            None => {}
+        }
+        let gpr = (k / 4).div_ceil(wg);
+        let binding = ctx.bind(
+            Kernel::QuantRows,
+            &[x, gam.unwrap_or(x), out.q, out.d, step],
+        )?;
+        let push = push_words(&[
+            u32_of(k, "k")?,
+            flags,
+            eps.to_bits(),
+            u32_of(ld_x, "x stride")?,
+            u32_of(gpr, "workgroups per row")?,
+        ]);
+        Ok(QuantRows {
+            binding,
+            push,
+            groups: gpr * rows,
+        })
+    }
+
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        r.dispatch(&self.binding, &self.push, self.groups)
+    }
+}
+
+/// Batched decode mat-vec on int8 activations (`mvqn.glsl`): for every column c <
+/// step[0] (at most 16) and weight row r, `y[c * ld_y + y_offset + r] (+)= W[r] · x_c`
+/// with x_c quantized by [`QuantRows`]; softcapped with `softcap`. Each weight block is
+/// read from memory once for all the columns. One dispatch per weight piece.
+pub struct Mvqn {
+    parts: Vec<(Binding, Vec<u8>, u64)>,
+}
+
+impl Mvqn {
+    /// Rows per workgroup (`NRB` in mvqn.glsl).
+    const ROWS: u64 = 2;
+    /// Most columns (`MAXC`).
+    pub const MAX_COLS: u64 = 16;
+
+    pub fn supports(ty: GgmlType) -> bool {
+        Kernel::mvqn_for(ty, false).is_some()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        ty: GgmlType,
+        w: &DeviceTensor,
+        k: u64,
+        acts: &Q8Acts<'_>,
+        y: &Buffer,
+        ld_y: u64,
+        y_offset: u64,
+        add: bool,
+        softcap: Option<f32>,
+        step: &Buffer,
+        max_cols: u64,
+    ) -> Result<Mvqn> {
+        let kernel = Kernel::mvqn_for(ty, ctx.tuning().int8_dot).ok_or_else(|| {
+            VkError::Invalid(format!("no batched int8 mat-vec for tensor type {ty}"))
+        })?;
+        check_rows(ty, w, k)?;
+        let cols = max_cols.max(1);
+        let be = if matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) {
+            256
+        } else {
+            32
+        };
+        if cols > Self::MAX_COLS
+            || !k.is_multiple_of(be)
+            || ld_y < y_offset + w.rows
+            || y.size() < ((cols - 1) * ld_y + y_offset + w.rows) * 4
+            || acts.q.size() < cols * k
+            || acts.d.size() < cols * k / 8
+            || step.size() < 4
+        {
+            return Err(VkError::Invalid(format!(
+                "batched int8 mat-vec of {} x {k} over {cols} columns: buffers too small, \
+                 strides too short or too many columns",
+                w.rows
+            )));
+        }
+        let mut flags = 0u32;
+        if add {
+            flags |= 1;
+        }
+        if softcap.is_some() {
+            flags |= 2;
+        }
+        let mut parts = Vec::with_capacity(w.pieces.len());
+        for piece in &w.pieces {
+            let b = ctx.bind(kernel, &[&piece.buffer, acts.q, acts.d, y, step])?;
+            let words = [
+                u32_of(k, "k")?,
+                u32_of(piece.rows, "rows")?,
+                u32_of(y_offset + piece.first_row, "y offset")?,
+                u32_of(ld_y, "y stride")?,
+                flags,
+                softcap.unwrap_or(0.0).to_bits(),
+            ];
+            parts.push((b, push_words(&words), piece.rows.div_ceil(Self::ROWS)));
+        }
+        Ok(Mvqn { parts })
+    }
+
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        for (b, push, groups) in &self.parts {
+            r.dispatch(b, push, *groups)?;
+        }
+        Ok(())
     }
 }
 

@@ -92,8 +92,12 @@ impl Context {
             .map(|b| {
                 [vk::DescriptorBufferInfo {
                     buffer: b.handle(),
-                    offset: 0,
-                    range: vk::WHOLE_SIZE,
+                    offset: b.offset(),
+                    range: if b.is_view() {
+                        b.size()
+                    } else {
+                        vk::WHOLE_SIZE
+                    },
                 }]
             })
             .collect();
@@ -313,8 +317,8 @@ impl Recorder<'_> {
         }
         let dev = self.ctx.device();
         let region = [vk::BufferCopy {
-            src_offset: 0,
-            dst_offset: 0,
+            src_offset: src.offset(),
+            dst_offset: dst.offset(),
             size,
         }];
         let before = [vk::MemoryBarrier::default()

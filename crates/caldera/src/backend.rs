@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use caldera_cpu::{CpuBackend, CpuRunner, KvConfig, KvPool};
-use caldera_model::{Model, Runner};
+use caldera_model::{BatchStepper, Model, Runner, SerialStepper};
 use clap::ValueEnum;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -59,23 +59,28 @@ pub fn open_runner(args: &BackendArgs, model: Arc<Model>, ctx: usize) -> Result<
 /// Makes runners of `ctx` tokens on demand.
 pub type RunnerMaker = Box<dyn FnMut() -> Result<Box<dyn Runner>> + Send>;
 
-/// Runners for `serve`'s slots.
+/// What runs several sequences (`serve`'s slots, `bench --batch`): a maker of their
+/// runners, what the backend is ("cpu, 8 threads"), the KV pool they share (CPU; `None`
+/// where each runner has its own cache) and the stepper of a step over them.
 pub struct SlotRunners {
     pub make: RunnerMaker,
-    /// What the backend is ("cpu, 8 threads").
     pub desc: String,
-    /// The KV pool the runners share (CPU); `None` where each runner has its own cache.
     pub pool: Option<Arc<KvPool>>,
+    pub stepper: Box<dyn BatchStepper>,
 }
 
-/// A maker of runners for `serve`'s slots. On the CPU every runner shares one backend,
-/// hence one thread pool (the slots step one after another on all the threads instead
-/// of each slot oversubscribing the cores) and one KV pool of `kv` pages. On Vulkan the
-/// runners share the uploaded weights and each has its own KV cache of `ctx` tokens.
+/// Runners for `slots` sequences of `ctx` tokens. On the CPU every runner shares one
+/// backend, hence one thread pool (the slots step one after another on all the threads
+/// instead of each slot oversubscribing the cores) and one KV pool of `kv` pages. On
+/// Vulkan the runners share the uploaded weights and, for models with a batched decode
+/// step (attention-only), one pool of KV caches (`VkBatch`): their decode steps run
+/// together, one weight read for all (`CALDERA_VK_NO_BATCH=1` steps them one after
+/// another instead); otherwise each runner has its own KV cache of `ctx` tokens.
 pub fn slot_runners(
     args: &BackendArgs,
     model: Arc<Model>,
     ctx: usize,
+    slots: usize,
     kv: &KvConfig,
 ) -> Result<SlotRunners> {
     let cpu = |threads: Option<usize>| -> Result<SlotRunners> {
@@ -91,29 +96,64 @@ pub fn slot_runners(
             }),
             desc,
             pool,
+            stepper: Box::new(SerialStepper),
         })
     };
-    let vulkan = |first: Box<dyn Runner>, gpu_only: bool| -> SlotRunners {
-        let desc = first.describe();
+    let vulkan = |gpu_only: bool| -> Result<SlotRunners> {
+        let vk = vulkan_model(args, model.clone(), gpu_only)?;
+        let no_batch = std::env::var("CALDERA_VK_NO_BATCH").is_ok_and(|v| v == "1");
+        let batch = if no_batch {
+            None
+        } else {
+            // A model without a batched step, or pools larger than one buffer: the
+            // slots decode one after another on their own caches.
+            match caldera_vulkan::VkBatch::new(vk.clone(), slots, ctx) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    eprintln!("caldera: {e}; the slots decode one after another");
+                    None
+                }
+            }
+        };
+        let Some(batch) = batch else {
+            let first = caldera_vulkan::VkRunner::new(vk.clone(), ctx)?;
+            let desc = first.describe();
+            let mut first = Some(first);
+            return Ok(SlotRunners {
+                make: Box::new(move || {
+                    let r = match first.take() {
+                        Some(r) => r,
+                        None => caldera_vulkan::VkRunner::new(vk.clone(), ctx)?,
+                    };
+                    Ok(Box::new(r) as Box<dyn Runner>)
+                }),
+                desc,
+                pool: None,
+                stepper: Box::new(SerialStepper),
+            });
+        };
+        let first = batch.runner()?;
+        let desc = format!("{}; slots decode in batched steps", first.describe());
         let mut first = Some(first);
-        let (args, model) = (args.clone(), model.clone());
-        SlotRunners {
-            make: Box::new(move || match first.take() {
-                Some(r) => Ok(r),
-                None => vulkan_runner(&args, model.clone(), ctx, gpu_only),
+        let b = batch.clone();
+        Ok(SlotRunners {
+            make: Box::new(move || {
+                let r = match first.take() {
+                    Some(r) => r,
+                    None => b.runner()?,
+                };
+                Ok(Box::new(r) as Box<dyn Runner>)
             }),
             desc,
             pool: None,
-        }
+            stepper: Box::new(caldera_vulkan::VkBatchStepper::new(batch)),
+        })
     };
     match args.backend {
         Backend::Cpu => cpu(args.threads),
-        Backend::Vulkan => {
-            let first = vulkan_runner(args, model.clone(), ctx, false)?;
-            Ok(vulkan(first, false))
-        }
-        Backend::Auto => match vulkan_runner(args, model.clone(), ctx, true) {
-            Ok(first) => Ok(vulkan(first, true)),
+        Backend::Vulkan => vulkan(false),
+        Backend::Auto => match vulkan(true) {
+            Ok(s) => Ok(s),
             Err(e) => {
                 if args.device.is_some() {
                     return Err(e);
@@ -204,6 +244,17 @@ fn vulkan_runner(
     ctx: usize,
     gpu_only: bool,
 ) -> Result<Box<dyn Runner>> {
+    let vk = vulkan_model(args, model, gpu_only)?;
+    Ok(Box::new(caldera_vulkan::VkRunner::new(vk, ctx)?))
+}
+
+/// `model`'s weights on the chosen Vulkan device: uploaded now, or kept from the last
+/// call for the same model and device.
+fn vulkan_model(
+    args: &BackendArgs,
+    model: Arc<Model>,
+    gpu_only: bool,
+) -> Result<Arc<caldera_vulkan::VkModel>> {
     let index = pick_vulkan_device(args, gpu_only)?;
     let mut cache = VK_MODEL.lock().unwrap_or_else(|e| e.into_inner());
     let vk = match cache.as_ref() {
@@ -243,5 +294,5 @@ fn vulkan_runner(
             m
         }
     };
-    Ok(Box::new(caldera_vulkan::VkRunner::new(vk, ctx)?))
+    Ok(vk)
 }

@@ -11,11 +11,11 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Result;
-use caldera_model::Logits;
+use caldera_model::{BatchItem, Logits, StepOutcome};
 use clap::Args;
 use serde_json::json;
 
-use crate::backend::{open_runner, BackendArgs};
+use crate::backend::{open_runner, slot_runners, BackendArgs};
 use crate::load;
 
 #[derive(Args)]
@@ -30,6 +30,13 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(short = 'r', long, default_value_t = 3)]
     pub reps: usize,
+    /// Batched decode: for each N of the list (e.g. `1,2,4,8,16`), N sequences each
+    /// prefilled with -p tokens (not timed) then decoding -n tokens together, stepped
+    /// as `serve` steps its slots (Vulkan: one batched step for all; CPU: one after
+    /// another). Reports aggregate and per-sequence decode tokens/s, ms per step and the
+    /// aggregate's ratio to N = 1.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub batch: Vec<u64>,
     #[command(flatten)]
     pub backend: BackendArgs,
     /// One JSON object instead of text.
@@ -50,21 +57,29 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
-pub fn bench(a: BenchArgs) -> Result<ExitCode> {
-    let loaded = load::open_model(&a.model)?;
-    let model = loaded.model.clone();
-    let cfg = &model.config;
-    let vocab = cfg.vocab_size as u64;
-    // A fixed-seed LCG: the same prompt on every run and machine.
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let prompt: Vec<u32> = (0..a.prompt)
+/// `len` token ids below `vocab` from a fixed-seed LCG (`seq` picks the sequence): the
+/// same prompt on every run and machine.
+fn synthetic_prompt(len: usize, vocab: u64, seq: u64) -> Vec<u32> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64.wrapping_add(seq.wrapping_mul(0x2545_F491_4F6C_DD1D));
+    (0..len)
         .map(|_| {
             state = state
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             ((state >> 33) % vocab) as u32
         })
-        .collect();
+        .collect()
+}
+
+pub fn bench(a: BenchArgs) -> Result<ExitCode> {
+    let loaded = load::open_model(&a.model)?;
+    if !a.batch.is_empty() {
+        return bench_batch(&a, &loaded);
+    }
+    let model = loaded.model.clone();
+    let cfg = &model.config;
+    let vocab = cfg.vocab_size as u64;
+    let prompt = synthetic_prompt(a.prompt, vocab, 0);
     let reps = a.reps.max(1);
     let mut pp = Vec::new();
     let mut tg = Vec::new();
@@ -186,6 +201,144 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         if let Some(r) = rss {
             println!("  peak RSS {:.1} MiB", r as f64 / (1 << 20) as f64);
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bench --batch`: for each N, N sequences prefilled alone, then one untimed step and
+/// `-n` timed steps of all N through the backend's stepper (what `serve` runs); the
+/// median over `-r` repetitions.
+fn bench_batch(a: &BenchArgs, loaded: &load::Loaded) -> Result<ExitCode> {
+    let model = loaded.model.clone();
+    let cfg = &model.config;
+    let vocab = cfg.vocab_size as u64;
+    let reps = a.reps.max(1);
+    let gen = a.gen.max(1);
+    // The prompt, one warm-up step, the timed steps.
+    let ctx = a.prompt + gen + 1;
+    let per_token = bytes_per_token(&loaded.file, &model);
+    let mut desc = String::new();
+    // (N, median seconds of the decode loop)
+    let mut rows: Vec<(usize, f64)> = Vec::new();
+    for &n in &a.batch {
+        let n = n as usize;
+        let kv = caldera_cpu::KvConfig::default();
+        let mut sr = slot_runners(&a.backend, model.clone(), ctx, n, &kv)?;
+        if desc.is_empty() {
+            desc = sr.desc.clone();
+        }
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            // Made per repetition (and dropped before the next): a pool's slots are
+            // taken by live runners.
+            let mut runners = Vec::with_capacity(n);
+            for _ in 0..n {
+                runners.push((sr.make)()?);
+            }
+            let mut logits = vec![Vec::new(); n];
+            let mut next = vec![0u32; n];
+            for (i, r) in runners.iter_mut().enumerate() {
+                let prompt = synthetic_prompt(a.prompt, vocab, i as u64);
+                if !prompt.is_empty() {
+                    r.forward(&prompt, Logits::Last, &mut logits[i])
+                        .map_err(|e| anyhow::anyhow!(e))?;
+                    next[i] = argmax(&logits[i]);
+                }
+            }
+            // One untimed step first: it records the step's shape (once per bucket).
+            let mut t = Instant::now();
+            for step in 0..=gen {
+                if step == 1 {
+                    t = Instant::now();
+                }
+                let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+                let mut items: Vec<BatchItem> = runners
+                    .iter_mut()
+                    .zip(&toks)
+                    .zip(logits.iter_mut())
+                    .map(|((r, t), l)| BatchItem {
+                        runner: &mut **r,
+                        tokens: t,
+                        logits: l,
+                        outcome: StepOutcome::Pending,
+                    })
+                    .collect();
+                sr.stepper.step_batch(&mut items);
+                for it in items {
+                    match it.outcome {
+                        StepOutcome::Done => {}
+                        StepOutcome::Failed(e) => anyhow::bail!("a decode step failed: {e}"),
+                        StepOutcome::Panicked(m) => anyhow::bail!("a decode step panicked: {m}"),
+                        StepOutcome::Pending => anyhow::bail!("a decode step did not run"),
+                    }
+                }
+                for (nx, l) in next.iter_mut().zip(&logits) {
+                    *nx = argmax(l);
+                }
+            }
+            times.push(t.elapsed().as_secs_f64());
+        }
+        rows.push((n, median(times)));
+    }
+    let base = rows
+        .iter()
+        .find(|r| r.0 == 1)
+        .map(|&(_, secs)| gen as f64 / secs);
+    let stats: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|&(n, secs)| {
+            let agg = (n * gen) as f64 / secs;
+            let ms = 1e3 * secs / gen as f64;
+            json!({
+                "sequences": n,
+                "decode_tok_s": agg,
+                "per_sequence_tok_s": gen as f64 / secs,
+                "ms_per_step": ms,
+                "ratio_to_1": base.map(|b| agg / b),
+                "weight_gb_s": per_token as f64 / ms / 1e6,
+            })
+        })
+        .collect();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "model": a.model.display().to_string(),
+                "arch": cfg.arch,
+                "backend": desc,
+                "prompt_tokens": a.prompt,
+                "gen_tokens": gen,
+                "reps": reps,
+                "weight_bytes_per_step": per_token,
+                "batch": stats,
+                "peak_rss_bytes": peak_rss(),
+            })
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{} ({}), {}, {} reps, p{} n{}",
+        a.model.display(),
+        cfg.arch,
+        desc,
+        reps,
+        a.prompt,
+        gen
+    );
+    println!("  seqs   agg tok/s   per-seq tok/s   ms/step   x N=1   weights GB/s");
+    for v in &stats {
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "  {:>4} {:>11.1} {:>15.1} {:>9.2} {:>7} {:>14.1}",
+            v["sequences"],
+            f("decode_tok_s"),
+            f("per_sequence_tok_s"),
+            f("ms_per_step"),
+            v["ratio_to_1"]
+                .as_f64()
+                .map_or("-".to_owned(), |r| format!("{r:.2}")),
+            f("weight_gb_s")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -100,7 +100,8 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         mut make,
         desc: backend_desc,
         pool,
-    } = slot_runners(&a.backend, loaded.model.clone(), ctx, &kv)?;
+        stepper,
+    } = slot_runners(&a.backend, loaded.model.clone(), ctx, slots, &kv)?;
     let weights: u64 = loaded
         .file
         .tensors()
@@ -161,6 +162,7 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
             make().map_err(Into::into)
         }),
         kv: Some(kv_plan),
+        stepper,
     };
     let name = a.alias.clone().unwrap_or_else(|| {
         a.model

@@ -1,0 +1,442 @@
+#version 450
+// Batched decode attention: attn_decode.comp (see there) for each column c < step[0] of
+// a batched decode step, every column a token of its own sequence: column c is the
+// sequence in pool slot step[8 + 2c] at position step[9 + 2c]. Its q | k | v row is
+// row c of qkv (ld_qkv apart), its output row c of out (n_heads * hd apart); its cache
+// is the slot's region of the pooled caches, slot_elems values per slot (f32 or f16
+// values, kv.glsl), so a column writes and reads only its own slot. Columns past
+// step[0] (the bucket's padding) exit at once. Partials and counts are per column. No
+// int8 output (the batched o-projection reads f32).
+// Binding 0: qkv, 1: k pool, 2: v pool, 3: out, 4: step values, 5: q norm, 6: k norm,
+// 7: RoPE table, 8: partials (f32, [column][head][split][2 + hd]), 9: counts (u32 per
+// (column, g, c), zero between dispatches).
+#include "common.glsl"
+
+layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
+#include "kv.glsl"
+layout(std430, binding = 3) writeonly buffer Out { float o[]; };
+layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
+layout(std430, binding = 5) readonly buffer Qn { float qn[]; };
+layout(std430, binding = 6) readonly buffer Kn { float kn[]; };
+layout(std430, binding = 7) readonly buffer Rope { float rope[]; };
+layout(std430, binding = 8) coherent buffer Part { float part[]; };
+layout(std430, binding = 9) coherent buffer Cnt { uint cnt[]; };
+
+const uint F_QNORM = 1u;
+const uint F_KNORM = 2u;
+const uint F_ROPE = 4u;
+const uint F_INTERLEAVED = 8u;
+const uint F_QGATE = 32u;
+const uint MAX_HD = 256u;
+const uint MAXG = 8u;
+const uint MAX_SPLIT = 128u;
+
+layout(push_constant) uniform Push {
+    uint n_heads;
+    uint n_kv;
+    uint hd;
+    uint n_rot;
+    uint flags;
+    uint ld_qkv;
+    uint window; // 0: none; else keys at positions > pos - window
+    uint hpw;    // query heads per workgroup (<= MAXG)
+    uint n_chunks; // ceil(group size / hpw)
+    uint max_splits;
+    uint split;  // positions per workgroup (<= MAX_SPLIT)
+    float eps;
+    float scale;
+    float softcap; // 0: none
+    uint slot_elems; // cache values per pool slot (a multiple of 64)
+} p;
+
+// The column's offsets: qkv row, output row, cache region, partials, counts.
+uint QB;
+uint OB;
+uint CB;
+uint PB;
+uint NB;
+
+shared float q_s[MAXG * MAX_HD];
+shared float k_s[MAX_HD];
+shared float sc[MAXG * MAX_SPLIT];
+// A tile of k (then v) rows, each padded by one float so that invocations reading
+// consecutive rows hit different banks: TILE / (hd + 1) positions (32 at hd = 128).
+const uint TILE = 4224u;
+shared float kv_s[TILE];
+shared float inv_s[MAXG];
+// Combine: every split's m and l (then its weight) per head, up to MAX_COMBINE splits,
+// in the k/v tile's space (free by then): cm at CM, cl at CL. Everything here fits
+// 32 KiB of shared memory.
+const uint MAX_COMBINE = 128u;
+const uint CM = 0u;
+const uint CL = MAXG * MAX_COMBINE;
+shared float m_s[MAXG];
+shared float l_s[MAXG];
+shared bool last_s;
+
+// RMSNorm (weights w: q norm or k norm) and RoPE of `nh` rows of hd values in q_s
+// (is_q) or k_s, all rows at once.
+void norm_rope(bool is_q, uint nh, bool norm, uint pos) {
+    uint tid = gl_LocalInvocationID.x;
+    if (norm) {
+        // G invocations per row sum its squares in strides, then one adds their sums.
+        uint G = WG / nh;
+        uint h = tid / G;
+        float ss = 0.0;
+        if (h < nh) {
+            for (uint i = tid % G; i < p.hd; i += G) {
+                float v = is_q ? q_s[h * p.hd + i] : k_s[i];
+                ss += v * v;
+            }
+        }
+        red_buf[tid] = ss;
+        barrier();
+        if (tid < nh) {
+            float t = 0.0;
+            for (uint i = 0u; i < G; i++) {
+                t += red_buf[tid * G + i];
+            }
+            inv_s[tid] = inversesqrt(t / float(p.hd) + p.eps);
+        }
+        barrier();
+        for (uint j = tid; j < nh * p.hd; j += WG) {
+            uint i = j % p.hd;
+            if (is_q) {
+                q_s[j] *= inv_s[j / p.hd] * qn[i];
+            } else {
+                k_s[j] *= inv_s[0] * kn[i];
+            }
+        }
+        barrier();
+    }
+    if ((p.flags & F_ROPE) != 0u) {
+        uint half_rot = p.n_rot / 2u;
+        bool il = (p.flags & F_INTERLEAVED) != 0u;
+        for (uint j = tid; j < nh * half_rot; j += WG) {
+            uint i = j % half_rot;
+            uint off = (j / half_rot) * p.hd;
+            uint a = off + (il ? 2u * i : i);
+            uint b = off + (il ? 2u * i + 1u : i + half_rot);
+            uint r = 2u * (pos * half_rot + i);
+            float c = rope[r];
+            float s = rope[r + 1u];
+            if (is_q) {
+                float x0 = q_s[a];
+                float x1 = q_s[b];
+                q_s[a] = x0 * c - x1 * s;
+                q_s[b] = x0 * s + x1 * c;
+            } else {
+                float x0 = k_s[a];
+                float x1 = k_s[b];
+                k_s[a] = x0 * c - x1 * s;
+                k_s[b] = x0 * s + x1 * c;
+            }
+        }
+        barrier();
+    }
+}
+
+// The output gate of query head h at dim d: sigmoid(gate) with F_QGATE, else 1.
+float out_gate(uint h, uint d) {
+    if ((p.flags & F_QGATE) == 0u) {
+        return 1.0;
+    }
+    float gt = qkv[QB + (p.n_heads + 2u * p.n_kv) * p.hd + h * p.hd + d];
+    return 1.0 / (1.0 + exp(-gt));
+}
+
+// Stages tn rows of the k (or v) cache from position p_first on (kv head g) in kv_s;
+// the token's own row (position pos) comes from k_s / the token's raw v in qkv. 16 loads in flight per
+// invocation.
+void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
+    uint tid = gl_LocalInvocationID.x;
+    uint hd4 = p.hd / 4u;
+    uint total = tn * hd4;
+    for (uint j0 = tid; j0 < total; j0 += 16u * WG) {
+        vec4 t[16];
+        [[unroll]] for (uint u = 0u; u < 16u; u++) {
+            uint j = j0 + u * WG;
+            uint pi = p_first + j / hd4;
+            uint d = 4u * (j % hd4);
+            t[u] = vec4(0.0);
+            if (j < total && pi != pos) {
+                uint e = (CB + pi * kvd + g * p.hd + d) >> 2;
+                t[u] = is_v ? v4_at(e) : k4_at(e);
+            }
+        }
+        [[unroll]] for (uint u = 0u; u < 16u; u++) {
+            uint j = j0 + u * WG;
+            if (j < total) {
+                uint pi = p_first + j / hd4;
+                uint d = 4u * (j % hd4);
+                vec4 v = t[u];
+                if (pi == pos) {
+                    uint vb = p.n_heads * p.hd + kvd + g * p.hd + d;
+                    v = is_v ? vec4(qkv[QB + vb], qkv[QB + vb + 1u], qkv[QB + vb + 2u], qkv[QB + vb + 3u])
+                             : vec4(k_s[d], k_s[d + 1u], k_s[d + 2u], k_s[d + 3u]);
+                }
+                uint sb = (j / hd4) * (p.hd + 1u) + d;
+                kv_s[sb] = v.x;
+                kv_s[sb + 1u] = v.y;
+                kv_s[sb + 2u] = v.z;
+                kv_s[sb + 3u] = v.w;
+            }
+        }
+    }
+}
+
+void main() {
+    uint grp = flat_group();
+    uint per_g = p.n_chunks * p.max_splits;
+    uint per_col = p.n_kv * per_g;
+    uint col = grp / per_col;
+    if (col >= step[0]) {
+        return; // padding of the bucket: uniform for the workgroup
+    }
+    grp = grp % per_col;
+    uint g = grp / per_g;
+    uint c = (grp % per_g) / p.max_splits;
+    uint s = grp % p.max_splits;
+    uint slot = step[8u + 2u * col];
+    uint pos = step[9u + 2u * col];
+    QB = col * p.ld_qkv;
+    OB = col * p.n_heads * p.hd;
+    CB = slot * p.slot_elems;
+    PB = col * p.n_heads * p.max_splits * (2u + p.hd);
+    NB = col * p.n_kv * p.n_chunks;
+    uint lo = (p.window > 0u && pos + 1u > p.window) ? pos + 1u - p.window : 0u;
+    uint n_active = (pos + 1u - lo + p.split - 1u) / p.split;
+    if (s >= n_active) {
+        return; // uniform for the workgroup
+    }
+    uint tid = gl_LocalInvocationID.x;
+    uint gsize = p.n_heads / p.n_kv;
+    uint h0 = g * gsize + c * p.hpw;
+    uint nh = min(p.hpw, gsize - c * p.hpw);
+    uint kvd = p.n_kv * p.hd;
+    uint kb = p.n_heads * p.hd + g * p.hd;
+    uint p0 = lo + s * p.split;
+    uint n = min(p.split, pos + 1u - p0);
+    bool has_pos = p0 + n == pos + 1u;
+    for (uint i = tid; i < nh * p.hd; i += WG) {
+        q_s[i] = qkv[QB + h0 * p.hd + i];
+    }
+    if (has_pos) {
+        for (uint i = tid; i < p.hd; i += WG) {
+            k_s[i] = qkv[QB + kb + i];
+        }
+    }
+    barrier();
+    norm_rope(true, nh, (p.flags & F_QNORM) != 0u, pos);
+    if (has_pos) {
+        norm_rope(false, 1u, (p.flags & F_KNORM) != 0u, pos);
+        if (c == 0u) {
+            uint dst = CB + pos * kvd + g * p.hd;
+            for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
+                k_put2(dst + i, vec2(k_s[i], k_s[i + 1u]));
+                v_put2(dst + i, vec2(qkv[QB + kb + kvd + i], qkv[QB + kb + kvd + i + 1u]));
+            }
+        }
+    }
+    // (Profiling only: bits 8.. of flags stop the kernel after a phase.)
+    uint stop = (p.flags >> 8) & 3u;
+    if (stop == 1u) {
+        return;
+    }
+    // Scores, a tile of positions at a time: every invocation first stages the tile's
+    // k rows in shared memory (all loads in flight together: one memory round trip per
+    // tile, not one per step of a dot product), then one task per (head, position).
+    uint hd4 = p.hd / 4u;
+    uint T = min(n, TILE / (p.hd + 1u));
+    for (uint t0 = 0u; t0 < n; t0 += T) {
+        uint tn = min(T, n - t0);
+        stage(false, p0 + t0, tn, pos, kvd, g);
+        barrier();
+        for (uint task = tid; task < tn * nh; task += WG) {
+            uint i = task % tn;
+            uint h = task / tn;
+            uint qb = h * p.hd;
+            float a = 0.0;
+            for (uint d4 = 0u; d4 < hd4; d4++) {
+                uint kb4 = i * (p.hd + 1u) + 4u * d4;
+                uint qo = qb + 4u * d4;
+                a += q_s[qo] * kv_s[kb4] + q_s[qo + 1u] * kv_s[kb4 + 1u]
+                   + q_s[qo + 2u] * kv_s[kb4 + 2u] + q_s[qo + 3u] * kv_s[kb4 + 3u];
+            }
+            float v = a * p.scale;
+            if (p.softcap > 0.0) {
+                v = p.softcap * tanh(v / p.softcap);
+            }
+            sc[h * MAX_SPLIT + t0 + i] = v;
+        }
+        barrier();
+    }
+    // Softmax per head: G invocations per head take strided maxima (then sums), one
+    // combines them.
+    uint G = WG / nh;
+    uint hh = tid / G;
+    {
+        float mx = -1e30;
+        if (hh < nh) {
+            for (uint i = tid % G; i < n; i += G) {
+                mx = max(mx, sc[hh * MAX_SPLIT + i]);
+            }
+        }
+        red_buf[tid] = mx;
+        barrier();
+        if (tid < nh) {
+            float t = -1e30;
+            for (uint i = 0u; i < G; i++) {
+                t = max(t, red_buf[tid * G + i]);
+            }
+            m_s[tid] = t;
+        }
+        barrier();
+    }
+    for (uint i = tid; i < nh * MAX_SPLIT; i += WG) {
+        uint h = i / MAX_SPLIT;
+        if (i % MAX_SPLIT < n) {
+            sc[i] = exp(sc[i] - m_s[h]);
+        }
+    }
+    barrier();
+    {
+        float l = 0.0;
+        if (hh < nh) {
+            for (uint i = tid % G; i < n; i += G) {
+                l += sc[hh * MAX_SPLIT + i];
+            }
+        }
+        red_buf[tid] = l;
+        barrier();
+        if (tid < nh) {
+            float t = 0.0;
+            for (uint i = 0u; i < G; i++) {
+                t += red_buf[tid * G + i];
+            }
+            l_s[tid] = t;
+        }
+        barrier();
+    }
+    bool single = n_active == 1u;
+    uint stride = 2u + p.hd;
+    // Values, a tile at a time as for k: the sums go to q_s (q is no longer needed),
+    // one (head, dim) per task.
+    for (uint j = tid; j < nh * p.hd; j += WG) {
+        q_s[j] = 0.0;
+    }
+    for (uint t0 = 0u; t0 < n; t0 += T) {
+        uint tn = min(T, n - t0);
+        stage(true, p0 + t0, tn, pos, kvd, g);
+        barrier();
+        for (uint j = tid; j < nh * p.hd; j += WG) {
+            uint h = j / p.hd;
+            uint d = j % p.hd;
+            float acc = q_s[j];
+            for (uint i = 0u; i < tn; i++) {
+                acc += sc[h * MAX_SPLIT + t0 + i] * kv_s[i * (p.hd + 1u) + d];
+            }
+            q_s[j] = acc;
+        }
+        barrier();
+    }
+    for (uint j = tid; j < nh * p.hd; j += WG) {
+        uint h = j / p.hd;
+        uint d = j % p.hd;
+        if (single) {
+            // One split: the output directly, no partials.
+            float v = q_s[j] / l_s[h] * out_gate(h0 + h, d);
+            q_s[j] = v;
+            o[OB + (h0 + h) * p.hd + d] = v;
+        } else {
+            part[PB + ((h0 + h) * p.max_splits + s) * stride + 2u + d] = q_s[j];
+        }
+    }
+    barrier();
+    if (stop == 2u) {
+        return;
+    }
+    if (single) {
+        return;
+    }
+    if (tid < nh) {
+        uint pb = ((h0 + tid) * p.max_splits + s) * stride;
+        part[PB + pb] = m_s[tid];
+        part[PB + pb + 1u] = l_s[tid];
+    }
+    // The last split of (g, c) to get here combines every split's partials.
+    memoryBarrierBuffer();
+    barrier();
+    if (tid == 0u) {
+        uint done = atomicAdd(cnt[NB + g * p.n_chunks + c], 1u);
+        last_s = done == n_active - 1u;
+        if (last_s) {
+            cnt[NB + g * p.n_chunks + c] = 0u;
+        }
+    }
+    barrier();
+    if (!last_s) {
+        return; // uniform for the workgroup
+    }
+    memoryBarrierBuffer();
+    if (n_active <= MAX_COMBINE) {
+        // Every (head, split) m and l at once, then per-split weights, then the sums.
+        for (uint j = tid; j < nh * n_active; j += WG) {
+            uint pb = ((h0 + j / n_active) * p.max_splits + j % n_active) * stride;
+            kv_s[CM + j] = part[PB + pb];
+            kv_s[CL + j] = part[PB + pb + 1u];
+        }
+        barrier();
+        if (tid < nh) {
+            float mx = -1e30;
+            for (uint t = 0u; t < n_active; t++) {
+                mx = max(mx, kv_s[CM + tid * n_active + t]);
+            }
+            float l = 0.0;
+            for (uint t = 0u; t < n_active; t++) {
+                l += exp(kv_s[CM + tid * n_active + t] - mx) * kv_s[CL + tid * n_active + t];
+            }
+            m_s[tid] = mx;
+            l_s[tid] = l;
+        }
+        barrier();
+        for (uint j = tid; j < nh * n_active; j += WG) {
+            uint h = j / n_active;
+            kv_s[CM + j] = exp(kv_s[CM + j] - m_s[h]) / l_s[h];
+        }
+        barrier();
+        for (uint j = tid; j < nh * p.hd; j += WG) {
+            uint h = j / p.hd;
+            uint d = j % p.hd;
+            uint pb = (h0 + h) * p.max_splits * stride + 2u + d;
+            float acc = 0.0;
+            for (uint t = 0u; t < n_active; t++) {
+                acc += kv_s[CM + h * n_active + t] * part[PB + pb + t * stride];
+            }
+            acc *= out_gate(h0 + h, d);
+            q_s[j] = acc;
+            o[OB + (h0 + h) * p.hd + d] = acc;
+        }
+    } else {
+        for (uint h = 0u; h < nh; h++) {
+            uint hb = (h0 + h) * p.max_splits * stride;
+            float mx = -1e30;
+            for (uint t = 0u; t < n_active; t++) {
+                mx = max(mx, part[PB + hb + t * stride]);
+            }
+            float l = 0.0;
+            for (uint t = 0u; t < n_active; t++) {
+                l += exp(part[PB + hb + t * stride] - mx) * part[PB + hb + t * stride + 1u];
+            }
+            for (uint d = tid; d < p.hd; d += WG) {
+                float a = 0.0;
+                for (uint t = 0u; t < n_active; t++) {
+                    a += exp(part[PB + hb + t * stride] - mx) * part[PB + hb + t * stride + 2u + d];
+                }
+                float v = a / l * out_gate(h0 + h, d);
+                q_s[h * p.hd + d] = v;
+                o[OB + (h0 + h) * p.hd + d] = v;
+            }
+        }
+    }
+}

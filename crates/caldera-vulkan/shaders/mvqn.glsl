@@ -1,0 +1,277 @@
+// Batched decode mat-vec on int8 activations, over the columns of a batched decode step
+// (one token of a different sequence each): y[c * ld_y + y_offset + r] (=, or +=)
+// dot(W row r, x_c) for every column c < step[0] (at most MAXC = 16) and row r of the
+// piece. x_c arrives quantized by quant_rows.comp (column c's blocks at c * k / 32); the
+// weight blocks meet it in 4-way int8 dot products as in mvq.glsl (whose block readers
+// this repeats, the activation reads offset to the column). A workgroup computes NRB
+// rows for every column: for each weight block its lanes load the block once from
+// memory and dot it with every column's activations (later columns re-read it from
+// cache), so the weights are read once per step whatever the column count.
+// Binding 0: the piece's raw blocks. 1: q (u32 words, k / 4 per column). 2: d (f32,
+// k / 32 per column). 3: y. 4: step values ([0] columns).
+#include "common.glsl"
+#if USE_DOT
+#extension GL_EXT_spirv_intrinsics : require
+#endif
+
+layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
+layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
+layout(std430, binding = 1) readonly buffer Qbuf2 { uvec2 xq2[]; };
+layout(std430, binding = 1) readonly buffer Qbuf4 { uvec4 xq4[]; };
+layout(std430, binding = 2) readonly buffer Dbuf { float xd[]; };
+layout(std430, binding = 3) buffer Ybuf { float y[]; };
+layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
+
+layout(push_constant) uniform Push {
+    uint k;
+    uint rows;     // weight rows in this piece
+    uint y_offset; // element of a column's y row that the piece's row 0 writes
+    uint ld_y;     // elements between columns in y
+    uint flags;    // MVN_ADD, MVN_SOFTCAP
+    float cap;
+} p;
+
+const uint MVN_ADD = 1u;
+const uint MVN_SOFTCAP = 2u;
+const uint MAXC = 16u;
+const uint NRB = 2u; // weight rows per workgroup
+
+#include "words.glsl"
+
+// The current column's offsets into the activations (uvec2, uvec4 and float units).
+uint XO2;
+uint XO4;
+uint XOD;
+
+#if USE_DOT
+spirv_instruction(extensions = ["SPV_KHR_integer_dot_product"], capabilities = [6019, 6018], id = 4450)
+int sdot_packed(uint a, uint b, spirv_literal int fmt);
+spirv_instruction(extensions = ["SPV_KHR_integer_dot_product"], capabilities = [6019, 6018], id = 4452)
+int sudot_packed(uint a, uint b, spirv_literal int fmt);
+// Σ a_i b_i over the 4 signed bytes of a and of b.
+int sdot(uint a, uint b) {
+    return sdot_packed(a, b, 0);
+}
+// Σ u_i s_i over the 4 unsigned bytes of u and the 4 signed bytes of s.
+int udot(uint u, uint s) {
+    return sudot_packed(s, u, 0);
+}
+#else
+ivec4 sbytes(uint v) {
+    return ivec4(uvec4(v) << uvec4(24u, 16u, 8u, 0u)) >> 24;
+}
+int sdot(uint a, uint b) {
+    ivec4 x = sbytes(a) * sbytes(b);
+    return x.x + x.y + x.z + x.w;
+}
+int udot(uint u, uint s) {
+    ivec4 x = ivec4((uvec4(u) >> uvec4(0u, 8u, 16u, 24u)) & 255u) * sbytes(s);
+    return x.x + x.y + x.z + x.w;
+}
+#endif
+
+const uint ONES = 0x01010101u;
+const uint LO4 = 0x0f0f0f0fu;
+
+// Per block slot (set by load_x, used by block_dot for every row).
+uvec4 XA;
+uvec4 XB;
+vec4 FX;
+ivec4 IX;
+
+#if defined(TYPE_Q4_0)
+// 18 B / 32: d, qs[16]. Lane t (of 2): qs[8t .. 8t + 8], elements 8t .. + 8 (low
+// nibbles) and 16 + 8t .. + 8 (high); value d (n - 8).
+const uint L = 2u;
+const uint BE = 32u;
+void load_x(uint b, uint lane) {
+    uvec2 lo = xq2[XO2 + (4u * b + lane)];
+    uvec2 hi = xq2[XO2 + (4u * b + 2u + lane)];
+    XA = uvec4(lo, hi);
+    FX.x = xd[XOD + (b)];
+    IX.x = sdot(lo.x, ONES) + sdot(lo.y, ONES) + sdot(hi.x, ONES) + sdot(hi.y, ONES);
+}
+float block_dot(uint row, uint b, uint lane) {
+    uint o = (row * (p.k / 32u) + b) * 18u;
+    uvec2 q = u64_at(o + 2u + 8u * lane);
+    int s = udot(q.x & LO4, XA.x) + udot(q.y & LO4, XA.y)
+          + udot((q.x >> 4) & LO4, XA.z) + udot((q.y >> 4) & LO4, XA.w);
+    return f16_at(o) * FX.x * float(s - 8 * IX.x);
+}
+#elif defined(TYPE_Q8_0)
+// 34 B / 32: d, qs: i8[32]. Lane t (of 4): qs[8t .. 8t + 8].
+const uint L = 4u;
+const uint BE = 32u;
+void load_x(uint b, uint lane) {
+    XA.xy = xq2[XO2 + (4u * b + lane)];
+    FX.x = xd[XOD + (b)];
+}
+float block_dot(uint row, uint b, uint lane) {
+    uint o = (row * (p.k / 32u) + b) * 34u;
+    uvec2 q = u64_at(o + 2u + 8u * lane);
+    return f16_at(o) * FX.x * float(sdot(q.x, XA.x) + sdot(q.y, XA.y));
+}
+#elif defined(TYPE_Q4_K)
+// 144 B / 256: d, dmin, scales[12], qs[128]. Lane t (of 8), j = t / 2, h = t % 2:
+// qs[32j + 16h .. + 16], elements 64j + 16h .. + 16 (low nibbles, group 2j) and
+// 64j + 32 + 16h .. + 16 (high nibbles, group 2j + 1); value d sc n - dmin mn.
+const uint L = 8u;
+const uint BE = 256u;
+void load_x(uint b, uint lane) {
+    uint j = lane >> 1;
+    uint e = 256u * b + 64u * j + 16u * (lane & 1u);
+    XA = xq4[XO4 + (e >> 4)];
+    XB = xq4[XO4 + ((e + 32u) >> 4)];
+    float dl = xd[XOD + (8u * b + 2u * j)];
+    float dh = xd[XOD + (8u * b + 2u * j + 1u)];
+    int sl = sdot(XA.x, ONES) + sdot(XA.y, ONES) + sdot(XA.z, ONES) + sdot(XA.w, ONES);
+    int sh = sdot(XB.x, ONES) + sdot(XB.y, ONES) + sdot(XB.z, ONES) + sdot(XB.w, ONES);
+    FX = vec4(dl, dh, dl * float(sl), dh * float(sh));
+}
+float block_dot(uint row, uint b, uint lane) {
+    uint o = (row * (p.k / 256u) + b) * 9u; // 16-byte units
+    uint j = lane >> 1;
+    uvec4 hd = w4[o];
+    uvec4 q = w4[o + 1u + 2u * j + (lane & 1u)];
+    vec2 dm = unpackHalf2x16(hd.x);
+    uint sh = 16u * (j & 1u);
+    uint sa = hd.y >> sh;
+    uint sb = hd.z >> sh;
+    uint sc = hd.w >> sh;
+    uint scl = j < 2u ? sa & 0x3f3fu : (sc & 0x0f0fu) | ((sa >> 2) & 0x3030u);
+    uint mnl = j < 2u ? sb & 0x3f3fu : ((sc >> 4) & 0x0f0fu) | ((sb >> 2) & 0x3030u);
+    int lo = udot(q.x & LO4, XA.x) + udot(q.y & LO4, XA.y)
+           + udot(q.z & LO4, XA.z) + udot(q.w & LO4, XA.w);
+    int hi = udot((q.x >> 4) & LO4, XB.x) + udot((q.y >> 4) & LO4, XB.y)
+           + udot((q.z >> 4) & LO4, XB.z) + udot((q.w >> 4) & LO4, XB.w);
+    return dm.x * (float(scl & 255u) * FX.x * float(lo) + float(scl >> 8) * FX.y * float(hi))
+         - dm.y * (float(mnl & 255u) * FX.z + float(mnl >> 8) * FX.w);
+}
+#elif defined(TYPE_Q6_K)
+// 210 B / 256: ql[128], qh[64], scales: i8[16], d. Lane t (of 8), n = t / 4,
+// l0 = 8 (t % 4): l = l0 .. l0 + 8 of half n, elements 128n + 32m + l (m = 0..3) from
+// the nibbles of ql[64n + l] (m = 0, 2) and ql[64n + 32 + l] (m = 1, 3) and bits 2m of
+// qh[32n + l]; value d sc[8n + l0 / 16 + 2m] (q - 32).
+const uint L = 8u;
+const uint BE = 256u;
+void load_x(uint b, uint lane) {
+    uint n = lane >> 2;
+    uint e = 256u * b + 128u * n + 8u * (lane & 3u);
+    uvec2 x0 = xq2[XO2 + (e >> 3)];
+    uvec2 x1 = xq2[XO2 + ((e + 32u) >> 3)];
+    uvec2 x2 = xq2[XO2 + ((e + 64u) >> 3)];
+    uvec2 x3 = xq2[XO2 + ((e + 96u) >> 3)];
+    XA = uvec4(x0, x1);
+    XB = uvec4(x2, x3);
+    uint db = 8u * b + 4u * n;
+    FX = vec4(xd[XOD + (db)], xd[XOD + (db + 1u)], xd[XOD + (db + 2u)], xd[XOD + (db + 3u)]);
+    IX = 32 * ivec4(sdot(x0.x, ONES) + sdot(x0.y, ONES), sdot(x1.x, ONES) + sdot(x1.y, ONES),
+                    sdot(x2.x, ONES) + sdot(x2.y, ONES), sdot(x3.x, ONES) + sdot(x3.y, ONES));
+}
+float block_dot(uint row, uint b, uint lane) {
+    uint o = (row * (p.k / 256u) + b) * 210u;
+    uint n = lane >> 2;
+    uint l0 = 8u * (lane & 3u);
+    uvec2 a = u64_at(o + 64u * n + l0);
+    uvec2 c = u64_at(o + 64u * n + 32u + l0);
+    uvec2 h = u64_at(o + 128u + 32u * n + l0);
+    uvec2 s = u64_at(o + 192u + 8u * n);
+    int is = int(8u * (l0 >> 4));
+    vec4 sc = vec4(bitfieldExtract(int(s.x), is, 8), bitfieldExtract(int(s.x), is + 16, 8),
+                   bitfieldExtract(int(s.y), is, 8), bitfieldExtract(int(s.y), is + 16, 8));
+    const uint M2 = 0x30303030u;
+    int d0 = udot((a.x & LO4) | ((h.x << 4) & M2), XA.x) + udot((a.y & LO4) | ((h.y << 4) & M2), XA.y);
+    int d1 = udot((c.x & LO4) | ((h.x << 2) & M2), XA.z) + udot((c.y & LO4) | ((h.y << 2) & M2), XA.w);
+    int d2 = udot(((a.x >> 4) & LO4) | (h.x & M2), XB.x) + udot(((a.y >> 4) & LO4) | (h.y & M2), XB.y);
+    int d3 = udot(((c.x >> 4) & LO4) | ((h.x >> 2) & M2), XB.z)
+           + udot(((c.y >> 4) & LO4) | ((h.y >> 2) & M2), XB.w);
+    vec4 v = vec4(ivec4(d0, d1, d2, d3) - IX) * FX;
+    return f16_at(o + 208u) * dot(sc, v);
+}
+#else
+#error "no TYPE_* defined"
+#endif
+
+
+shared float red_n[NRB * WG];
+
+// Sums a0, a1 over the workgroup (uniform control flow).
+vec2 reduce2(vec2 v) {
+#if USE_SUBGROUP
+    v = subgroupAdd(v);
+    if (subgroupElect()) {
+        red_n[gl_SubgroupID] = v.x;
+        red_n[WG + gl_SubgroupID] = v.y;
+    }
+    barrier();
+    vec2 s = vec2(0.0);
+    for (uint i = 0u; i < gl_NumSubgroups; i++) {
+        s += vec2(red_n[i], red_n[WG + i]);
+    }
+    barrier();
+    return s;
+#else
+    uint t = gl_LocalInvocationID.x;
+    red_n[t] = v.x;
+    red_n[WG + t] = v.y;
+    barrier();
+    for (uint hs = WG / 2u; hs > 0u; hs >>= 1) {
+        if (t < hs) {
+            red_n[t] += red_n[t + hs];
+            red_n[WG + t] += red_n[WG + t + hs];
+        }
+        barrier();
+    }
+    vec2 s = vec2(red_n[0], red_n[WG]);
+    barrier();
+    return s;
+#endif
+}
+
+void main() {
+    uint grp = flat_group();
+    uint tid = gl_LocalInvocationID.x;
+    uint row0 = grp * NRB;
+    uint last = p.rows - 1u;
+    uint ncol = min(step[0], MAXC);
+    float a[MAXC * NRB];
+    [[unroll]] for (uint i = 0u; i < MAXC * NRB; i++) {
+        a[i] = 0.0;
+    }
+    const uint SLOTS = WG / L;
+    uint lane = tid % L;
+    uint nb = p.k / BE;
+    for (uint b = tid / L; b < nb; b += SLOTS) {
+        [[unroll]] for (uint c = 0u; c < MAXC; c++) {
+            if (c < ncol) {
+                XO2 = c * (p.k / 8u);
+                XO4 = c * (p.k / 16u);
+                XOD = c * (p.k / 32u);
+                load_x(b, lane);
+                [[unroll]] for (uint r = 0u; r < NRB; r++) {
+                    a[c * NRB + r] += block_dot(min(row0 + r, last), b, lane);
+                }
+            }
+        }
+    }
+    for (uint c = 0u; c < ncol; c++) {
+        vec2 s = vec2(0.0);
+        [[unroll]] for (uint cc = 0u; cc < MAXC; cc++) {
+            if (cc == c) {
+                s = vec2(a[cc * NRB], a[cc * NRB + 1u]);
+            }
+        }
+        s = reduce2(s);
+        if (tid < NRB && row0 + tid <= last) {
+            float v = tid == 0u ? s.x : s.y;
+            if ((p.flags & MVN_SOFTCAP) != 0u) {
+                v = p.cap * tanh(v / p.cap);
+            }
+            uint yi = c * p.ld_y + p.y_offset + row0 + tid;
+            if ((p.flags & MVN_ADD) != 0u) {
+                v += y[yi];
+            }
+            y[yi] = v;
+        }
+    }
+}

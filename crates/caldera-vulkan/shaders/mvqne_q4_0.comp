@@ -1,0 +1,5 @@
+#version 450
+// Batched decode mat-vec on int8 activations over Q4_0 weights, emulated int8 dot products (see mvqn.glsl).
+#define TYPE_Q4_0 1
+#define USE_DOT 0
+#include "mvqn.glsl"

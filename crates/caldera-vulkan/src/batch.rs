@@ -1,0 +1,304 @@
+//! Batched decode: one step decodes one token for each of up to [`MAX_BATCH`] sequences,
+//! reading each weight once for all of them.
+//!
+//! A [`VkBatch`] owns the KV caches of `slots` sequences as one pool per attention layer
+//! (slot `s` holds bytes `s * stride .. (s + 1) * stride`, `stride` a multiple of
+//! [`Buffer::VIEW_ALIGN`]) and a batched runner whose steps (recorded once per bucket
+//! 1, 2, 4, 8, 16 columns and replayed) bind the whole pools. [`VkBatch::runner`] hands
+//! out sequences ([`VkRunner`]s) whose caches are views of a free slot's region: they
+//! prefill and decode alone with their own recordings as any runner does, and
+//! [`VkBatch::step`] decodes several of them together. The step values are the live
+//! column count, then per column its slot and position; a bucket's padding columns do
+//! nothing (the mat-vecs stop at the live count, `attn_batch` returns), so they never
+//! write a live slot's cache. The weights go through the batched mat-vec (`mm.glsl`)
+//! or the tiled matmul (`CALDERA_VK_BATCH_MM`, see [`BatchMm`](crate::model::BatchMm)),
+//! attention through `attn_batch` (per column: q/k norm, RoPE, KV write and split
+//! attention over its own slot). Models with recurrent mixers have no batched step yet
+//! ([`VkModel::batch_unsupported`]): [`VkBatch::new`] refuses them.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use caldera_model::{panic_message, step_one, BatchItem, BatchStepper, Runner, StepOutcome};
+
+use crate::error::{Result, VkError};
+use crate::memory::{Buffer, MemoryKind};
+use crate::model::{BatchMm, KvSource, VkModel, VkRunner};
+
+/// Most sequences one batched step decodes (the largest bucket).
+pub const MAX_BATCH: usize = 16;
+
+/// A pool of KV caches for `slots` sequences of `cap` tokens, and the batched runner
+/// over it.
+pub struct VkBatch {
+    m: Arc<VkModel>,
+    cap: usize,
+    slots: usize,
+    /// Per layer, the K and V pools and bytes per slot (`None` without attention).
+    pool: Vec<Option<(Buffer, Buffer, u64)>>,
+    /// Whether each slot is leased to a runner.
+    used: Mutex<Vec<bool>>,
+    runner: Mutex<VkRunner>,
+}
+
+/// A runner's hold on a pool slot; frees it when dropped with the runner.
+pub(crate) struct SlotLease {
+    batch: Arc<VkBatch>,
+    slot: usize,
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        let mut used = self.batch.used.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = used.get_mut(self.slot) {
+            *u = false;
+        }
+    }
+}
+
+impl VkBatch {
+    /// Pools for `slots` sequences of `cap` tokens each on `m`'s device; the weights'
+    /// kernels as `CALDERA_VK_BATCH_MM` says.
+    pub fn new(m: Arc<VkModel>, slots: usize, cap: usize) -> Result<Arc<VkBatch>> {
+        Self::with_mm(m, slots, cap, BatchMm::from_env())
+    }
+
+    /// [`VkBatch::new`] with the weights' kernels chosen by `mm`.
+    pub fn with_mm(m: Arc<VkModel>, slots: usize, cap: usize, mm: BatchMm) -> Result<Arc<VkBatch>> {
+        if let Some(why) = m.batch_unsupported() {
+            return Err(VkError::Invalid(format!(
+                "the Vulkan backend has no batched decode for this model yet: {why}"
+            )));
+        }
+        let ctx = m.context();
+        let (slots, cap) = (slots.max(1), cap.max(1));
+        let f16 = ctx.tuning().kv_f16;
+        let mut pool = Vec::new();
+        let mut slot_elems = Vec::new();
+        let mut views_of = Vec::new();
+        for (li, w) in m.kv_widths().into_iter().enumerate() {
+            let Some(kvd) = w else {
+                pool.push(None);
+                slot_elems.push(0);
+                views_of.push(None);
+                continue;
+            };
+            let values = (cap as u64)
+                .checked_mul(kvd as u64)
+                .ok_or_else(|| VkError::Invalid("KV cache size overflows".into()))?;
+            let bytes = if f16 {
+                values.div_ceil(2) * 4
+            } else {
+                values * 4
+            };
+            let stride = bytes.next_multiple_of(Buffer::VIEW_ALIGN);
+            let total = stride
+                .checked_mul(slots as u64)
+                .filter(|&t| t <= ctx.max_buffer_bytes())
+                .ok_or_else(|| {
+                    VkError::Invalid(format!(
+                        "layer {li}: the KV caches of {slots} sequences of {cap} tokens \
+                         ({} MiB each) are more than one buffer may hold on {} ({} MiB); \
+                         use fewer slots or a smaller context (--ctx)",
+                        stride >> 20,
+                        ctx.info().name,
+                        ctx.max_buffer_bytes() >> 20
+                    ))
+                })?;
+            let k = ctx.create_buffer(total, MemoryKind::Device)?;
+            let v = ctx.create_buffer(total, MemoryKind::Device)?;
+            let per = if f16 { stride / 2 } else { stride / 4 };
+            slot_elems.push(u32::try_from(per).map_err(|_| {
+                VkError::Invalid(format!("layer {li}: a KV cache slot of {per} values"))
+            })?);
+            views_of.push(Some((k.clone(), v.clone())));
+            pool.push(Some((k, v, stride)));
+        }
+        let cols = MAX_BATCH.min(slots.next_power_of_two());
+        let runner = VkRunner::build(
+            m.clone(),
+            cap,
+            KvSource::Batch {
+                pool: views_of,
+                cols,
+                slot_elems,
+                mm,
+            },
+        )?;
+        Ok(Arc::new(VkBatch {
+            m,
+            cap,
+            slots,
+            pool,
+            used: Mutex::new(vec![false; slots]),
+            runner: Mutex::new(runner),
+        }))
+    }
+
+    pub fn model(&self) -> &Arc<VkModel> {
+        &self.m
+    }
+
+    /// Sequences the pool holds.
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Tokens each sequence holds at most.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// A new (empty) sequence in a free slot of the pool; an error when every slot is
+    /// held by a live runner.
+    pub fn runner(self: &Arc<Self>) -> Result<VkRunner> {
+        let slot = {
+            let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(s) = used.iter().position(|u| !u) else {
+                return Err(VkError::Invalid(format!(
+                    "all {} sequences of the batch are in use",
+                    self.slots
+                )));
+            };
+            used[s] = true;
+            s
+        };
+        // Frees the slot again if anything below fails.
+        let lease = SlotLease {
+            batch: self.clone(),
+            slot,
+        };
+        let mut views = Vec::with_capacity(self.pool.len());
+        for p in &self.pool {
+            views.push(match p {
+                Some((k, v, stride)) => {
+                    let at = slot as u64 * stride;
+                    Some((k.view(at, *stride)?, v.view(at, *stride)?))
+                }
+                None => None,
+            });
+        }
+        let mut r = VkRunner::build(self.m.clone(), self.cap, KvSource::Views(views))?;
+        r.lease = Some(lease);
+        Ok(r)
+    }
+
+    /// Whether `r` is a sequence of this batch.
+    pub fn owns(self: &Arc<Self>, r: &VkRunner) -> bool {
+        r.lease
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(&l.batch, self))
+    }
+
+    /// Decodes one token for each sequence of `seqs` (runner, token, logits row out),
+    /// in batched steps of up to [`MAX_BATCH`] sequences. Every runner must be a
+    /// sequence of this batch with room for one more token; the token must be in the
+    /// vocabulary. On an error, the sequences of the failed step have not advanced.
+    pub fn step(self: &Arc<Self>, seqs: &mut [(&mut VkRunner, u32, &mut Vec<f32>)]) -> Result<()> {
+        let vocab = self.m.model().config.vocab_size;
+        let mut cols = Vec::with_capacity(seqs.len());
+        for (r, t, _) in seqs.iter() {
+            let slot = match &r.lease {
+                Some(l) if Arc::ptr_eq(&l.batch, self) => l.slot,
+                _ => {
+                    return Err(VkError::Invalid(
+                        "a batched step was given a sequence of another batch".into(),
+                    ))
+                }
+            };
+            if r.len() >= r.capacity() {
+                return Err(VkError::Invalid(format!(
+                    "context is full: the sequence holds {} tokens",
+                    r.capacity()
+                )));
+            }
+            if *t as usize >= vocab {
+                return Err(VkError::Invalid(format!(
+                    "token id {t} is outside the vocabulary of {vocab}"
+                )));
+            }
+            cols.push((slot as u32, r.len() as u32, *t));
+        }
+        let mut runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
+        let per = runner.batch_cols().max(1);
+        for (chunk, cs) in seqs.chunks_mut(per).zip(cols.chunks(per)) {
+            runner.run_batch(cs)?;
+            for (i, (r, _, out)) in chunk.iter_mut().enumerate() {
+                runner.batch_logits(i, out)?;
+                r.advance();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The server's stepper over a [`VkBatch`]: the items that decode one token on a
+/// sequence of the batch go through [`VkBatch::step`] together (when there are two or
+/// more), the others (prefill chunks, other runners) through their own runner.
+pub struct VkBatchStepper {
+    batch: Arc<VkBatch>,
+}
+
+impl VkBatchStepper {
+    pub fn new(batch: Arc<VkBatch>) -> VkBatchStepper {
+        VkBatchStepper { batch }
+    }
+}
+
+impl BatchStepper for VkBatchStepper {
+    fn step_batch(&mut self, items: &mut [BatchItem<'_>]) {
+        let vocab = self.batch.m.model().config.vocab_size;
+        let mut batched: Vec<bool> = items
+            .iter_mut()
+            .map(|it| {
+                it.tokens.len() == 1
+                    && (it.tokens[0] as usize) < vocab
+                    && it
+                        .runner
+                        .as_any_mut()
+                        .and_then(|a| a.downcast_mut::<VkRunner>())
+                        .is_some_and(|r| self.batch.owns(r) && r.len() < r.capacity())
+            })
+            .collect();
+        if batched.iter().filter(|&&b| b).count() < 2 {
+            // One sequence decodes faster alone (its own fused decode step).
+            batched.fill(false);
+        }
+        for (it, &b) in items.iter_mut().zip(&batched) {
+            if !b {
+                step_one(it);
+            }
+        }
+        let result = {
+            let mut seqs: Vec<(&mut VkRunner, u32, &mut Vec<f32>)> = Vec::new();
+            for (it, &b) in items.iter_mut().zip(&batched) {
+                if !b {
+                    continue;
+                }
+                let token = it.tokens[0];
+                let logits = &mut *it.logits;
+                if let Some(r) = it
+                    .runner
+                    .as_any_mut()
+                    .and_then(|a| a.downcast_mut::<VkRunner>())
+                {
+                    seqs.push((r, token, logits));
+                }
+            }
+            if seqs.is_empty() {
+                return;
+            }
+            catch_unwind(AssertUnwindSafe(|| self.batch.step(&mut seqs)))
+        };
+        for (it, &b) in items.iter_mut().zip(&batched) {
+            if !b {
+                continue;
+            }
+            it.outcome = match &result {
+                Ok(Ok(())) => StepOutcome::Done,
+                Ok(Err(e)) => StepOutcome::Failed(format!("batched decode failed: {e}").into()),
+                Err(p) => StepOutcome::Panicked(panic_message(&**p)),
+            };
+        }
+    }
+}

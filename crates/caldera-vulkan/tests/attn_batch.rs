@@ -1,0 +1,318 @@
+//! `attn_batch` (batched decode attention: per column q/k norm, RoPE, the KV write into
+//! its own slot of the pooled caches, split attention over that slot) against a CPU
+//! twin on fresh random inputs: 1, 3, 8 and 16 columns over pools of odd slot counts,
+//! each column at its own position in its own slot, dispatched over the column count's
+//! bucket (the padding columns must do nothing); several head layouts, positions that
+//! need one and many splits, windows, softcap, both RoPE styles, the output gate, both
+//! KV formats and both reduction variants. The whole pool is read back: only each
+//! column's (slot, position) row may change. Skips without a Vulkan device unless
+//! `CALDERA_REQUIRE_VULKAN=1`.
+
+mod common;
+
+use caldera_vulkan::kernels::attn_split;
+use caldera_vulkan::testing::test_context;
+use caldera_vulkan::{Buffer, Context, ContextOptions, Kernel, MemoryKind};
+use common::{kv_round, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+struct Case {
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    n_rot: usize,
+    interleaved: bool,
+    qk_norm: bool,
+    window: usize,
+    softcap: f32,
+    cap: usize,
+    gate: bool,
+    cols: usize,
+    slots: usize,
+}
+
+/// One column's output (n_heads * hd) and its new (k, v) rows per kv head, by the CPU.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn twin(
+    c: &Case,
+    qkv: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    qn: &[f32],
+    kn: &[f32],
+    table: &[f32],
+    pos: usize,
+) -> (Vec<f64>, Vec<(Vec<f64>, Vec<f64>)>) {
+    let (nh, nkv, hd) = (c.n_heads, c.n_kv, c.hd);
+    let kvd = nkv * hd;
+    let eps = 1e-6f64;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let gsize = nh / nkv;
+    let lo = if c.window > 0 && pos + 1 > c.window {
+        pos + 1 - c.window
+    } else {
+        0
+    };
+    let mut kv_new = Vec::new();
+    for g in 0..nkv {
+        let mut k: Vec<f64> = (0..hd).map(|i| qkv[nh * hd + g * hd + i] as f64).collect();
+        if c.qk_norm {
+            rms(&mut k, kn, eps);
+        }
+        rope(&mut k, table, c.n_rot, c.interleaved, pos);
+        let v: Vec<f64> = (0..hd)
+            .map(|i| qkv[nh * hd + kvd + g * hd + i] as f64)
+            .collect();
+        kv_new.push((k, v));
+    }
+    let gate_at = (nh + 2 * nkv) * hd;
+    let mut out = vec![0f64; nh * hd];
+    for h in 0..nh {
+        let g = h / gsize;
+        let mut q: Vec<f64> = (0..hd).map(|i| qkv[h * hd + i] as f64).collect();
+        if c.qk_norm {
+            rms(&mut q, qn, eps);
+        }
+        rope(&mut q, table, c.n_rot, c.interleaved, pos);
+        let (kg, vg) = &kv_new[g];
+        let mut s = Vec::new();
+        for p in lo..=pos {
+            let krow: Vec<f64> = if p == pos {
+                kg.clone()
+            } else {
+                (0..hd).map(|i| kc[p * kvd + g * hd + i] as f64).collect()
+            };
+            let mut x = q.iter().zip(&krow).map(|(a, b)| a * b).sum::<f64>() * scale;
+            if c.softcap > 0.0 {
+                x = c.softcap as f64 * (x / c.softcap as f64).tanh();
+            }
+            s.push(x);
+        }
+        let m = s.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let l: f64 = e.iter().sum();
+        for (j, p) in (lo..=pos).enumerate() {
+            for i in 0..hd {
+                let v = if p == pos {
+                    vg[i]
+                } else {
+                    vc[p * kvd + g * hd + i] as f64
+                };
+                out[h * hd + i] += e[j] / l * v;
+            }
+        }
+        if c.gate {
+            for i in 0..hd {
+                out[h * hd + i] /= 1.0 + (-(qkv[gate_at + h * hd + i] as f64)).exp();
+            }
+        }
+    }
+    (out, kv_new)
+}
+
+fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
+    let (nh, nkv, hd) = (c.n_heads, c.n_kv, c.hd);
+    let kvd = nkv * hd;
+    let gates = if c.gate { nh } else { 0 };
+    let ld = (nh + 2 * nkv + gates) * hd;
+    let f16 = ctx.tuning().kv_f16;
+    // The pool's layout (as VkBatch makes it): slots of whole 256-byte multiples.
+    let bytes = if f16 {
+        (c.cap * kvd).div_ceil(2) * 4
+    } else {
+        c.cap * kvd * 4
+    };
+    let stride = bytes.next_multiple_of(Buffer::VIEW_ALIGN as usize);
+    let slot_elems = if f16 { stride / 2 } else { stride / 4 };
+    let bucket = c.cols.next_power_of_two();
+    // Rows for the whole bucket: the padding rows hold random values too.
+    let qkv = random_vec(rng, bucket * ld, 1.0);
+    let mut kc = random_vec(rng, c.slots * slot_elems, 1.0);
+    let mut vc = random_vec(rng, c.slots * slot_elems, 1.0);
+    let (kc_b, vc_b) = (upload_kv(ctx, &mut kc), upload_kv(ctx, &mut vc));
+    let qn = random_vec(rng, hd, 1.5);
+    let kn = random_vec(rng, hd, 1.5);
+    let table = rope_table(c.cap, c.n_rot);
+    // Distinct slots in random order, positions at random (the last column at the end
+    // of its slot).
+    let mut slots: Vec<usize> = (0..c.slots).collect();
+    slots.shuffle(rng);
+    let cols: Vec<(usize, usize)> = (0..c.cols)
+        .map(|i| {
+            let pos = if i + 1 == c.cols {
+                c.cap - 1
+            } else {
+                rng.gen_range(0..c.cap)
+            };
+            (slots[i], pos)
+        })
+        .collect();
+    // Device.
+    let up = |v: &[f32]| ctx.upload_f32(v).unwrap();
+    let qkv_b = up(&qkv);
+    let (qn_b, kn_b, rope_b) = (up(&qn), up(&kn), up(&table));
+    let out = ctx
+        .create_buffer((bucket * nh * hd * 4) as u64, MemoryKind::Device)
+        .unwrap();
+    // Step values: live columns, then (slot, position) per column; the padding
+    // columns' words point at slot 0, position 0 (which they must not write).
+    let mut sv = vec![c.cols as u32, 0, 0, c.cols as u32, 0, 0, 0, 0];
+    for i in 0..bucket {
+        let (s, p) = cols.get(i).copied().unwrap_or((0, 0));
+        sv.extend([s as u32, p as u32]);
+    }
+    let step = ctx.upload(&words(&sv)).unwrap();
+    let split = attn_split(c.cap);
+    let max_splits = c.cap.div_ceil(split);
+    let gsize = nh / nkv;
+    let hpw = gsize.min(8);
+    let n_chunks = gsize.div_ceil(hpw);
+    let part = ctx
+        .create_buffer(
+            (bucket * nh * max_splits * (hd + 2) * 4) as u64,
+            MemoryKind::Device,
+        )
+        .unwrap();
+    let count = ctx.upload(&vec![0u8; bucket * nkv * n_chunks * 4]).unwrap();
+    let binding = ctx
+        .bind(
+            Kernel::AttnBatch,
+            &[
+                &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &part, &count,
+            ],
+        )
+        .unwrap();
+    let mut flags = 4u32;
+    if c.qk_norm {
+        flags |= 3;
+    }
+    if c.interleaved {
+        flags |= 8;
+    }
+    if c.gate {
+        flags |= 32;
+    }
+    let eps = 1e-6f32;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let push = words(&[
+        nh as u32,
+        nkv as u32,
+        hd as u32,
+        c.n_rot as u32,
+        flags,
+        ld as u32,
+        c.window as u32,
+        hpw as u32,
+        n_chunks as u32,
+        max_splits as u32,
+        split as u32,
+        eps.to_bits(),
+        scale.to_bits(),
+        c.softcap.to_bits(),
+        slot_elems as u32,
+    ]);
+    let groups = (bucket * nkv * n_chunks * max_splits) as u64;
+    let rec = ctx.record(|r| r.dispatch(&binding, &push, groups)).unwrap();
+    // Twice: the split counts must be back at zero (and the KV write is idempotent).
+    for _ in 0..2 {
+        ctx.submit(&rec).unwrap();
+    }
+    let got = ctx.read_f32(&out, bucket * nh * hd).unwrap();
+    let kc_got = read_kv(ctx, &kc_b, c.slots * slot_elems);
+    let vc_got = read_kv(ctx, &vc_b, c.slots * slot_elems);
+    let what = format!(
+        "{} of {} slots, {nh}/{nkv} heads of {hd}, cap {}, window {}, softcap {}, norm {}, \
+         interleaved {}, gate {} (subgroup {}, kv f16 {f16})",
+        c.cols,
+        c.slots,
+        c.cap,
+        c.window,
+        c.softcap,
+        c.qk_norm,
+        c.interleaved,
+        c.gate,
+        ctx.tuning().subgroup_reduce,
+    );
+    let mut k_want = kc.clone();
+    let mut v_want = vc.clone();
+    for (ci, &(slot, pos)) in cols.iter().enumerate() {
+        let base = slot * slot_elems;
+        let (kcs, vcs) = (&kc[base..base + c.cap * kvd], &vc[base..base + c.cap * kvd]);
+        let row = &qkv[ci * ld..(ci + 1) * ld];
+        let (want, kv_new) = twin(c, row, kcs, vcs, &qn, &kn, &table, pos);
+        for i in 0..nh * hd {
+            let g = got[ci * nh * hd + i] as f64;
+            assert!(
+                (g - want[i]).abs() <= 1e-4,
+                "{what}: column {ci} (slot {slot}, pos {pos}): out[{i}] = {g}, want {}",
+                want[i]
+            );
+        }
+        for (g, (k, v)) in kv_new.iter().enumerate() {
+            for i in 0..hd {
+                let at = base + pos * kvd + g * hd + i;
+                k_want[at] = kv_round(ctx, k[i]) as f32;
+                v_want[at] = kv_round(ctx, v[i]) as f32;
+            }
+        }
+    }
+    // Every cache value: the columns' rows as written, everything else untouched.
+    let tol = if f16 { 1e-3 } else { 1e-5 };
+    for i in 0..c.slots * slot_elems {
+        for (name, gv, wv) in [("k", kc_got[i], k_want[i]), ("v", vc_got[i], v_want[i])] {
+            assert!(
+                (gv - wv).abs() <= tol * wv.abs().max(1.0),
+                "{what}: {name} pool [{i}] (slot {}, value {}) = {gv}, want {wv}",
+                i / slot_elems,
+                i % slot_elems
+            );
+        }
+    }
+}
+
+#[test]
+fn attn_batch_matches_cpu() {
+    let mut rng = rng("attn_batch");
+    let mut ctxs = Vec::new();
+    // Subgroup / shared-memory reductions, f16 / f32 KV cache.
+    for (shared, kv32) in [(false, false), (true, true)] {
+        let opts = ContextOptions {
+            force_shared_reduce: shared,
+            force_kv_f32: kv32,
+            ..Default::default()
+        };
+        match test_context("attn_batch", &opts) {
+            Some(c) => ctxs.push(c),
+            None => return,
+        }
+    }
+    for ctx in &ctxs {
+        for (cols, slots) in [(1, 3), (3, 5), (8, 11), (16, 17)] {
+            for (n_heads, n_kv, hd, n_rot) in [(8, 2, 64, 64), (4, 4, 32, 16), (20, 2, 96, 96)] {
+                for (cap, window) in [(37, 0), (161, 0), (161, 45)] {
+                    for (interleaved, qk_norm, softcap, gate) in
+                        [(false, true, 0.0, false), (true, false, 30.0, true)]
+                    {
+                        let c = Case {
+                            n_heads,
+                            n_kv,
+                            hd,
+                            n_rot,
+                            interleaved,
+                            qk_norm,
+                            window,
+                            softcap,
+                            cap,
+                            gate,
+                            cols,
+                            slots,
+                        };
+                        run(ctx, &mut rng, &c);
+                    }
+                }
+            }
+        }
+    }
+}

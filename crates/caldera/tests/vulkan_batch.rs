@@ -1,0 +1,429 @@
+//! Batched decode on the Vulkan backend (`VkBatch`): sequences at different positions
+//! decoded together give the logits and greedy tokens of each decoded alone (its own
+//! `VkRunner`), for live counts that are and are not bucket sizes (1, 3, 9, 16), with
+//! sequences joining (into a freed slot, over its previous tenant's cache) and leaving
+//! between steps and idle ones left untouched by the buckets' padding; on f32 weights
+//! (the matmuls) and on quantized ones (int8 activations, `mvqn`); the server's stepper;
+//! `caldera bench --batch`. Runs on the test device (lavapipe by default) and skips
+//! without one unless `CALDERA_REQUIRE_VULKAN=1`.
+
+mod common;
+
+use std::sync::Arc;
+
+use caldera_model::{BatchItem, BatchStepper, Logits, Model, Runner, StepOutcome};
+use caldera_vulkan::{
+    BatchMm, Context, ContextOptions, VkBatch, VkBatchStepper, VkModel, VkRunner,
+};
+use common::{fixtures, model};
+
+fn device() -> Option<usize> {
+    let required = std::env::var(caldera_vulkan::testing::ENV_REQUIRE).is_ok_and(|v| v == "1");
+    let picked =
+        caldera_vulkan::list_devices().and_then(|d| caldera_vulkan::testing::pick_test_device(&d));
+    match picked {
+        Ok(i) => Some(i),
+        Err(e) if !required => {
+            eprintln!("skipping: no Vulkan device ({e})");
+            None
+        }
+        Err(e) => panic!("no Vulkan device (CALDERA_REQUIRE_VULKAN=1): {e}"),
+    }
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let d = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
+    let n = a.iter().map(|x| x * x).sum::<f32>();
+    (d / n.max(1e-30)).sqrt()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i as u32)
+        .unwrap()
+}
+
+/// One sequence: its runner in the batch, its own runner (the reference), the last
+/// logits of each.
+struct Seq {
+    id: usize,
+    b: VkRunner,
+    alone: VkRunner,
+    lb: Vec<f32>,
+    la: Vec<f32>,
+}
+
+/// The model on the device; `f32_acts`: every mat-vec on f32 activations (decode alone
+/// as the batched matmuls), else int8 ones where the weight type has them (decode alone
+/// on mvq, batched on mvqn).
+fn open(dev: usize, path: &std::path::Path, kv32: bool, f32_acts: bool) -> Arc<VkModel> {
+    let (_file, model) = Model::open(path).expect("model");
+    let opts = ContextOptions {
+        force_kv_f32: kv32,
+        force_f32_acts: f32_acts,
+        ..Default::default()
+    };
+    let ctx = Context::with_options(dev, &opts).expect("device");
+    Arc::new(VkModel::new(ctx, Arc::new(model)).expect("upload"))
+}
+
+/// A new sequence of `len` prompt tokens (differing per `id`), prefilled in the batch
+/// and alone; their logits agree.
+fn start(batch: &Arc<VkBatch>, vk: &Arc<VkModel>, id: usize, len: usize, tol: f32) -> Seq {
+    let vocab = vk.model().config.vocab_size;
+    let prompt: Vec<u32> = (0..len)
+        .map(|i| ((i * 7919 + id * 104729 + 17) % vocab) as u32)
+        .collect();
+    let mut b = batch.runner().expect("batch runner");
+    let mut alone = VkRunner::new(vk.clone(), batch.capacity()).expect("runner");
+    let (mut lb, mut la) = (Vec::new(), Vec::new());
+    b.forward(&prompt, Logits::Last, &mut lb).unwrap();
+    alone.forward(&prompt, Logits::Last, &mut la).unwrap();
+    let e = rel_l2(&la, &lb);
+    assert!(e < tol, "seq {id}: prefill relative L2 {e:e}");
+    Seq {
+        id,
+        b,
+        alone,
+        lb,
+        la,
+    }
+}
+
+/// One batched step of `seqs` (all of them, through `VkBatch::step`), each decoding its
+/// reference's greedy token; checks logits and greedy tokens against each alone.
+fn step(batch: &Arc<VkBatch>, seqs: &mut [&mut Seq], tol: f32) {
+    let toks: Vec<u32> = seqs.iter().map(|s| argmax(&s.la)).collect();
+    for (s, &t) in seqs.iter().zip(&toks) {
+        // Where the reference's best two are clearly apart (int8 activations round
+        // differently in the two kernels, so a near tie may go either way).
+        let mut sorted = s.la.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        if sorted[0] - sorted[1] > 10.0 * tol * sorted[0].abs().max(1.0) {
+            assert_eq!(
+                argmax(&s.lb),
+                t,
+                "seq {} at {}: the batch's greedy token differs",
+                s.id,
+                s.b.len()
+            );
+        }
+    }
+    {
+        let mut cols: Vec<(&mut VkRunner, u32, &mut Vec<f32>)> = seqs
+            .iter_mut()
+            .zip(&toks)
+            .map(|(s, &t)| (&mut s.b, t, &mut s.lb))
+            .collect();
+        batch.step(&mut cols).expect("batched step");
+    }
+    let n = seqs.len();
+    for (s, &t) in seqs.iter_mut().zip(&toks) {
+        s.alone.forward(&[t], Logits::Last, &mut s.la).unwrap();
+        assert_eq!(s.b.len(), s.alone.len());
+        let e = rel_l2(&s.la, &s.lb);
+        assert!(
+            e < tol,
+            "seq {} at position {}: relative L2 {e:e} ({} in the step)",
+            s.id,
+            s.b.len() - 1,
+            n
+        );
+    }
+}
+
+/// The scenario over `slots` pool slots: sequences of different lengths join, decode in
+/// groups of 1, 3, 9 and 16 (with others idle), leave, and a new one takes a freed slot.
+#[derive(Clone, Copy, PartialEq)]
+enum Size {
+    /// [`small_scenario`].
+    Small,
+    /// Up to 9 sequences in a step, joins and leaves.
+    Normal,
+    /// Up to 17 (two steps: 16 + 1).
+    Big,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scenario(
+    dev: usize,
+    path: &std::path::Path,
+    kv32: bool,
+    f32_acts: bool,
+    mm: BatchMm,
+    tol: f32,
+    size: Size,
+) {
+    let vk = open(dev, path, kv32, f32_acts);
+    if size == Size::Small {
+        return small_scenario(&vk, mm, tol);
+    }
+    let big = size == Size::Big;
+    let slots = if big { 17 } else { 10 };
+    let batch = VkBatch::with_mm(vk.clone(), slots, 96, mm).expect("batch");
+    let mut seqs: Vec<Seq> = (0..slots - 1)
+        .map(|i| start(&batch, &vk, i, 3 + 5 * i, tol))
+        .collect();
+    // The pool is full but for one slot.
+    let extra = start(&batch, &vk, 99, 4, tol);
+    assert!(batch.runner().is_err(), "a runner past the pool's slots");
+    drop(extra);
+    // 1, then 3 of them (bucket 4) while the others stay idle.
+    step(&batch, &mut [&mut seqs[4]], tol);
+    for _ in 0..3 {
+        let mut some: Vec<&mut Seq> = seqs
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| [0, 5, 7].contains(i))
+            .map(|(_, s)| s)
+            .collect();
+        step(&batch, &mut some, tol);
+    }
+    // 9 (bucket 16).
+    for _ in 0..3 {
+        let mut all: Vec<&mut Seq> = seqs.iter_mut().take(9).collect();
+        step(&batch, &mut all, tol);
+    }
+    if big {
+        // 16 (the largest bucket), then 17 (two steps: 16 + 1).
+        let mut all: Vec<&mut Seq> = seqs.iter_mut().take(16).collect();
+        step(&batch, &mut all, tol);
+        let mut last = start(&batch, &vk, 100, 6, tol);
+        let mut all: Vec<&mut Seq> = seqs.iter_mut().collect();
+        all.push(&mut last);
+        step(&batch, &mut all, tol);
+        return;
+    }
+    // Two leave; a new one takes a freed slot (over the old cache) and joins.
+    seqs.remove(1);
+    seqs.remove(5);
+    seqs.push(start(&batch, &vk, 50, 2, tol));
+    for _ in 0..3 {
+        let mut all: Vec<&mut Seq> = seqs.iter_mut().collect();
+        step(&batch, &mut all, tol);
+    }
+}
+
+/// A short scenario for larger (slower on lavapipe) models: 3 sequences decode alone
+/// and together (bucket 4), one leaves, a new one takes its slot, and they decode again.
+fn small_scenario(vk: &Arc<VkModel>, mm: BatchMm, tol: f32) {
+    let batch = VkBatch::with_mm(vk.clone(), 3, 48, mm).expect("batch");
+    let mut seqs: Vec<Seq> = (0..3)
+        .map(|i| start(&batch, vk, i, 3 + 7 * i, tol))
+        .collect();
+    step(&batch, &mut [&mut seqs[1]], tol);
+    for _ in 0..2 {
+        let mut all: Vec<&mut Seq> = seqs.iter_mut().collect();
+        step(&batch, &mut all, tol);
+    }
+    seqs.remove(0);
+    seqs.push(start(&batch, vk, 50, 5, tol));
+    for _ in 0..2 {
+        let mut all: Vec<&mut Seq> = seqs.iter_mut().collect();
+        step(&batch, &mut all, tol);
+    }
+}
+
+/// The qwen3 fixture (f32 weights, q/k norms, GQA): batched == alone to float rounding,
+/// through the batched mat-vec, the tiled matmul and the automatic choice; f32 and f16
+/// caches.
+#[test]
+fn vulkan_batch_matches_alone_qwen3() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let p = fx.join("qwen3");
+    scenario(dev, &p, true, true, BatchMm::Rowwise, 1e-4, Size::Normal);
+    scenario(dev, &p, false, true, BatchMm::Tiled, 1e-4, Size::Normal);
+    scenario(dev, &p, false, true, BatchMm::Auto, 1e-4, Size::Big);
+}
+
+#[test]
+fn vulkan_batch_matches_alone_llama() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    scenario(
+        dev,
+        &fx.join("llama"),
+        false,
+        true,
+        BatchMm::Auto,
+        1e-4,
+        Size::Normal,
+    );
+}
+
+/// Quantized weights on int8 activations: the batched int8 mat-vec (`mvqn`) against
+/// each sequence decoding alone on `mvq` (Q4_K / Q6_K from `caldera synth`, Q8_0 and
+/// Q4_0 conversions of the qwen3 fixture). Both quantize the same activations; their
+/// sums run in different orders, so within 2e-2 (a value at a rounding tie may land one
+/// int8 step apart; the random weights amplify it).
+#[test]
+fn vulkan_batch_int8_matches_alone() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let tmp = common::TempDir::new("vk-batch-q8");
+    let synth = tmp.0.join("qwen3-tiny.gguf");
+    let o = common::bin()
+        .args(["synth", "--arch", "qwen3", "--shape", "tiny"])
+        .arg(&synth)
+        .output()
+        .expect("running caldera synth");
+    assert!(o.status.success(), "synth: {}", common::text(&o));
+    scenario(dev, &synth, false, false, BatchMm::Auto, 2e-2, Size::Normal);
+    for ty in ["q8_0", "q4_0"] {
+        let out = tmp.0.join(format!("qwen3-{ty}.gguf"));
+        let o = common::bin()
+            .arg("convert")
+            .arg(fx.join("qwen3"))
+            .arg(&out)
+            .args(["--type", ty])
+            .output()
+            .expect("running caldera convert");
+        assert!(o.status.success(), "convert {ty}: {}", common::text(&o));
+        scenario(dev, &out, false, false, BatchMm::Q8, 2e-2, Size::Small);
+    }
+}
+
+/// A mixture of experts (the qwen3_moe fixture): routing and the experts per column.
+#[test]
+fn vulkan_batch_matches_alone_qwen3_moe() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let p = fx.join("qwen3_moe");
+    scenario(dev, &p, false, true, BatchMm::Auto, 1e-4, Size::Small);
+}
+
+/// gemma-3-270m (Q4_K_M; sliding-window and global layers, post-norms, 262k vocabulary)
+/// in the short scenario: within 1e-2 (quantized weights read by different kernels alone
+/// and batched).
+#[test]
+fn vulkan_batch_matches_alone_gemma3() {
+    let (Some(dev), Some(p)) = (device(), model("gemma-3-270m-q4_k_m.gguf")) else {
+        return;
+    };
+    scenario(dev, &p, false, true, BatchMm::Auto, 1e-2, Size::Small);
+}
+
+/// The server's stepper: decoding items of the batch's runners go through one batched
+/// step, a prefill chunk and a runner of another kind run alone; all give what running
+/// them alone gives.
+#[test]
+fn vulkan_batch_stepper_mixes_decode_and_prefill() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let vk = open(dev, &fx.join("qwen3"), false, true);
+    let batch = VkBatch::new(vk.clone(), 4, 64).expect("batch");
+    let mut seqs: Vec<Seq> = (0..3).map(|i| start(&batch, &vk, i, 4 + i, 1e-4)).collect();
+    let mut other = VkRunner::new(vk.clone(), 64).expect("runner");
+    let mut fresh = batch.runner().expect("runner");
+    let vocab = vk.model().config.vocab_size;
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 31 % vocab) as u32).collect();
+    let toks: Vec<[u32; 1]> = seqs.iter().map(|s| [argmax(&s.la)]).collect();
+    let mut stepper = VkBatchStepper::new(batch.clone());
+    let (mut lo, mut lf) = (Vec::new(), Vec::new());
+    {
+        let mut items: Vec<BatchItem> = Vec::new();
+        for (s, t) in seqs.iter_mut().zip(&toks) {
+            items.push(BatchItem {
+                runner: &mut s.b,
+                tokens: t,
+                logits: &mut s.lb,
+                outcome: StepOutcome::Pending,
+            });
+        }
+        items.push(BatchItem {
+            runner: &mut other,
+            tokens: &toks[0],
+            logits: &mut lo,
+            outcome: StepOutcome::Pending,
+        });
+        items.push(BatchItem {
+            runner: &mut fresh,
+            tokens: &prompt,
+            logits: &mut lf,
+            outcome: StepOutcome::Pending,
+        });
+        stepper.step_batch(&mut items);
+        for it in &items {
+            assert!(matches!(it.outcome, StepOutcome::Done), "{:?}", it.outcome);
+        }
+    }
+    for (s, t) in seqs.iter_mut().zip(&toks) {
+        s.alone.forward(t, Logits::Last, &mut s.la).unwrap();
+        let e = rel_l2(&s.la, &s.lb);
+        assert!(e < 1e-4, "seq {}: relative L2 {e:e}", s.id);
+    }
+    let mut want = Vec::new();
+    let mut r = VkRunner::new(vk.clone(), 64).expect("runner");
+    r.forward(&toks[0], Logits::Last, &mut want).unwrap();
+    assert!(rel_l2(&want, &lo) < 1e-5);
+    r.truncate(0);
+    r.forward(&prompt, Logits::Last, &mut want).unwrap();
+    assert!(rel_l2(&want, &lf) < 1e-5);
+    assert_eq!(fresh.len(), prompt.len());
+}
+
+/// A model with recurrent mixers has no batched step: refused with an error.
+#[test]
+fn vulkan_batch_refuses_hybrids() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let vk = open(dev, &fx.join("lfm2"), false, true);
+    let e = VkBatch::new(vk, 2, 32).err().expect("an error");
+    assert!(e.to_string().contains("recurrent"), "{e}");
+}
+
+/// `caldera bench --batch`: one row per N with aggregate and per-sequence speed, on the
+/// CPU (serial stepper) and on the Vulkan device (batched steps).
+#[test]
+fn bench_batch_reports_each_n() {
+    let tmp = common::TempDir::new("vk-batch-bench");
+    let synth = tmp.0.join("qwen3-tiny.gguf");
+    let o = common::bin()
+        .args(["synth", "--arch", "qwen3", "--shape", "tiny"])
+        .arg(&synth)
+        .output()
+        .expect("running caldera synth");
+    assert!(o.status.success(), "synth: {}", common::text(&o));
+    let mut backends = vec![vec!["--backend", "cpu", "-t", "1"]];
+    let dev = device().map(|d| d.to_string());
+    if let Some(d) = &dev {
+        backends.push(vec!["--backend", "vulkan", "--device", d]);
+    }
+    for be in backends {
+        let o = common::bin()
+            .arg("bench")
+            .arg(&synth)
+            .args([
+                "--batch", "1,3,9", "-p", "5", "-n", "3", "-r", "1", "--json",
+            ])
+            .args(&be)
+            .output()
+            .expect("running caldera bench");
+        assert!(o.status.success(), "bench {be:?}: {}", common::text(&o));
+        let v: serde_json::Value =
+            serde_json::from_slice(&o.stdout).expect("bench --json prints JSON");
+        let rows = v["batch"].as_array().expect("batch rows");
+        assert_eq!(rows.len(), 3, "{v}");
+        for (r, n) in rows.iter().zip([1, 3, 9]) {
+            assert_eq!(r["sequences"], n, "{v}");
+            let agg = r["decode_tok_s"].as_f64().unwrap();
+            let per = r["per_sequence_tok_s"].as_f64().unwrap();
+            assert!(
+                agg > 0.0 && (agg - n as f64 * per).abs() < 1e-6 * agg,
+                "{v}"
+            );
+            assert!(r["ms_per_step"].as_f64().unwrap() > 0.0, "{v}");
+        }
+        assert_eq!(rows[0]["ratio_to_1"], 1.0, "{v}");
+    }
+}
