@@ -2,11 +2,12 @@
 // (one token of a different sequence each): y[c * ld_y + y_offset + r] (=, or +=)
 // dot(W row r, x_c) for every column c < step[0] (at most MAXC = 16) and row r of the
 // piece. x_c arrives quantized by quant_rows.comp (column c's blocks at c * k / 32); the
-// weight blocks meet it in 4-way int8 dot products as in mvq.glsl (whose block readers
-// this repeats, the activation reads offset to the column). A workgroup computes NRB
-// rows for every column: for each weight block its lanes load the block once from
-// memory and dot it with every column's activations (later columns re-read it from
-// cache), so the weights are read once per step whatever the column count.
+// weight blocks meet it in 4-way int8 dot products as in mvq.glsl (the same block
+// layouts, split into load_w: load and unpack a lane's share of a block, and wdot: its
+// dot with the current column's activations). A workgroup computes NRB rows for every
+// column: for each weight block its lanes load and unpack the rows' shares once, into
+// registers, then dot them with every column's activations, so the weights are read
+// and unpacked once per step whatever the column count.
 // Binding 0: the piece's raw blocks. 1: q (u32 words, k / 4 per column). 2: d (f32,
 // k / 32 per column). 3: y. 4: step values ([0] columns).
 #include "common.glsl"
@@ -73,7 +74,7 @@ int udot(uint u, uint s) {
 const uint ONES = 0x01010101u;
 const uint LO4 = 0x0f0f0f0fu;
 
-// Per block slot (set by load_x, used by block_dot for every row).
+// Per block slot (set by load_x, used by wdot for every row).
 uvec4 XA;
 uvec4 XB;
 vec4 FX;
@@ -91,12 +92,18 @@ void load_x(uint b, uint lane) {
     FX.x = xd[XOD + (b)];
     IX.x = sdot(lo.x, ONES) + sdot(lo.y, ONES) + sdot(hi.x, ONES) + sdot(hi.y, ONES);
 }
-float block_dot(uint row, uint b, uint lane) {
+struct WB {
+    uvec2 q;
+    float d;
+};
+WB load_w(uint row, uint b, uint lane) {
     uint o = (row * (p.k / 32u) + b) * 18u;
-    uvec2 q = u64_at(o + 2u + 8u * lane);
-    int s = udot(q.x & LO4, XA.x) + udot(q.y & LO4, XA.y)
-          + udot((q.x >> 4) & LO4, XA.z) + udot((q.y >> 4) & LO4, XA.w);
-    return f16_at(o) * FX.x * float(s - 8 * IX.x);
+    return WB(u64_at(o + 2u + 8u * lane), f16_at(o));
+}
+float wdot(WB w) {
+    int s = udot(w.q.x & LO4, XA.x) + udot(w.q.y & LO4, XA.y)
+          + udot((w.q.x >> 4) & LO4, XA.z) + udot((w.q.y >> 4) & LO4, XA.w);
+    return w.d * FX.x * float(s - 8 * IX.x);
 }
 #elif defined(TYPE_Q8_0)
 // 34 B / 32: d, qs: i8[32]. Lane t (of 4): qs[8t .. 8t + 8].
@@ -106,10 +113,16 @@ void load_x(uint b, uint lane) {
     XA.xy = xq2[XO2 + (4u * b + lane)];
     FX.x = xd[XOD + (b)];
 }
-float block_dot(uint row, uint b, uint lane) {
+struct WB {
+    uvec2 q;
+    float d;
+};
+WB load_w(uint row, uint b, uint lane) {
     uint o = (row * (p.k / 32u) + b) * 34u;
-    uvec2 q = u64_at(o + 2u + 8u * lane);
-    return f16_at(o) * FX.x * float(sdot(q.x, XA.x) + sdot(q.y, XA.y));
+    return WB(u64_at(o + 2u + 8u * lane), f16_at(o));
+}
+float wdot(WB w) {
+    return w.d * FX.x * float(sdot(w.q.x, XA.x) + sdot(w.q.y, XA.y));
 }
 #elif defined(TYPE_Q4_K)
 // 144 B / 256: d, dmin, scales[12], qs[128]. Lane t (of 8), j = t / 2, h = t % 2:
@@ -128,7 +141,11 @@ void load_x(uint b, uint lane) {
     int sh = sdot(XB.x, ONES) + sdot(XB.y, ONES) + sdot(XB.z, ONES) + sdot(XB.w, ONES);
     FX = vec4(dl, dh, dl * float(sl), dh * float(sh));
 }
-float block_dot(uint row, uint b, uint lane) {
+struct WB {
+    uvec4 q;
+    vec4 s; // d sc (low, high groups), dmin mn (low, high)
+};
+WB load_w(uint row, uint b, uint lane) {
     uint o = (row * (p.k / 256u) + b) * 9u; // 16-byte units
     uint j = lane >> 1;
     uvec4 hd = w4[o];
@@ -140,12 +157,16 @@ float block_dot(uint row, uint b, uint lane) {
     uint sc = hd.w >> sh;
     uint scl = j < 2u ? sa & 0x3f3fu : (sc & 0x0f0fu) | ((sa >> 2) & 0x3030u);
     uint mnl = j < 2u ? sb & 0x3f3fu : ((sc >> 4) & 0x0f0fu) | ((sb >> 2) & 0x3030u);
-    int lo = udot(q.x & LO4, XA.x) + udot(q.y & LO4, XA.y)
-           + udot(q.z & LO4, XA.z) + udot(q.w & LO4, XA.w);
-    int hi = udot((q.x >> 4) & LO4, XB.x) + udot((q.y >> 4) & LO4, XB.y)
-           + udot((q.z >> 4) & LO4, XB.z) + udot((q.w >> 4) & LO4, XB.w);
-    return dm.x * (float(scl & 255u) * FX.x * float(lo) + float(scl >> 8) * FX.y * float(hi))
-         - dm.y * (float(mnl & 255u) * FX.z + float(mnl >> 8) * FX.w);
+    return WB(q, vec4(dm.x * float(scl & 255u), dm.x * float(scl >> 8),
+                      dm.y * float(mnl & 255u), dm.y * float(mnl >> 8)));
+}
+float wdot(WB w) {
+    int lo = udot(w.q.x & LO4, XA.x) + udot(w.q.y & LO4, XA.y)
+           + udot(w.q.z & LO4, XA.z) + udot(w.q.w & LO4, XA.w);
+    int hi = udot((w.q.x >> 4) & LO4, XB.x) + udot((w.q.y >> 4) & LO4, XB.y)
+           + udot((w.q.z >> 4) & LO4, XB.z) + udot((w.q.w >> 4) & LO4, XB.w);
+    return w.s.x * FX.x * float(lo) + w.s.y * FX.y * float(hi)
+         - (w.s.z * FX.z + w.s.w * FX.w);
 }
 #elif defined(TYPE_Q6_K)
 // 210 B / 256: ql[128], qh[64], scales: i8[16], d. Lane t (of 8), n = t / 4,
@@ -168,7 +189,11 @@ void load_x(uint b, uint lane) {
     IX = 32 * ivec4(sdot(x0.x, ONES) + sdot(x0.y, ONES), sdot(x1.x, ONES) + sdot(x1.y, ONES),
                     sdot(x2.x, ONES) + sdot(x2.y, ONES), sdot(x3.x, ONES) + sdot(x3.y, ONES));
 }
-float block_dot(uint row, uint b, uint lane) {
+struct WB {
+    uvec4 q[2]; // the 6-bit values of the lane's four groups, as bytes (0 .. 63)
+    vec4 sc;    // d sc of the four groups
+};
+WB load_w(uint row, uint b, uint lane) {
     uint o = (row * (p.k / 256u) + b) * 210u;
     uint n = lane >> 2;
     uint l0 = 8u * (lane & 3u);
@@ -177,16 +202,25 @@ float block_dot(uint row, uint b, uint lane) {
     uvec2 h = u64_at(o + 128u + 32u * n + l0);
     uvec2 s = u64_at(o + 192u + 8u * n);
     int is = int(8u * (l0 >> 4));
-    vec4 sc = vec4(bitfieldExtract(int(s.x), is, 8), bitfieldExtract(int(s.x), is + 16, 8),
-                   bitfieldExtract(int(s.y), is, 8), bitfieldExtract(int(s.y), is + 16, 8));
+    float d = f16_at(o + 208u);
+    vec4 sc = d * vec4(bitfieldExtract(int(s.x), is, 8), bitfieldExtract(int(s.x), is + 16, 8),
+                       bitfieldExtract(int(s.y), is, 8), bitfieldExtract(int(s.y), is + 16, 8));
     const uint M2 = 0x30303030u;
-    int d0 = udot((a.x & LO4) | ((h.x << 4) & M2), XA.x) + udot((a.y & LO4) | ((h.y << 4) & M2), XA.y);
-    int d1 = udot((c.x & LO4) | ((h.x << 2) & M2), XA.z) + udot((c.y & LO4) | ((h.y << 2) & M2), XA.w);
-    int d2 = udot(((a.x >> 4) & LO4) | (h.x & M2), XB.x) + udot(((a.y >> 4) & LO4) | (h.y & M2), XB.y);
-    int d3 = udot(((c.x >> 4) & LO4) | ((h.x >> 2) & M2), XB.z)
-           + udot(((c.y >> 4) & LO4) | ((h.y >> 2) & M2), XB.w);
+    WB w;
+    w.q[0] = uvec4((a.x & LO4) | ((h.x << 4) & M2), (a.y & LO4) | ((h.y << 4) & M2),
+                   (c.x & LO4) | ((h.x << 2) & M2), (c.y & LO4) | ((h.y << 2) & M2));
+    w.q[1] = uvec4(((a.x >> 4) & LO4) | (h.x & M2), ((a.y >> 4) & LO4) | (h.y & M2),
+                   ((c.x >> 4) & LO4) | ((h.x >> 2) & M2), ((c.y >> 4) & LO4) | ((h.y >> 2) & M2));
+    w.sc = sc;
+    return w;
+}
+float wdot(WB w) {
+    int d0 = udot(w.q[0].x, XA.x) + udot(w.q[0].y, XA.y);
+    int d1 = udot(w.q[0].z, XA.z) + udot(w.q[0].w, XA.w);
+    int d2 = udot(w.q[1].x, XB.x) + udot(w.q[1].y, XB.y);
+    int d3 = udot(w.q[1].z, XB.z) + udot(w.q[1].w, XB.w);
     vec4 v = vec4(ivec4(d0, d1, d2, d3) - IX) * FX;
-    return f16_at(o + 208u) * dot(sc, v);
+    return dot(w.sc, v);
 }
 #else
 #error "no TYPE_* defined"
@@ -242,6 +276,12 @@ void main() {
     uint lane = tid % L;
     uint nb = p.k / BE;
     for (uint b = tid / L; b < nb; b += SLOTS) {
+        // The block's weights of every row, loaded and unpacked once, then met by each
+        // column's activations.
+        WB wr[NRB];
+        [[unroll]] for (uint r = 0u; r < NRB; r++) {
+            wr[r] = load_w(min(row0 + r, last), b, lane);
+        }
         [[unroll]] for (uint c = 0u; c < MAXC; c++) {
             if (c < ncol) {
                 XO2 = c * (p.k / 8u);
@@ -249,7 +289,7 @@ void main() {
                 XOD = c * (p.k / 32u);
                 load_x(b, lane);
                 [[unroll]] for (uint r = 0u; r < NRB; r++) {
-                    a[c * NRB + r] += block_dot(min(row0 + r, last), b, lane);
+                    a[c * NRB + r] += wdot(wr[r]);
                 }
             }
         }

@@ -19,7 +19,29 @@ pub const ENV_NO_SUBGROUP: &str = "CALDERA_VK_NO_SUBGROUP";
 const SUBMIT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Descriptor sets one context can hold at once (bound kernels).
+/// Descriptor sets per pool (a context makes more pools as bindings need them).
 const MAX_SETS: u32 = 4096;
+/// Storage-buffer descriptors per pool: the widest kernels bind 14 buffers.
+const MAX_DESCRIPTORS: u32 = MAX_SETS * 12;
+
+/// A descriptor pool of [`MAX_SETS`] sets whose sets can be freed one by one.
+pub(crate) fn new_descriptor_pool(dev: &ash::Device) -> Result<vk::DescriptorPool> {
+    let sizes = [vk::DescriptorPoolSize {
+        ty: vk::DescriptorType::STORAGE_BUFFER,
+        descriptor_count: MAX_DESCRIPTORS,
+    }];
+    // SAFETY: a valid device; the create info lives through the call.
+    unsafe {
+        dev.create_descriptor_pool(
+            &vk::DescriptorPoolCreateInfo::default()
+                .max_sets(MAX_SETS)
+                .pool_sizes(&sizes)
+                .flags(vk::DescriptorPoolCreateFlags::FREE_DESCRIPTOR_SET),
+            None,
+        )
+    }
+    .map_err(|r| VkError::from_vk("creating a descriptor pool", r))
+}
 
 /// Choices that override what the device reports; `Default` takes the device's own.
 #[derive(Clone, Debug, Default)]
@@ -68,7 +90,9 @@ pub(crate) struct Shared {
     pub queue: Mutex<vk::Queue>,
     pub fence: vk::Fence,
     pub cmd_pool: Mutex<vk::CommandPool>,
-    pub desc_pool: Mutex<vk::DescriptorPool>,
+    /// Descriptor pools, a new one made whenever the last is full (each binding frees
+    /// its set into the pool it came from).
+    pub desc_pool: Mutex<Vec<vk::DescriptorPool>>,
     pub pipeline_cache: vk::PipelineCache,
     pub pipelines: Vec<Pipeline>,
     pub mem_props: vk::PhysicalDeviceMemoryProperties,
@@ -104,8 +128,9 @@ impl Drop for Shared {
             }
             self.device
                 .destroy_pipeline_cache(self.pipeline_cache, None);
-            self.device
-                .destroy_descriptor_pool(*lock(&self.desc_pool), None);
+            for &p in lock(&self.desc_pool).iter() {
+                self.device.destroy_descriptor_pool(p, None);
+            }
             self.device
                 .destroy_command_pool(*lock(&self.cmd_pool), None);
             self.device.destroy_fence(self.fence, None);
@@ -182,7 +207,7 @@ impl Context {
             queue: Mutex::new(queue),
             fence: vk::Fence::null(),
             cmd_pool: Mutex::new(vk::CommandPool::null()),
-            desc_pool: Mutex::new(vk::DescriptorPool::null()),
+            desc_pool: Mutex::new(Vec::new()),
             pipeline_cache: vk::PipelineCache::null(),
             pipelines: Vec::new(),
             mem_props,
@@ -203,19 +228,8 @@ impl Context {
                     None,
                 )
                 .vk("creating a command pool")?;
-            let sizes = [vk::DescriptorPoolSize {
-                ty: vk::DescriptorType::STORAGE_BUFFER,
-                descriptor_count: MAX_SETS * 4,
-            }];
-            *lock(&shared.desc_pool) = dev
-                .create_descriptor_pool(
-                    &vk::DescriptorPoolCreateInfo::default()
-                        .max_sets(MAX_SETS)
-                        .pool_sizes(&sizes)
-                        .flags(vk::DescriptorPoolCreateFlags::FREE_DESCRIPTOR_SET),
-                    None,
-                )
-                .vk("creating a descriptor pool")?;
+            let first = new_descriptor_pool(dev)?;
+            lock(&shared.desc_pool).push(first);
             shared.pipeline_cache = dev
                 .create_pipeline_cache(&vk::PipelineCacheCreateInfo::default(), None)
                 .vk("creating the pipeline cache")?;

@@ -1149,6 +1149,13 @@ impl VkRunner {
             (Some((dv, hv)), true) => (dv, hv, self.all_rows),
             _ => (&self.logits1.0, &self.logits1.1, 1),
         };
+        // A batched decode step has at most `bucket` rows: copying the whole all-rows
+        // buffer back (a prefill chunk's worth) would cost more than the step.
+        let rows = if self.batch.is_some() {
+            rows.min(bucket)
+        } else {
+            rows
+        };
         if decode {
             let mode = MvMode {
                 softcap: cfg.final_logit_softcap,

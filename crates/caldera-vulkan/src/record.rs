@@ -18,17 +18,20 @@ struct BindingInner {
     shared: Arc<Shared>,
     kernel: Kernel,
     set: vk::DescriptorSet,
+    /// The pool the set came from.
+    pool: vk::DescriptorPool,
     /// Kept alive while the descriptor set points at them.
     _buffers: Vec<Buffer>,
 }
 
 impl Drop for BindingInner {
     fn drop(&mut self) {
-        let pool = lock(&self.shared.desc_pool);
-        // SAFETY: the set came from this pool (created with FREE_DESCRIPTOR_SET) and no
-        // pending command uses it (recordings hold their bindings; submits wait).
+        let _pools = lock(&self.shared.desc_pool);
+        // SAFETY: the set came from `self.pool` (created with FREE_DESCRIPTOR_SET, alive
+        // while the context is), freed under the pools' lock; no pending command uses it
+        // (recordings hold their bindings; submits wait).
         unsafe {
-            let _ = self.shared.device.free_descriptor_sets(*pool, &[self.set]);
+            let _ = self.shared.device.free_descriptor_sets(self.pool, &[self.set]);
         }
     }
 }
@@ -70,22 +73,40 @@ impl Context {
         }
         let dev = self.device();
         let layouts = [self.pipeline(kernel).set_layout];
-        let set = {
-            let pool = lock(&self.shared.desc_pool);
-            let info = vk::DescriptorSetAllocateInfo::default()
-                .descriptor_pool(*pool)
-                .set_layouts(&layouts);
-            // SAFETY: the pool is locked; the layout is alive.
-            let sets = unsafe { dev.allocate_descriptor_sets(&info) }.map_err(|r| match r {
-                vk::Result::ERROR_OUT_OF_POOL_MEMORY | vk::Result::ERROR_FRAGMENTED_POOL => {
-                    VkError::Invalid(format!(
-                        "too many bound kernels at once (descriptor pool exhausted) binding {}",
-                        desc.name
-                    ))
+        let (set, pool) = {
+            let mut pools = lock(&self.shared.desc_pool);
+            // Every pool from the newest back (freed sets make room in older ones), then
+            // a new pool.
+            let mut got = None;
+            for &pool in pools.iter().rev() {
+                let info = vk::DescriptorSetAllocateInfo::default()
+                    .descriptor_pool(pool)
+                    .set_layouts(&layouts);
+                // SAFETY: the pools are locked; the layout is alive.
+                match unsafe { dev.allocate_descriptor_sets(&info) } {
+                    Ok(sets) => {
+                        got = Some((sets[0], pool));
+                        break;
+                    }
+                    Err(vk::Result::ERROR_OUT_OF_POOL_MEMORY)
+                    | Err(vk::Result::ERROR_FRAGMENTED_POOL) => continue,
+                    Err(r) => return Err(VkError::from_vk("allocating a descriptor set", r)),
                 }
-                r => VkError::from_vk("allocating a descriptor set", r),
-            })?;
-            sets[0]
+            }
+            match got {
+                Some(g) => g,
+                None => {
+                    let pool = crate::context::new_descriptor_pool(dev)?;
+                    pools.push(pool);
+                    let info = vk::DescriptorSetAllocateInfo::default()
+                        .descriptor_pool(pool)
+                        .set_layouts(&layouts);
+                    // SAFETY: as above, on the fresh pool.
+                    let sets = unsafe { dev.allocate_descriptor_sets(&info) }
+                        .map_err(|r| VkError::from_vk("allocating a descriptor set", r))?;
+                    (sets[0], pool)
+                }
+            }
         };
         let infos: Vec<[vk::DescriptorBufferInfo; 1]> = buffers
             .iter()
@@ -119,6 +140,7 @@ impl Context {
             shared: self.shared.clone(),
             kernel,
             set,
+            pool,
             _buffers: buffers.iter().map(|&b| b.clone()).collect(),
         })))
     }
