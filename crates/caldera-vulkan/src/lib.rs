@@ -12,6 +12,7 @@
 //! - [`recurrent`]: the decode and prefill steps of the recurrent mixers
 //!   (GatedDeltaNet, Mamba2, short conv);
 //! - [`moe`]: mixture-of-experts routing and combining;
+//! - [`extras`]: bias adds, layer output scales and Gemma 4's per-layer inputs;
 //! - [`model`]: whole models (attention and the recurrent mixers; dense, ungated and
 //!   MoE MLPs) behind `caldera_model::Runner`, each step recorded once and replayed with
 //!   one submit.
@@ -22,6 +23,7 @@
 pub mod context;
 pub mod device;
 pub mod error;
+pub mod extras;
 pub mod kernels;
 pub mod memory;
 pub mod model;

@@ -1,5 +1,5 @@
 //! Whole models on the Vulkan backend, through the binary: `verify` on the `llama`,
-//! `qwen3` and hybrid / MoE fixtures, SmolLM2 answering "Paris", gemma-3-270m continuing
+//! `qwen3`, `gemma4` and hybrid / MoE fixtures, SmolLM2 answering "Paris", gemma-3-270m continuing
 //! the story; the hybrids' chunked prefill against their own token-by-token decode. They
 //! run on the test device (lavapipe by default; `CALDERA_VK_DEVICE=N` picks another) and
 //! skip without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`. lavapipe is slow:
@@ -83,6 +83,13 @@ fn vulkan_verifies_qwen3_moe() {
 #[test]
 fn vulkan_verifies_lfm2_moe() {
     verify("lfm2_moe");
+}
+
+/// Gemma 4: sliding (head 32) and global (head 64, partial RoPE) layers, per-layer
+/// inputs, v norm, layer output scales, final logit softcap.
+#[test]
+fn vulkan_verifies_gemma4() {
+    verify("gemma4");
 }
 
 /// The hybrid fixtures' 80 prompt tokens as one GPU prefill (chunks of 32 with every
