@@ -31,6 +31,12 @@
 //! experts' weights per step (a correctness path, not a fast one). Qwen3.5's gated
 //! attention uploads the gate rows of its q projection after v (`q | k | v | gate`):
 //! `attn_decode` gates its output itself, prefill through `rows_act`.
+//!
+//! Gemma 4 and gpt-oss's attention: a KV-shared layer (`LayerExtras::kv_from`) uploads
+//! its q projection only and reads its source layer's cache buffers (`attn_decode`
+//! `F_NOKV`; `rope_kv` over q heads only); v norm is a flag of `attn_decode` / `rope_kv`,
+//! attention sinks a buffer of `attn_decode` / `PrefillAttention`; per-layer inputs,
+//! layer output scales and biases are small ops of `extras.rs` around the layer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
