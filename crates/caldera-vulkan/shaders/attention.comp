@@ -4,13 +4,16 @@
 // of at most MAXH of g's query heads) reads each cached k/v row once for all its heads.
 // Online softmax over blocks of WG positions (running max and sum per head).
 // Binding 0: qkv rows (q part read), 1: k cache, 2: v cache ([pos][kv head][hd]),
-// 3: out (f32, token t at t * n_heads * hd), 4: step values ([0] tokens, [1] position).
+// 3: out (f32, token t at t * n_heads * hd), 4: step values ([0] tokens, [1] position),
+// 5: sinks (f32 per query head; read when p.sinks != 0: gpt-oss's learned logit that
+// joins each head's softmax denominator).
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
 #include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { float o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
+layout(std430, binding = 5) readonly buffer Sinks { float sinks[]; };
 
 const uint MAXH = 8u;
 const uint MAXQ = 2048u; // heads per workgroup * hd
@@ -25,6 +28,7 @@ layout(push_constant) uniform Push {
     uint ld_qkv;
     float scale;
     float softcap; // 0: none
+    uint sinks;    // 1: sinks[] join the softmax
 } p;
 
 shared float q_s[MAXQ];
@@ -133,6 +137,11 @@ void main() {
         barrier();
     }
     uint ob = t * p.n_heads * p.hd + h0 * p.hd;
+    if (p.sinks != 0u && tid < nh) {
+        // exp overflowing to inf gives 0, the limit.
+        l_s[tid] += exp(sinks[h0 + tid] - m_s[tid]);
+    }
+    barrier();
     for (uint i = tid; i < nh * p.hd; i += WG) {
         o[ob + i] = acc_s[i] / l_s[i / p.hd];
     }

@@ -10,12 +10,17 @@
 // also quantizes it to int8 blocks of 32 for the o-projection (quant_x.comp's format).
 // With F_QGATE (Qwen3.5's gated attention) the output is multiplied by sigmoid(gate),
 // the gates of the n_heads query heads following v in qkv: q | k | v | gate.
+// With F_VNORM (Gemma 4) the token's v is RMS-normalized (no weights) before it is used
+// and cached. With F_NOKV (a layer reading another layer's cache, Gemma 4 KV sharing)
+// qkv holds only q and the token's k / v are already in the caches: nothing is written.
+// With F_SINKS (gpt-oss) each query head's learned logit sinks[h] joins the softmax's
+// denominator (no value). Heads of up to 512: the host keeps hpw * hd <= Q_CAP.
 // Splits past the window exit at once: the dispatch covers the longest context.
 // Binding 0: qkv (f32: q | k | v (| gate) of the token), 1: k cache, 2: v cache ([pos][kv][hd]),
 // 3: out (f32, n_heads * hd), 4: step values ([1] position), 5: q norm, 6: k norm,
 // 7: RoPE table ((cos, sin) of pair i at position p at 2 (p * n_rot / 2 + i)),
 // 8: q8 values (u32), 9: q8 scales, 10: partials (f32, [head][split][2 + hd]),
-// 11: counts (u32 per (g, c), zero between dispatches).
+// 11: counts (u32 per (g, c), zero between dispatches), 12: sinks (f32 per query head).
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
@@ -29,6 +34,7 @@ layout(std430, binding = 8) writeonly buffer Q8 { uint xq[]; };
 layout(std430, binding = 9) writeonly buffer D8 { float xd[]; };
 layout(std430, binding = 10) coherent buffer Part { float part[]; };
 layout(std430, binding = 11) coherent buffer Cnt { uint cnt[]; };
+layout(std430, binding = 12) readonly buffer Sinks { float sinks[]; };
 
 const uint F_QNORM = 1u;
 const uint F_KNORM = 2u;
@@ -36,7 +42,11 @@ const uint F_ROPE = 4u;
 const uint F_INTERLEAVED = 8u;
 const uint F_Q8 = 16u;
 const uint F_QGATE = 32u;
-const uint MAX_HD = 256u;
+const uint F_VNORM = 64u;
+const uint F_NOKV = 128u;
+const uint F_SINKS = 1024u; // (bits 8-9: the profiling stop)
+const uint MAX_HD = 512u;
+const uint Q_CAP = 2048u; // hpw * hd
 const uint MAXG = 8u;
 const uint MAX_SPLIT = 128u;
 
@@ -57,7 +67,7 @@ layout(push_constant) uniform Push {
     float softcap; // 0: none
 } p;
 
-shared float q_s[MAXG * MAX_HD];
+shared float q_s[Q_CAP];
 shared float k_s[MAX_HD];
 shared float sc[MAXG * MAX_SPLIT];
 // A tile of k (then v) rows, each padded by one float so that invocations reading
@@ -74,6 +84,8 @@ const uint CL = MAXG * MAX_COMBINE;
 shared float m_s[MAXG];
 shared float l_s[MAXG];
 shared bool last_s;
+// 1 / rms of the token's v (F_VNORM), else 1.
+shared float vinv_s;
 
 // RMSNorm (weights w: q norm or k norm) and RoPE of `nh` rows of hd values in q_s
 // (is_q) or k_s, all rows at once.
@@ -189,6 +201,7 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
     uint tid = gl_LocalInvocationID.x;
     uint hd4 = p.hd / 4u;
     uint total = tn * hd4;
+    bool own_cached = (p.flags & F_NOKV) != 0u;
     for (uint j0 = tid; j0 < total; j0 += 16u * WG) {
         vec4 t[16];
         [[unroll]] for (uint u = 0u; u < 16u; u++) {
@@ -196,7 +209,7 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
             uint pi = p_first + j / hd4;
             uint d = 4u * (j % hd4);
             t[u] = vec4(0.0);
-            if (j < total && pi != pos) {
+            if (j < total && (pi != pos || own_cached)) {
                 uint e = (pi * kvd + g * p.hd + d) >> 2;
                 t[u] = is_v ? v4_at(e) : k4_at(e);
             }
@@ -207,9 +220,9 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
                 uint pi = p_first + j / hd4;
                 uint d = 4u * (j % hd4);
                 vec4 v = t[u];
-                if (pi == pos) {
+                if (pi == pos && !own_cached) {
                     uint vb = p.n_heads * p.hd + kvd + g * p.hd + d;
-                    v = is_v ? vec4(qkv[vb], qkv[vb + 1u], qkv[vb + 2u], qkv[vb + 3u])
+                    v = is_v ? vec4(qkv[vb], qkv[vb + 1u], qkv[vb + 2u], qkv[vb + 3u]) * vinv_s
                              : vec4(k_s[d], k_s[d + 1u], k_s[d + 2u], k_s[d + 3u]);
                 }
                 uint sb = (j / hd4) * (p.hd + 1u) + d;
@@ -246,23 +259,40 @@ void main() {
     uint p0 = lo + s * p.split;
     uint n = min(p.split, pos + 1u - p0);
     bool has_pos = p0 + n == pos + 1u;
+    bool own_kv = has_pos && (p.flags & F_NOKV) == 0u;
     for (uint i = tid; i < nh * p.hd; i += WG) {
         q_s[i] = qkv[h0 * p.hd + i];
     }
-    if (has_pos) {
+    if (own_kv) {
         for (uint i = tid; i < p.hd; i += WG) {
             k_s[i] = qkv[kb + i];
         }
     }
+    if (tid == 0u) {
+        vinv_s = 1.0;
+    }
     barrier();
     norm_rope(true, nh, (p.flags & F_QNORM) != 0u, pos);
-    if (has_pos) {
+    if (own_kv) {
         norm_rope(false, 1u, (p.flags & F_KNORM) != 0u, pos);
+        if ((p.flags & F_VNORM) != 0u) {
+            float ss = 0.0;
+            for (uint i = tid; i < p.hd; i += WG) {
+                float v = qkv[kb + kvd + i];
+                ss += v * v;
+            }
+            ss = reduce_sum(ss);
+            if (tid == 0u) {
+                vinv_s = inversesqrt(ss / float(p.hd) + p.eps);
+            }
+            barrier();
+        }
         if (c == 0u) {
             uint dst = pos * kvd + g * p.hd;
+            float vi = vinv_s;
             for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
                 k_put2(dst + i, vec2(k_s[i], k_s[i + 1u]));
-                v_put2(dst + i, vec2(qkv[kb + kvd + i], qkv[kb + kvd + i + 1u]));
+                v_put2(dst + i, vec2(qkv[kb + kvd + i], qkv[kb + kvd + i + 1u]) * vi);
             }
         }
     }
@@ -328,6 +358,8 @@ void main() {
         }
     }
     barrier();
+    bool single = n_active == 1u;
+    bool has_sinks = (p.flags & F_SINKS) != 0u;
     {
         float l = 0.0;
         if (hh < nh) {
@@ -342,11 +374,15 @@ void main() {
             for (uint i = 0u; i < G; i++) {
                 t += red_buf[tid * G + i];
             }
+            // One split: the sink joins its sum here (exp overflowing to inf makes the
+            // output 0, the limit).
+            if (single && has_sinks) {
+                t += exp(sinks[h0 + tid] - m_s[tid]);
+            }
             l_s[tid] = t;
         }
         barrier();
     }
-    bool single = n_active == 1u;
     uint stride = 2u + p.hd;
     // Values, a tile at a time as for k: the sums go to q_s (q is no longer needed),
     // one (head, dim) per task.
@@ -425,6 +461,9 @@ void main() {
             for (uint t = 0u; t < n_active; t++) {
                 l += exp(kv_s[CM + tid * n_active + t] - mx) * kv_s[CL + tid * n_active + t];
             }
+            if (has_sinks) {
+                l += exp(sinks[h0 + tid] - mx);
+            }
             m_s[tid] = mx;
             l_s[tid] = l;
         }
@@ -456,6 +495,9 @@ void main() {
             float l = 0.0;
             for (uint t = 0u; t < n_active; t++) {
                 l += exp(part[hb + t * stride] - mx) * part[hb + t * stride + 1u];
+            }
+            if (has_sinks) {
+                l += exp(sinks[h0 + h] - mx);
             }
             for (uint d = tid; d < p.hd; d += WG) {
                 float a = 0.0;

@@ -9,7 +9,9 @@
 // (R * hd / 4 vec4s spread over the workgroup, at most ACC per invocation).
 // Binding 0: qkv rows (q part read, token t at t * ld_qkv), 1: k cache, 2: v cache
 // ([pos][kv head][hd]), 3: out (token t at t * n_heads * hd), 4: step values ([0]
-// tokens, [1] first position). hd, ld_qkv are multiples of 4: everything is read as vec4.
+// tokens, [1] first position), 5: sinks (f32 per query head, read when p.sinks != 0:
+// gpt-oss's learned logit joining each head's softmax denominator). hd, ld_qkv are
+// multiples of 4: everything is read as vec4.
 #extension GL_EXT_control_flow_attributes : enable
 
 const uint FA_WG = 128u;
@@ -19,6 +21,7 @@ layout(std430, binding = 0) readonly buffer Qkv { vec4 qkv[]; };
 #include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { vec4 o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
+layout(std430, binding = 5) readonly buffer Sinks { float sinks[]; };
 
 layout(push_constant) uniform Push {
     uint n_heads;
@@ -32,6 +35,7 @@ layout(push_constant) uniform Push {
     float softcap; // 0: none
     uint bq;       // query tokens per workgroup
     uint bkv;      // keys per tile
+    uint sinks;    // 1: sinks[] join the softmax
 } p;
 
 // Capacities (in floats) the host sizes the tiles by; rows are hd + 4 floats apart so
@@ -165,6 +169,14 @@ void main() {
         barrier();
     }
 
+    if (p.sinks != 0u && tid < rows) {
+        // exp overflowing to inf gives 0, the limit.
+        uint hl = tid % p.hpw;
+        if (hl < nh) {
+            l_s[tid] += exp(sinks[h0 + hl] - m_s[tid]);
+        }
+    }
+    barrier();
     uint ld_o4 = p.n_heads * hd4;
     [[unroll]] for (uint a = 0u; a < ACC; a++) {
         uint e = tid + a * FA_WG;

@@ -8,6 +8,8 @@
 // Binding 3: q norm weights (hd), 4: k norm weights (hd), used when flags say so.
 // Binding 5: RoPE table (f32): (cos, sin) of pair i at position pos at 2 (pos * n_rot / 2 + i).
 // Binding 6: step values (u32): [0] tokens, [1] first position.
+// F_VNORM (Gemma 4): v is RMS-normalized (no weights) before it is cached. A layer that
+// reads another layer's cache (KV sharing) is dispatched with n_kv = 0: q heads only.
 #include "common.glsl"
 
 layout(std430, binding = 0) buffer Qkv { float qkv[]; };
@@ -21,6 +23,7 @@ const uint F_QNORM = 1u;
 const uint F_KNORM = 2u;
 const uint F_ROPE = 4u;
 const uint F_INTERLEAVED = 8u;
+const uint F_VNORM = 64u;
 const uint MAX_HD = 512u;
 
 layout(push_constant) uniform Push {
@@ -88,9 +91,19 @@ void main() {
     } else {
         uint dst = pos * kvd + g * p.hd;
         uint vsrc = t * p.ld_qkv + p.n_heads * p.hd + kvd + g * p.hd;
+        float vinv = 1.0;
+        if ((p.flags & F_VNORM) != 0u) {
+            float ss = 0.0;
+            for (uint i = tid; i < p.hd; i += WG) {
+                float v = qkv[vsrc + i];
+                ss += v * v;
+            }
+            ss = reduce_sum(ss);
+            vinv = inversesqrt(ss / float(p.hd) + p.eps);
+        }
         for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
             k_put2(dst + i, vec2(buf[i], buf[i + 1u]));
-            v_put2(dst + i, vec2(qkv[vsrc + i], qkv[vsrc + i + 1u]));
+            v_put2(dst + i, vec2(qkv[vsrc + i], qkv[vsrc + i + 1u]) * vinv);
         }
     }
 }

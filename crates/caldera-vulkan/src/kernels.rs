@@ -165,6 +165,8 @@ pub enum Kernel {
     MvqneQ4K = 146,
     MvqneQ6K = 147,
     QuantRows = 148,
+    RowsExt = 149,
+    PleIn = 150,
 }
 
 /// One entry of the kernel table.
@@ -224,10 +226,11 @@ pub const MM_PUSH_BYTES: u32 = 32;
 /// `rope_kv` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv` (u32), `eps` (f32).
 pub const ROPE_KV_PUSH_BYTES: u32 = 28;
 /// `attention` push constants: `n_heads, n_kv, hd, hpw, n_chunks, window, ld_qkv` (u32),
-/// `scale, softcap` (f32).
-pub const ATTENTION_PUSH_BYTES: u32 = 36;
-/// `attn_flash` push constants: [`ATTENTION_PUSH_BYTES`]'s words, then `bq, bkv` (u32).
-pub const ATTN_FLASH_PUSH_BYTES: u32 = 44;
+/// `scale, softcap` (f32), `sinks` (u32).
+pub const ATTENTION_PUSH_BYTES: u32 = 40;
+/// `attn_flash` push constants: [`ATTENTION_PUSH_BYTES`]'s words but `sinks`, then
+/// `bq, bkv, sinks` (u32).
+pub const ATTN_FLASH_PUSH_BYTES: u32 = 48;
 /// `attn_decode` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv, window, hpw,
 /// n_chunks, max_splits, split` (u32), `eps, scale, softcap` (f32).
 pub const ATTN_DECODE_PUSH_BYTES: u32 = 56;
@@ -270,6 +273,12 @@ pub const MAMBA2_NORM_PUSH_BYTES: u32 = 16;
 pub const SHORTCONV_ROWS_PUSH_BYTES: u32 = 16;
 /// `rows_act` push constants: `n, ld_y, ld_src, src_off, mode, max_t` (u32).
 pub const ROWS_ACT_PUSH_BYTES: u32 = 24;
+/// `rows_ext` push constants: `n, ld_y, y_off, ld_src, src_off, mode, max_t` (u32),
+/// `scale` (f32).
+pub const ROWS_EXT_PUSH_BYTES: u32 = 32;
+/// `ple_in` push constants: `n_layers, dpl` (u32), `eps, proj_scale, tok_scale,
+/// input_scale` (f32).
+pub const PLE_IN_PUSH_BYTES: u32 = 24;
 
 const fn mm(kernel: Kernel, name: &'static str, spv: (&'static [u8], &'static [u8])) -> KernelDesc {
     KernelDesc {
@@ -409,7 +418,7 @@ const fn mvqx(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 149] = [
+pub const KERNELS: [KernelDesc; 151] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -440,7 +449,7 @@ pub const KERNELS: [KernelDesc; 149] = [
         Kernel::Attention,
         "attention",
         spv!("attention"),
-        5,
+        6,
         ATTENTION_PUSH_BYTES,
     ),
     plain(
@@ -533,12 +542,12 @@ pub const KERNELS: [KernelDesc; 149] = [
     KernelDesc {
         // q, k row, score and k / v tile arrays (attn_decode.comp), a few per-head
         // values and a reduction slot per invocation (up to 256).
-        shared_bytes: (2048 + 256 + 1024 + 4224 + 32 + 256) * 4,
+        shared_bytes: (2048 + 512 + 1024 + 4224 + 32 + 1 + 256) * 4,
         ..plain(
             Kernel::AttnDecode,
             "attn_decode",
             spv!("attn_decode"),
-            12,
+            13,
             ATTN_DECODE_PUSH_BYTES,
         )
     },
@@ -625,7 +634,7 @@ pub const KERNELS: [KernelDesc; 149] = [
             Kernel::AttnFlash,
             "attn_flash",
             spv!("attn_flash"),
-            5,
+            6,
             ATTN_FLASH_PUSH_BYTES,
         )
     },
@@ -770,6 +779,20 @@ pub const KERNELS: [KernelDesc; 149] = [
         spv!("quant_rows"),
         5,
         QUANT_ROWS_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::RowsExt,
+        "rows_ext",
+        spv!("rows_ext"),
+        3,
+        ROWS_EXT_PUSH_BYTES,
+    ),
+    plain(
+        Kernel::PleIn,
+        "ple_in",
+        spv!("ple_in"),
+        4,
+        PLE_IN_PUSH_BYTES,
     ),
 ];
 

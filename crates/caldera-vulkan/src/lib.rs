@@ -14,6 +14,7 @@
 //! - [`moe`]: mixture of experts: the router and expert mat-vecs that read the chosen
 //!   experts from device memory; the whole block for decode ([`moe::MoeFfn`]) and
 //!   prefill ([`moe::MoeSteps`]);
+//! - [`extras`]: bias adds, layer output scales and Gemma 4's per-layer inputs;
 //! - [`model`]: whole models (attention and the recurrent mixers; dense, ungated and
 //!   MoE MLPs) behind `caldera_model::Runner`, each step recorded once and replayed with
 //!   one submit;
@@ -27,6 +28,7 @@ pub mod batch;
 pub mod context;
 pub mod device;
 pub mod error;
+pub mod extras;
 pub mod kernels;
 pub mod memory;
 pub mod model;

@@ -32,6 +32,12 @@
 //! Qwen3.5's gated
 //! attention uploads the gate rows of its q projection after v (`q | k | v | gate`):
 //! `attn_decode` gates its output itself, prefill through `rows_act`.
+//!
+//! Gemma 4 and gpt-oss's attention: a KV-shared layer (`LayerExtras::kv_from`) uploads
+//! its q projection only and reads its source layer's cache buffers (`attn_decode`
+//! `F_NOKV`; `rope_kv` over q heads only); v norm is a flag of `attn_decode` / `rope_kv`,
+//! attention sinks a buffer of `attn_decode` / `PrefillAttention`; per-layer inputs,
+//! layer output scales and biases are small ops of `extras.rs` around the layer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,6 +47,7 @@ use caldera_format::GgmlType;
 use caldera_format::TensorBytes;
 use caldera_model::blocks::gdn::GdnGates;
 use caldera_model::blocks::moe::{MoeSpec, MoeWeights, RouterKind};
+use caldera_model::weights::LayerExtras;
 use caldera_model::{
     Activation, AttnSpec, AttnWeights, FfnSpec, FfnWeights, Logits, Mixer, MixerWeights, Model,
     RopeSpec, RopeStyle, RunError, Weight,
@@ -48,6 +55,7 @@ use caldera_model::{
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
+use crate::extras::{PleIn, PleShape, RowExt, RowsExt, RowsIo};
 use crate::kernels::{attn_split, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::moe::{MoeDevice, MoeFfn, MoeIo, MoeScratch, MoeSteps, MAX_EXPERTS, MAX_USED};
@@ -101,15 +109,50 @@ struct VkAttn {
     q_norm: Option<Buffer>,
     k_norm: Option<Buffer>,
     o: Proj,
+    /// v heads are RMS-normalized (no weights) before caching (Gemma 4).
+    v_norm: bool,
+    /// The layer reads this earlier layer's KV cache and has no k / v of its own: `qkv`
+    /// is q only (Gemma 4 KV sharing).
+    kv_from: Option<usize>,
+    /// A learned logit per query head joining the softmax (gpt-oss).
+    sinks: Option<Buffer>,
+    /// The q | k | v biases (zeros for an unbiased part), and the o-projection's.
+    qkv_bias: Option<Buffer>,
+    o_bias: Option<Buffer>,
 }
 
 impl VkAttn {
     /// Values of one token's q | k | v (| gate) row.
     fn ld_qkv(&self) -> usize {
         let a = &self.attn;
+        if self.kv_from.is_some() {
+            return a.n_heads * a.head_dim;
+        }
         let gates = if a.q_gate { a.n_heads } else { 0 };
         (a.n_heads + 2 * a.n_kv_heads + gates) * a.head_dim
     }
+}
+
+/// Query heads per workgroup of `attn_decode` for groups of `gsize` query heads of `hd`:
+/// at most 8, and their q rows fit the kernel's `Q_CAP` (2048 values).
+fn decode_hpw(gsize: usize, hd: usize) -> usize {
+    gsize.min(8).min(2048 / hd.max(1)).max(1)
+}
+
+/// Gemma 4's per-layer input block of one layer: `x += post_norm(proj(gelu_tanh(gate x)
+/// * input_l))`.
+struct VkPle {
+    gate: Proj,
+    proj: Proj,
+    post_norm: Buffer,
+}
+
+/// Gemma 4's per-layer inputs: the model projection of the embeddings (the per-layer
+/// token embeddings are looked up on the host, as the main ones), its norm and scales.
+struct VkPleIn {
+    model_proj: Proj,
+    norm: Buffer,
+    shape: PleShape,
 }
 
 /// A recurrent mixer (GatedDeltaNet, Mamba2, short conv) on the device: its input
@@ -181,6 +224,10 @@ struct VkLayer {
     ffn_norm: Option<Buffer>,
     ffn: Option<VkFfn>,
     ffn_post_norm: Option<Buffer>,
+    /// Gemma 4's per-layer input block, after the FFN.
+    ple: Option<VkPle>,
+    /// The residual stream is multiplied by this at the end of the layer (Gemma 4).
+    out_scale: Option<f32>,
 }
 
 impl VkLayer {
@@ -196,6 +243,9 @@ impl VkLayer {
             for m in f.mlps() {
                 v.extend([&m.up, &m.down]);
             }
+        }
+        if let Some(p) = &self.ple {
+            v.extend([&p.gate, &p.proj]);
         }
         v
     }
@@ -225,6 +275,7 @@ pub struct VkModel {
     ctx: Context,
     model: Arc<Model>,
     layers: Vec<VkLayer>,
+    ple: Option<VkPleIn>,
     output_norm: Buffer,
     output: Proj,
     /// Ones, as wide as the widest projection input (the `gam` of un-normed mat-vecs).
@@ -240,6 +291,12 @@ fn upload_norm(ctx: &Context, w: &Option<Vec<f32>>) -> Result<Option<Buffer>> {
 /// Uploads `ws` (the output rows of one fused projection, in order): each maximal run of
 /// the same type becomes one tensor.
 fn upload_proj(ctx: &Context, ws: &[&Weight]) -> Result<Vec<Proj>> {
+    upload_proj_biased(ctx, ws, false)
+}
+
+/// [`upload_proj`], leaving the weights' biases to the caller when `biased` (else a
+/// bias is refused).
+fn upload_proj_biased(ctx: &Context, ws: &[&Weight], biased: bool) -> Result<Vec<Proj>> {
     let mut out = Vec::new();
     let mut i = 0;
     let mut offset = 0;
@@ -250,7 +307,7 @@ fn upload_proj(ctx: &Context, ws: &[&Weight]) -> Result<Vec<Proj>> {
             j += 1;
         }
         for w in &ws[i..j] {
-            if w.bias.is_some() {
+            if w.bias.is_some() && !biased {
                 return Err(unsupported(format!("biased projections ({})", w.name)));
             }
             if Kernel::mm_for(w.ty, false).is_none() {
@@ -358,13 +415,16 @@ fn split_q_gate(q: &Weight, nh: usize, hd: usize) -> Result<(Weight, Weight)> {
 }
 
 /// The checks and uploads of one attention mixer.
-fn upload_attention(ctx: &Context, li: usize, a: &AttnSpec, aw: &AttnWeights) -> Result<VkAttn> {
-    if a.sinks {
-        return Err(unsupported(format!("layer {li}: attention sinks")));
-    }
+fn upload_attention(
+    ctx: &Context,
+    li: usize,
+    a: &AttnSpec,
+    aw: &AttnWeights,
+    ex: &LayerExtras,
+) -> Result<VkAttn> {
     if a.n_kv_heads == 0
         || !a.n_heads.is_multiple_of(a.n_kv_heads)
-        || a.head_dim > 256
+        || a.head_dim > 512
         || !a.head_dim.is_multiple_of(4)
     {
         return Err(unsupported(format!(
@@ -386,18 +446,63 @@ fn upload_attention(ctx: &Context, li: usize, a: &AttnSpec, aw: &AttnWeights) ->
     if aw.q.rows != q_rows || aw.k.rows != kvd || aw.v.rows != kvd || aw.o.cols != qd {
         return Err(VkError::Invalid(format!("layer {li}: attention shapes")));
     }
-    let qkv = if a.q_gate {
+    let sinks = match (a.sinks, &aw.sinks) {
+        (false, _) => None,
+        (true, Some(v)) if v.len() == a.n_heads => Some(ctx.upload_f32(v)?),
+        (true, _) => {
+            return Err(VkError::Invalid(format!(
+                "layer {li}: attention sinks are not one per head"
+            )))
+        }
+    };
+    let biased = [&aw.q, &aw.k, &aw.v].iter().any(|w| w.bias.is_some());
+    if (biased || aw.o.bias.is_some()) && (a.q_gate || ex.kv_from.is_some()) {
+        return Err(unsupported(format!(
+            "layer {li}: biased projections with gated or KV-shared attention"
+        )));
+    }
+    if ex.kv_from.is_some() && a.q_gate {
+        return Err(unsupported(format!(
+            "layer {li}: gated KV-shared attention"
+        )));
+    }
+    let qkv_bias = if biased {
+        let mut b = Vec::with_capacity(qd + 2 * kvd);
+        for w in [&aw.q, &aw.k, &aw.v] {
+            match &w.bias {
+                Some(v) if v.len() == w.rows => b.extend_from_slice(v),
+                Some(_) => return Err(VkError::Invalid(format!("{}: bias size", w.name))),
+                None => b.resize(b.len() + w.rows, 0.0),
+            }
+        }
+        Some(ctx.upload_f32(&b)?)
+    } else {
+        None
+    };
+    let o_bias = match &aw.o.bias {
+        Some(v) if v.len() == aw.o.rows => Some(ctx.upload_f32(v)?),
+        Some(_) => return Err(VkError::Invalid(format!("{}: bias size", aw.o.name))),
+        None => None,
+    };
+    let qkv = if ex.kv_from.is_some() {
+        upload_proj(ctx, &[&aw.q])?
+    } else if a.q_gate {
         let (q, gate) = split_q_gate(&aw.q, a.n_heads, a.head_dim)?;
         upload_proj(ctx, &[&q, &aw.k, &aw.v, &gate])?
     } else {
-        upload_proj(ctx, &[&aw.q, &aw.k, &aw.v])?
+        upload_proj_biased(ctx, &[&aw.q, &aw.k, &aw.v], true)?
     };
     Ok(VkAttn {
         attn: a.clone(),
         qkv,
         q_norm: upload_norm(ctx, &aw.q_norm)?,
         k_norm: upload_norm(ctx, &aw.k_norm)?,
-        o: upload_proj(ctx, &[&aw.o])?.remove(0),
+        o: upload_proj_biased(ctx, &[&aw.o], true)?.remove(0),
+        v_norm: ex.v_norm,
+        kv_from: ex.kv_from,
+        sinks,
+        qkv_bias,
+        o_bias,
     })
 }
 
@@ -510,25 +615,65 @@ impl VkModel {
         let cfg = &model.config;
         let w = &model.weights;
         let d = cfg.d_model;
-        if model.extras.per_layer_inputs.is_some() {
-            return Err(unsupported("per-layer inputs".into()));
-        }
-        if model
-            .extras
-            .layers
-            .iter()
-            .any(|e| e.v_norm || e.kv_from.is_some() || e.out_scale.is_some())
-        {
-            return Err(unsupported(
-                "v norm, shared KV or layer output scales".into(),
-            ));
-        }
-        let mut layers = Vec::with_capacity(cfg.layers.len());
+        let n_layers = cfg.layers.len();
+        let no_extras = LayerExtras::default();
+        let ple = match &model.extras.per_layer_inputs {
+            None => None,
+            Some(pl) => {
+                let row = n_layers * pl.d;
+                if pl.layers.len() != n_layers
+                    || pl.model_proj.rows != row
+                    || pl.model_proj.cols != d
+                    || pl.tok_embd.cols != row
+                    || pl.proj_norm.len() != pl.d
+                {
+                    return Err(VkError::Invalid("per-layer input shapes".into()));
+                }
+                Some(VkPleIn {
+                    model_proj: upload_proj(&ctx, &[&pl.model_proj])?.remove(0),
+                    norm: ctx.upload_f32(&pl.proj_norm)?,
+                    shape: PleShape {
+                        n_layers,
+                        dpl: pl.d,
+                        eps: cfg.norm_eps,
+                        proj_scale: pl.proj_scale,
+                        tok_scale: pl.tok_scale,
+                        input_scale: pl.input_scale,
+                    },
+                })
+            }
+        };
+        let mut layers: Vec<VkLayer> = Vec::with_capacity(n_layers);
         for (li, (spec, lw)) in cfg.layers.iter().zip(&w.layers).enumerate() {
+            let ex = model.extras.layers.get(li).unwrap_or(&no_extras);
+            if (ex.v_norm || ex.kv_from.is_some())
+                && !matches!(spec.mixer, Some(Mixer::Attention(_)))
+            {
+                return Err(VkError::Invalid(format!(
+                    "layer {li}: v norm or KV sharing without attention"
+                )));
+            }
+            if let Some(src) = ex.kv_from {
+                // The source must be an earlier attention layer with the same cache rows.
+                let same = match (layers.get(src).and_then(|l| l.mixer.as_ref()), &spec.mixer) {
+                    (Some(VkMixer::Attention(sa)), Some(Mixer::Attention(a))) => {
+                        sa.kv_from.is_none()
+                            && sa.attn.n_kv_heads == a.n_kv_heads
+                            && sa.attn.head_dim == a.head_dim
+                    }
+                    _ => false,
+                };
+                if !same {
+                    return Err(VkError::Invalid(format!(
+                        "layer {li}: its KV source layer {src} is not an earlier attention \
+                         layer of the same KV shape"
+                    )));
+                }
+            }
             let mixer = match (&spec.mixer, &lw.mixer) {
                 (None, None) => None,
                 (Some(Mixer::Attention(a)), Some(MixerWeights::Attention(aw))) => {
-                    Some(VkMixer::Attention(upload_attention(&ctx, li, a, aw)?))
+                    Some(VkMixer::Attention(upload_attention(&ctx, li, a, aw, ex)?))
                 }
                 (Some(mixer), Some(mw)) => Some(VkMixer::Recurrent(upload_recurrent(
                     &ctx, li, mixer, mw, d,
@@ -561,6 +706,34 @@ impl VkModel {
                 }
                 _ => return Err(VkError::Invalid(format!("layer {li}: mismatched MLP"))),
             };
+            if let Some(VkMixer::Attention(a)) = &mixer {
+                if a.o_bias.is_some() && lw.post_norm.is_some() {
+                    return Err(unsupported(format!(
+                        "layer {li}: a biased o-projection before a post-norm"
+                    )));
+                }
+            }
+            let ple = match model.extras.per_layer_inputs.as_ref() {
+                None => None,
+                Some(pl) => {
+                    let b = &pl.layers[li];
+                    if b.gate.rows != pl.d
+                        || b.gate.cols != d
+                        || b.proj.rows != d
+                        || b.proj.cols != pl.d
+                        || b.post_norm.len() != d
+                    {
+                        return Err(VkError::Invalid(format!(
+                            "layer {li}: per-layer input block shapes"
+                        )));
+                    }
+                    Some(VkPle {
+                        gate: upload_proj(&ctx, &[&b.gate])?.remove(0),
+                        proj: upload_proj(&ctx, &[&b.proj])?.remove(0),
+                        post_norm: ctx.upload_f32(&b.post_norm)?,
+                    })
+                }
+            };
             layers.push(VkLayer {
                 norm: upload_norm(&ctx, &lw.norm)?,
                 mixer,
@@ -568,6 +741,8 @@ impl VkModel {
                 ffn_norm: upload_norm(&ctx, &lw.ffn_norm)?,
                 ffn,
                 ffn_post_norm: upload_norm(&ctx, &lw.ffn_post_norm)?,
+                ple,
+                out_scale: ex.out_scale,
             });
         }
         let output = upload_proj(&ctx, &[&w.output])?.remove(0);
@@ -576,6 +751,7 @@ impl VkModel {
             .iter()
             .flat_map(|l| l.projs())
             .chain([&output])
+            .chain(ple.as_ref().map(|p| &p.model_proj))
             .collect();
         let experts: u64 = layers
             .iter()
@@ -591,6 +767,7 @@ impl VkModel {
             ctx,
             model,
             layers,
+            ple,
             output_norm,
             output,
             ones,
@@ -614,10 +791,31 @@ impl VkModel {
     /// Why this model has no batched decode step (recurrent mixers keep a state per
     /// sequence that the batched step does not gather yet), or `None`.
     pub fn batch_unsupported(&self) -> Option<String> {
-        self.layers
-            .iter()
-            .position(|l| matches!(l.mixer, Some(VkMixer::Recurrent(_))))
-            .map(|li| format!("layer {li} is a recurrent mixer"))
+        if self.ple.is_some() {
+            return Some("per-layer inputs (Gemma 4) are not batched yet".into());
+        }
+        for (li, l) in self.layers.iter().enumerate() {
+            match &l.mixer {
+                Some(VkMixer::Recurrent(_)) => {
+                    return Some(format!("layer {li} is a recurrent mixer"));
+                }
+                Some(VkMixer::Attention(a))
+                    if a.v_norm
+                        || a.kv_from.is_some()
+                        || a.sinks.is_some()
+                        || a.qkv_bias.is_some()
+                        || a.o_bias.is_some()
+                        || a.attn.head_dim > 256 =>
+                {
+                    return Some(format!(
+                        "layer {li}: v norm, shared KV, sinks, biases or heads over 256 \
+                         are not batched yet"
+                    ));
+                }
+                _ => {}
+            }
+        }
+        None
     }
 
     /// Per layer, the K (= V) values per position of its cache (`None` without one).
@@ -693,6 +891,8 @@ pub struct VkRunner {
     states: Vec<Option<RecurrentState>>,
     /// RoPE table per layer (shared between layers with equal specs).
     rope: Vec<Option<Buffer>>,
+    /// Gemma 4's per-layer inputs.
+    ple: Option<PleBufs>,
     /// Logits of one row (device, host-visible copy) and of `all_rows` rows.
     logits1: (Buffer, Buffer),
     logits_all: Option<(Buffer, Buffer)>,
@@ -787,6 +987,20 @@ impl BatchMode {
             BatchMm::Auto | BatchMm::Q8 => tokens <= 1,
         }
     }
+}
+
+/// A runner's buffers for Gemma 4's per-layer inputs.
+struct PleBufs {
+    /// Host-visible per-layer token embeddings of the step's tokens (`[token][layer *
+    /// dpl]`), and their device copy made at the start of every step.
+    tok_in: Buffer,
+    tok: Buffer,
+    /// The per-layer inputs (`ple_in`), same layout.
+    pli: Buffer,
+    /// One layer's gate rows (`[token][dpl]`).
+    g: Buffer,
+    /// One dequantized embedding row.
+    row_buf: Vec<f32>,
 }
 
 /// (cos, sin) pairs for positions `0..cap`, as the CPU reference computes them.
@@ -914,12 +1128,11 @@ impl VkRunner {
                 continue;
             };
             let a = &at.attn;
-            if a.head_dim > 256 {
-                return Err(unsupported(format!("attention heads of {}", a.head_dim)));
-            }
             let splits = cap.div_ceil(split);
             part_len = part_len.max(a.n_heads * splits * (a.head_dim + 2));
-            counts = counts.max(a.n_kv_heads * (a.n_heads / a.n_kv_heads).div_ceil(attn_hpw));
+            let gsize = a.n_heads / a.n_kv_heads;
+            let hpw = decode_hpw(gsize, a.head_dim).min(attn_hpw);
+            counts = counts.max(a.n_kv_heads * gsize.div_ceil(hpw));
         }
         let attn_part = dev(part_len * cols_mult, "the attention partials")?;
         let attn_count = ctx.upload(&vec![0u8; counts * cols_mult * 4])?;
@@ -957,28 +1170,33 @@ impl VkRunner {
                 rope.push(None);
                 continue;
             };
-            let kvd = at.attn.n_kv_heads * at.attn.head_dim;
-            let n = cap
-                .checked_mul(kvd)
-                .ok_or_else(|| VkError::Invalid("KV cache size overflows".into()))?;
-            // f16: two values per 4-byte word.
-            let words = if ctx.tuning().kv_f16 {
-                n.div_ceil(2)
+            let shared = at.kv_from.and_then(|src| kv.get(src).cloned().flatten());
+            if let Some(cache) = shared {
+                kv.push(Some(cache));
             } else {
-                n
-            };
-            let caches = match &src {
-                KvSource::Own => (
-                    dev(words, "a layer's K cache")?,
-                    dev(words, "a layer's V cache")?,
-                ),
-                KvSource::Views(v) | KvSource::Batch { pool: v, .. } => {
-                    v.get(li).cloned().flatten().ok_or_else(|| {
-                        VkError::Invalid(format!("layer {li}: no pooled KV cache"))
-                    })?
-                }
-            };
-            kv.push(Some(caches));
+                let kvd = at.attn.n_kv_heads * at.attn.head_dim;
+                let n = cap
+                    .checked_mul(kvd)
+                    .ok_or_else(|| VkError::Invalid("KV cache size overflows".into()))?;
+                // f16: two values per 4-byte word.
+                let words = if ctx.tuning().kv_f16 {
+                    n.div_ceil(2)
+                } else {
+                    n
+                };
+                let caches = match &src {
+                    KvSource::Own => (
+                        dev(words, "a layer's K cache")?,
+                        dev(words, "a layer's V cache")?,
+                    ),
+                    KvSource::Views(v) | KvSource::Batch { pool: v, .. } => {
+                        v.get(li).cloned().flatten().ok_or_else(|| {
+                            VkError::Invalid(format!("layer {li}: no pooled KV cache"))
+                        })?
+                    }
+                };
+                kv.push(Some(caches));
+            }
             let table = match &at.attn.rope {
                 None => None,
                 Some(spec) => {
@@ -1004,6 +1222,19 @@ impl VkRunner {
             };
             rope.push(table);
         }
+        let ple = match &m.ple {
+            None => None,
+            Some(p) => {
+                let row = p.shape.n_layers * p.shape.dpl;
+                Some(PleBufs {
+                    tok_in: ctx.create_buffer((chunk * row * 4) as u64, MemoryKind::Upload)?,
+                    tok: dev(chunk * row, "the per-layer token embeddings")?,
+                    pli: dev(chunk * row, "the per-layer inputs")?,
+                    g: dev(chunk * p.shape.dpl, "the per-layer gates")?,
+                    row_buf: vec![0.0; row],
+                })
+            }
+        };
         let vocab = cfg.vocab_size;
         let logits1 = (
             dev(vocab, "a logits row")?,
@@ -1054,6 +1285,7 @@ impl VkRunner {
             kv,
             states,
             rope,
+            ple,
             logits1,
             logits_all: None,
             all_rows,
@@ -1108,6 +1340,7 @@ impl VkRunner {
         // Decode: xq / xd already hold the next q|k|v input (the previous layer's down
         // mat-vec quantized it).
         let mut qs = QState::default();
+        self.push_ple_inputs(&mut ops, bucket, &mut qs)?;
         for (li, l) in m.layers.iter().enumerate() {
             match &l.mixer {
                 Some(VkMixer::Attention(a)) => {
@@ -1136,6 +1369,7 @@ impl VkRunner {
                 }
                 None => {}
             }
+            self.push_layer_end(&mut ops, li, l, bucket, &mut qs)?;
         }
         // final norm + LM head on the selected tokens
         if all && self.logits_all.is_none() {
@@ -1200,6 +1434,10 @@ impl VkRunner {
         let rec = ctx.record_with(profiled, |r: &mut Recorder<'_>| {
             r.copy(&self.x_in, &self.x, in_bytes)?;
             r.copy(&self.step, &self.step_dev, self.step.size())?;
+            if let (Some(pb), Some(p)) = (&self.ple, &m.ple) {
+                let row = (p.shape.n_layers * p.shape.dpl * 4) as u64;
+                r.copy(&pb.tok_in, &pb.tok, bucket as u64 * row)?;
+            }
             r.mark("input");
             for (label, op) in &ops {
                 match op {
@@ -1223,6 +1461,8 @@ impl VkRunner {
                     Op::Act(op) => op.record(r)?,
                     Op::MoeDecode(op) => op.record(r)?,
                     Op::MoePrefill(op) => op.record(r)?,
+                    Op::Ext(op) => op.record(r)?,
+                    Op::Ple(op) => op.record(r)?,
                 }
                 r.barrier();
                 r.mark(label);
@@ -1365,6 +1605,21 @@ impl VkRunner {
         if !decode {
             ops.push(("qkv", Op::Mm(group)));
         }
+        if let Some(bias) = &l.qkv_bias {
+            let io = RowsIo {
+                y: &self.qkv,
+                ld_y: ld_qkv as u64,
+                y_off: 0,
+                src: bias,
+                step: &self.step_dev,
+                max_tokens: b,
+            };
+            let n = ((nh + 2 * nkv) * hd) as u64;
+            ops.push((
+                "qkv_bias",
+                Op::Ext(RowsExt::new(ctx, RowExt::Bias, n, &io)?),
+            ));
+        }
         // q/k norm + RoPE + KV write
         let Some((kc, vc)) = &self.kv[li] else {
             return Err(VkError::Invalid(format!("layer {li}: no KV cache")));
@@ -1385,13 +1640,16 @@ impl VkRunner {
                 flags |= 8;
             }
         }
+        if l.v_norm {
+            flags |= 64;
+        }
         // Decode: one kernel for norm + RoPE + KV write + attention (+ output gate),
         // which also quantizes its output for the o-projection when that runs on int8.
         let o_q8 = decode && self.q8_input(&l.o) && hd.is_multiple_of(32);
         if let (false, Some(bm)) = (decode, &self.batch) {
             // Batched decode: every column attends over its own slot of the pools.
             let gsize = nh / nkv;
-            let hpw = gsize.min(8);
+            let hpw = decode_hpw(gsize, hd);
             let n_chunks = gsize.div_ceil(hpw);
             let split = attn_split(self.cap);
             let max_splits = self.cap.div_ceil(split);
@@ -1468,11 +1726,14 @@ impl VkRunner {
                     &self.xd[qs.cur],
                     &self.attn_part,
                     &self.attn_count,
+                    l.sinks.as_ref().unwrap_or(dummy),
                 ],
             )?;
             let q8_flag = if o_q8 { 16 } else { 0 };
             let gate_flag = if a.q_gate { 32 } else { 0 };
-            let q8_flag = q8_flag | gate_flag | (self.attn_stop << 8);
+            let nokv_flag = if l.kv_from.is_some() { 128 } else { 0 };
+            let sinks_flag = if l.sinks.is_some() { 1024 } else { 0 };
+            let q8_flag = q8_flag | gate_flag | nokv_flag | sinks_flag | (self.attn_stop << 8);
             let push = push_words(&[
                 u32_of(nh, "heads")?,
                 u32_of(nkv, "kv heads")?,
@@ -1496,7 +1757,7 @@ impl VkRunner {
                 ready: o_q8,
                 xnorm: false,
             };
-            let next = self.next_input(li, true);
+            let next = self.next_input(li, true).filter(|_| l.o_bias.is_none());
             self.push_out_proj(
                 ops,
                 "o",
@@ -1523,16 +1784,19 @@ impl VkRunner {
                     &self.step_dev,
                 ],
             )?;
+            // A KV-shared layer rotates its q heads only.
+            let own_kv = if l.kv_from.is_some() { 0 } else { nkv };
             let push = push_words(&[
                 u32_of(nh, "heads")?,
-                u32_of(nkv, "kv heads")?,
+                u32_of(own_kv, "kv heads")?,
                 u32_of(hd, "head size")?,
                 u32_of(n_rot, "rotated dims")?,
                 flags,
                 u32_of(ld_qkv, "qkv width")?,
                 eps.to_bits(),
             ]);
-            ops.push(("rope_kv", Op::Kernel(binding, push, b * (nh + nkv) as u64)));
+            let groups = b * (nh + own_kv) as u64;
+            ops.push(("rope_kv", Op::Kernel(binding, push, groups)));
             // attention (flash attention where the device fits it)
             let shape = AttnShape {
                 n_heads: nh,
@@ -1550,6 +1814,7 @@ impl VkRunner {
                 out: &self.att,
                 step: &self.step_dev,
                 max_tokens: b,
+                sinks: l.sinks.as_ref(),
             };
             let att = PrefillAttention::new(ctx, &shape, &io)?;
             ops.push(("attention", Op::Attention(att)));
@@ -1576,6 +1841,152 @@ impl VkRunner {
                 &mut QState::default(),
                 None,
             )?;
+        }
+        if let Some(bias) = &l.o_bias {
+            // After the residual add (no post-norm: refused at upload).
+            let io = RowsIo {
+                y: &self.x,
+                ld_y: d as u64,
+                y_off: 0,
+                src: bias,
+                step: &self.step_dev,
+                max_tokens: b,
+            };
+            ops.push((
+                "o_bias",
+                Op::Ext(RowsExt::new(ctx, RowExt::Bias, d as u64, &io)?),
+            ));
+            *qs = QState {
+                cur: qs.cur,
+                ready: false,
+                xnorm: false,
+            };
+        }
+        Ok(())
+    }
+
+    /// Gemma 4's per-layer inputs of the step's tokens, before the first layer: the model
+    /// projection of the (scaled) embeddings, then `ple_in` (norm, the per-layer token
+    /// embeddings copied in by the step, the scales).
+    fn push_ple_inputs(
+        &self,
+        ops: &mut Vec<(&'static str, Op)>,
+        bucket: usize,
+        qs: &mut QState,
+    ) -> Result<()> {
+        let (Some(p), Some(pb)) = (&self.m.ple, &self.ple) else {
+            return Ok(());
+        };
+        let ctx = &self.m.ctx;
+        let d = self.m.model.config.d_model;
+        let row = (p.shape.n_layers * p.shape.dpl) as u64;
+        let b = bucket as u64;
+        if bucket == 1 {
+            let mp = [(&p.model_proj, 0u64)];
+            let mode = MvMode::default();
+            self.push_decode_mv(ops, "ple", &mp, &self.x, None, &pb.pli, mode, qs, None)?;
+        } else {
+            let io = MmIo {
+                x: &self.x,
+                ld_x: d as u64,
+                y: &pb.pli,
+                ld_y: row,
+                y_offset: 0,
+                gam: Some(&self.m.ones),
+                step: &self.step_dev,
+                max_tokens: b,
+            };
+            let mode = MmMode {
+                eps: p.shape.eps,
+                ..Default::default()
+            };
+            let mm = Mm::new(ctx, p.model_proj.ty, &p.model_proj.t, d as u64, &io, mode)?;
+            ops.push(("ple", Op::Mm(vec![AnyMm::Mm(mm)])));
+        }
+        let op = PleIn::new(ctx, &p.shape, &pb.pli, &pb.tok, &p.norm, &self.step_dev, b)?;
+        ops.push(("ple_in", Op::Ple(op)));
+        Ok(())
+    }
+
+    /// The end of layer `li`: Gemma 4's per-layer input block (gate, gelu * input,
+    /// projection, post-norm + residual) and the layer output scale.
+    fn push_layer_end(
+        &self,
+        ops: &mut Vec<(&'static str, Op)>,
+        li: usize,
+        l: &VkLayer,
+        bucket: usize,
+        qs: &mut QState,
+    ) -> Result<()> {
+        let m = &self.m;
+        let ctx = &m.ctx;
+        let d = m.model.config.d_model;
+        let b = bucket as u64;
+        if let (Some(pl), Some(p), Some(pb)) = (&l.ple, &m.ple, &self.ple) {
+            let dpl = p.shape.dpl as u64;
+            if bucket == 1 {
+                let g = [(&pl.gate, 0u64)];
+                let mode = MvMode::default();
+                self.push_decode_mv(ops, "ple_gate", &g, &self.x, None, &pb.g, mode, qs, None)?;
+            } else {
+                let io = MmIo {
+                    x: &self.x,
+                    ld_x: d as u64,
+                    y: &pb.g,
+                    ld_y: dpl,
+                    y_offset: 0,
+                    gam: Some(&m.ones),
+                    step: &self.step_dev,
+                    max_tokens: b,
+                };
+                let mode = MmMode {
+                    eps: p.shape.eps,
+                    ..Default::default()
+                };
+                let mm = Mm::new(ctx, pl.gate.ty, &pl.gate.t, d as u64, &io, mode)?;
+                ops.push(("ple_gate", Op::Mm(vec![AnyMm::Mm(mm)])));
+            }
+            let act = RowExt::GeluMul {
+                ld_src: (p.shape.n_layers as u64) * dpl,
+                src_off: li as u64 * dpl,
+            };
+            let io = RowsIo {
+                y: &pb.g,
+                ld_y: dpl,
+                y_off: 0,
+                src: &pb.pli,
+                step: &self.step_dev,
+                max_tokens: b,
+            };
+            ops.push(("ple_act", Op::Ext(RowsExt::new(ctx, act, dpl, &io)?)));
+            *qs = QState {
+                cur: qs.cur,
+                ready: false,
+                xnorm: false,
+            };
+            let post = Some(&pl.post_norm);
+            self.push_out_proj(
+                ops, "ple_proj", &pl.proj, &pb.g, dpl, None, post, b, qs, None,
+            )?;
+        }
+        if let Some(sc) = l.out_scale {
+            let io = RowsIo {
+                y: &self.x,
+                ld_y: d as u64,
+                y_off: 0,
+                src: &self.x,
+                step: &self.step_dev,
+                max_tokens: b,
+            };
+            ops.push((
+                "out_scale",
+                Op::Ext(RowsExt::new(ctx, RowExt::Scale(sc), d as u64, &io)?),
+            ));
+            *qs = QState {
+                cur: qs.cur,
+                ready: false,
+                xnorm: false,
+            };
         }
         Ok(())
     }
@@ -1865,6 +2276,10 @@ impl VkRunner {
         let m = &self.m;
         let d = m.model.config.d_model;
         let l = &m.layers[li];
+        if !after_mixer && (l.ple.is_some() || l.out_scale.is_some()) {
+            // The layer's end changes x after its FFN.
+            return None;
+        }
         let block = match (after_mixer, l.ffn_input()) {
             (true, Some(f)) => Some(f),
             _ => m.layers.get(li + 1).map(|nl| {
@@ -2136,6 +2551,24 @@ impl VkRunner {
         self.write_embeddings(tokens.iter().copied())?;
         let cfg = &self.m.model.config;
         let ctx = &self.m.ctx;
+        if let (Some(pb), Some(pl)) = (&mut self.ple, &self.m.model.extras.per_layer_inputs) {
+            let w = &pl.tok_embd;
+            self.embed_bytes.clear();
+            for &t in tokens {
+                if t as usize >= w.rows {
+                    return Err(VkError::Invalid(format!(
+                        "token {t} is outside the per-layer embeddings ({} rows)",
+                        w.rows
+                    )));
+                }
+                quant::dequantize(w.ty, w.row(t as usize), &mut pb.row_buf)
+                    .map_err(|e| VkError::Invalid(format!("per-layer token embedding {t}: {e}")))?;
+                for v in &pb.row_buf {
+                    self.embed_bytes.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            ctx.write_mapped(&pb.tok_in, 0, &self.embed_bytes)?;
+        }
         let vals = [
             n as u32,
             self.len as u32,
@@ -2203,6 +2636,8 @@ enum Op {
     Act(RowsAct),
     MoeDecode(MoeFfn),
     MoePrefill(MoeSteps),
+    Ext(crate::extras::RowsExt),
+    Ple(crate::extras::PleIn),
 }
 
 /// A mat-vec over a step's tokens: [`Mm`], or in a batched decode step on int8

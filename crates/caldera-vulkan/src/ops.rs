@@ -1008,6 +1008,8 @@ pub struct AttnIo<'a> {
     pub step: &'a Buffer,
     /// The most tokens one step runs.
     pub max_tokens: u64,
+    /// Per query head, a learned logit that joins the softmax's denominator (gpt-oss).
+    pub sinks: Option<&'a Buffer>,
 }
 
 /// `attn_flash`'s tiles for heads of `hd` in groups of `gsize` query heads: (query heads
@@ -1032,7 +1034,7 @@ impl PrefillAttention {
             || hd % 4 != 0
             || hd > 512
             || !io.ld_qkv.is_multiple_of(4)
-            || io.ld_qkv < ((nh + 2 * nkv) * hd) as u64
+            || io.ld_qkv < (nh * hd) as u64
         {
             return Err(VkError::Invalid(format!(
                 "prefill attention over {nh} heads ({nkv} kv heads) of {hd}, rows of {}",
@@ -1042,7 +1044,11 @@ impl PrefillAttention {
         let t = io.max_tokens.max(1);
         let need_out = t * (nh * hd) as u64 * 4;
         let need_qkv = ((t - 1) * io.ld_qkv + (nh * hd) as u64) * 4;
-        if io.out.size() < need_out || io.qkv.size() < need_qkv || io.step.size() < 8 {
+        if io.out.size() < need_out
+            || io.qkv.size() < need_qkv
+            || io.step.size() < 8
+            || io.sinks.is_some_and(|b| b.size() < nh as u64 * 4)
+        {
             return Err(VkError::Invalid(format!(
                 "prefill attention over {t} tokens: buffers too small"
             )));
@@ -1054,7 +1060,15 @@ impl PrefillAttention {
             u32_of(nkv as u64, "kv heads")?,
             u32_of(hd as u64, "head size")?,
         ];
-        let bufs = [io.qkv, io.k_cache, io.v_cache, io.out, io.step];
+        let sinks = u32::from(io.sinks.is_some());
+        let bufs = [
+            io.qkv,
+            io.k_cache,
+            io.v_cache,
+            io.out,
+            io.step,
+            io.sinks.unwrap_or(io.step),
+        ];
         let softcap = s.softcap.unwrap_or(0.0).to_bits();
         let ld = u32_of(io.ld_qkv, "qkv width")?;
         if ctx.tuning().flash_attn {
@@ -1069,6 +1083,7 @@ impl PrefillAttention {
                 softcap,
                 bq as u32,
                 bkv as u32,
+                sinks,
             ]);
             return Ok(PrefillAttention {
                 binding: ctx.bind(Kernel::AttnFlash, &bufs)?,
@@ -1086,6 +1101,7 @@ impl PrefillAttention {
             ld,
             s.scale.to_bits(),
             softcap,
+            sinks,
         ]);
         Ok(PrefillAttention {
             binding: ctx.bind(Kernel::Attention, &bufs)?,

@@ -31,7 +31,10 @@ impl Drop for BindingInner {
         // while the context is), freed under the pools' lock; no pending command uses it
         // (recordings hold their bindings; submits wait).
         unsafe {
-            let _ = self.shared.device.free_descriptor_sets(self.pool, &[self.set]);
+            let _ = self
+                .shared
+                .device
+                .free_descriptor_sets(self.pool, &[self.set]);
         }
     }
 }

@@ -1,7 +1,10 @@
 //! `attn_decode` (q/k norm, RoPE, KV write, split attention, output gate, int8 output)
 //! against a CPU twin on fresh random inputs: several head layouts (GQA groups, chunks of
 //! query heads), positions that need one and many splits, windows, softcap, both RoPE
-//! styles, partial RoPE, Qwen3.5's sigmoid output gate, and both reduction variants. Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
+//! styles, partial RoPE, Qwen3.5's sigmoid output gate, Gemma 4's v norm, KV-shared
+//! layers (q only; the token's k / v already cached) and heads of 512, gpt-oss's
+//! attention sinks, and both reduction variants. Skips without a Vulkan device unless
+//! `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
 
@@ -25,13 +28,23 @@ struct Case {
     q8: bool,
     /// The q projection's gates follow v (q | k | v | gate); out *= sigmoid(gate).
     gate: bool,
+    /// v is RMS-normalized (no weights) before use and caching.
+    v_norm: bool,
+    /// qkv is q only; the token's k / v are in the caches already; nothing is written.
+    no_kv: bool,
+    /// A learned logit per head joins the softmax.
+    sinks: bool,
 }
 
 fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv, c.hd);
     let kvd = nkv * hd;
     let gates = if c.gate { nh } else { 0 };
-    let ld = (nh + 2 * nkv + gates) * hd;
+    let ld = if c.no_kv {
+        nh * hd
+    } else {
+        (nh + 2 * nkv + gates) * hd
+    };
     let eps = 1e-6f32;
     let scale = 1.0 / (hd as f32).sqrt();
     let qkv = random_vec(rng, ld, 1.0);
@@ -42,6 +55,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let qn = random_vec(rng, hd, 1.5);
     let kn = random_vec(rng, hd, 1.5);
     let table = rope_table(c.cap, c.n_rot);
+    let sinks = random_vec(rng, nh, 3.0);
     // CPU twin.
     let gsize = nh / nkv;
     let lo = if c.window > 0 && c.pos + 1 > c.window {
@@ -53,14 +67,24 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let gate_at = (nh + 2 * nkv) * hd;
     let mut kv_new = Vec::new();
     for g in 0..nkv {
+        if c.no_kv {
+            let at = c.pos * kvd + g * hd;
+            let k = (0..hd).map(|i| kc[at + i] as f64).collect();
+            let v = (0..hd).map(|i| vc[at + i] as f64).collect();
+            kv_new.push((k, v));
+            continue;
+        }
         let mut k: Vec<f64> = (0..hd).map(|i| qkv[nh * hd + g * hd + i] as f64).collect();
         if c.qk_norm {
             rms(&mut k, &kn, eps as f64);
         }
         rope(&mut k, &table, c.n_rot, c.interleaved, c.pos);
-        let v: Vec<f64> = (0..hd)
+        let mut v: Vec<f64> = (0..hd)
             .map(|i| qkv[nh * hd + kvd + g * hd + i] as f64)
             .collect();
+        if c.v_norm {
+            rms(&mut v, &vec![1.0; hd], eps as f64);
+        }
         kv_new.push((k, v));
     }
     for h in 0..nh {
@@ -86,7 +110,10 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         }
         let m = s.iter().cloned().fold(f64::MIN, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-        let l: f64 = e.iter().sum();
+        let mut l: f64 = e.iter().sum();
+        if c.sinks {
+            l += (sinks[h] as f64 - m).exp();
+        }
         for (j, p) in (lo..=c.pos).enumerate() {
             for i in 0..hd {
                 let v = if p == c.pos {
@@ -106,7 +133,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     // Device.
     let up = |v: &[f32]| ctx.upload_f32(v).unwrap();
     let qkv_b = up(&qkv);
-    let (qn_b, kn_b, rope_b) = (up(&qn), up(&kn), up(&table));
+    let (qn_b, kn_b, rope_b, sinks_b) = (up(&qn), up(&kn), up(&table), up(&sinks));
     let out = ctx
         .create_buffer((nh * hd * 4) as u64, MemoryKind::Device)
         .unwrap();
@@ -119,7 +146,8 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         .unwrap();
     let split = attn_split(c.cap);
     let max_splits = c.cap.div_ceil(split);
-    let hpw = gsize.min(8);
+    // At most 8 heads, and hpw * hd <= 2048 (the kernel's q tile).
+    let hpw = gsize.min(8).min(2048 / hd);
     let n_chunks = gsize.div_ceil(hpw);
     let part = ctx
         .create_buffer((nh * max_splits * (hd + 2) * 4) as u64, MemoryKind::Device)
@@ -130,6 +158,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
             Kernel::AttnDecode,
             &[
                 &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &xq, &xd, &part, &count,
+                &sinks_b,
             ],
         )
         .unwrap();
@@ -145,6 +174,15 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     }
     if c.gate {
         flags |= 32;
+    }
+    if c.v_norm {
+        flags |= 64;
+    }
+    if c.no_kv {
+        flags |= 128;
+    }
+    if c.sinks {
+        flags |= 1024;
     }
     let push = words(&[
         nh as u32,
@@ -171,13 +209,16 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let got = ctx.read_f32(&out, nh * hd).unwrap();
     let what = format!(
         "{nh}/{nkv} heads of {hd}, pos {}, window {}, softcap {}, norm {}, interleaved {}, \
-         gate {} (subgroup {}, kv f16 {})",
+         gate {}, v norm {}, no kv {}, sinks {} (subgroup {}, kv f16 {})",
         c.pos,
         c.window,
         c.softcap,
         c.qk_norm,
         c.interleaved,
         c.gate,
+        c.v_norm,
+        c.no_kv,
+        c.sinks,
         ctx.tuning().subgroup_reduce,
         ctx.tuning().kv_f16
     );
@@ -239,18 +280,24 @@ fn attn_decode_matches_cpu() {
         }
     }
     for ctx in &ctxs {
-        // hd 256: k/v tiles of 16 positions, several per split.
+        // hd 256: k/v tiles of 16 positions, several per split; hd 512: 8, 4 q heads per
+        // workgroup.
         for (n_heads, n_kv, hd, n_rot) in [
             (8, 2, 64, 64),
             (4, 4, 32, 16),
             (20, 2, 96, 96),
             (4, 2, 256, 128),
+            (10, 2, 512, 128),
         ] {
             for (pos, cap, window) in [(0, 40, 0), (37, 40, 0), (150, 161, 0), (150, 161, 45)] {
-                for (interleaved, qk_norm, softcap, q8, gate) in [
-                    (false, true, 0.0, true, false),
-                    (true, false, 30.0, false, false),
-                    (false, true, 0.0, true, true),
+                // (interleaved, qk_norm, softcap, q8, gate, v_norm, no_kv, sinks)
+                for (interleaved, qk_norm, softcap, q8, gate, v_norm, no_kv, sinks) in [
+                    (false, true, 0.0, true, false, false, false, false),
+                    (true, false, 30.0, false, false, false, false, true),
+                    (false, true, 0.0, true, true, false, false, false),
+                    (false, true, 0.0, true, false, true, false, false),
+                    (false, true, 0.0, false, false, false, true, false),
+                    (true, true, 20.0, true, false, false, false, true),
                 ] {
                     let c = Case {
                         n_heads,
@@ -265,6 +312,9 @@ fn attn_decode_matches_cpu() {
                         cap,
                         q8,
                         gate,
+                        v_norm,
+                        no_kv,
+                        sinks,
                     };
                     run(ctx, &mut rng, &c);
                 }

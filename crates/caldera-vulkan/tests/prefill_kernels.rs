@@ -1,7 +1,7 @@
 //! The prefill-side kernels against CPU twins on fresh random inputs: `rope_kv` (q/k norm,
 //! RoPE, KV write for every token of a step) followed by the prefill attention (causal,
-//! windowed, soft-capped, grouped heads over the cache; both `attn_flash` and
-//! `attention`), and `add_norm` (Gemma's post-norms), with both reduction variants. Skips without a Vulkan device unless
+//! windowed, soft-capped, grouped heads over the cache, Gemma 4's v norm and heads of
+//! 512, gpt-oss's sinks; both `attn_flash` and `attention`), and `add_norm` (Gemma's post-norms), with both reduction variants. Skips without a Vulkan device unless
 //! `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
@@ -49,6 +49,7 @@ fn rope_attention_case(
     window: usize,
     softcap: f32,
     interleaved: bool,
+    (v_norm, with_sinks): (bool, bool),
 ) {
     let cap = p0 + m;
     let kvd = nkv * hd;
@@ -62,6 +63,7 @@ fn rope_attention_case(
     let (kc_b, vc_b) = (upload_kv(ctx, &mut kc), upload_kv(ctx, &mut vc));
     let (qn, kn) = (random_vec(rng, hd, 1.5), random_vec(rng, hd, 1.5));
     let table = rope_table(cap, n_rot);
+    let sinks = random_vec(rng, nh, 3.0);
     // CPU twin: the cache after the step, then attention for every token.
     let mut kcw: Vec<f64> = kc.iter().map(|&v| v as f64).collect();
     let mut vcw: Vec<f64> = vc.iter().map(|&v| v as f64).collect();
@@ -72,10 +74,15 @@ fn rope_attention_case(
             let mut k: Vec<f64> = (0..hd).map(|i| row[nh * hd + g * hd + i] as f64).collect();
             rms(&mut k, &kn, eps as f64);
             rope(&mut k, &table, n_rot, interleaved, p0 + t);
+            let mut v: Vec<f64> = (0..hd)
+                .map(|i| row[nh * hd + kvd + g * hd + i] as f64)
+                .collect();
+            if v_norm {
+                rms(&mut v, &vec![1.0; hd], eps as f64);
+            }
             for i in 0..hd {
                 kcw[(p0 + t) * kvd + g * hd + i] = kv_round(ctx, k[i]);
-                vcw[(p0 + t) * kvd + g * hd + i] =
-                    kv_round(ctx, row[nh * hd + kvd + g * hd + i] as f64);
+                vcw[(p0 + t) * kvd + g * hd + i] = kv_round(ctx, v[i]);
             }
         }
         for h in 0..nh {
@@ -112,7 +119,10 @@ fn rope_attention_case(
                 .collect();
             let mx = s.iter().cloned().fold(f64::MIN, f64::max);
             let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-            let l: f64 = e.iter().sum();
+            let mut l: f64 = e.iter().sum();
+            if with_sinks {
+                l += (sinks[h] as f64 - mx).exp();
+            }
             for (j, p) in (lo..=pos).enumerate() {
                 for i in 0..hd {
                     want[(t * nh + h) * hd + i] += e[j] / l * vcw[p * kvd + g * hd + i];
@@ -123,6 +133,7 @@ fn rope_attention_case(
     // Device: rope_kv, barrier, attention.
     let up = |v: &[f32]| ctx.upload_f32(v).unwrap();
     let (qkv_b, qn_b, kn_b, rope_b) = (up(&qkv), up(&qn), up(&kn), up(&table));
+    let sinks_b = up(&sinks);
     let out = ctx
         .create_buffer((m * nh * hd * 4) as u64, caldera_vulkan::MemoryKind::Device)
         .unwrap();
@@ -133,7 +144,7 @@ fn rope_attention_case(
             &[&qkv_b, &kc_b, &vc_b, &qn_b, &kn_b, &rope_b, &step],
         )
         .unwrap();
-    let flags = 1 | 2 | 4 | if interleaved { 8 } else { 0 };
+    let flags = 1 | 2 | 4 | if interleaved { 8 } else { 0 } | if v_norm { 64 } else { 0 };
     let rk_push = words(&[
         nh as u32,
         nkv as u32,
@@ -159,6 +170,7 @@ fn rope_attention_case(
         out: &out,
         step: &step,
         max_tokens: m as u64,
+        sinks: with_sinks.then_some(&sinks_b),
     };
     let at = PrefillAttention::new(ctx, &shape, &io).unwrap();
     assert_eq!(at.flash(), ctx.tuning().flash_attn);
@@ -177,7 +189,7 @@ fn rope_attention_case(
         assert!(
             (got[i] as f64 - want[i]).abs() <= tol,
             "{nh}/{nkv} heads of {hd}, {m} tokens at {p0}, window {window}, softcap {softcap}, \
-             interleaved {interleaved} (subgroup {}, flash {}, kv f16 {}): out[{i}] = {}, \
+             interleaved {interleaved}, v norm {v_norm}, sinks {with_sinks} (subgroup {}, flash {}, kv f16 {}): out[{i}] = {}, \
              want {}",
             ctx.tuning().subgroup_reduce,
             ctx.tuning().flash_attn,
@@ -198,16 +210,18 @@ fn rope_kv_and_attention_match_cpu() {
             (18, 2, 48),
             (4, 1, 128),
             (2, 1, 256),
+            (6, 2, 512),
         ] {
-            for (m, p0, window, softcap, il) in [
-                (1, 0, 0, 0.0, false),
-                (13, 0, 0, 0.0, true),
-                (9, 70, 0, 25.0, false),
-                (32, 40, 21, 0.0, true),
-                (71, 45, 0, 0.0, false),
-                (67, 3, 40, 30.0, true),
+            // (tokens, first position, window, softcap, interleaved, (v norm, sinks))
+            for (m, p0, window, softcap, il, extra) in [
+                (1, 0, 0, 0.0, false, (false, false)),
+                (13, 0, 0, 0.0, true, (true, true)),
+                (9, 70, 0, 25.0, false, (false, true)),
+                (32, 40, 21, 0.0, true, (true, false)),
+                (71, 45, 0, 0.0, false, (false, false)),
+                (67, 3, 40, 30.0, true, (true, true)),
             ] {
-                rope_attention_case(ctx, &mut rng, heads, m, p0, window, softcap, il);
+                rope_attention_case(ctx, &mut rng, heads, m, p0, window, softcap, il, extra);
             }
         }
     }

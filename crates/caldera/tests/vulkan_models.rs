@@ -1,5 +1,5 @@
 //! Whole models on the Vulkan backend, through the binary: `verify` on the `llama`,
-//! `qwen3` and hybrid / MoE fixtures, SmolLM2 answering "Paris", gemma-3-270m continuing
+//! `qwen3`, `gemma4` and hybrid / MoE fixtures, SmolLM2 answering "Paris", gemma-3-270m continuing
 //! the story; the hybrids' chunked prefill against their own token-by-token decode. They
 //! run on the test device (lavapipe by default; `CALDERA_VK_DEVICE=N` picks another) and
 //! skip without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`. lavapipe is slow:
@@ -25,10 +25,16 @@ fn device() -> Option<String> {
 }
 
 fn verify(arch: &str) {
+    verify_env(arch, &[]);
+}
+
+/// [`verify`] with environment variables set for the `caldera` process.
+fn verify_env(arch: &str, env: &[(&str, &str)]) {
     let (Some(dev), Some(fx)) = (device(), fixtures()) else {
         return;
     };
     let o = bin()
+        .envs(env.iter().copied())
         .args([
             "verify",
             "--backend",
@@ -95,6 +101,88 @@ fn vulkan_verifies_qwen3_5_moe() {
 #[test]
 fn vulkan_verifies_qwen3_next() {
     verify("qwen3_next");
+}
+
+/// gpt-oss: attention sinks, biased q/k/v/o, alternating sliding windows, YaRN RoPE,
+/// top-k-then-softmax routing with router and expert biases, clamped SwiGLU. With an f32
+/// KV cache: with the default f16 cache the first prefill row (which attends only to
+/// itself) lands 5e-2 off (every other row within 1e-3; with f32, 2e-6 everywhere). The
+/// likely cause, not yet confirmed, is a near-tie in that row's expert choice that the
+/// cache's rounding flips.
+#[test]
+fn vulkan_verifies_gpt_oss() {
+    verify_env("gpt_oss", &[("CALDERA_VK_KV_F32", "1")]);
+}
+
+/// Gemma 4: sliding (head 32) and global (head 64, partial RoPE) layers, per-layer
+/// inputs, v norm, layer output scales, final logit softcap.
+#[test]
+fn vulkan_verifies_gemma4() {
+    verify("gemma4");
+}
+
+/// A prefill of 40 tokens (every row's logits), then 30 tokens one at a time (several
+/// attention splits, past the fixtures' window of 16), through the CPU and Vulkan (f32 KV
+/// cache) runners of `model`: every row within `tol` (relative L2).
+fn runners_agree(dev: &str, what: &str, model: caldera_model::Model, tol: f32) {
+    use caldera_model::{Logits, Runner};
+    use std::sync::Arc;
+    let model = Arc::new(model);
+    let vocab = model.config.vocab_size;
+    let tokens: Vec<u32> = (0..70).map(|i| (i * 7919 % vocab) as u32).collect();
+    let cap = 128;
+    let cpu = Arc::new(caldera_cpu::CpuBackend::new(model.clone(), 2));
+    let mut c = caldera_cpu::CpuRunner::new(cpu, cap).expect("cpu runner");
+    let opts = caldera_vulkan::ContextOptions {
+        force_kv_f32: true,
+        ..Default::default()
+    };
+    let ctx = caldera_vulkan::Context::with_options(dev.parse().unwrap(), &opts).expect("device");
+    let vk = Arc::new(caldera_vulkan::VkModel::new(ctx, model.clone()).expect("upload"));
+    let mut g = caldera_vulkan::VkRunner::new(vk, cap).expect("vulkan runner");
+    let (mut lc, mut lg) = (Vec::new(), Vec::new());
+    c.forward(&tokens[..40], Logits::All, &mut lc).unwrap();
+    g.forward(&tokens[..40], Logits::All, &mut lg).unwrap();
+    let mut rows: Vec<(Vec<f32>, Vec<f32>)> = lc
+        .chunks(vocab)
+        .zip(lg.chunks(vocab))
+        .map(|(a, b)| (a.to_vec(), b.to_vec()))
+        .collect();
+    for t in &tokens[40..] {
+        c.forward(&[*t], Logits::Last, &mut lc).unwrap();
+        g.forward(&[*t], Logits::Last, &mut lg).unwrap();
+        rows.push((lc.clone(), lg.clone()));
+    }
+    assert_eq!(rows.len(), tokens.len());
+    for (i, (a, b)) in rows.iter().enumerate() {
+        let err = rel_l2(a, b);
+        assert!(err < tol, "{what}: token {i}: relative L2 {err:e}");
+    }
+}
+
+/// Gemma 4 with a KV-shared layer (layer 2 reads layer 1's cache: both sliding, heads of
+/// 32) and gpt-oss's attention side (sinks, biased q/k/v/o, a sliding window on
+/// alternate layers, YaRN RoPE) without its MoE (the layers' FFNs dropped): Vulkan
+/// against the CPU runner, prefill and decode.
+#[test]
+fn vulkan_kv_sharing_and_sinks_match_cpu() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let (_file, mut model) = caldera_model::Model::open(&fx.join("gemma4")).expect("model");
+    model.extras.layers[2].kv_from = Some(1);
+    runners_agree(&dev, "gemma4 sharing KV", model, 1e-4);
+    let (_file, mut model) = caldera_model::Model::open(&fx.join("gpt_oss")).expect("model");
+    for (spec, w) in model
+        .config
+        .layers
+        .iter_mut()
+        .zip(&mut model.weights.layers)
+    {
+        spec.ffn = None;
+        w.ffn = None;
+    }
+    runners_agree(&dev, "gpt-oss attention", model, 1e-4);
 }
 
 /// The hybrid fixtures' 80 prompt tokens as one GPU prefill (chunks of 32 with every
