@@ -1269,6 +1269,15 @@ pub struct MoeScratch {
     pub routing: Routing,
     pub h: Buffer,
     pub hs: Option<Buffer>,
+    /// Int8 forms `(q, d)` of the normed input rows (`tokens x d`) and of `h`, for expert
+    /// types with int8 kernels only (MXFP4).
+    pub x8: Option<(Buffer, Buffer)>,
+    pub h8: Option<(Buffer, Buffer)>,
+}
+
+/// Whether experts of `e` need int8 inputs (no f32-activation kernel for their type).
+fn int8_only(e: &Experts) -> bool {
+    mvx_kernel(e.ty, e.glu).is_none()
 }
 
 impl MoeScratch {
@@ -1282,7 +1291,12 @@ impl MoeScratch {
         let mut logits = 0u64;
         let mut h = 0u64;
         let mut hs = 0u64;
+        let mut d = 0u64;
+        let (mut x8, mut h8) = (false, false);
         for b in blocks {
+            d = d.max(b.d_model);
+            x8 |= int8_only(&b.up);
+            h8 |= int8_only(&b.down);
             if b.spec.n_used as u64 != n_used || b.shared.is_some() != shared {
                 return Err(invalid(
                     "MoE layers with different expert counts per token".into(),
@@ -1295,11 +1309,14 @@ impl MoeScratch {
             }
         }
         let dev = |n: u64| ctx.create_buffer(tokens * n * 4, MemoryKind::Device);
+        let q8 = |n: u64| q8_buffers(ctx, (tokens * n).next_multiple_of(32));
         Ok(Some(MoeScratch {
             logits: dev(logits)?,
             routing: Routing::for_tokens(ctx, n_used, shared, tokens)?,
             h: dev(h)?,
             hs: if shared { Some(dev(hs)?) } else { None },
+            x8: if x8 { Some(q8(d)?) } else { None },
+            h8: if h8 { Some(q8(h)?) } else { None },
         }))
     }
 }
@@ -1313,6 +1330,8 @@ impl MoeScratch {
 /// when they are close). Tokens past the step's are skipped by their routing.
 pub struct MoeSteps {
     router: crate::ops::Mm,
+    quant_x: Option<crate::ops::QuantRows>,
+    quant_h: Option<QuantX>,
     route: MoeRoute,
     up: ExpertUp,
     shared_up: Option<ExpertUp>,
@@ -1365,14 +1384,39 @@ impl MoeSteps {
             &s.routing,
             Some(step),
         )?;
-        let input = ExpertInput::F32 { x, gam: Some(gam) };
-        let h_in = ExpertInput::F32 { x: &s.h, gam: None };
+        let x_f32 = ExpertInput::F32 { x, gam: Some(gam) };
+        let h_f32 = ExpertInput::F32 { x: &s.h, gam: None };
+        // Int8-only expert types (MXFP4): the rows quantized with their norm, h as is.
+        let x_acts = s.x8.as_ref().map(|(q, d)| Q8Acts { q, d, ss: None });
+        let h_acts = s.h8.as_ref().map(|(q, d)| Q8Acts { q, d, ss: None });
+        let x_q8 = x_acts.as_ref().map(ExpertInput::Q8);
+        let h_q8 = h_acts.as_ref().map(ExpertInput::Q8);
+        let missing = || invalid("MoE scratch without int8 buffers".into());
+        let (input, quant_x) = if int8_only(&m.up) {
+            let acts = x_acts.as_ref().ok_or_else(missing)?;
+            let q =
+                crate::ops::QuantRows::new(ctx, d, x, d, Some(gam), None, eps, acts, step, tokens)?;
+            (x_q8.as_ref().ok_or_else(missing)?, Some(q))
+        } else {
+            (&x_f32, None)
+        };
+        let (h_in, quant_h) = if int8_only(&m.down) {
+            let acts = h_acts.as_ref().ok_or_else(missing)?;
+            let n = (tokens * spec.n_used as u64 * m.up.outputs()).next_multiple_of(32);
+            if s.h.size() < n * 4 {
+                return Err(invalid("MoE scratch h too small to quantize".into()));
+            }
+            let q = QuantX::new(ctx, n, &s.h, None, 0.0, acts)?;
+            (h_q8.as_ref().ok_or_else(missing)?, Some(q))
+        } else {
+            (&h_f32, None)
+        };
         let up = ExpertUp::new(
             ctx,
             &m.up,
             &s.routing,
             s.routing.routed(),
-            &input,
+            input,
             spec.act,
             eps,
             &s.h,
@@ -1383,17 +1427,23 @@ impl MoeSteps {
             &m.down,
             &s.routing,
             s.routing.routed(),
-            &h_in,
+            h_in,
             x,
             true,
             None,
         )?;
         let (shared_up, shared_down) = match (&m.shared, s.routing.shared_slot(), &s.hs) {
             (Some((su, sd, act)), Some(slot), Some(hs)) => {
+                if int8_only(su) || int8_only(sd) {
+                    return Err(invalid(format!(
+                        "a shared expert of type {} needs f32-activation kernels",
+                        su.ty
+                    )));
+                }
                 let hs_in = ExpertInput::F32 { x: hs, gam: None };
                 (
                     Some(ExpertUp::new(
-                        ctx, su, &s.routing, slot, &input, *act, eps, hs, None,
+                        ctx, su, &s.routing, slot, &x_f32, *act, eps, hs, None,
                     )?),
                     Some(ExpertDown::new(
                         ctx, sd, &s.routing, slot, &hs_in, x, true, None,
@@ -1409,6 +1459,8 @@ impl MoeSteps {
         };
         Ok(MoeSteps {
             router,
+            quant_x,
+            quant_h,
             route,
             up,
             shared_up,
@@ -1420,6 +1472,9 @@ impl MoeSteps {
     /// Records the block (barriers between its phases, none after).
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
         self.router.record(r)?;
+        if let Some(q) = &self.quant_x {
+            q.record(r)?;
+        }
         r.barrier();
         self.route.record(r)?;
         r.barrier();
@@ -1428,6 +1483,10 @@ impl MoeSteps {
             u.record(r)?;
         }
         r.barrier();
+        if let Some(q) = &self.quant_h {
+            q.record(r)?;
+            r.barrier();
+        }
         self.down.record(r)?;
         if let Some(dn) = &self.shared_down {
             r.barrier();
