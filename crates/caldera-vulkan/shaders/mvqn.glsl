@@ -35,7 +35,7 @@ layout(push_constant) uniform Push {
 const uint MVN_ADD = 1u;
 const uint MVN_SOFTCAP = 2u;
 const uint MAXC = 16u;
-const uint NRB = 2u; // weight rows per workgroup
+const uint NRB = 4u; // weight rows per workgroup (reduce4 sums four)
 
 #include "words.glsl"
 
@@ -229,18 +229,20 @@ float wdot(WB w) {
 
 shared float red_n[NRB * WG];
 
-// Sums a0, a1 over the workgroup (uniform control flow).
-vec2 reduce2(vec2 v) {
+// Sums the four values over the workgroup (uniform control flow).
+vec4 reduce4(vec4 v) {
 #if USE_SUBGROUP
     v = subgroupAdd(v);
     if (subgroupElect()) {
         red_n[gl_SubgroupID] = v.x;
         red_n[WG + gl_SubgroupID] = v.y;
+        red_n[2u * WG + gl_SubgroupID] = v.z;
+        red_n[3u * WG + gl_SubgroupID] = v.w;
     }
     barrier();
-    vec2 s = vec2(0.0);
+    vec4 s = vec4(0.0);
     for (uint i = 0u; i < gl_NumSubgroups; i++) {
-        s += vec2(red_n[i], red_n[WG + i]);
+        s += vec4(red_n[i], red_n[WG + i], red_n[2u * WG + i], red_n[3u * WG + i]);
     }
     barrier();
     return s;
@@ -248,15 +250,19 @@ vec2 reduce2(vec2 v) {
     uint t = gl_LocalInvocationID.x;
     red_n[t] = v.x;
     red_n[WG + t] = v.y;
+    red_n[2u * WG + t] = v.z;
+    red_n[3u * WG + t] = v.w;
     barrier();
     for (uint hs = WG / 2u; hs > 0u; hs >>= 1) {
         if (t < hs) {
             red_n[t] += red_n[t + hs];
             red_n[WG + t] += red_n[WG + t + hs];
+            red_n[2u * WG + t] += red_n[2u * WG + t + hs];
+            red_n[3u * WG + t] += red_n[3u * WG + t + hs];
         }
         barrier();
     }
-    vec2 s = vec2(red_n[0], red_n[WG]);
+    vec4 s = vec4(red_n[0], red_n[WG], red_n[2u * WG], red_n[3u * WG]);
     barrier();
     return s;
 #endif
@@ -295,15 +301,15 @@ void main() {
         }
     }
     for (uint c = 0u; c < ncol; c++) {
-        vec2 s = vec2(0.0);
+        vec4 s = vec4(0.0);
         [[unroll]] for (uint cc = 0u; cc < MAXC; cc++) {
             if (cc == c) {
-                s = vec2(a[cc * NRB], a[cc * NRB + 1u]);
+                s = vec4(a[cc * NRB], a[cc * NRB + 1u], a[cc * NRB + 2u], a[cc * NRB + 3u]);
             }
         }
-        s = reduce2(s);
+        s = reduce4(s);
         if (tid < NRB && row0 + tid <= last) {
-            float v = tid == 0u ? s.x : s.y;
+            float v = s[tid];
             if ((p.flags & MVN_SOFTCAP) != 0u) {
                 v = p.cap * tanh(v / p.cap);
             }

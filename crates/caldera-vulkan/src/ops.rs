@@ -681,7 +681,7 @@ pub struct Mvqn {
 
 impl Mvqn {
     /// Rows per workgroup (`NRB` in mvqn.glsl).
-    const ROWS: u64 = 2;
+    const ROWS: u64 = 4;
     /// Most columns (`MAXC`).
     pub const MAX_COLS: u64 = 16;
 
