@@ -1649,9 +1649,9 @@ impl VkRunner {
         if let (false, Some(bm)) = (decode, &self.batch) {
             // Batched decode: every column attends over its own slot of the pools.
             let gsize = nh / nkv;
-            let hpw = decode_hpw(gsize, hd);
+            let hpw = self.decode_hpw(gsize, hd);
             let n_chunks = gsize.div_ceil(hpw);
-            let split = attn_split(self.cap);
+            let split = self.attn_split;
             let max_splits = self.cap.div_ceil(split);
             let slot_elems = *bm
                 .slot_elems
@@ -1707,7 +1707,7 @@ impl VkRunner {
         }
         if decode {
             let gsize = nh / nkv;
-            let hpw = gsize.min(self.attn_hpw);
+            let hpw = self.decode_hpw(gsize, hd);
             let n_chunks = gsize.div_ceil(hpw);
             let split = self.attn_split;
             let max_splits = self.cap.div_ceil(split);
@@ -2301,6 +2301,13 @@ impl VkRunner {
     }
 
     /// Whether the decode mat-vec of `p` runs on int8 activations.
+    /// Query heads per workgroup of decode attention (`attn_decode`, `attn_batch`) for
+    /// groups of `gsize` heads of `hd`: what shared memory allows, at most the
+    /// `CALDERA_VK_ATTN_HPW` knob.
+    fn decode_hpw(&self, gsize: usize, hd: usize) -> usize {
+        decode_hpw(gsize, hd).min(self.attn_hpw)
+    }
+
     fn q8_input(&self, p: &Proj) -> bool {
         self.m.ctx.tuning().q8_acts && Mvq::supports(p.ty) && p.k.is_multiple_of(32)
     }
