@@ -959,17 +959,6 @@ impl MoeDevice {
         self.router.rows * self.router.row_bytes + self.up.bytes() + self.down.bytes() + sh
     }
 
-    /// Weight bytes one decode token reads: the router, `n_used` experts and the shared
-    /// expert.
-    pub fn active_bytes(&self) -> u64 {
-        let sh = self
-            .shared
-            .as_ref()
-            .map_or(0, |(u, d, _)| u.bytes() + d.bytes());
-        let per = (self.up.bytes() + self.down.bytes()) / self.up.n.max(1);
-        self.router.rows * self.router.row_bytes + per * self.spec.n_used as u64 + sh
-    }
-
     pub fn upload(ctx: &Context, spec: &MoeSpec, w: &MoeWeights) -> Result<MoeDevice> {
         let d = w.router.cols;
         let r = &w.router;

@@ -7,34 +7,12 @@
 mod common;
 
 use caldera_vulkan::extras::{PleIn, PleShape, RowExt, RowsExt, RowsIo};
-use caldera_vulkan::testing::test_context;
-use caldera_vulkan::{Context, ContextOptions};
-use common::{gelu_tanh, random_vec, rng, words};
-
-fn contexts(test: &str) -> Vec<Context> {
-    let mut v = Vec::new();
-    for (shared, wg) in [(false, None), (true, None), (false, Some(16))] {
-        let opts = ContextOptions {
-            force_shared_reduce: shared,
-            workgroup_size: wg,
-            ..Default::default()
-        };
-        match test_context(test, &opts) {
-            Some(c) => v.push(c),
-            None => return Vec::new(),
-        }
-    }
-    v
-}
-
-fn step(ctx: &Context, m: usize) -> caldera_vulkan::Buffer {
-    ctx.upload(&words(&[m as u32, 0, 0, m as u32])).unwrap()
-}
+use common::{gelu_tanh, random_vec, rng};
 
 #[test]
 fn rows_ext_matches_cpu() {
     let mut rng = rng("rows_ext");
-    for ctx in contexts("rows_ext") {
+    for ctx in common::reduction_contexts("rows_ext") {
         // (values, row stride, row offset, tokens in the step, rows the op covers)
         for (n, ld, off, m, max_t) in [
             (1usize, 1usize, 0usize, 1usize, 1usize),
@@ -55,7 +33,7 @@ fn rows_ext_matches_cpu() {
                 let y = random_vec(&mut rng, max_t * ld, 2.0);
                 let src = random_vec(&mut rng, max_t * ld_src + src_off + n, 1.5);
                 let (yb, sb) = (ctx.upload_f32(&y).unwrap(), ctx.upload_f32(&src).unwrap());
-                let st = step(&ctx, m);
+                let st = common::step_values(&ctx, m);
                 let io = RowsIo {
                     y: &yb,
                     ld_y: ld as u64,
@@ -98,7 +76,7 @@ fn rows_ext_matches_cpu() {
 #[test]
 fn ple_in_matches_cpu() {
     let mut rng = rng("ple_in");
-    for ctx in contexts("ple_in") {
+    for ctx in common::reduction_contexts("ple_in") {
         // (layers, per-layer width, tokens in the step, rows the op covers)
         for (n_layers, dpl, m, max_t) in [
             (1usize, 1usize, 1usize, 1usize),
@@ -119,7 +97,7 @@ fn ple_in_matches_cpu() {
             let norm = random_vec(&mut rng, dpl, 1.5);
             let up = |v: &[f32]| ctx.upload_f32(v).unwrap();
             let (pb, tb, nb) = (up(&pli), up(&tok), up(&norm));
-            let st = step(&ctx, m);
+            let st = common::step_values(&ctx, m);
             let op = PleIn::new(&ctx, &s, &pb, &tb, &nb, &st, max_t as u64).unwrap();
             let rec = ctx.record(|r| op.record(r)).unwrap();
             ctx.submit(&rec).unwrap();

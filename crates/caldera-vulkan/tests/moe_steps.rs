@@ -11,30 +11,7 @@ use caldera_model::blocks::moe::{MoeSpec, RouterKind};
 use caldera_model::Activation;
 use caldera_vulkan::moe::{MoeRoute, RouterSpec, Routing};
 use caldera_vulkan::ops::{RowAct, RowsAct};
-use caldera_vulkan::testing::test_context;
-use caldera_vulkan::{Context, ContextOptions};
-use common::{random_vec, rng, words};
-
-fn contexts(test: &str) -> Vec<Context> {
-    let mut v = Vec::new();
-    for (shared, wg) in [(false, None), (true, None), (false, Some(16))] {
-        let opts = ContextOptions {
-            force_shared_reduce: shared,
-            workgroup_size: wg,
-            ..Default::default()
-        };
-        match test_context(test, &opts) {
-            Some(c) => v.push(c),
-            None => return Vec::new(),
-        }
-    }
-    v
-}
-
-/// A step of `m` tokens (of buffers holding `max_t`).
-fn step(ctx: &Context, m: usize) -> caldera_vulkan::Buffer {
-    ctx.upload(&words(&[m as u32, 0, 0, m as u32])).unwrap()
-}
+use common::{random_vec, rng};
 
 #[test]
 fn moe_route_steps_match_cpu() {
@@ -46,7 +23,7 @@ fn moe_route_steps_match_cpu() {
         RouterKind::Sigmoid { renorm: false },
         RouterKind::Sigmoid { renorm: true },
     ];
-    for ctx in contexts("moe_route_steps") {
+    for ctx in common::reduction_contexts("moe_route_steps") {
         for (n, k) in [(4, 2), (37, 5), (128, 8), (300, 1)] {
             for kind in kinds {
                 let biases: &[bool] = match kind {
@@ -69,7 +46,7 @@ fn moe_route_steps_match_cpu() {
                     let sel = random_vec(&mut rng, n, 0.5);
                     let lb = ctx.upload_f32(&logits).unwrap();
                     let bb = ctx.upload_f32(&sel).unwrap();
-                    let sb = step(&ctx, m);
+                    let sb = common::step_values(&ctx, m);
                     let out = Routing::for_tokens(&ctx, k as u64, false, max_t as u64).unwrap();
                     let rs = RouterSpec::of(&spec, false);
                     let op = MoeRoute::steps(
@@ -136,13 +113,13 @@ fn moe_route_steps_match_cpu() {
 #[test]
 fn rows_act_matches_cpu() {
     let mut rng = rng("rows_act");
-    for ctx in contexts("rows_act") {
+    for ctx in common::reduction_contexts("rows_act") {
         for (n, ld_y) in [(1usize, 1usize), (64, 70), (333, 333)] {
             let (max_t, m) = (5, 4);
             let y = random_vec(&mut rng, max_t * ld_y, 2.0);
             let (ld_src, src_off) = (n + 11, 7);
             let src = random_vec(&mut rng, max_t * ld_src, 3.0);
-            let sb = step(&ctx, m);
+            let sb = common::step_values(&ctx, m);
             for act in [
                 RowAct::Relu2,
                 RowAct::Gate {

@@ -331,3 +331,26 @@ pub fn kv_round(ctx: &caldera_vulkan::Context, v: f64) -> f64 {
         v
     }
 }
+
+/// A context per reduction path the kernels have (subgroup, shared memory, small
+/// workgroups); empty without a Vulkan device (unless `CALDERA_REQUIRE_VULKAN=1`).
+pub fn reduction_contexts(test: &str) -> Vec<Context> {
+    let mut v = Vec::new();
+    for (shared, wg) in [(false, None), (true, None), (false, Some(16))] {
+        let opts = caldera_vulkan::ContextOptions {
+            force_shared_reduce: shared,
+            workgroup_size: wg,
+            ..Default::default()
+        };
+        match caldera_vulkan::testing::test_context(test, &opts) {
+            Some(c) => v.push(c),
+            None => return Vec::new(),
+        }
+    }
+    v
+}
+
+/// The step values of a step of `m` tokens (all rows' logits).
+pub fn step_values(ctx: &Context, m: usize) -> caldera_vulkan::Buffer {
+    ctx.upload(&words(&[m as u32, 0, 0, m as u32])).unwrap()
+}
