@@ -17,8 +17,8 @@ use caldera_format::{GgmlType, TensorBytes};
 use caldera_model::blocks::moe::{ExpertWeights, MoeSpec, MoeWeights, RouterKind};
 use caldera_model::{Activation, DenseFfn, Weight};
 use caldera_vulkan::moe::{
-    route_host, ExpertDown, ExpertInput, ExpertUp, Experts, MoeDevice, MoeFfn, MoeIo, RouterSpec,
-    Routing, SharedSlot, Slots,
+    route_host, ExpertDown, ExpertInput, ExpertUp, Experts, MoeDevice, MoeFfn, MoeIo, MoeScratch,
+    MoeSteps, RouterSpec, Routing, SharedSlot, Slots,
 };
 use caldera_vulkan::ops::{MvTail, Q8Acts, QuantX};
 use caldera_vulkan::testing::test_context;
@@ -1074,6 +1074,91 @@ fn moe_block_matches_cpu() {
                 check_block(ctx, &mut rng, &c, q8);
             }
         }
+    }
+}
+
+/// The block over the tokens of a prefill step (`MoeSteps`: router matmul, per-token
+/// routing, expert mat-vecs with a token dimension, MXFP4 through int8 rows): each of
+/// the step's tokens against caldera-cpu's `ffn::moe`, the rows past the step's tokens
+/// left as they were.
+#[test]
+fn moe_steps_match_cpu() {
+    let ctxs = contexts();
+    if ctxs.is_empty() {
+        return;
+    }
+    let mut rng = rng("moe steps");
+    for c in block_cases() {
+        for ctx in ctxs.iter().take(2) {
+            check_steps(ctx, &mut rng, &c);
+        }
+    }
+}
+
+fn check_steps(ctx: &Context, rng: &mut StdRng, c: &BlockCase) {
+    let (spec, w) = block_weights(rng, c);
+    let eps = 1e-6f32;
+    let (max_t, m) = (7usize, 5usize);
+    let gam = random_vec(rng, c.d, 1.5);
+    // Fresh rows until the CPU's choice is clear of near-ties for each.
+    let mut x = Vec::with_capacity(max_t * c.d);
+    while x.len() < max_t * c.d {
+        let row = random_vec(rng, c.d, 2.0);
+        let mut h = vec![0f32; c.d];
+        caldera_cpu::ops::rms_norm(&row, &gam, eps, &mut h);
+        if clear_choice(c, &w, &h) {
+            x.extend(row);
+        }
+    }
+    let pool = caldera_cpu::pool::ThreadPool::new(1);
+    let mut qa = caldera_format::quant::QuantizedActs::default();
+    let mut cctx = caldera_cpu::ctx::Ctx::new(&pool, &mut qa);
+    let md = MoeDevice::upload(ctx, &spec, &w).unwrap();
+    let scratch = MoeScratch::new(ctx, &[&md], max_t as u64).unwrap().unwrap();
+    let xb = ctx.upload_f32(&x).unwrap();
+    let gb = ctx.upload_f32(&gam).unwrap();
+    let step = common::step_values(ctx, m);
+    let op = MoeSteps::new(ctx, &md, &xb, &gb, eps, &step, &scratch).unwrap();
+    let rec = ctx.record(|r| op.record(r)).unwrap();
+    ctx.submit(&rec).unwrap();
+    let got = ctx.read_f32(&xb, max_t * c.d).unwrap();
+    // f32 activations meet the weights here (int8 blocks of 32 for MXFP4), the CPU's
+    // Q8_0 / Q8_K blocks there: as the block test without int8.
+    let exact = c.ty == GgmlType::F32 || c.ty == GgmlType::MXFP4;
+    let (tol, tol_max) = if exact { (1e-5, 1e-4) } else { (3e-2, 8e-2) };
+    for t in 0..max_t {
+        let row = &x[t * c.d..(t + 1) * c.d];
+        let g = &got[t * c.d..(t + 1) * c.d];
+        if t >= m {
+            assert_eq!(g, row, "{}: row {t} past the step changed", c.name);
+            continue;
+        }
+        let mut h = vec![0f32; c.d];
+        caldera_cpu::ops::rms_norm(row, &gam, eps, &mut h);
+        let mut out = vec![0f32; c.d];
+        caldera_cpu::ffn::moe(&mut cctx, &spec, &w, &h, 1, &mut out).unwrap();
+        let scale = out.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+        let (mut e2, mut o2) = (0f64, 0f64);
+        for i in 0..c.d {
+            let want = row[i] as f64 + out[i] as f64;
+            let err = (g[i] as f64 - want).abs();
+            e2 += err * err;
+            o2 += out[i] as f64 * out[i] as f64;
+            assert!(
+                err <= tol_max * scale + 1e-5,
+                "{} ({}): token {t} [{i}] got {}, want {want} (scale {scale})",
+                c.name,
+                c.ty,
+                g[i]
+            );
+        }
+        let rel = (e2 / o2).sqrt();
+        assert!(
+            rel <= tol,
+            "{} ({}): token {t}: relative error {rel}",
+            c.name,
+            c.ty
+        );
     }
 }
 
