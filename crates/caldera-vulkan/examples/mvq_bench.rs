@@ -4,7 +4,9 @@
 //! bytes read per second beside the device's copy bandwidth, for Q4_0, Q8_0, Q4_K and
 //! Q6_K, plain and with the fused next-input quantization (`MV_TAIL`); `MV_GLU=1` times
 //! the gate/up form (row pairs, SiLU). `CALDERA_VK_MV_WG` / `CALDERA_VK_MV_ROWS` pick the
-//! launch shape. Pick shapes larger than the GPU's L2.
+//! launch shape, `CALDERA_VK_MV_SG=1` the subgroup-per-output layout, `MV_TYPES=Q4_K,Q6_K`
+//! the types, `MV_COPIES=N` N copies of the weights taken in turn (to beat the L2
+//! cache with small shapes).
 
 use std::time::Instant;
 
@@ -48,6 +50,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         GgmlType::Q4_K,
         GgmlType::Q6_K,
     ] {
+        // MV_TYPES=Q4_K,Q6_K: only those types.
+        if let Ok(only) = std::env::var("MV_TYPES") {
+            if !only.split(',').any(|t| t == format!("{ty:?}")) {
+                continue;
+            }
+        }
         let block = quantize(ty, &vals)?;
         let w: Vec<u8> = block
             .iter()
@@ -56,7 +64,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .take(block.len() / 64 * rows)
             .collect();
         let group = if glu { 2 } else { 1 };
-        let wt = ctx.upload_rows_grouped(&[&w], ty.row_bytes(k as u64).ok_or("k")?, group)?;
+        // MV_COPIES=N: N copies of the weights, taken in turn, so that a matrix smaller
+        // than the L2 cache is still read from memory each time, as in a model.
+        let copies = std::env::var("MV_COPIES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1)
+            .max(1);
+        let row_bytes = ty.row_bytes(k as u64).ok_or("k")?;
+        let wts = (0..copies)
+            .map(|_| ctx.upload_rows_grouped(&[&w], row_bytes, group))
+            .collect::<Result<Vec<_>, _>>()?;
         let y = ctx.create_buffer(outs as u64 * 4, MemoryKind::Device)?;
         let mode = MvMode {
             glu: glu.then_some(GluAct::Silu),
@@ -75,7 +93,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 n: outs as u64,
             };
             let tail = (tailed && outs % 32 == 0).then_some(&tail);
-            let mv = match Mvq::with_tail(&ctx, ty, &wt, k as u64, &acts, &y, 0, mode, tail) {
+            let mvs = match wts
+                .iter()
+                .map(|wt| Mvq::with_tail(&ctx, ty, wt, k as u64, &acts, &y, 0, mode, tail))
+                .collect::<Result<Vec<_>, _>>()
+            {
                 Ok(mv) => mv,
                 Err(e) => {
                     println!("{ty:>5}: {e}");
@@ -85,8 +107,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let rec = ctx.record(|r| {
                 qx.record(r)?;
                 r.barrier();
-                for _ in 0..reps {
-                    mv.record(r)?;
+                for i in 0..reps as usize {
+                    mvs[i % mvs.len()].record(r)?;
                     r.barrier();
                 }
                 Ok(())

@@ -316,7 +316,91 @@ void reduce_rows(inout float a[MAXR], inout float extra) {
 #if defined(MV_EXPERT)
 #include "mvq_expert.glsl"
 #else
+#if USE_SUBGROUP
+// Specialization constant 3 (MV_SG, `CALDERA_VK_MV_SG=1`): a subgroup per output
+// instead of the whole workgroup per ROWS outputs. Output j of the workgroup's ROWS
+// belongs to subgroup j % (subgroups); that subgroup's lanes sweep its row (both rows
+// of a gate/up pair) L lanes per block, and one subgroupAdd finishes it: no shared
+// memory, no barrier, and every lane busy on rows whose block count is not a multiple
+// of the workgroup's block slots. ROWS should be a multiple of the subgroup count.
+layout(constant_id = 3) const uint MV_SG = 0u;
+const uint SG_ACC = MAXR; // weight rows per subgroup at most (ROWS <= 4 fit any subgroup count)
+void main_sg() {
+    uint grp = flat_group();
+    uint sg = gl_SubgroupID;
+    uint nsg = gl_NumSubgroups;
+    uint ln = gl_SubgroupInvocationID;
+    uint last = p.rows - 1u;
+    const uint PER = MVG != 0 ? 2u : 1u;
+    float a[SG_ACC];
+    [[unroll]] for (uint r = 0u; r < SG_ACC; r++) {
+        a[r] = 0.0;
+    }
+    uint lane = ln % L;
+    uint slots = gl_SubgroupSize / L;
+    uint nb = p.k / BE;
+    bool xnorm = (p.flags & MV_XNORM) != 0u;
+    const uint XPB = BE / 32u;
+    float ss = 0.0;
+    // Two blocks per lane and step, the second one's loads issued before the first's
+    // arithmetic (a lane past the row's end repeats the last block, weighted 0): long
+    // rows are one lane's chain of dependent round trips otherwise.
+    for (uint b0 = ln / L; b0 < nb; b0 += 2u * slots) {
+        [[unroll]] for (uint u = 0u; u < 2u; u++) {
+            uint b = min(b0 + u * slots, nb - 1u);
+            float live = b0 + u * slots < nb ? 1.0 : 0.0;
+            load_x(b, lane);
+            if (xnorm && lane < XPB) {
+                ss += live * xs[b * XPB + lane];
+            }
+            [[unroll]] for (uint i = 0u; i < SG_ACC / PER; i++) {
+                uint j = sg + i * nsg;
+                if (j < ROWS) {
+                    [[unroll]] for (uint t = 0u; t < PER; t++) {
+                        a[i * PER + t] += live * block_dot(min(grp * NR + PER * j + t, last), b, lane);
+                    }
+                }
+            }
+        }
+    }
+    [[unroll]] for (uint r = 0u; r < SG_ACC; r++) {
+        if (sg + (r / PER) * nsg < ROWS) {
+            a[r] = subgroupAdd(a[r]);
+        }
+    }
+    ss = subgroupAdd(ss);
+    if (!subgroupElect()) {
+        return;
+    }
+    float inv = xnorm ? inversesqrt(ss / float(p.k) + p.eps) : 1.0;
+    bool tail = (p.flags & MV_TAIL) != 0u;
+    [[unroll]] for (uint i = 0u; i < SG_ACC / PER; i++) {
+        uint j = sg + i * nsg;
+        uint row = grp * NR + PER * j;
+        if (j < ROWS && row + PER - 1u <= last) {
+            uint o = grp * ROWS + j;
+#if MVG
+            float g = a[2u * i] * inv;
+            float act = (p.flags & MV_GELU) != 0u ? gelu_tanh(g) : silu(g);
+            store(o, act * a[2u * i + 1u] * inv);
+#else
+            store(o, a[i] * inv);
+#endif
+            if (tail) {
+                tail_one(p.y_offset + o);
+            }
+        }
+    }
+}
+#endif
+
 void main() {
+#if USE_SUBGROUP
+    if (MV_SG != 0u) {
+        main_sg();
+        return;
+    }
+#endif
     uint grp = flat_group();
     uint tid = gl_LocalInvocationID.x;
     uint row0 = grp * NR;

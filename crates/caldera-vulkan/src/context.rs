@@ -74,6 +74,9 @@ pub struct ContextOptions {
     pub max_buffer_bytes: Option<u64>,
     /// Keep the KV cache in f32 instead of f16. `CALDERA_VK_KV_F32=1` sets it too.
     pub force_kv_f32: bool,
+    /// Decode mat-vecs on int8 activations run a subgroup per output (`mvq.glsl`'s
+    /// `MV_SG`) where the device reduces with subgroups; else `CALDERA_VK_MV_SG=1`.
+    pub mv_subgroup_rows: Option<bool>,
 }
 
 /// The pipeline objects of one kernel.
@@ -451,6 +454,10 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
     let mvx_workgroup_size = (1u32 << (31 - mvx_want.leading_zeros())).max(16);
     let mvx_rows = env_u32("CALDERA_VK_MVX_ROWS").unwrap_or(2).clamp(1, 4);
     let env_on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
+    let sg_ok = info.subgroup_arithmetic && !force_shared && info.subgroup_min >= 8;
+    let mv_sg = opts
+        .mv_subgroup_rows
+        .unwrap_or_else(|| env_on("CALDERA_VK_MV_SG"));
     Tuning {
         int8_dot: info.int8_dot && !opts.force_no_int8_dot && !env_on("CALDERA_VK_NO_DOT"),
         q8_acts: !opts.force_f32_acts && !env_on("CALDERA_VK_NO_Q8"),
@@ -471,6 +478,8 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
             && !opts.force_no_tiled_mm
             && !env_on("CALDERA_VK_NO_MMT"),
         kv_f16: !opts.force_kv_f32 && !env_on("CALDERA_VK_KV_F32"),
+        mv_subgroup_rows: sg_ok && mv_sg,
+        mvg_subgroup_rows: sg_ok && std::env::var("CALDERA_VK_MVG_SG").map_or(mv_sg, |v| v == "1"),
     }
 }
 
@@ -635,10 +644,18 @@ fn create_pipeline(
             (tuning.workgroup_size, tuning.rows_per_group)
         };
         // Constant 0: workgroup size; 1: rows per workgroup (mat-vecs only); 2: the KV
-        // cache holds f16 (a VkBool32; kernels without a KV cache ignore it).
-        let spec_data = [wg, rows, u32::from(tuning.kv_f16)];
+        // cache holds f16 (a VkBool32; kernels without a KV cache ignore it); 3: the
+        // int8 mat-vecs' subgroup-per-output layout (not the expert ones').
+        let sg = desc.mv
+            && !desc.expert
+            && if desc.glu {
+                tuning.mvg_subgroup_rows
+            } else {
+                tuning.mv_subgroup_rows
+            };
+        let spec_data = [wg, rows, u32::from(tuning.kv_f16), u32::from(sg)];
         let ids: &[u32] = if desc.rows_per_group {
-            &[0, 1, 2]
+            &[0, 1, 2, 3]
         } else {
             &[0, 2]
         };

@@ -974,4 +974,9 @@ pub struct Tuning {
     /// (`CALDERA_VK_KV_F32=1`, [`crate::ContextOptions::force_kv_f32`]); specialization
     /// constant 2 of the kernels that touch it.
     pub kv_f16: bool,
+    /// The int8-activation decode mat-vecs (`mvq.glsl`) give each output a subgroup
+    /// (specialization constant 3) rather than the workgroup ROWS outputs at once.
+    pub mv_subgroup_rows: bool,
+    /// The same for the gate|up mat-vecs (`CALDERA_VK_MVG_SG`, else as the others).
+    pub mvg_subgroup_rows: bool,
 }

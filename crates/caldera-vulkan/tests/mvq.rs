@@ -23,18 +23,24 @@ fn contexts() -> &'static [Context] {
     static CTX: OnceLock<Vec<Context>> = OnceLock::new();
     CTX.get_or_init(|| {
         let mut v = Vec::new();
-        let shapes: [(Option<u32>, Option<u32>, bool, bool); 4] = [
-            (None, None, false, false),
-            (None, None, false, true),
-            (Some(16), Some(1), true, false),
-            (Some(32), Some(3), false, true),
+        // The last three: a subgroup per output (`MV_SG`), with more outputs than
+        // subgroups, fewer, and as many (lavapipe's subgroups are 8 wide).
+        let shapes: [(Option<u32>, Option<u32>, bool, bool, bool); 7] = [
+            (None, None, false, false, false),
+            (None, None, false, true, false),
+            (Some(16), Some(1), true, false, false),
+            (Some(32), Some(3), false, true, false),
+            (Some(16), Some(4), false, false, true),
+            (Some(64), Some(3), false, true, true),
+            (Some(32), Some(4), false, false, true),
         ];
-        for (wg, rows, shared, no_dot) in shapes {
+        for (wg, rows, shared, no_dot, sg) in shapes {
             let opts = ContextOptions {
                 mv_workgroup_size: wg,
                 mv_rows: rows,
                 force_shared_reduce: shared,
                 force_no_int8_dot: no_dot,
+                mv_subgroup_rows: Some(sg),
                 ..Default::default()
             };
             match test_context("vulkan mvq kernels", &opts) {
