@@ -74,6 +74,9 @@ pub struct ContextOptions {
     pub max_buffer_bytes: Option<u64>,
     /// Keep the KV cache in f32 instead of f16. `CALDERA_VK_KV_F32=1` sets it too.
     pub force_kv_f32: bool,
+    /// Batched decode mat-vecs through the old per-column-reduction kernels (`mvqn_*`).
+    /// `CALDERA_VK_MVQN_OLD=1` sets it too.
+    pub force_old_mvqn: bool,
 }
 
 /// The pipeline objects of one kernel.
@@ -471,6 +474,7 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
             && !opts.force_no_tiled_mm
             && !env_on("CALDERA_VK_NO_MMT"),
         kv_f16: !opts.force_kv_f32 && !env_on("CALDERA_VK_KV_F32"),
+        mvqn_old: opts.force_old_mvqn || env_on("CALDERA_VK_MVQN_OLD") || workgroup_size > 128,
     }
 }
 
