@@ -243,7 +243,8 @@ pub const ATTN_FLASH_PUSH_BYTES: u32 = 48;
 /// n_chunks, max_splits, split` (u32), `eps, scale, softcap` (f32).
 pub const ATTN_DECODE_PUSH_BYTES: u32 = 56;
 /// `attn_batch` push constants: [`ATTN_DECODE_PUSH_BYTES`]'s words, then `slot_elems`
-/// (u32).
+/// (u32). Flag 16: also write the output as int8 blocks (bindings 10, 11) for the
+/// batched o-projection.
 pub const ATTN_BATCH_PUSH_BYTES: u32 = 60;
 /// `mvqn_*` push constants: `k, rows, y_offset, ld_y, flags` (u32), `cap` (f32).
 pub const MVQN_PUSH_BYTES: u32 = 24;
@@ -786,7 +787,7 @@ pub const KERNELS: [KernelDesc; 159] = [
             Kernel::AttnBatch,
             "attn_batch",
             spv!("attn_batch"),
-            10,
+            12,
             ATTN_BATCH_PUSH_BYTES,
         )
     },
