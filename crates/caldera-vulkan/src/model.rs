@@ -946,7 +946,7 @@ pub(crate) enum KvSource {
 
 /// Which mat-vec kernels a batched decode step's weights go through
 /// (`CALDERA_VK_BATCH_MM`): `auto` (default) and `mvq`: the batched int8 mat-vec
-/// (`quant_rows` + `mvqn`: each weight block read once for up to 16 columns, int8 dot
+/// (`quant_rows` + `mvqm`: each weight block read once per 8 columns, int8 dot
 /// products as the single-sequence decode) for the types it has (Q4_0, Q8_0, Q4_K,
 /// Q6_K; where the context quantizes activations), else the tiled matmul; `mmt`: the
 /// tiled matmul for every weight (one pass for up to 64 columns, each weight block

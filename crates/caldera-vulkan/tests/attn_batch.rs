@@ -179,7 +179,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         .unwrap();
     let count = ctx.upload(&vec![0u8; bucket * nkv * n_chunks * 4]).unwrap();
     // The int8 output (flag 16) on even column counts; zeroed buffers otherwise stay so.
-    let q8 = c.cols % 2 == 0;
+    let q8 = c.cols.is_multiple_of(2);
     let xq = ctx.upload(&vec![0u8; bucket * nh * hd]).unwrap();
     let xd = ctx.upload(&vec![0u8; bucket * nh * hd / 8]).unwrap();
     let binding = ctx
