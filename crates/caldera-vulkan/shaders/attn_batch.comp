@@ -5,11 +5,12 @@
 // row c of qkv (ld_qkv apart), its output row c of out (n_heads * hd apart); its cache
 // is the slot's region of the pooled caches, slot_elems values per slot (f32 or f16
 // values, kv.glsl), so a column writes and reads only its own slot. Columns past
-// step[0] (the bucket's padding) exit at once. Partials and counts are per column. No
-// int8 output (the batched o-projection reads f32).
+// step[0] (the bucket's padding) exit at once. Partials and counts are per column. With
+// F_Q8 the output is also written as int8 blocks of 32 (column c's at c * n_heads * hd /
+// 32, as quant_rows.comp lays them out) for the batched o-projection.
 // Binding 0: qkv, 1: k pool, 2: v pool, 3: out, 4: step values, 5: q norm, 6: k norm,
 // 7: RoPE table, 8: partials (f32, [column][head][split][2 + hd]), 9: counts (u32 per
-// (column, g, c), zero between dispatches).
+// (column, g, c), zero between dispatches), 10: q8 values (u32), 11: q8 scales (f32).
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
@@ -21,11 +22,14 @@ layout(std430, binding = 6) readonly buffer Kn { float kn[]; };
 layout(std430, binding = 7) readonly buffer Rope { float rope[]; };
 layout(std430, binding = 8) coherent buffer Part { float part[]; };
 layout(std430, binding = 9) coherent buffer Cnt { uint cnt[]; };
+layout(std430, binding = 10) writeonly buffer Q8 { uint xq[]; };
+layout(std430, binding = 11) writeonly buffer Q8d { float xd[]; };
 
 const uint F_QNORM = 1u;
 const uint F_KNORM = 2u;
 const uint F_ROPE = 4u;
 const uint F_INTERLEAVED = 8u;
+const uint F_Q8 = 16u;
 const uint F_QGATE = 32u;
 const uint MAX_HD = 256u;
 const uint MAXG = 8u;
@@ -73,6 +77,43 @@ const uint CL = MAXG * MAX_COMBINE;
 shared float m_s[MAXG];
 shared float l_s[MAXG];
 shared bool last_s;
+
+// With F_Q8: quantizes the chunk's output (nh heads in q_s; hd a multiple of 32) to int8
+// blocks of 32 at the column's offset, 8 invocations per block of 4 values each (WG a
+// multiple of 8), as attn_decode.comp. Follows a barrier.
+void quantize_out(uint h0, uint nh) {
+    if ((p.flags & F_Q8) == 0u) {
+        return;
+    }
+    uint tid = gl_LocalInvocationID.x;
+    uint nw = nh * p.hd / 4u;
+    uint qb = (OB + h0 * p.hd) >> 2;
+    for (uint base = 0u; base < nw; base += WG) {
+        uint wi = base + tid;
+        vec4 v = vec4(0.0);
+        if (wi < nw) {
+            v = vec4(q_s[4u * wi], q_s[4u * wi + 1u], q_s[4u * wi + 2u], q_s[4u * wi + 3u]);
+        }
+        vec4 av = abs(v);
+        red_buf[tid] = max(max(av.x, av.y), max(av.z, av.w));
+        barrier();
+        float amax = 0.0;
+        uint first = tid & ~7u;
+        [[unroll]] for (uint j = 0u; j < 8u; j++) {
+            amax = max(amax, red_buf[first + j]);
+        }
+        barrier();
+        if (wi < nw) {
+            float id = amax > 0.0 ? 127.0 / amax : 0.0;
+            ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
+            uvec4 u = uvec4(t) & 255u;
+            xq[qb + wi] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+            if ((wi & 7u) == 0u) {
+                xd[(qb + wi) / 8u] = amax / 127.0;
+            }
+        }
+    }
+}
 
 // RMSNorm (weights w: q norm or k norm) and RoPE of `nh` rows of hd values in q_s
 // (is_q) or k_s, all rows at once.
@@ -357,6 +398,7 @@ void main() {
         return;
     }
     if (single) {
+        quantize_out(h0, nh);
         return;
     }
     if (tid < nh) {
@@ -439,4 +481,6 @@ void main() {
             }
         }
     }
+    barrier();
+    quantize_out(h0, nh);
 }

@@ -1,13 +1,24 @@
 // Batched decode mat-vec on int8 activations, over the columns of a batched decode step
 // (one token of a different sequence each): y[c * ld_y + y_offset + r] (=, or +=)
-// dot(W row r, x_c) for every column c < step[0] (at most MAXC = 16) and row r of the
-// piece. x_c arrives quantized by quant_rows.comp (column c's blocks at c * k / 32); the
+// dot(W row r, x_c) for every column c < step[0] (at most 16) and row r of the piece.
+// x_c arrives quantized by quant_rows.comp (column c's blocks at c * k / 32); the
 // weight blocks meet it in 4-way int8 dot products as in mvq.glsl (the same block
 // layouts, split into load_w: load and unpack a lane's share of a block, and wdot: its
-// dot with the current column's activations). A workgroup computes NRB rows for every
-// column: for each weight block its lanes load and unpack the rows' shares once, into
+// dot with the current column's activations). A workgroup computes NRB rows for its
+// columns: for each weight block its lanes load and unpack the rows' shares once, into
 // registers, then dot them with every column's activations, so the weights are read
-// and unpacked once per step whatever the column count.
+// and unpacked once per column set whatever the column count.
+//
+// Two mains:
+//   MVQN_GROUPED (mvqm_*, the default): a workgroup takes NRB rows x one group of NC = 8
+//     columns (workgroup g: column group g % ncg, row group g / ncg, so the groups of one
+//     row group run side by side and its weights come from memory once); each lane keeps
+//     NC x NRB partial sums, and all of them are summed over the workgroup in one pass
+//     through shared memory (transposed: value-major, padded) with two barriers per 16
+//     values, so the cost after the dot products does not grow per column by a pair of
+//     barriers. No subgroup operations: both builds are the same.
+//   else (mvqn_*, CALDERA_VK_MVQN_OLD=1): one workgroup per NRB rows for all 16 columns,
+//     reduced column after column (a vec4 reduction with two barriers each).
 // Binding 0: the piece's raw blocks. 1: q (u32 words, k / 4 per column). 2: d (f32,
 // k / 32 per column). 3: y. 4: step values ([0] columns).
 #include "common.glsl"
@@ -30,6 +41,9 @@ layout(push_constant) uniform Push {
     uint ld_y;     // elements between columns in y
     uint flags;    // MVN_ADD, MVN_SOFTCAP
     float cap;
+#if MVQN_GROUPED
+    uint ncg;      // column groups (of NC) dispatched per row group
+#endif
 } p;
 
 const uint MVN_ADD = 1u;
@@ -193,6 +207,94 @@ float wdot(WB w) {
 #endif
 
 
+#if MVQN_GROUPED
+const uint NC = 8u;  // columns per workgroup
+const uint RV = 16u; // partial sums reduced per round (NC * NRB is a multiple)
+const uint PAD = 2u; // red_m row padding: the part-sums of phase 2 read distinct banks
+shared float red_m[RV * (WG + PAD)];
+shared float red_p[WG + RV];
+
+// Writes (softcap, residual add) the finished sum of row row0 + r, column c.
+void store(uint c, uint row, float v) {
+    if ((p.flags & MVN_SOFTCAP) != 0u) {
+        v = p.cap * tanh(v / p.cap);
+    }
+    uint yi = c * p.ld_y + p.y_offset + row;
+    if ((p.flags & MVN_ADD) != 0u) {
+        v += y[yi];
+    }
+    y[yi] = v;
+}
+
+void main() {
+    uint grp = flat_group();
+    uint tid = gl_LocalInvocationID.x;
+    uint row0 = (grp / p.ncg) * NRB;
+    uint c0 = (grp % p.ncg) * NC;
+    uint live = min(step[0], MAXC);
+    if (row0 >= p.rows || c0 >= live) {
+        return; // uniform: the dispatch's tail or a padding column group
+    }
+    uint nc = min(live - c0, NC);
+    uint last = p.rows - 1u;
+    float a[NC * NRB];
+    [[unroll]] for (uint i = 0u; i < NC * NRB; i++) {
+        a[i] = 0.0;
+    }
+    const uint SLOTS = WG / L;
+    uint lane = tid % L;
+    uint nb = p.k / BE;
+    for (uint b = tid / L; b < nb; b += SLOTS) {
+        WB wr[NRB];
+        [[unroll]] for (uint r = 0u; r < NRB; r++) {
+            wr[r] = load_w(min(row0 + r, last), b, lane);
+        }
+        [[unroll]] for (uint c = 0u; c < NC; c++) {
+            if (c < nc) {
+                XO2 = (c0 + c) * (p.k / 8u);
+                XO4 = (c0 + c) * (p.k / 16u);
+                XOD = (c0 + c) * (p.k / 32u);
+                load_x(b, lane);
+                [[unroll]] for (uint r = 0u; r < NRB; r++) {
+                    a[c * NRB + r] += wdot(wr[r]);
+                }
+            }
+        }
+    }
+    // All NC x NRB sums over the workgroup, RV at a time: each lane writes its partials
+    // value-major (phase 1), P = WG / RV lanes per value add WG / P of them each (phase
+    // 2), RV lanes add the P part-sums and store.
+    const uint P = WG >= RV ? WG / RV : 1u;
+    [[unroll]] for (uint r0 = 0u; r0 < NC * NRB; r0 += RV) {
+        if (r0 < nc * NRB) { // uniform
+            [[unroll]] for (uint j = 0u; j < RV; j++) {
+                red_m[j * (WG + PAD) + tid] = a[r0 + j];
+            }
+            barrier();
+            for (uint o = tid; o < RV * P; o += WG) {
+                uint v = o % RV;
+                float s = 0.0;
+                for (uint i = o / RV; i < WG; i += P) {
+                    s += red_m[v * (WG + PAD) + i];
+                }
+                red_p[o] = s;
+            }
+            barrier();
+            for (uint v = tid; v < RV; v += WG) {
+                float s = 0.0;
+                for (uint q = 0u; q < P; q++) {
+                    s += red_p[q * RV + v];
+                }
+                uint c = (r0 + v) / NRB;
+                uint row = row0 + (r0 + v) % NRB;
+                if (c < nc && row <= last) {
+                    store(c0 + c, row, s);
+                }
+            }
+        }
+    }
+}
+#else
 shared float red_n[NRB * WG];
 
 // Sums the four values over the workgroup (uniform control flow).
@@ -287,3 +389,4 @@ void main() {
         }
     }
 }
+#endif

@@ -77,6 +77,9 @@ pub struct ContextOptions {
     /// Decode mat-vecs on int8 activations run a subgroup per output (`mvq.glsl`'s
     /// `MV_SG`) where the device reduces with subgroups; else `CALDERA_VK_MV_SG=1`.
     pub mv_subgroup_rows: Option<bool>,
+    /// Batched decode mat-vecs through the old per-column-reduction kernels (`mvqn_*`).
+    /// `CALDERA_VK_MVQN_OLD=1` sets it too.
+    pub force_old_mvqn: bool,
 }
 
 /// The pipeline objects of one kernel.
@@ -480,6 +483,7 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         kv_f16: !opts.force_kv_f32 && !env_on("CALDERA_VK_KV_F32"),
         mv_subgroup_rows: sg_ok && mv_sg,
         mvg_subgroup_rows: sg_ok && std::env::var("CALDERA_VK_MVG_SG").map_or(mv_sg, |v| v == "1"),
+        mvqn_old: opts.force_old_mvqn || env_on("CALDERA_VK_MVQN_OLD") || workgroup_size > 128,
     }
 }
 

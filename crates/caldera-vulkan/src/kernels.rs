@@ -167,6 +167,14 @@ pub enum Kernel {
     QuantRows = 148,
     RowsExt = 149,
     PleIn = 150,
+    MvqmQ4_0 = 151,
+    MvqmQ8_0 = 152,
+    MvqmQ4K = 153,
+    MvqmQ6K = 154,
+    MvqmeQ4_0 = 155,
+    MvqmeQ8_0 = 156,
+    MvqmeQ4K = 157,
+    MvqmeQ6K = 158,
 }
 
 /// One entry of the kernel table.
@@ -235,12 +243,16 @@ pub const ATTN_FLASH_PUSH_BYTES: u32 = 48;
 /// n_chunks, max_splits, split` (u32), `eps, scale, softcap` (f32).
 pub const ATTN_DECODE_PUSH_BYTES: u32 = 56;
 /// `attn_batch` push constants: [`ATTN_DECODE_PUSH_BYTES`]'s words, then `slot_elems`
-/// (u32).
+/// (u32). Flag 16: also write the output as int8 blocks (bindings 10, 11) for the
+/// batched o-projection.
 pub const ATTN_BATCH_PUSH_BYTES: u32 = 60;
 /// `mvqn_*` push constants: `k, rows, y_offset, ld_y, flags` (u32), `cap` (f32).
 pub const MVQN_PUSH_BYTES: u32 = 24;
 /// `quant_rows` push constants: `k, flags` (u32), `eps` (f32), `ld_x, gpr` (u32).
 pub const QUANT_ROWS_PUSH_BYTES: u32 = 20;
+/// `mvqm_*` push constants: [`MVQN_PUSH_BYTES`]'s words, then `ncg` (u32: column groups
+/// per row group).
+pub const MVQM_PUSH_BYTES: u32 = MVQN_PUSH_BYTES + 4;
 
 /// Positions per workgroup of `attn_decode` for a sequence of `cap` tokens: 32 (many
 /// small splits keep short contexts parallel), growing up to 128 so that no more than
@@ -364,7 +376,7 @@ const fn mvq(
 }
 
 /// A batched decode mat-vec on int8 activations (`mvqn.glsl`): the context's workgroup
-/// size, 2 rows per workgroup.
+/// size, 4 rows per workgroup.
 const fn mvqn(
     kernel: Kernel,
     name: &'static str,
@@ -374,6 +386,20 @@ const fn mvqn(
     KernelDesc {
         int8_dot,
         ..plain(kernel, name, spv, 5, MVQN_PUSH_BYTES)
+    }
+}
+
+/// The grouped batched decode mat-vec (`mvqn.glsl` with `MVQN_GROUPED`): 4 rows x 8
+/// columns per workgroup, one reduction pass.
+const fn mvqm(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+    int8_dot: bool,
+) -> KernelDesc {
+    KernelDesc {
+        int8_dot,
+        ..plain(kernel, name, spv, 5, MVQM_PUSH_BYTES)
     }
 }
 
@@ -418,7 +444,7 @@ const fn mvqx(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 151] = [
+pub const KERNELS: [KernelDesc; 159] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -761,7 +787,7 @@ pub const KERNELS: [KernelDesc; 151] = [
             Kernel::AttnBatch,
             "attn_batch",
             spv!("attn_batch"),
-            10,
+            12,
             ATTN_BATCH_PUSH_BYTES,
         )
     },
@@ -794,6 +820,14 @@ pub const KERNELS: [KernelDesc; 151] = [
         4,
         PLE_IN_PUSH_BYTES,
     ),
+    mvqm(Kernel::MvqmQ4_0, "mvqm_q4_0", spv!("mvqm_q4_0"), true),
+    mvqm(Kernel::MvqmQ8_0, "mvqm_q8_0", spv!("mvqm_q8_0"), true),
+    mvqm(Kernel::MvqmQ4K, "mvqm_q4_k", spv!("mvqm_q4_k"), true),
+    mvqm(Kernel::MvqmQ6K, "mvqm_q6_k", spv!("mvqm_q6_k"), true),
+    mvqm(Kernel::MvqmeQ4_0, "mvqme_q4_0", spv!("mvqme_q4_0"), false),
+    mvqm(Kernel::MvqmeQ8_0, "mvqme_q8_0", spv!("mvqme_q8_0"), false),
+    mvqm(Kernel::MvqmeQ4K, "mvqme_q4_k", spv!("mvqme_q4_k"), false),
+    mvqm(Kernel::MvqmeQ6K, "mvqme_q6_k", spv!("mvqme_q6_k"), false),
 ];
 
 impl Kernel {
@@ -880,8 +914,9 @@ impl Kernel {
     }
 
     /// The batched decode mat-vec on int8 activations (`mvqn.glsl`) for weights of
-    /// type `ty`; `dot`: the int8-dot variant, else the emulated one.
-    pub fn mvqn_for(ty: GgmlType, dot: bool) -> Option<Kernel> {
+    /// type `ty`; `grouped`: the column-group kernel (`mvqm_*`), else the old one
+    /// (`mvqn_*`); `dot`: the int8-dot variant, else the emulated one.
+    pub fn mvqn_for(ty: GgmlType, grouped: bool, dot: bool) -> Option<Kernel> {
         let i = match ty {
             GgmlType::Q4_0 => 0,
             GgmlType::Q8_0 => 1,
@@ -889,10 +924,11 @@ impl Kernel {
             GgmlType::Q6_K => 3,
             _ => return None,
         };
-        let base = if dot {
-            Kernel::MvqnQ4_0
-        } else {
-            Kernel::MvqneQ4_0
+        let base = match (grouped, dot) {
+            (false, true) => Kernel::MvqnQ4_0,
+            (false, false) => Kernel::MvqneQ4_0,
+            (true, true) => Kernel::MvqmQ4_0,
+            (true, false) => Kernel::MvqmeQ4_0,
         } as usize;
         Some(KERNELS[base + i].kernel)
     }
@@ -979,4 +1015,9 @@ pub struct Tuning {
     pub mv_subgroup_rows: bool,
     /// The same for the gate|up mat-vecs (`CALDERA_VK_MVG_SG`, else as the others).
     pub mvg_subgroup_rows: bool,
+    /// Batched decode mat-vecs run the old `mvqn_*` kernels (all 16 columns per
+    /// workgroup, one reduction per column) instead of `mvqm_*` (`CALDERA_VK_MVQN_OLD=1`,
+    /// [`crate::ContextOptions::force_old_mvqn`]); `mvqm_*` also needs a workgroup of at
+    /// most 128 (its reduction's shared memory), else the old kernels run.
+    pub mvqn_old: bool,
 }

@@ -946,7 +946,7 @@ pub(crate) enum KvSource {
 
 /// Which mat-vec kernels a batched decode step's weights go through
 /// (`CALDERA_VK_BATCH_MM`): `auto` (default) and `mvq`: the batched int8 mat-vec
-/// (`quant_rows` + `mvqn`: each weight block read once for up to 16 columns, int8 dot
+/// (`quant_rows` + `mvqm`: each weight block read once per 8 columns, int8 dot
 /// products as the single-sequence decode) for the types it has (Q4_0, Q8_0, Q4_K,
 /// Q6_K; where the context quantizes activations), else the tiled matmul; `mmt`: the
 /// tiled matmul for every weight (one pass for up to 64 columns, each weight block
@@ -1492,29 +1492,57 @@ impl VkRunner {
         io: &MmIo<'_>,
         mode: MmMode,
     ) -> Result<AnyMm> {
+        self.mm_in(ctx, ty, w, k, io, mode, false)
+    }
+
+    /// Whether a batched decode step's mat-vec of `ty` over `k` inputs and `tokens`
+    /// columns runs on int8 activations (`quant_rows` + [`Mvqn`]).
+    fn batch_q8(&self, ty: GgmlType, k: u64, tokens: u64) -> bool {
+        self.batch.as_ref().is_some_and(|bm| {
+            matches!(bm.mm, BatchMm::Auto | BatchMm::Q8)
+                && self.m.ctx.tuning().q8_acts
+                && Mvqn::supports(ty)
+                && k.is_multiple_of(32)
+                && tokens <= Mvqn::MAX_COLS
+        })
+    }
+
+    /// [`Self::mm`]; with `q8_ready`, a batched int8 mat-vec's input is already in
+    /// int8 buffer pair 0 (quantized by the op before: an earlier member of the group
+    /// on the same input, or `attn_batch`), so no `quant_rows` runs for it.
+    #[allow(clippy::too_many_arguments)]
+    fn mm_in(
+        &self,
+        ctx: &Context,
+        ty: GgmlType,
+        w: &crate::memory::DeviceTensor,
+        k: u64,
+        io: &MmIo<'_>,
+        mode: MmMode,
+        q8_ready: bool,
+    ) -> Result<AnyMm> {
         let Some(bm) = &self.batch else {
             return Ok(AnyMm::Mm(Mm::new(ctx, ty, w, k, io, mode)?));
         };
-        let q8 = matches!(bm.mm, BatchMm::Auto | BatchMm::Q8)
-            && ctx.tuning().q8_acts
-            && Mvqn::supports(ty)
-            && k.is_multiple_of(32)
-            && io.max_tokens <= Mvqn::MAX_COLS;
-        if q8 {
+        if self.batch_q8(ty, k, io.max_tokens) {
             let acts = self.acts(0, false);
             let gam = if mode.norm { io.gam } else { None };
-            let qr = QuantRows::new(
-                ctx,
-                k,
-                io.x,
-                io.ld_x,
-                gam,
-                mode.glu,
-                mode.eps,
-                &acts,
-                io.step,
-                io.max_tokens,
-            )?;
+            let qr = if q8_ready {
+                None
+            } else {
+                Some(QuantRows::new(
+                    ctx,
+                    k,
+                    io.x,
+                    io.ld_x,
+                    gam,
+                    mode.glu,
+                    mode.eps,
+                    &acts,
+                    io.step,
+                    io.max_tokens,
+                )?)
+            };
             let mv = Mvqn::new(
                 ctx,
                 ty,
@@ -1600,7 +1628,10 @@ impl VkRunner {
                 eps,
                 ..Default::default()
             };
-            group.push(self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+            // A batched step quantizes the normed input once for every int8 member.
+            let ready = group.iter().any(|g| matches!(g, AnyMm::Q8(..)))
+                && l.qkv.first().is_some_and(|f| f.k == p.k);
+            group.push(self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready)?);
         }
         if !decode {
             ops.push(("qkv", Op::Mm(group)));
@@ -1670,9 +1701,14 @@ impl VkRunner {
                     rope_buf,
                     &self.attn_part,
                     &self.attn_count,
+                    &self.xq[0],
+                    &self.xd[0],
                 ],
             )?;
-            let gate_flag = if a.q_gate { 32 } else { 0 };
+            // The o-projection on int8: attn_batch quantizes its output into pair 0.
+            let o_q8 =
+                self.batch_q8(l.o.ty, l.o.k as u64, b) && hd.is_multiple_of(32) && l.o.k == nh * hd;
+            let gate_flag = if a.q_gate { 32 } else { 0 } | if o_q8 { 16 } else { 0 };
             let push = push_words(&[
                 u32_of(nh, "heads")?,
                 u32_of(nkv, "kv heads")?,
@@ -1701,7 +1737,11 @@ impl VkRunner {
                 None,
                 layer.post_norm.as_ref(),
                 b,
-                &mut QState::default(),
+                &mut QState {
+                    cur: 0,
+                    ready: o_q8,
+                    xnorm: false,
+                },
                 None,
             );
         }
@@ -2441,9 +2481,13 @@ impl VkRunner {
                 eps: cfg.norm_eps,
                 ..Default::default()
             };
+            // A batched step's input may be quantized already (`attn_batch`).
+            let ready = qs.ready && self.batch.is_some();
             ops.push((
                 label,
-                Op::Mm(vec![self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?]),
+                Op::Mm(vec![
+                    self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready)?
+                ]),
             ));
         }
         if let Some(pn) = post_norm {
@@ -2651,7 +2695,9 @@ enum Op {
 /// activations, the columns' quantization and the batched int8 mat-vec.
 enum AnyMm {
     Mm(Mm),
-    Q8(QuantRows, Mvqn),
+    /// The columns' quantization (none where an op before left the input quantized)
+    /// and the batched int8 mat-vec.
+    Q8(Option<QuantRows>, Mvqn),
 }
 
 impl AnyMm {
@@ -2659,10 +2705,13 @@ impl AnyMm {
         match self {
             AnyMm::Mm(m) => m.record(r),
             AnyMm::Q8(q, m) => {
-                // Members of a group share the int8 buffers: one after another.
-                r.barrier();
-                q.record(r)?;
-                r.barrier();
+                // Members of a group share the int8 buffers: one after another (those
+                // reading the same input, quantized once, need no barrier between).
+                if let Some(q) = q {
+                    r.barrier();
+                    q.record(r)?;
+                    r.barrier();
+                }
                 m.record(r)
             }
         }

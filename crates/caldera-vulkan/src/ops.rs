@@ -673,8 +673,12 @@ impl QuantRows {
 
 /// Batched decode mat-vec on int8 activations (`mvqn.glsl`): for every column c <
 /// step[0] (at most 16) and weight row r, `y[c * ld_y + y_offset + r] (+)= W[r] · x_c`
-/// with x_c quantized by [`QuantRows`]; softcapped with `softcap`. Each weight block is
-/// read from memory once for all the columns. One dispatch per weight piece.
+/// with x_c quantized by [`QuantRows`]; softcapped with `softcap`. One dispatch per
+/// weight piece. `mvqm_*` (default): a workgroup per 4 rows x group of 8 columns, the
+/// groups of a row group adjacent (its weights come from memory once, the second group
+/// finds them in cache), all of a workgroup's sums reduced in one pass; `mvqn_*`
+/// ([`Tuning::mvqn_old`](crate::kernels::Tuning::mvqn_old)): a workgroup per 4 rows
+/// for all 16 columns, one reduction per column.
 pub struct Mvqn {
     parts: Vec<(Binding, Vec<u8>, u64)>,
 }
@@ -682,11 +686,13 @@ pub struct Mvqn {
 impl Mvqn {
     /// Rows per workgroup (`NRB` in mvqn.glsl).
     const ROWS: u64 = 4;
+    /// Columns per workgroup of `mvqm_*` (`NC`).
+    const GROUP_COLS: u64 = 8;
     /// Most columns (`MAXC`).
     pub const MAX_COLS: u64 = 16;
 
     pub fn supports(ty: GgmlType) -> bool {
-        Kernel::mvqn_for(ty, false).is_some()
+        Kernel::mvqn_for(ty, false, false).is_some()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -704,7 +710,8 @@ impl Mvqn {
         step: &Buffer,
         max_cols: u64,
     ) -> Result<Mvqn> {
-        let kernel = Kernel::mvqn_for(ty, ctx.tuning().int8_dot).ok_or_else(|| {
+        let grouped = !ctx.tuning().mvqn_old;
+        let kernel = Kernel::mvqn_for(ty, grouped, ctx.tuning().int8_dot).ok_or_else(|| {
             VkError::Invalid(format!("no batched int8 mat-vec for tensor type {ty}"))
         })?;
         check_rows(ty, w, k)?;
@@ -735,10 +742,16 @@ impl Mvqn {
         if softcap.is_some() {
             flags |= 2;
         }
+        // Column groups per row group (mvqm).
+        let ncg = if grouped {
+            cols.div_ceil(Self::GROUP_COLS)
+        } else {
+            1
+        };
         let mut parts = Vec::with_capacity(w.pieces.len());
         for piece in &w.pieces {
             let b = ctx.bind(kernel, &[&piece.buffer, acts.q, acts.d, y, step])?;
-            let words = [
+            let mut words = vec![
                 u32_of(k, "k")?,
                 u32_of(piece.rows, "rows")?,
                 u32_of(y_offset + piece.first_row, "y offset")?,
@@ -746,7 +759,11 @@ impl Mvqn {
                 flags,
                 softcap.unwrap_or(0.0).to_bits(),
             ];
-            parts.push((b, push_words(&words), piece.rows.div_ceil(Self::ROWS)));
+            if grouped {
+                words.push(ncg as u32);
+            }
+            let groups = piece.rows.div_ceil(Self::ROWS) * ncg;
+            parts.push((b, push_words(&words), groups));
         }
         Ok(Mvqn { parts })
     }

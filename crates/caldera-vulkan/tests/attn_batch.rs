@@ -4,8 +4,10 @@
 //! each column at its own position in its own slot, dispatched over the column count's
 //! bucket (the padding columns must do nothing); several head layouts, positions that
 //! need one and many splits, windows, softcap, both RoPE styles, the output gate, both
-//! KV formats and both reduction variants. The whole pool is read back: only each
-//! column's (slot, position) row may change. Skips without a Vulkan device unless
+//! KV formats and both reduction variants; the int8 output for the o-projection (8 and
+//! 16 columns: each column's blocks of 32 as `quant_rows` makes them from the f32
+//! output). The whole pool is read back: only each column's (slot, position) row may
+//! change. Skips without a Vulkan device unless
 //! `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
@@ -176,15 +178,19 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         )
         .unwrap();
     let count = ctx.upload(&vec![0u8; bucket * nkv * n_chunks * 4]).unwrap();
+    // The int8 output (flag 16) on even column counts; zeroed buffers otherwise stay so.
+    let q8 = c.cols.is_multiple_of(2);
+    let xq = ctx.upload(&vec![0u8; bucket * nh * hd]).unwrap();
+    let xd = ctx.upload(&vec![0u8; bucket * nh * hd / 8]).unwrap();
     let binding = ctx
         .bind(
             Kernel::AttnBatch,
             &[
-                &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &part, &count,
+                &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &part, &count, &xq, &xd,
             ],
         )
         .unwrap();
-    let mut flags = 4u32;
+    let mut flags = if q8 { 4u32 | 16 } else { 4u32 };
     if c.qk_norm {
         flags |= 3;
     }
@@ -220,6 +226,8 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         ctx.submit(&rec).unwrap();
     }
     let got = ctx.read_f32(&out, bucket * nh * hd).unwrap();
+    let xq_got = ctx.read_buffer(&xq, 0, (bucket * nh * hd) as u64).unwrap();
+    let xd_got = ctx.read_f32(&xd, bucket * nh * hd / 32).unwrap();
     let kc_got = read_kv(ctx, &kc_b, c.slots * slot_elems);
     let vc_got = read_kv(ctx, &vc_b, c.slots * slot_elems);
     let what = format!(
@@ -249,6 +257,32 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
                 "{what}: column {ci} (slot {slot}, pos {pos}): out[{i}] = {g}, want {}",
                 want[i]
             );
+        }
+        // The int8 blocks: got's values quantized as quant_rows does (one step apart at
+        // most where the device's division rounds differently).
+        for b in 0..nh * hd / 32 {
+            let at = ci * nh * hd + 32 * b;
+            let vals = &got[at..at + 32];
+            let amax = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (d, qd) = (xd_got[at / 32], amax / 127.0);
+            if !q8 {
+                assert!(d == 0.0 && xq_got[at..at + 32].iter().all(|&q| q == 0));
+                continue;
+            }
+            assert!(
+                (d - qd).abs() <= 1e-6 * qd,
+                "{what}: column {ci} block {b}: d = {d}, want {qd}"
+            );
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            for (i, &v) in vals.iter().enumerate() {
+                let want = (v * id).round_ties_even().clamp(-127.0, 127.0) as i32;
+                let q = xq_got[at + i] as i8 as i32;
+                assert!(
+                    (q - want).abs() <= 1,
+                    "{what}: column {ci}: q8[{}] = {q}, want {want}",
+                    32 * b + i
+                );
+            }
         }
         for (g, (k, v)) in kv_new.iter().enumerate() {
             for i in 0..hd {

@@ -1,10 +1,11 @@
-//! The batched decode mat-vec on int8 activations (`quant_rows` + `mvqn_*`: Q4_0, Q8_0,
-//! Q4_K, Q6_K) against a CPU twin that quantizes each column the same way, on fresh
-//! random inputs: 1, 3, 8 and 16 columns dispatched over their bucket (the padding
-//! columns must write nothing), odd row counts, strided and offset outputs, the input
-//! norm or the GLU input in `quant_rows`, the residual add and softcap, weights split
-//! over several buffers, with int8 dot products and with their emulation, both
-//! reductions. Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
+//! The batched decode mat-vec on int8 activations (`quant_rows` + `mvqm_*`, and the old
+//! `mvqn_*`: Q4_0, Q8_0, Q4_K, Q6_K) against a CPU twin that quantizes each column the
+//! same way, on fresh random inputs: 1, 3, 8, 9 and 16 columns (every count 1..=16 on
+//! one size) dispatched over their bucket (the padding columns must write nothing), odd
+//! row counts, strided and offset outputs, the input norm or the GLU input in
+//! `quant_rows`, the residual add and softcap, weights split over several buffers, with
+//! int8 dot products and with their emulation, both reductions, both kernels. Skips
+//! without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 //! `CALDERA_TEST_SEED=N` replays a seed.
 
 mod common;
@@ -144,9 +145,11 @@ fn run(
         );
     }
     let what = format!(
-        "{ty}: {rows} x {k}, {cols} columns, {mode:?} (subgroup {}, int8 dot {}, pieces {})",
+        "{ty}: {rows} x {k}, {cols} columns, {mode:?} (subgroup {}, int8 dot {}, old {}, \
+         pieces {})",
         ctx.tuning().subgroup_reduce,
         ctx.tuning().int8_dot,
+        ctx.tuning().mvqn_old,
         wt.pieces.len()
     );
     for c in 0..bucket {
@@ -189,10 +192,17 @@ fn run(
 
 fn contexts() -> Vec<Context> {
     let mut v = Vec::new();
-    for (shared, no_dot) in [(false, false), (true, true), (false, true)] {
+    for (shared, no_dot, old) in [
+        (false, false, false),
+        (true, true, false),
+        (false, true, false),
+        (false, false, true),
+        (true, true, true),
+    ] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
             force_no_int8_dot: no_dot,
+            force_old_mvqn: old,
             ..Default::default()
         };
         match test_context("mvqn", &opts) {
@@ -235,7 +245,7 @@ fn case(ty: GgmlType) {
     ];
     for (ci, ctx) in ctxs.iter().enumerate() {
         for (mi, &mode) in modes.iter().enumerate() {
-            for cols in [1usize, 3, 8, 16] {
+            for cols in [1usize, 3, 8, 9, 16] {
                 for (rows, k) in [(1usize, bs), (7, 3 * bs), (333, 2 * bs)] {
                     // Every size on the default context; a rotating subset on the others.
                     if ci > 0 && (mi + cols + rows) % 3 != 0 {
@@ -244,6 +254,13 @@ fn case(ty: GgmlType) {
                     run(ctx, &mut rng, ty, rows, k, cols, mode);
                 }
             }
+        }
+        // Every column count, one size.
+        for cols in 1..=16usize {
+            if ci > 0 && cols % 5 != ci % 5 {
+                continue;
+            }
+            run(ctx, &mut rng, ty, 45, 2 * bs, cols, modes[cols % 4]);
         }
     }
 }

@@ -3,7 +3,8 @@
 //! `VkRunner`), for live counts that are and are not bucket sizes (1, 3, 9, 16), with
 //! sequences joining (into a freed slot, over its previous tenant's cache) and leaving
 //! between steps and idle ones left untouched by the buckets' padding; on f32 weights
-//! (the matmuls) and on quantized ones (int8 activations, `mvqn`); the server's stepper;
+//! (the matmuls) and on quantized ones (int8 activations, `mvqm` and the old `mvqn`);
+//! the server's stepper;
 //! `caldera bench --batch`. Runs on the test device (lavapipe by default) and skips
 //! without one unless `CALDERA_REQUIRE_VULKAN=1`.
 
@@ -288,6 +289,30 @@ fn vulkan_batch_int8_matches_alone() {
         assert!(o.status.success(), "convert {ty}: {}", common::text(&o));
         scenario(dev, &out, false, false, BatchMm::Q8, 2e-2, Size::Small);
     }
+}
+
+/// The old batched int8 mat-vec (`mvqn_*`, `CALDERA_VK_MVQN_OLD=1`) still matches too.
+#[test]
+fn vulkan_batch_int8_old_mvqn_matches_alone() {
+    let (Some(dev), Some(_)) = (device(), fixtures()) else {
+        return;
+    };
+    let tmp = common::TempDir::new("vk-batch-q8-old");
+    let synth = tmp.0.join("qwen3-tiny.gguf");
+    let o = common::bin()
+        .args(["synth", "--arch", "qwen3", "--shape", "tiny"])
+        .arg(&synth)
+        .output()
+        .expect("running caldera synth");
+    assert!(o.status.success(), "synth: {}", common::text(&o));
+    let (_file, model) = Model::open(&synth).expect("model");
+    let opts = ContextOptions {
+        force_old_mvqn: true,
+        ..Default::default()
+    };
+    let ctx = Context::with_options(dev, &opts).expect("device");
+    let vk = Arc::new(VkModel::new(ctx, Arc::new(model)).expect("upload"));
+    small_scenario(&vk, BatchMm::Auto, 2e-2);
 }
 
 /// A mixture of experts (the qwen3_moe fixture): routing and the experts per column.
