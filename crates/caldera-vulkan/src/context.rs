@@ -457,10 +457,25 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
     let mvx_workgroup_size = (1u32 << (31 - mvx_want.leading_zeros())).max(16);
     let mvx_rows = env_u32("CALDERA_VK_MVX_ROWS").unwrap_or(2).clamp(1, 4);
     let env_on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
+    // The int8 mat-vecs' subgroup-per-output layout: on by default on GPUs (measured
+    // faster on the H100 and H200, docs/BENCHMARKS.md), off on CPU drivers (whose
+    // subgroups of 4-8 lanes leave most of a workgroup idle); `CALDERA_VK_MV_SG=0|1`.
     let sg_ok = info.subgroup_arithmetic && !force_shared && info.subgroup_min >= 8;
-    let mv_sg = opts
-        .mv_subgroup_rows
-        .unwrap_or_else(|| env_on("CALDERA_VK_MV_SG"));
+    let mv_sg = opts.mv_subgroup_rows.unwrap_or_else(|| {
+        std::env::var("CALDERA_VK_MV_SG").map_or(info.device_type != DeviceType::Cpu, |v| v == "1")
+    });
+    let sgs = required_subgroup_size.unwrap_or(info.subgroup_size).max(1);
+    let sg_want = opts
+        .mv_workgroup_size
+        .or_else(|| env_u32("CALDERA_VK_MVQ_WG"))
+        .unwrap_or(4 * sgs)
+        .clamp(16, limit.max(16));
+    let sg_workgroup_size = (1u32 << (31 - sg_want.leading_zeros())).max(16);
+    let sg_rows = opts
+        .mv_rows
+        .or_else(|| env_u32("CALDERA_VK_MVQ_ROWS"))
+        .unwrap_or(4)
+        .clamp(1, 4);
     Tuning {
         int8_dot: info.int8_dot && !opts.force_no_int8_dot && !env_on("CALDERA_VK_NO_DOT"),
         q8_acts: !opts.force_f32_acts && !env_on("CALDERA_VK_NO_Q8"),
@@ -482,6 +497,8 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
             && !env_on("CALDERA_VK_NO_MMT"),
         kv_f16: !opts.force_kv_f32 && !env_on("CALDERA_VK_KV_F32"),
         mv_subgroup_rows: sg_ok && mv_sg,
+        sg_workgroup_size,
+        sg_rows,
         mvg_subgroup_rows: sg_ok && std::env::var("CALDERA_VK_MVG_SG").map_or(mv_sg, |v| v == "1"),
         mvqn_old: opts.force_old_mvqn || env_on("CALDERA_VK_MVQN_OLD") || workgroup_size > 128,
     }
@@ -642,6 +659,8 @@ fn create_pipeline(
         };
         let (wg, rows) = if desc.expert {
             tuning.mvx_shape()
+        } else if desc.q8 {
+            tuning.mvq_shape(desc.glu)
         } else if desc.mv {
             tuning.mv_shape(desc.glu)
         } else {
@@ -650,7 +669,7 @@ fn create_pipeline(
         // Constant 0: workgroup size; 1: rows per workgroup (mat-vecs only); 2: the KV
         // cache holds f16 (a VkBool32; kernels without a KV cache ignore it); 3: the
         // int8 mat-vecs' subgroup-per-output layout (not the expert ones').
-        let sg = desc.mv
+        let sg = desc.q8
             && !desc.expert
             && if desc.glu {
                 tuning.mvg_subgroup_rows

@@ -202,6 +202,9 @@ pub struct KernelDesc {
     pub glu: bool,
     /// An expert mat-vec (`mvx*`, `mvqx*`): launched with [`Tuning::mvx_shape`].
     pub expert: bool,
+    /// A decode mat-vec on int8 activations (`mvq.glsl`, not an expert one): launched
+    /// with [`Tuning::mvq_shape`].
+    pub q8: bool,
     /// A fixed workgroup size (`local_size_x` in the shader, no specialization constant
     /// 0), or 0 for [`Tuning::workgroup_size`].
     pub invocations: u32,
@@ -318,6 +321,7 @@ const fn plain(
         int8_dot: false,
         glu: false,
         expert: false,
+        q8: false,
         invocations: 0,
         shared_bytes: 0,
     }
@@ -370,6 +374,7 @@ const fn mvq(
     KernelDesc {
         rows_per_group: true,
         mv: true,
+        q8: true,
         int8_dot,
         ..plain(kernel, name, spv, 10, MVQ_PUSH_BYTES)
     }
@@ -439,6 +444,7 @@ const fn mvqx(
         bindings: 13,
         push_bytes: MVQX_PUSH_BYTES,
         expert: true,
+        q8: false,
         ..mvq(kernel, name, spv, int8_dot)
     }
 }
@@ -962,6 +968,22 @@ impl Tuning {
         }
     }
 
+    /// (workgroup size, outputs per workgroup) of the int8-activation decode mat-vecs
+    /// (`mvq.glsl`): [`Tuning::mv_shape`], or the subgroup-per-output shape where that
+    /// layout is on for them.
+    pub fn mvq_shape(&self, glu: bool) -> (u32, u32) {
+        let sg = if glu {
+            self.mvg_subgroup_rows
+        } else {
+            self.mv_subgroup_rows
+        };
+        if sg {
+            (self.sg_workgroup_size, self.sg_rows)
+        } else {
+            self.mv_shape(glu)
+        }
+    }
+
     /// (workgroup size, outputs per workgroup) of the expert mat-vecs (gate|up ones
     /// compute two weight rows per output).
     pub fn mvx_shape(&self) -> (u32, u32) {
@@ -1015,6 +1037,10 @@ pub struct Tuning {
     pub mv_subgroup_rows: bool,
     /// The same for the gate|up mat-vecs (`CALDERA_VK_MVG_SG`, else as the others).
     pub mvg_subgroup_rows: bool,
+    /// The launch shape of that layout: a workgroup of 4 subgroups and 4 outputs
+    /// (`CALDERA_VK_MVQ_WG` / `CALDERA_VK_MVQ_ROWS`).
+    pub sg_workgroup_size: u32,
+    pub sg_rows: u32,
     /// Batched decode mat-vecs run the old `mvqn_*` kernels (all 16 columns per
     /// workgroup, one reduction per column) instead of `mvqm_*` (`CALDERA_VK_MVQN_OLD=1`,
     /// [`crate::ContextOptions::force_old_mvqn`]); `mvqm_*` also needs a workgroup of at

@@ -852,7 +852,7 @@ impl Mvq {
             )));
         }
         let mut flags = mode.flags();
-        let rows_per_group = ctx.tuning().mv_shape(mode.glu.is_some()).1 as u64;
+        let rows_per_group = ctx.tuning().mvq_shape(mode.glu.is_some()).1 as u64;
         if let Some(ss) = x.ss {
             if ss.size() < k / 8 {
                 return Err(VkError::Invalid(format!(
