@@ -2262,8 +2262,8 @@ impl VkRunner {
             let fused = self.moe_fused;
             // The mat-vec before quantized the block's input (next_input asked for it
             // with the block's norm).
-            let input = (fused && qs.ready && qs.xnorm && norm.is_some())
-                .then(|| self.acts(qs.cur, true));
+            let input =
+                (fused && qs.ready && qs.xnorm && norm.is_some()).then(|| self.acts(qs.cur, true));
             let next = self
                 .next_input(li, false)
                 .filter(|_| fused && moe.int8_output(q8));

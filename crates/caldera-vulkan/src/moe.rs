@@ -4,9 +4,12 @@
 //! recording stays valid. caldera-cpu's `ffn::moe` / `ffn::route` are the twins.
 //!
 //! Ops and dispatches (each op's `record` adds no barrier after itself):
-//! - router logits: an ordinary [`Mv`] / [`Mvq`](crate::ops::Mvq) of the router weight
-//!   (`n` rows; with a shared-expert gate, its row appended as row `n`) [1 per piece];
-//! - [`MoeRoute`] (`moe_route.comp`): logits → [`Routing`] (ids, weights) [1];
+//! - [`MoeRouter`]: the router's logits (a mat-vec of the router weight, `n` rows; with a
+//!   shared-expert gate, its row appended as row `n`) and the routing into [`Routing`]
+//!   (ids, weights): fused (`mvr_*`, the mat-vec's last workgroup routes) [1], or an
+//!   ordinary [`Mv`] [1 per piece] then [`MoeRoute`] [1];
+//! - [`MoeRoute`] (`moe_route.comp`, `route.glsl`): logits → [`Routing`] [1; prefill one
+//!   workgroup per token];
 //! - [`ExpertUp`] (`mvxg_*` / `mvqxg_*`, or `mvx_*` / `mvqx_*` for ungated experts): the
 //!   chosen experts' gate|up rows with the GLU (or up rows with relu²) into `h`, slot `s`
 //!   at `h[s * ff ..]`; optionally quantizing `h` for the down projection on the way
@@ -26,10 +29,11 @@
 //! down projection takes int8).
 //!
 //! In the int8 decode chain: [`ExpertUp`] reads the FFN input as the o-projection's tail
-//! leaves it (int8 blocks of `x * gam` and per-block sums of squares, `MV_XNORM`), its
-//! tail quantizes `h` for [`ExpertDown`], whose tail (on the last down of the block)
-//! quantizes the block's output for the next layer. A router of f32 weights reads the
-//! residual stream and norm weights instead ([`Mv`] with `norm`), exactly as the CPU.
+//! leaves it ([`MoeIo::input`]: int8 blocks of `x * gam` and per-block sums of squares,
+//! `MV_XNORM`), its tail quantizes `h` for [`ExpertDown`], whose tail (on the last down
+//! of the block) quantizes the block's output for the next layer ([`MoeIo::next`]). The
+//! router reads the residual stream and norm weights in f32 (the norm folded into its
+//! mat-vec), as the CPU.
 //! Kernels exist for every type the dense mat-vecs take on f32 activations and for
 //! Q4_0, Q8_0, Q4_K, Q6_K and MXFP4 (int8 only) on int8 activations.
 
@@ -542,6 +546,9 @@ impl MoeRouter {
     }
 }
 
+/// One token's routing as [`router_host`] reads it back: ids and weights.
+pub type HostRouting = (Vec<u32>, Vec<f32>);
+
 /// Entries past a token's that [`router_host`] gives its routing buffers, filled with
 /// [`ROUTER_HOST_SENTINEL`] (ids) and its f32 bits (weights): the router must leave them.
 pub const ROUTER_HOST_EXTRA: usize = 4;
@@ -563,7 +570,7 @@ pub fn router_host(
     logit_bias: Option<&[f32]>,
     selection_bias: Option<&[f32]>,
     fuse: bool,
-) -> Result<(Vec<(Vec<u32>, Vec<f32>)>, bool)> {
+) -> Result<(Vec<HostRouting>, bool)> {
     let k = gam.len() as u64;
     let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
     let wt = ctx.upload_rows(&bytes, k * 4)?;
@@ -605,7 +612,9 @@ pub fn router_host(
     let mut res = Vec::with_capacity(xs.len());
     for x in xs {
         if x.len() != gam.len() {
-            return Err(invalid("router input and norm weights of different lengths".into()));
+            return Err(invalid(
+                "router input and norm weights of different lengths".into(),
+            ));
         }
         let xv: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
         ctx.write_buffer(&xb, 0, &xv)?;
@@ -1399,8 +1408,7 @@ impl MoeFfn {
         let (xq, xd) = q8_buffers(ctx, d.next_multiple_of(32))?;
         let x_acts = match io.input {
             Some(a) => {
-                if a.q.size() < d || a.d.size() < d / 8 || a.ss.is_some_and(|s| s.size() < d / 8)
-                {
+                if a.q.size() < d || a.d.size() < d / 8 || a.ss.is_some_and(|s| s.size() < d / 8) {
                     return Err(invalid(format!(
                         "the MoE block's int8 input of {d} values: buffers too small"
                     )));

@@ -1,6 +1,9 @@
-//! The MoE decode kernels (`moe_route`, the expert mat-vecs `mvx*_*` / `mvqx*_*`) against
-//! CPU twins on fresh random inputs with odd sizes: the router against caldera-cpu's
-//! `ffn::route` for every router kind; the experts' gate|up (every activation, biases,
+//! The MoE decode kernels (`moe_route`, the fused router `mvr_*`, the expert mat-vecs
+//! `mvx*_*` / `mvqx*_*`) against CPU twins on fresh random inputs with odd sizes: the
+//! router against caldera-cpu's `ffn::route` for every router kind (the fused one from
+//! router weights, each recording replayed on a second input); the whole block against
+//! `ffn::moe` in the fused and unfused sequences (input from a tail, output quantized for
+//! the next mat-vec, two replays); the experts' gate|up (every activation, biases,
 //! input norms) and mixed down projections against dequantized rows with f64 sums, on
 //! f32 activations for every type and on int8 activations (quantized as the kernels do)
 //! for Q4_0, Q8_0, Q4_K, Q6_K and MXFP4, with and without int8 dot products, under several
@@ -284,7 +287,14 @@ fn fused_router_matches_cpu_route() {
     let d = 40usize;
     let eps = 1e-6f32;
     for (ci, ctx) in ctxs.iter().enumerate() {
-        for (n, k) in [(13usize, 3usize), (1, 1), (7, 7), (128, 8), (512, 10), (1024, 32)] {
+        for (n, k) in [
+            (13usize, 3usize),
+            (1, 1),
+            (7, 7),
+            (128, 8),
+            (512, 10),
+            (1024, 32),
+        ] {
             for kind in kinds() {
                 for (si, shared) in [SharedSlot::None, SharedSlot::Ungated, SharedSlot::Gated]
                     .into_iter()
@@ -317,8 +327,10 @@ fn fused_router_matches_cpu_route() {
                         let logits: Vec<f32> = (0..rows)
                             .map(|r| {
                                 let row = &w[r * d..(r + 1) * d];
-                                row.iter().zip(&h).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
-                                    as f32
+                                row.iter()
+                                    .zip(&h)
+                                    .map(|(a, b)| *a as f64 * *b as f64)
+                                    .sum::<f64>() as f32
                             })
                             .collect();
                         let biased: Vec<f32> = match &lbias {
@@ -368,9 +380,8 @@ fn fused_router_matches_cpu_route() {
                         )
                         .unwrap();
                         assert_eq!(fused, fuse, "the fused router runs where asked");
-                        let what = format!(
-                            "{kind:?} n {n} k {k} {shared:?} fused {fuse} shape {ci}"
-                        );
+                        let what =
+                            format!("{kind:?} n {n} k {k} {shared:?} fused {fuse} shape {ci}");
                         for (rep, ((ids, wts), want)) in got.iter().zip(&wants).enumerate() {
                             let slots = want.len();
                             let want_ids: Vec<u32> = want.iter().map(|w| w.0).collect();
