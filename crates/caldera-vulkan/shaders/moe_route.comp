@@ -1,17 +1,8 @@
 #version 450
-// MoE router, one workgroup per token t of the step: from token t's router logits (n experts, written by a mat-vec)
-// choose k experts and their mixing weights, as caldera-cpu's `ffn::route`:
-//   KIND_SOFTMAX:  p = softmax(logits); the top k of p, weighted by p (ROUTE_RENORM:
-//                  divided by their sum);
-//   KIND_TOPK:     the top k logits, weighted by the softmax over those k (gpt-oss);
-//   KIND_SIGMOID:  s = sigmoid(logits); the top k of s + selection bias (ROUTE_SEL_BIAS),
-//                  weighted by s (ROUTE_RENORM: divided by their sum + 1e-20);
-// then every weight times `scale`. ROUTE_LOGIT_BIAS adds a bias to the logits first (a
-// router with a bias). The top k come in descending order of the key, ties to the lower
-// expert id (torch.topk and the CPU's stable sort).
-// ROUTE_SHARED also fills slot k for the shared expert (a one-expert tensor): id 0 and
-// weight 1, or sigmoid(logits[n]) with ROUTE_SHARED_GATE (its gate's logit, written by the
-// router mat-vec as row n).
+#extension GL_EXT_control_flow_attributes : enable
+// MoE router, one workgroup per token t of the step: from token t's router logits (n
+// experts, written by a mat-vec) choose k experts and their mixing weights (route.glsl,
+// as caldera-cpu's `ffn::route`, for every router kind).
 // One workgroup of 128 per token; n <= MAXE, k <= MAXK. Token t reads logits row t (ld
 // values apart) and writes entries t (k + shared) ..; a token past the step's (t >=
 // step[0]) gets ids 0xffffffff, which the expert mat-vecs skip.
@@ -39,59 +30,11 @@ layout(push_constant) uniform Push {
     uint ld; // logits values between tokens
 } p;
 
-const uint KIND_SOFTMAX = 0u;
-const uint KIND_TOPK = 1u;
-const uint KIND_SIGMOID = 2u;
-const uint ROUTE_RENORM = 1u;
-const uint ROUTE_SEL_BIAS = 2u;
-const uint ROUTE_LOGIT_BIAS = 4u;
-const uint ROUTE_SHARED = 8u;
-const uint ROUTE_SHARED_GATE = 16u;
-
-const uint MAXE = 1024u;
-const uint MAXK = 32u;
-const uint NONE = 0xffffffffu;
-
-shared float val[MAXE]; // what the weights are taken from: p, the logit or s
-shared float key[MAXE]; // what the top k is chosen by
-shared float rv[RWG];
-shared uint chosen[MAXK];
-
-float sigm(float v) {
-    return 1.0 / (1.0 + exp(-v));
+float route_logit(uint i) {
+    return logits[gl_WorkGroupID.x * p.ld + i];
 }
 
-
-float reduce_max(float v) {
-    uint t = gl_LocalInvocationID.x;
-    rv[t] = v;
-    barrier();
-    for (uint h = RWG / 2u; h > 0u; h >>= 1) {
-        if (t < h) {
-            rv[t] = max(rv[t], rv[t + h]);
-        }
-        barrier();
-    }
-    float r = rv[0];
-    barrier();
-    return r;
-}
-
-float reduce_add(float v) {
-    uint t = gl_LocalInvocationID.x;
-    rv[t] = v;
-    barrier();
-    for (uint h = RWG / 2u; h > 0u; h >>= 1) {
-        if (t < h) {
-            rv[t] += rv[t + h];
-        }
-        barrier();
-    }
-    float r = rv[0];
-    barrier();
-    return r;
-}
-
+#include "route.glsl"
 
 void main() {
     uint t = gl_LocalInvocationID.x;
@@ -105,99 +48,5 @@ void main() {
         }
         return;
     }
-    uint l0 = tok * p.ld;
-    uint n = p.n;
-    bool lb = (p.flags & ROUTE_LOGIT_BIAS) != 0u;
-    bool sb = (p.flags & ROUTE_SEL_BIAS) != 0u;
-    float mx = -3.402823466e38;
-    for (uint i = t; i < n; i += RWG) {
-        float l = logits[l0 + i] + (lb ? lbias[i] : 0.0);
-        val[i] = l;
-        mx = max(mx, l);
-    }
-    if (p.kind == KIND_SOFTMAX) {
-        mx = reduce_max(mx);
-        float s = 0.0;
-        for (uint i = t; i < n; i += RWG) {
-            float e = exp(val[i] - mx);
-            val[i] = e;
-            s += e;
-        }
-        float inv = 1.0 / reduce_add(s);
-        for (uint i = t; i < n; i += RWG) {
-            float v = val[i] * inv;
-            val[i] = v;
-            key[i] = v;
-        }
-    } else if (p.kind == KIND_SIGMOID) {
-        for (uint i = t; i < n; i += RWG) {
-            float v = sigm(val[i]);
-            val[i] = v;
-            key[i] = v + (sb ? sbias[i] : 0.0);
-        }
-    } else {
-        for (uint i = t; i < n; i += RWG) {
-            key[i] = val[i];
-        }
-    }
-    // (Fallback picks should the keys hold NaNs, which rank nothing.)
-    if (t < p.k) {
-        chosen[t] = t;
-    }
-    barrier();
-    // The top k by rank: expert i's rank is how many experts come before it (a larger
-    // key, or an equal key and a lower id); ranks 0 .. k - 1 are the chosen, in order.
-    // One pass, no reductions: each invocation ranks its experts against all n.
-    for (uint i = t; i < n; i += RWG) {
-        float ki = key[i];
-        uint rank = 0u;
-        for (uint j = 0u; j < n; j++) {
-            float kj = key[j];
-            rank += (kj > ki || (kj == ki && j < i)) ? 1u : 0u;
-        }
-        if (rank < p.k) {
-            chosen[rank] = i;
-        }
-    }
-    barrier();
-    if (t != 0u) {
-        return;
-    }
-    float w[MAXK];
-    float tot = 0.0;
-    if (p.kind == KIND_TOPK) {
-        float m = -3.402823466e38;
-        for (uint j = 0u; j < p.k; j++) {
-            m = max(m, val[chosen[j]]);
-        }
-        for (uint j = 0u; j < p.k; j++) {
-            w[j] = exp(val[chosen[j]] - m);
-            tot += w[j];
-        }
-        float inv = 1.0 / tot;
-        for (uint j = 0u; j < p.k; j++) {
-            w[j] *= inv;
-        }
-    } else {
-        for (uint j = 0u; j < p.k; j++) {
-            w[j] = val[chosen[j]];
-            tot += w[j];
-        }
-        if ((p.flags & ROUTE_RENORM) != 0u) {
-            if (p.kind == KIND_SIGMOID) {
-                tot += 1e-20;
-            }
-            for (uint j = 0u; j < p.k; j++) {
-                w[j] /= tot;
-            }
-        }
-    }
-    for (uint j = 0u; j < p.k; j++) {
-        ids[out0 + j] = chosen[j];
-        wts[out0 + j] = w[j] * p.scale;
-    }
-    if ((p.flags & ROUTE_SHARED) != 0u) {
-        ids[out0 + p.k] = 0u;
-        wts[out0 + p.k] = (p.flags & ROUTE_SHARED_GATE) != 0u ? sigm(logits[l0 + n]) : 1.0;
-    }
+    route_token(p.n, p.k, p.kind, p.flags, p.scale, out0);
 }

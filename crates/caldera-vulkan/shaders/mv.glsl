@@ -12,9 +12,18 @@
 // gam) values of a slot's block are loaded once, as vec4, and used for all NR rows.
 // Other types go through deq.glsl's dot32, one 32-element group per invocation.
 //
+// With MV_ROUTE (the MoE router, `mvr_*`) y holds the router's logits, and the last
+// workgroup to finish (an atomic count, reset by that workgroup, as attn_decode's
+// combine) routes the token (route.glsl) from them: the chosen experts' ids and
+// weights go to device memory for the expert mat-vecs, so no routing dispatch and no
+// barrier separate the router from them. The workgroups make their logits visible
+// before counting (coherent y, memoryBarrierBuffer), the last one reads them after.
+//
 // Binding 0: the piece's raw blocks (row r at byte r * row_bytes), read as 32-bit words.
 // Binding 1: x (f32, k values; vec4-aligned). Binding 2: y (f32).
 // Binding 3: gam (f32, k values; any buffer of >= k floats when not MV_NORM).
+// MV_ROUTE: binding 4: logit bias (f32, n_exp). 5: selection bias (f32, n_exp). 6: ids
+// (u32). 7: weights (f32). 8: the count (one u32, zero between dispatches).
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
@@ -22,7 +31,16 @@ layout(std430, binding = 0) readonly buffer Wbuf2 { uvec2 w2[]; };
 layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
 layout(std430, binding = 1) readonly buffer Xbuf { float x[]; };
 layout(std430, binding = 1) readonly buffer Xbuf4 { vec4 x4[]; };
+#if defined(MV_ROUTE)
+layout(std430, binding = 2) coherent buffer Ybuf { float y[]; };
+layout(std430, binding = 4) readonly buffer LBbuf { float lbias[]; };
+layout(std430, binding = 5) readonly buffer SBbuf { float sbias[]; };
+layout(std430, binding = 6) writeonly buffer Ibuf { uint ids[]; };
+layout(std430, binding = 7) writeonly buffer RWbuf { float wts[]; };
+layout(std430, binding = 8) coherent buffer RCnt { uint rcnt[]; };
+#else
 layout(std430, binding = 2) buffer Ybuf { float y[]; };
+#endif
 layout(std430, binding = 3) readonly buffer Gbuf { float gam[]; };
 layout(std430, binding = 3) readonly buffer Gbuf4 { vec4 gam4[]; };
 
@@ -35,6 +53,13 @@ layout(push_constant) uniform Push {
     float cap;     // MV_SOFTCAP: y = cap * tanh(y / cap)
 #if defined(MV_EXPERT)
 #include "mv_expert_push.glsl"
+#endif
+#if defined(MV_ROUTE)
+    uint n_exp;    // experts the router chooses among (logits 0 .. n_exp, + 1 gated)
+    uint n_used;   // experts chosen
+    uint kind;     // route.glsl's KIND_*
+    uint rflags;   // route.glsl's ROUTE_*
+    float scale;   // multiplier on the mixing weights
 #endif
 } p;
 
@@ -231,6 +256,35 @@ void reduce_rows(inout float a[MAXR + 1u]) {
 #endif
 }
 
+#if defined(MV_ROUTE)
+#define RWG WG
+float route_logit(uint i) {
+    return y[p.y_offset + i];
+}
+#include "route.glsl"
+
+shared bool route_last;
+
+// After the workgroup's stores: the last workgroup of the dispatch routes the token.
+void route_tail() {
+    memoryBarrierBuffer();
+    barrier();
+    if (gl_LocalInvocationID.x == 0u) {
+        uint groups = gl_NumWorkGroups.x * gl_NumWorkGroups.y;
+        uint done = atomicAdd(rcnt[0], 1u);
+        route_last = done == groups - 1u;
+        if (route_last) {
+            rcnt[0] = 0u;
+        }
+    }
+    barrier();
+    if (route_last) { // uniform for the workgroup
+        memoryBarrierBuffer();
+        route_token(p.n_exp, p.n_used, p.kind, p.rflags, p.scale, 0u);
+    }
+}
+#endif
+
 #if defined(MV_EXPERT)
 #include "mv_expert.glsl"
 #else
@@ -313,6 +367,9 @@ void main() {
             store(row0 + r, a[r] * inv);
         }
     }
+#endif
+#if defined(MV_ROUTE)
+    route_tail();
 #endif
 }
 #endif

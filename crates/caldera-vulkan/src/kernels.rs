@@ -175,6 +175,18 @@ pub enum Kernel {
     MvqmeQ8_0 = 156,
     MvqmeQ4K = 157,
     MvqmeQ6K = 158,
+    MvrF32 = 159,
+    MvrF16 = 160,
+    MvrBF16 = 161,
+    MvrQ4_0 = 162,
+    MvrQ4_1 = 163,
+    MvrQ5_0 = 164,
+    MvrQ5_1 = 165,
+    MvrQ8_0 = 166,
+    MvrQ4K = 167,
+    MvrQ5K = 168,
+    MvrQ6K = 169,
+    MvrIQ4XS = 170,
 }
 
 /// One entry of the kernel table.
@@ -449,8 +461,27 @@ const fn mvqx(
     }
 }
 
+/// The MoE router mat-vec whose last workgroup routes (`mv.glsl` with `MV_ROUTE`) push
+/// constants: [`MV_PUSH_BYTES`]'s words, then `n_exp, n_used, kind, flags` (u32),
+/// `scale` (f32).
+pub const MVR_PUSH_BYTES: u32 = MV_PUSH_BYTES + 20;
+
+/// A fused router mat-vec: [`mv`] with 5 more bindings (logit bias, selection bias, ids,
+/// weights, the count).
+const fn mvr(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+) -> KernelDesc {
+    KernelDesc {
+        bindings: 9,
+        push_bytes: MVR_PUSH_BYTES,
+        ..mv(kernel, name, spv)
+    }
+}
+
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 159] = [
+pub const KERNELS: [KernelDesc; 171] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -834,6 +865,18 @@ pub const KERNELS: [KernelDesc; 159] = [
     mvqm(Kernel::MvqmeQ8_0, "mvqme_q8_0", spv!("mvqme_q8_0"), false),
     mvqm(Kernel::MvqmeQ4K, "mvqme_q4_k", spv!("mvqme_q4_k"), false),
     mvqm(Kernel::MvqmeQ6K, "mvqme_q6_k", spv!("mvqme_q6_k"), false),
+    mvr(Kernel::MvrF32, "mvr_f32", spv!("mvr_f32")),
+    mvr(Kernel::MvrF16, "mvr_f16", spv!("mvr_f16")),
+    mvr(Kernel::MvrBF16, "mvr_bf16", spv!("mvr_bf16")),
+    mvr(Kernel::MvrQ4_0, "mvr_q4_0", spv!("mvr_q4_0")),
+    mvr(Kernel::MvrQ4_1, "mvr_q4_1", spv!("mvr_q4_1")),
+    mvr(Kernel::MvrQ5_0, "mvr_q5_0", spv!("mvr_q5_0")),
+    mvr(Kernel::MvrQ5_1, "mvr_q5_1", spv!("mvr_q5_1")),
+    mvr(Kernel::MvrQ8_0, "mvr_q8_0", spv!("mvr_q8_0")),
+    mvr(Kernel::MvrQ4K, "mvr_q4_k", spv!("mvr_q4_k")),
+    mvr(Kernel::MvrQ5K, "mvr_q5_k", spv!("mvr_q5_k")),
+    mvr(Kernel::MvrQ6K, "mvr_q6_k", spv!("mvr_q6_k")),
+    mvr(Kernel::MvrIQ4XS, "mvr_iq4_xs", spv!("mvr_iq4_xs")),
 ];
 
 impl Kernel {
@@ -888,6 +931,13 @@ impl Kernel {
         let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
         let base = if glu { Kernel::MvgF32 } else { Kernel::MvF32 } as usize;
         Some(KERNELS[base + i].kernel)
+    }
+
+    /// The MoE router mat-vec whose last workgroup routes the token (`mvr_*`, `mv.glsl`
+    /// with `MV_ROUTE`) for weights of type `ty`.
+    pub fn mvr_for(ty: GgmlType) -> Option<Kernel> {
+        let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
+        Some(KERNELS[Kernel::MvrF32 as usize + i].kernel)
     }
 
     /// Whether the decode mat-vec of `ty` has a lane-split fast path (others decode

@@ -260,13 +260,21 @@ impl VkLayer {
     }
 
     /// The norm and the projections of the FFN's first mat-vec that a decode mat-vec
-    /// before it may quantize the input of (none for a MoE, which quantizes its own).
+    /// before it may quantize the input of (none for a MoE: see [`VkLayer::ffn_moe`]).
     fn ffn_input(&self) -> Option<(Option<&Buffer>, Vec<&Proj>)> {
         let projs = match self.ffn.as_ref()? {
             VkFfn::Dense(m) => vec![&m.up],
             VkFfn::Moe(_) => Vec::new(),
         };
         Some((self.ffn_norm.as_ref(), projs))
+    }
+
+    /// The FFN's MoE block, if it is one.
+    fn ffn_moe(&self) -> Option<&MoeDevice> {
+        match self.ffn.as_ref()? {
+            VkFfn::Moe(m) => Some(m),
+            VkFfn::Dense(_) => None,
+        }
     }
 }
 
@@ -907,6 +915,14 @@ pub struct VkRunner {
     /// `quant_x` dispatch: 5-6 dispatches per layer instead of 8-9.
     /// `CALDERA_VK_FUSE_QUANT=0` turns it off.
     fuse_quant: bool,
+    /// Decode MoE blocks route in the router mat-vec's dispatch (`mvr_*`), take their
+    /// input quantized by the mat-vec before (its tail with the block's norm) and
+    /// quantize their output for the next one (the last down projection's tail): 3
+    /// dispatches per MoE block without a shared expert instead of 5, and no `quant`
+    /// before the next layer. `CALDERA_VK_MOE_UNFUSED=1` runs the earlier sequence
+    /// (router mat-vec + `quant_x`, `moe_route`, gate|up, down; the next layer's
+    /// `quant_x`).
+    moe_fused: bool,
     /// `CALDERA_VK_PROFILE=1`: decode steps write GPU timestamps after every op.
     profile: bool,
     /// Profiling only: `CALDERA_VK_ATTN_STOP=1|2` ends decode attention after its q/k
@@ -1302,6 +1318,7 @@ impl VkRunner {
                 .unwrap_or(0)
                 .min(3),
             fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").map_or(true, |v| v != "0"),
+            moe_fused: std::env::var("CALDERA_VK_MOE_UNFUSED").map_or(true, |v| v != "1"),
             profile_ns: HashMap::new(),
             profile_steps: 0,
             batch,
@@ -1365,7 +1382,7 @@ impl VkRunner {
                     self.push_mlp(&mut ops, mlp, l.ffn_norm.as_ref(), out, bucket, &mut qs)?;
                 }
                 Some(VkFfn::Moe(moe)) => {
-                    self.push_moe(&mut ops, moe, l.ffn_norm.as_ref(), bucket, &mut qs)?
+                    self.push_moe(&mut ops, li, moe, l.ffn_norm.as_ref(), bucket, &mut qs)?
                 }
                 None => {}
             }
@@ -2265,10 +2282,12 @@ impl VkRunner {
 
     /// A mixture of experts over the step's tokens on input `x` normed by `norm`, its
     /// output added to x: decode runs [`MoeFfn`] (the chosen experts only, int8 where
-    /// the types allow), prefill [`MoeSteps`].
+    /// the types allow; with `moe_fused`, on the int8 input the mat-vec before left in
+    /// `qs` and quantizing its output for the next block), prefill [`MoeSteps`].
     fn push_moe(
         &self,
         ops: &mut Vec<(&'static str, Op)>,
+        li: usize,
         moe: &MoeDevice,
         norm: Option<&Buffer>,
         bucket: usize,
@@ -2279,21 +2298,46 @@ impl VkRunner {
         let eps = m.model.config.norm_eps;
         let gam = norm.unwrap_or(&m.ones);
         if self.is_decode(bucket) {
+            let q8 = ctx.tuning().q8_acts;
+            let fused = self.moe_fused;
+            // The mat-vec before quantized the block's input (next_input asked for it
+            // with the block's norm).
+            let input =
+                (fused && qs.ready && qs.xnorm && norm.is_some()).then(|| self.acts(qs.cur, true));
+            let next = self
+                .next_input(li, false)
+                .filter(|_| fused && moe.int8_output(q8));
+            let tail = next.as_ref().map(|n| MvTail {
+                count: &self.tail_count,
+                out: self.acts(1 - qs.cur, n.norm.is_some()),
+                gam: n.norm,
+                n: n.n as u64,
+            });
             let io = MoeIo {
                 x: &self.x,
                 gam,
                 eps,
                 y: &self.x,
                 add: true,
-                next: None,
+                input,
+                next: tail.as_ref(),
+                fuse_route: fused,
             };
-            let op = MoeFfn::new(ctx, moe, &io, ctx.tuning().q8_acts)?;
+            let op = MoeFfn::new(ctx, moe, &io, q8)?;
             ops.push(("moe", Op::MoeDecode(op)));
-            // The block leaves f32 output: the next int8 mat-vec quantizes it first.
-            *qs = QState {
-                cur: qs.cur,
-                ready: false,
-                xnorm: false,
+            *qs = match next {
+                // The last down projection quantized the next block's input.
+                Some(n) => QState {
+                    cur: 1 - qs.cur,
+                    ready: true,
+                    xnorm: n.norm.is_some(),
+                },
+                // The block leaves f32 output: the next int8 mat-vec quantizes it first.
+                None => QState {
+                    cur: qs.cur,
+                    ready: false,
+                    xnorm: false,
+                },
             };
         } else {
             let scratch = self
@@ -2320,19 +2364,28 @@ impl VkRunner {
             // The layer's end changes x after its FFN.
             return None;
         }
+        // The block after: its norm, projections and, for a MoE, the block.
         let block = match (after_mixer, l.ffn_input()) {
-            (true, Some(f)) => Some(f),
-            _ => m.layers.get(li + 1).map(|nl| {
-                nl.mixer_input()
-                    .or_else(|| nl.ffn_input())
-                    .unwrap_or((None, Vec::new()))
+            (true, Some((norm, projs))) => Some((norm, projs, l.ffn_moe())),
+            _ => m.layers.get(li + 1).map(|nl| match nl.mixer_input() {
+                Some((norm, projs)) => (norm, projs, None),
+                None => nl
+                    .ffn_input()
+                    .map_or((None, Vec::new(), None), |(n, p)| (n, p, nl.ffn_moe())),
             }),
         };
         match block {
-            Some((norm, projs)) => projs
-                .iter()
-                .any(|p| self.q8_input(p) && p.k == d)
-                .then_some(NextInput { norm, n: d }),
+            Some((norm, projs, moe)) => {
+                // A MoE block reads it (normed) where the fused sequence runs.
+                let moe_q8 = moe.is_some_and(|mb| {
+                    self.moe_fused
+                        && norm.is_some()
+                        && mb.d_model == d as u64
+                        && mb.int8_input(m.ctx.tuning().q8_acts)
+                });
+                (moe_q8 || projs.iter().any(|p| self.q8_input(p) && p.k == d))
+                    .then_some(NextInput { norm, n: d })
+            }
             None => self.q8_input(&m.output).then_some(NextInput {
                 norm: Some(&m.output_norm),
                 n: d,

@@ -4,9 +4,12 @@
 //! recording stays valid. caldera-cpu's `ffn::moe` / `ffn::route` are the twins.
 //!
 //! Ops and dispatches (each op's `record` adds no barrier after itself):
-//! - router logits: an ordinary [`Mv`] / [`Mvq`](crate::ops::Mvq) of the router weight
-//!   (`n` rows; with a shared-expert gate, its row appended as row `n`) [1 per piece];
-//! - [`MoeRoute`] (`moe_route.comp`): logits → [`Routing`] (ids, weights) [1];
+//! - [`MoeRouter`]: the router's logits (a mat-vec of the router weight, `n` rows; with a
+//!   shared-expert gate, its row appended as row `n`) and the routing into [`Routing`]
+//!   (ids, weights): fused (`mvr_*`, the mat-vec's last workgroup routes) [1], or an
+//!   ordinary [`Mv`] [1 per piece] then [`MoeRoute`] [1];
+//! - [`MoeRoute`] (`moe_route.comp`, `route.glsl`): logits → [`Routing`] [1; prefill one
+//!   workgroup per token];
 //! - [`ExpertUp`] (`mvxg_*` / `mvqxg_*`, or `mvx_*` / `mvqx_*` for ungated experts): the
 //!   chosen experts' gate|up rows with the GLU (or up rows with relu²) into `h`, slot `s`
 //!   at `h[s * ff ..]`; optionally quantizing `h` for the down projection on the way
@@ -26,10 +29,11 @@
 //! down projection takes int8).
 //!
 //! In the int8 decode chain: [`ExpertUp`] reads the FFN input as the o-projection's tail
-//! leaves it (int8 blocks of `x * gam` and per-block sums of squares, `MV_XNORM`), its
-//! tail quantizes `h` for [`ExpertDown`], whose tail (on the last down of the block)
-//! quantizes the block's output for the next layer. A router of f32 weights reads the
-//! residual stream and norm weights instead ([`Mv`] with `norm`), exactly as the CPU.
+//! leaves it ([`MoeIo::input`]: int8 blocks of `x * gam` and per-block sums of squares,
+//! `MV_XNORM`), its tail quantizes `h` for [`ExpertDown`], whose tail (on the last down
+//! of the block) quantizes the block's output for the next layer ([`MoeIo::next`]). The
+//! router reads the residual stream and norm weights in f32 (the norm folded into its
+//! mat-vec), as the CPU.
 //! Kernels exist for every type the dense mat-vecs take on f32 activations and for
 //! Q4_0, Q8_0, Q4_K, Q6_K and MXFP4 (int8 only) on int8 activations.
 
@@ -211,6 +215,65 @@ impl RouterSpec {
     }
 }
 
+const ROUTE_SEL_BIAS: u32 = 2;
+
+/// Checks a router over `out.tokens` tokens' logits (`ld` apart) and returns
+/// `route.glsl`'s kind and flags for it.
+fn route_params(
+    spec: &RouterSpec,
+    logits: &Buffer,
+    ld: u64,
+    logit_bias: Option<&Buffer>,
+    selection_bias: Option<&Buffer>,
+    out: &Routing,
+) -> Result<(u32, u32)> {
+    let (n, k) = (spec.n_experts, spec.n_used);
+    if n == 0 || n > MAX_EXPERTS || k == 0 || k > n.min(MAX_USED) {
+        return Err(invalid(format!(
+            "router choosing {k} of {n} experts (at most {MAX_USED} of {MAX_EXPERTS})"
+        )));
+    }
+    let shared = spec.shared != SharedSlot::None;
+    if out.n_used != k || out.shared != shared {
+        return Err(invalid(format!(
+            "routing buffers for {} experts (shared {}), router for {k} (shared {shared})",
+            out.n_used, out.shared
+        )));
+    }
+    let gated = spec.shared == SharedSlot::Gated;
+    let small = |b: Option<&Buffer>| b.is_some_and(|b| b.size() < n * 4);
+    let row = n + u64::from(gated);
+    if ld < row
+        || logits.size() < ((out.tokens - 1) * ld + row) * 4
+        || small(logit_bias)
+        || small(selection_bias)
+        || !spec.scale.is_finite()
+    {
+        return Err(invalid(format!(
+            "router over {n} experts: logits or biases too small, or a bad scale"
+        )));
+    }
+    let (kind, renorm) = match spec.kind {
+        RouterKind::Softmax { renorm } => (0u32, renorm),
+        RouterKind::TopKSoftmax => (1, false),
+        RouterKind::Sigmoid { renorm } => (2, renorm),
+    };
+    let mut flags = u32::from(renorm);
+    if selection_bias.is_some() && kind == 2 {
+        flags |= ROUTE_SEL_BIAS;
+    }
+    if logit_bias.is_some() {
+        flags |= 4;
+    }
+    if shared {
+        flags |= 8;
+    }
+    if gated {
+        flags |= 16;
+    }
+    Ok((kind, flags))
+}
+
 /// The router (`moe_route.comp`, one workgroup): logits → chosen experts and weights, as
 /// caldera-cpu's `ffn::route`, for every [`RouterKind`]. One dispatch.
 pub struct MoeRoute {
@@ -250,52 +313,11 @@ impl MoeRoute {
         out: &Routing,
         step: Option<&Buffer>,
     ) -> Result<MoeRoute> {
-        let (n, k) = (spec.n_experts, spec.n_used);
-        if n == 0 || n > MAX_EXPERTS || k == 0 || k > n.min(MAX_USED) {
-            return Err(invalid(format!(
-                "router choosing {k} of {n} experts (at most {MAX_USED} of {MAX_EXPERTS})"
-            )));
+        let (kind, flags) = route_params(spec, logits, ld, logit_bias, selection_bias, out)?;
+        if step.is_some_and(|s| s.size() < 4) {
+            return Err(invalid("router step values: buffer too small".into()));
         }
-        let shared = spec.shared != SharedSlot::None;
-        if out.n_used != k || out.shared != shared {
-            return Err(invalid(format!(
-                "routing buffers for {} experts (shared {}), router for {k} (shared {shared})",
-                out.n_used, out.shared
-            )));
-        }
-        let gated = spec.shared == SharedSlot::Gated;
-        let small = |b: Option<&Buffer>| b.is_some_and(|b| b.size() < n * 4);
-        let row = n + u64::from(gated);
-        if ld < row
-            || logits.size() < ((out.tokens - 1) * ld + row) * 4
-            || step.is_some_and(|s| s.size() < 4)
-            || small(logit_bias)
-            || small(selection_bias)
-            || !spec.scale.is_finite()
-        {
-            return Err(invalid(format!(
-                "router over {n} experts: logits or biases too small, or a bad scale"
-            )));
-        }
-        let (kind, renorm) = match spec.kind {
-            RouterKind::Softmax { renorm } => (0u32, renorm),
-            RouterKind::TopKSoftmax => (1, false),
-            RouterKind::Sigmoid { renorm } => (2, renorm),
-        };
-        let sel = selection_bias.filter(|_| kind == 2);
-        let mut flags = u32::from(renorm);
-        if sel.is_some() {
-            flags |= 2;
-        }
-        if logit_bias.is_some() {
-            flags |= 4;
-        }
-        if shared {
-            flags |= 8;
-        }
-        if gated {
-            flags |= 16;
-        }
+        let sel = selection_bias.filter(|_| flags & ROUTE_SEL_BIAS != 0);
         let own_step = match step {
             Some(_) => None,
             None => Some(ctx.upload(&1u32.to_le_bytes())?),
@@ -312,8 +334,8 @@ impl MoeRoute {
             ],
         )?;
         let push = push_words(&[
-            n as u32,
-            k as u32,
+            spec.n_experts as u32,
+            spec.n_used as u32,
             kind,
             flags,
             spec.scale.to_bits(),
@@ -355,6 +377,256 @@ pub fn route_host(
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     Ok((ids, ctx.read_f32(&out.weights, slots)?))
+}
+
+/// Where a [`MoeRouter`] reads its input: `rmsnorm(x) * gam` (f32, `k` values each).
+#[derive(Clone, Copy)]
+pub struct RouterInput<'a> {
+    pub x: &'a Buffer,
+    pub gam: &'a Buffer,
+    pub eps: f32,
+}
+
+/// The router of a decode MoE block (one token): its logits (a mat-vec of the router
+/// weight, the input norm folded in; a gated shared expert's gate row appended) and the
+/// routing into a [`Routing`]. Fused (`mvr_*`: `mv.glsl` with `MV_ROUTE`), one dispatch:
+/// the workgroups write the logits and the last to finish (an atomic count it resets)
+/// routes them as [`MoeRoute`] does. Else (`fuse` off, a router in several pieces, or
+/// too little shared memory for the fused kernel's routing at the mat-vec workgroup
+/// size) an [`Mv`] and a [`MoeRoute`] behind a barrier. Either way it writes `logits`
+/// (`n` f32, `n + 1` with a gated shared expert).
+pub struct MoeRouter {
+    fused: Option<(Binding, Vec<u8>, u64)>,
+    split: Option<(Mv, MoeRoute)>,
+    _count: Option<Buffer>,
+}
+
+/// Shared memory of the fused router kernel at workgroup size `wg`: the routing's keys
+/// and values, its reductions and picks, and the mat-vec's reductions.
+fn fused_router_shared_bytes(wg: u64) -> u64 {
+    4 * (2 * MAX_EXPERTS + MAX_USED + 1) + 4 * wg * (1 + 1 + 9)
+}
+
+impl MoeRouter {
+    /// `w`: the router's rows (`n`, `n + 1` with [`SharedSlot::Gated`]) of `k` elements
+    /// of `ty`; the biases as [`MoeRoute::new`]'s.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        spec: &RouterSpec,
+        ty: GgmlType,
+        w: &DeviceTensor,
+        k: u64,
+        input: RouterInput<'_>,
+        logits: &Buffer,
+        logit_bias: Option<&Buffer>,
+        selection_bias: Option<&Buffer>,
+        out: &Routing,
+        fuse: bool,
+    ) -> Result<MoeRouter> {
+        let gated = spec.shared == SharedSlot::Gated;
+        let rows = spec.n_experts + u64::from(gated);
+        if w.rows != rows || out.tokens != 1 {
+            return Err(invalid(format!(
+                "router of {} rows for {} experts (gated shared expert {gated}), routing \
+                 for {} tokens (decode: 1)",
+                w.rows, spec.n_experts, out.tokens
+            )));
+        }
+        let (kind, flags) = route_params(spec, logits, rows, logit_bias, selection_bias, out)?;
+        let mode = MvMode {
+            norm: true,
+            eps: input.eps,
+            ..Default::default()
+        };
+        let (wg, per_group) = ctx.tuning().mv_shape(false);
+        let shared_ok = fused_router_shared_bytes(wg as u64)
+            <= ctx.info().max_compute_shared_memory_size as u64;
+        let kernel = Kernel::mvr_for(ty).filter(|_| fuse && shared_ok && w.pieces.len() == 1);
+        let Some(kernel) = kernel else {
+            let mv = Mv::new(ctx, ty, w, k, input.x, logits, 0, Some(input.gam), mode)?;
+            let route = MoeRoute::new(ctx, spec, logits, logit_bias, selection_bias, out)?;
+            return Ok(MoeRouter {
+                fused: None,
+                split: Some((mv, route)),
+                _count: None,
+            });
+        };
+        if k == 0 || ty.row_bytes(k) != Some(w.row_bytes) {
+            return Err(invalid(format!(
+                "router rows of {} bytes do not hold {k} elements of {ty}",
+                w.row_bytes
+            )));
+        }
+        if (Kernel::mv_is_fast(ty) && !k.is_multiple_of(4))
+            || input.x.size() < k * 4
+            || input.gam.size() < k * 4
+        {
+            return Err(invalid(format!(
+                "router mat-vec over {k} elements of {ty}: bad length or buffers too small"
+            )));
+        }
+        let count = ctx.upload(&[0u8; 4])?;
+        let sel = selection_bias.filter(|_| flags & ROUTE_SEL_BIAS != 0);
+        let piece = &w.pieces[0];
+        let binding = ctx.bind(
+            kernel,
+            &[
+                &piece.buffer,
+                input.x,
+                logits,
+                input.gam,
+                logit_bias.unwrap_or(logits),
+                sel.unwrap_or(logits),
+                &out.ids,
+                &out.weights,
+                &count,
+            ],
+        )?;
+        let push = push_words(&[
+            u32_of(k, "k")?,
+            u32_of(piece.rows, "rows")?,
+            0,
+            MV_NORM,
+            input.eps.to_bits(),
+            0,
+            spec.n_experts as u32,
+            spec.n_used as u32,
+            kind,
+            flags,
+            spec.scale.to_bits(),
+        ]);
+        Ok(MoeRouter {
+            fused: Some((binding, push, piece.rows.div_ceil(per_group as u64))),
+            split: None,
+            _count: Some(count),
+        })
+    }
+
+    /// Whether the routing runs in the router mat-vec's dispatch.
+    pub fn fused(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    /// Dispatches [`MoeRouter::record`] makes.
+    pub fn dispatches(&self) -> usize {
+        match (&self.fused, &self.split) {
+            (Some(_), _) => 1,
+            (None, Some((mv, _))) => mv.dispatches() + 1,
+            (None, None) => 0,
+        }
+    }
+
+    /// Records the router (no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.record_logits(r)?;
+        self.record_route(r)
+    }
+
+    /// The first dispatch (the logits; fused: the routing too), no barrier after.
+    fn record_logits(&self, r: &mut Recorder<'_>) -> Result<()> {
+        if let Some((b, push, groups)) = &self.fused {
+            return r.dispatch(b, push, *groups);
+        }
+        match &self.split {
+            Some((mv, _)) => mv.record(r),
+            None => Ok(()),
+        }
+    }
+
+    /// The rest (split: a barrier, the mark `moe_router` and the routing), no barrier
+    /// after.
+    fn record_route(&self, r: &mut Recorder<'_>) -> Result<()> {
+        if let Some((_, route)) = &self.split {
+            r.barrier();
+            r.mark("moe_router");
+            route.record(r)?;
+        }
+        Ok(())
+    }
+}
+
+/// One token's routing as [`router_host`] reads it back: ids and weights.
+pub type HostRouting = (Vec<u32>, Vec<f32>);
+
+/// Entries past a token's that [`router_host`] gives its routing buffers, filled with
+/// [`ROUTER_HOST_SENTINEL`] (ids) and its f32 bits (weights): the router must leave them.
+pub const ROUTER_HOST_EXTRA: usize = 4;
+pub const ROUTER_HOST_SENTINEL: u32 = 0x7f7f_7f7f;
+
+/// Runs a [`MoeRouter`] on host data (`w`: the router's f32 rows, each `x` of `xs` and
+/// `gam` `k` values), one replay of the same recording per `x` (written into the input
+/// buffer before it). Returns the ids and weights of every slot and of
+/// [`ROUTER_HOST_EXTRA`] entries past them after each replay, and whether the router ran
+/// fused.
+#[allow(clippy::too_many_arguments)]
+pub fn router_host(
+    ctx: &Context,
+    spec: &RouterSpec,
+    w: &[f32],
+    xs: &[Vec<f32>],
+    gam: &[f32],
+    eps: f32,
+    logit_bias: Option<&[f32]>,
+    selection_bias: Option<&[f32]>,
+    fuse: bool,
+) -> Result<(Vec<HostRouting>, bool)> {
+    let k = gam.len() as u64;
+    let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let wt = ctx.upload_rows(&bytes, k * 4)?;
+    let xb = ctx.create_buffer(k * 4, MemoryKind::Device)?;
+    let gb = ctx.upload_f32(gam)?;
+    let up = |b: Option<&[f32]>| b.map(|b| ctx.upload_f32(b)).transpose();
+    let (bias, sel) = (up(logit_bias)?, up(selection_bias)?);
+    let shared = spec.shared != SharedSlot::None;
+    let slots = (spec.n_used + u64::from(shared)) as usize;
+    let total = slots + ROUTER_HOST_EXTRA;
+    let fill = ROUTER_HOST_SENTINEL.to_le_bytes().repeat(total);
+    let out = Routing {
+        ids: ctx.upload(&fill)?,
+        weights: ctx.upload(&fill)?,
+        n_used: spec.n_used,
+        shared,
+        tokens: 1,
+    };
+    let logits = ctx.create_buffer(wt.rows * 4, MemoryKind::Device)?;
+    let input = RouterInput {
+        x: &xb,
+        gam: &gb,
+        eps,
+    };
+    let op = MoeRouter::new(
+        ctx,
+        spec,
+        GgmlType::F32,
+        &wt,
+        k,
+        input,
+        &logits,
+        bias.as_ref(),
+        sel.as_ref(),
+        &out,
+        fuse,
+    )?;
+    let rec = ctx.record(|r| op.record(r))?;
+    let mut res = Vec::with_capacity(xs.len());
+    for x in xs {
+        if x.len() != gam.len() {
+            return Err(invalid(
+                "router input and norm weights of different lengths".into(),
+            ));
+        }
+        let xv: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        ctx.write_buffer(&xb, 0, &xv)?;
+        ctx.submit(&rec)?;
+        let ids = ctx.read_buffer(&out.ids, 0, total as u64 * 4)?;
+        let ids = ids
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        res.push((ids, ctx.read_f32(&out.weights, total)?));
+    }
+    Ok((res, op.fused()))
 }
 
 /// A stacked expert tensor on the device: `n` experts of `rows` rows of `k` elements of
@@ -1025,20 +1297,32 @@ pub struct MoeIo<'a> {
     /// `y (+)= moe(input)`; may be `x` with `add` (the residual add in place).
     pub y: &'a Buffer,
     pub add: bool,
-    /// Quantize y for the next mat-vec (where the last down projection runs on int8).
+    /// The block's input already in int8 (`d_model` values), as the mat-vec before left
+    /// it ([`MvTail`] with the block's norm weights: `x * gam` with per-block sums of
+    /// squares in `ss`, the experts applying 1 / rms themselves, `MV_XNORM`), or normed
+    /// already (no `ss`). The gate|up projections that run on int8 read it instead of
+    /// the block quantizing x itself ([`MoeDevice::int8_input`] says whether any does).
+    pub input: Option<Q8Acts<'a>>,
+    /// Quantize y for the next mat-vec (where the last down projection runs on int8:
+    /// [`MoeDevice::int8_output`]).
     pub next: Option<&'a MvTail<'a>>,
+    /// Route in the router mat-vec's dispatch ([`MoeRouter`]); off: the router
+    /// mat-vec, then `moe_route` (the earlier sequence, `CALDERA_VK_MOE_UNFUSED=1`).
+    pub fuse_route: bool,
 }
 
-/// A whole MoE block for one token, every op recorded once: the router mat-vec (f32
-/// input, the norm folded in) beside `quant_x` of the normed input (when the experts
-/// take int8), the router, the routed and shared gate|up, then the routed and the shared
-/// down projections adding into y; each phase behind a barrier. Dispatches: router,
-/// (`quant_x`,) route, gate|up, down: 4-5, 6-7 with a shared expert, + 1 per extra
-/// weight piece, + a `quant_x` of `h` where a gate|up on f32 feeds an int8 down.
+/// A whole MoE block for one token, every op recorded once: the router ([`MoeRouter`]:
+/// the router mat-vec on the f32 input, the norm folded in, and the routing, fused into
+/// one dispatch or two) beside `quant_x` of the normed input (when the experts take int8
+/// and [`MoeIo::input`] does not bring it), the routed and shared gate|up, then the
+/// routed and the shared down projections adding into y (the last one quantizing y for
+/// the next mat-vec with [`MoeIo::next`]); each phase behind a barrier. Dispatches:
+/// router (1 fused, 2 not), (`quant_x`,) gate|up, down: 3-5, 5-7 with a shared expert, +
+/// 1 per extra weight piece, + a `quant_x` of `h` where a gate|up on f32 feeds an int8
+/// down.
 pub struct MoeFfn {
-    router: Mv,
+    router: MoeRouter,
     quant: Option<QuantX>,
-    route: MoeRoute,
     up: ExpertUp,
     shared_up: Option<ExpertUp>,
     /// quant_x of h where the gate|up runs on f32 but the down on int8.
@@ -1057,6 +1341,35 @@ fn q8_buffers(ctx: &Context, n: u64) -> Result<(Buffer, Buffer)> {
     ))
 }
 
+/// Whether the decode mat-vec of experts `e` over inputs of `k` runs on int8 (`q8`: the
+/// context quantizes activations; MXFP4 always).
+fn expert_int8(e: &Experts, k: u64, q8: bool) -> bool {
+    supports_q8(e.ty) && (q8 || mvx_kernel(e.ty, false).is_none()) && k.is_multiple_of(32)
+}
+
+impl MoeDevice {
+    /// Whether a decode block ([`MoeFfn`] with `q8`) reads its input in int8: some
+    /// gate|up (routed or shared) runs on int8 activations.
+    pub fn int8_input(&self, q8: bool) -> bool {
+        let d = self.d_model;
+        expert_int8(&self.up, d, q8)
+            || self
+                .shared
+                .as_ref()
+                .is_some_and(|s| expert_int8(&s.0, d, q8))
+    }
+
+    /// Whether a decode block's last down projection (the shared expert's, else the
+    /// routed one) runs on int8, so that it can quantize the block's output
+    /// ([`MoeIo::next`]).
+    pub fn int8_output(&self, q8: bool) -> bool {
+        match &self.shared {
+            Some((su, sd, _)) => expert_int8(sd, su.outputs(), q8),
+            None => expert_int8(&self.down, self.up.outputs(), q8),
+        }
+    }
+}
+
 impl MoeFfn {
     /// `q8`: run the experts on int8 activations where their type allows (MXFP4 always).
     pub fn new(ctx: &Context, m: &MoeDevice, io: &MoeIo<'_>, q8: bool) -> Result<MoeFfn> {
@@ -1067,45 +1380,48 @@ impl MoeFfn {
         let routing = Routing::new(ctx, spec.n_used as u64, shared)?;
         let mut scratch = Vec::new();
         let logits = ctx.create_buffer((n + 1) * 4, MemoryKind::Device)?;
-        let router = Mv::new(
+        let rs = RouterSpec::of(spec, m.shared_gate);
+        let input = RouterInput {
+            x: io.x,
+            gam: io.gam,
+            eps: io.eps,
+        };
+        let router = MoeRouter::new(
             ctx,
+            &rs,
             m.router_ty,
             &m.router,
             d,
-            io.x,
-            &logits,
-            0,
-            Some(io.gam),
-            MvMode {
-                norm: true,
-                eps: io.eps,
-                ..Default::default()
-            },
-        )?;
-        let rs = RouterSpec::of(spec, m.shared_gate);
-        let route = MoeRoute::new(
-            ctx,
-            &rs,
+            input,
             &logits,
             m.logit_bias.as_ref(),
             m.selection_bias.as_ref(),
             &routing,
+            io.fuse_route,
         )?;
         scratch.push(logits);
-        // The normed input as int8, for whichever gate|up takes it.
-        // (MXFP4 has int8 kernels only.)
-        let int8 = |e: &Experts, k: u64| {
-            supports_q8(e.ty) && (q8 || mvx_kernel(e.ty, false).is_none()) && k.is_multiple_of(32)
-        };
+        // The normed input as int8, for whichever gate|up takes it: as the op before
+        // left it, or quantized here. (MXFP4 has int8 kernels only.)
+        let int8 = |e: &Experts, k: u64| expert_int8(e, k, q8);
         let wants_q8 = |e: &Experts| int8(e, d);
-        let any_q8_in = wants_q8(&m.up) || m.shared.as_ref().is_some_and(|s| wants_q8(&s.0));
+        let any_q8_in = m.int8_input(q8);
         let (xq, xd) = q8_buffers(ctx, d.next_multiple_of(32))?;
-        let x_acts = Q8Acts {
-            q: &xq,
-            d: &xd,
-            ss: None,
+        let x_acts = match io.input {
+            Some(a) => {
+                if a.q.size() < d || a.d.size() < d / 8 || a.ss.is_some_and(|s| s.size() < d / 8) {
+                    return Err(invalid(format!(
+                        "the MoE block's int8 input of {d} values: buffers too small"
+                    )));
+                }
+                a
+            }
+            None => Q8Acts {
+                q: &xq,
+                d: &xd,
+                ss: None,
+            },
         };
-        let quant = if any_q8_in {
+        let quant = if any_q8_in && io.input.is_none() {
             Some(QuantX::new(ctx, d, io.x, Some(io.gam), io.eps, &x_acts)?)
         } else {
             None
@@ -1192,7 +1508,6 @@ impl MoeFfn {
         Ok(MoeFfn {
             router,
             quant,
-            route,
             up,
             shared_up,
             quant_h,
@@ -1208,7 +1523,6 @@ impl MoeFfn {
         let opt = |o: Option<usize>| o.unwrap_or(0);
         self.router.dispatches()
             + usize::from(self.quant.is_some())
-            + 1
             + self.up.dispatches()
             + opt(self.shared_up.as_ref().map(ExpertUp::dispatches))
             + self.quant_h.len()
@@ -1216,17 +1530,21 @@ impl MoeFfn {
             + opt(self.shared_down.as_ref().map(ExpertDown::dispatches))
     }
 
+    /// Whether the routing runs in the router mat-vec's dispatch.
+    pub fn fused_route(&self) -> bool {
+        self.router.fused()
+    }
+
     /// Records the block (barriers between its phases, none after). With profiling on,
-    /// the phases before the down projections get their own timestamps (`moe_router`,
-    /// `moe_route`, `moe_up`); the caller's mark after the block times the downs.
+    /// the phases before the down projections get their own timestamps (`moe_router`
+    /// when the router and the routing are two dispatches, `moe_route`, `moe_up`); the
+    /// caller's mark after the block times the downs.
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
-        self.router.record(r)?;
+        self.router.record_logits(r)?;
         if let Some(q) = &self.quant {
             q.record(r)?;
         }
-        r.barrier();
-        r.mark("moe_router");
-        self.route.record(r)?;
+        self.router.record_route(r)?;
         r.barrier();
         r.mark("moe_route");
         self.up.record(r)?;

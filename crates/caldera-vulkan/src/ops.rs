@@ -547,6 +547,7 @@ pub struct QuantX {
 /// writes them; `ss`, when given, holds a sum of squares per block of 32 (of the vector
 /// before its norm weights): then the values are not normed yet and the mat-vec
 /// reading them applies the norm's 1 / rms itself (`MV_XNORM`).
+#[derive(Clone, Copy)]
 pub struct Q8Acts<'a> {
     pub q: &'a Buffer,
     pub d: &'a Buffer,

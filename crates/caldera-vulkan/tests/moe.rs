@@ -1,6 +1,9 @@
-//! The MoE decode kernels (`moe_route`, the expert mat-vecs `mvx*_*` / `mvqx*_*`) against
-//! CPU twins on fresh random inputs with odd sizes: the router against caldera-cpu's
-//! `ffn::route` for every router kind; the experts' gate|up (every activation, biases,
+//! The MoE decode kernels (`moe_route`, the fused router `mvr_*`, the expert mat-vecs
+//! `mvx*_*` / `mvqx*_*`) against CPU twins on fresh random inputs with odd sizes: the
+//! router against caldera-cpu's `ffn::route` for every router kind (the fused one from
+//! router weights, each recording replayed on a second input); the whole block against
+//! `ffn::moe` in the fused and unfused sequences (input from a tail, output quantized for
+//! the next mat-vec, two replays); the experts' gate|up (every activation, biases,
 //! input norms) and mixed down projections against dequantized rows with f64 sums, on
 //! f32 activations for every type and on int8 activations (quantized as the kernels do)
 //! for Q4_0, Q8_0, Q4_K, Q6_K and MXFP4, with and without int8 dot products, under several
@@ -17,8 +20,9 @@ use caldera_format::{GgmlType, TensorBytes};
 use caldera_model::blocks::moe::{ExpertWeights, MoeSpec, MoeWeights, RouterKind};
 use caldera_model::{Activation, DenseFfn, Weight};
 use caldera_vulkan::moe::{
-    route_host, ExpertDown, ExpertInput, ExpertUp, Experts, MoeDevice, MoeFfn, MoeIo, MoeScratch,
-    MoeSteps, RouterSpec, Routing, SharedSlot, Slots,
+    route_host, router_host, ExpertDown, ExpertInput, ExpertUp, Experts, MoeDevice, MoeFfn, MoeIo,
+    MoeScratch, MoeSteps, RouterSpec, Routing, SharedSlot, Slots, ROUTER_HOST_EXTRA,
+    ROUTER_HOST_SENTINEL,
 };
 use caldera_vulkan::ops::{MvTail, Q8Acts, QuantX};
 use caldera_vulkan::testing::test_context;
@@ -263,6 +267,143 @@ fn router_refuses_bad_shapes() {
     for (n, k) in [(2000usize, 4usize), (13, 0), (13, 14), (64, 33)] {
         let rs = RouterSpec::of(&spec(n, k, kind, 1.0, false), false);
         assert!(route_host(ctx, &rs, &vec![0.0; n.max(1)], None, None).is_err());
+    }
+}
+
+/// The fused router (`mvr_*`: the router mat-vec whose last workgroup routes) against
+/// caldera-cpu's matmul + `ffn::route` for every router kind, with and without a shared
+/// expert (gated: its gate row appended), a router bias and a selection bias, under every
+/// launch shape (workgroups of 16 choosing up to 32 experts among 1024), and the unfused
+/// pair on the same inputs. Each recording is replayed on a second input: the last
+/// workgroup's count must have been reset. The routing entries past the token's are left
+/// as they were.
+#[test]
+fn fused_router_matches_cpu_route() {
+    let ctxs = contexts();
+    if ctxs.is_empty() {
+        return;
+    }
+    let mut rng = rng("moe fused router");
+    let d = 40usize;
+    let eps = 1e-6f32;
+    for (ci, ctx) in ctxs.iter().enumerate() {
+        for (n, k) in [
+            (13usize, 3usize),
+            (1, 1),
+            (7, 7),
+            (128, 8),
+            (512, 10),
+            (1024, 32),
+        ] {
+            for kind in kinds() {
+                for (si, shared) in [SharedSlot::None, SharedSlot::Ungated, SharedSlot::Gated]
+                    .into_iter()
+                    .enumerate()
+                {
+                    // The other launch shapes on a few cases only (lavapipe is slow).
+                    if ci >= 2 && (si != 2 || n == 512) {
+                        continue;
+                    }
+                    let scale = if si == 1 { 2.5 } else { 1.0 };
+                    let ms = spec(n, k, kind, scale, shared != SharedSlot::None);
+                    let rs = RouterSpec::of(&ms, shared == SharedSlot::Gated);
+                    let sigmoid = matches!(kind, RouterKind::Sigmoid { .. });
+                    let rows = n + usize::from(shared == SharedSlot::Gated);
+                    // Sigmoid logits kept where sigmoid still separates them.
+                    let w = random_vec(&mut rng, rows * d, if sigmoid { 0.3 } else { 1.0 });
+                    let gam = random_vec(&mut rng, d, 1.5);
+                    let sel = (sigmoid && si != 0).then(|| random_vec(&mut rng, n, 0.3));
+                    let lbias = (!sigmoid && si == 2).then(|| random_vec(&mut rng, n, 0.5));
+                    // Inputs whose choice is clear of near-ties, and the CPU's routing.
+                    let mut xs = Vec::new();
+                    let mut wants = Vec::new();
+                    let mut tries = 0;
+                    while xs.len() < 2 {
+                        tries += 1;
+                        assert!(tries < 1000, "no clear choice for n {n} k {k} {kind:?}");
+                        let x = random_vec(&mut rng, d, 2.0);
+                        let mut h = vec![0f32; d];
+                        caldera_cpu::ops::rms_norm(&x, &gam, eps, &mut h);
+                        let logits: Vec<f32> = (0..rows)
+                            .map(|r| {
+                                let row = &w[r * d..(r + 1) * d];
+                                row.iter()
+                                    .zip(&h)
+                                    .map(|(a, b)| *a as f64 * *b as f64)
+                                    .sum::<f64>() as f32
+                            })
+                            .collect();
+                        let biased: Vec<f32> = match &lbias {
+                            Some(b) => logits[..n].iter().zip(b).map(|(l, b)| l + b).collect(),
+                            None => logits[..n].to_vec(),
+                        };
+                        let mut keys: Vec<f32> = match kind {
+                            RouterKind::Sigmoid { .. } => biased
+                                .iter()
+                                .enumerate()
+                                .map(|(i, v)| {
+                                    1.0 / (1.0 + (-v).exp()) + sel.as_ref().map_or(0.0, |b| b[i])
+                                })
+                                .collect(),
+                            _ => biased.clone(),
+                        };
+                        keys.sort_by(|a, b| b.total_cmp(a));
+                        // Apart by more than the f32 sums of the device could move them.
+                        let margin = if sigmoid { 2e-5 } else { 1e-4 };
+                        if (0..k.min(n - 1)).any(|j| keys[j] - keys[j + 1] <= margin) {
+                            continue;
+                        }
+                        let route = caldera_cpu::ffn::route(&ms, &biased, sel.as_deref());
+                        let mut want: Vec<(u32, f32)> =
+                            route.into_iter().map(|(e, w)| (e as u32, w)).collect();
+                        match shared {
+                            SharedSlot::None => {}
+                            SharedSlot::Ungated => want.push((0, 1.0)),
+                            SharedSlot::Gated => {
+                                want.push((0, 1.0 / (1.0 + (-logits[n]).exp())));
+                            }
+                        }
+                        xs.push(x);
+                        wants.push(want);
+                    }
+                    for fuse in [true, false] {
+                        let (got, fused) = router_host(
+                            ctx,
+                            &rs,
+                            &w,
+                            &xs,
+                            &gam,
+                            eps,
+                            lbias.as_deref(),
+                            sel.as_deref(),
+                            fuse,
+                        )
+                        .unwrap();
+                        assert_eq!(fused, fuse, "the fused router runs where asked");
+                        let what =
+                            format!("{kind:?} n {n} k {k} {shared:?} fused {fuse} shape {ci}");
+                        for (rep, ((ids, wts), want)) in got.iter().zip(&wants).enumerate() {
+                            let slots = want.len();
+                            let want_ids: Vec<u32> = want.iter().map(|w| w.0).collect();
+                            assert_eq!(ids[..slots], want_ids[..], "{what} replay {rep}: ids");
+                            for (j, (&g, &(_, w))) in wts.iter().zip(want).enumerate() {
+                                assert!(
+                                    (g - w).abs() <= 1e-4 * w.abs() + 1e-6,
+                                    "{what} replay {rep}: weight {j}: got {g}, want {w}"
+                                );
+                            }
+                            let sentinel = f32::from_bits(ROUTER_HOST_SENTINEL);
+                            assert_eq!(ids.len(), slots + ROUTER_HOST_EXTRA);
+                            assert!(
+                                ids[slots..].iter().all(|&i| i == ROUTER_HOST_SENTINEL)
+                                    && wts[slots..].iter().all(|&v| v == sentinel),
+                                "{what} replay {rep}: entries past the token's changed"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -901,16 +1042,35 @@ fn clear_choice(c: &BlockCase, w: &MoeWeights, h: &[f32]) -> bool {
     (0..top).all(|j| sorted[j] - sorted[j + 1] > 1e-3)
 }
 
-fn check_block(ctx: &Context, rng: &mut StdRng, c: &BlockCase, q8: bool) {
-    let (spec, w) = block_weights(rng, c);
-    let eps = 1e-6f32;
-    let gam = random_vec(rng, c.d, 1.5);
-    // A fresh input until the CPU's choice is clear of near-ties.
+/// Which decode sequence [`check_block`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Seq {
+    /// The router mat-vec, `moe_route`, the block quantizing its own input, f32 output
+    /// (`CALDERA_VK_MOE_UNFUSED=1`).
+    Unfused,
+    /// The fused router; the block quantizes its own input, and its output for the next
+    /// mat-vec (with a norm) where the last down runs on int8.
+    Fused,
+    /// As `Fused`, the int8 input brought as the mat-vec before leaves it (`x * gam`
+    /// blocks with sums of squares; the experts apply 1 / rms).
+    FusedInput,
+}
+
+/// A fresh input until the CPU's choice is clear of near-ties, and the CPU's block
+/// output for it.
+fn block_input(
+    rng: &mut StdRng,
+    c: &BlockCase,
+    spec: &MoeSpec,
+    w: &MoeWeights,
+    gam: &[f32],
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
     let (x, h) = loop {
         let x = random_vec(rng, c.d, 2.0);
         let mut h = vec![0f32; c.d];
-        caldera_cpu::ops::rms_norm(&x, &gam, eps, &mut h);
-        if clear_choice(c, &w, &h) {
+        caldera_cpu::ops::rms_norm(&x, gam, eps, &mut h);
+        if clear_choice(c, w, &h) {
             break (x, h);
         }
     };
@@ -918,24 +1078,87 @@ fn check_block(ctx: &Context, rng: &mut StdRng, c: &BlockCase, q8: bool) {
     let mut qa = caldera_format::quant::QuantizedActs::default();
     let mut cctx = caldera_cpu::ctx::Ctx::new(&pool, &mut qa);
     let mut out = vec![0f32; c.d];
-    caldera_cpu::ffn::moe(&mut cctx, &spec, &w, &h, 1, &mut out).unwrap();
+    caldera_cpu::ffn::moe(&mut cctx, spec, w, &h, 1, &mut out).unwrap();
+    (x, out)
+}
 
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|f| f.to_le_bytes()).collect()
+}
+
+fn check_block(ctx: &Context, rng: &mut StdRng, c: &BlockCase, q8: bool, seq: Seq) {
+    let (spec, w) = block_weights(rng, c);
+    let eps = 1e-6f32;
+    let gam = random_vec(rng, c.d, 1.5);
+    // Two inputs: the second replays the same recording (the counts the kernels reset).
+    let cases = [
+        block_input(rng, c, &spec, &w, &gam, eps),
+        block_input(rng, c, &spec, &w, &gam, eps),
+    ];
     let md = MoeDevice::upload(ctx, &spec, &w).unwrap();
-    let xb = ctx.upload_f32(&x).unwrap();
+    let xb = ctx.upload_f32(&cases[0].0).unwrap();
     let gb = ctx.upload_f32(&gam).unwrap();
+    let d32 = c.d.is_multiple_of(32);
+    // The int8 input as an o-projection's tail leaves it: x * gam in blocks of 32, the
+    // sums of squares of x per block.
+    let with_input = seq == Seq::FusedInput && md.int8_input(q8) && d32;
+    let (iq, id, iss) = (
+        dev(ctx, c.d.max(32)),
+        dev(ctx, c.d.max(32) / 8),
+        dev(ctx, c.d.max(32) / 8),
+    );
+    let write_input = |x: &[f32]| {
+        let xg: Vec<f32> = x.iter().zip(&gam).map(|(a, b)| a * b).collect();
+        let (_, q, dq) = quantize_blocks(&xg);
+        let ss: Vec<f32> = x
+            .chunks(32)
+            .map(|b| b.iter().map(|v| v * v).sum::<f32>())
+            .collect();
+        ctx.write_buffer(&iq, 0, &q).unwrap();
+        ctx.write_buffer(&id, 0, &f32_bytes(&dq)).unwrap();
+        ctx.write_buffer(&iss, 0, &f32_bytes(&ss)).unwrap();
+    };
+    let input = with_input.then_some(Q8Acts {
+        q: &iq,
+        d: &id,
+        ss: Some(&iss),
+    });
+    // The next mat-vec's input, quantized by the last down projection.
+    let with_next = seq != Seq::Unfused && md.int8_output(q8) && d32;
+    let next_gam = random_vec(rng, c.d, 1.5);
+    let ngb = ctx.upload_f32(&next_gam).unwrap();
+    let (nq, nd, ns) = (
+        dev(ctx, c.d.max(32)),
+        dev(ctx, c.d.max(32) / 8),
+        dev(ctx, c.d.max(32) / 8),
+    );
+    let count = ctx.upload(&vec![0u8; c.d.max(32) / 8]).unwrap();
+    let tail = MvTail {
+        count: &count,
+        out: Q8Acts {
+            q: &nq,
+            d: &nd,
+            ss: Some(&ns),
+        },
+        gam: Some(&ngb),
+        n: c.d as u64,
+    };
     let io = MoeIo {
         x: &xb,
         gam: &gb,
         eps,
         y: &xb,
         add: true,
-        next: None,
+        input,
+        next: with_next.then_some(&tail),
+        fuse_route: seq != Seq::Unfused,
     };
     let op = MoeFfn::new(ctx, &md, &io, q8).unwrap();
+    if seq == Seq::Unfused {
+        assert!(!op.fused_route(), "{}: fused when asked not to", c.name);
+    }
     let rec = ctx.record(|r| op.record(r)).unwrap();
     assert_eq!(rec.dispatches() as usize, op.dispatches(), "{}", c.name);
-    ctx.submit(&rec).unwrap();
-    let got = ctx.read_f32(&xb, c.d).unwrap();
     // f32 weights meet f32 activations on both sides; quantized ones meet int8 blocks
     // of 32 here and the CPU's Q8_0 / Q8_K blocks there.
     // The relative error of the whole output vector, and of each value against the
@@ -946,31 +1169,64 @@ fn check_block(ctx: &Context, rng: &mut StdRng, c: &BlockCase, q8: bool) {
     let exact =
         c.ty == GgmlType::F32 || (c.ty.block_size() == 32 && (q8 || c.ty == GgmlType::MXFP4));
     let (tol, tol_max) = if exact { (1e-5, 1e-4) } else { (3e-2, 8e-2) };
-    let scale = out.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
-    let (mut e2, mut o2) = (0f64, 0f64);
-    for i in 0..c.d {
-        let want = x[i] as f64 + out[i] as f64;
-        let err = (got[i] as f64 - want).abs();
-        e2 += err * err;
-        o2 += out[i] as f64 * out[i] as f64;
-        assert!(
-            err <= tol_max * scale + 1e-5,
-            "{} ({}, q8 {q8}, dot {}, subgroup {}): [{i}] got {}, want {want} (scale {scale})",
-            c.name,
-            c.ty,
-            ctx.tuning().int8_dot,
-            ctx.tuning().subgroup_reduce,
-            got[i]
-        );
-    }
-    let rel = (e2 / o2).sqrt();
-    eprintln!("{} {} q8 {q8}: relative error {rel:.2e}", c.name, c.ty);
-    assert!(
-        rel <= tol,
-        "{} ({}, q8 {q8}): relative error {rel}",
+    let what = format!(
+        "{} ({}, q8 {q8}, {seq:?}, fused {}, dot {}, subgroup {})",
         c.name,
-        c.ty
+        c.ty,
+        op.fused_route(),
+        ctx.tuning().int8_dot,
+        ctx.tuning().subgroup_reduce
     );
+    for (rep, (x, out)) in cases.iter().enumerate() {
+        ctx.write_buffer(&xb, 0, &f32_bytes(x)).unwrap();
+        if with_input {
+            write_input(x);
+        }
+        ctx.submit(&rec).unwrap();
+        let got = ctx.read_f32(&xb, c.d).unwrap();
+        let scale = out.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let (mut e2, mut o2) = (0f64, 0f64);
+        for i in 0..c.d {
+            let want = x[i] as f64 + out[i] as f64;
+            let err = (got[i] as f64 - want).abs();
+            e2 += err * err;
+            o2 += out[i] as f64 * out[i] as f64;
+            assert!(
+                err <= tol_max * scale + 1e-5,
+                "{what} replay {rep}: [{i}] got {}, want {want} (scale {scale})",
+                got[i]
+            );
+        }
+        let rel = (e2 / o2).sqrt();
+        eprintln!("{what} replay {rep}: relative error {rel:.2e}");
+        assert!(rel <= tol, "{what} replay {rep}: relative error {rel}");
+        if with_next {
+            // The output times the next norm's weights in int8 blocks, and the sums of
+            // squares of the output per block.
+            let q = ctx.read_buffer(&nq, 0, c.d as u64).unwrap();
+            let dq = ctx.read_f32(&nd, c.d / 32).unwrap();
+            let ss = ctx.read_f32(&ns, c.d / 32).unwrap();
+            let cnt = ctx.read_buffer(&count, 0, (c.d / 8) as u64).unwrap();
+            assert!(cnt.iter().all(|&v| v == 0), "{what}: tail counts not reset");
+            let yg: Vec<f32> = got.iter().zip(&next_gam).map(|(a, b)| a * b).collect();
+            let (want, _, _) = quantize_blocks(&yg);
+            for i in 0..c.d {
+                let g = q[i] as i8 as f64 * dq[i / 32] as f64;
+                assert!(
+                    (g - want[i]).abs() <= 1.01 * dq[i / 32] as f64 + 1e-6,
+                    "{what} replay {rep}: next input [{i}] got {g}, want {}",
+                    want[i]
+                );
+            }
+            for (b, blk) in got.chunks(32).enumerate() {
+                let want: f64 = blk.iter().map(|&v| v as f64 * v as f64).sum();
+                assert!(
+                    (ss[b] as f64 - want).abs() <= 1e-5 * want + 1e-6,
+                    "{what} replay {rep}: sum of squares {b}"
+                );
+            }
+        }
+    }
 }
 
 fn block_cases() -> Vec<BlockCase> {
@@ -1071,7 +1327,9 @@ fn moe_block_matches_cpu() {
         let fits = |ctx: &&Context| ctx.max_buffer_bytes() as usize >= 2 * expert + 16;
         for ctx in ctxs.iter().take(2).chain(split.iter().filter(fits)) {
             for q8 in [true, false] {
-                check_block(ctx, &mut rng, &c, q8);
+                for seq in [Seq::Unfused, Seq::Fused, Seq::FusedInput] {
+                    check_block(ctx, &mut rng, &c, q8, seq);
+                }
             }
         }
     }
