@@ -56,7 +56,7 @@ use caldera_model::{
 use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::extras::{PleIn, PleShape, RowExt, RowsExt, RowsIo};
-use crate::kernels::{attn_split, Kernel};
+use crate::kernels::{attn_dec_shape, attn_split, AttnDecShape, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::moe::{MoeDevice, MoeFfn, MoeIo, MoeScratch, MoeSteps, MAX_EXPERTS, MAX_USED};
 use crate::ops::{
@@ -914,9 +914,20 @@ pub struct VkRunner {
     attn_stop: u32,
     /// Decode attention's launch shape: query heads per workgroup (at most 8) and
     /// positions per split (8 to 128); `CALDERA_VK_ATTN_HPW` / `CALDERA_VK_ATTN_SPLIT`
-    /// override the defaults (8, and [`attn_split`] of the capacity) for tuning.
+    /// override the defaults (8, and [`attn_split`] of the capacity) for tuning. The
+    /// split is `attn_decode`'s (and `attn_batch`'s); `attn_dec` takes its own below.
     attn_hpw: usize,
     attn_split: usize,
+    /// Single-sequence decode attention runs `attn_dec` (lane-parallel, block size picked
+    /// on the device) unless `CALDERA_VK_ATTN_OLD=1`, the device cannot run it (shared
+    /// memory) or a layer's layout does not fit it ([`attn_dec_shape`]): then
+    /// `attn_decode`. Its knobs: `CALDERA_VK_ATTN_SPLIT` (fewest positions per block,
+    /// rounded up to its tile; default one tile) and `CALDERA_VK_ATTN_SPLITS` (most blocks
+    /// per kv head and chunk; default [`crate::kernels::ATTN_DEC_BLOCKS`]), both 0 here
+    /// when unset.
+    attn_new: bool,
+    attn_dec_split: usize,
+    attn_dec_blocks: usize,
     /// Device nanoseconds per op label (total, count) over `profile_steps` decode steps.
     profile_ns: HashMap<&'static str, (f64, u64)>,
     profile_steps: u64,
@@ -1121,6 +1132,11 @@ impl VkRunner {
         let attn_hpw = env_usize("CALDERA_VK_ATTN_HPW").unwrap_or(8).clamp(1, 8);
         let split =
             env_usize("CALDERA_VK_ATTN_SPLIT").map_or(attn_split(cap), |v| v.clamp(8, 128) / 8 * 8);
+        let attn_new = Kernel::AttnDec.fits(ctx.info())
+            && !std::env::var("CALDERA_VK_ATTN_OLD").is_ok_and(|v| v == "1");
+        let attn_dec_split = env_usize("CALDERA_VK_ATTN_SPLIT").unwrap_or(0).min(1 << 16);
+        let attn_dec_blocks = env_usize("CALDERA_VK_ATTN_SPLITS").unwrap_or(0).min(4096);
+        let wg = ctx.tuning().workgroup_size;
         let mut part_len = 1usize;
         let mut counts = 1usize;
         for l in &m.layers {
@@ -1133,6 +1149,19 @@ impl VkRunner {
             let gsize = a.n_heads / a.n_kv_heads;
             let hpw = decode_hpw(gsize, a.head_dim).min(attn_hpw);
             counts = counts.max(a.n_kv_heads * gsize.div_ceil(hpw));
+            let shape = attn_dec_shape(
+                gsize,
+                a.head_dim,
+                wg,
+                cap,
+                attn_hpw,
+                attn_dec_split,
+                attn_dec_blocks,
+            );
+            if let (true, Some(sh)) = (attn_new, shape) {
+                part_len = part_len.max(a.n_heads * sh.blocks * (a.head_dim + 2));
+                counts = counts.max(a.n_kv_heads * sh.n_chunks);
+            }
         }
         let attn_part = dev(part_len * cols_mult, "the attention partials")?;
         let attn_count = ctx.upload(&vec![0u8; counts * cols_mult * 4])?;
@@ -1296,6 +1325,9 @@ impl VkRunner {
             profile: std::env::var("CALDERA_VK_PROFILE").is_ok_and(|v| v == "1"),
             attn_hpw,
             attn_split: split,
+            attn_new,
+            attn_dec_split,
+            attn_dec_blocks,
             attn_stop: std::env::var("CALDERA_VK_ATTN_STOP")
                 .ok()
                 .and_then(|v| v.parse::<u32>().ok())
@@ -1707,12 +1739,22 @@ impl VkRunner {
         }
         if decode {
             let gsize = nh / nkv;
-            let hpw = self.decode_hpw(gsize, hd);
-            let n_chunks = gsize.div_ceil(hpw);
-            let split = self.attn_split;
-            let max_splits = self.cap.div_ceil(split);
+            let (kernel, hpw, n_chunks, split, max_splits) = match self.dec_shape(gsize, hd) {
+                Some(sh) => (Kernel::AttnDec, sh.hpw, sh.n_chunks, sh.split, sh.blocks),
+                None => {
+                    let hpw = self.decode_hpw(gsize, hd);
+                    let split = self.attn_split;
+                    (
+                        Kernel::AttnDecode,
+                        hpw,
+                        gsize.div_ceil(hpw),
+                        split,
+                        self.cap.div_ceil(split),
+                    )
+                }
+            };
             let binding = wg_bind(
-                Kernel::AttnDecode,
+                kernel,
                 &[
                     &self.qkv,
                     kc,
@@ -2300,13 +2342,32 @@ impl VkRunner {
         }
     }
 
-    /// Whether the decode mat-vec of `p` runs on int8 activations.
     /// Query heads per workgroup of decode attention (`attn_decode`, `attn_batch`) for
     /// groups of `gsize` heads of `hd`: what shared memory allows, at most the
     /// `CALDERA_VK_ATTN_HPW` knob.
     fn decode_hpw(&self, gsize: usize, hd: usize) -> usize {
         decode_hpw(gsize, hd).min(self.attn_hpw)
     }
+
+    /// `attn_dec`'s launch shape for groups of `gsize` query heads of `hd`, or `None`
+    /// where single-sequence decode attention runs `attn_decode` (see `attn_new`).
+    fn dec_shape(&self, gsize: usize, hd: usize) -> Option<AttnDecShape> {
+        if !self.attn_new {
+            return None;
+        }
+        let wg = self.m.ctx.tuning().workgroup_size;
+        attn_dec_shape(
+            gsize,
+            hd,
+            wg,
+            self.cap,
+            self.attn_hpw,
+            self.attn_dec_split,
+            self.attn_dec_blocks,
+        )
+    }
+
+    /// Whether the decode mat-vec of `p` runs on int8 activations.
 
     fn q8_input(&self, p: &Proj) -> bool {
         self.m.ctx.tuning().q8_acts && Mvq::supports(p.ty) && p.k.is_multiple_of(32)
