@@ -22,12 +22,13 @@
 //   values: lane (row group rg, quad of dims dq) accumulates p * v over its rows for
 //     every head in registers (8 vec4 at most), rescaled by the correction.
 // The row groups' sums meet in shared memory once after the last tile. q/k norm + RoPE:
-// a pass over (row, pair) with per-row sums of squares (2 barriers), done by every block
-// (each needs its q; the block holding pos also preps k and v and, for c == 0, writes
-// them to the caches). A single block writes the output directly; otherwise each block
-// writes partials (acc[hd] as vec4, then m, l) and the last block of (g, c) to finish (an
-// atomic count, reset by that block) combines them. F_Q8 quantizes the output to int8
-// blocks of 32 for the o-projection.
+// one pass over (row, pair) loading values, weights and RoPE entries together, then the
+// rows' 1 / rms (1 or 2 barriers), done by every block (each needs its q; the block
+// holding pos also preps k and v and, for c == 0, writes them to the caches). A single
+// block writes the output directly; otherwise each block writes partials (acc[hd] as
+// vec4, then m, l) and the last block of (g, c) to finish (an atomic count, reset by that
+// block) combines them, a lane per output quad reading 16 blocks' partials per batch of
+// loads. F_Q8 quantizes the output to int8 blocks of 32 for the o-projection.
 // The host (kernels::attn_dec_shape) checks the layout fits: 32 <= WG <= 128, hd a
 // multiple of 4 up to 512, T >= 4, at most 8 value items and 8 (head, quad) sums per lane.
 // Binding 0: qkv, 1: k cache, 2: v cache, 3: out, 4: step values ([1] position), 5: q norm,
@@ -47,6 +48,7 @@ layout(std430, binding = 8) writeonly buffer Q8 { uint xq[]; };
 layout(std430, binding = 9) writeonly buffer D8 { float xd[]; };
 layout(std430, binding = 10) coherent buffer Part { float part[]; };
 layout(std430, binding = 10) coherent buffer Part4 { vec4 part4[]; };
+layout(std430, binding = 10) coherent buffer Part2 { vec2 part2[]; };
 layout(std430, binding = 11) coherent buffer Cnt { uint cnt[]; };
 layout(std430, binding = 12) readonly buffer Sinks { float sinks[]; };
 
@@ -83,7 +85,7 @@ layout(push_constant) uniform Push {
 // q rows (scaled), then the output rows.
 shared vec4 qv[Q_CAP / 4u];
 // Scratch: score partials [head][row][L]; the row groups' value sums [rg][head][quad];
-// the combine's m, l; the token's k row at KROW and v row at VROW (vec4 units).
+// the output's int8 maxima; the token's k row at KROW and v row at VROW (vec4 units).
 const uint XS = 1024u;
 const uint KROW = 768u;
 const uint VROW = 896u;
@@ -218,7 +220,10 @@ void main() {
     }
 
     // q (and the token's k, v) norm + RoPE: rows 0..nh-1 are q heads, nh the token's k,
-    // nh + 1 its v. Lanes G per row, a (rotation) pair of values per step.
+    // nh + 1 its v; G lanes per row, a (rotation) pair of values per step. One pass loads
+    // the values, norm weights and RoPE entries together and stores rotate(x * w) (times
+    // the score scale for q) while summing x^2; the 1 / rms of each normed row, a factor
+    // for the whole row, is applied after one barrier (RoPE is linear).
     if (tid < MAXH) {
         ms[1][tid] = NEG;
     }
@@ -234,94 +239,78 @@ void main() {
         bool rope_on = (p.flags & F_ROPE) != 0u;
         uint half_rot = rope_on ? p.n_rot / 2u : 0u;
         bool il = (p.flags & F_INTERLEAVED) != 0u;
+        bool is_q = row < nh;
+        bool is_k = row == nh;
+        uint fl = is_q ? F_QNORM : (is_k ? F_KNORM : F_VNORM);
+        bool nrm = row < nrows && (p.flags & fl) != 0u;
+        bool any_norm = (p.flags & F_QNORM) != 0u
+            || (own_kv && (p.flags & (F_KNORM | F_VNORM)) != 0u);
         uint kb = p.n_heads * hd + g * hd;
+        uint e0 = is_q ? row * hd : (is_k ? KROW : VROW) * 4u;
         float ss = 0.0;
         if (row < nrows) {
-            uint src = row < nh ? (h0 + row) * hd : (row == nh ? kb : kb + kvd);
-            for (uint i = sub; i < hd / 2u; i += G) {
-                uint a, b;
-                if (i < half_rot) {
-                    a = il ? 2u * i : i;
-                    b = il ? 2u * i + 1u : i + half_rot;
-                } else {
-                    a = 2u * i; // past the rotated dims: consecutive pairs
-                    b = a + 1u;
-                }
-                float x0 = qkv[src + a];
-                float x1 = qkv[src + b];
-                ss += x0 * x0 + x1 * x1;
-                if (row < nh) {
-                    uint e = row * hd;
-                    qv[(e + a) >> 2][(e + a) & 3u] = x0;
-                    qv[(e + b) >> 2][(e + b) & 3u] = x1;
-                } else {
-                    uint e = (row == nh ? KROW : VROW) * 4u;
-                    xs_set(e + a, x0);
-                    xs_set(e + b, x1);
+            uint src = is_q ? (h0 + row) * hd : (is_k ? kb : kb + kvd);
+            float mul = is_q ? p.scale : 1.0;
+            for (uint i0 = sub; i0 < hd / 2u; i0 += 8u * G) {
+                [[unroll]] for (uint u = 0u; u < 8u; u++) {
+                    uint i = i0 + u * G;
+                    if (i < hd / 2u) {
+                        uint a = i < half_rot ? (il ? 2u * i : i) : 2u * i;
+                        uint b = i < half_rot ? (il ? 2u * i + 1u : i + half_rot) : 2u * i + 1u;
+                        float x0 = qkv[src + a];
+                        float x1 = qkv[src + b];
+                        float wa = 1.0;
+                        float wb = 1.0;
+                        if (nrm && is_q) {
+                            wa = qn[a];
+                            wb = qn[b];
+                        } else if (nrm && is_k) {
+                            wa = kn[a];
+                            wb = kn[b];
+                        }
+                        float cs = 1.0;
+                        float sn = 0.0;
+                        if (i < half_rot && row <= nh) {
+                            uint rr = 2u * (pos * half_rot + i);
+                            cs = rope[rr];
+                            sn = rope[rr + 1u];
+                        }
+                        ss += x0 * x0 + x1 * x1;
+                        float y0 = x0 * wa;
+                        float y1 = x1 * wb;
+                        float z0 = (y0 * cs - y1 * sn) * mul;
+                        float z1 = (y0 * sn + y1 * cs) * mul;
+                        if (is_q) {
+                            qv[(e0 + a) >> 2][(e0 + a) & 3u] = z0;
+                            qv[(e0 + b) >> 2][(e0 + b) & 3u] = z1;
+                        } else {
+                            xs_set(e0 + a, z0);
+                            xs_set(e0 + b, z1);
+                        }
+                    }
                 }
             }
         }
-        red_buf[tid] = ss;
-        barrier();
-        if (row < nrows) {
-            bool is_q = row < nh;
-            bool is_k = row == nh;
-            bool nrm = is_q ? (p.flags & F_QNORM) != 0u
-                            : (is_k ? (p.flags & F_KNORM) != 0u : (p.flags & F_VNORM) != 0u);
-            float inv = 1.0;
+        if (any_norm) {
+            red_buf[tid] = ss;
+            barrier();
             if (nrm) {
                 float t = 0.0;
                 for (uint i = 0u; i < G; i++) {
                     t += red_buf[row * G + i];
                 }
-                inv = inversesqrt(t / float(hd) + p.eps);
-            }
-            float mul = is_q ? p.scale : 1.0;
-            for (uint i = sub; i < hd / 2u; i += G) {
-                uint a, b;
-                if (i < half_rot) {
-                    a = il ? 2u * i : i;
-                    b = il ? 2u * i + 1u : i + half_rot;
-                } else {
-                    a = 2u * i; // past the rotated dims: consecutive pairs
-                    b = a + 1u;
-                }
-                uint e = is_q ? row * hd : (is_k ? KROW : VROW) * 4u;
-                float x0, x1;
-                if (is_q) {
-                    x0 = qv[(e + a) >> 2][(e + a) & 3u];
-                    x1 = qv[(e + b) >> 2][(e + b) & 3u];
-                } else {
-                    x0 = xs_get(e + a);
-                    x1 = xs_get(e + b);
-                }
-                if (nrm) {
-                    float wa = 1.0;
-                    float wb = 1.0;
+                float inv = inversesqrt(t / float(hd) + p.eps);
+                // This lane's own values only: no barrier before.
+                for (uint i = sub; i < hd / 2u; i += G) {
+                    uint a = i < half_rot ? (il ? 2u * i : i) : 2u * i;
+                    uint b = i < half_rot ? (il ? 2u * i + 1u : i + half_rot) : 2u * i + 1u;
                     if (is_q) {
-                        wa = qn[a];
-                        wb = qn[b];
-                    } else if (is_k) {
-                        wa = kn[a];
-                        wb = kn[b];
+                        qv[(e0 + a) >> 2][(e0 + a) & 3u] *= inv;
+                        qv[(e0 + b) >> 2][(e0 + b) & 3u] *= inv;
+                    } else {
+                        xs_set(e0 + a, xs_get(e0 + a) * inv);
+                        xs_set(e0 + b, xs_get(e0 + b) * inv);
                     }
-                    x0 *= inv * wa;
-                    x1 *= inv * wb;
-                }
-                if (i < half_rot && row <= nh) {
-                    uint rr = 2u * (pos * half_rot + i);
-                    float cs = rope[rr];
-                    float sn = rope[rr + 1u];
-                    float y0 = x0 * cs - x1 * sn;
-                    x1 = x0 * sn + x1 * cs;
-                    x0 = y0;
-                }
-                if (is_q) {
-                    qv[(e + a) >> 2][(e + a) & 3u] = x0 * mul;
-                    qv[(e + b) >> 2][(e + b) & 3u] = x1 * mul;
-                } else {
-                    xs_set(e + a, x0);
-                    xs_set(e + b, x1);
                 }
             }
         }
@@ -399,9 +388,14 @@ void main() {
                 uint r = idx % T;
                 float v = NEG;
                 if (r < tn) {
-                    v = 0.0;
-                    for (uint j = 0u; j < L; j++) {
-                        v += xs_get(idx * L + j);
+                    if (L >= 4u) {
+                        vec4 v4 = vec4(0.0);
+                        for (uint j = 0u; j < L / 4u; j++) {
+                            v4 += xs[idx * (L / 4u) + j];
+                        }
+                        v = (v4.x + v4.y) + (v4.z + v4.w);
+                    } else {
+                        v = xs_get(idx * L) + xs_get(idx * L + 1u);
                     }
                     if (p.softcap > 0.0) {
                         v = p.softcap * tanh(v / p.softcap);
@@ -544,35 +538,40 @@ void main() {
         return; // uniform for the workgroup
     }
     memoryBarrierBuffer();
-    // Every (head, block) m and l into shared memory (floats 0.. and 2048..).
-    for (uint j = tid; j < nh * n_active; j += WG) {
-        uint h = j / n_active;
-        uint mb = ml_base + 2u * ((h0 + h) * NB + j % n_active);
-        xs_set(j, part[mb]);
-        xs_set(2048u + j, part[mb + 1u]);
-    }
-    barrier();
+    // Per output quad: every block's m, l and acc, 16 blocks per batch of loads, with a
+    // running max.
+    uint ml2 = ml_base / 2u;
     for (uint w = tid; w < nh * NQ; w += WG) {
         uint h = w / NQ;
         uint dq = w % NQ;
+        uint ab = (h0 + h) * NB * NQ + dq;
+        uint mb = ml2 + (h0 + h) * NB;
         float mx = NEG;
-        for (uint t = 0u; t < n_active; t++) {
-            mx = max(mx, xs_get(h * n_active + t));
-        }
         float l = 0.0;
         vec4 a = vec4(0.0);
-        uint ab = (h0 + h) * NB * NQ + dq;
-        for (uint t0 = 0u; t0 < n_active; t0 += 8u) {
-            vec4 pv[8];
-            [[unroll]] for (uint u = 0u; u < 8u; u++) {
-                pv[u] = t0 + u < n_active ? part4[ab + (t0 + u) * NQ] : vec4(0.0);
-            }
-            [[unroll]] for (uint u = 0u; u < 8u; u++) {
+        for (uint t0 = 0u; t0 < n_active; t0 += 16u) {
+            vec4 pv[16];
+            vec2 ml[16];
+            [[unroll]] for (uint u = 0u; u < 16u; u++) {
+                pv[u] = vec4(0.0);
+                ml[u] = vec2(NEG, 0.0);
                 if (t0 + u < n_active) {
-                    float wt = exp(xs_get(h * n_active + t0 + u) - mx);
-                    l += wt * xs_get(2048u + h * n_active + t0 + u);
-                    a += wt * pv[u];
+                    pv[u] = part4[ab + (t0 + u) * NQ];
+                    ml[u] = part2[mb + t0 + u];
                 }
+            }
+            float bm = mx;
+            [[unroll]] for (uint u = 0u; u < 16u; u++) {
+                bm = max(bm, ml[u].x);
+            }
+            float f = exp(mx - bm);
+            l *= f;
+            a *= f;
+            mx = bm;
+            [[unroll]] for (uint u = 0u; u < 16u; u++) {
+                float wt = exp(ml[u].x - mx);
+                l += wt * ml[u].y;
+                a += wt * pv[u];
             }
         }
         if (has_sinks) {
