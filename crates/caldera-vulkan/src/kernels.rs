@@ -314,7 +314,11 @@ pub fn attn_dec_shape(
     if vr * qpl > 8 || nq.div_ceil(l) > 8 {
         return None;
     }
-    let hpw = gsize.min(hpw.clamp(1, 8)).min(2048 / hd).min(8 / qpl).max(1);
+    let hpw = gsize
+        .min(hpw.clamp(1, 8))
+        .min(2048 / hd)
+        .min(8 / qpl)
+        .max(1);
     let split = split.max(tile).next_multiple_of(tile);
     let blocks = if blocks == 0 { ATTN_DEC_BLOCKS } else { blocks };
     Some(AttnDecShape {

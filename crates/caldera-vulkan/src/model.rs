@@ -2368,7 +2368,6 @@ impl VkRunner {
     }
 
     /// Whether the decode mat-vec of `p` runs on int8 activations.
-
     fn q8_input(&self, p: &Proj) -> bool {
         self.m.ctx.tuning().q8_acts && Mvq::supports(p.ty) && p.k.is_multiple_of(32)
     }

@@ -163,7 +163,13 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
             // At most 8 heads, and hpw * hd <= 2048 (the kernel's q tile).
             let hpw = gsize.min(8).min(2048 / hd);
             let n_chunks = gsize.div_ceil(hpw);
-            (Kernel::AttnDecode, hpw, n_chunks, split, c.cap.div_ceil(split))
+            (
+                Kernel::AttnDecode,
+                hpw,
+                n_chunks,
+                split,
+                c.cap.div_ceil(split),
+            )
         }
         Launch::New { hpw, split, blocks } => {
             let wg = ctx.tuning().workgroup_size;
@@ -445,8 +451,7 @@ fn attn_dec_matches_cpu() {
                     (false, true, 20.0, false, false, false, true, true),
                 ];
                 let i = (pos + hd + n_heads) % flag_sets.len();
-                let (interleaved, qk_norm, softcap, q8, gate, v_norm, no_kv, sinks) =
-                    flag_sets[i];
+                let (interleaved, qk_norm, softcap, q8, gate, v_norm, no_kv, sinks) = flag_sets[i];
                 let c = Case {
                     n_heads,
                     n_kv,
