@@ -168,6 +168,7 @@ pub enum Kernel {
     RowsExt = 149,
     PleIn = 150,
     AttnDec = 151,
+    AttnDecBatch = 152,
 }
 
 /// One entry of the kernel table.
@@ -500,7 +501,7 @@ const fn mvqx(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 152] = [
+pub const KERNELS: [KernelDesc; 153] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -887,6 +888,17 @@ pub const KERNELS: [KernelDesc; 152] = [
             spv!("attn_dec"),
             13,
             ATTN_DECODE_PUSH_BYTES,
+        )
+    },
+    KernelDesc {
+        // As attn_dec's (attn_dec_batch.comp is attn_dec.comp per column).
+        shared_bytes: (2048 + 4096 + 512 + 512 + 32 + 1 + 128) * 4,
+        ..plain(
+            Kernel::AttnDecBatch,
+            "attn_dec_batch",
+            spv!("attn_dec_batch"),
+            10,
+            ATTN_BATCH_PUSH_BYTES,
         )
     },
 ];

@@ -1159,7 +1159,8 @@ impl VkRunner {
                 attn_dec_blocks,
             );
             if let (true, Some(sh)) = (attn_new, shape) {
-                part_len = part_len.max(a.n_heads * sh.blocks * (a.head_dim + 2));
+                // (attn_dec_batch: hd + 4 per head and block, so columns stay vec4-aligned.)
+                part_len = part_len.max(a.n_heads * sh.blocks * (a.head_dim + 4));
                 counts = counts.max(a.n_kv_heads * sh.n_chunks);
             }
         }
@@ -1681,16 +1682,32 @@ impl VkRunner {
         if let (false, Some(bm)) = (decode, &self.batch) {
             // Batched decode: every column attends over its own slot of the pools.
             let gsize = nh / nkv;
-            let hpw = self.decode_hpw(gsize, hd);
-            let n_chunks = gsize.div_ceil(hpw);
-            let split = self.attn_split;
-            let max_splits = self.cap.div_ceil(split);
+            let (kernel, hpw, n_chunks, split, max_splits) = match self.dec_shape(gsize, hd) {
+                Some(sh) => (
+                    Kernel::AttnDecBatch,
+                    sh.hpw,
+                    sh.n_chunks,
+                    sh.split,
+                    sh.blocks,
+                ),
+                None => {
+                    let hpw = self.decode_hpw(gsize, hd);
+                    let split = self.attn_split;
+                    (
+                        Kernel::AttnBatch,
+                        hpw,
+                        gsize.div_ceil(hpw),
+                        split,
+                        self.cap.div_ceil(split),
+                    )
+                }
+            };
             let slot_elems = *bm
                 .slot_elems
                 .get(li)
                 .ok_or_else(|| VkError::Invalid(format!("layer {li}: no pooled KV cache")))?;
             let binding = wg_bind(
-                Kernel::AttnBatch,
+                kernel,
                 &[
                     &self.qkv,
                     kc,
