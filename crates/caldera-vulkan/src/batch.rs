@@ -9,11 +9,11 @@
 //! prefill and decode alone with their own recordings as any runner does, and
 //! [`VkBatch::step`] decodes several of them together. The step values are the live
 //! column count, then per column its slot and position; a bucket's padding columns do
-//! nothing (the mat-vecs stop at the live count, `attn_batch` returns), so they never
+//! nothing (the mat-vecs stop at the live count, `attn_dec_batch` returns), so they never
 //! write a live slot's cache. The weights go through the batched mat-vec (`mm.glsl`)
 //! or the tiled matmul (`CALDERA_VK_BATCH_MM`, see [`BatchMm`](crate::model::BatchMm)),
-//! attention through `attn_batch` (per column: q/k norm, RoPE, KV write and split
-//! attention over its own slot). Models with recurrent mixers have no batched step yet
+//! attention through `attn_dec_batch` (per column: q/k norm, RoPE, KV write and split
+//! attention over its own slot; `attn_batch` with `CALDERA_VK_ATTN_OLD=1`). Models with recurrent mixers have no batched step yet
 //! ([`VkModel::batch_unsupported`]): [`VkBatch::new`] refuses them.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -12,7 +12,8 @@
 //! pipeline creation happens per token.
 //!
 //! Decode (one token) per layer of llama / qwen3: q|k|v mat-vec (one dispatch per weight
-//! type), `attn_decode` (q/k norm, RoPE, KV write, split attention, int8 output),
+//! type), `attn_dec` (q/k norm, RoPE, KV write, split attention, int8 output; or
+//! `attn_decode`, `CALDERA_VK_ATTN_OLD=1`),
 //! o-proj with the residual add, gate|up with the GLU, down with the residual add; each
 //! int8 mat-vec quantizes the next one's input block by block (`MV_TAIL`; only the first
 //! layer's input needs a `quant_x`); weight types without int8 kernels read f32 x and
@@ -918,10 +919,10 @@ pub struct VkRunner {
     /// split is `attn_decode`'s (and `attn_batch`'s); `attn_dec` takes its own below.
     attn_hpw: usize,
     attn_split: usize,
-    /// Single-sequence decode attention runs `attn_dec` (lane-parallel, block size picked
-    /// on the device) unless `CALDERA_VK_ATTN_OLD=1`, the device cannot run it (shared
-    /// memory) or a layer's layout does not fit it ([`attn_dec_shape`]): then
-    /// `attn_decode`. Its knobs: `CALDERA_VK_ATTN_SPLIT` (fewest positions per block,
+    /// Decode attention runs `attn_dec` (lane-parallel, block size picked on the device;
+    /// `attn_dec_batch` in batched steps) unless `CALDERA_VK_ATTN_OLD=1`, the device
+    /// cannot run it (shared memory) or a layer's layout does not fit it
+    /// ([`attn_dec_shape`]): then `attn_decode` (`attn_batch`). Its knobs: `CALDERA_VK_ATTN_SPLIT` (fewest positions per block,
     /// rounded up to its tile; default one tile) and `CALDERA_VK_ATTN_SPLITS` (most blocks
     /// per kv head and chunk; default [`crate::kernels::ATTN_DEC_BLOCKS`]), both 0 here
     /// when unset.
