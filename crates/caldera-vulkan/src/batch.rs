@@ -9,13 +9,14 @@
 //! prefill and decode alone with their own recordings as any runner does, and
 //! [`VkBatch::step`] decodes several of them together. The step values are the live
 //! column count, then per column its slot and position; a bucket's padding columns do
-//! nothing (the mat-vecs stop at the live count, `attn_batch` returns), so they never
-//! write a live slot's cache. The weights go through the batched int8 mat-vec
+//! nothing (the mat-vecs stop at the live count, `attn_dec_batch` returns), so they
+//! never write a live slot's cache. The weights go through the batched int8 mat-vec
 //! (`quant_rows` + `mvqm`, [`Mvqn`](crate::ops::Mvqn)) where their type has one, else
 //! the tiled matmul or the batched f32 mat-vec (`CALDERA_VK_BATCH_MM`, see
-//! [`BatchMm`](crate::model::BatchMm)); attention through `attn_batch` (per column: q/k
-//! norm, RoPE, KV write and split attention over its own slot; it also quantizes its
-//! output for the o-projection). Models with recurrent mixers have no batched step yet
+//! [`BatchMm`](crate::model::BatchMm)); attention through `attn_dec_batch` (per column:
+//! q/k norm, RoPE, KV write and split attention over its own slot; `attn_batch` with
+//! `CALDERA_VK_ATTN_OLD=1`; both also quantize the output for the o-projection). Models
+//! with recurrent mixers have no batched step yet
 //! ([`VkModel::batch_unsupported`]): [`VkBatch::new`] refuses them.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -187,6 +187,8 @@ pub enum Kernel {
     MvrQ5K = 168,
     MvrQ6K = 169,
     MvrIQ4XS = 170,
+    AttnDec = 171,
+    AttnDecBatch = 172,
 }
 
 /// One entry of the kernel table.
@@ -275,6 +277,87 @@ pub const MVQM_PUSH_BYTES: u32 = MVQN_PUSH_BYTES + 4;
 pub fn attn_split(cap: usize) -> usize {
     cap.div_ceil(128).next_multiple_of(32).clamp(32, 128)
 }
+/// The launch shape of `attn_dec` (lane-parallel decode attention) for one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnDecShape {
+    /// Query heads per workgroup (at most 8).
+    pub hpw: usize,
+    /// Workgroups per kv head taking its query heads: ceil(group size / hpw).
+    pub n_chunks: usize,
+    /// Blocks of positions dispatched per (kv head, chunk) (`max_splits`); the kernel
+    /// uses ceil(context / split) of them, split from the step's position.
+    pub blocks: usize,
+    /// Fewest positions per block (`split`; the kernel rounds it up to its tile).
+    pub split: usize,
+    /// Positions per tile: `wg / lanes per k row`.
+    pub tile: usize,
+}
+
+/// Default blocks per (kv head, chunk) of `attn_dec` (`CALDERA_VK_ATTN_SPLITS`): past
+/// 64 tiles of context a block loops over several tiles instead of adding blocks, which
+/// keeps the last block's combine (it reads every block's partials) short.
+pub const ATTN_DEC_BLOCKS: usize = 64;
+
+/// `attn_dec`'s launch shape for query groups of `gsize` heads of `hd` values, a
+/// workgroup of `wg` invocations and a sequence of `cap` positions, or `None` where its
+/// register layout does not fit (then `attn_decode` runs). `hpw` (at most 8) caps the
+/// query heads per workgroup, `split` is the fewest positions per block (0: one tile),
+/// `blocks` the most blocks per (kv head, chunk) (0: [`ATTN_DEC_BLOCKS`]). Mirrors the
+/// layout at the top of `attn_dec.comp`: L lanes per k row (hd / 32 rounded up to a power
+/// of two, 2 to 16), tiles of wg / L rows, and in the value phase each lane holds at most
+/// 8 (row, quad) items and 8 (head, quad) sums.
+pub fn attn_dec_shape(
+    gsize: usize,
+    hd: usize,
+    wg: u32,
+    cap: usize,
+    hpw: usize,
+    split: usize,
+    blocks: usize,
+) -> Option<AttnDecShape> {
+    let wg = wg as usize;
+    if !(32..=128).contains(&wg) || !wg.is_power_of_two() || hd == 0 || hd > 512 {
+        return None;
+    }
+    if !hd.is_multiple_of(4) || gsize == 0 {
+        return None;
+    }
+    let l = match hd {
+        0..=64 => 2,
+        65..=128 => 4,
+        129..=256 => 8,
+        _ => 16,
+    };
+    let tile = wg / l;
+    if tile < 4 {
+        return None;
+    }
+    let nq = hd / 4;
+    let (rg, qpl) = if nq <= wg {
+        (wg / nq, 1)
+    } else {
+        (1, nq.div_ceil(wg))
+    };
+    let vr = tile.div_ceil(rg);
+    if vr * qpl > 8 || nq.div_ceil(l) > 8 {
+        return None;
+    }
+    let hpw = gsize
+        .min(hpw.clamp(1, 8))
+        .min(2048 / hd)
+        .min(8 / qpl)
+        .max(1);
+    let split = split.max(tile).next_multiple_of(tile);
+    let blocks = if blocks == 0 { ATTN_DEC_BLOCKS } else { blocks };
+    Some(AttnDecShape {
+        hpw,
+        n_chunks: gsize.div_ceil(hpw),
+        blocks: cap.div_ceil(split).clamp(1, blocks.max(1)),
+        split,
+        tile,
+    })
+}
+
 /// `add_norm` push constants: `n` (u32), `eps` (f32).
 pub const ADD_NORM_PUSH_BYTES: u32 = 8;
 /// `gdn_decode` push constants: `n_k, n_v, dk, dv, kern, flags, tile, n_tiles` (u32),
@@ -481,7 +564,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 171] = [
+pub const KERNELS: [KernelDesc; 173] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -877,6 +960,30 @@ pub const KERNELS: [KernelDesc; 171] = [
     mvr(Kernel::MvrQ5K, "mvr_q5_k", spv!("mvr_q5_k")),
     mvr(Kernel::MvrQ6K, "mvr_q6_k", spv!("mvr_q6_k")),
     mvr(Kernel::MvrIQ4XS, "mvr_iq4_xs", spv!("mvr_iq4_xs")),
+    KernelDesc {
+        // q / output rows, the scratch (score partials, value sums, the token's k and v
+        // rows), scores and weights, per-head max and correction, a flag, and a reduction
+        // slot per invocation (the kernel runs at workgroups of at most 128).
+        shared_bytes: (2048 + 4096 + 512 + 512 + 32 + 1 + 128) * 4,
+        ..plain(
+            Kernel::AttnDec,
+            "attn_dec",
+            spv!("attn_dec"),
+            13,
+            ATTN_DECODE_PUSH_BYTES,
+        )
+    },
+    KernelDesc {
+        // As attn_dec's (attn_dec_batch.comp is attn_dec.comp per column).
+        shared_bytes: (2048 + 4096 + 512 + 512 + 32 + 1 + 128) * 4,
+        ..plain(
+            Kernel::AttnDecBatch,
+            "attn_dec_batch",
+            spv!("attn_dec_batch"),
+            10,
+            ATTN_BATCH_PUSH_BYTES,
+        )
+    },
 ];
 
 impl Kernel {

@@ -12,7 +12,8 @@
 //! pipeline creation happens per token.
 //!
 //! Decode (one token) per layer of llama / qwen3: q|k|v mat-vec (one dispatch per weight
-//! type), `attn_decode` (q/k norm, RoPE, KV write, split attention, int8 output),
+//! type), `attn_dec` (q/k norm, RoPE, KV write, split attention, int8 output; or
+//! `attn_decode`, `CALDERA_VK_ATTN_OLD=1`),
 //! o-proj with the residual add, gate|up with the GLU, down with the residual add; each
 //! int8 mat-vec quantizes the next one's input block by block (`MV_TAIL`; only the first
 //! layer's input needs a `quant_x`); weight types without int8 kernels read f32 x and
@@ -56,7 +57,7 @@ use caldera_model::{
 use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::extras::{PleIn, PleShape, RowExt, RowsExt, RowsIo};
-use crate::kernels::{attn_split, Kernel};
+use crate::kernels::{attn_dec_shape, attn_split, AttnDecShape, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::moe::{MoeDevice, MoeFfn, MoeIo, MoeScratch, MoeSteps, MAX_EXPERTS, MAX_USED};
 use crate::ops::{
@@ -930,9 +931,20 @@ pub struct VkRunner {
     attn_stop: u32,
     /// Decode attention's launch shape: query heads per workgroup (at most 8) and
     /// positions per split (8 to 128); `CALDERA_VK_ATTN_HPW` / `CALDERA_VK_ATTN_SPLIT`
-    /// override the defaults (8, and [`attn_split`] of the capacity) for tuning.
+    /// override the defaults (8, and [`attn_split`] of the capacity) for tuning. The
+    /// split is `attn_decode`'s (and `attn_batch`'s); `attn_dec` takes its own below.
     attn_hpw: usize,
     attn_split: usize,
+    /// Decode attention runs `attn_dec` (lane-parallel, block size picked on the device;
+    /// `attn_dec_batch` in batched steps) unless `CALDERA_VK_ATTN_OLD=1`, the device
+    /// cannot run it (shared memory) or a layer's layout does not fit it
+    /// ([`attn_dec_shape`]): then `attn_decode` (`attn_batch`). Its knobs: `CALDERA_VK_ATTN_SPLIT` (fewest positions per block,
+    /// rounded up to its tile; default one tile) and `CALDERA_VK_ATTN_SPLITS` (most blocks
+    /// per kv head and chunk; default [`crate::kernels::ATTN_DEC_BLOCKS`]), both 0 here
+    /// when unset.
+    attn_new: bool,
+    attn_dec_split: usize,
+    attn_dec_blocks: usize,
     /// Device nanoseconds per op label (total, count) over `profile_steps` decode steps.
     profile_ns: HashMap<&'static str, (f64, u64)>,
     profile_steps: u64,
@@ -1137,6 +1149,11 @@ impl VkRunner {
         let attn_hpw = env_usize("CALDERA_VK_ATTN_HPW").unwrap_or(8).clamp(1, 8);
         let split =
             env_usize("CALDERA_VK_ATTN_SPLIT").map_or(attn_split(cap), |v| v.clamp(8, 128) / 8 * 8);
+        let attn_new = Kernel::AttnDec.fits(ctx.info())
+            && !std::env::var("CALDERA_VK_ATTN_OLD").is_ok_and(|v| v == "1");
+        let attn_dec_split = env_usize("CALDERA_VK_ATTN_SPLIT").unwrap_or(0).min(1 << 16);
+        let attn_dec_blocks = env_usize("CALDERA_VK_ATTN_SPLITS").unwrap_or(0).min(4096);
+        let wg = ctx.tuning().workgroup_size;
         let mut part_len = 1usize;
         let mut counts = 1usize;
         for l in &m.layers {
@@ -1149,6 +1166,20 @@ impl VkRunner {
             let gsize = a.n_heads / a.n_kv_heads;
             let hpw = decode_hpw(gsize, a.head_dim).min(attn_hpw);
             counts = counts.max(a.n_kv_heads * gsize.div_ceil(hpw));
+            let shape = attn_dec_shape(
+                gsize,
+                a.head_dim,
+                wg,
+                cap,
+                attn_hpw,
+                attn_dec_split,
+                attn_dec_blocks,
+            );
+            if let (true, Some(sh)) = (attn_new, shape) {
+                // (attn_dec_batch: hd + 4 per head and block, so columns stay vec4-aligned.)
+                part_len = part_len.max(a.n_heads * sh.blocks * (a.head_dim + 4));
+                counts = counts.max(a.n_kv_heads * sh.n_chunks);
+            }
         }
         let attn_part = dev(part_len * cols_mult, "the attention partials")?;
         let attn_count = ctx.upload(&vec![0u8; counts * cols_mult * 4])?;
@@ -1312,6 +1343,9 @@ impl VkRunner {
             profile: std::env::var("CALDERA_VK_PROFILE").is_ok_and(|v| v == "1"),
             attn_hpw,
             attn_split: split,
+            attn_new,
+            attn_dec_split,
+            attn_dec_blocks,
             attn_stop: std::env::var("CALDERA_VK_ATTN_STOP")
                 .ok()
                 .and_then(|v| v.parse::<u32>().ok())
@@ -1697,34 +1731,53 @@ impl VkRunner {
         if let (false, Some(bm)) = (decode, &self.batch) {
             // Batched decode: every column attends over its own slot of the pools.
             let gsize = nh / nkv;
-            let hpw = self.decode_hpw(gsize, hd);
-            let n_chunks = gsize.div_ceil(hpw);
-            let split = self.attn_split;
-            let max_splits = self.cap.div_ceil(split);
+            let (kernel, hpw, n_chunks, split, max_splits) = match self.dec_shape(gsize, hd) {
+                Some(sh) => (
+                    Kernel::AttnDecBatch,
+                    sh.hpw,
+                    sh.n_chunks,
+                    sh.split,
+                    sh.blocks,
+                ),
+                None => {
+                    let hpw = self.decode_hpw(gsize, hd);
+                    let split = self.attn_split;
+                    (
+                        Kernel::AttnBatch,
+                        hpw,
+                        gsize.div_ceil(hpw),
+                        split,
+                        self.cap.div_ceil(split),
+                    )
+                }
+            };
             let slot_elems = *bm
                 .slot_elems
                 .get(li)
                 .ok_or_else(|| VkError::Invalid(format!("layer {li}: no pooled KV cache")))?;
-            let binding = wg_bind(
-                Kernel::AttnBatch,
-                &[
-                    &self.qkv,
-                    kc,
-                    vc,
-                    &self.att,
-                    &self.step_dev,
-                    l.q_norm.as_ref().unwrap_or(dummy),
-                    l.k_norm.as_ref().unwrap_or(dummy),
-                    rope_buf,
-                    &self.attn_part,
-                    &self.attn_count,
-                    &self.xq[0],
-                    &self.xd[0],
-                ],
-            )?;
-            // The o-projection on int8: attn_batch quantizes its output into pair 0.
-            let o_q8 =
-                self.batch_q8(l.o.ty, l.o.k as u64, b) && hd.is_multiple_of(32) && l.o.k == nh * hd;
+            let bufs = [
+                &self.qkv,
+                kc,
+                vc,
+                &self.att,
+                &self.step_dev,
+                l.q_norm.as_ref().unwrap_or(dummy),
+                l.k_norm.as_ref().unwrap_or(dummy),
+                rope_buf,
+                &self.attn_part,
+                &self.attn_count,
+                &self.xq[0],
+                &self.xd[0],
+            ];
+            // The o-projection on int8: attn_batch quantizes its output into pair 0;
+            // attn_dec_batch has no int8 output yet (the o-projection quantizes its
+            // input itself then).
+            let dec = kernel == Kernel::AttnDecBatch;
+            let binding = wg_bind(kernel, if dec { &bufs[..10] } else { &bufs[..] })?;
+            let o_q8 = !dec
+                && self.batch_q8(l.o.ty, l.o.k as u64, b)
+                && hd.is_multiple_of(32)
+                && l.o.k == nh * hd;
             let gate_flag = if a.q_gate { 32 } else { 0 } | if o_q8 { 16 } else { 0 };
             let push = push_words(&[
                 u32_of(nh, "heads")?,
@@ -1764,12 +1817,22 @@ impl VkRunner {
         }
         if decode {
             let gsize = nh / nkv;
-            let hpw = self.decode_hpw(gsize, hd);
-            let n_chunks = gsize.div_ceil(hpw);
-            let split = self.attn_split;
-            let max_splits = self.cap.div_ceil(split);
+            let (kernel, hpw, n_chunks, split, max_splits) = match self.dec_shape(gsize, hd) {
+                Some(sh) => (Kernel::AttnDec, sh.hpw, sh.n_chunks, sh.split, sh.blocks),
+                None => {
+                    let hpw = self.decode_hpw(gsize, hd);
+                    let split = self.attn_split;
+                    (
+                        Kernel::AttnDecode,
+                        hpw,
+                        gsize.div_ceil(hpw),
+                        split,
+                        self.cap.div_ceil(split),
+                    )
+                }
+            };
             let binding = wg_bind(
-                Kernel::AttnDecode,
+                kernel,
                 &[
                     &self.qkv,
                     kc,
@@ -2393,7 +2456,6 @@ impl VkRunner {
         }
     }
 
-    /// Whether the decode mat-vec of `p` runs on int8 activations.
     /// Query heads per workgroup of decode attention (`attn_decode`, `attn_batch`) for
     /// groups of `gsize` heads of `hd`: what shared memory allows, at most the
     /// `CALDERA_VK_ATTN_HPW` knob.
@@ -2401,6 +2463,25 @@ impl VkRunner {
         decode_hpw(gsize, hd).min(self.attn_hpw)
     }
 
+    /// `attn_dec`'s launch shape for groups of `gsize` query heads of `hd`, or `None`
+    /// where single-sequence decode attention runs `attn_decode` (see `attn_new`).
+    fn dec_shape(&self, gsize: usize, hd: usize) -> Option<AttnDecShape> {
+        if !self.attn_new {
+            return None;
+        }
+        let wg = self.m.ctx.tuning().workgroup_size;
+        attn_dec_shape(
+            gsize,
+            hd,
+            wg,
+            self.cap,
+            self.attn_hpw,
+            self.attn_dec_split,
+            self.attn_dec_blocks,
+        )
+    }
+
+    /// Whether the decode mat-vec of `p` runs on int8 activations.
     fn q8_input(&self, p: &Proj) -> bool {
         self.m.ctx.tuning().q8_acts && Mvq::supports(p.ty) && p.k.is_multiple_of(32)
     }

@@ -1,14 +1,15 @@
-//! `attn_decode` (q/k norm, RoPE, KV write, split attention, output gate, int8 output)
-//! against a CPU twin on fresh random inputs: several head layouts (GQA groups, chunks of
-//! query heads), positions that need one and many splits, windows, softcap, both RoPE
-//! styles, partial RoPE, Qwen3.5's sigmoid output gate, Gemma 4's v norm, KV-shared
-//! layers (q only; the token's k / v already cached) and heads of 512, gpt-oss's
-//! attention sinks, and both reduction variants. Skips without a Vulkan device unless
-//! `CALDERA_REQUIRE_VULKAN=1`.
+//! `attn_decode` and `attn_dec` (q/k norm, RoPE, KV write, split attention, output gate,
+//! int8 output) against a CPU twin on fresh random inputs: several head layouts (GQA
+//! groups 1 to 8, chunks of query heads), positions that need one and many splits (and,
+//! for `attn_dec`, blocks of one and of many tiles), windows, softcap, both RoPE styles,
+//! partial RoPE, Qwen3.5's sigmoid output gate, Gemma 4's v norm, KV-shared layers (q
+//! only; the token's k / v already cached) and heads of 32 to 512, gpt-oss's attention
+//! sinks, f16 and f32 caches, workgroups of 32, 64 and 128 and both reduction variants.
+//! Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
 
-use caldera_vulkan::kernels::attn_split;
+use caldera_vulkan::kernels::{attn_dec_shape, attn_split};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Context, ContextOptions, Kernel, MemoryKind};
 use common::{kv_round, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words};
@@ -36,7 +37,19 @@ struct Case {
     sinks: bool,
 }
 
-fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
+/// Which kernel, and `attn_dec`'s knobs (query heads per workgroup, fewest positions per
+/// block, most blocks; 0: defaults).
+#[derive(Clone, Copy, Debug)]
+enum Launch {
+    Old,
+    New {
+        hpw: usize,
+        split: usize,
+        blocks: usize,
+    },
+}
+
+fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv, c.hd);
     let kvd = nkv * hd;
     let gates = if c.gate { nh } else { 0 };
@@ -144,18 +157,34 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let xd = ctx
         .create_buffer((nh * hd / 8) as u64, MemoryKind::Device)
         .unwrap();
-    let split = attn_split(c.cap);
-    let max_splits = c.cap.div_ceil(split);
-    // At most 8 heads, and hpw * hd <= 2048 (the kernel's q tile).
-    let hpw = gsize.min(8).min(2048 / hd);
-    let n_chunks = gsize.div_ceil(hpw);
+    let (kernel, hpw, n_chunks, split, max_splits) = match launch {
+        Launch::Old => {
+            let split = attn_split(c.cap);
+            // At most 8 heads, and hpw * hd <= 2048 (the kernel's q tile).
+            let hpw = gsize.min(8).min(2048 / hd);
+            let n_chunks = gsize.div_ceil(hpw);
+            (
+                Kernel::AttnDecode,
+                hpw,
+                n_chunks,
+                split,
+                c.cap.div_ceil(split),
+            )
+        }
+        Launch::New { hpw, split, blocks } => {
+            let wg = ctx.tuning().workgroup_size;
+            let sh = attn_dec_shape(gsize, hd, wg, c.cap, hpw, split, blocks)
+                .unwrap_or_else(|| panic!("attn_dec: no layout for hd {hd} at workgroup {wg}"));
+            (Kernel::AttnDec, sh.hpw, sh.n_chunks, sh.split, sh.blocks)
+        }
+    };
     let part = ctx
         .create_buffer((nh * max_splits * (hd + 2) * 4) as u64, MemoryKind::Device)
         .unwrap();
     let count = ctx.upload(&vec![0u8; nkv * n_chunks * 4]).unwrap();
     let binding = ctx
         .bind(
-            Kernel::AttnDecode,
+            kernel,
             &[
                 &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &xq, &xd, &part, &count,
                 &sinks_b,
@@ -209,7 +238,8 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let got = ctx.read_f32(&out, nh * hd).unwrap();
     let what = format!(
         "{nh}/{nkv} heads of {hd}, pos {}, window {}, softcap {}, norm {}, interleaved {}, \
-         gate {}, v norm {}, no kv {}, sinks {} (subgroup {}, kv f16 {})",
+         gate {}, v norm {}, no kv {}, sinks {}, {launch:?} (hpw {hpw}, split {split}, \
+         blocks {max_splits}; subgroup {}, kv f16 {}, workgroup {})",
         c.pos,
         c.window,
         c.softcap,
@@ -220,7 +250,8 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         c.no_kv,
         c.sinks,
         ctx.tuning().subgroup_reduce,
-        ctx.tuning().kv_f16
+        ctx.tuning().kv_f16,
+        ctx.tuning().workgroup_size
     );
     for i in 0..nh * hd {
         assert!(
@@ -316,8 +347,129 @@ fn attn_decode_matches_cpu() {
                         no_kv,
                         sinks,
                     };
-                    run(ctx, &mut rng, &c);
+                    run(ctx, &mut rng, &c, Launch::Old);
+                    run(ctx, &mut rng, &c, NEW_DEFAULT);
                 }
+            }
+        }
+    }
+}
+
+const NEW_DEFAULT: Launch = Launch::New {
+    hpw: 8,
+    split: 0,
+    blocks: 0,
+};
+
+/// `attn_dec` alone: GQA groups 1 to 8, heads of 32 to 512 (80: a head that is not a
+/// multiple of 32), contexts of one tile to many blocks of many tiles (few blocks force
+/// the per-block tile loop: prefetch and the online softmax over tiles), windows, fewer
+/// query heads per workgroup and a split that is not a multiple of the tile, at
+/// workgroups of 32, 64 and 128.
+#[test]
+fn attn_dec_matches_cpu() {
+    let mut rng = rng("attn_dec");
+    let mut ctxs = Vec::new();
+    // (shared reduction, f32 cache, workgroup)
+    for (shared, kv32, wg) in [
+        (false, false, None),
+        (true, true, None),
+        (false, true, Some(128)),
+        (true, false, Some(32)),
+    ] {
+        let opts = ContextOptions {
+            force_shared_reduce: shared,
+            force_kv_f32: kv32,
+            workgroup_size: wg,
+            ..Default::default()
+        };
+        match test_context("attn_dec", &opts) {
+            Some(c) => ctxs.push(c),
+            None => return,
+        }
+    }
+    for ctx in &ctxs {
+        let wg = ctx.tuning().workgroup_size;
+        for (n_heads, n_kv, hd, n_rot) in [
+            (6, 6, 128, 128),
+            (8, 4, 128, 64),
+            (9, 3, 128, 128),
+            (16, 4, 64, 64),
+            (15, 3, 80, 80),
+            (12, 2, 128, 128),
+            (14, 2, 128, 128),
+            (16, 2, 128, 128),
+            (16, 2, 256, 256),
+            (8, 2, 512, 512),
+            (8, 2, 32, 32),
+        ] {
+            if attn_dec_shape(n_heads / n_kv, hd, wg, 64, 8, 0, 0).is_none() {
+                // No layout at this workgroup (hd 512 at 32): the host runs attn_decode.
+                assert!(wg < 64, "attn_dec: no layout for hd {hd} at workgroup {wg}");
+                continue;
+            }
+            for (pos, cap, window, launch) in [
+                (0, 8, 0, NEW_DEFAULT),
+                (29, 40, 0, NEW_DEFAULT),
+                (300, 333, 0, NEW_DEFAULT),
+                (
+                    300,
+                    333,
+                    0,
+                    Launch::New {
+                        hpw: 2,
+                        split: 0,
+                        blocks: 3,
+                    },
+                ),
+                (
+                    520,
+                    700,
+                    133,
+                    Launch::New {
+                        hpw: 8,
+                        split: 100,
+                        blocks: 0,
+                    },
+                ),
+                (
+                    1100,
+                    1200,
+                    0,
+                    Launch::New {
+                        hpw: 3,
+                        split: 0,
+                        blocks: 5,
+                    },
+                ),
+            ] {
+                // (interleaved, qk_norm, softcap, q8, gate, v_norm, no_kv, sinks), rotating.
+                let flag_sets = [
+                    (false, true, 0.0, true, false, false, false, false),
+                    (true, false, 30.0, false, true, false, false, true),
+                    (false, true, 0.0, true, false, true, false, false),
+                    (false, true, 20.0, false, false, false, true, true),
+                ];
+                let i = (pos + hd + n_heads) % flag_sets.len();
+                let (interleaved, qk_norm, softcap, q8, gate, v_norm, no_kv, sinks) = flag_sets[i];
+                let c = Case {
+                    n_heads,
+                    n_kv,
+                    hd,
+                    n_rot,
+                    interleaved,
+                    qk_norm,
+                    window,
+                    softcap,
+                    pos,
+                    cap,
+                    q8: q8 && hd.is_multiple_of(32),
+                    gate,
+                    v_norm,
+                    no_kv,
+                    sinks,
+                };
+                run(ctx, &mut rng, &c, launch);
             }
         }
     }

@@ -1,5 +1,6 @@
-//! `attn_batch` (batched decode attention: per column q/k norm, RoPE, the KV write into
-//! its own slot of the pooled caches, split attention over that slot) against a CPU
+//! `attn_batch` and `attn_dec_batch` (batched decode attention: per column q/k norm,
+//! RoPE, the KV write into its own slot of the pooled caches, split attention over that
+//! slot; `attn_dec_batch` also with few blocks of many tiles) against a CPU
 //! twin on fresh random inputs: 1, 3, 8 and 16 columns over pools of odd slot counts,
 //! each column at its own position in its own slot, dispatched over the column count's
 //! bucket (the padding columns must do nothing); several head layouts, positions that
@@ -12,7 +13,7 @@
 
 mod common;
 
-use caldera_vulkan::kernels::attn_split;
+use caldera_vulkan::kernels::{attn_dec_shape, attn_split};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Buffer, Context, ContextOptions, Kernel, MemoryKind};
 use common::{kv_round, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words};
@@ -114,7 +115,15 @@ fn twin(
     (out, kv_new)
 }
 
-fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
+/// `attn_batch`, or `attn_dec_batch` with at most this many blocks per (kv head, chunk)
+/// (0: the default).
+#[derive(Clone, Copy, Debug)]
+enum Launch {
+    Old,
+    New { blocks: usize },
+}
+
+fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv, c.hd);
     let kvd = nkv * hd;
     let gates = if c.gate { nh } else { 0 };
@@ -166,14 +175,37 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
         sv.extend([s as u32, p as u32]);
     }
     let step = ctx.upload(&words(&sv)).unwrap();
-    let split = attn_split(c.cap);
-    let max_splits = c.cap.div_ceil(split);
     let gsize = nh / nkv;
-    let hpw = gsize.min(8);
-    let n_chunks = gsize.div_ceil(hpw);
+    let (kernel, hpw, n_chunks, split, max_splits) = match launch {
+        Launch::Old => {
+            let split = attn_split(c.cap);
+            let hpw = gsize.min(8);
+            let n_chunks = gsize.div_ceil(hpw);
+            (
+                Kernel::AttnBatch,
+                hpw,
+                n_chunks,
+                split,
+                c.cap.div_ceil(split),
+            )
+        }
+        Launch::New { blocks } => {
+            let wg = ctx.tuning().workgroup_size;
+            let sh = attn_dec_shape(gsize, hd, wg, c.cap, 8, 0, blocks)
+                .unwrap_or_else(|| panic!("attn_dec: no layout for hd {hd} at workgroup {wg}"));
+            (
+                Kernel::AttnDecBatch,
+                sh.hpw,
+                sh.n_chunks,
+                sh.split,
+                sh.blocks,
+            )
+        }
+    };
+    // (hd + 4 per head and block: attn_dec_batch's column stride; attn_batch's is hd + 2.)
     let part = ctx
         .create_buffer(
-            (bucket * nh * max_splits * (hd + 2) * 4) as u64,
+            (bucket * nh * max_splits * (hd + 4) * 4) as u64,
             MemoryKind::Device,
         )
         .unwrap();
@@ -184,7 +216,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let xd = ctx.upload(&vec![0u8; bucket * nh * hd / 8]).unwrap();
     let binding = ctx
         .bind(
-            Kernel::AttnBatch,
+            kernel,
             &[
                 &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &part, &count, &xq, &xd,
             ],
@@ -232,7 +264,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case) {
     let vc_got = read_kv(ctx, &vc_b, c.slots * slot_elems);
     let what = format!(
         "{} of {} slots, {nh}/{nkv} heads of {hd}, cap {}, window {}, softcap {}, norm {}, \
-         interleaved {}, gate {} (subgroup {}, kv f16 {f16})",
+         interleaved {}, gate {}, {launch:?} (subgroup {}, kv f16 {f16})",
         c.cols,
         c.slots,
         c.cap,
@@ -324,7 +356,12 @@ fn attn_batch_matches_cpu() {
     }
     for ctx in &ctxs {
         for (cols, slots) in [(1, 3), (3, 5), (8, 11), (16, 17)] {
-            for (n_heads, n_kv, hd, n_rot) in [(8, 2, 64, 64), (4, 4, 32, 16), (20, 2, 96, 96)] {
+            for (n_heads, n_kv, hd, n_rot) in [
+                (8, 2, 64, 64),
+                (4, 4, 32, 16),
+                (20, 2, 96, 96),
+                (16, 2, 128, 128),
+            ] {
                 for (cap, window) in [(37, 0), (161, 0), (161, 45)] {
                     for (interleaved, qk_norm, softcap, gate) in
                         [(false, true, 0.0, false), (true, false, 30.0, true)]
@@ -343,7 +380,9 @@ fn attn_batch_matches_cpu() {
                             cols,
                             slots,
                         };
-                        run(ctx, &mut rng, &c);
+                        run(ctx, &mut rng, &c, Launch::Old);
+                        run(ctx, &mut rng, &c, Launch::New { blocks: 0 });
+                        run(ctx, &mut rng, &c, Launch::New { blocks: 2 });
                     }
                 }
             }
