@@ -1,6 +1,7 @@
 #version 450
 // Decode attention for one token at position pos = step[1], lane-parallel flash decoding
-// (the successor of attn_decode.comp, which the host keeps behind CALDERA_VK_ATTN_OLD=1).
+// (an alternative to attn_decode.comp, the default; the host runs it with
+// CALDERA_VK_ATTN_DEC=1).
 // Same bindings, push constants, flags and results as attn_decode.comp (see there); what
 // differs is how a workgroup spends its time. Workgroup (g, c, s) takes query heads
 // c * hpw .. (at most 8) of kv head g and block s of the window [lo, pos]. The block size

@@ -7,7 +7,7 @@
 // reads only its own slot. Columns past step[0] (the bucket's padding) exit at once.
 // Partials ((hd + 4) * n_heads * max_splits floats per column) and counts are per
 // column. No int8 output (the batched o-projection then quantizes its input), v norm, KV sharing or
-// sinks (as attn_batch.comp, which CALDERA_VK_ATTN_OLD=1 keeps).
+// sinks (as attn_batch.comp, the default; this one runs with CALDERA_VK_ATTN_DEC=1).
 // Binding 0: qkv, 1: k pool, 2: v pool, 3: out, 4: step values, 5: q norm, 6: k norm,
 // 7: RoPE table, 8: partials, 9: counts (u32 per (column, g, c), zero between
 // dispatches).

@@ -13,9 +13,10 @@
 //! never write a live slot's cache. The weights go through the batched int8 mat-vec
 //! (`quant_rows` + `mvqm`, [`Mvqn`](crate::ops::Mvqn)) where their type has one, else
 //! the tiled matmul or the batched f32 mat-vec (`CALDERA_VK_BATCH_MM`, see
-//! [`BatchMm`](crate::model::BatchMm)); attention through `attn_dec_batch` (per column:
-//! q/k norm, RoPE, KV write and split attention over its own slot; `attn_batch` with
-//! `CALDERA_VK_ATTN_OLD=1`; both also quantize the output for the o-projection). Models
+//! [`BatchMm`](crate::model::BatchMm)); attention through `attn_batch` (per column:
+//! q/k norm, RoPE, KV write and split attention over its own slot; it also quantizes
+//! the output for the o-projection; `attn_dec_batch` with `CALDERA_VK_ATTN_DEC=1`, whose
+//! o-projection then quantizes its own input). Models
 //! with recurrent mixers have no batched step yet
 //! ([`VkModel::batch_unsupported`]): [`VkBatch::new`] refuses them.
 

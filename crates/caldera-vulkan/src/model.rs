@@ -12,8 +12,8 @@
 //! pipeline creation happens per token.
 //!
 //! Decode (one token) per layer of llama / qwen3: q|k|v mat-vec (one dispatch per weight
-//! type), `attn_dec` (q/k norm, RoPE, KV write, split attention, int8 output; or
-//! `attn_decode`, `CALDERA_VK_ATTN_OLD=1`),
+//! type), `attn_decode` (q/k norm, RoPE, KV write, split attention, int8 output; or
+//! `attn_dec`, `CALDERA_VK_ATTN_DEC=1`),
 //! o-proj with the residual add, gate|up with the GLU, down with the residual add; each
 //! int8 mat-vec quantizes the next one's input block by block (`MV_TAIL`; only the first
 //! layer's input needs a `quant_x`); weight types without int8 kernels read f32 x and
@@ -936,9 +936,10 @@ pub struct VkRunner {
     attn_hpw: usize,
     attn_split: usize,
     /// Decode attention runs `attn_dec` (lane-parallel, block size picked on the device;
-    /// `attn_dec_batch` in batched steps) unless `CALDERA_VK_ATTN_OLD=1`, the device
-    /// cannot run it (shared memory) or a layer's layout does not fit it
-    /// ([`attn_dec_shape`]): then `attn_decode` (`attn_batch`). Its knobs: `CALDERA_VK_ATTN_SPLIT` (fewest positions per block,
+    /// `attn_dec_batch` in batched steps) with `CALDERA_VK_ATTN_DEC=1` where the device
+    /// can run it (shared memory) and a layer's layout fits it ([`attn_dec_shape`]);
+    /// else `attn_decode` (`attn_batch`), the default: `attn_dec` measured slower on the
+    /// H200 at short contexts and no faster at 4k (docs/BENCHMARKS.md, session 5). Its knobs: `CALDERA_VK_ATTN_SPLIT` (fewest positions per block,
     /// rounded up to its tile; default one tile) and `CALDERA_VK_ATTN_SPLITS` (most blocks
     /// per kv head and chunk; default [`crate::kernels::ATTN_DEC_BLOCKS`]), both 0 here
     /// when unset.
@@ -1150,7 +1151,7 @@ impl VkRunner {
         let split =
             env_usize("CALDERA_VK_ATTN_SPLIT").map_or(attn_split(cap), |v| v.clamp(8, 128) / 8 * 8);
         let attn_new = Kernel::AttnDec.fits(ctx.info())
-            && !std::env::var("CALDERA_VK_ATTN_OLD").is_ok_and(|v| v == "1");
+            && std::env::var("CALDERA_VK_ATTN_DEC").is_ok_and(|v| v == "1");
         let attn_dec_split = env_usize("CALDERA_VK_ATTN_SPLIT").unwrap_or(0).min(1 << 16);
         let attn_dec_blocks = env_usize("CALDERA_VK_ATTN_SPLITS").unwrap_or(0).min(4096);
         let wg = ctx.tuning().workgroup_size;
