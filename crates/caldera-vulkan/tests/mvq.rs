@@ -25,7 +25,9 @@ fn contexts() -> &'static [Context] {
         let mut v = Vec::new();
         // The last three: a subgroup per output (`MV_SG`), with more outputs than
         // subgroups, fewer, and as many (lavapipe's subgroups are 8 wide).
-        let shapes: [(Option<u32>, Option<u32>, bool, bool, bool); 7] = [
+        // (workgroup, outputs per group, shared-memory reduce, no int8 dot, MV_SG)
+        type Shape = (Option<u32>, Option<u32>, bool, bool, bool);
+        let shapes: [Shape; 7] = [
             (None, None, false, false, false),
             (None, None, false, true, false),
             (Some(16), Some(1), true, false, false),
