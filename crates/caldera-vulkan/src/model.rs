@@ -1732,26 +1732,7 @@ impl VkRunner {
         if let (false, Some(bm)) = (decode, &self.batch) {
             // Batched decode: every column attends over its own slot of the pools.
             let gsize = nh / nkv;
-            let (kernel, hpw, n_chunks, split, max_splits) = match self.dec_shape(gsize, hd) {
-                Some(sh) => (
-                    Kernel::AttnDecBatch,
-                    sh.hpw,
-                    sh.n_chunks,
-                    sh.split,
-                    sh.blocks,
-                ),
-                None => {
-                    let hpw = self.decode_hpw(gsize, hd);
-                    let split = self.attn_split;
-                    (
-                        Kernel::AttnBatch,
-                        hpw,
-                        gsize.div_ceil(hpw),
-                        split,
-                        self.cap.div_ceil(split),
-                    )
-                }
-            };
+            let (kernel, hpw, n_chunks, split, max_splits) = self.attn_launch(gsize, hd, true);
             let slot_elems = *bm
                 .slot_elems
                 .get(li)
@@ -1818,20 +1799,7 @@ impl VkRunner {
         }
         if decode {
             let gsize = nh / nkv;
-            let (kernel, hpw, n_chunks, split, max_splits) = match self.dec_shape(gsize, hd) {
-                Some(sh) => (Kernel::AttnDec, sh.hpw, sh.n_chunks, sh.split, sh.blocks),
-                None => {
-                    let hpw = self.decode_hpw(gsize, hd);
-                    let split = self.attn_split;
-                    (
-                        Kernel::AttnDecode,
-                        hpw,
-                        gsize.div_ceil(hpw),
-                        split,
-                        self.cap.div_ceil(split),
-                    )
-                }
-            };
+            let (kernel, hpw, n_chunks, split, max_splits) = self.attn_launch(gsize, hd, false);
             let binding = wg_bind(
                 kernel,
                 &[
@@ -2480,6 +2448,33 @@ impl VkRunner {
             self.attn_dec_split,
             self.attn_dec_blocks,
         )
+    }
+
+    /// The decode attention kernel (batched or not) for groups of `gsize` query heads of
+    /// `hd` and its launch: (kernel, query heads per workgroup, head chunks, positions
+    /// per split, splits).
+    fn attn_launch(
+        &self,
+        gsize: usize,
+        hd: usize,
+        batched: bool,
+    ) -> (Kernel, usize, usize, usize, usize) {
+        if let Some(sh) = self.dec_shape(gsize, hd) {
+            let k = if batched {
+                Kernel::AttnDecBatch
+            } else {
+                Kernel::AttnDec
+            };
+            return (k, sh.hpw, sh.n_chunks, sh.split, sh.blocks);
+        }
+        let hpw = self.decode_hpw(gsize, hd);
+        let split = self.attn_split;
+        let k = if batched {
+            Kernel::AttnBatch
+        } else {
+            Kernel::AttnDecode
+        };
+        (k, hpw, gsize.div_ceil(hpw), split, self.cap.div_ceil(split))
     }
 
     /// Whether the decode mat-vec of `p` runs on int8 activations.

@@ -210,17 +210,17 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         )
         .unwrap();
     let count = ctx.upload(&vec![0u8; bucket * nkv * n_chunks * 4]).unwrap();
-    // The int8 output (flag 16) on even column counts; zeroed buffers otherwise stay so.
-    let q8 = c.cols.is_multiple_of(2);
+    // attn_batch's int8 output (flag 16) on even column counts; zeroed buffers otherwise
+    // stay so (attn_dec_batch has no int8 output: 10 bindings, flag 16 unset).
+    let old = kernel == Kernel::AttnBatch;
+    let q8 = old && c.cols.is_multiple_of(2);
     let xq = ctx.upload(&vec![0u8; bucket * nh * hd]).unwrap();
     let xd = ctx.upload(&vec![0u8; bucket * nh * hd / 8]).unwrap();
+    let bufs = [
+        &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &part, &count, &xq, &xd,
+    ];
     let binding = ctx
-        .bind(
-            kernel,
-            &[
-                &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &part, &count, &xq, &xd,
-            ],
-        )
+        .bind(kernel, if old { &bufs[..] } else { &bufs[..10] })
         .unwrap();
     let mut flags = if q8 { 4u32 | 16 } else { 4u32 };
     if c.qk_norm {
