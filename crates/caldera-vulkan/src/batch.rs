@@ -9,7 +9,7 @@
 //! prefill and decode alone with their own recordings as any runner does, and
 //! [`VkBatch::step`] decodes several of them together. The step values are the live
 //! column count, then per column its slot and position; a bucket's padding columns do
-//! nothing (the mat-vecs stop at the live count, `attn_dec_batch` returns), so they
+//! nothing (the mat-vecs stop at the live count, the attention returns), so they
 //! never write a live slot's cache. The weights go through the batched int8 mat-vec
 //! (`quant_rows` + `mvqm`, [`Mvqn`](crate::ops::Mvqn)) where their type has one, else
 //! the tiled matmul or the batched f32 mat-vec (`CALDERA_VK_BATCH_MM`, see

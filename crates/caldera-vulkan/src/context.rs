@@ -669,13 +669,7 @@ fn create_pipeline(
         // Constant 0: workgroup size; 1: rows per workgroup (mat-vecs only); 2: the KV
         // cache holds f16 (a VkBool32; kernels without a KV cache ignore it); 3: the
         // int8 mat-vecs' subgroup-per-output layout (not the expert ones').
-        let sg = desc.q8
-            && !desc.expert
-            && if desc.glu {
-                tuning.mvg_subgroup_rows
-            } else {
-                tuning.mv_subgroup_rows
-            };
+        let sg = desc.q8 && tuning.mvq_subgroup(desc.glu);
         let spec_data = [wg, rows, u32::from(tuning.kv_f16), u32::from(sg)];
         let ids: &[u32] = if desc.rows_per_group {
             &[0, 1, 2, 3]

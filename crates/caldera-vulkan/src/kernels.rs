@@ -293,6 +293,11 @@ pub struct AttnDecShape {
     pub tile: usize,
 }
 
+/// Shared memory of `attn_dec` / `attn_dec_batch`: q / output rows, the scratch (score
+/// partials, value sums, the token's k and v rows), scores and weights, per-head max and
+/// correction, a flag, and a reduction slot per invocation (workgroups of at most 128).
+const ATTN_DEC_SHARED_BYTES: u32 = (2048 + 4096 + 512 + 512 + 32 + 1 + 128) * 4;
+
 /// Default blocks per (kv head, chunk) of `attn_dec` (`CALDERA_VK_ATTN_SPLITS`): past
 /// 64 tiles of context a block loops over several tiles instead of adding blocks, which
 /// keeps the last block's combine (it reads every block's partials) short.
@@ -961,10 +966,7 @@ pub const KERNELS: [KernelDesc; 173] = [
     mvr(Kernel::MvrQ6K, "mvr_q6_k", spv!("mvr_q6_k")),
     mvr(Kernel::MvrIQ4XS, "mvr_iq4_xs", spv!("mvr_iq4_xs")),
     KernelDesc {
-        // q / output rows, the scratch (score partials, value sums, the token's k and v
-        // rows), scores and weights, per-head max and correction, a flag, and a reduction
-        // slot per invocation (the kernel runs at workgroups of at most 128).
-        shared_bytes: (2048 + 4096 + 512 + 512 + 32 + 1 + 128) * 4,
+        shared_bytes: ATTN_DEC_SHARED_BYTES,
         ..plain(
             Kernel::AttnDec,
             "attn_dec",
@@ -974,8 +976,8 @@ pub const KERNELS: [KernelDesc; 173] = [
         )
     },
     KernelDesc {
-        // As attn_dec's (attn_dec_batch.comp is attn_dec.comp per column).
-        shared_bytes: (2048 + 4096 + 512 + 512 + 32 + 1 + 128) * 4,
+        // attn_dec_batch.comp is attn_dec.comp per column.
+        shared_bytes: ATTN_DEC_SHARED_BYTES,
         ..plain(
             Kernel::AttnDecBatch,
             "attn_dec_batch",
@@ -1125,16 +1127,21 @@ impl Tuning {
         }
     }
 
+    /// Whether the int8-activation decode mat-vecs (gate|up ones with `glu`) run the
+    /// subgroup-per-output layout (`mvq.glsl`'s `MV_SG`, specialization constant 3).
+    pub fn mvq_subgroup(&self, glu: bool) -> bool {
+        if glu {
+            self.mvg_subgroup_rows
+        } else {
+            self.mv_subgroup_rows
+        }
+    }
+
     /// (workgroup size, outputs per workgroup) of the int8-activation decode mat-vecs
     /// (`mvq.glsl`): [`Tuning::mv_shape`], or the subgroup-per-output shape where that
     /// layout is on for them.
     pub fn mvq_shape(&self, glu: bool) -> (u32, u32) {
-        let sg = if glu {
-            self.mvg_subgroup_rows
-        } else {
-            self.mv_subgroup_rows
-        };
-        if sg {
+        if self.mvq_subgroup(glu) {
             (self.sg_workgroup_size, self.sg_rows)
         } else {
             self.mv_shape(glu)

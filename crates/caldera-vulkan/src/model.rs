@@ -939,10 +939,10 @@ pub struct VkRunner {
     /// `attn_dec_batch` in batched steps) with `CALDERA_VK_ATTN_DEC=1` where the device
     /// can run it (shared memory) and a layer's layout fits it ([`attn_dec_shape`]);
     /// else `attn_decode` (`attn_batch`), the default: `attn_dec` measured slower on the
-    /// H200 at short contexts and no faster at 4k (docs/BENCHMARKS.md, session 5). Its knobs: `CALDERA_VK_ATTN_SPLIT` (fewest positions per block,
-    /// rounded up to its tile; default one tile) and `CALDERA_VK_ATTN_SPLITS` (most blocks
-    /// per kv head and chunk; default [`crate::kernels::ATTN_DEC_BLOCKS`]), both 0 here
-    /// when unset.
+    /// H200 at short contexts and no faster at 4k (docs/BENCHMARKS.md, session 5). Its
+    /// knobs: `CALDERA_VK_ATTN_SPLIT` (fewest positions per block, rounded up to its
+    /// tile; default one tile) and `CALDERA_VK_ATTN_SPLITS` (most blocks per kv head and
+    /// chunk; default [`crate::kernels::ATTN_DEC_BLOCKS`]), both 0 here when unset.
     attn_new: bool,
     attn_dec_split: usize,
     attn_dec_blocks: usize,
@@ -1755,7 +1755,7 @@ impl VkRunner {
             // attn_dec_batch has no int8 output yet (the o-projection quantizes its
             // input itself then).
             let dec = kernel == Kernel::AttnDecBatch;
-            let binding = wg_bind(kernel, if dec { &bufs[..10] } else { &bufs[..] })?;
+            let binding = wg_bind(kernel, &bufs[..kernel.desc().bindings as usize])?;
             let o_q8 = !dec
                 && self.batch_q8(l.o.ty, l.o.k as u64, b)
                 && hd.is_multiple_of(32)

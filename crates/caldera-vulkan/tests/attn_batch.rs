@@ -220,7 +220,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &part, &count, &xq, &xd,
     ];
     let binding = ctx
-        .bind(kernel, if old { &bufs[..] } else { &bufs[..10] })
+        .bind(kernel, &bufs[..kernel.desc().bindings as usize])
         .unwrap();
     let mut flags = if q8 { 4u32 | 16 } else { 4u32 };
     if c.qk_norm {
