@@ -74,37 +74,47 @@ shared float sc[MAXG * MAX_SPLIT];
 // consecutive rows hit different banks: TILE / (hd + 1) positions (32 at hd = 128).
 const uint TILE = 4224u;
 shared float kv_s[TILE];
-shared float inv_s[MAXG];
+shared float inv_s[MAXG + 1u];
 // Combine: every split's m and l (then its weight) per head, up to MAX_COMBINE splits,
 // in the k/v tile's space (free by then): cm at CM, cl at CL. Everything here fits
 // 32 KiB of shared memory.
 const uint MAX_COMBINE = 128u;
 const uint CM = 0u;
 const uint CL = MAXG * MAX_COMBINE;
+// Before the first tile, the k/v tile's space holds the q norm weights (at QN), the k
+// norm weights (at KN) and this position's RoPE (cos, sin) pairs (at RP), loaded in the
+// same pass as q and k.
+const uint QN = 0u;
+const uint KN = MAX_HD;
+const uint RP = 2u * MAX_HD;
 shared float m_s[MAXG];
 shared float l_s[MAXG];
 shared bool last_s;
 // 1 / rms of the token's v (F_VNORM), else 1.
 shared float vinv_s;
 
-// RMSNorm (weights w: q norm or k norm) and RoPE of `nh` rows of hd values in q_s
-// (is_q) or k_s, all rows at once.
-void norm_rope(bool is_q, uint nh, bool norm, uint pos) {
+// RMSNorm and RoPE of the nh query rows in q_s and, with own_k, the token's k row in
+// k_s, all rows at once (row nh is k), from the weights and the (cos, sin) pairs staged
+// in kv_s (QN, KN, RP).
+void norm_rope_all(uint nh, bool own_k) {
     uint tid = gl_LocalInvocationID.x;
-    if (norm) {
+    bool q_norm = (p.flags & F_QNORM) != 0u;
+    bool k_norm = own_k && (p.flags & F_KNORM) != 0u;
+    uint rows = nh + (own_k ? 1u : 0u);
+    if (q_norm || k_norm) {
         // G invocations per row sum its squares in strides, then one adds their sums.
-        uint G = WG / nh;
+        uint G = WG / rows;
         uint h = tid / G;
         float ss = 0.0;
-        if (h < nh) {
+        if (h < rows) {
             for (uint i = tid % G; i < p.hd; i += G) {
-                float v = is_q ? q_s[h * p.hd + i] : k_s[i];
+                float v = h == nh ? k_s[i] : q_s[h * p.hd + i];
                 ss += v * v;
             }
         }
         red_buf[tid] = ss;
         barrier();
-        if (tid < nh) {
+        if (tid < rows) {
             float t = 0.0;
             for (uint i = 0u; i < G; i++) {
                 t += red_buf[tid * G + i];
@@ -112,12 +122,14 @@ void norm_rope(bool is_q, uint nh, bool norm, uint pos) {
             inv_s[tid] = inversesqrt(t / float(p.hd) + p.eps);
         }
         barrier();
-        for (uint j = tid; j < nh * p.hd; j += WG) {
+        for (uint j = tid; j < rows * p.hd; j += WG) {
             uint i = j % p.hd;
-            if (is_q) {
-                q_s[j] *= inv_s[j / p.hd] * qn[i];
-            } else {
-                k_s[j] *= inv_s[0] * kn[i];
+            if (j < nh * p.hd) {
+                if (q_norm) {
+                    q_s[j] *= inv_s[j / p.hd] * kv_s[QN + i];
+                }
+            } else if (k_norm) {
+                k_s[i] *= inv_s[nh] * kv_s[KN + i];
             }
         }
         barrier();
@@ -125,19 +137,18 @@ void norm_rope(bool is_q, uint nh, bool norm, uint pos) {
     if ((p.flags & F_ROPE) != 0u) {
         uint half_rot = p.n_rot / 2u;
         bool il = (p.flags & F_INTERLEAVED) != 0u;
-        for (uint j = tid; j < nh * half_rot; j += WG) {
+        for (uint j = tid; j < rows * half_rot; j += WG) {
             uint i = j % half_rot;
-            uint off = (j / half_rot) * p.hd;
-            uint a = off + (il ? 2u * i : i);
-            uint b = off + (il ? 2u * i + 1u : i + half_rot);
-            uint r = 2u * (pos * half_rot + i);
-            float c = rope[r];
-            float s = rope[r + 1u];
-            if (is_q) {
-                float x0 = q_s[a];
-                float x1 = q_s[b];
-                q_s[a] = x0 * c - x1 * s;
-                q_s[b] = x0 * s + x1 * c;
+            uint h = j / half_rot;
+            uint a = il ? 2u * i : i;
+            uint b = il ? 2u * i + 1u : i + half_rot;
+            float c = kv_s[RP + 2u * i];
+            float s = kv_s[RP + 2u * i + 1u];
+            if (h < nh) {
+                float x0 = q_s[h * p.hd + a];
+                float x1 = q_s[h * p.hd + b];
+                q_s[h * p.hd + a] = x0 * c - x1 * s;
+                q_s[h * p.hd + b] = x0 * s + x1 * c;
             } else {
                 float x0 = k_s[a];
                 float x1 = k_s[b];
@@ -263,18 +274,32 @@ void main() {
     for (uint i = tid; i < nh * p.hd; i += WG) {
         q_s[i] = qkv[h0 * p.hd + i];
     }
-    if (own_kv) {
-        for (uint i = tid; i < p.hd; i += WG) {
+    // The norm weights and this position's RoPE pairs come in the same pass (one
+    // memory round trip for everything the prologue reads).
+    bool k_norm = own_kv && (p.flags & F_KNORM) != 0u;
+    for (uint i = tid; i < p.hd; i += WG) {
+        if (own_kv) {
             k_s[i] = qkv[kb + i];
+        }
+        if ((p.flags & F_QNORM) != 0u) {
+            kv_s[QN + i] = qn[i];
+        }
+        if (k_norm) {
+            kv_s[KN + i] = kn[i];
+        }
+    }
+    if ((p.flags & F_ROPE) != 0u) {
+        uint base = pos * 2u * (p.n_rot / 2u);
+        for (uint i = tid; i < p.n_rot; i += WG) {
+            kv_s[RP + i] = rope[base + i];
         }
     }
     if (tid == 0u) {
         vinv_s = 1.0;
     }
     barrier();
-    norm_rope(true, nh, (p.flags & F_QNORM) != 0u, pos);
+    norm_rope_all(nh, own_kv);
     if (own_kv) {
-        norm_rope(false, 1u, (p.flags & F_KNORM) != 0u, pos);
         if ((p.flags & F_VNORM) != 0u) {
             float ss = 0.0;
             for (uint i = tid; i < p.hd; i += WG) {
