@@ -15,7 +15,9 @@
 // qkv holds only q and the token's k / v are already in the caches: nothing is written.
 // With F_SINKS (gpt-oss) each query head's learned logit sinks[h] joins the softmax's
 // denominator (no value). Heads of up to 512: the host keeps hpw * hd <= Q_CAP.
-// Splits past the window exit at once: the dispatch covers the longest context.
+// Splits past the window exit at once: the dispatch covers the longest context. Bits
+// 16-23 of flags (merge_from) switch a chunked dispatch to one chunk per kv head once
+// that many splits are in use (see main).
 // Binding 0: qkv (f32: q | k | v (| gate) of the token), 1: k cache, 2: v cache ([pos][kv][hd]),
 // 3: out (f32, n_heads * hd), 4: step values ([1] position), 5: q norm, 6: k norm,
 // 7: RoPE table ((cos, sin) of pair i at position p at 2 (p * n_rot / 2 + i)),
@@ -263,8 +265,18 @@ void main() {
     }
     uint tid = gl_LocalInvocationID.x;
     uint gsize = p.n_heads / p.n_kv;
-    uint h0 = g * gsize + c * p.hpw;
-    uint nh = min(p.hpw, gsize - c * p.hpw);
+    // From merge_from splits in use on (bits 16-23 of flags; 0: never), chunk 0 takes
+    // every query head of its kv head and the other chunks exit: short contexts run
+    // many small workgroups, long ones read each kv head's cache once per split. The
+    // host merges only groups that fit the q tile (gsize <= MAXG, gsize * hd <= Q_CAP).
+    uint merge_from = (p.flags >> 16) & 255u;
+    bool merged = merge_from > 0u && n_active >= merge_from;
+    if (merged && c > 0u) {
+        return; // uniform for the workgroup
+    }
+    uint hpw = merged ? gsize : p.hpw;
+    uint h0 = g * gsize + c * hpw;
+    uint nh = min(hpw, gsize - c * hpw);
     uint kvd = p.n_kv * p.hd;
     uint kb = p.n_heads * p.hd + g * p.hd;
     uint p0 = lo + s * p.split;

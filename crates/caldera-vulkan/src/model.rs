@@ -935,6 +935,13 @@ pub struct VkRunner {
     /// split is `attn_decode`'s (and `attn_batch`'s); `attn_dec` takes its own below.
     attn_hpw: usize,
     attn_split: usize,
+    /// Single-sequence `attn_decode` on a group that fits one workgroup: chunks of
+    /// `attn_hpw_small` query heads (`CALDERA_VK_ATTN_HPW_SMALL`, default 2), merged
+    /// into one chunk per kv head from `attn_merge` splits in use on
+    /// (`CALDERA_VK_ATTN_MERGE`, default 8; 0: never merge, the chunks of
+    /// `CALDERA_VK_ATTN_HPW` throughout as before).
+    attn_hpw_small: usize,
+    attn_merge: usize,
     /// Decode attention runs `attn_dec` (lane-parallel, block size picked on the device;
     /// `attn_dec_batch` in batched steps) with `CALDERA_VK_ATTN_DEC=1` where the device
     /// can run it (shared memory) and a layer's layout fits it ([`attn_dec_shape`]);
@@ -1148,6 +1155,10 @@ impl VkRunner {
         let widest = max_in.max(max_q).max(max_ff);
         let env_usize = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
         let attn_hpw = env_usize("CALDERA_VK_ATTN_HPW").unwrap_or(8).clamp(1, 8);
+        let attn_hpw_small = env_usize("CALDERA_VK_ATTN_HPW_SMALL")
+            .unwrap_or(2)
+            .clamp(1, 8);
+        let attn_merge = env_usize("CALDERA_VK_ATTN_MERGE").unwrap_or(8).min(255);
         let split =
             env_usize("CALDERA_VK_ATTN_SPLIT").map_or(attn_split(cap), |v| v.clamp(8, 128) / 8 * 8);
         let attn_new = Kernel::AttnDec.fits(ctx.info())
@@ -1165,7 +1176,9 @@ impl VkRunner {
             let splits = cap.div_ceil(split);
             part_len = part_len.max(a.n_heads * splits * (a.head_dim + 2));
             let gsize = a.n_heads / a.n_kv_heads;
-            let hpw = decode_hpw(gsize, a.head_dim).min(attn_hpw);
+            let hpw = decode_hpw(gsize, a.head_dim)
+                .min(attn_hpw)
+                .min(attn_hpw_small);
             counts = counts.max(a.n_kv_heads * gsize.div_ceil(hpw));
             let shape = attn_dec_shape(
                 gsize,
@@ -1344,6 +1357,8 @@ impl VkRunner {
             profile: std::env::var("CALDERA_VK_PROFILE").is_ok_and(|v| v == "1"),
             attn_hpw,
             attn_split: split,
+            attn_hpw_small,
+            attn_merge,
             attn_new,
             attn_dec_split,
             attn_dec_blocks,
@@ -1822,7 +1837,14 @@ impl VkRunner {
             let gate_flag = if a.q_gate { 32 } else { 0 };
             let nokv_flag = if l.kv_from.is_some() { 128 } else { 0 };
             let sinks_flag = if l.sinks.is_some() { 1024 } else { 0 };
-            let q8_flag = q8_flag | gate_flag | nokv_flag | sinks_flag | (self.attn_stop << 8);
+            // attn_decode's chunks merge from attn_merge splits on (bits 16-23).
+            let merge_flag = if kernel == Kernel::AttnDecode && hpw < gsize {
+                (self.attn_merge.min(255) as u32) << 16
+            } else {
+                0
+            };
+            let q8_flag =
+                q8_flag | gate_flag | nokv_flag | sinks_flag | merge_flag | (self.attn_stop << 8);
             let push = push_words(&[
                 u32_of(nh, "heads")?,
                 u32_of(nkv, "kv heads")?,
@@ -2467,7 +2489,14 @@ impl VkRunner {
             };
             return (k, sh.hpw, sh.n_chunks, sh.split, sh.blocks);
         }
-        let hpw = self.decode_hpw(gsize, hd);
+        let full = self.decode_hpw(gsize, hd);
+        // A single sequence's group that fits one workgroup runs in small chunks that
+        // the kernel merges at longer contexts (`attn_merge`).
+        let hpw = if !batched && self.attn_merge > 0 && full == gsize {
+            full.min(self.attn_hpw_small)
+        } else {
+            full
+        };
         let split = self.attn_split;
         let k = if batched {
             Kernel::AttnBatch

@@ -42,6 +42,12 @@ struct Case {
 #[derive(Clone, Copy, Debug)]
 enum Launch {
     Old,
+    /// `attn_decode` in chunks of `hpw` query heads, merged into one chunk per kv head
+    /// from `merge_from` splits in use on (0: never).
+    Chunks {
+        hpw: usize,
+        merge_from: u32,
+    },
     New {
         hpw: usize,
         split: usize,
@@ -171,6 +177,17 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
                 c.cap.div_ceil(split),
             )
         }
+        Launch::Chunks { hpw, .. } => {
+            let split = attn_split(c.cap);
+            let hpw = hpw.min(gsize);
+            (
+                Kernel::AttnDecode,
+                hpw,
+                gsize.div_ceil(hpw),
+                split,
+                c.cap.div_ceil(split),
+            )
+        }
         Launch::New { hpw, split, blocks } => {
             let wg = ctx.tuning().workgroup_size;
             let sh = attn_dec_shape(gsize, hd, wg, c.cap, hpw, split, blocks)
@@ -212,6 +229,9 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     }
     if c.sinks {
         flags |= 1024;
+    }
+    if let Launch::Chunks { merge_from, .. } = launch {
+        flags |= merge_from << 16;
     }
     let push = words(&[
         nh as u32,
@@ -349,10 +369,24 @@ fn attn_decode_matches_cpu() {
                     };
                     run(ctx, &mut rng, &c, Launch::Old);
                     run(ctx, &mut rng, &c, NEW_DEFAULT);
+                    // The model's default where a group fits a workgroup: chunks of 2
+                    // heads, merged from 8 splits; and merged from 2 (cap 40: pos 37
+                    // merges, pos 0 does not), and chunks of one head never merged.
+                    if gsize_fits(n_heads / n_kv, hd) {
+                        for (hpw, merge_from) in [(2, 8), (2, 2), (1, 0), (3, 3)] {
+                            run(ctx, &mut rng, &c, Launch::Chunks { hpw, merge_from });
+                        }
+                    }
                 }
             }
         }
     }
+}
+
+/// Whether `attn_decode` can take a whole group of `gsize` heads of `hd` in one
+/// workgroup (what the model requires before it merges chunks).
+fn gsize_fits(gsize: usize, hd: usize) -> bool {
+    gsize <= 8 && gsize * hd <= 2048
 }
 
 const NEW_DEFAULT: Launch = Launch::New {
