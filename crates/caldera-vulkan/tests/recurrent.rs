@@ -556,7 +556,6 @@ fn mamba2_layer(rng: &mut StdRng, c: &Mamba2Case) -> (Mamba2Spec, Mamba2Weights,
         n_groups: c.groups,
         d_conv: c.kern,
         dt_min: c.dt_min,
-        chunk: 64,
     };
     let (di, cd, rows) = (spec.d_inner(), spec.conv_dim(), spec.in_proj_rows());
     let w = Mamba2Weights {
@@ -1080,7 +1079,6 @@ fn bad_shapes_are_errors() {
         n_groups: 3,
         d_conv: 4,
         dt_min: 0.0,
-        chunk: 64,
     };
     let mw = Mamba2Weights {
         in_proj: unused_weight(1, 1),
