@@ -90,9 +90,10 @@ pub enum SsmForm {
 
 /// The form [`mix`] runs for `m` tokens: the recurrent one, also for prefill. At
 /// Nemotron-H-8B's mixer sizes over 512 tokens on two cores the chunked form took
-/// ~1.4x as long (`tests/mamba2.rs`, `ssm_forms_timing`; docs/BENCHMARKS.md): on the
-/// CPU it does more arithmetic (the `C·B` products) and the recurrent form's per-head
-/// state already stays in cache. The chunked form is the GPU prefill kernel's twin.
+/// 1.2-1.6x as long (`tests/mamba2.rs`, `ssm_forms_timing`; docs/BENCHMARKS.md): on
+/// the CPU it does more arithmetic (the `C·B` products) and the recurrent form's
+/// per-head state already stays in cache. The chunked form is the GPU prefill kernel's
+/// twin.
 pub fn default_form(_m: usize) -> SsmForm {
     SsmForm::Recurrent
 }
