@@ -1,9 +1,11 @@
 //! Mamba2 mixer on the CPU (the math is in `caldera_model::blocks::mamba2`).
 //!
-//! Prefill (`m > 1`) runs the chunked SSD form: within a chunk of `Q` tokens the output is
-//! a masked quadratic form `y_t = Σ_{s≤t} exp(c_t - c_s)·dt_s·(C_t·B_s)·x_s` (with `c` the
-//! running sum of `dt·A`), plus the carried state's contribution `exp(c_t)·S·C_t`; the state
-//! is then advanced once per chunk. Decode (`m = 1`) runs the recurrent step.
+//! The SSM has two forms ([`SsmForm`]): the recurrent step token after token, and the
+//! chunked SSD form: within a chunk of `Q` tokens the output is a masked quadratic form
+//! `y_t = Σ_{s≤t} exp(c_t - c_s)·dt_s·(C_t·B_s)·x_s` (with `c` the running sum of `dt·A`),
+//! plus the carried state's contribution `exp(c_t)·S·C_t`; the state is then advanced
+//! once per chunk. They agree to float rounding; [`mix`] runs the recurrent form (faster
+//! here, [`default_form`]) and the chunked one is the twin of the GPU prefill kernel.
 
 use caldera_model::blocks::mamba2::{Mamba2Spec, Mamba2Weights};
 
@@ -69,10 +71,37 @@ pub fn forward(
     ctx.matmul(&w.out_proj, &y, m, out)
 }
 
+/// Chunk length of the chunked (SSD) form of the GPU prefill (`mamba2_chunk.comp`),
+/// whose CPU twin is [`SsmForm::Chunked`]`(SSD_CHUNK)`.
+pub const SSD_CHUNK: usize = 64;
+
+/// How the SSM runs over the tokens of a call. Both forms compute the same values up to
+/// float rounding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SsmForm {
+    /// Token after token: `S = exp(dt·A)·S + dt·x ⊗ B`, `y = S·C + D·x`.
+    Recurrent,
+    /// In chunks of this many tokens (at least 1), the SSD form: with `c_t` the running
+    /// sum of `dt·A` inside the chunk and `S` the state entering it,
+    /// `y_t = exp(c_t)·S·C_t + Σ_{j≤t} exp(c_t - c_j)·(C_t·B_j)·dt_j·x_j + D·x_t`, and the
+    /// state leaving it `exp(c_L)·S + Σ_j exp(c_L - c_j)·dt_j·x_j ⊗ B_j`.
+    Chunked(usize),
+}
+
+/// The form [`mix`] runs for `m` tokens: the recurrent one, also for prefill. At
+/// Nemotron-H-8B's mixer sizes over 512 tokens on two cores the chunked form took
+/// 1.2-1.6x as long (`tests/mamba2.rs`, `ssm_forms_timing`; docs/BENCHMARKS.md): on
+/// the CPU it does more arithmetic (the `C·B` products) and the recurrent form's
+/// per-head state already stays in cache. The chunked form is the GPU prefill kernel's
+/// twin.
+pub fn default_form(_m: usize) -> SsmForm {
+    SsmForm::Recurrent
+}
+
 /// The mixer between its projections, for `m` tokens continuing from `state`: `proj`
 /// is `in_proj`'s output (`[m × (d_inner + conv_dim + H)]`: z, xBC, dt); writes `y`
 /// (`[m × d_inner]`, the out-projection's input). Reads only `w`'s vectors; sizes that
-/// do not match `spec` are an error.
+/// do not match `spec` are an error. The SSM runs in [`default_form`].
 #[allow(clippy::too_many_arguments)]
 pub fn mix(
     pool: &ThreadPool,
@@ -82,6 +111,22 @@ pub fn mix(
     proj: &[f32],
     m: usize,
     eps: f32,
+    y: &mut [f32],
+) -> Result<(), CpuError> {
+    mix_with(pool, spec, w, state, proj, m, eps, default_form(m), y)
+}
+
+/// [`mix`] with the SSM in `form`.
+#[allow(clippy::too_many_arguments)]
+pub fn mix_with(
+    pool: &ThreadPool,
+    spec: &Mamba2Spec,
+    w: &Mamba2Weights,
+    state: &mut Mamba2State,
+    proj: &[f32],
+    m: usize,
+    eps: f32,
+    form: SsmForm,
     y: &mut [f32],
 ) -> Result<(), CpuError> {
     let di = spec.d_inner();
@@ -116,25 +161,18 @@ pub fn mix(
         }
     }
 
-    let ys = SyncPtr(y.as_mut_ptr());
-    let ss = SyncPtr(state.ssm.as_mut_ptr());
-    let (xbc, dt) = (&xbc, &dt);
-    pool.run(nh, |hh| {
-        // SAFETY: head `hh` alone touches state rows `hh·P·N..(hh+1)·P·N` and the output
-        // columns `hh·P..(hh+1)·P` of every token.
-        let s = unsafe {
-            std::slice::from_raw_parts_mut(
-                ss.get().add(hh * spec.head_dim * spec.d_state),
-                spec.head_dim * spec.d_state,
-            )
-        };
-        let io = HeadIo { xbc, dt, y: ys };
-        if m == 1 {
-            step_head(spec, w, hh, &io, s);
-        } else {
-            chunked_head(spec, w, hh, m, &io, s);
-        }
-    });
+    ssm(
+        pool,
+        spec,
+        &w.a,
+        &w.d,
+        &xbc,
+        &dt,
+        m,
+        form,
+        &mut state.ssm,
+        y,
+    )?;
 
     // Gate, then RMSNorm within each group, times the norm weight.
     let gs = di / spec.n_groups;
@@ -152,6 +190,60 @@ pub fn mix(
             }
         }
     }
+    Ok(())
+}
+
+/// The SSM of a Mamba2 layer over `m` tokens, every head, in `form`: from `xbc`
+/// (`[m × conv_dim]`, x | B | C after the conv and SiLU) and `dt` (`[m × H]`, after
+/// softplus, bias and the `dt_min` clamp), with `a` (`A`, per head) and `d` (the skip,
+/// per head), advancing `ssm` (`[H][P][N]`) and writing `y` (`[m × d_inner]`, before the
+/// gate and norm). Heads run in parallel on `pool`.
+#[allow(clippy::too_many_arguments)]
+pub fn ssm(
+    pool: &ThreadPool,
+    spec: &Mamba2Spec,
+    a: &[f32],
+    d: &[f32],
+    xbc: &[f32],
+    dt: &[f32],
+    m: usize,
+    form: SsmForm,
+    ssm: &mut [f32],
+    y: &mut [f32],
+) -> Result<(), CpuError> {
+    let (nh, p, n) = (spec.n_heads, spec.head_dim, spec.d_state);
+    spec.validate()
+        .map_err(|e| CpuError::Unsupported(e.to_string()))?;
+    if xbc.len() != m * spec.conv_dim()
+        || dt.len() != m * nh
+        || a.len() != nh
+        || d.len() != nh
+        || ssm.len() != nh * p * n
+        || y.len() != m * spec.d_inner()
+        || form == SsmForm::Chunked(0)
+    {
+        return Err(CpuError::Unsupported(
+            "mamba2 SSM: inputs or state that do not match the layer spec".into(),
+        ));
+    }
+    let ys = SyncPtr(y.as_mut_ptr());
+    let ss = SyncPtr(ssm.as_mut_ptr());
+    pool.run(nh, |hh| {
+        // SAFETY: head `hh` alone touches state rows `hh·P·N..(hh+1)·P·N` and the output
+        // columns `hh·P..(hh+1)·P` of every token.
+        let s = unsafe { std::slice::from_raw_parts_mut(ss.get().add(hh * p * n), p * n) };
+        let io = HeadIo {
+            xbc,
+            dt,
+            y: ys,
+            a: a[hh],
+            d: d[hh],
+        };
+        match form {
+            SsmForm::Recurrent => steps_head(spec, hh, m, &io, s),
+            SsmForm::Chunked(q) => chunked_head(spec, hh, m, q, &io, s),
+        }
+    });
     Ok(())
 }
 
@@ -203,11 +295,14 @@ fn conv(
     out
 }
 
-/// What every head reads (`xbc` `[m, conv_dim]`, `dt` `[m, H]`) and writes (`y` `[m, d_inner]`).
+/// What every head reads (`xbc` `[m, conv_dim]`, `dt` `[m, H]`, its `A` and `D`) and
+/// writes (`y` `[m, d_inner]`).
 struct HeadIo<'a> {
     xbc: &'a [f32],
     dt: &'a [f32],
     y: SyncPtr,
+    a: f32,
+    d: f32,
 }
 
 impl HeadIo<'_> {
@@ -229,7 +324,7 @@ impl HeadIo<'_> {
     /// Output row of head `hh` at token `t`.
     #[allow(clippy::mut_from_ref)]
     fn y(&self, spec: &Mamba2Spec, t: usize, hh: usize) -> &mut [f32] {
-        // SAFETY: see `forward`: each head writes only its own columns.
+        // SAFETY: see `ssm`: each head writes only its own columns.
         unsafe {
             std::slice::from_raw_parts_mut(
                 self.y.get().add(t * spec.d_inner() + hh * spec.head_dim),
@@ -239,78 +334,76 @@ impl HeadIo<'_> {
     }
 }
 
-/// One token, one head: `S = exp(dt·A)·S + dt·x ⊗ B`, `y = S·C + D·x`.
-fn step_head(spec: &Mamba2Spec, w: &Mamba2Weights, hh: usize, io: &HeadIo, s: &mut [f32]) {
-    let n = spec.d_state;
-    let grp = hh / (spec.n_heads / spec.n_groups);
-    let dt = io.dt[hh];
-    let decay = (dt * w.a[hh]).exp();
-    let (x, b, c) = (io.x(spec, 0, hh), io.b(spec, 0, grp), io.c(spec, 0, grp));
-    let y = io.y(spec, 0, hh);
-    for (pp, srow) in s.chunks_exact_mut(n).enumerate() {
-        let dx = dt * x[pp];
-        for (sv, &bv) in srow.iter_mut().zip(b) {
-            *sv = *sv * decay + dx * bv;
+/// `m` tokens, one head, token after token: `S = exp(dt·A)·S + dt·x ⊗ B`,
+/// `y = S·C + D·x` (`s`: the head's `[P][N]`).
+fn steps_head(spec: &Mamba2Spec, hh: usize, m: usize, io: &HeadIo, s: &mut [f32]) {
+    let (n, nh) = (spec.d_state, spec.n_heads);
+    let grp = hh / (nh / spec.n_groups);
+    for t in 0..m {
+        let dt = io.dt[t * nh + hh];
+        let decay = (dt * io.a).exp();
+        let (x, b, c) = (io.x(spec, t, hh), io.b(spec, t, grp), io.c(spec, t, grp));
+        let y = io.y(spec, t, hh);
+        for (pp, srow) in s.chunks_exact_mut(n).enumerate() {
+            let dx = dt * x[pp];
+            for (sv, &bv) in srow.iter_mut().zip(b) {
+                *sv = *sv * decay + dx * bv;
+            }
+            y[pp] = ops::dot(srow, c) + io.d * x[pp];
         }
-        y[pp] = ops::dot(srow, c) + w.d[hh] * x[pp];
     }
 }
 
-/// `m` tokens, one head, in chunks of `spec.chunk`, starting from state `s`.
-fn chunked_head(
-    spec: &Mamba2Spec,
-    w: &Mamba2Weights,
-    hh: usize,
-    m: usize,
-    io: &HeadIo,
-    s: &mut [f32],
-) {
-    let (n, p, nh) = (spec.d_state, spec.head_dim, spec.n_heads);
+/// `m` tokens, one head, in chunks of `q` tokens (the SSD form, [`SsmForm::Chunked`]),
+/// in the order of `mamba2_chunk.comp`: per chunk the decayed products
+/// `L[t][j] = exp(c_t - c_j)·dt_j·(C_t·B_j)` (`j ≤ t`), then every output from the state
+/// entering the chunk, then the state leaving it.
+fn chunked_head(spec: &Mamba2Spec, hh: usize, m: usize, q: usize, io: &HeadIo, s: &mut [f32]) {
+    let (n, nh) = (spec.d_state, spec.n_heads);
     let grp = hh / (nh / spec.n_groups);
-    let a = w.a[hh];
-    let dskip = w.d[hh];
-    let q = spec.chunk;
+    let q = q.min(m);
     let mut cum = vec![0f32; q];
-    let mut sc = vec![0f32; p];
+    let mut lmat = vec![0f32; q * q];
     let mut t0 = 0;
     while t0 < m {
         let len = q.min(m - t0);
+        let dt = |j: usize| io.dt[(t0 + j) * nh + hh];
         let mut acc = 0f32;
         for (i, cv) in cum[..len].iter_mut().enumerate() {
-            acc += io.dt[(t0 + i) * nh + hh] * a;
+            acc += dt(i) * io.a;
             *cv = acc;
+        }
+        for i in 0..len {
+            let c = io.c(spec, t0 + i, grp);
+            for j in 0..=i {
+                lmat[i * q + j] =
+                    (cum[i] - cum[j]).exp() * dt(j) * ops::dot(c, io.b(spec, t0 + j, grp));
+            }
         }
         for i in 0..len {
             let t = t0 + i;
             let c = io.c(spec, t, grp);
-            // The carried state's contribution: exp(c_i) · S·C_t.
-            let dec = cum[i].exp();
-            for (pp, srow) in s.chunks_exact(n).enumerate() {
-                sc[pp] = dec * ops::dot(srow, c);
-            }
-            // The quadratic (intra-chunk) part.
-            for j in 0..=i {
-                let u = t0 + j;
-                let coef =
-                    (cum[i] - cum[j]).exp() * io.dt[u * nh + hh] * ops::dot(c, io.b(spec, u, grp));
-                ops::axpy(coef, io.x(spec, u, hh), &mut sc);
-            }
-            let x = io.x(spec, t, hh);
             let y = io.y(spec, t, hh);
-            for ((yv, &sv), &xv) in y.iter_mut().zip(&sc).zip(x) {
-                *yv = sv + dskip * xv;
+            // The carried state's contribution, exp(c_i)·S·C_t.
+            let dec = cum[i].exp();
+            for (yv, srow) in y.iter_mut().zip(s.chunks_exact(n)) {
+                *yv = dec * ops::dot(srow, c);
             }
+            // The chunk's own tokens.
+            for j in 0..=i {
+                ops::axpy(lmat[i * q + j], io.x(spec, t0 + j, hh), y);
+            }
+            ops::axpy(io.d, io.x(spec, t, hh), y);
         }
-        // Advance the state to the end of the chunk.
+        // The state leaving the chunk.
         let last = cum[len - 1];
         let total = last.exp();
         s.iter_mut().for_each(|v| *v *= total);
         for (j, &cj) in cum[..len].iter().enumerate() {
-            let u = t0 + j;
-            let wgt = (last - cj).exp() * io.dt[u * nh + hh];
-            let (x, b) = (io.x(spec, u, hh), io.b(spec, u, grp));
-            for (pp, srow) in s.chunks_exact_mut(n).enumerate() {
-                ops::axpy(wgt * x[pp], b, srow);
+            let wgt = (last - cj).exp() * dt(j);
+            let (x, b) = (io.x(spec, t0 + j, hh), io.b(spec, t0 + j, grp));
+            for (srow, &xv) in s.chunks_exact_mut(n).zip(x) {
+                ops::axpy(wgt * xv, b, srow);
             }
         }
         t0 += len;

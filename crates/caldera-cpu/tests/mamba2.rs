@@ -1,16 +1,147 @@
-//! Mamba2 on the CPU: a chunked (SSD) prefill of T tokens gives the same logits as T
-//! single recurrent steps, for T across the SSD chunk boundary (64), on random
-//! `nemotron_h` models (Mamba2, MoE, attention without RoPE and relu² MLP layers).
+//! Mamba2 on the CPU: the SSM's chunked (SSD) form equals its recurrent form on random
+//! inputs (outputs and state); a prefill of T tokens gives the same logits as T single
+//! steps, for T across the SSD chunk boundary (64), on random `nemotron_h` models
+//! (Mamba2, MoE, attention without RoPE and relu² MLP layers).
 
 use std::path::Path;
 use std::sync::Arc;
 
+use caldera_cpu::mamba2::{self, SsmForm, SSD_CHUNK};
+use caldera_cpu::pool::ThreadPool;
 use caldera_cpu::{CpuBackend, Logits};
 use caldera_format::gguf::GgufValue;
 use caldera_format::{quant, GgmlType, TensorBytes};
+use caldera_model::blocks::mamba2::Mamba2Spec;
 use caldera_model::file::RawTensor;
 use caldera_model::{Mixer, Model, ModelFile};
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+fn ssm_spec(heads: usize, head_dim: usize, state: usize, groups: usize) -> Mamba2Spec {
+    Mamba2Spec {
+        n_heads: heads,
+        head_dim,
+        d_state: state,
+        n_groups: groups,
+        d_conv: 4,
+        dt_min: 0.0,
+    }
+}
+
+/// Random SSM inputs for `m` tokens: xBC, dt (softplus of [-4, 2)), A (`-exp([-1, 1))`),
+/// D, and a nonzero state.
+struct SsmCase {
+    xbc: Vec<f32>,
+    dt: Vec<f32>,
+    a: Vec<f32>,
+    d: Vec<f32>,
+    s0: Vec<f32>,
+}
+
+fn ssm_case(rng: &mut StdRng, spec: &Mamba2Spec, m: usize) -> SsmCase {
+    let nh = spec.n_heads;
+    let mut v = |n: usize, lo: f32, hi: f32| -> Vec<f32> {
+        (0..n).map(|_| rng.gen_range(lo..hi)).collect()
+    };
+    SsmCase {
+        xbc: v(m * spec.conv_dim(), -1.0, 1.0),
+        dt: v(m * nh, -4.0, 2.0)
+            .into_iter()
+            .map(|u| u.exp().ln_1p())
+            .collect(),
+        a: v(nh, -1.0, 1.0).into_iter().map(|u| -u.exp()).collect(),
+        d: v(nh, -1.0, 1.0),
+        s0: v(nh * spec.head_dim * spec.d_state, -0.5, 0.5),
+    }
+}
+
+/// Runs the SSM of `c` over `m` tokens in `form`: (outputs, final state).
+fn run_ssm(
+    pool: &ThreadPool,
+    spec: &Mamba2Spec,
+    c: &SsmCase,
+    m: usize,
+    form: SsmForm,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut s = c.s0.clone();
+    let mut y = vec![0f32; m * spec.d_inner()];
+    mamba2::ssm(
+        pool, spec, &c.a, &c.d, &c.xbc, &c.dt, m, form, &mut s, &mut y,
+    )
+    .unwrap();
+    (y, s)
+}
+
+#[test]
+fn chunked_ssm_equals_recurrent() {
+    let pool = ThreadPool::new(2);
+    // (heads, head size, state size, groups): groups of 3, 1 and 2 heads; one group.
+    let shapes = [
+        (6, 10, 12, 2),
+        (4, 7, 33, 4),
+        (3, 16, 5, 1),
+        (4, 64, 128, 2),
+    ];
+    for (si, &(h, p, n, g)) in shapes.iter().enumerate() {
+        let spec = ssm_spec(h, p, n, g);
+        for m in [1usize, 63, 64, 65, 200] {
+            let mut rng = StdRng::seed_from_u64(1000 * si as u64 + m as u64);
+            let c = ssm_case(&mut rng, &spec, m);
+            let (y_rec, s_rec) = run_ssm(&pool, &spec, &c, m, SsmForm::Recurrent);
+            for q in [SSD_CHUNK, 17] {
+                let (y, s) = run_ssm(&pool, &spec, &c, m, SsmForm::Chunked(q));
+                let di = spec.d_inner();
+                for t in 0..m {
+                    let e = rel_l2(&y[t * di..(t + 1) * di], &y_rec[t * di..(t + 1) * di]);
+                    assert!(
+                        e <= 1e-5,
+                        "{h} heads of {p}, state {n}, {g} groups, T={m}, chunk {q}: token {t}: \
+                         chunked vs recurrent {e:.3e}"
+                    );
+                }
+                let e = rel_l2(&s, &s_rec);
+                assert!(
+                    e <= 1e-5,
+                    "{h} heads of {p}, state {n}, {g} groups, T={m}, chunk {q}: state {e:.3e}"
+                );
+            }
+        }
+    }
+    // A chunk of 0 tokens is an error, not a hang.
+    let spec = ssm_spec(2, 4, 4, 1);
+    let c = ssm_case(&mut StdRng::seed_from_u64(1), &spec, 3);
+    let mut s = c.s0.clone();
+    let mut y = vec![0f32; 3 * spec.d_inner()];
+    let form = SsmForm::Chunked(0);
+    assert!(mamba2::ssm(&pool, &spec, &c.a, &c.d, &c.xbc, &c.dt, 3, form, &mut s, &mut y).is_err());
+}
+
+/// Times both forms of the SSM at Nemotron-H-8B's mixer sizes (128 heads of 64, state
+/// 128, 8 groups) over a 512-token prompt on two threads:
+/// `cargo test -p caldera-cpu --test mamba2 ssm_forms_timing -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn ssm_forms_timing() {
+    let pool = ThreadPool::new(2);
+    let spec = ssm_spec(128, 64, 128, 8);
+    let m = 512;
+    let c = ssm_case(&mut StdRng::seed_from_u64(3), &spec, m);
+    for form in [
+        SsmForm::Recurrent,
+        SsmForm::Chunked(SSD_CHUNK),
+        SsmForm::Chunked(32),
+        SsmForm::Recurrent,
+        SsmForm::Chunked(SSD_CHUNK),
+    ] {
+        let reps = 3;
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(run_ssm(&pool, &spec, &c, m, form));
+        }
+        let ms = t.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        println!("{form:?}: {ms:.1} ms per layer for {m} tokens");
+    }
+}
 
 /// Layer kinds as in `hybrid_override_pattern`.
 const PATTERN: &str = "ME*M-";
@@ -232,7 +363,7 @@ fn check(s: &Sizes, t: usize, before: usize, threads: usize) {
             let e = rel_l2(&row, &all[j * s.vocab..(j + 1) * s.vocab]);
             assert!(
                 e <= 1e-5,
-                "{:?} T={t} after {before}: token {j}: chunked prefill vs steps error {e:.3e}",
+                "{:?} T={t} after {before}: token {j}: prefill vs steps error {e:.3e}",
                 s.ty
             );
         }
@@ -250,7 +381,7 @@ fn check(s: &Sizes, t: usize, before: usize, threads: usize) {
 }
 
 #[test]
-fn chunked_prefill_equals_steps_across_chunk_boundaries() {
+fn prefill_equals_steps_across_chunk_boundaries() {
     let s = sizes(GgmlType::F32);
     for t in [1, 63, 64, 65, 130] {
         check(&s, t, 0, 2);
@@ -258,7 +389,7 @@ fn chunked_prefill_equals_steps_across_chunk_boundaries() {
 }
 
 #[test]
-fn chunked_prefill_continues_a_carried_state() {
+fn prefill_continues_a_carried_state() {
     let s = sizes(GgmlType::F32);
     check(&s, 70, 5, 3);
     check(&s, 2, 3, 1);

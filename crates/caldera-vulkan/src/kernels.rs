@@ -189,6 +189,7 @@ pub enum Kernel {
     MvrIQ4XS = 170,
     AttnDec = 171,
     AttnDecBatch = 172,
+    Mamba2Chunk = 173,
 }
 
 /// One entry of the kernel table.
@@ -384,6 +385,11 @@ pub const GDN_NORM_PUSH_BYTES: u32 = 24;
 pub const MAMBA2_SCAN_PUSH_BYTES: u32 = 40;
 /// `mamba2_norm` push constants: `n_g, gs, norm_at` (u32), `eps` (f32).
 pub const MAMBA2_NORM_PUSH_BYTES: u32 = 16;
+/// `mamba2_chunk` push constants: `n_h, hp, ns, n_g, n_tiles, ld, max_t, pb` (u32),
+/// `dt_min` (f32).
+pub const MAMBA2_CHUNK_PUSH_BYTES: u32 = 36;
+/// `mamba2_chunk`'s fixed shape: head channels per workgroup (`TP`).
+pub const MAMBA2_CHUNK_CHANNELS: usize = 32;
 /// `shortconv_rows` push constants: `channels, kern, ld, max_t` (u32).
 pub const SHORTCONV_ROWS_PUSH_BYTES: u32 = 16;
 /// `rows_act` push constants: `n, ld_y, ld_src, src_off, mode, max_t` (u32).
@@ -569,7 +575,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 173] = [
+pub const KERNELS: [KernelDesc; 174] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -986,6 +992,19 @@ pub const KERNELS: [KernelDesc; 173] = [
             ATTN_BATCH_PUSH_BYTES,
         )
     },
+    KernelDesc {
+        invocations: 128,
+        // C|B slice or x tile, L, the state update's B slice, dt / running sum / weights
+        // (mamba2_chunk.comp).
+        shared_bytes: (2080 + 4160 + 1024 + 3 * 64) * 4,
+        ..plain(
+            Kernel::Mamba2Chunk,
+            "mamba2_chunk",
+            spv!("mamba2_chunk"),
+            6,
+            MAMBA2_CHUNK_PUSH_BYTES,
+        )
+    },
 ];
 
 impl Kernel {
@@ -1210,4 +1229,8 @@ pub struct Tuning {
     /// [`crate::ContextOptions::force_old_mvqn`]); `mvqm_*` also needs a workgroup of at
     /// most 128 (its reduction's shared memory), else the old kernels run.
     pub mvqn_old: bool,
+    /// Mamba2 prefill runs the chunked `mamba2_chunk` (else the token-by-token
+    /// `mamba2_scan`): the device fits it and `CALDERA_VK_MAMBA2_SCAN=1` /
+    /// [`crate::ContextOptions::force_mamba2_scan`] does not switch it off.
+    pub mamba2_chunk: bool,
 }

@@ -52,8 +52,10 @@
 //! - [`GdnPrefill`]: `conv_rows` (`ceil(cd / wg)` workgroups), `gdn_chunk` (the delta
 //!   rule in chunks of 64 tokens in the WY form of caldera-cpu's `delta_chunked`;
 //!   `n_v · ceil(dv / wg)` workgroups), `gdn_norm` (`max_tokens · n_v` workgroups).
-//! - [`Mamba2Prefill`]: `conv_rows`, `mamba2_scan` (the recurrence token after token;
-//!   `H · ceil(P / tile)` workgroups), `mamba2_norm` (`max_tokens · G` workgroups).
+//! - [`Mamba2Prefill`]: `conv_rows`, the SSM ([`Mamba2Ssm`]: `mamba2_chunk`, chunks of 64
+//!   tokens in the SSD form of caldera-cpu's `SsmForm::Chunked`, `H · ceil(P / 32)`
+//!   workgroups; or `mamba2_scan`, the recurrence token after token, `H · ceil(P / tile)`
+//!   workgroups), `mamba2_norm` (`max_tokens · G` workgroups).
 //! - [`ShortConvPrefill`]: `shortconv_rows`, one dispatch.
 //!
 //! The three-dispatch ops record barriers between their dispatches, none after.
@@ -74,7 +76,7 @@ use caldera_model::blocks::shortconv::{ShortConvSpec, ShortConvWeights};
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
-use crate::kernels::Kernel;
+use crate::kernels::{Kernel, MAMBA2_CHUNK_CHANNELS};
 use crate::memory::Buffer;
 use crate::ops::{push_words, Q8Acts};
 use crate::record::{Binding, Recorder};
@@ -790,25 +792,56 @@ impl Mamba2Decode {
     }
 }
 
+/// The kernel that runs a Mamba2 prefill's SSM (part 2 of [`Mamba2Prefill`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mamba2Ssm {
+    /// `mamba2_chunk`: chunks of 64 tokens in the SSD form (caldera-cpu's
+    /// `SsmForm::Chunked(64)`); `H · ceil(P / 32)` workgroups of 128.
+    Chunk,
+    /// `mamba2_scan`: the recurrence token after token (`SsmForm::Recurrent`);
+    /// `H · ceil(P / tile)` workgroups.
+    Scan,
+}
+
 /// Mamba2 over the tokens of a prefill step, three dispatches with barriers between
 /// them: `conv_rows` (conv + SiLU of xBC for every token, ring update;
-/// `ceil(conv_dim / workgroup size)` workgroups), `mamba2_scan` (the SSM token after
-/// token, gated by silu(z); `H · ceil(P / tile)` workgroups) and `mamba2_norm` (the group
-/// RMSNorm; `max_tokens · G` workgroups). It continues the state that [`Mamba2Decode`]
-/// keeps, in the same layout.
+/// `ceil(conv_dim / workgroup size)` workgroups), the SSM gated by silu(z)
+/// ([`Mamba2Ssm`]: `mamba2_chunk` by default, `mamba2_scan` where the device does not fit
+/// it or with `CALDERA_VK_MAMBA2_SCAN=1`) and `mamba2_norm` (the group RMSNorm;
+/// `max_tokens · G` workgroups). It continues the state that [`Mamba2Decode`] keeps, in
+/// the same layout.
 pub struct Mamba2Prefill {
     conv: Dispatch,
-    scan: Dispatch,
+    ssm: Dispatch,
     norm: Dispatch,
 }
 
 impl Mamba2Prefill {
+    /// The op with the context's SSM kernel ([`crate::kernels::Tuning::mamba2_chunk`]).
     pub fn new(
         ctx: &Context,
         spec: &Mamba2Spec,
         w: &Mamba2Weights,
         eps: f32,
         io: &PrefillIo<'_>,
+    ) -> Result<Mamba2Prefill> {
+        let ssm = if ctx.tuning().mamba2_chunk {
+            Mamba2Ssm::Chunk
+        } else {
+            Mamba2Ssm::Scan
+        };
+        Mamba2Prefill::with_ssm(ctx, spec, w, eps, io, ssm)
+    }
+
+    /// [`Mamba2Prefill::new`] with the SSM through `ssm` (an error where the device does
+    /// not fit it).
+    pub fn with_ssm(
+        ctx: &Context,
+        spec: &Mamba2Spec,
+        w: &Mamba2Weights,
+        eps: f32,
+        io: &PrefillIo<'_>,
+        ssm: Mamba2Ssm,
     ) -> Result<Mamba2Prefill> {
         let what = "Mamba2 prefill";
         let g = Mamba2Dims::check(what, spec, w)?;
@@ -826,25 +859,45 @@ impl Mamba2Prefill {
             push: push_words(&[g.cd as u32, g.kern as u32, ld as u32, t as u32, g.di as u32]),
             groups: g.cd.div_ceil(wg) as u64,
         };
-        let (tile, n_tiles) = tile_of(ctx, DEFAULT_TILE, g.hp);
-        let scan = Dispatch {
-            binding: ctx.bind(
-                Kernel::Mamba2Scan,
-                &[io.proj, &consts, &xc, s, io.out, io.step],
-            )?,
-            push: push_words(&[
-                g.nh as u32,
-                g.hp as u32,
-                g.ns as u32,
-                g.ng as u32,
-                tile as u32,
-                n_tiles as u32,
-                ld as u32,
-                t as u32,
-                g.dt_bias_at() as u32,
-                spec.dt_min.to_bits(),
-            ]),
-            groups: (g.nh * n_tiles) as u64,
+        let buffers = [io.proj, &consts, &xc, s, io.out, io.step];
+        let ssm = match ssm {
+            Mamba2Ssm::Chunk => {
+                let n_tiles = g.hp.div_ceil(MAMBA2_CHUNK_CHANNELS);
+                Dispatch {
+                    binding: ctx.bind(Kernel::Mamba2Chunk, &buffers)?,
+                    push: push_words(&[
+                        g.nh as u32,
+                        g.hp as u32,
+                        g.ns as u32,
+                        g.ng as u32,
+                        n_tiles as u32,
+                        ld as u32,
+                        t as u32,
+                        g.dt_bias_at() as u32,
+                        spec.dt_min.to_bits(),
+                    ]),
+                    groups: (g.nh * n_tiles) as u64,
+                }
+            }
+            Mamba2Ssm::Scan => {
+                let (tile, n_tiles) = tile_of(ctx, DEFAULT_TILE, g.hp);
+                Dispatch {
+                    binding: ctx.bind(Kernel::Mamba2Scan, &buffers)?,
+                    push: push_words(&[
+                        g.nh as u32,
+                        g.hp as u32,
+                        g.ns as u32,
+                        g.ng as u32,
+                        tile as u32,
+                        n_tiles as u32,
+                        ld as u32,
+                        t as u32,
+                        g.dt_bias_at() as u32,
+                        spec.dt_min.to_bits(),
+                    ]),
+                    groups: (g.nh * n_tiles) as u64,
+                }
+            }
         };
         let norm = Dispatch {
             binding: ctx.bind(Kernel::Mamba2Norm, &[&consts, io.out, io.step])?,
@@ -856,14 +909,14 @@ impl Mamba2Prefill {
             ]),
             groups: (t * g.ng) as u64,
         };
-        Ok(Mamba2Prefill { conv, scan, norm })
+        Ok(Mamba2Prefill { conv, ssm, norm })
     }
 
     /// Records the step: three dispatches with barriers between them, none after.
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
         self.conv.record(r)?;
         r.barrier();
-        self.scan.record(r)?;
+        self.ssm.record(r)?;
         r.barrier();
         self.norm.record(r)
     }

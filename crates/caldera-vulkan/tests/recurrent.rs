@@ -3,13 +3,17 @@
 //! and `shortconv::mix`, on fresh random inputs: odd head counts and sizes, both
 //! GatedDeltaNet head orders and gate layouts, several tiles per head, norm groups over
 //! several heads, several steps from a random state so it carries over, then the state
-//! itself. Each case runs with subgroup and shared-memory reductions and a small
-//! workgroup. Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
+//! itself. The prefill ops against the CPU and the decode ops token by token; Mamba2's
+//! through both SSM kernels (`mamba2_chunk` against `SsmForm::Chunked(64)`, `mamba2_scan`
+//! against `SsmForm::Recurrent`), over several chunks from a random state, then decode
+//! and a second prefill step continuing from the state it leaves. Each case runs with
+//! subgroup and shared-memory reductions and a small workgroup. Skips without a Vulkan
+//! device unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
 
 use caldera_cpu::gdn::{self, GdnState};
-use caldera_cpu::mamba2::{self, Mamba2State};
+use caldera_cpu::mamba2::{self, Mamba2State, SsmForm, SSD_CHUNK};
 use caldera_cpu::pool::ThreadPool;
 use caldera_cpu::shortconv::{self, ShortConvState};
 use caldera_format::{GgmlType, TensorBytes};
@@ -20,7 +24,7 @@ use caldera_model::Weight;
 use caldera_vulkan::ops::Q8Acts;
 use caldera_vulkan::recurrent::{
     history_from_ring, mamba2_ssm_from_device, mamba2_ssm_to_device, ring_from_history, GdnDecode,
-    GdnPrefill, Mamba2Decode, Mamba2Prefill, PrefillIo, RecurrentIo, RecurrentState,
+    GdnPrefill, Mamba2Decode, Mamba2Prefill, Mamba2Ssm, PrefillIo, RecurrentIo, RecurrentState,
     ShortConvDecode, ShortConvPrefill, DEFAULT_TILE,
 };
 use caldera_vulkan::testing::test_context;
@@ -556,7 +560,6 @@ fn mamba2_layer(rng: &mut StdRng, c: &Mamba2Case) -> (Mamba2Spec, Mamba2Weights,
         n_groups: c.groups,
         d_conv: c.kern,
         dt_min: c.dt_min,
-        chunk: 64,
     };
     let (di, cd, rows) = (spec.d_inner(), spec.conv_dim(), spec.in_proj_rows());
     let w = Mamba2Weights {
@@ -790,53 +793,73 @@ impl PrefillBufs {
     }
 }
 
-/// One Mamba2 prefill step of `m` tokens (room for `max_tokens`) against the CPU (its
-/// chunked SSD form) and against the decode kernel token by token.
+/// Mamba2 prefill steps through `ssm`, from a random state: a step of `m` tokens (room
+/// for `max_tokens`) against the CPU twin (`mamba2::mix_with` in the kernel's form) and
+/// against the decode kernel token by token (outputs and state); then two decode steps
+/// continuing from the prefill's state and a second prefill step of `m2` tokens
+/// continuing from theirs, both against the CPU.
+#[allow(clippy::too_many_arguments)]
 fn mamba2_prefill_case(
     ctx: &Context,
     rng: &mut StdRng,
     pool: &ThreadPool,
     c: &Mamba2Case,
+    ssm: Mamba2Ssm,
     m: usize,
+    m2: usize,
     max_tokens: usize,
 ) {
     let (spec, w, st0) = mamba2_layer(rng, c);
     let (di, cd, row) = (spec.d_inner(), spec.conv_dim(), spec.in_proj_rows());
     let eps = 1e-5;
-    let bufs = PrefillBufs::new(ctx, || mamba2_row(rng, &spec), row + 5, di, max_tokens);
+    let form = match ssm {
+        Mamba2Ssm::Chunk => SsmForm::Chunked(SSD_CHUNK),
+        Mamba2Ssm::Scan => SsmForm::Recurrent,
+    };
+    let mut bufs = PrefillBufs::new(ctx, || mamba2_row(rng, &spec), row + 5, di, max_tokens);
     let what = format!(
-        "mamba2 prefill of {m} tokens at {}: {} heads of {}, state {}, {} groups, kernel {} \
-         ({})",
+        "mamba2 prefill ({ssm:?}) of {m} + {m2} tokens at {}: {} heads of {}, state {}, {} \
+         groups, kernel {}, dt_min {} ({})",
         c.pos0,
         c.heads,
         c.hp,
         c.ns,
         c.groups,
         c.kern,
+        c.dt_min,
         describe(ctx)
     );
+    let read_state = |state: &RecurrentState| {
+        let s = ctx
+            .read_f32(state.ssm.as_ref().unwrap(), st0.ssm.len())
+            .unwrap();
+        mamba2_ssm_from_device(&spec, &s).unwrap()
+    };
+    let rows_of = |bufs: &PrefillBufs, m: usize| {
+        let mut proj = Vec::with_capacity(m * row);
+        for r in bufs.rows.chunks(bufs.ld).take(m) {
+            proj.extend_from_slice(&r[..row]);
+        }
+        proj
+    };
     let state = mamba2_device_state(ctx, &spec, &st0, c.pos0);
-    let op = Mamba2Prefill::new(ctx, &spec, &w, eps, &bufs.io(&state)).unwrap();
+    let op = Mamba2Prefill::with_ssm(ctx, &spec, &w, eps, &bufs.io(&state), ssm).unwrap();
     let rec = ctx.record(|r| op.record(r)).unwrap();
     let got = bufs.run(ctx, &rec, m, c.pos0, di);
-    let s_got = ctx
-        .read_f32(state.ssm.as_ref().unwrap(), st0.ssm.len())
-        .unwrap();
-    let s_got = mamba2_ssm_from_device(&spec, &s_got).unwrap();
+    let s_got = read_state(&state);
     let ring = ctx.read_f32(&state.conv, c.kern * cd).unwrap();
     let hist = history_from_ring(&ring, c.kern, cd, (c.pos0 + m) as u64).unwrap();
 
+    // The CPU twin, all tokens at once.
     let mut st = st0.clone();
-    let mut proj = Vec::with_capacity(m * row);
-    for r in bufs.rows.chunks(bufs.ld).take(m) {
-        proj.extend_from_slice(&r[..row]);
-    }
+    let proj = rows_of(&bufs, m);
     let mut want = vec![0f32; m * di];
-    mamba2::mix(pool, &spec, &w, &mut st, &proj, m, eps, &mut want).unwrap();
-    assert_close(&got, &want, 2e-4, &format!("{what}: outputs vs CPU"));
-    assert_close(&s_got, &st.ssm, 2e-4, &format!("{what}: state vs CPU"));
+    mamba2::mix_with(pool, &spec, &w, &mut st, &proj, m, eps, form, &mut want).unwrap();
+    assert_close(&got, &want, 1e-4, &format!("{what}: outputs vs CPU"));
+    assert_close(&s_got, &st.ssm, 1e-4, &format!("{what}: state vs CPU"));
     assert_eq!(hist, st.conv, "{what}: conv history");
 
+    // The decode kernel, token by token, from the same state.
     let dstate = mamba2_device_state(ctx, &spec, &st0, c.pos0);
     let dev = Steps::new(ctx, row, di);
     let dop = Mamba2Decode::new(ctx, &spec, &w, eps, &dev.io(&dstate)).unwrap();
@@ -845,21 +868,45 @@ fn mamba2_prefill_case(
     for t in 0..m {
         steps.extend(dev.run(ctx, &drec, &proj[t * row..(t + 1) * row], c.pos0 + t));
     }
-    let s_dec = ctx
-        .read_f32(dstate.ssm.as_ref().unwrap(), st0.ssm.len())
-        .unwrap();
-    let s_dec = mamba2_ssm_from_device(&spec, &s_dec).unwrap();
     assert_close(
         &got,
         &steps,
-        1e-4,
+        5e-5,
         &format!("{what}: outputs vs decode steps"),
     );
     assert_close(
         &s_got,
-        &s_dec,
-        1e-4,
+        &read_state(&dstate),
+        5e-5,
         &format!("{what}: state vs decode steps"),
+    );
+
+    // Decode continues from the prefill's state.
+    let cont = Steps::new(ctx, row, di);
+    let cop = Mamba2Decode::new(ctx, &spec, &w, eps, &cont.io(&state)).unwrap();
+    let crec = ctx.record(|r| cop.record(r)).unwrap();
+    let mut pos = c.pos0 + m;
+    for i in 0..2 {
+        let proj = mamba2_row(rng, &spec);
+        let got = cont.run(ctx, &crec, &proj, pos);
+        let mut want = vec![0f32; di];
+        mamba2::mix(pool, &spec, &w, &mut st, &proj, 1, eps, &mut want).unwrap();
+        assert_close(&got, &want, 1e-4, &format!("{what}: decode step {i} after"));
+        pos += 1;
+    }
+
+    // And a second prefill step (the same recording) from there.
+    bufs.refill(ctx, || mamba2_row(rng, &spec));
+    let got = bufs.run(ctx, &rec, m2, pos, di);
+    let proj = rows_of(&bufs, m2);
+    let mut want = vec![0f32; m2 * di];
+    mamba2::mix_with(pool, &spec, &w, &mut st, &proj, m2, eps, form, &mut want).unwrap();
+    assert_close(&got, &want, 1e-4, &format!("{what}: second step vs CPU"));
+    assert_close(
+        &read_state(&state),
+        &st.ssm,
+        1e-4,
+        &format!("{what}: state after the second step vs CPU"),
     );
 }
 
@@ -879,6 +926,8 @@ fn mamba2_prefill_matches_cpu_and_decode() {
         pos0: 0,
         q8: false,
     };
+    // Two channel tiles of `mamba2_chunk` (the second partial), three state slices (the
+    // last of one row), one head per group.
     let wide = Mamba2Case {
         heads: 4,
         hp: 40,
@@ -890,10 +939,53 @@ fn mamba2_prefill_matches_cpu_and_decode() {
         pos0: 17,
         ..base
     };
-    for ctx in &contexts() {
-        // Fewer tokens than the conv kernel; one and several SSD chunks on the CPU.
-        for (c, m, max_tokens) in [(&base, 2, 8), (&wide, 32, 32), (&base, 70, 75)] {
-            mamba2_prefill_case(ctx, &mut rng, &pool, c, m, max_tokens);
+    // One group over every head.
+    let one_group = Mamba2Case {
+        heads: 3,
+        hp: 16,
+        ns: 20,
+        groups: 1,
+        pos0: 5,
+        ..base
+    };
+    // Nemotron-H's head and state sizes.
+    let nemotron = Mamba2Case {
+        heads: 4,
+        hp: 64,
+        ns: 128,
+        groups: 2,
+        pos0: 300,
+        ..base
+    };
+    let ctxs = contexts();
+    for (i, ctx) in ctxs.iter().enumerate() {
+        // Fewer tokens than the conv kernel; a partial chunk; one whole chunk; a whole
+        // and a partial one; four chunks; then the second steps.
+        for (c, m, m2, max_tokens) in [
+            (&base, 2, 5, 8),
+            (&wide, 32, 32, 32),
+            (&one_group, 64, 1, 64),
+            (&base, 70, 75, 75),
+            (&one_group, 200, 131, 200),
+        ] {
+            mamba2_prefill_case(ctx, &mut rng, &pool, c, Mamba2Ssm::Chunk, m, m2, max_tokens);
+        }
+        // The token-by-token kernel (CALDERA_VK_MAMBA2_SCAN=1), and larger sizes, on the
+        // first context only (lavapipe is slow).
+        if i == 0 {
+            for (c, m, m2, max_tokens) in [(&base, 2, 5, 8), (&wide, 70, 32, 75)] {
+                mamba2_prefill_case(ctx, &mut rng, &pool, c, Mamba2Ssm::Scan, m, m2, max_tokens);
+            }
+            mamba2_prefill_case(
+                ctx,
+                &mut rng,
+                &pool,
+                &nemotron,
+                Mamba2Ssm::Chunk,
+                130,
+                64,
+                130,
+            );
         }
     }
 }
@@ -1080,7 +1172,6 @@ fn bad_shapes_are_errors() {
         n_groups: 3,
         d_conv: 4,
         dt_min: 0.0,
-        chunk: 64,
     };
     let mw = Mamba2Weights {
         in_proj: unused_weight(1, 1),

@@ -230,6 +230,59 @@ fn vulkan_hybrid_prefill_matches_decode() {
     }
 }
 
+/// Mamba2's chunked prefill (`mamba2_chunk`) over a long prompt of the nemotron_h fixture,
+/// against the CPU runner (f32 KV cache, as above): 600 tokens (two prefill steps, 512 +
+/// 88, so the SSM state passes from one step's chunks to the next), then 35 tokens one at
+/// a time (the decode kernel continuing from the chunked prefill's state), then a prefill
+/// of 35 more with every row's logits (continuing from the decode kernel's state).
+#[test]
+fn vulkan_mamba2_long_prefill_matches_cpu() {
+    use caldera_model::{Logits, Runner};
+    use std::sync::Arc;
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let (_file, model) = caldera_model::Model::open(&fx.join("nemotron_h")).expect("model");
+    let model = Arc::new(model);
+    let vocab = model.config.vocab_size;
+    let tokens: Vec<u32> = (0..670).map(|i| (i * 7919 % vocab) as u32).collect();
+    let cap = 700;
+    // Rows: token 599, then 600..670.
+    let cpu = Arc::new(caldera_cpu::CpuBackend::new(model.clone(), 2));
+    let mut c = caldera_cpu::CpuRunner::new(cpu, cap).expect("cpu runner");
+    let mut want = Vec::new();
+    c.forward(&tokens[..600], Logits::Last, &mut want).unwrap();
+    let mut rest = Vec::new();
+    c.forward(&tokens[600..], Logits::All, &mut rest).unwrap();
+    want.extend(rest);
+
+    let opts = caldera_vulkan::ContextOptions {
+        force_kv_f32: true,
+        ..Default::default()
+    };
+    let ctx = caldera_vulkan::Context::with_options(dev.parse().unwrap(), &opts).expect("device");
+    assert!(
+        ctx.tuning().mamba2_chunk,
+        "mamba2_chunk does not fit the device"
+    );
+    let vk = Arc::new(caldera_vulkan::VkModel::new(ctx, model.clone()).expect("upload"));
+    let mut g = caldera_vulkan::VkRunner::new(vk, cap).expect("vulkan runner");
+    let mut got = Vec::new();
+    g.forward(&tokens[..600], Logits::Last, &mut got).unwrap();
+    let mut row = Vec::new();
+    for t in &tokens[600..635] {
+        g.forward(&[*t], Logits::Last, &mut row).unwrap();
+        got.extend_from_slice(&row);
+    }
+    g.forward(&tokens[635..], Logits::All, &mut row).unwrap();
+    got.extend(row);
+    assert_eq!((want.len(), got.len()), (71 * vocab, 71 * vocab));
+    for (r, (a, b)) in want.chunks(vocab).zip(got.chunks(vocab)).enumerate() {
+        let err = rel_l2(a, b);
+        assert!(err < 1e-4, "token {}: relative L2 {err:e}", 599 + r);
+    }
+}
+
 /// `|a - b| / |a|`.
 fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

@@ -54,9 +54,6 @@ pub static NEMOTRON_H_MOE: ArchDef = ArchDef {
     hf_translate: translate,
 };
 
-/// Prefill chunk of the SSD form (a speed choice: results do not depend on it).
-const SSD_CHUNK: usize = 64;
-
 /// The kind of one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -130,7 +127,6 @@ fn mamba_spec(f: &ModelFile, arch: &str) -> Result<Mamba2Spec> {
         } else {
             0.0
         },
-        chunk: SSD_CHUNK,
     };
     spec.validate()?;
     Ok(spec)

@@ -33,8 +33,6 @@ pub struct Mamba2Spec {
     /// Lower bound on `dt` after softplus (0: none). HF's reference path clamps at
     /// `time_step_min`; llama.cpp does not clamp.
     pub dt_min: f32,
-    /// Tokens per chunk of the chunked (SSD) prefill.
-    pub chunk: usize,
 }
 
 impl Mamba2Spec {
@@ -70,9 +68,6 @@ impl Mamba2Spec {
         }
         if self.d_conv == 0 || self.d_conv > 64 {
             return bad(format!("conv kernel {} is out of range", self.d_conv));
-        }
-        if self.chunk == 0 {
-            return bad("chunk size 0".into());
         }
         let limit = 1u64 << 32;
         let di = self.n_heads as u64 * self.head_dim as u64;
