@@ -736,13 +736,18 @@ pub const KERNELS: [KernelDesc; 174] = [
         5,
         CONV_ROWS_PUSH_BYTES,
     ),
-    plain(
-        Kernel::GdnChunk,
-        "gdn_chunk",
-        spv!("gdn_chunk"),
-        7,
-        GDN_CHUNK_PUSH_BYTES,
-    ),
+    KernelDesc {
+        // The chunk's 64 x 64 products, q / k slices of 64 x 16, five per-token vectors
+        // of 64 and a reduction slot per invocation (up to 256).
+        shared_bytes: (64 * 64 + 2 * 64 * 16 + 5 * 64 + 256) * 4,
+        ..plain(
+            Kernel::GdnChunk,
+            "gdn_chunk",
+            spv!("gdn_chunk"),
+            7,
+            GDN_CHUNK_PUSH_BYTES,
+        )
+    },
     plain(
         Kernel::GdnNorm,
         "gdn_norm",
