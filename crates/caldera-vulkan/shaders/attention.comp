@@ -1,7 +1,8 @@
 #version 450
 // Causal (optionally windowed, soft-capped) attention for every token of a step, over
-// the f32 KV cache, with grouped kv heads: one workgroup per (token t, kv head g, chunk
-// of at most MAXH of g's query heads) reads each cached k/v row once for all its heads.
+// the KV cache (f32, f16 or q8_0: kv.glsl), with grouped kv heads: one workgroup per
+// (token t, kv head g, chunk of at most MAXH of g's query heads) reads each cached k/v
+// row once for all its heads.
 // Online softmax over blocks of WG positions (running max and sum per head).
 // Binding 0: qkv rows (q part read), 1: k cache, 2: v cache ([pos][kv head][hd]),
 // 3: out (f32, token t at t * n_heads * hd), 4: step values ([0] tokens, [1] position),

@@ -3,8 +3,8 @@
 // a batched decode step, every column a token of its own sequence: column c is the
 // sequence in pool slot step[8 + 2c] at position step[9 + 2c]. Its q | k | v row is
 // row c of qkv (ld_qkv apart), its output row c of out (n_heads * hd apart); its cache
-// is the slot's region of the pooled caches, slot_elems values per slot (f32 or f16
-// values, kv.glsl), so a column writes and reads only its own slot. Columns past
+// is the slot's region of the pooled caches, slot_elems values per slot (f32, f16 or
+// q8_0 values, kv.glsl), so a column writes and reads only its own slot. Columns past
 // step[0] (the bucket's padding) exit at once. Partials and counts are per column. With
 // F_Q8 the output is also written as int8 blocks of 32 (column c's at c * n_heads * hd /
 // 32, as quant_rows.comp lays them out) for the batched o-projection.
@@ -273,9 +273,27 @@ void main() {
         norm_rope(false, 1u, (p.flags & F_KNORM) != 0u, pos);
         if (c == 0u) {
             uint dst = CB + pos * kvd + g * p.hd;
-            for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
-                k_put2(dst + i, vec2(k_s[i], k_s[i + 1u]));
-                v_put2(dst + i, vec2(qkv[QB + kb + kvd + i], qkv[QB + kb + kvd + i + 1u]));
+            if (KV_TYPE == KV_Q8) {
+                // A block of 32 per invocation: the k blocks, then the v blocks.
+                uint nb = p.hd / 32u;
+                for (uint j = tid; j < 2u * nb; j += WG) {
+                    bool is_v = j >= nb;
+                    uint i0 = 32u * (is_v ? j - nb : j);
+                    vec4 x[8];
+                    [[unroll]] for (uint u = 0u; u < 8u; u++) {
+                        uint i = i0 + 4u * u;
+                        uint vb = QB + kb + kvd + i;
+                        x[u] = is_v
+                            ? vec4(qkv[vb], qkv[vb + 1u], qkv[vb + 2u], qkv[vb + 3u])
+                            : vec4(k_s[i], k_s[i + 1u], k_s[i + 2u], k_s[i + 3u]);
+                    }
+                    kv_put32(is_v, dst + i0, x);
+                }
+            } else {
+                for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
+                    k_put2(dst + i, vec2(k_s[i], k_s[i + 1u]));
+                    v_put2(dst + i, vec2(qkv[QB + kb + kvd + i], qkv[QB + kb + kvd + i + 1u]));
+                }
             }
         }
     }

@@ -328,9 +328,23 @@ void main() {
     }
     if (own_kv && c == 0u) {
         uint dst = CB + pos * kvd + g * hd;
-        for (uint i = 2u * tid; i < hd; i += 2u * WG) {
-            k_put2(dst + i, vec2(xs_get(KROW * 4u + i), xs_get(KROW * 4u + i + 1u)));
-            v_put2(dst + i, vec2(xs_get(VROW * 4u + i), xs_get(VROW * 4u + i + 1u)));
+        if (KV_TYPE == KV_Q8) {
+            // A block of 32 per lane: the k blocks, then the v blocks.
+            uint nb = hd / 32u;
+            for (uint j = tid; j < 2u * nb; j += WG) {
+                bool is_v = j >= nb;
+                uint q0 = (is_v ? VROW : KROW) + 8u * (is_v ? j - nb : j);
+                vec4 x[8];
+                [[unroll]] for (uint u = 0u; u < 8u; u++) {
+                    x[u] = xs[q0 + u];
+                }
+                kv_put32(is_v, dst + 32u * (is_v ? j - nb : j), x);
+            }
+        } else {
+            for (uint i = 2u * tid; i < hd; i += 2u * WG) {
+                k_put2(dst + i, vec2(xs_get(KROW * 4u + i), xs_get(KROW * 4u + i + 1u)));
+                v_put2(dst + i, vec2(xs_get(VROW * 4u + i), xs_get(VROW * 4u + i + 1u)));
+            }
         }
     }
     // (Profiling only: bits 8.. of flags stop the kernel after a phase.)

@@ -327,9 +327,27 @@ void main() {
         if (c == 0u) {
             uint dst = pos * kvd + g * p.hd;
             float vi = vinv_s;
-            for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
-                k_put2(dst + i, vec2(k_s[i], k_s[i + 1u]));
-                v_put2(dst + i, vec2(qkv[kb + kvd + i], qkv[kb + kvd + i + 1u]) * vi);
+            if (KV_TYPE == KV_Q8) {
+                // A block of 32 per invocation: the k blocks, then the v blocks.
+                uint nb = p.hd / 32u;
+                for (uint j = tid; j < 2u * nb; j += WG) {
+                    bool is_v = j >= nb;
+                    uint i0 = 32u * (is_v ? j - nb : j);
+                    vec4 x[8];
+                    [[unroll]] for (uint u = 0u; u < 8u; u++) {
+                        uint i = i0 + 4u * u;
+                        uint vb = kb + kvd + i;
+                        x[u] = is_v
+                            ? vec4(qkv[vb], qkv[vb + 1u], qkv[vb + 2u], qkv[vb + 3u]) * vi
+                            : vec4(k_s[i], k_s[i + 1u], k_s[i + 2u], k_s[i + 3u]);
+                    }
+                    kv_put32(is_v, dst + i0, x);
+                }
+            } else {
+                for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
+                    k_put2(dst + i, vec2(k_s[i], k_s[i + 1u]));
+                    v_put2(dst + i, vec2(qkv[kb + kvd + i], qkv[kb + kvd + i + 1u]) * vi);
+                }
             }
         }
     }

@@ -1,7 +1,7 @@
 #version 450
 // Causal (optionally windowed, soft-capped) flash attention for the tokens of a prefill
-// step, over the KV cache (f32 or f16: kv.glsl), which rope_kv has already written for
-// this step, with grouped kv heads. One workgroup per (tile of bq query tokens, kv head g, chunk of hpw
+// step, over the KV cache (f32, f16 or q8_0: kv.glsl), which rope_kv has already written
+// for this step, with grouped kv heads. One workgroup per (tile of bq query tokens, kv head g, chunk of hpw
 // of g's query heads): its R = bq * hpw query rows (row r = token r / hpw, head
 // r % hpw) sit in shared memory; keys are visited in tiles of bkv positions, each k and
 // v tile staged in shared memory once for all R rows; an online softmax (running max m

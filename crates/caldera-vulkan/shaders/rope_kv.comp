@@ -4,7 +4,7 @@
 // in the qkv rows; h = n_heads + g is kv head g, whose k (normed, rotated) and v go to
 // the caches at position step[1] + t.
 // Binding 0: qkv (f32), token t at t * ld_qkv: q (n_heads * hd) | k (n_kv * hd) | v.
-// Binding 1: k cache, 2: v cache (f32, [position][kv head][hd]).
+// Binding 1: k cache, 2: v cache ([position][kv head][hd] in f32, f16 or q8_0: kv.glsl).
 // Binding 3: q norm weights (hd), 4: k norm weights (hd), used when flags say so.
 // Binding 5: RoPE table (f32): (cos, sin) of pair i at position pos at 2 (pos * n_rot / 2 + i).
 // Binding 6: step values (u32): [0] tokens, [1] first position.
@@ -101,9 +101,26 @@ void main() {
             ss = reduce_sum(ss);
             vinv = inversesqrt(ss / float(p.hd) + p.eps);
         }
-        for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
-            k_put2(dst + i, vec2(buf[i], buf[i + 1u]));
-            v_put2(dst + i, vec2(qkv[vsrc + i], qkv[vsrc + i + 1u]) * vinv);
+        if (KV_TYPE == KV_Q8) {
+            // A block of 32 per invocation: the k blocks, then the v blocks.
+            uint nb = p.hd / 32u;
+            for (uint j = tid; j < 2u * nb; j += WG) {
+                bool is_v = j >= nb;
+                uint i0 = 32u * (is_v ? j - nb : j);
+                vec4 x[8];
+                [[unroll]] for (uint u = 0u; u < 8u; u++) {
+                    uint i = i0 + 4u * u;
+                    x[u] = is_v
+                        ? vec4(qkv[vsrc + i], qkv[vsrc + i + 1u], qkv[vsrc + i + 2u], qkv[vsrc + i + 3u]) * vinv
+                        : vec4(buf[i], buf[i + 1u], buf[i + 2u], buf[i + 3u]);
+                }
+                kv_put32(is_v, dst + i0, x);
+            }
+        } else {
+            for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
+                k_put2(dst + i, vec2(buf[i], buf[i + 1u]));
+                v_put2(dst + i, vec2(qkv[vsrc + i], qkv[vsrc + i + 1u]) * vinv);
+            }
         }
     }
 }

@@ -3,22 +3,22 @@
 //!
 //! A [`VkBatch`] owns the KV caches of `slots` sequences as one pool per attention layer
 //! (slot `s` holds bytes `s * stride .. (s + 1) * stride`, `stride` a multiple of
-//! [`Buffer::VIEW_ALIGN`]) and a batched runner whose steps (recorded once per bucket
-//! 1, 2, 4, 8, 16 columns and replayed) bind the whole pools. [`VkBatch::runner`] hands
-//! out sequences ([`VkRunner`]s) whose caches are views of a free slot's region: they
-//! prefill and decode alone with their own recordings as any runner does, and
-//! [`VkBatch::step`] decodes several of them together. The step values are the live
-//! column count, then per column its slot and position; a bucket's padding columns do
-//! nothing (the mat-vecs stop at the live count, the attention returns), so they
-//! never write a live slot's cache. The weights go through the batched int8 mat-vec
-//! (`quant_rows` + `mvqm`, [`Mvqn`](crate::ops::Mvqn)) where their type has one, else
-//! the tiled matmul or the batched f32 mat-vec (`CALDERA_VK_BATCH_MM`, see
-//! [`BatchMm`](crate::model::BatchMm)); attention through `attn_batch` (per column:
-//! q/k norm, RoPE, KV write and split attention over its own slot; it also quantizes
-//! the output for the o-projection; `attn_dec_batch` with `CALDERA_VK_ATTN_DEC=1`, whose
-//! o-projection then quantizes its own input). Models
-//! with recurrent mixers have no batched step yet
-//! ([`VkModel::batch_unsupported`]): [`VkBatch::new`] refuses them.
+//! [`Buffer::VIEW_ALIGN`] and of a q8_0 cache's 36-byte block:
+//! [`KvType::slot_stride`](crate::KvType::slot_stride)) and a batched runner whose steps
+//! (recorded once per bucket 1, 2, 4, 8, 16 columns and replayed) bind the whole pools.
+//! [`VkBatch::runner`] hands out sequences ([`VkRunner`]s) whose caches are views of a
+//! free slot's region: they prefill and decode alone with their own recordings as any
+//! runner does, and [`VkBatch::step`] decodes several of them together. The step values
+//! are the live column count, then per column its slot and position; a bucket's padding
+//! columns do nothing (the mat-vecs stop at the live count, the attention returns), so
+//! they never write a live slot's cache. The weights go through the batched int8 mat-vec
+//! (`quant_rows` + `mvqm`, [`Mvqn`](crate::ops::Mvqn)) where their type has one, else the
+//! tiled matmul or the batched f32 mat-vec (`CALDERA_VK_BATCH_MM`, see
+//! [`BatchMm`](crate::model::BatchMm)); attention through `attn_batch` (per column: q/k
+//! norm, RoPE, KV write and split attention over its own slot; it also quantizes the
+//! output for the o-projection; `attn_dec_batch` with `CALDERA_VK_ATTN_DEC=1`, whose
+//! o-projection then quantizes its own input). Models with recurrent mixers have no
+//! batched step yet ([`VkModel::batch_unsupported`]): [`VkBatch::new`] refuses them.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -76,7 +76,7 @@ impl VkBatch {
         }
         let ctx = m.context();
         let (slots, cap) = (slots.max(1), cap.max(1));
-        let f16 = ctx.tuning().kv_f16;
+        let kv_type = ctx.tuning().kv;
         let mut pool = Vec::new();
         let mut slot_elems = Vec::new();
         let mut views_of = Vec::new();
@@ -90,12 +90,7 @@ impl VkBatch {
             let values = (cap as u64)
                 .checked_mul(kvd as u64)
                 .ok_or_else(|| VkError::Invalid("KV cache size overflows".into()))?;
-            let bytes = if f16 {
-                values.div_ceil(2) * 4
-            } else {
-                values * 4
-            };
-            let stride = bytes.next_multiple_of(Buffer::VIEW_ALIGN);
+            let stride = kv_type.slot_stride(values);
             let total = stride
                 .checked_mul(slots as u64)
                 .filter(|&t| t <= ctx.max_buffer_bytes())
@@ -111,7 +106,7 @@ impl VkBatch {
                 })?;
             let k = ctx.create_buffer(total, MemoryKind::Device)?;
             let v = ctx.create_buffer(total, MemoryKind::Device)?;
-            let per = if f16 { stride / 2 } else { stride / 4 };
+            let per = kv_type.values_in(stride);
             slot_elems.push(u32::try_from(per).map_err(|_| {
                 VkError::Invalid(format!("layer {li}: a KV cache slot of {per} values"))
             })?);

@@ -10,6 +10,7 @@ use ash::vk;
 use crate::device::{instance, DeviceInfo, DeviceType, Instance};
 use crate::error::{Result, VkError, VkResultExt};
 use crate::kernels::{Kernel, Tuning, KERNELS};
+use crate::kv::KvType;
 
 /// Env var: `1` forces the shared-memory reduction kernels (the fallback of devices
 /// without subgroup arithmetic), so CI exercises both paths on one device.
@@ -72,8 +73,12 @@ pub struct ContextOptions {
     /// Largest buffer (and so largest bound range and allocation) in bytes; default and
     /// upper bound [`DeviceInfo::max_buffer_bytes`]. Tests set it low to exercise splits.
     pub max_buffer_bytes: Option<u64>,
-    /// Keep the KV cache in f32 instead of f16. `CALDERA_VK_KV_F32=1` sets it too.
+    /// Keep the KV cache in f32 instead of f16. `CALDERA_VK_KV_F32=1` sets it too;
+    /// `kv_type` wins over both.
     pub force_kv_f32: bool,
+    /// What the KV cache holds; default f16, or `CALDERA_VK_KV=f32|f16|q8_0` (or f32
+    /// with `force_kv_f32`). q8_0 needs head sizes that are multiples of 32.
+    pub kv_type: Option<KvType>,
     /// Decode mat-vecs on int8 activations run a subgroup per output (`mvq.glsl`'s
     /// `MV_SG`) where the device reduces with subgroups; else `CALDERA_VK_MV_SG=1`.
     pub mv_subgroup_rows: Option<bool>,
@@ -196,7 +201,7 @@ impl Context {
         let family = info
             .compute_queue_family
             .ok_or_else(|| unusable("it has no compute queue"))?;
-        let tuning = choose_tuning(&info, opts);
+        let tuning = choose_tuning(&info, opts, kv_type(opts)?);
         let max_buffer_bytes = opts
             .max_buffer_bytes
             .map_or(info.max_buffer_bytes(), |m| m.min(info.max_buffer_bytes()))
@@ -403,7 +408,26 @@ pub(crate) fn host_read_barrier(dev: &ash::Device, cmd: vk::CommandBuffer) {
     };
 }
 
-fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
+/// The KV cache's type: `opts.kv_type`, else f32 with `force_kv_f32` or
+/// `CALDERA_VK_KV_F32=1`, else `CALDERA_VK_KV`, else f16.
+fn kv_type(opts: &ContextOptions) -> Result<KvType> {
+    if let Some(t) = opts.kv_type {
+        return Ok(t);
+    }
+    if opts.force_kv_f32 || std::env::var("CALDERA_VK_KV_F32").is_ok_and(|v| v == "1") {
+        return Ok(KvType::F32);
+    }
+    match std::env::var("CALDERA_VK_KV") {
+        Ok(v) => KvType::parse(v.trim()).ok_or_else(|| {
+            VkError::Invalid(format!(
+                "CALDERA_VK_KV={v:?} is not a KV cache type (f32, f16, q8_0)"
+            ))
+        }),
+        Err(_) => Ok(KvType::default()),
+    }
+}
+
+fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning {
     let force_shared =
         opts.force_shared_reduce || std::env::var(ENV_NO_SUBGROUP).is_ok_and(|v| v == "1");
     let limit = info.max_compute_work_group_size[0]
@@ -498,7 +522,7 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions) -> Tuning {
         tiled_mm: Kernel::MmtF32.fits(info)
             && !opts.force_no_tiled_mm
             && !env_on("CALDERA_VK_NO_MMT"),
-        kv_f16: !opts.force_kv_f32 && !env_on("CALDERA_VK_KV_F32"),
+        kv,
         mv_subgroup_rows: sg_ok && mv_sg,
         sg_workgroup_size,
         sg_rows,
@@ -672,11 +696,11 @@ fn create_pipeline(
         } else {
             (tuning.workgroup_size, tuning.rows_per_group)
         };
-        // Constant 0: workgroup size; 1: rows per workgroup (mat-vecs only); 2: the KV
-        // cache holds f16 (a VkBool32; kernels without a KV cache ignore it); 3: the
+        // Constant 0: workgroup size; 1: rows per workgroup (mat-vecs only); 2: what the
+        // KV cache holds (`KvType::spec`; kernels without a KV cache ignore it); 3: the
         // int8 mat-vecs' subgroup-per-output layout (not the expert ones').
         let sg = desc.q8 && tuning.mvq_subgroup(desc.glu);
-        let spec_data = [wg, rows, u32::from(tuning.kv_f16), u32::from(sg)];
+        let spec_data = [wg, rows, tuning.kv.spec(), u32::from(sg)];
         let ids: &[u32] = if desc.rows_per_group {
             &[0, 1, 2, 3]
         } else {

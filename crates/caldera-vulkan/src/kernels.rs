@@ -1216,10 +1216,9 @@ pub struct Tuning {
     /// Prefill attention runs `attn_flash` (else `attention`): the device fits it and
     /// `CALDERA_VK_NO_FLASH=1` does not switch it off.
     pub flash_attn: bool,
-    /// The KV cache holds f16 (two values per 32-bit word) rather than f32
-    /// (`CALDERA_VK_KV_F32=1`, [`crate::ContextOptions::force_kv_f32`]); specialization
-    /// constant 2 of the kernels that touch it.
-    pub kv_f16: bool,
+    /// What the KV cache holds (f16 by default; [`crate::ContextOptions::kv_type`]);
+    /// specialization constant 2 of the kernels that touch it.
+    pub kv: crate::KvType,
     /// The int8-activation decode mat-vecs (`mvq.glsl`) give each output a subgroup
     /// (specialization constant 3) rather than the workgroup ROWS outputs at once.
     pub mv_subgroup_rows: bool,

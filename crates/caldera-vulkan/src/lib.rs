@@ -3,6 +3,7 @@
 //! - [`device`]: the run-time-loaded Vulkan loader, [`list_devices`] and [`DeviceInfo`];
 //! - [`Context`]: one open device with a compute queue, its command and descriptor pools
 //!   and every pipeline of the [`kernels`] table, created once at open;
+//! - [`kv`]: the KV cache's element type ([`KvType`]: f32, f16, q8_0) and sizes;
 //! - [`memory`]: buffers no larger than the device's allocation and binding limits, and
 //!   [`DeviceTensor`]s split over several buffers between rows;
 //! - [`record`]: kernels bound once to buffers ([`Binding`]) and reusable command
@@ -30,6 +31,7 @@ pub mod device;
 pub mod error;
 pub mod extras;
 pub mod kernels;
+pub mod kv;
 pub mod memory;
 pub mod model;
 pub mod moe;
@@ -43,6 +45,7 @@ pub use context::{Context, ContextOptions, UploadProgress, ENV_NO_SUBGROUP};
 pub use device::{list_devices, DeviceInfo, DeviceType, MemoryHeap, ENV_VALIDATION};
 pub use error::{Result, VkError};
 pub use kernels::{Kernel, KernelDesc, Tuning, KERNELS};
+pub use kv::KvType;
 pub use memory::{Buffer, DeviceTensor, MemoryKind, TensorPiece};
 pub use model::{BatchMm, StepStats, VkModel, VkRunner};
 pub use record::{Binding, Recorder, Recording};

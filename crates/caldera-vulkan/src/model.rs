@@ -441,6 +441,9 @@ fn upload_attention(
             a.n_heads, a.n_kv_heads, a.head_dim
         )));
     }
+    if let Some(why) = ctx.tuning().kv.unsupported_head(a.head_dim) {
+        return Err(unsupported(format!("layer {li}: {why}")));
+    }
     if let Some(r) = &a.rope {
         if r.n_dims % 2 != 0 || r.n_dims > a.head_dim {
             return Err(VkError::Invalid(format!(
@@ -825,6 +828,22 @@ impl VkModel {
             }
         }
         None
+    }
+
+    /// Bytes of K and V cache that a runner of `tokens` positions holds (in the
+    /// context's [`crate::KvType`]; layers reading another layer's cache hold none).
+    pub fn kv_cache_bytes(&self, tokens: usize) -> u64 {
+        let kv = self.ctx.tuning().kv;
+        self.layers
+            .iter()
+            .map(|l| match &l.mixer {
+                Some(VkMixer::Attention(a)) if a.kv_from.is_none() => {
+                    let kvd = a.attn.n_kv_heads * a.attn.head_dim;
+                    2 * kv.bytes(tokens as u64 * kvd as u64)
+                }
+                _ => 0,
+            })
+            .sum()
     }
 
     /// Per layer, the K (= V) values per position of its cache (`None` without one).
@@ -1239,12 +1258,7 @@ impl VkRunner {
                 let n = cap
                     .checked_mul(kvd)
                     .ok_or_else(|| VkError::Invalid("KV cache size overflows".into()))?;
-                // f16: two values per 4-byte word.
-                let words = if ctx.tuning().kv_f16 {
-                    n.div_ceil(2)
-                } else {
-                    n
-                };
+                let words = (ctx.tuning().kv.bytes(n as u64) / 4) as usize;
                 let caches = match &src {
                     KvSource::Own => (
                         dev(words, "a layer's K cache")?,
@@ -3027,9 +3041,10 @@ impl caldera_model::Runner for VkRunner {
             String::new()
         };
         format!(
-            "vulkan, {} ({}){per_token}",
+            "vulkan, {} ({}), {} KV cache{per_token}",
             info.name,
-            info.device_type.name()
+            info.device_type.name(),
+            self.m.ctx.tuning().kv
         )
     }
 }

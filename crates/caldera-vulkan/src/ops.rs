@@ -1000,8 +1000,8 @@ pub struct AttnShape {
     pub softcap: Option<f32>,
 }
 
-/// Causal attention for every token of a prefill step over the f32 KV cache (which
-/// already holds the step's k / v, `rope_kv`): `attn_flash` (query tiles against key
+/// Causal attention for every token of a prefill step over the KV cache (in the
+/// context's [`crate::KvType`]; it already holds the step's k / v, `rope_kv`): `attn_flash` (query tiles against key
 /// tiles in shared memory, online softmax) where [`Tuning::flash_attn`] holds, else
 /// `attention` (one workgroup per token, the cache read once per token). One dispatch.
 ///
@@ -1017,7 +1017,7 @@ pub struct AttnIo<'a> {
     /// Rows of q | k | v per token (q read), `ld_qkv` floats apart.
     pub qkv: &'a Buffer,
     pub ld_qkv: u64,
-    /// Caches `[position][kv head][head_dim]` (f32).
+    /// Caches `[position][kv head][head_dim]` (`kv.glsl`'s layouts).
     pub k_cache: &'a Buffer,
     pub v_cache: &'a Buffer,
     /// Output rows of `n_heads * head_dim` per token.
@@ -1058,6 +1058,9 @@ impl PrefillAttention {
                 "prefill attention over {nh} heads ({nkv} kv heads) of {hd}, rows of {}",
                 io.ld_qkv
             )));
+        }
+        if let Some(why) = ctx.tuning().kv.unsupported_head(hd) {
+            return Err(VkError::Invalid(why));
         }
         let t = io.max_tokens.max(1);
         let need_out = t * (nh * hd) as u64 * 4;

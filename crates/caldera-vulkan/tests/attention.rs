@@ -4,15 +4,18 @@
 //! for `attn_dec`, blocks of one and of many tiles), windows, softcap, both RoPE styles,
 //! partial RoPE, Qwen3.5's sigmoid output gate, Gemma 4's v norm, KV-shared layers (q
 //! only; the token's k / v already cached) and heads of 32 to 512, gpt-oss's attention
-//! sinks, f16 and f32 caches, workgroups of 32, 64 and 128 and both reduction variants.
-//! Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
+//! sinks, f16, f32 and q8_0 caches (q8_0 on heads of multiples of 32; the CPU twin reads
+//! the cache's own rounding of the uploaded values, the token's k / v in f32, and the
+//! token's row must land in the cache within the type's rounding), workgroups of 32, 64
+//! and 128 and both reduction variants. Skips without a Vulkan device unless
+//! `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
 
 use caldera_vulkan::kernels::{attn_dec_shape, attn_split};
 use caldera_vulkan::testing::test_context;
-use caldera_vulkan::{Context, ContextOptions, Kernel, MemoryKind};
-use common::{kv_round, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words};
+use caldera_vulkan::{Context, ContextOptions, Kernel, KvType, MemoryKind};
+use common::{kv_row_mismatch, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words};
 use rand::rngs::StdRng;
 
 struct Case {
@@ -69,7 +72,8 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let qkv = random_vec(rng, ld, 1.0);
     let mut kc = random_vec(rng, c.cap * kvd, 1.0);
     let mut vc = random_vec(rng, c.cap * kvd, 1.0);
-    // The cache in the context's format (f16 rounds the values the CPU twin reads too).
+    // The cache in the context's format (f16 / q8_0 round the values the CPU twin reads
+    // too).
     let (kc_b, vc_b) = (upload_kv(ctx, &mut kc), upload_kv(ctx, &mut vc));
     let qn = random_vec(rng, hd, 1.5);
     let kn = random_vec(rng, hd, 1.5);
@@ -259,7 +263,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let what = format!(
         "{nh}/{nkv} heads of {hd}, pos {}, window {}, softcap {}, norm {}, interleaved {}, \
          gate {}, v norm {}, no kv {}, sinks {}, {launch:?} (hpw {hpw}, split {split}, \
-         blocks {max_splits}; subgroup {}, kv f16 {}, workgroup {})",
+         blocks {max_splits}; subgroup {}, kv {}, workgroup {})",
         c.pos,
         c.window,
         c.softcap,
@@ -270,7 +274,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         c.no_kv,
         c.sinks,
         ctx.tuning().subgroup_reduce,
-        ctx.tuning().kv_f16,
+        ctx.tuning().kv,
         ctx.tuning().workgroup_size
     );
     for i in 0..nh * hd {
@@ -281,23 +285,19 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
             want[i]
         );
     }
-    // The token's k and v landed in the caches at pos.
+    // The token's k and v landed in the caches at pos (rounded to the cache's type).
     let kc_got = read_kv(ctx, &kc_b, c.cap * kvd);
     let vc_got = read_kv(ctx, &vc_b, c.cap * kvd);
     for (g, (k, v)) in kv_new.iter().enumerate() {
-        for i in 0..hd {
-            let at = c.pos * kvd + g * hd + i;
-            // f16: the stored value is the rounding of ours or a neighbour (ours differs
-            // from the device's f32 by ~1e-6 before rounding).
-            let tol = if ctx.tuning().kv_f16 { 1e-3 } else { 1e-5 };
-            assert!(
-                (kc_got[at] as f64 - kv_round(ctx, k[i])).abs() <= tol * k[i].abs().max(1.0),
-                "{what}: k cache [{g}][{i}]"
-            );
-            assert!(
-                (vc_got[at] as f64 - kv_round(ctx, v[i])).abs() <= tol * v[i].abs().max(1.0),
-                "{what}: v cache [{g}][{i}]"
-            );
+        let at = c.pos * kvd + g * hd;
+        for (name, got, want) in [("k", &kc_got, k), ("v", &vc_got, v)] {
+            let row = &got[at..at + hd];
+            if let Some(i) = kv_row_mismatch(ctx, row, want) {
+                panic!(
+                    "{what}: {name} cache [{g}][{i}] = {}, want {}",
+                    row[i], want[i]
+                );
+            }
         }
     }
     if c.q8 {
@@ -318,11 +318,15 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
 fn attn_decode_matches_cpu() {
     let mut rng = rng("attn_decode");
     let mut ctxs = Vec::new();
-    // Subgroup / shared-memory reductions, f16 / f32 KV cache.
-    for (shared, kv32) in [(false, false), (true, true)] {
+    // Subgroup / shared-memory reductions, f16 / f32 / q8_0 KV cache.
+    for (shared, kv) in [
+        (false, KvType::F16),
+        (true, KvType::F32),
+        (false, KvType::Q8_0),
+    ] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
-            force_kv_f32: kv32,
+            kv_type: Some(kv),
             ..Default::default()
         };
         match test_context("attn_decode", &opts) {
@@ -340,6 +344,9 @@ fn attn_decode_matches_cpu() {
             (4, 2, 256, 128),
             (10, 2, 512, 128),
         ] {
+            if ctx.tuning().kv.unsupported_head(hd).is_some() {
+                continue; // q8_0: heads of multiples of 32 only
+            }
             for (pos, cap, window) in [(0, 40, 0), (37, 40, 0), (150, 161, 0), (150, 161, 45)] {
                 // (interleaved, qk_norm, softcap, q8, gate, v_norm, no_kv, sinks)
                 for (interleaved, qk_norm, softcap, q8, gate, v_norm, no_kv, sinks) in [
@@ -404,16 +411,17 @@ const NEW_DEFAULT: Launch = Launch::New {
 fn attn_dec_matches_cpu() {
     let mut rng = rng("attn_dec");
     let mut ctxs = Vec::new();
-    // (shared reduction, f32 cache, workgroup)
-    for (shared, kv32, wg) in [
-        (false, false, None),
-        (true, true, None),
-        (false, true, Some(128)),
-        (true, false, Some(32)),
+    // (shared reduction, cache, workgroup)
+    for (shared, kv, wg) in [
+        (false, KvType::F16, None),
+        (true, KvType::F32, None),
+        (false, KvType::F32, Some(128)),
+        (true, KvType::F16, Some(32)),
+        (false, KvType::Q8_0, None),
     ] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
-            force_kv_f32: kv32,
+            kv_type: Some(kv),
             workgroup_size: wg,
             ..Default::default()
         };
@@ -437,6 +445,9 @@ fn attn_dec_matches_cpu() {
             (8, 2, 512, 512),
             (8, 2, 32, 32),
         ] {
+            if ctx.tuning().kv.unsupported_head(hd).is_some() {
+                continue; // q8_0: heads of multiples of 32 only
+            }
             if attn_dec_shape(n_heads / n_kv, hd, wg, 64, 8, 0, 0).is_none() {
                 // No layout at this workgroup (hd 512 at 32): the host runs attn_decode.
                 assert!(wg < 64, "attn_dec: no layout for hd {hd} at workgroup {wg}");

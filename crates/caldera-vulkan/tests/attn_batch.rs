@@ -4,19 +4,19 @@
 //! twin on fresh random inputs: 1, 3, 8 and 16 columns over pools of odd slot counts,
 //! each column at its own position in its own slot, dispatched over the column count's
 //! bucket (the padding columns must do nothing); several head layouts, positions that
-//! need one and many splits, windows, softcap, both RoPE styles, the output gate, both
-//! KV formats and both reduction variants; the int8 output for the o-projection (8 and
-//! 16 columns: each column's blocks of 32 as `quant_rows` makes them from the f32
-//! output). The whole pool is read back: only each column's (slot, position) row may
-//! change. Skips without a Vulkan device unless
-//! `CALDERA_REQUIRE_VULKAN=1`.
+//! need one and many splits, windows, softcap, both RoPE styles, the output gate, the
+//! f16, f32 and q8_0 KV formats and both reduction variants; the int8 output for the
+//! o-projection (8 and 16 columns: each column's blocks of 32 as `quant_rows` makes
+//! them from the f32 output). The whole pool is read back: only each column's (slot,
+//! position) row may change, to the token's k / v in the cache's rounding. Skips
+//! without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
 
 use caldera_vulkan::kernels::{attn_dec_shape, attn_split};
 use caldera_vulkan::testing::test_context;
-use caldera_vulkan::{Buffer, Context, ContextOptions, Kernel, MemoryKind};
-use common::{kv_round, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words};
+use caldera_vulkan::{Context, ContextOptions, Kernel, KvType, MemoryKind};
+use common::{kv_row_mismatch, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -128,15 +128,11 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let kvd = nkv * hd;
     let gates = if c.gate { nh } else { 0 };
     let ld = (nh + 2 * nkv + gates) * hd;
-    let f16 = ctx.tuning().kv_f16;
-    // The pool's layout (as VkBatch makes it): slots of whole 256-byte multiples.
-    let bytes = if f16 {
-        (c.cap * kvd).div_ceil(2) * 4
-    } else {
-        c.cap * kvd * 4
-    };
-    let stride = bytes.next_multiple_of(Buffer::VIEW_ALIGN as usize);
-    let slot_elems = if f16 { stride / 2 } else { stride / 4 };
+    let kv = ctx.tuning().kv;
+    // The pool's layout (as VkBatch makes it): slots of whole 256-byte multiples (and
+    // whole q8_0 blocks).
+    let stride = kv.slot_stride((c.cap * kvd) as u64);
+    let slot_elems = kv.values_in(stride) as usize;
     let bucket = c.cols.next_power_of_two();
     // Rows for the whole bucket: the padding rows hold random values too.
     let qkv = random_vec(rng, bucket * ld, 1.0);
@@ -264,7 +260,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let vc_got = read_kv(ctx, &vc_b, c.slots * slot_elems);
     let what = format!(
         "{} of {} slots, {nh}/{nkv} heads of {hd}, cap {}, window {}, softcap {}, norm {}, \
-         interleaved {}, gate {}, {launch:?} (subgroup {}, kv f16 {f16})",
+         interleaved {}, gate {}, {launch:?} (subgroup {}, kv {kv})",
         c.cols,
         c.slots,
         c.cap,
@@ -275,8 +271,8 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         c.gate,
         ctx.tuning().subgroup_reduce,
     );
-    let mut k_want = kc.clone();
-    let mut v_want = vc.clone();
+    // Whether each pool value is in a column's written row.
+    let mut written = vec![false; c.slots * slot_elems];
     for (ci, &(slot, pos)) in cols.iter().enumerate() {
         let base = slot * slot_elems;
         let (kcs, vcs) = (&kc[base..base + c.cap * kvd], &vc[base..base + c.cap * kvd]);
@@ -316,20 +312,27 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
                 );
             }
         }
+        // The column's rows as written (rounded to the cache's type).
         for (g, (k, v)) in kv_new.iter().enumerate() {
-            for i in 0..hd {
-                let at = base + pos * kvd + g * hd + i;
-                k_want[at] = kv_round(ctx, k[i]) as f32;
-                v_want[at] = kv_round(ctx, v[i]) as f32;
+            let at = base + pos * kvd + g * hd;
+            for (name, pool, want) in [("k", &kc_got, k), ("v", &vc_got, v)] {
+                let row = &pool[at..at + hd];
+                if let Some(i) = kv_row_mismatch(ctx, row, want) {
+                    panic!(
+                        "{what}: column {ci} (slot {slot}, pos {pos}): {name} [{g}][{i}] = {}, \
+                         want {}",
+                        row[i], want[i]
+                    );
+                }
             }
+            written[at..at + hd].fill(true);
         }
     }
-    // Every cache value: the columns' rows as written, everything else untouched.
-    let tol = if f16 { 1e-3 } else { 1e-5 };
-    for i in 0..c.slots * slot_elems {
-        for (name, gv, wv) in [("k", kc_got[i], k_want[i]), ("v", vc_got[i], v_want[i])] {
+    // Every other cache value untouched (as uploaded: the same rounding read back).
+    for i in (0..c.slots * slot_elems).filter(|&i| !written[i]) {
+        for (name, gv, wv) in [("k", kc_got[i], kc[i]), ("v", vc_got[i], vc[i])] {
             assert!(
-                (gv - wv).abs() <= tol * wv.abs().max(1.0),
+                gv == wv,
                 "{what}: {name} pool [{i}] (slot {}, value {}) = {gv}, want {wv}",
                 i / slot_elems,
                 i % slot_elems
@@ -342,11 +345,15 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
 fn attn_batch_matches_cpu() {
     let mut rng = rng("attn_batch");
     let mut ctxs = Vec::new();
-    // Subgroup / shared-memory reductions, f16 / f32 KV cache.
-    for (shared, kv32) in [(false, false), (true, true)] {
+    // Subgroup / shared-memory reductions, f16 / f32 / q8_0 KV cache.
+    for (shared, kv) in [
+        (false, KvType::F16),
+        (true, KvType::F32),
+        (false, KvType::Q8_0),
+    ] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
-            force_kv_f32: kv32,
+            kv_type: Some(kv),
             ..Default::default()
         };
         match test_context("attn_batch", &opts) {

@@ -1,30 +1,38 @@
 //! The prefill-side kernels against CPU twins on fresh random inputs: `rope_kv` (q/k norm,
 //! RoPE, KV write for every token of a step) followed by the prefill attention (causal,
 //! windowed, soft-capped, grouped heads over the cache, Gemma 4's v norm and heads of
-//! 512, gpt-oss's sinks; both `attn_flash` and `attention`), and `add_norm` (Gemma's post-norms), with both reduction variants. Skips without a Vulkan device unless
-//! `CALDERA_REQUIRE_VULKAN=1`.
+//! 512, gpt-oss's sinks; both `attn_flash` and `attention`; f16, f32 and q8_0 caches:
+//! the written rows within the type's rounding of the exact k / v, the attention against
+//! the CPU over the cache read back and over the CPU's own rounding), and `add_norm`
+//! (Gemma's post-norms), with both reduction variants. Skips without a Vulkan device
+//! unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
 
 use caldera_vulkan::ops::{AttnIo, AttnShape, PrefillAttention};
 use caldera_vulkan::testing::test_context;
-use caldera_vulkan::{Buffer, Context, ContextOptions, Kernel};
-use common::{kv_round, random_vec, rms, rng, rope, rope_table, upload_kv, words};
+use caldera_vulkan::{Buffer, Context, ContextOptions, Kernel, KvType};
+use common::{
+    kv_round_row, kv_row_mismatch, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv,
+    words,
+};
 use rand::rngs::StdRng;
 
 fn contexts() -> Vec<Context> {
     let mut v = Vec::new();
-    // Reductions x prefill attention kernels, f16 and f32 KV caches among them.
-    for (shared, no_flash, kv32) in [
-        (false, false, false),
-        (true, false, true),
-        (false, true, true),
-        (true, true, false),
+    // Reductions x prefill attention kernels x f16, f32 and q8_0 KV caches.
+    for (shared, no_flash, kv) in [
+        (false, false, KvType::F16),
+        (true, false, KvType::F32),
+        (false, true, KvType::F32),
+        (true, true, KvType::F16),
+        (false, false, KvType::Q8_0),
+        (true, true, KvType::Q8_0),
     ] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
             force_no_flash_attn: no_flash,
-            force_kv_f32: kv32,
+            kv_type: Some(kv),
             ..Default::default()
         };
         if let Some(c) = test_context("prefill kernels", &opts) {
@@ -59,7 +67,7 @@ fn rope_attention_case(
     let qkv = random_vec(rng, m * ld, 1.0);
     let mut kc = random_vec(rng, cap * kvd, 1.0);
     let mut vc = random_vec(rng, cap * kvd, 1.0);
-    // The cache in the context's format (f16 rounds what the CPU twin reads too).
+    // The cache in the context's format (f16 / q8_0 round what the CPU twin reads too).
     let (kc_b, vc_b) = (upload_kv(ctx, &mut kc), upload_kv(ctx, &mut vc));
     let (qn, kn) = (random_vec(rng, hd, 1.5), random_vec(rng, hd, 1.5));
     let table = rope_table(cap, n_rot);
@@ -67,6 +75,8 @@ fn rope_attention_case(
     // CPU twin: the cache after the step, then attention for every token.
     let mut kcw: Vec<f64> = kc.iter().map(|&v| v as f64).collect();
     let mut vcw: Vec<f64> = vc.iter().map(|&v| v as f64).collect();
+    // The step's exact k / v rows, [token][kv head].
+    let mut kv_rows = Vec::new();
     let mut qs = Vec::new();
     for t in 0..m {
         let row = &qkv[t * ld..(t + 1) * ld];
@@ -80,10 +90,10 @@ fn rope_attention_case(
             if v_norm {
                 rms(&mut v, &vec![1.0; hd], eps as f64);
             }
-            for i in 0..hd {
-                kcw[(p0 + t) * kvd + g * hd + i] = kv_round(ctx, k[i]);
-                vcw[(p0 + t) * kvd + g * hd + i] = kv_round(ctx, v[i]);
-            }
+            let at = (p0 + t) * kvd + g * hd;
+            kcw[at..at + hd].copy_from_slice(&kv_round_row(ctx, &k));
+            vcw[at..at + hd].copy_from_slice(&kv_round_row(ctx, &v));
+            kv_rows.push((k, v));
         }
         for h in 0..nh {
             let mut q: Vec<f64> = (0..hd).map(|i| row[h * hd + i] as f64).collect();
@@ -93,43 +103,48 @@ fn rope_attention_case(
         }
     }
     let gsize = nh / nkv;
-    let mut want = vec![0f64; m * nh * hd];
-    for t in 0..m {
-        let pos = p0 + t;
-        let lo = if window > 0 && pos + 1 > window {
-            pos + 1 - window
-        } else {
-            0
-        };
-        for h in 0..nh {
-            let g = h / gsize;
-            let q = &qs[t * nh + h];
-            let s: Vec<f64> = (lo..=pos)
-                .map(|p| {
-                    let x = (0..hd)
-                        .map(|i| q[i] * kcw[p * kvd + g * hd + i])
-                        .sum::<f64>()
-                        * scale as f64;
-                    if softcap > 0.0 {
-                        softcap as f64 * (x / softcap as f64).tanh()
-                    } else {
-                        x
+    // Attention for every token over caches kcw / vcw.
+    let attend = |kcw: &[f64], vcw: &[f64]| -> Vec<f64> {
+        let mut want = vec![0f64; m * nh * hd];
+        for t in 0..m {
+            let pos = p0 + t;
+            let lo = if window > 0 && pos + 1 > window {
+                pos + 1 - window
+            } else {
+                0
+            };
+            for h in 0..nh {
+                let g = h / gsize;
+                let q = &qs[t * nh + h];
+                let s: Vec<f64> = (lo..=pos)
+                    .map(|p| {
+                        let x = (0..hd)
+                            .map(|i| q[i] * kcw[p * kvd + g * hd + i])
+                            .sum::<f64>()
+                            * scale as f64;
+                        if softcap > 0.0 {
+                            softcap as f64 * (x / softcap as f64).tanh()
+                        } else {
+                            x
+                        }
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                let mut l: f64 = e.iter().sum();
+                if with_sinks {
+                    l += (sinks[h] as f64 - mx).exp();
+                }
+                for (j, p) in (lo..=pos).enumerate() {
+                    for i in 0..hd {
+                        want[(t * nh + h) * hd + i] += e[j] / l * vcw[p * kvd + g * hd + i];
                     }
-                })
-                .collect();
-            let mx = s.iter().cloned().fold(f64::MIN, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
-            let mut l: f64 = e.iter().sum();
-            if with_sinks {
-                l += (sinks[h] as f64 - mx).exp();
-            }
-            for (j, p) in (lo..=pos).enumerate() {
-                for i in 0..hd {
-                    want[(t * nh + h) * hd + i] += e[j] / l * vcw[p * kvd + g * hd + i];
                 }
             }
         }
-    }
+        want
+    };
+    let want = attend(&kcw, &vcw);
     // Device: rope_kv, barrier, attention.
     let up = |v: &[f32]| ctx.upload_f32(v).unwrap();
     let (qkv_b, qn_b, kn_b, rope_b) = (up(&qkv), up(&qn), up(&kn), up(&table));
@@ -183,18 +198,51 @@ fn rope_attention_case(
         .unwrap();
     ctx.submit(&rec).unwrap();
     let got = ctx.read_f32(&out, m * nh * hd).unwrap();
-    // f16 cache: our k and the device's may round to neighbouring halves.
-    let tol = if ctx.tuning().kv_f16 { 2e-3 } else { 1e-4 };
+    let what = format!(
+        "{nh}/{nkv} heads of {hd}, {m} tokens at {p0}, window {window}, softcap {softcap}, \
+         interleaved {interleaved}, v norm {v_norm}, sinks {with_sinks} (subgroup {}, flash {}, \
+         kv {})",
+        ctx.tuning().subgroup_reduce,
+        ctx.tuning().flash_attn,
+        ctx.tuning().kv,
+    );
+    // rope_kv's rows in the caches: the step's k / v in the cache's rounding.
+    let kc_got = read_kv(ctx, &kc_b, cap * kvd);
+    let vc_got = read_kv(ctx, &vc_b, cap * kvd);
+    for (r, (k, v)) in kv_rows.iter().enumerate() {
+        let (t, g) = (r / nkv, r % nkv);
+        let at = (p0 + t) * kvd + g * hd;
+        for (name, cache, want) in [("k", &kc_got, k), ("v", &vc_got, v)] {
+            let row = &cache[at..at + hd];
+            if let Some(i) = kv_row_mismatch(ctx, row, want) {
+                panic!(
+                    "{what}: {name} cache of token {t} [{g}][{i}] = {}, want {}",
+                    row[i], want[i]
+                );
+            }
+        }
+    }
+    // The attention over what the cache holds, to float rounding; and over our own
+    // rounding of the step's k / v: f16 or q8_0 caches may round a value to a
+    // neighbouring step where the device's f32 k differs from ours near a tie (q8_0:
+    // one step is amax / 127 of a block, so the bound is looser).
+    let as_f64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let want_dev = attend(&as_f64(&kc_got), &as_f64(&vc_got));
+    let tol = match ctx.tuning().kv {
+        KvType::F32 => 1e-4,
+        KvType::F16 => 2e-3,
+        KvType::Q8_0 => 2e-2,
+    };
     for i in 0..got.len() {
+        let g = got[i] as f64;
         assert!(
-            (got[i] as f64 - want[i]).abs() <= tol,
-            "{nh}/{nkv} heads of {hd}, {m} tokens at {p0}, window {window}, softcap {softcap}, \
-             interleaved {interleaved}, v norm {v_norm}, sinks {with_sinks} (subgroup {}, flash {}, kv f16 {}): out[{i}] = {}, \
-             want {}",
-            ctx.tuning().subgroup_reduce,
-            ctx.tuning().flash_attn,
-            ctx.tuning().kv_f16,
-            got[i],
+            (g - want_dev[i]).abs() <= 1e-4,
+            "{what}: out[{i}] = {g}, want {} (over the device's cache)",
+            want_dev[i]
+        );
+        assert!(
+            (g - want[i]).abs() <= tol,
+            "{what}: out[{i}] = {g}, want {}",
             want[i]
         );
     }
@@ -212,6 +260,9 @@ fn rope_kv_and_attention_match_cpu() {
             (2, 1, 256),
             (6, 2, 512),
         ] {
+            if ctx.tuning().kv.unsupported_head(heads.2).is_some() {
+                continue; // q8_0: heads of multiples of 32 only
+            }
             // (tokens, first position, window, softcap, interleaved, (v norm, sinks))
             for (m, p0, window, softcap, il, extra) in [
                 (1, 0, 0, 0.0, false, (false, false)),

@@ -28,12 +28,58 @@ pub struct BackendArgs {
     /// Vulkan device index (see `caldera devices`).
     #[arg(long)]
     pub device: Option<usize>,
+    /// What the KV cache holds on Vulkan: f16 (the default), q8_0 (blocks of 32 int8
+    /// values and an f32 scale: 36 bytes per 32 values, 56% of f16; heads must be
+    /// multiples of 32) or f32. The CPU backend's cache is f32 only.
+    #[arg(long, value_enum)]
+    pub kv_type: Option<KvTypeArg>,
+}
+
+/// `--kv-type`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum KvTypeArg {
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    F32,
+}
+
+impl From<KvTypeArg> for caldera_vulkan::KvType {
+    fn from(t: KvTypeArg) -> Self {
+        match t {
+            KvTypeArg::F16 => caldera_vulkan::KvType::F16,
+            KvTypeArg::Q8_0 => caldera_vulkan::KvType::Q8_0,
+            KvTypeArg::F32 => caldera_vulkan::KvType::F32,
+        }
+    }
+}
+
+/// The CPU backend keeps f32 rows: `--kv-type` other than f32 is refused there
+/// (`fallback`: why `auto` did not take Vulkan).
+fn cpu_kv_check(args: &BackendArgs, fallback: Option<&anyhow::Error>) -> Result<()> {
+    match args.kv_type {
+        None | Some(KvTypeArg::F32) => Ok(()),
+        Some(t) => {
+            let t = caldera_vulkan::KvType::from(t);
+            match fallback {
+                Some(e) => anyhow::bail!(
+                    "--kv-type {t} needs the Vulkan backend, which is not available ({e:#}); \
+                     the CPU backend keeps its KV cache in f32"
+                ),
+                None => anyhow::bail!(
+                    "--kv-type {t} applies to the Vulkan backend; the CPU backend keeps its \
+                     KV cache in f32 (--kv-type f32, or leave it out)"
+                ),
+            }
+        }
+    }
 }
 
 /// Opens a runner of `ctx` tokens for `model` on the chosen backend.
 pub fn open_runner(args: &BackendArgs, model: Arc<Model>, ctx: usize) -> Result<Box<dyn Runner>> {
     match args.backend {
         Backend::Cpu => {
+            cpu_kv_check(args, None)?;
             let threads = args.threads.unwrap_or_else(crate::default_threads);
             let be = Arc::new(CpuBackend::new(model, threads));
             Ok(Box::new(CpuRunner::new(be, ctx)?))
@@ -45,6 +91,7 @@ pub fn open_runner(args: &BackendArgs, model: Arc<Model>, ctx: usize) -> Result<
                 if args.device.is_some() {
                     return Err(e);
                 }
+                cpu_kv_check(args, Some(&e))?;
                 eprintln!("caldera: using the CPU backend ({e:#})");
                 let cpu = BackendArgs {
                     backend: Backend::Cpu,
@@ -61,11 +108,14 @@ pub type RunnerMaker = Box<dyn FnMut() -> Result<Box<dyn Runner>> + Send>;
 
 /// What runs several sequences (`serve`'s slots, `bench --batch`): a maker of their
 /// runners, what the backend is ("cpu, 8 threads"), the KV pool they share (CPU; `None`
-/// where each runner has its own cache) and the stepper of a step over them.
+/// where each runner has its own cache), the KV cache bytes one token of a runner's
+/// context takes (CPU: f32 rows; Vulkan: its `--kv-type`) and the stepper of a step
+/// over them.
 pub struct SlotRunners {
     pub make: RunnerMaker,
     pub desc: String,
     pub pool: Option<Arc<KvPool>>,
+    pub kv_token_bytes: u64,
     pub stepper: Box<dyn BatchStepper>,
 }
 
@@ -84,6 +134,7 @@ pub fn slot_runners(
     kv: &KvConfig,
 ) -> Result<SlotRunners> {
     let cpu = |threads: Option<usize>| -> Result<SlotRunners> {
+        cpu_kv_check(args, None)?;
         let threads = threads.unwrap_or_else(crate::default_threads);
         let be = Arc::new(CpuBackend::with_kv(model.clone(), threads, kv));
         // The whole pool now: a plan that does not fit fails at start-up.
@@ -96,11 +147,13 @@ pub fn slot_runners(
             }),
             desc,
             pool,
+            kv_token_bytes: sequence_state_bytes(&model, 1) - sequence_state_bytes(&model, 0),
             stepper: Box::new(SerialStepper),
         })
     };
     let vulkan = |gpu_only: bool| -> Result<SlotRunners> {
         let vk = vulkan_model(args, model.clone(), gpu_only)?;
+        let kv_token_bytes = vk.kv_cache_bytes(1);
         let no_batch = std::env::var("CALDERA_VK_NO_BATCH").is_ok_and(|v| v == "1");
         let batch = if no_batch {
             None
@@ -129,6 +182,7 @@ pub fn slot_runners(
                 }),
                 desc,
                 pool: None,
+                kv_token_bytes,
                 stepper: Box::new(SerialStepper),
             });
         };
@@ -146,6 +200,7 @@ pub fn slot_runners(
             }),
             desc,
             pool: None,
+            kv_token_bytes,
             stepper: Box::new(caldera_vulkan::VkBatchStepper::new(batch)),
         })
     };
@@ -158,6 +213,7 @@ pub fn slot_runners(
                 if args.device.is_some() {
                     return Err(e);
                 }
+                cpu_kv_check(args, Some(&e))?;
                 eprintln!("caldera: using the CPU backend ({e:#})");
                 cpu(args.threads)
             }
@@ -165,10 +221,11 @@ pub fn slot_runners(
     }
 }
 
-/// Bytes one sequence of `ctx` tokens keeps besides the weights: f32 K and V rows of
-/// every attention layer that has its own cache (`sequence_state_bytes(m, 1) -
-/// sequence_state_bytes(m, 0)` per token), and the recurrent layers' states (what the
-/// CPU backend allocates; the Vulkan backend's f32 cache is the same size).
+/// Bytes one sequence of `ctx` tokens keeps besides the weights on the CPU backend: f32
+/// K and V rows of every attention layer that has its own cache
+/// (`sequence_state_bytes(m, 1) - sequence_state_bytes(m, 0)` per token), and the
+/// recurrent layers' states (the same size on Vulkan, whose KV cache is
+/// [`caldera_vulkan::VkModel::kv_cache_bytes`]).
 pub fn sequence_state_bytes(model: &Model, ctx: usize) -> u64 {
     use caldera_model::Mixer;
     let mut bytes = 0u64;
@@ -258,10 +315,22 @@ fn vulkan_model(
     let index = pick_vulkan_device(args, gpu_only)?;
     let mut cache = VK_MODEL.lock().unwrap_or_else(|e| e.into_inner());
     let vk = match cache.as_ref() {
-        Some((i, m)) if *i == index && Arc::ptr_eq(m.model(), &model) => m.clone(),
+        Some((i, m))
+            if *i == index
+                && Arc::ptr_eq(m.model(), &model)
+                && args
+                    .kv_type
+                    .is_none_or(|t| m.context().tuning().kv == t.into()) =>
+        {
+            m.clone()
+        }
         _ => {
             *cache = None;
-            let c = caldera_vulkan::Context::new(index)?;
+            let opts = caldera_vulkan::ContextOptions {
+                kv_type: args.kv_type.map(Into::into),
+                ..Default::default()
+            };
+            let c = caldera_vulkan::Context::with_options(index, &opts)?;
             let name = c.info().name.clone();
             let t = std::time::Instant::now();
             // Progress while the weights go through staging: bytes so far and the rate

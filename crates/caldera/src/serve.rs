@@ -100,6 +100,7 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         mut make,
         desc: backend_desc,
         pool,
+        kv_token_bytes: kv_token,
         stepper,
     } = slot_runners(&a.backend, loaded.model.clone(), ctx, slots, &kv)?;
     let weights: u64 = loaded
@@ -110,7 +111,6 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         .sum();
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let state = sequence_state_bytes(&loaded.model, 0);
-    let kv_token = sequence_state_bytes(&loaded.model, 1) - state;
     let (kv_bytes, kv_desc) = match &pool {
         Some(p) => (
             (pages * p.page_bytes()) as u64,
@@ -127,7 +127,7 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         None => (
             kv_token * (ctx * slots) as u64,
             format!(
-                "KV cache {ctx} tokens per slot, each runner its own (admission budget {pages} pages x {page_tokens} tokens)"
+                "KV cache {ctx} tokens per slot at {kv_token} bytes per token, each runner its own (admission budget {pages} pages x {page_tokens} tokens)"
             ),
         ),
     };

@@ -158,3 +158,28 @@ fn damaged_gguf_files_fail_cleanly() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--kv-type` f16 or q8_0 applies to the Vulkan backend: the CPU backend (whose cache is
+/// f32) refuses it with exit code 2 and a message, and takes `--kv-type f32`.
+#[test]
+fn cpu_refuses_a_q8_0_kv_cache() {
+    let Some(fx) = fixtures() else {
+        return;
+    };
+    let run = |kv: &str| {
+        bin()
+            .args(["verify", "--backend", "cpu", "-t", "2", "--kv-type", kv])
+            .arg(fx.join("llama"))
+            .output()
+            .expect("running caldera")
+    };
+    let o = run("q8_0");
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--kv-type q8_0 applies to the Vulkan backend"),
+        "{}",
+        text(&o)
+    );
+    assert!(run("f32").status.success());
+}

@@ -5,7 +5,7 @@
 use caldera_format::quant::dequantize;
 use caldera_format::GgmlType;
 use caldera_vulkan::ops::{GluAct, MmMode, MvMode};
-use caldera_vulkan::Context;
+use caldera_vulkan::{Context, KvType};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -292,18 +292,46 @@ pub fn rope(v: &mut [f64], table: &[f32], n_rot: usize, interleaved: bool, pos: 
     }
 }
 
-/// Uploads KV-cache values in the context's cache format (f16 pairs per word when
-/// `kv_f16`), first rounding `vals` to what the cache holds so the CPU twin sees the
-/// same values.
+/// q8_0 of one block of 32 as the kernels make it (`kv_put32` in `kv.glsl`): the scale
+/// amax / 127 and the values round(x * 127 / amax), ties to even, within ±127.
+pub fn q8_block(x: &[f32]) -> (f32, Vec<i8>) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+    let q = x
+        .iter()
+        .map(|v| (v * id).round_ties_even().clamp(-127.0, 127.0) as i8)
+        .collect();
+    (amax / 127.0, q)
+}
+
+/// Uploads KV-cache values in the context's cache format (f16 pairs per word; q8_0
+/// blocks of 32, 36 bytes each: the f32 scale, then the int8 values), first replacing
+/// `vals` by what the cache holds of them so the CPU twin sees the same values.
 pub fn upload_kv(ctx: &caldera_vulkan::Context, vals: &mut [f32]) -> caldera_vulkan::Buffer {
-    if !ctx.tuning().kv_f16 {
-        return ctx.upload_f32(vals).unwrap();
-    }
-    let mut bytes = Vec::with_capacity(vals.len() * 2 + 4);
-    for v in vals.iter_mut() {
-        let h = half::f16::from_f32(*v);
-        *v = h.to_f32();
-        bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+    let mut bytes = Vec::new();
+    match ctx.tuning().kv {
+        KvType::F32 => return ctx.upload_f32(vals).unwrap(),
+        KvType::F16 => {
+            for v in vals.iter_mut() {
+                let h = half::f16::from_f32(*v);
+                *v = h.to_f32();
+                bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+            }
+        }
+        KvType::Q8_0 => {
+            assert!(
+                vals.len().is_multiple_of(32),
+                "q8_0 caches hold whole blocks"
+            );
+            for blk in vals.chunks_mut(32) {
+                let (d, q) = q8_block(blk);
+                bytes.extend_from_slice(&d.to_le_bytes());
+                bytes.extend(q.iter().map(|&v| v as u8));
+                for (x, &qv) in blk.iter_mut().zip(&q) {
+                    *x = qv as f32 * d;
+                }
+            }
+        }
     }
     while bytes.len() % 4 != 0 || bytes.is_empty() {
         bytes.push(0);
@@ -313,23 +341,73 @@ pub fn upload_kv(ctx: &caldera_vulkan::Context, vals: &mut [f32]) -> caldera_vul
 
 /// Reads `n` KV-cache values back in the context's cache format.
 pub fn read_kv(ctx: &caldera_vulkan::Context, buf: &caldera_vulkan::Buffer, n: usize) -> Vec<f32> {
-    if !ctx.tuning().kv_f16 {
-        return ctx.read_f32(buf, n).unwrap();
+    match ctx.tuning().kv {
+        KvType::F32 => ctx.read_f32(buf, n).unwrap(),
+        KvType::F16 => {
+            let bytes = ctx.read_buffer(buf, 0, (n * 2) as u64).unwrap();
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+                .collect()
+        }
+        KvType::Q8_0 => {
+            assert!(n.is_multiple_of(32), "q8_0 caches hold whole blocks");
+            let bytes = ctx.read_buffer(buf, 0, (n / 32 * 36) as u64).unwrap();
+            bytes
+                .chunks_exact(36)
+                .flat_map(|b| {
+                    let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    b[4..].iter().map(move |&q| q as i8 as f32 * d)
+                })
+                .collect()
+        }
     }
-    let bytes = ctx.read_buffer(buf, 0, (n * 2) as u64).unwrap();
-    bytes
-        .chunks_exact(2)
-        .map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-        .collect()
 }
 
-/// What the KV cache keeps of `v`: itself in f32, rounded to f16 with `kv_f16`.
-pub fn kv_round(ctx: &caldera_vulkan::Context, v: f64) -> f64 {
-    if ctx.tuning().kv_f16 {
-        half::f16::from_f64(v).to_f64()
-    } else {
-        v
+/// What the KV cache keeps of a row of `row.len()` values (a kv head's row of hd
+/// values, or several): itself in f32, each value rounded to f16, or each block of 32
+/// quantized to q8_0 from its f32 values.
+pub fn kv_round_row(ctx: &caldera_vulkan::Context, row: &[f64]) -> Vec<f64> {
+    match ctx.tuning().kv {
+        KvType::F32 => row.to_vec(),
+        KvType::F16 => row
+            .iter()
+            .map(|&v| half::f16::from_f64(v).to_f64())
+            .collect(),
+        KvType::Q8_0 => row
+            .chunks(32)
+            .flat_map(|blk| {
+                let x: Vec<f32> = blk.iter().map(|&v| v as f32).collect();
+                let (d, q) = q8_block(&x);
+                q.into_iter().map(move |qv| qv as f64 * d as f64)
+            })
+            .collect(),
     }
+}
+
+/// The first value of a cache row that a kernel wrote from the exact values `want` (the
+/// whole row: the device computed them in f32) that the cache may not hold, as
+/// `got` (read back) shows it: f32 within 1e-5, f16 within 1e-3 of our rounding
+/// (relative to max(|x|, 1): the rounding of ours or of a neighbour), q8_0 within half a
+/// step (its block's amax / 127, plus 0.1%) of the exact value: the rounding of the
+/// device's own value, which may land a step from ours at a tie.
+pub fn kv_row_mismatch(ctx: &caldera_vulkan::Context, got: &[f32], want: &[f64]) -> Option<usize> {
+    assert_eq!(got.len(), want.len());
+    let rounded = kv_round_row(ctx, want);
+    (0..want.len()).find(|&i| {
+        let g = got[i] as f64;
+        match ctx.tuning().kv {
+            KvType::F32 => (g - want[i]).abs() > 1e-5 * want[i].abs().max(1.0),
+            KvType::F16 => (g - rounded[i]).abs() > 1e-3 * want[i].abs().max(1.0),
+            KvType::Q8_0 => {
+                let b = i / 32 * 32;
+                let amax = want[b..(b + 32).min(want.len())]
+                    .iter()
+                    .fold(0f64, |m, v| m.max(v.abs()));
+                (g - want[i]).abs() > 0.5 * amax / 127.0 * 1.001 + 1e-6
+            }
+        }
+    })
 }
 
 /// A context per reduction path the kernels have (subgroup, shared memory, small

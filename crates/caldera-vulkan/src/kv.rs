@@ -1,0 +1,131 @@
+//! What the KV cache holds: f32, f16 (the default) or q8_0, and the bytes that takes.
+//! The kernels read and write it through `shaders/kv.glsl` (the layouts are described
+//! there), whose specialization constant 2 is [`KvType::spec`].
+
+use crate::memory::Buffer;
+
+/// The element type of the KV cache, chosen per [`crate::Context`]
+/// ([`crate::ContextOptions::kv_type`], `CALDERA_VK_KV=f32|f16|q8_0`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvType {
+    /// 4 bytes a value.
+    F32,
+    /// 2 bytes a value (two per 32-bit word).
+    #[default]
+    F16,
+    /// Blocks of 32 int8 values and their f32 scale: 36 bytes per 32 values. The scale
+    /// is f32 rather than f16 so that a block is 9 whole words (every load aligned,
+    /// no half-word unpacking) and the scale is the exact amax / 127 the writer used;
+    /// it costs 2 bytes per 32 values over an f16 scale. Only for head sizes that are
+    /// multiples of 32 (a block stays inside one head's row).
+    Q8_0,
+}
+
+impl KvType {
+    /// Every type, in the order of their names.
+    pub const ALL: [KvType; 3] = [KvType::F32, KvType::F16, KvType::Q8_0];
+
+    /// The name the command line and `CALDERA_VK_KV` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+        }
+    }
+
+    /// The type named `s` (`f32`, `f16`, `q8_0`).
+    pub fn parse(s: &str) -> Option<KvType> {
+        KvType::ALL.into_iter().find(|t| t.name() == s)
+    }
+
+    /// Specialization constant 2 of the kernels that touch the cache (`KV_TYPE` in
+    /// `kv.glsl`).
+    pub fn spec(self) -> u32 {
+        match self {
+            KvType::F32 => 0,
+            KvType::F16 => 1,
+            KvType::Q8_0 => 2,
+        }
+    }
+
+    /// Bytes that `values` cache values take (whole 32-bit words; q8_0: whole blocks of
+    /// 32).
+    pub fn bytes(self, values: u64) -> u64 {
+        match self {
+            KvType::F32 => values * 4,
+            KvType::F16 => values.div_ceil(2) * 4,
+            KvType::Q8_0 => values.div_ceil(32) * 36,
+        }
+    }
+
+    /// The byte stride of a pool slot holding `values` values: whole multiples of
+    /// [`Buffer::VIEW_ALIGN`] (a slot is a descriptor range) and, for q8_0, of a block
+    /// (so a slot starts at a whole block).
+    pub fn slot_stride(self, values: u64) -> u64 {
+        let unit = match self {
+            KvType::Q8_0 => lcm(36, Buffer::VIEW_ALIGN),
+            _ => Buffer::VIEW_ALIGN,
+        };
+        self.bytes(values).next_multiple_of(unit)
+    }
+
+    /// The values that `bytes` (a [`KvType::slot_stride`]) hold: a pool slot's size in
+    /// the kernels' element addressing.
+    pub fn values_in(self, bytes: u64) -> u64 {
+        match self {
+            KvType::F32 => bytes / 4,
+            KvType::F16 => bytes / 2,
+            KvType::Q8_0 => bytes / 36 * 32,
+        }
+    }
+
+    /// Why heads of `head_dim` cannot use this cache, if they cannot.
+    pub fn unsupported_head(self, head_dim: usize) -> Option<String> {
+        (self == KvType::Q8_0 && !head_dim.is_multiple_of(32)).then(|| {
+            format!(
+                "a q8_0 KV cache needs head sizes that are multiples of 32 (blocks of 32 \
+                 values per head), this model has heads of {head_dim}; use --kv-type f16"
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn lcm(a: u64, b: u64) -> u64 {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(KvType::F32.bytes(96), 384);
+        assert_eq!(KvType::F16.bytes(96), 192);
+        assert_eq!(KvType::F16.bytes(3), 8);
+        assert_eq!(KvType::Q8_0.bytes(96), 108);
+        // 2304 bytes = 64 blocks = 9 x 256.
+        assert_eq!(KvType::Q8_0.slot_stride(1), 2304);
+        assert_eq!(KvType::Q8_0.slot_stride(64 * 32 + 1), 4608);
+        assert_eq!(KvType::Q8_0.values_in(4608), 4096);
+        assert_eq!(KvType::F16.slot_stride(129), 512);
+        assert_eq!(KvType::F16.values_in(512), 256);
+        for t in KvType::ALL {
+            assert_eq!(KvType::parse(t.name()), Some(t));
+        }
+        assert!(KvType::Q8_0.unsupported_head(48).is_some());
+        assert!(KvType::Q8_0.unsupported_head(64).is_none());
+        assert!(KvType::F16.unsupported_head(48).is_none());
+    }
+}
