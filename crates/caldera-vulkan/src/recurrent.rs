@@ -860,44 +860,34 @@ impl Mamba2Prefill {
             groups: g.cd.div_ceil(wg) as u64,
         };
         let buffers = [io.proj, &consts, &xc, s, io.out, io.step];
-        let ssm = match ssm {
-            Mamba2Ssm::Chunk => {
-                let n_tiles = g.hp.div_ceil(MAMBA2_CHUNK_CHANNELS);
-                Dispatch {
-                    binding: ctx.bind(Kernel::Mamba2Chunk, &buffers)?,
-                    push: push_words(&[
-                        g.nh as u32,
-                        g.hp as u32,
-                        g.ns as u32,
-                        g.ng as u32,
-                        n_tiles as u32,
-                        ld as u32,
-                        t as u32,
-                        g.dt_bias_at() as u32,
-                        spec.dt_min.to_bits(),
-                    ]),
-                    groups: (g.nh * n_tiles) as u64,
-                }
-            }
+        // The two kernels' push constants differ only in the channel tiling: the scan
+        // takes its tile size before the tile count.
+        let (kernel, tile, n_tiles) = match ssm {
+            Mamba2Ssm::Chunk => (
+                Kernel::Mamba2Chunk,
+                None,
+                g.hp.div_ceil(MAMBA2_CHUNK_CHANNELS),
+            ),
             Mamba2Ssm::Scan => {
                 let (tile, n_tiles) = tile_of(ctx, DEFAULT_TILE, g.hp);
-                Dispatch {
-                    binding: ctx.bind(Kernel::Mamba2Scan, &buffers)?,
-                    push: push_words(&[
-                        g.nh as u32,
-                        g.hp as u32,
-                        g.ns as u32,
-                        g.ng as u32,
-                        tile as u32,
-                        n_tiles as u32,
-                        ld as u32,
-                        t as u32,
-                        g.dt_bias_at() as u32,
-                        spec.dt_min.to_bits(),
-                    ]),
-                    groups: (g.nh * n_tiles) as u64,
-                }
+                (Kernel::Mamba2Scan, Some(tile as u32), n_tiles)
             }
+        };
+        let words: Vec<u32> = [g.nh as u32, g.hp as u32, g.ns as u32, g.ng as u32]
+            .into_iter()
+            .chain(tile)
+            .chain([
+                n_tiles as u32,
+                ld as u32,
+                t as u32,
+                g.dt_bias_at() as u32,
+                spec.dt_min.to_bits(),
+            ])
+            .collect();
+        let ssm = Dispatch {
+            binding: ctx.bind(kernel, &buffers)?,
+            push: push_words(&words),
+            groups: (g.nh * n_tiles) as u64,
         };
         let norm = Dispatch {
             binding: ctx.bind(Kernel::Mamba2Norm, &[&consts, io.out, io.step])?,

@@ -290,13 +290,15 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
     (d / a.iter().map(|x| x * x).sum::<f32>()).sqrt()
 }
 
-#[test]
-fn vulkan_smollm2_answers_paris() {
+/// SmolLM2's greedy answer to "What is the capital of France?" through its chat
+/// template on Vulkan, with `extra` arguments to `run`; asserts it contains `want`.
+fn smollm2_answers(extra: &[&str], want: &str) {
     let (Some(dev), Some(m)) = (device(), model("SmolLM2-135M-Instruct.Q4_1.gguf")) else {
         return;
     };
     let o = bin()
         .args(["run", "--backend", "vulkan", "--device", &dev])
+        .args(extra)
         .arg(&m)
         .args([
             "-p",
@@ -311,10 +313,15 @@ fn vulkan_smollm2_answers_paris() {
         .expect("running caldera");
     assert!(o.status.success(), "{}", text(&o));
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("Paris"),
+        String::from_utf8_lossy(&o.stdout).contains(want),
         "{}",
         text(&o)
     );
+}
+
+#[test]
+fn vulkan_smollm2_answers_paris() {
+    smollm2_answers(&[], "Paris");
 }
 
 #[test]
@@ -584,37 +591,7 @@ fn vulkan_verifies_with_q8_0_kv() {
 /// SmolLM2 through its chat template still answers with a q8_0 KV cache.
 #[test]
 fn vulkan_smollm2_answers_paris_with_q8_0_kv() {
-    let (Some(dev), Some(m)) = (device(), model("SmolLM2-135M-Instruct.Q4_1.gguf")) else {
-        return;
-    };
-    let o = bin()
-        .args([
-            "run",
-            "--backend",
-            "vulkan",
-            "--device",
-            &dev,
-            "--kv-type",
-            "q8_0",
-        ])
-        .arg(&m)
-        .args([
-            "-p",
-            "What is the capital of France?",
-            "-n",
-            "16",
-            "--temp",
-            "0",
-        ])
-        .args(["--system", "You are a helpful assistant."])
-        .output()
-        .expect("running caldera");
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(
-        String::from_utf8_lossy(&o.stdout).contains("The capital of France is Paris."),
-        "{}",
-        text(&o)
-    );
+    smollm2_answers(&["--kv-type", "q8_0"], "The capital of France is Paris.");
 }
 
 /// Decode with a q8_0 KV cache past several attention splits (positions 300..) against
