@@ -1346,11 +1346,26 @@ fn moe_steps_match_cpu() {
         return;
     }
     let mut rng = rng("moe steps");
+    let split = split_contexts();
     for c in block_cases() {
         for ctx in ctxs.iter().take(2) {
             for (max_t, m) in [(7, 5), (1, 1), (7, 7), (70, 70)] {
                 check_steps(ctx, &mut rng, &c, max_t, m);
             }
+        }
+        // Expert tensors in pieces (two experts or more a buffer), where the step's
+        // scratch fits a buffer too.
+        let rb = |k: usize| c.ty.row_bytes(k as u64).unwrap() as usize;
+        let sff = c.shared.map_or(0, |s| s.0);
+        let expert = (2 * c.ff.max(sff) * rb(c.d)).max(c.d * rb(c.ff.max(sff)));
+        let (max_t, m) = (6, 5);
+        let scratch = max_t * c.k * c.d.max(c.ff) * 4;
+        let fits = |ctx: &&Context| {
+            let max = ctx.max_buffer_bytes() as usize;
+            max >= 2 * expert + 16 && max >= scratch && max < c.n * expert
+        };
+        for ctx in split.iter().filter(fits) {
+            check_steps(ctx, &mut rng, &c, max_t, m);
         }
     }
     // Experts chosen by more than a tile (64) of the step's tokens.
