@@ -1453,8 +1453,13 @@ fn check_steps_out(
 ) {
     // f32 activations meet the weights here (int8 blocks of 32 for MXFP4), the CPU's
     // Q8_0 / Q8_K blocks there: as the block test without int8.
-    let exact = c.ty == GgmlType::F32 || c.ty == GgmlType::MXFP4;
-    let (tol, tol_max) = if exact { (1e-5, 1e-4) } else { (3e-2, 8e-2) };
+    // MXFP4's int8 rows round as the CPU's Q8_0 blocks but for ties between the two
+    // sides' f32 scales, which flip a value by one step now and then over many tokens.
+    let (tol, tol_max) = match c.ty {
+        GgmlType::F32 => (1e-5, 1e-4),
+        GgmlType::MXFP4 => (5e-4, 5e-3),
+        _ => (3e-2, 8e-2),
+    };
     for t in 0..max_t {
         let row = &x[t * c.d..(t + 1) * c.d];
         let g = &got[t * c.d..(t + 1) * c.d];
