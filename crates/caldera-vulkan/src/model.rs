@@ -1108,7 +1108,9 @@ impl VkRunner {
                     max_ff = max_ff.max(mlp.d_ff);
                 }
                 if let VkFfn::Moe(moe) = f {
-                    moe_row = moe_row.max(moe.spec.n_used * moe.up.outputs() as usize);
+                    // h per (token, slot), and the grouped down projection's outputs.
+                    let row = moe.up.outputs().max(moe.d_model) as usize;
+                    moe_row = moe_row.max(moe.spec.n_used * row);
                 }
             }
             max_in = max_in.max(l.projs().iter().map(|p| p.k).max().unwrap_or(0));
