@@ -14,15 +14,18 @@
 //                             so the result does not depend on scheduling;
 //   g[offs_at + e]            the first pair of expert e in the list (e <= n: the last
 //                             is the number of pairs).
-// Counting uses integer atomics on shared memory (order-free); the placement is done by
-// the invocation that owns the expert (e % 256), scanning the ids in order.
+// Counting uses integer atomics on shared memory (order-free). The placement runs over
+// windows of W tokens: a bit per (expert, token of the window) set with atomicOr (each
+// token's experts are distinct, so each bit once), then every pair lands at its
+// expert's cursor + the number of its expert's bits before its token's: the same
+// place whatever the scheduling, with no serial scan.
 // Binding 0: ids (u32). 1: step values (u32; step[0] tokens). 2: group buffer (u32).
 
 layout(local_size_x = 256, local_size_y = 1, local_size_z = 1) in;
 const uint GWG = 256u;
 const uint MAXE = 1024u;
 const uint TILE = 64u; // pairs per tile: mmt.glsl's BN
-const uint CH = 2048u; // ids staged in shared memory per pass
+const uint MW = 2048u; // mask words: n * (W / 32) per window
 
 layout(std430, binding = 0) readonly buffer Ibuf { uint ids[]; };
 layout(std430, binding = 1) readonly buffer Sbuf { uint step[]; };
@@ -40,7 +43,7 @@ layout(push_constant) uniform Push {
 
 shared uint cnt[MAXE];
 shared uint cur[MAXE];
-shared uint chunk[CH];
+shared uint masks[MW];
 
 uint entry_expert(uint q) {
     return ids[(q / p.k) * p.pt + q % p.k];
@@ -81,18 +84,45 @@ void main() {
         g[0] = min(tiles, p.max_tiles);
     }
     barrier();
-    for (uint c0 = 0u; c0 < total; c0 += CH) {
-        uint m = min(CH, total - c0);
-        for (uint i = tid; i < m; i += GWG) {
-            chunk[i] = entry_expert(c0 + i);
+    // Mask words per expert per window (>= 2 for n <= 1024) and tokens per window.
+    uint wpe = min(MW / p.n, 32u);
+    uint win = 32u * wpe;
+    for (uint t0 = 0u; t0 < nt; t0 += win) {
+        uint wt = min(win, nt - t0);
+        for (uint i = tid; i < p.n * wpe; i += GWG) {
+            masks[i] = 0u;
         }
         barrier();
-        for (uint i = 0u; i < m; i++) {
-            uint e = chunk[i];
-            if (e < p.n && e % GWG == tid) {
-                g[p.pairs_at + cur[e]] = c0 + i;
-                cur[e] += 1u;
+        for (uint i = tid; i < wt * p.k; i += GWG) {
+            uint q = t0 * p.k + i;
+            uint e = entry_expert(q);
+            uint tl = i / p.k;
+            if (e < p.n) {
+                atomicOr(masks[e * wpe + tl / 32u], 1u << (tl % 32u));
             }
+        }
+        barrier();
+        for (uint i = tid; i < wt * p.k; i += GWG) {
+            uint q = t0 * p.k + i;
+            uint e = entry_expert(q);
+            uint tl = i / p.k;
+            if (e < p.n) {
+                uint pos = cur[e];
+                uint c = tl / 32u;
+                for (uint j = 0u; j < c; j++) {
+                    pos += bitCount(masks[e * wpe + j]);
+                }
+                pos += bitCount(masks[e * wpe + c] & ((1u << (tl % 32u)) - 1u));
+                g[p.pairs_at + pos] = q;
+            }
+        }
+        barrier();
+        for (uint e = tid; e < p.n; e += GWG) {
+            uint c = 0u;
+            for (uint j = 0u; j < wpe; j++) {
+                c += bitCount(masks[e * wpe + j]);
+            }
+            cur[e] += c;
         }
         barrier();
     }

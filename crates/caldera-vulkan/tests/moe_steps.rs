@@ -171,8 +171,8 @@ fn rows_act_matches_cpu() {
 }
 
 /// `moe_group` on random routings (odd token counts, tokens past the step's, a shared
-/// slot, experts chosen by no token, one, or more than a tile of 64; more pairs than
-/// the kernel stages at once) against a CPU grouping: the counts and offsets per expert,
+/// slot, experts chosen by no token, one, or more than a tile of 64; more tokens than
+/// the kernel's window of token masks) against a CPU grouping: the counts and offsets per expert,
 /// each expert's pairs in token order, the tiles of up to 64 pairs in expert order.
 #[test]
 fn moe_group_matches_cpu() {
@@ -186,6 +186,8 @@ fn moe_group_matches_cpu() {
             (300, 1, 70, 61, true),
             (16, 8, 300, 299, false),
             (1024, 32, 1, 1, false),
+            (1024, 4, 200, 150, true),
+            (300, 2, 500, 450, false),
             (9, 3, 1, 0, true),
         ] {
             let pt = k + usize::from(shared);
