@@ -2216,7 +2216,10 @@ impl MoeSteps {
         })
     }
 
-    /// Records the block (barriers between its phases, none after).
+    /// Records the block (barriers between its phases, none after). With profiling on,
+    /// the phases get their own timestamps (`moe_route`: the router and the routing;
+    /// `moe_group`; `moe_up`; grouped, `moe_down`); the caller's mark after the block
+    /// times the rest (the down projections, or the sum; the shared expert's down).
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
         self.router.record(r)?;
         if let Routed::Pairs {
@@ -2228,6 +2231,7 @@ impl MoeSteps {
         r.barrier();
         self.route.record(r)?;
         r.barrier();
+        r.mark("moe_route");
         match &self.routed {
             Routed::Pairs {
                 quant_h, up, down, ..
@@ -2237,6 +2241,7 @@ impl MoeSteps {
                     u.record(r)?;
                 }
                 r.barrier();
+                r.mark("moe_up");
                 if let Some(q) = quant_h {
                     q.record(r)?;
                     r.barrier();
@@ -2254,10 +2259,13 @@ impl MoeSteps {
                     u.record(r)?;
                 }
                 r.barrier();
+                r.mark("moe_group");
                 up.record(r)?;
                 r.barrier();
+                r.mark("moe_up");
                 down.record(r)?;
                 r.barrier();
+                r.mark("moe_down");
                 sum.record(r)?;
             }
         }
