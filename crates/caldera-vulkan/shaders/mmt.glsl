@@ -80,6 +80,7 @@ layout(push_constant) uniform Push {
     uint rtiles;   // row tiles per expert (ceil(rows / BM))
     uint max_tiles;
     uint pairs_at; // the pair list's first word in the group buffer
+    uint slot0;    // the routing entry of a token's first slot (pair q: slot q % n_used)
 } p;
 #else
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
@@ -321,7 +322,7 @@ void main() {
             }
         } else {
             float wt = (p.flags & MMX_WEIGHT) != 0u
-                ? wts[(q / p.n_used) * p.pt + q % p.n_used] : 1.0;
+                ? wts[(q / p.n_used) * p.pt + p.slot0 + q % p.n_used] : 1.0;
             [[unroll]] for (uint i = 0u; i < 8u; i++) {
                 uint r = (i < 4u ? 4u * tm + i : 64u + 4u * tm + i - 4u);
                 if (row0 + r < p.rows) {

@@ -2,8 +2,8 @@
 #extension GL_EXT_control_flow_attributes : enable
 // Groups the (token, slot) pairs of a step's routing by expert, for the grouped expert
 // matmuls (mmx_*, mmt.glsl with MMT_EXPERT). One workgroup of 256.
-// Pair q = t * k + s is slot s (< k, the routed slots) of token t (< step[0]); its
-// expert is ids[t * pt + s]. Writes into the group buffer g (u32 words):
+// Pair q = t * k + s is slot s (< k: the routed slots, or the shared expert's with
+// slot0 = its entry) of token t (< step[0]); its expert is ids[t * pt + slot0 + s]. Writes into the group buffer g (u32 words):
 //   g[0]                      the number of tiles;
 //   g[1 + 2 i], g[2 + 2 i]    tile i (i < max_tiles): the index of its first pair in
 //                             the pair list, and expert | pairs in the tile << 16; an
@@ -39,6 +39,7 @@ layout(push_constant) uniform Push {
     uint max_tiles;
     uint pairs_at;
     uint offs_at;
+    uint slot0;     // the first routing entry of a token that the slots start at
 } p;
 
 shared uint cnt[MAXE];
@@ -46,7 +47,7 @@ shared uint cur[MAXE];
 shared uint masks[MW];
 
 uint entry_expert(uint q) {
-    return ids[(q / p.k) * p.pt + q % p.k];
+    return ids[(q / p.k) * p.pt + p.slot0 + q % p.k];
 }
 
 void main() {

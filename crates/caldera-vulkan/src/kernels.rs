@@ -463,8 +463,8 @@ const fn mmt(
 
 /// The grouped expert matmul (`mmt.glsl` with `MMT_EXPERT`, `mmx_*`) push constants:
 /// `k, rows, e0, ld_x, ld_y, flags` (u32), `eps, alpha, limit` (f32), `ne, x_div, n_used,
-/// pt, rtiles, max_tiles, pairs_at` (u32).
-pub const MMX_PUSH_BYTES: u32 = 64;
+/// pt, rtiles, max_tiles, pairs_at, slot0` (u32).
+pub const MMX_PUSH_BYTES: u32 = 68;
 
 const fn mmx(
     kernel: Kernel,
@@ -478,10 +478,11 @@ const fn mmx(
     }
 }
 
-/// `moe_group` push constants: `n, k, pt, max_tokens, max_tiles, pairs_at, offs_at` (u32).
-pub const MOE_GROUP_PUSH_BYTES: u32 = 28;
-/// `moe_sum` push constants: `d, k` (u32).
-pub const MOE_SUM_PUSH_BYTES: u32 = 8;
+/// `moe_group` push constants: `n, k, pt, max_tokens, max_tiles, pairs_at, offs_at,
+/// slot0` (u32).
+pub const MOE_GROUP_PUSH_BYTES: u32 = 32;
+/// `moe_sum` push constants: `d, k, with_shared` (u32).
+pub const MOE_SUM_PUSH_BYTES: u32 = 12;
 
 /// Decode mat-vec (`mv.glsl`) push constants: `k, rows, y_offset, flags` (u32),
 /// `eps, cap` (f32).
@@ -1051,7 +1052,7 @@ pub const KERNELS: [KernelDesc; 187] = [
             Kernel::MoeSum,
             "moe_sum",
             spv!("moe_sum"),
-            3,
+            4,
             MOE_SUM_PUSH_BYTES,
         )
     },

@@ -1619,19 +1619,23 @@ pub struct MoeGroup {
 }
 
 impl MoeGroup {
-    /// `n_experts`: the block's (at most the layout's); `step[0]`: the step's tokens.
+    /// `n_experts`: the block's (at most the layout's); `slots`: the routing slots it
+    /// groups (the routed ones, or the shared expert's), `layout.n_used` of them;
+    /// `step[0]`: the step's tokens.
     pub fn new(
         ctx: &Context,
         n_experts: u64,
         layout: &GroupLayout,
         routing: &Routing,
+        slots: Slots,
         step: &Buffer,
         g: &Buffer,
     ) -> Result<MoeGroup> {
         if n_experts == 0
             || n_experts > layout.n_experts
             || n_experts > MAX_EXPERTS
-            || routing.n_used != layout.n_used
+            || slots.count != layout.n_used
+            || slots.first + slots.count > routing.per_token()
             || routing.tokens > layout.tokens
             || g.size() < layout.words * 4
             || step.size() < 4
@@ -1645,12 +1649,13 @@ impl MoeGroup {
         let binding = ctx.bind(Kernel::MoeGroup, &[&routing.ids, step, g])?;
         let push = push_words(&[
             n_experts as u32,
-            routing.n_used as u32,
+            slots.count as u32,
             routing.per_token() as u32,
             u32_of(routing.tokens, "tokens")?,
             u32_of(layout.max_tiles, "tiles")?,
             u32_of(layout.pairs_at, "pair list")?,
             u32_of(layout.offs_at, "offsets")?,
+            slots.first as u32,
         ]);
         Ok(MoeGroup { binding, push })
     }
@@ -1704,6 +1709,7 @@ impl ExpertMm {
         layout: &GroupLayout,
         g: &Buffer,
         routing: &Routing,
+        slots: Slots,
         x: &Buffer,
         ld_x: u64,
         x_div: u64,
@@ -1754,7 +1760,8 @@ impl ExpertMm {
         }
         let pairs = layout.tokens * layout.n_used;
         let outs = if w.glu { w.outputs() } else { rpe };
-        if routing.n_used != layout.n_used
+        if slots.count != layout.n_used
+            || slots.first + slots.count > routing.per_token()
             || routing.tokens > layout.tokens
             || g.size() < layout.words * 4
             || x_div == 0
@@ -1801,11 +1808,12 @@ impl ExpertMm {
                 limit.to_bits(),
                 u32_of(piece.rows / rpe, "experts")?,
                 u32_of(x_div, "pairs per input")?,
-                u32_of(routing.n_used, "slots")?,
+                u32_of(slots.count, "slots")?,
                 u32_of(routing.per_token(), "routing entries per token")?,
                 u32_of(rtiles, "row tiles")?,
                 u32_of(layout.max_tiles, "tiles")?,
                 u32_of(layout.pairs_at, "pair list")?,
+                u32_of(slots.first, "first slot")?,
             ]);
             parts.push((b, push, groups));
         }
@@ -1827,7 +1835,8 @@ impl ExpertMm {
 
 /// The routed experts' outputs of a step summed into the residual stream
 /// (`moe_sum.comp`): `x[t][r] += Σ_s yd[t * n_used + s][r]` for the step's tokens, the
-/// slots in order (deterministic, no atomics). One dispatch.
+/// slots in order (deterministic, no atomics), then `+ ys[t][r]` (the shared expert's
+/// output) with `ys`. One dispatch.
 pub struct MoeSum {
     binding: Binding,
     push: Vec<u8>,
@@ -1835,22 +1844,32 @@ pub struct MoeSum {
 }
 
 impl MoeSum {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ctx: &Context,
         x: &Buffer,
         yd: &Buffer,
+        ys: Option<&Buffer>,
         d: u64,
         n_used: u64,
         tokens: u64,
         step: &Buffer,
     ) -> Result<MoeSum> {
-        if d == 0 || x.size() < tokens * d * 4 || yd.size() < tokens * n_used * d * 4 {
+        if d == 0
+            || x.size() < tokens * d * 4
+            || yd.size() < tokens * n_used * d * 4
+            || ys.is_some_and(|b| b.size() < tokens * d * 4)
+        {
             return Err(invalid(format!(
                 "summing {n_used} expert outputs of {d} over {tokens} tokens: buffers too small"
             )));
         }
-        let binding = ctx.bind(Kernel::MoeSum, &[x, yd, step])?;
-        let push = push_words(&[u32_of(d, "d")?, u32_of(n_used, "slots")?]);
+        let binding = ctx.bind(Kernel::MoeSum, &[x, yd, step, ys.unwrap_or(yd)])?;
+        let push = push_words(&[
+            u32_of(d, "d")?,
+            u32_of(n_used, "slots")?,
+            u32::from(ys.is_some()),
+        ]);
         Ok(MoeSum {
             binding,
             push,
@@ -1864,29 +1883,35 @@ impl MoeSum {
 }
 
 /// The grouped form's scratch: the group buffer and the down projection's outputs per
-/// pair (`tokens x n_used x d` f32).
+/// pair (`tokens x n_used x d` f32); with a shared expert, its group buffer (one expert,
+/// one slot) and output (`tokens x d` f32).
 pub struct GroupScratch {
     pub layout: GroupLayout,
     pub g: Buffer,
     pub yd: Buffer,
+    pub shared: Option<(GroupLayout, Buffer, Buffer)>,
 }
 
 /// Whether [`MoeSteps`] runs block `m` grouped by expert on this device: both expert
 /// tensors have grouped matmuls (not MXFP4, which has int8 kernels only) and its
 /// activation is one they apply.
 pub fn grouped_ok(ctx: &Context, m: &MoeDevice) -> bool {
+    grouped_pair_ok(ctx, &m.up, &m.down, m.spec.act)
+        && Kernel::MoeGroup.fits(ctx.info())
+        && Kernel::MoeSum.fits(ctx.info())
+}
+
+/// Whether a gate|up (or up-only) and down pair of expert tensors with activation `act`
+/// has grouped matmuls here.
+fn grouped_pair_ok(ctx: &Context, up: &Experts, down: &Experts, act: Activation) -> bool {
     let act_ok = matches!(
-        (m.up.glu, m.spec.act),
+        (up.glu, act),
         (true, Activation::SwiGlu)
             | (true, Activation::GeluTanhGlu)
             | (true, Activation::ClampedSwiGlu { .. })
             | (false, Activation::Relu2)
     );
-    act_ok
-        && mmx_supported(ctx, &m.up)
-        && mmx_supported(ctx, &m.down)
-        && Kernel::MoeGroup.fits(ctx.info())
-        && Kernel::MoeSum.fits(ctx.info())
+    act_ok && mmx_supported(ctx, up) && mmx_supported(ctx, down)
 }
 
 /// Prefill and batched decode MoE blocks group their pairs by expert unless
@@ -1962,10 +1987,18 @@ impl MoeScratch {
         let group = if grouped && blocks.iter().any(|b| grouped_ok(ctx, b)) {
             let n = blocks.iter().map(|b| b.spec.n_experts as u64).max();
             let layout = GroupLayout::new(n.unwrap_or(1), n_used, tokens);
+            let shared = if shared {
+                let sl = GroupLayout::new(1, 1, tokens);
+                let g = ctx.create_buffer(sl.words * 4, MemoryKind::Device)?;
+                Some((sl, g, dev(d)?))
+            } else {
+                None
+            };
             Some(GroupScratch {
                 layout,
                 g: ctx.create_buffer(layout.words * 4, MemoryKind::Device)?,
                 yd: dev(n_used * d)?,
+                shared,
             })
         } else {
             None
@@ -1991,8 +2024,10 @@ impl MoeScratch {
 /// the residual stream in slot order; or per (token, slot) pair (`CALDERA_VK_MOE_PAIRS=1`,
 /// and MXFP4 experts): the expert mat-vecs, each reading its expert's rows per pair, the
 /// down projections summed per token into the residual stream. The shared expert runs
-/// the per-pair mat-vecs either way, after the routed experts. Tokens past the step's
-/// are skipped by their routing.
+/// beside the routed ones as grouped matmuls too (its slot grouped as one expert of
+/// every token, its output added by the sum after the routed slots) where the routed
+/// ones run grouped and its types allow; else per-pair mat-vecs after the routed
+/// experts. Tokens past the step's are skipped by their routing.
 pub struct MoeSteps {
     router: crate::ops::Mm,
     route: MoeRoute,
@@ -2013,6 +2048,8 @@ enum Routed {
         up: ExpertMm,
         down: ExpertMm,
         sum: MoeSum,
+        /// The shared expert as a grouped matmul too (one expert, every token).
+        shared: Option<(MoeGroup, ExpertMm, ExpertMm)>,
     },
 }
 
@@ -2062,17 +2099,20 @@ impl MoeSteps {
             Some(step),
         )?;
         let x_f32 = ExpertInput::F32 { x, gam: Some(gam) };
+        let mut shared_grouped = false;
         let routed = match &s.group {
             Some(gs) if grouped_ok(ctx, m) => {
                 let n_used = spec.n_used as u64;
                 let ff = m.up.outputs();
-                let group = MoeGroup::new(ctx, n, &gs.layout, &s.routing, step, &gs.g)?;
+                let routed = s.routing.routed();
+                let group = MoeGroup::new(ctx, n, &gs.layout, &s.routing, routed, step, &gs.g)?;
                 let up = ExpertMm::new(
                     ctx,
                     &m.up,
                     &gs.layout,
                     &gs.g,
                     &s.routing,
+                    routed,
                     x,
                     d,
                     n_used,
@@ -2088,6 +2128,7 @@ impl MoeSteps {
                     &gs.layout,
                     &gs.g,
                     &s.routing,
+                    routed,
                     &s.h,
                     ff,
                     1,
@@ -2097,17 +2138,65 @@ impl MoeSteps {
                     d,
                     MmxOut::Down,
                 )?;
-                let sum = MoeSum::new(ctx, x, &gs.yd, d, n_used, tokens, step)?;
+                // The shared expert: one expert on its own slot for every token (pair
+                // q = token q), into ys, which the sum adds after the routed slots.
+                let shared = match (&m.shared, s.routing.shared_slot(), &gs.shared, &s.hs) {
+                    (Some((su, sd, act)), Some(slot), Some((sl, sg, ys)), Some(hs))
+                        if grouped_pair_ok(ctx, su, sd, *act) =>
+                    {
+                        let sff = su.outputs();
+                        let group = MoeGroup::new(ctx, 1, sl, &s.routing, slot, step, sg)?;
+                        let up = ExpertMm::new(
+                            ctx,
+                            su,
+                            sl,
+                            sg,
+                            &s.routing,
+                            slot,
+                            x,
+                            d,
+                            1,
+                            Some(gam),
+                            eps,
+                            hs,
+                            sff,
+                            MmxOut::Up(*act),
+                        )?;
+                        let down = ExpertMm::new(
+                            ctx,
+                            sd,
+                            sl,
+                            sg,
+                            &s.routing,
+                            slot,
+                            hs,
+                            sff,
+                            1,
+                            None,
+                            0.0,
+                            ys,
+                            d,
+                            MmxOut::Down,
+                        )?;
+                        Some((group, up, down, ys))
+                    }
+                    _ => None,
+                };
+                let ys = shared.as_ref().map(|sh| sh.3);
+                let sum = MoeSum::new(ctx, x, &gs.yd, ys, d, n_used, tokens, step)?;
+                shared_grouped = shared.is_some();
                 Routed::Grouped {
                     group,
                     up,
                     down,
                     sum,
+                    shared: shared.map(|(g, u, dn, _)| (g, u, dn)),
                 }
             }
             _ => MoeSteps::pairs(ctx, m, x, gam, eps, step, s, &x_f32)?,
         };
         let (shared_up, shared_down) = match (&m.shared, s.routing.shared_slot(), &s.hs) {
+            _ if shared_grouped => (None, None),
             (Some((su, sd, act)), Some(slot), Some(hs)) => {
                 if int8_only(su) || int8_only(sd) {
                     return Err(invalid(format!(
@@ -2144,6 +2233,17 @@ impl MoeSteps {
     /// Whether the routed experts run grouped by expert.
     pub fn grouped(&self) -> bool {
         matches!(self.routed, Routed::Grouped { .. })
+    }
+
+    /// Whether the shared expert runs as a grouped matmul (else per-pair mat-vecs).
+    pub fn shared_grouped(&self) -> bool {
+        matches!(
+            self.routed,
+            Routed::Grouped {
+                shared: Some(_),
+                ..
+            }
+        )
     }
 
     /// The routed experts per (token, slot) pair.
@@ -2253,17 +2353,27 @@ impl MoeSteps {
                 up,
                 down,
                 sum,
+                shared,
             } => {
                 group.record(r)?;
+                if let Some((g, _, _)) = shared {
+                    g.record(r)?;
+                }
                 if let Some(u) = &self.shared_up {
                     u.record(r)?;
                 }
                 r.barrier();
                 r.mark("moe_group");
                 up.record(r)?;
+                if let Some((_, u, _)) = shared {
+                    u.record(r)?;
+                }
                 r.barrier();
                 r.mark("moe_up");
                 down.record(r)?;
+                if let Some((_, _, dn)) = shared {
+                    dn.record(r)?;
+                }
                 r.barrier();
                 r.mark("moe_down");
                 sum.record(r)?;

@@ -225,7 +225,8 @@ fn moe_group_matches_cpu() {
             let fill = vec![0xabu8; (layout.words * 4) as usize];
             let g = ctx.upload(&fill).unwrap();
             let sb = common::step_values(ctx, m);
-            let op = MoeGroup::new(ctx, n as u64, &layout, &routing, &sb, &g).unwrap();
+            let op =
+                MoeGroup::new(ctx, n as u64, &layout, &routing, routing.routed(), &sb, &g).unwrap();
             let rec = ctx.record(|r| op.record(r)).unwrap();
             // Twice: the replay must give the same words.
             let mut prev: Option<Vec<u32>> = None;
@@ -268,6 +269,31 @@ fn moe_group_matches_cpu() {
                     assert_eq!(p, &got, "{what}: replay differs");
                 }
                 prev = Some(got);
+            }
+            // The shared expert's slot: one expert, every token of the step in order.
+            if let Some(slot) = routing.shared_slot() {
+                let sl = GroupLayout::new(1, 1, max_t as u64);
+                let sg = ctx.upload(&vec![0xabu8; (sl.words * 4) as usize]).unwrap();
+                let op = MoeGroup::new(ctx, 1, &sl, &routing, slot, &sb, &sg).unwrap();
+                let rec = ctx.record(|r| op.record(r)).unwrap();
+                ctx.submit(&rec).unwrap();
+                let got: Vec<u32> = ctx
+                    .read_buffer(&sg, 0, sl.words * 4)
+                    .unwrap()
+                    .chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                let pairs: Vec<u32> = (0..m as u32).collect();
+                assert_eq!(
+                    &got[sl.pairs_at as usize..][..m],
+                    &pairs[..],
+                    "shared pairs"
+                );
+                assert_eq!(got[0] as usize, m.div_ceil(64), "shared tiles");
+                for i in 0..m.div_ceil(64) {
+                    let c = (m - 64 * i).min(64) as u32;
+                    assert_eq!((got[1 + 2 * i], got[2 + 2 * i]), ((64 * i) as u32, c << 16));
+                }
             }
         }
     }
