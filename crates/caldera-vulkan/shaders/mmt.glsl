@@ -40,6 +40,49 @@ layout(std430, binding = 1) readonly buffer Xbuf4 { vec4 x4[]; };
 layout(std430, binding = 2) buffer Ybuf { float y[]; };
 layout(std430, binding = 3) readonly buffer Gbuf { float gam[]; };
 layout(std430, binding = 3) readonly buffer Gbuf4 { vec4 gam4[]; };
+#ifdef MMT_EXPERT
+// The grouped expert matmul (mmx_*): the columns of a tile are (token, slot) pairs of one
+// expert, from moe_group.comp's group buffer (binding 4); pair q reads its input at
+// x[(q / x_div) * ld_x] and writes its outputs at y[q * ld_y ..]. The weight piece holds
+// experts e0 .. e0 + ne of `rows` rows each; tiles of experts in other pieces exit.
+// Workgroup f (flat) serves row tile f % rtiles of tile slot f / rtiles; slots past the
+// step's tile count exit, so the dispatch is sized for the worst case at record time.
+// Outputs (MMX_GLU): rows 2i, 2i + 1 are expert output i's (gate, up): y[i] =
+// act(gate + b, up + b) (SiLU, GELU-tanh or gpt-oss's clamped SwiGLU); else y[r] = row
+// + b, relu(row + b)^2 with MMX_RELU2, times the pair's routing weight with MMX_WEIGHT.
+// Bindings 4: group buffer (u32). 5: routing weights (f32). 6: bias (f32 [n][rows]).
+layout(std430, binding = 4) readonly buffer Xgbuf { uint mxg[]; };
+layout(std430, binding = 5) readonly buffer Wtbuf { float wts[]; };
+layout(std430, binding = 6) readonly buffer Bbuf { float ebias[]; };
+
+const uint MMX_NOGAM = 64u;
+const uint MMX_GLU = 128u;
+const uint MMX_GELU = 256u;
+const uint MMX_CLAMP = 512u;
+const uint MMX_RELU2 = 1024u;
+const uint MMX_BIAS = 2048u;
+const uint MMX_WEIGHT = 4096u;
+
+layout(push_constant) uniform Push {
+    uint k;        // elements per weight row
+    uint rows;     // rows per expert
+    uint e0;       // first expert of this piece
+    uint ld_x;     // elements between inputs in x
+    uint ld_y;     // elements between pairs in y
+    uint flags;    // MM_NORM, MMX_* bits
+    float eps;     // MM_NORM epsilon
+    float alpha;   // MMX_CLAMP
+    float limit;   // MMX_CLAMP
+    uint ne;       // experts in this piece
+    uint x_div;    // pairs per input row (k slots: the pairs of a token share its row)
+    uint n_used;   // routed slots per token
+    uint pt;       // routing entries per token
+    uint rtiles;   // row tiles per expert (ceil(rows / BM))
+    uint max_tiles;
+    uint pairs_at; // the pair list's first word in the group buffer
+    uint slot0;    // the routing entry of a token's first slot (pair q: slot q % n_used)
+} p;
+#else
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
 
 layout(push_constant) uniform Push {
@@ -53,6 +96,7 @@ layout(push_constant) uniform Push {
     float cap;     // MM_SOFTCAP: y = cap * tanh(y / cap)
     uint ttiles;   // token tiles dispatched per row tile (ceil(max tokens / BN))
 } p;
+#endif
 
 #include "words.glsl"
 #include "act.glsl"
@@ -86,7 +130,12 @@ void fetch_step(uint row, uint sb, uint ah, bool arow_ok, uint xb, uint c0, bool
                 if (glu) {
                     v = x4[(xb + 2u * c0) / 4u + i];
                 } else {
+#ifdef MMT_EXPERT
+                    v = i < 2u ? x4[(xb + c0) / 4u + i]
+                               : ((p.flags & MMX_NOGAM) != 0u ? vec4(1.0) : gam4[c0 / 4u + i - 2u]);
+#else
                     v = i < 2u ? x4[(xb + c0) / 4u + i] : gam4[c0 / 4u + i - 2u];
+#endif
                 }
                 xr[4u * i] = v.x;
                 xr[4u * i + 1u] = v.y;
@@ -103,15 +152,46 @@ void fetch_step(uint row, uint sb, uint ah, bool arow_ok, uint xb, uint c0, bool
                     xr[2u * e + 1u] = x[xb + 2u * c + 1u];
                 } else {
                     xr[e] = x[xb + c];
+#ifdef MMT_EXPERT
+                    xr[8u + e] = (p.flags & MMX_NOGAM) != 0u ? 1.0 : gam[c];
+#else
                     xr[8u + e] = gam[c];
+#endif
                 }
             }
         }
     }
 }
 
+#ifdef MMT_EXPERT
+float glu_act(float g, float u) {
+    if ((p.flags & MMX_CLAMP) != 0u) {
+        g = min(g, p.limit);
+        u = clamp(u, -p.limit, p.limit);
+        return (u + 1.0) * g / (1.0 + exp(-p.alpha * g));
+    }
+    return ((p.flags & MMX_GELU) != 0u ? gelu_tanh(g) : silu(g)) * u;
+}
+#endif
+
 void main() {
     uint group = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
+#ifdef MMT_EXPERT
+    uint slot = group / p.rtiles;
+    uint row0 = (group % p.rtiles) * BM;
+    if (slot >= p.max_tiles || slot >= mxg[0]) {
+        return; // uniform for the workgroup: no tile here this step
+    }
+    uint pstart = mxg[1u + 2u * slot];
+    uint tword = mxg[2u + 2u * slot];
+    uint expert = tword & 0xffffu;
+    uint ntile = tword >> 16;
+    if (expert < p.e0 || expert - p.e0 >= p.ne || row0 >= p.rows) {
+        return; // the expert lives in another piece
+    }
+    uint wrow0 = (expert - p.e0) * p.rows;
+    uint tt = 0u;
+#else
     uint tt = group % p.ttiles;
     uint row0 = (group / p.ttiles) * BM;
     uint t0 = 0u;
@@ -124,6 +204,7 @@ void main() {
         return; // uniform for the workgroup
     }
     uint ntile = min(BN, nt - tt * BN);
+#endif
     uint tid = gl_LocalInvocationID.x;
     bool glu = (p.flags & (MM_GLU_SILU | MM_GLU_GELU)) != 0u;
     bool gelu = (p.flags & MM_GLU_GELU) != 0u;
@@ -137,7 +218,11 @@ void main() {
     uint bn = tid % BN;
     uint bq = tid / BN;
     bool btok_ok = bn < ntile;
+#ifdef MMT_EXPERT
+    uint xb = btok_ok ? (mxg[p.pairs_at + pstart + bn] / p.x_div) * p.ld_x : 0u;
+#else
     uint xb = (t0 + tt * BN + bn) * p.ld_x;
+#endif
     // Outputs: rows 4 tm + i and 64 + 4 tm + i, tokens 4 tn + j. 32 adjacent
     // invocations take 8 tm x 4 tn, so each of their shared reads is one 128-byte
     // wavefront; subgroups past the step's last token skip the arithmetic.
@@ -159,7 +244,11 @@ void main() {
     uint wr[16];
     float xr[16];
     for (uint sb = 0u; sb < nsub; sb++) {
+#ifdef MMT_EXPERT
+        fetch_step(wrow0 + row0 + am, sb, ah, arow_ok, xb, sb * BK + 8u * bq, btok_ok, glu, vec_x, wr, xr);
+#else
         fetch_step(row0 + am, sb, ah, arow_ok, xb, sb * BK + 8u * bq, btok_ok, glu, vec_x, wr, xr);
+#endif
         float v[16];
         decode16(wr, sb, ah, v);
         [[unroll]] for (uint e = 0u; e < 16u; e++) {
@@ -206,6 +295,51 @@ void main() {
     if (!busy) {
         return;
     }
+#ifdef MMT_EXPERT
+    [[unroll]] for (uint j = 0u; j < 4u; j++) {
+        uint tl = 4u * tn + j;
+        if (tl >= ntile) {
+            break;
+        }
+        float inv = (p.flags & MM_NORM) != 0u ? inv_s[tl] : 1.0;
+        uint q = mxg[p.pairs_at + pstart + tl];
+        uint yb = q * p.ld_y;
+        uint bb = expert * p.rows + row0;
+        bool bias = (p.flags & MMX_BIAS) != 0u;
+        if ((p.flags & MMX_GLU) != 0u) {
+            // Rows r, r + 1 (r even) of this invocation are one output's (gate, up).
+            [[unroll]] for (uint i = 0u; i < 8u; i += 2u) {
+                uint r = (i < 4u ? 4u * tm + i : 64u + 4u * tm + i - 4u);
+                if (row0 + r + 1u < p.rows) {
+                    float gv = (i < 4u ? acc0[j][i] : acc1[j][i - 4u]) * inv;
+                    float uv = (i < 4u ? acc0[j][i + 1u] : acc1[j][i - 3u]) * inv;
+                    if (bias) {
+                        gv += ebias[bb + r];
+                        uv += ebias[bb + r + 1u];
+                    }
+                    y[yb + (row0 + r) / 2u] = glu_act(gv, uv);
+                }
+            }
+        } else {
+            float wt = (p.flags & MMX_WEIGHT) != 0u
+                ? wts[(q / p.n_used) * p.pt + p.slot0 + q % p.n_used] : 1.0;
+            [[unroll]] for (uint i = 0u; i < 8u; i++) {
+                uint r = (i < 4u ? 4u * tm + i : 64u + 4u * tm + i - 4u);
+                if (row0 + r < p.rows) {
+                    float s = (i < 4u ? acc0[j][i] : acc1[j][i - 4u]) * inv;
+                    if (bias) {
+                        s += ebias[bb + r];
+                    }
+                    if ((p.flags & MMX_RELU2) != 0u) {
+                        s = max(s, 0.0);
+                        s *= s;
+                    }
+                    y[yb + row0 + r] = wt * s;
+                }
+            }
+        }
+    }
+#else
     [[unroll]] for (uint j = 0u; j < 4u; j++) {
         uint tl = 4u * tn + j;
         if (tl >= ntile) {
@@ -227,4 +361,5 @@ void main() {
             }
         }
     }
+#endif
 }

@@ -190,6 +190,20 @@ pub enum Kernel {
     AttnDec = 171,
     AttnDecBatch = 172,
     Mamba2Chunk = 173,
+    MoeGroup = 174,
+    MmxF32 = 175,
+    MmxF16 = 176,
+    MmxBF16 = 177,
+    MmxQ4_0 = 178,
+    MmxQ4_1 = 179,
+    MmxQ5_0 = 180,
+    MmxQ5_1 = 181,
+    MmxQ8_0 = 182,
+    MmxQ4K = 183,
+    MmxQ5K = 184,
+    MmxQ6K = 185,
+    MmxIQ4XS = 186,
+    MoeSum = 187,
 }
 
 /// One entry of the kernel table.
@@ -453,6 +467,29 @@ const fn mmt(
     }
 }
 
+/// The grouped expert matmul (`mmt.glsl` with `MMT_EXPERT`, `mmx_*`) push constants:
+/// `k, rows, e0, ld_x, ld_y, flags` (u32), `eps, alpha, limit` (f32), `ne, x_div, n_used,
+/// pt, rtiles, max_tiles, pairs_at, slot0` (u32).
+pub const MMX_PUSH_BYTES: u32 = 68;
+
+const fn mmx(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+) -> KernelDesc {
+    KernelDesc {
+        bindings: 7,
+        push_bytes: MMX_PUSH_BYTES,
+        ..mmt(kernel, name, spv)
+    }
+}
+
+/// `moe_group` push constants: `n, k, pt, max_tokens, max_tiles, pairs_at, offs_at,
+/// slot0` (u32).
+pub const MOE_GROUP_PUSH_BYTES: u32 = 32;
+/// `moe_sum` push constants: `d, k, with_shared` (u32).
+pub const MOE_SUM_PUSH_BYTES: u32 = 12;
+
 /// Decode mat-vec (`mv.glsl`) push constants: `k, rows, y_offset, flags` (u32),
 /// `eps, cap` (f32).
 pub const MV_PUSH_BYTES: u32 = 24;
@@ -575,7 +612,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 174] = [
+pub const KERNELS: [KernelDesc; 188] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1010,6 +1047,39 @@ pub const KERNELS: [KernelDesc; 174] = [
             MAMBA2_CHUNK_PUSH_BYTES,
         )
     },
+    KernelDesc {
+        // The expert counts and cursors and a chunk of ids (16 KiB).
+        invocations: 256,
+        ..plain(
+            Kernel::MoeGroup,
+            "moe_group",
+            spv!("moe_group"),
+            3,
+            MOE_GROUP_PUSH_BYTES,
+        )
+    },
+    mmx(Kernel::MmxF32, "mmx_f32", spv!("mmx_f32")),
+    mmx(Kernel::MmxF16, "mmx_f16", spv!("mmx_f16")),
+    mmx(Kernel::MmxBF16, "mmx_bf16", spv!("mmx_bf16")),
+    mmx(Kernel::MmxQ4_0, "mmx_q4_0", spv!("mmx_q4_0")),
+    mmx(Kernel::MmxQ4_1, "mmx_q4_1", spv!("mmx_q4_1")),
+    mmx(Kernel::MmxQ5_0, "mmx_q5_0", spv!("mmx_q5_0")),
+    mmx(Kernel::MmxQ5_1, "mmx_q5_1", spv!("mmx_q5_1")),
+    mmx(Kernel::MmxQ8_0, "mmx_q8_0", spv!("mmx_q8_0")),
+    mmx(Kernel::MmxQ4K, "mmx_q4_k", spv!("mmx_q4_k")),
+    mmx(Kernel::MmxQ5K, "mmx_q5_k", spv!("mmx_q5_k")),
+    mmx(Kernel::MmxQ6K, "mmx_q6_k", spv!("mmx_q6_k")),
+    mmx(Kernel::MmxIQ4XS, "mmx_iq4_xs", spv!("mmx_iq4_xs")),
+    KernelDesc {
+        invocations: 256,
+        ..plain(
+            Kernel::MoeSum,
+            "moe_sum",
+            spv!("moe_sum"),
+            4,
+            MOE_SUM_PUSH_BYTES,
+        )
+    },
 ];
 
 impl Kernel {
@@ -1045,6 +1115,12 @@ impl Kernel {
     pub fn mmt_for(ty: GgmlType) -> Option<Kernel> {
         let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
         Some(KERNELS[Kernel::MmtF32 as usize + i].kernel)
+    }
+
+    /// The grouped expert matmul (`mmx_*`) for weights of type `ty`.
+    pub fn mmx_for(ty: GgmlType) -> Option<Kernel> {
+        let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
+        Some(KERNELS[Kernel::MmxF32 as usize + i].kernel)
     }
 
     /// Whether this device can run `self`: its fixed workgroup size and shared memory

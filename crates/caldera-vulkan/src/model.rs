@@ -1134,7 +1134,9 @@ impl VkRunner {
                     max_ff = max_ff.max(mlp.d_ff);
                 }
                 if let VkFfn::Moe(moe) = f {
-                    moe_row = moe_row.max(moe.spec.n_used * moe.up.outputs() as usize);
+                    // h per (token, slot), and the grouped down projection's outputs.
+                    let row = moe.up.outputs().max(moe.d_model) as usize;
+                    moe_row = moe_row.max(moe.spec.n_used * row);
                 }
             }
             max_in = max_in.max(l.projs().iter().map(|p| p.k).max().unwrap_or(0));
@@ -1170,7 +1172,14 @@ impl VkRunner {
                 _ => None,
             })
             .collect();
-        let moe = MoeScratch::new(ctx, &moe_blocks, chunk as u64)?;
+        // Grouped by expert in prefill steps (unless CALDERA_VK_MOE_PAIRS=1). A batched
+        // runner's decode steps keep the per-pair mat-vecs unless
+        // CALDERA_VK_MOE_GROUPED_BATCH=1: with 1-16 columns a tile holds one or two
+        // pairs, and the grouped matmul has not been timed against them on a GPU yet.
+        let grouped = crate::moe::grouped_default()
+            && (!matches!(src, KvSource::Batch { .. })
+                || std::env::var("CALDERA_VK_MOE_GROUPED_BATCH").is_ok_and(|v| v == "1"));
+        let moe = MoeScratch::with_grouping(ctx, &moe_blocks, chunk as u64, grouped)?;
         let widest = max_in.max(max_q).max(max_ff);
         let env_usize = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
         let attn_hpw = env_usize("CALDERA_VK_ATTN_HPW").unwrap_or(8).clamp(1, 8);

@@ -1568,6 +1568,358 @@ impl MoeFfn {
     }
 }
 
+/// Pairs per tile of the grouped expert matmul (`mmt.glsl`'s BN, `moe_group`'s TILE).
+const GROUP_TILE: u64 = 64;
+/// Weight rows per workgroup of the grouped expert matmul (`mmt.glsl`'s BM).
+const GROUP_ROWS: u64 = 128;
+
+/// Where [`MoeGroup`] writes in its group buffer (u32 words), for steps of up to
+/// `tokens` tokens choosing `n_used` of up to `n_experts` experts: word 0 the number of
+/// tiles; tile i (< `max_tiles`) at words 1 + 2i (its first pair in the list) and 2 + 2i
+/// (expert | pairs in the tile << 16); the pair list (`tokens x n_used` words; pair q =
+/// t * n_used + s) at `pairs_at`, grouped by expert in ascending order, by token within
+/// one; expert e's first pair in the list at `offs_at + e` (and the total at `offs_at +
+/// n_experts`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupLayout {
+    pub n_experts: u64,
+    pub n_used: u64,
+    pub tokens: u64,
+    pub max_tiles: u64,
+    pub pairs_at: u64,
+    pub offs_at: u64,
+    pub words: u64,
+}
+
+impl GroupLayout {
+    pub fn new(n_experts: u64, n_used: u64, tokens: u64) -> GroupLayout {
+        let pairs = tokens * n_used;
+        // Σ_e ceil(c_e / 64) over the experts with pairs: at most (pairs + nz * 63) / 64.
+        let max_tiles = (pairs + n_experts.min(pairs) * (GROUP_TILE - 1)) / GROUP_TILE;
+        let pairs_at = 1 + 2 * max_tiles;
+        let offs_at = pairs_at + pairs;
+        GroupLayout {
+            n_experts,
+            n_used,
+            tokens,
+            max_tiles,
+            pairs_at,
+            offs_at,
+            words: offs_at + n_experts + 1,
+        }
+    }
+}
+
+/// Groups a step's (token, routed slot) pairs by expert (`moe_group.comp`, one
+/// workgroup) into a group buffer laid out as [`GroupLayout`] says, for the grouped
+/// expert matmuls ([`ExpertMm`]). Deterministic: the pairs of an expert in token order.
+pub struct MoeGroup {
+    binding: Binding,
+    push: Vec<u8>,
+}
+
+impl MoeGroup {
+    /// `n_experts`: the block's (at most the layout's); `slots`: the routing slots it
+    /// groups (the routed ones, or the shared expert's), `layout.n_used` of them;
+    /// `step[0]`: the step's tokens.
+    pub fn new(
+        ctx: &Context,
+        n_experts: u64,
+        layout: &GroupLayout,
+        routing: &Routing,
+        slots: Slots,
+        step: &Buffer,
+        g: &Buffer,
+    ) -> Result<MoeGroup> {
+        if n_experts == 0
+            || n_experts > layout.n_experts
+            || n_experts > MAX_EXPERTS
+            || slots.count != layout.n_used
+            || slots.first + slots.count > routing.per_token()
+            || routing.tokens > layout.tokens
+            || g.size() < layout.words * 4
+            || step.size() < 4
+        {
+            return Err(invalid(format!(
+                "grouping {} experts per token of {n_experts} over {} tokens: layout or \
+                 buffers do not match",
+                routing.n_used, routing.tokens
+            )));
+        }
+        let binding = ctx.bind(Kernel::MoeGroup, &[&routing.ids, step, g])?;
+        let push = push_words(&[
+            n_experts as u32,
+            slots.count as u32,
+            routing.per_token() as u32,
+            u32_of(routing.tokens, "tokens")?,
+            u32_of(layout.max_tiles, "tiles")?,
+            u32_of(layout.pairs_at, "pair list")?,
+            u32_of(layout.offs_at, "offsets")?,
+            slots.first as u32,
+        ]);
+        Ok(MoeGroup { binding, push })
+    }
+
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        r.dispatch(&self.binding, &self.push, 1)
+    }
+}
+
+/// What a grouped expert matmul ([`ExpertMm`]) makes of its rows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MmxOut {
+    /// The first projection: the activation of a gate|up (GLU) or up-only (relu²)
+    /// tensor, `outputs` values per pair.
+    Up(Activation),
+    /// The down projection: each row (+ bias) times the pair's routing weight.
+    Down,
+}
+
+const MMX_NOGAM: u32 = 64;
+const MMX_GLU: u32 = 128;
+const MMX_GELU: u32 = 256;
+const MMX_CLAMP: u32 = 512;
+const MMX_RELU2: u32 = 1024;
+const MMX_BIAS: u32 = 2048;
+const MMX_WEIGHT: u32 = 4096;
+
+/// Whether experts `e` have a grouped expert matmul on this device.
+pub fn mmx_supported(ctx: &Context, e: &Experts) -> bool {
+    ctx.tuning().tiled_mm
+        && e.n < (1 << 16)
+        && Kernel::mmx_for(e.ty).is_some_and(|k| k.fits(ctx.info()))
+}
+
+/// The chosen experts' projection as a grouped matmul (`mmx_*`: `mmt.glsl` with
+/// `MMT_EXPERT`) over the pairs [`MoeGroup`] grouped: each workgroup takes 128 rows of
+/// one expert for a tile of up to 64 of its pairs, dequantizing each weight block once
+/// for them all. Pair q reads its input at `x[(q / x_div) * ld_x ..]` (the up
+/// projection: its token's row, normed by `gam`; the down: its own `h` row) and writes
+/// its outputs at `y[q * ld_y ..]`. The dispatch is sized at record time for the most
+/// tiles a step can have; workgroups past the step's exit. One dispatch per piece of
+/// the expert tensor (workgroups of experts in other pieces exit; the pieces write
+/// different outputs, so no barrier between them).
+pub struct ExpertMm(ExpertDispatches);
+
+impl ExpertMm {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        w: &Experts,
+        layout: &GroupLayout,
+        g: &Buffer,
+        routing: &Routing,
+        slots: Slots,
+        x: &Buffer,
+        ld_x: u64,
+        x_div: u64,
+        gam: Option<&Buffer>,
+        eps: f32,
+        y: &Buffer,
+        ld_y: u64,
+        out: MmxOut,
+    ) -> Result<ExpertMm> {
+        let (ty, k, rpe) = (w.ty, w.k, w.rows);
+        let kernel = Kernel::mmx_for(ty)
+            .filter(|_| mmx_supported(ctx, w))
+            .ok_or_else(|| invalid(format!("no grouped expert matmul for {ty} here")))?;
+        if k == 0 || ty.row_bytes(k) != Some(w.t.row_bytes) {
+            return Err(invalid(format!(
+                "expert rows of {} bytes do not hold {k} elements of {ty}",
+                w.t.row_bytes
+            )));
+        }
+        let mut flags = match out {
+            MmxOut::Up(act) => match (w.glu, act) {
+                (true, Activation::SwiGlu) => MMX_GLU,
+                (true, Activation::GeluTanhGlu) => MMX_GLU | MMX_GELU,
+                (true, Activation::ClampedSwiGlu { .. }) => MMX_GLU | MMX_CLAMP,
+                (false, Activation::Relu2) => MMX_RELU2,
+                (glu, act) => {
+                    return Err(invalid(format!(
+                        "expert activation {act:?} over {} experts",
+                        if glu { "gate|up" } else { "up-only" }
+                    )))
+                }
+            },
+            MmxOut::Down if w.glu => {
+                return Err(invalid("a down projection over gate|up experts".into()))
+            }
+            MmxOut::Down => MMX_WEIGHT,
+        };
+        let (alpha, limit) = match out {
+            MmxOut::Up(Activation::ClampedSwiGlu { alpha, limit }) => (alpha, limit),
+            _ => (0.0, 0.0),
+        };
+        flags |= match gam {
+            Some(_) => MV_NORM,
+            None => MMX_NOGAM,
+        };
+        if w.bias.is_some() {
+            flags |= MMX_BIAS;
+        }
+        let pairs = layout.tokens * layout.n_used;
+        let outs = if w.glu { w.outputs() } else { rpe };
+        if slots.count != layout.n_used
+            || slots.first + slots.count > routing.per_token()
+            || routing.tokens > layout.tokens
+            || g.size() < layout.words * 4
+            || x_div == 0
+            || ld_x < k
+            || ld_y < outs
+            || x.size() < ((pairs - 1) / x_div * ld_x + k) * 4
+            || y.size() < ((pairs - 1) * ld_y + outs) * 4
+            || gam.is_some_and(|b| b.size() < k * 4)
+            || w.n > layout.n_experts
+        {
+            return Err(invalid(format!(
+                "grouped expert matmul of {rpe} x {k} {ty}: layout or buffers do not match"
+            )));
+        }
+        let rtiles = rpe.div_ceil(GROUP_ROWS);
+        let groups = layout.max_tiles * rtiles;
+        let bias = w.bias.as_ref().unwrap_or(&routing.weights);
+        let mut parts = Vec::with_capacity(w.t.pieces.len());
+        for piece in &w.t.pieces {
+            if !piece.first_row.is_multiple_of(rpe) || !piece.rows.is_multiple_of(rpe) {
+                return Err(invalid("expert pieces must hold whole experts".into()));
+            }
+            let b = ctx.bind(
+                kernel,
+                &[
+                    &piece.buffer,
+                    x,
+                    y,
+                    gam.unwrap_or(x),
+                    g,
+                    &routing.weights,
+                    bias,
+                ],
+            )?;
+            let push = push_words(&[
+                u32_of(k, "k")?,
+                u32_of(rpe, "rows per expert")?,
+                u32_of(piece.first_row / rpe, "first expert")?,
+                u32_of(ld_x, "input stride")?,
+                u32_of(ld_y, "output stride")?,
+                flags,
+                eps.to_bits(),
+                alpha.to_bits(),
+                limit.to_bits(),
+                u32_of(piece.rows / rpe, "experts")?,
+                u32_of(x_div, "pairs per input")?,
+                u32_of(slots.count, "slots")?,
+                u32_of(routing.per_token(), "routing entries per token")?,
+                u32_of(rtiles, "row tiles")?,
+                u32_of(layout.max_tiles, "tiles")?,
+                u32_of(layout.pairs_at, "pair list")?,
+                u32_of(slots.first, "first slot")?,
+            ]);
+            parts.push((b, push, groups));
+        }
+        Ok(ExpertMm(ExpertDispatches {
+            parts,
+            serial: false,
+        }))
+    }
+
+    /// Records the op (one dispatch per piece, no barrier after).
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        self.0.record(r)
+    }
+
+    pub fn dispatches(&self) -> usize {
+        self.0.parts.len()
+    }
+}
+
+/// The routed experts' outputs of a step summed into the residual stream
+/// (`moe_sum.comp`): `x[t][r] += Σ_s yd[t * n_used + s][r]` for the step's tokens, the
+/// slots in order (deterministic, no atomics), then `+ ys[t][r]` (the shared expert's
+/// output) with `ys`. One dispatch.
+pub struct MoeSum {
+    binding: Binding,
+    push: Vec<u8>,
+    groups: u64,
+}
+
+impl MoeSum {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        x: &Buffer,
+        yd: &Buffer,
+        ys: Option<&Buffer>,
+        d: u64,
+        n_used: u64,
+        tokens: u64,
+        step: &Buffer,
+    ) -> Result<MoeSum> {
+        if d == 0
+            || x.size() < tokens * d * 4
+            || yd.size() < tokens * n_used * d * 4
+            || ys.is_some_and(|b| b.size() < tokens * d * 4)
+        {
+            return Err(invalid(format!(
+                "summing {n_used} expert outputs of {d} over {tokens} tokens: buffers too small"
+            )));
+        }
+        let binding = ctx.bind(Kernel::MoeSum, &[x, yd, step, ys.unwrap_or(yd)])?;
+        let push = push_words(&[
+            u32_of(d, "d")?,
+            u32_of(n_used, "slots")?,
+            u32::from(ys.is_some()),
+        ]);
+        Ok(MoeSum {
+            binding,
+            push,
+            groups: (tokens * d).div_ceil(256),
+        })
+    }
+
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        r.dispatch(&self.binding, &self.push, self.groups)
+    }
+}
+
+/// The grouped form's scratch: the group buffer and the down projection's outputs per
+/// pair (`tokens x n_used x d` f32); with a shared expert, its group buffer (one expert,
+/// one slot) and output (`tokens x d` f32).
+pub struct GroupScratch {
+    pub layout: GroupLayout,
+    pub g: Buffer,
+    pub yd: Buffer,
+    pub shared: Option<(GroupLayout, Buffer, Buffer)>,
+}
+
+/// Whether [`MoeSteps`] runs block `m` grouped by expert on this device: both expert
+/// tensors have grouped matmuls (not MXFP4, which has int8 kernels only) and its
+/// activation is one they apply.
+pub fn grouped_ok(ctx: &Context, m: &MoeDevice) -> bool {
+    grouped_pair_ok(ctx, &m.up, &m.down, m.spec.act)
+        && Kernel::MoeGroup.fits(ctx.info())
+        && Kernel::MoeSum.fits(ctx.info())
+}
+
+/// Whether a gate|up (or up-only) and down pair of expert tensors with activation `act`
+/// has grouped matmuls here.
+fn grouped_pair_ok(ctx: &Context, up: &Experts, down: &Experts, act: Activation) -> bool {
+    let act_ok = matches!(
+        (up.glu, act),
+        (true, Activation::SwiGlu)
+            | (true, Activation::GeluTanhGlu)
+            | (true, Activation::ClampedSwiGlu { .. })
+            | (false, Activation::Relu2)
+    );
+    act_ok && mmx_supported(ctx, up) && mmx_supported(ctx, down)
+}
+
+/// Prefill and batched decode MoE blocks group their pairs by expert unless
+/// `CALDERA_VK_MOE_PAIRS=1` (the per-pair expert mat-vecs).
+pub fn grouped_default() -> bool {
+    std::env::var("CALDERA_VK_MOE_PAIRS").map_or(true, |v| v != "1")
+}
+
 /// The scratch a [`MoeSteps`] block works in, shared by the MoE layers of a runner:
 /// `logits` (`tokens x (n_experts + 1)` f32), `routing` (for `tokens`), `h` (`tokens x
 /// n_used x ff` f32) and `hs` (`tokens x shared ff` f32, with a shared expert).
@@ -1580,6 +1932,9 @@ pub struct MoeScratch {
     /// types with int8 kernels only (MXFP4).
     pub x8: Option<(Buffer, Buffer)>,
     pub h8: Option<(Buffer, Buffer)>,
+    /// For the blocks that run grouped by expert ([`grouped_ok`]), unless the runner
+    /// asked for the per-pair mat-vecs.
+    pub group: Option<GroupScratch>,
 }
 
 /// Whether experts of `e` need int8 inputs (no f32-activation kernel for their type).
@@ -1588,8 +1943,20 @@ fn int8_only(e: &Experts) -> bool {
 }
 
 impl MoeScratch {
-    /// Scratch for the widest of `blocks` over steps of up to `tokens` tokens.
+    /// Scratch for the widest of `blocks` over steps of up to `tokens` tokens; grouped
+    /// by expert unless `CALDERA_VK_MOE_PAIRS=1` ([`grouped_default`]).
     pub fn new(ctx: &Context, blocks: &[&MoeDevice], tokens: u64) -> Result<Option<MoeScratch>> {
+        MoeScratch::with_grouping(ctx, blocks, tokens, grouped_default())
+    }
+
+    /// As [`MoeScratch::new`]; `grouped`: the blocks that can run grouped by expert do
+    /// (else every block runs the per-pair expert mat-vecs).
+    pub fn with_grouping(
+        ctx: &Context,
+        blocks: &[&MoeDevice],
+        tokens: u64,
+        grouped: bool,
+    ) -> Result<Option<MoeScratch>> {
         let Some(first) = blocks.first() else {
             return Ok(None);
         };
@@ -1617,6 +1984,25 @@ impl MoeScratch {
         }
         let dev = |n: u64| ctx.create_buffer(tokens * n * 4, MemoryKind::Device);
         let q8 = |n: u64| q8_buffers(ctx, (tokens * n).next_multiple_of(32));
+        let group = if grouped && blocks.iter().any(|b| grouped_ok(ctx, b)) {
+            let n = blocks.iter().map(|b| b.spec.n_experts as u64).max();
+            let layout = GroupLayout::new(n.unwrap_or(1), n_used, tokens);
+            let shared = if shared {
+                let sl = GroupLayout::new(1, 1, tokens);
+                let g = ctx.create_buffer(sl.words * 4, MemoryKind::Device)?;
+                Some((sl, g, dev(d)?))
+            } else {
+                None
+            };
+            Some(GroupScratch {
+                layout,
+                g: ctx.create_buffer(layout.words * 4, MemoryKind::Device)?,
+                yd: dev(n_used * d)?,
+                shared,
+            })
+        } else {
+            None
+        };
         Ok(Some(MoeScratch {
             logits: dev(logits)?,
             routing: Routing::for_tokens(ctx, n_used, shared, tokens)?,
@@ -1624,26 +2010,47 @@ impl MoeScratch {
             hs: if shared { Some(dev(hs)?) } else { None },
             x8: if x8 { Some(q8(d)?) } else { None },
             h8: if h8 { Some(q8(h)?) } else { None },
+            group,
         }))
     }
 }
 
-/// A whole MoE block over the tokens of a step (prefill): the router as a tiled matmul
-/// (the norm folded in) into `logits`, the routing of every token, the chosen experts'
-/// gate|up for every (token, slot) pair on the normed f32 input, then their down
-/// projections summed per token into the residual stream (and the shared expert's the
-/// same way). Each expert mat-vec reads its expert's rows per (token, slot), so the
-/// weights of an expert chosen by several tokens are read several times (from cache
-/// when they are close). Tokens past the step's are skipped by their routing.
+/// A whole MoE block over the tokens of a step (prefill, batched decode): the router as
+/// a tiled matmul (the norm folded in) into `logits`, the routing of every token, then
+/// the routed experts either grouped by expert (the default where [`grouped_ok`] and the
+/// scratch has [`GroupScratch`]): [`MoeGroup`], the gate|up as a grouped matmul
+/// ([`ExpertMm`]) on the normed f32 input into `h`, the down as a grouped matmul into
+/// per-pair outputs times their weights, and [`MoeSum`] adding each token's slots into
+/// the residual stream in slot order; or per (token, slot) pair (`CALDERA_VK_MOE_PAIRS=1`,
+/// and MXFP4 experts): the expert mat-vecs, each reading its expert's rows per pair, the
+/// down projections summed per token into the residual stream. The shared expert runs
+/// beside the routed ones as grouped matmuls too (its slot grouped as one expert of
+/// every token, its output added by the sum after the routed slots) where the routed
+/// ones run grouped and its types allow; else per-pair mat-vecs after the routed
+/// experts. Tokens past the step's are skipped by their routing.
 pub struct MoeSteps {
     router: crate::ops::Mm,
-    quant_x: Option<crate::ops::QuantRows>,
-    quant_h: Option<QuantX>,
     route: MoeRoute,
-    up: ExpertUp,
+    routed: Routed,
     shared_up: Option<ExpertUp>,
-    down: ExpertDown,
     shared_down: Option<ExpertDown>,
+}
+
+enum Routed {
+    Pairs {
+        quant_x: Option<crate::ops::QuantRows>,
+        quant_h: Option<QuantX>,
+        up: ExpertUp,
+        down: ExpertDown,
+    },
+    Grouped {
+        group: MoeGroup,
+        up: ExpertMm,
+        down: ExpertMm,
+        sum: MoeSum,
+        /// The shared expert as a grouped matmul too (one expert, every token).
+        shared: Option<(MoeGroup, ExpertMm, ExpertMm)>,
+    },
 }
 
 impl MoeSteps {
@@ -1692,6 +2099,168 @@ impl MoeSteps {
             Some(step),
         )?;
         let x_f32 = ExpertInput::F32 { x, gam: Some(gam) };
+        let mut shared_grouped = false;
+        let routed = match &s.group {
+            Some(gs) if grouped_ok(ctx, m) => {
+                let n_used = spec.n_used as u64;
+                let ff = m.up.outputs();
+                let routed = s.routing.routed();
+                let group = MoeGroup::new(ctx, n, &gs.layout, &s.routing, routed, step, &gs.g)?;
+                let up = ExpertMm::new(
+                    ctx,
+                    &m.up,
+                    &gs.layout,
+                    &gs.g,
+                    &s.routing,
+                    routed,
+                    x,
+                    d,
+                    n_used,
+                    Some(gam),
+                    eps,
+                    &s.h,
+                    ff,
+                    MmxOut::Up(spec.act),
+                )?;
+                let down = ExpertMm::new(
+                    ctx,
+                    &m.down,
+                    &gs.layout,
+                    &gs.g,
+                    &s.routing,
+                    routed,
+                    &s.h,
+                    ff,
+                    1,
+                    None,
+                    0.0,
+                    &gs.yd,
+                    d,
+                    MmxOut::Down,
+                )?;
+                // The shared expert: one expert on its own slot for every token (pair
+                // q = token q), into ys, which the sum adds after the routed slots.
+                let shared = match (&m.shared, s.routing.shared_slot(), &gs.shared, &s.hs) {
+                    (Some((su, sd, act)), Some(slot), Some((sl, sg, ys)), Some(hs))
+                        if grouped_pair_ok(ctx, su, sd, *act) =>
+                    {
+                        let sff = su.outputs();
+                        let group = MoeGroup::new(ctx, 1, sl, &s.routing, slot, step, sg)?;
+                        let up = ExpertMm::new(
+                            ctx,
+                            su,
+                            sl,
+                            sg,
+                            &s.routing,
+                            slot,
+                            x,
+                            d,
+                            1,
+                            Some(gam),
+                            eps,
+                            hs,
+                            sff,
+                            MmxOut::Up(*act),
+                        )?;
+                        let down = ExpertMm::new(
+                            ctx,
+                            sd,
+                            sl,
+                            sg,
+                            &s.routing,
+                            slot,
+                            hs,
+                            sff,
+                            1,
+                            None,
+                            0.0,
+                            ys,
+                            d,
+                            MmxOut::Down,
+                        )?;
+                        Some((group, up, down, ys))
+                    }
+                    _ => None,
+                };
+                let ys = shared.as_ref().map(|sh| sh.3);
+                let sum = MoeSum::new(ctx, x, &gs.yd, ys, d, n_used, tokens, step)?;
+                shared_grouped = shared.is_some();
+                Routed::Grouped {
+                    group,
+                    up,
+                    down,
+                    sum,
+                    shared: shared.map(|(g, u, dn, _)| (g, u, dn)),
+                }
+            }
+            _ => MoeSteps::pairs(ctx, m, x, gam, eps, step, s, &x_f32)?,
+        };
+        let (shared_up, shared_down) = match (&m.shared, s.routing.shared_slot(), &s.hs) {
+            _ if shared_grouped => (None, None),
+            (Some((su, sd, act)), Some(slot), Some(hs)) => {
+                if int8_only(su) || int8_only(sd) {
+                    return Err(invalid(format!(
+                        "a shared expert of type {} needs f32-activation kernels",
+                        su.ty
+                    )));
+                }
+                let hs_in = ExpertInput::F32 { x: hs, gam: None };
+                (
+                    Some(ExpertUp::new(
+                        ctx, su, &s.routing, slot, &x_f32, *act, eps, hs, None,
+                    )?),
+                    Some(ExpertDown::new(
+                        ctx, sd, &s.routing, slot, &hs_in, x, true, None,
+                    )?),
+                )
+            }
+            (None, None, _) => (None, None),
+            _ => {
+                return Err(invalid(
+                    "MoE scratch without the shared expert's slot".into(),
+                ))
+            }
+        };
+        Ok(MoeSteps {
+            router,
+            route,
+            routed,
+            shared_up,
+            shared_down,
+        })
+    }
+
+    /// Whether the routed experts run grouped by expert.
+    pub fn grouped(&self) -> bool {
+        matches!(self.routed, Routed::Grouped { .. })
+    }
+
+    /// Whether the shared expert runs as a grouped matmul (else per-pair mat-vecs).
+    pub fn shared_grouped(&self) -> bool {
+        matches!(
+            self.routed,
+            Routed::Grouped {
+                shared: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// The routed experts per (token, slot) pair.
+    #[allow(clippy::too_many_arguments)]
+    fn pairs(
+        ctx: &Context,
+        m: &MoeDevice,
+        x: &Buffer,
+        gam: &Buffer,
+        eps: f32,
+        step: &Buffer,
+        s: &MoeScratch,
+        x_f32: &ExpertInput<'_>,
+    ) -> Result<Routed> {
+        let spec = &m.spec;
+        let d = m.d_model;
+        let tokens = s.routing.tokens;
         let h_f32 = ExpertInput::F32 { x: &s.h, gam: None };
         // Int8-only expert types (MXFP4): the rows quantized with their norm, h as is.
         let x_acts = s.x8.as_ref().map(|(q, d)| Q8Acts { q, d, ss: None });
@@ -1705,7 +2274,7 @@ impl MoeSteps {
                 crate::ops::QuantRows::new(ctx, d, x, d, Some(gam), None, eps, acts, step, tokens)?;
             (x_q8.as_ref().ok_or_else(missing)?, Some(q))
         } else {
-            (&x_f32, None)
+            (x_f32, None)
         };
         let (h_in, quant_h) = if int8_only(&m.down) {
             let acts = h_acts.as_ref().ok_or_else(missing)?;
@@ -1739,62 +2308,77 @@ impl MoeSteps {
             true,
             None,
         )?;
-        let (shared_up, shared_down) = match (&m.shared, s.routing.shared_slot(), &s.hs) {
-            (Some((su, sd, act)), Some(slot), Some(hs)) => {
-                if int8_only(su) || int8_only(sd) {
-                    return Err(invalid(format!(
-                        "a shared expert of type {} needs f32-activation kernels",
-                        su.ty
-                    )));
-                }
-                let hs_in = ExpertInput::F32 { x: hs, gam: None };
-                (
-                    Some(ExpertUp::new(
-                        ctx, su, &s.routing, slot, &x_f32, *act, eps, hs, None,
-                    )?),
-                    Some(ExpertDown::new(
-                        ctx, sd, &s.routing, slot, &hs_in, x, true, None,
-                    )?),
-                )
-            }
-            (None, None, _) => (None, None),
-            _ => {
-                return Err(invalid(
-                    "MoE scratch without the shared expert's slot".into(),
-                ))
-            }
-        };
-        Ok(MoeSteps {
-            router,
+        Ok(Routed::Pairs {
             quant_x,
             quant_h,
-            route,
             up,
-            shared_up,
             down,
-            shared_down,
         })
     }
 
-    /// Records the block (barriers between its phases, none after).
+    /// Records the block (barriers between its phases, none after). With profiling on,
+    /// the phases get their own timestamps (`moe_route`: the router and the routing;
+    /// `moe_group`; `moe_up`; grouped, `moe_down`); the caller's mark after the block
+    /// times the rest (the down projections, or the sum; the shared expert's down).
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
         self.router.record(r)?;
-        if let Some(q) = &self.quant_x {
+        if let Routed::Pairs {
+            quant_x: Some(q), ..
+        } = &self.routed
+        {
             q.record(r)?;
         }
         r.barrier();
         self.route.record(r)?;
         r.barrier();
-        self.up.record(r)?;
-        if let Some(u) = &self.shared_up {
-            u.record(r)?;
+        r.mark("moe_route");
+        match &self.routed {
+            Routed::Pairs {
+                quant_h, up, down, ..
+            } => {
+                up.record(r)?;
+                if let Some(u) = &self.shared_up {
+                    u.record(r)?;
+                }
+                r.barrier();
+                r.mark("moe_up");
+                if let Some(q) = quant_h {
+                    q.record(r)?;
+                    r.barrier();
+                }
+                down.record(r)?;
+            }
+            Routed::Grouped {
+                group,
+                up,
+                down,
+                sum,
+                shared,
+            } => {
+                group.record(r)?;
+                if let Some((g, _, _)) = shared {
+                    g.record(r)?;
+                }
+                if let Some(u) = &self.shared_up {
+                    u.record(r)?;
+                }
+                r.barrier();
+                r.mark("moe_group");
+                up.record(r)?;
+                if let Some((_, u, _)) = shared {
+                    u.record(r)?;
+                }
+                r.barrier();
+                r.mark("moe_up");
+                down.record(r)?;
+                if let Some((_, _, dn)) = shared {
+                    dn.record(r)?;
+                }
+                r.barrier();
+                r.mark("moe_down");
+                sum.record(r)?;
+            }
         }
-        r.barrier();
-        if let Some(q) = &self.quant_h {
-            q.record(r)?;
-            r.barrier();
-        }
-        self.down.record(r)?;
         if let Some(dn) = &self.shared_down {
             r.barrier();
             dn.record(r)?;

@@ -85,6 +85,13 @@ fn vulkan_verifies_qwen3_moe() {
     verify("qwen3_moe");
 }
 
+/// The same with prefill's experts per (token, slot) pair instead of grouped by expert
+/// (`CALDERA_VK_MOE_PAIRS=1`, the A/B switch).
+#[test]
+fn vulkan_verifies_qwen3_moe_pairs() {
+    verify_env("qwen3_moe", &[("CALDERA_VK_MOE_PAIRS", "1")]);
+}
+
 /// Short conv + MoE after a dense first layer.
 #[test]
 fn vulkan_verifies_lfm2_moe() {
