@@ -10,3 +10,15 @@ float gelu_tanh(float v) {
 float silu(float v) {
     return v / (1.0 + exp(-v));
 }
+
+// A gated MLP's activation of (gate, up): gpt-oss's clamped SwiGLU when `clamped` (gate
+// capped at `limit`, up clamped to +-limit, (up + 1) * gate * sigmoid(alpha * gate)),
+// else GELU (tanh) or SiLU of the gate times up.
+float glu_of(float g, float u, bool clamped, bool gelu, float limit, float alpha) {
+    if (clamped) {
+        g = min(g, limit);
+        u = clamp(u, -limit, limit);
+        return (u + 1.0) * g / (1.0 + exp(-alpha * g));
+    }
+    return (gelu ? gelu_tanh(g) : silu(g)) * u;
+}

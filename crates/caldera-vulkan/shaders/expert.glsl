@@ -56,12 +56,7 @@ float slot_bias(uint s, uint row) {
 
 // The gated activation of (gate, up): SiLU, GELU (tanh) or gpt-oss's clamped SwiGLU.
 float glu_act(float g, float u) {
-    if ((p.flags & MV_CLAMP) != 0u) {
-        g = min(g, p.limit);
-        u = clamp(u, -p.limit, p.limit);
-        return (u + 1.0) * g / (1.0 + exp(-p.alpha * g));
-    }
-    return ((p.flags & MV_GELU) != 0u ? gelu_tanh(g) : silu(g)) * u;
+    return glu_of(g, u, (p.flags & MV_CLAMP) != 0u, (p.flags & MV_GELU) != 0u, p.limit, p.alpha);
 }
 
 // The value of row `row` of a per-slot (not MVG) mat-vec: dot + bias (store() applies

@@ -165,12 +165,7 @@ void fetch_step(uint row, uint sb, uint ah, bool arow_ok, uint xb, uint c0, bool
 
 #ifdef MMT_EXPERT
 float glu_act(float g, float u) {
-    if ((p.flags & MMX_CLAMP) != 0u) {
-        g = min(g, p.limit);
-        u = clamp(u, -p.limit, p.limit);
-        return (u + 1.0) * g / (1.0 + exp(-p.alpha * g));
-    }
-    return ((p.flags & MMX_GELU) != 0u ? gelu_tanh(g) : silu(g)) * u;
+    return glu_of(g, u, (p.flags & MMX_CLAMP) != 0u, (p.flags & MMX_GELU) != 0u, p.limit, p.alpha);
 }
 #endif
 

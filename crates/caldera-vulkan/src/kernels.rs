@@ -1048,8 +1048,9 @@ pub const KERNELS: [KernelDesc; 188] = [
         )
     },
     KernelDesc {
-        // The expert counts and cursors and a chunk of ids (16 KiB).
+        // The expert counts and cursors (1,024 each) and the window's token masks.
         invocations: 256,
+        shared_bytes: (1024 + 1024 + 2048) * 4,
         ..plain(
             Kernel::MoeGroup,
             "moe_group",
