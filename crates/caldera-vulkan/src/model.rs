@@ -1770,7 +1770,7 @@ impl VkRunner {
         if let (false, Some(bm)) = (decode, &self.batch) {
             // Batched decode: every column attends over its own slot of the pools.
             let gsize = nh / nkv;
-            let (kernel, hpw, n_chunks, split, max_splits) = self.attn_launch(gsize, hd, true);
+            let (kernel, hpw, n_chunks, split, max_splits, _) = self.attn_launch(gsize, hd, true);
             let slot_elems = *bm
                 .slot_elems
                 .get(li)
@@ -1837,7 +1837,8 @@ impl VkRunner {
         }
         if decode {
             let gsize = nh / nkv;
-            let (kernel, hpw, n_chunks, split, max_splits) = self.attn_launch(gsize, hd, false);
+            let (kernel, hpw, n_chunks, split, max_splits, merge_flag) =
+                self.attn_launch(gsize, hd, false);
             let binding = wg_bind(
                 kernel,
                 &[
@@ -1860,12 +1861,6 @@ impl VkRunner {
             let gate_flag = if a.q_gate { 32 } else { 0 };
             let nokv_flag = if l.kv_from.is_some() { 128 } else { 0 };
             let sinks_flag = if l.sinks.is_some() { 1024 } else { 0 };
-            // attn_decode's chunks merge from attn_merge splits on (bits 16-23).
-            let merge_flag = if kernel == Kernel::AttnDecode && hpw < gsize {
-                (self.attn_merge.min(255) as u32) << 16
-            } else {
-                0
-            };
             let q8_flag =
                 q8_flag | gate_flag | nokv_flag | sinks_flag | merge_flag | (self.attn_stop << 8);
             let push = push_words(&[
@@ -2497,28 +2492,35 @@ impl VkRunner {
 
     /// The decode attention kernel (batched or not) for groups of `gsize` query heads of
     /// `hd` and its launch: (kernel, query heads per workgroup, head chunks, positions
-    /// per split, splits).
+    /// per split, splits, the flag bits that merge the chunks from `attn_merge` splits on).
     fn attn_launch(
         &self,
         gsize: usize,
         hd: usize,
         batched: bool,
-    ) -> (Kernel, usize, usize, usize, usize) {
+    ) -> (Kernel, usize, usize, usize, usize, u32) {
         if let Some(sh) = self.dec_shape(gsize, hd) {
             let k = if batched {
                 Kernel::AttnDecBatch
             } else {
                 Kernel::AttnDec
             };
-            return (k, sh.hpw, sh.n_chunks, sh.split, sh.blocks);
+            return (k, sh.hpw, sh.n_chunks, sh.split, sh.blocks, 0);
         }
         let full = self.decode_hpw(gsize, hd);
         // A single sequence's group that fits one workgroup runs in small chunks that
-        // the kernel merges at longer contexts (`attn_merge`).
-        let hpw = if !batched && self.attn_merge > 0 && full == gsize {
+        // the kernel merges into the whole group from attn_merge splits on (flags bits
+        // 16-23); a group that does not fit is never merged.
+        let chunked = !batched && self.attn_merge > 0 && full == gsize;
+        let hpw = if chunked {
             full.min(self.attn_hpw_small)
         } else {
             full
+        };
+        let merge_flag = if chunked && hpw < gsize {
+            (self.attn_merge as u32) << 16
+        } else {
+            0
         };
         let split = self.attn_split;
         let k = if batched {
@@ -2526,7 +2528,8 @@ impl VkRunner {
         } else {
             Kernel::AttnDecode
         };
-        (k, hpw, gsize.div_ceil(hpw), split, self.cap.div_ceil(split))
+        let splits = self.cap.div_ceil(split);
+        (k, hpw, gsize.div_ceil(hpw), split, splits, merge_flag)
     }
 
     /// Whether the decode mat-vec of `p` runs on int8 activations.
