@@ -31,47 +31,33 @@ pub struct BackendArgs {
     /// What the KV cache holds on Vulkan: f16 (the default), q8_0 (blocks of 32 int8
     /// values and an f32 scale: 36 bytes per 32 values, 56% of f16; heads must be
     /// multiples of 32) or f32. The CPU backend's cache is f32 only.
-    #[arg(long, value_enum)]
-    pub kv_type: Option<KvTypeArg>,
+    #[arg(long, value_parser = kv_type_parser())]
+    pub kv_type: Option<caldera_vulkan::KvType>,
 }
 
-/// `--kv-type`.
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum KvTypeArg {
-    F16,
-    #[value(name = "q8_0")]
-    Q8_0,
-    F32,
-}
-
-impl From<KvTypeArg> for caldera_vulkan::KvType {
-    fn from(t: KvTypeArg) -> Self {
-        match t {
-            KvTypeArg::F16 => caldera_vulkan::KvType::F16,
-            KvTypeArg::Q8_0 => caldera_vulkan::KvType::Q8_0,
-            KvTypeArg::F32 => caldera_vulkan::KvType::F32,
-        }
-    }
+/// `--kv-type`: the names [`caldera_vulkan::KvType`] parses.
+fn kv_type_parser() -> impl clap::builder::TypedValueParser<Value = caldera_vulkan::KvType> {
+    use clap::builder::{PossibleValuesParser, TypedValueParser};
+    let names = caldera_vulkan::KvType::ALL.map(|t| t.name());
+    PossibleValuesParser::new(names)
+        .map(|s| caldera_vulkan::KvType::parse(&s).expect("one of KvType::ALL's names"))
 }
 
 /// The CPU backend keeps f32 rows: `--kv-type` other than f32 is refused there
 /// (`fallback`: why `auto` did not take Vulkan).
 fn cpu_kv_check(args: &BackendArgs, fallback: Option<&anyhow::Error>) -> Result<()> {
     match args.kv_type {
-        None | Some(KvTypeArg::F32) => Ok(()),
-        Some(t) => {
-            let t = caldera_vulkan::KvType::from(t);
-            match fallback {
-                Some(e) => anyhow::bail!(
-                    "--kv-type {t} needs the Vulkan backend, which is not available ({e:#}); \
+        None | Some(caldera_vulkan::KvType::F32) => Ok(()),
+        Some(t) => match fallback {
+            Some(e) => anyhow::bail!(
+                "--kv-type {t} needs the Vulkan backend, which is not available ({e:#}); \
                      the CPU backend keeps its KV cache in f32"
-                ),
-                None => anyhow::bail!(
-                    "--kv-type {t} applies to the Vulkan backend; the CPU backend keeps its \
+            ),
+            None => anyhow::bail!(
+                "--kv-type {t} applies to the Vulkan backend; the CPU backend keeps its \
                      KV cache in f32 (--kv-type f32, or leave it out)"
-                ),
-            }
-        }
+            ),
+        },
     }
 }
 
@@ -318,16 +304,14 @@ fn vulkan_model(
         Some((i, m))
             if *i == index
                 && Arc::ptr_eq(m.model(), &model)
-                && args
-                    .kv_type
-                    .is_none_or(|t| m.context().tuning().kv == t.into()) =>
+                && args.kv_type.is_none_or(|t| m.context().tuning().kv == t) =>
         {
             m.clone()
         }
         _ => {
             *cache = None;
             let opts = caldera_vulkan::ContextOptions {
-                kv_type: args.kv_type.map(Into::into),
+                kv_type: args.kv_type,
                 ..Default::default()
             };
             let c = caldera_vulkan::Context::with_options(index, &opts)?;
