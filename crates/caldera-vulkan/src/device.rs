@@ -99,6 +99,8 @@ pub struct DeviceInfo {
     pub storage_16bit: bool,
     /// VK_KHR_cooperative_matrix with its `cooperativeMatrix` feature.
     pub coopmat: bool,
+    /// The subgroup-scope matrix shapes the device multiplies (empty without `coopmat`).
+    pub coopmat_shapes: Vec<CoopShape>,
     pub max_memory_allocation_size: u64,
     pub max_memory_allocation_count: u32,
     pub max_storage_buffer_range: u32,
@@ -114,6 +116,67 @@ pub struct DeviceInfo {
     pub compute_queue_family: Option<u32>,
     /// Valid bits of that family's timestamps (0: no timestamps).
     pub timestamp_valid_bits: u32,
+}
+
+/// One cooperative-matrix multiply the device supports: D (M x N, `result`) = A (M x K,
+/// `a`) * B (K x N, `b`) + C (`c`), subgroup scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopShape {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub a: CoopType,
+    pub b: CoopType,
+    pub c: CoopType,
+    pub result: CoopType,
+}
+
+/// Component types of cooperative matrices that caldera can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoopType {
+    F16,
+    F32,
+    I8,
+    I32,
+    Other,
+}
+
+impl CoopType {
+    fn from_vk(t: vk::ComponentTypeKHR) -> CoopType {
+        match t {
+            vk::ComponentTypeKHR::FLOAT16 => CoopType::F16,
+            vk::ComponentTypeKHR::FLOAT32 => CoopType::F32,
+            vk::ComponentTypeKHR::SINT8 => CoopType::I8,
+            vk::ComponentTypeKHR::SINT32 => CoopType::I32,
+            _ => CoopType::Other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CoopType::F16 => "f16",
+            CoopType::F32 => "f32",
+            CoopType::I8 => "i8",
+            CoopType::I32 => "i32",
+            CoopType::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for CoopShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}x{}x{} {}*{}+{}->{}",
+            self.m,
+            self.n,
+            self.k,
+            self.a.name(),
+            self.b.name(),
+            self.c.name(),
+            self.result.name()
+        )
+    }
 }
 
 impl DeviceInfo {
@@ -188,7 +251,7 @@ pub(crate) fn instance() -> Result<Arc<Instance>> {
 /// The loader and one instance; destroyed on drop.
 pub(crate) struct Instance {
     /// Keeps the loader library open while the instance lives.
-    _entry: ash::Entry,
+    entry: ash::Entry,
     pub instance: ash::Instance,
     /// Vulkan version requested at instance creation.
     pub api_version: u32,
@@ -258,7 +321,7 @@ impl Instance {
             r => VkError::from_vk("creating the Vulkan instance", r),
         })?;
         Ok(Instance {
-            _entry: entry,
+            entry,
             instance,
             api_version,
         })
@@ -369,6 +432,28 @@ impl Instance {
             (sg_size, sg_size)
         };
         let on = |b: vk::Bool32| b == vk::TRUE;
+        let coopmat = has_coop_ext && on(coop.cooperative_matrix);
+        let coopmat_shapes = if coopmat {
+            let ext = ash::khr::cooperative_matrix::Instance::new(&self.entry, inst);
+            // SAFETY: `pd` comes from this instance, which has the extension's functions.
+            let props = unsafe { ext.get_physical_device_cooperative_matrix_properties(pd) }
+                .unwrap_or_default();
+            props
+                .iter()
+                .filter(|p| p.scope == vk::ScopeKHR::SUBGROUP)
+                .map(|p| CoopShape {
+                    m: p.m_size,
+                    n: p.n_size,
+                    k: p.k_size,
+                    a: CoopType::from_vk(p.a_type),
+                    b: CoopType::from_vk(p.b_type),
+                    c: CoopType::from_vk(p.c_type),
+                    result: CoopType::from_vk(p.result_type),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(DeviceInfo {
             index,
             name: c_chars_to_string(&base.device_name),
@@ -398,7 +483,8 @@ impl Instance {
             int8_dot_accelerated: on(dot.integer_dot_product4x8_bit_packed_signed_accelerated),
             storage_8bit: on(f12.storage_buffer8_bit_access),
             storage_16bit: on(f11.storage_buffer16_bit_access),
-            coopmat: has_coop_ext && on(coop.cooperative_matrix),
+            coopmat,
+            coopmat_shapes,
             max_memory_allocation_size: maint3.max_memory_allocation_size,
             max_memory_allocation_count: l.max_memory_allocation_count,
             max_storage_buffer_range: l.max_storage_buffer_range,

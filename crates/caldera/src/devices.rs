@@ -77,6 +77,10 @@ pub fn describe(d: &DeviceInfo) -> String {
         yes(d.storage_8bit),
         yes(d.storage_16bit)
     ));
+    if !d.coopmat_shapes.is_empty() {
+        let shapes: Vec<String> = d.coopmat_shapes.iter().map(|s| s.to_string()).collect();
+        line(format!("  coopmat    {}", shapes.join(", ")));
+    }
     line(format!(
         "  limits     max allocation {}, max storage buffer range {}, workgroup {} \
          invocations ({}x{}x{}), shared memory {}",
