@@ -244,9 +244,20 @@ impl Sampler {
         }
 
         if self.cfg.top_p < 1.0 {
-            self.cands.sort_unstable_by(by_logit_desc);
+            // Only the head of the descending order matters: sort the largest
+            // TOP_P_HEAD weights first and the whole list only when they do not reach
+            // the target (the order is total, so the head is the full sort's head).
             let total: f64 = self.cands.iter().map(|c| c.0 as f64).sum();
             let target = self.cfg.top_p as f64 * total;
+            if self.cands.len() > TOP_P_HEAD {
+                self.cands
+                    .select_nth_unstable_by(TOP_P_HEAD - 1, by_logit_desc);
+                let head: f64 = self.cands[..TOP_P_HEAD].iter().map(|c| c.0 as f64).sum();
+                if head >= target {
+                    self.cands.truncate(TOP_P_HEAD);
+                }
+            }
+            self.cands.sort_unstable_by(by_logit_desc);
             let mut cum = 0.0f64;
             let mut keep = self.cands.len();
             for (i, c) in self.cands.iter().enumerate() {
@@ -302,6 +313,9 @@ impl Sampler {
     }
 }
 
+/// Candidates `top_p` sorts before it considers sorting them all.
+const TOP_P_HEAD: usize = 1024;
+
 /// NaN → −∞, +∞ → the largest finite value.
 fn sanitize(l: f32) -> f32 {
     if l.is_nan() {
@@ -317,18 +331,34 @@ fn by_logit_desc(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
 }
 
 /// The index of the first largest logit, NaN ignored; 0 when there is none.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_v = f32::NEG_INFINITY;
-    let mut found = false;
-    for (i, &l) in logits.iter().enumerate() {
-        if !l.is_nan() && (!found || l > best_v) {
-            best = i;
-            best_v = l;
-            found = true;
+///
+/// Two passes a compiler vectorizes (a vocabulary row of 150k+ logits is read per slot
+/// and token, so this is on the serving path): the largest value over 16 lanes, then the
+/// first index holding it.
+pub fn argmax(logits: &[f32]) -> u32 {
+    const LANES: usize = 16;
+    let mut lane_max = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, &l) in lane_max.iter_mut().zip(c) {
+            // NaN compares false: it never replaces a lane's value.
+            if l > *m {
+                *m = l;
+            }
         }
     }
-    best as u32
+    let mut max = f32::NEG_INFINITY;
+    for &l in lane_max.iter().chain(tail) {
+        if l > max {
+            max = l;
+        }
+    }
+    if max == f32::NEG_INFINITY {
+        // Every logit is -inf or NaN: the first that is not NaN, else 0.
+        return logits.iter().position(|l| !l.is_nan()).unwrap_or(0) as u32;
+    }
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 /// Holds back streamed text that may be the start of a stop string.
@@ -509,6 +539,90 @@ mod tests {
         assert!((h[1] - p[1] / z).abs() < 0.015, "{h:?}");
         assert!((h[4] - p[4] / z).abs() < 0.015, "{h:?}");
         assert_eq!(h[1] + h[4], 1.0);
+    }
+
+    /// The reference: first index of the largest non-NaN value.
+    fn argmax_naive(v: &[f32]) -> u32 {
+        let mut best: Option<usize> = None;
+        for (i, &l) in v.iter().enumerate() {
+            if !l.is_nan() && best.is_none_or(|b| l > v[b]) {
+                best = Some(i);
+            }
+        }
+        best.unwrap_or(0) as u32
+    }
+
+    #[test]
+    fn argmax_matches_a_plain_scan() {
+        let mut rng = StdRng::seed_from_u64(17);
+        for n in [0usize, 1, 5, 15, 16, 17, 33, 1000, 151_937] {
+            for case in 0..6 {
+                let mut v: Vec<f32> = (0..n).map(|_| rng.gen_range(-8.0f32..8.0)).collect();
+                if n > 0 {
+                    match case {
+                        1 => v.iter_mut().step_by(3).for_each(|x| *x = f32::NAN),
+                        2 => v.fill(f32::NEG_INFINITY),
+                        3 => v.fill(f32::NAN),
+                        4 => {
+                            // Ties: the first wins, wherever the lanes put them.
+                            let i = rng.gen_range(0..n);
+                            let j = rng.gen_range(0..n);
+                            v[i] = 100.0;
+                            v[j] = 100.0;
+                        }
+                        5 => v[n - 1] = f32::INFINITY,
+                        _ => {}
+                    }
+                }
+                assert_eq!(argmax(&v), argmax_naive(&v), "n {n} case {case}");
+            }
+        }
+    }
+
+    #[test]
+    fn top_p_over_a_large_vocabulary_keeps_the_sorted_nucleus() {
+        // Peaked rows (the nucleus fits the sorted head) and flat rows (it does not):
+        // the drawn token is always inside the nucleus a full sort defines.
+        let mut rng = StdRng::seed_from_u64(5);
+        for (spread, top_p) in [(12.0f32, 0.9f32), (0.01, 0.9), (3.0, 0.5), (0.5, 0.99)] {
+            let n = 20_000;
+            let l: Vec<f32> = (0..n).map(|_| rng.gen_range(0.0..spread)).collect();
+            let mut idx: Vec<(f32, u32)> =
+                l.iter().enumerate().map(|(i, &v)| (v, i as u32)).collect();
+            idx.sort_unstable_by(by_logit_desc);
+            let max = idx[0].0;
+            let w: Vec<f64> = idx.iter().map(|c| ((c.0 - max) as f64).exp()).collect();
+            let total: f64 = w.iter().sum();
+            let mut cum = 0.0;
+            let mut keep = n;
+            for (i, x) in w.iter().enumerate() {
+                cum += x;
+                if cum >= top_p as f64 * total {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            let nucleus: std::collections::HashSet<u32> = idx[..keep].iter().map(|c| c.1).collect();
+            let head: std::collections::HashSet<u32> =
+                idx[..TOP_P_HEAD.min(keep)].iter().map(|c| c.1).collect();
+            let mut s = Sampler::new(cfg(1.0, 0, top_p, 0.0, 21));
+            let mut past_head = 0;
+            for _ in 0..200 {
+                let t = s.sample(&mut l.clone());
+                assert!(
+                    nucleus.contains(&t),
+                    "spread {spread}: {t} outside the nucleus of {keep}"
+                );
+                past_head += usize::from(!head.contains(&t));
+            }
+            // A nucleus larger than the sorted head is drawn from beyond it too.
+            if keep > 4 * TOP_P_HEAD {
+                assert!(
+                    past_head > 100,
+                    "spread {spread}: {past_head} of 200 past the head"
+                );
+            }
+        }
     }
 
     #[test]

@@ -220,12 +220,20 @@ impl VkBatch {
         }
         let mut runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
         let per = runner.batch_cols().max(1);
+        let t0 = std::time::Instant::now();
         for (chunk, cs) in seqs.chunks_mut(per).zip(cols.chunks(per)) {
             runner.run_batch(cs)?;
             for (i, (r, _, out)) in chunk.iter_mut().enumerate() {
                 runner.batch_logits(i, out)?;
                 r.advance();
             }
+        }
+        if runner.trace() {
+            eprintln!(
+                "batched step with logits of {} sequences: {:?}",
+                seqs.len(),
+                t0.elapsed()
+            );
         }
         Ok(())
     }

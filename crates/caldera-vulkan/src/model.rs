@@ -2699,6 +2699,11 @@ impl VkRunner {
         self.m.ctx.write_mapped(&self.x_in, 0, &self.embed_bytes)
     }
 
+    /// Whether `CALDERA_VK_TRACE` asked for step timings on stderr.
+    pub(crate) fn trace(&self) -> bool {
+        self.trace
+    }
+
     /// Columns a batched runner's step takes at most (0 for other runners).
     pub(crate) fn batch_cols(&self) -> usize {
         self.batch.as_ref().map_or(0, |b| b.cols)
@@ -2742,6 +2747,10 @@ impl VkRunner {
                 "batched step of {n} sequences (bucket {bucket}): {:?}",
                 t0.elapsed()
             );
+            // With CALDERA_VK_PROFILE too: its device time by op.
+            if let Some(times) = self.steps[&key].rec.profile()? {
+                eprintln!("batched step by op: {}", profile_line(&times));
+            }
         }
         self.stats.steps += 1;
         self.stats.tokens += n as u64;
@@ -2822,18 +2831,7 @@ impl VkRunner {
         let times = step.rec.profile()?;
         if let (Some(times), true) = (&times, bucket > 1) {
             // CALDERA_VK_TRACE + CALDERA_VK_PROFILE: device time of a prefill step by op.
-            let mut by: Vec<(&str, f64)> = Vec::new();
-            for &(label, ns) in times {
-                match by.iter_mut().find(|e| e.0 == label) {
-                    Some(e) => e.1 += ns,
-                    None => by.push((label, ns)),
-                }
-            }
-            let list: Vec<String> = by
-                .iter()
-                .map(|(l, ns)| format!("{l} {:.0} us", ns / 1e3))
-                .collect();
-            eprintln!("prefill step of {n} tokens: {}", list.join(", "));
+            eprintln!("prefill step of {n} tokens: {}", profile_line(times));
         } else if let Some(times) = times {
             for (label, ns) in times {
                 let e = self.profile_ns.entry(label).or_insert((0.0, 0));
@@ -3059,4 +3057,21 @@ impl caldera_model::Runner for VkRunner {
             self.m.ctx.tuning().kv
         )
     }
+}
+
+/// "label N us, ..." from a step's timestamps, each label's time summed over the layers
+/// in order of first appearance.
+fn profile_line(times: &[(&'static str, f64)]) -> String {
+    let mut by: Vec<(&str, f64)> = Vec::new();
+    for &(label, ns) in times {
+        match by.iter_mut().find(|e| e.0 == label) {
+            Some(e) => e.1 += ns,
+            None => by.push((label, ns)),
+        }
+    }
+    let list: Vec<String> = by
+        .iter()
+        .map(|(l, ns)| format!("{l} {:.0} us", ns / 1e3))
+        .collect();
+    list.join(", ")
 }

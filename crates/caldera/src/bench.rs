@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Result;
+use caldera_engine::sampler::argmax;
 use caldera_model::{BatchItem, Logits, StepOutcome};
 use clap::Args;
 use serde_json::json;
@@ -220,6 +221,7 @@ fn bench_batch(a: &BenchArgs, loaded: &load::Loaded) -> Result<ExitCode> {
     let mut desc = String::new();
     // (N, median seconds of the decode loop)
     let mut rows: Vec<(usize, f64)> = Vec::new();
+    let trace = std::env::var_os("CALDERA_VK_TRACE").is_some();
     for &n in &a.batch {
         let n = n as usize;
         let kv = caldera_cpu::KvConfig::default();
@@ -263,7 +265,11 @@ fn bench_batch(a: &BenchArgs, loaded: &load::Loaded) -> Result<ExitCode> {
                         outcome: StepOutcome::Pending,
                     })
                     .collect();
+                let ts = Instant::now();
                 sr.stepper.step_batch(&mut items);
+                if trace {
+                    eprintln!("bench: step_batch of {n} took {:?}", ts.elapsed());
+                }
                 for it in items {
                     match it.outcome {
                         StepOutcome::Done => {}
@@ -272,8 +278,12 @@ fn bench_batch(a: &BenchArgs, loaded: &load::Loaded) -> Result<ExitCode> {
                         StepOutcome::Pending => anyhow::bail!("a decode step did not run"),
                     }
                 }
+                let ts = Instant::now();
                 for (nx, l) in next.iter_mut().zip(&logits) {
                     *nx = argmax(l);
+                }
+                if trace {
+                    eprintln!("bench: argmax of {n} rows took {:?}", ts.elapsed());
                 }
             }
             times.push(t.elapsed().as_secs_f64());
@@ -386,14 +396,4 @@ fn process_cpu_ns() -> u64 {
         return 0;
     }
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
