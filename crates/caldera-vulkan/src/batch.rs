@@ -24,7 +24,7 @@
 //! and V its region holds (position i: token i). What a runner computed stays valid
 //! after it is truncated, emptied or dropped, until a step writes over it: a step
 //! first cuts its slot's list at the position it writes from, and extends it with its
-//! tokens once it ran. A runner's `reuse_prefix` ([`VkBatch::reuse`]) takes the
+//! tokens once it ran. A runner's `reuse_prefix` (`VkBatch::reuse`) takes the
 //! longest prefix of a prompt that any slot's region holds: its own (nothing to copy),
 //! else another's, whose positions it copies on the device (`vkCmdCopyBuffer`, every
 //! attention layer's K and V, in the cache's own type). Every cache holds all `cap`
@@ -43,7 +43,7 @@ use crate::model::{BatchMm, KvSource, VkModel, VkRunner};
 /// Most sequences one batched step decodes (the largest bucket).
 pub const MAX_BATCH: usize = 16;
 
-/// Fewest positions [`VkBatch::reuse`] copies from another slot: a shorter shared
+/// Fewest positions `VkBatch::reuse` copies from another slot: a shorter shared
 /// prefix (a chat template's first tokens) is cheaper to recompute in the prefill step
 /// that runs anyway than a submit of its own.
 pub const MIN_COPY: usize = 16;
@@ -225,12 +225,6 @@ impl VkBatch {
         }
     }
 
-    /// The tokens whose K and V `slot`'s region holds now (for tests and `/slots`-like
-    /// reports).
-    pub fn slot_tokens(&self, slot: usize) -> Vec<u32> {
-        self.held().get(slot).cloned().unwrap_or_default()
-    }
-
     /// The sequence in `slot`, holding `tokens[..len]`, takes the longest prefix of
     /// `tokens[..limit]` that a slot's region holds: its own region's (positions past
     /// `len` that a step has not overwritten yet: nothing to copy), or another slot's,
@@ -238,7 +232,13 @@ impl VkBatch {
     /// longer (copied on the device into this slot's region, every attention layer's K
     /// and V). Returns the positions the sequence holds now (`len` when nothing better
     /// is held, or when `slot`'s region does not hold `tokens[..len]`).
-    pub fn reuse(&self, slot: usize, len: usize, tokens: &[u32], limit: usize) -> Result<usize> {
+    pub(crate) fn reuse(
+        &self,
+        slot: usize,
+        len: usize,
+        tokens: &[u32],
+        limit: usize,
+    ) -> Result<usize> {
         let limit = limit.min(tokens.len()).min(self.cap);
         let want = &tokens[..limit];
         let common = |h: &[u32]| h.iter().zip(want).take_while(|(a, b)| a == b).count();

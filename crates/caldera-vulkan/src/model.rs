@@ -2991,7 +2991,7 @@ impl caldera_model::Runner for VkRunner {
     }
 
     /// A sequence of a [`VkBatch`](crate::VkBatch) takes the longest prefix of `tokens`
-    /// that its pool holds ([`VkBatch::reuse`](crate::VkBatch::reuse): its own region's
+    /// that its pool holds (`VkBatch::reuse`: its own region's
     /// positions past its length, or another slot's, copied on the device).
     fn reuse_prefix(&mut self, tokens: &[u32], limit: usize) -> usize {
         let Some(l) = &self.lease else {
