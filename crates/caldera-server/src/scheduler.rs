@@ -12,13 +12,15 @@
 //! need (prompt + `max_tokens`, at most a slot's context) can be reserved ([`KvBudget`]),
 //! so no request runs out of KV memory halfway; the head of the queue waits for pages
 //! (first come, first served). A job goes to the free slot holding the longest prefix of
-//! its prompt. Idle slots whose backend keeps a shared prefix cache (CPU) give their
-//! pages back when their request ends; other idle slots keep their sequence for reuse
-//! until its pages are needed. A job whose
+//! its prompt (ties: the least recently used). Idle slots whose backend keeps a shared
+//! prefix cache (CPU pages; Vulkan pool slots, whose regions lend their prefix until
+//! written over) give their pages back when their request ends; other idle slots keep
+//! their sequence for reuse until its pages are needed. A job whose
 //! client went away (its cancel flag) leaves its slot at the start of the next step. A
 //! panic in one slot's step fails that slot's request only: its runner is replaced from
 //! the factory, the other slots go on.
 
+use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -349,8 +351,8 @@ struct Slot<'t> {
     last: (usize, usize, usize),
     /// KV pages reserved for the running request.
     reserved: usize,
-    /// When the slot last ended a request (scheduler steps), for choosing which idle
-    /// sequence gives its pages back first.
+    /// When the slot last ended a request (scheduler steps + 1; 0: never), for choosing
+    /// which idle sequence gives its pages back first and which free slot takes a job.
     used: u64,
 }
 
@@ -372,7 +374,7 @@ impl Slot<'_> {
             .reserved
             .fetch_sub(self.reserved, Ordering::SeqCst);
         self.reserved = 0;
-        self.used = tick;
+        self.used = tick.saturating_add(1);
         if let Some(g) = self.gen.as_mut() {
             if g.shares_prefixes() && !g.reset() {
                 self.gen = None;
@@ -517,8 +519,10 @@ fn admit<'t>(
         .filter(|(_, s)| s.active.is_none())
         .max_by_key(|(i, s)| {
             let common = s.gen.as_ref().map_or(0, |g| g.common_prefix(&job.prompt));
-            // Ties go to the lowest index.
-            (common, usize::MAX - i)
+            // Ties go to the least recently used slot, then the lowest index: on Vulkan an
+            // emptied slot's region still lends its prefix until a request writes over
+            // it, so the most recent ones are kept longest.
+            (common, Reverse(s.used), Reverse(*i))
         })
         .map(|(i, _)| i)
     else {

@@ -19,6 +19,17 @@
 //! output for the o-projection; `attn_dec_batch` with `CALDERA_VK_ATTN_DEC=1`, whose
 //! o-projection then quantizes its own input). Models with recurrent mixers have no
 //! batched step yet ([`VkModel::batch_unsupported`]): [`VkBatch::new`] refuses them.
+//!
+//! **Prefix reuse across slots.** The batch keeps, per pool slot, the tokens whose K
+//! and V its region holds (position i: token i). What a runner computed stays valid
+//! after it is truncated, emptied or dropped, until a step writes over it: a step
+//! first cuts its slot's list at the position it writes from, and extends it with its
+//! tokens once it ran. A runner's `reuse_prefix` (`VkBatch::reuse`) takes the
+//! longest prefix of a prompt that any slot's region holds: its own (nothing to copy),
+//! else another's, whose positions it copies on the device (`vkCmdCopyBuffer`, every
+//! attention layer's K and V, in the cache's own type). Every cache holds all `cap`
+//! positions (a sliding window is a mask in the kernels, not a ring), so a copy at the
+//! same positions is exact for windowed layers too.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -32,6 +43,11 @@ use crate::model::{BatchMm, KvSource, VkModel, VkRunner};
 /// Most sequences one batched step decodes (the largest bucket).
 pub const MAX_BATCH: usize = 16;
 
+/// Fewest positions `VkBatch::reuse` copies from another slot: a shorter shared
+/// prefix (a chat template's first tokens) is cheaper to recompute in the prefill step
+/// that runs anyway than a submit of its own.
+pub const MIN_COPY: usize = 16;
+
 /// A pool of KV caches for `slots` sequences of `cap` tokens, and the batched runner
 /// over it.
 pub struct VkBatch {
@@ -42,13 +58,17 @@ pub struct VkBatch {
     pool: Vec<Option<(Buffer, Buffer, u64)>>,
     /// Whether each slot is leased to a runner.
     used: Mutex<Vec<bool>>,
+    /// Per slot, the tokens whose K and V its region holds at positions 0.. (see the
+    /// module's notes: kept past truncation and the runner's drop, cut before a step
+    /// writes). Held across a copy out of a region, so no step writes it meanwhile.
+    held: Mutex<Vec<Vec<u32>>>,
     runner: Mutex<VkRunner>,
 }
 
 /// A runner's hold on a pool slot; frees it when dropped with the runner.
 pub(crate) struct SlotLease {
-    batch: Arc<VkBatch>,
-    slot: usize,
+    pub(crate) batch: Arc<VkBatch>,
+    pub(crate) slot: usize,
 }
 
 impl Drop for SlotLease {
@@ -130,6 +150,7 @@ impl VkBatch {
             slots,
             pool,
             used: Mutex::new(vec![false; slots]),
+            held: Mutex::new(vec![Vec::new(); slots]),
             runner: Mutex::new(runner),
         }))
     }
@@ -182,6 +203,82 @@ impl VkBatch {
         Ok(r)
     }
 
+    fn held(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u32>>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Before a step writes `slot`'s region from position `from` on: its list ends there.
+    pub(crate) fn note_write(&self, slot: usize, from: usize) {
+        if let Some(h) = self.held().get_mut(slot) {
+            h.truncate(from);
+        }
+    }
+
+    /// After a step wrote `tokens` into `slot`'s region from position `from` on.
+    pub(crate) fn note_written(&self, slot: usize, from: usize, tokens: &[u32]) {
+        if let Some(h) = self.held().get_mut(slot) {
+            // Shorter only if something was not noted: then positions from.. stay unknown.
+            if h.len() >= from {
+                h.truncate(from);
+                h.extend_from_slice(tokens);
+            }
+        }
+    }
+
+    /// The sequence in `slot`, holding `tokens[..len]`, takes the longest prefix of
+    /// `tokens[..limit]` that a slot's region holds: its own region's (positions past
+    /// `len` that a step has not overwritten yet: nothing to copy), or another slot's,
+    /// idle, busy or without a runner, when that is at least [`MIN_COPY`] positions
+    /// longer (copied on the device into this slot's region, every attention layer's K
+    /// and V). Returns the positions the sequence holds now (`len` when nothing better
+    /// is held, or when `slot`'s region does not hold `tokens[..len]`).
+    pub(crate) fn reuse(
+        &self,
+        slot: usize,
+        len: usize,
+        tokens: &[u32],
+        limit: usize,
+    ) -> Result<usize> {
+        let limit = limit.min(tokens.len()).min(self.cap);
+        let want = &tokens[..limit];
+        let common = |h: &[u32]| h.iter().zip(want).take_while(|(a, b)| a == b).count();
+        // Held through the copy: a step of the source slot's runner cuts its list first,
+        // so it waits until the copy has run (every submit waits for completion).
+        let mut held = self.held();
+        let Some(own) = held.get(slot).map(|h| common(h)) else {
+            return Err(VkError::Invalid(format!("no pool slot {slot}")));
+        };
+        if own < len.min(limit) {
+            // Not the state the caller describes: leave it alone.
+            return Ok(len);
+        }
+        let best = held
+            .iter()
+            .enumerate()
+            .filter(|&(s, _)| s != slot)
+            .map(|(s, h)| (common(h), usize::MAX - s))
+            .max()
+            .map(|(n, s)| (n, usize::MAX - s));
+        let Some((n, from)) = best.filter(|&(n, _)| n >= own + MIN_COPY) else {
+            return Ok(own.max(len));
+        };
+        held[slot].truncate(own);
+        let kv = self.m.context().tuning().kv;
+        let mut copies = Vec::new();
+        for (p, w) in self.pool.iter().zip(self.m.kv_widths()) {
+            let (Some((k, v, stride)), Some(kvd)) = (p, w) else {
+                continue;
+            };
+            let (at, size) = kv.span((own * kvd) as u64, (n * kvd) as u64);
+            let (src, dst) = (from as u64 * stride + at, slot as u64 * stride + at);
+            copies.push((k, src, dst, size));
+            copies.push((v, src, dst, size));
+        }
+        self.m.context().copy_within(&copies)?;
+        held[slot].extend_from_slice(&want[own..n]);
+        Ok(n)
+    }
+
     /// Whether `r` is a sequence of this batch.
     pub fn owns(self: &Arc<Self>, r: &VkRunner) -> bool {
         r.lease
@@ -222,9 +319,14 @@ impl VkBatch {
         let per = runner.batch_cols().max(1);
         let t0 = std::time::Instant::now();
         for (chunk, cs) in seqs.chunks_mut(per).zip(cols.chunks(per)) {
+            for &(slot, pos, _) in cs {
+                self.note_write(slot as usize, pos as usize);
+            }
             runner.run_batch(cs)?;
-            for (i, (r, _, out)) in chunk.iter_mut().enumerate() {
+            for (i, (r, t, out)) in chunk.iter_mut().enumerate() {
                 runner.batch_logits(i, out)?;
+                let (slot, pos, _) = cs[i];
+                self.note_written(slot as usize, pos as usize, &[*t]);
                 r.advance();
             }
         }

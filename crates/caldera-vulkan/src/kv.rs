@@ -59,6 +59,18 @@ impl KvType {
         }
     }
 
+    /// The bytes `(offset, len)` holding values `a .. b` of a cache (`a <= b`; for
+    /// q8_0 both multiples of 32, whole blocks: a row of positions is whole heads of 32n
+    /// values). f16 values are 2 bytes each, the even one in the low half of its word
+    /// (`packHalf2x16`, little-endian), so any range is whole bytes.
+    pub fn span(self, a: u64, b: u64) -> (u64, u64) {
+        match self {
+            KvType::F32 => (a * 4, (b - a) * 4),
+            KvType::F16 => (a * 2, (b - a) * 2),
+            KvType::Q8_0 => (a / 32 * 36, (b.div_ceil(32) - a / 32) * 36),
+        }
+    }
+
     /// The byte stride of a pool slot holding `values` values: whole multiples of
     /// [`Buffer::VIEW_ALIGN`] (a slot is a descriptor range) and, for q8_0, of a block
     /// (so a slot starts at a whole block).
@@ -124,6 +136,9 @@ mod tests {
         for t in KvType::ALL {
             assert_eq!(KvType::parse(t.name()), Some(t));
         }
+        assert_eq!(KvType::F32.span(3, 5), (12, 8));
+        assert_eq!(KvType::F16.span(3, 6), (6, 6));
+        assert_eq!(KvType::Q8_0.span(64, 128), (72, 72));
         assert!(KvType::Q8_0.unsupported_head(48).is_some());
         assert!(KvType::Q8_0.unsupported_head(64).is_none());
         assert!(KvType::F16.unsupported_head(48).is_none());

@@ -308,6 +308,42 @@ impl Context {
         Ok(())
     }
 
+    /// Copies byte ranges within device buffers, all in one submit (waited for): each
+    /// `(buffer, src, dst, size)` copies `size` bytes of `buffer` at `src` to `dst`
+    /// (relative to the buffer; the two ranges must not overlap). Every earlier submit
+    /// has finished (each submit waits), and the next one's leading barrier makes the
+    /// copies visible to its kernels.
+    pub fn copy_within(&self, copies: &[(&Buffer, u64, u64, u64)]) -> Result<()> {
+        let mut all = Vec::with_capacity(copies.len());
+        for &(buf, src, dst, size) in copies {
+            let inside = |at: u64| at.checked_add(size).is_some_and(|e| e <= buf.size());
+            if !inside(src) || !inside(dst) || src.max(dst) < src.min(dst) + size {
+                return Err(VkError::Invalid(format!(
+                    "copying {size} bytes from {src} to {dst} within a buffer of {}",
+                    buf.size()
+                )));
+            }
+            if size > 0 {
+                let region = vk::BufferCopy {
+                    src_offset: buf.offset() + src,
+                    dst_offset: buf.offset() + dst,
+                    size,
+                };
+                all.push((buf.handle(), [region]));
+            }
+        }
+        if all.is_empty() {
+            return Ok(());
+        }
+        self.one_shot("copying within device buffers", |dev, cmd| {
+            for (h, region) in &all {
+                // SAFETY: the buffers are alive (borrowed), the ranges inside them and
+                // disjoint (checked above).
+                unsafe { dev.cmd_copy_buffer(cmd, *h, *h, region) };
+            }
+        })
+    }
+
     /// Reads `len` bytes of `src` from byte `offset` through a readback buffer.
     pub fn read_buffer(&self, src: &Buffer, offset: u64, len: u64) -> Result<Vec<u8>> {
         if offset.checked_add(len).is_none_or(|end| end > src.size()) {

@@ -2825,9 +2825,15 @@ impl VkRunner {
             dst.copy_from_slice(&v.to_le_bytes());
         }
         ctx.write_mapped(&self.step, 0, &bytes)?;
+        if let Some(l) = &self.lease {
+            l.batch.note_write(l.slot, self.len);
+        }
         let step = &self.steps[&key];
         let t0 = std::time::Instant::now();
         ctx.submit(&step.rec)?;
+        if let Some(l) = &self.lease {
+            l.batch.note_written(l.slot, self.len, tokens);
+        }
         let times = step.rec.profile()?;
         if let (Some(times), true) = (&times, bucket > 1) {
             // CALDERA_VK_TRACE + CALDERA_VK_PROFILE: device time of a prefill step by op.
@@ -2982,12 +2988,41 @@ impl caldera_model::Runner for VkRunner {
         self.len
     }
 
+    /// A sequence of a [`VkBatch`](crate::VkBatch) takes the longest prefix of `tokens`
+    /// that its pool holds (`VkBatch::reuse`: its own region's
+    /// positions past its length, or another slot's, copied on the device).
+    fn reuse_prefix(&mut self, tokens: &[u32], limit: usize) -> usize {
+        let Some(l) = &self.lease else {
+            return self.len;
+        };
+        if self.states.iter().any(Option::is_some) {
+            return self.len;
+        }
+        // A failed copy (a lost device) leaves the sequence as it was; its next step
+        // reports the error.
+        if let Ok(n) = l.batch.reuse(l.slot, self.len, tokens, limit.min(self.cap)) {
+            if self.trace && n > self.len {
+                eprintln!("reused {} positions of the pool", n - self.len);
+            }
+            self.len = n;
+        }
+        self.len
+    }
+
+    /// A sequence of a [`VkBatch`](crate::VkBatch): what it computed stays in its pool
+    /// slot's region for any sequence's `reuse_prefix` after it is emptied, until a
+    /// step writes over it.
+    fn shares_prefixes(&self) -> bool {
+        self.lease.is_some()
+    }
+
     fn truncate(&mut self, n: usize) -> bool {
         if n >= self.len {
             return true;
         }
         if self.states.iter().all(Option::is_none) {
-            // The KV cache keeps every position; later tokens overwrite what follows n.
+            // The KV cache keeps every position; later tokens overwrite what follows n
+            // (a pool slot's region stays lendable until then: `VkBatch::reuse`).
             self.len = n;
             return true;
         }

@@ -173,7 +173,10 @@ pub fn slot_runners(
             });
         };
         let first = batch.runner()?;
-        let desc = format!("{}; slots decode in batched steps", first.describe());
+        let desc = format!(
+            "{}; slots decode in batched steps and lend prompt prefixes to each other",
+            first.describe()
+        );
         let mut first = Some(first);
         let b = batch.clone();
         Ok(SlotRunners {
