@@ -595,6 +595,48 @@ fn vulkan_verifies_with_q8_0_kv() {
     }
 }
 
+/// `caldera verify` on the `llama` and `qwen3` fixtures with the prefill matmul on
+/// cooperative matrices (`mmc.glsl`, f16 products), at [`verify`]'s tolerance (measured
+/// on lavapipe 26.1: worst rows 1.4e-3 on both, against `mmt.glsl`'s 6.2e-4). Runs where
+/// the test device has them: skips elsewhere, fails under `CALDERA_REQUIRE_COOPMAT=1`.
+/// The binary runs through the launcher `CALDERA_LAVAPIPE_NEXT` names when set
+/// (`scripts/lavapipe-next.sh`: a subprocess would otherwise load the system's
+/// libraries and driver); its description must name the coopmat shape.
+#[test]
+fn vulkan_verifies_with_coopmat() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    if caldera_vulkan::testing::coopmat_context("verify with coopmat", &Default::default())
+        .is_none()
+    {
+        return;
+    }
+    for arch in ["llama", "qwen3"] {
+        let mut cmd = match std::env::var_os("CALDERA_LAVAPIPE_NEXT") {
+            Some(run) => {
+                let mut c = std::process::Command::new(run);
+                c.arg(env!("CARGO_BIN_EXE_caldera"));
+                c
+            }
+            None => bin(),
+        };
+        let o = cmd
+            .args(["verify", "--backend", "vulkan", "--device", &dev])
+            .args(["--tol", "1e-2"])
+            .arg(fx.join(arch))
+            .output()
+            .expect("running caldera");
+        assert_pass(&o);
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("coopmat"),
+            "{arch}: the caldera process has no cooperative matrices (set \
+             CALDERA_LAVAPIPE_NEXT to the launcher the tests run under): {}",
+            text(&o)
+        );
+    }
+}
+
 /// SmolLM2 through its chat template still answers with a q8_0 KV cache.
 #[test]
 fn vulkan_smollm2_answers_paris_with_q8_0_kv() {
