@@ -1406,7 +1406,6 @@ pub struct CoopLayout {
 /// (`required_sg`, else the largest subgroup size). Prefers all subgroups busy, then
 /// the largest shape, then fewer accumulators per subgroup.
 pub fn coop_layout(info: &crate::DeviceInfo, required_sg: Option<u32>) -> Option<CoopLayout> {
-    use crate::device::CoopType::{F16, F32};
     if !info.coopmat
         || !info.fp16
         || !info.vulkan_memory_model
@@ -1416,8 +1415,14 @@ pub fn coop_layout(info: &crate::DeviceInfo, required_sg: Option<u32>) -> Option
         return None;
     }
     let nsg = 256 / required_sg.unwrap_or(info.subgroup_max).max(1);
+    pick_coop_layout(&info.coopmat_shapes, nsg)
+}
+
+/// [`coop_layout`]'s choice among `shapes` for workgroups of at least `nsg` subgroups.
+fn pick_coop_layout(shapes: &[crate::device::CoopShape], nsg: u32) -> Option<CoopLayout> {
+    use crate::device::CoopType::{F16, F32};
     let mut best: Option<((u32, u32, i32), CoopLayout)> = None;
-    for s in &info.coopmat_shapes {
+    for s in shapes {
         if (s.a, s.b, s.c, s.result) != (F16, F16, F32, F32)
             || ![s.m, s.n, s.k].iter().all(|v| v.is_power_of_two())
             || s.k > MMT_K_STEP as u32
@@ -1447,4 +1452,64 @@ pub fn coop_layout(info: &crate::DeviceInfo, required_sg: Option<u32>) -> Option
         }
     }
     best.map(|(_, l)| l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{CoopShape, CoopType};
+
+    fn f16_shape(m: u32, n: u32, k: u32) -> CoopShape {
+        CoopShape {
+            m,
+            n,
+            k,
+            a: CoopType::F16,
+            b: CoopType::F16,
+            c: CoopType::F32,
+            result: CoopType::F32,
+        }
+    }
+
+    fn layout(m: u32, n: u32, k: u32, wm: u32, wn: u32) -> Option<CoopLayout> {
+        Some(CoopLayout { m, n, k, wm, wn })
+    }
+
+    /// Every subgroup of the workgroup owns a block where the shapes allow; the largest
+    /// shape wins; blocks never outnumber the subgroups; f16 accumulators don't count.
+    #[test]
+    fn coop_layouts() {
+        // NVIDIA (subgroup 32: 8 subgroups).
+        let nv = [
+            f16_shape(16, 8, 16),
+            f16_shape(16, 8, 8),
+            f16_shape(16, 16, 16),
+        ];
+        assert_eq!(pick_coop_layout(&nv, 8), layout(16, 16, 16, 2, 2));
+        assert_eq!(pick_coop_layout(&nv[..1], 8), layout(16, 8, 16, 2, 4));
+        // lavapipe (subgroup 8: 32 subgroups), Intel (16: 16 subgroups).
+        assert_eq!(
+            pick_coop_layout(&[f16_shape(8, 8, 8)], 32),
+            layout(8, 8, 8, 2, 2)
+        );
+        assert_eq!(
+            pick_coop_layout(&[f16_shape(8, 16, 16)], 16),
+            layout(8, 16, 16, 2, 2)
+        );
+        // 8x8 tiles over 8 subgroups would need 16 accumulators each.
+        assert_eq!(pick_coop_layout(&[f16_shape(8, 8, 8)], 8), None);
+        let mut f16acc = f16_shape(16, 16, 16);
+        f16acc.c = CoopType::F16;
+        f16acc.result = CoopType::F16;
+        assert_eq!(pick_coop_layout(&[f16acc], 8), None);
+        for l in [
+            pick_coop_layout(&nv, 8),
+            pick_coop_layout(&[f16_shape(8, 8, 8)], 32),
+        ] {
+            let l = l.unwrap();
+            // mmc.glsl's staging: blocks x M x N floats within 2048.
+            let blocks = (128 / (l.m * l.wm)) * (64 / (l.n * l.wn));
+            assert!(blocks * l.m * l.n <= 2048 && l.wm * l.wn <= 8);
+        }
+    }
 }
