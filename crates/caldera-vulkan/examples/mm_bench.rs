@@ -68,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 continue;
             }
             let us = time_mm(ctx, ty, &w, row_bytes, rows, k, m)?;
-            line += &format!("  {label} {us:9.1} us {:6.1} TFLOP/s", flop / us / 1e6);
+            line += &format!("  {label} {us:9.1} us {:7.2} TFLOP/s", flop / us / 1e6);
         }
         println!("{line}");
     }

@@ -1409,7 +1409,10 @@ pub fn coop_layout(info: &crate::DeviceInfo, required_sg: Option<u32>) -> Option
     if !info.coopmat
         || !info.fp16
         || !info.vulkan_memory_model
+        // The SPIR-V is 1.6: Vulkan 1.3 on both the device and the instance, which is
+        // when the 1.3 features are read (subgroupSizeControl is one 1.3 requires).
         || info.api_version < ash::vk::API_VERSION_1_3
+        || !info.subgroup_size_control
         || !Kernel::MmcF32.fits(info)
     {
         return None;
