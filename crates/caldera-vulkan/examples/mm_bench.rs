@@ -1,12 +1,12 @@
 //! The tiled prefill matmul on f32 FMA (`mmt.glsl`) against the cooperative-matrix one
-//! (`mmc.glsl`): `cargo run --release --example mm_bench [TYPE ROWS K TOKENS]`; without
-//! arguments, the prefill shapes of qwen3 8B and 32B at Q4_K_M (512 tokens: 4096 x 4096,
-//! q|k|v, gate|up, down as Q6_K and Q4_K). `CALDERA_VK_DEVICE=N` picks the device. For each
-//! shape and kernel, records REPS matmuls (`Mm`, plain mode) into one command buffer, runs
-//! it once to warm up, and reports the best device time per matmul of 5 runs (GPU
-//! timestamps) in us and TFLOP/s (2 rows k tokens per matmul). mmc is skipped where the
-//! device has no cooperative-matrix layout. lavapipe's numbers say nothing about a GPU.
-
+//! (`mmc.glsl`, without and with `CoopLayout::prefetch`): `cargo run --release --example
+//! mm_bench [TYPE ROWS K TOKENS]`; without arguments, the prefill shapes of qwen3 8B and
+//! 32B at Q4_K_M (512 tokens: 4096 x 4096, q|k|v, gate|up, down as Q6_K and Q4_K).
+//! `CALDERA_VK_DEVICE=N` picks the device. For each shape and kernel, records REPS
+//! matmuls (`Mm`, plain mode) into one command buffer, runs it once to warm up, and
+//! reports the best device time per matmul of 5 runs (GPU timestamps) in us and TFLOP/s
+//! (2 rows k tokens per matmul). mmc is skipped where the device has no
+//! cooperative-matrix layout. lavapipe's numbers say nothing about a GPU.
 use caldera_format::quant::quantize;
 use caldera_format::GgmlType;
 use caldera_vulkan::ops::{Mm, MmIo, MmMode};
@@ -49,6 +49,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     )?;
     let mmc = Context::new(dev)?;
+    let mmc_pf = Context::with_options(
+        dev,
+        &ContextOptions {
+            coopmat_prefetch: Some(true),
+            ..Default::default()
+        },
+    )?;
     println!(
         "{}: coopmat layout {:?}",
         mmc.info().name,
@@ -62,9 +69,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let row_bytes = ty.row_bytes(k as u64).ok_or("k is not whole blocks")?;
         let flop = 2.0 * rows as f64 * k as f64 * m as f64;
         let mut line = format!("{ty:>6} {rows:>6} x {k:>6} x {m:>4} tokens:");
-        for (label, ctx) in [("mmt", &mmt), ("mmc", &mmc)] {
-            if label == "mmc" && ctx.tuning().coopmat_mm.is_none() {
-                line += "  mmc: none";
+        for (label, ctx) in [("mmt", &mmt), ("mmc", &mmc), ("mmc+prefetch", &mmc_pf)] {
+            if label != "mmt" && ctx.tuning().coopmat_mm.is_none() {
+                line += &format!("  {label}: none");
                 continue;
             }
             let us = time_mm(ctx, ty, &w, row_bytes, rows, k, m)?;

@@ -7,7 +7,8 @@
 // Per step the workgroup dequantizes the BM x 32 weight block into As (f16, row-major:
 // row m at m * BKP) and stages the BN x 32 inputs after the prologue into Bs (f16,
 // token n at n * BKP; as a K x N matrix that is column-major), BKP = 40 (padding against
-// bank conflicts; 80-byte rows keep 16-byte alignment). The device's shape (CM x CN x
+// bank conflicts; 80-byte rows keep 16-byte alignment); the raw words of the next step
+// are loaded before or after this step's products (PREFETCH). The device's shape (CM x CN x
 // CK, f16 * f16 + f32, specialization constants 4-6) tiles the workgroup's output: a
 // subgroup owns a block of WM x WN accumulators (constants 7, 8; WM * WN is 4 or 8),
 // block g = gl_SubgroupID at rows (g % GR) * WM * CM, tokens (g / GR) * WN * CN, GR =
@@ -35,6 +36,9 @@ layout(constant_id = 5) const uint CN = 16u;
 layout(constant_id = 6) const uint CK = 16u;
 layout(constant_id = 7) const uint WM = 2u;
 layout(constant_id = 8) const uint WN = 2u;
+// Constant 9: 1 issues the next step's loads before this step's products (their latency
+// hidden behind the matrix units, 32 more live registers), 0 after them.
+layout(constant_id = 9) const uint PREFETCH = 0u;
 const uint GR = BM / (WM * CM); // subgroup blocks along the rows
 const uint BLOCKS = GR * (BN / (WN * CN));
 
@@ -90,8 +94,8 @@ void main() {
     uint nsub = (p.k + BK - 1u) / BK;
     uint wr[16];
     float xr[16];
+    fetch_step(row0 + am, 0u, ah, arow_ok, xb, 8u * bq, btok_ok, glu, vec_x, wr, xr);
     for (uint sb = 0u; sb < nsub; sb++) {
-        fetch_step(row0 + am, sb, ah, arow_ok, xb, sb * BK + 8u * bq, btok_ok, glu, vec_x, wr, xr);
         float v[16];
         decode16(wr, sb, ah, v);
         [[unroll]] for (uint e = 0u; e < 16u; e++) {
@@ -108,6 +112,10 @@ void main() {
             Bs[bn * BKP + 8u * bq + e] = float16_t(xv);
         }
         barrier();
+        uint nb = sb + 1u;
+        if (PREFETCH != 0u && nb < nsub) {
+            fetch_step(row0 + am, nb, ah, arow_ok, xb, nb * BK + 8u * bq, btok_ok, glu, vec_x, wr, xr);
+        }
         if (busy) {
             [[unroll]] for (uint kk = 0u; kk < BK; kk += CK) {
                 coopmat<float16_t, gl_ScopeSubgroup, CM, CK, gl_MatrixUseA> a[4];
@@ -128,6 +136,9 @@ void main() {
             }
         }
         barrier();
+        if (PREFETCH == 0u && nb < nsub) {
+            fetch_step(row0 + am, nb, ah, arow_ok, xb, nb * BK + 8u * bq, btok_ok, glu, vec_x, wr, xr);
+        }
     }
 
     if ((p.flags & MM_NORM) != 0u) {

@@ -9,7 +9,7 @@ use ash::vk;
 
 use crate::device::{instance, DeviceInfo, DeviceType, Instance};
 use crate::error::{Result, VkError, VkResultExt};
-use crate::kernels::{coop_layout, Kernel, Tuning, KERNELS};
+use crate::kernels::{coop_layout, CoopLayout, Kernel, Tuning, KERNELS};
 use crate::kv::KvType;
 
 /// Env var: `1` forces the shared-memory reduction kernels (the fallback of devices
@@ -91,6 +91,9 @@ pub struct ContextOptions {
     /// The tiled prefill matmul never uses cooperative matrices (`mmc.glsl`), only
     /// `mmt.glsl`. `CALDERA_VK_NO_COOPMAT=1` sets it too.
     pub force_no_coopmat: bool,
+    /// The cooperative-matrix matmul loads the next step before this step's products
+    /// ([`CoopLayout::prefetch`]); default off, or `CALDERA_VK_COOPMAT_PREFETCH=1`.
+    pub coopmat_prefetch: Option<bool>,
 }
 
 /// The pipeline objects of one kernel.
@@ -526,7 +529,13 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
             && !opts.force_no_tiled_mm
             && !env_on("CALDERA_VK_NO_MMT"),
         coopmat_mm: coop_layout(info, required_subgroup_size)
-            .filter(|_| !opts.force_no_coopmat && !env_on("CALDERA_VK_NO_COOPMAT")),
+            .filter(|_| !opts.force_no_coopmat && !env_on("CALDERA_VK_NO_COOPMAT"))
+            .map(|l| CoopLayout {
+                prefetch: opts
+                    .coopmat_prefetch
+                    .unwrap_or_else(|| env_on("CALDERA_VK_COOPMAT_PREFETCH")),
+                ..l
+            }),
         kv,
         mv_subgroup_rows: sg_ok && mv_sg,
         sg_workgroup_size,
@@ -709,7 +718,7 @@ fn create_pipeline(
         // KV cache holds (`KvType::spec`; kernels without a KV cache ignore it); 3: the
         // int8 mat-vecs' subgroup-per-output layout (not the expert ones'); 4-8 (the
         // cooperative-matrix kernels): the matrix shape M, N, K and the accumulators per
-        // subgroup along rows and tokens.
+        // subgroup along rows and tokens; 9: their prefetch.
         let sg = desc.q8 && tuning.mvq_subgroup(desc.glu);
         let c = tuning.coopmat_mm.unwrap_or_default();
         let spec_data = [
@@ -722,11 +731,12 @@ fn create_pipeline(
             c.k,
             c.wm,
             c.wn,
+            u32::from(c.prefetch),
         ];
         let ids: &[u32] = if desc.rows_per_group {
             &[0, 1, 2, 3]
         } else if desc.coopmat {
-            &[0, 2, 4, 5, 6, 7, 8]
+            &[0, 2, 4, 5, 6, 7, 8, 9]
         } else {
             &[0, 2]
         };

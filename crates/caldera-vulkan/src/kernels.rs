@@ -1397,6 +1397,9 @@ pub struct CoopLayout {
     /// Accumulators per subgroup along the rows and the tokens (`wm * wn` is 4 or 8).
     pub wm: u32,
     pub wn: u32,
+    /// Load the next step's weights and inputs before this step's products (constant 9;
+    /// `CALDERA_VK_COOPMAT_PREFETCH=1`), else after them. Not measured yet.
+    pub prefetch: bool,
 }
 
 /// The `mmc.glsl` layout for `info`'s device, or `None` where it cannot run: no
@@ -1404,7 +1407,8 @@ pub struct CoopLayout {
 /// arithmetic, Vulkan memory model or Vulkan 1.3, too little shared memory, or more
 /// accumulator blocks than the fewest subgroups a workgroup of 256 may have
 /// (`required_sg`, else the largest subgroup size). Prefers all subgroups busy, then
-/// the largest shape, then fewer accumulators per subgroup.
+/// the largest shape, then fewer accumulators per subgroup. `prefetch` is off (the
+/// context sets it).
 pub fn coop_layout(info: &crate::DeviceInfo, required_sg: Option<u32>) -> Option<CoopLayout> {
     if !info.coopmat
         || !info.fp16
@@ -1449,6 +1453,7 @@ fn pick_coop_layout(shapes: &[crate::device::CoopShape], nsg: u32) -> Option<Coo
                     k: s.k,
                     wm,
                     wn,
+                    prefetch: false,
                 };
                 best = Some((score, l));
             }
@@ -1475,7 +1480,14 @@ mod tests {
     }
 
     fn layout(m: u32, n: u32, k: u32, wm: u32, wn: u32) -> Option<CoopLayout> {
-        Some(CoopLayout { m, n, k, wm, wn })
+        Some(CoopLayout {
+            m,
+            n,
+            k,
+            wm,
+            wn,
+            prefetch: false,
+        })
     }
 
     /// Every subgroup of the workgroup owns a block where the shapes allow; the largest

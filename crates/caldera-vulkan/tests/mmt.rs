@@ -3,8 +3,9 @@
 //! sizes: rows not a multiple of the 128-row tile, token counts not a multiple of the
 //! 64-token tile, k over several blocks (and, for float weights, not whole groups of
 //! 32), each fused mode; plus strided x / y, output offsets, logits-row selection and
-//! weights split in pieces. Every case runs twice: on `mmt.glsl` (f32 FMA) and, where
-//! the device multiplies cooperative matrices, on `mmc.glsl` (skipped with a note
+//! weights split in pieces. Every case runs on `mmt.glsl` (f32 FMA) and, where the
+//! device multiplies cooperative matrices, on `mmc.glsl` with and without its
+//! prefetch (skipped with a note
 //! elsewhere, a failure under `CALDERA_REQUIRE_COOPMAT=1`). Skips without a Vulkan
 //! device unless `CALDERA_REQUIRE_VULKAN=1`. `CALDERA_TEST_SEED=N` replays a seed.
 
@@ -41,9 +42,26 @@ fn coop_ctx() -> Option<&'static Context> {
         .as_ref()
 }
 
-/// Both contexts that exist.
+/// The `mmc.glsl` context loading the next step before the products.
+fn coop_prefetch_ctx() -> Option<&'static Context> {
+    static CTX: OnceLock<Option<Context>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let opts = ContextOptions {
+            coopmat_prefetch: Some(true),
+            ..Default::default()
+        };
+        coopmat_context("coopmat tiled matmul, prefetch", &opts)
+    })
+    .as_ref()
+}
+
+/// The contexts that exist.
 fn contexts() -> Vec<&'static Context> {
-    ctx().into_iter().chain(coop_ctx()).collect()
+    ctx()
+        .into_iter()
+        .chain(coop_ctx())
+        .chain(coop_prefetch_ctx())
+        .collect()
 }
 
 /// The error bound of an output of error scale `mag` (sum of |w x| and of |y0|), `k`
