@@ -461,7 +461,9 @@ fn vulkan_quantized_decode_matches_cpu() {
 /// Prefill in steps of many tokens (the tiled matmul, flash attention): a 600-token
 /// prompt (two steps: a full one and a partial one reading the first's cache) and then
 /// 70 more tokens with every row's logits, on the Vulkan and CPU runners of the qwen3
-/// fixture (f32 weights); the logits agree to 1e-4 (relative L2 per row; measured ~1e-6).
+/// fixture (f32 weights); the logits agree to 1e-4 (relative L2 per row; measured ~1e-6),
+/// 5e-3 with the matmul on cooperative matrices (scripts/test.sh runs it so through the
+/// newer lavapipe).
 #[test]
 fn vulkan_prefill_matches_cpu() {
     use caldera_model::{Logits, Runner};
@@ -499,6 +501,16 @@ fn vulkan_prefill_matches_cpu() {
         };
         let ctx =
             caldera_vulkan::Context::with_options(dev.parse().unwrap(), &opts).expect("device");
+        // The matmul on cooperative matrices (f16 products) where the device has them:
+        // within 5e-3 (measured 5.2e-4 with the f32 cache on lavapipe 26.1).
+        let coop = ctx.tuning().coopmat_mm.is_some();
+        let required =
+            std::env::var(caldera_vulkan::testing::ENV_REQUIRE_COOPMAT).is_ok_and(|v| v == "1");
+        assert!(
+            coop || !required,
+            "no cooperative matrices (CALDERA_REQUIRE_COOPMAT=1)"
+        );
+        let tol = if coop { tol.max(5e-3) } else { tol };
         let vk = Arc::new(caldera_vulkan::VkModel::new(ctx, model.clone()).expect("upload"));
         let mut g = caldera_vulkan::VkRunner::new(vk, cap).expect("vulkan runner");
         let mut lg = Vec::new();
