@@ -9,7 +9,7 @@ use ash::vk;
 
 use crate::device::{instance, DeviceInfo, DeviceType, Instance};
 use crate::error::{Result, VkError, VkResultExt};
-use crate::kernels::{Kernel, Tuning, KERNELS};
+use crate::kernels::{coop_layout, CoopLayout, Kernel, Tuning, KERNELS};
 use crate::kv::KvType;
 
 /// Env var: `1` forces the shared-memory reduction kernels (the fallback of devices
@@ -88,6 +88,12 @@ pub struct ContextOptions {
     /// Mamba2 prefill through the token-by-token `mamba2_scan` instead of the chunked
     /// `mamba2_chunk`. `CALDERA_VK_MAMBA2_SCAN=1` sets it too.
     pub force_mamba2_scan: bool,
+    /// The tiled prefill matmul never uses cooperative matrices (`mmc.glsl`), only
+    /// `mmt.glsl`. `CALDERA_VK_NO_COOPMAT=1` sets it too.
+    pub force_no_coopmat: bool,
+    /// The cooperative-matrix matmul loads the next step before this step's products
+    /// ([`CoopLayout::prefetch`]); default off, or `CALDERA_VK_COOPMAT_PREFETCH=1`.
+    pub coopmat_prefetch: Option<bool>,
 }
 
 /// The pipeline objects of one kernel.
@@ -522,6 +528,14 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         tiled_mm: Kernel::MmtF32.fits(info)
             && !opts.force_no_tiled_mm
             && !env_on("CALDERA_VK_NO_MMT"),
+        coopmat_mm: coop_layout(info, required_subgroup_size)
+            .filter(|_| !opts.force_no_coopmat && !env_on("CALDERA_VK_NO_COOPMAT"))
+            .map(|l| CoopLayout {
+                prefetch: opts
+                    .coopmat_prefetch
+                    .unwrap_or_else(|| env_on("CALDERA_VK_COOPMAT_PREFETCH")),
+                ..l
+            }),
         kv,
         mv_subgroup_rows: sg_ok && mv_sg,
         sg_workgroup_size,
@@ -563,6 +577,7 @@ fn create_device(
         .storage_buffer16_bit_access(info.storage_16bit);
     let mut f12 = vk::PhysicalDeviceVulkan12Features::default()
         .shader_float16(info.fp16)
+        .vulkan_memory_model(info.vulkan_memory_model)
         .shader_int8(info.int8)
         .storage_buffer8_bit_access(info.storage_8bit);
     let mut f13 = vk::PhysicalDeviceVulkan13Features::default()
@@ -608,7 +623,10 @@ fn create_pipelines(shared: &Shared, info: &DeviceInfo, tuning: &Tuning) -> Resu
     };
     for (i, desc) in KERNELS.iter().enumerate() {
         debug_assert_eq!(desc.kernel as usize, i);
-        if (desc.int8_dot && !tuning.int8_dot) || !desc.kernel.fits(info) {
+        if (desc.int8_dot && !tuning.int8_dot)
+            || (desc.coopmat && tuning.coopmat_mm.is_none())
+            || !desc.kernel.fits(info)
+        {
             // The device cannot run this module; nothing may bind it (ops check).
             out.push(Pipeline {
                 set_layout: vk::DescriptorSetLayout::null(),
@@ -698,11 +716,27 @@ fn create_pipeline(
         };
         // Constant 0: workgroup size; 1: rows per workgroup (mat-vecs only); 2: what the
         // KV cache holds (`KvType::spec`; kernels without a KV cache ignore it); 3: the
-        // int8 mat-vecs' subgroup-per-output layout (not the expert ones').
+        // int8 mat-vecs' subgroup-per-output layout (not the expert ones'); 4-8 (the
+        // cooperative-matrix kernels): the matrix shape M, N, K and the accumulators per
+        // subgroup along rows and tokens; 9: their prefetch.
         let sg = desc.q8 && tuning.mvq_subgroup(desc.glu);
-        let spec_data = [wg, rows, tuning.kv.spec(), u32::from(sg)];
+        let c = tuning.coopmat_mm.unwrap_or_default();
+        let spec_data = [
+            wg,
+            rows,
+            tuning.kv.spec(),
+            u32::from(sg),
+            c.m,
+            c.n,
+            c.k,
+            c.wm,
+            c.wn,
+            u32::from(c.prefetch),
+        ];
         let ids: &[u32] = if desc.rows_per_group {
             &[0, 1, 2, 3]
+        } else if desc.coopmat {
+            &[0, 2, 4, 5, 6, 7, 8, 9]
         } else {
             &[0, 2]
         };

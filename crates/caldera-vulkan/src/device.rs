@@ -97,6 +97,8 @@ pub struct DeviceInfo {
     /// `storageBuffer8BitAccess` / `storageBuffer16BitAccess`.
     pub storage_8bit: bool,
     pub storage_16bit: bool,
+    /// `vulkanMemoryModel` (cooperative-matrix kernels are compiled for it).
+    pub vulkan_memory_model: bool,
     /// VK_KHR_cooperative_matrix with its `cooperativeMatrix` feature.
     pub coopmat: bool,
     /// The subgroup-scope matrix shapes the device multiplies (empty without `coopmat`).
@@ -483,6 +485,7 @@ impl Instance {
             int8_dot_accelerated: on(dot.integer_dot_product4x8_bit_packed_signed_accelerated),
             storage_8bit: on(f12.storage_buffer8_bit_access),
             storage_16bit: on(f11.storage_buffer16_bit_access),
+            vulkan_memory_model: on(f12.vulkan_memory_model),
             coopmat,
             coopmat_shapes,
             max_memory_allocation_size: maint3.max_memory_allocation_size,

@@ -204,6 +204,18 @@ pub enum Kernel {
     MmxQ6K = 185,
     MmxIQ4XS = 186,
     MoeSum = 187,
+    MmcF32 = 188,
+    MmcF16 = 189,
+    MmcBF16 = 190,
+    MmcQ4_0 = 191,
+    MmcQ4_1 = 192,
+    MmcQ5_0 = 193,
+    MmcQ5_1 = 194,
+    MmcQ8_0 = 195,
+    MmcQ4K = 196,
+    MmcQ5K = 197,
+    MmcQ6K = 198,
+    MmcIQ4XS = 199,
 }
 
 /// One entry of the kernel table.
@@ -240,6 +252,10 @@ pub struct KernelDesc {
     /// Bytes of shared memory it declares beyond 16 KiB (Vulkan's guaranteed minimum)
     /// or 0: its pipeline exists only on devices with that much.
     pub shared_bytes: u32,
+    /// Multiplies cooperative matrices (one SPIR-V for both reductions): its pipeline
+    /// exists only where [`Tuning::coopmat`] holds a shape, specialised with it
+    /// (constants 4-8).
+    pub coopmat: bool,
 }
 
 /// `d`, marked as a gate|up decode mat-vec.
@@ -253,6 +269,17 @@ macro_rules! spv {
         (
             include_bytes!(concat!("../shaders/spv/", $name, ".sg.spv")).as_slice(),
             include_bytes!(concat!("../shaders/spv/", $name, ".sh.spv")).as_slice(),
+        )
+    };
+}
+
+/// A cooperative-matrix kernel's one SPIR-V (built by glslang, `build-shaders.sh`),
+/// standing for both reductions.
+macro_rules! spv_coop {
+    ($name:literal) => {
+        (
+            include_bytes!(concat!("../shaders/spv/", $name, ".spv")).as_slice(),
+            include_bytes!(concat!("../shaders/spv/", $name, ".spv")).as_slice(),
         )
     };
 }
@@ -444,6 +471,7 @@ const fn plain(
         q8: false,
         invocations: 0,
         shared_bytes: 0,
+        coopmat: false,
     }
 }
 
@@ -453,6 +481,8 @@ pub const MMT_PUSH_BYTES: u32 = 36;
 /// Tiled matmul tile: weight rows and tokens per workgroup (`BM`, `BN` of `mmt.glsl`).
 pub const MMT_ROWS: u64 = 128;
 pub const MMT_TOKENS: u64 = 64;
+/// Elements of k per step of the tiled matmuls (`BK`).
+pub const MMT_K_STEP: u64 = 32;
 
 const fn mmt(
     kernel: Kernel,
@@ -464,6 +494,22 @@ const fn mmt(
         // A and B tiles (16 + 8 KiB), the norm's partial sums and scales.
         shared_bytes: 16384 + 8192 + 1024 + 256,
         ..plain(kernel, name, spv, 5, MMT_PUSH_BYTES)
+    }
+}
+
+/// The tiled prefill matmul on cooperative matrices (`mmc.glsl`, `mmc_*`): `mmt`'s
+/// bindings, push constants, tile and dispatch.
+const fn mmc(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+) -> KernelDesc {
+    KernelDesc {
+        // f16 A and B tiles (10 + 5 KiB), the epilogue's staging (8 KiB), the norm's
+        // partial sums and scales.
+        shared_bytes: 10240 + 5120 + 8192 + 1024 + 256,
+        coopmat: true,
+        ..mmt(kernel, name, spv)
     }
 }
 
@@ -612,7 +658,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 188] = [
+pub const KERNELS: [KernelDesc; 200] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1081,6 +1127,18 @@ pub const KERNELS: [KernelDesc; 188] = [
             MOE_SUM_PUSH_BYTES,
         )
     },
+    mmc(Kernel::MmcF32, "mmc_f32", spv_coop!("mmc_f32")),
+    mmc(Kernel::MmcF16, "mmc_f16", spv_coop!("mmc_f16")),
+    mmc(Kernel::MmcBF16, "mmc_bf16", spv_coop!("mmc_bf16")),
+    mmc(Kernel::MmcQ4_0, "mmc_q4_0", spv_coop!("mmc_q4_0")),
+    mmc(Kernel::MmcQ4_1, "mmc_q4_1", spv_coop!("mmc_q4_1")),
+    mmc(Kernel::MmcQ5_0, "mmc_q5_0", spv_coop!("mmc_q5_0")),
+    mmc(Kernel::MmcQ5_1, "mmc_q5_1", spv_coop!("mmc_q5_1")),
+    mmc(Kernel::MmcQ8_0, "mmc_q8_0", spv_coop!("mmc_q8_0")),
+    mmc(Kernel::MmcQ4K, "mmc_q4_k", spv_coop!("mmc_q4_k")),
+    mmc(Kernel::MmcQ5K, "mmc_q5_k", spv_coop!("mmc_q5_k")),
+    mmc(Kernel::MmcQ6K, "mmc_q6_k", spv_coop!("mmc_q6_k")),
+    mmc(Kernel::MmcIQ4XS, "mmc_iq4_xs", spv_coop!("mmc_iq4_xs")),
 ];
 
 impl Kernel {
@@ -1116,6 +1174,13 @@ impl Kernel {
     pub fn mmt_for(ty: GgmlType) -> Option<Kernel> {
         let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
         Some(KERNELS[Kernel::MmtF32 as usize + i].kernel)
+    }
+
+    /// The tiled prefill matmul on cooperative matrices (`mmc.glsl`) for weights of
+    /// type `ty`.
+    pub fn mmc_for(ty: GgmlType) -> Option<Kernel> {
+        let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
+        Some(KERNELS[Kernel::MmcF32 as usize + i].kernel)
     }
 
     /// The grouped expert matmul (`mmx_*`) for weights of type `ty`.
@@ -1290,6 +1355,11 @@ pub struct Tuning {
     /// Prefill mat-vecs over more than one token run the tiled matmul (`mmt.glsl`): the
     /// device fits it and `CALDERA_VK_NO_MMT=1` does not switch it off.
     pub tiled_mm: bool,
+    /// The tiled matmul runs on cooperative matrices (`mmc.glsl`) with this layout: the
+    /// device has a usable shape ([`coop_layout`]) and `CALDERA_VK_NO_COOPMAT=1` /
+    /// [`crate::ContextOptions::force_no_coopmat`] does not switch it off. The `mmc_*`
+    /// pipelines exist only then.
+    pub coopmat_mm: Option<CoopLayout>,
     /// Prefill attention runs `attn_flash` (else `attention`): the device fits it and
     /// `CALDERA_VK_NO_FLASH=1` does not switch it off.
     pub flash_attn: bool,
@@ -1314,4 +1384,147 @@ pub struct Tuning {
     /// `mamba2_scan`): the device fits it and `CALDERA_VK_MAMBA2_SCAN=1` /
     /// [`crate::ContextOptions::force_mamba2_scan`] does not switch it off.
     pub mamba2_chunk: bool,
+}
+
+/// How `mmc.glsl` tiles its 128 x 64 output with the device's cooperative matrices
+/// (specialization constants 4-8).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoopLayout {
+    /// The multiply's shape: A is m x k (weights), B k x n (tokens), f16 * f16 + f32.
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    /// Accumulators per subgroup along the rows and the tokens (`wm * wn` is 4 or 8).
+    pub wm: u32,
+    pub wn: u32,
+    /// Load the next step's weights and inputs before this step's products (constant 9;
+    /// `CALDERA_VK_COOPMAT_PREFETCH=1`), else after them. Not measured yet.
+    pub prefetch: bool,
+}
+
+/// The `mmc.glsl` layout for `info`'s device, or `None` where it cannot run: no
+/// subgroup-scope f16 * f16 + f32 -> f32 shape dividing the 128 x 64 x 32 tile, no f16
+/// arithmetic, Vulkan memory model or Vulkan 1.3, too little shared memory, or more
+/// accumulator blocks than the fewest subgroups a workgroup of 256 may have
+/// (`required_sg`, else the largest subgroup size). Prefers all subgroups busy, then
+/// the largest shape, then fewer accumulators per subgroup. `prefetch` is off (the
+/// context sets it).
+pub fn coop_layout(info: &crate::DeviceInfo, required_sg: Option<u32>) -> Option<CoopLayout> {
+    if !info.coopmat
+        || !info.fp16
+        || !info.vulkan_memory_model
+        // The SPIR-V is 1.6: Vulkan 1.3 on both the device and the instance, which is
+        // when the 1.3 features are read (subgroupSizeControl is one 1.3 requires).
+        || info.api_version < ash::vk::API_VERSION_1_3
+        || !info.subgroup_size_control
+        || !Kernel::MmcF32.fits(info)
+    {
+        return None;
+    }
+    let nsg = 256 / required_sg.unwrap_or(info.subgroup_max).max(1);
+    pick_coop_layout(&info.coopmat_shapes, nsg)
+}
+
+/// [`coop_layout`]'s choice among `shapes` for workgroups of at least `nsg` subgroups.
+fn pick_coop_layout(shapes: &[crate::device::CoopShape], nsg: u32) -> Option<CoopLayout> {
+    use crate::device::CoopType::{F16, F32};
+    let mut best: Option<((u32, u32, i32), CoopLayout)> = None;
+    for s in shapes {
+        if (s.a, s.b, s.c, s.result) != (F16, F16, F32, F32)
+            || ![s.m, s.n, s.k].iter().all(|v| v.is_power_of_two())
+            || s.k > MMT_K_STEP as u32
+        {
+            continue;
+        }
+        for (wm, wn) in [(2, 2), (1, 4), (4, 1), (2, 4), (4, 2)] {
+            let (tm, tn) = (s.m * wm, s.n * wn);
+            if tm > MMT_ROWS as u32 || tn > MMT_TOKENS as u32 {
+                continue;
+            }
+            let blocks = (MMT_ROWS as u32 / tm) * (MMT_TOKENS as u32 / tn);
+            if blocks > nsg {
+                continue;
+            }
+            let score = (blocks, s.m * s.n * s.k, -((wm * wn) as i32));
+            if best.is_none_or(|(b, _)| score > b) {
+                let l = CoopLayout {
+                    m: s.m,
+                    n: s.n,
+                    k: s.k,
+                    wm,
+                    wn,
+                    prefetch: false,
+                };
+                best = Some((score, l));
+            }
+        }
+    }
+    best.map(|(_, l)| l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{CoopShape, CoopType};
+
+    fn f16_shape(m: u32, n: u32, k: u32) -> CoopShape {
+        CoopShape {
+            m,
+            n,
+            k,
+            a: CoopType::F16,
+            b: CoopType::F16,
+            c: CoopType::F32,
+            result: CoopType::F32,
+        }
+    }
+
+    fn layout(m: u32, n: u32, k: u32, wm: u32, wn: u32) -> Option<CoopLayout> {
+        Some(CoopLayout {
+            m,
+            n,
+            k,
+            wm,
+            wn,
+            prefetch: false,
+        })
+    }
+
+    /// Every subgroup of the workgroup owns a block where the shapes allow; the largest
+    /// shape wins; blocks never outnumber the subgroups; f16 accumulators don't count.
+    #[test]
+    fn coop_layouts() {
+        // NVIDIA (subgroup 32: 8 subgroups).
+        let nv = [
+            f16_shape(16, 8, 16),
+            f16_shape(16, 8, 8),
+            f16_shape(16, 16, 16),
+        ];
+        assert_eq!(pick_coop_layout(&nv, 8), layout(16, 16, 16, 2, 2));
+        assert_eq!(pick_coop_layout(&nv[..1], 8), layout(16, 8, 16, 2, 4));
+        // lavapipe (subgroup 8: 32 subgroups), Intel (16: 16 subgroups).
+        assert_eq!(
+            pick_coop_layout(&[f16_shape(8, 8, 8)], 32),
+            layout(8, 8, 8, 2, 2)
+        );
+        assert_eq!(
+            pick_coop_layout(&[f16_shape(8, 16, 16)], 16),
+            layout(8, 16, 16, 2, 2)
+        );
+        // 8x8 tiles over 8 subgroups would need 16 accumulators each.
+        assert_eq!(pick_coop_layout(&[f16_shape(8, 8, 8)], 8), None);
+        let mut f16acc = f16_shape(16, 16, 16);
+        f16acc.c = CoopType::F16;
+        f16acc.result = CoopType::F16;
+        assert_eq!(pick_coop_layout(&[f16acc], 8), None);
+        for l in [
+            pick_coop_layout(&nv, 8),
+            pick_coop_layout(&[f16_shape(8, 8, 8)], 32),
+        ] {
+            let l = l.unwrap();
+            // mmc.glsl's staging: blocks x M x N floats within 2048.
+            let blocks = (128 / (l.m * l.wm)) * (64 / (l.n * l.wn));
+            assert!(blocks * l.m * l.n <= 2048 && l.wm * l.wn <= 8);
+        }
+    }
 }

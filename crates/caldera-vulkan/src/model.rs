@@ -3085,8 +3085,12 @@ impl caldera_model::Runner for VkRunner {
         } else {
             String::new()
         };
+        let coop = match self.m.ctx.tuning().coopmat_mm {
+            Some(c) => format!(", coopmat {}x{}x{} prefill", c.m, c.n, c.k),
+            None => String::new(),
+        };
         format!(
-            "vulkan, {} ({}), {} KV cache{per_token}",
+            "vulkan, {} ({}), {} KV cache{coop}{per_token}",
             info.name,
             info.device_type.name(),
             self.m.ctx.tuning().kv

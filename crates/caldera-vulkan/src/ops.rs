@@ -190,6 +190,7 @@ pub struct Mm {
     /// Per piece: binding, push constants, workgroups.
     parts: Vec<(Binding, Vec<u8>, u64)>,
     tiled: bool,
+    coopmat: bool,
 }
 
 /// Where a [`Mm`] reads and writes.
@@ -221,7 +222,9 @@ impl Mm {
     ) -> Result<Mm> {
         let t = io.max_tokens.max(1);
         let tiled = ctx.tuning().tiled_mm && t > 1 && !mode.rowwise;
-        let kernel = if tiled {
+        let kernel = if tiled && ctx.tuning().coopmat_mm.is_some() {
+            Kernel::mmc_for(ty)
+        } else if tiled {
             Kernel::mmt_for(ty)
         } else {
             Kernel::mm_for(ty, mode.glu.is_some())
@@ -299,7 +302,11 @@ impl Mm {
             };
             parts.push((b, push_words(&words), groups));
         }
-        Ok(Mm { parts, tiled })
+        Ok(Mm {
+            parts,
+            tiled,
+            coopmat: tiled && ctx.tuning().coopmat_mm.is_some(),
+        })
     }
 
     /// Records the mat-vec (one dispatch per weight piece, no barrier after).
@@ -315,9 +322,16 @@ impl Mm {
         self.parts.len()
     }
 
-    /// Whether it runs the tiled matmul (`mmt.glsl`) rather than the batched mat-vec.
+    /// Whether it runs the tiled matmul (`mmt.glsl`, or `mmc.glsl` where
+    /// [`Tuning::coopmat_mm`](crate::kernels::Tuning) holds) rather than the batched
+    /// mat-vec.
     pub fn tiled(&self) -> bool {
         self.tiled
+    }
+
+    /// Whether it runs the tiled matmul on cooperative matrices (`mmc.glsl`).
+    pub fn coopmat(&self) -> bool {
+        self.coopmat
     }
 }
 

@@ -51,3 +51,42 @@ pub fn test_context(test: &str, opts: &ContextOptions) -> Option<Context> {
         Err(e) => panic!("{test}: opening Vulkan device {index}: {e}"),
     }
 }
+
+/// Env var: `1` turns "no cooperative-matrix matmul on this device, skipping" into a
+/// test failure (CI sets it where it runs the tests on a lavapipe that has them).
+pub const ENV_REQUIRE_COOPMAT: &str = "CALDERA_REQUIRE_COOPMAT";
+
+/// Opens the test device with `opts` for a test of the cooperative-matrix kernels, or
+/// returns `None` after printing why the caller should skip: no device (as
+/// [`test_context`]) or a device without them ([`crate::Tuning::coopmat_mm`] unset).
+/// Panics instead when `CALDERA_REQUIRE_COOPMAT=1`.
+pub fn coopmat_context(test: &str, opts: &ContextOptions) -> Option<Context> {
+    let required = std::env::var(ENV_REQUIRE_COOPMAT).is_ok_and(|v| v == "1");
+    let opts = ContextOptions {
+        force_no_coopmat: false,
+        ..opts.clone()
+    };
+    let Some(ctx) = test_context(test, &opts) else {
+        assert!(
+            !required,
+            "{test}: no Vulkan device ({ENV_REQUIRE_COOPMAT}=1)"
+        );
+        return None;
+    };
+    if ctx.tuning().coopmat_mm.is_none() {
+        let why = format!(
+            "{} has no usable cooperative matrix (coopmat {}, shapes {:?})",
+            ctx.info().name,
+            ctx.info().coopmat,
+            ctx.info()
+                .coopmat_shapes
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+        );
+        assert!(!required, "{test}: {why} ({ENV_REQUIRE_COOPMAT}=1)");
+        eprintln!("skipping {test}: {why}");
+        return None;
+    }
+    Some(ctx)
+}

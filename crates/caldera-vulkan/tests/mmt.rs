@@ -3,8 +3,11 @@
 //! sizes: rows not a multiple of the 128-row tile, token counts not a multiple of the
 //! 64-token tile, k over several blocks (and, for float weights, not whole groups of
 //! 32), each fused mode; plus strided x / y, output offsets, logits-row selection and
-//! weights split in pieces. Skips without a Vulkan device unless
-//! `CALDERA_REQUIRE_VULKAN=1`. `CALDERA_TEST_SEED=N` replays a seed.
+//! weights split in pieces. Every case runs on `mmt.glsl` (f32 FMA) and, where the
+//! device multiplies cooperative matrices, on `mmc.glsl` with and without its
+//! prefetch (skipped with a note
+//! elsewhere, a failure under `CALDERA_REQUIRE_COOPMAT=1`). Skips without a Vulkan
+//! device unless `CALDERA_REQUIRE_VULKAN=1`. `CALDERA_TEST_SEED=N` replays a seed.
 
 mod common;
 
@@ -13,15 +16,66 @@ use std::sync::OnceLock;
 use caldera_format::quant::quantize;
 use caldera_format::GgmlType;
 use caldera_vulkan::ops::{GluAct, Mm, MmIo, MmMode};
-use caldera_vulkan::testing::test_context;
+use caldera_vulkan::testing::{coopmat_context, test_context};
 use caldera_vulkan::{Context, ContextOptions, MemoryKind};
 use common::{cpu_mm, random_vec, rng, words};
 use rand::rngs::StdRng;
 
+/// The `mmt.glsl` context (cooperative matrices off).
 fn ctx() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(|| test_context("tiled matmul", &ContextOptions::default()))
+    CTX.get_or_init(|| test_context("tiled matmul", &mmt_opts()))
         .as_ref()
+}
+
+fn mmt_opts() -> ContextOptions {
+    ContextOptions {
+        force_no_coopmat: true,
+        ..Default::default()
+    }
+}
+
+/// The `mmc.glsl` context, where the device has cooperative matrices.
+fn coop_ctx() -> Option<&'static Context> {
+    static CTX: OnceLock<Option<Context>> = OnceLock::new();
+    CTX.get_or_init(|| coopmat_context("coopmat tiled matmul", &ContextOptions::default()))
+        .as_ref()
+}
+
+/// The `mmc.glsl` context loading the next step before the products.
+fn coop_prefetch_ctx() -> Option<&'static Context> {
+    static CTX: OnceLock<Option<Context>> = OnceLock::new();
+    CTX.get_or_init(|| {
+        let opts = ContextOptions {
+            coopmat_prefetch: Some(true),
+            ..Default::default()
+        };
+        coopmat_context("coopmat tiled matmul, prefetch", &opts)
+    })
+    .as_ref()
+}
+
+/// The contexts that exist.
+fn contexts() -> Vec<&'static Context> {
+    ctx()
+        .into_iter()
+        .chain(coop_ctx())
+        .chain(coop_prefetch_ctx())
+        .collect()
+}
+
+/// The error bound of an output of error scale `mag` (sum of |w x| and of |y0|), `k`
+/// products. `mmt.glsl` sums f32 products of f32 values. `mmc.glsl` rounds both factors
+/// to f16 (2^-11 relative each, so 2^-10 of the product), doubled for the f32 sums of
+/// the matrix units, whose order and rounding are the device's; plus f16's subnormals
+/// (under 2^-14, absolute error up to 2^-25 per factor, times the other factor: the
+/// test's are under 4) on each of the k products.
+fn tolerance(coop: bool, mag: f64, k: usize) -> f64 {
+    if coop {
+        2.0 * mag / 1024.0 + k as f64 * 4.0 * 2f64.powi(-25) + 1e-6
+    } else {
+        2e-5 * mag + 1e-6
+    }
 }
 
 /// Where the case puts its tokens: x rows `ld_x` apart (at least the input width), y
@@ -86,6 +140,8 @@ fn check(
     };
     let op = Mm::new(ctx, ty, &wt, k as u64, &io, mode).unwrap();
     assert!(op.tiled(), "{ty}: {m} tokens should run the tiled matmul");
+    let coop = op.coopmat();
+    assert_eq!(coop, ctx.tuning().coopmat_mm.is_some());
     let rec = ctx.record(|r| op.record(r)).unwrap();
     ctx.submit(&rec).unwrap();
     let got = ctx.read_f32(&yb, m * ld_y).unwrap();
@@ -102,8 +158,9 @@ fn check(
         .collect();
     let (want, mag) = cpu_mm(ty, &w, k, &xs, count, Some(&gam), Some(&y0s), mode);
     let what = format!(
-        "{ty} {rows}x{k}, {m} tokens ({first}+{count}), ld {ld_x}/{ld_y}, offset {}, \
+        "{} {ty} {rows}x{k}, {m} tokens ({first}+{count}), ld {ld_x}/{ld_y}, offset {}, \
          {} pieces, {mode:?}",
+        if coop { "mmc" } else { "mmt" },
         lay.y_offset,
         wt.pieces.len()
     );
@@ -114,7 +171,7 @@ fn check(
             if t < count && r < rows {
                 let (want, mag) = (want[t * rows + r], mag[t * rows + r]);
                 assert!(
-                    (g - want).abs() <= 2e-5 * mag + 1e-6,
+                    (g - want).abs() <= tolerance(coop, mag, k),
                     "{what}: [{t}][{r}] got {g}, want {want} (scale {mag})"
                 );
             } else {
@@ -152,7 +209,12 @@ fn modes() -> Vec<MmMode> {
 }
 
 fn case(ty: GgmlType) {
-    let Some(ctx) = ctx() else { return };
+    for ctx in contexts() {
+        case_on(ctx, ty);
+    }
+}
+
+fn case_on(ctx: &Context, ty: GgmlType) {
     if !ctx.tuning().tiled_mm {
         eprintln!(
             "skipping tiled matmul {ty}: {} cannot run it",
@@ -232,7 +294,15 @@ fn mmt_iq4_xs() {
 /// small buffer limit (each piece one dispatch at its own output offset).
 #[test]
 fn mmt_layouts_and_pieces() {
-    let Some(base) = ctx() else { return };
+    if let Some(base) = ctx() {
+        layouts_and_pieces(base, mmt_opts());
+    }
+    if let Some(base) = coop_ctx() {
+        layouts_and_pieces(base, ContextOptions::default());
+    }
+}
+
+fn layouts_and_pieces(base: &Context, opts: ContextOptions) {
     if !base.tuning().tiled_mm {
         return;
     }
@@ -262,7 +332,7 @@ fn mmt_layouts_and_pieces() {
         "tiled matmul pieces",
         &ContextOptions {
             max_buffer_bytes: Some(32 << 10),
-            ..Default::default()
+            ..opts
         },
     )
     .unwrap();

@@ -1,0 +1,6 @@
+#version 450
+// Tiled prefill matmul on cooperative matrices over Q4_K weights (see mmc.glsl;
+// compiled by glslang, not glslc: build-shaders.sh).
+#extension GL_GOOGLE_include_directive : require
+#define TYPE_Q4_K 1
+#include "mmc.glsl"
