@@ -48,7 +48,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..Default::default()
         },
     )?;
-    let mmc = Context::new(dev)?;
+    let mmc = Context::with_options(
+        dev,
+        &ContextOptions {
+            coopmat_prefetch: Some(false),
+            ..Default::default()
+        },
+    )?;
     let mmc_pf = Context::with_options(
         dev,
         &ContextOptions {

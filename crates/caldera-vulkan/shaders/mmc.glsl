@@ -39,10 +39,15 @@ layout(constant_id = 8) const uint WN = 2u;
 // Constant 9: 1 issues the next step's loads before this step's products (their latency
 // hidden behind the matrix units, 32 more live registers), 0 after them.
 layout(constant_id = 9) const uint PREFETCH = 0u;
+// Constant 10: 32-element steps staged per round (1 or 2): two halve the rounds, so
+// half as many load latencies and barrier pairs are exposed, for twice the shared
+// memory (36 KiB in all) and 32 more live registers.
+layout(constant_id = 10) const uint KS = 1u;
 const uint GR = BM / (WM * CM); // subgroup blocks along the rows
 const uint BLOCKS = GR * (BN / (WN * CN));
 
-const uint BKP = BK + 8u;
+const uint BKR = BK * KS; // elements per round
+const uint BKP = BKR + 8u;
 shared float16_t As[BM * BKP];
 shared float16_t Bs[BN * BKP];
 // Each subgroup's CM x CN staging slice for the epilogue.
@@ -50,6 +55,43 @@ shared float Cs[2048];
 // MM_NORM: each invocation's sum of squares of its token's inputs, then 1 / rms per token.
 shared float ss_s[MMT_WG];
 shared float inv_s[BN];
+
+// Dequantizes one step's weights into As and stages its inputs (after the prologue)
+// into Bs, at column `off` of the round; returns the sum of squares of the raw inputs
+// (MM_NORM). `arow_ok` false stores zero weights.
+float stage(uint wr[16], float xr[16], uint sb, uint off, uint am, uint ah, bool arow_ok,
+            uint bn, uint bq, bool glu, bool gelu) {
+    float v[16];
+    decode16(wr, sb, ah, v);
+    [[unroll]] for (uint e = 0u; e < 16u; e++) {
+        As[am * BKP + off + 16u * ah + e] = float16_t(arow_ok ? v[e] : 0.0);
+    }
+    float ss = 0.0;
+    [[unroll]] for (uint e = 0u; e < 8u; e++) {
+        float xv;
+        if (glu) {
+            xv = (gelu ? gelu_tanh(xr[2u * e]) : silu(xr[2u * e])) * xr[2u * e + 1u];
+        } else {
+            ss += xr[e] * xr[e];
+            xv = xr[e] * xr[8u + e];
+        }
+        Bs[bn * BKP + off + 8u * bq + e] = float16_t(xv);
+    }
+    return ss;
+}
+
+// fetch_step for step sb when it exists (sb < nsub), else zeros.
+void fetch_round2(uint sb, uint nsub, uint row, uint ah, bool arow_ok, uint xb, uint bq,
+                  bool btok_ok, bool glu, bool vec_x, out uint wr[16], out float xr[16]) {
+    if (sb < nsub) {
+        fetch_step(row, sb, ah, arow_ok, xb, sb * BK + 8u * bq, btok_ok, glu, vec_x, wr, xr);
+    } else {
+        [[unroll]] for (uint e = 0u; e < 16u; e++) {
+            wr[e] = 0u;
+            xr[e] = 0.0;
+        }
+    }
+}
 
 void main() {
     uint group = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
@@ -92,32 +134,33 @@ void main() {
     }
     float ss = 0.0;
     uint nsub = (p.k + BK - 1u) / BK;
+    uint nround = (nsub + KS - 1u) / KS;
+    // The raw words and inputs of the round's steps (the second only with KS = 2).
     uint wr[16];
     float xr[16];
+    uint wr2[16];
+    float xr2[16];
     fetch_step(row0 + am, 0u, ah, arow_ok, xb, 8u * bq, btok_ok, glu, vec_x, wr, xr);
-    for (uint sb = 0u; sb < nsub; sb++) {
-        float v[16];
-        decode16(wr, sb, ah, v);
-        [[unroll]] for (uint e = 0u; e < 16u; e++) {
-            As[am * BKP + 16u * ah + e] = float16_t(arow_ok ? v[e] : 0.0);
-        }
-        [[unroll]] for (uint e = 0u; e < 8u; e++) {
-            float xv;
-            if (glu) {
-                xv = (gelu ? gelu_tanh(xr[2u * e]) : silu(xr[2u * e])) * xr[2u * e + 1u];
-            } else {
-                ss += xr[e] * xr[e];
-                xv = xr[e] * xr[8u + e];
-            }
-            Bs[bn * BKP + 8u * bq + e] = float16_t(xv);
+    if (KS > 1u) {
+        fetch_round2(1u, nsub, row0 + am, ah, arow_ok, xb, bq, btok_ok, glu, vec_x, wr2, xr2);
+    }
+    for (uint rd = 0u; rd < nround; rd++) {
+        uint sb = rd * KS;
+        ss += stage(wr, xr, sb, 0u, am, ah, arow_ok, bn, bq, glu, gelu);
+        if (KS > 1u) {
+            // Past the last step: zeros (its words were not read).
+            ss += stage(wr2, xr2, sb + 1u, BK, am, ah, arow_ok && sb + 1u < nsub, bn, bq, glu, gelu);
         }
         barrier();
-        uint nb = sb + 1u;
+        uint nb = sb + KS;
         if (PREFETCH != 0u && nb < nsub) {
             fetch_step(row0 + am, nb, ah, arow_ok, xb, nb * BK + 8u * bq, btok_ok, glu, vec_x, wr, xr);
+            if (KS > 1u) {
+                fetch_round2(nb + 1u, nsub, row0 + am, ah, arow_ok, xb, bq, btok_ok, glu, vec_x, wr2, xr2);
+            }
         }
         if (busy) {
-            [[unroll]] for (uint kk = 0u; kk < BK; kk += CK) {
+            [[unroll]] for (uint kk = 0u; kk < BKR; kk += CK) {
                 coopmat<float16_t, gl_ScopeSubgroup, CM, CK, gl_MatrixUseA> a[4];
                 coopmat<float16_t, gl_ScopeSubgroup, CK, CN, gl_MatrixUseB> b[4];
                 [[unroll]] for (uint i = 0u; i < WM; i++) {
@@ -138,6 +181,9 @@ void main() {
         barrier();
         if (PREFETCH == 0u && nb < nsub) {
             fetch_step(row0 + am, nb, ah, arow_ok, xb, nb * BK + 8u * bq, btok_ok, glu, vec_x, wr, xr);
+            if (KS > 1u) {
+                fetch_round2(nb + 1u, nsub, row0 + am, ah, arow_ok, xb, bq, btok_ok, glu, vec_x, wr2, xr2);
+            }
         }
     }
 

@@ -92,7 +92,7 @@ pub struct ContextOptions {
     /// `mmt.glsl`. `CALDERA_VK_NO_COOPMAT=1` sets it too.
     pub force_no_coopmat: bool,
     /// The cooperative-matrix matmul loads the next step before this step's products
-    /// ([`CoopLayout::prefetch`]); default off, or `CALDERA_VK_COOPMAT_PREFETCH=1`.
+    /// ([`CoopLayout::prefetch`]); default on, off with `CALDERA_VK_COOPMAT_PREFETCH=0`.
     pub coopmat_prefetch: Option<bool>,
 }
 
@@ -489,7 +489,8 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         .clamp(16, limit.max(16));
     let mvx_workgroup_size = (1u32 << (31 - mvx_want.leading_zeros())).max(16);
     let mvx_rows = env_u32("CALDERA_VK_MVX_ROWS").unwrap_or(2).clamp(1, 4);
-    let env_on = |name: &str| std::env::var(name).is_ok_and(|v| v == "1");
+    let env_is = |name: &str, want: &str| std::env::var(name).is_ok_and(|v| v == want);
+    let env_on = |name: &str| env_is(name, "1");
     // The int8 mat-vecs' subgroup-per-output layout: on by default on GPUs (measured
     // faster on the H100 and H200, docs/BENCHMARKS.md), off on CPU drivers (whose
     // subgroups of 4-8 lanes leave most of a workgroup idle); `CALDERA_VK_MV_SG=0|1`.
@@ -531,9 +532,13 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         coopmat_mm: coop_layout(info, required_subgroup_size)
             .filter(|_| !opts.force_no_coopmat && !env_on("CALDERA_VK_NO_COOPMAT"))
             .map(|l| CoopLayout {
+                // Both on by default (H200, pp512 of qwen3 8b q4_k_m: 1,604 tok/s with
+                // both, 1,490 with two steps only, 1,427 for mmt; BENCHMARKS.md).
                 prefetch: opts
                     .coopmat_prefetch
-                    .unwrap_or_else(|| env_on("CALDERA_VK_COOPMAT_PREFETCH")),
+                    .unwrap_or_else(|| !env_is("CALDERA_VK_COOPMAT_PREFETCH", "0")),
+                dual: !env_is("CALDERA_VK_COOPMAT_DUAL", "0")
+                    && info.max_compute_shared_memory_size >= crate::kernels::MMC_DUAL_SHARED_BYTES,
                 ..l
             }),
         kv,
@@ -718,7 +723,7 @@ fn create_pipeline(
         // KV cache holds (`KvType::spec`; kernels without a KV cache ignore it); 3: the
         // int8 mat-vecs' subgroup-per-output layout (not the expert ones'); 4-8 (the
         // cooperative-matrix kernels): the matrix shape M, N, K and the accumulators per
-        // subgroup along rows and tokens; 9: their prefetch.
+        // subgroup along rows and tokens; 9: their prefetch; 10: steps per round.
         let sg = desc.q8 && tuning.mvq_subgroup(desc.glu);
         let c = tuning.coopmat_mm.unwrap_or_default();
         let spec_data = [
@@ -732,11 +737,12 @@ fn create_pipeline(
             c.wm,
             c.wn,
             u32::from(c.prefetch),
+            if c.dual { 2 } else { 1 },
         ];
         let ids: &[u32] = if desc.rows_per_group {
             &[0, 1, 2, 3]
         } else if desc.coopmat {
-            &[0, 2, 4, 5, 6, 7, 8, 9]
+            &[0, 2, 4, 5, 6, 7, 8, 9, 10]
         } else {
             &[0, 2]
         };

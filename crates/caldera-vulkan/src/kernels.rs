@@ -1397,18 +1397,26 @@ pub struct CoopLayout {
     /// Accumulators per subgroup along the rows and the tokens (`wm * wn` is 4 or 8).
     pub wm: u32,
     pub wn: u32,
-    /// Load the next step's weights and inputs before this step's products (constant 9;
-    /// `CALDERA_VK_COOPMAT_PREFETCH=1`), else after them. Not measured yet.
+    /// Load the next round's weights and inputs before this round's products (constant
+    /// 9; on unless `CALDERA_VK_COOPMAT_PREFETCH=0`), else after them.
     pub prefetch: bool,
+    /// Stage two 32-element steps per round (constant 10): half the rounds, where the
+    /// device has [`MMC_DUAL_SHARED_BYTES`] of shared memory and
+    /// `CALDERA_VK_COOPMAT_DUAL=0` does not switch it off.
+    pub dual: bool,
 }
+
+/// Shared memory of `mmc.glsl` with two steps per round ([`CoopLayout::dual`]): f16 A
+/// and B tiles of 72-element rows, the epilogue's staging, the norm's sums and scales.
+pub const MMC_DUAL_SHARED_BYTES: u32 = 128 * 72 * 2 + 64 * 72 * 2 + 8192 + 1024 + 256;
 
 /// The `mmc.glsl` layout for `info`'s device, or `None` where it cannot run: no
 /// subgroup-scope f16 * f16 + f32 -> f32 shape dividing the 128 x 64 x 32 tile, no f16
 /// arithmetic, Vulkan memory model or Vulkan 1.3, too little shared memory, or more
 /// accumulator blocks than the fewest subgroups a workgroup of 256 may have
 /// (`required_sg`, else the largest subgroup size). Prefers all subgroups busy, then
-/// the largest shape, then fewer accumulators per subgroup. `prefetch` is off (the
-/// context sets it).
+/// the largest shape, then fewer accumulators per subgroup. `prefetch` and `dual` are
+/// off (the context sets them).
 pub fn coop_layout(info: &crate::DeviceInfo, required_sg: Option<u32>) -> Option<CoopLayout> {
     if !info.coopmat
         || !info.fp16
@@ -1454,6 +1462,7 @@ fn pick_coop_layout(shapes: &[crate::device::CoopShape], nsg: u32) -> Option<Coo
                     wm,
                     wn,
                     prefetch: false,
+                    dual: false,
                 };
                 best = Some((score, l));
             }
@@ -1487,6 +1496,7 @@ mod tests {
             wm,
             wn,
             prefetch: false,
+            dual: false,
         })
     }
 

@@ -38,8 +38,14 @@ fn mmt_opts() -> ContextOptions {
 /// The `mmc.glsl` context, where the device has cooperative matrices.
 fn coop_ctx() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(|| coopmat_context("coopmat tiled matmul", &ContextOptions::default()))
-        .as_ref()
+    CTX.get_or_init(|| {
+        let opts = ContextOptions {
+            coopmat_prefetch: Some(false),
+            ..Default::default()
+        };
+        coopmat_context("coopmat tiled matmul", &opts)
+    })
+    .as_ref()
 }
 
 /// The `mmc.glsl` context loading the next step before the products.
