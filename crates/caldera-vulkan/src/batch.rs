@@ -17,8 +17,22 @@
 //! [`BatchMm`](crate::model::BatchMm)); attention through `attn_batch` (per column: q/k
 //! norm, RoPE, KV write and split attention over its own slot; it also quantizes the
 //! output for the o-projection; `attn_dec_batch` with `CALDERA_VK_ATTN_DEC=1`, whose
-//! o-projection then quantizes its own input). Models with recurrent mixers have no
-//! batched step yet ([`VkModel::batch_unsupported`]): [`VkBatch::new`] refuses them.
+//! o-projection then quantizes its own input).
+//!
+//! **Recurrent mixers** (GatedDeltaNet, Mamba2, short conv): the batch also owns their
+//! states, per recurrent layer one pool of conv states and one of S (f32, slot `s` at
+//! `s * stride`, strides multiples of [`Buffer::VIEW_ALIGN`]); a runner's states are
+//! views of its slot's regions, zeroed when the slot is leased (and by `truncate(0)`),
+//! so a sequence's prefill ops (`conv_rows`, `gdn_chunk`, ...) run on its region as on
+//! states of its own. In a batched step the decode kernels (`gdn_decode`,
+//! `mamba2_decode`, `shortconv_decode` with their batched flag) run every column in one
+//! dispatch, each on its own slot's state at its own position (the conv ring's row);
+//! padding columns exit before touching any state. Their states are not lent to other
+//! slots (`VkRunner::reuse_prefix` takes nothing on such models, and their runners do
+//! not share prefixes): a slot's region holds only its own sequence's latest state.
+//! Models the batched step does not cover ([`VkModel::batch_unsupported`]: Gemma 4's
+//! per-layer inputs; attention with sinks, biases, v norm, shared KV or heads over 256)
+//! are refused by [`VkBatch::new`].
 //!
 //! **Prefix reuse across slots.** The batch keeps, per pool slot, the tokens whose K
 //! and V its region holds (position i: token i). What a runner computed stays valid

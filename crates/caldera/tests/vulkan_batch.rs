@@ -461,6 +461,29 @@ fn vulkan_batch_matches_alone_hybrid_moe() {
     }
 }
 
+/// Quantized hybrids on int8 activations (`caldera synth --shape tiny`, Q4_K_M):
+/// the batched mat-vecs (`quant_rows` + `mvqm`) around the batched recurrent ops, whose
+/// GatedDeltaNet / Mamba2 output is quantized for the out-projection per column, against
+/// each sequence decoding alone (`mvq`); within 2e-2 as the dense int8 test.
+#[test]
+fn vulkan_batch_int8_matches_alone_hybrids() {
+    let Some(dev) = device() else {
+        return;
+    };
+    let tmp = common::TempDir::new("vk-batch-q8-hybrid");
+    for arch in ["qwen35", "nemotron_h", "lfm2", "qwen35moe"] {
+        let synth = tmp.0.join(format!("{arch}-tiny.gguf"));
+        let o = common::bin()
+            .args(["synth", "--arch", arch, "--shape", "tiny"])
+            .arg(&synth)
+            .output()
+            .expect("running caldera synth");
+        assert!(o.status.success(), "synth {arch}: {}", common::text(&o));
+        eprintln!("{arch}");
+        scenario(dev, &synth, false, false, BatchMm::Auto, 2e-2, Size::Small);
+    }
+}
+
 /// A hybrid's sequence of a batch that starts over (`truncate(0)`: its states zeroed in
 /// place) with another prompt, and one whose truncation inside its history is refused,
 /// decode with the others as a fresh sequence would.
