@@ -30,9 +30,10 @@
 //! padding columns exit before touching any state. Their states are not lent to other
 //! slots (`VkRunner::reuse_prefix` takes nothing on such models, and their runners do
 //! not share prefixes): a slot's region holds only its own sequence's latest state.
-//! Models the batched step does not cover ([`VkModel::batch_unsupported`]: Gemma 4's
-//! per-layer inputs; attention with sinks, biases, v norm, shared KV or heads over 256)
-//! are refused by [`VkBatch::new`].
+//! gpt-oss's attention batches as well (`attn_batch` with its sinks; the q|k|v and o
+//! biases as row ops over the columns). Models the batched step does not cover
+//! ([`VkModel::batch_unsupported`]: Gemma 4's per-layer inputs, v norm, shared KV and
+//! heads over 256) are refused by [`VkBatch::new`].
 //!
 //! **Prefix reuse across slots.** The batch keeps, per pool slot, the tokens whose K
 //! and V its region holds (position i: token i). What a runner computed stays valid

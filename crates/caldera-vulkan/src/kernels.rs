@@ -1007,7 +1007,7 @@ pub const KERNELS: [KernelDesc; 200] = [
             Kernel::AttnBatch,
             "attn_batch",
             spv!("attn_batch"),
-            12,
+            13,
             ATTN_BATCH_PUSH_BYTES,
         )
     },

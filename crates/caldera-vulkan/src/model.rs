@@ -801,9 +801,10 @@ impl VkModel {
     }
 
     /// Why this model has no batched decode step (Gemma 4's per-layer inputs, and
-    /// attention with v norm, a shared KV cache, sinks, biases or heads over 256), or
-    /// `None`. Recurrent mixers (GatedDeltaNet, Mamba2, short conv) batch: their states
-    /// live in per-slot pools of the `VkBatch`.
+    /// attention with v norm, a shared KV cache or heads over 256), or `None`.
+    /// Recurrent mixers (GatedDeltaNet, Mamba2, short conv) batch (their states live in
+    /// per-slot pools of the `VkBatch`), and so does gpt-oss's attention (sinks in
+    /// `attn_batch`, the q|k|v and o biases as row ops over the columns).
     pub fn batch_unsupported(&self) -> Option<String> {
         if self.ple.is_some() {
             return Some("per-layer inputs (Gemma 4) are not batched yet".into());
@@ -811,16 +812,11 @@ impl VkModel {
         for (li, l) in self.layers.iter().enumerate() {
             match &l.mixer {
                 Some(VkMixer::Attention(a))
-                    if a.v_norm
-                        || a.kv_from.is_some()
-                        || a.sinks.is_some()
-                        || a.qkv_bias.is_some()
-                        || a.o_bias.is_some()
-                        || a.attn.head_dim > 256 =>
+                    if a.v_norm || a.kv_from.is_some() || a.attn.head_dim > 256 =>
                 {
                     return Some(format!(
-                        "layer {li}: v norm, shared KV, sinks, biases or heads over 256 \
-                         are not batched yet"
+                        "layer {li}: v norm, shared KV or heads over 256 (Gemma 4) are not \
+                         batched yet"
                     ));
                 }
                 _ => {}
@@ -1802,7 +1798,8 @@ impl VkRunner {
         if let (false, Some(bm)) = (decode, &self.batch) {
             // Batched decode: every column attends over its own slot of the pools.
             let gsize = nh / nkv;
-            let (kernel, hpw, n_chunks, split, max_splits, _) = self.attn_launch(gsize, hd, true);
+            let (kernel, hpw, n_chunks, split, max_splits, _) =
+                self.attn_launch(gsize, hd, true, l.sinks.is_some());
             let slot_elems = *bm
                 .slot_elems
                 .get(li)
@@ -1820,6 +1817,7 @@ impl VkRunner {
                 &self.attn_count,
                 &self.xq[0],
                 &self.xd[0],
+                l.sinks.as_ref().unwrap_or(dummy),
             ];
             // The o-projection on int8: attn_batch quantizes its output into pair 0;
             // attn_dec_batch has no int8 output yet (the o-projection quantizes its
@@ -1830,7 +1828,9 @@ impl VkRunner {
                 && self.batch_q8(l.o.ty, l.o.k as u64, b)
                 && hd.is_multiple_of(32)
                 && l.o.k == nh * hd;
-            let gate_flag = if a.q_gate { 32 } else { 0 } | if o_q8 { 16 } else { 0 };
+            let gate_flag = if a.q_gate { 32 } else { 0 }
+                | if o_q8 { 16 } else { 0 }
+                | if l.sinks.is_some() { 1024 } else { 0 };
             let push = push_words(&[
                 u32_of(nh, "heads")?,
                 u32_of(nkv, "kv heads")?,
@@ -1850,7 +1850,7 @@ impl VkRunner {
             ]);
             let groups = (bucket * nkv * n_chunks * max_splits) as u64;
             ops.push(("attention", Op::Kernel(binding, push, groups)));
-            return self.push_out_proj(
+            self.push_out_proj(
                 ops,
                 "o",
                 &l.o,
@@ -1865,12 +1865,13 @@ impl VkRunner {
                     xnorm: false,
                 },
                 None,
-            );
+            )?;
+            return self.push_o_bias(ops, l, b, qs);
         }
         if decode {
             let gsize = nh / nkv;
             let (kernel, hpw, n_chunks, split, max_splits, merge_flag) =
-                self.attn_launch(gsize, hd, false);
+                self.attn_launch(gsize, hd, false, l.sinks.is_some());
             let binding = wg_bind(
                 kernel,
                 &[
@@ -2003,26 +2004,39 @@ impl VkRunner {
                 None,
             )?;
         }
-        if let Some(bias) = &l.o_bias {
-            // After the residual add (no post-norm: refused at upload).
-            let io = RowsIo {
-                y: &self.x,
-                ld_y: d as u64,
-                y_off: 0,
-                src: bias,
-                step: &self.step_dev,
-                max_tokens: b,
-            };
-            ops.push((
-                "o_bias",
-                Op::Ext(RowsExt::new(ctx, RowExt::Bias, d as u64, &io)?),
-            ));
-            *qs = QState {
-                cur: qs.cur,
-                ready: false,
-                xnorm: false,
-            };
-        }
+        self.push_o_bias(ops, l, b, qs)
+    }
+
+    /// An attention layer's o-projection bias, after the residual add (no post-norm:
+    /// refused at upload), over the step's rows.
+    fn push_o_bias(
+        &self,
+        ops: &mut Vec<(&'static str, Op)>,
+        l: &VkAttn,
+        b: u64,
+        qs: &mut QState,
+    ) -> Result<()> {
+        let Some(bias) = &l.o_bias else {
+            return Ok(());
+        };
+        let d = self.m.model.config.d_model;
+        let io = RowsIo {
+            y: &self.x,
+            ld_y: d as u64,
+            y_off: 0,
+            src: bias,
+            step: &self.step_dev,
+            max_tokens: b,
+        };
+        ops.push((
+            "o_bias",
+            Op::Ext(RowsExt::new(&self.m.ctx, RowExt::Bias, d as u64, &io)?),
+        ));
+        *qs = QState {
+            cur: qs.cur,
+            ready: false,
+            xnorm: false,
+        };
         Ok(())
     }
 
@@ -2575,8 +2589,15 @@ impl VkRunner {
         gsize: usize,
         hd: usize,
         batched: bool,
+        sinks: bool,
     ) -> (Kernel, usize, usize, usize, usize, u32) {
-        if let Some(sh) = self.dec_shape(gsize, hd) {
+        // attn_dec_batch has no sinks: a batched step with them takes attn_batch.
+        let dec = if batched && sinks {
+            None
+        } else {
+            self.dec_shape(gsize, hd)
+        };
+        if let Some(sh) = dec {
             let k = if batched {
                 Kernel::AttnDecBatch
             } else {
