@@ -2842,7 +2842,8 @@ impl VkRunner {
         ctx.submit(&self.steps[&key].rec)?;
         if self.trace {
             eprintln!(
-                "batched step of {n} sequences (bucket {bucket}): {:?}",
+                "batched step of {n} sequences (bucket {bucket}, {} dispatches): {:?}",
+                self.steps[&key].rec.dispatches(),
                 t0.elapsed()
             );
             // With CALDERA_VK_PROFILE too: its device time by op.
