@@ -8,9 +8,12 @@
 // step[0] (the bucket's padding) exit at once. Partials and counts are per column. With
 // F_Q8 the output is also written as int8 blocks of 32 (column c's at c * n_heads * hd /
 // 32, as quant_rows.comp lays them out) for the batched o-projection.
+// With F_SINKS (gpt-oss) each query head's learned logit sinks[h] joins the softmax's
+// denominator, as in attn_decode.comp.
 // Binding 0: qkv, 1: k pool, 2: v pool, 3: out, 4: step values, 5: q norm, 6: k norm,
 // 7: RoPE table, 8: partials (f32, [column][head][split][2 + hd]), 9: counts (u32 per
-// (column, g, c), zero between dispatches), 10: q8 values (u32), 11: q8 scales (f32).
+// (column, g, c), zero between dispatches), 10: q8 values (u32), 11: q8 scales (f32),
+// 12: sinks (f32 per query head; read with F_SINKS only).
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
@@ -24,6 +27,7 @@ layout(std430, binding = 8) coherent buffer Part { float part[]; };
 layout(std430, binding = 9) coherent buffer Cnt { uint cnt[]; };
 layout(std430, binding = 10) writeonly buffer Q8 { uint xq[]; };
 layout(std430, binding = 11) writeonly buffer Q8d { float xd[]; };
+layout(std430, binding = 12) readonly buffer Sinks { float sinks[]; };
 
 const uint F_QNORM = 1u;
 const uint F_KNORM = 2u;
@@ -31,6 +35,7 @@ const uint F_ROPE = 4u;
 const uint F_INTERLEAVED = 8u;
 const uint F_Q8 = 16u;
 const uint F_QGATE = 32u;
+const uint F_SINKS = 1024u; // (bits 8-9: the profiling stop)
 const uint MAX_HD = 256u;
 const uint MAXG = 8u;
 const uint MAX_SPLIT = 128u;
@@ -373,11 +378,17 @@ void main() {
             for (uint i = 0u; i < G; i++) {
                 t += red_buf[tid * G + i];
             }
+            // One split: the sink joins its sum here (exp overflowing to inf makes the
+            // output 0, the limit).
+            if (n_active == 1u && (p.flags & F_SINKS) != 0u) {
+                t += exp(sinks[h0 + tid] - m_s[tid]);
+            }
             l_s[tid] = t;
         }
         barrier();
     }
     bool single = n_active == 1u;
+    bool has_sinks = (p.flags & F_SINKS) != 0u;
     uint stride = 2u + p.hd;
     // Values, a tile at a time as for k: the sums go to q_s (q is no longer needed),
     // one (head, dim) per task.
@@ -456,6 +467,9 @@ void main() {
             for (uint t = 0u; t < n_active; t++) {
                 l += exp(kv_s[CM + tid * n_active + t] - mx) * kv_s[CL + tid * n_active + t];
             }
+            if (has_sinks) {
+                l += exp(sinks[h0 + tid] - mx);
+            }
             m_s[tid] = mx;
             l_s[tid] = l;
         }
@@ -487,6 +501,9 @@ void main() {
             float l = 0.0;
             for (uint t = 0u; t < n_active; t++) {
                 l += exp(part[PB + hb + t * stride] - mx) * part[PB + hb + t * stride + 1u];
+            }
+            if (has_sinks) {
+                l += exp(sinks[h0 + h] - mx);
             }
             for (uint d = tid; d < p.hd; d += WG) {
                 float a = 0.0;

@@ -18,6 +18,13 @@
 // (f32, n_v * dv), 5: step values ([1] position), 6: partial sums of squares
 // ([n_v][n_tiles]), 7: counts (u32 per value head, zero between dispatches), 8, 9: with
 // F_Q8, out as int8 blocks of 32 (q8_store.glsl; dv a multiple of 32) for ssm_out.
+//
+// With F_BATCH, a batched decode step: workgroups come in runs of n_v * n_tiles per
+// column; column c < step[0] is the sequence in pool slot step[8 + 2c] at position
+// step[9 + 2c], its proj row c (ld_proj apart), its out row c (n_v * dv apart; the int8
+// blocks as quant_rows lays them out), its ring and S the slot's (ring_stride and
+// ssm_stride values per slot), its partials and counts its own. Columns past step[0]
+// (a bucket's padding) exit at once, so they touch no state.
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Proj { float proj[]; };
@@ -33,6 +40,14 @@ layout(std430, binding = 9) writeonly buffer D8 { float xd[]; };
 
 #include "act.glsl"
 #include "recurrent.glsl"
+// The column's offsets: proj row, ring and S of its slot, out row, partials, counts.
+uint PB;
+uint RB;
+uint SB;
+uint OB;
+uint TB;
+uint CB;
+#define RING_BASE RB
 #include "conv_ring.glsl"
 #define Q8_SRC(i) o[i]
 #include "q8_store.glsl"
@@ -40,6 +55,7 @@ layout(std430, binding = 9) writeonly buffer D8 { float xd[]; };
 const uint F_TILED = 1u;    // value head j reads key head j % n_k (else j / (n_v / n_k))
 const uint F_FUSED_BA = 2u; // b and a as ssm_ba writes them
 const uint F_Q8 = 4u;       // also write out as int8 blocks
+const uint F_BATCH = 8u;    // a batched decode step's columns
 const uint MAX_DK = 512u;
 const float L2_EPS = 1e-6;
 
@@ -53,6 +69,9 @@ layout(push_constant) uniform Push {
     uint tile;
     uint n_tiles;
     float eps;
+    uint ld_proj;     // F_BATCH: values between proj rows
+    uint ring_stride; // F_BATCH: ring values per pool slot
+    uint ssm_stride;  // F_BATCH: S values per pool slot
 } p;
 
 shared float q_s[MAX_DK];
@@ -64,6 +83,31 @@ shared bool last_s;
 
 void main() {
     uint grp = flat_group();
+    uint pos;
+    if ((p.flags & F_BATCH) != 0u) {
+        uint per = p.n_v * p.n_tiles;
+        uint col = grp / per;
+        if (col >= step[0]) {
+            return; // uniform for the workgroup
+        }
+        grp -= col * per;
+        uint slot = step[8u + 2u * col];
+        pos = step[9u + 2u * col];
+        PB = col * p.ld_proj;
+        RB = slot * p.ring_stride;
+        SB = slot * p.ssm_stride;
+        OB = col * p.n_v * p.dv;
+        TB = col * per;
+        CB = col * p.n_v;
+    } else {
+        pos = step[1];
+        PB = 0u;
+        RB = 0u;
+        SB = 0u;
+        OB = 0u;
+        TB = 0u;
+        CB = 0u;
+    }
     uint j = grp / p.n_tiles;
     if (j >= p.n_v) {
         return; // uniform for the workgroup
@@ -78,14 +122,13 @@ void main() {
     bool own_qk = ti == 0u && (tiled ? j < p.n_k : j % r == 0u);
     uint kd = p.n_k * p.dk;
     uint cd = 2u * kd + nv * p.dv;
-    uint pos = step[1];
     uint c0 = ti * p.tile;
     uint tcols = min(p.tile, p.dv - c0);
 
     for (uint i = tid; i < 2u * p.dk; i += WG) {
         bool is_q = i < p.dk;
         uint ch = is_q ? kh * p.dk + i : kd + kh * p.dk + (i - p.dk);
-        float x = silu(ring_conv(ch, proj[ch], pos, cd, p.kern, own_qk));
+        float x = silu(ring_conv(ch, proj[PB + ch], pos, cd, p.kern, own_qk));
         if (is_q) {
             q_s[i] = x;
         } else {
@@ -94,7 +137,7 @@ void main() {
     }
     for (uint c = tid; c < tcols; c += WG) {
         uint ch = 2u * kd + j * p.dv + c0 + c;
-        v_s[c] = silu(ring_conv(ch, proj[ch], pos, cd, p.kern, true));
+        v_s[c] = silu(ring_conv(ch, proj[PB + ch], pos, cd, p.kern, true));
     }
     barrier();
     float sq = 0.0;
@@ -113,7 +156,7 @@ void main() {
     }
 
     // Gates.
-    uint gb = cd + nv * p.dv;
+    uint gb = PB + cd + nv * p.dv;
     float bv;
     float av;
     if ((p.flags & F_FUSED_BA) != 0u) {
@@ -136,7 +179,7 @@ void main() {
     uint sl = tid / p.tile;
     bool act = sl < rs && c < tcols;
     bool lead = sl == 0u && c < tcols;
-    uint sbase = j * p.dk * p.dv + c0 + c;
+    uint sbase = SB + j * p.dk * p.dv + c0 + c;
     float acc = 0.0;
     if (act) {
         for (uint a = sl; a < p.dk; a += rs) {
@@ -175,11 +218,11 @@ void main() {
 
     // Gated RMSNorm over the head's dv outputs.
     uint nb = pb + 2u * nv;
-    uint ob = j * p.dv;
+    uint ob = OB + j * p.dv;
     if (p.n_tiles == 1u) {
         float inv = inversesqrt(ss / float(p.dv) + p.eps);
         if (lead) {
-            o[ob + c] = ov * inv * par[nb + c] * silu(proj[cd + ob + c]);
+            o[ob + c] = ov * inv * par[nb + c] * silu(proj[PB + cd + j * p.dv + c]);
         }
         if ((p.flags & F_Q8) != 0u) {
             memoryBarrierBuffer();
@@ -192,15 +235,15 @@ void main() {
         o[ob + c0 + c] = ov;
     }
     if (tid == 0u) {
-        part[j * p.n_tiles + ti] = ss;
+        part[TB + j * p.n_tiles + ti] = ss;
     }
     memoryBarrierBuffer();
     barrier();
     if (tid == 0u) {
-        uint done = atomicAdd(cnt[j], 1u);
+        uint done = atomicAdd(cnt[CB + j], 1u);
         last_s = done == p.n_tiles - 1u;
         if (last_s) {
-            cnt[j] = 0u;
+            cnt[CB + j] = 0u;
         }
     }
     barrier();
@@ -210,12 +253,12 @@ void main() {
     memoryBarrierBuffer();
     float tot = 0.0;
     for (uint t = 0u; t < p.n_tiles; t++) {
-        tot += part[j * p.n_tiles + t];
+        tot += part[TB + j * p.n_tiles + t];
     }
     float inv = inversesqrt(tot / float(p.dv) + p.eps);
     for (uint cc = tid; cc < p.dv; cc += WG) {
         uint at = ob + cc;
-        o[at] = o[at] * inv * par[nb + cc] * silu(proj[cd + at]);
+        o[at] = o[at] * inv * par[nb + cc] * silu(proj[PB + cd + j * p.dv + cc]);
     }
     if ((p.flags & F_Q8) != 0u) {
         memoryBarrierBuffer();

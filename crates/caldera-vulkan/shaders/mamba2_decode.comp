@@ -18,6 +18,13 @@
 // 5: step values ([1] position), 6: partial sums of squares ([H][n_tiles]),
 // 7: counts (u32 per group, zero between dispatches), 8, 9: with F_Q8, out as int8
 // blocks of 32 (q8_store.glsl; d_inner / G a multiple of 32) for ssm_out.
+//
+// With F_BATCH, a batched decode step: workgroups come in runs of n_h * n_tiles per
+// column; column c < step[0] is the sequence in pool slot step[8 + 2c] at position
+// step[9 + 2c], its proj row c (ld_proj apart), its out row c (d_inner apart; the int8
+// blocks as quant_rows lays them out), its ring and S the slot's (ring_stride and
+// ssm_stride values per slot), its partials and counts its own. Columns past step[0]
+// (a bucket's padding) exit at once, so they touch no state.
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Proj { float proj[]; };
@@ -33,12 +40,21 @@ layout(std430, binding = 9) writeonly buffer D8 { float xd[]; };
 
 #include "act.glsl"
 #include "recurrent.glsl"
+// The column's offsets: proj row, ring and S of its slot, out row, partials, counts.
+uint PB;
+uint RB;
+uint SB;
+uint OB;
+uint TB;
+uint CB;
+#define RING_BASE RB
 #include "conv_ring.glsl"
 #define Q8_SRC(i) y[i]
 #include "q8_store.glsl"
 
 const uint MAX_N = 512u;
 const uint F_Q8 = 1u; // also write out as int8 blocks
+const uint F_BATCH = 2u; // a batched decode step's columns
 
 layout(push_constant) uniform Push {
     uint n_h;
@@ -51,6 +67,9 @@ layout(push_constant) uniform Push {
     uint flags;
     float eps;
     float dt_min;
+    uint ld_proj;     // F_BATCH: values between proj rows
+    uint ring_stride; // F_BATCH: ring values per pool slot
+    uint ssm_stride;  // F_BATCH: S values per pool slot
 } p;
 
 shared float b_s[MAX_N];
@@ -61,6 +80,31 @@ shared bool last_s;
 
 void main() {
     uint grp = flat_group();
+    uint pos;
+    if ((p.flags & F_BATCH) != 0u) {
+        uint per = p.n_h * p.n_tiles;
+        uint col = grp / per;
+        if (col >= step[0]) {
+            return; // uniform for the workgroup
+        }
+        grp -= col * per;
+        uint slot = step[8u + 2u * col];
+        pos = step[9u + 2u * col];
+        PB = col * p.ld_proj;
+        RB = slot * p.ring_stride;
+        SB = slot * p.ssm_stride;
+        OB = col * p.n_h * p.hp;
+        TB = col * per;
+        CB = col * p.n_g;
+    } else {
+        pos = step[1];
+        PB = 0u;
+        RB = 0u;
+        SB = 0u;
+        OB = 0u;
+        TB = 0u;
+        CB = 0u;
+    }
     uint h = grp / p.n_tiles;
     if (h >= p.n_h) {
         return; // uniform for the workgroup
@@ -72,7 +116,6 @@ void main() {
     uint di = p.n_h * p.hp;
     uint gn = p.n_g * p.ns;
     uint cd = di + 2u * gn;
-    uint pos = step[1];
     uint c0 = ti * p.tile;
     uint tcols = min(p.tile, p.hp - c0);
     // The group's first head (tile 0) writes B and C into the ring.
@@ -81,7 +124,7 @@ void main() {
     for (uint i = tid; i < 2u * p.ns; i += WG) {
         bool is_b = i < p.ns;
         uint ch = di + (is_b ? g * p.ns + i : gn + g * p.ns + (i - p.ns));
-        float v = silu(ring_conv(ch, proj[di + ch], pos, cd, p.kern, own_bc));
+        float v = silu(ring_conv(ch, proj[PB + di + ch], pos, cd, p.kern, own_bc));
         if (is_b) {
             b_s[i] = v;
         } else {
@@ -90,10 +133,10 @@ void main() {
     }
     for (uint c = tid; c < tcols; c += WG) {
         uint ch = h * p.hp + c0 + c;
-        x_s[c] = silu(ring_conv(ch, proj[di + ch], pos, cd, p.kern, true));
+        x_s[c] = silu(ring_conv(ch, proj[PB + di + ch], pos, cd, p.kern, true));
     }
     uint pb = cd * (p.kern + 1u);
-    float dt = max(softplus(proj[di + cd + h] + par[pb + h]), p.dt_min);
+    float dt = max(softplus(proj[PB + di + cd + h] + par[pb + h]), p.dt_min);
     float decay = exp(dt * par[pb + p.n_h + h]);
     float dskip = par[pb + 2u * p.n_h + h];
     barrier();
@@ -103,7 +146,7 @@ void main() {
     uint sl = tid / p.tile;
     bool act = sl < rs && c < tcols;
     bool lead = sl == 0u && c < tcols;
-    uint sbase = h * p.ns * p.hp + c0 + c;
+    uint sbase = SB + h * p.ns * p.hp + c0 + c;
     float acc = 0.0;
     if (act) {
         float dx = dt * x_s[c];
@@ -122,7 +165,7 @@ void main() {
         for (uint s = 0u; s < rs; s++) {
             yv += part_s[s * p.tile + c];
         }
-        yv = (yv + dskip * x_s[c]) * silu(proj[ch]);
+        yv = (yv + dskip * x_s[c]) * silu(proj[PB + ch]);
     }
     float ss = reduce_sum(yv * yv);
 
@@ -132,28 +175,28 @@ void main() {
     if (per_group == 1u) {
         float inv = inversesqrt(ss / float(gs) + p.eps);
         if (lead) {
-            y[ch] = yv * inv * par[nb + ch];
+            y[OB + ch] = yv * inv * par[nb + ch];
         }
         if ((p.flags & F_Q8) != 0u) {
             memoryBarrierBuffer();
             barrier();
-            q8_store(g * gs, gs);
+            q8_store(OB + g * gs, gs);
         }
         return;
     }
     if (lead) {
-        y[ch] = yv;
+        y[OB + ch] = yv;
     }
     if (tid == 0u) {
-        part[h * p.n_tiles + ti] = ss;
+        part[TB + h * p.n_tiles + ti] = ss;
     }
     memoryBarrierBuffer();
     barrier();
     if (tid == 0u) {
-        uint done = atomicAdd(cnt[g], 1u);
+        uint done = atomicAdd(cnt[CB + g], 1u);
         last_s = done == per_group - 1u;
         if (last_s) {
-            cnt[g] = 0u;
+            cnt[CB + g] = 0u;
         }
     }
     barrier();
@@ -163,16 +206,16 @@ void main() {
     memoryBarrierBuffer();
     float tot = 0.0;
     for (uint t = 0u; t < per_group; t++) {
-        tot += part[g * per_group + t];
+        tot += part[TB + g * per_group + t];
     }
     float inv = inversesqrt(tot / float(gs) + p.eps);
     for (uint i = tid; i < gs; i += WG) {
         uint at = g * gs + i;
-        y[at] = y[at] * inv * par[nb + at];
+        y[OB + at] = y[OB + at] * inv * par[nb + at];
     }
     if ((p.flags & F_Q8) != 0u) {
         memoryBarrierBuffer();
         barrier();
-        q8_store(g * gs, gs);
+        q8_store(OB + g * gs, gs);
     }
 }

@@ -17,8 +17,23 @@
 //! [`BatchMm`](crate::model::BatchMm)); attention through `attn_batch` (per column: q/k
 //! norm, RoPE, KV write and split attention over its own slot; it also quantizes the
 //! output for the o-projection; `attn_dec_batch` with `CALDERA_VK_ATTN_DEC=1`, whose
-//! o-projection then quantizes its own input). Models with recurrent mixers have no
-//! batched step yet ([`VkModel::batch_unsupported`]): [`VkBatch::new`] refuses them.
+//! o-projection then quantizes its own input).
+//!
+//! **Recurrent mixers** (GatedDeltaNet, Mamba2, short conv): the batch also owns their
+//! states, per recurrent layer one pool of conv states and one of S (f32, slot `s` at
+//! `s * stride`, strides multiples of [`Buffer::VIEW_ALIGN`]); a runner's states are
+//! views of its slot's regions, zeroed when the slot is leased (and by `truncate(0)`),
+//! so a sequence's prefill ops (`conv_rows`, `gdn_chunk`, ...) run on its region as on
+//! states of its own. In a batched step the decode kernels (`gdn_decode`,
+//! `mamba2_decode`, `shortconv_decode` with their batched flag) run every column in one
+//! dispatch, each on its own slot's state at its own position (the conv ring's row);
+//! padding columns exit before touching any state. Their states are not lent to other
+//! slots (`VkRunner::reuse_prefix` takes nothing on such models, and their runners do
+//! not share prefixes): a slot's region holds only its own sequence's latest state.
+//! gpt-oss's attention batches as well (`attn_batch` with its sinks; the q|k|v and o
+//! biases as row ops over the columns). Models the batched step does not cover
+//! ([`VkModel::batch_unsupported`]: Gemma 4's per-layer inputs, v norm, shared KV and
+//! heads over 256) are refused by [`VkBatch::new`].
 //!
 //! **Prefix reuse across slots.** The batch keeps, per pool slot, the tokens whose K
 //! and V its region holds (position i: token i). What a runner computed stays valid
@@ -39,6 +54,7 @@ use caldera_model::{panic_message, step_one, BatchItem, BatchStepper, Runner, St
 use crate::error::{Result, VkError};
 use crate::memory::{Buffer, MemoryKind};
 use crate::model::{BatchMm, KvSource, VkModel, VkRunner};
+use crate::recurrent::RecurrentState;
 
 /// Most sequences one batched step decodes (the largest bucket).
 pub const MAX_BATCH: usize = 16;
@@ -56,6 +72,9 @@ pub struct VkBatch {
     slots: usize,
     /// Per layer, the K and V pools and bytes per slot (`None` without attention).
     pool: Vec<Option<(Buffer, Buffer, u64)>>,
+    /// Per recurrent layer, its state pools (conv state, S) and their bytes per slot
+    /// (`None` for other layers; S's 0 for the short conv, which has none).
+    states: Vec<Option<(RecurrentState, u64, u64)>>,
     /// Whether each slot is leased to a runner.
     used: Mutex<Vec<bool>>,
     /// Per slot, the tokens whose K and V its region holds at positions 0.. (see the
@@ -133,12 +152,19 @@ impl VkBatch {
             views_of.push(Some((k.clone(), v.clone())));
             pool.push(Some((k, v, stride)));
         }
+        let (states, state_strides) = state_pools(&m, slots)?;
         let cols = MAX_BATCH.min(slots.next_power_of_two());
         let runner = VkRunner::build(
             m.clone(),
             cap,
             KvSource::Batch {
                 pool: views_of,
+                states: states
+                    .iter()
+                    .map(|s| s.as_ref().map(|(st, _, _)| st.clone()))
+                    .collect(),
+                state_strides,
+                slots,
                 cols,
                 slot_elems,
                 mm,
@@ -149,6 +175,7 @@ impl VkBatch {
             cap,
             slots,
             pool,
+            states,
             used: Mutex::new(vec![false; slots]),
             held: Mutex::new(vec![Vec::new(); slots]),
             runner: Mutex::new(runner),
@@ -198,7 +225,26 @@ impl VkBatch {
                 None => None,
             });
         }
-        let mut r = VkRunner::build(self.m.clone(), self.cap, KvSource::Views(views))?;
+        let mut states = Vec::with_capacity(self.states.len());
+        for p in &self.states {
+            states.push(match p {
+                Some((st, conv, ssm)) => {
+                    let (ca, sa) = (slot as u64 * conv, slot as u64 * ssm);
+                    Some(RecurrentState {
+                        conv: st.conv.view(ca, *conv)?,
+                        ssm: match &st.ssm {
+                            Some(s) => Some(s.view(sa, *ssm)?),
+                            None => None,
+                        },
+                    })
+                }
+                None => None,
+            });
+        }
+        // The slot's states are its previous tenant's: a new sequence starts from zeros.
+        RecurrentState::reset_all(self.m.context(), states.iter().flatten())?;
+        let src = KvSource::Views { kv: views, states };
+        let mut r = VkRunner::build(self.m.clone(), self.cap, src)?;
         r.lease = Some(lease);
         Ok(r)
     }
@@ -339,6 +385,56 @@ impl VkBatch {
         }
         Ok(())
     }
+}
+
+/// The recurrent layers' state pools for `slots` sequences (zeroed), and per layer the
+/// (conv, S) values per slot (0 for other layers). Each slot's region starts at a
+/// multiple of [`Buffer::VIEW_ALIGN`] bytes, so a runner binds it as a view.
+#[allow(clippy::type_complexity)]
+fn state_pools(
+    m: &VkModel,
+    slots: usize,
+) -> Result<(Vec<Option<(RecurrentState, u64, u64)>>, Vec<(usize, usize)>)> {
+    let ctx = m.context();
+    let align =
+        |floats: usize| (floats as u64 * 4).div_ceil(Buffer::VIEW_ALIGN) * Buffer::VIEW_ALIGN;
+    let pool = |li: usize, what: &str, stride: u64| -> Result<Buffer> {
+        let total = stride
+            .checked_mul(slots as u64)
+            .filter(|&t| t <= ctx.max_buffer_bytes())
+            .ok_or_else(|| {
+                VkError::Invalid(format!(
+                    "layer {li}: the {what} of {slots} sequences ({} KiB each) are more \
+                     than one buffer may hold on {} ({} MiB); use fewer slots",
+                    stride >> 10,
+                    ctx.info().name,
+                    ctx.max_buffer_bytes() >> 20
+                ))
+            })?;
+        ctx.create_buffer(total, MemoryKind::Device)
+    };
+    let mut pools = Vec::new();
+    let mut strides = Vec::new();
+    for (li, sz) in m.state_sizes()?.into_iter().enumerate() {
+        let Some((conv, ssm)) = sz else {
+            pools.push(None);
+            strides.push((0, 0));
+            continue;
+        };
+        let (cs, ss) = (align(conv), if ssm > 0 { align(ssm) } else { 0 });
+        let st = RecurrentState {
+            conv: pool(li, "conv states", cs)?,
+            ssm: if ssm > 0 {
+                Some(pool(li, "recurrent states", ss)?)
+            } else {
+                None
+            },
+        };
+        strides.push(((cs / 4) as usize, (ss / 4) as usize));
+        pools.push(Some((st, cs, ss)));
+    }
+    RecurrentState::reset_all(ctx, pools.iter().flatten().map(|(st, _, _)| st))?;
+    Ok((pools, strides))
 }
 
 /// The server's stepper over a [`VkBatch`]: the items that decode one token on a

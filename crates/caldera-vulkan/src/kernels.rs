@@ -408,13 +408,14 @@ pub fn attn_dec_shape(
 /// `add_norm` push constants: `n` (u32), `eps` (f32).
 pub const ADD_NORM_PUSH_BYTES: u32 = 8;
 /// `gdn_decode` push constants: `n_k, n_v, dk, dv, kern, flags, tile, n_tiles` (u32),
-/// `eps` (f32).
-pub const GDN_DECODE_PUSH_BYTES: u32 = 36;
+/// `eps` (f32), `ld_proj, ring_stride, ssm_stride` (u32; batched steps).
+pub const GDN_DECODE_PUSH_BYTES: u32 = 48;
 /// `mamba2_decode` push constants: `n_h, hp, ns, n_g, kern, tile, n_tiles, flags` (u32),
-/// `eps, dt_min` (f32).
-pub const MAMBA2_DECODE_PUSH_BYTES: u32 = 40;
-/// `shortconv_decode` push constants: `channels, kern` (u32).
-pub const SHORTCONV_DECODE_PUSH_BYTES: u32 = 8;
+/// `eps, dt_min` (f32), `ld_proj, ring_stride, ssm_stride` (u32; batched steps).
+pub const MAMBA2_DECODE_PUSH_BYTES: u32 = 52;
+/// `shortconv_decode` push constants: `channels, kern, flags, ld_proj, state_stride`
+/// (u32; the last two for batched steps).
+pub const SHORTCONV_DECODE_PUSH_BYTES: u32 = 20;
 /// `conv_rows` push constants: `cd, kern, ld, max_t, src` (u32).
 pub const CONV_ROWS_PUSH_BYTES: u32 = 20;
 /// `gdn_chunk` push constants: `n_k, n_v, dk, dv, kern, flags, ld, n_tiles, max_t` (u32).
@@ -809,7 +810,7 @@ pub const KERNELS: [KernelDesc; 200] = [
         Kernel::ShortConvDecode,
         "shortconv_decode",
         spv!("shortconv_decode"),
-        4,
+        5,
         SHORTCONV_DECODE_PUSH_BYTES,
     ),
     plain(
@@ -1006,7 +1007,7 @@ pub const KERNELS: [KernelDesc; 200] = [
             Kernel::AttnBatch,
             "attn_batch",
             spv!("attn_batch"),
-            12,
+            13,
             ATTN_BATCH_PUSH_BYTES,
         )
     },

@@ -344,6 +344,34 @@ impl Context {
         })
     }
 
+    /// Zeroes each of `bufs` (views: their range only), all in one submit (waited for;
+    /// the next submit's leading barrier makes the zeros visible to its kernels).
+    pub fn fill_zero(&self, bufs: &[&Buffer]) -> Result<()> {
+        let mut all = Vec::with_capacity(bufs.len());
+        for b in bufs {
+            if b.kind() != MemoryKind::Device || !b.size().is_multiple_of(4) {
+                return Err(VkError::Invalid(format!(
+                    "zeroing a {:?} buffer of {} bytes",
+                    b.kind(),
+                    b.size()
+                )));
+            }
+            if b.size() > 0 {
+                all.push((b.handle(), b.offset(), b.size()));
+            }
+        }
+        if all.is_empty() {
+            return Ok(());
+        }
+        self.one_shot("zeroing device buffers", |dev, cmd| {
+            for &(h, offset, size) in &all {
+                // SAFETY: the buffers are alive (borrowed); offset and size are
+                // multiples of 4 within the buffer (views lie inside their parent).
+                unsafe { dev.cmd_fill_buffer(cmd, h, offset, size, 0) };
+            }
+        })
+    }
+
     /// Reads `len` bytes of `src` from byte `offset` through a readback buffer.
     pub fn read_buffer(&self, src: &Buffer, offset: u64, len: u64) -> Result<Vec<u8>> {
         if offset.checked_add(len).is_none_or(|end| end > src.size()) {

@@ -66,8 +66,8 @@ use crate::ops::{
 };
 use crate::record::{Binding, Recorder, Recording};
 use crate::recurrent::{
-    GdnDecode, GdnPrefill, Mamba2Decode, Mamba2Prefill, PrefillIo, RecurrentIo, RecurrentState,
-    ShortConvDecode, ShortConvPrefill,
+    GdnDecode, GdnPrefill, Mamba2Decode, Mamba2Prefill, PrefillIo, RecurrentCols, RecurrentIo,
+    RecurrentState, ShortConvDecode, ShortConvPrefill,
 };
 
 /// Most tokens per prefill step (the prefill bucket): the tiled matmul works on 64
@@ -800,28 +800,23 @@ impl VkModel {
         self.weight_bytes
     }
 
-    /// Why this model has no batched decode step (recurrent mixers keep a state per
-    /// sequence that the batched step does not gather yet), or `None`.
+    /// Why this model has no batched decode step (Gemma 4's per-layer inputs, and
+    /// attention with v norm, a shared KV cache or heads over 256), or `None`.
+    /// Recurrent mixers (GatedDeltaNet, Mamba2, short conv) batch (their states live in
+    /// per-slot pools of the `VkBatch`), and so does gpt-oss's attention (sinks in
+    /// `attn_batch`, the q|k|v and o biases as row ops over the columns).
     pub fn batch_unsupported(&self) -> Option<String> {
         if self.ple.is_some() {
             return Some("per-layer inputs (Gemma 4) are not batched yet".into());
         }
         for (li, l) in self.layers.iter().enumerate() {
             match &l.mixer {
-                Some(VkMixer::Recurrent(_)) => {
-                    return Some(format!("layer {li} is a recurrent mixer"));
-                }
                 Some(VkMixer::Attention(a))
-                    if a.v_norm
-                        || a.kv_from.is_some()
-                        || a.sinks.is_some()
-                        || a.qkv_bias.is_some()
-                        || a.o_bias.is_some()
-                        || a.attn.head_dim > 256 =>
+                    if a.v_norm || a.kv_from.is_some() || a.attn.head_dim > 256 =>
                 {
                     return Some(format!(
-                        "layer {li}: v norm, shared KV, sinks, biases or heads over 256 \
-                         are not batched yet"
+                        "layer {li}: v norm, shared KV or heads over 256 (Gemma 4) are not \
+                         batched yet"
                     ));
                 }
                 _ => {}
@@ -844,6 +839,18 @@ impl VkModel {
                 _ => 0,
             })
             .sum()
+    }
+
+    /// Per layer, the (conv, S) values per sequence of its recurrent state (`None`
+    /// without a recurrent mixer).
+    pub(crate) fn state_sizes(&self) -> Result<Vec<Option<(usize, usize)>>> {
+        self.layers
+            .iter()
+            .map(|l| match &l.mixer {
+                Some(VkMixer::Recurrent(r)) => RecurrentState::sizes(&r.spec).map(Some),
+                _ => Ok(None),
+            })
+            .collect()
     }
 
     /// Per layer, the K (= V) values per position of its cache (`None` without one).
@@ -983,16 +990,24 @@ pub struct VkRunner {
     pub(crate) lease: Option<crate::batch::SlotLease>,
 }
 
-/// Where a runner's KV caches come from.
+/// Where a runner's KV caches and recurrent states come from.
 pub(crate) enum KvSource {
     /// Its own buffers.
     Own,
-    /// Per layer, views of a pool slot's region (`None` for layers without attention).
-    Views(Vec<Option<(Buffer, Buffer)>>),
+    /// Per layer, views of a pool slot's region (`None` for layers without attention /
+    /// without a recurrent mixer).
+    Views {
+        kv: Vec<Option<(Buffer, Buffer)>>,
+        states: Vec<Option<RecurrentState>>,
+    },
     /// A batched-decode runner of up to `cols` columns over the whole pools, with the
-    /// cache values per pool slot of each layer.
+    /// cache values per pool slot of each layer, and per recurrent layer its state
+    /// pools and their (conv, S) values per slot.
     Batch {
         pool: Vec<Option<(Buffer, Buffer)>>,
+        states: Vec<Option<RecurrentState>>,
+        state_strides: Vec<(usize, usize)>,
+        slots: usize,
         cols: usize,
         slot_elems: Vec<u32>,
         mm: BatchMm,
@@ -1031,6 +1046,9 @@ impl BatchMm {
 struct BatchMode {
     cols: usize,
     slot_elems: Vec<u32>,
+    /// Per layer, the (conv, S) values per pool slot of its recurrent state pools.
+    state_strides: Vec<(usize, usize)>,
+    slots: usize,
     mm: BatchMm,
 }
 
@@ -1242,8 +1260,14 @@ impl VkRunner {
         let mut states = Vec::with_capacity(m.layers.len());
         let mut rope: Vec<Option<Buffer>> = Vec::with_capacity(m.layers.len());
         for (li, l) in m.layers.iter().enumerate() {
-            let state = match &l.mixer {
-                Some(VkMixer::Recurrent(r)) => Some(match &r.spec {
+            let state = match (&l.mixer, &src) {
+                (
+                    Some(VkMixer::Recurrent(_)),
+                    KvSource::Views { states, .. } | KvSource::Batch { states, .. },
+                ) => Some(states.get(li).cloned().flatten().ok_or_else(|| {
+                    VkError::Invalid(format!("layer {li}: no pooled recurrent state"))
+                })?),
+                (Some(VkMixer::Recurrent(r)), KvSource::Own) => Some(match &r.spec {
                     Mixer::GatedDeltaNet(s) => RecurrentState::gdn(ctx, s)?,
                     Mixer::Mamba2(s) => RecurrentState::mamba2(ctx, s)?,
                     Mixer::ShortConv(s) => RecurrentState::short_conv(ctx, s)?,
@@ -1273,7 +1297,7 @@ impl VkRunner {
                         dev(words, "a layer's K cache")?,
                         dev(words, "a layer's V cache")?,
                     ),
-                    KvSource::Views(v) | KvSource::Batch { pool: v, .. } => {
+                    KvSource::Views { kv: v, .. } | KvSource::Batch { pool: v, .. } => {
                         v.get(li).cloned().flatten().ok_or_else(|| {
                             VkError::Invalid(format!("layer {li}: no pooled KV cache"))
                         })?
@@ -1332,11 +1356,15 @@ impl VkRunner {
             KvSource::Batch {
                 cols,
                 slot_elems,
+                state_strides,
+                slots,
                 mm,
                 ..
             } => Some(BatchMode {
                 cols,
                 slot_elems,
+                state_strides,
+                slots,
                 mm,
             }),
             _ => None,
@@ -1770,7 +1798,8 @@ impl VkRunner {
         if let (false, Some(bm)) = (decode, &self.batch) {
             // Batched decode: every column attends over its own slot of the pools.
             let gsize = nh / nkv;
-            let (kernel, hpw, n_chunks, split, max_splits, _) = self.attn_launch(gsize, hd, true);
+            let (kernel, hpw, n_chunks, split, max_splits, _) =
+                self.attn_launch(gsize, hd, true, l.sinks.is_some());
             let slot_elems = *bm
                 .slot_elems
                 .get(li)
@@ -1788,6 +1817,7 @@ impl VkRunner {
                 &self.attn_count,
                 &self.xq[0],
                 &self.xd[0],
+                l.sinks.as_ref().unwrap_or(dummy),
             ];
             // The o-projection on int8: attn_batch quantizes its output into pair 0;
             // attn_dec_batch has no int8 output yet (the o-projection quantizes its
@@ -1798,7 +1828,9 @@ impl VkRunner {
                 && self.batch_q8(l.o.ty, l.o.k as u64, b)
                 && hd.is_multiple_of(32)
                 && l.o.k == nh * hd;
-            let gate_flag = if a.q_gate { 32 } else { 0 } | if o_q8 { 16 } else { 0 };
+            let gate_flag = if a.q_gate { 32 } else { 0 }
+                | if o_q8 { 16 } else { 0 }
+                | if l.sinks.is_some() { 1024 } else { 0 };
             let push = push_words(&[
                 u32_of(nh, "heads")?,
                 u32_of(nkv, "kv heads")?,
@@ -1818,7 +1850,7 @@ impl VkRunner {
             ]);
             let groups = (bucket * nkv * n_chunks * max_splits) as u64;
             ops.push(("attention", Op::Kernel(binding, push, groups)));
-            return self.push_out_proj(
+            self.push_out_proj(
                 ops,
                 "o",
                 &l.o,
@@ -1833,12 +1865,13 @@ impl VkRunner {
                     xnorm: false,
                 },
                 None,
-            );
+            )?;
+            return self.push_o_bias(ops, l, b, qs);
         }
         if decode {
             let gsize = nh / nkv;
             let (kernel, hpw, n_chunks, split, max_splits, merge_flag) =
-                self.attn_launch(gsize, hd, false);
+                self.attn_launch(gsize, hd, false, l.sinks.is_some());
             let binding = wg_bind(
                 kernel,
                 &[
@@ -1971,26 +2004,39 @@ impl VkRunner {
                 None,
             )?;
         }
-        if let Some(bias) = &l.o_bias {
-            // After the residual add (no post-norm: refused at upload).
-            let io = RowsIo {
-                y: &self.x,
-                ld_y: d as u64,
-                y_off: 0,
-                src: bias,
-                step: &self.step_dev,
-                max_tokens: b,
-            };
-            ops.push((
-                "o_bias",
-                Op::Ext(RowsExt::new(ctx, RowExt::Bias, d as u64, &io)?),
-            ));
-            *qs = QState {
-                cur: qs.cur,
-                ready: false,
-                xnorm: false,
-            };
-        }
+        self.push_o_bias(ops, l, b, qs)
+    }
+
+    /// An attention layer's o-projection bias, after the residual add (no post-norm:
+    /// refused at upload), over the step's rows.
+    fn push_o_bias(
+        &self,
+        ops: &mut Vec<(&'static str, Op)>,
+        l: &VkAttn,
+        b: u64,
+        qs: &mut QState,
+    ) -> Result<()> {
+        let Some(bias) = &l.o_bias else {
+            return Ok(());
+        };
+        let d = self.m.model.config.d_model;
+        let io = RowsIo {
+            y: &self.x,
+            ld_y: d as u64,
+            y_off: 0,
+            src: bias,
+            step: &self.step_dev,
+            max_tokens: b,
+        };
+        ops.push((
+            "o_bias",
+            Op::Ext(RowsExt::new(&self.m.ctx, RowExt::Bias, d as u64, &io)?),
+        ));
+        *qs = QState {
+            cur: qs.cur,
+            ready: false,
+            xnorm: false,
+        };
         Ok(())
     }
 
@@ -2175,13 +2221,54 @@ impl VkRunner {
                     eps,
                     ..Default::default()
                 };
-                group.push(self.mm(ctx, p.ty, &p.t, p.k as u64, &io, mode)?);
+                // A batched step quantizes the normed input once for every int8 member.
+                let ready = group.iter().any(|g| matches!(g, AnyMm::Q8(..)))
+                    && r.input.first().is_some_and(|f| f.k == p.k);
+                group.push(self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready)?);
             }
             ops.push(("mixer_in", Op::Mm(group)));
         }
         // the mixer
-        let o_q8 = decode && r.q8_out && self.q8_input(&r.out);
-        let (label, op) = if decode {
+        let batched = self.batch.as_ref().filter(|_| !decode);
+        let o_q8 = match batched {
+            None => decode && r.q8_out && self.q8_input(&r.out),
+            Some(_) => r.q8_out && r.out.k == r.width && self.batch_q8(r.out.ty, r.out.k as u64, b),
+        };
+        let (label, op) = if let Some(bm) = batched {
+            // A batched decode step: every column on its own slot's state.
+            let (conv_stride, ssm_stride) = *bm.state_strides.get(li).ok_or_else(|| {
+                VkError::Invalid(format!("layer {li}: no pooled recurrent state"))
+            })?;
+            let cols = RecurrentCols {
+                cols: bucket,
+                ld_proj: r.row,
+                slots: bm.slots,
+                conv_stride,
+                ssm_stride,
+            };
+            let io = RecurrentIo {
+                proj: &self.qkv,
+                out: &self.att,
+                state,
+                step: &self.step_dev,
+                q8: o_q8.then(|| self.acts(0, false)),
+            };
+            match (&r.spec, mw) {
+                (Mixer::GatedDeltaNet(s), Some(MixerWeights::GatedDeltaNet(w))) => (
+                    "gdn",
+                    RecOp::GdnDecode(GdnDecode::batched(ctx, s, w, eps, &io, &cols)?),
+                ),
+                (Mixer::Mamba2(s), Some(MixerWeights::Mamba2(w))) => (
+                    "mamba2",
+                    RecOp::Mamba2Decode(Mamba2Decode::batched(ctx, s, w, eps, &io, &cols)?),
+                ),
+                (Mixer::ShortConv(s), Some(MixerWeights::ShortConv(w))) => (
+                    "shortconv",
+                    RecOp::ShortConvDecode(ShortConvDecode::batched(ctx, s, w, &io, &cols)?),
+                ),
+                _ => return Err(mismatch()),
+            }
+        } else if decode {
             let io = RecurrentIo {
                 proj: &self.qkv,
                 out: &self.att,
@@ -2230,8 +2317,12 @@ impl VkRunner {
             }
         };
         ops.push((label, Op::Rec(op)));
-        // out-projection + residual
-        let mut prefill_qs = QState::default();
+        // out-projection + residual (a batched step's input may be quantized already)
+        let mut prefill_qs = QState {
+            cur: 0,
+            ready: batched.is_some() && o_q8,
+            xnorm: false,
+        };
         let (qs, next) = if decode {
             *qs = QState {
                 cur: qs.cur,
@@ -2498,8 +2589,15 @@ impl VkRunner {
         gsize: usize,
         hd: usize,
         batched: bool,
+        sinks: bool,
     ) -> (Kernel, usize, usize, usize, usize, u32) {
-        if let Some(sh) = self.dec_shape(gsize, hd) {
+        // attn_dec_batch has no sinks: a batched step with them takes attn_batch.
+        let dec = if batched && sinks {
+            None
+        } else {
+            self.dec_shape(gsize, hd)
+        };
+        if let Some(sh) = dec {
             let k = if batched {
                 Kernel::AttnDecBatch
             } else {
@@ -2744,7 +2842,8 @@ impl VkRunner {
         ctx.submit(&self.steps[&key].rec)?;
         if self.trace {
             eprintln!(
-                "batched step of {n} sequences (bucket {bucket}): {:?}",
+                "batched step of {n} sequences (bucket {bucket}, {} dispatches): {:?}",
+                self.steps[&key].rec.dispatches(),
                 t0.elapsed()
             );
             // With CALDERA_VK_PROFILE too: its device time by op.
@@ -3013,7 +3112,9 @@ impl caldera_model::Runner for VkRunner {
     /// slot's region for any sequence's `reuse_prefix` after it is emptied, until a
     /// step writes over it.
     fn shares_prefixes(&self) -> bool {
-        self.lease.is_some()
+        // Not with recurrent states: they are not lent (no snapshots on Vulkan yet), so
+        // an idle slot keeps its sequence for its own next request.
+        self.lease.is_some() && self.states.iter().all(Option::is_none)
     }
 
     fn truncate(&mut self, n: usize) -> bool {
@@ -3031,8 +3132,7 @@ impl caldera_model::Runner for VkRunner {
         if n != 0 {
             return false;
         }
-        let ctx = &self.m.ctx;
-        if self.states.iter().flatten().any(|s| s.reset(ctx).is_err()) {
+        if RecurrentState::reset_all(&self.m.ctx, self.states.iter().flatten()).is_err() {
             return false;
         }
         self.len = 0;

@@ -73,6 +73,7 @@
 use caldera_model::blocks::gdn::{GdnGates, GdnHeadOrder, GdnSpec, GdnWeights};
 use caldera_model::blocks::mamba2::{Mamba2Spec, Mamba2Weights};
 use caldera_model::blocks::shortconv::{ShortConvSpec, ShortConvWeights};
+use caldera_model::Mixer;
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
@@ -127,7 +128,9 @@ fn upload_zeros(ctx: &Context, floats: usize) -> Result<Buffer> {
 }
 
 /// A layer's recurrent state on the device: the conv state and, but for the short conv,
-/// the SSM / delta-rule state. Zeroed at creation.
+/// the SSM / delta-rule state. Zeroed at creation. A sequence of a `VkBatch` holds
+/// views of its pool slot's region (cloning shares the buffers).
+#[derive(Clone)]
 pub struct RecurrentState {
     /// The conv ring `[K][cd]` (GatedDeltaNet, Mamba2) or the history `[(K-1)][c]`
     /// (short conv).
@@ -173,14 +176,49 @@ impl RecurrentState {
         RecurrentState::zeroed(ctx, conv, None)
     }
 
-    /// Zeroes the state (a new sequence, at position 0), through host uploads: not
-    /// something to record into a step.
-    pub fn reset(&self, ctx: &Context) -> Result<()> {
-        ctx.write_buffer(&self.conv, 0, &vec![0u8; self.conv.size() as usize])?;
-        if let Some(s) = &self.ssm {
-            ctx.write_buffer(s, 0, &vec![0u8; s.size() as usize])?;
+    /// Values per sequence of a layer of mixer `spec`: (conv state, S; 0 without S).
+    pub fn sizes(spec: &Mixer) -> Result<(usize, usize)> {
+        match spec {
+            Mixer::GatedDeltaNet(s) => Ok((
+                elems("GatedDeltaNet conv ring", &[s.conv_kernel, s.conv_dim()])?,
+                elems(
+                    "GatedDeltaNet state",
+                    &[s.n_v_heads, s.head_k_dim, s.head_v_dim],
+                )?,
+            )),
+            Mixer::Mamba2(s) => Ok((
+                elems("Mamba2 conv ring", &[s.d_conv, s.conv_dim()])?,
+                elems("Mamba2 state", &[s.d_inner(), s.d_state])?,
+            )),
+            Mixer::ShortConv(s) => Ok((
+                elems(
+                    "short conv state",
+                    &[s.l_cache.saturating_sub(1), s.channels],
+                )?,
+                0,
+            )),
+            Mixer::Attention(_) => Err(invalid("attention has no recurrent state".into())),
         }
-        Ok(())
+    }
+
+    /// Zeroes the states (a new sequence, at position 0) in one submit: not something
+    /// to record into a step.
+    pub fn reset_all<'a>(
+        ctx: &Context,
+        states: impl IntoIterator<Item = &'a RecurrentState>,
+    ) -> Result<()> {
+        let mut bufs = Vec::new();
+        for st in states {
+            bufs.push(&st.conv);
+            bufs.extend(st.ssm.as_ref());
+        }
+        ctx.fill_zero(&bufs)
+    }
+
+    /// Zeroes the state (a new sequence, at position 0): not something to record into a
+    /// step.
+    pub fn reset(&self, ctx: &Context) -> Result<()> {
+        RecurrentState::reset_all(ctx, [self])
     }
 }
 
@@ -272,6 +310,84 @@ pub struct RecurrentIo<'a> {
     /// out-projection (`ops::Mvq`), sparing it a `QuantX`: GatedDeltaNet with `dv`, Mamba2
     /// with `d_inner / G` a multiple of 32; not the short conv.
     pub q8: Option<Q8Acts<'a>>,
+}
+
+/// A batched decode step's columns (`VkBatch`): `io.state` holds the states of `slots`
+/// sequences (pool slot `s`'s conv state at `s · conv_stride` values of `state.conv`,
+/// its S at `s · ssm_stride` of `state.ssm`), and the op runs `cols` columns: column c
+/// is the sequence in pool slot `step[8 + 2c]` at position `step[9 + 2c]` for
+/// `c < step[0]`, its `proj` row c (`ld_proj` values apart), its `out` row c (the op's
+/// output width apart; the int8 blocks too, as `quant_rows` lays out its rows). Columns
+/// past `step[0]` exit at once: they touch no state.
+#[derive(Clone, Copy, Debug)]
+pub struct RecurrentCols {
+    pub cols: usize,
+    pub ld_proj: usize,
+    pub slots: usize,
+    pub conv_stride: usize,
+    pub ssm_stride: usize,
+}
+
+impl RecurrentCols {
+    /// Checks the buffers of `io` against the columns: `row` values of `proj` used per
+    /// column, `width` outputs, `conv` / `ssm` values of state per slot. Returns the
+    /// push-constant words `[ld_proj, conv_stride, ssm_stride]`.
+    fn check(
+        &self,
+        what: &str,
+        io: &RecurrentIo<'_>,
+        row: usize,
+        width: usize,
+        conv: usize,
+        ssm: usize,
+    ) -> Result<[u32; 3]> {
+        let c = self.cols;
+        if c == 0 || self.slots == 0 || self.ld_proj < row {
+            return Err(invalid(format!(
+                "{what}: {c} columns over {} slots, proj rows of {} values (want {row})",
+                self.slots, self.ld_proj
+            )));
+        }
+        if self.conv_stride < conv || (ssm > 0 && self.ssm_stride < ssm) {
+            return Err(invalid(format!(
+                "{what}: state strides {} / {} below a sequence's {conv} / {ssm} values",
+                self.conv_stride, self.ssm_stride
+            )));
+        }
+        elems(what, &[c, self.ld_proj])?;
+        elems(what, &[c, width])?;
+        elems(what, &[self.slots, self.conv_stride])?;
+        elems(what, &[self.slots, self.ssm_stride.max(1)])?;
+        need(
+            &format!("{what} proj rows"),
+            io.proj,
+            (c - 1) * self.ld_proj + row,
+        )?;
+        need(&format!("{what} out rows"), io.out, c * width)?;
+        need(
+            &format!("{what} conv states"),
+            &io.state.conv,
+            (self.slots - 1) * self.conv_stride + conv,
+        )?;
+        if ssm > 0 {
+            let s = io
+                .state
+                .ssm
+                .as_ref()
+                .ok_or_else(|| invalid(format!("{what}: a state without S")))?;
+            need(
+                &format!("{what} states"),
+                s,
+                (self.slots - 1) * self.ssm_stride + ssm,
+            )?;
+        }
+        need("step values", io.step, 8 + 2 * c)?;
+        Ok([
+            self.ld_proj as u32,
+            self.conv_stride as u32,
+            self.ssm_stride as u32,
+        ])
+    }
 }
 
 /// Checks `io.q8` for `n` outputs quantized in blocks of 32 that may not straddle
@@ -465,17 +581,56 @@ impl GdnDecode {
         io: &RecurrentIo<'_>,
         tile: usize,
     ) -> Result<GdnDecode> {
-        let g = GdnDims::check("GatedDeltaNet decode", spec, w)?;
+        GdnDecode::build(ctx, spec, w, eps, io, tile, None)
+    }
+
+    /// The op over a batched decode step's columns (see [`RecurrentCols`]), each on its
+    /// own slot's state: one dispatch for every column.
+    pub fn batched(
+        ctx: &Context,
+        spec: &GdnSpec,
+        w: &GdnWeights,
+        eps: f32,
+        io: &RecurrentIo<'_>,
+        cols: &RecurrentCols,
+    ) -> Result<GdnDecode> {
+        GdnDecode::build(ctx, spec, w, eps, io, DEFAULT_TILE, Some(cols))
+    }
+
+    fn build(
+        ctx: &Context,
+        spec: &GdnSpec,
+        w: &GdnWeights,
+        eps: f32,
+        io: &RecurrentIo<'_>,
+        tile: usize,
+        cols: Option<&RecurrentCols>,
+    ) -> Result<GdnDecode> {
+        let what = "GatedDeltaNet decode";
+        let g = GdnDims::check(what, spec, w)?;
         let (nv, dv, vd) = (g.nv, g.dv, g.vd);
-        need("GatedDeltaNet proj", io.proj, g.row)?;
-        need("GatedDeltaNet out", io.out, vd)?;
-        let s = g.state(io.state)?;
-        need("step values", io.step, 2)?;
+        let (n_cols, batch_words, batch_flag, s) = match cols {
+            None => {
+                need("GatedDeltaNet proj", io.proj, g.row)?;
+                need("GatedDeltaNet out", io.out, vd)?;
+                need("step values", io.step, 2)?;
+                (1, [g.row as u32, 0, 0], 0, g.state(io.state)?)
+            }
+            Some(c) => {
+                let words = c.check(what, io, g.row, vd, g.kern * g.cd, nv * g.dk * dv)?;
+                let s = io
+                    .state
+                    .ssm
+                    .as_ref()
+                    .ok_or_else(|| invalid(format!("{what}: a state without S")))?;
+                (c.cols, words, 8, s)
+            }
+        };
         let (tile, n_tiles) = tile_of(ctx, tile, dv);
-        let (xq, xd, q8) = q8_buffers("GatedDeltaNet decode", io, vd, dv)?;
+        let (xq, xd, q8) = q8_buffers(what, io, n_cols * vd, dv)?;
         let consts = g.consts(ctx, w)?;
-        let part = upload_zeros(ctx, nv * n_tiles)?;
-        let count = upload_zeros(ctx, nv)?;
+        let part = upload_zeros(ctx, n_cols * nv * n_tiles)?;
+        let count = upload_zeros(ctx, n_cols * nv)?;
         let binding = ctx.bind(
             Kernel::GdnDecode,
             &[
@@ -497,15 +652,18 @@ impl GdnDecode {
             g.dk as u32,
             dv as u32,
             g.kern as u32,
-            g.flags | (q8 << 2),
+            g.flags | (q8 << 2) | batch_flag,
             tile as u32,
             n_tiles as u32,
             eps.to_bits(),
+            batch_words[0],
+            batch_words[1],
+            batch_words[2],
         ]);
         Ok(GdnDecode(Dispatch {
             binding,
             push,
-            groups: (nv * n_tiles) as u64,
+            groups: (n_cols * nv * n_tiles) as u64,
         }))
     }
 
@@ -741,17 +899,56 @@ impl Mamba2Decode {
         io: &RecurrentIo<'_>,
         tile: usize,
     ) -> Result<Mamba2Decode> {
-        let g = Mamba2Dims::check("Mamba2 decode", spec, w)?;
+        Mamba2Decode::build(ctx, spec, w, eps, io, tile, None)
+    }
+
+    /// The op over a batched decode step's columns (see [`RecurrentCols`]), each on its
+    /// own slot's state: one dispatch for every column.
+    pub fn batched(
+        ctx: &Context,
+        spec: &Mamba2Spec,
+        w: &Mamba2Weights,
+        eps: f32,
+        io: &RecurrentIo<'_>,
+        cols: &RecurrentCols,
+    ) -> Result<Mamba2Decode> {
+        Mamba2Decode::build(ctx, spec, w, eps, io, DEFAULT_TILE, Some(cols))
+    }
+
+    fn build(
+        ctx: &Context,
+        spec: &Mamba2Spec,
+        w: &Mamba2Weights,
+        eps: f32,
+        io: &RecurrentIo<'_>,
+        tile: usize,
+        cols: Option<&RecurrentCols>,
+    ) -> Result<Mamba2Decode> {
+        let what = "Mamba2 decode";
+        let g = Mamba2Dims::check(what, spec, w)?;
         let (nh, hp, ns, ng, kern, di) = (g.nh, g.hp, g.ns, g.ng, g.kern, g.di);
-        need("Mamba2 proj", io.proj, g.row)?;
-        need("Mamba2 out", io.out, di)?;
-        let s = g.state(io.state)?;
-        need("step values", io.step, 2)?;
+        let (n_cols, batch_words, batch_flag, s) = match cols {
+            None => {
+                need("Mamba2 proj", io.proj, g.row)?;
+                need("Mamba2 out", io.out, di)?;
+                need("step values", io.step, 2)?;
+                (1, [g.row as u32, 0, 0], 0, g.state(io.state)?)
+            }
+            Some(c) => {
+                let words = c.check(what, io, g.row, di, kern * g.cd, di * ns)?;
+                let s = io
+                    .state
+                    .ssm
+                    .as_ref()
+                    .ok_or_else(|| invalid(format!("{what}: a state without S")))?;
+                (c.cols, words, 2, s)
+            }
+        };
         let (tile, n_tiles) = tile_of(ctx, tile, hp);
         let consts = g.consts(ctx, w)?;
-        let (xq, xd, q8) = q8_buffers("Mamba2 decode", io, di, di / ng)?;
-        let part = upload_zeros(ctx, nh * n_tiles)?;
-        let count = upload_zeros(ctx, ng)?;
+        let (xq, xd, q8) = q8_buffers(what, io, n_cols * di, di / ng)?;
+        let part = upload_zeros(ctx, n_cols * nh * n_tiles)?;
+        let count = upload_zeros(ctx, n_cols * ng)?;
         let binding = ctx.bind(
             Kernel::Mamba2Decode,
             &[
@@ -775,14 +972,17 @@ impl Mamba2Decode {
             kern as u32,
             tile as u32,
             n_tiles as u32,
-            q8,
+            q8 | batch_flag,
             eps.to_bits(),
             spec.dt_min.to_bits(),
+            batch_words[0],
+            batch_words[1],
+            batch_words[2],
         ]);
         Ok(Mamba2Decode(Dispatch {
             binding,
             push,
-            groups: (nh * n_tiles) as u64,
+            groups: (n_cols * nh * n_tiles) as u64,
         }))
     }
 
@@ -925,6 +1125,28 @@ impl ShortConvDecode {
         w: &ShortConvWeights,
         io: &RecurrentIo<'_>,
     ) -> Result<ShortConvDecode> {
+        ShortConvDecode::build(ctx, spec, w, io, None)
+    }
+
+    /// The op over a batched decode step's columns (see [`RecurrentCols`]; no S), each
+    /// on its own slot's state: one dispatch for every column.
+    pub fn batched(
+        ctx: &Context,
+        spec: &ShortConvSpec,
+        w: &ShortConvWeights,
+        io: &RecurrentIo<'_>,
+        cols: &RecurrentCols,
+    ) -> Result<ShortConvDecode> {
+        ShortConvDecode::build(ctx, spec, w, io, Some(cols))
+    }
+
+    fn build(
+        ctx: &Context,
+        spec: &ShortConvSpec,
+        w: &ShortConvWeights,
+        io: &RecurrentIo<'_>,
+        cols: Option<&RecurrentCols>,
+    ) -> Result<ShortConvDecode> {
         let what = "short conv decode";
         let (c, kern) = short_conv_dims(what, spec, w)?;
         if io.q8.is_some() {
@@ -932,19 +1154,25 @@ impl ShortConvDecode {
                 "{what}: no int8 output (quantize with QuantX)"
             )));
         }
-        need("short conv proj", io.proj, 3 * c)?;
-        need("short conv out", io.out, c)?;
-        need("short conv state", &io.state.conv, (kern - 1) * c)?;
+        let (n_cols, words, flags) = match cols {
+            None => {
+                need("short conv proj", io.proj, 3 * c)?;
+                need("short conv out", io.out, c)?;
+                need("short conv state", &io.state.conv, (kern - 1) * c)?;
+                (1, [3 * c as u32, 0, 0], 0)
+            }
+            Some(cs) => (cs.cols, cs.check(what, io, 3 * c, c, (kern - 1) * c, 0)?, 1),
+        };
         let consts = upload_consts(ctx, &w.conv, w.conv_bias.as_deref(), c, &[])?;
         let binding = ctx.bind(
             Kernel::ShortConvDecode,
-            &[io.proj, &consts, &io.state.conv, io.out],
+            &[io.proj, &consts, &io.state.conv, io.out, io.step],
         )?;
         let wg = ctx.tuning().workgroup_size as u64;
         Ok(ShortConvDecode(Dispatch {
             binding,
-            push: push_words(&[c as u32, kern as u32]),
-            groups: (c as u64).div_ceil(wg),
+            push: push_words(&[c as u32, kern as u32, flags, words[0], words[1]]),
+            groups: n_cols as u64 * (c as u64).div_ceil(wg),
         }))
     }
 

@@ -4,7 +4,8 @@
 //! twin on fresh random inputs: 1, 3, 8 and 16 columns over pools of odd slot counts,
 //! each column at its own position in its own slot, dispatched over the column count's
 //! bucket (the padding columns must do nothing); several head layouts, positions that
-//! need one and many splits, windows, softcap, both RoPE styles, the output gate, the
+//! need one and many splits, windows, softcap, both RoPE styles, the output gate,
+//! gpt-oss's attention sinks (`attn_batch`), the
 //! f16, f32 and q8_0 KV formats and both reduction variants; the int8 output for the
 //! o-projection (8 and 16 columns: each column's blocks of 32 as `quant_rows` makes
 //! them from the f32 output). The whole pool is read back: only each column's (slot,
@@ -21,6 +22,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+#[derive(Clone, Copy)]
 struct Case {
     n_heads: usize,
     n_kv: usize,
@@ -32,6 +34,8 @@ struct Case {
     softcap: f32,
     cap: usize,
     gate: bool,
+    /// gpt-oss's attention sinks (`attn_batch` only).
+    sinks: bool,
     cols: usize,
     slots: usize,
 }
@@ -46,6 +50,7 @@ fn twin(
     qn: &[f32],
     kn: &[f32],
     table: &[f32],
+    sinks: Option<&[f32]>,
     pos: usize,
 ) -> (Vec<f64>, Vec<(Vec<f64>, Vec<f64>)>) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv, c.hd);
@@ -95,7 +100,10 @@ fn twin(
         }
         let m = s.iter().cloned().fold(f64::MIN, f64::max);
         let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-        let l: f64 = e.iter().sum();
+        let mut l: f64 = e.iter().sum();
+        if let Some(sk) = sinks {
+            l += (sk[h] as f64 - m).exp();
+        }
         for (j, p) in (lo..=pos).enumerate() {
             for i in 0..hd {
                 let v = if p == pos {
@@ -142,6 +150,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let qn = random_vec(rng, hd, 1.5);
     let kn = random_vec(rng, hd, 1.5);
     let table = rope_table(c.cap, c.n_rot);
+    let sinks = random_vec(rng, nh, 2.0);
     // Distinct slots in random order, positions at random (the last column at the end
     // of its slot).
     let mut slots: Vec<usize> = (0..c.slots).collect();
@@ -159,7 +168,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     // Device.
     let up = |v: &[f32]| ctx.upload_f32(v).unwrap();
     let qkv_b = up(&qkv);
-    let (qn_b, kn_b, rope_b) = (up(&qn), up(&kn), up(&table));
+    let (qn_b, kn_b, rope_b, sinks_b) = (up(&qn), up(&kn), up(&table), up(&sinks));
     let out = ctx
         .create_buffer((bucket * nh * hd * 4) as u64, MemoryKind::Device)
         .unwrap();
@@ -213,7 +222,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let xq = ctx.upload(&vec![0u8; bucket * nh * hd]).unwrap();
     let xd = ctx.upload(&vec![0u8; bucket * nh * hd / 8]).unwrap();
     let bufs = [
-        &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &part, &count, &xq, &xd,
+        &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &part, &count, &xq, &xd, &sinks_b,
     ];
     let binding = ctx
         .bind(kernel, &bufs[..kernel.desc().bindings as usize])
@@ -227,6 +236,10 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     }
     if c.gate {
         flags |= 32;
+    }
+    assert!(!c.sinks || old, "attn_dec_batch has no sinks");
+    if c.sinks {
+        flags |= 1024;
     }
     let eps = 1e-6f32;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -260,7 +273,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let vc_got = read_kv(ctx, &vc_b, c.slots * slot_elems);
     let what = format!(
         "{} of {} slots, {nh}/{nkv} heads of {hd}, cap {}, window {}, softcap {}, norm {}, \
-         interleaved {}, gate {}, {launch:?} (subgroup {}, kv {kv})",
+         interleaved {}, gate {}, sinks {}, {launch:?} (subgroup {}, kv {kv})",
         c.cols,
         c.slots,
         c.cap,
@@ -269,6 +282,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         c.qk_norm,
         c.interleaved,
         c.gate,
+        c.sinks,
         ctx.tuning().subgroup_reduce,
     );
     // Whether each pool value is in a column's written row.
@@ -277,7 +291,8 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         let base = slot * slot_elems;
         let (kcs, vcs) = (&kc[base..base + c.cap * kvd], &vc[base..base + c.cap * kvd]);
         let row = &qkv[ci * ld..(ci + 1) * ld];
-        let (want, kv_new) = twin(c, row, kcs, vcs, &qn, &kn, &table, pos);
+        let sk = c.sinks.then_some(&sinks[..]);
+        let (want, kv_new) = twin(c, row, kcs, vcs, &qn, &kn, &table, sk, pos);
         for i in 0..nh * hd {
             let g = got[ci * nh * hd + i] as f64;
             assert!(
@@ -370,9 +385,11 @@ fn attn_batch_matches_cpu() {
                 (16, 2, 128, 128),
             ] {
                 for (cap, window) in [(37, 0), (161, 0), (161, 45)] {
-                    for (interleaved, qk_norm, softcap, gate) in
-                        [(false, true, 0.0, false), (true, false, 30.0, true)]
-                    {
+                    for (interleaved, qk_norm, softcap, gate, sinks) in [
+                        (false, true, 0.0, false, false),
+                        (true, false, 30.0, true, false),
+                        (false, false, 0.0, false, true),
+                    ] {
                         let c = Case {
                             n_heads,
                             n_kv,
@@ -384,10 +401,15 @@ fn attn_batch_matches_cpu() {
                             softcap,
                             cap,
                             gate,
+                            sinks,
                             cols,
                             slots,
                         };
                         run(ctx, &mut rng, &c, Launch::Old);
+                        if sinks {
+                            // attn_dec_batch has none (the batched step takes attn_batch).
+                            continue;
+                        }
                         run(ctx, &mut rng, &c, Launch::New { blocks: 0 });
                         run(ctx, &mut rng, &c, Launch::New { blocks: 2 });
                     }

@@ -109,8 +109,9 @@ pub struct SlotRunners {
 /// backend, hence one thread pool (the slots step one after another on all the threads
 /// instead of each slot oversubscribing the cores) and one KV pool of `kv` pages. On
 /// Vulkan the runners share the uploaded weights and, for models with a batched decode
-/// step (attention-only), one pool of KV caches (`VkBatch`): their decode steps run
-/// together, one weight read for all (`CALDERA_VK_NO_BATCH=1` steps them one after
+/// step (all but Gemma 4 and attention with sinks, biases, v norm, shared KV or heads
+/// over 256), one pool of KV caches and recurrent states (`VkBatch`): their decode steps
+/// run together, one weight read for all (`CALDERA_VK_NO_BATCH=1` steps them one after
 /// another instead); otherwise each runner has its own KV cache of `ctx` tokens.
 pub fn slot_runners(
     args: &BackendArgs,
@@ -173,10 +174,13 @@ pub fn slot_runners(
             });
         };
         let first = batch.runner()?;
-        let desc = format!(
-            "{}; slots decode in batched steps and lend prompt prefixes to each other",
-            first.describe()
-        );
+        // Recurrent states are not lent (no state snapshots on Vulkan yet).
+        let lend = if first.shares_prefixes() {
+            " and lend prompt prefixes to each other"
+        } else {
+            ""
+        };
+        let desc = format!("{}; slots decode in batched steps{lend}", first.describe());
         let mut first = Some(first);
         let b = batch.clone();
         Ok(SlotRunners {

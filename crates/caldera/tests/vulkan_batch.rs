@@ -4,7 +4,8 @@
 //! sequences joining (into a freed slot, over its previous tenant's cache) and leaving
 //! between steps and idle ones left untouched by the buckets' padding; on f32 weights
 //! (the matmuls) and on quantized ones (int8 activations, `mvqm` and the old `mvqn`);
-//! with a q8_0 KV cache; the server's stepper;
+//! with a q8_0 KV cache; the server's stepper; hybrids (GatedDeltaNet, Mamba2, short
+//! conv: per-slot recurrent states) and gpt-oss (sinks, biases);
 //! `caldera bench --batch`. Runs on the test device (lavapipe by default) and skips
 //! without one unless `CALDERA_REQUIRE_VULKAN=1`.
 
@@ -370,7 +371,12 @@ fn vulkan_batch_stepper_mixes_decode_and_prefill() {
     let (Some(dev), Some(fx)) = (device(), fixtures()) else {
         return;
     };
-    let vk = open(dev, &fx.join("qwen3"), false, true);
+    stepper_mixes(dev, &fx.join("qwen3"));
+}
+
+/// [`vulkan_batch_stepper_mixes_decode_and_prefill`] on the model at `path`.
+fn stepper_mixes(dev: usize, path: &std::path::Path) {
+    let vk = open(dev, path, false, true);
     let batch = VkBatch::new(vk.clone(), 4, 64).expect("batch");
     let mut seqs: Vec<Seq> = (0..3).map(|i| start(&batch, &vk, i, 4 + i, 1e-4)).collect();
     let mut other = VkRunner::new(vk.clone(), 64).expect("runner");
@@ -422,15 +428,125 @@ fn vulkan_batch_stepper_mixes_decode_and_prefill() {
     assert_eq!(fresh.len(), prompt.len());
 }
 
-/// A model with recurrent mixers has no batched step: refused with an error.
+/// Models with recurrent mixers (GatedDeltaNet: qwen3_5, Mamba2: nemotron_h, short
+/// conv: lfm2) batch too, each column on its own slot's state: the scenario with joins
+/// into freed slots (over the previous tenant's state, which must not leak), idle
+/// sequences beside padded buckets, 1 to 9 in a step; then `hybrid_restart`; then the
+/// server's stepper with a prefill beside the batched decode.
 #[test]
-fn vulkan_batch_refuses_hybrids() {
+fn vulkan_batch_matches_alone_hybrids() {
     let (Some(dev), Some(fx)) = (device(), fixtures()) else {
         return;
     };
-    let vk = open(dev, &fx.join("lfm2"), false, true);
+    for name in ["qwen3_5", "nemotron_h", "lfm2"] {
+        let p = fx.join(name);
+        eprintln!("{name}");
+        scenario(dev, &p, false, true, BatchMm::Auto, 1e-4, Size::Normal);
+        hybrid_restart(&open(dev, &p, false, true), 1e-4);
+        stepper_mixes(dev, &p);
+    }
+}
+
+/// The MoE hybrids (qwen3_5_moe, lfm2_moe) and qwen3_next (GatedDeltaNet with fused
+/// gates, gated attention) in the short scenario.
+#[test]
+fn vulkan_batch_matches_alone_hybrid_moe() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    for name in ["qwen3_5_moe", "lfm2_moe", "qwen3_next"] {
+        eprintln!("{name}");
+        let vk = open(dev, &fx.join(name), false, true);
+        scenario_on(&vk, BatchMm::Auto, 1e-4, Size::Small);
+        hybrid_restart(&vk, 1e-4);
+    }
+}
+
+/// Quantized hybrids on int8 activations (`caldera synth --shape tiny`, Q4_K_M):
+/// the batched mat-vecs (`quant_rows` + `mvqm`) around the batched recurrent ops, whose
+/// GatedDeltaNet / Mamba2 output is quantized for the out-projection per column, against
+/// each sequence decoding alone (`mvq`); within 2e-2 as the dense int8 test.
+#[test]
+fn vulkan_batch_int8_matches_alone_hybrids() {
+    let Some(dev) = device() else {
+        return;
+    };
+    let tmp = common::TempDir::new("vk-batch-q8-hybrid");
+    for arch in ["qwen35", "nemotron_h", "lfm2", "qwen35moe"] {
+        let synth = tmp.0.join(format!("{arch}-tiny.gguf"));
+        let o = common::bin()
+            .args(["synth", "--arch", arch, "--shape", "tiny"])
+            .arg(&synth)
+            .output()
+            .expect("running caldera synth");
+        assert!(o.status.success(), "synth {arch}: {}", common::text(&o));
+        eprintln!("{arch}");
+        scenario(dev, &synth, false, false, BatchMm::Auto, 2e-2, Size::Small);
+    }
+}
+
+/// A hybrid's sequence of a batch that starts over (`truncate(0)`: its states zeroed in
+/// place) with another prompt, and one whose truncation inside its history is refused,
+/// decode with the others as a fresh sequence would.
+fn hybrid_restart(vk: &Arc<VkModel>, tol: f32) {
+    let batch = VkBatch::new(vk.clone(), 3, 48).expect("batch");
+    let mut seqs: Vec<Seq> = (0..3)
+        .map(|i| start(&batch, vk, i, 4 + 5 * i, tol))
+        .collect();
+    for _ in 0..2 {
+        let mut all: Vec<&mut Seq> = seqs.iter_mut().collect();
+        step(&batch, &mut all, tol);
+    }
+    // Recurrent states cannot rewind inside the history.
+    let n = seqs[1].b.len();
+    assert!(!seqs[1].b.truncate(n - 2), "a hybrid rewound by 2");
+    assert_eq!(seqs[1].b.len(), n);
+    // Start over with another prompt, in the batch and alone (a fresh runner).
+    let vocab = vk.model().config.vocab_size;
+    let prompt: Vec<u32> = (0..7).map(|i| ((i * 613 + 5) % vocab) as u32).collect();
+    let s = &mut seqs[1];
+    assert!(s.b.truncate(0));
+    s.alone = VkRunner::new(vk.clone(), batch.capacity()).expect("runner");
+    s.b.forward(&prompt, Logits::Last, &mut s.lb).unwrap();
+    s.alone.forward(&prompt, Logits::Last, &mut s.la).unwrap();
+    let e = rel_l2(&s.la, &s.lb);
+    assert!(e < tol, "restarted prefill: relative L2 {e:e}");
+    for _ in 0..2 {
+        let mut all: Vec<&mut Seq> = seqs.iter_mut().collect();
+        step(&batch, &mut all, tol);
+    }
+}
+
+/// gpt-oss's attention (sinks in `attn_batch`, q|k|v and o biases over the columns,
+/// sliding-window layers) and its MoE (biased experts, clamped SwiGLU) on the gpt_oss
+/// fixture with an f32 KV cache (as its verify test: with f16 the expert choice
+/// amplifies the cache's rounding), in the short scenario. (The synthetic gpt-oss's
+/// MXFP4 experts take 13 minutes of lavapipe in this scenario: not run.)
+#[test]
+fn vulkan_batch_matches_alone_gpt_oss() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    scenario(
+        dev,
+        &fx.join("gpt_oss"),
+        true,
+        true,
+        BatchMm::Auto,
+        1e-4,
+        Size::Small,
+    );
+}
+
+/// Gemma 4's per-layer inputs have no batched step: refused with an error.
+#[test]
+fn vulkan_batch_refuses_gemma4() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let vk = open(dev, &fx.join("gemma4"), false, true);
     let e = VkBatch::new(vk, 2, 32).err().expect("an error");
-    assert!(e.to_string().contains("recurrent"), "{e}");
+    assert!(e.to_string().contains("per-layer inputs"), "{e}");
 }
 
 /// `caldera bench --batch`: one row per N with aggregate and per-sequence speed, on the

@@ -95,8 +95,12 @@ fn continues_as_cold(vk: &Arc<VkModel>, r: &mut VkRunner, prompt: &[u32], tol: f
 }
 
 fn open(dev: usize, kv: KvType) -> Option<Arc<VkModel>> {
+    open_fixture(dev, "qwen3", kv)
+}
+
+fn open_fixture(dev: usize, name: &str, kv: KvType) -> Option<Arc<VkModel>> {
     let fx = fixtures()?;
-    let (_file, model) = Model::open(&fx.join("qwen3")).expect("model");
+    let (_file, model) = Model::open(&fx.join(name)).expect("model");
     let opts = ContextOptions {
         kv_type: Some(kv),
         force_f32_acts: true,
@@ -212,6 +216,44 @@ fn vulkan_prefix_reuse_across_slots() {
         let Some(vk) = open(dev, kv) else { return };
         scenario(&vk, 1e-4);
     }
+}
+
+/// gpt-oss (attention sinks, biased q|k|v and o, sliding-window layers: batched, so its
+/// slots share a pool) lends prefixes as qwen3 does; an f32 cache, as its verify test.
+#[test]
+fn vulkan_prefix_reuse_across_slots_gpt_oss() {
+    let Some(dev) = device() else { return };
+    let Some(vk) = open_fixture(dev, "gpt_oss", KvType::F32) else {
+        return;
+    };
+    scenario(&vk, 1e-4);
+}
+
+/// A hybrid (qwen3_5: GatedDeltaNet + attention) batches, but its recurrent states are
+/// not in the regions: its runners share no prefixes and take none from another slot;
+/// a sequence prefilled after another computed the same prefix runs as a cold one.
+#[test]
+fn vulkan_prefix_hybrid_lends_nothing() {
+    let Some(dev) = device() else { return };
+    let Some(vk) = open_fixture(dev, "qwen3_5", KvType::F16) else {
+        return;
+    };
+    let vocab = vk.model().config.vocab_size;
+    let batch = VkBatch::new(vk.clone(), 2, 96).expect("batch");
+    let (p, x, y) = (
+        tokens(vocab, 1, 40),
+        tokens(vocab, 2, 9),
+        tokens(vocab, 3, 12),
+    );
+    let mut a = batch.runner().expect("runner");
+    let mut out = Vec::new();
+    a.forward(&cat(&p, &x), Logits::Last, &mut out).unwrap();
+    let mut b = batch.runner().expect("runner");
+    assert!(!a.shares_prefixes() && !b.shares_prefixes());
+    let py = cat(&p, &y);
+    assert_eq!(b.reuse_prefix(&py, py.len() - 1), 0);
+    assert_eq!(b.len(), 0);
+    continues_as_cold(&vk, &mut b, &py[..py.len() - 1], 1e-4, "hybrid");
 }
 
 /// A q8_0 cache: blocks copied whole (heads of 128 in the fixture); a copy is exact, the
