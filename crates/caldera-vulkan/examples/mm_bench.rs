@@ -3,7 +3,8 @@
 //! mm_bench [TYPE ROWS K TOKENS]`; without arguments, the prefill shapes of qwen3 8B and
 //! 32B at Q4_K_M (512 tokens: 4096 x 4096, q|k|v, gate|up, down as Q6_K and Q4_K).
 //! `CALDERA_VK_DEVICE=N` picks the device. For each shape and kernel, records REPS
-//! matmuls (`Mm`, plain mode) into one command buffer, runs it once to warm up, and
+//! matmuls (`Mm`, plain mode) into one command buffer, runs it for half a second to raise
+//! the clocks, and
 //! reports the best device time per matmul of 5 runs (GPU timestamps) in us and TFLOP/s
 //! (2 rows k tokens per matmul). mmc is skipped where the device has no
 //! cooperative-matrix layout. lavapipe's numbers say nothing about a GPU.
@@ -128,7 +129,11 @@ fn time_mm(
         }
         Ok(())
     })?;
-    ctx.submit(&rec)?;
+    // Half a second of the same work first: a GPU at idle clocks reads ~3x slower.
+    let warm = std::time::Instant::now();
+    while warm.elapsed().as_secs_f64() < 0.5 {
+        ctx.submit(&rec)?;
+    }
     let mut best = f64::INFINITY;
     for _ in 0..5 {
         ctx.submit(&rec)?;

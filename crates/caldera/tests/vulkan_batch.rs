@@ -17,36 +17,7 @@ use caldera_model::{BatchItem, BatchStepper, Logits, Model, Runner, StepOutcome}
 use caldera_vulkan::{
     BatchMm, Context, ContextOptions, VkBatch, VkBatchStepper, VkModel, VkRunner,
 };
-use common::{fixtures, model};
-
-fn device() -> Option<usize> {
-    let required = std::env::var(caldera_vulkan::testing::ENV_REQUIRE).is_ok_and(|v| v == "1");
-    let picked =
-        caldera_vulkan::list_devices().and_then(|d| caldera_vulkan::testing::pick_test_device(&d));
-    match picked {
-        Ok(i) => Some(i),
-        Err(e) if !required => {
-            eprintln!("skipping: no Vulkan device ({e})");
-            None
-        }
-        Err(e) => panic!("no Vulkan device (CALDERA_REQUIRE_VULKAN=1): {e}"),
-    }
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let d = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
-    let n = a.iter().map(|x| x * x).sum::<f32>();
-    (d / n.max(1e-30)).sqrt()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i as u32)
-        .unwrap()
-}
+use common::{argmax, fixtures, model, rel_l2, vulkan_device as device};
 
 /// One sequence: its runner in the batch, its own runner (the reference), the last
 /// logits of each.

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_pass, bin, fixtures, model, text, TempDir};
+use common::{assert_pass, bin, fixtures, model, rel_l2, text, TempDir};
 
 /// The `--device` index for the tests, or `None` (with a message) to skip.
 fn device() -> Option<String> {
@@ -288,13 +288,6 @@ fn vulkan_mamba2_long_prefill_matches_cpu() {
         let err = rel_l2(a, b);
         assert!(err < 1e-4, "token {}: relative L2 {err:e}", 599 + r);
     }
-}
-
-/// `|a - b| / |a|`.
-fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let d = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
-    (d / a.iter().map(|x| x * x).sum::<f32>()).sqrt()
 }
 
 /// SmolLM2's greedy answer to "What is the capital of France?" through its chat

@@ -76,3 +76,37 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The Vulkan device the tests run on (`caldera_vulkan::testing::pick_test_device`), or
+/// `None` (the test skips) where there is none, unless CALDERA_REQUIRE_VULKAN=1 asks
+/// for one: then its absence fails the test.
+pub fn vulkan_device() -> Option<usize> {
+    let required = std::env::var(caldera_vulkan::testing::ENV_REQUIRE).is_ok_and(|v| v == "1");
+    let picked =
+        caldera_vulkan::list_devices().and_then(|d| caldera_vulkan::testing::pick_test_device(&d));
+    match picked {
+        Ok(i) => Some(i),
+        Err(e) if !required => {
+            eprintln!("skipping: no Vulkan device ({e})");
+            None
+        }
+        Err(e) => panic!("no Vulkan device (CALDERA_REQUIRE_VULKAN=1): {e}"),
+    }
+}
+
+/// `|a - b| / |a|`.
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let d = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>();
+    let n = a.iter().map(|x| x * x).sum::<f32>();
+    (d / n.max(1e-30)).sqrt()
+}
+
+/// The index of the largest value (the last of equal ones).
+pub fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i as u32)
+        .unwrap()
+}
