@@ -388,6 +388,26 @@ impl RecurrentCols {
             self.ssm_stride as u32,
         ])
     }
+
+    /// [`Self::check`] for an op with an S state (`ssm` > 0 values per slot): also
+    /// returns that state's pool.
+    fn check_ssm<'a>(
+        &self,
+        what: &str,
+        io: &RecurrentIo<'a>,
+        row: usize,
+        width: usize,
+        conv: usize,
+        ssm: usize,
+    ) -> Result<([u32; 3], &'a Buffer)> {
+        let words = self.check(what, io, row, width, conv, ssm)?;
+        let s = io
+            .state
+            .ssm
+            .as_ref()
+            .ok_or_else(|| invalid(format!("{what}: a state without S")))?;
+        Ok((words, s))
+    }
 }
 
 /// Checks `io.q8` for `n` outputs quantized in blocks of 32 that may not straddle
@@ -617,12 +637,7 @@ impl GdnDecode {
                 (1, [g.row as u32, 0, 0], 0, g.state(io.state)?)
             }
             Some(c) => {
-                let words = c.check(what, io, g.row, vd, g.kern * g.cd, nv * g.dk * dv)?;
-                let s = io
-                    .state
-                    .ssm
-                    .as_ref()
-                    .ok_or_else(|| invalid(format!("{what}: a state without S")))?;
+                let (words, s) = c.check_ssm(what, io, g.row, vd, g.kern * g.cd, nv * g.dk * dv)?;
                 (c.cols, words, 8, s)
             }
         };
@@ -935,12 +950,7 @@ impl Mamba2Decode {
                 (1, [g.row as u32, 0, 0], 0, g.state(io.state)?)
             }
             Some(c) => {
-                let words = c.check(what, io, g.row, di, kern * g.cd, di * ns)?;
-                let s = io
-                    .state
-                    .ssm
-                    .as_ref()
-                    .ok_or_else(|| invalid(format!("{what}: a state without S")))?;
+                let (words, s) = c.check_ssm(what, io, g.row, di, kern * g.cd, di * ns)?;
                 (c.cols, words, 2, s)
             }
         };
