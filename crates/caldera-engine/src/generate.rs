@@ -150,6 +150,9 @@ pub struct Generator {
     runner: Box<dyn Runner>,
     cached: Vec<u32>,
     logits: Vec<f32>,
+    /// The last step's argmax where the backend found it on the device (greedy
+    /// sequences: [`Sampler::plain_greedy`]); else the row is in `logits`.
+    argmax: Option<u32>,
 }
 
 impl Generator {
@@ -158,6 +161,7 @@ impl Generator {
             runner,
             cached: Vec::new(),
             logits: Vec::new(),
+            argmax: None,
         }
     }
 
@@ -275,10 +279,13 @@ impl Generator {
         } else {
             std::slice::from_ref(&seq.next)
         };
+        self.argmax = None;
+        let greedy = seq.sampler.plain_greedy();
         Some(BatchItem {
             runner: &mut *self.runner,
             tokens,
             logits: &mut self.logits,
+            argmax: greedy.then_some(&mut self.argmax),
             outcome: StepOutcome::Pending,
         })
     }
@@ -330,7 +337,11 @@ impl Generator {
         if seq.generated >= seq.params.max_tokens {
             return Some(FinishReason::Length);
         }
-        let next = seq.sampler.sample(&mut self.logits);
+        let next = match self.argmax.take() {
+            // Found on the device for a greedy sequence: what `sample` would pick.
+            Some(id) => id,
+            None => seq.sampler.sample(&mut self.logits),
+        };
         seq.sampler.accept(next);
         seq.generated += 1;
         let tok = seq.tok;

@@ -197,6 +197,13 @@ impl Sampler {
         self.recent.clear();
     }
 
+    /// Whether [`Self::sample`] is the plain argmax of the row (greedy, no penalties):
+    /// then a backend may find it on the device and hand back only the id.
+    pub fn plain_greedy(&self) -> bool {
+        let temp = self.cfg.temperature;
+        !self.cfg.penalties_on() && (!(temp.is_finite() && temp > 0.0) || self.cfg.top_k == 1)
+    }
+
     /// Picks the next token from `logits` (one per vocabulary entry). `logits` is
     /// modified: penalties are applied in place. An empty row yields 0.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {

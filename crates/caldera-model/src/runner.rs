@@ -47,6 +47,15 @@ pub trait Runner: Send {
         logits: Logits,
         out: &mut Vec<f32>,
     ) -> Result<(), RunError>;
+    /// Runs `tokens` as [`Runner::forward`] with [`Logits::Last`] does, but returns only
+    /// the index of the last row's largest logit (the first of equal maxima, NaN
+    /// ignored: `caldera_engine::sampler::argmax`'s rule), found where the backend
+    /// can do it without handing the row back (a GPU: 4 bytes instead of a vocabulary
+    /// row). `Ok(None)`, the default, runs nothing: the caller runs `forward`.
+    fn forward_argmax(&mut self, tokens: &[u32]) -> Result<Option<u32>, RunError> {
+        let _ = tokens;
+        Ok(None)
+    }
     /// For a sequence holding `tokens[..len()]`: takes state continuing `tokens`, up to
     /// `limit` positions, from a prefix cache its backend shares between runners, instead
     /// of computing it. Returns the positions the sequence holds now; the default (no
@@ -95,6 +104,11 @@ pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
     /// Receives the last token's logits row.
     pub logits: &'a mut Vec<f32>,
+    /// `Some` where the caller needs only the row's argmax (greedy decoding without
+    /// penalties): a step that finds it on the device ([`Runner::forward_argmax`]) stores
+    /// it here and may leave `logits` as it was; it stays `None` where the step handed
+    /// back the row instead. The caller sets it to `Some(None)`.
+    pub argmax: Option<&'a mut Option<u32>>,
     /// Set by the step.
     pub outcome: StepOutcome,
 }
@@ -126,6 +140,12 @@ pub trait BatchStepper: Send {
 /// catching a panic.
 pub fn step_one(it: &mut BatchItem<'_>) {
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Some(slot) = it.argmax.as_deref_mut() {
+            if let Some(id) = it.runner.forward_argmax(it.tokens)? {
+                *slot = Some(id);
+                return Ok(());
+            }
+        }
         it.runner.forward(it.tokens, Logits::Last, it.logits)
     }));
     it.outcome = match run {

@@ -337,6 +337,30 @@ impl VkBatch {
     /// sequence of this batch with room for one more token; the token must be in the
     /// vocabulary. On an error, the sequences of the failed step have not advanced.
     pub fn step(self: &Arc<Self>, seqs: &mut [(&mut VkRunner, u32, &mut Vec<f32>)]) -> Result<()> {
+        let mut outs: Vec<(&mut VkRunner, u32, StepOut<'_>)> = seqs
+            .iter_mut()
+            .map(|(r, t, o)| (&mut **r, *t, StepOut::Logits(o)))
+            .collect();
+        self.step_out(&mut outs)
+    }
+
+    /// [`Self::step`] for greedy sequences: each sequence's next token (its logits row's
+    /// argmax, found on the device by `argmax.comp`) instead of its row.
+    pub fn step_greedy(
+        self: &Arc<Self>,
+        seqs: &mut [(&mut VkRunner, u32, &mut Option<u32>)],
+    ) -> Result<()> {
+        let mut outs: Vec<(&mut VkRunner, u32, StepOut<'_>)> = seqs
+            .iter_mut()
+            .map(|(r, t, o)| (&mut **r, *t, StepOut::Argmax(o)))
+            .collect();
+        self.step_out(&mut outs)
+    }
+
+    /// [`Self::step`] with each sequence's result where its [`StepOut`] says; the
+    /// step is greedy (argmax on the device) when every one of them is `Argmax`.
+    fn step_out(self: &Arc<Self>, seqs: &mut [(&mut VkRunner, u32, StepOut<'_>)]) -> Result<()> {
+        let greedy = seqs.iter().all(|s| matches!(s.2, StepOut::Argmax(_)));
         let vocab = self.m.model().config.vocab_size;
         let mut cols = Vec::with_capacity(seqs.len());
         for (r, t, _) in seqs.iter() {
@@ -368,9 +392,12 @@ impl VkBatch {
             for &(slot, pos, _) in cs {
                 self.note_write(slot as usize, pos as usize);
             }
-            runner.run_batch(cs)?;
+            runner.run_batch(cs, greedy)?;
             for (i, (r, t, out)) in chunk.iter_mut().enumerate() {
-                runner.batch_logits(i, out)?;
+                match out {
+                    StepOut::Logits(out) => runner.batch_logits(i, out)?,
+                    StepOut::Argmax(id) => **id = Some(runner.batch_argmax(i)?),
+                }
                 let (slot, pos, _) = cs[i];
                 self.note_written(slot as usize, pos as usize, &[*t]);
                 r.advance();
@@ -385,6 +412,14 @@ impl VkBatch {
         }
         Ok(())
     }
+}
+
+/// Where a batched step leaves a sequence's result.
+enum StepOut<'a> {
+    /// Its logits row.
+    Logits(&'a mut Vec<f32>),
+    /// Its row's argmax (every sequence of the step greedy).
+    Argmax(&'a mut Option<u32>),
 }
 
 /// The recurrent layers' state pools for `slots` sequences (zeroed), and per layer the
@@ -474,26 +509,35 @@ impl BatchStepper for VkBatchStepper {
                 step_one(it);
             }
         }
+        // Greedy on the device when every batched sequence wants only its argmax.
+        let greedy = crate::sample::device_argmax()
+            && items
+                .iter()
+                .zip(&batched)
+                .all(|(it, &b)| !b || it.argmax.is_some());
         let result = {
-            let mut seqs: Vec<(&mut VkRunner, u32, &mut Vec<f32>)> = Vec::new();
+            let mut seqs: Vec<(&mut VkRunner, u32, StepOut<'_>)> = Vec::new();
             for (it, &b) in items.iter_mut().zip(&batched) {
                 if !b {
                     continue;
                 }
                 let token = it.tokens[0];
-                let logits = &mut *it.logits;
+                let out = match (greedy, it.argmax.as_deref_mut()) {
+                    (true, Some(slot)) => StepOut::Argmax(slot),
+                    _ => StepOut::Logits(&mut *it.logits),
+                };
                 if let Some(r) = it
                     .runner
                     .as_any_mut()
                     .and_then(|a| a.downcast_mut::<VkRunner>())
                 {
-                    seqs.push((r, token, logits));
+                    seqs.push((r, token, out));
                 }
             }
             if seqs.is_empty() {
                 return;
             }
-            catch_unwind(AssertUnwindSafe(|| self.batch.step(&mut seqs)))
+            catch_unwind(AssertUnwindSafe(|| self.batch.step_out(&mut seqs)))
         };
         for (it, &b) in items.iter_mut().zip(&batched) {
             if !b {

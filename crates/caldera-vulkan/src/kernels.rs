@@ -216,6 +216,7 @@ pub enum Kernel {
     MmcQ5K = 197,
     MmcQ6K = 198,
     MmcIQ4XS = 199,
+    Argmax = 200,
 }
 
 /// One entry of the kernel table.
@@ -439,6 +440,8 @@ pub const ROWS_ACT_PUSH_BYTES: u32 = 24;
 /// `rows_ext` push constants: `n, ld_y, y_off, ld_src, src_off, mode, max_t` (u32),
 /// `scale` (f32).
 pub const ROWS_EXT_PUSH_BYTES: u32 = 32;
+/// `argmax` push constants: `n, ld, rows, parts, span` (u32).
+pub const ARGMAX_PUSH_BYTES: u32 = 20;
 /// `ple_in` push constants: `n_layers, dpl` (u32), `eps, proj_scale, tok_scale,
 /// input_scale` (f32).
 pub const PLE_IN_PUSH_BYTES: u32 = 24;
@@ -659,7 +662,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 200] = [
+pub const KERNELS: [KernelDesc; 201] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1140,6 +1143,13 @@ pub const KERNELS: [KernelDesc; 200] = [
     mmc(Kernel::MmcQ5K, "mmc_q5_k", spv_coop!("mmc_q5_k")),
     mmc(Kernel::MmcQ6K, "mmc_q6_k", spv_coop!("mmc_q6_k")),
     mmc(Kernel::MmcIQ4XS, "mmc_iq4_xs", spv_coop!("mmc_iq4_xs")),
+    plain(
+        Kernel::Argmax,
+        "argmax",
+        spv!("argmax"),
+        4,
+        ARGMAX_PUSH_BYTES,
+    ),
 ];
 
 impl Kernel {

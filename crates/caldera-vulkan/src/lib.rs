@@ -38,6 +38,7 @@ pub mod moe;
 pub mod ops;
 pub mod record;
 pub mod recurrent;
+pub mod sample;
 pub mod testing;
 
 pub use batch::{VkBatch, VkBatchStepper, MAX_BATCH};

@@ -932,7 +932,12 @@ pub struct VkRunner {
     logits1: (Buffer, Buffer),
     logits_all: Option<(Buffer, Buffer)>,
     all_rows: usize,
-    steps: HashMap<(usize, bool), Step>,
+    /// Greedy steps' token ids (device, host-visible copy; u32 per logits row, `all_rows`
+    /// of them), made by the first greedy recording.
+    ids: Option<(Buffer, Buffer)>,
+    /// Recorded steps by (bucket, all-rows logits, greedy: `argmax` on the device and
+    /// only the ids copied back).
+    steps: HashMap<(usize, bool, bool), Step>,
     stats: StepStats,
     embed_row: Vec<f32>,
     embed_bytes: Vec<u8>,
@@ -1401,6 +1406,7 @@ impl VkRunner {
             logits1,
             logits_all: None,
             all_rows,
+            ids: None,
             steps: HashMap::new(),
             embed_row: vec![0.0; d],
             embed_bytes: Vec::with_capacity(chunk * d * 4),
@@ -1445,8 +1451,10 @@ impl VkRunner {
         v
     }
 
-    /// Records the step for `bucket` tokens; `all` selects the all-rows logits buffer.
-    fn record_step(&mut self, bucket: usize, all: bool) -> Result<Step> {
+    /// Records the step for `bucket` tokens; `all` selects the all-rows logits buffer;
+    /// `greedy` ends it with `argmax` over its logits rows and copies back only their
+    /// token ids ([`crate::sample::Argmax`]), not the rows.
+    fn record_step(&mut self, bucket: usize, all: bool, greedy: bool) -> Result<Step> {
         let m = self.m.clone();
         let ctx = &m.ctx;
         let cfg = &m.model.config;
@@ -1547,6 +1555,27 @@ impl VkRunner {
         }
         let in_bytes = (bucket * d * 4) as u64;
         let out_bytes = (rows * cfg.vocab_size * 4) as u64;
+        if greedy && self.ids.is_none() {
+            let n = (self.all_rows.max(1) * 4) as u64;
+            self.ids = Some((
+                ctx.create_buffer(n, MemoryKind::Device)?,
+                ctx.create_buffer(n, MemoryKind::Readback)?,
+            ));
+        }
+        let argmax = match (&self.ids, greedy) {
+            (Some((ids, _)), true) => {
+                let v = cfg.vocab_size as u64;
+                Some(crate::sample::Argmax::new(
+                    ctx,
+                    ldev,
+                    ids,
+                    v,
+                    v,
+                    rows as u64,
+                )?)
+            }
+            _ => None,
+        };
         // Prefill steps are profiled only to print with CALDERA_VK_TRACE.
         let profiled = self.profile && (decode || self.trace);
         let rec = ctx.record_with(profiled, |r: &mut Recorder<'_>| {
@@ -1585,7 +1614,15 @@ impl VkRunner {
                 r.barrier();
                 r.mark(label);
             }
-            r.copy(ldev, lhost, out_bytes)?;
+            match (&argmax, &self.ids) {
+                (Some(a), Some((ids, ids_host))) => {
+                    a.record(r)?;
+                    r.barrier();
+                    r.mark("argmax");
+                    r.copy(ids, ids_host, (rows * 4) as u64)?;
+                }
+                _ => r.copy(ldev, lhost, out_bytes)?,
+            }
             r.mark("output");
             Ok(())
         })?;
@@ -2812,7 +2849,7 @@ impl VkRunner {
     /// the columns' logits rows, in order. Runs in the recording of the smallest bucket
     /// (power of two) holding the columns; the padding columns do nothing. Column c's
     /// logits are then [`VkRunner::batch_logits`]`(c)`.
-    pub(crate) fn run_batch(&mut self, cols: &[(u32, u32, u32)]) -> Result<()> {
+    pub(crate) fn run_batch(&mut self, cols: &[(u32, u32, u32)], greedy: bool) -> Result<()> {
         let max = self.batch_cols();
         let n = cols.len();
         if n == 0 || n > max {
@@ -2821,9 +2858,9 @@ impl VkRunner {
             )));
         }
         let bucket = n.next_power_of_two();
-        let key = (bucket, true);
+        let key = (bucket, true, greedy);
         if !self.steps.contains_key(&key) {
-            let s = self.record_step(bucket, true)?;
+            let s = self.record_step(bucket, true, greedy)?;
             self.steps.insert(key, s);
         }
         self.write_embeddings(cols.iter().map(|c| c.2))?;
@@ -2870,6 +2907,26 @@ impl VkRunner {
             .read_mapped_f32(host, (c * vocab * 4) as u64, vocab, out)
     }
 
+    /// The token id of column `c` of the last batched step, recorded greedy.
+    pub(crate) fn batch_argmax(&self, c: usize) -> Result<u32> {
+        self.read_id(c)
+    }
+
+    /// Row `c`'s id from the last greedy step's readback.
+    fn read_id(&self, c: usize) -> Result<u32> {
+        let host = self
+            .ids
+            .as_ref()
+            .map(|l| &l.1)
+            .ok_or_else(|| VkError::Invalid("no greedy step has run".into()))?;
+        // The id's bits, carried through an f32 read (a copy, no arithmetic).
+        let mut v = Vec::with_capacity(1);
+        self.m
+            .ctx
+            .read_mapped_f32(host, (c * 4) as u64, 1, &mut v)?;
+        Ok(v[0].to_bits())
+    }
+
     /// Counts a token decoded by a batched step for this sequence.
     pub(crate) fn advance(&mut self) {
         self.len += 1;
@@ -2878,15 +2935,24 @@ impl VkRunner {
     }
 
     /// Runs one step of `tokens` (at most `self.chunk`) at position `self.len`; logits of
-    /// tokens `first..` are appended to `out` when `first` is given.
-    fn run_step(&mut self, tokens: &[u32], first: Option<usize>, out: &mut Vec<f32>) -> Result<()> {
+    /// tokens `first..` are appended to `out` when `first` is given, or with `greedy`
+    /// (one row wanted: `first` the last token) only that row's argmax is found, on the
+    /// device, and returned.
+    fn run_step(
+        &mut self,
+        tokens: &[u32],
+        first: Option<usize>,
+        out: &mut Vec<f32>,
+        greedy: bool,
+    ) -> Result<Option<u32>> {
         let n = tokens.len();
         let bucket = if n == 1 { 1 } else { self.chunk };
         let want = first.map_or(0, |f| n - f);
         let all = want > 1;
-        let key = (bucket, all);
+        let greedy = greedy && want == 1;
+        let key = (bucket, all, greedy);
         if !self.steps.contains_key(&key) {
-            let s = self.record_step(bucket, all)?;
+            let s = self.record_step(bucket, all, greedy)?;
             if bucket == 1 {
                 self.stats.decode_dispatches = s.rec.dispatches();
             }
@@ -2951,6 +3017,9 @@ impl VkRunner {
         self.len += n;
         self.stats.steps += 1;
         self.stats.tokens += n as u64;
+        if greedy {
+            return self.read_id(0).map(Some);
+        }
         if want > 0 {
             let host = if all {
                 self.logits_all.as_ref().map(|l| &l.1).ok_or_else(|| {
@@ -2961,7 +3030,7 @@ impl VkRunner {
             };
             ctx.read_mapped_f32(host, 0, want * cfg.vocab_size, out)?;
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -3169,9 +3238,37 @@ impl caldera_model::Runner for VkRunner {
                 Logits::Last if ci + 1 == n_chunks => Some(c.len() - 1),
                 Logits::Last => None,
             };
-            self.run_step(c, first, out)?;
+            self.run_step(c, first, out, false)?;
         }
         Ok(())
+    }
+
+    /// [`Self::forward`] with [`Logits::Last`], the last row reduced to its argmax on
+    /// the device (`argmax.comp`): 4 bytes come back instead of the row.
+    fn forward_argmax(&mut self, tokens: &[u32]) -> std::result::Result<Option<u32>, RunError> {
+        let vocab = self.m.model.config.vocab_size;
+        let need = self.len + tokens.len();
+        if need > self.cap {
+            return Err(format!(
+                "context is full: {need} tokens needed, the sequence holds {}",
+                self.cap
+            )
+            .into());
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(format!("token id {id} is outside the vocabulary of {vocab}").into());
+        }
+        if tokens.is_empty() || !crate::sample::device_argmax() {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        let n_chunks = tokens.len().div_ceil(self.chunk);
+        let mut id = None;
+        for (ci, c) in tokens.chunks(self.chunk).enumerate() {
+            let first = (ci + 1 == n_chunks).then(|| c.len() - 1);
+            id = self.run_step(c, first, &mut out, first.is_some())?;
+        }
+        Ok(id)
     }
 
     fn describe(&self) -> String {

@@ -331,3 +331,91 @@ fn copy_kernel_copies() {
         }
     }
 }
+
+/// The rule `argmax.comp` follows (caldera_engine::sampler::argmax's), written plainly:
+/// the first index of the largest value, NaN ignored; every value NaN: 0.
+fn argmax_twin(row: &[f32]) -> u32 {
+    let mut best: Option<(f32, usize)> = None;
+    for (i, &v) in row.iter().enumerate() {
+        if v.is_nan() {
+            continue;
+        }
+        if best.is_none_or(|(b, _)| v > b) {
+            best = Some((v, i));
+        }
+    }
+    best.map_or(0, |(_, i)| i as u32)
+}
+
+/// Greedy sampling on the device: rows of odd lengths (one workgroup's span and several),
+/// with ties (the first wins), NaN, -inf rows, all-NaN rows and rows whose maximum sits
+/// in the last partial span; replayed so the per-row counts are seen to reset.
+#[test]
+fn argmax_kernel_matches_its_twin() {
+    use caldera_vulkan::sample::Argmax;
+    let mut rng = rng("argmax");
+    for ctx in contexts() {
+        for &(n, rows) in &[(1usize, 1usize), (7, 3), (4096, 2), (4097, 5), (151_937, 3)] {
+            let ld = n + 5;
+            let ids = ctx
+                .create_buffer(rows as u64 * 4, MemoryKind::Device)
+                .unwrap();
+            let lb = ctx
+                .create_buffer((rows * ld) as u64 * 4, MemoryKind::Device)
+                .unwrap();
+            let op = Argmax::new(ctx, &lb, &ids, n as u64, ld as u64, rows as u64).unwrap();
+            let rec = ctx.record(|r| op.record(r)).unwrap();
+            for round in 0..3 {
+                let mut all = vec![f32::NAN; rows * ld];
+                for r in 0..rows {
+                    let row = &mut all[r * ld..r * ld + n];
+                    for v in row.iter_mut() {
+                        *v = rng.gen_range(-30.0f32..30.0);
+                    }
+                    match (r + round) % 5 {
+                        // A tie between two positions, the later in another span.
+                        1 if n > 2 => {
+                            let (a, b) = (rng.gen_range(0..n / 2), rng.gen_range(n / 2..n));
+                            row[a] = 99.0;
+                            row[b] = 99.0;
+                        }
+                        // NaN everywhere but a few values, all -inf.
+                        2 => {
+                            for v in row.iter_mut() {
+                                *v = f32::NAN;
+                            }
+                            for _ in 0..3.min(n) {
+                                let i = rng.gen_range(0..n);
+                                row[i] = f32::NEG_INFINITY;
+                            }
+                        }
+                        // Every value NaN.
+                        3 => {
+                            for v in row.iter_mut() {
+                                *v = f32::NAN;
+                            }
+                        }
+                        // The maximum in the last value, NaN sprinkled before it.
+                        4 => {
+                            for _ in 0..(n / 7) {
+                                let i = rng.gen_range(0..n);
+                                row[i] = f32::NAN;
+                            }
+                            row[n - 1] = 1e30;
+                        }
+                        _ => {}
+                    }
+                }
+                let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
+                ctx.write_buffer(&lb, 0, &bytes).unwrap();
+                ctx.submit(&rec).unwrap();
+                let got = ctx.read_buffer(&ids, 0, rows as u64 * 4).unwrap();
+                for r in 0..rows {
+                    let g = u32::from_le_bytes(got[4 * r..4 * r + 4].try_into().unwrap());
+                    let want = argmax_twin(&all[r * ld..r * ld + n]);
+                    assert_eq!(g, want, "argmax of row {r} of {rows} x {n}, round {round}");
+                }
+            }
+        }
+    }
+}

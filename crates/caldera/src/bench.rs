@@ -106,9 +106,15 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
             let t = Instant::now();
             let c = process_cpu_ns();
             for _ in 0..a.gen {
-                r.forward(&[next], Logits::Last, &mut logits)
-                    .map_err(|e| anyhow::anyhow!(e))?;
-                next = argmax(&logits);
+                // Greedy: the argmax on the device where the backend finds it there.
+                match r.forward_argmax(&[next]).map_err(|e| anyhow::anyhow!(e))? {
+                    Some(id) => next = id,
+                    None => {
+                        r.forward(&[next], Logits::Last, &mut logits)
+                            .map_err(|e| anyhow::anyhow!(e))?;
+                        next = argmax(&logits);
+                    }
+                }
             }
             tg.push(a.gen as f64 / t.elapsed().as_secs_f64());
             cpu_us.push((process_cpu_ns() - c) as f64 / 1e3 / a.gen as f64);
@@ -254,14 +260,17 @@ fn bench_batch(a: &BenchArgs, loaded: &load::Loaded) -> Result<ExitCode> {
                     t = Instant::now();
                 }
                 let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+                let mut ids: Vec<Option<u32>> = vec![None; n];
                 let mut items: Vec<BatchItem> = runners
                     .iter_mut()
                     .zip(&toks)
                     .zip(logits.iter_mut())
-                    .map(|((r, t), l)| BatchItem {
+                    .zip(ids.iter_mut())
+                    .map(|(((r, t), l), id)| BatchItem {
                         runner: &mut **r,
                         tokens: t,
                         logits: l,
+                        argmax: Some(id),
                         outcome: StepOutcome::Pending,
                     })
                     .collect();
@@ -270,7 +279,7 @@ fn bench_batch(a: &BenchArgs, loaded: &load::Loaded) -> Result<ExitCode> {
                 if trace {
                     eprintln!("bench: step_batch of {n} took {:?}", ts.elapsed());
                 }
-                for it in items {
+                for it in items.drain(..) {
                     match it.outcome {
                         StepOutcome::Done => {}
                         StepOutcome::Failed(e) => anyhow::bail!("a decode step failed: {e}"),
@@ -279,8 +288,9 @@ fn bench_batch(a: &BenchArgs, loaded: &load::Loaded) -> Result<ExitCode> {
                     }
                 }
                 let ts = Instant::now();
-                for (nx, l) in next.iter_mut().zip(&logits) {
-                    *nx = argmax(l);
+                drop(items);
+                for ((nx, l), id) in next.iter_mut().zip(&logits).zip(&ids) {
+                    *nx = id.unwrap_or_else(|| argmax(l));
                 }
                 if trace {
                     eprintln!("bench: argmax of {n} rows took {:?}", ts.elapsed());

@@ -364,6 +364,7 @@ fn stepper_mixes(dev: usize, path: &std::path::Path) {
                 runner: &mut s.b,
                 tokens: t,
                 logits: &mut s.lb,
+                argmax: None,
                 outcome: StepOutcome::Pending,
             });
         }
@@ -371,12 +372,14 @@ fn stepper_mixes(dev: usize, path: &std::path::Path) {
             runner: &mut other,
             tokens: &toks[0],
             logits: &mut lo,
+            argmax: None,
             outcome: StepOutcome::Pending,
         });
         items.push(BatchItem {
             runner: &mut fresh,
             tokens: &prompt,
             logits: &mut lf,
+            argmax: None,
             outcome: StepOutcome::Pending,
         });
         stepper.step_batch(&mut items);
@@ -563,5 +566,108 @@ fn bench_batch_reports_each_n() {
             assert!(r["ms_per_step"].as_f64().unwrap() > 0.0, "{v}");
         }
         assert_eq!(rows[0]["ratio_to_1"], 1.0, "{v}");
+    }
+}
+
+/// Greedy decoding on the device (`argmax.comp`): a batch stepped through the server's
+/// stepper with every item greedy gets from the device the tokens that the host's argmax
+/// picks from the rows of an identical batch stepped with logits (the same kernels, so
+/// equal rows), for 3 sequences over several steps; a lone runner's `forward_argmax`
+/// (prefill and decode) likewise against `forward`.
+#[test]
+fn vulkan_greedy_on_device_matches_host_argmax() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let vk = open(dev, &fx.join("qwen3"), false, false);
+    let vocab = vk.model().config.vocab_size;
+    let prompts: Vec<Vec<u32>> = [4usize, 9, 13]
+        .iter()
+        .enumerate()
+        .map(|(s, &len)| {
+            (0..len)
+                .map(|i| ((i * 7919 + s * 31 + 5) % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let (ga, gb) = (
+        VkBatch::new(vk.clone(), 3, 48).expect("batch"),
+        VkBatch::new(vk.clone(), 3, 48).expect("batch"),
+    );
+    let (mut sa, mut sb) = (
+        VkBatchStepper::new(ga.clone()),
+        VkBatchStepper::new(gb.clone()),
+    );
+    let mut ra: Vec<VkRunner> = (0..3).map(|_| ga.runner().expect("runner")).collect();
+    let mut rb: Vec<VkRunner> = (0..3).map(|_| gb.runner().expect("runner")).collect();
+    let mut next = Vec::new();
+    for ((a, b), p) in ra.iter_mut().zip(rb.iter_mut()).zip(&prompts) {
+        let mut l = Vec::new();
+        b.forward(p, Logits::Last, &mut l).unwrap();
+        let want = caldera_engine::sampler::argmax(&l);
+        assert_eq!(
+            a.forward_argmax(p).unwrap(),
+            Some(want),
+            "prefill's greedy token"
+        );
+        next.push(want);
+    }
+    for step in 0..5 {
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let mut ids = [None; 3];
+        let (mut la, mut lb) = (vec![Vec::new(); 3], vec![Vec::new(); 3]);
+        {
+            let mut items: Vec<BatchItem> = ra
+                .iter_mut()
+                .zip(&toks)
+                .zip(la.iter_mut())
+                .zip(ids.iter_mut())
+                .map(|(((r, t), l), id)| BatchItem {
+                    runner: r,
+                    tokens: t,
+                    logits: l,
+                    argmax: Some(id),
+                    outcome: StepOutcome::Pending,
+                })
+                .collect();
+            sa.step_batch(&mut items);
+            for it in &items {
+                assert!(matches!(it.outcome, StepOutcome::Done), "{:?}", it.outcome);
+            }
+        }
+        {
+            let mut items: Vec<BatchItem> = rb
+                .iter_mut()
+                .zip(&toks)
+                .zip(lb.iter_mut())
+                .map(|((r, t), l)| BatchItem {
+                    runner: r,
+                    tokens: t,
+                    logits: l,
+                    argmax: None,
+                    outcome: StepOutcome::Pending,
+                })
+                .collect();
+            sb.step_batch(&mut items);
+            for it in &items {
+                assert!(matches!(it.outcome, StepOutcome::Done), "{:?}", it.outcome);
+            }
+        }
+        for i in 0..3 {
+            let want = caldera_engine::sampler::argmax(&lb[i]);
+            assert_eq!(ids[i], Some(want), "step {step}, sequence {i}");
+            assert!(la[i].is_empty(), "a greedy step handed back a row");
+            next[i] = want;
+        }
+    }
+    let mut a = VkRunner::new(vk.clone(), 48).expect("runner");
+    let mut b = VkRunner::new(vk.clone(), 48).expect("runner");
+    let mut l = Vec::new();
+    let mut t = prompts[2].clone();
+    for _ in 0..4 {
+        b.forward(&t, Logits::Last, &mut l).unwrap();
+        let want = caldera_engine::sampler::argmax(&l);
+        assert_eq!(a.forward_argmax(&t).unwrap(), Some(want));
+        t = vec![want];
     }
 }
