@@ -324,6 +324,8 @@ void reduce_rows(inout float a[MAXR], inout float extra) {
 // memory, no barrier, and every lane busy on rows whose block count is not a multiple
 // of the workgroup's block slots. ROWS should be a multiple of the subgroup count.
 layout(constant_id = 3) const uint MV_SG = 0u;
+// Specialization constant 11: blocks per lane and step (`Tuning::mv_unroll`).
+layout(constant_id = 11) const uint MV_UNR = 2u;
 const uint SG_ACC = MAXR; // weight rows per subgroup at most (ROWS <= 4 fit any subgroup count)
 void main_sg() {
     uint grp = flat_group();
@@ -342,11 +344,11 @@ void main_sg() {
     bool xnorm = (p.flags & MV_XNORM) != 0u;
     const uint XPB = BE / 32u;
     float ss = 0.0;
-    // Two blocks per lane and step, the second one's loads issued before the first's
+    // MV_UNR blocks per lane and step, the later ones' loads issued before the first's
     // arithmetic (a lane past the row's end repeats the last block, weighted 0): long
     // rows are one lane's chain of dependent round trips otherwise.
-    for (uint b0 = ln / L; b0 < nb; b0 += 2u * slots) {
-        [[unroll]] for (uint u = 0u; u < 2u; u++) {
+    for (uint b0 = ln / L; b0 < nb; b0 += MV_UNR * slots) {
+        [[unroll]] for (uint u = 0u; u < MV_UNR; u++) {
             uint b = min(b0 + u * slots, nb - 1u);
             float live = b0 + u * slots < nb ? 1.0 : 0.0;
             load_x(b, lane);

@@ -550,6 +550,10 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         mamba2_chunk: Kernel::Mamba2Chunk.fits(info)
             && !opts.force_mamba2_scan
             && !env_on("CALDERA_VK_MAMBA2_SCAN"),
+        mv_unroll: std::env::var("CALDERA_VK_MV_UNROLL")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .map_or(2, |v| v.clamp(1, 8)),
     }
 }
 
@@ -723,7 +727,8 @@ fn create_pipeline(
         // KV cache holds (`KvType::spec`; kernels without a KV cache ignore it); 3: the
         // int8 mat-vecs' subgroup-per-output layout (not the expert ones'); 4-8 (the
         // cooperative-matrix kernels): the matrix shape M, N, K and the accumulators per
-        // subgroup along rows and tokens; 9: their prefetch; 10: steps per round.
+        // subgroup along rows and tokens; 9: their prefetch; 10: steps per round; 11: the
+        // blocks per lane and step of the subgroup-per-output int8 mat-vecs.
         let sg = desc.q8 && tuning.mvq_subgroup(desc.glu);
         let c = tuning.coopmat_mm.unwrap_or_default();
         let spec_data = [
@@ -738,9 +743,10 @@ fn create_pipeline(
             c.wn,
             u32::from(c.prefetch),
             if c.dual { 2 } else { 1 },
+            tuning.mv_unroll,
         ];
         let ids: &[u32] = if desc.rows_per_group {
-            &[0, 1, 2, 3]
+            &[0, 1, 2, 3, 11]
         } else if desc.coopmat {
             &[0, 2, 4, 5, 6, 7, 8, 9, 10]
         } else {

@@ -1395,6 +1395,10 @@ pub struct Tuning {
     /// `mamba2_scan`): the device fits it and `CALDERA_VK_MAMBA2_SCAN=1` /
     /// [`crate::ContextOptions::force_mamba2_scan`] does not switch it off.
     pub mamba2_chunk: bool,
+    /// Weight blocks per lane and step of the subgroup-per-output int8 mat-vecs (spec
+    /// constant 11, `mvq.glsl`'s `MV_UNR`): all their loads are issued before their
+    /// arithmetic. 2 by default; `CALDERA_VK_MV_UNROLL` (1-8) for tuning.
+    pub mv_unroll: u32,
 }
 
 /// How `mmc.glsl` tiles its 128 x 64 output with the device's cooperative matrices
