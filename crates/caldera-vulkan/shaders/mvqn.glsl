@@ -3,11 +3,16 @@
 // dot(W row r, x_c) for every column c < step[0] (at most 16) and row r of the piece.
 // x_c arrives quantized by quant_rows.comp (column c's blocks at c * k / 32); the
 // weight blocks meet it in 4-way int8 dot products as in mvq.glsl (the same block
-// layouts, split into load_w: load and unpack a lane's share of a block, and wdot: its
-// dot with the current column's activations). A workgroup computes NRB rows for its
-// columns: for each weight block its lanes load and unpack the rows' shares once, into
-// registers, then dot them with every column's activations, so the weights are read
-// and unpacked once per column set whatever the column count.
+// layouts, split into load_x: load a column's activations for a lane's share of a block,
+// with what depends on the column only (block sums, their products with the scales);
+// load_w: load and unpack a row's share, nibbles to bytes and scales to f32, everything
+// that depends on the row only; and wacc: their int8 dots and the f32 epilogue, fused
+// into the accumulator). A workgroup computes NRB rows for its columns: for each weight
+// block its lanes load and unpack the rows' shares once, into registers, then dot them
+// with every column's activations, so the weights are read and unpacked once per column
+// set whatever the column count. With MVQN_V1 (mvqmo_*, mvqmoe_*: CALDERA_VK_MVQM_V1=1)
+// the block readers are the earlier ones of mvqn_v1.glsl, which redo the nibble masks
+// per column (kept to compare on the GPU).
 //
 // Two mains:
 //   MVQN_GROUPED (mvqm_*, the default): a workgroup takes NRB rows x one group of NC = 8
@@ -60,9 +65,12 @@ uint XOD;
 
 #include "dot8.glsl"
 
-#if defined(TYPE_Q4_0)
+#if MVQN_V1
+#include "mvqn_v1.glsl"
+#elif defined(TYPE_Q4_0)
 // 18 B / 32: d, qs[16]. Lane t (of 2): qs[8t .. 8t + 8], elements 8t .. + 8 (low
-// nibbles) and 16 + 8t .. + 8 (high); value d (n - 8).
+// nibbles) and 16 + 8t .. + 8 (high); value d (n - 8). The -8 of every weight meets
+// the column's block sum once per column (IX.x = -8 Σ x), not once per row.
 const uint L = 2u;
 const uint BE = 32u;
 void load_x(uint b, uint lane) {
@@ -70,20 +78,21 @@ void load_x(uint b, uint lane) {
     uvec2 hi = xq2[XO2 + (4u * b + 2u + lane)];
     XA = uvec4(lo, hi);
     FX.x = xd[XOD + (b)];
-    IX.x = sdot(lo.x, ONES) + sdot(lo.y, ONES) + sdot(hi.x, ONES) + sdot(hi.y, ONES);
+    IX.x = -8 * (sdot(lo.x, ONES) + sdot(lo.y, ONES) + sdot(hi.x, ONES) + sdot(hi.y, ONES));
 }
 struct WB {
-    uvec2 q;
+    uvec4 q; // the low nibbles of the lane's two words, then the high, as bytes
     float d;
 };
 WB load_w(uint row, uint b, uint lane) {
     uint o = (row * (p.k / 32u) + b) * 18u;
-    return WB(u64_at(o + 2u + 8u * lane), f16_at(o));
+    uvec2 q = u64_at(o + 2u + 8u * lane);
+    return WB(uvec4(q & LO4, (q >> 4) & LO4), f16_at(o));
 }
-float wdot(WB w) {
-    int s = udot(w.q.x & LO4, XA.x) + udot(w.q.y & LO4, XA.y)
-          + udot((w.q.x >> 4) & LO4, XA.z) + udot((w.q.y >> 4) & LO4, XA.w);
-    return w.d * FX.x * float(s - 8 * IX.x);
+float wacc(float acc, WB w) {
+    int s = IX.x + udot(w.q.x, XA.x) + udot(w.q.y, XA.y) + udot(w.q.z, XA.z)
+          + udot(w.q.w, XA.w);
+    return fma(w.d * FX.x, float(s), acc);
 }
 #elif defined(TYPE_Q8_0)
 // 34 B / 32: d, qs: i8[32]. Lane t (of 4): qs[8t .. 8t + 8].
@@ -101,13 +110,28 @@ WB load_w(uint row, uint b, uint lane) {
     uint o = (row * (p.k / 32u) + b) * 34u;
     return WB(u64_at(o + 2u + 8u * lane), f16_at(o));
 }
-float wdot(WB w) {
-    return w.d * FX.x * float(sdot(w.q.x, XA.x) + sdot(w.q.y, XA.y));
+float wacc(float acc, WB w) {
+    return fma(w.d * FX.x, float(sdot(w.q.x, XA.x) + sdot(w.q.y, XA.y)), acc);
 }
 #elif defined(TYPE_Q4_K)
 // 144 B / 256: d, dmin, scales[12], qs[128]. Lane t (of 8), j = t / 2, h = t % 2:
 // qs[32j + 16h .. + 16], elements 64j + 16h .. + 16 (low nibbles, group 2j) and
 // 64j + 32 + 16h .. + 16 (high nibbles, group 2j + 1); value d sc n - dmin mn.
+//
+// Instruction estimate per (column, 32 weights), i.e. one lane's share of one row's
+// block met by one column, counting one instruction per int8 dot (IDP4A with the
+// running sum as its addend), mask, shift, conversion and f32 op, with NRB = 4 rows and
+// NC = 8 columns per workgroup (so load_x's work counts 1/4, load_w's 1/8), assuming the
+// driver does not share the weights' masks between the unrolled columns itself:
+//   before (mvqn_v1.glsl, mvqmo_q4_k): wdot 12 mask / shift (4 AND low; 4 SHR + 4 AND
+//     high) + 8 IDP4A + 2 I2F + 8 f32 (5 FMUL, 1 FFMA, the subtraction, the += ) = 30;
+//     load_x ~24 / 4 = 6 (2 x 16 B + 2 x 4 B loads, ~6 address ops, 8 IDP4A for the
+//     block sums, 2 I2F, 2 FMUL); load_w ~24 / 8 = 3  ->  ~39, plus the reduction
+//     (~3.5 per output and lane at k = 4096 with WG = 128).
+//   after (this file, mvqm_q4_k): wacc 8 IDP4A + 2 I2F + 2 FMUL + 4 FFMA (into the
+//     accumulator; -dmin mn folded in load_w) = 16; load_x 6 as before; load_w ~36 / 8
+//     = 4.5 (its 12 masks / shifts now once per row and block)  ->  ~26.5, plus the
+//     same reduction: about 30 against 42.5, ~0.7x.
 const uint L = 8u;
 const uint BE = 256u;
 void load_x(uint b, uint lane) {
@@ -122,8 +146,9 @@ void load_x(uint b, uint lane) {
     FX = vec4(dl, dh, dl * float(sl), dh * float(sh));
 }
 struct WB {
-    uvec4 q;
-    vec4 s; // d sc (low, high groups), dmin mn (low, high)
+    uvec4 lo; // the low nibbles of the lane's 16 bytes (group 2j), as bytes
+    uvec4 hi; // the high nibbles (group 2j + 1)
+    vec4 s;   // d sc (low, high groups), -dmin mn (low, high)
 };
 WB load_w(uint row, uint b, uint lane) {
     uint o = (row * (p.k / 256u) + b) * 9u; // 16-byte units
@@ -137,22 +162,26 @@ WB load_w(uint row, uint b, uint lane) {
     uint sc = hd.w >> sh;
     uint scl = j < 2u ? sa & 0x3f3fu : (sc & 0x0f0fu) | ((sa >> 2) & 0x3030u);
     uint mnl = j < 2u ? sb & 0x3f3fu : ((sc >> 4) & 0x0f0fu) | ((sb >> 2) & 0x3030u);
-    return WB(q, vec4(dm.x * float(scl & 255u), dm.x * float(scl >> 8),
-                      dm.y * float(mnl & 255u), dm.y * float(mnl >> 8)));
+    return WB(q & LO4, (q >> 4) & LO4,
+              vec4(dm.x * float(scl & 255u), dm.x * float(scl >> 8),
+                   -(dm.y * float(mnl & 255u)), -(dm.y * float(mnl >> 8))));
 }
-float wdot(WB w) {
-    int lo = udot(w.q.x & LO4, XA.x) + udot(w.q.y & LO4, XA.y)
-           + udot(w.q.z & LO4, XA.z) + udot(w.q.w & LO4, XA.w);
-    int hi = udot((w.q.x >> 4) & LO4, XB.x) + udot((w.q.y >> 4) & LO4, XB.y)
-           + udot((w.q.z >> 4) & LO4, XB.z) + udot((w.q.w >> 4) & LO4, XB.w);
-    return w.s.x * FX.x * float(lo) + w.s.y * FX.y * float(hi)
-         - (w.s.z * FX.z + w.s.w * FX.w);
+float wacc(float acc, WB w) {
+    int lo = udot(w.lo.x, XA.x) + udot(w.lo.y, XA.y) + udot(w.lo.z, XA.z)
+           + udot(w.lo.w, XA.w);
+    int hi = udot(w.hi.x, XB.x) + udot(w.hi.y, XB.y) + udot(w.hi.z, XB.z)
+           + udot(w.hi.w, XB.w);
+    acc = fma(w.s.x * FX.x, float(lo), acc);
+    acc = fma(w.s.y * FX.y, float(hi), acc);
+    acc = fma(w.s.z, FX.z, acc);
+    return fma(w.s.w, FX.w, acc);
 }
 #elif defined(TYPE_Q6_K)
 // 210 B / 256: ql[128], qh[64], scales: i8[16], d. Lane t (of 8), n = t / 4,
 // l0 = 8 (t % 4): l = l0 .. l0 + 8 of half n, elements 128n + 32m + l (m = 0..3) from
 // the nibbles of ql[64n + l] (m = 0, 2) and ql[64n + 32 + l] (m = 1, 3) and bits 2m of
-// qh[32n + l]; value d sc[8n + l0 / 16 + 2m] (q - 32).
+// qh[32n + l]; value d sc[8n + l0 / 16 + 2m] (q - 32). The -32 meets the column's
+// group sums once per column (IX = -32 Σ x), as the first addend of each dot.
 const uint L = 8u;
 const uint BE = 256u;
 void load_x(uint b, uint lane) {
@@ -166,8 +195,8 @@ void load_x(uint b, uint lane) {
     XB = uvec4(x2, x3);
     uint db = 8u * b + 4u * n;
     FX = vec4(xd[XOD + (db)], xd[XOD + (db + 1u)], xd[XOD + (db + 2u)], xd[XOD + (db + 3u)]);
-    IX = 32 * ivec4(sdot(x0.x, ONES) + sdot(x0.y, ONES), sdot(x1.x, ONES) + sdot(x1.y, ONES),
-                    sdot(x2.x, ONES) + sdot(x2.y, ONES), sdot(x3.x, ONES) + sdot(x3.y, ONES));
+    IX = -32 * ivec4(sdot(x0.x, ONES) + sdot(x0.y, ONES), sdot(x1.x, ONES) + sdot(x1.y, ONES),
+                     sdot(x2.x, ONES) + sdot(x2.y, ONES), sdot(x3.x, ONES) + sdot(x3.y, ONES));
 }
 struct WB {
     uvec4 q[2]; // the 6-bit values of the lane's four groups, as bytes (0 .. 63)
@@ -194,13 +223,16 @@ WB load_w(uint row, uint b, uint lane) {
     w.sc = sc;
     return w;
 }
-float wdot(WB w) {
-    int d0 = udot(w.q[0].x, XA.x) + udot(w.q[0].y, XA.y);
-    int d1 = udot(w.q[0].z, XA.z) + udot(w.q[0].w, XA.w);
-    int d2 = udot(w.q[1].x, XB.x) + udot(w.q[1].y, XB.y);
-    int d3 = udot(w.q[1].z, XB.z) + udot(w.q[1].w, XB.w);
-    vec4 v = vec4(ivec4(d0, d1, d2, d3) - IX) * FX;
-    return dot(w.sc, v);
+float wacc(float acc, WB w) {
+    int d0 = IX.x + udot(w.q[0].x, XA.x) + udot(w.q[0].y, XA.y);
+    int d1 = IX.y + udot(w.q[0].z, XA.z) + udot(w.q[0].w, XA.w);
+    int d2 = IX.z + udot(w.q[1].x, XB.x) + udot(w.q[1].y, XB.y);
+    int d3 = IX.w + udot(w.q[1].z, XB.z) + udot(w.q[1].w, XB.w);
+    vec4 v = vec4(d0, d1, d2, d3) * FX;
+    acc = fma(w.sc.x, v.x, acc);
+    acc = fma(w.sc.y, v.y, acc);
+    acc = fma(w.sc.z, v.z, acc);
+    return fma(w.sc.w, v.w, acc);
 }
 #else
 #error "no TYPE_* defined"
@@ -256,7 +288,7 @@ void main() {
                 XOD = (c0 + c) * (p.k / 32u);
                 load_x(b, lane);
                 [[unroll]] for (uint r = 0u; r < NRB; r++) {
-                    a[c * NRB + r] += wdot(wr[r]);
+                    a[c * NRB + r] = wacc(a[c * NRB + r], wr[r]);
                 }
             }
         }
@@ -363,7 +395,7 @@ void main() {
                 XOD = c * (p.k / 32u);
                 load_x(b, lane);
                 [[unroll]] for (uint r = 0u; r < NRB; r++) {
-                    a[c * NRB + r] += wdot(wr[r]);
+                    a[c * NRB + r] = wacc(a[c * NRB + r], wr[r]);
                 }
             }
         }

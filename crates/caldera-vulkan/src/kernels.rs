@@ -216,6 +216,14 @@ pub enum Kernel {
     MmcQ5K = 197,
     MmcQ6K = 198,
     MmcIQ4XS = 199,
+    MvqmoQ4_0 = 200,
+    MvqmoQ8_0 = 201,
+    MvqmoQ4K = 202,
+    MvqmoQ6K = 203,
+    MvqmoeQ4_0 = 204,
+    MvqmoeQ8_0 = 205,
+    MvqmoeQ4K = 206,
+    MvqmoeQ6K = 207,
 }
 
 /// One entry of the kernel table.
@@ -659,7 +667,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 200] = [
+pub const KERNELS: [KernelDesc; 208] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1140,6 +1148,24 @@ pub const KERNELS: [KernelDesc; 200] = [
     mmc(Kernel::MmcQ5K, "mmc_q5_k", spv_coop!("mmc_q5_k")),
     mmc(Kernel::MmcQ6K, "mmc_q6_k", spv_coop!("mmc_q6_k")),
     mmc(Kernel::MmcIQ4XS, "mmc_iq4_xs", spv_coop!("mmc_iq4_xs")),
+    mvqm(Kernel::MvqmoQ4_0, "mvqmo_q4_0", spv!("mvqmo_q4_0"), true),
+    mvqm(Kernel::MvqmoQ8_0, "mvqmo_q8_0", spv!("mvqmo_q8_0"), true),
+    mvqm(Kernel::MvqmoQ4K, "mvqmo_q4_k", spv!("mvqmo_q4_k"), true),
+    mvqm(Kernel::MvqmoQ6K, "mvqmo_q6_k", spv!("mvqmo_q6_k"), true),
+    mvqm(
+        Kernel::MvqmoeQ4_0,
+        "mvqmoe_q4_0",
+        spv!("mvqmoe_q4_0"),
+        false,
+    ),
+    mvqm(
+        Kernel::MvqmoeQ8_0,
+        "mvqmoe_q8_0",
+        spv!("mvqmoe_q8_0"),
+        false,
+    ),
+    mvqm(Kernel::MvqmoeQ4K, "mvqmoe_q4_k", spv!("mvqmoe_q4_k"), false),
+    mvqm(Kernel::MvqmoeQ6K, "mvqmoe_q6_k", spv!("mvqmoe_q6_k"), false),
 ];
 
 impl Kernel {
@@ -1246,9 +1272,10 @@ impl Kernel {
     }
 
     /// The batched decode mat-vec on int8 activations (`mvqn.glsl`) for weights of
-    /// type `ty`; `grouped`: the column-group kernel (`mvqm_*`), else the old one
-    /// (`mvqn_*`); `dot`: the int8-dot variant, else the emulated one.
-    pub fn mvqn_for(ty: GgmlType, grouped: bool, dot: bool) -> Option<Kernel> {
+    /// type `ty`; `grouped`: the column-group kernel (`mvqm_*`, or with `v1` its
+    /// earlier block readers, `mvqmo_*`), else the old one (`mvqn_*`); `dot`: the
+    /// int8-dot variant, else the emulated one.
+    pub fn mvqn_for(ty: GgmlType, grouped: bool, v1: bool, dot: bool) -> Option<Kernel> {
         let i = match ty {
             GgmlType::Q4_0 => 0,
             GgmlType::Q8_0 => 1,
@@ -1259,6 +1286,8 @@ impl Kernel {
         let base = match (grouped, dot) {
             (false, true) => Kernel::MvqnQ4_0,
             (false, false) => Kernel::MvqneQ4_0,
+            (true, true) if v1 => Kernel::MvqmoQ4_0,
+            (true, false) if v1 => Kernel::MvqmoeQ4_0,
             (true, true) => Kernel::MvqmQ4_0,
             (true, false) => Kernel::MvqmeQ4_0,
         } as usize;
@@ -1381,6 +1410,10 @@ pub struct Tuning {
     /// [`crate::ContextOptions::force_old_mvqn`]); `mvqm_*` also needs a workgroup of at
     /// most 128 (its reduction's shared memory), else the old kernels run.
     pub mvqn_old: bool,
+    /// `mvqm_*` runs with its block readers as they were before the weights were
+    /// unpacked once per block (`mvqmo_*`, `CALDERA_VK_MVQM_V1=1`,
+    /// [`crate::ContextOptions::force_mvqm_v1`]), to compare the two on one device.
+    pub mvqm_v1: bool,
     /// Mamba2 prefill runs the chunked `mamba2_chunk` (else the token-by-token
     /// `mamba2_scan`): the device fits it and `CALDERA_VK_MAMBA2_SCAN=1` /
     /// [`crate::ContextOptions::force_mamba2_scan`] does not switch it off.

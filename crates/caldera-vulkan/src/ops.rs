@@ -707,7 +707,7 @@ impl Mvqn {
     pub const MAX_COLS: u64 = 16;
 
     pub fn supports(ty: GgmlType) -> bool {
-        Kernel::mvqn_for(ty, false, false).is_some()
+        Kernel::mvqn_for(ty, false, false, false).is_some()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -726,7 +726,8 @@ impl Mvqn {
         max_cols: u64,
     ) -> Result<Mvqn> {
         let grouped = !ctx.tuning().mvqn_old;
-        let kernel = Kernel::mvqn_for(ty, grouped, ctx.tuning().int8_dot).ok_or_else(|| {
+        let t = ctx.tuning();
+        let kernel = Kernel::mvqn_for(ty, grouped, t.mvqm_v1, t.int8_dot).ok_or_else(|| {
             VkError::Invalid(format!("no batched int8 mat-vec for tensor type {ty}"))
         })?;
         check_rows(ty, w, k)?;

@@ -4,7 +4,8 @@
 //! one size) dispatched over their bucket (the padding columns must write nothing), odd
 //! row counts, strided and offset outputs, the input norm or the GLU input in
 //! `quant_rows`, the residual add and softcap, weights split over several buffers, with
-//! int8 dot products and with their emulation, both reductions, both kernels. Skips
+//! int8 dot products and with their emulation, both reductions, both kernels (and
+//! `mvqm_*`'s earlier block readers, `mvqmo_*`). Skips
 //! without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 //! `CALDERA_TEST_SEED=N` replays a seed.
 
@@ -146,10 +147,11 @@ fn run(
     }
     let what = format!(
         "{ty}: {rows} x {k}, {cols} columns, {mode:?} (subgroup {}, int8 dot {}, old {}, \
-         pieces {})",
+         v1 {}, pieces {})",
         ctx.tuning().subgroup_reduce,
         ctx.tuning().int8_dot,
         ctx.tuning().mvqn_old,
+        ctx.tuning().mvqm_v1,
         wt.pieces.len()
     );
     for c in 0..bucket {
@@ -192,17 +194,20 @@ fn run(
 
 fn contexts() -> Vec<Context> {
     let mut v = Vec::new();
-    for (shared, no_dot, old) in [
-        (false, false, false),
-        (true, true, false),
-        (false, true, false),
-        (false, false, true),
-        (true, true, true),
+    for (shared, no_dot, old, v1) in [
+        (false, false, false, false),
+        (true, true, false, false),
+        (false, true, false, false),
+        (false, false, true, false),
+        (true, true, true, false),
+        (false, false, false, true),
+        (false, true, false, true),
     ] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
             force_no_int8_dot: no_dot,
             force_old_mvqn: old,
+            force_mvqm_v1: v1,
             ..Default::default()
         };
         match test_context("mvqn", &opts) {
