@@ -54,7 +54,17 @@ layout(push_constant) uniform Push {
 const uint MVN_ADD = 1u;
 const uint MVN_SOFTCAP = 2u;
 const uint MAXC = 16u;
-const uint NRB = 4u; // weight rows per workgroup (reduce4 sums four)
+// Weight rows per workgroup: 4 (reduce4 sums four), or 8 with MVQN_NRB = 8 (mvqm8_*,
+// CALDERA_VK_MVQM_ROWS=8: each column's activation loads and block sums serve 8 rows,
+// for NC * NRB = 64 sums and 8 rows' unpacked blocks in registers per lane, about 64 +
+// 8 x 12 = 160 32-bit registers for Q4_K and Q6_K against 32 + 48 = 80 with 4).
+#ifndef MVQN_NRB
+#define MVQN_NRB 4
+#endif
+#if !MVQN_GROUPED && MVQN_NRB != 4
+#error "the per-column reduction of mvqn_* sums four rows"
+#endif
+const uint NRB = MVQN_NRB;
 
 #include "words.glsl"
 

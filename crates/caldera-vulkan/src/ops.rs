@@ -6,7 +6,7 @@ use caldera_format::GgmlType;
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
-use crate::kernels::{Kernel, MMT_ROWS, MMT_TOKENS};
+use crate::kernels::{Kernel, MvqnVariant, MMT_ROWS, MMT_TOKENS};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::record::{Binding, Recorder};
 
@@ -689,9 +689,11 @@ impl QuantRows {
 /// Batched decode mat-vec on int8 activations (`mvqn.glsl`): for every column c <
 /// step[0] (at most 16) and weight row r, `y[c * ld_y + y_offset + r] (+)= W[r] · x_c`
 /// with x_c quantized by [`QuantRows`]; softcapped with `softcap`. One dispatch per
-/// weight piece. `mvqm_*` (default): a workgroup per 4 rows x group of 8 columns, the
+/// weight piece. `mvqm_*` (default): a workgroup per 4 rows (8 with `mvqm8_*`,
+/// [`Tuning::mvqm_rows`](crate::kernels::Tuning::mvqm_rows)) x group of 8 columns, the
 /// groups of a row group adjacent (its weights come from memory once, the second group
-/// finds them in cache), all of a workgroup's sums reduced in one pass; `mvqn_*`
+/// finds them in cache), all of a workgroup's sums reduced in one pass (`mvqmo_*`:
+/// the same with the earlier block readers, [`Tuning::mvqm_v1`](crate::kernels::Tuning::mvqm_v1)); `mvqn_*`
 /// ([`Tuning::mvqn_old`](crate::kernels::Tuning::mvqn_old)): a workgroup per 4 rows
 /// for all 16 columns, one reduction per column.
 pub struct Mvqn {
@@ -699,15 +701,13 @@ pub struct Mvqn {
 }
 
 impl Mvqn {
-    /// Rows per workgroup (`NRB` in mvqn.glsl).
-    const ROWS: u64 = 4;
     /// Columns per workgroup of `mvqm_*` (`NC`).
     const GROUP_COLS: u64 = 8;
     /// Most columns (`MAXC`).
     pub const MAX_COLS: u64 = 16;
 
     pub fn supports(ty: GgmlType) -> bool {
-        Kernel::mvqn_for(ty, false, false, false).is_some()
+        Kernel::mvqn_for(ty, MvqnVariant::Old, false).is_some()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -725,9 +725,9 @@ impl Mvqn {
         step: &Buffer,
         max_cols: u64,
     ) -> Result<Mvqn> {
-        let grouped = !ctx.tuning().mvqn_old;
-        let t = ctx.tuning();
-        let kernel = Kernel::mvqn_for(ty, grouped, t.mvqm_v1, t.int8_dot).ok_or_else(|| {
+        let variant = ctx.tuning().mvqn_variant();
+        let grouped = variant.grouped();
+        let kernel = Kernel::mvqn_for(ty, variant, ctx.tuning().int8_dot).ok_or_else(|| {
             VkError::Invalid(format!("no batched int8 mat-vec for tensor type {ty}"))
         })?;
         check_rows(ty, w, k)?;
@@ -778,7 +778,7 @@ impl Mvqn {
             if grouped {
                 words.push(ncg as u32);
             }
-            let groups = piece.rows.div_ceil(Self::ROWS) * ncg;
+            let groups = piece.rows.div_ceil(variant.rows()) * ncg;
             parts.push((b, push_words(&words), groups));
         }
         Ok(Mvqn { parts })

@@ -4,9 +4,9 @@
 //! one size) dispatched over their bucket (the padding columns must write nothing), odd
 //! row counts, strided and offset outputs, the input norm or the GLU input in
 //! `quant_rows`, the residual add and softcap, weights split over several buffers, with
-//! int8 dot products and with their emulation, both reductions, both kernels (and
-//! `mvqm_*`'s earlier block readers, `mvqmo_*`). Skips
-//! without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
+//! int8 dot products and with their emulation, both reductions, all kernels (`mvqm_*`
+//! with 4 and 8 rows per workgroup, its earlier block readers `mvqmo_*`, `mvqn_*`).
+//! Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 //! `CALDERA_TEST_SEED=N` replays a seed.
 
 mod common;
@@ -147,11 +147,11 @@ fn run(
     }
     let what = format!(
         "{ty}: {rows} x {k}, {cols} columns, {mode:?} (subgroup {}, int8 dot {}, old {}, \
-         v1 {}, pieces {})",
+         kernel {:?}, pieces {})",
         ctx.tuning().subgroup_reduce,
         ctx.tuning().int8_dot,
         ctx.tuning().mvqn_old,
-        ctx.tuning().mvqm_v1,
+        ctx.tuning().mvqn_variant(),
         wt.pieces.len()
     );
     for c in 0..bucket {
@@ -194,20 +194,23 @@ fn run(
 
 fn contexts() -> Vec<Context> {
     let mut v = Vec::new();
-    for (shared, no_dot, old, v1) in [
-        (false, false, false, false),
-        (true, true, false, false),
-        (false, true, false, false),
-        (false, false, true, false),
-        (true, true, true, false),
-        (false, false, false, true),
-        (false, true, false, true),
+    for (shared, no_dot, old, v1, rows) in [
+        (false, false, false, false, 4),
+        (true, true, false, false, 4),
+        (false, true, false, false, 4),
+        (false, false, true, false, 4),
+        (true, true, true, false, 4),
+        (false, false, false, true, 4),
+        (false, true, false, true, 4),
+        (false, false, false, false, 8),
+        (true, true, false, false, 8),
     ] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
             force_no_int8_dot: no_dot,
             force_old_mvqn: old,
             force_mvqm_v1: v1,
+            mvqm_rows: Some(rows),
             ..Default::default()
         };
         match test_context("mvqn", &opts) {
