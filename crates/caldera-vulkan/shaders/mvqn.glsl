@@ -25,7 +25,10 @@
 //   else (mvqn_*, CALDERA_VK_MVQN_OLD=1): one workgroup per NRB rows for all 16 columns,
 //     reduced column after column (a vec4 reduction with two barriers each).
 // Binding 0: the piece's raw blocks. 1: q (u32 words, k / 4 per column). 2: d (f32,
-// k / 32 per column). 3: y. 4: step values ([0] columns).
+// k / 32 per column). 3: y. 4: step values ([0] columns). 5 (mvqm_*, mvqm8_*): with
+// MVN_SUMS, the sum of each block's int8 values (i32, as d), written by quant_rows
+// (QR_SUMS), which Q4_0 and Q4_K read instead of summing the block per row group; any
+// buffer without.
 #include "common.glsl"
 #if USE_DOT
 #extension GL_EXT_spirv_intrinsics : require
@@ -38,6 +41,10 @@ layout(std430, binding = 1) readonly buffer Qbuf4 { uvec4 xq4[]; };
 layout(std430, binding = 2) readonly buffer Dbuf { float xd[]; };
 layout(std430, binding = 3) buffer Ybuf { float y[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
+#if MVQN_GROUPED && !MVQN_V1
+#define MVQN_XSUM 1
+layout(std430, binding = 5) readonly buffer XSbuf { int xsum[]; };
+#endif
 
 layout(push_constant) uniform Push {
     uint k;
@@ -53,6 +60,7 @@ layout(push_constant) uniform Push {
 
 const uint MVN_ADD = 1u;
 const uint MVN_SOFTCAP = 2u;
+const uint MVN_SUMS = 4u;
 const uint MAXC = 16u;
 // Weight rows per workgroup: 4 (reduce4 sums four), or 8 with MVQN_NRB = 8 (mvqm8_*,
 // CALDERA_VK_MVQM_ROWS=8: each column's activation loads and block sums serve 8 rows,
@@ -75,6 +83,22 @@ uint XOD;
 
 #include "dot8.glsl"
 
+// Whether the activations' block sums come with them (binding 5), and block i's.
+bool have_sums() {
+#if MVQN_XSUM
+    return (p.flags & MVN_SUMS) != 0u;
+#else
+    return false;
+#endif
+}
+int xsum_at(uint i) {
+#if MVQN_XSUM
+    return xsum[i];
+#else
+    return 0;
+#endif
+}
+
 #if MVQN_V1
 #include "mvqn_v1.glsl"
 #elif defined(TYPE_Q4_0)
@@ -88,7 +112,12 @@ void load_x(uint b, uint lane) {
     uvec2 hi = xq2[XO2 + (4u * b + 2u + lane)];
     XA = uvec4(lo, hi);
     FX.x = xd[XOD + (b)];
-    IX.x = -8 * (sdot(lo.x, ONES) + sdot(lo.y, ONES) + sdot(hi.x, ONES) + sdot(hi.y, ONES));
+    if (have_sums()) {
+        // The whole block's correction on lane 0 (both lanes have the same scales).
+        IX.x = lane == 0u ? -8 * xsum_at(XOD + b) : 0;
+    } else {
+        IX.x = -8 * (sdot(lo.x, ONES) + sdot(lo.y, ONES) + sdot(hi.x, ONES) + sdot(hi.y, ONES));
+    }
 }
 struct WB {
     uvec4 q; // the low nibbles of the lane's two words, then the high, as bytes
@@ -139,9 +168,14 @@ float wacc(float acc, WB w) {
 //     block sums, 2 I2F, 2 FMUL); load_w ~24 / 8 = 3  ->  ~39, plus the reduction
 //     (~3.5 per output and lane at k = 4096 with WG = 128).
 //   after (this file, mvqm_q4_k): wacc 8 IDP4A + 2 I2F + 2 FMUL + 4 FFMA (into the
-//     accumulator; -dmin mn folded in load_w) = 16; load_x 6 as before; load_w ~36 / 8
-//     = 4.5 (its 12 masks / shifts now once per row and block)  ->  ~26.5, plus the
-//     same reduction: about 30 against 42.5, ~0.7x.
+//     accumulator; -dmin mn folded in load_w) = 16; load_x with quant_rows' block sums
+//     (MVN_SUMS) ~14 / 4 = 3.5 (the same loads plus 2 x 4 B of sums on half the lanes,
+//     no IDP4A), without them 6 as before; load_w ~36 / 8 = 4.5 (its 12 masks / shifts
+//     now once per row and block)  ->  ~24, plus the same reduction: about 27.5
+//     against 42.5, ~0.65x (without the sums ~30, ~0.7x).
+//   mvqm8_q4_k (NRB = 8): load_x counts 1/8: ~1.75 with the sums (3 without)  ->  ~22
+//     + 3.5 = 25.5, ~0.6x, if its ~160 registers per lane (see NRB) do not spill or
+//     starve the SM of warps.
 const uint L = 8u;
 const uint BE = 256u;
 void load_x(uint b, uint lane) {
@@ -151,9 +185,21 @@ void load_x(uint b, uint lane) {
     XB = xq4[XO4 + ((e + 32u) >> 4)];
     float dl = xd[XOD + (8u * b + 2u * j)];
     float dh = xd[XOD + (8u * b + 2u * j + 1u)];
-    int sl = sdot(XA.x, ONES) + sdot(XA.y, ONES) + sdot(XA.z, ONES) + sdot(XA.w, ONES);
-    int sh = sdot(XB.x, ONES) + sdot(XB.y, ONES) + sdot(XB.z, ONES) + sdot(XB.w, ONES);
-    FX = vec4(dl, dh, dl * float(sl), dh * float(sh));
+    if (have_sums()) {
+        // The groups' whole dmin mn corrections on the lane of their first half (the
+        // two halves have the same scales and mins), none on the other.
+        int sl = 0;
+        int sh = 0;
+        if ((lane & 1u) == 0u) {
+            sl = xsum_at(XOD + (8u * b + 2u * j));
+            sh = xsum_at(XOD + (8u * b + 2u * j + 1u));
+        }
+        FX = vec4(dl, dh, dl * float(sl), dh * float(sh));
+    } else {
+        int sl = sdot(XA.x, ONES) + sdot(XA.y, ONES) + sdot(XA.z, ONES) + sdot(XA.w, ONES);
+        int sh = sdot(XB.x, ONES) + sdot(XB.y, ONES) + sdot(XB.z, ONES) + sdot(XB.w, ONES);
+        FX = vec4(dl, dh, dl * float(sl), dh * float(sh));
+    }
 }
 struct WB {
     uvec4 lo; // the low nibbles of the lane's 16 bytes (group 2j), as bytes

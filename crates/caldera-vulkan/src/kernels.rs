@@ -600,8 +600,8 @@ const fn mvqn(
     }
 }
 
-/// The grouped batched decode mat-vec (`mvqn.glsl` with `MVQN_GROUPED`): 4 rows x 8
-/// columns per workgroup, one reduction pass.
+/// The grouped batched decode mat-vec (`mvqn.glsl` with `MVQN_GROUPED`): 4 or 8 rows x
+/// 8 columns per workgroup, one reduction pass; binding 5: the activations' block sums.
 const fn mvqm(
     kernel: Kernel,
     name: &'static str,
@@ -610,7 +610,7 @@ const fn mvqm(
 ) -> KernelDesc {
     KernelDesc {
         int8_dot,
-        ..plain(kernel, name, spv, 5, MVQM_PUSH_BYTES)
+        ..plain(kernel, name, spv, 6, MVQM_PUSH_BYTES)
     }
 }
 
@@ -1039,7 +1039,7 @@ pub const KERNELS: [KernelDesc; 216] = [
         Kernel::QuantRows,
         "quant_rows",
         spv!("quant_rows"),
-        5,
+        6,
         QUANT_ROWS_PUSH_BYTES,
     ),
     plain(

@@ -3,9 +3,10 @@
 //! same way, on fresh random inputs: 1, 3, 8, 9 and 16 columns (every count 1..=16 on
 //! one size) dispatched over their bucket (the padding columns must write nothing), odd
 //! row counts, strided and offset outputs, the input norm or the GLU input in
-//! `quant_rows`, the residual add and softcap, weights split over several buffers, with
-//! int8 dot products and with their emulation, both reductions, all kernels (`mvqm_*`
-//! with 4 and 8 rows per workgroup, its earlier block readers `mvqmo_*`, `mvqn_*`).
+//! `quant_rows`, with and without its block sums, the residual add and softcap,
+//! weights split over several buffers, with int8 dot products and with their
+//! emulation, both reductions, all kernels (`mvqm_*` with 4 and 8 rows per workgroup,
+//! its earlier block readers `mvqmo_*`, `mvqn_*`).
 //! Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 //! `CALDERA_TEST_SEED=N` replays a seed.
 
@@ -92,6 +93,8 @@ fn run(
     let yb = ctx.upload_f32(&y0).unwrap();
     let dev = |n: usize| ctx.create_buffer(n as u64, MemoryKind::Device).unwrap();
     let (q, d) = (dev(bucket * k), dev(bucket * k / 8));
+    // quant_rows' block sums for the grouped kernels on every other column count.
+    let sums = (cols % 2 == 0).then(|| dev(bucket * k / 8));
     let acts = Q8Acts {
         q: &q,
         d: &d,
@@ -111,6 +114,7 @@ fn run(
         mode.glu,
         1e-6,
         &acts,
+        sums.as_ref(),
         &step,
         b,
     )
@@ -121,6 +125,7 @@ fn run(
         &wt,
         k as u64,
         &acts,
+        sums.as_ref(),
         &yb,
         ld_y as u64,
         y_off as u64,
@@ -147,11 +152,12 @@ fn run(
     }
     let what = format!(
         "{ty}: {rows} x {k}, {cols} columns, {mode:?} (subgroup {}, int8 dot {}, old {}, \
-         kernel {:?}, pieces {})",
+         kernel {:?}, sums {}, pieces {})",
         ctx.tuning().subgroup_reduce,
         ctx.tuning().int8_dot,
         ctx.tuning().mvqn_old,
         ctx.tuning().mvqn_variant(),
+        sums.is_some(),
         wt.pieces.len()
     );
     for c in 0..bucket {
