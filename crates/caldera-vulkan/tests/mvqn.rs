@@ -94,7 +94,7 @@ fn run(
     let dev = |n: usize| ctx.create_buffer(n as u64, MemoryKind::Device).unwrap();
     let (q, d) = (dev(bucket * k), dev(bucket * k / 8));
     // quant_rows' block sums for the grouped kernels on every other column count.
-    let sums = (cols % 2 == 0).then(|| dev(bucket * k / 8));
+    let sums = cols.is_multiple_of(2).then(|| dev(bucket * k / 8));
     let acts = Q8Acts {
         q: &q,
         d: &d,
