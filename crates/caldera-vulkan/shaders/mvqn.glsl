@@ -3,11 +3,16 @@
 // dot(W row r, x_c) for every column c < step[0] (at most 16) and row r of the piece.
 // x_c arrives quantized by quant_rows.comp (column c's blocks at c * k / 32); the
 // weight blocks meet it in 4-way int8 dot products as in mvq.glsl (the same block
-// layouts, split into load_w: load and unpack a lane's share of a block, and wdot: its
-// dot with the current column's activations). A workgroup computes NRB rows for its
-// columns: for each weight block its lanes load and unpack the rows' shares once, into
-// registers, then dot them with every column's activations, so the weights are read
-// and unpacked once per column set whatever the column count.
+// layouts, split into load_x: load a column's activations for a lane's share of a block,
+// with what depends on the column only (block sums, their products with the scales);
+// load_w: load and unpack a row's share, nibbles to bytes and scales to f32, everything
+// that depends on the row only; and wacc: their int8 dots and the f32 epilogue, fused
+// into the accumulator). A workgroup computes NRB rows for its columns: for each weight
+// block its lanes load and unpack the rows' shares once, into registers, then dot them
+// with every column's activations, so the weights are read and unpacked once per column
+// set whatever the column count. With MVQN_V1 (mvqmo_*, mvqmoe_*: CALDERA_VK_MVQM_V1=1)
+// the block readers are the earlier ones of mvqn_v1.glsl, which redo the nibble masks
+// per column (kept to compare on the GPU).
 //
 // Two mains:
 //   MVQN_GROUPED (mvqm_*, the default): a workgroup takes NRB rows x one group of NC = 8
@@ -20,7 +25,10 @@
 //   else (mvqn_*, CALDERA_VK_MVQN_OLD=1): one workgroup per NRB rows for all 16 columns,
 //     reduced column after column (a vec4 reduction with two barriers each).
 // Binding 0: the piece's raw blocks. 1: q (u32 words, k / 4 per column). 2: d (f32,
-// k / 32 per column). 3: y. 4: step values ([0] columns).
+// k / 32 per column). 3: y. 4: step values ([0] columns). 5 (mvqm_*, mvqm8_*): with
+// MVN_SUMS, the sum of each block's int8 values (i32, as d), written by quant_rows
+// (QR_SUMS), which Q4_0 and Q4_K read instead of summing the block per row group; any
+// buffer without.
 #include "common.glsl"
 #if USE_DOT
 #extension GL_EXT_spirv_intrinsics : require
@@ -33,6 +41,10 @@ layout(std430, binding = 1) readonly buffer Qbuf4 { uvec4 xq4[]; };
 layout(std430, binding = 2) readonly buffer Dbuf { float xd[]; };
 layout(std430, binding = 3) buffer Ybuf { float y[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
+#if MVQN_GROUPED && !MVQN_V1
+#define MVQN_XSUM 1
+layout(std430, binding = 5) readonly buffer XSbuf { int xsum[]; };
+#endif
 
 layout(push_constant) uniform Push {
     uint k;
@@ -48,8 +60,19 @@ layout(push_constant) uniform Push {
 
 const uint MVN_ADD = 1u;
 const uint MVN_SOFTCAP = 2u;
+const uint MVN_SUMS = 4u;
 const uint MAXC = 16u;
-const uint NRB = 4u; // weight rows per workgroup (reduce4 sums four)
+// Weight rows per workgroup: 4 (reduce4 sums four), or 8 with MVQN_NRB = 8 (mvqm8_*,
+// CALDERA_VK_MVQM_ROWS=8: each column's activation loads and block sums serve 8 rows,
+// for NC * NRB = 64 sums and 8 rows' unpacked blocks in registers per lane, about 64 +
+// 8 x 12 = 160 32-bit registers for Q4_K and Q6_K against 32 + 48 = 80 with 4).
+#ifndef MVQN_NRB
+#define MVQN_NRB 4
+#endif
+#if !MVQN_GROUPED && MVQN_NRB != 4
+#error "the per-column reduction of mvqn_* sums four rows"
+#endif
+const uint NRB = MVQN_NRB;
 
 #include "words.glsl"
 
@@ -60,9 +83,28 @@ uint XOD;
 
 #include "dot8.glsl"
 
-#if defined(TYPE_Q4_0)
+// Whether the activations' block sums come with them (binding 5), and block i's.
+bool have_sums() {
+#if MVQN_XSUM
+    return (p.flags & MVN_SUMS) != 0u;
+#else
+    return false;
+#endif
+}
+int xsum_at(uint i) {
+#if MVQN_XSUM
+    return xsum[i];
+#else
+    return 0;
+#endif
+}
+
+#if MVQN_V1
+#include "mvqn_v1.glsl"
+#elif defined(TYPE_Q4_0)
 // 18 B / 32: d, qs[16]. Lane t (of 2): qs[8t .. 8t + 8], elements 8t .. + 8 (low
-// nibbles) and 16 + 8t .. + 8 (high); value d (n - 8).
+// nibbles) and 16 + 8t .. + 8 (high); value d (n - 8). The -8 of every weight meets
+// the column's block sum once per column (IX.x = -8 Σ x), not once per row.
 const uint L = 2u;
 const uint BE = 32u;
 void load_x(uint b, uint lane) {
@@ -70,20 +112,26 @@ void load_x(uint b, uint lane) {
     uvec2 hi = xq2[XO2 + (4u * b + 2u + lane)];
     XA = uvec4(lo, hi);
     FX.x = xd[XOD + (b)];
-    IX.x = sdot(lo.x, ONES) + sdot(lo.y, ONES) + sdot(hi.x, ONES) + sdot(hi.y, ONES);
+    if (have_sums()) {
+        // The whole block's correction on lane 0 (both lanes have the same scales).
+        IX.x = lane == 0u ? -8 * xsum_at(XOD + b) : 0;
+    } else {
+        IX.x = -8 * (sdot(lo.x, ONES) + sdot(lo.y, ONES) + sdot(hi.x, ONES) + sdot(hi.y, ONES));
+    }
 }
 struct WB {
-    uvec2 q;
+    uvec4 q; // the low nibbles of the lane's two words, then the high, as bytes
     float d;
 };
 WB load_w(uint row, uint b, uint lane) {
     uint o = (row * (p.k / 32u) + b) * 18u;
-    return WB(u64_at(o + 2u + 8u * lane), f16_at(o));
+    uvec2 q = u64_at(o + 2u + 8u * lane);
+    return WB(uvec4(q & LO4, (q >> 4) & LO4), f16_at(o));
 }
-float wdot(WB w) {
-    int s = udot(w.q.x & LO4, XA.x) + udot(w.q.y & LO4, XA.y)
-          + udot((w.q.x >> 4) & LO4, XA.z) + udot((w.q.y >> 4) & LO4, XA.w);
-    return w.d * FX.x * float(s - 8 * IX.x);
+float wacc(float acc, WB w) {
+    int s = IX.x + udot(w.q.x, XA.x) + udot(w.q.y, XA.y) + udot(w.q.z, XA.z)
+          + udot(w.q.w, XA.w);
+    return fma(w.d * FX.x, float(s), acc);
 }
 #elif defined(TYPE_Q8_0)
 // 34 B / 32: d, qs: i8[32]. Lane t (of 4): qs[8t .. 8t + 8].
@@ -101,13 +149,33 @@ WB load_w(uint row, uint b, uint lane) {
     uint o = (row * (p.k / 32u) + b) * 34u;
     return WB(u64_at(o + 2u + 8u * lane), f16_at(o));
 }
-float wdot(WB w) {
-    return w.d * FX.x * float(sdot(w.q.x, XA.x) + sdot(w.q.y, XA.y));
+float wacc(float acc, WB w) {
+    return fma(w.d * FX.x, float(sdot(w.q.x, XA.x) + sdot(w.q.y, XA.y)), acc);
 }
 #elif defined(TYPE_Q4_K)
 // 144 B / 256: d, dmin, scales[12], qs[128]. Lane t (of 8), j = t / 2, h = t % 2:
 // qs[32j + 16h .. + 16], elements 64j + 16h .. + 16 (low nibbles, group 2j) and
 // 64j + 32 + 16h .. + 16 (high nibbles, group 2j + 1); value d sc n - dmin mn.
+//
+// Instruction estimate per (column, 32 weights), i.e. one lane's share of one row's
+// block met by one column, counting one instruction per int8 dot (IDP4A with the
+// running sum as its addend), mask, shift, conversion and f32 op, with NRB = 4 rows and
+// NC = 8 columns per workgroup (so load_x's work counts 1/4, load_w's 1/8), assuming the
+// driver does not share the weights' masks between the unrolled columns itself:
+//   before (mvqn_v1.glsl, mvqmo_q4_k): wdot 12 mask / shift (4 AND low; 4 SHR + 4 AND
+//     high) + 8 IDP4A + 2 I2F + 8 f32 (5 FMUL, 1 FFMA, the subtraction, the += ) = 30;
+//     load_x ~24 / 4 = 6 (2 x 16 B + 2 x 4 B loads, ~6 address ops, 8 IDP4A for the
+//     block sums, 2 I2F, 2 FMUL); load_w ~24 / 8 = 3  ->  ~39, plus the reduction
+//     (~3.5 per output and lane at k = 4096 with WG = 128).
+//   after (this file, mvqm_q4_k): wacc 8 IDP4A + 2 I2F + 2 FMUL + 4 FFMA (into the
+//     accumulator; -dmin mn folded in load_w) = 16; load_x with quant_rows' block sums
+//     (MVN_SUMS) ~14 / 4 = 3.5 (the same loads plus 2 x 4 B of sums on half the lanes,
+//     no IDP4A), without them 6 as before; load_w ~36 / 8 = 4.5 (its 12 masks / shifts
+//     now once per row and block)  ->  ~24, plus the same reduction: about 27.5
+//     against 42.5, ~0.65x (without the sums ~30, ~0.7x).
+//   mvqm8_q4_k (NRB = 8): load_x counts 1/8: ~1.75 with the sums (3 without)  ->  ~22
+//     + 3.5 = 25.5, ~0.6x, if its ~160 registers per lane (see NRB) do not spill or
+//     starve the SM of warps.
 const uint L = 8u;
 const uint BE = 256u;
 void load_x(uint b, uint lane) {
@@ -117,13 +185,26 @@ void load_x(uint b, uint lane) {
     XB = xq4[XO4 + ((e + 32u) >> 4)];
     float dl = xd[XOD + (8u * b + 2u * j)];
     float dh = xd[XOD + (8u * b + 2u * j + 1u)];
-    int sl = sdot(XA.x, ONES) + sdot(XA.y, ONES) + sdot(XA.z, ONES) + sdot(XA.w, ONES);
-    int sh = sdot(XB.x, ONES) + sdot(XB.y, ONES) + sdot(XB.z, ONES) + sdot(XB.w, ONES);
-    FX = vec4(dl, dh, dl * float(sl), dh * float(sh));
+    if (have_sums()) {
+        // The groups' whole dmin mn corrections on the lane of their first half (the
+        // two halves have the same scales and mins), none on the other.
+        int sl = 0;
+        int sh = 0;
+        if ((lane & 1u) == 0u) {
+            sl = xsum_at(XOD + (8u * b + 2u * j));
+            sh = xsum_at(XOD + (8u * b + 2u * j + 1u));
+        }
+        FX = vec4(dl, dh, dl * float(sl), dh * float(sh));
+    } else {
+        int sl = sdot(XA.x, ONES) + sdot(XA.y, ONES) + sdot(XA.z, ONES) + sdot(XA.w, ONES);
+        int sh = sdot(XB.x, ONES) + sdot(XB.y, ONES) + sdot(XB.z, ONES) + sdot(XB.w, ONES);
+        FX = vec4(dl, dh, dl * float(sl), dh * float(sh));
+    }
 }
 struct WB {
-    uvec4 q;
-    vec4 s; // d sc (low, high groups), dmin mn (low, high)
+    uvec4 lo; // the low nibbles of the lane's 16 bytes (group 2j), as bytes
+    uvec4 hi; // the high nibbles (group 2j + 1)
+    vec4 s;   // d sc (low, high groups), -dmin mn (low, high)
 };
 WB load_w(uint row, uint b, uint lane) {
     uint o = (row * (p.k / 256u) + b) * 9u; // 16-byte units
@@ -137,22 +218,26 @@ WB load_w(uint row, uint b, uint lane) {
     uint sc = hd.w >> sh;
     uint scl = j < 2u ? sa & 0x3f3fu : (sc & 0x0f0fu) | ((sa >> 2) & 0x3030u);
     uint mnl = j < 2u ? sb & 0x3f3fu : ((sc >> 4) & 0x0f0fu) | ((sb >> 2) & 0x3030u);
-    return WB(q, vec4(dm.x * float(scl & 255u), dm.x * float(scl >> 8),
-                      dm.y * float(mnl & 255u), dm.y * float(mnl >> 8)));
+    return WB(q & LO4, (q >> 4) & LO4,
+              vec4(dm.x * float(scl & 255u), dm.x * float(scl >> 8),
+                   -(dm.y * float(mnl & 255u)), -(dm.y * float(mnl >> 8))));
 }
-float wdot(WB w) {
-    int lo = udot(w.q.x & LO4, XA.x) + udot(w.q.y & LO4, XA.y)
-           + udot(w.q.z & LO4, XA.z) + udot(w.q.w & LO4, XA.w);
-    int hi = udot((w.q.x >> 4) & LO4, XB.x) + udot((w.q.y >> 4) & LO4, XB.y)
-           + udot((w.q.z >> 4) & LO4, XB.z) + udot((w.q.w >> 4) & LO4, XB.w);
-    return w.s.x * FX.x * float(lo) + w.s.y * FX.y * float(hi)
-         - (w.s.z * FX.z + w.s.w * FX.w);
+float wacc(float acc, WB w) {
+    int lo = udot(w.lo.x, XA.x) + udot(w.lo.y, XA.y) + udot(w.lo.z, XA.z)
+           + udot(w.lo.w, XA.w);
+    int hi = udot(w.hi.x, XB.x) + udot(w.hi.y, XB.y) + udot(w.hi.z, XB.z)
+           + udot(w.hi.w, XB.w);
+    acc = fma(w.s.x * FX.x, float(lo), acc);
+    acc = fma(w.s.y * FX.y, float(hi), acc);
+    acc = fma(w.s.z, FX.z, acc);
+    return fma(w.s.w, FX.w, acc);
 }
 #elif defined(TYPE_Q6_K)
 // 210 B / 256: ql[128], qh[64], scales: i8[16], d. Lane t (of 8), n = t / 4,
 // l0 = 8 (t % 4): l = l0 .. l0 + 8 of half n, elements 128n + 32m + l (m = 0..3) from
 // the nibbles of ql[64n + l] (m = 0, 2) and ql[64n + 32 + l] (m = 1, 3) and bits 2m of
-// qh[32n + l]; value d sc[8n + l0 / 16 + 2m] (q - 32).
+// qh[32n + l]; value d sc[8n + l0 / 16 + 2m] (q - 32). The -32 meets the column's
+// group sums once per column (IX = -32 Σ x), as the first addend of each dot.
 const uint L = 8u;
 const uint BE = 256u;
 void load_x(uint b, uint lane) {
@@ -166,8 +251,8 @@ void load_x(uint b, uint lane) {
     XB = uvec4(x2, x3);
     uint db = 8u * b + 4u * n;
     FX = vec4(xd[XOD + (db)], xd[XOD + (db + 1u)], xd[XOD + (db + 2u)], xd[XOD + (db + 3u)]);
-    IX = 32 * ivec4(sdot(x0.x, ONES) + sdot(x0.y, ONES), sdot(x1.x, ONES) + sdot(x1.y, ONES),
-                    sdot(x2.x, ONES) + sdot(x2.y, ONES), sdot(x3.x, ONES) + sdot(x3.y, ONES));
+    IX = -32 * ivec4(sdot(x0.x, ONES) + sdot(x0.y, ONES), sdot(x1.x, ONES) + sdot(x1.y, ONES),
+                     sdot(x2.x, ONES) + sdot(x2.y, ONES), sdot(x3.x, ONES) + sdot(x3.y, ONES));
 }
 struct WB {
     uvec4 q[2]; // the 6-bit values of the lane's four groups, as bytes (0 .. 63)
@@ -194,13 +279,16 @@ WB load_w(uint row, uint b, uint lane) {
     w.sc = sc;
     return w;
 }
-float wdot(WB w) {
-    int d0 = udot(w.q[0].x, XA.x) + udot(w.q[0].y, XA.y);
-    int d1 = udot(w.q[0].z, XA.z) + udot(w.q[0].w, XA.w);
-    int d2 = udot(w.q[1].x, XB.x) + udot(w.q[1].y, XB.y);
-    int d3 = udot(w.q[1].z, XB.z) + udot(w.q[1].w, XB.w);
-    vec4 v = vec4(ivec4(d0, d1, d2, d3) - IX) * FX;
-    return dot(w.sc, v);
+float wacc(float acc, WB w) {
+    int d0 = IX.x + udot(w.q[0].x, XA.x) + udot(w.q[0].y, XA.y);
+    int d1 = IX.y + udot(w.q[0].z, XA.z) + udot(w.q[0].w, XA.w);
+    int d2 = IX.z + udot(w.q[1].x, XB.x) + udot(w.q[1].y, XB.y);
+    int d3 = IX.w + udot(w.q[1].z, XB.z) + udot(w.q[1].w, XB.w);
+    vec4 v = vec4(d0, d1, d2, d3) * FX;
+    acc = fma(w.sc.x, v.x, acc);
+    acc = fma(w.sc.y, v.y, acc);
+    acc = fma(w.sc.z, v.z, acc);
+    return fma(w.sc.w, v.w, acc);
 }
 #else
 #error "no TYPE_* defined"
@@ -256,7 +344,7 @@ void main() {
                 XOD = (c0 + c) * (p.k / 32u);
                 load_x(b, lane);
                 [[unroll]] for (uint r = 0u; r < NRB; r++) {
-                    a[c * NRB + r] += wdot(wr[r]);
+                    a[c * NRB + r] = wacc(a[c * NRB + r], wr[r]);
                 }
             }
         }
@@ -363,7 +451,7 @@ void main() {
                 XOD = c * (p.k / 32u);
                 load_x(b, lane);
                 [[unroll]] for (uint r = 0u; r < NRB; r++) {
-                    a[c * NRB + r] += wdot(wr[r]);
+                    a[c * NRB + r] = wacc(a[c * NRB + r], wr[r]);
                 }
             }
         }

@@ -6,9 +6,10 @@
 // sum of squares itself), or act(x[2i]) * x[2i + 1] with QR_SILU / QR_GELU (rows of
 // (gate, up) pairs, as the interleaved gate|up weight writes them). Eight invocations
 // per block, 4 values each (WG >= 8). Workgroup g: row g / gpr, values of its part
-// g % gpr.
+// g % gpr. With QR_SUMS it also writes each block's sum of its int8 values (i32, at
+// the block's index of d) for the batched mat-vecs (mvqn.glsl, MVN_SUMS).
 // Binding 0: x (f32), 1: gam (f32, k; any buffer without QR_NORM), 2: q (u32), 3: d
-// (f32), 4: step values ([0] rows).
+// (f32), 4: step values ([0] rows), 5: block sums (i32; any buffer without QR_SUMS).
 #include "common.glsl"
 #include "act.glsl"
 
@@ -18,10 +19,12 @@ layout(std430, binding = 1) readonly buffer Gbuf { vec4 gam4[]; };
 layout(std430, binding = 2) writeonly buffer Qbuf { uint q[]; };
 layout(std430, binding = 3) writeonly buffer Dbuf { float dq[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
+layout(std430, binding = 5) writeonly buffer QSbuf { int qsum[]; };
 
 const uint QR_NORM = 1u;
 const uint QR_SILU = 2u;
 const uint QR_GELU = 4u;
+const uint QR_SUMS = 8u;
 
 layout(push_constant) uniform Push {
     uint k;     // values per row (a multiple of 32)
@@ -32,6 +35,7 @@ layout(push_constant) uniform Push {
 } p;
 
 shared float mx_s[WG];
+shared int sum_s[WG];
 
 vec4 value4(uint xb, uint i) {
     if ((p.flags & (QR_SILU | QR_GELU)) != 0u) {
@@ -82,13 +86,25 @@ void main() {
     [[unroll]] for (uint j = 0u; j < 8u; j++) {
         amax = max(amax, mx_s[first + j]);
     }
+    float id = amax > 0.0 ? 127.0 / amax : 0.0;
+    ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
+    uint qi = row * (p.k / 4u) + i;
+    if ((p.flags & QR_SUMS) != 0u) { // uniform
+        // (A block's 8 invocations are all live or all not: k is whole blocks.)
+        sum_s[tid] = t.x + t.y + t.z + t.w;
+        barrier();
+        if (live && (i & 7u) == 0u) {
+            int s = 0;
+            [[unroll]] for (uint j = 0u; j < 8u; j++) {
+                s += sum_s[first + j];
+            }
+            qsum[qi / 8u] = s;
+        }
+    }
     if (!live) {
         return;
     }
-    float id = amax > 0.0 ? 127.0 / amax : 0.0;
-    ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
     uvec4 u = uvec4(t) & 255u;
-    uint qi = row * (p.k / 4u) + i;
     q[qi] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
     if ((i & 7u) == 0u) {
         dq[qi / 8u] = amax / 127.0;

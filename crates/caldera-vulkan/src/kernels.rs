@@ -217,6 +217,22 @@ pub enum Kernel {
     MmcQ6K = 198,
     MmcIQ4XS = 199,
     Argmax = 200,
+    MvqmoQ4_0 = 201,
+    MvqmoQ8_0 = 202,
+    MvqmoQ4K = 203,
+    MvqmoQ6K = 204,
+    MvqmoeQ4_0 = 205,
+    MvqmoeQ8_0 = 206,
+    MvqmoeQ4K = 207,
+    MvqmoeQ6K = 208,
+    Mvqm8Q4_0 = 209,
+    Mvqm8Q8_0 = 210,
+    Mvqm8Q4K = 211,
+    Mvqm8Q6K = 212,
+    Mvqm8eQ4_0 = 213,
+    Mvqm8eQ8_0 = 214,
+    Mvqm8eQ4K = 215,
+    Mvqm8eQ6K = 216,
 }
 
 /// One entry of the kernel table.
@@ -587,8 +603,8 @@ const fn mvqn(
     }
 }
 
-/// The grouped batched decode mat-vec (`mvqn.glsl` with `MVQN_GROUPED`): 4 rows x 8
-/// columns per workgroup, one reduction pass.
+/// The grouped batched decode mat-vec (`mvqn.glsl` with `MVQN_GROUPED`): 4 or 8 rows x
+/// 8 columns per workgroup, one reduction pass; binding 5: the activations' block sums.
 const fn mvqm(
     kernel: Kernel,
     name: &'static str,
@@ -597,7 +613,7 @@ const fn mvqm(
 ) -> KernelDesc {
     KernelDesc {
         int8_dot,
-        ..plain(kernel, name, spv, 5, MVQM_PUSH_BYTES)
+        ..plain(kernel, name, spv, 6, MVQM_PUSH_BYTES)
     }
 }
 
@@ -662,7 +678,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 201] = [
+pub const KERNELS: [KernelDesc; 217] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1026,7 +1042,7 @@ pub const KERNELS: [KernelDesc; 201] = [
         Kernel::QuantRows,
         "quant_rows",
         spv!("quant_rows"),
-        5,
+        6,
         QUANT_ROWS_PUSH_BYTES,
     ),
     plain(
@@ -1150,6 +1166,42 @@ pub const KERNELS: [KernelDesc; 201] = [
         4,
         ARGMAX_PUSH_BYTES,
     ),
+    mvqm(Kernel::MvqmoQ4_0, "mvqmo_q4_0", spv!("mvqmo_q4_0"), true),
+    mvqm(Kernel::MvqmoQ8_0, "mvqmo_q8_0", spv!("mvqmo_q8_0"), true),
+    mvqm(Kernel::MvqmoQ4K, "mvqmo_q4_k", spv!("mvqmo_q4_k"), true),
+    mvqm(Kernel::MvqmoQ6K, "mvqmo_q6_k", spv!("mvqmo_q6_k"), true),
+    mvqm(
+        Kernel::MvqmoeQ4_0,
+        "mvqmoe_q4_0",
+        spv!("mvqmoe_q4_0"),
+        false,
+    ),
+    mvqm(
+        Kernel::MvqmoeQ8_0,
+        "mvqmoe_q8_0",
+        spv!("mvqmoe_q8_0"),
+        false,
+    ),
+    mvqm(Kernel::MvqmoeQ4K, "mvqmoe_q4_k", spv!("mvqmoe_q4_k"), false),
+    mvqm(Kernel::MvqmoeQ6K, "mvqmoe_q6_k", spv!("mvqmoe_q6_k"), false),
+    mvqm(Kernel::Mvqm8Q4_0, "mvqm8_q4_0", spv!("mvqm8_q4_0"), true),
+    mvqm(Kernel::Mvqm8Q8_0, "mvqm8_q8_0", spv!("mvqm8_q8_0"), true),
+    mvqm(Kernel::Mvqm8Q4K, "mvqm8_q4_k", spv!("mvqm8_q4_k"), true),
+    mvqm(Kernel::Mvqm8Q6K, "mvqm8_q6_k", spv!("mvqm8_q6_k"), true),
+    mvqm(
+        Kernel::Mvqm8eQ4_0,
+        "mvqm8e_q4_0",
+        spv!("mvqm8e_q4_0"),
+        false,
+    ),
+    mvqm(
+        Kernel::Mvqm8eQ8_0,
+        "mvqm8e_q8_0",
+        spv!("mvqm8e_q8_0"),
+        false,
+    ),
+    mvqm(Kernel::Mvqm8eQ4K, "mvqm8e_q4_k", spv!("mvqm8e_q4_k"), false),
+    mvqm(Kernel::Mvqm8eQ6K, "mvqm8e_q6_k", spv!("mvqm8e_q6_k"), false),
 ];
 
 impl Kernel {
@@ -1255,10 +1307,9 @@ impl Kernel {
         Some(KERNELS[base + i].kernel)
     }
 
-    /// The batched decode mat-vec on int8 activations (`mvqn.glsl`) for weights of
-    /// type `ty`; `grouped`: the column-group kernel (`mvqm_*`), else the old one
-    /// (`mvqn_*`); `dot`: the int8-dot variant, else the emulated one.
-    pub fn mvqn_for(ty: GgmlType, grouped: bool, dot: bool) -> Option<Kernel> {
+    /// The batched decode mat-vec on int8 activations (`mvqn.glsl`) of `variant` for
+    /// weights of type `ty`; `dot`: the int8-dot variant, else the emulated one.
+    pub fn mvqn_for(ty: GgmlType, variant: MvqnVariant, dot: bool) -> Option<Kernel> {
         let i = match ty {
             GgmlType::Q4_0 => 0,
             GgmlType::Q8_0 => 1,
@@ -1266,11 +1317,15 @@ impl Kernel {
             GgmlType::Q6_K => 3,
             _ => return None,
         };
-        let base = match (grouped, dot) {
-            (false, true) => Kernel::MvqnQ4_0,
-            (false, false) => Kernel::MvqneQ4_0,
-            (true, true) => Kernel::MvqmQ4_0,
-            (true, false) => Kernel::MvqmeQ4_0,
+        let base = match (variant, dot) {
+            (MvqnVariant::Old, true) => Kernel::MvqnQ4_0,
+            (MvqnVariant::Old, false) => Kernel::MvqneQ4_0,
+            (MvqnVariant::GroupedV1, true) => Kernel::MvqmoQ4_0,
+            (MvqnVariant::GroupedV1, false) => Kernel::MvqmoeQ4_0,
+            (MvqnVariant::Grouped, true) => Kernel::MvqmQ4_0,
+            (MvqnVariant::Grouped, false) => Kernel::MvqmeQ4_0,
+            (MvqnVariant::Grouped8, true) => Kernel::Mvqm8Q4_0,
+            (MvqnVariant::Grouped8, false) => Kernel::Mvqm8eQ4_0,
         } as usize;
         Some(KERNELS[base + i].kernel)
     }
@@ -1294,7 +1349,49 @@ impl Kernel {
     }
 }
 
+/// The kernels of the batched decode mat-vec on int8 activations (`mvqn.glsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MvqnVariant {
+    /// `mvqn_*`: a workgroup per 4 rows for all 16 columns, one reduction per column.
+    Old,
+    /// `mvqmo_*`: `mvqm_*` with its block readers as they were before the weights
+    /// were unpacked once per block.
+    GroupedV1,
+    /// `mvqm_*`: 4 rows x 8 columns per workgroup, one reduction pass.
+    Grouped,
+    /// `mvqm8_*`: 8 rows x 8 columns per workgroup.
+    Grouped8,
+}
+
+impl MvqnVariant {
+    /// Weight rows per workgroup (`NRB`).
+    pub fn rows(self) -> u64 {
+        match self {
+            MvqnVariant::Grouped8 => 8,
+            _ => 4,
+        }
+    }
+
+    /// Whether a workgroup takes a group of 8 columns (`MVQN_GROUPED`).
+    pub fn grouped(self) -> bool {
+        self != MvqnVariant::Old
+    }
+}
+
 impl Tuning {
+    /// The batched decode mat-vec kernels these settings pick.
+    pub fn mvqn_variant(&self) -> MvqnVariant {
+        if self.mvqn_old {
+            MvqnVariant::Old
+        } else if self.mvqm_v1 {
+            MvqnVariant::GroupedV1
+        } else if self.mvqm_rows == 8 {
+            MvqnVariant::Grouped8
+        } else {
+            MvqnVariant::Grouped
+        }
+    }
+
     /// (workgroup size, outputs per workgroup) of the decode mat-vecs, gate|up or plain.
     pub fn mv_shape(&self, glu: bool) -> (u32, u32) {
         if glu {
@@ -1391,6 +1488,13 @@ pub struct Tuning {
     /// [`crate::ContextOptions::force_old_mvqn`]); `mvqm_*` also needs a workgroup of at
     /// most 128 (its reduction's shared memory), else the old kernels run.
     pub mvqn_old: bool,
+    /// `mvqm_*` runs with its block readers as they were before the weights were
+    /// unpacked once per block (`mvqmo_*`, `CALDERA_VK_MVQM_V1=1`,
+    /// [`crate::ContextOptions::force_mvqm_v1`]), to compare the two on one device.
+    pub mvqm_v1: bool,
+    /// Weight rows per workgroup of `mvqm_*`: 4, or 8 (`mvqm8_*`,
+    /// `CALDERA_VK_MVQM_ROWS=8`, [`crate::ContextOptions::mvqm_rows`]).
+    pub mvqm_rows: u32,
     /// Mamba2 prefill runs the chunked `mamba2_chunk` (else the token-by-token
     /// `mamba2_scan`): the device fits it and `CALDERA_VK_MAMBA2_SCAN=1` /
     /// [`crate::ContextOptions::force_mamba2_scan`] does not switch it off.

@@ -920,6 +920,9 @@ pub struct VkRunner {
     xq: [Buffer; 2],
     xd: [Buffer; 2],
     xss: [Buffer; 2],
+    /// The block sums of int8 pair 0's values in a batched step (`quant_rows` writes
+    /// them for the `Mvqn` right after it, which reads them instead of summing itself).
+    xsum: Buffer,
     /// K and V caches of the attention layers.
     kv: Vec<Option<(Buffer, Buffer)>>,
     /// The recurrent mixers' states (zeroed at position 0).
@@ -1261,6 +1264,7 @@ impl VkRunner {
             dev(widest.div_ceil(32), "the activation sums of squares")?,
             dev(widest.div_ceil(32), "the activation sums of squares")?,
         ];
+        let xsum = dev(widest.div_ceil(32) * cols_mult, "the activation block sums")?;
         let mut kv = Vec::with_capacity(m.layers.len());
         let mut states = Vec::with_capacity(m.layers.len());
         let mut rope: Vec<Option<Buffer>> = Vec::with_capacity(m.layers.len());
@@ -1396,6 +1400,7 @@ impl VkRunner {
             xq,
             xd,
             xss,
+            xsum,
             tail_count,
             attn_part,
             attn_count,
@@ -1682,6 +1687,9 @@ impl VkRunner {
         if self.batch_q8(ty, k, io.max_tokens) {
             let acts = self.acts(0, false);
             let gam = if mode.norm { io.gam } else { None };
+            // The block sums only where this op's own quant_rows writes the input (an
+            // earlier producer, e.g. attn_batch or a recurrent mixer, does not).
+            let sums = (!q8_ready).then_some(&self.xsum);
             let qr = if q8_ready {
                 None
             } else {
@@ -1694,6 +1702,7 @@ impl VkRunner {
                     mode.glu,
                     mode.eps,
                     &acts,
+                    sums,
                     io.step,
                     io.max_tokens,
                 )?)
@@ -1704,6 +1713,7 @@ impl VkRunner {
                 w,
                 k,
                 &acts,
+                sums,
                 io.y,
                 io.ld_y,
                 io.y_offset,

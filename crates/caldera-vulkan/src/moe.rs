@@ -2270,8 +2270,19 @@ impl MoeSteps {
         let missing = || invalid("MoE scratch without int8 buffers".into());
         let (input, quant_x) = if int8_only(&m.up) {
             let acts = x_acts.as_ref().ok_or_else(missing)?;
-            let q =
-                crate::ops::QuantRows::new(ctx, d, x, d, Some(gam), None, eps, acts, step, tokens)?;
+            let q = crate::ops::QuantRows::new(
+                ctx,
+                d,
+                x,
+                d,
+                Some(gam),
+                None,
+                eps,
+                acts,
+                None,
+                step,
+                tokens,
+            )?;
             (x_q8.as_ref().ok_or_else(missing)?, Some(q))
         } else {
             (x_f32, None)

@@ -6,7 +6,7 @@ use caldera_format::GgmlType;
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
-use crate::kernels::{Kernel, MMT_ROWS, MMT_TOKENS};
+use crate::kernels::{Kernel, MvqnVariant, MMT_ROWS, MMT_TOKENS};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::record::{Binding, Recorder};
 
@@ -611,7 +611,9 @@ impl QuantX {
 
 /// Quantizes the rows of a batched decode step (`quant_rows.comp`): row r < step[0] of
 /// `x` (`ld_x` floats apart; `k` values, or `k` (gate, up) pairs with `glu`) into int8
-/// blocks of 32 at `r * k / 32` of `out`, through the RMSNorm by `gam` when given.
+/// blocks of 32 at `r * k / 32` of `out`, through the RMSNorm by `gam` when given; with
+/// `sums`, also each block's sum of its int8 values (i32, as `out.d`) there, for a
+/// [`Mvqn`] given the same buffer.
 pub struct QuantRows {
     binding: Binding,
     push: Vec<u8>,
@@ -629,6 +631,7 @@ impl QuantRows {
         glu: Option<GluAct>,
         eps: f32,
         out: &Q8Acts<'_>,
+        sums: Option<&Buffer>,
         step: &Buffer,
         max_rows: u64,
     ) -> Result<QuantRows> {
@@ -643,6 +646,7 @@ impl QuantRows {
             || (gam.is_some() && glu.is_some())
             || out.q.size() < rows * k
             || out.d.size() < rows * k / 8
+            || sums.is_some_and(|b| b.size() < rows * k / 8)
             || step.size() < 4
         {
             return Err(VkError::Invalid(format!(
@@ -662,10 +666,20 @@ impl QuantRows {
             Some(GluAct::GeluTanh) => flags |= 4,
             None => {}
         }
+        if sums.is_some() {
+            flags |= 8;
+        }
         let gpr = (k / 4).div_ceil(wg);
         let binding = ctx.bind(
             Kernel::QuantRows,
-            &[x, gam.unwrap_or(x), out.q, out.d, step],
+            &[
+                x,
+                gam.unwrap_or(x),
+                out.q,
+                out.d,
+                step,
+                sums.unwrap_or(out.d),
+            ],
         )?;
         let push = push_words(&[
             u32_of(k, "k")?,
@@ -688,10 +702,14 @@ impl QuantRows {
 
 /// Batched decode mat-vec on int8 activations (`mvqn.glsl`): for every column c <
 /// step[0] (at most 16) and weight row r, `y[c * ld_y + y_offset + r] (+)= W[r] · x_c`
-/// with x_c quantized by [`QuantRows`]; softcapped with `softcap`. One dispatch per
-/// weight piece. `mvqm_*` (default): a workgroup per 4 rows x group of 8 columns, the
+/// with x_c quantized by [`QuantRows`] (with `sums`: the block sums it wrote too, which
+/// `mvqm_*` reads instead of summing the blocks itself; only where that `QuantRows`
+/// wrote this input, not another op); softcapped with `softcap`. One dispatch per
+/// weight piece. `mvqm_*` (default): a workgroup per 4 rows (8 with `mvqm8_*`,
+/// [`Tuning::mvqm_rows`](crate::kernels::Tuning::mvqm_rows)) x group of 8 columns, the
 /// groups of a row group adjacent (its weights come from memory once, the second group
-/// finds them in cache), all of a workgroup's sums reduced in one pass; `mvqn_*`
+/// finds them in cache), all of a workgroup's sums reduced in one pass (`mvqmo_*`:
+/// the same with the earlier block readers, [`Tuning::mvqm_v1`](crate::kernels::Tuning::mvqm_v1)); `mvqn_*`
 /// ([`Tuning::mvqn_old`](crate::kernels::Tuning::mvqn_old)): a workgroup per 4 rows
 /// for all 16 columns, one reduction per column.
 pub struct Mvqn {
@@ -699,15 +717,13 @@ pub struct Mvqn {
 }
 
 impl Mvqn {
-    /// Rows per workgroup (`NRB` in mvqn.glsl).
-    const ROWS: u64 = 4;
     /// Columns per workgroup of `mvqm_*` (`NC`).
     const GROUP_COLS: u64 = 8;
     /// Most columns (`MAXC`).
     pub const MAX_COLS: u64 = 16;
 
     pub fn supports(ty: GgmlType) -> bool {
-        Kernel::mvqn_for(ty, false, false).is_some()
+        Kernel::mvqn_for(ty, MvqnVariant::Old, false).is_some()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -717,6 +733,7 @@ impl Mvqn {
         w: &DeviceTensor,
         k: u64,
         acts: &Q8Acts<'_>,
+        sums: Option<&Buffer>,
         y: &Buffer,
         ld_y: u64,
         y_offset: u64,
@@ -725,8 +742,9 @@ impl Mvqn {
         step: &Buffer,
         max_cols: u64,
     ) -> Result<Mvqn> {
-        let grouped = !ctx.tuning().mvqn_old;
-        let kernel = Kernel::mvqn_for(ty, grouped, ctx.tuning().int8_dot).ok_or_else(|| {
+        let variant = ctx.tuning().mvqn_variant();
+        let grouped = variant.grouped();
+        let kernel = Kernel::mvqn_for(ty, variant, ctx.tuning().int8_dot).ok_or_else(|| {
             VkError::Invalid(format!("no batched int8 mat-vec for tensor type {ty}"))
         })?;
         check_rows(ty, w, k)?;
@@ -742,6 +760,7 @@ impl Mvqn {
             || y.size() < ((cols - 1) * ld_y + y_offset + w.rows) * 4
             || acts.q.size() < cols * k
             || acts.d.size() < cols * k / 8
+            || sums.is_some_and(|b| b.size() < cols * k / 8)
             || step.size() < 4
         {
             return Err(VkError::Invalid(format!(
@@ -757,6 +776,10 @@ impl Mvqn {
         if softcap.is_some() {
             flags |= 2;
         }
+        // The block sums: the grouped kernels' current block readers only.
+        if sums.is_some() && grouped && variant != MvqnVariant::GroupedV1 {
+            flags |= 4;
+        }
         // Column groups per row group (mvqm).
         let ncg = if grouped {
             cols.div_ceil(Self::GROUP_COLS)
@@ -765,7 +788,12 @@ impl Mvqn {
         };
         let mut parts = Vec::with_capacity(w.pieces.len());
         for piece in &w.pieces {
-            let b = ctx.bind(kernel, &[&piece.buffer, acts.q, acts.d, y, step])?;
+            let b = if grouped {
+                let s = sums.unwrap_or(acts.d);
+                ctx.bind(kernel, &[&piece.buffer, acts.q, acts.d, y, step, s])?
+            } else {
+                ctx.bind(kernel, &[&piece.buffer, acts.q, acts.d, y, step])?
+            };
             let mut words = vec![
                 u32_of(k, "k")?,
                 u32_of(piece.rows, "rows")?,
@@ -777,7 +805,7 @@ impl Mvqn {
             if grouped {
                 words.push(ncg as u32);
             }
-            let groups = piece.rows.div_ceil(Self::ROWS) * ncg;
+            let groups = piece.rows.div_ceil(variant.rows()) * ncg;
             parts.push((b, push_words(&words), groups));
         }
         Ok(Mvqn { parts })

@@ -3,9 +3,11 @@
 //! same way, on fresh random inputs: 1, 3, 8, 9 and 16 columns (every count 1..=16 on
 //! one size) dispatched over their bucket (the padding columns must write nothing), odd
 //! row counts, strided and offset outputs, the input norm or the GLU input in
-//! `quant_rows`, the residual add and softcap, weights split over several buffers, with
-//! int8 dot products and with their emulation, both reductions, both kernels. Skips
-//! without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
+//! `quant_rows`, with and without its block sums, the residual add and softcap,
+//! weights split over several buffers, with int8 dot products and with their
+//! emulation, both reductions, all kernels (`mvqm_*` with 4 and 8 rows per workgroup,
+//! its earlier block readers `mvqmo_*`, `mvqn_*`).
+//! Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 //! `CALDERA_TEST_SEED=N` replays a seed.
 
 mod common;
@@ -91,6 +93,8 @@ fn run(
     let yb = ctx.upload_f32(&y0).unwrap();
     let dev = |n: usize| ctx.create_buffer(n as u64, MemoryKind::Device).unwrap();
     let (q, d) = (dev(bucket * k), dev(bucket * k / 8));
+    // quant_rows' block sums for the grouped kernels on every other column count.
+    let sums = cols.is_multiple_of(2).then(|| dev(bucket * k / 8));
     let acts = Q8Acts {
         q: &q,
         d: &d,
@@ -110,6 +114,7 @@ fn run(
         mode.glu,
         1e-6,
         &acts,
+        sums.as_ref(),
         &step,
         b,
     )
@@ -120,6 +125,7 @@ fn run(
         &wt,
         k as u64,
         &acts,
+        sums.as_ref(),
         &yb,
         ld_y as u64,
         y_off as u64,
@@ -146,10 +152,12 @@ fn run(
     }
     let what = format!(
         "{ty}: {rows} x {k}, {cols} columns, {mode:?} (subgroup {}, int8 dot {}, old {}, \
-         pieces {})",
+         kernel {:?}, sums {}, pieces {})",
         ctx.tuning().subgroup_reduce,
         ctx.tuning().int8_dot,
         ctx.tuning().mvqn_old,
+        ctx.tuning().mvqn_variant(),
+        sums.is_some(),
         wt.pieces.len()
     );
     for c in 0..bucket {
@@ -192,17 +200,23 @@ fn run(
 
 fn contexts() -> Vec<Context> {
     let mut v = Vec::new();
-    for (shared, no_dot, old) in [
-        (false, false, false),
-        (true, true, false),
-        (false, true, false),
-        (false, false, true),
-        (true, true, true),
+    for (shared, no_dot, old, v1, rows) in [
+        (false, false, false, false, 4),
+        (true, true, false, false, 4),
+        (false, true, false, false, 4),
+        (false, false, true, false, 4),
+        (true, true, true, false, 4),
+        (false, false, false, true, 4),
+        (false, true, false, true, 4),
+        (false, false, false, false, 8),
+        (true, true, false, false, 8),
     ] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
             force_no_int8_dot: no_dot,
             force_old_mvqn: old,
+            force_mvqm_v1: v1,
+            mvqm_rows: Some(rows),
             ..Default::default()
         };
         match test_context("mvqn", &opts) {
