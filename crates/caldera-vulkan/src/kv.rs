@@ -4,6 +4,27 @@
 
 use crate::memory::Buffer;
 
+/// Positions per page of the KV cache (`KV_PAGE` in `shaders/kv.glsl`): a cache is a
+/// pool of pages, and a sequence's position p lives in row `table[p / KV_PAGE] *
+/// KV_PAGE + p % KV_PAGE` of it, `table` its page table (u32 page ids, a device buffer
+/// every kernel touching the cache binds). 16 as the CPU backend's pages and the
+/// server's admission budget: a page of a 32-bit f16 cache with 8 kv heads of 128 is
+/// 32 KiB per layer and K or V, and a decode split (32-128 positions) spans 2-9 pages,
+/// which `attn_decode` looks up once per workgroup.
+pub const KV_PAGE: usize = 16;
+
+/// Page-table entries for `cap` positions.
+pub fn table_entries(cap: usize) -> usize {
+    cap.div_ceil(KV_PAGE).max(1)
+}
+
+/// Page-table entries per slot of a shared table (a slot's entries start at a multiple
+/// of [`Buffer::VIEW_ALIGN`] bytes, so a sequence binds its own as a view).
+pub fn slot_table_entries(cap: usize) -> usize {
+    let unit = (Buffer::VIEW_ALIGN / 4) as usize;
+    table_entries(cap).next_multiple_of(unit)
+}
+
 /// The element type of the KV cache, chosen per [`crate::Context`]
 /// ([`crate::ContextOptions::kv_type`], `CALDERA_VK_KV=f32|f16|q8_0`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -45,7 +45,7 @@ pub use context::{Context, ContextOptions, UploadProgress, ENV_NO_SUBGROUP};
 pub use device::{list_devices, DeviceInfo, DeviceType, MemoryHeap, ENV_VALIDATION};
 pub use error::{Result, VkError};
 pub use kernels::{Kernel, KernelDesc, Tuning, KERNELS};
-pub use kv::KvType;
+pub use kv::{KvType, KV_PAGE};
 pub use memory::{Buffer, DeviceTensor, MemoryKind, TensorPiece};
 pub use model::{BatchMm, StepStats, VkModel, VkRunner};
 pub use record::{Binding, Recorder, Recording};
