@@ -331,6 +331,25 @@ impl VkBatch {
         self.book().slots.get(slot).map_or(0, |s| s.table.len())
     }
 
+    /// (pages that hold a live sequence's positions, pages that only cache tokens of
+    /// sequences past their length or gone: taken back when the pool runs short).
+    pub fn page_counts(&self) -> (usize, usize) {
+        let b = self.book();
+        let mut live = vec![false; self.pages];
+        let mut named = vec![false; self.pages];
+        for s in &b.slots {
+            for (i, &p) in s.table.iter().enumerate() {
+                named[p as usize] = true;
+                if i < s.live.div_ceil(KV_PAGE) {
+                    live[p as usize] = true;
+                }
+            }
+        }
+        let in_use = live.iter().filter(|&&l| l).count();
+        let cached = named.iter().zip(&live).filter(|(&n, &l)| n && !l).count();
+        (in_use, cached)
+    }
+
     fn book(&self) -> MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
     }

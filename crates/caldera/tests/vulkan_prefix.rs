@@ -1,6 +1,7 @@
 //! Prefix reuse across the slots of a `VkBatch`: a runner takes a prompt's prefix that
-//! another slot's region holds (copied on the device) or that its own region still
-//! holds past its length, and continues from it with the logits of a runner that
+//! another slot's pages hold (its table names them too: no new pages; the partly filled
+//! last one is copied when the runner first writes into it) or that its own pages still
+//! hold past its length, and continues from it with the logits of a runner that
 //! computed the whole prompt itself; a prefix overwritten since (truncated and
 //! rewritten, decoded over) is not lent. On the qwen3 fixture with f16, f32 and q8_0
 //! caches; and `caldera serve --backend vulkan` with two slots sharing a long system
@@ -101,7 +102,9 @@ fn scenario(vk: &Arc<VkModel>, tol: f32) {
     let mut b = batch.runner().expect("runner");
     let py = cat(&p, &y);
     assert!(b.shares_prefixes());
+    let free = batch.free_pages();
     assert_eq!(b.reuse_prefix(&py, py.len() - 1), p.len());
+    assert_eq!(batch.free_pages(), free, "a reused prefix shares A's pages");
     assert_eq!(b.len(), p.len());
     continues_as_cold(vk, &mut b, &py, tol, "B after P from A");
 
@@ -327,6 +330,12 @@ fn serve(path: &std::path::Path, dev: usize, slots: u32) -> Serve {
     assert!(
         seen.contains("slots decode in batched steps"),
         "the slots share a VkBatch:\n{seen}"
+    );
+    // The memory plan: the batch's page pool, every slot's whole context by default.
+    let pages = slots as usize * 512 / 16;
+    assert!(
+        seen.contains(&format!("Vulkan KV pool {pages} pages x 16 tokens")),
+        "the memory plan shows the page pool:\n{seen}"
     );
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
