@@ -435,6 +435,11 @@ impl VkBatch {
                     self.slots, self.cap
                 )));
             }
+            if b.slots[slot].table.len() * KV_PAGE < from {
+                return Err(VkError::Invalid(format!(
+                    "pool slot {slot}: positions before {from} have no KV pages"
+                )));
+            }
             b.slots[slot].tokens.truncate(from);
             b.cut(slot, to.div_ceil(KV_PAGE));
             let s = &b.slots[slot];
@@ -558,12 +563,16 @@ impl VkBatch {
             // Not the state the caller describes: leave it alone.
             return Ok(len);
         }
+        // (What a slot's pages cover: its tokens never run past them.)
         let best = b
             .slots
             .iter()
             .enumerate()
             .filter(|&(s, _)| s != slot)
-            .map(|(s, h)| (common(&h.tokens), usize::MAX - s))
+            .map(|(s, h)| {
+                let n = common(&h.tokens).min(h.table.len() * KV_PAGE);
+                (n, usize::MAX - s)
+            })
             .max()
             .map(|(n, s)| (n, usize::MAX - s));
         let Some((n, from)) = best.filter(|&(n, _)| n >= own + MIN_COPY) else {
@@ -573,7 +582,6 @@ impl VkBatch {
             return Ok(n);
         };
         // Positions own.. come from `from`'s pages: from the page holding `own` on.
-        let n = n.min(b.slots[from].table.len() * KV_PAGE);
         let first = own / KV_PAGE;
         let last = n.div_ceil(KV_PAGE);
         b.cut(slot, first);

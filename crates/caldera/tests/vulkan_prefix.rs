@@ -308,6 +308,8 @@ fn serve(path: &std::path::Path, dev: usize, slots: u32) -> Serve {
         .arg("serve")
         .arg(path)
         .args(["--backend", "vulkan", "--port", "0", "--ctx", "512"])
+        // A page pool smaller than the slots' whole contexts (2 x 512 / 16 = 64 pages).
+        .args(["--kv-pages", "48"])
         .args(["--device", &dev.to_string(), "--slots", &slots.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -331,10 +333,9 @@ fn serve(path: &std::path::Path, dev: usize, slots: u32) -> Serve {
         seen.contains("slots decode in batched steps"),
         "the slots share a VkBatch:\n{seen}"
     );
-    // The memory plan: the batch's page pool, every slot's whole context by default.
-    let pages = slots as usize * 512 / 16;
+    // The memory plan: the batch's page pool, as --kv-pages says.
     assert!(
-        seen.contains(&format!("Vulkan KV pool {pages} pages x 16 tokens")),
+        seen.contains("Vulkan KV pool 48 pages x 16 tokens = 768 tokens"),
         "the memory plan shows the page pool:\n{seen}"
     );
     // Keep draining stderr so the server never blocks on a full pipe.
@@ -406,11 +407,12 @@ fn ask(addr: &str, q: &str) -> String {
         .to_owned()
 }
 
-/// Two slots on Vulkan sharing a long system prompt: the second request runs on the
-/// other (least recently used) slot and takes the system prompt from the first one's
-/// region (a prefix-cache hit counted by /metrics, the tokens shown by /slots); a later
-/// request on that slot continues from the copied prompt and answers as the cold first
-/// request did; emptied slots give their budget back.
+/// Two slots on Vulkan, with a page pool smaller than their two contexts, sharing a
+/// long system prompt: the second request runs on the other (least recently used) slot
+/// and takes the system prompt from the first one's pages (a prefix-cache hit counted by
+/// /metrics, the tokens shown by /slots); a later request on that slot continues from
+/// the shared prompt and answers as the cold first request did; emptied slots give their
+/// pages back.
 #[test]
 fn vulkan_serve_reuses_a_system_prompt_across_slots() {
     let (Some(dev), Some(path)) = (device(), model("SmolLM2-135M-Instruct.Q4_1.gguf")) else {
