@@ -8,7 +8,8 @@
 //! conv: per-slot recurrent states) and gpt-oss (sinks, biases);
 //! `caldera bench --batch`; the paged KV pool: a pool smaller than the slots' contexts
 //! that fragments as sequences join and leave (each still matching itself alone), and
-//! admission when the pool has no pages left. Runs on the test device (lavapipe by default) and skips
+//! admission when the pool has no pages left; two sequences sharing a prompt's pages
+//! decoding different tokens in one step (the shared page copied on write once). Runs on the test device (lavapipe by default) and skips
 //! without one unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
@@ -653,4 +654,54 @@ fn vulkan_batch_paged_pool_full() {
     assert_eq!(batch.free_pages(), 0);
     // A pool of 0 pages is refused.
     assert!(VkBatch::with_pages(vk.clone(), 1, 64, 0, BatchMm::Auto).is_err());
+}
+
+/// Two sequences sharing a prompt's pages (B takes A's 40 positions: pages 0-1 full, page
+/// 2 holding 8 of its 16) decode different tokens together: the batched step copies the
+/// shared partly filled page once (for A; B then owns the original) and each matches
+/// itself alone at 1e-4.
+#[test]
+fn vulkan_batch_shared_pages_copy_on_write() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let vk = open(dev, &fx.join("qwen3"), true, true);
+    let tol = 1e-4;
+    let vocab = vk.model().config.vocab_size;
+    let batch = VkBatch::new(vk.clone(), 3, 96).expect("batch");
+    let mut a = start(&batch, &vk, 0, 40, tol);
+    let prompt: Vec<u32> = (0..40).map(|i| ((i * 7919 + 17) % vocab) as u32).collect();
+    let free = batch.free_pages();
+    let mut b = Seq {
+        id: 1,
+        b: batch.runner().expect("runner"),
+        alone: VkRunner::new(vk.clone(), batch.capacity()).expect("runner"),
+        lb: Vec::new(),
+        la: Vec::new(),
+    };
+    let asked = [&prompt[..], &[1, 2]].concat();
+    assert_eq!(b.b.reuse_prefix(&asked, asked.len()), 40);
+    assert_eq!(batch.free_pages(), free, "B shares A's pages");
+    b.alone.forward(&prompt, Logits::Last, &mut b.la).unwrap();
+    // B's first token differs from A's.
+    let ta = argmax(&a.la);
+    let tb = (ta + 1) % vocab as u32;
+    {
+        let mut cols: Vec<(&mut VkRunner, u32, &mut Vec<f32>)> =
+            vec![(&mut a.b, ta, &mut a.lb), (&mut b.b, tb, &mut b.lb)];
+        batch.step(&mut cols).expect("batched step");
+    }
+    assert_eq!(batch.free_pages(), free - 1, "one copy of the shared page");
+    for (s, t) in [(&mut a, ta), (&mut b, tb)] {
+        s.alone.forward(&[t], Logits::Last, &mut s.la).unwrap();
+        let e = rel_l2(&s.la, &s.lb);
+        assert!(
+            e < tol,
+            "seq {} after the shared page: relative L2 {e:e}",
+            s.id
+        );
+    }
+    for _ in 0..20 {
+        step(&batch, &mut [&mut a, &mut b], tol);
+    }
 }
