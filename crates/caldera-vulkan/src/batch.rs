@@ -782,3 +782,80 @@ impl BatchStepper for VkBatchStepper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every page is free or named by tables as often as its count says, never both.
+    fn check(b: &Book) {
+        let mut named = vec![0u32; b.refs.len()];
+        for s in &b.slots {
+            assert!(s.tokens.len() <= s.table.len() * KV_PAGE);
+            for &p in &s.table {
+                named[p as usize] += 1;
+            }
+        }
+        assert_eq!(named, b.refs);
+        let mut free = b.free.clone();
+        free.sort_unstable();
+        free.dedup();
+        assert_eq!(free.len(), b.free.len(), "a page freed twice");
+        for &p in &b.free {
+            assert_eq!(b.refs[p as usize], 0, "page {p} free and named");
+        }
+        let zero = b.refs.iter().filter(|&&r| r == 0).count();
+        assert_eq!(zero, b.free.len(), "a page neither free nor named");
+    }
+
+    /// Cutting tables with shared pages and taking pages back keep the counts right, in
+    /// the order the module describes (slots without a runner first, live pages kept).
+    #[test]
+    fn book_counts() {
+        let pages = 12;
+        let mut b = Book {
+            free: Vec::new(),
+            refs: vec![0; pages],
+            slots: (0..3).map(|_| SlotPages::default()).collect(),
+            clock: 0,
+        };
+        // Slot 0: pages 0-4 (80 tokens, live 70, leased); slot 1 shares 0-2 and has 5-6
+        // (live 100, leased); slot 2: 7-9, no runner; 10-11 free.
+        let set = |b: &mut Book, s: usize, t: Vec<u32>, live: usize, leased: bool| {
+            for &p in &t {
+                b.refs[p as usize] += 1;
+            }
+            let sp = &mut b.slots[s];
+            sp.tokens = vec![7; t.len() * KV_PAGE];
+            sp.table = t;
+            sp.live = live;
+            sp.leased = leased;
+        };
+        set(&mut b, 0, vec![0, 1, 2, 3, 4], 70, true);
+        set(&mut b, 1, vec![0, 1, 2, 5, 6], 80, true);
+        set(&mut b, 2, vec![7, 8, 9], 0, false);
+        b.free = vec![10, 11];
+        check(&b);
+        // Five free pages: slot 2's three first, then nothing of the leased slots' live
+        // pages (slot 0 keeps 5 pages for 70 positions, slot 1 keeps 5 for 80).
+        b.reclaim(5, &[]);
+        check(&b);
+        assert_eq!(b.free.len(), 5);
+        assert!(b.slots[2].table.is_empty() && b.slots[2].tokens.is_empty());
+        // Slot 0 ends at 20 positions: asked for 8, pages 4, 3, 2 go (but 2 is still
+        // slot 1's: 7 free), and pages 0-1 stay.
+        b.slots[0].live = 20;
+        b.reclaim(8, &[]);
+        check(&b);
+        assert_eq!(b.slots[0].table, vec![0, 1]);
+        assert_eq!(b.free.len(), 7);
+        assert_eq!(b.refs[2], 1);
+        // Skipped slots keep their pages even when the others run out.
+        b.slots[1].live = 0;
+        b.reclaim(pages, &[1]);
+        check(&b);
+        assert_eq!(b.slots[1].table.len(), 5);
+        b.cut(1, 0);
+        check(&b);
+    }
+}
