@@ -20,7 +20,7 @@
 //!   MoE MLPs) behind `caldera_model::Runner`, each step recorded once and replayed with
 //!   one submit;
 //! - [`batch`]: batched decode of several sequences (server slots) in one step, over
-//!   pooled KV caches.
+//!   a paged KV cache (page pools, per-sequence page tables).
 //!
 //! Shaders are GLSL under `shaders/`, compiled by `build-shaders.sh` into the committed
 //! SPIR-V in `shaders/spv/` (see README.md).

@@ -993,8 +993,8 @@ pub struct VkRunner {
     /// The batched-decode runner of a [`VkBatch`](crate::VkBatch): its steps are
     /// columns of different sequences (`attn_batch` over the pooled caches).
     batch: Option<BatchMode>,
-    /// The pool slot whose region of a [`VkBatch`](crate::VkBatch)'s caches this
-    /// runner's KV caches are (freed when the runner is dropped).
+    /// The pool slot of a [`VkBatch`](crate::VkBatch) whose page table this runner's
+    /// KV caches go through (freed when the runner is dropped).
     pub(crate) lease: Option<crate::batch::SlotLease>,
 }
 
@@ -3135,8 +3135,8 @@ impl caldera_model::Runner for VkRunner {
     }
 
     /// A sequence of a [`VkBatch`](crate::VkBatch) takes the longest prefix of `tokens`
-    /// that its pool holds (`VkBatch::reuse`: its own region's
-    /// positions past its length, or another slot's, copied on the device).
+    /// that its pool holds (`VkBatch::reuse`: its own pages' positions past its length,
+    /// or another slot's pages, which its table then names too).
     fn reuse_prefix(&mut self, tokens: &[u32], limit: usize) -> usize {
         let Some(l) = &self.lease else {
             return self.len;
@@ -3144,8 +3144,8 @@ impl caldera_model::Runner for VkRunner {
         if self.states.iter().any(Option::is_some) {
             return self.len;
         }
-        // A failed copy (a lost device) leaves the sequence as it was; its next step
-        // reports the error.
+        // A failed reuse (a lost device writing the table) leaves the sequence as it was;
+        // its next step reports the error.
         if let Ok(n) = l.batch.reuse(l.slot, self.len, tokens, limit.min(self.cap)) {
             if self.trace && n > self.len {
                 eprintln!("reused {} positions of the pool", n - self.len);
@@ -3155,9 +3155,9 @@ impl caldera_model::Runner for VkRunner {
         self.len
     }
 
-    /// A sequence of a [`VkBatch`](crate::VkBatch): what it computed stays in its pool
-    /// slot's region for any sequence's `reuse_prefix` after it is emptied, until a
-    /// step writes over it.
+    /// A sequence of a [`VkBatch`](crate::VkBatch): what it computed stays in its pages
+    /// for any sequence's `reuse_prefix` after it is emptied, until a step writes over it
+    /// or the pool takes them back.
     fn shares_prefixes(&self) -> bool {
         // Not with recurrent states: they are not lent (no snapshots on Vulkan yet), so
         // an idle slot keeps its sequence for its own next request.
