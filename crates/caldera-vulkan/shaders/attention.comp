@@ -7,10 +7,12 @@
 // Binding 0: qkv rows (q part read), 1: k cache, 2: v cache ([pos][kv head][hd]),
 // 3: out (f32, token t at t * n_heads * hd), 4: step values ([0] tokens, [1] position),
 // 5: sinks (f32 per query head; read when p.sinks != 0: gpt-oss's learned logit that
-// joins each head's softmax denominator).
+// joins each head's softmax denominator), 6: the page table (kv.glsl's paging; each
+// block's rows are looked up once, by the invocation that scores them).
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
+#define KV_TABLE_BINDING 6
 #include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { float o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
@@ -38,6 +40,7 @@ shared float sc[MAXH * WG];
 shared float m_s[MAXH];
 shared float l_s[MAXH];
 shared float corr_s[MAXH];
+shared uint row_s[WG];
 
 void main() {
     uint grp = flat_group();
@@ -73,7 +76,9 @@ void main() {
             s[h] = 0.0;
         }
         if (i <= pos) {
-            uint kb = i * kvd + g * p.hd;
+            uint row = kv_row(i);
+            row_s[tid] = row;
+            uint kb = row * kvd + g * p.hd;
             for (uint d = 0u; d < p.hd; d++) {
                 float kv = k_at(kb + d);
                 [[unroll]] for (uint h = 0u; h < MAXH; h++) {
@@ -122,9 +127,9 @@ void main() {
             [[unroll]] for (uint h = 0u; h < MAXH; h++) {
                 a[h] = h < nh ? acc_s[h * p.hd + d] * corr_s[h] : 0.0;
             }
-            uint vb = base * kvd + g * p.hd + d;
+            uint vb = g * p.hd + d;
             for (uint j = 0u; j < cnt; j++) {
-                float vv = v_at(vb + j * kvd);
+                float vv = v_at(row_s[j] * kvd + vb);
                 [[unroll]] for (uint h = 0u; h < MAXH; h++) {
                     a[h] += sc[h * WG + j] * vv;
                 }

@@ -3,8 +3,9 @@
 // a batched decode step, every column a token of its own sequence: column c is the
 // sequence in pool slot step[8 + 2c] at position step[9 + 2c]. Its q | k | v row is
 // row c of qkv (ld_qkv apart), its output row c of out (n_heads * hd apart); its cache
-// is the slot's region of the pooled caches, slot_elems values per slot (f32, f16 or
-// q8_0 values, kv.glsl), so a column writes and reads only its own slot. Columns past
+// positions are the pages of the pooled caches that its slot's page table names
+// (entries slot * slot_pages .. of binding 13; kv.glsl's paging, f32, f16 or q8_0), so a
+// column writes only its own position's row and reads its own sequence's. Columns past
 // step[0] (the bucket's padding) exit at once. Partials and counts are per column. With
 // F_Q8 the output is also written as int8 blocks of 32 (column c's at c * n_heads * hd /
 // 32, as quant_rows.comp lays them out) for the batched o-projection.
@@ -13,10 +14,11 @@
 // Binding 0: qkv, 1: k pool, 2: v pool, 3: out, 4: step values, 5: q norm, 6: k norm,
 // 7: RoPE table, 8: partials (f32, [column][head][split][2 + hd]), 9: counts (u32 per
 // (column, g, c), zero between dispatches), 10: q8 values (u32), 11: q8 scales (f32),
-// 12: sinks (f32 per query head; read with F_SINKS only).
+// 12: sinks (f32 per query head; read with F_SINKS only), 13: the page tables (u32).
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
+#define KV_TABLE_BINDING 13
 #include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { float o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
@@ -55,13 +57,12 @@ layout(push_constant) uniform Push {
     float eps;
     float scale;
     float softcap; // 0: none
-    uint slot_elems; // cache values per pool slot (a multiple of 64)
+    uint slot_pages; // page-table entries per pool slot
 } p;
 
 // The column's offsets: qkv row, output row, cache region, partials, counts.
 uint QB;
 uint OB;
-uint CB;
 uint PB;
 uint NB;
 
@@ -82,6 +83,12 @@ const uint CL = MAXG * MAX_COMBINE;
 shared float m_s[MAXG];
 shared float l_s[MAXG];
 shared bool last_s;
+// The pages of this workgroup's positions (a split of at most MAX_SPLIT positions spans
+// at most MAX_SPLIT / KV_PAGE + 1 pages), looked up once in the prologue: the tiles' loads
+// find their rows here, not in the page table.
+const uint MAX_PAGES = MAX_SPLIT / 16u + 1u;
+shared uint pg_s[MAX_PAGES];
+uint PG0 = 0u; // the page index of pg_s[0]
 
 // With F_Q8: quantizes the chunk's output (nh heads in q_s; hd a multiple of 32) to int8
 // blocks of 32 at the column's offset, 8 invocations per block of 4 values each (WG a
@@ -191,6 +198,11 @@ float out_gate(uint h, uint d) {
     return 1.0 / (1.0 + exp(-gt));
 }
 
+// The cache row of position pi of this workgroup's split (its page from pg_s).
+uint kv_row_s(uint pi) {
+    return pg_s[(pi >> KV_PAGE_SHIFT) - PG0] * KV_PAGE + (pi & (KV_PAGE - 1u));
+}
+
 // Stages tn rows of the k (or v) cache from position p_first on (kv head g) in kv_s;
 // the token's own row (position pos) comes from k_s / the token's raw v in qkv. 16 loads in flight per
 // invocation.
@@ -206,7 +218,7 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
             uint d = 4u * (j % hd4);
             t[u] = vec4(0.0);
             if (j < total && pi != pos) {
-                uint e = (CB + pi * kvd + g * p.hd + d) >> 2;
+                uint e = (kv_row_s(pi) * kvd + g * p.hd + d) >> 2;
                 t[u] = is_v ? v4_at(e) : k4_at(e);
             }
         }
@@ -247,7 +259,7 @@ void main() {
     uint pos = step[9u + 2u * col];
     QB = col * p.ld_qkv;
     OB = col * p.n_heads * p.hd;
-    CB = slot * p.slot_elems;
+    KV_TB = slot * p.slot_pages;
     PB = col * p.n_heads * p.max_splits * (2u + p.hd);
     NB = col * p.n_kv * p.n_chunks;
     uint lo = (p.window > 0u && pos + 1u > p.window) ? pos + 1u - p.window : 0u;
@@ -267,6 +279,10 @@ void main() {
     for (uint i = tid; i < nh * p.hd; i += WG) {
         q_s[i] = qkv[QB + h0 * p.hd + i];
     }
+    PG0 = p0 >> KV_PAGE_SHIFT;
+    for (uint i = tid; i <= ((p0 + n - 1u) >> KV_PAGE_SHIFT) - PG0; i += WG) {
+        pg_s[i] = kv_table[KV_TB + PG0 + i];
+    }
     if (has_pos) {
         for (uint i = tid; i < p.hd; i += WG) {
             k_s[i] = qkv[QB + kb + i];
@@ -277,7 +293,7 @@ void main() {
     if (has_pos) {
         norm_rope(false, 1u, (p.flags & F_KNORM) != 0u, pos);
         if (c == 0u) {
-            uint dst = CB + pos * kvd + g * p.hd;
+            uint dst = kv_row(pos) * kvd + g * p.hd;
             if (KV_TYPE == KV_Q8) {
                 // A block of 32 per invocation: the k blocks, then the v blocks.
                 uint nb = p.hd / 32u;

@@ -35,6 +35,7 @@
 // Binding 0: qkv, 1: k cache, 2: v cache, 3: out, 4: step values ([1] position), 5: q norm,
 // 6: k norm, 7: RoPE table, 8: q8 values, 9: q8 scales, 10: partials (f32: acc at
 // ((head * max_splits + s) * hd), then m, l at n_heads * max_splits * hd + 2 (head *
-// max_splits + s)), 11: counts (u32 per (g, c)), 12: sinks.
+// max_splits + s)), 11: counts (u32 per (g, c)), 12: sinks, 13: the page table (u32,
+// kv.glsl's paging: a lane looks up the row it loads once per tile).
 #define BATCH 0
 #include "attn_dec.glsl"

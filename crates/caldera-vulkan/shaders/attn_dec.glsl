@@ -4,6 +4,12 @@
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
+// The page table (kv.glsl's paging): the binding after the last.
+#if BATCH
+#define KV_TABLE_BINDING 10
+#else
+#define KV_TABLE_BINDING 13
+#endif
 #include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { vec4 o4[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
@@ -54,15 +60,14 @@ layout(push_constant) uniform Push {
     float scale;
     float softcap; // 0: none
 #if BATCH
-    uint slot_elems; // cache values per pool slot (a multiple of 64)
+    uint slot_pages; // page-table entries per pool slot
 #endif
 } p;
 
-// The column's offsets (0 for one sequence): its qkv row, output row, cache region
-// (values), partials (floats) and counts.
+// The column's offsets (0 for one sequence): its qkv row, output row, partials (floats)
+// and counts (its page table's: KV_TB).
 uint QB = 0u;
 uint OB = 0u;
-uint CB = 0u;
 uint PB = 0u;
 uint NB0 = 0u;
 
@@ -152,7 +157,7 @@ void main() {
     uint pos = step[9u + 2u * col];
     QB = col * p.ld_qkv;
     OB = col * p.n_heads * p.hd;
-    CB = step[8u + 2u * col] * p.slot_elems;
+    KV_TB = step[8u + 2u * col] * p.slot_pages;
     PB = col * p.n_heads * p.max_splits * (p.hd + 4u);
     NB0 = col * p.n_kv * p.n_chunks;
 #else
@@ -186,7 +191,7 @@ void main() {
     uint p0 = lo + s * split;
     uint count = min(split, n - s * split);
     bool own_kv = p0 + count == pos + 1u && (p.flags & F_NOKV) == 0u;
-    uint row_base = (CB + g * hd) >> 2; // the kv head's first quad in a cache row
+    uint row_base = (g * hd) >> 2; // the kv head's first quad in a cache row
     uint kvd4 = kvd >> 2;
 
     // Score role: row sr, slice sj. Value role: row group rg, first quad dq0.
@@ -211,7 +216,8 @@ void main() {
     vec4 vr[8];
     {
         uint tn = min(T, count);
-        uint prow = p0 + sr;
+        // One page-table lookup per lane and tile (its row), only for rows in range.
+        uint prow = sr < tn ? kv_row(p0 + sr) : 0u;
         [[unroll]] for (uint u = 0u; u < 8u; u++) {
             uint q4 = sj + L * u;
             kr[u] = vec4(0.0);
@@ -224,7 +230,7 @@ void main() {
             uint dq = dq0 + WG * (it % QPL);
             vr[it] = vec4(0.0);
             if (it < VR * QPL && rg < RG && r < tn && dq < NQ) {
-                vr[it] = v4_at((p0 + r) * kvd4 + row_base + dq);
+                vr[it] = v4_at(kv_row(p0 + r) * kvd4 + row_base + dq);
             }
         }
     }
@@ -327,7 +333,7 @@ void main() {
         barrier();
     }
     if (own_kv && c == 0u) {
-        uint dst = CB + pos * kvd + g * hd;
+        uint dst = kv_row(pos) * kvd + g * hd;
         if (KV_TYPE == KV_Q8) {
             // A block of 32 per lane: the k blocks, then the v blocks.
             uint nb = hd / 32u;
@@ -396,7 +402,7 @@ void main() {
         // The next tile's k rows, in flight during this tile's softmax and values.
         if (t + 1u < n_tiles) {
             uint tn1 = min(T, count - (t + 1u) * T);
-            uint prow = tp0 + T + sr;
+            uint prow = sr < tn1 ? kv_row(tp0 + T + sr) : 0u;
             [[unroll]] for (uint u = 0u; u < 8u; u++) {
                 uint q4 = sj + L * u;
                 kr[u] = vec4(0.0);
@@ -483,7 +489,7 @@ void main() {
                 uint dq = dq0 + WG * (it % QPL);
                 vr[it] = vec4(0.0);
                 if (it < VR * QPL && rg < RG && r < tn1 && dq < NQ) {
-                    vr[it] = v4_at((tp0 + T + r) * kvd4 + row_base + dq);
+                    vr[it] = v4_at(kv_row(tp0 + T + r) * kvd4 + row_base + dq);
                 }
             }
         }

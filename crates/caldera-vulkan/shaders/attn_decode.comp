@@ -22,10 +22,12 @@
 // 3: out (f32, n_heads * hd), 4: step values ([1] position), 5: q norm, 6: k norm,
 // 7: RoPE table ((cos, sin) of pair i at position p at 2 (p * n_rot / 2 + i)),
 // 8: q8 values (u32), 9: q8 scales, 10: partials (f32, [head][split][2 + hd]),
-// 11: counts (u32 per (g, c), zero between dispatches), 12: sinks (f32 per query head).
+// 11: counts (u32 per (g, c), zero between dispatches), 12: sinks (f32 per query head),
+// 13: the page table (u32, kv.glsl's paging; a workgroup looks its split's pages up once).
 #include "common.glsl"
 
 layout(std430, binding = 0) readonly buffer Qkv { float qkv[]; };
+#define KV_TABLE_BINDING 13
 #include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { float o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
@@ -92,6 +94,12 @@ const uint RP = 2u * MAX_HD;
 shared float m_s[MAXG];
 shared float l_s[MAXG];
 shared bool last_s;
+// The pages of this workgroup's positions (a split of at most MAX_SPLIT positions spans
+// at most MAX_SPLIT / KV_PAGE + 1 pages), looked up once in the prologue: the tiles' loads
+// find their rows here, not in the page table.
+const uint MAX_PAGES = MAX_SPLIT / 16u + 1u;
+shared uint pg_s[MAX_PAGES];
+uint PG0 = 0u; // the page index of pg_s[0]
 // 1 / rms of the token's v (F_VNORM), else 1.
 shared float vinv_s;
 
@@ -207,6 +215,11 @@ void quantize_out(uint h0, uint nh) {
     }
 }
 
+// The cache row of position pi of this workgroup's split (its page from pg_s).
+uint kv_row_s(uint pi) {
+    return pg_s[(pi >> KV_PAGE_SHIFT) - PG0] * KV_PAGE + (pi & (KV_PAGE - 1u));
+}
+
 // Stages tn rows of the k (or v) cache from position p_first on (kv head g) in kv_s;
 // the token's own row (position pos) comes from k_s / the token's raw v in qkv. 16 loads in flight per
 // invocation.
@@ -223,7 +236,7 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
             uint d = 4u * (j % hd4);
             t[u] = vec4(0.0);
             if (j < total && (pi != pos || own_cached)) {
-                uint e = (pi * kvd + g * p.hd + d) >> 2;
+                uint e = (kv_row_s(pi) * kvd + g * p.hd + d) >> 2;
                 t[u] = is_v ? v4_at(e) : k4_at(e);
             }
         }
@@ -286,6 +299,10 @@ void main() {
     for (uint i = tid; i < nh * p.hd; i += WG) {
         q_s[i] = qkv[h0 * p.hd + i];
     }
+    PG0 = p0 >> KV_PAGE_SHIFT;
+    for (uint i = tid; i <= ((p0 + n - 1u) >> KV_PAGE_SHIFT) - PG0; i += WG) {
+        pg_s[i] = kv_table[KV_TB + PG0 + i];
+    }
     // The norm weights and this position's RoPE pairs come in the same pass (one
     // memory round trip for everything the prologue reads).
     bool k_norm = own_kv && (p.flags & F_KNORM) != 0u;
@@ -325,7 +342,7 @@ void main() {
             barrier();
         }
         if (c == 0u) {
-            uint dst = pos * kvd + g * p.hd;
+            uint dst = kv_row(pos) * kvd + g * p.hd;
             float vi = vinv_s;
             if (KV_TYPE == KV_Q8) {
                 // A block of 32 per invocation: the k blocks, then the v blocks.

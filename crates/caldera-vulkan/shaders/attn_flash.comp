@@ -11,13 +11,15 @@
 // ([pos][kv head][hd]), 3: out (token t at t * n_heads * hd), 4: step values ([0]
 // tokens, [1] first position), 5: sinks (f32 per query head, read when p.sinks != 0:
 // gpt-oss's learned logit joining each head's softmax denominator). hd, ld_qkv are
-// multiples of 4: everything is read as vec4.
+// multiples of 4: everything is read as vec4. 6: the page table (kv.glsl's paging: a
+// tile's rows are looked up once, before the barrier that ends the tile before it).
 #extension GL_EXT_control_flow_attributes : enable
 
 const uint FA_WG = 128u;
 layout(local_size_x = 128, local_size_y = 1, local_size_z = 1) in;
 
 layout(std430, binding = 0) readonly buffer Qkv { vec4 qkv[]; };
+#define KV_TABLE_BINDING 6
 #include "kv.glsl"
 layout(std430, binding = 3) writeonly buffer Out { vec4 o[]; };
 layout(std430, binding = 4) readonly buffer Sbuf { uint step[]; };
@@ -53,6 +55,8 @@ shared float s_s[S_CAP];
 shared float m_s[MAX_R];
 shared float l_s[MAX_R];
 shared float c_s[MAX_R];
+const uint MAX_BKV = 32u;
+shared uint row_s[MAX_BKV]; // the current tile's cache rows
 
 void main() {
     uint grp = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
@@ -93,6 +97,9 @@ void main() {
         m_s[tid] = NEG;
         l_s[tid] = 0.0;
     }
+    if (tid < min(p.bkv, hi + 1u - lo)) {
+        row_s[tid] = kv_row(lo + tid);
+    }
     vec4 acc[ACC];
     [[unroll]] for (uint a = 0u; a < ACC; a++) {
         acc[a] = vec4(0.0);
@@ -104,7 +111,7 @@ void main() {
         for (uint i = tid; i < nk * hd4; i += FA_WG) {
             uint j = i / hd4;
             uint d = i % hd4;
-            kv_s[j * st4 + d] = k4_at((kb + j) * kvd4 + g * hd4 + d);
+            kv_s[j * st4 + d] = k4_at(row_s[j] * kvd4 + g * hd4 + d);
         }
         barrier();
         // Scores of every (row, key) of the tile; masked ones NEG.
@@ -151,7 +158,7 @@ void main() {
         for (uint i = tid; i < nk * hd4; i += FA_WG) {
             uint j = i / hd4;
             uint d = i % hd4;
-            kv_s[j * st4 + d] = v4_at((kb + j) * kvd4 + g * hd4 + d);
+            kv_s[j * st4 + d] = v4_at(row_s[j] * kvd4 + g * hd4 + d);
         }
         barrier();
         [[unroll]] for (uint a = 0u; a < ACC; a++) {
@@ -165,6 +172,11 @@ void main() {
                 }
                 acc[a] = v;
             }
+        }
+        // The next tile's rows (row_s is not read again in this one).
+        uint next = kb + p.bkv;
+        if (next <= hi && tid < min(p.bkv, hi + 1u - next)) {
+            row_s[tid] = kv_row(next + tid);
         }
         barrier();
     }

@@ -1,5 +1,5 @@
 // The KV cache (binding 1: k, binding 2: v). Its values are addressed as elements of
-// [pos][kv head][hd] (element e; a batch pool's slot starts at a whole element count),
+// [row][kv head][hd] (element e; rows are the pages' positions, see Paging below),
 // stored as KV_TYPE (specialization constant 2) says:
 // - KV_F32: element e is float e.
 // - KV_F16: two values per 32-bit word, element e in the low half of word e / 2 when e
@@ -12,6 +12,24 @@
 //   rounding; a block of zeros has d = 0.
 // Readers take a value or 4 values (e a multiple of 4) at a time. Writers store pairs
 // (f32, f16; e even) or whole blocks (q8_0).
+//
+// Paging: the cache is a pool of pages of KV_PAGE positions, [row][kv head][hd] with row
+// = page * KV_PAGE + offset, and a sequence's position p lives in row
+// kv_row(p) = kv_table[KV_TB + p / KV_PAGE] * KV_PAGE + p % KV_PAGE: kv_table (binding
+// KV_TABLE_BINDING, which the including kernel defines: its last binding) is the page
+// table (u32 page ids), KV_TB the sequence's first entry (0, or a batched kernel's column's
+// slot * entries per slot). A runner with a cache of its own binds the identity table.
+// Kernels look pages up once per position tile where they can, never per element.
+const uint KV_PAGE = 16u;
+const uint KV_PAGE_SHIFT = 4u;
+layout(std430, binding = KV_TABLE_BINDING) readonly buffer KvTable { uint kv_table[]; };
+uint KV_TB = 0u;
+uint kv_page(uint pos) {
+    return kv_table[KV_TB + (pos >> KV_PAGE_SHIFT)];
+}
+uint kv_row(uint pos) {
+    return kv_page(pos) * KV_PAGE + (pos & (KV_PAGE - 1u));
+}
 const uint KV_F32 = 0u;
 const uint KV_F16 = 1u;
 const uint KV_Q8 = 2u;

@@ -8,11 +8,13 @@
 // Binding 3: q norm weights (hd), 4: k norm weights (hd), used when flags say so.
 // Binding 5: RoPE table (f32): (cos, sin) of pair i at position pos at 2 (pos * n_rot / 2 + i).
 // Binding 6: step values (u32): [0] tokens, [1] first position.
+// Binding 7: the page table (u32, kv.glsl's paging: position p at row kv_row(p)).
 // F_VNORM (Gemma 4): v is RMS-normalized (no weights) before it is cached. A layer that
 // reads another layer's cache (KV sharing) is dispatched with n_kv = 0: q heads only.
 #include "common.glsl"
 
 layout(std430, binding = 0) buffer Qkv { float qkv[]; };
+#define KV_TABLE_BINDING 7
 #include "kv.glsl"
 layout(std430, binding = 3) readonly buffer Qn { float qn[]; };
 layout(std430, binding = 4) readonly buffer Kn { float kn[]; };
@@ -89,7 +91,7 @@ void main() {
             qkv[src + i] = buf[i];
         }
     } else {
-        uint dst = pos * kvd + g * p.hd;
+        uint dst = kv_row(pos) * kvd + g * p.hd;
         uint vsrc = t * p.ld_qkv + p.n_heads * p.hd + kvd + g * p.hd;
         float vinv = 1.0;
         if ((p.flags & F_VNORM) != 0u) {

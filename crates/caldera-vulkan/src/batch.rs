@@ -1,23 +1,35 @@
 //! Batched decode: one step decodes one token for each of up to [`MAX_BATCH`] sequences,
 //! reading each weight once for all of them.
 //!
-//! A [`VkBatch`] owns the KV caches of `slots` sequences as one pool per attention layer
-//! (slot `s` holds bytes `s * stride .. (s + 1) * stride`, `stride` a multiple of
-//! [`Buffer::VIEW_ALIGN`] and of a q8_0 cache's 36-byte block:
-//! [`KvType::slot_stride`](crate::KvType::slot_stride)) and a batched runner whose steps
-//! (recorded once per bucket 1, 2, 4, 8, 16 columns and replayed) bind the whole pools.
-//! [`VkBatch::runner`] hands out sequences ([`VkRunner`]s) whose caches are views of a
-//! free slot's region: they prefill and decode alone with their own recordings as any
-//! runner does, and [`VkBatch::step`] decodes several of them together. The step values
-//! are the live column count, then per column its slot and position; a bucket's padding
-//! columns do nothing (the mat-vecs stop at the live count, the attention returns), so
-//! they never write a live slot's cache. The weights go through the batched int8 mat-vec
-//! (`quant_rows` + `mvqm`, [`Mvqn`](crate::ops::Mvqn)) where their type has one, else the
-//! tiled matmul or the batched f32 mat-vec (`CALDERA_VK_BATCH_MM`, see
-//! [`BatchMm`](crate::model::BatchMm)); attention through `attn_batch` (per column: q/k
-//! norm, RoPE, KV write and split attention over its own slot; it also quantizes the
-//! output for the o-projection; `attn_dec_batch` with `CALDERA_VK_ATTN_DEC=1`, whose
-//! o-projection then quantizes its own input).
+//! **Paged KV cache.** A [`VkBatch`] owns, per attention layer, one K and one V pool of
+//! `pages` pages of [`KV_PAGE`] positions (`kv.glsl`'s paging: position p of a sequence
+//! is row `table[p / KV_PAGE] * KV_PAGE + p % KV_PAGE` of the pool); every layer uses
+//! the same page ids, so one page table per sequence serves them all. The tables live in
+//! a host-visible buffer (`slots` x [`slot_table_entries`]`(cap)` u32, written by the
+//! batch as pages are taken and given back) that each step copies into the device table
+//! its kernels read (invariant 3: per-step values in device buffers, nothing rebound).
+//! Pages are taken when a step is about to write a position that has none, all of a
+//! step's before it runs ([`VkBatch::prepare`]): when the pool has too few (after taking
+//! back the cached pages nobody needs, below), the step fails with an error before
+//! anything runs, never halfway. `cap` is the most positions one sequence holds (the
+//! table's length, `--ctx`, per slot); the pool's pages are shared by all the slots
+//! (`--kv-pages`; the default, `slots * ceil(cap / KV_PAGE)`, lets every slot fill its
+//! whole context at once, as before paging).
+//!
+//! [`VkBatch::runner`] hands out sequences ([`VkRunner`]s) that bind the whole pools and a
+//! view of their slot's table: they prefill and decode alone with their own recordings as
+//! any runner does, and [`VkBatch::step`] decodes several of them together with the
+//! batched runner, whose steps (recorded once per bucket 1, 2, 4, 8, 16 columns and
+//! replayed) bind the pools and every slot's table. The step values are the live column
+//! count, then per column its slot and position; a bucket's padding columns do nothing
+//! (the mat-vecs stop at the live count, the attention returns), so they never write a
+//! live sequence's pages. The weights go through the batched int8 mat-vec
+//! (`quant_rows` and `mvqm`, [`Mvqn`](crate::ops::Mvqn)) where their type has one, else
+//! the tiled matmul
+//! or the batched f32 mat-vec (`CALDERA_VK_BATCH_MM`, see [`BatchMm`]); attention
+//! through `attn_batch` (per column: q/k norm, RoPE, KV write and split attention over
+//! its own pages; it also quantizes the output for the o-projection; `attn_dec_batch`
+//! with `CALDERA_VK_ATTN_DEC=1`, whose o-projection then quantizes its own input).
 //!
 //! **Recurrent mixers** (GatedDeltaNet, Mamba2, short conv): the batch also owns their
 //! states, per recurrent layer one pool of conv states and one of S (f32, slot `s` at
@@ -35,56 +47,133 @@
 //! ([`VkModel::batch_unsupported`]: Gemma 4's per-layer inputs, v norm, shared KV and
 //! heads over 256) are refused by [`VkBatch::new`].
 //!
-//! **Prefix reuse across slots.** The batch keeps, per pool slot, the tokens whose K
-//! and V its region holds (position i: token i). What a runner computed stays valid
-//! after it is truncated, emptied or dropped, until a step writes over it: a step
-//! first cuts its slot's list at the position it writes from, and extends it with its
-//! tokens once it ran. A runner's `reuse_prefix` (`VkBatch::reuse`) takes the
-//! longest prefix of a prompt that any slot's region holds: its own (nothing to copy),
-//! else another's, whose positions it copies on the device (`vkCmdCopyBuffer`, every
-//! attention layer's K and V, in the cache's own type). Every cache holds all `cap`
-//! positions (a sliding window is a mask in the kernels, not a ring), so a copy at the
-//! same positions is exact for windowed layers too.
+//! **Prefix reuse across slots, by sharing pages.** The batch keeps, per slot, the
+//! tokens whose K and V its table's pages hold (position i: token i) and a reference
+//! count per page. What a runner computed stays valid after it is truncated, emptied or
+//! dropped, until a step of that slot writes over it: a step first cuts its slot's list
+//! (and gives back the pages past what it writes), and extends the list with its tokens
+//! once it ran. A runner's `reuse_prefix` ([`VkBatch::reuse`]) takes the longest prefix
+//! of a prompt that any slot holds: its own (nothing to do), else another's (at least
+//! [`MIN_COPY`] positions longer), whose pages its table then names too (no copy). A
+//! step that writes into a page another table also names (the shared prefix's partly
+//! filled last page, or a page after a rewind) first copies it to a fresh page of its
+//! own (copy on write: one `vkCmdCopyBuffer` submit, that page of every attention
+//! layer's K and V). Every cache holds all positions (a sliding window is a mask in the
+//! kernels, not a ring), so sharing is exact for windowed layers too. When the free
+//! list runs short, pages that no live sequence needs (a slot's pages past its runner's
+//! length, every page of a slot without a runner) are taken back, slots without a runner
+//! first, then the least recently stepped, from their last page on.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use caldera_model::{panic_message, step_one, BatchItem, BatchStepper, Runner, StepOutcome};
 
 use crate::error::{Result, VkError};
+use crate::kv::{slot_table_entries, KV_PAGE};
 use crate::memory::{Buffer, MemoryKind};
-use crate::model::{BatchMm, KvSource, VkModel, VkRunner};
+use crate::model::{BatchMm, KvSource, PageTable, VkModel, VkRunner};
 use crate::recurrent::RecurrentState;
 
 /// Most sequences one batched step decodes (the largest bucket).
 pub const MAX_BATCH: usize = 16;
 
-/// Fewest positions `VkBatch::reuse` copies from another slot: a shorter shared
-/// prefix (a chat template's first tokens) is cheaper to recompute in the prefill step
-/// that runs anyway than a submit of its own.
+/// Fewest positions `VkBatch::reuse` takes from another slot beyond what the sequence
+/// holds: a shorter shared prefix (a chat template's first tokens) is cheaper to
+/// recompute in the prefill step that runs anyway than the copy of a shared partly
+/// filled page it would cost.
 pub const MIN_COPY: usize = 16;
 
-/// A pool of KV caches for `slots` sequences of `cap` tokens, and the batched runner
-/// over it.
+/// A pool of KV pages for `slots` sequences of up to `cap` tokens, and the batched
+/// runner over it.
 pub struct VkBatch {
     m: Arc<VkModel>,
     cap: usize,
     slots: usize,
-    /// Per layer, the K and V pools and bytes per slot (`None` without attention).
+    /// Pages of the pool and page-table entries per slot.
+    pages: usize,
+    slot_pages: usize,
+    /// Per layer, the K and V page pools and the K (= V) values per page (`None`
+    /// without attention).
     pool: Vec<Option<(Buffer, Buffer, u64)>>,
+    /// The page tables: the host-visible copy the batch writes, copied by every step
+    /// into the device one the kernels read.
+    table_host: Buffer,
+    table_dev: Buffer,
     /// Per recurrent layer, its state pools (conv state, S) and their bytes per slot
     /// (`None` for other layers; S's 0 for the short conv, which has none).
     states: Vec<Option<(RecurrentState, u64, u64)>>,
-    /// Whether each slot is leased to a runner.
-    used: Mutex<Vec<bool>>,
-    /// Per slot, the tokens whose K and V its region holds at positions 0.. (see the
-    /// module's notes: kept past truncation and the runner's drop, cut before a step
-    /// writes). Held across a copy out of a region, so no step writes it meanwhile.
-    held: Mutex<Vec<Vec<u32>>>,
+    /// Page ownership, per-slot tables and what they hold. Held across a page copy, so
+    /// no step writes meanwhile.
+    book: Mutex<Book>,
     runner: Mutex<VkRunner>,
 }
 
-/// A runner's hold on a pool slot; frees it when dropped with the runner.
+/// The pages' bookkeeping.
+struct Book {
+    free: Vec<u32>,
+    /// Tables naming each page.
+    refs: Vec<u32>,
+    slots: Vec<SlotPages>,
+    /// Counts the steps, for the least recently used order.
+    clock: u64,
+}
+
+#[derive(Default)]
+struct SlotPages {
+    /// Leased to a runner.
+    leased: bool,
+    /// Page ids of positions 0, KV_PAGE, ...
+    table: Vec<u32>,
+    /// The tokens whose K and V the pages hold at positions 0.. (see the module's notes).
+    tokens: Vec<u32>,
+    /// Positions the slot's runner holds (0 without a runner): its pages up to there
+    /// are never taken back.
+    live: usize,
+    /// When a step last wrote the slot.
+    used: u64,
+}
+
+impl Book {
+    /// Drops `slot`'s table entries from `keep` on (pages no table names go free); its
+    /// tokens end where its pages do.
+    fn cut(&mut self, slot: usize, keep: usize) {
+        let s = &mut self.slots[slot];
+        while s.table.len() > keep {
+            if let Some(p) = s.table.pop() {
+                let r = &mut self.refs[p as usize];
+                *r = r.saturating_sub(1);
+                if *r == 0 {
+                    self.free.push(p);
+                }
+            }
+        }
+        s.tokens.truncate(keep * KV_PAGE);
+    }
+
+    /// Takes back pages no live sequence needs (not of `skip`'s slots) until `need` are
+    /// free or none is left: slots without a runner first, then the least recently
+    /// used, from their last page on.
+    fn reclaim(&mut self, need: usize, skip: &[usize]) {
+        while self.free.len() < need {
+            let victim = (0..self.slots.len())
+                .filter(|s| !skip.contains(s))
+                .filter(|&s| {
+                    let sp = &self.slots[s];
+                    sp.table.len() > sp.live.div_ceil(KV_PAGE)
+                })
+                .min_by_key(|&s| (self.slots[s].leased, self.slots[s].used));
+            let Some(v) = victim else {
+                return;
+            };
+            let keep = self.slots[v].table.len() - 1;
+            self.cut(v, keep);
+        }
+    }
+}
+
+/// A runner's hold on a pool slot; frees it when dropped with the runner (its pages stay
+/// cached for reuse until the pool needs them).
 pub(crate) struct SlotLease {
     pub(crate) batch: Arc<VkBatch>,
     pub(crate) slot: usize,
@@ -92,22 +181,36 @@ pub(crate) struct SlotLease {
 
 impl Drop for SlotLease {
     fn drop(&mut self) {
-        let mut used = self.batch.used.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(u) = used.get_mut(self.slot) {
-            *u = false;
+        let mut b = self.batch.book();
+        if let Some(s) = b.slots.get_mut(self.slot) {
+            s.leased = false;
+            s.live = 0;
         }
     }
 }
 
 impl VkBatch {
-    /// Pools for `slots` sequences of `cap` tokens each on `m`'s device; the weights'
-    /// kernels as `CALDERA_VK_BATCH_MM` says.
+    /// Pools for `slots` sequences of `cap` tokens each (pages for all of them at once)
+    /// on `m`'s device; the weights' kernels as `CALDERA_VK_BATCH_MM` says.
     pub fn new(m: Arc<VkModel>, slots: usize, cap: usize) -> Result<Arc<VkBatch>> {
         Self::with_mm(m, slots, cap, BatchMm::from_env())
     }
 
     /// [`VkBatch::new`] with the weights' kernels chosen by `mm`.
     pub fn with_mm(m: Arc<VkModel>, slots: usize, cap: usize, mm: BatchMm) -> Result<Arc<VkBatch>> {
+        let pages = slots.max(1) * cap.max(1).div_ceil(KV_PAGE);
+        Self::with_pages(m, slots, cap, pages, mm)
+    }
+
+    /// Pools of `pages` pages of [`KV_PAGE`] positions shared by `slots` sequences of
+    /// up to `cap` tokens each.
+    pub fn with_pages(
+        m: Arc<VkModel>,
+        slots: usize,
+        cap: usize,
+        pages: usize,
+        mm: BatchMm,
+    ) -> Result<Arc<VkBatch>> {
         if let Some(why) = m.batch_unsupported() {
             return Err(VkError::Invalid(format!(
                 "the Vulkan backend has no batched decode for this model yet: {why}"
@@ -115,43 +218,45 @@ impl VkBatch {
         }
         let ctx = m.context();
         let (slots, cap) = (slots.max(1), cap.max(1));
+        if pages == 0 || pages > u32::MAX as usize {
+            return Err(VkError::Invalid(format!(
+                "a KV pool of {pages} pages (at least 1; --kv-pages)"
+            )));
+        }
         let kv_type = ctx.tuning().kv;
         let mut pool = Vec::new();
-        let mut slot_elems = Vec::new();
         let mut views_of = Vec::new();
         for (li, w) in m.kv_widths().into_iter().enumerate() {
             let Some(kvd) = w else {
                 pool.push(None);
-                slot_elems.push(0);
                 views_of.push(None);
                 continue;
             };
-            let values = (cap as u64)
-                .checked_mul(kvd as u64)
-                .ok_or_else(|| VkError::Invalid("KV cache size overflows".into()))?;
-            let stride = kv_type.slot_stride(values);
-            let total = stride
-                .checked_mul(slots as u64)
+            let per_page = (KV_PAGE * kvd) as u64;
+            let total = (pages as u64)
+                .checked_mul(per_page)
+                .map(|v| kv_type.bytes(v))
                 .filter(|&t| t <= ctx.max_buffer_bytes())
                 .ok_or_else(|| {
                     VkError::Invalid(format!(
-                        "layer {li}: the KV caches of {slots} sequences of {cap} tokens \
-                         ({} MiB each) are more than one buffer may hold on {} ({} MiB); \
-                         use fewer slots or a smaller context (--ctx)",
-                        stride >> 20,
+                        "layer {li}: a KV pool of {pages} pages of {KV_PAGE} tokens ({} KiB \
+                         each) is more than one buffer may hold on {} ({} MiB); use fewer \
+                         pages (--kv-pages), slots or a smaller context (--ctx)",
+                        kv_type.bytes(per_page) >> 10,
                         ctx.info().name,
                         ctx.max_buffer_bytes() >> 20
                     ))
                 })?;
             let k = ctx.create_buffer(total, MemoryKind::Device)?;
             let v = ctx.create_buffer(total, MemoryKind::Device)?;
-            let per = kv_type.values_in(stride);
-            slot_elems.push(u32::try_from(per).map_err(|_| {
-                VkError::Invalid(format!("layer {li}: a KV cache slot of {per} values"))
-            })?);
             views_of.push(Some((k.clone(), v.clone())));
-            pool.push(Some((k, v, stride)));
+            pool.push(Some((k, v, per_page)));
         }
+        let slot_pages = slot_table_entries(cap);
+        let table_bytes = (slots * slot_pages * 4) as u64;
+        let table_host = ctx.create_buffer(table_bytes, MemoryKind::Upload)?;
+        ctx.write_mapped(&table_host, 0, &vec![0u8; table_bytes as usize])?;
+        let table_dev = ctx.create_buffer(table_bytes, MemoryKind::Device)?;
         let (states, state_strides) = state_pools(&m, slots)?;
         let cols = MAX_BATCH.min(slots.next_power_of_two());
         let runner = VkRunner::build(
@@ -166,18 +271,33 @@ impl VkBatch {
                 state_strides,
                 slots,
                 cols,
-                slot_elems,
+                slot_pages: slot_pages as u32,
+                table: PageTable {
+                    dev: table_dev.clone(),
+                    host: table_host.clone(),
+                    host_at: 0,
+                    bytes: table_bytes,
+                },
                 mm,
             },
         )?;
+        let book = Book {
+            free: (0..pages as u32).rev().collect(),
+            refs: vec![0; pages],
+            slots: (0..slots).map(|_| SlotPages::default()).collect(),
+            clock: 0,
+        };
         Ok(Arc::new(VkBatch {
             m,
             cap,
             slots,
+            pages,
+            slot_pages,
             pool,
+            table_host,
+            table_dev,
             states,
-            used: Mutex::new(vec![false; slots]),
-            held: Mutex::new(vec![Vec::new(); slots]),
+            book: Mutex::new(book),
             runner: Mutex::new(runner),
         }))
     }
@@ -196,18 +316,57 @@ impl VkBatch {
         self.cap
     }
 
+    /// Pages of [`KV_PAGE`] positions in the pool.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// Pages no table names now (pages that only cache an idle prefix are not free).
+    pub fn free_pages(&self) -> usize {
+        self.book().free.len()
+    }
+
+    /// Pages the slot's table names now (shared ones included).
+    pub fn slot_pages(&self, slot: usize) -> usize {
+        self.book().slots.get(slot).map_or(0, |s| s.table.len())
+    }
+
+    /// (pages that hold a live sequence's positions, pages that only cache tokens of
+    /// sequences past their length or gone: taken back when the pool runs short).
+    pub fn page_counts(&self) -> (usize, usize) {
+        let b = self.book();
+        let mut live = vec![false; self.pages];
+        let mut named = vec![false; self.pages];
+        for s in &b.slots {
+            for (i, &p) in s.table.iter().enumerate() {
+                named[p as usize] = true;
+                if i < s.live.div_ceil(KV_PAGE) {
+                    live[p as usize] = true;
+                }
+            }
+        }
+        let in_use = live.iter().filter(|&&l| l).count();
+        let cached = named.iter().zip(&live).filter(|(&n, &l)| n && !l).count();
+        (in_use, cached)
+    }
+
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// A new (empty) sequence in a free slot of the pool; an error when every slot is
-    /// held by a live runner.
+    /// held by a live runner. It takes pages as its steps need them.
     pub fn runner(self: &Arc<Self>) -> Result<VkRunner> {
         let slot = {
-            let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(s) = used.iter().position(|u| !u) else {
+            let mut b = self.book();
+            let Some(s) = b.slots.iter().position(|s| !s.leased) else {
                 return Err(VkError::Invalid(format!(
                     "all {} sequences of the batch are in use",
                     self.slots
                 )));
             };
-            used[s] = true;
+            b.slots[s].leased = true;
+            b.slots[s].live = 0;
             s
         };
         // Frees the slot again if anything below fails.
@@ -215,16 +374,11 @@ impl VkBatch {
             batch: self.clone(),
             slot,
         };
-        let mut views = Vec::with_capacity(self.pool.len());
-        for p in &self.pool {
-            views.push(match p {
-                Some((k, v, stride)) => {
-                    let at = slot as u64 * stride;
-                    Some((k.view(at, *stride)?, v.view(at, *stride)?))
-                }
-                None => None,
-            });
-        }
+        let kv = self
+            .pool
+            .iter()
+            .map(|p| p.as_ref().map(|(k, v, _)| (k.clone(), v.clone())))
+            .collect();
         let mut states = Vec::with_capacity(self.states.len());
         for p in &self.states {
             states.push(match p {
@@ -243,41 +397,154 @@ impl VkBatch {
         }
         // The slot's states are its previous tenant's: a new sequence starts from zeros.
         RecurrentState::reset_all(self.m.context(), states.iter().flatten())?;
-        let src = KvSource::Views { kv: views, states };
+        let bytes = (self.slot_pages * 4) as u64;
+        let at = slot as u64 * bytes;
+        let table = PageTable {
+            dev: self.table_dev.view(at, bytes)?,
+            host: self.table_host.clone(),
+            host_at: at,
+            bytes,
+        };
+        let src = KvSource::Views { kv, states, table };
         let mut r = VkRunner::build(self.m.clone(), self.cap, src)?;
         r.lease = Some(lease);
         Ok(r)
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u32>>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    /// Before a step writes positions `from .. to` of `slot`'s sequence: its token list
+    /// ends at `from`, its table at the page of `to - 1`, and that table names a page of
+    /// its own (no other table's) for every position written. See [`VkBatch::prepare_all`].
+    pub(crate) fn prepare(&self, slot: usize, from: usize, to: usize) -> Result<()> {
+        self.prepare_all(&[(slot, from, to)])
     }
 
-    /// Before a step writes `slot`'s region from position `from` on: its list ends there.
-    pub(crate) fn note_write(&self, slot: usize, from: usize) {
-        if let Some(h) = self.held().get_mut(slot) {
-            h.truncate(from);
+    /// [`VkBatch::prepare`] for the sequences of one step, all or nothing: the pages the
+    /// step needs come from the free list, then from pages nobody needs (see the
+    /// module's notes); when there are not enough, an error and nothing is taken.
+    /// Shared pages the step writes into are copied first (one submit).
+    pub(crate) fn prepare_all(&self, items: &[(usize, usize, usize)]) -> Result<()> {
+        let mut b = self.book();
+        b.clock += 1;
+        let clock = b.clock;
+        let skip: Vec<usize> = items.iter().map(|i| i.0).collect();
+        let mut need = 0;
+        for &(slot, from, to) in items {
+            if slot >= self.slots || from >= to || to > self.cap {
+                return Err(VkError::Invalid(format!(
+                    "positions {from}..{to} of pool slot {slot} (of {}, {} positions each)",
+                    self.slots, self.cap
+                )));
+            }
+            if b.slots[slot].table.len() * KV_PAGE < from {
+                return Err(VkError::Invalid(format!(
+                    "pool slot {slot}: positions before {from} have no KV pages"
+                )));
+            }
+            b.slots[slot].tokens.truncate(from);
+            b.cut(slot, to.div_ceil(KV_PAGE));
+            let s = &b.slots[slot];
+            let shared = (from / KV_PAGE..s.table.len())
+                .filter(|&i| b.refs[s.table[i] as usize] > 1)
+                .count();
+            need += to.div_ceil(KV_PAGE) - s.table.len() + shared;
+        }
+        if b.free.len() < need {
+            b.reclaim(need, &skip);
+        }
+        if b.free.len() < need {
+            let live: usize = b.slots.iter().map(|s| s.live.div_ceil(KV_PAGE)).sum();
+            return Err(VkError::Invalid(format!(
+                "the KV cache is full: this step needs {need} more pages of {KV_PAGE} tokens \
+                 and {} of the pool's {} are free (the running sequences hold about {live}); \
+                 retry when a sequence ends, or start with more pages (--kv-pages)",
+                b.free.len(),
+                self.pages
+            )));
+        }
+        let mut copies = Vec::new();
+        for &(slot, from, to) in items {
+            for i in from / KV_PAGE..to.div_ceil(KV_PAGE) {
+                let old = b.slots[slot].table.get(i).copied();
+                if old.is_some_and(|p| b.refs[p as usize] <= 1) {
+                    continue; // its own page already
+                }
+                let Some(fresh) = b.free.pop() else {
+                    return Err(VkError::Invalid("the KV page count went wrong".into()));
+                };
+                if let Some(old) = old {
+                    // Copy on write: the positions before `from` in it stay valid.
+                    b.refs[old as usize] -= 1;
+                    if from > i * KV_PAGE {
+                        copies.push((old, fresh));
+                    }
+                    b.slots[slot].table[i] = fresh;
+                } else {
+                    b.slots[slot].table.push(fresh);
+                }
+                b.refs[fresh as usize] = 1;
+            }
+            let s = &mut b.slots[slot];
+            s.live = to;
+            s.used = clock;
+        }
+        if !copies.is_empty() {
+            let kv = self.m.context().tuning().kv;
+            let mut regions = Vec::new();
+            for (k, v, per_page) in self.pool.iter().flatten() {
+                for &(old, fresh) in &copies {
+                    let (src, len) = kv.span(old as u64 * per_page, (old as u64 + 1) * per_page);
+                    let (dst, _) = kv.span(fresh as u64 * per_page, (fresh as u64 + 1) * per_page);
+                    regions.push((k, src, dst, len));
+                    regions.push((v, src, dst, len));
+                }
+            }
+            self.m.context().copy_within(&regions)?;
+        }
+        for &(slot, _, _) in items {
+            self.write_table(&b, slot)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `slot`'s page table into the host copy (every step copies it to the
+    /// device before its kernels run).
+    fn write_table(&self, b: &Book, slot: usize) -> Result<()> {
+        let t = &b.slots[slot].table;
+        if t.is_empty() {
+            return Ok(());
+        }
+        let bytes: Vec<u8> = t.iter().flat_map(|p| p.to_le_bytes()).collect();
+        let at = (slot * self.slot_pages * 4) as u64;
+        self.m.context().write_mapped(&self.table_host, at, &bytes)
+    }
+
+    /// The sequence in `slot` now holds `len` positions (a truncation): its pages past
+    /// that may be taken back when the pool runs short (their tokens stay lendable until
+    /// then).
+    pub(crate) fn note_len(&self, slot: usize, len: usize) {
+        if let Some(s) = self.book().slots.get_mut(slot) {
+            s.live = s.live.min(len);
         }
     }
 
-    /// After a step wrote `tokens` into `slot`'s region from position `from` on.
+    /// After a step wrote `tokens` into `slot`'s pages from position `from` on.
     pub(crate) fn note_written(&self, slot: usize, from: usize, tokens: &[u32]) {
-        if let Some(h) = self.held().get_mut(slot) {
+        if let Some(s) = self.book().slots.get_mut(slot) {
             // Shorter only if something was not noted: then positions from.. stay unknown.
-            if h.len() >= from {
-                h.truncate(from);
-                h.extend_from_slice(tokens);
+            if s.tokens.len() >= from {
+                s.tokens.truncate(from);
+                s.tokens.extend_from_slice(tokens);
             }
         }
     }
 
     /// The sequence in `slot`, holding `tokens[..len]`, takes the longest prefix of
-    /// `tokens[..limit]` that a slot's region holds: its own region's (positions past
-    /// `len` that a step has not overwritten yet: nothing to copy), or another slot's,
-    /// idle, busy or without a runner, when that is at least [`MIN_COPY`] positions
-    /// longer (copied on the device into this slot's region, every attention layer's K
-    /// and V). Returns the positions the sequence holds now (`len` when nothing better
-    /// is held, or when `slot`'s region does not hold `tokens[..len]`).
+    /// `tokens[..limit]` that a slot's pages hold: its own (positions past `len` that a
+    /// step has not overwritten yet: nothing to do), or another slot's, idle, busy or
+    /// without a runner, when that is at least [`MIN_COPY`] positions longer (its table
+    /// then names the other's pages too; the first write into a shared page copies it).
+    /// Returns the positions the sequence holds now (`len` when nothing better is held,
+    /// or when `slot`'s pages do not hold `tokens[..len]`).
     pub(crate) fn reuse(
         &self,
         slot: usize,
@@ -288,40 +555,46 @@ impl VkBatch {
         let limit = limit.min(tokens.len()).min(self.cap);
         let want = &tokens[..limit];
         let common = |h: &[u32]| h.iter().zip(want).take_while(|(a, b)| a == b).count();
-        // Held through the copy: a step of the source slot's runner cuts its list first,
-        // so it waits until the copy has run (every submit waits for completion).
-        let mut held = self.held();
-        let Some(own) = held.get(slot).map(|h| common(h)) else {
+        let mut b = self.book();
+        let Some(own) = b.slots.get(slot).map(|s| common(&s.tokens)) else {
             return Err(VkError::Invalid(format!("no pool slot {slot}")));
         };
         if own < len.min(limit) {
             // Not the state the caller describes: leave it alone.
             return Ok(len);
         }
-        let best = held
+        // (What a slot's pages cover: its tokens never run past them.)
+        let best = b
+            .slots
             .iter()
             .enumerate()
             .filter(|&(s, _)| s != slot)
-            .map(|(s, h)| (common(h), usize::MAX - s))
+            .map(|(s, h)| {
+                let n = common(&h.tokens).min(h.table.len() * KV_PAGE);
+                (n, usize::MAX - s)
+            })
             .max()
             .map(|(n, s)| (n, usize::MAX - s));
         let Some((n, from)) = best.filter(|&(n, _)| n >= own + MIN_COPY) else {
-            return Ok(own.max(len));
+            let n = own.max(len);
+            let s = &mut b.slots[slot];
+            s.live = s.live.max(n);
+            return Ok(n);
         };
-        held[slot].truncate(own);
-        let kv = self.m.context().tuning().kv;
-        let mut copies = Vec::new();
-        for (p, w) in self.pool.iter().zip(self.m.kv_widths()) {
-            let (Some((k, v, stride)), Some(kvd)) = (p, w) else {
-                continue;
-            };
-            let (at, size) = kv.span((own * kvd) as u64, (n * kvd) as u64);
-            let (src, dst) = (from as u64 * stride + at, slot as u64 * stride + at);
-            copies.push((k, src, dst, size));
-            copies.push((v, src, dst, size));
+        // Positions own.. come from `from`'s pages: from the page holding `own` on.
+        let first = own / KV_PAGE;
+        let last = n.div_ceil(KV_PAGE);
+        b.cut(slot, first);
+        for i in first..last {
+            let p = b.slots[from].table[i];
+            b.refs[p as usize] += 1;
+            b.slots[slot].table.push(p);
         }
-        self.m.context().copy_within(&copies)?;
-        held[slot].extend_from_slice(&want[own..n]);
+        let s = &mut b.slots[slot];
+        s.tokens.truncate(own.min(first * KV_PAGE));
+        s.tokens.extend_from_slice(&want[s.tokens.len()..n]);
+        s.live = n;
+        self.write_table(&b, slot)?;
         Ok(n)
     }
 
@@ -389,9 +662,11 @@ impl VkBatch {
         let per = runner.batch_cols().max(1);
         let t0 = std::time::Instant::now();
         for (chunk, cs) in seqs.chunks_mut(per).zip(cols.chunks(per)) {
-            for &(slot, pos, _) in cs {
-                self.note_write(slot as usize, pos as usize);
-            }
+            let items: Vec<(usize, usize, usize)> = cs
+                .iter()
+                .map(|&(slot, pos, _)| (slot as usize, pos as usize, pos as usize + 1))
+                .collect();
+            self.prepare_all(&items)?;
             runner.run_batch(cs, greedy)?;
             for (i, (r, t, out)) in chunk.iter_mut().enumerate() {
                 match out {
@@ -549,5 +824,82 @@ impl BatchStepper for VkBatchStepper {
                 Err(p) => StepOutcome::Panicked(panic_message(&**p)),
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every page is free or named by tables as often as its count says, never both.
+    fn check(b: &Book) {
+        let mut named = vec![0u32; b.refs.len()];
+        for s in &b.slots {
+            assert!(s.tokens.len() <= s.table.len() * KV_PAGE);
+            for &p in &s.table {
+                named[p as usize] += 1;
+            }
+        }
+        assert_eq!(named, b.refs);
+        let mut free = b.free.clone();
+        free.sort_unstable();
+        free.dedup();
+        assert_eq!(free.len(), b.free.len(), "a page freed twice");
+        for &p in &b.free {
+            assert_eq!(b.refs[p as usize], 0, "page {p} free and named");
+        }
+        let zero = b.refs.iter().filter(|&&r| r == 0).count();
+        assert_eq!(zero, b.free.len(), "a page neither free nor named");
+    }
+
+    /// Cutting tables with shared pages and taking pages back keep the counts right, in
+    /// the order the module describes (slots without a runner first, live pages kept).
+    #[test]
+    fn book_counts() {
+        let pages = 12;
+        let mut b = Book {
+            free: Vec::new(),
+            refs: vec![0; pages],
+            slots: (0..3).map(|_| SlotPages::default()).collect(),
+            clock: 0,
+        };
+        // Slot 0: pages 0-4 (80 tokens, live 70, leased); slot 1 shares 0-2 and has 5-6
+        // (live 100, leased); slot 2: 7-9, no runner; 10-11 free.
+        let set = |b: &mut Book, s: usize, t: Vec<u32>, live: usize, leased: bool| {
+            for &p in &t {
+                b.refs[p as usize] += 1;
+            }
+            let sp = &mut b.slots[s];
+            sp.tokens = vec![7; t.len() * KV_PAGE];
+            sp.table = t;
+            sp.live = live;
+            sp.leased = leased;
+        };
+        set(&mut b, 0, vec![0, 1, 2, 3, 4], 70, true);
+        set(&mut b, 1, vec![0, 1, 2, 5, 6], 80, true);
+        set(&mut b, 2, vec![7, 8, 9], 0, false);
+        b.free = vec![10, 11];
+        check(&b);
+        // Five free pages: slot 2's three first, then nothing of the leased slots' live
+        // pages (slot 0 keeps 5 pages for 70 positions, slot 1 keeps 5 for 80).
+        b.reclaim(5, &[]);
+        check(&b);
+        assert_eq!(b.free.len(), 5);
+        assert!(b.slots[2].table.is_empty() && b.slots[2].tokens.is_empty());
+        // Slot 0 ends at 20 positions: asked for 8, pages 4, 3, 2 go (but 2 is still
+        // slot 1's: 7 free), and pages 0-1 stay.
+        b.slots[0].live = 20;
+        b.reclaim(8, &[]);
+        check(&b);
+        assert_eq!(b.slots[0].table, vec![0, 1]);
+        assert_eq!(b.free.len(), 7);
+        assert_eq!(b.refs[2], 1);
+        // Skipped slots keep their pages even when the others run out.
+        b.slots[1].live = 0;
+        b.reclaim(pages, &[1]);
+        check(&b);
+        assert_eq!(b.slots[1].table.len(), 5);
+        b.cut(1, 0);
+        check(&b);
     }
 }

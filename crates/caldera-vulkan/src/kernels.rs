@@ -318,8 +318,8 @@ pub const ATTN_FLASH_PUSH_BYTES: u32 = 48;
 /// `attn_decode` push constants: `n_heads, n_kv, hd, n_rot, flags, ld_qkv, window, hpw,
 /// n_chunks, max_splits, split` (u32), `eps, scale, softcap` (f32).
 pub const ATTN_DECODE_PUSH_BYTES: u32 = 56;
-/// `attn_batch` push constants: [`ATTN_DECODE_PUSH_BYTES`]'s words, then `slot_elems`
-/// (u32). Flag 16: also write the output as int8 blocks (bindings 10, 11) for the
+/// `attn_batch` push constants: [`ATTN_DECODE_PUSH_BYTES`]'s words, then `slot_pages`
+/// (u32: page-table entries per pool slot, [`crate::KV_PAGE`] positions a page). Flag 16: also write the output as int8 blocks (bindings 10, 11) for the
 /// batched o-projection.
 pub const ATTN_BATCH_PUSH_BYTES: u32 = 60;
 /// `mvqn_*` push constants: `k, rows, y_offset, ld_y, flags` (u32), `cap` (f32).
@@ -702,14 +702,14 @@ pub const KERNELS: [KernelDesc; 217] = [
         Kernel::RopeKv,
         "rope_kv",
         spv!("rope_kv"),
-        7,
+        8,
         ROPE_KV_PUSH_BYTES,
     ),
     plain(
         Kernel::Attention,
         "attention",
         spv!("attention"),
-        6,
+        7,
         ATTENTION_PUSH_BYTES,
     ),
     plain(
@@ -801,13 +801,13 @@ pub const KERNELS: [KernelDesc; 217] = [
     )),
     KernelDesc {
         // q, k row, score and k / v tile arrays (attn_decode.comp), a few per-head
-        // values and a reduction slot per invocation (up to 256).
-        shared_bytes: (2048 + 512 + 1024 + 4224 + 32 + 1 + 256) * 4,
+        // values, a reduction slot per invocation (up to 256) and the split's pages.
+        shared_bytes: (2048 + 512 + 1024 + 4224 + 32 + 1 + 256 + 9) * 4,
         ..plain(
             Kernel::AttnDecode,
             "attn_decode",
             spv!("attn_decode"),
-            13,
+            14,
             ATTN_DECODE_PUSH_BYTES,
         )
     },
@@ -893,13 +893,14 @@ pub const KERNELS: [KernelDesc; 217] = [
     mmt(Kernel::MmtIQ4XS, "mmt_iq4_xs", spv!("mmt_iq4_xs")),
     KernelDesc {
         invocations: 128,
-        // q, k/v and score tiles, per-row max / sum / rescale (attn_flash.comp).
-        shared_bytes: (4352 + 2176 + 1024 + 3 * 64) * 4,
+        // q, k/v and score tiles, per-row max / sum / rescale, the tile's cache rows
+        // (attn_flash.comp).
+        shared_bytes: (4352 + 2176 + 1024 + 3 * 64 + 32) * 4,
         ..plain(
             Kernel::AttnFlash,
             "attn_flash",
             spv!("attn_flash"),
-            6,
+            7,
             ATTN_FLASH_PUSH_BYTES,
         )
     },
@@ -1021,12 +1022,12 @@ pub const KERNELS: [KernelDesc; 217] = [
     )),
     KernelDesc {
         // As attn_decode's (attn_batch.comp is attn_decode.comp per column).
-        shared_bytes: (2048 + 256 + 1024 + 4224 + 32 + 256) * 4,
+        shared_bytes: (2048 + 256 + 1024 + 4224 + 32 + 256 + 9) * 4,
         ..plain(
             Kernel::AttnBatch,
             "attn_batch",
             spv!("attn_batch"),
-            13,
+            14,
             ATTN_BATCH_PUSH_BYTES,
         )
     },
@@ -1085,7 +1086,7 @@ pub const KERNELS: [KernelDesc; 217] = [
             Kernel::AttnDec,
             "attn_dec",
             spv!("attn_dec"),
-            13,
+            14,
             ATTN_DECODE_PUSH_BYTES,
         )
     },
@@ -1096,7 +1097,7 @@ pub const KERNELS: [KernelDesc; 217] = [
             Kernel::AttnDecBatch,
             "attn_dec_batch",
             spv!("attn_dec_batch"),
-            10,
+            11,
             ATTN_BATCH_PUSH_BYTES,
         )
     },

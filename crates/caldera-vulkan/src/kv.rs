@@ -4,6 +4,27 @@
 
 use crate::memory::Buffer;
 
+/// Positions per page of the KV cache (`KV_PAGE` in `shaders/kv.glsl`): a cache is a
+/// pool of pages, and a sequence's position p lives in row `table[p / KV_PAGE] *
+/// KV_PAGE + p % KV_PAGE` of it, `table` its page table (u32 page ids, a device buffer
+/// every kernel touching the cache binds). 16 as the CPU backend's pages and the
+/// server's admission budget: a page of a 32-bit f16 cache with 8 kv heads of 128 is
+/// 32 KiB per layer and K or V, and a decode split (32-128 positions) spans 2-9 pages,
+/// which `attn_decode` looks up once per workgroup.
+pub const KV_PAGE: usize = 16;
+
+/// Page-table entries for `cap` positions.
+pub fn table_entries(cap: usize) -> usize {
+    cap.div_ceil(KV_PAGE).max(1)
+}
+
+/// Page-table entries per slot of a shared table (a slot's entries start at a multiple
+/// of [`Buffer::VIEW_ALIGN`] bytes, so a sequence binds its own as a view).
+pub fn slot_table_entries(cap: usize) -> usize {
+    let unit = (Buffer::VIEW_ALIGN / 4) as usize;
+    table_entries(cap).next_multiple_of(unit)
+}
+
 /// The element type of the KV cache, chosen per [`crate::Context`]
 /// ([`crate::ContextOptions::kv_type`], `CALDERA_VK_KV=f32|f16|q8_0`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -71,27 +92,6 @@ impl KvType {
         }
     }
 
-    /// The byte stride of a pool slot holding `values` values: whole multiples of
-    /// [`Buffer::VIEW_ALIGN`] (a slot is a descriptor range) and, for q8_0, of a block
-    /// (so a slot starts at a whole block).
-    pub fn slot_stride(self, values: u64) -> u64 {
-        let unit = match self {
-            KvType::Q8_0 => lcm(36, Buffer::VIEW_ALIGN),
-            _ => Buffer::VIEW_ALIGN,
-        };
-        self.bytes(values).next_multiple_of(unit)
-    }
-
-    /// The values that `bytes` (a [`KvType::slot_stride`]) hold: a pool slot's size in
-    /// the kernels' element addressing.
-    pub fn values_in(self, bytes: u64) -> u64 {
-        match self {
-            KvType::F32 => bytes / 4,
-            KvType::F16 => bytes / 2,
-            KvType::Q8_0 => bytes / 36 * 32,
-        }
-    }
-
     /// Why heads of `head_dim` cannot use this cache, if they cannot.
     pub fn unsupported_head(self, head_dim: usize) -> Option<String> {
         (self == KvType::Q8_0 && !head_dim.is_multiple_of(32)).then(|| {
@@ -109,14 +109,6 @@ impl std::fmt::Display for KvType {
     }
 }
 
-fn lcm(a: u64, b: u64) -> u64 {
-    let (mut x, mut y) = (a, b);
-    while y != 0 {
-        (x, y) = (y, x % y);
-    }
-    a / x * b
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,12 +119,10 @@ mod tests {
         assert_eq!(KvType::F16.bytes(96), 192);
         assert_eq!(KvType::F16.bytes(3), 8);
         assert_eq!(KvType::Q8_0.bytes(96), 108);
-        // 2304 bytes = 64 blocks = 9 x 256.
-        assert_eq!(KvType::Q8_0.slot_stride(1), 2304);
-        assert_eq!(KvType::Q8_0.slot_stride(64 * 32 + 1), 4608);
-        assert_eq!(KvType::Q8_0.values_in(4608), 4096);
-        assert_eq!(KvType::F16.slot_stride(129), 512);
-        assert_eq!(KvType::F16.values_in(512), 256);
+        assert_eq!(table_entries(0), 1);
+        assert_eq!(table_entries(33), 3);
+        assert_eq!(slot_table_entries(33), 64);
+        assert_eq!(slot_table_entries(16 * 65), 128);
         for t in KvType::ALL {
             assert_eq!(KvType::parse(t.name()), Some(t));
         }

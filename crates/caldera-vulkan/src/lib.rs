@@ -20,7 +20,7 @@
 //!   MoE MLPs) behind `caldera_model::Runner`, each step recorded once and replayed with
 //!   one submit;
 //! - [`batch`]: batched decode of several sequences (server slots) in one step, over
-//!   pooled KV caches.
+//!   a paged KV cache (page pools, per-sequence page tables).
 //!
 //! Shaders are GLSL under `shaders/`, compiled by `build-shaders.sh` into the committed
 //! SPIR-V in `shaders/spv/` (see README.md).
@@ -46,7 +46,7 @@ pub use context::{Context, ContextOptions, UploadProgress, ENV_NO_SUBGROUP};
 pub use device::{list_devices, DeviceInfo, DeviceType, MemoryHeap, ENV_VALIDATION};
 pub use error::{Result, VkError};
 pub use kernels::{Kernel, KernelDesc, Tuning, KERNELS};
-pub use kv::KvType;
+pub use kv::{KvType, KV_PAGE};
 pub use memory::{Buffer, DeviceTensor, MemoryKind, TensorPiece};
 pub use model::{BatchMm, StepStats, VkModel, VkRunner};
 pub use record::{Binding, Recorder, Recording};

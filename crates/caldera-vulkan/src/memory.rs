@@ -107,8 +107,8 @@ impl Buffer {
     pub const VIEW_ALIGN: u64 = 256;
 
     /// Bytes `offset .. offset + size` of this device-local buffer as a buffer of their
-    /// own (sharing its memory), for binding part of a buffer: a sequence's region of a
-    /// pooled KV cache. `offset` must be a multiple of [`Buffer::VIEW_ALIGN`] and `size`
+    /// own (sharing its memory), for binding part of a buffer: a sequence's page table
+    /// or recurrent states in a batch's pools. `offset` must be a multiple of [`Buffer::VIEW_ALIGN`] and `size`
     /// of 4.
     pub fn view(&self, offset: u64, size: u64) -> Result<Buffer> {
         let base = self.offset() + offset;

@@ -923,8 +923,16 @@ pub struct VkRunner {
     /// The block sums of int8 pair 0's values in a batched step (`quant_rows` writes
     /// them for the `Mvqn` right after it, which reads them instead of summing itself).
     xsum: Buffer,
-    /// K and V caches of the attention layers.
+    /// K and V caches of the attention layers: pools of pages (`kv.glsl`'s paging).
     kv: Vec<Option<(Buffer, Buffer)>>,
+    /// The page table the kernels bind (u32 page ids; the identity for a runner with
+    /// caches of its own; a [`VkBatch`](crate::VkBatch) sequence's: a view of its slot's
+    /// entries of the batch's table; the batched runner's: every slot's).
+    kv_table: Buffer,
+    /// Where the step copies `kv_table` from at its start (host-visible buffer, byte
+    /// offset, bytes): the batch's host copy of the tables, which it updates as pages
+    /// are taken and given back (`None` for the identity table).
+    kv_table_src: Option<(Buffer, u64, u64)>,
     /// The recurrent mixers' states (zeroed at position 0).
     states: Vec<Option<RecurrentState>>,
     /// RoPE table per layer (shared between layers with equal specs).
@@ -993,31 +1001,44 @@ pub struct VkRunner {
     /// The batched-decode runner of a [`VkBatch`](crate::VkBatch): its steps are
     /// columns of different sequences (`attn_batch` over the pooled caches).
     batch: Option<BatchMode>,
-    /// The pool slot whose region of a [`VkBatch`](crate::VkBatch)'s caches this
-    /// runner's KV caches are (freed when the runner is dropped).
+    /// The pool slot of a [`VkBatch`](crate::VkBatch) whose page table this runner's
+    /// KV caches go through (freed when the runner is dropped).
     pub(crate) lease: Option<crate::batch::SlotLease>,
+}
+
+/// A page table that a [`VkBatch`](crate::VkBatch) keeps: the device buffer (or view)
+/// the kernels bind, and where each step copies it from (a host-visible buffer, byte
+/// offset, bytes).
+pub(crate) struct PageTable {
+    pub(crate) dev: Buffer,
+    pub(crate) host: Buffer,
+    pub(crate) host_at: u64,
+    pub(crate) bytes: u64,
 }
 
 /// Where a runner's KV caches and recurrent states come from.
 pub(crate) enum KvSource {
-    /// Its own buffers.
+    /// Its own buffers (and an identity page table).
     Own,
-    /// Per layer, views of a pool slot's region (`None` for layers without attention /
+    /// Per layer, the page pools of a batch (`None` for layers without attention), the
+    /// sequence's page table in it, and views of its slot's recurrent states (`None`
     /// without a recurrent mixer).
     Views {
         kv: Vec<Option<(Buffer, Buffer)>>,
         states: Vec<Option<RecurrentState>>,
+        table: PageTable,
     },
-    /// A batched-decode runner of up to `cols` columns over the whole pools, with the
-    /// cache values per pool slot of each layer, and per recurrent layer its state
-    /// pools and their (conv, S) values per slot.
+    /// A batched-decode runner of up to `cols` columns over the whole pools and every
+    /// slot's page table (`slot_pages` entries a slot), and per recurrent layer its
+    /// state pools and their (conv, S) values per slot.
     Batch {
         pool: Vec<Option<(Buffer, Buffer)>>,
         states: Vec<Option<RecurrentState>>,
         state_strides: Vec<(usize, usize)>,
         slots: usize,
         cols: usize,
-        slot_elems: Vec<u32>,
+        slot_pages: u32,
+        table: PageTable,
         mm: BatchMm,
     },
 }
@@ -1053,7 +1074,8 @@ impl BatchMm {
 
 struct BatchMode {
     cols: usize,
-    slot_elems: Vec<u32>,
+    /// Page-table entries per pool slot.
+    slot_pages: u32,
     /// Per layer, the (conv, S) values per pool slot of its recurrent state pools.
     state_strides: Vec<(usize, usize)>,
     slots: usize,
@@ -1297,7 +1319,8 @@ impl VkRunner {
                 kv.push(Some(cache));
             } else {
                 let kvd = at.attn.n_kv_heads * at.attn.head_dim;
-                let n = cap
+                // Whole pages, in the identity table's order.
+                let n = (crate::kv::table_entries(cap) * crate::kv::KV_PAGE)
                     .checked_mul(kvd)
                     .ok_or_else(|| VkError::Invalid("KV cache size overflows".into()))?;
                 let words = (ctx.tuning().kv.bytes(n as u64) / 4) as usize;
@@ -1361,22 +1384,36 @@ impl VkRunner {
             KvSource::Batch { cols, .. } => *cols,
             _ => (ctx.max_buffer_bytes() / (vocab as u64 * 4)).clamp(1, chunk as u64) as usize,
         };
-        let batch = match src {
+        let (batch, table) = match src {
             KvSource::Batch {
                 cols,
-                slot_elems,
+                slot_pages,
                 state_strides,
                 slots,
                 mm,
+                table,
                 ..
-            } => Some(BatchMode {
-                cols,
-                slot_elems,
-                state_strides,
-                slots,
-                mm,
-            }),
-            _ => None,
+            } => (
+                Some(BatchMode {
+                    cols,
+                    slot_pages,
+                    state_strides,
+                    slots,
+                    mm,
+                }),
+                Some(table),
+            ),
+            KvSource::Views { table, .. } => (None, Some(table)),
+            KvSource::Own => (None, None),
+        };
+        let (kv_table, kv_table_src) = match table {
+            Some(t) => (t.dev, Some((t.host, t.host_at, t.bytes))),
+            None => {
+                let ids: Vec<u8> = (0..crate::kv::table_entries(cap) as u32)
+                    .flat_map(u32::to_le_bytes)
+                    .collect();
+                (ctx.upload(&ids)?, None)
+            }
         };
         Ok(VkRunner {
             stats: StepStats {
@@ -1405,6 +1442,8 @@ impl VkRunner {
             attn_part,
             attn_count,
             kv,
+            kv_table,
+            kv_table_src,
             states,
             rope,
             ple,
@@ -1586,6 +1625,9 @@ impl VkRunner {
         let rec = ctx.record_with(profiled, |r: &mut Recorder<'_>| {
             r.copy(&self.x_in, &self.x, in_bytes)?;
             r.copy(&self.step, &self.step_dev, self.step.size())?;
+            if let Some((host, at, bytes)) = &self.kv_table_src {
+                r.copy_at(host, *at, &self.kv_table, 0, *bytes)?;
+            }
             if let (Some(pb), Some(p)) = (&self.ple, &m.ple) {
                 let row = (p.shape.n_layers * p.shape.dpl * 4) as u64;
                 r.copy(&pb.tok_in, &pb.tok, bucket as u64 * row)?;
@@ -1847,10 +1889,7 @@ impl VkRunner {
             let gsize = nh / nkv;
             let (kernel, hpw, n_chunks, split, max_splits, _) =
                 self.attn_launch(gsize, hd, true, l.sinks.is_some());
-            let slot_elems = *bm
-                .slot_elems
-                .get(li)
-                .ok_or_else(|| VkError::Invalid(format!("layer {li}: no pooled KV cache")))?;
+            let slot_pages = bm.slot_pages;
             let bufs = [
                 &self.qkv,
                 kc,
@@ -1870,7 +1909,10 @@ impl VkRunner {
             // attn_dec_batch has no int8 output yet (the o-projection quantizes its
             // input itself then).
             let dec = kernel == Kernel::AttnDecBatch;
-            let binding = wg_bind(kernel, &bufs[..kernel.desc().bindings as usize])?;
+            // The page tables follow the kernel's other bindings.
+            let mut bufs = bufs[..kernel.desc().bindings as usize - 1].to_vec();
+            bufs.push(&self.kv_table);
+            let binding = wg_bind(kernel, &bufs)?;
             let o_q8 = !dec
                 && self.batch_q8(l.o.ty, l.o.k as u64, b)
                 && hd.is_multiple_of(32)
@@ -1893,7 +1935,7 @@ impl VkRunner {
                 eps.to_bits(),
                 a.scale.to_bits(),
                 a.softcap.unwrap_or(0.0).to_bits(),
-                slot_elems,
+                slot_pages,
             ]);
             let groups = (bucket * nkv * n_chunks * max_splits) as u64;
             ops.push(("attention", Op::Kernel(binding, push, groups)));
@@ -1935,6 +1977,7 @@ impl VkRunner {
                     &self.attn_part,
                     &self.attn_count,
                     l.sinks.as_ref().unwrap_or(dummy),
+                    &self.kv_table,
                 ],
             )?;
             let q8_flag = if o_q8 { 16 } else { 0 };
@@ -1991,6 +2034,7 @@ impl VkRunner {
                     l.k_norm.as_ref().unwrap_or(dummy),
                     rope_buf,
                     &self.step_dev,
+                    &self.kv_table,
                 ],
             )?;
             // A KV-shared layer rotates its q heads only.
@@ -2020,6 +2064,7 @@ impl VkRunner {
                 ld_qkv: ld_qkv as u64,
                 k_cache: kc,
                 v_cache: vc,
+                table: &self.kv_table,
                 out: &self.att,
                 step: &self.step_dev,
                 max_tokens: b,
@@ -3001,7 +3046,9 @@ impl VkRunner {
         }
         ctx.write_mapped(&self.step, 0, &bytes)?;
         if let Some(l) = &self.lease {
-            l.batch.note_write(l.slot, self.len);
+            // Pages for every position the step writes (an error, before anything ran,
+            // when the pool has none left), copies of shared ones it writes into.
+            l.batch.prepare(l.slot, self.len, self.len + n)?;
         }
         let step = &self.steps[&key];
         let t0 = std::time::Instant::now();
@@ -3167,8 +3214,8 @@ impl caldera_model::Runner for VkRunner {
     }
 
     /// A sequence of a [`VkBatch`](crate::VkBatch) takes the longest prefix of `tokens`
-    /// that its pool holds (`VkBatch::reuse`: its own region's
-    /// positions past its length, or another slot's, copied on the device).
+    /// that its pool holds (`VkBatch::reuse`: its own pages' positions past its length,
+    /// or another slot's pages, which its table then names too).
     fn reuse_prefix(&mut self, tokens: &[u32], limit: usize) -> usize {
         let Some(l) = &self.lease else {
             return self.len;
@@ -3176,8 +3223,8 @@ impl caldera_model::Runner for VkRunner {
         if self.states.iter().any(Option::is_some) {
             return self.len;
         }
-        // A failed copy (a lost device) leaves the sequence as it was; its next step
-        // reports the error.
+        // A failed reuse (a lost device writing the table) leaves the sequence as it was;
+        // its next step reports the error.
         if let Ok(n) = l.batch.reuse(l.slot, self.len, tokens, limit.min(self.cap)) {
             if self.trace && n > self.len {
                 eprintln!("reused {} positions of the pool", n - self.len);
@@ -3187,9 +3234,9 @@ impl caldera_model::Runner for VkRunner {
         self.len
     }
 
-    /// A sequence of a [`VkBatch`](crate::VkBatch): what it computed stays in its pool
-    /// slot's region for any sequence's `reuse_prefix` after it is emptied, until a
-    /// step writes over it.
+    /// A sequence of a [`VkBatch`](crate::VkBatch): what it computed stays in its pages
+    /// for any sequence's `reuse_prefix` after it is emptied, until a step writes over it
+    /// or the pool takes them back.
     fn shares_prefixes(&self) -> bool {
         // Not with recurrent states: they are not lent (no snapshots on Vulkan yet), so
         // an idle slot keeps its sequence for its own next request.
@@ -3202,8 +3249,12 @@ impl caldera_model::Runner for VkRunner {
         }
         if self.states.iter().all(Option::is_none) {
             // The KV cache keeps every position; later tokens overwrite what follows n
-            // (a pool slot's region stays lendable until then: `VkBatch::reuse`).
+            // (a batch sequence's pages past n stay lendable, and are the first its
+            // batch takes back when the pool runs short: `VkBatch::reuse`).
             self.len = n;
+            if let Some(l) = &self.lease {
+                l.batch.note_len(l.slot, n);
+            }
             return true;
         }
         // Recurrent states keep only the latest position: they cannot rewind, but they
@@ -3215,6 +3266,9 @@ impl caldera_model::Runner for VkRunner {
             return false;
         }
         self.len = 0;
+        if let Some(l) = &self.lease {
+            l.batch.note_len(l.slot, 0);
+        }
         true
     }
 

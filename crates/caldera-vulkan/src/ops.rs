@@ -1059,9 +1059,12 @@ pub struct AttnIo<'a> {
     /// Rows of q | k | v per token (q read), `ld_qkv` floats apart.
     pub qkv: &'a Buffer,
     pub ld_qkv: u64,
-    /// Caches `[position][kv head][head_dim]` (`kv.glsl`'s layouts).
+    /// Caches `[row][kv head][head_dim]`, rows the pages' positions (`kv.glsl`'s layouts).
     pub k_cache: &'a Buffer,
     pub v_cache: &'a Buffer,
+    /// The page table (u32 page ids: position p at row `table[p / KV_PAGE] * KV_PAGE +
+    /// p % KV_PAGE`, [`crate::KV_PAGE`]).
+    pub table: &'a Buffer,
     /// Output rows of `n_heads * head_dim` per token.
     pub out: &'a Buffer,
     /// Step values: `[tokens, first position, ..]` (u32).
@@ -1131,6 +1134,7 @@ impl PrefillAttention {
             io.out,
             io.step,
             io.sinks.unwrap_or(io.step),
+            io.table,
         ];
         let softcap = s.softcap.unwrap_or(0.0).to_bits();
         let ld = u32_of(io.ld_qkv, "qkv width")?;

@@ -333,7 +333,20 @@ impl Recorder<'_> {
     /// Copies `size` bytes from `src` (from byte 0) to `dst` (from byte 0), then makes
     /// the copy visible to later dispatches and to host reads after the submit.
     pub fn copy(&mut self, src: &Buffer, dst: &Buffer, size: u64) -> Result<()> {
-        if size == 0 || size > src.size() || size > dst.size() {
+        self.copy_at(src, 0, dst, 0, size)
+    }
+
+    /// [`Recorder::copy`] of bytes `src_at ..` of `src` to `dst_at ..` of `dst`.
+    pub fn copy_at(
+        &mut self,
+        src: &Buffer,
+        src_at: u64,
+        dst: &Buffer,
+        dst_at: u64,
+        size: u64,
+    ) -> Result<()> {
+        let fits = |at: u64, b: &Buffer| at.checked_add(size).is_some_and(|e| e <= b.size());
+        if size == 0 || !fits(src_at, src) || !fits(dst_at, dst) {
             return Err(VkError::Invalid(format!(
                 "copying {size} bytes between buffers of {} and {}",
                 src.size(),
@@ -342,8 +355,8 @@ impl Recorder<'_> {
         }
         let dev = self.ctx.device();
         let region = [vk::BufferCopy {
-            src_offset: src.offset(),
-            dst_offset: dst.offset(),
+            src_offset: src.offset() + src_at,
+            dst_offset: dst.offset() + dst_at,
             size,
         }];
         let before = [vk::MemoryBarrier::default()

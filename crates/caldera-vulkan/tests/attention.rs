@@ -7,7 +7,8 @@
 //! sinks, f16, f32 and q8_0 caches (q8_0 on heads of multiples of 32; the CPU twin reads
 //! the cache's own rounding of the uploaded values, the token's k / v in f32, and the
 //! token's row must land in the cache within the type's rounding), workgroups of 32, 64
-//! and 128 and both reduction variants. Skips without a Vulkan device unless
+//! and 128 and both reduction variants; the cache is a pool of pages named by a scrambled
+//! page table (odd capacities: a partly used last page; spare pages that must not change). Skips without a Vulkan device unless
 //! `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
@@ -15,7 +16,9 @@ mod common;
 use caldera_vulkan::kernels::{attn_dec_shape, attn_split};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Context, ContextOptions, Kernel, KvType, MemoryKind};
-use common::{kv_row_mismatch, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words};
+use common::{
+    kv_row_mismatch, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words, Pages, PAGE,
+};
 use rand::rngs::StdRng;
 
 struct Case {
@@ -70,11 +73,19 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let eps = 1e-6f32;
     let scale = 1.0 / (hd as f32).sqrt();
     let qkv = random_vec(rng, ld, 1.0);
-    let mut kc = random_vec(rng, c.cap * kvd, 1.0);
-    let mut vc = random_vec(rng, c.cap * kvd, 1.0);
-    // The cache in the context's format (f16 / q8_0 round the values the CPU twin reads
-    // too).
-    let (kc_b, vc_b) = (upload_kv(ctx, &mut kc), upload_kv(ctx, &mut vc));
+    // The cache in pages of a scrambled table (with spare pages of junk), in the
+    // context's format (f16 / q8_0 round the values the CPU twin reads too).
+    let pages = Pages::scrambled(rng, 1, c.cap, 3);
+    let logical = random_vec(rng, c.cap * kvd, 1.0);
+    let mut kpool = pages.scatter(rng, &[logical], kvd);
+    let logical = random_vec(rng, c.cap * kvd, 1.0);
+    let mut vpool = pages.scatter(rng, &[logical], kvd);
+    let (kc_b, vc_b) = (upload_kv(ctx, &mut kpool), upload_kv(ctx, &mut vpool));
+    let kc = pages.gather(&kpool, 0, c.cap, kvd);
+    let vc = pages.gather(&vpool, 0, c.cap, kvd);
+    let table_b = ctx
+        .upload(&pages.table_bytes(c.cap.div_ceil(PAGE)))
+        .unwrap();
     let qn = random_vec(rng, hd, 1.5);
     let kn = random_vec(rng, hd, 1.5);
     let table = rope_table(c.cap, c.n_rot);
@@ -208,7 +219,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
             kernel,
             &[
                 &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &xq, &xd, &part, &count,
-                &sinks_b,
+                &sinks_b, &table_b,
             ],
         )
         .unwrap();
@@ -285,11 +296,23 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
             want[i]
         );
     }
-    // The token's k and v landed in the caches at pos (rounded to the cache's type).
-    let kc_got = read_kv(ctx, &kc_b, c.cap * kvd);
-    let vc_got = read_kv(ctx, &vc_b, c.cap * kvd);
+    // The token's k and v landed in the caches at pos's row (rounded to the cache's
+    // type), and nothing else changed.
+    let n_pool = pages.n_pages * PAGE * kvd;
+    let kc_got = read_kv(ctx, &kc_b, n_pool);
+    let vc_got = read_kv(ctx, &vc_b, n_pool);
+    let own = pages.row(0, c.pos) * kvd;
+    for (name, got, was) in [("k", &kc_got, &kpool), ("v", &vc_got, &vpool)] {
+        for i in (0..n_pool).filter(|&i| i < own || i >= own + kvd) {
+            assert!(
+                got[i] == was[i],
+                "{what}: {name} pool value {i} (row {}) changed",
+                i / kvd
+            );
+        }
+    }
     for (g, (k, v)) in kv_new.iter().enumerate() {
-        let at = c.pos * kvd + g * hd;
+        let at = own + g * hd;
         for (name, got, want) in [("k", &kc_got, k), ("v", &vc_got, v)] {
             let row = &got[at..at + hd];
             if let Some(i) = kv_row_mismatch(ctx, row, want) {

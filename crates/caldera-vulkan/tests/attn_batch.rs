@@ -1,7 +1,8 @@
 //! `attn_batch` and `attn_dec_batch` (batched decode attention: per column q/k norm,
 //! RoPE, the KV write into its own slot of the pooled caches, split attention over that
 //! slot; `attn_dec_batch` also with few blocks of many tiles) against a CPU
-//! twin on fresh random inputs: 1, 3, 8 and 16 columns over pools of odd slot counts,
+//! twin on fresh random inputs: 1, 3, 8 and 16 columns over pools of odd slot counts
+//! whose caches are pages in scrambled order (odd table strides, spare pages),
 //! each column at its own position in its own slot, dispatched over the column count's
 //! bucket (the padding columns must do nothing); several head layouts, positions that
 //! need one and many splits, windows, softcap, both RoPE styles, the output gate,
@@ -9,7 +10,8 @@
 //! f16, f32 and q8_0 KV formats and both reduction variants; the int8 output for the
 //! o-projection (8 and 16 columns: each column's blocks of 32 as `quant_rows` makes
 //! them from the f32 output). The whole pool is read back: only each column's (slot,
-//! position) row may change, to the token's k / v in the cache's rounding. Skips
+//! position) row (through its table) may change, to the token's k / v in the cache's
+//! rounding. Skips
 //! without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
@@ -17,7 +19,9 @@ mod common;
 use caldera_vulkan::kernels::{attn_dec_shape, attn_split};
 use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Context, ContextOptions, Kernel, KvType, MemoryKind};
-use common::{kv_row_mismatch, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words};
+use common::{
+    kv_row_mismatch, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv, words, Pages, PAGE,
+};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -137,15 +141,17 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let gates = if c.gate { nh } else { 0 };
     let ld = (nh + 2 * nkv + gates) * hd;
     let kv = ctx.tuning().kv;
-    // The pool's layout (as VkBatch makes it): slots of whole 256-byte multiples (and
-    // whole q8_0 blocks).
-    let stride = kv.slot_stride((c.cap * kvd) as u64);
-    let slot_elems = kv.values_in(stride) as usize;
+    // A pool of pages, each slot's in scrambled order (and spare pages of junk), the
+    // tables `slot_pages` entries apart (an odd stride, more than a slot needs).
+    let pages = Pages::scrambled(rng, c.slots, c.cap, 5);
+    let slot_pages = c.cap.div_ceil(PAGE) + 3;
+    let table_b = ctx.upload(&pages.table_bytes(slot_pages)).unwrap();
+    let n_pool = pages.n_pages * PAGE * kvd;
     let bucket = c.cols.next_power_of_two();
     // Rows for the whole bucket: the padding rows hold random values too.
     let qkv = random_vec(rng, bucket * ld, 1.0);
-    let mut kc = random_vec(rng, c.slots * slot_elems, 1.0);
-    let mut vc = random_vec(rng, c.slots * slot_elems, 1.0);
+    let mut kc = random_vec(rng, n_pool, 1.0);
+    let mut vc = random_vec(rng, n_pool, 1.0);
     let (kc_b, vc_b) = (upload_kv(ctx, &mut kc), upload_kv(ctx, &mut vc));
     let qn = random_vec(rng, hd, 1.5);
     let kn = random_vec(rng, hd, 1.5);
@@ -224,9 +230,10 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let bufs = [
         &qkv_b, &kc_b, &vc_b, &out, &step, &qn_b, &kn_b, &rope_b, &part, &count, &xq, &xd, &sinks_b,
     ];
-    let binding = ctx
-        .bind(kernel, &bufs[..kernel.desc().bindings as usize])
-        .unwrap();
+    // The page tables after the kernel's other bindings.
+    let mut bufs = bufs[..kernel.desc().bindings as usize - 1].to_vec();
+    bufs.push(&table_b);
+    let binding = ctx.bind(kernel, &bufs).unwrap();
     let mut flags = if q8 { 4u32 | 16 } else { 4u32 };
     if c.qk_norm {
         flags |= 3;
@@ -258,7 +265,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         eps.to_bits(),
         scale.to_bits(),
         c.softcap.to_bits(),
-        slot_elems as u32,
+        slot_pages as u32,
     ]);
     let groups = (bucket * nkv * n_chunks * max_splits) as u64;
     let rec = ctx.record(|r| r.dispatch(&binding, &push, groups)).unwrap();
@@ -269,8 +276,8 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let got = ctx.read_f32(&out, bucket * nh * hd).unwrap();
     let xq_got = ctx.read_buffer(&xq, 0, (bucket * nh * hd) as u64).unwrap();
     let xd_got = ctx.read_f32(&xd, bucket * nh * hd / 32).unwrap();
-    let kc_got = read_kv(ctx, &kc_b, c.slots * slot_elems);
-    let vc_got = read_kv(ctx, &vc_b, c.slots * slot_elems);
+    let kc_got = read_kv(ctx, &kc_b, n_pool);
+    let vc_got = read_kv(ctx, &vc_b, n_pool);
     let what = format!(
         "{} of {} slots, {nh}/{nkv} heads of {hd}, cap {}, window {}, softcap {}, norm {}, \
          interleaved {}, gate {}, sinks {}, {launch:?} (subgroup {}, kv {kv})",
@@ -286,10 +293,10 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         ctx.tuning().subgroup_reduce,
     );
     // Whether each pool value is in a column's written row.
-    let mut written = vec![false; c.slots * slot_elems];
+    let mut written = vec![false; n_pool];
     for (ci, &(slot, pos)) in cols.iter().enumerate() {
-        let base = slot * slot_elems;
-        let (kcs, vcs) = (&kc[base..base + c.cap * kvd], &vc[base..base + c.cap * kvd]);
+        let kcs = &pages.gather(&kc, slot, c.cap, kvd);
+        let vcs = &pages.gather(&vc, slot, c.cap, kvd);
         let row = &qkv[ci * ld..(ci + 1) * ld];
         let sk = c.sinks.then_some(&sinks[..]);
         let (want, kv_new) = twin(c, row, kcs, vcs, &qn, &kn, &table, sk, pos);
@@ -329,7 +336,7 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         }
         // The column's rows as written (rounded to the cache's type).
         for (g, (k, v)) in kv_new.iter().enumerate() {
-            let at = base + pos * kvd + g * hd;
+            let at = pages.row(slot, pos) * kvd + g * hd;
             for (name, pool, want) in [("k", &kc_got, k), ("v", &vc_got, v)] {
                 let row = &pool[at..at + hd];
                 if let Some(i) = kv_row_mismatch(ctx, row, want) {
@@ -344,13 +351,13 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         }
     }
     // Every other cache value untouched (as uploaded: the same rounding read back).
-    for i in (0..c.slots * slot_elems).filter(|&i| !written[i]) {
+    for i in (0..n_pool).filter(|&i| !written[i]) {
         for (name, gv, wv) in [("k", kc_got[i], kc[i]), ("v", vc_got[i], vc[i])] {
             assert!(
                 gv == wv,
-                "{what}: {name} pool [{i}] (slot {}, value {}) = {gv}, want {wv}",
-                i / slot_elems,
-                i % slot_elems
+                "{what}: {name} pool [{i}] (row {}, value {}) = {gv}, want {wv}",
+                i / kvd,
+                i % kvd
             );
         }
     }

@@ -4,7 +4,8 @@
 //! 512, gpt-oss's sinks; both `attn_flash` and `attention`; f16, f32 and q8_0 caches:
 //! the written rows within the type's rounding of the exact k / v, the attention against
 //! the CPU over the cache read back and over the CPU's own rounding), and `add_norm`
-//! (Gemma's post-norms), with both reduction variants. Skips without a Vulkan device
+//! (Gemma's post-norms), with both reduction variants. The cache is a pool of pages named
+//! by a scrambled page table. Skips without a Vulkan device
 //! unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
@@ -14,7 +15,7 @@ use caldera_vulkan::testing::test_context;
 use caldera_vulkan::{Buffer, Context, ContextOptions, Kernel, KvType};
 use common::{
     kv_round_row, kv_row_mismatch, random_vec, read_kv, rms, rng, rope, rope_table, upload_kv,
-    words,
+    words, Pages, PAGE,
 };
 use rand::rngs::StdRng;
 
@@ -65,10 +66,17 @@ fn rope_attention_case(
     let (n_rot, eps) = (hd, 1e-6f32);
     let scale = 1.0 / (hd as f32).sqrt();
     let qkv = random_vec(rng, m * ld, 1.0);
-    let mut kc = random_vec(rng, cap * kvd, 1.0);
-    let mut vc = random_vec(rng, cap * kvd, 1.0);
-    // The cache in the context's format (f16 / q8_0 round what the CPU twin reads too).
-    let (kc_b, vc_b) = (upload_kv(ctx, &mut kc), upload_kv(ctx, &mut vc));
+    // The cache in pages of a scrambled table (and spare pages), in the context's format
+    // (f16 / q8_0 round what the CPU twin reads too).
+    let pages = Pages::scrambled(rng, 1, cap, 2);
+    let logical = random_vec(rng, cap * kvd, 1.0);
+    let mut kpool = pages.scatter(rng, &[logical], kvd);
+    let logical = random_vec(rng, cap * kvd, 1.0);
+    let mut vpool = pages.scatter(rng, &[logical], kvd);
+    let (kc_b, vc_b) = (upload_kv(ctx, &mut kpool), upload_kv(ctx, &mut vpool));
+    let kc = pages.gather(&kpool, 0, cap, kvd);
+    let vc = pages.gather(&vpool, 0, cap, kvd);
+    let table_b = ctx.upload(&pages.table_bytes(cap.div_ceil(PAGE))).unwrap();
     let (qn, kn) = (random_vec(rng, hd, 1.5), random_vec(rng, hd, 1.5));
     let table = rope_table(cap, n_rot);
     let sinks = random_vec(rng, nh, 3.0);
@@ -156,7 +164,7 @@ fn rope_attention_case(
     let rk = ctx
         .bind(
             Kernel::RopeKv,
-            &[&qkv_b, &kc_b, &vc_b, &qn_b, &kn_b, &rope_b, &step],
+            &[&qkv_b, &kc_b, &vc_b, &qn_b, &kn_b, &rope_b, &step, &table_b],
         )
         .unwrap();
     let flags = 1 | 2 | 4 | if interleaved { 8 } else { 0 } | if v_norm { 64 } else { 0 };
@@ -182,6 +190,7 @@ fn rope_attention_case(
         ld_qkv: ld as u64,
         k_cache: &kc_b,
         v_cache: &vc_b,
+        table: &table_b,
         out: &out,
         step: &step,
         max_tokens: m as u64,
@@ -207,8 +216,9 @@ fn rope_attention_case(
         ctx.tuning().kv,
     );
     // rope_kv's rows in the caches: the step's k / v in the cache's rounding.
-    let kc_got = read_kv(ctx, &kc_b, cap * kvd);
-    let vc_got = read_kv(ctx, &vc_b, cap * kvd);
+    let n_pool = pages.n_pages * PAGE * kvd;
+    let kc_got = pages.gather(&read_kv(ctx, &kc_b, n_pool), 0, cap, kvd);
+    let vc_got = pages.gather(&read_kv(ctx, &vc_b, n_pool), 0, cap, kvd);
     for (r, (k, v)) in kv_rows.iter().enumerate() {
         let (t, g) = (r / nkv, r % nkv);
         let at = (p0 + t) * kvd + g * hd;

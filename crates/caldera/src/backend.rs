@@ -93,14 +93,15 @@ pub fn open_runner(args: &BackendArgs, model: Arc<Model>, ctx: usize) -> Result<
 pub type RunnerMaker = Box<dyn FnMut() -> Result<Box<dyn Runner>> + Send>;
 
 /// What runs several sequences (`serve`'s slots, `bench --batch`): a maker of their
-/// runners, what the backend is ("cpu, 8 threads"), the KV pool they share (CPU; `None`
-/// where each runner has its own cache), the KV cache bytes one token of a runner's
-/// context takes (CPU: f32 rows; Vulkan: its `--kv-type`) and the stepper of a step
-/// over them.
+/// runners, what the backend is ("cpu, 8 threads"), the KV pool they share (CPU: `pool`;
+/// Vulkan: `vk_batch`'s pages; both `None` where each runner has its own cache), the KV
+/// cache bytes one token of a runner's context takes (CPU: f32 rows; Vulkan: its
+/// `--kv-type`) and the stepper of a step over them.
 pub struct SlotRunners {
     pub make: RunnerMaker,
     pub desc: String,
     pub pool: Option<Arc<KvPool>>,
+    pub vk_batch: Option<Arc<caldera_vulkan::VkBatch>>,
     pub kv_token_bytes: u64,
     pub stepper: Box<dyn BatchStepper>,
 }
@@ -112,7 +113,10 @@ pub struct SlotRunners {
 /// step (all but Gemma 4 and attention with sinks, biases, v norm, shared KV or heads
 /// over 256), one pool of KV caches and recurrent states (`VkBatch`): their decode steps
 /// run together, one weight read for all (`CALDERA_VK_NO_BATCH=1` steps them one after
-/// another instead); otherwise each runner has its own KV cache of `ctx` tokens.
+/// another instead), and their KV caches are pages of one pool: `kv.max_pages` pages of
+/// `kv.page_tokens` tokens (in the batch's pages of `caldera_vulkan::KV_PAGE`), by
+/// default every slot's whole context; otherwise each runner has its own KV cache of
+/// `ctx` tokens.
 pub fn slot_runners(
     args: &BackendArgs,
     model: Arc<Model>,
@@ -134,6 +138,7 @@ pub fn slot_runners(
             }),
             desc,
             pool,
+            vk_batch: None,
             kv_token_bytes: sequence_state_bytes(&model, 1) - sequence_state_bytes(&model, 0),
             stepper: Box::new(SerialStepper),
         })
@@ -147,7 +152,12 @@ pub fn slot_runners(
         } else {
             // A model without a batched step, or pools larger than one buffer: the
             // slots decode one after another on their own caches.
-            match caldera_vulkan::VkBatch::new(vk.clone(), slots, ctx) {
+            let pages = match kv.max_pages {
+                Some(p) => (p * kv.page_tokens).div_ceil(caldera_vulkan::KV_PAGE),
+                None => slots * ctx.div_ceil(caldera_vulkan::KV_PAGE),
+            };
+            let mm = caldera_vulkan::BatchMm::from_env();
+            match caldera_vulkan::VkBatch::with_pages(vk.clone(), slots, ctx, pages, mm) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     eprintln!("caldera: {e}; the slots decode one after another");
@@ -169,6 +179,7 @@ pub fn slot_runners(
                 }),
                 desc,
                 pool: None,
+                vk_batch: None,
                 kv_token_bytes,
                 stepper: Box::new(SerialStepper),
             });
@@ -193,6 +204,7 @@ pub fn slot_runners(
             }),
             desc,
             pool: None,
+            vk_batch: Some(batch.clone()),
             kv_token_bytes,
             stepper: Box::new(caldera_vulkan::VkBatchStepper::new(batch)),
         })

@@ -30,9 +30,11 @@ pub struct ServeArgs {
     /// otherwise.
     #[arg(long)]
     pub ctx: Option<usize>,
-    /// KV pages (of 16 tokens) shared by all slots on the CPU backend (default: enough for
-    /// every slot's whole context). Fewer pages than that make requests wait for pages
-    /// (admission by prompt + max_tokens); cached prefixes use the pages nobody holds.
+    /// KV pages (of 16 tokens) shared by all slots: the CPU backend's pool, and on Vulkan
+    /// the batched slots' page pool (default: enough for every slot's whole context).
+    /// Fewer pages than that make requests wait for pages (admission by prompt +
+    /// max_tokens), so 8 slots of 16k context can share the memory of fewer tokens;
+    /// cached prefixes use the pages nobody holds.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=(1 << 24)))]
     pub kv_pages: Option<u64>,
     /// Most prompt tokens prefilled per scheduler step (over all slots), so streams that
@@ -100,6 +102,7 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         mut make,
         desc: backend_desc,
         pool,
+        vk_batch,
         kv_token_bytes: kv_token,
         stepper,
     } = slot_runners(&a.backend, loaded.model.clone(), ctx, slots, &kv)?;
@@ -111,8 +114,19 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         .sum();
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let state = sequence_state_bytes(&loaded.model, 0);
-    let (kv_bytes, kv_desc) = match &pool {
-        Some(p) => (
+    let (kv_bytes, kv_desc) = match (&pool, &vk_batch) {
+        (_, Some(b)) => {
+            let vk_pages = b.pages();
+            let page = caldera_vulkan::KV_PAGE;
+            (
+                kv_token * (vk_pages * page) as u64,
+                format!(
+                    "Vulkan KV pool {vk_pages} pages x {page} tokens = {} tokens shared by the slots (at most {ctx} per slot; attention-only models share prompt prefixes as pages)",
+                    vk_pages * page,
+                ),
+            )
+        }
+        (Some(p), None) => (
             (pages * p.page_bytes()) as u64,
             format!(
                 "KV pool {pages} pages x {page_tokens} tokens = {} tokens shared by the slots (at most {ctx} per slot; {})",
@@ -124,7 +138,7 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
                 }
             ),
         ),
-        None => (
+        (None, None) => (
             kv_token * (ctx * slots) as u64,
             format!(
                 "KV cache {ctx} tokens per slot at {kv_token} bytes per token, each runner its own (admission budget {pages} pages x {page_tokens} tokens)"
@@ -141,18 +155,26 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
         mib(state),
         mib(total),
     );
+    let probe = match (pool, vk_batch) {
+        (Some(p), _) => Some(Box::new(move || {
+            let s = p.stats();
+            PoolCounts {
+                in_use: s.in_use,
+                cached: s.cached,
+            }
+        }) as caldera_server::PoolProbe),
+        // The batch's pages are the server's when they are the same size.
+        (None, Some(b)) if page_tokens == caldera_vulkan::KV_PAGE => Some(Box::new(move || {
+            let (in_use, cached) = b.page_counts();
+            PoolCounts { in_use, cached }
+        })
+            as caldera_server::PoolProbe),
+        _ => None,
+    };
     let kv_plan = KvPlan {
         page_tokens,
         pages,
-        probe: pool.map(|p| {
-            Box::new(move || {
-                let s = p.stats();
-                PoolCounts {
-                    in_use: s.in_use,
-                    cached: s.cached,
-                }
-            }) as caldera_server::PoolProbe
-        }),
+        probe,
     };
     let engine = Engine {
         tokenizer,

@@ -6,7 +6,10 @@
 //! (the matmuls) and on quantized ones (int8 activations, `mvqm` and the old `mvqn`);
 //! with a q8_0 KV cache; the server's stepper; hybrids (GatedDeltaNet, Mamba2, short
 //! conv: per-slot recurrent states) and gpt-oss (sinks, biases);
-//! `caldera bench --batch`. Runs on the test device (lavapipe by default) and skips
+//! `caldera bench --batch`; the paged KV pool: a pool smaller than the slots' contexts
+//! that fragments as sequences join and leave (each still matching itself alone), and
+//! admission when the pool has no pages left; two sequences sharing a prompt's pages
+//! decoding different tokens in one step (the shared page copied on write once). Runs on the test device (lavapipe by default) and skips
 //! without one unless `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
@@ -669,5 +672,142 @@ fn vulkan_greedy_on_device_matches_host_argmax() {
         let want = caldera_engine::sampler::argmax(&l);
         assert_eq!(a.forward_argmax(&t).unwrap(), Some(want));
         t = vec![want];
+    }
+}
+
+/// The paged KV cache: a pool of 12 pages of 16 positions for 4 slots of 80 (a fifth of
+/// their whole contexts' 20 pages), sequences joining and leaving while they decode
+/// together, so that each one's pages interleave with the others' in the pool and a
+/// newcomer takes pages back from a dropped sequence's cache; every step matches each
+/// sequence decoded alone (its own contiguous cache) at 1e-4 (f32 cache and activations).
+#[test]
+fn vulkan_batch_paged_pool_fragments() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let vk = open(dev, &fx.join("qwen3"), true, true);
+    let tol = 1e-4;
+    let batch = VkBatch::with_pages(vk.clone(), 4, 80, 12, BatchMm::Auto).expect("batch");
+    assert_eq!(batch.pages(), 12);
+    let mut a = start(&batch, &vk, 0, 20, tol);
+    let b = start(&batch, &vk, 1, 35, tol);
+    let mut c = start(&batch, &vk, 2, 5, tol);
+    assert_eq!(batch.free_pages(), 12 - 2 - 3 - 1);
+    // A 20 -> 27, C 5 -> 12: pages stay as they are.
+    for _ in 0..7 {
+        step(&batch, &mut [&mut a, &mut c], tol);
+    }
+    drop(b);
+    // D (40 positions: 3 pages) while B's 3 pages only cache its tokens.
+    let mut d = start(&batch, &vk, 3, 40, tol);
+    // A 27 -> 52, C 12 -> 37, D 40 -> 65: 4 + 3 + 5 pages, taken in turns (interleaved
+    // in the pool), 3 of them back from B's cache.
+    for _ in 0..25 {
+        step(&batch, &mut [&mut a, &mut c, &mut d], tol);
+    }
+    assert_eq!(batch.free_pages(), 0);
+    // A leaves; E (30: 2 pages) takes 2 of A's 4 pages back, then decodes with C and D.
+    drop(a);
+    let mut e = start(&batch, &vk, 4, 30, tol);
+    for _ in 0..5 {
+        step(&batch, &mut [&mut e, &mut c, &mut d], tol);
+    }
+    // C alone, and a sequence decoding alone (its own step) in a fragmented pool.
+    for _ in 0..3 {
+        step(&batch, &mut [&mut c], tol);
+        let t = argmax(&d.la);
+        d.b.forward(&[t], Logits::Last, &mut d.lb).unwrap();
+        d.alone.forward(&[t], Logits::Last, &mut d.la).unwrap();
+        let err = rel_l2(&d.la, &d.lb);
+        assert!(err < tol, "D alone at {}: relative L2 {err:e}", d.b.len());
+    }
+}
+
+/// Admission on the paged pool: a step that needs pages the pool no longer has (every
+/// page held by live sequences) fails with a clear error before it runs, leaving the
+/// sequences as they were; pages come back when a sequence ends.
+#[test]
+fn vulkan_batch_paged_pool_full() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let vk = open(dev, &fx.join("qwen3"), true, true);
+    let tol = 1e-4;
+    let batch = VkBatch::with_pages(vk.clone(), 3, 64, 4, BatchMm::Auto).expect("batch");
+    // A holds 3 pages (48 positions), B the last one (16).
+    let mut a = start(&batch, &vk, 0, 48, tol);
+    let mut b = start(&batch, &vk, 1, 16, tol);
+    assert_eq!(batch.free_pages(), 0);
+    // C's prompt needs a page: refused before it runs.
+    let mut c = batch.runner().expect("a free slot");
+    let mut out = Vec::new();
+    let e = c.forward(&[1, 2, 3], Logits::Last, &mut out).unwrap_err();
+    assert!(e.to_string().contains("KV cache is full"), "{e}");
+    assert_eq!(c.len(), 0);
+    // A and B both cross into a new page: the batched step is refused, nobody advances.
+    let (ta, tb) = (argmax(&a.la), argmax(&b.la));
+    let e = batch
+        .step(&mut [(&mut a.b, ta, &mut a.lb), (&mut b.b, tb, &mut b.lb)])
+        .unwrap_err();
+    assert!(e.to_string().contains("KV cache is full"), "{e}");
+    assert_eq!((a.b.len(), b.b.len()), (48, 16));
+    // B ends: its page goes to A, which then decodes as it would alone.
+    drop(b);
+    drop(c);
+    for _ in 0..3 {
+        step(&batch, &mut [&mut a], tol);
+    }
+    assert_eq!(batch.free_pages(), 0);
+    // A pool of 0 pages is refused.
+    assert!(VkBatch::with_pages(vk.clone(), 1, 64, 0, BatchMm::Auto).is_err());
+}
+
+/// Two sequences sharing a prompt's pages (B takes A's 40 positions: pages 0-1 full, page
+/// 2 holding 8 of its 16) decode different tokens together: the batched step copies the
+/// shared partly filled page once (for A; B then owns the original) and each matches
+/// itself alone at 1e-4.
+#[test]
+fn vulkan_batch_shared_pages_copy_on_write() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    let vk = open(dev, &fx.join("qwen3"), true, true);
+    let tol = 1e-4;
+    let vocab = vk.model().config.vocab_size;
+    let batch = VkBatch::new(vk.clone(), 3, 96).expect("batch");
+    let mut a = start(&batch, &vk, 0, 40, tol);
+    let prompt: Vec<u32> = (0..40).map(|i| ((i * 7919 + 17) % vocab) as u32).collect();
+    let free = batch.free_pages();
+    let mut b = Seq {
+        id: 1,
+        b: batch.runner().expect("runner"),
+        alone: VkRunner::new(vk.clone(), batch.capacity()).expect("runner"),
+        lb: Vec::new(),
+        la: Vec::new(),
+    };
+    let asked = [&prompt[..], &[1, 2]].concat();
+    assert_eq!(b.b.reuse_prefix(&asked, asked.len()), 40);
+    assert_eq!(batch.free_pages(), free, "B shares A's pages");
+    b.alone.forward(&prompt, Logits::Last, &mut b.la).unwrap();
+    // B's first token differs from A's.
+    let ta = argmax(&a.la);
+    let tb = (ta + 1) % vocab as u32;
+    {
+        let mut cols: Vec<(&mut VkRunner, u32, &mut Vec<f32>)> =
+            vec![(&mut a.b, ta, &mut a.lb), (&mut b.b, tb, &mut b.lb)];
+        batch.step(&mut cols).expect("batched step");
+    }
+    assert_eq!(batch.free_pages(), free - 1, "one copy of the shared page");
+    for (s, t) in [(&mut a, ta), (&mut b, tb)] {
+        s.alone.forward(&[t], Logits::Last, &mut s.la).unwrap();
+        let e = rel_l2(&s.la, &s.lb);
+        assert!(
+            e < tol,
+            "seq {} after the shared page: relative L2 {e:e}",
+            s.id
+        );
+    }
+    for _ in 0..20 {
+        step(&batch, &mut [&mut a, &mut b], tol);
     }
 }

@@ -1,6 +1,7 @@
 //! Prefix reuse across the slots of a `VkBatch`: a runner takes a prompt's prefix that
-//! another slot's region holds (copied on the device) or that its own region still
-//! holds past its length, and continues from it with the logits of a runner that
+//! another slot's pages hold (its table names them too: no new pages; the partly filled
+//! last one is copied when the runner first writes into it) or that its own pages still
+//! hold past its length, and continues from it with the logits of a runner that
 //! computed the whole prompt itself; a prefix overwritten since (truncated and
 //! rewritten, decoded over) is not lent. On the qwen3 fixture with f16, f32 and q8_0
 //! caches; and `caldera serve --backend vulkan` with two slots sharing a long system
@@ -101,7 +102,9 @@ fn scenario(vk: &Arc<VkModel>, tol: f32) {
     let mut b = batch.runner().expect("runner");
     let py = cat(&p, &y);
     assert!(b.shares_prefixes());
+    let free = batch.free_pages();
     assert_eq!(b.reuse_prefix(&py, py.len() - 1), p.len());
+    assert_eq!(batch.free_pages(), free, "a reused prefix shares A's pages");
     assert_eq!(b.len(), p.len());
     continues_as_cold(vk, &mut b, &py, tol, "B after P from A");
 
@@ -305,6 +308,8 @@ fn serve(path: &std::path::Path, dev: usize, slots: u32) -> Serve {
         .arg("serve")
         .arg(path)
         .args(["--backend", "vulkan", "--port", "0", "--ctx", "512"])
+        // A page pool smaller than the slots' whole contexts (2 x 512 / 16 = 64 pages).
+        .args(["--kv-pages", "48"])
         .args(["--device", &dev.to_string(), "--slots", &slots.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -327,6 +332,11 @@ fn serve(path: &std::path::Path, dev: usize, slots: u32) -> Serve {
     assert!(
         seen.contains("slots decode in batched steps"),
         "the slots share a VkBatch:\n{seen}"
+    );
+    // The memory plan: the batch's page pool, as --kv-pages says.
+    assert!(
+        seen.contains("Vulkan KV pool 48 pages x 16 tokens = 768 tokens"),
+        "the memory plan shows the page pool:\n{seen}"
     );
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
@@ -397,11 +407,12 @@ fn ask(addr: &str, q: &str) -> String {
         .to_owned()
 }
 
-/// Two slots on Vulkan sharing a long system prompt: the second request runs on the
-/// other (least recently used) slot and takes the system prompt from the first one's
-/// region (a prefix-cache hit counted by /metrics, the tokens shown by /slots); a later
-/// request on that slot continues from the copied prompt and answers as the cold first
-/// request did; emptied slots give their budget back.
+/// Two slots on Vulkan, with a page pool smaller than their two contexts, sharing a
+/// long system prompt: the second request runs on the other (least recently used) slot
+/// and takes the system prompt from the first one's pages (a prefix-cache hit counted by
+/// /metrics, the tokens shown by /slots); a later request on that slot continues from
+/// the shared prompt and answers as the cold first request did; emptied slots give their
+/// pages back.
 #[test]
 fn vulkan_serve_reuses_a_system_prompt_across_slots() {
     let (Some(dev), Some(path)) = (device(), model("SmolLM2-135M-Instruct.Q4_1.gguf")) else {

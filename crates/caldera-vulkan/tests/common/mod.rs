@@ -432,3 +432,63 @@ pub fn reduction_contexts(test: &str) -> Vec<Context> {
 pub fn step_values(ctx: &Context, m: usize) -> caldera_vulkan::Buffer {
     ctx.upload(&words(&[m as u32, 0, 0, m as u32])).unwrap()
 }
+
+/// Positions per page of the KV cache (`kv.glsl`'s paging).
+pub const PAGE: usize = caldera_vulkan::KV_PAGE;
+
+/// Scrambled page tables: sequence s's positions `0..cap` live in the pages
+/// `tables[s]` (`ceil(cap / PAGE)` of them) of a pool of `n_pages`, a random permutation,
+/// with spare pages that no table names.
+pub struct Pages {
+    pub tables: Vec<Vec<u32>>,
+    pub n_pages: usize,
+}
+
+impl Pages {
+    pub fn scrambled(rng: &mut StdRng, seqs: usize, cap: usize, spare: usize) -> Pages {
+        use rand::seq::SliceRandom;
+        let per = cap.div_ceil(PAGE);
+        let n_pages = seqs * per + spare;
+        let mut ids: Vec<u32> = (0..n_pages as u32).collect();
+        ids.shuffle(rng);
+        let tables = ids.chunks(per).take(seqs).map(|c| c.to_vec()).collect();
+        Pages { tables, n_pages }
+    }
+
+    /// The pool row of position `p` of sequence `s`.
+    pub fn row(&self, s: usize, p: usize) -> usize {
+        self.tables[s][p / PAGE] as usize * PAGE + p % PAGE
+    }
+
+    /// A pool holding each sequence's logical cache (`[pos][kvd]`) in its pages, random
+    /// values in the rest.
+    pub fn scatter(&self, rng: &mut StdRng, logical: &[Vec<f32>], kvd: usize) -> Vec<f32> {
+        let mut pool = random_vec(rng, self.n_pages * PAGE * kvd, 1.0);
+        for (s, l) in logical.iter().enumerate() {
+            for p in 0..l.len() / kvd {
+                let r = self.row(s, p);
+                pool[r * kvd..(r + 1) * kvd].copy_from_slice(&l[p * kvd..(p + 1) * kvd]);
+            }
+        }
+        pool
+    }
+
+    /// Sequence `s`'s logical cache of `cap` positions, read from the pool.
+    pub fn gather(&self, pool: &[f32], s: usize, cap: usize, kvd: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(cap * kvd);
+        for p in 0..cap {
+            let r = self.row(s, p);
+            out.extend_from_slice(&pool[r * kvd..(r + 1) * kvd]);
+        }
+        out
+    }
+
+    /// The tables as one u32 buffer's bytes, `stride` entries per sequence.
+    pub fn table_bytes(&self, stride: usize) -> Vec<u8> {
+        let mut w = vec![0u32; self.tables.len() * stride];
+        for (s, t) in self.tables.iter().enumerate() {
+            w[s * stride..s * stride + t.len()].copy_from_slice(t);
+        }
+        words(&w)
+    }
+}
