@@ -10,9 +10,8 @@
 // into the accumulator). A workgroup computes NRB rows for its columns: for each weight
 // block its lanes load and unpack the rows' shares once, into registers, then dot them
 // with every column's activations, so the weights are read and unpacked once per column
-// set whatever the column count. With MVQN_V1 (mvqmo_*, mvqmoe_*: CALDERA_VK_MVQM_V1=1)
-// the block readers are the earlier ones of mvqn_v1.glsl, which redo the nibble masks
-// per column (kept to compare on the GPU).
+// set whatever the column count. (The earlier block readers, which redid the nibble masks
+// per column, measured 2-3% slower on the H100: docs/BENCHMARKS.md, session 8.)
 //
 // Two mains:
 //   MVQN_GROUPED (mvqm_*, the default): a workgroup takes NRB rows x one group of NC = 8
@@ -99,9 +98,7 @@ int xsum_at(uint i) {
 #endif
 }
 
-#if MVQN_V1
-#include "mvqn_v1.glsl"
-#elif defined(TYPE_Q4_0)
+#if defined(TYPE_Q4_0)
 // 18 B / 32: d, qs[16]. Lane t (of 2): qs[8t .. 8t + 8], elements 8t .. + 8 (low
 // nibbles) and 16 + 8t .. + 8 (high); value d (n - 8). The -8 of every weight meets
 // the column's block sum once per column (IX.x = -8 Σ x), not once per row.
@@ -162,7 +159,7 @@ float wacc(float acc, WB w) {
 // running sum as its addend), mask, shift, conversion and f32 op, with NRB = 4 rows and
 // NC = 8 columns per workgroup (so load_x's work counts 1/4, load_w's 1/8), assuming the
 // driver does not share the weights' masks between the unrolled columns itself:
-//   before (mvqn_v1.glsl, mvqmo_q4_k): wdot 12 mask / shift (4 AND low; 4 SHR + 4 AND
+//   before (the earlier readers, session 8's A/B `mvqmo_q4_k`): wdot 12 mask / shift (4 AND low; 4 SHR + 4 AND
 //     high) + 8 IDP4A + 2 I2F + 8 f32 (5 FMUL, 1 FFMA, the subtraction, the += ) = 30;
 //     load_x ~24 / 4 = 6 (2 x 16 B + 2 x 4 B loads, ~6 address ops, 8 IDP4A for the
 //     block sums, 2 I2F, 2 FMUL); load_w ~24 / 8 = 3  ->  ~39, plus the reduction

@@ -85,9 +85,6 @@ pub struct ContextOptions {
     /// Batched decode mat-vecs through the old per-column-reduction kernels (`mvqn_*`).
     /// `CALDERA_VK_MVQN_OLD=1` sets it too.
     pub force_old_mvqn: bool,
-    /// Batched decode mat-vecs through `mvqm_*`'s earlier block readers (`mvqmo_*`).
-    /// `CALDERA_VK_MVQM_V1=1` sets it too.
-    pub force_mvqm_v1: bool,
     /// Weight rows per workgroup of the batched decode mat-vecs `mvqm_*`: 4 or 8
     /// (`CALDERA_VK_MVQM_ROWS`; default 4).
     pub mvqm_rows: Option<u32>,
@@ -553,7 +550,6 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         sg_rows,
         mvg_subgroup_rows: sg_ok && std::env::var("CALDERA_VK_MVG_SG").map_or(mv_sg, |v| v == "1"),
         mvqn_old: opts.force_old_mvqn || env_on("CALDERA_VK_MVQN_OLD") || workgroup_size > 128,
-        mvqm_v1: opts.force_mvqm_v1 || env_on("CALDERA_VK_MVQM_V1"),
         // 8 or else 4: the kernels exist for those two.
         mvqm_rows: match opts
             .mvqm_rows

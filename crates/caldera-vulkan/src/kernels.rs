@@ -217,22 +217,14 @@ pub enum Kernel {
     MmcQ6K = 198,
     MmcIQ4XS = 199,
     Argmax = 200,
-    MvqmoQ4_0 = 201,
-    MvqmoQ8_0 = 202,
-    MvqmoQ4K = 203,
-    MvqmoQ6K = 204,
-    MvqmoeQ4_0 = 205,
-    MvqmoeQ8_0 = 206,
-    MvqmoeQ4K = 207,
-    MvqmoeQ6K = 208,
-    Mvqm8Q4_0 = 209,
-    Mvqm8Q8_0 = 210,
-    Mvqm8Q4K = 211,
-    Mvqm8Q6K = 212,
-    Mvqm8eQ4_0 = 213,
-    Mvqm8eQ8_0 = 214,
-    Mvqm8eQ4K = 215,
-    Mvqm8eQ6K = 216,
+    Mvqm8Q4_0 = 201,
+    Mvqm8Q8_0 = 202,
+    Mvqm8Q4K = 203,
+    Mvqm8Q6K = 204,
+    Mvqm8eQ4_0 = 205,
+    Mvqm8eQ8_0 = 206,
+    Mvqm8eQ4K = 207,
+    Mvqm8eQ6K = 208,
 }
 
 /// One entry of the kernel table.
@@ -678,7 +670,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 217] = [
+pub const KERNELS: [KernelDesc; 209] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1167,24 +1159,6 @@ pub const KERNELS: [KernelDesc; 217] = [
         4,
         ARGMAX_PUSH_BYTES,
     ),
-    mvqm(Kernel::MvqmoQ4_0, "mvqmo_q4_0", spv!("mvqmo_q4_0"), true),
-    mvqm(Kernel::MvqmoQ8_0, "mvqmo_q8_0", spv!("mvqmo_q8_0"), true),
-    mvqm(Kernel::MvqmoQ4K, "mvqmo_q4_k", spv!("mvqmo_q4_k"), true),
-    mvqm(Kernel::MvqmoQ6K, "mvqmo_q6_k", spv!("mvqmo_q6_k"), true),
-    mvqm(
-        Kernel::MvqmoeQ4_0,
-        "mvqmoe_q4_0",
-        spv!("mvqmoe_q4_0"),
-        false,
-    ),
-    mvqm(
-        Kernel::MvqmoeQ8_0,
-        "mvqmoe_q8_0",
-        spv!("mvqmoe_q8_0"),
-        false,
-    ),
-    mvqm(Kernel::MvqmoeQ4K, "mvqmoe_q4_k", spv!("mvqmoe_q4_k"), false),
-    mvqm(Kernel::MvqmoeQ6K, "mvqmoe_q6_k", spv!("mvqmoe_q6_k"), false),
     mvqm(Kernel::Mvqm8Q4_0, "mvqm8_q4_0", spv!("mvqm8_q4_0"), true),
     mvqm(Kernel::Mvqm8Q8_0, "mvqm8_q8_0", spv!("mvqm8_q8_0"), true),
     mvqm(Kernel::Mvqm8Q4K, "mvqm8_q4_k", spv!("mvqm8_q4_k"), true),
@@ -1321,8 +1295,6 @@ impl Kernel {
         let base = match (variant, dot) {
             (MvqnVariant::Old, true) => Kernel::MvqnQ4_0,
             (MvqnVariant::Old, false) => Kernel::MvqneQ4_0,
-            (MvqnVariant::GroupedV1, true) => Kernel::MvqmoQ4_0,
-            (MvqnVariant::GroupedV1, false) => Kernel::MvqmoeQ4_0,
             (MvqnVariant::Grouped, true) => Kernel::MvqmQ4_0,
             (MvqnVariant::Grouped, false) => Kernel::MvqmeQ4_0,
             (MvqnVariant::Grouped8, true) => Kernel::Mvqm8Q4_0,
@@ -1355,9 +1327,6 @@ impl Kernel {
 pub enum MvqnVariant {
     /// `mvqn_*`: a workgroup per 4 rows for all 16 columns, one reduction per column.
     Old,
-    /// `mvqmo_*`: `mvqm_*` with its block readers as they were before the weights
-    /// were unpacked once per block.
-    GroupedV1,
     /// `mvqm_*`: 4 rows x 8 columns per workgroup, one reduction pass.
     Grouped,
     /// `mvqm8_*`: 8 rows x 8 columns per workgroup.
@@ -1384,8 +1353,6 @@ impl Tuning {
     pub fn mvqn_variant(&self) -> MvqnVariant {
         if self.mvqn_old {
             MvqnVariant::Old
-        } else if self.mvqm_v1 {
-            MvqnVariant::GroupedV1
         } else if self.mvqm_rows == 8 {
             MvqnVariant::Grouped8
         } else {
@@ -1489,10 +1456,6 @@ pub struct Tuning {
     /// [`crate::ContextOptions::force_old_mvqn`]); `mvqm_*` also needs a workgroup of at
     /// most 128 (its reduction's shared memory), else the old kernels run.
     pub mvqn_old: bool,
-    /// `mvqm_*` runs with its block readers as they were before the weights were
-    /// unpacked once per block (`mvqmo_*`, `CALDERA_VK_MVQM_V1=1`,
-    /// [`crate::ContextOptions::force_mvqm_v1`]), to compare the two on one device.
-    pub mvqm_v1: bool,
     /// Weight rows per workgroup of `mvqm_*`: 4, or 8 (`mvqm8_*`,
     /// `CALDERA_VK_MVQM_ROWS=8`, [`crate::ContextOptions::mvqm_rows`]).
     pub mvqm_rows: u32,

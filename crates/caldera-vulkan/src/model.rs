@@ -2982,6 +2982,23 @@ impl VkRunner {
         Ok(v[0].to_bits())
     }
 
+    /// That `tokens` fit after the sequence's and are in the vocabulary.
+    fn check_tokens(&self, tokens: &[u32]) -> std::result::Result<(), RunError> {
+        let vocab = self.m.model.config.vocab_size;
+        let need = self.len + tokens.len();
+        if need > self.cap {
+            return Err(format!(
+                "context is full: {need} tokens needed, the sequence holds {}",
+                self.cap
+            )
+            .into());
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(format!("token id {id} is outside the vocabulary of {vocab}").into());
+        }
+        Ok(())
+    }
+
     /// Counts a token decoded by a batched step for this sequence.
     pub(crate) fn advance(&mut self) {
         self.len += 1;
@@ -3278,18 +3295,7 @@ impl caldera_model::Runner for VkRunner {
         logits: Logits,
         out: &mut Vec<f32>,
     ) -> std::result::Result<(), RunError> {
-        let vocab = self.m.model.config.vocab_size;
-        let need = self.len + tokens.len();
-        if need > self.cap {
-            return Err(format!(
-                "context is full: {need} tokens needed, the sequence holds {}",
-                self.cap
-            )
-            .into());
-        }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(format!("token id {id} is outside the vocabulary of {vocab}").into());
-        }
+        self.check_tokens(tokens)?;
         out.clear();
         let chunk = match logits {
             Logits::All => self.all_rows.min(self.chunk),
@@ -3310,18 +3316,7 @@ impl caldera_model::Runner for VkRunner {
     /// [`Self::forward`] with [`Logits::Last`], the last row reduced to its argmax on
     /// the device (`argmax.comp`): 4 bytes come back instead of the row.
     fn forward_argmax(&mut self, tokens: &[u32]) -> std::result::Result<Option<u32>, RunError> {
-        let vocab = self.m.model.config.vocab_size;
-        let need = self.len + tokens.len();
-        if need > self.cap {
-            return Err(format!(
-                "context is full: {need} tokens needed, the sequence holds {}",
-                self.cap
-            )
-            .into());
-        }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(format!("token id {id} is outside the vocabulary of {vocab}").into());
-        }
+        self.check_tokens(tokens)?;
         if tokens.is_empty() || !crate::sample::device_argmax() {
             return Ok(None);
         }

@@ -708,8 +708,7 @@ impl QuantRows {
 /// weight piece. `mvqm_*` (default): a workgroup per 4 rows (8 with `mvqm8_*`,
 /// [`Tuning::mvqm_rows`](crate::kernels::Tuning::mvqm_rows)) x group of 8 columns, the
 /// groups of a row group adjacent (its weights come from memory once, the second group
-/// finds them in cache), all of a workgroup's sums reduced in one pass (`mvqmo_*`:
-/// the same with the earlier block readers, [`Tuning::mvqm_v1`](crate::kernels::Tuning::mvqm_v1)); `mvqn_*`
+/// finds them in cache), all of a workgroup's sums reduced in one pass; `mvqn_*`
 /// ([`Tuning::mvqn_old`](crate::kernels::Tuning::mvqn_old)): a workgroup per 4 rows
 /// for all 16 columns, one reduction per column.
 pub struct Mvqn {
@@ -777,7 +776,7 @@ impl Mvqn {
             flags |= 2;
         }
         // The block sums: the grouped kernels' current block readers only.
-        if sums.is_some() && grouped && variant != MvqnVariant::GroupedV1 {
+        if sums.is_some() && grouped {
             flags |= 4;
         }
         // Column groups per row group (mvqm).

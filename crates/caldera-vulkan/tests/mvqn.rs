@@ -6,7 +6,7 @@
 //! `quant_rows`, with and without its block sums, the residual add and softcap,
 //! weights split over several buffers, with int8 dot products and with their
 //! emulation, both reductions, all kernels (`mvqm_*` with 4 and 8 rows per workgroup,
-//! its earlier block readers `mvqmo_*`, `mvqn_*`).
+//! `mvqn_*`).
 //! Skips without a Vulkan device unless `CALDERA_REQUIRE_VULKAN=1`.
 //! `CALDERA_TEST_SEED=N` replays a seed.
 
@@ -200,22 +200,19 @@ fn run(
 
 fn contexts() -> Vec<Context> {
     let mut v = Vec::new();
-    for (shared, no_dot, old, v1, rows) in [
-        (false, false, false, false, 4),
-        (true, true, false, false, 4),
-        (false, true, false, false, 4),
-        (false, false, true, false, 4),
-        (true, true, true, false, 4),
-        (false, false, false, true, 4),
-        (false, true, false, true, 4),
-        (false, false, false, false, 8),
-        (true, true, false, false, 8),
+    for (shared, no_dot, old, rows) in [
+        (false, false, false, 4),
+        (true, true, false, 4),
+        (false, true, false, 4),
+        (false, false, true, 4),
+        (true, true, true, 4),
+        (false, false, false, 8),
+        (true, true, false, 8),
     ] {
         let opts = ContextOptions {
             force_shared_reduce: shared,
             force_no_int8_dot: no_dot,
             force_old_mvqn: old,
-            force_mvqm_v1: v1,
             mvqm_rows: Some(rows),
             ..Default::default()
         };
