@@ -68,14 +68,7 @@ float stage(uint wr[16], float xr[16], uint sb, uint off, uint am, uint ah, bool
     }
     float ss = 0.0;
     [[unroll]] for (uint e = 0u; e < 8u; e++) {
-        float xv;
-        if (glu) {
-            xv = (gelu ? gelu_tanh(xr[2u * e]) : silu(xr[2u * e])) * xr[2u * e + 1u];
-        } else {
-            ss += xr[e] * xr[e];
-            xv = xr[e] * xr[8u + e];
-        }
-        Bs[bn * BKP + off + 8u * bq + e] = float16_t(xv);
+        Bs[bn * BKP + off + 8u * bq + e] = float16_t(input_value(xr, e, glu, gelu, ss));
     }
     return ss;
 }

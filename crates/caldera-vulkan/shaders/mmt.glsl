@@ -112,14 +112,7 @@ void main() {
             As[(16u * ah + e) * (BM / 4u) + am / 4u][am % 4u] = arow_ok ? v[e] : 0.0;
         }
         [[unroll]] for (uint e = 0u; e < 8u; e++) {
-            float xv;
-            if (glu) {
-                xv = (gelu ? gelu_tanh(xr[2u * e]) : silu(xr[2u * e])) * xr[2u * e + 1u];
-            } else {
-                ss += xr[e] * xr[e];
-                xv = xr[e] * xr[8u + e];
-            }
-            Bs[(8u * bq + e) * (BN / 4u) + bn / 4u][bn % 4u] = xv;
+            Bs[(8u * bq + e) * (BN / 4u) + bn / 4u][bn % 4u] = input_value(xr, e, glu, gelu, ss);
         }
         barrier();
         if (busy) {

@@ -87,6 +87,16 @@ layout(push_constant) uniform Push {
 #include "act.glsl"
 #include "deq_tile.glsl"
 
+// Matmul input e (0..8) of an invocation's fetched xr: act(gate) * up of pair e with
+// `glu`, else x * gam, adding x^2 to `ss` (MM_NORM's sums of squares of the raw inputs).
+float input_value(float xr[16], uint e, bool glu, bool gelu, inout float ss) {
+    if (glu) {
+        return (gelu ? gelu_tanh(xr[2u * e]) : silu(xr[2u * e])) * xr[2u * e + 1u];
+    }
+    ss += xr[e] * xr[e];
+    return xr[e] * xr[8u + e];
+}
+
 // The raw inputs of step sb for one invocation: the words of weight row `row`, half
 // group ah (wr), and the 8 inputs of the token whose x row starts at xb from element
 // c0 = 32 sb + 8 bq (xr: 8 x and 8 gam values, or 8 (gate, up) pairs); zeros past the
