@@ -532,6 +532,24 @@ impl Context {
         Ok(())
     }
 
+    /// Reads the u32 at byte `offset` of a host-visible buffer through its mapping
+    /// (after the submit that wrote it has been waited for).
+    pub fn read_mapped_u32(&self, src: &Buffer, offset: u64) -> Result<u32> {
+        if src.0.mapped.is_null()
+            || !offset.is_multiple_of(4)
+            || offset.checked_add(4).is_none_or(|e| e > src.size())
+        {
+            return Err(VkError::Invalid(format!(
+                "reading a u32 at {offset} from a {:?} buffer of {} bytes",
+                src.kind(),
+                src.size()
+            )));
+        }
+        // SAFETY: in range (checked), 4-aligned (mappings are at least 4-aligned), and the
+        // write was made host-visible by the recording's host barrier and fence wait.
+        Ok(unsafe { std::ptr::read(src.0.mapped.add(offset as usize) as *const u32) })
+    }
+
     /// Reads `n` f32 values from byte `offset` of a host-visible buffer through its
     /// mapping (after the submit that wrote them has been waited for).
     pub fn read_mapped_f32(

@@ -1623,15 +1623,19 @@ impl VkRunner {
         // Prefill steps are profiled only to print with CALDERA_VK_TRACE.
         let profiled = self.profile && (decode || self.trace);
         let rec = ctx.record_with(profiled, |r: &mut Recorder<'_>| {
-            r.copy(&self.x_in, &self.x, in_bytes)?;
-            r.copy(&self.step, &self.step_dev, self.step.size())?;
+            // The step's inputs, independent copies behind one pair of barriers.
+            let mut inputs = vec![
+                (&self.x_in, 0, &self.x, 0, in_bytes),
+                (&self.step, 0, &self.step_dev, 0, self.step.size()),
+            ];
             if let Some((host, at, bytes)) = &self.kv_table_src {
-                r.copy_at(host, *at, &self.kv_table, 0, *bytes)?;
+                inputs.push((host, *at, &self.kv_table, 0, *bytes));
             }
             if let (Some(pb), Some(p)) = (&self.ple, &m.ple) {
                 let row = (p.shape.n_layers * p.shape.dpl * 4) as u64;
-                r.copy(&pb.tok_in, &pb.tok, bucket as u64 * row)?;
+                inputs.push((&pb.tok_in, 0, &pb.tok, 0, bucket as u64 * row));
             }
+            r.copies(&inputs)?;
             r.mark("input");
             for (label, op) in &ops {
                 match op {
@@ -1663,8 +1667,8 @@ impl VkRunner {
             }
             match (&argmax, &self.ids) {
                 (Some(a), Some((ids, ids_host))) => {
+                    // (The copy's own barrier orders it after the argmax.)
                     a.record(r)?;
-                    r.barrier();
                     r.mark("argmax");
                     r.copy(ids, ids_host, (rows * 4) as u64)?;
                 }
@@ -2974,12 +2978,7 @@ impl VkRunner {
             .as_ref()
             .map(|l| &l.1)
             .ok_or_else(|| VkError::Invalid("no greedy step has run".into()))?;
-        // The id's bits, carried through an f32 read (a copy, no arithmetic).
-        let mut v = Vec::with_capacity(1);
-        self.m
-            .ctx
-            .read_mapped_f32(host, (c * 4) as u64, 1, &mut v)?;
-        Ok(v[0].to_bits())
+        self.m.ctx.read_mapped_u32(host, (c * 4) as u64)
     }
 
     /// That `tokens` fit after the sequence's and are in the vocabulary.

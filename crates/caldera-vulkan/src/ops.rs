@@ -10,7 +10,7 @@ use crate::kernels::{Kernel, MvqnVariant, MMT_ROWS, MMT_TOKENS};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::record::{Binding, Recorder};
 
-fn u32_of(v: u64, what: &str) -> Result<u32> {
+pub(crate) fn u32_of(v: u64, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| VkError::Invalid(format!("{what} = {v} does not fit in 32 bits")))
 }
 

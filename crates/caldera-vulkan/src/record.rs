@@ -345,20 +345,24 @@ impl Recorder<'_> {
         dst_at: u64,
         size: u64,
     ) -> Result<()> {
-        let fits = |at: u64, b: &Buffer| at.checked_add(size).is_some_and(|e| e <= b.size());
-        if size == 0 || !fits(src_at, src) || !fits(dst_at, dst) {
-            return Err(VkError::Invalid(format!(
-                "copying {size} bytes between buffers of {} and {}",
-                src.size(),
-                dst.size()
-            )));
+        self.copies(&[(src, src_at, dst, dst_at, size)])
+    }
+
+    /// Several independent copies (`src`, `src_at`, `dst`, `dst_at`, bytes), as
+    /// [`Recorder::copy_at`] each, behind one pair of barriers: none may read what
+    /// another writes.
+    pub fn copies(&mut self, list: &[(&Buffer, u64, &Buffer, u64, u64)]) -> Result<()> {
+        for &(src, src_at, dst, dst_at, size) in list {
+            let fits = |at: u64, b: &Buffer| at.checked_add(size).is_some_and(|e| e <= b.size());
+            if size == 0 || !fits(src_at, src) || !fits(dst_at, dst) {
+                return Err(VkError::Invalid(format!(
+                    "copying {size} bytes between buffers of {} and {}",
+                    src.size(),
+                    dst.size()
+                )));
+            }
         }
         let dev = self.ctx.device();
-        let region = [vk::BufferCopy {
-            src_offset: src.offset() + src_at,
-            dst_offset: dst.offset() + dst_at,
-            size,
-        }];
         let before = [vk::MemoryBarrier::default()
             .src_access_mask(vk::AccessFlags::SHADER_WRITE | vk::AccessFlags::HOST_WRITE)
             .dst_access_mask(vk::AccessFlags::TRANSFER_READ | vk::AccessFlags::TRANSFER_WRITE)];
@@ -369,7 +373,7 @@ impl Recorder<'_> {
                     | vk::AccessFlags::SHADER_WRITE
                     | vk::AccessFlags::HOST_READ,
             )];
-        // SAFETY: recording state; both buffers are alive (kept below) and large enough.
+        // SAFETY: recording state; every buffer is alive (kept below) and large enough.
         unsafe {
             dev.cmd_pipeline_barrier(
                 self.cmd,
@@ -380,7 +384,14 @@ impl Recorder<'_> {
                 &[],
                 &[],
             );
-            dev.cmd_copy_buffer(self.cmd, src.handle(), dst.handle(), &region);
+            for &(src, src_at, dst, dst_at, size) in list {
+                let region = [vk::BufferCopy {
+                    src_offset: src.offset() + src_at,
+                    dst_offset: dst.offset() + dst_at,
+                    size,
+                }];
+                dev.cmd_copy_buffer(self.cmd, src.handle(), dst.handle(), &region);
+            }
             dev.cmd_pipeline_barrier(
                 self.cmd,
                 vk::PipelineStageFlags::TRANSFER,
@@ -391,9 +402,11 @@ impl Recorder<'_> {
                 &[],
             );
         }
-        self.kept_buffers.push(src.clone());
-        self.kept_buffers.push(dst.clone());
-        self.copies += 1;
+        for &(src, _, dst, _, _) in list {
+            self.kept_buffers.push(src.clone());
+            self.kept_buffers.push(dst.clone());
+            self.copies += 1;
+        }
         Ok(())
     }
 

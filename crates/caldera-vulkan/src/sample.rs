@@ -9,7 +9,7 @@ use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::Kernel;
 use crate::memory::{Buffer, MemoryKind};
-use crate::ops::push_words;
+use crate::ops::{push_words, u32_of};
 use crate::record::{Binding, Recorder};
 
 /// Whether greedy sequences take their argmax from the device (the default);
@@ -22,10 +22,6 @@ pub fn device_argmax() -> bool {
 
 /// Values of a row one workgroup scans (16 per invocation at 256).
 const SPAN: u64 = 4096;
-
-fn u32_of(v: u64, what: &str) -> Result<u32> {
-    u32::try_from(v).map_err(|_| VkError::Invalid(format!("{what} = {v} does not fit in 32 bits")))
-}
 
 /// The index of the largest value of each of `rows` rows of `n` values, `ld` apart,
 /// into `ids` (u32 per row). One dispatch of `rows x ceil(n / SPAN)` workgroups; it
