@@ -26,8 +26,9 @@ const uint MV_RELU2 = 256u;
 #include "act.glsl"
 
 // y[y_offset + i] (=, or += with MV_ADD) s, soft-capped with MV_SOFTCAP, through
-// max(s, 0)² with MV_RELU2 (the up projection of an ungated relu² MLP).
-void store(uint i, float s) {
+// max(s, 0)² with MV_RELU2 (the up projection of an ungated relu² MLP); returns the
+// value stored.
+float store(uint i, float s) {
     if ((p.flags & MV_SOFTCAP) != 0u) {
         s = p.cap * tanh(s / p.cap);
     }
@@ -40,4 +41,5 @@ void store(uint i, float s) {
         s += y[yi];
     }
     y[yi] = s;
+    return s;
 }

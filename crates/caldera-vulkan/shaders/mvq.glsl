@@ -322,11 +322,21 @@ void reduce_rows(inout float a[MAXR], inout float extra) {
 // belongs to subgroup j % (subgroups); that subgroup's lanes sweep its row (both rows
 // of a gate/up pair) L lanes per block, and one subgroupAdd finishes it: no shared
 // memory, no barrier, and every lane busy on rows whose block count is not a multiple
-// of the workgroup's block slots. ROWS should be a multiple of the subgroup count.
+// of the workgroup's block slots. A subgroup holds SG_ACC weight rows at once; a
+// workgroup with more outputs than its subgroups hold sweeps them in rounds.
 layout(constant_id = 3) const uint MV_SG = 0u;
 // Specialization constant 11: blocks per lane and step (`Tuning::mv_unroll`).
 layout(constant_id = 11) const uint MV_UNR = 2u;
-const uint SG_ACC = MAXR; // weight rows per subgroup at most (ROWS <= 4 fit any subgroup count)
+// Specialization constant 12 (MV_BLK, with MV_SG; `Tuning::mv_block`): MV_TAIL by
+// workgroup rather than by output. The workgroup's ROWS outputs (ROWS divides 32) lie in
+// one block of 32 of the next mat-vec's input; with ROWS = 32 the workgroup quantizes
+// its block itself (the outputs through shared memory, one barrier, no atomic); with
+// fewer, one atomic per workgroup counts the block's workgroups and the one completing
+// it quantizes it (one count and fence per workgroup instead of per output). The host
+// launches it only where every workgroup's outputs lie in one block (`ops::Mvq`).
+layout(constant_id = 12) const uint MV_BLK = 0u;
+const uint SG_ACC = MAXR; // weight rows per subgroup at most
+shared float blk_y[32];
 void main_sg() {
     uint grp = flat_group();
     uint sg = gl_SubgroupID;
@@ -334,63 +344,125 @@ void main_sg() {
     uint ln = gl_SubgroupInvocationID;
     uint last = p.rows - 1u;
     const uint PER = MVG != 0 ? 2u : 1u;
-    float a[SG_ACC];
-    [[unroll]] for (uint r = 0u; r < SG_ACC; r++) {
-        a[r] = 0.0;
-    }
+    const uint OPS = SG_ACC / PER; // outputs per subgroup and round
     uint lane = ln % L;
     uint slots = gl_SubgroupSize / L;
     uint nb = p.k / BE;
     bool xnorm = (p.flags & MV_XNORM) != 0u;
+    bool tail = (p.flags & MV_TAIL) != 0u;
+    bool blk = MV_BLK != 0u;
     const uint XPB = BE / 32u;
-    float ss = 0.0;
-    // MV_UNR blocks per lane and step, the later ones' loads issued before the first's
-    // arithmetic (a lane past the row's end repeats the last block, weighted 0): long
-    // rows are one lane's chain of dependent round trips otherwise.
-    for (uint b0 = ln / L; b0 < nb; b0 += MV_UNR * slots) {
-        [[unroll]] for (uint u = 0u; u < MV_UNR; u++) {
-            uint b = min(b0 + u * slots, nb - 1u);
-            float live = b0 + u * slots < nb ? 1.0 : 0.0;
-            load_x(b, lane);
-            if (xnorm && lane < XPB) {
-                ss += live * xs[b * XPB + lane];
+    for (uint j0 = 0u; j0 < ROWS; j0 += OPS * nsg) {
+        float a[SG_ACC];
+        [[unroll]] for (uint r = 0u; r < SG_ACC; r++) {
+            a[r] = 0.0;
+        }
+        float ss = 0.0;
+        // MV_UNR blocks per lane and step, the later ones' loads issued before the first's
+        // arithmetic (a lane past the row's end repeats the last block, weighted 0): long
+        // rows are one lane's chain of dependent round trips otherwise.
+        for (uint b0 = ln / L; b0 < nb; b0 += MV_UNR * slots) {
+            [[unroll]] for (uint u = 0u; u < MV_UNR; u++) {
+                uint b = min(b0 + u * slots, nb - 1u);
+                float live = b0 + u * slots < nb ? 1.0 : 0.0;
+                load_x(b, lane);
+                if (xnorm && lane < XPB) {
+                    ss += live * xs[b * XPB + lane];
+                }
+                [[unroll]] for (uint i = 0u; i < OPS; i++) {
+                    uint j = j0 + sg + i * nsg;
+                    if (j < ROWS) {
+                        [[unroll]] for (uint t = 0u; t < PER; t++) {
+                            a[i * PER + t] += live * block_dot(min(grp * NR + PER * j + t, last), b, lane);
+                        }
+                    }
+                }
             }
-            [[unroll]] for (uint i = 0u; i < SG_ACC / PER; i++) {
-                uint j = sg + i * nsg;
-                if (j < ROWS) {
-                    [[unroll]] for (uint t = 0u; t < PER; t++) {
-                        a[i * PER + t] += live * block_dot(min(grp * NR + PER * j + t, last), b, lane);
+        }
+        [[unroll]] for (uint r = 0u; r < SG_ACC; r++) {
+            if (j0 + sg + (r / PER) * nsg < ROWS) {
+                a[r] = subgroupAdd(a[r]);
+            }
+        }
+        ss = subgroupAdd(ss);
+        if (subgroupElect()) {
+            float inv = xnorm ? inversesqrt(ss / float(p.k) + p.eps) : 1.0;
+            [[unroll]] for (uint i = 0u; i < OPS; i++) {
+                uint j = j0 + sg + i * nsg;
+                uint row = grp * NR + PER * j;
+                if (j < ROWS && row + PER - 1u <= last) {
+                    uint o = grp * ROWS + j;
+#if MVG
+                    float g = a[2u * i] * inv;
+                    float act = (p.flags & MV_GELU) != 0u ? gelu_tanh(g) : silu(g);
+                    float v = store(o, act * a[2u * i + 1u] * inv);
+#else
+                    float v = store(o, a[i] * inv);
+#endif
+                    if (blk && ROWS == 32u) {
+                        blk_y[j] = v;
+                    } else if (blk) {
+                        memoryBarrierBuffer();
+                    } else if (tail) {
+                        tail_one(p.y_offset + o);
                     }
                 }
             }
         }
     }
-    [[unroll]] for (uint r = 0u; r < SG_ACC; r++) {
-        if (sg + (r / PER) * nsg < ROWS) {
-            a[r] = subgroupAdd(a[r]);
-        }
-    }
-    ss = subgroupAdd(ss);
-    if (!subgroupElect()) {
+    if (!blk || !tail) {
         return;
     }
-    float inv = xnorm ? inversesqrt(ss / float(p.k) + p.eps) : 1.0;
-    bool tail = (p.flags & MV_TAIL) != 0u;
-    [[unroll]] for (uint i = 0u; i < SG_ACC / PER; i++) {
-        uint j = sg + i * nsg;
-        uint row = grp * NR + PER * j;
-        if (j < ROWS && row + PER - 1u <= last) {
-            uint o = grp * ROWS + j;
-#if MVG
-            float g = a[2u * i] * inv;
-            float act = (p.flags & MV_GELU) != 0u ? gelu_tanh(g) : silu(g);
-            store(o, act * a[2u * i + 1u] * inv);
-#else
-            store(o, a[i] * inv);
-#endif
-            if (tail) {
-                tail_one(p.y_offset + o);
-            }
+    barrier();
+    // The block, quantized as tail_one does by subgroup 0 (subgroups have at least 8
+    // lanes where MV_SG runs), lane l taking values 4l .. 4l + 4: this workgroup's own
+    // 32 outputs, or (ROWS < 32) the block's outputs read back by the workgroup whose
+    // count completes it.
+    uint o0 = p.y_offset + grp * ROWS;
+    bool whole = 32u % ROWS == 0u && o0 % ROWS == 0u && grp * NR + NR - 1u <= last;
+    if (sg != 0u || !whole || o0 >= p.n_next) {
+        return;
+    }
+    uint b = o0 / 32u;
+    bool norm = (p.flags & MV_TAIL_NORM) != 0u;
+    bool mine = ln < 8u;
+    vec4 v = vec4(0.0);
+    if (ROWS == 32u) {
+        if (mine) {
+            v = vec4(blk_y[4u * ln], blk_y[4u * ln + 1u], blk_y[4u * ln + 2u], blk_y[4u * ln + 3u]);
+        }
+    } else {
+        uint old = 0u;
+        if (subgroupElect()) {
+            old = atomicAdd(cnt[b], 1u) + 1u;
+        }
+        if (subgroupMax(old) != 32u / ROWS) {
+            return;
+        }
+        if (subgroupElect()) {
+            cnt[b] = 0u;
+        }
+        memoryBarrierBuffer();
+        if (mine) {
+            v = y4[8u * b + ln];
+        }
+    }
+    float ss = subgroupAdd(dot(v, v));
+    if (norm && mine) {
+        v *= ngam4[8u * b + ln];
+    }
+    vec4 av = abs(v);
+    float amax = subgroupMax(max(max(av.x, av.y), max(av.z, av.w)));
+    float id = amax > 0.0 ? 127.0 / amax : 0.0;
+    if (mine) {
+        ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
+        uvec4 u = uvec4(t) & 255u;
+        nq[8u * b + ln] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+    }
+    if (ln == 0u) {
+        nd[b] = amax / 127.0;
+        if (norm) {
+            nss[b] = ss;
         }
     }
 }

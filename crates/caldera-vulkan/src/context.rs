@@ -97,6 +97,9 @@ pub struct ContextOptions {
     /// The cooperative-matrix matmul loads the next step before this step's products
     /// ([`CoopLayout::prefetch`]); default on, off with `CALDERA_VK_COOPMAT_PREFETCH=0`.
     pub coopmat_prefetch: Option<bool>,
+    /// Subgroups per workgroup of the block-tail int8 mat-vecs ([`Tuning::mv_block`]);
+    /// 0 turns them off. Default 8, or `CALDERA_VK_MV_BLOCK`.
+    pub mv_block: Option<u32>,
 }
 
 /// The pipeline objects of one kernel.
@@ -513,6 +516,24 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         .or_else(|| env_u32("CALDERA_VK_MVQ_ROWS"))
         .unwrap_or(4)
         .clamp(1, 4);
+    // Block-tail mat-vecs: a workgroup of `mv_block` subgroups, one output each (a
+    // power of two, at most 32 and the device's workgroup limit).
+    let mv_block = if sg_ok && mv_sg {
+        let want = opts
+            .mv_block
+            .or_else(|| env_u32("CALDERA_VK_MV_BLOCK"))
+            .unwrap_or(8)
+            .min(32);
+        let fit = (limit / sgs).max(1);
+        if want == 0 {
+            0
+        } else {
+            let n = want.min(fit);
+            1u32 << (31 - n.leading_zeros())
+        }
+    } else {
+        0
+    };
     Tuning {
         int8_dot: info.int8_dot && !opts.force_no_int8_dot && !env_on("CALDERA_VK_NO_DOT"),
         q8_acts: !opts.force_f32_acts && !env_on("CALDERA_VK_NO_Q8"),
@@ -565,6 +586,8 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
             .map_or(2, |v| v.clamp(1, 8)),
+        mv_block,
+        mvb_workgroup_size: mv_block * sgs,
     }
 }
 
@@ -645,6 +668,7 @@ fn create_pipelines(shared: &Shared, info: &DeviceInfo, tuning: &Tuning) -> Resu
         debug_assert_eq!(desc.kernel as usize, i);
         if (desc.int8_dot && !tuning.int8_dot)
             || (desc.coopmat && tuning.coopmat_mm.is_none())
+            || (desc.blk && tuning.mv_block == 0)
             || !desc.kernel.fits(info)
         {
             // The device cannot run this module; nothing may bind it (ops check).
@@ -725,7 +749,9 @@ fn create_pipeline(
                 return Err(VkError::from_vk(what, r));
             }
         };
-        let (wg, rows) = if desc.expert {
+        let (wg, rows) = if desc.blk {
+            (tuning.mvb_workgroup_size, tuning.mv_block)
+        } else if desc.expert {
             tuning.mvx_shape()
         } else if desc.q8 {
             tuning.mvq_shape(desc.glu)
@@ -739,8 +765,9 @@ fn create_pipeline(
         // int8 mat-vecs' subgroup-per-output layout (not the expert ones'); 4-8 (the
         // cooperative-matrix kernels): the matrix shape M, N, K and the accumulators per
         // subgroup along rows and tokens; 9: their prefetch; 10: steps per round; 11: the
-        // blocks per lane and step of the subgroup-per-output int8 mat-vecs.
-        let sg = desc.q8 && tuning.mvq_subgroup(desc.glu);
+        // blocks per lane and step of the subgroup-per-output int8 mat-vecs; 12: their
+        // block tail (`KernelDesc::blk`, which always runs that layout).
+        let sg = desc.blk || (desc.q8 && tuning.mvq_subgroup(desc.glu));
         let c = tuning.coopmat_mm.unwrap_or_default();
         let spec_data = [
             wg,
@@ -755,9 +782,10 @@ fn create_pipeline(
             u32::from(c.prefetch),
             if c.dual { 2 } else { 1 },
             tuning.mv_unroll,
+            u32::from(desc.blk),
         ];
         let ids: &[u32] = if desc.rows_per_group {
-            &[0, 1, 2, 3, 11]
+            &[0, 1, 2, 3, 11, 12]
         } else if desc.coopmat {
             &[0, 2, 4, 5, 6, 7, 8, 9, 10]
         } else {

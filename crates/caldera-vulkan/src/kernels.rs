@@ -225,6 +225,22 @@ pub enum Kernel {
     Mvqm8eQ8_0 = 206,
     Mvqm8eQ4K = 207,
     Mvqm8eQ6K = 208,
+    MvqbQ4_0 = 209,
+    MvqbQ8_0 = 210,
+    MvqbQ4K = 211,
+    MvqbQ6K = 212,
+    MvqbgQ4_0 = 213,
+    MvqbgQ8_0 = 214,
+    MvqbgQ4K = 215,
+    MvqbgQ6K = 216,
+    MvqbeQ4_0 = 217,
+    MvqbeQ8_0 = 218,
+    MvqbeQ4K = 219,
+    MvqbeQ6K = 220,
+    MvqbgeQ4_0 = 221,
+    MvqbgeQ8_0 = 222,
+    MvqbgeQ4K = 223,
+    MvqbgeQ6K = 224,
 }
 
 /// One entry of the kernel table.
@@ -265,6 +281,12 @@ pub struct KernelDesc {
     /// exists only where [`Tuning::coopmat`] holds a shape, specialised with it
     /// (constants 4-8).
     pub coopmat: bool,
+    /// An int8 decode mat-vec whose workgroups count (or, 32 outputs each, do) the
+    /// next mat-vec's input quantization per workgroup rather than per output
+    /// (`mvq.glsl`'s `MV_BLK`, specialization constant 12): the same SPIR-V as its
+    /// `mvq*` twin, launched with [`Tuning::mvb_workgroup_size`]; its pipeline exists
+    /// only where [`Tuning::mv_block`] is on.
+    pub blk: bool,
 }
 
 /// `d`, marked as a gate|up decode mat-vec.
@@ -484,6 +506,7 @@ const fn plain(
         invocations: 0,
         shared_bytes: 0,
         coopmat: false,
+        blk: false,
     }
 }
 
@@ -581,6 +604,12 @@ const fn mvq(
     }
 }
 
+/// `d`, marked as a block-tail mat-vec (see [`KernelDesc::blk`]).
+const fn blk(mut d: KernelDesc) -> KernelDesc {
+    d.blk = true;
+    d
+}
+
 /// A batched decode mat-vec on int8 activations (`mvqn.glsl`): the context's workgroup
 /// size, 4 rows per workgroup.
 const fn mvqn(
@@ -670,7 +699,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub const KERNELS: [KernelDesc; 209] = [
+pub static KERNELS: [KernelDesc; 225] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1177,6 +1206,83 @@ pub const KERNELS: [KernelDesc; 209] = [
     ),
     mvqm(Kernel::Mvqm8eQ4K, "mvqm8e_q4_k", spv!("mvqm8e_q4_k"), false),
     mvqm(Kernel::Mvqm8eQ6K, "mvqm8e_q6_k", spv!("mvqm8e_q6_k"), false),
+    // The block-tail twins of the mvq* kernels above (same SPIR-V, MV_BLK on).
+    blk(mvq(Kernel::MvqbQ4_0, "mvqb_q4_0", spv!("mvq_q4_0"), true)),
+    blk(mvq(Kernel::MvqbQ8_0, "mvqb_q8_0", spv!("mvq_q8_0"), true)),
+    blk(mvq(Kernel::MvqbQ4K, "mvqb_q4_k", spv!("mvq_q4_k"), true)),
+    blk(mvq(Kernel::MvqbQ6K, "mvqb_q6_k", spv!("mvq_q6_k"), true)),
+    glu(blk(mvq(
+        Kernel::MvqbgQ4_0,
+        "mvqbg_q4_0",
+        spv!("mvqg_q4_0"),
+        true,
+    ))),
+    glu(blk(mvq(
+        Kernel::MvqbgQ8_0,
+        "mvqbg_q8_0",
+        spv!("mvqg_q8_0"),
+        true,
+    ))),
+    glu(blk(mvq(
+        Kernel::MvqbgQ4K,
+        "mvqbg_q4_k",
+        spv!("mvqg_q4_k"),
+        true,
+    ))),
+    glu(blk(mvq(
+        Kernel::MvqbgQ6K,
+        "mvqbg_q6_k",
+        spv!("mvqg_q6_k"),
+        true,
+    ))),
+    blk(mvq(
+        Kernel::MvqbeQ4_0,
+        "mvqbe_q4_0",
+        spv!("mvqe_q4_0"),
+        false,
+    )),
+    blk(mvq(
+        Kernel::MvqbeQ8_0,
+        "mvqbe_q8_0",
+        spv!("mvqe_q8_0"),
+        false,
+    )),
+    blk(mvq(
+        Kernel::MvqbeQ4K,
+        "mvqbe_q4_k",
+        spv!("mvqe_q4_k"),
+        false,
+    )),
+    blk(mvq(
+        Kernel::MvqbeQ6K,
+        "mvqbe_q6_k",
+        spv!("mvqe_q6_k"),
+        false,
+    )),
+    glu(blk(mvq(
+        Kernel::MvqbgeQ4_0,
+        "mvqbge_q4_0",
+        spv!("mvqge_q4_0"),
+        false,
+    ))),
+    glu(blk(mvq(
+        Kernel::MvqbgeQ8_0,
+        "mvqbge_q8_0",
+        spv!("mvqge_q8_0"),
+        false,
+    ))),
+    glu(blk(mvq(
+        Kernel::MvqbgeQ4K,
+        "mvqbge_q4_k",
+        spv!("mvqge_q4_k"),
+        false,
+    ))),
+    glu(blk(mvq(
+        Kernel::MvqbgeQ6K,
+        "mvqbge_q6_k",
+        spv!("mvqge_q6_k"),
+        false,
+    ))),
 ];
 
 impl Kernel {
@@ -1280,6 +1386,20 @@ impl Kernel {
             (true, false) => Kernel::MvqgeQ4_0,
         } as usize;
         Some(KERNELS[base + i].kernel)
+    }
+
+    /// The block-tail twin of [`Kernel::mvq_for`] (`MV_BLK`, [`KernelDesc::blk`]).
+    pub fn mvqb_for(ty: GgmlType, glu: bool, dot: bool) -> Option<Kernel> {
+        let k = Kernel::mvq_for(ty, glu, dot)?;
+        let base = if dot {
+            Kernel::MvqQ4_0
+        } else {
+            Kernel::MvqeQ4_0
+        } as usize;
+        // mvq, mvqg (4 each) then mvqe, mvqge: the same order from MvqbQ4_0 on.
+        let i = k as usize - base;
+        let off = if dot { 0 } else { 8 };
+        Some(KERNELS[Kernel::MvqbQ4_0 as usize + off + i].kernel)
     }
 
     /// The batched decode mat-vec on int8 activations (`mvqn.glsl`) of `variant` for
@@ -1467,6 +1587,14 @@ pub struct Tuning {
     /// constant 11, `mvq.glsl`'s `MV_UNR`): all their loads are issued before their
     /// arithmetic. 2 by default; `CALDERA_VK_MV_UNROLL` (1-8) for tuning.
     pub mv_unroll: u32,
+    /// Subgroups (and outputs, one each) per workgroup of the block-tail int8 mat-vecs
+    /// ([`KernelDesc::blk`]: the next input's quantization counted per workgroup, or
+    /// done inside it at 32), a power of two up to 32, or 0 where they are off (the
+    /// subgroup-per-output layout is off, or `CALDERA_VK_MV_BLOCK=0`);
+    /// `CALDERA_VK_MV_BLOCK=N`.
+    pub mv_block: u32,
+    /// Their workgroup size: `mv_block` subgroups.
+    pub mvb_workgroup_size: u32,
 }
 
 /// How `mmc.glsl` tiles its 128 x 64 output with the device's cooperative matrices

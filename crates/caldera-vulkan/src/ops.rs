@@ -928,6 +928,20 @@ impl Mvq {
             }
             None => 0,
         };
+        // The block-tail twin where every piece's outputs are whole blocks of 32 of the
+        // next input (MV_BLK: a count per workgroup, or none, instead of per output).
+        let tuning = ctx.tuning();
+        let block = tail.is_some()
+            && tuning.mv_block > 0
+            && w.pieces.iter().all(|pc| {
+                (pc.rows / per).is_multiple_of(32)
+                    && (y_offset + pc.first_row / per).is_multiple_of(32)
+            });
+        let (kernel, rows_per_group) =
+            match Kernel::mvqb_for(ty, mode.glu.is_some(), tuning.int8_dot) {
+                Some(kb) if block => (kb, tuning.mv_block as u64),
+                _ => (kernel, rows_per_group),
+            };
         let mut parts = Vec::with_capacity(w.pieces.len());
         for piece in &w.pieces {
             let xs = x.ss.unwrap_or(x.d);

@@ -157,20 +157,40 @@ fn mvq_split_weights() {
 
 /// `MV_TAIL`: the workgroup completing each block of 32 outputs quantizes it for the
 /// next mat-vec (times the next norm's weights, with the block's sum of squares), over
-/// several pieces and launch shapes; then `MV_XNORM`: the next mat-vec, reading those
+/// several pieces and launch shapes, through the atomic count and inside a workgroup
+/// (`MV_BLK`); then `MV_XNORM`: the next mat-vec, reading those
 /// sums, equals the one on the quant_x-normed input.
 #[test]
 fn mvq_tail_quantizes_the_output() {
     use caldera_vulkan::ops::{MvTail, Mvq, Q8Acts, QuantX};
     use caldera_vulkan::MemoryKind;
     let mut rng = rng("mvq tail");
+    // Beyond the launch shapes: weights split into pieces (some not starting on a block
+    // of 32 outputs), with the subgroup-per-output layout too; and that layout's block
+    // tails (`MV_BLK`) off (the atomic count), with one subgroup per workgroup (several
+    // rounds per block) and with 4.
+    let sg = |block: Option<u32>, split: bool| ContextOptions {
+        max_buffer_bytes: split.then_some(64 * 1024),
+        mv_subgroup_rows: Some(true),
+        mv_block: block,
+        ..Default::default()
+    };
     let split = ContextOptions {
         max_buffer_bytes: Some(64 * 1024),
         ..Default::default()
     };
-    let extra = test_context("mvq tail split", &split);
+    let extra: Vec<Context> = [
+        split,
+        sg(None, true),
+        sg(Some(0), false),
+        sg(Some(1), false),
+        sg(Some(4), true),
+    ]
+    .iter()
+    .filter_map(|o| test_context("mvq tail shapes", o))
+    .collect();
     let mut ctxs: Vec<&Context> = contexts().iter().collect();
-    ctxs.extend(extra.as_ref());
+    ctxs.extend(extra.iter());
     for ctx in ctxs {
         let t = ctx.tuning();
         for (norm, add, glu, rows) in [
@@ -260,10 +280,11 @@ fn mvq_tail_quantizes_the_output() {
                 let got = q[i] as i8 as f64 * d[i / 32] as f64;
                 assert!(
                     (got - want[i]).abs() <= 1.01 * d[i / 32] as f64 + 1e-6,
-                    "norm {norm} glu {glu} rows {rows} (wg {}, rows {}): [{i}] got {got}, \
-                     want {}",
+                    "norm {norm} glu {glu} rows {rows} (wg {}, rows {}, block {}): [{i}] \
+                     got {got}, want {}",
                     t.mv_workgroup_size,
                     t.mv_rows,
+                    t.mv_block,
                     want[i]
                 );
             }
