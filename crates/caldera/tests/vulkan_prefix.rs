@@ -10,8 +10,10 @@
 //! their slot's next sequence, are not used by a prompt that leaves them or past the
 //! limit, and give their pages back when evicted (the LRU bound, or a pool running
 //! short). And `caldera serve --backend vulkan` with two slots sharing a long system
-//! prompt: a prefix-cache hit across slots, and the answer of a cold server. Runs on the
-//! test device (lavapipe by default) and skips without one unless
+//! prompt: a prefix-cache hit across slots, and the answer of a cold server; and a
+//! synthetic hybrid served with a prompt snapshot per slot (in the memory plan), a later
+//! prompt continuing an earlier one restoring its snapshot (a hit in /metrics). Runs on
+//! the test device (lavapipe by default) and skips without one unless
 //! `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
@@ -457,6 +459,8 @@ fn vulkan_prefix_reuse_past_a_sliding_window() {
 struct Serve {
     child: Child,
     addr: String,
+    /// Standard error up to the listening line (the memory plan, the backend).
+    log: String,
 }
 
 impl Drop for Serve {
@@ -503,7 +507,11 @@ fn serve(path: &std::path::Path, dev: usize, slots: u32) -> Serve {
     );
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Serve { child, addr }
+    Serve {
+        child,
+        addr,
+        log: seen,
+    }
 }
 
 /// One HTTP/1.1 request (`Connection: close`); the status and the body.
@@ -628,4 +636,46 @@ fn vulkan_serve_reuses_a_system_prompt_across_slots() {
         metric(&m, "caldera_kv_pages_total"),
         "{m}"
     );
+}
+
+/// A hybrid (`caldera synth --arch qwen35 --shape tiny`: GatedDeltaNet + attention) on
+/// Vulkan keeps one prompt snapshot per slot (the memory plan counts their states): a
+/// request whose prompt continues an earlier one's (whose slot cannot rewind past the
+/// tokens it generated) restores the earlier prompt's snapshot, a prefix-cache hit
+/// counted by /metrics with its tokens.
+#[test]
+fn vulkan_serve_hybrid_restores_a_prompt_snapshot() {
+    let Some(dev) = device() else { return };
+    let tmp = common::TempDir::new("vk-serve-snapshot");
+    let synth = tmp.0.join("qwen35-tiny.gguf");
+    let o = common::bin()
+        .args(["synth", "--arch", "qwen35", "--shape", "tiny"])
+        .arg(&synth)
+        .output()
+        .expect("running caldera synth");
+    assert!(o.status.success(), "synth: {}", common::text(&o));
+    let s = serve(&synth, dev, 2);
+    assert!(s.log.contains("up to 2 prompt snapshots"), "{}", s.log);
+    assert!(
+        s.log.contains(" x 4; total"),
+        "2 slots + 2 snapshots:\n{}",
+        s.log
+    );
+    let complete = |prompt: &str| {
+        let b = json!({"prompt": prompt, "max_tokens": 3, "temperature": 0});
+        let (status, body) = http(&s.addr, "POST", "/v1/completions", Some(&b));
+        assert_eq!(status, 200, "{body}");
+    };
+    let metrics = || http(&s.addr, "GET", "/metrics", None).1;
+    let p = "The ferries run between three islands and a mainland port, every morning and \
+             every evening, all year round, whatever the weather.";
+    complete(p);
+    let m = metrics();
+    assert_eq!(metric(&m, "caldera_prefix_cache_misses_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "caldera_prefix_cache_hits_total"), 0.0, "{m}");
+    complete(&format!("{p} They carry cars and people."));
+    let m = metrics();
+    assert_eq!(metric(&m, "caldera_prefix_cache_hits_total"), 1.0, "{m}");
+    let reused = metric(&m, "caldera_prefix_cache_reused_tokens_total");
+    assert!(reused >= 20.0, "the first prompt's snapshot: {m}");
 }
