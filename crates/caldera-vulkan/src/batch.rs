@@ -40,8 +40,8 @@
 //! `mamba2_decode`, `shortconv_decode` with their batched flag) run every column in one
 //! dispatch, each on its own slot's state at its own position (the conv ring's row);
 //! padding columns exit before touching any state. Their states are not lent to other
-//! slots (`VkRunner::reuse_prefix` takes nothing on such models, and their runners do
-//! not share prefixes): a slot's region holds only its own sequence's latest state.
+//! slots by pages (their runners do not share prefixes): a slot's region holds only its
+//! own sequence's latest state; prompts are shared through snapshots (below).
 //! gpt-oss's attention batches as well (`attn_batch` with its sinks; the q|k|v and o
 //! biases as row ops over the columns). Models the batched step does not cover
 //! ([`VkModel::batch_unsupported`]: Gemma 4's per-layer inputs, v norm, shared KV and
@@ -62,7 +62,25 @@
 //! kernels, not a ring), so sharing is exact for windowed layers too. When the free
 //! list runs short, pages that no live sequence needs (a slot's pages past its runner's
 //! length, every page of a slot without a runner) are taken back, slots without a runner
-//! first, then the least recently stepped, from their last page on.
+//! first, then the least recently stepped, from their last page on; then prompt
+//! snapshots (below), least recently used first. (A step's page count is taken again
+//! after each one: evicting a snapshot may leave a page the step writes its own.)
+//!
+//! **Prompt snapshots** (models with recurrent mixers, [`VkBatch::with_snapshots`]; the
+//! server keeps one per slot, as the CPU backend). A recurrent state cannot rewind, so a
+//! prompt's prefix is shared as a snapshot of the sequence at the prompt's end
+//! (`Runner::checkpoint`, `VkBatch::snapshot`): its tokens, its pages (named by the
+//! snapshot's own table and counted as a slot's: the slot's next write into the partly
+//! filled last page copies it first) and a copy of every recurrent layer's conv and S
+//! states in a snapshot region of the layer's state pools (regions `slots..slots + N`
+//! after the slots', allocated with them; one `vkCmdCopyBuffer` submit for all layers).
+//! A runner's `reuse_prefix` (`VkBatch::restore`) takes the longest snapshot whose
+//! tokens begin the prompt, longer than what it holds and within the limit (a snapshot
+//! is exact only at its own length): its states are copied into the slot's region (one
+//! submit), its table names the snapshot's pages, its length is the snapshot's. At most
+//! N are kept (the least recently used, by taking or restoring, goes first); a
+//! snapshot's pages go back to the pool when it is evicted and no table names them. A
+//! slot's next sequence zeroes the slot's region, never a snapshot's.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -100,9 +118,12 @@ pub struct VkBatch {
     /// into the device one the kernels read.
     table_host: Buffer,
     table_dev: Buffer,
-    /// Per recurrent layer, its state pools (conv state, S) and their bytes per slot
-    /// (`None` for other layers; S's 0 for the short conv, which has none).
+    /// Per recurrent layer, its state pools (conv state, S) and their bytes per region
+    /// (`None` for other layers; S's 0 for the short conv, which has none): one region
+    /// per slot, then one per snapshot (region `slots + i`).
     states: Vec<Option<(RecurrentState, u64, u64)>>,
+    /// Prompt snapshots the batch keeps at most (0 without recurrent layers).
+    snapshots: usize,
     /// Page ownership, per-slot tables and what they hold. Held across a page copy, so
     /// no step writes meanwhile.
     book: Mutex<Book>,
@@ -117,6 +138,20 @@ struct Book {
     slots: Vec<SlotPages>,
     /// Counts the steps, for the least recently used order.
     clock: u64,
+    /// Prompt snapshots, least recently used first.
+    snaps: Vec<Snap>,
+    /// Snapshot state regions no snapshot holds (0.. the batch's snapshot count).
+    free_regions: Vec<usize>,
+}
+
+/// A prompt snapshot of a model with recurrent layers: the tokens, the attention
+/// layers' pages holding their K and V (named by its own table, counted in `refs` as a
+/// slot's are) and its copy of every recurrent layer's states (state region
+/// `slots + region`), exact at position `tokens.len()` only.
+struct Snap {
+    tokens: Vec<u32>,
+    table: Vec<u32>,
+    region: usize,
 }
 
 #[derive(Default)]
@@ -135,40 +170,82 @@ struct SlotPages {
 }
 
 impl Book {
+    /// Lets go of a page one table named.
+    fn unref(&mut self, p: u32) {
+        let r = &mut self.refs[p as usize];
+        *r = r.saturating_sub(1);
+        if *r == 0 {
+            self.free.push(p);
+        }
+    }
+
+    /// Drops the least recently used snapshot (its pages go back to the pool where no
+    /// table names them any more, its state region to the free ones); false when there
+    /// is none.
+    fn evict_snapshot(&mut self) -> bool {
+        if self.snaps.is_empty() {
+            return false;
+        }
+        let snap = self.snaps.remove(0);
+        for &p in &snap.table {
+            self.unref(p);
+        }
+        self.free_regions.push(snap.region);
+        true
+    }
+
     /// Drops `slot`'s table entries from `keep` on (pages no table names go free); its
     /// tokens end where its pages do.
     fn cut(&mut self, slot: usize, keep: usize) {
         let s = &mut self.slots[slot];
-        while s.table.len() > keep {
-            if let Some(p) = s.table.pop() {
-                let r = &mut self.refs[p as usize];
-                *r = r.saturating_sub(1);
-                if *r == 0 {
-                    self.free.push(p);
-                }
-            }
-        }
+        let gone = s.table.split_off(keep.min(s.table.len()));
         s.tokens.truncate(keep * KV_PAGE);
+        for p in gone.into_iter().rev() {
+            self.unref(p);
+        }
     }
 
     /// Takes back pages no live sequence needs (not of `skip`'s slots) until `need` are
-    /// free or none is left: slots without a runner first, then the least recently
-    /// used, from their last page on.
+    /// free or none is left (see [`Book::reclaim_one`]).
+    #[cfg(test)]
     fn reclaim(&mut self, need: usize, skip: &[usize]) {
-        while self.free.len() < need {
-            let victim = (0..self.slots.len())
-                .filter(|s| !skip.contains(s))
-                .filter(|&s| {
-                    let sp = &self.slots[s];
-                    sp.table.len() > sp.live.div_ceil(KV_PAGE)
-                })
-                .min_by_key(|&s| (self.slots[s].leased, self.slots[s].used));
-            let Some(v) = victim else {
-                return;
-            };
-            let keep = self.slots[v].table.len() - 1;
-            self.cut(v, keep);
-        }
+        while self.free.len() < need && self.reclaim_one(skip) {}
+    }
+
+    /// Takes back one page no live sequence needs (not of `skip`'s slots): of the slots
+    /// without a runner first, then of the least recently used, from their last page
+    /// on; else drops the least recently used snapshot. (The page may still be named by
+    /// another table.) False when there is nothing left to take.
+    fn reclaim_one(&mut self, skip: &[usize]) -> bool {
+        let victim = (0..self.slots.len())
+            .filter(|s| !skip.contains(s))
+            .filter(|&s| {
+                let sp = &self.slots[s];
+                sp.table.len() > sp.live.div_ceil(KV_PAGE)
+            })
+            .min_by_key(|&s| (self.slots[s].leased, self.slots[s].used));
+        let Some(v) = victim else {
+            return self.evict_snapshot();
+        };
+        let keep = self.slots[v].table.len() - 1;
+        self.cut(v, keep);
+        true
+    }
+
+    /// Pages a step writing `items` (slot, from, to; tables already cut to `to`) takes
+    /// from the free list: one per position's page it lacks, one per shared page it
+    /// writes into (copy on write).
+    fn need(&self, items: &[(usize, usize, usize)]) -> usize {
+        items
+            .iter()
+            .map(|&(slot, from, to)| {
+                let s = &self.slots[slot];
+                let shared = (from / KV_PAGE..s.table.len())
+                    .filter(|&i| self.refs[s.table[i] as usize] > 1)
+                    .count();
+                to.div_ceil(KV_PAGE) - s.table.len() + shared
+            })
+            .sum()
     }
 }
 
@@ -209,6 +286,21 @@ impl VkBatch {
         slots: usize,
         cap: usize,
         pages: usize,
+        mm: BatchMm,
+    ) -> Result<Arc<VkBatch>> {
+        Self::with_snapshots(m, slots, cap, pages, 0, mm)
+    }
+
+    /// [`VkBatch::with_pages`] keeping up to `snapshots` prompt snapshots for a model
+    /// with recurrent layers (their states' regions allocated now, after the slots'; see
+    /// the module's notes); ignored (0) for other models, whose prefixes are shared as
+    /// pages.
+    pub fn with_snapshots(
+        m: Arc<VkModel>,
+        slots: usize,
+        cap: usize,
+        pages: usize,
+        snapshots: usize,
         mm: BatchMm,
     ) -> Result<Arc<VkBatch>> {
         if let Some(why) = m.batch_unsupported() {
@@ -257,7 +349,9 @@ impl VkBatch {
         let table_host = ctx.create_buffer(table_bytes, MemoryKind::Upload)?;
         ctx.write_mapped(&table_host, 0, &vec![0u8; table_bytes as usize])?;
         let table_dev = ctx.create_buffer(table_bytes, MemoryKind::Device)?;
-        let (states, state_strides) = state_pools(&m, slots)?;
+        let recurrent = m.state_sizes()?.iter().any(Option::is_some);
+        let snapshots = if recurrent { snapshots } else { 0 };
+        let (states, state_strides) = state_pools(&m, slots, snapshots)?;
         let cols = MAX_BATCH.min(slots.next_power_of_two());
         let runner = VkRunner::build(
             m.clone(),
@@ -286,6 +380,8 @@ impl VkBatch {
             refs: vec![0; pages],
             slots: (0..slots).map(|_| SlotPages::default()).collect(),
             clock: 0,
+            snaps: Vec::new(),
+            free_regions: (0..snapshots).rev().collect(),
         };
         Ok(Arc::new(VkBatch {
             m,
@@ -297,6 +393,7 @@ impl VkBatch {
             table_host,
             table_dev,
             states,
+            snapshots,
             book: Mutex::new(book),
             runner: Mutex::new(runner),
         }))
@@ -332,7 +429,8 @@ impl VkBatch {
     }
 
     /// (pages that hold a live sequence's positions, pages that only cache tokens of
-    /// sequences past their length or gone: taken back when the pool runs short).
+    /// sequences past their length or gone, or a prompt snapshot's: taken back when the
+    /// pool runs short).
     pub fn page_counts(&self) -> (usize, usize) {
         let b = self.book();
         let mut live = vec![false; self.pages];
@@ -343,6 +441,11 @@ impl VkBatch {
                 if i < s.live.div_ceil(KV_PAGE) {
                     live[p as usize] = true;
                 }
+            }
+        }
+        for x in &b.snaps {
+            for &p in &x.table {
+                named[p as usize] = true;
             }
         }
         let in_use = live.iter().filter(|&&l| l).count();
@@ -427,7 +530,6 @@ impl VkBatch {
         b.clock += 1;
         let clock = b.clock;
         let skip: Vec<usize> = items.iter().map(|i| i.0).collect();
-        let mut need = 0;
         for &(slot, from, to) in items {
             if slot >= self.slots || from >= to || to > self.cap {
                 return Err(VkError::Invalid(format!(
@@ -442,14 +544,11 @@ impl VkBatch {
             }
             b.slots[slot].tokens.truncate(from);
             b.cut(slot, to.div_ceil(KV_PAGE));
-            let s = &b.slots[slot];
-            let shared = (from / KV_PAGE..s.table.len())
-                .filter(|&i| b.refs[s.table[i] as usize] > 1)
-                .count();
-            need += to.div_ceil(KV_PAGE) - s.table.len() + shared;
         }
-        if b.free.len() < need {
-            b.reclaim(need, &skip);
+        // (Evicting a snapshot may leave a page the step writes its own: counted again.)
+        let mut need = b.need(items);
+        while b.free.len() < need && b.reclaim_one(&skip) {
+            need = b.need(items);
         }
         if b.free.len() < need {
             let live: usize = b.slots.iter().map(|s| s.live.div_ceil(KV_PAGE)).sum();
@@ -598,6 +697,139 @@ impl VkBatch {
         Ok(n)
     }
 
+    /// Prompt snapshots the batch keeps at most (0 for a model without recurrent
+    /// layers).
+    pub fn snapshots(&self) -> usize {
+        self.snapshots
+    }
+
+    /// Prompt snapshots held now.
+    pub fn snapshot_count(&self) -> usize {
+        self.book().snaps.len()
+    }
+
+    /// Drops the least recently used prompt snapshot: its pages go back to the pool
+    /// where no table names them any more. False when there is none.
+    pub fn evict_snapshot(&self) -> bool {
+        self.book().evict_snapshot()
+    }
+
+    /// Copies every recurrent layer's states (conv and S) from state region `from` to
+    /// region `to` (slots first, then snapshots), in one submit.
+    fn copy_states(&self, from: usize, to: usize) -> Result<()> {
+        let mut regions = Vec::new();
+        for (st, conv, ssm) in self.states.iter().flatten() {
+            regions.push((&st.conv, from as u64 * conv, to as u64 * conv, *conv));
+            if let Some(s) = &st.ssm {
+                regions.push((s, from as u64 * ssm, to as u64 * ssm, *ssm));
+            }
+        }
+        self.m.context().copy_within(&regions)
+    }
+
+    /// Keeps a snapshot of the sequence in `slot`, holding `len` positions (the end of a
+    /// prompt): its tokens, its pages (shared: the slot's next write into the last one
+    /// copies it first) and a copy of its recurrent states; the least recently used
+    /// snapshot goes when all [`Self::snapshots`] are held. Returns false (nothing kept)
+    /// without snapshots, for an empty sequence, or when the slot's pages do not hold
+    /// what the sequence computed; a snapshot of the same tokens is only marked used.
+    pub(crate) fn snapshot(&self, slot: usize, len: usize) -> Result<bool> {
+        if self.snapshots == 0 || len == 0 {
+            return Ok(false);
+        }
+        let mut b = self.book();
+        let Some(s) = b.slots.get(slot) else {
+            return Err(VkError::Invalid(format!("no pool slot {slot}")));
+        };
+        if s.tokens.len() < len || s.table.len() * KV_PAGE < len {
+            return Ok(false);
+        }
+        let tokens = s.tokens[..len].to_vec();
+        let table = s.table[..len.div_ceil(KV_PAGE)].to_vec();
+        if let Some(i) = b.snaps.iter().position(|x| x.tokens == tokens) {
+            let x = b.snaps.remove(i);
+            b.snaps.push(x);
+            return Ok(true);
+        }
+        if b.free_regions.is_empty() {
+            b.evict_snapshot();
+        }
+        let Some(region) = b.free_regions.pop() else {
+            return Err(VkError::Invalid("the snapshot count went wrong".into()));
+        };
+        if let Err(e) = self.copy_states(slot, self.slots + region) {
+            b.free_regions.push(region);
+            return Err(e);
+        }
+        for &p in &table {
+            b.refs[p as usize] += 1;
+        }
+        b.snaps.push(Snap {
+            tokens,
+            table,
+            region,
+        });
+        Ok(true)
+    }
+
+    /// The sequence in `slot`, holding `prompt[..len]`, becomes a copy of the longest
+    /// snapshot whose tokens begin `prompt` and that holds more than `len` and at most
+    /// `limit` positions (a snapshot is exact at its own length only): the snapshot's
+    /// states are copied into the slot's region (one submit) and its table names the
+    /// snapshot's pages (the first write into the partly filled last one copies it).
+    /// Returns the positions the sequence holds now (`len` when no snapshot fits). On an
+    /// error the slot's states may be partly overwritten (its pages are as they were):
+    /// the caller starts over.
+    pub(crate) fn restore(
+        &self,
+        slot: usize,
+        len: usize,
+        prompt: &[u32],
+        limit: usize,
+    ) -> Result<usize> {
+        if self.snapshots == 0 {
+            return Ok(len);
+        }
+        let limit = limit.min(prompt.len()).min(self.cap);
+        let mut b = self.book();
+        if slot >= b.slots.len() {
+            return Err(VkError::Invalid(format!("no pool slot {slot}")));
+        }
+        let best = b
+            .snaps
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| {
+                x.tokens.len() > len && x.tokens.len() <= limit && prompt.starts_with(&x.tokens)
+            })
+            .max_by_key(|(_, x)| x.tokens.len())
+            .map(|(i, _)| i);
+        let Some(i) = best else {
+            return Ok(len);
+        };
+        // Most recently used last.
+        let snap = b.snaps.remove(i);
+        let copied = self.copy_states(self.slots + snap.region, slot);
+        if let Err(e) = copied {
+            b.snaps.push(snap);
+            return Err(e);
+        }
+        b.cut(slot, 0);
+        let n = snap.tokens.len();
+        for &p in &snap.table {
+            b.refs[p as usize] += 1;
+        }
+        {
+            let s = &mut b.slots[slot];
+            s.table.extend_from_slice(&snap.table);
+            s.tokens.clone_from(&snap.tokens);
+            s.live = n;
+        }
+        b.snaps.push(snap);
+        self.write_table(&b, slot)?;
+        Ok(n)
+    }
+
     /// Whether `r` is a sequence of this batch.
     pub fn owns(self: &Arc<Self>, r: &VkRunner) -> bool {
         r.lease
@@ -697,25 +929,28 @@ enum StepOut<'a> {
     Argmax(&'a mut Option<u32>),
 }
 
-/// The recurrent layers' state pools for `slots` sequences (zeroed), and per layer the
-/// (conv, S) values per slot (0 for other layers). Each slot's region starts at a
-/// multiple of [`Buffer::VIEW_ALIGN`] bytes, so a runner binds it as a view.
+/// The recurrent layers' state pools for `slots` sequences and `snaps` snapshots
+/// (zeroed), and per layer the (conv, S) values per region (0 for other layers). Each
+/// region starts at a multiple of [`Buffer::VIEW_ALIGN`] bytes, so a runner binds its
+/// slot's as a view.
 #[allow(clippy::type_complexity)]
 fn state_pools(
     m: &VkModel,
     slots: usize,
+    snaps: usize,
 ) -> Result<(Vec<Option<(RecurrentState, u64, u64)>>, Vec<(usize, usize)>)> {
     let ctx = m.context();
     let align =
         |floats: usize| (floats as u64 * 4).div_ceil(Buffer::VIEW_ALIGN) * Buffer::VIEW_ALIGN;
     let pool = |li: usize, what: &str, stride: u64| -> Result<Buffer> {
         let total = stride
-            .checked_mul(slots as u64)
+            .checked_mul((slots + snaps) as u64)
             .filter(|&t| t <= ctx.max_buffer_bytes())
             .ok_or_else(|| {
                 VkError::Invalid(format!(
-                    "layer {li}: the {what} of {slots} sequences ({} KiB each) are more \
-                     than one buffer may hold on {} ({} MiB); use fewer slots",
+                    "layer {li}: the {what} of {slots} sequences and {snaps} prompt \
+                     snapshots ({} KiB each) are more than one buffer may hold on {} ({} \
+                     MiB); use fewer slots",
                     stride >> 10,
                     ctx.info().name,
                     ctx.max_buffer_bytes() >> 20
@@ -840,6 +1075,12 @@ mod tests {
                 named[p as usize] += 1;
             }
         }
+        for x in &b.snaps {
+            assert_eq!(x.table.len(), x.tokens.len().div_ceil(KV_PAGE));
+            for &p in &x.table {
+                named[p as usize] += 1;
+            }
+        }
         assert_eq!(named, b.refs);
         let mut free = b.free.clone();
         free.sort_unstable();
@@ -862,6 +1103,8 @@ mod tests {
             refs: vec![0; pages],
             slots: (0..3).map(|_| SlotPages::default()).collect(),
             clock: 0,
+            snaps: Vec::new(),
+            free_regions: Vec::new(),
         };
         // Slot 0: pages 0-4 (80 tokens, live 70, leased); slot 1 shares 0-2 and has 5-6
         // (live 100, leased); slot 2: 7-9, no runner; 10-11 free.
@@ -901,5 +1144,57 @@ mod tests {
         assert_eq!(b.slots[1].table.len(), 5);
         b.cut(1, 0);
         check(&b);
+    }
+
+    /// Snapshots' pages are counted as a table's: a page shared by a slot and a
+    /// snapshot goes free when both let go, and taking pages back evicts snapshots
+    /// (least recently used first) once no slot has pages to give.
+    #[test]
+    fn book_snapshots() {
+        let pages = 8;
+        let mut b = Book {
+            free: (6..pages as u32).rev().collect(),
+            refs: vec![0; pages],
+            slots: (0..2).map(|_| SlotPages::default()).collect(),
+            clock: 0,
+            snaps: Vec::new(),
+            free_regions: Vec::new(),
+        };
+        // Slot 0 (leased, live 40): pages 0-2; snapshot A shares them (40 tokens);
+        // snapshot B (20 tokens) alone holds pages 3-4; slot 1 (no runner) holds 5.
+        b.slots[0].table = vec![0, 1, 2];
+        b.slots[0].tokens = vec![1; 40];
+        b.slots[0].live = 40;
+        b.slots[0].leased = true;
+        b.slots[1].table = vec![5];
+        b.slots[1].tokens = vec![2; 10];
+        for p in [0, 1, 2, 0, 1, 2, 3, 4, 5] {
+            b.refs[p] += 1;
+        }
+        b.snaps.push(Snap {
+            tokens: vec![1; 40],
+            table: vec![0, 1, 2],
+            region: 0,
+        });
+        b.snaps.push(Snap {
+            tokens: vec![3; 20],
+            table: vec![3, 4],
+            region: 1,
+        });
+        check(&b);
+        // Three free: slot 1's page first, no snapshot touched.
+        b.reclaim(3, &[]);
+        check(&b);
+        assert_eq!((b.free.len(), b.snaps.len()), (3, 2));
+        // Four: A goes first (least recently used) but frees nothing (slot 0 holds its
+        // pages), then B, whose two pages go free.
+        b.reclaim(4, &[]);
+        check(&b);
+        assert_eq!((b.free.len(), b.snaps.len()), (5, 0));
+        assert_eq!(b.free_regions, vec![0, 1]);
+        // Slot 0 lets go: every page is free again.
+        b.cut(0, 0);
+        check(&b);
+        assert_eq!(b.free.len(), pages);
     }
 }

@@ -3231,12 +3231,35 @@ impl caldera_model::Runner for VkRunner {
 
     /// A sequence of a [`VkBatch`](crate::VkBatch) takes the longest prefix of `tokens`
     /// that its pool holds (`VkBatch::reuse`: its own pages' positions past its length,
-    /// or another slot's pages, which its table then names too).
+    /// or another slot's pages, which its table then names too); with recurrent layers,
+    /// the longest prompt snapshot `tokens` continues (`VkBatch::restore`: its states
+    /// copied into the slot's, its pages shared).
     fn reuse_prefix(&mut self, tokens: &[u32], limit: usize) -> usize {
         let Some(l) = &self.lease else {
             return self.len;
         };
         if self.states.iter().any(Option::is_some) {
+            match l
+                .batch
+                .restore(l.slot, self.len, tokens, limit.min(self.cap))
+            {
+                Ok(n) => {
+                    if self.trace && n > self.len {
+                        eprintln!("restored a prompt snapshot of {n} positions");
+                    }
+                    self.len = n;
+                }
+                Err(e) => {
+                    // The slot's states may be half copied: start over (a lost device
+                    // fails the next step).
+                    if self.trace {
+                        eprintln!("restoring a prompt snapshot failed: {e}");
+                    }
+                    let _ = RecurrentState::reset_all(&self.m.ctx, self.states.iter().flatten());
+                    self.len = 0;
+                    l.batch.note_len(l.slot, 0);
+                }
+            }
             return self.len;
         }
         // A failed reuse (a lost device writing the table) leaves the sequence as it was;
@@ -3250,12 +3273,33 @@ impl caldera_model::Runner for VkRunner {
         self.len
     }
 
+    /// A sequence of a [`VkBatch`](crate::VkBatch) with recurrent layers: a snapshot of
+    /// the prompt it holds now (`VkBatch::snapshot`), for later sequences whose prompt
+    /// starts with it. Nothing for other runners (their pages are shared as they are).
+    fn checkpoint(&mut self) {
+        let Some(l) = &self.lease else {
+            return;
+        };
+        if self.states.iter().all(Option::is_none) {
+            return;
+        }
+        // A failed copy (a lost device) keeps no snapshot; the next step reports it.
+        match l.batch.snapshot(l.slot, self.len) {
+            Ok(true) if self.trace => {
+                eprintln!("prompt snapshot of {} positions", self.len);
+            }
+            Err(e) if self.trace => eprintln!("a prompt snapshot failed: {e}"),
+            _ => {}
+        }
+    }
+
     /// A sequence of a [`VkBatch`](crate::VkBatch): what it computed stays in its pages
     /// for any sequence's `reuse_prefix` after it is emptied, until a step writes over it
     /// or the pool takes them back.
     fn shares_prefixes(&self) -> bool {
-        // Not with recurrent states: they are not lent (no snapshots on Vulkan yet), so
-        // an idle slot keeps its sequence for its own next request.
+        // Not with recurrent states: a slot's states hold only its own sequence's latest
+        // position, so an idle slot keeps its sequence for its own next request (its
+        // prompt's snapshot serves the other slots, as on the CPU).
         self.lease.is_some() && self.states.iter().all(Option::is_none)
     }
 

@@ -157,7 +157,15 @@ pub fn slot_runners(
                 None => slots * ctx.div_ceil(caldera_vulkan::KV_PAGE),
             };
             let mm = caldera_vulkan::BatchMm::from_env();
-            match caldera_vulkan::VkBatch::with_pages(vk.clone(), slots, ctx, pages, mm) {
+            // Models with recurrent layers keep prompt snapshots as on the CPU.
+            match caldera_vulkan::VkBatch::with_snapshots(
+                vk.clone(),
+                slots,
+                ctx,
+                pages,
+                kv.snapshots,
+                mm,
+            ) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     eprintln!("caldera: {e}; the slots decode one after another");
@@ -185,11 +193,13 @@ pub fn slot_runners(
             });
         };
         let first = batch.runner()?;
-        // Recurrent states are not lent (no state snapshots on Vulkan yet).
         let lend = if first.shares_prefixes() {
-            " and lend prompt prefixes to each other"
+            " and lend prompt prefixes to each other".to_string()
+        } else if batch.snapshots() > 0 {
+            // Recurrent states are not lent: prompts are shared through snapshots.
+            format!(", up to {} prompt snapshots", batch.snapshots())
         } else {
-            ""
+            String::new()
         };
         let desc = format!("{}; slots decode in batched steps{lend}", first.describe());
         let mut first = Some(first);

@@ -121,8 +121,12 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
             (
                 kv_token * (vk_pages * page) as u64,
                 format!(
-                    "Vulkan KV pool {vk_pages} pages x {page} tokens = {} tokens shared by the slots (at most {ctx} per slot; attention-only models share prompt prefixes as pages)",
+                    "Vulkan KV pool {vk_pages} pages x {page} tokens = {} tokens shared by the slots (at most {ctx} per slot; {})",
                     vk_pages * page,
+                    match b.snapshots() {
+                        0 => "attention-only models share prompt prefixes as pages".to_string(),
+                        n => format!("recurrent layers: pages shared with up to {n} prompt snapshots"),
+                    }
                 ),
             )
         }
@@ -145,8 +149,13 @@ pub fn serve(a: ServeArgs) -> Result<ExitCode> {
             ),
         ),
     };
-    // On the CPU a hybrid model also keeps one snapshot's recurrent state per slot.
-    let states = if pool.is_some() { 2 * slots } else { slots } as u64;
+    // A hybrid model also keeps one snapshot's recurrent state per slot (on Vulkan in
+    // regions of the batch's state pools, allocated up front).
+    let states = match (&pool, &vk_batch) {
+        (Some(_), _) => 2 * slots,
+        (None, Some(b)) => slots + b.snapshots(),
+        (None, None) => slots,
+    } as u64;
     let total = weights + kv_bytes + state * states;
     eprintln!(
         "caldera: memory plan: weights {:.1} MiB; {kv_desc}: {:.1} MiB; recurrent state {:.1} MiB x {states}; total {:.1} MiB",

@@ -4,9 +4,16 @@
 //! hold past its length, and continues from it with the logits of a runner that
 //! computed the whole prompt itself; a prefix overwritten since (truncated and
 //! rewritten, decoded over) is not lent. On the qwen3 fixture with f16, f32 and q8_0
-//! caches; and `caldera serve --backend vulkan` with two slots sharing a long system
-//! prompt: a prefix-cache hit across slots, and the answer of a cold server. Runs on the
-//! test device (lavapipe by default) and skips without one unless
+//! caches. Hybrids (GatedDeltaNet, Mamba2, short conv) lend nothing by pages, but a
+//! batch with prompt snapshots restores one (its states copied into the slot, its pages
+//! shared) for a prompt that continues it, with a cold run's logits; snapshots survive
+//! their slot's next sequence, are not used by a prompt that leaves them or past the
+//! limit, and give their pages back when evicted (the LRU bound, or a pool running
+//! short). And `caldera serve --backend vulkan` with two slots sharing a long system
+//! prompt: a prefix-cache hit across slots, and the answer of a cold server; and a
+//! synthetic hybrid served with a prompt snapshot per slot (in the memory plan), a later
+//! prompt continuing an earlier one restoring its snapshot (a hit in /metrics). Runs on
+//! the test device (lavapipe by default) and skips without one unless
 //! `CALDERA_REQUIRE_VULKAN=1`.
 
 mod common;
@@ -17,7 +24,7 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 
 use caldera_model::{Logits, Model, Runner};
-use caldera_vulkan::{Context, ContextOptions, KvType, VkBatch, VkModel, VkRunner};
+use caldera_vulkan::{BatchMm, Context, ContextOptions, KvType, VkBatch, VkModel, VkRunner};
 use common::{argmax, fixtures, model, rel_l2, vulkan_device as device};
 use serde_json::{json, Value};
 
@@ -230,6 +237,164 @@ fn vulkan_prefix_hybrid_lends_nothing() {
     continues_as_cold(&vk, &mut b, &py[..py.len() - 1], 1e-4, "hybrid");
 }
 
+/// Prompt snapshots of a hybrid: A's prompt (37 positions: the last of its 3 pages
+/// partly filled) is snapshotted, then A decodes over that page (copied on write) and
+/// leaves; B takes A's slot with another prompt (fresh pages, zeroed states); C, on the
+/// other slot, takes nothing for a prompt that leaves the snapshot inside it or a limit
+/// short of it, then restores it for a prompt continuing it and runs the rest, a decode
+/// step alone and batched steps beside B with a cold runner's logits.
+fn snapshot_restores(vk: &Arc<VkModel>, tol: f32, what: &str) {
+    let vocab = vk.model().config.vocab_size;
+    let batch = VkBatch::with_snapshots(vk.clone(), 2, 96, 12, 2, BatchMm::Auto).expect("batch");
+    assert_eq!(batch.snapshots(), 2, "{what}");
+    let start = batch.free_pages();
+    let (p, x, y, q) = (
+        tokens(vocab, 1, 37),
+        tokens(vocab, 2, 9),
+        tokens(vocab, 3, 12),
+        tokens(vocab, 4, 30),
+    );
+    let mut out = Vec::new();
+    let mut a = batch.runner().expect("runner");
+    a.forward(&p, Logits::Last, &mut out).unwrap();
+    a.checkpoint();
+    assert_eq!(batch.snapshot_count(), 1, "{what}");
+    assert_eq!(
+        batch.free_pages(),
+        start - 3,
+        "{what}: the snapshot shares A's pages"
+    );
+    a.forward(&x, Logits::Last, &mut out).unwrap();
+    assert_eq!(
+        batch.free_pages(),
+        start - 4,
+        "{what}: A copies the shared last page"
+    );
+    drop(a);
+    // B in A's slot: a sequence of its own from zeros, over pages of its own.
+    let mut b = batch.runner().expect("runner");
+    b.forward(&q, Logits::Last, &mut out).unwrap();
+    let mut c = batch.runner().expect("runner");
+    assert!(!c.shares_prefixes(), "{what}");
+    let py = cat(&p, &y);
+    let mut off = py.clone();
+    off[20] = (off[20] + 1) % vocab as u32;
+    assert_eq!(
+        c.reuse_prefix(&off, off.len() - 1),
+        0,
+        "{what}: diverges inside"
+    );
+    assert_eq!(
+        c.reuse_prefix(&py, 36),
+        0,
+        "{what}: limit short of the snapshot"
+    );
+    assert_eq!(c.reuse_prefix(&py, py.len() - 1), 37, "{what}: restored");
+    assert_eq!(c.len(), 37);
+    // The rest of the prompt, every row against a cold run.
+    let (mut warm, mut cold) = (Vec::new(), Vec::new());
+    c.forward(&py[37..], Logits::All, &mut warm).unwrap();
+    let mut fresh = VkRunner::new(vk.clone(), c.capacity()).expect("runner");
+    fresh.forward(&p, Logits::Last, &mut cold).unwrap();
+    fresh.forward(&py[37..], Logits::All, &mut cold).unwrap();
+    assert_eq!(warm.len(), cold.len());
+    for (i, (w, f)) in warm.chunks(vocab).zip(cold.chunks(vocab)).enumerate() {
+        let e = rel_l2(f, w);
+        assert!(e < tol, "{what}: position {}: relative L2 {e:e}", 37 + i);
+    }
+    // A decode step alone, then batched steps beside B.
+    let mut t = argmax(&warm[warm.len() - vocab..]);
+    let mut tb = argmax(&out);
+    let mut lb = Vec::new();
+    c.forward(&[t], Logits::Last, &mut warm).unwrap();
+    fresh.forward(&[t], Logits::Last, &mut cold).unwrap();
+    for k in 0..4 {
+        let e = rel_l2(&cold, &warm);
+        assert!(
+            e < tol,
+            "{what}: decode {k} after the snapshot: relative L2 {e:e}"
+        );
+        t = argmax(&cold);
+        batch
+            .step(&mut [(&mut b, tb, &mut lb), (&mut c, t, &mut warm)])
+            .expect("batched step");
+        tb = argmax(&lb);
+        fresh.forward(&[t], Logits::Last, &mut cold).unwrap();
+    }
+    let e = rel_l2(&cold, &warm);
+    assert!(
+        e < tol,
+        "{what}: batched decode after the snapshot: relative L2 {e:e}"
+    );
+    // The snapshot is still there, and the same prompt again only marks it used.
+    c.truncate(0);
+    c.forward(&p, Logits::Last, &mut out).unwrap();
+    c.checkpoint();
+    assert_eq!(batch.snapshot_count(), 1, "{what}");
+}
+
+/// Hybrids' prompt snapshots (GatedDeltaNet: qwen3_5, Mamba2: nemotron_h, short conv:
+/// lfm2) restore exactly: see `snapshot_restores`.
+#[test]
+fn vulkan_prefix_hybrid_snapshots_restore() {
+    let Some(dev) = device() else { return };
+    for name in ["qwen3_5", "nemotron_h", "lfm2"] {
+        let Some(vk) = open_fixture(dev, name, KvType::F16) else {
+            return;
+        };
+        snapshot_restores(&vk, 1e-4, name);
+    }
+}
+
+/// Snapshots give their pages back: evicted by the LRU bound (every page no sequence
+/// names goes free) or when a prefill needs pages that only snapshots and idle slots
+/// hold (the prefill runs; nothing fails).
+#[test]
+fn vulkan_prefix_hybrid_snapshots_evict() {
+    let Some(dev) = device() else { return };
+    let Some(vk) = open_fixture(dev, "qwen3_5", KvType::F16) else {
+        return;
+    };
+    let vocab = vk.model().config.vocab_size;
+    let batch = VkBatch::with_snapshots(vk.clone(), 2, 64, 6, 1, BatchMm::Auto).expect("batch");
+    assert_eq!(batch.free_pages(), 6);
+    let (p, q) = (tokens(vocab, 1, 40), tokens(vocab, 2, 40));
+    let mut out = Vec::new();
+    let mut a = batch.runner().expect("runner");
+    a.forward(&p, Logits::Last, &mut out).unwrap();
+    a.checkpoint();
+    assert_eq!(batch.free_pages(), 3);
+    // A starts over with another prompt: its pages are the snapshot's, so it takes
+    // three fresh ones.
+    assert!(a.truncate(0));
+    a.forward(&q, Logits::Last, &mut out).unwrap();
+    assert_eq!(batch.free_pages(), 0);
+    // The bound (1): A's new snapshot evicts the first, whose pages go back.
+    a.checkpoint();
+    assert_eq!(batch.snapshot_count(), 1);
+    assert_eq!(
+        batch.free_pages(),
+        3,
+        "the evicted snapshot's pages are free"
+    );
+    assert!(batch.evict_snapshot());
+    assert!(!batch.evict_snapshot());
+    assert_eq!(batch.free_pages(), 3, "A still holds its pages");
+    a.checkpoint();
+    drop(a);
+    // B needs 4 pages: 3 free, A's slot's pages (the snapshot's too) come back.
+    let mut b = batch.runner().expect("runner");
+    let r = tokens(vocab, 3, 64);
+    b.forward(&r, Logits::Last, &mut out).unwrap();
+    assert_eq!(batch.snapshot_count(), 0);
+    assert_eq!(batch.free_pages(), 2);
+    let mut fresh = VkRunner::new(vk.clone(), 64).expect("runner");
+    let mut cold = Vec::new();
+    fresh.forward(&r, Logits::Last, &mut cold).unwrap();
+    let e = rel_l2(&cold, &out);
+    assert!(e < 1e-4, "after evictions: relative L2 {e:e}");
+}
+
 /// A q8_0 cache: blocks copied whole (heads of 128 in the fixture); a copy is exact, the
 /// cold run rounds the same values, so within the batch tests' q8_0 tolerance.
 #[test]
@@ -294,6 +459,8 @@ fn vulkan_prefix_reuse_past_a_sliding_window() {
 struct Serve {
     child: Child,
     addr: String,
+    /// Standard error up to the listening line (the memory plan, the backend).
+    log: String,
 }
 
 impl Drop for Serve {
@@ -340,7 +507,11 @@ fn serve(path: &std::path::Path, dev: usize, slots: u32) -> Serve {
     );
     // Keep draining stderr so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Serve { child, addr }
+    Serve {
+        child,
+        addr,
+        log: seen,
+    }
 }
 
 /// One HTTP/1.1 request (`Connection: close`); the status and the body.
@@ -465,4 +636,46 @@ fn vulkan_serve_reuses_a_system_prompt_across_slots() {
         metric(&m, "caldera_kv_pages_total"),
         "{m}"
     );
+}
+
+/// A hybrid (`caldera synth --arch qwen35 --shape tiny`: GatedDeltaNet + attention) on
+/// Vulkan keeps one prompt snapshot per slot (the memory plan counts their states): a
+/// request whose prompt continues an earlier one's (whose slot cannot rewind past the
+/// tokens it generated) restores the earlier prompt's snapshot, a prefix-cache hit
+/// counted by /metrics with its tokens.
+#[test]
+fn vulkan_serve_hybrid_restores_a_prompt_snapshot() {
+    let Some(dev) = device() else { return };
+    let tmp = common::TempDir::new("vk-serve-snapshot");
+    let synth = tmp.0.join("qwen35-tiny.gguf");
+    let o = common::bin()
+        .args(["synth", "--arch", "qwen35", "--shape", "tiny"])
+        .arg(&synth)
+        .output()
+        .expect("running caldera synth");
+    assert!(o.status.success(), "synth: {}", common::text(&o));
+    let s = serve(&synth, dev, 2);
+    assert!(s.log.contains("up to 2 prompt snapshots"), "{}", s.log);
+    assert!(
+        s.log.contains(" x 4; total"),
+        "2 slots + 2 snapshots:\n{}",
+        s.log
+    );
+    let complete = |prompt: &str| {
+        let b = json!({"prompt": prompt, "max_tokens": 3, "temperature": 0});
+        let (status, body) = http(&s.addr, "POST", "/v1/completions", Some(&b));
+        assert_eq!(status, 200, "{body}");
+    };
+    let metrics = || http(&s.addr, "GET", "/metrics", None).1;
+    let p = "The ferries run between three islands and a mainland port, every morning and \
+             every evening, all year round, whatever the weather.";
+    complete(p);
+    let m = metrics();
+    assert_eq!(metric(&m, "caldera_prefix_cache_misses_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "caldera_prefix_cache_hits_total"), 0.0, "{m}");
+    complete(&format!("{p} They carry cars and people."));
+    let m = metrics();
+    assert_eq!(metric(&m, "caldera_prefix_cache_hits_total"), 1.0, "{m}");
+    let reused = metric(&m, "caldera_prefix_cache_reused_tokens_total");
+    assert!(reused >= 20.0, "the first prompt's snapshot: {m}");
 }
