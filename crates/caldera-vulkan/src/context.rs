@@ -100,6 +100,9 @@ pub struct ContextOptions {
     /// Subgroups per workgroup of the block-tail int8 mat-vecs ([`Tuning::mv_block`]);
     /// 0 turns them off. Default 8, or `CALDERA_VK_MV_BLOCK`.
     pub mv_block: Option<u32>,
+    /// When the wide block-tail mat-vecs run ([`Tuning::mv_wide`]: 0 never, 1 where
+    /// they fill the device, 2 always); default 1, or `CALDERA_VK_MV_WIDE`.
+    pub mv_wide: Option<u32>,
 }
 
 /// The pipeline objects of one kernel.
@@ -534,6 +537,15 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
     } else {
         0
     };
+    // Wide ones (32 subgroups): only where a workgroup holds 32 subgroups.
+    let mv_wide = if mv_block > 0 && 32 * sgs <= limit {
+        opts.mv_wide
+            .or_else(|| env_u32("CALDERA_VK_MV_WIDE"))
+            .unwrap_or(1)
+            .min(2)
+    } else {
+        0
+    };
     Tuning {
         int8_dot: info.int8_dot && !opts.force_no_int8_dot && !env_on("CALDERA_VK_NO_DOT"),
         q8_acts: !opts.force_f32_acts && !env_on("CALDERA_VK_NO_Q8"),
@@ -588,6 +600,9 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
             .map_or(2, |v| v.clamp(1, 8)),
         mv_block,
         mvb_workgroup_size: mv_block * sgs,
+        mv_wide,
+        mvw_workgroup_size: 32 * sgs,
+        compute_units: info.compute_units,
     }
 }
 
@@ -669,6 +684,7 @@ fn create_pipelines(shared: &Shared, info: &DeviceInfo, tuning: &Tuning) -> Resu
         if (desc.int8_dot && !tuning.int8_dot)
             || (desc.coopmat && tuning.coopmat_mm.is_none())
             || (desc.blk && tuning.mv_block == 0)
+            || (desc.wide && tuning.mv_wide == 0)
             || !desc.kernel.fits(info)
         {
             // The device cannot run this module; nothing may bind it (ops check).
@@ -749,7 +765,9 @@ fn create_pipeline(
                 return Err(VkError::from_vk(what, r));
             }
         };
-        let (wg, rows) = if desc.blk {
+        let (wg, rows) = if desc.wide {
+            (tuning.mvw_workgroup_size, 32)
+        } else if desc.blk {
             (tuning.mvb_workgroup_size, tuning.mv_block)
         } else if desc.expert {
             tuning.mvx_shape()

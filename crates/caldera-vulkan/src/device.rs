@@ -118,6 +118,10 @@ pub struct DeviceInfo {
     pub compute_queue_family: Option<u32>,
     /// Valid bits of that family's timestamps (0: no timestamps).
     pub timestamp_valid_bits: u32,
+    /// Streaming multiprocessors / compute units, where the driver tells
+    /// (VK_NV_shader_sm_builtins, VK_AMD_shader_core_properties); launch-shape choices
+    /// that depend on how workgroups fill the device use it.
+    pub compute_units: Option<u32>,
 }
 
 /// One cooperative-matrix multiply the device supports: D (M x N, `result`) = A (M x K,
@@ -372,6 +376,10 @@ impl Instance {
         let has_dot_ext = has(ash::khr::shader_integer_dot_product::NAME);
         let has_sgc_ext = has(ash::ext::subgroup_size_control::NAME);
         let has_driver_ext = has(ash::khr::driver_properties::NAME);
+        let mut sm = vk::PhysicalDeviceShaderSMBuiltinsPropertiesNV::default();
+        let mut amd = vk::PhysicalDeviceShaderCorePropertiesAMD::default();
+        let has_sm_ext = has(ash::nv::shader_sm_builtins::NAME);
+        let has_amd_ext = has(ash::amd::shader_core_properties::NAME);
         {
             let mut props = vk::PhysicalDeviceProperties2::default()
                 .push_next(&mut subgroup)
@@ -384,6 +392,12 @@ impl Instance {
             }
             if v13 || has_dot_ext {
                 props = props.push_next(&mut dot);
+            }
+            if has_sm_ext {
+                props = props.push_next(&mut sm);
+            }
+            if has_amd_ext {
+                props = props.push_next(&mut amd);
             }
             // SAFETY: see above.
             unsafe { inst.get_physical_device_properties2(pd, &mut props) };
@@ -500,6 +514,15 @@ impl Instance {
             timestamp_period: l.timestamp_period,
             compute_queue_family: compute.map(|i| i as u32),
             timestamp_valid_bits: compute.map_or(0, |i| families[i].timestamp_valid_bits),
+            compute_units: if has_sm_ext && sm.shader_sm_count > 0 {
+                Some(sm.shader_sm_count)
+            } else {
+                let cu = amd
+                    .shader_engine_count
+                    .saturating_mul(amd.shader_arrays_per_engine_count)
+                    .saturating_mul(amd.compute_units_per_shader_array);
+                (has_amd_ext && cu > 0).then_some(cu)
+            },
         })
     }
 }

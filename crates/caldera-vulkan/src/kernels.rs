@@ -241,6 +241,22 @@ pub enum Kernel {
     MvqbgeQ8_0 = 222,
     MvqbgeQ4K = 223,
     MvqbgeQ6K = 224,
+    MvqwQ4_0 = 225,
+    MvqwQ8_0 = 226,
+    MvqwQ4K = 227,
+    MvqwQ6K = 228,
+    MvqwgQ4_0 = 229,
+    MvqwgQ8_0 = 230,
+    MvqwgQ4K = 231,
+    MvqwgQ6K = 232,
+    MvqweQ4_0 = 233,
+    MvqweQ8_0 = 234,
+    MvqweQ4K = 235,
+    MvqweQ6K = 236,
+    MvqwgeQ4_0 = 237,
+    MvqwgeQ8_0 = 238,
+    MvqwgeQ4K = 239,
+    MvqwgeQ6K = 240,
 }
 
 /// One entry of the kernel table.
@@ -287,6 +303,9 @@ pub struct KernelDesc {
     /// `mvq*` twin, launched with [`Tuning::mvb_workgroup_size`]; its pipeline exists
     /// only where [`Tuning::mv_block`] is on.
     pub blk: bool,
+    /// A block-tail mat-vec of 32 subgroups per workgroup, which quantizes its block
+    /// inside the workgroup ([`Tuning::mv_wide`]).
+    pub wide: bool,
 }
 
 /// `d`, marked as a gate|up decode mat-vec.
@@ -507,6 +526,7 @@ const fn plain(
         shared_bytes: 0,
         coopmat: false,
         blk: false,
+        wide: false,
     }
 }
 
@@ -610,6 +630,12 @@ const fn blk(mut d: KernelDesc) -> KernelDesc {
     d
 }
 
+/// `d`, marked as a wide block-tail mat-vec (see [`KernelDesc::wide`]).
+const fn wide(mut d: KernelDesc) -> KernelDesc {
+    d.wide = true;
+    blk(d)
+}
+
 /// A batched decode mat-vec on int8 activations (`mvqn.glsl`): the context's workgroup
 /// size, 4 rows per workgroup.
 const fn mvqn(
@@ -699,7 +725,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub static KERNELS: [KernelDesc; 225] = [
+pub static KERNELS: [KernelDesc; 241] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1283,6 +1309,83 @@ pub static KERNELS: [KernelDesc; 225] = [
         spv!("mvqge_q6_k"),
         false,
     ))),
+    // Their wide twins (32 subgroups, one block per workgroup).
+    wide(mvq(Kernel::MvqwQ4_0, "mvqw_q4_0", spv!("mvq_q4_0"), true)),
+    wide(mvq(Kernel::MvqwQ8_0, "mvqw_q8_0", spv!("mvq_q8_0"), true)),
+    wide(mvq(Kernel::MvqwQ4K, "mvqw_q4_k", spv!("mvq_q4_k"), true)),
+    wide(mvq(Kernel::MvqwQ6K, "mvqw_q6_k", spv!("mvq_q6_k"), true)),
+    glu(wide(mvq(
+        Kernel::MvqwgQ4_0,
+        "mvqwg_q4_0",
+        spv!("mvqg_q4_0"),
+        true,
+    ))),
+    glu(wide(mvq(
+        Kernel::MvqwgQ8_0,
+        "mvqwg_q8_0",
+        spv!("mvqg_q8_0"),
+        true,
+    ))),
+    glu(wide(mvq(
+        Kernel::MvqwgQ4K,
+        "mvqwg_q4_k",
+        spv!("mvqg_q4_k"),
+        true,
+    ))),
+    glu(wide(mvq(
+        Kernel::MvqwgQ6K,
+        "mvqwg_q6_k",
+        spv!("mvqg_q6_k"),
+        true,
+    ))),
+    wide(mvq(
+        Kernel::MvqweQ4_0,
+        "mvqwe_q4_0",
+        spv!("mvqe_q4_0"),
+        false,
+    )),
+    wide(mvq(
+        Kernel::MvqweQ8_0,
+        "mvqwe_q8_0",
+        spv!("mvqe_q8_0"),
+        false,
+    )),
+    wide(mvq(
+        Kernel::MvqweQ4K,
+        "mvqwe_q4_k",
+        spv!("mvqe_q4_k"),
+        false,
+    )),
+    wide(mvq(
+        Kernel::MvqweQ6K,
+        "mvqwe_q6_k",
+        spv!("mvqe_q6_k"),
+        false,
+    )),
+    glu(wide(mvq(
+        Kernel::MvqwgeQ4_0,
+        "mvqwge_q4_0",
+        spv!("mvqge_q4_0"),
+        false,
+    ))),
+    glu(wide(mvq(
+        Kernel::MvqwgeQ8_0,
+        "mvqwge_q8_0",
+        spv!("mvqge_q8_0"),
+        false,
+    ))),
+    glu(wide(mvq(
+        Kernel::MvqwgeQ4K,
+        "mvqwge_q4_k",
+        spv!("mvqge_q4_k"),
+        false,
+    ))),
+    glu(wide(mvq(
+        Kernel::MvqwgeQ6K,
+        "mvqwge_q6_k",
+        spv!("mvqge_q6_k"),
+        false,
+    ))),
 ];
 
 impl Kernel {
@@ -1388,8 +1491,9 @@ impl Kernel {
         Some(KERNELS[base + i].kernel)
     }
 
-    /// The block-tail twin of [`Kernel::mvq_for`] (`MV_BLK`, [`KernelDesc::blk`]).
-    pub fn mvqb_for(ty: GgmlType, glu: bool, dot: bool) -> Option<Kernel> {
+    /// The block-tail twin of [`Kernel::mvq_for`] (`MV_BLK`, [`KernelDesc::blk`]); its
+    /// wide one ([`KernelDesc::wide`]) with `wide`.
+    pub fn mvqb_for(ty: GgmlType, glu: bool, dot: bool, wide: bool) -> Option<Kernel> {
         let k = Kernel::mvq_for(ty, glu, dot)?;
         let base = if dot {
             Kernel::MvqQ4_0
@@ -1399,7 +1503,12 @@ impl Kernel {
         // mvq, mvqg (4 each) then mvqe, mvqge: the same order from MvqbQ4_0 on.
         let i = k as usize - base;
         let off = if dot { 0 } else { 8 };
-        Some(KERNELS[Kernel::MvqbQ4_0 as usize + off + i].kernel)
+        let first = if wide {
+            Kernel::MvqwQ4_0
+        } else {
+            Kernel::MvqbQ4_0
+        };
+        Some(KERNELS[first as usize + off + i].kernel)
     }
 
     /// The batched decode mat-vec on int8 activations (`mvqn.glsl`) of `variant` for
@@ -1510,6 +1619,24 @@ impl Tuning {
         }
     }
 
+    /// Whether a block-tail mat-vec of `outs` outputs runs wide ([`Tuning::mv_wide`]):
+    /// always with 2; with 1 where its `outs / 32` workgroups (one per compute unit at
+    /// a time, as 1,024 invocations are) fill at least 85% of the last wave (on the
+    /// H100, qwen3 8b's 4,096 outputs: 128 workgroups on 132 SMs, yes; 32b's 5,120: 160,
+    /// no).
+    pub fn wide_fits(&self, outs: u64) -> bool {
+        match (self.mv_wide, self.compute_units) {
+            (0, _) => false,
+            (2, _) => true,
+            (_, Some(cu)) if cu > 0 => {
+                let groups = outs.div_ceil(32);
+                let waves = groups.div_ceil(cu as u64);
+                groups * 100 >= 85 * waves * cu as u64
+            }
+            _ => false,
+        }
+    }
+
     /// (workgroup size, outputs per workgroup) of the expert mat-vecs (gate|up ones
     /// compute two weight rows per output).
     pub fn mvx_shape(&self) -> (u32, u32) {
@@ -1595,6 +1722,15 @@ pub struct Tuning {
     pub mv_block: u32,
     /// Their workgroup size: `mv_block` subgroups.
     pub mvb_workgroup_size: u32,
+    /// When the wide block-tail mat-vecs run (32 subgroups, one output each, a
+    /// workgroup per block of 32 outputs quantizing it itself: no atomic): 0 never, 1
+    /// where their workgroups fill the device's compute units in whole waves
+    /// ([`Tuning::wide_fits`]), 2 always. `CALDERA_VK_MV_WIDE`, default 1.
+    pub mv_wide: u32,
+    /// Their workgroup size (32 subgroups).
+    pub mvw_workgroup_size: u32,
+    /// [`DeviceInfo::compute_units`](crate::DeviceInfo::compute_units).
+    pub compute_units: Option<u32>,
 }
 
 /// How `mmc.glsl` tiles its 128 x 64 output with the device's cooperative matrices

@@ -937,8 +937,12 @@ impl Mvq {
                 (pc.rows / per).is_multiple_of(32)
                     && (y_offset + pc.first_row / per).is_multiple_of(32)
             });
+        // Wide (32 subgroups, the block quantized inside the workgroup) where its
+        // workgroups fill the device ([`Tuning::wide_fits`]).
+        let wide = block && tuning.wide_fits(outs);
         let (kernel, rows_per_group) =
-            match Kernel::mvqb_for(ty, mode.glu.is_some(), tuning.int8_dot) {
+            match Kernel::mvqb_for(ty, mode.glu.is_some(), tuning.int8_dot, wide) {
+                Some(kb) if block && wide => (kb, 32),
                 Some(kb) if block => (kb, tuning.mv_block as u64),
                 _ => (kernel, rows_per_group),
             };

@@ -167,12 +167,13 @@ fn mvq_tail_quantizes_the_output() {
     let mut rng = rng("mvq tail");
     // Beyond the launch shapes: weights split into pieces (some not starting on a block
     // of 32 outputs), with the subgroup-per-output layout too; and that layout's block
-    // tails (`MV_BLK`) off (the atomic count), with one subgroup per workgroup (several
-    // rounds per block) and with 4.
-    let sg = |block: Option<u32>, split: bool| ContextOptions {
+    // tails (`MV_BLK`): off (the atomic count per output), counted per workgroup of one
+    // subgroup and of 4, and wide (32 subgroups quantizing their block themselves).
+    let sg = |block: Option<u32>, wide: u32, split: bool| ContextOptions {
         max_buffer_bytes: split.then_some(64 * 1024),
         mv_subgroup_rows: Some(true),
         mv_block: block,
+        mv_wide: Some(wide),
         ..Default::default()
     };
     let split = ContextOptions {
@@ -181,10 +182,12 @@ fn mvq_tail_quantizes_the_output() {
     };
     let extra: Vec<Context> = [
         split,
-        sg(None, true),
-        sg(Some(0), false),
-        sg(Some(1), false),
-        sg(Some(4), true),
+        sg(None, 0, true),
+        sg(Some(0), 0, false),
+        sg(Some(1), 0, false),
+        sg(Some(4), 0, true),
+        sg(None, 2, false),
+        sg(None, 2, true),
     ]
     .iter()
     .filter_map(|o| test_context("mvq tail shapes", o))
@@ -280,11 +283,12 @@ fn mvq_tail_quantizes_the_output() {
                 let got = q[i] as i8 as f64 * d[i / 32] as f64;
                 assert!(
                     (got - want[i]).abs() <= 1.01 * d[i / 32] as f64 + 1e-6,
-                    "norm {norm} glu {glu} rows {rows} (wg {}, rows {}, block {}): [{i}] \
-                     got {got}, want {}",
+                    "norm {norm} glu {glu} rows {rows} (wg {}, rows {}, block {}, wide {}): \
+                     [{i}] got {got}, want {}",
                     t.mv_workgroup_size,
                     t.mv_rows,
                     t.mv_block,
+                    t.mv_wide,
                     want[i]
                 );
             }

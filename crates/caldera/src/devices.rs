@@ -92,6 +92,9 @@ pub fn describe(d: &DeviceInfo) -> String {
         d.max_compute_work_group_size[2],
         bytes(d.max_compute_shared_memory_size as u64)
     ));
+    if let Some(cu) = d.compute_units {
+        line(format!("  units      {cu} compute units (SMs / CUs)"));
+    }
     if d.timestamp_valid_bits > 0 {
         line(format!("  timestamps {} ns per tick", d.timestamp_period));
     } else {
