@@ -4,7 +4,9 @@
 //! **Paged KV cache.** A [`VkBatch`] owns, per attention layer, one K and one V pool of
 //! `pages` pages of [`KV_PAGE`] positions (`kv.glsl`'s paging: position p of a sequence
 //! is row `table[p / KV_PAGE] * KV_PAGE + p % KV_PAGE` of the pool); every layer uses
-//! the same page ids, so one page table per sequence serves them all. The tables live in
+//! the same page ids, so one page table per sequence serves them all. A layer reading an
+//! earlier layer's cache (Gemma 4's KV sharing) has no pools: its runners (the batched
+//! one included) bind its source layer's, through the same page ids. The tables live in
 //! a host-visible buffer (`slots` x [`slot_table_entries`]`(cap)` u32, written by the
 //! batch as pages are taken and given back) that each step copies into the device table
 //! its kernels read (invariant 3: per-step values in device buffers, nothing rebound).
@@ -43,9 +45,12 @@
 //! slots (`VkRunner::reuse_prefix` takes nothing on such models, and their runners do
 //! not share prefixes): a slot's region holds only its own sequence's latest state.
 //! gpt-oss's attention batches as well (`attn_batch` with its sinks; the q|k|v and o
-//! biases as row ops over the columns). Models the batched step does not cover
-//! ([`VkModel::batch_unsupported`]: Gemma 4's per-layer inputs, v norm, shared KV and
-//! heads over 256) are refused by [`VkBatch::new`].
+//! biases as row ops over the columns), and so does Gemma 4: its per-layer inputs per
+//! column (the step writes each column's per-layer token embeddings; the projection of
+//! the embeddings, `ple_in`, and each layer's gate / projection run over all the columns
+//! at once, as a prefill step's rows), v norm and KV-shared layers in `attn_batch`
+//! (`F_VNORM`, `F_NOKV`: a shared layer's columns read the source layer's pools at their
+//! own pages and write nothing), and its global layers' heads of 512.
 //!
 //! **Prefix reuse across slots, by sharing pages.** The batch keeps, per slot, the
 //! tokens whose K and V its table's pages hold (position i: token i) and a reference
@@ -211,11 +216,6 @@ impl VkBatch {
         pages: usize,
         mm: BatchMm,
     ) -> Result<Arc<VkBatch>> {
-        if let Some(why) = m.batch_unsupported() {
-            return Err(VkError::Invalid(format!(
-                "the Vulkan backend has no batched decode for this model yet: {why}"
-            )));
-        }
         let ctx = m.context();
         let (slots, cap) = (slots.max(1), cap.max(1));
         if pages == 0 || pages > u32::MAX as usize {
@@ -319,6 +319,15 @@ impl VkBatch {
     /// Pages of [`KV_PAGE`] positions in the pool.
     pub fn pages(&self) -> usize {
         self.pages
+    }
+
+    /// Bytes of the K and V page pools (layers reading another layer's cache have none).
+    pub fn kv_pool_bytes(&self) -> u64 {
+        self.pool
+            .iter()
+            .flatten()
+            .map(|(k, v, _)| k.size() + v.size())
+            .sum()
     }
 
     /// Pages no table names now (pages that only cache an idle prefix are not free).
