@@ -519,7 +519,9 @@ fn vulkan_batch_matches_alone_gpt_oss() {
 /// Gemma 4 on the gemma4 fixture (per-layer inputs per column, v norm, sliding layers
 /// with heads of 32 and a global one of 64 with partial RoPE, layer output scales, the
 /// final softcap): each column within float rounding of its sequence alone, on f32 and
-/// f16 caches, through the automatic choice and the tiled matmul.
+/// f16 caches, through the automatic choice and the tiled matmul; and its Q8_0
+/// conversion on int8 activations (the per-layer projections on `mvqm` too), within
+/// 2e-2 as the other int8 runs.
 #[test]
 fn vulkan_batch_matches_alone_gemma4() {
     let (Some(dev), Some(fx)) = (device(), fixtures()) else {
@@ -528,6 +530,17 @@ fn vulkan_batch_matches_alone_gemma4() {
     let p = fx.join("gemma4");
     scenario(dev, &p, true, true, BatchMm::Auto, 1e-4, Size::Normal);
     scenario(dev, &p, false, true, BatchMm::Tiled, 1e-4, Size::Small);
+    let tmp = common::TempDir::new("vk-batch-gemma4-q8");
+    let out = tmp.0.join("gemma4-q8_0.gguf");
+    let o = common::bin()
+        .arg("convert")
+        .arg(&p)
+        .arg(&out)
+        .args(["--type", "q8_0"])
+        .output()
+        .expect("running caldera convert");
+    assert!(o.status.success(), "convert: {}", common::text(&o));
+    scenario(dev, &out, false, false, BatchMm::Q8, 2e-2, Size::Small);
 }
 
 /// Gemma 4's KV sharing and heads of 512 ([`common::gemma4_shared_wide`]: layer 2 reads
