@@ -607,6 +607,16 @@ impl VkBatch {
         Ok(n)
     }
 
+    /// Token ids a step takes: the vocabulary's (and Gemma 4's per-layer embeddings'
+    /// rows, checked before the step takes any page).
+    fn token_limit(&self) -> usize {
+        let m = self.m.model();
+        let ple = m.extras.per_layer_inputs.as_ref();
+        m.config
+            .vocab_size
+            .min(ple.map_or(usize::MAX, |p| p.tok_embd.rows))
+    }
+
     /// Whether `r` is a sequence of this batch.
     pub fn owns(self: &Arc<Self>, r: &VkRunner) -> bool {
         r.lease
@@ -643,7 +653,7 @@ impl VkBatch {
     /// step is greedy (argmax on the device) when every one of them is `Argmax`.
     fn step_out(self: &Arc<Self>, seqs: &mut [(&mut VkRunner, u32, StepOut<'_>)]) -> Result<()> {
         let greedy = seqs.iter().all(|s| matches!(s.2, StepOut::Argmax(_)));
-        let vocab = self.m.model().config.vocab_size;
+        let vocab = self.token_limit();
         let mut cols = Vec::with_capacity(seqs.len());
         for (r, t, _) in seqs.iter() {
             let slot = match &r.lease {
@@ -771,7 +781,7 @@ impl VkBatchStepper {
 
 impl BatchStepper for VkBatchStepper {
     fn step_batch(&mut self, items: &mut [BatchItem<'_>]) {
-        let vocab = self.batch.m.model().config.vocab_size;
+        let vocab = self.batch.token_limit();
         let mut batched: Vec<bool> = items
             .iter_mut()
             .map(|it| {
