@@ -10,7 +10,11 @@
 // F_Q8 the output is also written as int8 blocks of 32 (column c's at c * n_heads * hd /
 // 32, as quant_rows.comp lays them out) for the batched o-projection.
 // With F_SINKS (gpt-oss) each query head's learned logit sinks[h] joins the softmax's
-// denominator, as in attn_decode.comp.
+// denominator, as in attn_decode.comp. With F_VNORM (Gemma 4) the token's v is
+// RMS-normalized (no weights) before it is used and cached; with F_NOKV (a layer reading
+// another layer's cache, Gemma 4 KV sharing) the column's qkv row holds only q and its
+// token's k / v are already in the (source layer's) pool: nothing is written. Heads of up
+// to 512 (Gemma 4's global layers): the host keeps hpw * hd <= Q_CAP.
 // Binding 0: qkv, 1: k pool, 2: v pool, 3: out, 4: step values, 5: q norm, 6: k norm,
 // 7: RoPE table, 8: partials (f32, [column][head][split][2 + hd]), 9: counts (u32 per
 // (column, g, c), zero between dispatches), 10: q8 values (u32), 11: q8 scales (f32),
@@ -37,8 +41,11 @@ const uint F_ROPE = 4u;
 const uint F_INTERLEAVED = 8u;
 const uint F_Q8 = 16u;
 const uint F_QGATE = 32u;
+const uint F_VNORM = 64u;
+const uint F_NOKV = 128u;
 const uint F_SINKS = 1024u; // (bits 8-9: the profiling stop)
-const uint MAX_HD = 256u;
+const uint MAX_HD = 512u;
+const uint Q_CAP = 2048u; // hpw * hd
 const uint MAXG = 8u;
 const uint MAX_SPLIT = 128u;
 
@@ -66,7 +73,7 @@ uint OB;
 uint PB;
 uint NB;
 
-shared float q_s[MAXG * MAX_HD];
+shared float q_s[Q_CAP];
 shared float k_s[MAX_HD];
 shared float sc[MAXG * MAX_SPLIT];
 // A tile of k (then v) rows, each padded by one float so that invocations reading
@@ -89,6 +96,8 @@ shared bool last_s;
 const uint MAX_PAGES = MAX_SPLIT / 16u + 1u;
 shared uint pg_s[MAX_PAGES];
 uint PG0 = 0u; // the page index of pg_s[0]
+// 1 / rms of the token's v (F_VNORM), else 1.
+shared float vinv_s;
 
 // With F_Q8: quantizes the chunk's output (nh heads in q_s; hd a multiple of 32) to int8
 // blocks of 32 at the column's offset, 8 invocations per block of 4 values each (WG a
@@ -210,6 +219,7 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
     uint tid = gl_LocalInvocationID.x;
     uint hd4 = p.hd / 4u;
     uint total = tn * hd4;
+    bool own_cached = (p.flags & F_NOKV) != 0u;
     for (uint j0 = tid; j0 < total; j0 += 16u * WG) {
         vec4 t[16];
         [[unroll]] for (uint u = 0u; u < 16u; u++) {
@@ -217,7 +227,7 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
             uint pi = p_first + j / hd4;
             uint d = 4u * (j % hd4);
             t[u] = vec4(0.0);
-            if (j < total && pi != pos) {
+            if (j < total && (pi != pos || own_cached)) {
                 uint e = (kv_row_s(pi) * kvd + g * p.hd + d) >> 2;
                 t[u] = is_v ? v4_at(e) : k4_at(e);
             }
@@ -228,9 +238,9 @@ void stage(bool is_v, uint p_first, uint tn, uint pos, uint kvd, uint g) {
                 uint pi = p_first + j / hd4;
                 uint d = 4u * (j % hd4);
                 vec4 v = t[u];
-                if (pi == pos) {
+                if (pi == pos && !own_cached) {
                     uint vb = p.n_heads * p.hd + kvd + g * p.hd + d;
-                    v = is_v ? vec4(qkv[QB + vb], qkv[QB + vb + 1u], qkv[QB + vb + 2u], qkv[QB + vb + 3u])
+                    v = is_v ? vec4(qkv[QB + vb], qkv[QB + vb + 1u], qkv[QB + vb + 2u], qkv[QB + vb + 3u]) * vinv_s
                              : vec4(k_s[d], k_s[d + 1u], k_s[d + 2u], k_s[d + 3u]);
                 }
                 uint sb = (j / hd4) * (p.hd + 1u) + d;
@@ -276,6 +286,7 @@ void main() {
     uint p0 = lo + s * p.split;
     uint n = min(p.split, pos + 1u - p0);
     bool has_pos = p0 + n == pos + 1u;
+    bool own_kv = has_pos && (p.flags & F_NOKV) == 0u;
     for (uint i = tid; i < nh * p.hd; i += WG) {
         q_s[i] = qkv[QB + h0 * p.hd + i];
     }
@@ -283,17 +294,33 @@ void main() {
     for (uint i = tid; i <= ((p0 + n - 1u) >> KV_PAGE_SHIFT) - PG0; i += WG) {
         pg_s[i] = kv_table[KV_TB + PG0 + i];
     }
-    if (has_pos) {
+    if (own_kv) {
         for (uint i = tid; i < p.hd; i += WG) {
             k_s[i] = qkv[QB + kb + i];
         }
     }
+    if (tid == 0u) {
+        vinv_s = 1.0;
+    }
     barrier();
     norm_rope(true, nh, (p.flags & F_QNORM) != 0u, pos);
-    if (has_pos) {
+    if (own_kv) {
         norm_rope(false, 1u, (p.flags & F_KNORM) != 0u, pos);
+        if ((p.flags & F_VNORM) != 0u) {
+            float ss = 0.0;
+            for (uint i = tid; i < p.hd; i += WG) {
+                float v = qkv[QB + kb + kvd + i];
+                ss += v * v;
+            }
+            ss = reduce_sum(ss);
+            if (tid == 0u) {
+                vinv_s = inversesqrt(ss / float(p.hd) + p.eps);
+            }
+            barrier();
+        }
         if (c == 0u) {
             uint dst = kv_row(pos) * kvd + g * p.hd;
+            float vi = vinv_s;
             if (KV_TYPE == KV_Q8) {
                 // A block of 32 per invocation: the k blocks, then the v blocks.
                 uint nb = p.hd / 32u;
@@ -305,7 +332,7 @@ void main() {
                         uint i = i0 + 4u * u;
                         uint vb = QB + kb + kvd + i;
                         x[u] = is_v
-                            ? vec4(qkv[vb], qkv[vb + 1u], qkv[vb + 2u], qkv[vb + 3u])
+                            ? vec4(qkv[vb], qkv[vb + 1u], qkv[vb + 2u], qkv[vb + 3u]) * vi
                             : vec4(k_s[i], k_s[i + 1u], k_s[i + 2u], k_s[i + 3u]);
                     }
                     kv_put32(is_v, dst + i0, x);
@@ -313,7 +340,7 @@ void main() {
             } else {
                 for (uint i = 2u * tid; i < p.hd; i += 2u * WG) {
                     k_put2(dst + i, vec2(k_s[i], k_s[i + 1u]));
-                    v_put2(dst + i, vec2(qkv[QB + kb + kvd + i], qkv[QB + kb + kvd + i + 1u]));
+                    v_put2(dst + i, vec2(qkv[QB + kb + kvd + i], qkv[QB + kb + kvd + i + 1u]) * vi);
                 }
             }
         }

@@ -4,7 +4,9 @@
 //! **Paged KV cache.** A [`VkBatch`] owns, per attention layer, one K and one V pool of
 //! `pages` pages of [`KV_PAGE`] positions (`kv.glsl`'s paging: position p of a sequence
 //! is row `table[p / KV_PAGE] * KV_PAGE + p % KV_PAGE` of the pool); every layer uses
-//! the same page ids, so one page table per sequence serves them all. The tables live in
+//! the same page ids, so one page table per sequence serves them all. A layer reading an
+//! earlier layer's cache (Gemma 4's KV sharing) has no pools: its runners (the batched
+//! one included) bind its source layer's, through the same page ids. The tables live in
 //! a host-visible buffer (`slots` x [`slot_table_entries`]`(cap)` u32, written by the
 //! batch as pages are taken and given back) that each step copies into the device table
 //! its kernels read (invariant 3: per-step values in device buffers, nothing rebound).
@@ -43,9 +45,12 @@
 //! slots by pages (their runners do not share prefixes): a slot's region holds only its
 //! own sequence's latest state; prompts are shared through snapshots (below).
 //! gpt-oss's attention batches as well (`attn_batch` with its sinks; the q|k|v and o
-//! biases as row ops over the columns). Models the batched step does not cover
-//! ([`VkModel::batch_unsupported`]: Gemma 4's per-layer inputs, v norm, shared KV and
-//! heads over 256) are refused by [`VkBatch::new`].
+//! biases as row ops over the columns), and so does Gemma 4: its per-layer inputs per
+//! column (the step writes each column's per-layer token embeddings; the projection of
+//! the embeddings, `ple_in`, and each layer's gate / projection run over all the columns
+//! at once, as a prefill step's rows), v norm and KV-shared layers in `attn_batch`
+//! (`F_VNORM`, `F_NOKV`: a shared layer's columns read the source layer's pools at their
+//! own pages and write nothing), and its global layers' heads of 512.
 //!
 //! **Prefix reuse across slots, by sharing pages.** The batch keeps, per slot, the
 //! tokens whose K and V its table's pages hold (position i: token i) and a reference
@@ -303,11 +308,6 @@ impl VkBatch {
         snapshots: usize,
         mm: BatchMm,
     ) -> Result<Arc<VkBatch>> {
-        if let Some(why) = m.batch_unsupported() {
-            return Err(VkError::Invalid(format!(
-                "the Vulkan backend has no batched decode for this model yet: {why}"
-            )));
-        }
         let ctx = m.context();
         let (slots, cap) = (slots.max(1), cap.max(1));
         if pages == 0 || pages > u32::MAX as usize {
@@ -416,6 +416,15 @@ impl VkBatch {
     /// Pages of [`KV_PAGE`] positions in the pool.
     pub fn pages(&self) -> usize {
         self.pages
+    }
+
+    /// Bytes of the K and V page pools (layers reading another layer's cache have none).
+    pub fn kv_pool_bytes(&self) -> u64 {
+        self.pool
+            .iter()
+            .flatten()
+            .map(|(k, v, _)| k.size() + v.size())
+            .sum()
     }
 
     /// Pages no table names now (pages that only cache an idle prefix are not free).
@@ -830,6 +839,16 @@ impl VkBatch {
         Ok(n)
     }
 
+    /// Token ids a step takes: the vocabulary's (and Gemma 4's per-layer embeddings'
+    /// rows, checked before the step takes any page).
+    fn token_limit(&self) -> usize {
+        let m = self.m.model();
+        let ple = m.extras.per_layer_inputs.as_ref();
+        m.config
+            .vocab_size
+            .min(ple.map_or(usize::MAX, |p| p.tok_embd.rows))
+    }
+
     /// Whether `r` is a sequence of this batch.
     pub fn owns(self: &Arc<Self>, r: &VkRunner) -> bool {
         r.lease
@@ -866,7 +885,7 @@ impl VkBatch {
     /// step is greedy (argmax on the device) when every one of them is `Argmax`.
     fn step_out(self: &Arc<Self>, seqs: &mut [(&mut VkRunner, u32, StepOut<'_>)]) -> Result<()> {
         let greedy = seqs.iter().all(|s| matches!(s.2, StepOut::Argmax(_)));
-        let vocab = self.m.model().config.vocab_size;
+        let vocab = self.token_limit();
         let mut cols = Vec::with_capacity(seqs.len());
         for (r, t, _) in seqs.iter() {
             let slot = match &r.lease {
@@ -997,7 +1016,7 @@ impl VkBatchStepper {
 
 impl BatchStepper for VkBatchStepper {
     fn step_batch(&mut self, items: &mut [BatchItem<'_>]) {
-        let vocab = self.batch.m.model().config.vocab_size;
+        let vocab = self.batch.token_limit();
         let mut batched: Vec<bool> = items
             .iter_mut()
             .map(|it| {

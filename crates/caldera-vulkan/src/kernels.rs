@@ -1068,8 +1068,9 @@ pub static KERNELS: [KernelDesc; 241] = [
         false,
     )),
     KernelDesc {
-        // As attn_decode's (attn_batch.comp is attn_decode.comp per column).
-        shared_bytes: (2048 + 256 + 1024 + 4224 + 32 + 256 + 9) * 4,
+        // As attn_decode's (attn_batch.comp is attn_decode.comp per column: heads of
+        // up to 512, the v norm's factor).
+        shared_bytes: (2048 + 512 + 1024 + 4224 + 32 + 1 + 256 + 9) * 4,
         ..plain(
             Kernel::AttnBatch,
             "attn_batch",

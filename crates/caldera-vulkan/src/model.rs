@@ -35,8 +35,9 @@
 //! `attn_decode` gates its output itself, prefill through `rows_act`.
 //!
 //! Gemma 4 and gpt-oss's attention: a KV-shared layer (`LayerExtras::kv_from`) uploads
-//! its q projection only and reads its source layer's cache buffers (`attn_decode`
-//! `F_NOKV`; `rope_kv` over q heads only); v norm is a flag of `attn_decode` / `rope_kv`,
+//! its q projection only and reads its source layer's cache buffers (`attn_decode` /
+//! `attn_batch` `F_NOKV`; `rope_kv` over q heads only); v norm is a flag of
+//! `attn_decode` / `attn_batch` / `rope_kv`,
 //! attention sinks a buffer of `attn_decode` / `PrefillAttention`; per-layer inputs,
 //! layer output scales and biases are small ops of `extras.rs` around the layer.
 
@@ -800,31 +801,6 @@ impl VkModel {
         self.weight_bytes
     }
 
-    /// Why this model has no batched decode step (Gemma 4's per-layer inputs, and
-    /// attention with v norm, a shared KV cache or heads over 256), or `None`.
-    /// Recurrent mixers (GatedDeltaNet, Mamba2, short conv) batch (their states live in
-    /// per-slot pools of the `VkBatch`), and so does gpt-oss's attention (sinks in
-    /// `attn_batch`, the q|k|v and o biases as row ops over the columns).
-    pub fn batch_unsupported(&self) -> Option<String> {
-        if self.ple.is_some() {
-            return Some("per-layer inputs (Gemma 4) are not batched yet".into());
-        }
-        for (li, l) in self.layers.iter().enumerate() {
-            match &l.mixer {
-                Some(VkMixer::Attention(a))
-                    if a.v_norm || a.kv_from.is_some() || a.attn.head_dim > 256 =>
-                {
-                    return Some(format!(
-                        "layer {li}: v norm, shared KV or heads over 256 (Gemma 4) are not \
-                         batched yet"
-                    ));
-                }
-                _ => {}
-            }
-        }
-        None
-    }
-
     /// Bytes of K and V cache that a runner of `tokens` positions holds (in the
     /// context's [`crate::KvType`]; layers reading another layer's cache hold none).
     pub fn kv_cache_bytes(&self, tokens: usize) -> u64 {
@@ -853,12 +829,15 @@ impl VkModel {
             .collect()
     }
 
-    /// Per layer, the K (= V) values per position of its cache (`None` without one).
+    /// Per layer, the K (= V) values per position of its cache (`None` without one: no
+    /// attention, or a layer reading an earlier layer's cache, Gemma 4's KV sharing).
     pub(crate) fn kv_widths(&self) -> Vec<Option<usize>> {
         self.layers
             .iter()
             .map(|l| match &l.mixer {
-                Some(VkMixer::Attention(a)) => Some(a.attn.n_kv_heads * a.attn.head_dim),
+                Some(VkMixer::Attention(a)) if a.kv_from.is_none() => {
+                    Some(a.attn.n_kv_heads * a.attn.head_dim)
+                }
                 _ => None,
             })
             .collect()
@@ -1921,8 +1900,10 @@ impl VkRunner {
                 && self.batch_q8(l.o.ty, l.o.k as u64, b)
                 && hd.is_multiple_of(32)
                 && l.o.k == nh * hd;
+            // (A KV-shared layer's kc / vc are its source layer's pools, read only.)
             let gate_flag = if a.q_gate { 32 } else { 0 }
                 | if o_q8 { 16 } else { 0 }
+                | if l.kv_from.is_some() { 128 } else { 0 }
                 | if l.sinks.is_some() { 1024 } else { 0 };
             let push = push_words(&[
                 u32_of(nh, "heads")?,
@@ -2152,7 +2133,7 @@ impl VkRunner {
         let d = self.m.model.config.d_model;
         let row = (p.shape.n_layers * p.shape.dpl) as u64;
         let b = bucket as u64;
-        if bucket == 1 {
+        if self.is_decode(bucket) {
             let mp = [(&p.model_proj, 0u64)];
             let mode = MvMode::default();
             self.push_decode_mv(ops, "ple", &mp, &self.x, None, &pb.pli, mode, qs, None)?;
@@ -2171,8 +2152,9 @@ impl VkRunner {
                 eps: p.shape.eps,
                 ..Default::default()
             };
-            let mm = Mm::new(ctx, p.model_proj.ty, &p.model_proj.t, d as u64, &io, mode)?;
-            ops.push(("ple", Op::Mm(vec![AnyMm::Mm(mm)])));
+            // (A batched step: every column's projection in one mat-vec.)
+            let mm = self.mm(ctx, p.model_proj.ty, &p.model_proj.t, d as u64, &io, mode)?;
+            ops.push(("ple", Op::Mm(vec![mm])));
         }
         let op = PleIn::new(ctx, &p.shape, &pb.pli, &pb.tok, &p.norm, &self.step_dev, b)?;
         ops.push(("ple_in", Op::Ple(op)));
@@ -2195,7 +2177,7 @@ impl VkRunner {
         let b = bucket as u64;
         if let (Some(pl), Some(p), Some(pb)) = (&l.ple, &m.ple, &self.ple) {
             let dpl = p.shape.dpl as u64;
-            if bucket == 1 {
+            if self.is_decode(bucket) {
                 let g = [(&pl.gate, 0u64)];
                 let mode = MvMode::default();
                 self.push_decode_mv(ops, "ple_gate", &g, &self.x, None, &pb.g, mode, qs, None)?;
@@ -2214,8 +2196,8 @@ impl VkRunner {
                     eps: p.shape.eps,
                     ..Default::default()
                 };
-                let mm = Mm::new(ctx, pl.gate.ty, &pl.gate.t, d as u64, &io, mode)?;
-                ops.push(("ple_gate", Op::Mm(vec![AnyMm::Mm(mm)])));
+                let mm = self.mm(ctx, pl.gate.ty, &pl.gate.t, d as u64, &io, mode)?;
+                ops.push(("ple_gate", Op::Mm(vec![mm])));
             }
             let act = RowExt::GeluMul {
                 ld_src: (p.shape.n_layers as u64) * dpl,
@@ -2893,6 +2875,30 @@ impl VkRunner {
         self.m.ctx.write_mapped(&self.x_in, 0, &self.embed_bytes)
     }
 
+    /// Gemma 4: writes the per-layer token embeddings of `tokens` (one per step row, or
+    /// per column of a batched step) into `tok_in`; nothing for other models.
+    fn write_ple_tokens(&mut self, tokens: impl Iterator<Item = u32>) -> Result<()> {
+        let (Some(pb), Some(pl)) = (&mut self.ple, &self.m.model.extras.per_layer_inputs) else {
+            return Ok(());
+        };
+        let w = &pl.tok_embd;
+        self.embed_bytes.clear();
+        for t in tokens {
+            if t as usize >= w.rows {
+                return Err(VkError::Invalid(format!(
+                    "token {t} is outside the per-layer embeddings ({} rows)",
+                    w.rows
+                )));
+            }
+            quant::dequantize(w.ty, w.row(t as usize), &mut pb.row_buf)
+                .map_err(|e| VkError::Invalid(format!("per-layer token embedding {t}: {e}")))?;
+            for v in &pb.row_buf {
+                self.embed_bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        self.m.ctx.write_mapped(&pb.tok_in, 0, &self.embed_bytes)
+    }
+
     /// Whether `CALDERA_VK_TRACE` asked for step timings on stderr.
     pub(crate) fn trace(&self) -> bool {
         self.trace
@@ -2923,6 +2929,8 @@ impl VkRunner {
             self.steps.insert(key, s);
         }
         self.write_embeddings(cols.iter().map(|c| c.2))?;
+        // Gemma 4: each column's per-layer token embeddings (its own token's).
+        self.write_ple_tokens(cols.iter().map(|c| c.2))?;
         // The step values: [n, 0, 0, n (logits rows), 0 x 4], then (slot, position) per
         // column (reusing the embedding bytes' buffer: no allocation per step).
         let words = [n as u32, 0, 0, n as u32, 0, 0, 0, 0]
@@ -3030,26 +3038,9 @@ impl VkRunner {
             self.steps.insert(key, s);
         }
         self.write_embeddings(tokens.iter().copied())?;
+        self.write_ple_tokens(tokens.iter().copied())?;
         let cfg = &self.m.model.config;
         let ctx = &self.m.ctx;
-        if let (Some(pb), Some(pl)) = (&mut self.ple, &self.m.model.extras.per_layer_inputs) {
-            let w = &pl.tok_embd;
-            self.embed_bytes.clear();
-            for &t in tokens {
-                if t as usize >= w.rows {
-                    return Err(VkError::Invalid(format!(
-                        "token {t} is outside the per-layer embeddings ({} rows)",
-                        w.rows
-                    )));
-                }
-                quant::dequantize(w.ty, w.row(t as usize), &mut pb.row_buf)
-                    .map_err(|e| VkError::Invalid(format!("per-layer token embedding {t}: {e}")))?;
-                for v in &pb.row_buf {
-                    self.embed_bytes.extend_from_slice(&v.to_le_bytes());
-                }
-            }
-            ctx.write_mapped(&pb.tok_in, 0, &self.embed_bytes)?;
-        }
         let vals = [
             n as u32,
             self.len as u32,

@@ -6,7 +6,9 @@
 //! each column at its own position in its own slot, dispatched over the column count's
 //! bucket (the padding columns must do nothing); several head layouts, positions that
 //! need one and many splits, windows, softcap, both RoPE styles, the output gate,
-//! gpt-oss's attention sinks (`attn_batch`), the
+//! gpt-oss's attention sinks (`attn_batch`), Gemma 4's v norm, KV-shared layers (q only
+//! in the row, the token's k / v read from the pool, nothing written) and heads of 512
+//! (with partial RoPE), the
 //! f16, f32 and q8_0 KV formats and both reduction variants; the int8 output for the
 //! o-projection (8 and 16 columns: each column's blocks of 32 as `quant_rows` makes
 //! them from the f32 output). The whole pool is read back: only each column's (slot,
@@ -40,6 +42,10 @@ struct Case {
     gate: bool,
     /// gpt-oss's attention sinks (`attn_batch` only).
     sinks: bool,
+    /// Gemma 4: the token's v RMS-normalized (no weights) before use and caching.
+    v_norm: bool,
+    /// Gemma 4 KV sharing: the row holds q only; the token's k / v are the pool's.
+    nokv: bool,
     cols: usize,
     slots: usize,
 }
@@ -69,14 +75,27 @@ fn twin(
     };
     let mut kv_new = Vec::new();
     for g in 0..nkv {
+        if c.nokv {
+            // The position's rows are already in the pool (the source layer's).
+            let row = |cache: &[f32]| -> Vec<f64> {
+                (0..hd)
+                    .map(|i| cache[pos * kvd + g * hd + i] as f64)
+                    .collect()
+            };
+            kv_new.push((row(kc), row(vc)));
+            continue;
+        }
         let mut k: Vec<f64> = (0..hd).map(|i| qkv[nh * hd + g * hd + i] as f64).collect();
         if c.qk_norm {
             rms(&mut k, kn, eps);
         }
         rope(&mut k, table, c.n_rot, c.interleaved, pos);
-        let v: Vec<f64> = (0..hd)
+        let mut v: Vec<f64> = (0..hd)
             .map(|i| qkv[nh * hd + kvd + g * hd + i] as f64)
             .collect();
+        if c.v_norm {
+            rms(&mut v, &vec![1.0; hd], eps);
+        }
         kv_new.push((k, v));
     }
     let gate_at = (nh + 2 * nkv) * hd;
@@ -139,7 +158,11 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let (nh, nkv, hd) = (c.n_heads, c.n_kv, c.hd);
     let kvd = nkv * hd;
     let gates = if c.gate { nh } else { 0 };
-    let ld = (nh + 2 * nkv + gates) * hd;
+    let ld = if c.nokv {
+        nh * hd
+    } else {
+        (nh + 2 * nkv + gates) * hd
+    };
     let kv = ctx.tuning().kv;
     // A pool of pages, each slot's in scrambled order (and spare pages of junk), the
     // tables `slot_pages` entries apart (an odd stride, more than a slot needs).
@@ -248,6 +271,12 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     if c.sinks {
         flags |= 1024;
     }
+    if c.v_norm {
+        flags |= 64;
+    }
+    if c.nokv {
+        flags |= 128;
+    }
     let eps = 1e-6f32;
     let scale = 1.0 / (hd as f32).sqrt();
     let push = words(&[
@@ -280,7 +309,8 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     let vc_got = read_kv(ctx, &vc_b, n_pool);
     let what = format!(
         "{} of {} slots, {nh}/{nkv} heads of {hd}, cap {}, window {}, softcap {}, norm {}, \
-         interleaved {}, gate {}, sinks {}, {launch:?} (subgroup {}, kv {kv})",
+         interleaved {}, gate {}, sinks {}, v norm {}, no kv {}, {launch:?} (subgroup {}, kv \
+         {kv})",
         c.cols,
         c.slots,
         c.cap,
@@ -290,6 +320,8 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
         c.interleaved,
         c.gate,
         c.sinks,
+        c.v_norm,
+        c.nokv,
         ctx.tuning().subgroup_reduce,
     );
     // Whether each pool value is in a column's written row.
@@ -334,8 +366,9 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
                 );
             }
         }
-        // The column's rows as written (rounded to the cache's type).
-        for (g, (k, v)) in kv_new.iter().enumerate() {
+        // The column's rows as written (rounded to the cache's type); a KV-shared
+        // column writes nothing.
+        for (g, (k, v)) in kv_new.iter().enumerate().filter(|_| !c.nokv) {
             let at = pages.row(slot, pos) * kvd + g * hd;
             for (name, pool, want) in [("k", &kc_got, k), ("v", &vc_got, v)] {
                 let row = &pool[at..at + hd];
@@ -409,6 +442,8 @@ fn attn_batch_matches_cpu() {
                             cap,
                             gate,
                             sinks,
+                            v_norm: false,
+                            nokv: false,
                             cols,
                             slots,
                         };
@@ -417,6 +452,66 @@ fn attn_batch_matches_cpu() {
                             // attn_dec_batch has none (the batched step takes attn_batch).
                             continue;
                         }
+                        run(ctx, &mut rng, &c, Launch::New { blocks: 0 });
+                        run(ctx, &mut rng, &c, Launch::New { blocks: 2 });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Gemma 4's attention in the batched kernels: v norm, KV-shared layers (q only, the
+/// pool's rows at the token's position, nothing written) and global layers with heads of
+/// 512 and partial RoPE (sliding ones of 64 beside them), odd column and slot counts.
+#[test]
+fn attn_batch_gemma4_matches_cpu() {
+    let mut rng = rng("attn_batch_gemma4");
+    let mut ctxs = Vec::new();
+    for (shared, kv) in [
+        (false, KvType::F16),
+        (true, KvType::F32),
+        (false, KvType::Q8_0),
+    ] {
+        let opts = ContextOptions {
+            force_shared_reduce: shared,
+            kv_type: Some(kv),
+            ..Default::default()
+        };
+        match test_context("attn_batch", &opts) {
+            Some(c) => ctxs.push(c),
+            None => return,
+        }
+    }
+    for ctx in &ctxs {
+        for (cols, slots) in [(3, 5), (16, 17)] {
+            // (heads, kv heads, head size, rotated dims, window)
+            for (n_heads, n_kv, hd, n_rot, window) in [(8, 4, 512, 128, 0), (6, 2, 64, 64, 23)] {
+                for (qk_norm, v_norm, nokv) in [
+                    (true, true, false),
+                    (true, false, true),
+                    (false, true, false),
+                ] {
+                    let c = Case {
+                        n_heads,
+                        n_kv,
+                        hd,
+                        n_rot,
+                        interleaved: false,
+                        qk_norm,
+                        window,
+                        softcap: 0.0,
+                        cap: 83,
+                        gate: false,
+                        sinks: false,
+                        v_norm,
+                        nokv,
+                        cols,
+                        slots,
+                    };
+                    run(ctx, &mut rng, &c, Launch::Old);
+                    let wg = ctx.tuning().workgroup_size;
+                    if attn_dec_shape(n_heads / n_kv, hd, wg, c.cap, 8, 0, 0).is_some() {
                         run(ctx, &mut rng, &c, Launch::New { blocks: 0 });
                         run(ctx, &mut rng, &c, Launch::New { blocks: 2 });
                     }

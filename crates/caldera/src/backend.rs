@@ -150,8 +150,8 @@ pub fn slot_runners(
         let batch = if no_batch {
             None
         } else {
-            // A model without a batched step, or pools larger than one buffer: the
-            // slots decode one after another on their own caches.
+            // Pools larger than one buffer (every model has a batched step): the slots
+            // decode one after another on their own caches.
             let pages = match kv.max_pages {
                 Some(p) => (p * kv.page_tokens).div_ceil(caldera_vulkan::KV_PAGE),
                 None => slots * ctx.div_ceil(caldera_vulkan::KV_PAGE),

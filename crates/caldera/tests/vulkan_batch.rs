@@ -5,7 +5,8 @@
 //! between steps and idle ones left untouched by the buckets' padding; on f32 weights
 //! (the matmuls) and on quantized ones (int8 activations, `mvqm` and the old `mvqn`);
 //! with a q8_0 KV cache; the server's stepper; hybrids (GatedDeltaNet, Mamba2, short
-//! conv: per-slot recurrent states) and gpt-oss (sinks, biases);
+//! conv: per-slot recurrent states), gpt-oss (sinks, biases) and Gemma 4 (per-layer
+//! inputs, v norm; KV sharing and heads of 512 on a widened fixture);
 //! `caldera bench --batch`; the paged KV pool: a pool smaller than the slots' contexts
 //! that fragments as sequences join and leave (each still matching itself alone), and
 //! admission when the pool has no pages left; two sequences sharing a prompt's pages
@@ -515,15 +516,58 @@ fn vulkan_batch_matches_alone_gpt_oss() {
     );
 }
 
-/// Gemma 4's per-layer inputs have no batched step: refused with an error.
+/// Gemma 4 on the gemma4 fixture (per-layer inputs per column, v norm, sliding layers
+/// with heads of 32 and a global one of 64 with partial RoPE, layer output scales, the
+/// final softcap): each column within float rounding of its sequence alone, on f32 and
+/// f16 caches, through the automatic choice and the tiled matmul; and its Q8_0
+/// conversion on int8 activations (the per-layer projections on `mvqm` too), within
+/// 2e-2 as the other int8 runs.
 #[test]
-fn vulkan_batch_refuses_gemma4() {
+fn vulkan_batch_matches_alone_gemma4() {
     let (Some(dev), Some(fx)) = (device(), fixtures()) else {
         return;
     };
-    let vk = open(dev, &fx.join("gemma4"), false, true);
-    let e = VkBatch::new(vk, 2, 32).err().expect("an error");
-    assert!(e.to_string().contains("per-layer inputs"), "{e}");
+    let p = fx.join("gemma4");
+    scenario(dev, &p, true, true, BatchMm::Auto, 1e-4, Size::Normal);
+    scenario(dev, &p, false, true, BatchMm::Tiled, 1e-4, Size::Small);
+    let tmp = common::TempDir::new("vk-batch-gemma4-q8");
+    let out = tmp.0.join("gemma4-q8_0.gguf");
+    let o = common::bin()
+        .arg("convert")
+        .arg(&p)
+        .arg(&out)
+        .args(["--type", "q8_0"])
+        .output()
+        .expect("running caldera convert");
+    assert!(o.status.success(), "convert: {}", common::text(&o));
+    scenario(dev, &out, false, false, BatchMm::Q8, 2e-2, Size::Small);
+}
+
+/// Gemma 4's KV sharing and heads of 512 ([`common::gemma4_shared_wide`]: layer 2 reads
+/// layer 1's cache, the global layer 3 has heads of 512): the batch has no pools for the
+/// shared layer (its columns read layer 1's pages), and each column matches its
+/// sequence alone.
+#[test]
+fn vulkan_batch_matches_alone_gemma4_shared_kv_wide_heads() {
+    let (Some(dev), Some(fx)) = (device(), fixtures()) else {
+        return;
+    };
+    for kv32 in [true, false] {
+        let opts = ContextOptions {
+            force_kv_f32: kv32,
+            force_f32_acts: true,
+            ..Default::default()
+        };
+        let ctx = Context::with_options(dev, &opts).expect("device");
+        let model = common::gemma4_shared_wide(&fx);
+        let vk = Arc::new(VkModel::new(ctx, Arc::new(model)).expect("upload"));
+        let batch = VkBatch::new(vk.clone(), 2, 40).expect("batch");
+        let pooled = vk.kv_cache_bytes(batch.pages() * caldera_vulkan::KV_PAGE);
+        assert_eq!(batch.kv_pool_bytes(), pooled, "pools for the shared layer");
+        drop(batch);
+        let size = if kv32 { Size::Normal } else { Size::Small };
+        scenario_on(&vk, BatchMm::Auto, 1e-4, size);
+    }
 }
 
 /// `caldera bench --batch`: one row per N with aggregate and per-sequence speed, on the

@@ -4,7 +4,8 @@
 //! hold past its length, and continues from it with the logits of a runner that
 //! computed the whole prompt itself; a prefix overwritten since (truncated and
 //! rewritten, decoded over) is not lent. On the qwen3 fixture with f16, f32 and q8_0
-//! caches. Hybrids (GatedDeltaNet, Mamba2, short conv) lend nothing by pages, but a
+//! caches, gpt-oss and Gemma 4 (also with a KV-shared layer and heads of 512). Hybrids
+//! (GatedDeltaNet, Mamba2, short conv) lend nothing by pages, but a
 //! batch with prompt snapshots restores one (its states copied into the slot, its pages
 //! shared) for a prompt that continues it, with a cold run's logits; snapshots survive
 //! their slot's next sequence, are not used by a prompt that leaves them or past the
@@ -207,6 +208,29 @@ fn vulkan_prefix_reuse_across_slots_gpt_oss() {
     let Some(vk) = open_fixture(dev, "gpt_oss", KvType::F32) else {
         return;
     };
+    scenario(&vk, 1e-4);
+}
+
+/// Gemma 4 (per-layer inputs, v norm; then with layer 2 reading layer 1's cache and
+/// heads of 512, [`common::gemma4_shared_wide`]: the shared layer's columns read the
+/// pages its source's table names, copied on write with them) lends prefixes as qwen3
+/// does; f32 caches.
+#[test]
+fn vulkan_prefix_reuse_across_slots_gemma4() {
+    let Some(dev) = device() else { return };
+    let Some(vk) = open_fixture(dev, "gemma4", KvType::F32) else {
+        return;
+    };
+    scenario(&vk, 1e-4);
+    let Some(fx) = fixtures() else { return };
+    let opts = ContextOptions {
+        kv_type: Some(KvType::F32),
+        force_f32_acts: true,
+        ..Default::default()
+    };
+    let ctx = Context::with_options(dev, &opts).expect("device");
+    let model = common::gemma4_shared_wide(&fx);
+    let vk = Arc::new(VkModel::new(ctx, Arc::new(model)).expect("upload"));
     scenario(&vk, 1e-4);
 }
 

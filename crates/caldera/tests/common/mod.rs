@@ -110,3 +110,61 @@ pub fn argmax(v: &[f32]) -> u32 {
         .map(|(i, _)| i as u32)
         .unwrap()
 }
+
+/// The gemma4 fixture made to exercise what it lacks: layer 2 reads layer 1's KV cache
+/// (Gemma 4's KV sharing; both sliding layers with heads of 32) and the global layer 3
+/// is widened to heads of 512 with 128 rotated dimensions (as Gemma 4's real global
+/// layers: random f32 q / k / v / o weights and q / k norms from a fixed seed).
+pub fn gemma4_shared_wide(fixtures: &std::path::Path) -> caldera_model::Model {
+    use caldera_format::{GgmlType, TensorBytes};
+    use caldera_model::{Mixer, MixerWeights, Weight};
+    let (_file, mut m) = caldera_model::Model::open(&fixtures.join("gemma4")).expect("model");
+    m.extras.layers[2].kv_from = Some(1);
+    let d = m.config.d_model;
+    let hd = 512;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    let Some(Mixer::Attention(a)) = &mut m.config.layers[3].mixer else {
+        panic!("gemma4 layer 3 is not attention");
+    };
+    a.head_dim = hd;
+    let (nh, nkv) = (a.n_heads, a.n_kv_heads);
+    if let Some(r) = &mut a.rope {
+        r.n_dims = 128;
+        r.freq_factors = None;
+    }
+    let mut weight = |name: &str, rows: usize, cols: usize, scale: f32| Weight {
+        name: name.to_string(),
+        ty: GgmlType::F32,
+        rows,
+        cols,
+        data: TensorBytes::from_vec(
+            (0..rows * cols)
+                .flat_map(|_| (next() * scale).to_le_bytes())
+                .collect(),
+        ),
+        bias: None,
+    };
+    let q = weight("q", nh * hd, d, 0.1);
+    let k = weight("k", nkv * hd, d, 0.1);
+    let v = weight("v", nkv * hd, d, 0.1);
+    let o = weight("o", d, nh * hd, 0.05);
+    let norm = weight("norms", 2, hd, 0.5);
+    let norms: Vec<f32> = norm
+        .bytes()
+        .chunks_exact(4)
+        .map(|b| 1.0 + f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let Some(MixerWeights::Attention(aw)) = &mut m.weights.layers[3].mixer else {
+        panic!("gemma4 layer 3 has no attention weights");
+    };
+    (aw.q, aw.k, aw.v, aw.o) = (q, k, v, o);
+    aw.q_norm = Some(norms[..hd].to_vec());
+    aw.k_norm = Some(norms[hd..].to_vec());
+    m
+}
