@@ -396,11 +396,10 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     }
 }
 
-#[test]
-fn attn_batch_matches_cpu() {
-    let mut rng = rng("attn_batch");
+/// The test devices: subgroup / shared-memory reductions, f16 / f32 / q8_0 KV cache;
+/// None without a device.
+fn contexts() -> Option<Vec<Context>> {
     let mut ctxs = Vec::new();
-    // Subgroup / shared-memory reductions, f16 / f32 / q8_0 KV cache.
     for (shared, kv) in [
         (false, KvType::F16),
         (true, KvType::F32),
@@ -411,11 +410,15 @@ fn attn_batch_matches_cpu() {
             kv_type: Some(kv),
             ..Default::default()
         };
-        match test_context("attn_batch", &opts) {
-            Some(c) => ctxs.push(c),
-            None => return,
-        }
+        ctxs.push(test_context("attn_batch", &opts)?);
     }
+    Some(ctxs)
+}
+
+#[test]
+fn attn_batch_matches_cpu() {
+    let mut rng = rng("attn_batch");
+    let Some(ctxs) = contexts() else { return };
     for ctx in &ctxs {
         for (cols, slots) in [(1, 3), (3, 5), (8, 11), (16, 17)] {
             for (n_heads, n_kv, hd, n_rot) in [
@@ -467,22 +470,7 @@ fn attn_batch_matches_cpu() {
 #[test]
 fn attn_batch_gemma4_matches_cpu() {
     let mut rng = rng("attn_batch_gemma4");
-    let mut ctxs = Vec::new();
-    for (shared, kv) in [
-        (false, KvType::F16),
-        (true, KvType::F32),
-        (false, KvType::Q8_0),
-    ] {
-        let opts = ContextOptions {
-            force_shared_reduce: shared,
-            kv_type: Some(kv),
-            ..Default::default()
-        };
-        match test_context("attn_batch", &opts) {
-            Some(c) => ctxs.push(c),
-            None => return,
-        }
-    }
+    let Some(ctxs) = contexts() else { return };
     for ctx in &ctxs {
         for (cols, slots) in [(3, 5), (16, 17)] {
             // (heads, kv heads, head size, rotated dims, window)
