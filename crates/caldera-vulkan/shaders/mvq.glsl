@@ -211,6 +211,13 @@ float block_dot(uint row, uint b, uint lane) {
 
 shared float red_mv[(MAXR + 1u) * WG];
 
+// Four values times id, rounded to int8 (as quant_x.comp) and packed into one word.
+uint q8_word(vec4 v, float id) {
+    ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
+    uvec4 u = uvec4(t) & 255u;
+    return u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+}
+
 // MV_TAIL, by the invocation that stored output o: counts it into its block of 32; the
 // invocation whose count completes the block (and resets it) quantizes the block for
 // the next mat-vec. No workgroup barrier: the other invocations are done.
@@ -242,9 +249,7 @@ void tail_one(uint o) {
     }
     float id = amax > 0.0 ? 127.0 / amax : 0.0;
     [[unroll]] for (uint i = 0u; i < 8u; i++) {
-        ivec4 t = clamp(ivec4(roundEven(v[i] * id)), ivec4(-127), ivec4(127));
-        uvec4 u = uvec4(t) & 255u;
-        nq[8u * b + i] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+        nq[8u * b + i] = q8_word(v[i], id);
     }
     nd[b] = amax / 127.0;
     if (norm) {
@@ -455,9 +460,7 @@ void main_sg() {
     float amax = subgroupMax(max(max(av.x, av.y), max(av.z, av.w)));
     float id = amax > 0.0 ? 127.0 / amax : 0.0;
     if (mine) {
-        ivec4 t = clamp(ivec4(roundEven(v * id)), ivec4(-127), ivec4(127));
-        uvec4 u = uvec4(t) & 255u;
-        nq[8u * b + ln] = u.x | (u.y << 8) | (u.z << 16) | (u.w << 24);
+        nq[8u * b + ln] = q8_word(v, id);
     }
     if (ln == 0u) {
         nd[b] = amax / 127.0;

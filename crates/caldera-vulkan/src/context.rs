@@ -765,10 +765,8 @@ fn create_pipeline(
                 return Err(VkError::from_vk(what, r));
             }
         };
-        let (wg, rows) = if desc.wide {
-            (tuning.mvw_workgroup_size, 32)
-        } else if desc.blk {
-            (tuning.mvb_workgroup_size, tuning.mv_block)
+        let (wg, rows) = if desc.blk {
+            tuning.mvqb_shape(desc.wide)
         } else if desc.expert {
             tuning.mvx_shape()
         } else if desc.q8 {

@@ -1620,6 +1620,16 @@ impl Tuning {
         }
     }
 
+    /// (workgroup size, outputs per workgroup) of the block-tail int8 mat-vecs, wide
+    /// ([`KernelDesc::wide`]) or not.
+    pub fn mvqb_shape(&self, wide: bool) -> (u32, u32) {
+        if wide {
+            (self.mvw_workgroup_size, 32)
+        } else {
+            (self.mvb_workgroup_size, self.mv_block)
+        }
+    }
+
     /// Whether a block-tail mat-vec of `outs` outputs runs wide ([`Tuning::mv_wide`]):
     /// always with 2; with 1 where its `outs / 32` workgroups (one per compute unit at
     /// a time, as 1,024 invocations are) fill at least 85% of the last wave (on the

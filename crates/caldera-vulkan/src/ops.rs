@@ -942,8 +942,7 @@ impl Mvq {
         let wide = block && tuning.wide_fits(outs);
         let (kernel, rows_per_group) =
             match Kernel::mvqb_for(ty, mode.glu.is_some(), tuning.int8_dot, wide) {
-                Some(kb) if block && wide => (kb, 32),
-                Some(kb) if block => (kb, tuning.mv_block as u64),
+                Some(kb) if block => (kb, tuning.mvqb_shape(wide).1 as u64),
                 _ => (kernel, rows_per_group),
             };
         let mut parts = Vec::with_capacity(w.pieces.len());
