@@ -2,7 +2,7 @@
 //! pipeline of the kernel table, created once when the context opens.
 
 use std::ffi::{c_char, CStr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use ash::vk;
@@ -123,7 +123,12 @@ pub(crate) struct Shared {
     /// its set into the pool it came from).
     pub desc_pool: Mutex<Vec<vk::DescriptorPool>>,
     pub pipeline_cache: vk::PipelineCache,
-    pub pipelines: Vec<Pipeline>,
+    /// One slot per entry of `KERNELS`, filled on the kernel's first binding
+    /// ([`Context::pipeline`]): a model uses a few dozen of the table's kernels, and a
+    /// software driver such as lavapipe spends ~10 s compiling all of them.
+    pub pipelines: Vec<OnceLock<Pipeline>>,
+    /// Held while a pipeline is created, so two threads never build the same one.
+    pub pipeline_lock: Mutex<()>,
     pub mem_props: vk::PhysicalDeviceMemoryProperties,
     /// Told the bytes of every staged upload ([`Context::set_upload_progress`]).
     pub upload_progress: Mutex<Option<UploadProgress>>,
@@ -149,7 +154,7 @@ impl Drop for Shared {
         // SAFETY: nothing else refers to these objects any more (this is the last Arc).
         unsafe {
             let _ = self.device.device_wait_idle();
-            for p in &self.pipelines {
+            for p in self.pipelines.iter().filter_map(OnceLock::get) {
                 self.device.destroy_pipeline(p.pipeline, None);
                 self.device.destroy_pipeline_layout(p.layout, None);
                 self.device
@@ -238,7 +243,8 @@ impl Context {
             cmd_pool: Mutex::new(vk::CommandPool::null()),
             desc_pool: Mutex::new(Vec::new()),
             pipeline_cache: vk::PipelineCache::null(),
-            pipelines: Vec::new(),
+            pipelines: (0..KERNELS.len()).map(|_| OnceLock::new()).collect(),
+            pipeline_lock: Mutex::new(()),
             mem_props,
             upload_progress: Mutex::new(None),
             _instance: instance,
@@ -263,8 +269,6 @@ impl Context {
                 .create_pipeline_cache(&vk::PipelineCacheCreateInfo::default(), None)
                 .vk("creating the pipeline cache")?;
         }
-        // From here `shared`'s Drop cleans up on error.
-        shared.pipelines = create_pipelines(&shared, &info, &tuning)?;
         Ok(Context {
             shared: Arc::new(shared),
             info,
@@ -305,8 +309,44 @@ impl Context {
         &self.shared.device
     }
 
-    pub(crate) fn pipeline(&self, k: Kernel) -> &Pipeline {
-        &self.shared.pipelines[k as usize]
+    /// Kernel `k`'s pipeline, created on first use (null handles where this context
+    /// cannot run it; [`Context::bind`] refuses those first).
+    pub(crate) fn pipeline(&self, k: Kernel) -> Result<&Pipeline> {
+        let slot = &self.shared.pipelines[k as usize];
+        if let Some(p) = slot.get() {
+            return Ok(p);
+        }
+        let _guard = lock(&self.shared.pipeline_lock);
+        if let Some(p) = slot.get() {
+            return Ok(p);
+        }
+        let desc = &KERNELS[k as usize];
+        debug_assert_eq!(desc.kernel, k);
+        let tuning = &self.tuning;
+        let p = if (desc.int8_dot && !tuning.int8_dot)
+            || (desc.coopmat && tuning.coopmat_mm.is_none())
+            || (desc.blk && tuning.mv_block == 0)
+            || (desc.wide && tuning.mv_wide == 0)
+            || !desc.kernel.fits(&self.info)
+        {
+            Pipeline {
+                set_layout: vk::DescriptorSetLayout::null(),
+                layout: vk::PipelineLayout::null(),
+                pipeline: vk::Pipeline::null(),
+            }
+        } else {
+            create_pipeline(&self.shared, tuning, desc)?
+        };
+        Ok(slot.get_or_init(|| p))
+    }
+
+    /// Creates every pipeline this context can run now rather than on first use (a
+    /// server that wants no compile on its first request; `caldera bench`).
+    pub fn create_all_pipelines(&self) -> Result<()> {
+        for desc in KERNELS.iter() {
+            self.pipeline(desc.kernel)?;
+        }
+        Ok(())
     }
 
     /// Allocates one primary command buffer from the context's pool.
@@ -662,48 +702,6 @@ fn create_device(
         vk::Result::ERROR_DEVICE_LOST => VkError::DeviceLost("opening the device"),
         r => VkError::from_vk("creating the Vulkan device", r),
     })
-}
-
-fn create_pipelines(shared: &Shared, info: &DeviceInfo, tuning: &Tuning) -> Result<Vec<Pipeline>> {
-    let dev = &shared.device;
-    let mut out: Vec<Pipeline> = Vec::with_capacity(KERNELS.len());
-    // On error, already-created objects are destroyed by `Shared::drop` only once they
-    // are in `shared.pipelines`; destroy the partial ones here.
-    let destroy = |v: &[Pipeline]| {
-        for p in v {
-            // SAFETY: objects created below on this device and not in use.
-            unsafe {
-                dev.destroy_pipeline(p.pipeline, None);
-                dev.destroy_pipeline_layout(p.layout, None);
-                dev.destroy_descriptor_set_layout(p.set_layout, None);
-            }
-        }
-    };
-    for (i, desc) in KERNELS.iter().enumerate() {
-        debug_assert_eq!(desc.kernel as usize, i);
-        if (desc.int8_dot && !tuning.int8_dot)
-            || (desc.coopmat && tuning.coopmat_mm.is_none())
-            || (desc.blk && tuning.mv_block == 0)
-            || (desc.wide && tuning.mv_wide == 0)
-            || !desc.kernel.fits(info)
-        {
-            // The device cannot run this module; nothing may bind it (ops check).
-            out.push(Pipeline {
-                set_layout: vk::DescriptorSetLayout::null(),
-                layout: vk::PipelineLayout::null(),
-                pipeline: vk::Pipeline::null(),
-            });
-            continue;
-        }
-        match create_pipeline(shared, tuning, desc) {
-            Ok(p) => out.push(p),
-            Err(e) => {
-                destroy(&out);
-                return Err(e);
-            }
-        }
-    }
-    Ok(out)
 }
 
 fn create_pipeline(

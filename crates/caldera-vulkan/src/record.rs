@@ -75,7 +75,7 @@ impl Context {
             )));
         }
         let dev = self.device();
-        let layouts = [self.pipeline(kernel).set_layout];
+        let layouts = [self.pipeline(kernel)?.set_layout];
         let (set, pool) = {
             let mut pools = lock(&self.shared.desc_pool);
             // Every pool from the newest back (freed sets make room in older ones), then
@@ -308,7 +308,7 @@ impl Recorder<'_> {
                 desc.name
             )));
         }
-        let p = self.ctx.pipeline(b.kernel());
+        let p = self.ctx.pipeline(b.kernel())?;
         let dev = self.ctx.device();
         // SAFETY: recording state; pipeline, layout and set are alive and compatible
         // (all from the same kernel-table entry).

@@ -419,3 +419,13 @@ fn argmax_kernel_matches_its_twin() {
         }
     }
 }
+
+/// Pipelines are created on a kernel's first binding; every one this device can run
+/// builds (both reduction variants), so a kernel no test binds still compiles here.
+#[test]
+fn every_pipeline_builds() {
+    for ctx in contexts() {
+        ctx.create_all_pipelines()
+            .unwrap_or_else(|e| panic!("{}: {e}", ctx.info().name));
+    }
+}
