@@ -59,10 +59,11 @@ pub struct ContextOptions {
     pub force_no_int8_dot: bool,
     /// Decode mat-vecs on f32 activations only (no int8 quantization of x).
     pub force_f32_acts: bool,
-    /// Decode mat-vec workgroup size (power of two, >= 16); default 128, or
-    /// `CALDERA_VK_MV_WG`.
+    /// Decode mat-vec workgroup size (power of two, >= 16); default 128 (CPU drivers:
+    /// 16), or `CALDERA_VK_MV_WG`.
     pub mv_workgroup_size: Option<u32>,
-    /// Decode mat-vec outputs per workgroup (1..=4); default 2, or `CALDERA_VK_MV_ROWS`.
+    /// Decode mat-vec outputs per workgroup (1..=4); default 2 (CPU drivers: 4), or
+    /// `CALDERA_VK_MV_ROWS`.
     pub mv_rows: Option<u32>,
     /// Prefill mat-vecs never use the tiled matmul (`mmt.glsl`), only the batched
     /// mat-vec (`mm.glsl`). `CALDERA_VK_NO_MMT=1` sets it too.
@@ -509,35 +510,45 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         && workgroup_size >= 16)
         .then_some(16);
     let env_u32 = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u32>().ok());
+    // CPU drivers (lavapipe) run a workgroup's invocations as 8-wide SIMD strands that
+    // switch at every barrier, and pay a fixed cost per workgroup: their decode mat-vecs
+    // run 16 invocations x 4 outputs (gemma-3-270m q4_k_m decode on lavapipe, 2 cores:
+    // 1.45 s per token against 10.5 s at the GPUs' shapes; docs/BENCHMARKS.md).
+    let cpu = info.device_type == DeviceType::Cpu;
+    let (mv_wg_default, mv_rows_default) = if cpu { (16, 4) } else { (128, 2) };
+    let (mvg_wg_default, mvg_rows_default) = if cpu { (16, 4) } else { (64, 1) };
+    let (mvx_wg_default, mvx_rows_default) = if cpu { (16, 4) } else { (128, 2) };
     let mv_want = opts
         .mv_workgroup_size
         .or_else(|| env_u32("CALDERA_VK_MV_WG"))
-        .unwrap_or(128)
+        .unwrap_or(mv_wg_default)
         .clamp(16, limit.max(16));
     let mv_workgroup_size = (1u32 << (31 - mv_want.leading_zeros())).max(16);
     let mv_rows = opts
         .mv_rows
         .or_else(|| env_u32("CALDERA_VK_MV_ROWS"))
-        .unwrap_or(2)
+        .unwrap_or(mv_rows_default)
         .clamp(1, 4);
     // Gate/up mat-vecs (two weight rows per output) measured fastest at 64 x 1 on the
     // H100 (docs/BENCHMARKS.md); an explicit plain shape applies to them too.
     let mvg_want = opts
         .mv_workgroup_size
         .or_else(|| env_u32("CALDERA_VK_MVG_WG"))
-        .unwrap_or(64)
+        .unwrap_or(mvg_wg_default)
         .clamp(16, limit.max(16));
     let mvg_workgroup_size = (1u32 << (31 - mvg_want.leading_zeros())).max(16);
     let mvg_rows = opts
         .mv_rows
         .or_else(|| env_u32("CALDERA_VK_MVG_ROWS"))
-        .unwrap_or(1)
+        .unwrap_or(mvg_rows_default)
         .clamp(1, 4);
     let mvx_want = env_u32("CALDERA_VK_MVX_WG")
-        .unwrap_or(128)
+        .unwrap_or(mvx_wg_default)
         .clamp(16, limit.max(16));
     let mvx_workgroup_size = (1u32 << (31 - mvx_want.leading_zeros())).max(16);
-    let mvx_rows = env_u32("CALDERA_VK_MVX_ROWS").unwrap_or(2).clamp(1, 4);
+    let mvx_rows = env_u32("CALDERA_VK_MVX_ROWS")
+        .unwrap_or(mvx_rows_default)
+        .clamp(1, 4);
     let env_is = |name: &str, want: &str| std::env::var(name).is_ok_and(|v| v == want);
     let env_on = |name: &str| env_is(name, "1");
     // The int8 mat-vecs' subgroup-per-output layout: on by default on GPUs (measured

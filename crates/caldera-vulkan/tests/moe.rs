@@ -40,7 +40,8 @@ fn contexts() -> &'static [Context] {
         let mut v = Vec::new();
         let shapes: [(Option<u32>, Option<u32>, bool, bool); 4] = [
             (None, None, false, false),
-            (None, None, true, true),
+            // The GPUs' default shape (CPU drivers default to 16 x 4).
+            (Some(128), Some(2), true, true),
             (Some(16), Some(1), true, false),
             (Some(32), Some(3), false, true),
         ];

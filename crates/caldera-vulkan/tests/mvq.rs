@@ -29,7 +29,8 @@ fn contexts() -> &'static [Context] {
         type Shape = (Option<u32>, Option<u32>, bool, bool, bool);
         let shapes: [Shape; 7] = [
             (None, None, false, false, false),
-            (None, None, false, true, false),
+            // The GPUs' default shape (CPU drivers default to 16 x 4).
+            (Some(128), Some(2), false, true, false),
             (Some(16), Some(1), true, false, false),
             (Some(32), Some(3), false, true, false),
             (Some(16), Some(4), false, false, true),

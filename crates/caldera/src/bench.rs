@@ -1,8 +1,9 @@
 //! `caldera bench`: prefill and decode speed on synthetic prompts, like llama-bench.
 //!
 //! The prompt is `-p` token ids drawn from the vocabulary with a fixed seed; decode
-//! then feeds its own greedy picks for `-n` steps. Each is repeated `-r` times and the
-//! median reported. Weight bytes per decoded token are the bytes of every matrix a
+//! then feeds its own greedy picks for `-n` steps, after one untimed decode step (which
+//! records the decode step and creates its pipelines, once per runner, as a server does
+//! at its first token). Each is repeated `-r` times and the median reported. Weight bytes per decoded token are the bytes of every matrix a
 //! decode step reads (each layer's projections and the output head; the embedding row
 //! is negligible).
 
@@ -89,8 +90,16 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     let mut bandwidth = None;
     let mut stats = caldera_model::RunnerStats::default();
     let mut cpu_us = Vec::new();
+    if a.prompt > 0 {
+        // Untimed warm-up (as llama-bench's): the prefill's pipelines are created on
+        // their first use, once per device.
+        let mut r = open_runner(&a.backend, model.clone(), a.prompt + 1)?;
+        r.forward(&prompt, Logits::Last, &mut logits)
+            .map_err(|e| anyhow::anyhow!(e))?;
+    }
     for rep in 0..reps {
-        let mut r = open_runner(&a.backend, model.clone(), a.prompt + a.gen + 1)?;
+        // The prompt, the untimed first decode step and `-n` timed ones.
+        let mut r = open_runner(&a.backend, model.clone(), a.prompt + a.gen + 2)?;
         if rep == 0 {
             desc = r.describe();
             bandwidth = r.measure_bandwidth();
@@ -103,18 +112,25 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         }
         if a.gen > 0 {
             let mut next = prompt.last().copied().unwrap_or(0);
+            let mut step = |r: &mut Box<dyn caldera_model::Runner>, next: &mut u32| {
+                // Greedy: the argmax on the device where the backend finds it there.
+                match r.forward_argmax(&[*next]).map_err(|e| anyhow::anyhow!(e))? {
+                    Some(id) => *next = id,
+                    None => {
+                        r.forward(&[*next], Logits::Last, &mut logits)
+                            .map_err(|e| anyhow::anyhow!(e))?;
+                        *next = argmax(&logits);
+                    }
+                }
+                anyhow::Ok(())
+            };
+            // Untimed: the first decode step records the step (and, on Vulkan, creates
+            // the pipelines it binds).
+            step(&mut r, &mut next)?;
             let t = Instant::now();
             let c = process_cpu_ns();
             for _ in 0..a.gen {
-                // Greedy: the argmax on the device where the backend finds it there.
-                match r.forward_argmax(&[next]).map_err(|e| anyhow::anyhow!(e))? {
-                    Some(id) => next = id,
-                    None => {
-                        r.forward(&[next], Logits::Last, &mut logits)
-                            .map_err(|e| anyhow::anyhow!(e))?;
-                        next = argmax(&logits);
-                    }
-                }
+                step(&mut r, &mut next)?;
             }
             tg.push(a.gen as f64 / t.elapsed().as_secs_f64());
             cpu_us.push((process_cpu_ns() - c) as f64 / 1e3 / a.gen as f64);
