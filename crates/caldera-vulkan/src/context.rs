@@ -310,41 +310,45 @@ impl Context {
         &self.shared.device
     }
 
-    /// Kernel `k`'s pipeline, created on first use (null handles where this context
-    /// cannot run it; [`Context::bind`] refuses those first).
+    /// Whether this context can run kernel `k` (its device features, tuning and limits).
+    pub fn runs(&self, k: Kernel) -> bool {
+        let desc = &KERNELS[k as usize];
+        let tuning = &self.tuning;
+        !((desc.int8_dot && !tuning.int8_dot)
+            || (desc.coopmat && tuning.coopmat_mm.is_none())
+            || (desc.blk && tuning.mv_block == 0)
+            || (desc.wide && tuning.mv_wide == 0)
+            || !k.fits(&self.info))
+    }
+
+    /// Kernel `k`'s pipeline, created on first use; an error where this context cannot
+    /// run it ([`Context::runs`]).
     pub(crate) fn pipeline(&self, k: Kernel) -> Result<&Pipeline> {
         let slot = &self.shared.pipelines[k as usize];
         if let Some(p) = slot.get() {
             return Ok(p);
         }
+        let desc = &KERNELS[k as usize];
+        debug_assert_eq!(desc.kernel, k);
+        if !self.runs(k) {
+            return Err(VkError::Invalid(format!(
+                "{} does not run on this context ({}: device features, tuning or limits)",
+                desc.name, self.info.name
+            )));
+        }
         let _guard = lock(&self.shared.pipeline_lock);
         if let Some(p) = slot.get() {
             return Ok(p);
         }
-        let desc = &KERNELS[k as usize];
-        debug_assert_eq!(desc.kernel, k);
-        let tuning = &self.tuning;
-        let p = if (desc.int8_dot && !tuning.int8_dot)
-            || (desc.coopmat && tuning.coopmat_mm.is_none())
-            || (desc.blk && tuning.mv_block == 0)
-            || (desc.wide && tuning.mv_wide == 0)
-            || !desc.kernel.fits(&self.info)
-        {
-            Pipeline {
-                set_layout: vk::DescriptorSetLayout::null(),
-                layout: vk::PipelineLayout::null(),
-                pipeline: vk::Pipeline::null(),
-            }
-        } else {
-            create_pipeline(&self.shared, tuning, desc)?
-        };
+        let p = create_pipeline(&self.shared, &self.tuning, desc)?;
         Ok(slot.get_or_init(|| p))
     }
 
     /// Creates every pipeline this context can run now rather than on first use (a
-    /// server that wants no compile on its first request; `caldera bench`).
+    /// server that wants no compile on its first request; the test that every kernel
+    /// builds).
     pub fn create_all_pipelines(&self) -> Result<()> {
-        for desc in KERNELS.iter() {
+        for desc in KERNELS.iter().filter(|d| self.runs(d.kernel)) {
             self.pipeline(desc.kernel)?;
         }
         Ok(())

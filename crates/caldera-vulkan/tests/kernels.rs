@@ -422,10 +422,21 @@ fn argmax_kernel_matches_its_twin() {
 
 /// Pipelines are created on a kernel's first binding; every one this device can run
 /// builds (both reduction variants), so a kernel no test binds still compiles here.
+/// A kernel the context cannot run (lavapipe 22.3: the cooperative-matrix ones) is
+/// refused with an error when bound.
 #[test]
 fn every_pipeline_builds() {
     for ctx in contexts() {
         ctx.create_all_pipelines()
             .unwrap_or_else(|e| panic!("{}: {e}", ctx.info().name));
+        let buf = ctx.create_buffer(256, MemoryKind::Device).unwrap();
+        for desc in KERNELS.iter().filter(|d| !ctx.runs(d.kernel)) {
+            let bufs = vec![&buf; desc.bindings as usize];
+            assert!(
+                ctx.bind(desc.kernel, &bufs).is_err(),
+                "{} bound on a context that cannot run it",
+                desc.name
+            );
+        }
     }
 }
