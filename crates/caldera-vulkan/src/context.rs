@@ -1,5 +1,5 @@
-//! One logical device: a compute queue, a command pool, a descriptor pool and every
-//! pipeline of the kernel table, created once when the context opens.
+//! One logical device: a compute queue, a command pool, a descriptor pool and the
+//! pipelines of the kernel table, each created on its kernel's first binding.
 
 use std::ffi::{c_char, CStr};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -312,13 +312,24 @@ impl Context {
 
     /// Whether this context can run kernel `k` (its device features, tuning and limits).
     pub fn runs(&self, k: Kernel) -> bool {
+        self.refusal(k).is_none()
+    }
+
+    /// Why this context cannot run kernel `k`, or `None` where it can.
+    fn refusal(&self, k: Kernel) -> Option<&'static str> {
         let desc = &KERNELS[k as usize];
         let tuning = &self.tuning;
-        !((desc.int8_dot && !tuning.int8_dot)
-            || (desc.coopmat && tuning.coopmat_mm.is_none())
-            || (desc.blk && tuning.mv_block == 0)
-            || (desc.wide && tuning.mv_wide == 0)
-            || !k.fits(&self.info))
+        if desc.int8_dot && !tuning.int8_dot {
+            Some("needs int8 dot products, which this context does not use")
+        } else if desc.coopmat && tuning.coopmat_mm.is_none() {
+            Some("needs cooperative matrices, which this context does not use")
+        } else if (desc.blk && tuning.mv_block == 0) || (desc.wide && tuning.mv_wide == 0) {
+            Some("is a block-tail mat-vec, which this context's tuning turns off")
+        } else if !k.fits(&self.info) {
+            Some("needs more workgroup invocations or shared memory than the device has")
+        } else {
+            None
+        }
     }
 
     /// Kernel `k`'s pipeline, created on first use; an error where this context cannot
@@ -330,9 +341,9 @@ impl Context {
         }
         let desc = &KERNELS[k as usize];
         debug_assert_eq!(desc.kernel, k);
-        if !self.runs(k) {
+        if let Some(why) = self.refusal(k) {
             return Err(VkError::Invalid(format!(
-                "{} does not run on this context ({}: device features, tuning or limits)",
+                "{} {why} ({})",
                 desc.name, self.info.name
             )));
         }

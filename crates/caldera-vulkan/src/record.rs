@@ -54,18 +54,8 @@ impl Context {
     /// Binds `buffers` to `kernel`'s bindings 0.. in order.
     pub fn bind(&self, kernel: Kernel, buffers: &[&Buffer]) -> Result<Binding> {
         let desc = kernel.desc();
-        if desc.int8_dot && !self.tuning().int8_dot {
-            return Err(VkError::Invalid(format!(
-                "{} needs int8 dot products, which this context does not use",
-                desc.name
-            )));
-        }
-        if !kernel.fits(&self.info) {
-            return Err(VkError::Invalid(format!(
-                "{} needs more workgroup invocations or shared memory than {} has",
-                desc.name, self.info.name
-            )));
-        }
+        // Refuses a kernel this context cannot run ([`Context::runs`]) first.
+        let layouts = [self.pipeline(kernel)?.set_layout];
         if buffers.len() != desc.bindings as usize {
             return Err(VkError::Invalid(format!(
                 "{} takes {} buffers, got {}",
@@ -75,7 +65,6 @@ impl Context {
             )));
         }
         let dev = self.device();
-        let layouts = [self.pipeline(kernel)?.set_layout];
         let (set, pool) = {
             let mut pools = lock(&self.shared.desc_pool);
             // Every pool from the newest back (freed sets make room in older ones), then

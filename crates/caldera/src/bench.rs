@@ -3,9 +3,9 @@
 //! The prompt is `-p` token ids drawn from the vocabulary with a fixed seed; decode
 //! then feeds its own greedy picks for `-n` steps, after one untimed decode step (which
 //! records the decode step and creates its pipelines, once per runner, as a server does
-//! at its first token). Each is repeated `-r` times and the median reported. Weight bytes per decoded token are the bytes of every matrix a
-//! decode step reads (each layer's projections and the output head; the embedding row
-//! is negligible).
+//! at its first token). Each is repeated `-r` times and the median reported. Weight
+//! bytes per decoded token are the bytes of every matrix a decode step reads (each
+//! layer's projections and the output head; the embedding row is negligible).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
