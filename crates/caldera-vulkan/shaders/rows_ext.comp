@@ -5,7 +5,11 @@
 //   mode 1 (scale): y *= scale                           (Gemma 4's layer output scale)
 //   mode 2 (gelu):  y = gelu_tanh(y) * src[t * ld_src + src_off + i]
 //                   (Gemma 4's per-layer input gate: src holds the per-layer inputs)
-// Binding 0: y (f32, rw), 1: src (f32; any buffer in mode 1), 2: step values ([0] tokens).
+//   mode 3 (select): y = src[(step[2] + t) * ld_src + src_off + i]
+//                   (the rows of the tokens whose logits are wanted, from step[2] on:
+//                   a prefill step's one selected row for the LM head's mat-vec)
+// Binding 0: y (f32, rw), 1: src (f32; any buffer in mode 1), 2: step values ([0] tokens,
+// [2] the first token whose logits are wanted).
 // Dispatch: max_t * ceil(n / WG) workgroups, token-major.
 #include "common.glsl"
 #include "act.glsl"
@@ -39,8 +43,10 @@ void main() {
         v += src[i];
     } else if (p.mode == 1u) {
         v *= p.scale;
-    } else {
+    } else if (p.mode == 2u) {
         v = gelu_tanh(v) * src[t * p.ld_src + p.src_off + i];
+    } else {
+        v = src[(step[2] + t) * p.ld_src + p.src_off + i];
     }
     y[yi] = v;
 }

@@ -1,6 +1,7 @@
 //! Small ops that some architectures add around the standard layer: bias adds (gpt-oss's
 //! biased projections), the layer output scale and the per-layer input gate and inputs
-//! of Gemma 4 (`rows_ext.comp`, `ple_in.comp`). Each is one dispatch over a step's
+//! of Gemma 4 (`rows_ext.comp`, `ple_in.comp`), and the selection of a prefill step's
+//! logits row (`rows_ext.comp`). Each is one dispatch over a step's
 //! tokens; their CPU twins are in `tests/extras.rs`.
 
 use crate::context::Context;
@@ -23,6 +24,11 @@ pub enum RowExt {
     Scale(f32),
     /// `y = gelu_tanh(y) * src[t * ld_src + src_off + i]`: Gemma 4's per-layer input gate.
     GeluMul { ld_src: u64, src_off: u64 },
+    /// `y = src[(step[2] + t) * ld_src + src_off + i]`: the rows of the tokens whose
+    /// logits are wanted (from the step values' `[2]` on), e.g. a prefill step's one
+    /// selected row for the LM head's decode mat-vec. `src` must hold every row the
+    /// step values can select.
+    Select { ld_src: u64, src_off: u64 },
 }
 
 /// Elementwise over `n` values of the rows of a step's tokens (`step[0]` of them, at most
@@ -52,6 +58,13 @@ impl RowsExt {
             RowExt::Scale(s) => (1, 0, 0, s, 0),
             RowExt::GeluMul { ld_src, src_off } => (
                 2,
+                ld_src,
+                src_off,
+                0.0,
+                (t.max(1) - 1) * ld_src + src_off + n,
+            ),
+            RowExt::Select { ld_src, src_off } => (
+                3,
                 ld_src,
                 src_off,
                 0.0,

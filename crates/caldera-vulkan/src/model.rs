@@ -925,9 +925,9 @@ pub struct VkRunner {
     /// Greedy steps' token ids (device, host-visible copy; u32 per logits row, `all_rows`
     /// of them), made by the first greedy recording.
     ids: Option<(Buffer, Buffer)>,
-    /// Recorded steps by (bucket, all-rows logits, greedy: `argmax` on the device and
-    /// only the ids copied back).
-    steps: HashMap<(usize, bool, bool), Step>,
+    /// Recorded steps by (bucket, logits rows, greedy: `argmax` on the device and only
+    /// the ids copied back).
+    steps: HashMap<(usize, Head, bool), Step>,
     stats: StepStats,
     embed_row: Vec<f32>,
     embed_bytes: Vec<u8>,
@@ -945,6 +945,9 @@ pub struct VkRunner {
     /// (router mat-vec + `quant_x`, `moe_route`, gate|up, down; the next layer's
     /// `quant_x`).
     moe_fused: bool,
+    /// A step's LM head over one row runs the decode mat-vecs (see `record_step`);
+    /// `CALDERA_VK_HEAD_MM=1` keeps the step's matmul (`mm.glsl` over the row) there.
+    head_mm: bool,
     /// `CALDERA_VK_PROFILE=1`: decode steps write GPU timestamps after every op.
     profile: bool,
     /// Profiling only: `CALDERA_VK_ATTN_STOP=1|2` ends decode attention after its q/k
@@ -1449,6 +1452,7 @@ impl VkRunner {
                 .min(3),
             fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").map_or(true, |v| v != "0"),
             moe_fused: std::env::var("CALDERA_VK_MOE_UNFUSED").map_or(true, |v| v != "1"),
+            head_mm: std::env::var("CALDERA_VK_HEAD_MM").is_ok_and(|v| v == "1"),
             profile_ns: HashMap::new(),
             profile_steps: 0,
             batch,
@@ -1474,10 +1478,12 @@ impl VkRunner {
         v
     }
 
-    /// Records the step for `bucket` tokens; `all` selects the all-rows logits buffer;
-    /// `greedy` ends it with `argmax` over its logits rows and copies back only their
-    /// token ids ([`crate::sample::Argmax`]), not the rows.
-    fn record_step(&mut self, bucket: usize, all: bool, greedy: bool) -> Result<Step> {
+    /// Records the step for `bucket` tokens; `head` says which logits rows it makes
+    /// (none: no LM head, nothing copied back); `greedy` ends it with `argmax` over its
+    /// logits rows and copies back only their token ids ([`crate::sample::Argmax`]), not
+    /// the rows.
+    fn record_step(&mut self, bucket: usize, head: Head, greedy: bool) -> Result<Step> {
+        let all = head == Head::All;
         let m = self.m.clone();
         let ctx = &m.ctx;
         let cfg = &m.model.config;
@@ -1539,7 +1545,46 @@ impl VkRunner {
         } else {
             rows
         };
-        if decode {
+        // A head over one row runs as decode's does, on the decode mat-vecs, not a
+        // matmul over one row (on lavapipe `mm.glsl` took 12.7 s for gemma-3's head,
+        // decode's mat-vec 0.8 s): a prefill step's selected row (copied into `tmp`,
+        // free by now), or a one-column batched step's row 0 where its kernel choice is
+        // automatic and would take `mm.glsl` (f32 activations; the int8 one keeps
+        // `mvqm`). `CALDERA_VK_HEAD_MM=1` keeps the matmuls.
+        let k_out = m.output.k as u64;
+        let one_row = !decode
+            && rows == 1
+            && !self.head_mm
+            && self.batch.as_ref().is_none_or(|bm| {
+                matches!(bm.mm, BatchMm::Auto | BatchMm::Q8)
+                    && !self.batch_q8(m.output.ty, k_out, 1)
+            });
+        if head == Head::None {
+            // An earlier chunk of a long prompt: no logits wanted.
+        } else if decode || one_row {
+            let x = if one_row && self.batch.is_none() {
+                let io = RowsIo {
+                    y: &self.tmp,
+                    ld_y: d as u64,
+                    y_off: 0,
+                    src: &self.x,
+                    step: &self.step_dev,
+                    max_tokens: 1,
+                };
+                let sel = RowExt::Select {
+                    ld_src: d as u64,
+                    src_off: 0,
+                };
+                ops.push(("head_row", Op::Ext(RowsExt::new(ctx, sel, d as u64, &io)?)));
+                &self.tmp
+            } else {
+                &self.x
+            };
+            if one_row {
+                // Nothing before quantized the head's input (a batched step's int8
+                // buffers hold another op's).
+                qs = QState::default();
+            }
             let mode = MvMode {
                 softcap: cfg.final_logit_softcap,
                 ..Default::default()
@@ -1548,7 +1593,7 @@ impl VkRunner {
                 &mut ops,
                 "head",
                 &[(&m.output, 0)],
-                &self.x,
+                x,
                 Some(&m.output_norm),
                 ldev,
                 mode,
@@ -1573,8 +1618,8 @@ impl VkRunner {
                 eps,
                 ..Default::default()
             };
-            let head = self.mm(ctx, m.output.ty, &m.output.t, m.output.k as u64, &io, mode)?;
-            ops.push(("head", Op::Mm(vec![head])));
+            let mm = self.mm(ctx, m.output.ty, &m.output.t, m.output.k as u64, &io, mode)?;
+            ops.push(("head", Op::Mm(vec![mm])));
         }
         let in_bytes = (bucket * d * 4) as u64;
         let out_bytes = (rows * cfg.vocab_size * 4) as u64;
@@ -1651,6 +1696,7 @@ impl VkRunner {
                     r.mark("argmax");
                     r.copy(ids, ids_host, (rows * 4) as u64)?;
                 }
+                _ if head == Head::None => {}
                 _ => r.copy(ldev, lhost, out_bytes)?,
             }
             r.mark("output");
@@ -2923,9 +2969,9 @@ impl VkRunner {
             )));
         }
         let bucket = n.next_power_of_two();
-        let key = (bucket, true, greedy);
+        let key = (bucket, Head::All, greedy);
         if !self.steps.contains_key(&key) {
-            let s = self.record_step(bucket, true, greedy)?;
+            let s = self.record_step(bucket, Head::All, greedy)?;
             self.steps.insert(key, s);
         }
         self.write_embeddings(cols.iter().map(|c| c.2))?;
@@ -3028,11 +3074,16 @@ impl VkRunner {
         let bucket = if n == 1 { 1 } else { self.chunk };
         let want = first.map_or(0, |f| n - f);
         let all = want > 1;
+        let head = match want {
+            0 => Head::None,
+            1 => Head::One,
+            _ => Head::All,
+        };
         let greedy = greedy && want == 1;
-        let key = (bucket, all, greedy);
+        let key = (bucket, head, greedy);
         if !self.steps.contains_key(&key) {
-            let s = self.record_step(bucket, all, greedy)?;
-            if bucket == 1 {
+            let s = self.record_step(bucket, head, greedy)?;
+            if bucket == 1 && head != Head::None {
                 self.stats.decode_dispatches = s.rec.dispatches();
             }
             self.steps.insert(key, s);
@@ -3096,6 +3147,17 @@ impl VkRunner {
         }
         Ok(None)
     }
+}
+
+/// The logits rows a recorded step's LM head makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Head {
+    /// None: no LM head (an earlier chunk of a prompt).
+    None,
+    /// One row (`logits1`): decode's, or a prefill step's selected token.
+    One,
+    /// The all-rows buffer (several tokens of a prompt, or a batched step's columns).
+    All,
 }
 
 enum Op {

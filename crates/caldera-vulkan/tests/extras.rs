@@ -1,4 +1,5 @@
-//! `rows_ext` (bias add, scale, Gemma 4's gelu * per-layer input) and `ple_in` (Gemma 4's
+//! `rows_ext` (bias add, scale, Gemma 4's gelu * per-layer input, the selection of the
+//! logits tokens' rows from step[2] on) and `ple_in` (Gemma 4's
 //! per-layer inputs) against CPU twins on fresh random inputs: odd widths, offsets and
 //! strides, several tokens of a step with rows past the step's tokens left alone; each
 //! with subgroup and shared-memory reductions and a small workgroup. Skips without a
@@ -29,11 +30,24 @@ fn rows_ext_matches_cpu() {
                     ld_src: ld_src as u64,
                     src_off: src_off as u64,
                 },
+                RowExt::Select {
+                    ld_src: ld_src as u64,
+                    src_off: src_off as u64,
+                },
             ] {
+                // Select reads rows first.. of src (the step's first logits token: the
+                // last of the step's m tokens, so the rows past it are never read).
+                let first = if matches!(op, RowExt::Select { .. }) {
+                    m - 1
+                } else {
+                    0
+                };
                 let y = random_vec(&mut rng, max_t * ld, 2.0);
-                let src = random_vec(&mut rng, max_t * ld_src + src_off + n, 1.5);
+                let src = random_vec(&mut rng, (first + max_t) * ld_src + src_off + n, 1.5);
                 let (yb, sb) = (ctx.upload_f32(&y).unwrap(), ctx.upload_f32(&src).unwrap());
-                let st = common::step_values(&ctx, m);
+                let st = ctx
+                    .upload(&common::words(&[m as u32, 0, first as u32, m as u32]))
+                    .unwrap();
                 let io = RowsIo {
                     y: &yb,
                     ld_y: ld as u64,
@@ -58,6 +72,9 @@ fn rows_ext_matches_cpu() {
                                 RowExt::Scale(s) => v * s as f64,
                                 RowExt::GeluMul { .. } => {
                                     gelu_tanh(v) * src[t * ld_src + src_off + i] as f64
+                                }
+                                RowExt::Select { .. } => {
+                                    src[(first + t) * ld_src + src_off + i] as f64
                                 }
                             }
                         };
