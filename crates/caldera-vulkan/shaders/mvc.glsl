@@ -1,0 +1,230 @@
+// Batched decode mat-vec on cooperative matrices: for every column c < step[0] (at most
+// 16, one token of a different sequence each) and row r of the piece,
+// y[c * ld_y + y_offset + r] (=, or +=) dot(W row r, x_c), softcapped with MVC_SOFTCAP.
+// The inputs x_c arrive as f16 (half_rows.comp: normed, or act(gate) * up), column c at
+// c * k (k a multiple of RK). The weights are dequantized once per step for all the
+// columns (deq_tile.glsl's fetch16 / decode16, every block type) and the products run on
+// the device's matrix units (f16 * f16 + f32), so a step of 16 columns costs about what
+// one column's weights cost to read: the int8 mat-vecs (mvqn.glsl) pay their dot
+// products per column.
+//
+// Layout: a workgroup owns RT = 32 weight rows and splits k among its subgroups (NSG =
+// gl_NumSubgroups): round j (RK = 2 SGS elements, 64 on 32-lane subgroups) belongs to
+// subgroup j % NSG. Per round a subgroup's lanes fetch and dequantize its RT x RK
+// block, 4 units of 16 elements per lane (unit u: row u / PPR, elements 16 (u % PPR)
+// ..), into the subgroup's own f16 tile in shared memory (As, rows of ASTR halves), then multiply it by the columns' inputs, loaded straight from the
+// input buffer as B matrices (k x 16, column-major), into RT x 16 f32 accumulators
+// (CM x CN matrices, specialization constants 4-6). The next round's words and inputs
+// are loaded before this round's products. Only subgroup barriers order a round's
+// tile: every subgroup runs the same number of rounds (one past its last does no
+// products), so the workgroup's subgroups stay in step where a CPU driver runs them as
+// one program. At the end each subgroup stores its accumulators into Cs and the
+// workgroup sums the NSG partial results and writes them.
+//
+// Constant 13 (SGS): the fewest lanes a subgroup may have (lanes past SGS units idle).
+// Every matrix array has a compile-time size and every loop over one a compile-time
+// bound (guarded by the specialised counts), so that after specialization all indices
+// are constants: arrays of matrices indexed through specialization constants measured
+// ~3x slower on the H100 (kept in memory rather than registers, presumably).
+// Status (branch `mvc`, not on main): correct on the H100 (16x16x16) and on lavapipe-next
+// (8x8x8), but measured 3-4x SLOWER than mvqm in qwen3 8b q4_k_m batched steps (8
+// columns: 23 ms per step with 4 subgroups per workgroup before the compile-time array
+// bounds, 36 ms after, against 8.8 ms; docs/BENCHMARKS.md, session 11). 8 subgroups do
+// not fit NVIDIA's 48 KiB of shared memory. Why it is slow is open (suspects: B loaded
+// from the storage buffer by coopMatLoad, the per-round subgroup barriers, the scalar
+// decode into shared memory).
+// Bindings: 0: the piece's raw blocks, 1: the f16 inputs (uvec4 = 8 halves), 2: y (f32),
+// 3: step values ([0] columns).
+#extension GL_KHR_cooperative_matrix : require
+#extension GL_KHR_memory_scope_semantics : require
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_EXT_control_flow_attributes : enable
+
+layout(constant_id = 0) const uint WG = 128u;
+layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+layout(constant_id = 4) const uint CM = 16u;
+layout(constant_id = 5) const uint CN = 16u;
+layout(constant_id = 6) const uint CK = 16u;
+layout(constant_id = 13) const uint SGS = 32u;
+
+layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
+layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
+layout(std430, binding = 1) readonly buffer Hbuf { uvec4 xh4[]; };
+layout(std430, binding = 2) buffer Ybuf { float y[]; };
+layout(std430, binding = 3) readonly buffer Sbuf { uint step[]; };
+
+layout(push_constant) uniform Push {
+    uint k;        // elements per weight row (a multiple of 64)
+    uint rows;     // rows in this piece
+    uint y_offset; // element of a column's y row that the piece's row 0 writes
+    uint ld_y;     // elements between columns in y
+    uint flags;    // MVC_ADD, MVC_SOFTCAP
+    float cap;
+} p;
+
+const uint MVC_ADD = 1u;
+const uint MVC_SOFTCAP = 2u;
+
+#include "words.glsl"
+#include "deq_tile.glsl"
+
+const uint TN = 16u;           // columns (tokens) of the output tile
+const uint RT = 32u;           // weight rows per workgroup
+const uint UPL = 4u;           // 16-element units per lane and round
+const uint RK = 2u * SGS;      // elements per round: RT x RK = UPL units per lane
+const uint PPR = RK / 16u;     // units per row and round
+const uint NU = RT * PPR;
+const uint NWM = RT / CM;
+const uint NWN = TN / CN;
+const uint NKK = RK / CK;
+// Compile-time bounds of the matrix arrays (the host keeps NWM * NWN and NKK * NWN
+// within them), so that every index is a constant once the loops unroll.
+const uint MAXACC = 8u;
+const uint MAXB = 8u;
+const uint ASTR = RK + 8u;     // halves per tile row (padding against bank conflicts)
+const uint ASTR4 = ASTR / 8u;  // uvec4s per tile row
+const uint TILE4 = RT * ASTR4; // uvec4s per subgroup tile
+
+shared uvec4 As4[(WG / SGS) * TILE4];
+shared float Cs[(WG / SGS) * RT * TN];
+
+// The raw words of this lane's units in round `rd` (zeros past the rows).
+void fetch_units(uint rd, bool ok, uint row0, uint lane, uint sgsz, out uint wr[UPL][16]) {
+    [[unroll]] for (uint i = 0u; i < UPL; i++) {
+        [[unroll]] for (uint e = 0u; e < 16u; e++) {
+            wr[i][e] = 0u;
+        }
+        uint u = lane + i * sgsz;
+        uint row = row0 + u / PPR;
+        if (ok && u < NU && row < p.rows) {
+            uint c = rd * RK + 16u * (u % PPR);
+            fetch16(row, c / 32u, (c / 16u) & 1u, wr[i]);
+        }
+    }
+}
+
+void load_b(uint rd, uint nwn, inout coopmat<float16_t, gl_ScopeSubgroup, CK, CN, gl_MatrixUseB> b[MAXB]) {
+    [[unroll]] for (uint i = 0u; i < MAXB; i++) {
+        uint kk = i / NWN;
+        uint j = i % NWN;
+        if (i < NKK * NWN && j < nwn) {
+            coopMatLoad(b[i], xh4, ((j * CN) * p.k + rd * RK + kk * CK) / 8u, p.k / 8u,
+                        gl_CooperativeMatrixLayoutColumnMajor);
+        }
+    }
+}
+
+void main() {
+    uint grp = gl_WorkGroupID.y * gl_NumWorkGroups.x + gl_WorkGroupID.x;
+    uint row0 = grp * RT;
+    uint live = min(step[0], TN);
+    if (row0 >= p.rows || live == 0u) {
+        return; // uniform for the workgroup
+    }
+    uint sg = gl_SubgroupID;
+    uint nsg = gl_NumSubgroups;
+    uint lane = gl_SubgroupInvocationID;
+    uint sgsz = gl_SubgroupSize;
+    uint nround = p.k / RK;
+    uint nrd = (nround + nsg - 1u) / nsg; // rounds per subgroup, the same for all
+    uint tile = sg * TILE4;
+    // Column tiles holding live columns (uniform).
+    uint nwn = min(NWN, (live + CN - 1u) / CN);
+
+    coopmat<float, gl_ScopeSubgroup, CM, CN, gl_MatrixUseAccumulator> acc[MAXACC];
+    [[unroll]] for (uint i = 0u; i < MAXACC; i++) {
+        acc[i] = coopmat<float, gl_ScopeSubgroup, CM, CN, gl_MatrixUseAccumulator>(0.0);
+    }
+    coopmat<float16_t, gl_ScopeSubgroup, CK, CN, gl_MatrixUseB> bx[MAXB];
+    coopmat<float16_t, gl_ScopeSubgroup, CK, CN, gl_MatrixUseB> bn[MAXB];
+
+    uint wr[UPL][16];
+    fetch_units(sg, sg < nround, row0, lane, sgsz, wr);
+    if (sg < nround) {
+        load_b(sg, nwn, bx);
+    }
+    for (uint t = 0u; t < nrd; t++) {
+        uint rd = t * nsg + sg;
+        bool ok = rd < nround;
+        // This round's tile: dequantized, as halves, into the subgroup's rows.
+        [[unroll]] for (uint i = 0u; i < UPL; i++) {
+            uint u = lane + i * sgsz;
+            if (u < NU) {
+                uint c = rd * RK + 16u * (u % PPR);
+                float v[16];
+                decode16(wr[i], c / 32u, (c / 16u) & 1u, v);
+                uint at = tile + (u / PPR) * ASTR4 + 2u * (u % PPR);
+                [[unroll]] for (uint h = 0u; h < 2u; h++) {
+                    As4[at + h] = uvec4(packHalf2x16(vec2(v[8u * h], v[8u * h + 1u])),
+                                        packHalf2x16(vec2(v[8u * h + 2u], v[8u * h + 3u])),
+                                        packHalf2x16(vec2(v[8u * h + 4u], v[8u * h + 5u])),
+                                        packHalf2x16(vec2(v[8u * h + 6u], v[8u * h + 7u])));
+                }
+            }
+        }
+        subgroupMemoryBarrierShared();
+        subgroupBarrier();
+        // The next round's words and inputs, in flight during this round's products.
+        uint nx = rd + nsg;
+        bool nok = nx < nround;
+        fetch_units(nx, nok, row0, lane, sgsz, wr);
+        if (nok) {
+            load_b(nx, nwn, bn);
+        }
+        if (ok) {
+            [[unroll]] for (uint kk = 0u; kk < MAXB; kk++) {
+                if (kk < NKK) {
+                    [[unroll]] for (uint i = 0u; i < MAXACC; i++) {
+                        if (i < NWM) {
+                            coopmat<float16_t, gl_ScopeSubgroup, CM, CK, gl_MatrixUseA> a;
+                            coopMatLoad(a, As4, tile + (i * CM) * ASTR4 + (kk * CK) / 8u, ASTR4,
+                                        gl_CooperativeMatrixLayoutRowMajor);
+                            [[unroll]] for (uint j = 0u; j < 2u; j++) {
+                                if (j < NWN && j < nwn) {
+                                    acc[i * NWN + j] =
+                                        coopMatMulAdd(a, bx[kk * NWN + j], acc[i * NWN + j]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        [[unroll]] for (uint i = 0u; i < MAXB; i++) {
+            bx[i] = bn[i];
+        }
+        subgroupMemoryBarrierShared();
+        subgroupBarrier();
+    }
+
+    // Each subgroup's partial sums (element (r, c) at c * RT + r), then their sum.
+    uint cs = sg * RT * TN;
+    [[unroll]] for (uint i = 0u; i < MAXACC; i++) {
+        if (i < NWM * NWN) {
+            uint im = i / NWN;
+            uint j = i % NWN;
+            coopMatStore(acc[i], Cs, cs + (j * CN) * RT + im * CM, RT,
+                         gl_CooperativeMatrixLayoutColumnMajor);
+        }
+    }
+    barrier();
+    for (uint e = gl_LocalInvocationID.x; e < RT * TN; e += WG) {
+        uint r = e % RT;
+        uint c = e / RT;
+        if (c < live && row0 + r < p.rows) {
+            float s = 0.0;
+            for (uint g = 0u; g < nsg; g++) {
+                s += Cs[g * RT * TN + e];
+            }
+            if ((p.flags & MVC_SOFTCAP) != 0u) {
+                s = p.cap * tanh(s / p.cap);
+            }
+            uint yi = c * p.ld_y + p.y_offset + row0 + r;
+            if ((p.flags & MVC_ADD) != 0u) {
+                s += y[yi];
+            }
+            y[yi] = s;
+        }
+    }
+}
