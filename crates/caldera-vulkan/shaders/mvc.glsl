@@ -43,10 +43,19 @@
 
 layout(constant_id = 0) const uint WG = 128u;
 layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+#if MVC_FIXED16
+// mvcf_*: the shape and subgroup size as compile-time constants (16 x 16 x 16, 32
+// lanes: NVIDIA's), so that the SPIR-V itself has constant array sizes and loop bounds.
+const uint CM = 16u;
+const uint CN = 16u;
+const uint CK = 16u;
+const uint SGS = 32u;
+#else
 layout(constant_id = 4) const uint CM = 16u;
 layout(constant_id = 5) const uint CN = 16u;
 layout(constant_id = 6) const uint CK = 16u;
 layout(constant_id = 13) const uint SGS = 32u;
+#endif
 
 layout(std430, binding = 0) readonly buffer Wbuf { uint w[]; };
 layout(std430, binding = 0) readonly buffer Wbuf4 { uvec4 w4[]; };
@@ -65,6 +74,12 @@ layout(push_constant) uniform Push {
 
 const uint MVC_ADD = 1u;
 const uint MVC_SOFTCAP = 2u;
+// Profiling switches (CALDERA_VK_MVC_DEBUG; wrong results): skip the products, the
+// input loads, the decode into shared memory, the weight loads.
+const uint MVC_NO_MMA = 4u;
+const uint MVC_NO_B = 8u;
+const uint MVC_NO_STAGE = 16u;
+const uint MVC_NO_FETCH = 32u;
 
 #include "words.glsl"
 #include "deq_tile.glsl"
@@ -80,14 +95,20 @@ const uint NWN = TN / CN;
 const uint NKK = RK / CK;
 // Compile-time bounds of the matrix arrays (the host keeps NWM * NWN and NKK * NWN
 // within them), so that every index is a constant once the loops unroll.
+#if MVC_FIXED16
+const uint MAXACC = NWM * NWN;
+const uint MAXB = NKK * NWN;
+#else
 const uint MAXACC = 8u;
 const uint MAXB = 8u;
+#endif
 const uint ASTR = RK + 8u;     // halves per tile row (padding against bank conflicts)
 const uint ASTR4 = ASTR / 8u;  // uvec4s per tile row
 const uint TILE4 = RT * ASTR4; // uvec4s per subgroup tile
 
-shared uvec4 As4[(WG / SGS) * TILE4];
-shared float Cs[(WG / SGS) * RT * TN];
+// Per subgroup its tile, which also holds its RT x TN f32 partial sums at the end.
+const uint REG4 = TILE4 > RT * TN / 4u ? TILE4 : RT * TN / 4u;
+shared uvec4 As4[(WG / SGS) * REG4];
 
 // The raw words of this lane's units in round `rd` (zeros past the rows).
 void fetch_units(uint rd, bool ok, uint row0, uint lane, uint sgsz, out uint wr[UPL][16]) {
@@ -97,7 +118,7 @@ void fetch_units(uint rd, bool ok, uint row0, uint lane, uint sgsz, out uint wr[
         }
         uint u = lane + i * sgsz;
         uint row = row0 + u / PPR;
-        if (ok && u < NU && row < p.rows) {
+        if (ok && u < NU && row < p.rows && (p.flags & MVC_NO_FETCH) == 0u) {
             uint c = rd * RK + 16u * (u % PPR);
             fetch16(row, c / 32u, (c / 16u) & 1u, wr[i]);
         }
@@ -128,7 +149,7 @@ void main() {
     uint sgsz = gl_SubgroupSize;
     uint nround = p.k / RK;
     uint nrd = (nround + nsg - 1u) / nsg; // rounds per subgroup, the same for all
-    uint tile = sg * TILE4;
+    uint tile = sg * REG4;
     // Column tiles holding live columns (uniform).
     uint nwn = min(NWN, (live + CN - 1u) / CN);
 
@@ -140,8 +161,11 @@ void main() {
     coopmat<float16_t, gl_ScopeSubgroup, CK, CN, gl_MatrixUseB> bn[MAXB];
 
     uint wr[UPL][16];
+    bool do_b = (p.flags & MVC_NO_B) == 0u;
+    bool do_mma = (p.flags & MVC_NO_MMA) == 0u;
+    bool do_stage = (p.flags & MVC_NO_STAGE) == 0u;
     fetch_units(sg, sg < nround, row0, lane, sgsz, wr);
-    if (sg < nround) {
+    if (sg < nround && do_b) {
         load_b(sg, nwn, bx);
     }
     for (uint t = 0u; t < nrd; t++) {
@@ -150,7 +174,7 @@ void main() {
         // This round's tile: dequantized, as halves, into the subgroup's rows.
         [[unroll]] for (uint i = 0u; i < UPL; i++) {
             uint u = lane + i * sgsz;
-            if (u < NU) {
+            if (u < NU && do_stage) {
                 uint c = rd * RK + 16u * (u % PPR);
                 float v[16];
                 decode16(wr[i], c / 32u, (c / 16u) & 1u, v);
@@ -169,10 +193,10 @@ void main() {
         uint nx = rd + nsg;
         bool nok = nx < nround;
         fetch_units(nx, nok, row0, lane, sgsz, wr);
-        if (nok) {
+        if (nok && do_b) {
             load_b(nx, nwn, bn);
         }
-        if (ok) {
+        if (ok && do_mma) {
             [[unroll]] for (uint kk = 0u; kk < MAXB; kk++) {
                 if (kk < NKK) {
                     [[unroll]] for (uint i = 0u; i < MAXACC; i++) {
@@ -198,13 +222,13 @@ void main() {
         subgroupBarrier();
     }
 
-    // Each subgroup's partial sums (element (r, c) at c * RT + r), then their sum.
-    uint cs = sg * RT * TN;
+    // Each subgroup's partial sums into its own region (element (r, c) at c * RT + r,
+    // as f32 bits; its last round ended with a subgroup barrier), then their sum.
     [[unroll]] for (uint i = 0u; i < MAXACC; i++) {
         if (i < NWM * NWN) {
             uint im = i / NWN;
             uint j = i % NWN;
-            coopMatStore(acc[i], Cs, cs + (j * CN) * RT + im * CM, RT,
+            coopMatStore(acc[i], As4, tile + ((j * CN) * RT + im * CM) / 4u, RT / 4u,
                          gl_CooperativeMatrixLayoutColumnMajor);
         }
     }
@@ -215,7 +239,7 @@ void main() {
         if (c < live && row0 + r < p.rows) {
             float s = 0.0;
             for (uint g = 0u; g < nsg; g++) {
-                s += Cs[g * RT * TN + e];
+                s += uintBitsToFloat(As4[g * REG4 + e / 4u][e % 4u]);
             }
             if ((p.flags & MVC_SOFTCAP) != 0u) {
                 s = p.cap * tanh(s / p.cap);

@@ -133,6 +133,10 @@ pub(crate) struct Shared {
     pub pipelines: Vec<OnceLock<Pipeline>>,
     /// Held while a pipeline is created, so two threads never build the same one.
     pub pipeline_lock: Mutex<()>,
+    /// With `CALDERA_VK_PIPELINE_STATS=1` where the driver has
+    /// VK_KHR_pipeline_executable_properties: each pipeline prints its compiler's
+    /// statistics (registers, spills, ...) to stderr when created.
+    pub pipeline_stats: Option<ash::khr::pipeline_executable_properties::Device>,
     pub mem_props: vk::PhysicalDeviceMemoryProperties,
     /// Told the bytes of every staged upload ([`Context::set_upload_progress`]).
     pub upload_progress: Mutex<Option<UploadProgress>>,
@@ -234,7 +238,10 @@ impl Context {
             return Err(unusable("its storage buffers are smaller than 4 KiB"));
         }
 
-        let device = create_device(&instance, pd, &info, family)?;
+        let (device, stats) = create_device(&instance, pd, &info, family)?;
+        let pipeline_stats = stats.then(|| {
+            ash::khr::pipeline_executable_properties::Device::new(&instance.instance, &device)
+        });
         // SAFETY: plain queries on the valid device / physical device.
         let queue = unsafe { device.get_device_queue(family, 0) };
         let mem_props = unsafe { instance.instance.get_physical_device_memory_properties(pd) };
@@ -249,6 +256,7 @@ impl Context {
             pipeline_cache: vk::PipelineCache::null(),
             pipelines: (0..KERNELS.len()).map(|_| OnceLock::new()).collect(),
             pipeline_lock: Mutex::new(()),
+            pipeline_stats,
             mem_props,
             upload_progress: Mutex::new(None),
             _instance: instance,
@@ -684,6 +692,9 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         mvc: mvc_subgroup(info, required_subgroup_size, mvc_subgroups, coopmat_mm)
             .filter(|_| !opts.force_no_mvc && !env_on("CALDERA_VK_NO_MVC")),
         mvc_subgroups,
+        mvc_fixed: coopmat_mm.is_some_and(|l| (l.m, l.n, l.k) == (16, 16, 16))
+            && required_subgroup_size.unwrap_or(info.subgroup_min) == 32
+            && !env_is("CALDERA_VK_MVC_FIXED", "0"),
         coopmat_mm,
         kv,
         mv_subgroup_rows: sg_ok && mv_sg,
@@ -719,7 +730,7 @@ fn create_device(
     pd: vk::PhysicalDevice,
     info: &DeviceInfo,
     family: u32,
-) -> Result<ash::Device> {
+) -> Result<(ash::Device, bool)> {
     let prio = [1.0f32];
     let queues = [vk::DeviceQueueCreateInfo::default()
         .queue_family_index(family)
@@ -738,6 +749,10 @@ fn create_device(
     // Needed on portability (MoltenVK-like) drivers when they expose it.
     want_ext(c"VK_KHR_portability_subset");
     let coop = info.coopmat && want_ext(ash::khr::cooperative_matrix::NAME);
+    let stats = std::env::var("CALDERA_VK_PIPELINE_STATS").is_ok_and(|v| v == "1")
+        && want_ext(ash::khr::pipeline_executable_properties::NAME);
+    let mut stats_f = vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default()
+        .pipeline_executable_info(true);
 
     let mut f11 = vk::PhysicalDeviceVulkan11Features::default()
         .storage_buffer16_bit_access(info.storage_16bit);
@@ -764,12 +779,61 @@ fn create_device(
     if coop {
         create = create.push_next(&mut coop_f);
     }
+    if stats {
+        create = create.push_next(&mut stats_f);
+    }
     // SAFETY: every struct `create` points to lives until the call returns; features
     // requested are those the device reported.
-    unsafe { instance.instance.create_device(pd, &create, None) }.map_err(|r| match r {
-        vk::Result::ERROR_DEVICE_LOST => VkError::DeviceLost("opening the device"),
-        r => VkError::from_vk("creating the Vulkan device", r),
-    })
+    unsafe { instance.instance.create_device(pd, &create, None) }
+        .map(|d| (d, stats))
+        .map_err(|r| match r {
+            vk::Result::ERROR_DEVICE_LOST => VkError::DeviceLost("opening the device"),
+            r => VkError::from_vk("creating the Vulkan device", r),
+        })
+}
+
+/// Prints pipeline `p`'s compiler statistics (`CALDERA_VK_PIPELINE_STATS=1`): one line
+/// per executable, `name: stat=value ...`.
+fn print_pipeline_stats(
+    ext: &ash::khr::pipeline_executable_properties::Device,
+    name: &str,
+    p: vk::Pipeline,
+) {
+    let text = |c: &[std::ffi::c_char]| {
+        // SAFETY: the driver fills these fixed arrays with NUL-terminated strings.
+        unsafe { CStr::from_ptr(c.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    // SAFETY: plain queries on a pipeline created with CAPTURE_STATISTICS.
+    let Ok(execs) = (unsafe {
+        ext.get_pipeline_executable_properties(&vk::PipelineInfoKHR::default().pipeline(p))
+    }) else {
+        return;
+    };
+    for i in 0..execs.len() as u32 {
+        let info = vk::PipelineExecutableInfoKHR::default()
+            .pipeline(p)
+            .executable_index(i);
+        // SAFETY: as above.
+        let Ok(stats) = (unsafe { ext.get_pipeline_executable_statistics(&info) }) else {
+            continue;
+        };
+        let mut line = format!("pipeline {name}:");
+        for st in &stats {
+            // SAFETY: `format` says which member of the union the driver wrote.
+            let v = unsafe {
+                match st.format {
+                    vk::PipelineExecutableStatisticFormatKHR::BOOL32 => st.value.b32.to_string(),
+                    vk::PipelineExecutableStatisticFormatKHR::INT64 => st.value.i64.to_string(),
+                    vk::PipelineExecutableStatisticFormatKHR::UINT64 => st.value.u64.to_string(),
+                    _ => format!("{:.3}", st.value.f64),
+                }
+            };
+            line.push_str(&format!(" {}={v}", text(&st.name).replace(' ', "_")));
+        }
+        eprintln!("{line}");
+    }
 }
 
 fn create_pipeline(
@@ -900,11 +964,20 @@ fn create_pipeline(
         if tuning.required_subgroup_size.is_some() {
             stage = stage.push_next(&mut req_sg);
         }
+        let flags = if shared.pipeline_stats.is_some() {
+            vk::PipelineCreateFlags::CAPTURE_STATISTICS_KHR
+        } else {
+            vk::PipelineCreateFlags::empty()
+        };
         let info = [vk::ComputePipelineCreateInfo::default()
+            .flags(flags)
             .stage(stage)
             .layout(layout)];
         let r = dev.create_compute_pipelines(shared.pipeline_cache, &info, None);
         dev.destroy_shader_module(module, None);
+        if let (Some(ext), Ok(p)) = (&shared.pipeline_stats, &r) {
+            print_pipeline_stats(ext, desc.name, p[0]);
+        }
         match r {
             Ok(p) => Ok(Pipeline {
                 set_layout,

@@ -270,6 +270,18 @@ pub enum Kernel {
     MvcQ5K = 251,
     MvcQ6K = 252,
     MvcIQ4XS = 253,
+    MvcfF32 = 254,
+    MvcfF16 = 255,
+    MvcfBF16 = 256,
+    MvcfQ4_0 = 257,
+    MvcfQ4_1 = 258,
+    MvcfQ5_0 = 259,
+    MvcfQ5_1 = 260,
+    MvcfQ8_0 = 261,
+    MvcfQ4K = 262,
+    MvcfQ5K = 263,
+    MvcfQ6K = 264,
+    MvcfIQ4XS = 265,
 }
 
 /// One entry of the kernel table.
@@ -605,9 +617,11 @@ pub const fn mvc_k_step(sgs: u32) -> u64 {
 }
 
 /// `mvc.glsl`'s shared memory for `wg` invocations in subgroups of at least `sgs` lanes:
-/// per subgroup a 32 x (RK + 8) f16 tile and 32 x 16 f32 partial sums.
+/// per subgroup a 32 x (RK + 8) f16 tile, which later holds its 32 x 16 f32 partial sums.
 pub const fn mvc_shared_bytes(wg: u32, sgs: u32) -> u32 {
-    (wg / sgs) * (32 * (2 * sgs + 8) * 2 + 32 * 16 * 4)
+    let tile = 32 * (2 * sgs + 8) * 2;
+    let sums = 32 * 16 * 4;
+    (wg / sgs) * if tile > sums { tile } else { sums }
 }
 
 /// The batched decode mat-vec on cooperative matrices (`mvc.glsl`): workgroups of
@@ -782,7 +796,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub static KERNELS: [KernelDesc; 254] = [
+pub static KERNELS: [KernelDesc; 266] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1463,6 +1477,18 @@ pub static KERNELS: [KernelDesc; 254] = [
     mvc(Kernel::MvcQ5K, "mvc_q5_k", spv_coop!("mvc_q5_k")),
     mvc(Kernel::MvcQ6K, "mvc_q6_k", spv_coop!("mvc_q6_k")),
     mvc(Kernel::MvcIQ4XS, "mvc_iq4_xs", spv_coop!("mvc_iq4_xs")),
+    mvc(Kernel::MvcfF32, "mvcf_f32", spv_coop!("mvcf_f32")),
+    mvc(Kernel::MvcfF16, "mvcf_f16", spv_coop!("mvcf_f16")),
+    mvc(Kernel::MvcfBF16, "mvcf_bf16", spv_coop!("mvcf_bf16")),
+    mvc(Kernel::MvcfQ4_0, "mvcf_q4_0", spv_coop!("mvcf_q4_0")),
+    mvc(Kernel::MvcfQ4_1, "mvcf_q4_1", spv_coop!("mvcf_q4_1")),
+    mvc(Kernel::MvcfQ5_0, "mvcf_q5_0", spv_coop!("mvcf_q5_0")),
+    mvc(Kernel::MvcfQ5_1, "mvcf_q5_1", spv_coop!("mvcf_q5_1")),
+    mvc(Kernel::MvcfQ8_0, "mvcf_q8_0", spv_coop!("mvcf_q8_0")),
+    mvc(Kernel::MvcfQ4K, "mvcf_q4_k", spv_coop!("mvcf_q4_k")),
+    mvc(Kernel::MvcfQ5K, "mvcf_q5_k", spv_coop!("mvcf_q5_k")),
+    mvc(Kernel::MvcfQ6K, "mvcf_q6_k", spv_coop!("mvcf_q6_k")),
+    mvc(Kernel::MvcfIQ4XS, "mvcf_iq4_xs", spv_coop!("mvcf_iq4_xs")),
 ];
 
 impl Kernel {
@@ -1509,9 +1535,15 @@ impl Kernel {
 
     /// The batched decode mat-vec on cooperative matrices (`mvc_*`) for weights of
     /// type `ty`.
-    pub fn mvc_for(ty: GgmlType) -> Option<Kernel> {
+    /// `fixed`: the 16 x 16 x 16, 32-lane build (`mvcf_*`).
+    pub fn mvc_for(ty: GgmlType, fixed: bool) -> Option<Kernel> {
         let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
-        Some(KERNELS[Kernel::MvcF32 as usize + i].kernel)
+        let first = if fixed {
+            Kernel::MvcfF32
+        } else {
+            Kernel::MvcF32
+        };
+        Some(KERNELS[first as usize + i].kernel)
     }
 
     /// The grouped expert matmul (`mmx_*`) for weights of type `ty`.
@@ -1786,6 +1818,9 @@ pub struct Tuning {
     /// Subgroups per `mvc.glsl` workgroup (k is split among them): 8, or
     /// `CALDERA_VK_MVC_NSG` (1-16).
     pub mvc_subgroups: u32,
+    /// Run the `mvcf_*` build (shape and subgroup size compile-time constants) where the
+    /// device's shape is 16 x 16 x 16 in subgroups of 32, unless `CALDERA_VK_MVC_FIXED=0`.
+    pub mvc_fixed: bool,
     /// Prefill attention runs `attn_flash` (else `attention`): the device fits it and
     /// `CALDERA_VK_NO_FLASH=1` does not switch it off.
     pub flash_attn: bool,

@@ -906,7 +906,7 @@ impl Mvc {
         ctx.tuning()
             .mvc
             .is_some_and(|sgs| k.is_multiple_of(mvc_k_step(sgs)))
-            && Kernel::mvc_for(ty).is_some()
+            && Kernel::mvc_for(ty, false).is_some()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -924,7 +924,7 @@ impl Mvc {
         step: &Buffer,
         max_cols: u64,
     ) -> Result<Mvc> {
-        let kernel = Kernel::mvc_for(ty).ok_or_else(|| {
+        let kernel = Kernel::mvc_for(ty, ctx.tuning().mvc_fixed).ok_or_else(|| {
             VkError::Invalid(format!(
                 "no cooperative-matrix mat-vec for tensor type {ty}"
             ))
@@ -953,6 +953,14 @@ impl Mvc {
         }
         if softcap.is_some() {
             flags |= 2;
+        }
+        // Profiling switches (wrong results): bits 0-3 skip the products, the input
+        // loads, the decode, the weight loads (mvc.glsl's MVC_NO_*).
+        if let Some(d) = std::env::var("CALDERA_VK_MVC_DEBUG")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            flags |= (d & 15) << 2;
         }
         let mut parts = Vec::with_capacity(w.pieces.len());
         for piece in &w.pieces {
