@@ -1,6 +1,8 @@
 #version 450
 // The inputs of a batched decode step as f16, for the cooperative-matrix mat-vec
-// (mvc.glsl): row r < step[0] of x (ld_x floats apart) into k halves at r * k of out.
+// (mvc.glsl): row r < step[0] of x (ld_x floats apart) into k halves at r * k of out,
+// each group of 4 in the order 0, 2, 1, 3 (as mvc.glsl's weight tiles: the order in
+// which its f16 decoders make them, two at a time).
 // v = x, or x * gam / rms(x) with HR_NORM (each workgroup takes its row's sum of
 // squares itself), or act(x[2i]) * x[2i + 1] with HR_SILU / HR_GELU (rows of (gate, up)
 // pairs, as the interleaved gate|up weight writes them). Magnitudes past 65504 become
@@ -69,5 +71,6 @@ void main() {
     if (norm) {
         v = v * inv * gam4[i];
     }
-    o2[row * (p.k / 4u) + i] = uvec2(packHalf2x16(v.xy), packHalf2x16(v.zw));
+    // Each quad as (v0, v2), (v1, v3): the order mvc.glsl's tiles hold the weights in.
+    o2[row * (p.k / 4u) + i] = uvec2(packHalf2x16(v.xz), packHalf2x16(v.yw));
 }

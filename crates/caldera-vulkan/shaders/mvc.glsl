@@ -26,13 +26,14 @@
 // bound (guarded by the specialised counts), so that after specialization all indices
 // are constants: arrays of matrices indexed through specialization constants measured
 // ~3x slower on the H100 (kept in memory rather than registers, presumably).
-// Status (branch `mvc`, not on main): correct on the H100 (16x16x16) and on lavapipe-next
-// (8x8x8), but measured 3-4x SLOWER than mvqm in qwen3 8b q4_k_m batched steps (8
-// columns: 23 ms per step with 4 subgroups per workgroup before the compile-time array
-// bounds, 36 ms after, against 8.8 ms; docs/BENCHMARKS.md, session 11). 8 subgroups do
-// not fit NVIDIA's 48 KiB of shared memory. Why it is slow is open (suspects: B loaded
-// from the storage buffer by coopMatLoad, the per-round subgroup barriers, the scalar
-// decode into shared memory).
+// Status (branch `mvc`, not on main): correct on the H100 (16x16x16) and lavapipe-next
+// (8x8x8), but slower than mvqm in qwen3 8b q4_k_m batched steps on the H100: 8 columns
+// 15.0 ms per step against 8.9 (docs/BENCHMARKS.md, session 11). Its time barely moves
+// with the column count (2: 13.8 ms, 16: 16.7) or with the cost of the decode (the
+// f16x2 decoders below took gate_up from 5.3 to 4.9 ms): something fixed per round
+// bounds it. Suspects left: coopMatLoad through arrays of another type (uvec4 shared
+// tile, uvec4 input buffer) compiled as scalar 16-bit loads; the profile switches
+// (CALDERA_VK_MVC_DEBUG) put half of the time in the A loads + products.
 // Bindings: 0: the piece's raw blocks, 1: the f16 inputs (uvec4 = 8 halves), 2: y (f32),
 // 3: step values ([0] columns).
 #extension GL_KHR_cooperative_matrix : require
@@ -110,6 +111,68 @@ const uint TILE4 = RT * ASTR4; // uvec4s per subgroup tile
 const uint REG4 = TILE4 > RT * TN / 4u ? TILE4 : RT * TN / 4u;
 shared uvec4 As4[(WG / SGS) * REG4];
 
+// One unit's 16 weights as halves, each group of 4 in the order 0, 2, 1, 3 (words
+// (v0, v2), (v1, v3)): Q4_K and Q6_K turn 4-bit / 6-bit values into halves two at a
+// time (or-ing them into the mantissa of 1024.0, then one f16x2 subtraction and
+// multiply-add per pair); the other types through deq_tile.glsl's decode16.
+#if defined(TYPE_Q4_K)
+void stage16(uint r[16], uint sb, uint h, out uvec4 t[2]) {
+    uint g = sb & 7u;
+    vec2 dm = unpackHalf2x16(r[8]);
+    uint sc;
+    uint mn;
+    if (g < 4u) {
+        sc = scale_byte(r, g) & 63u;
+        mn = scale_byte(r, g + 4u) & 63u;
+    } else {
+        uint a = scale_byte(r, g + 4u);
+        sc = (a & 15u) | ((scale_byte(r, g - 4u) >> 6) << 4);
+        mn = (a >> 4) | ((scale_byte(r, g) >> 6) << 4);
+    }
+    f16vec2 d2 = f16vec2(float16_t(dm.x * float(sc)));
+    f16vec2 m2 = f16vec2(float16_t(-dm.y * float(mn)));
+    f16vec2 k2 = f16vec2(float16_t(1024.0));
+    uint shift = 4u * (g & 1u);
+    uint w[8];
+    [[unroll]] for (uint j = 0u; j < 4u; j++) {
+        uint q = (r[j] >> shift) & 0x0f0f0f0fu;
+        f16vec2 a = unpackFloat2x16(q & 0x000f000fu | 0x64006400u) - k2;
+        f16vec2 b = unpackFloat2x16((q >> 8) & 0x000f000fu | 0x64006400u) - k2;
+        w[2u * j] = packFloat2x16(fma(a, d2, m2));
+        w[2u * j + 1u] = packFloat2x16(fma(b, d2, m2));
+    }
+    t[0] = uvec4(w[0], w[1], w[2], w[3]);
+    t[1] = uvec4(w[4], w[5], w[6], w[7]);
+}
+#elif defined(TYPE_Q6_K)
+void stage16(uint r[16], uint sb, uint h, out uvec4 t[2]) {
+    uint c = sb & 3u;
+    uint shift = 4u * (c >> 1);
+    f16vec2 s2 = f16vec2(float16_t(unpackHalf2x16(r[8]).x * float(bitfieldExtract(int(r[9]), 0, 8))));
+    f16vec2 k2 = f16vec2(float16_t(1056.0));
+    uint w[8];
+    [[unroll]] for (uint j = 0u; j < 4u; j++) {
+        uint q = ((r[j] >> shift) & 0x0f0f0f0fu) | (((r[4u + j] >> (2u * c)) & 0x03030303u) << 4);
+        f16vec2 a = unpackFloat2x16(q & 0x00ff00ffu | 0x64006400u) - k2;
+        f16vec2 b = unpackFloat2x16((q >> 8) & 0x00ff00ffu | 0x64006400u) - k2;
+        w[2u * j] = packFloat2x16(a * s2);
+        w[2u * j + 1u] = packFloat2x16(b * s2);
+    }
+    t[0] = uvec4(w[0], w[1], w[2], w[3]);
+    t[1] = uvec4(w[4], w[5], w[6], w[7]);
+}
+#else
+void stage16(uint r[16], uint sb, uint h, out uvec4 t[2]) {
+    float v[16];
+    decode16(r, sb, h, v);
+    [[unroll]] for (uint q = 0u; q < 2u; q++) {
+        uint o = 8u * q;
+        t[q] = uvec4(packHalf2x16(vec2(v[o], v[o + 2u])), packHalf2x16(vec2(v[o + 1u], v[o + 3u])),
+                     packHalf2x16(vec2(v[o + 4u], v[o + 6u])), packHalf2x16(vec2(v[o + 5u], v[o + 7u])));
+    }
+}
+#endif
+
 // The raw words of this lane's units in round `rd` (zeros past the rows).
 void fetch_units(uint rd, bool ok, uint row0, uint lane, uint sgsz, out uint wr[UPL][16]) {
     [[unroll]] for (uint i = 0u; i < UPL; i++) {
@@ -176,15 +239,11 @@ void main() {
             uint u = lane + i * sgsz;
             if (u < NU && do_stage) {
                 uint c = rd * RK + 16u * (u % PPR);
-                float v[16];
-                decode16(wr[i], c / 32u, (c / 16u) & 1u, v);
                 uint at = tile + (u / PPR) * ASTR4 + 2u * (u % PPR);
-                [[unroll]] for (uint h = 0u; h < 2u; h++) {
-                    As4[at + h] = uvec4(packHalf2x16(vec2(v[8u * h], v[8u * h + 1u])),
-                                        packHalf2x16(vec2(v[8u * h + 2u], v[8u * h + 3u])),
-                                        packHalf2x16(vec2(v[8u * h + 4u], v[8u * h + 5u])),
-                                        packHalf2x16(vec2(v[8u * h + 6u], v[8u * h + 7u])));
-                }
+                uvec4 t[2];
+                stage16(wr[i], c / 32u, (c / 16u) & 1u, t);
+                As4[at] = t[0];
+                As4[at + 1u] = t[1];
             }
         }
         subgroupMemoryBarrierShared();
