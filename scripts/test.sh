@@ -21,7 +21,7 @@ if [[ -n "${CALDERA_LAVAPIPE_NEXT:-}" ]]; then
   echo "== cooperative-matrix kernels through $CALDERA_LAVAPIPE_NEXT"
   env CALDERA_REQUIRE_COOPMAT=1 \
     CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$CALDERA_LAVAPIPE_NEXT" \
-    cargo test -p caldera-vulkan --test mmt "$@"
+    cargo test -p caldera-vulkan --test mmt --test mvc "$@"
   env CALDERA_REQUIRE_COOPMAT=1 \
     CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$CALDERA_LAVAPIPE_NEXT" \
     cargo test -p caldera --test vulkan_models "$@" -- vulkan_verifies_with_coopmat \

@@ -27,7 +27,8 @@
 //! (the mat-vecs stop at the live count, the attention returns), so they never write a
 //! live sequence's pages. The weights go through the batched int8 mat-vec
 //! (`quant_rows` and `mvqm`, [`Mvqn`](crate::ops::Mvqn)) where their type has one, else
-//! the tiled matmul
+//! (where the device has cooperative matrices) the batched mat-vec on them (`half_rows`
+//! and `mvc`, [`Mvc`](crate::ops::Mvc): every other type but f32), else the tiled matmul
 //! or the batched f32 mat-vec (`CALDERA_VK_BATCH_MM`, see [`BatchMm`]); attention
 //! through `attn_batch` (per column: q/k norm, RoPE, KV write and split attention over
 //! its own pages; it also quantizes the output for the o-projection; `attn_dec_batch`

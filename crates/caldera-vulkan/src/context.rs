@@ -95,6 +95,9 @@ pub struct ContextOptions {
     /// The tiled prefill matmul never uses cooperative matrices (`mmc.glsl`), only
     /// `mmt.glsl`. `CALDERA_VK_NO_COOPMAT=1` sets it too.
     pub force_no_coopmat: bool,
+    /// Batched decode steps never use the cooperative-matrix mat-vec (`mvc.glsl`): the
+    /// int8 one (`mvqm`) or the tiled matmul instead (as `CALDERA_VK_NO_MVC=1`).
+    pub force_no_mvc: bool,
     /// The cooperative-matrix matmul loads the next step before this step's products
     /// ([`CoopLayout::prefetch`]); default on, off with `CALDERA_VK_COOPMAT_PREFETCH=0`.
     pub coopmat_prefetch: Option<bool>,
@@ -329,6 +332,10 @@ impl Context {
         let tuning = &self.tuning;
         if desc.int8_dot && !tuning.int8_dot {
             Some("needs int8 dot products, which this context does not use")
+        } else if desc.coop_fixed && !(tuning.mvc.is_some() && tuning.mvc_fixed) {
+            Some("is built for 16 x 16 x 16 cooperative matrices, which this context does not use")
+        } else if desc.mvc && tuning.mvc.is_none() {
+            Some("is the cooperative-matrix batched mat-vec, which this context does not use")
         } else if desc.coopmat && tuning.coopmat_mm.is_none() {
             Some("needs cooperative matrices, which this context does not use")
         } else if (desc.blk && tuning.mv_block == 0) || (desc.wide && tuning.mv_wide == 0) {
@@ -506,6 +513,38 @@ fn kv_type(opts: &ContextOptions) -> Result<KvType> {
     }
 }
 
+/// The subgroup size `mvc.glsl` is specialised with (the fewest lanes its subgroups may
+/// have: the required size, else the device's minimum), or `None` where it cannot run:
+/// no cooperative-matrix layout, a shape that does not tile its 32 rows x 16 columns x
+/// 2 sgs elements round within its array bounds (or whose k is under 8: its inputs are
+/// read 8 halves at a time),
+/// workgroups of `nsg` subgroups over the device's limit, or too little shared memory.
+fn mvc_subgroup(
+    info: &crate::DeviceInfo,
+    required_sg: Option<u32>,
+    nsg: u32,
+    layout: Option<CoopLayout>,
+) -> Option<u32> {
+    let l = layout?;
+    let sgs = required_sg.unwrap_or(info.subgroup_min).max(1);
+    // Round RK = 2 sgs elements; the matrices tile 32 rows x 16 columns x RK, at most
+    // 8 accumulators and 8 input matrices per round (the shader's array bounds).
+    let rk = 2 * sgs;
+    let tiles = [(l.m, 32), (l.n, 16), (l.k, rk)]
+        .iter()
+        .all(|&(d, t)| d > 0 && d <= t && t % d == 0);
+    let wg = nsg * sgs;
+    (sgs >= 8
+        && tiles
+        && l.k >= 8
+        && (32 / l.m.max(1)) * (16 / l.n.max(1)) <= 8
+        && (rk / l.k.max(1)) * (16 / l.n.max(1)) <= 8
+        && wg <= info.max_compute_work_group_invocations
+        && wg <= info.max_compute_work_group_size[0]
+        && crate::kernels::mvc_shared_bytes(wg, sgs) <= info.max_compute_shared_memory_size)
+        .then_some(sgs)
+}
+
 fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning {
     let force_shared =
         opts.force_shared_reduce || std::env::var(ENV_NO_SUBGROUP).is_ok_and(|v| v == "1");
@@ -620,6 +659,19 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
     } else {
         0
     };
+    let mvc_subgroups = env_u32("CALDERA_VK_MVC_NSG").unwrap_or(8).clamp(1, 16);
+    let coopmat_mm = coop_layout(info, required_subgroup_size)
+        .filter(|_| !opts.force_no_coopmat && !env_on("CALDERA_VK_NO_COOPMAT"))
+        .map(|l| CoopLayout {
+            // Both on by default (H200, pp512 of qwen3 8b q4_k_m: 1,604 tok/s with
+            // both, 1,490 with two steps only, 1,427 for mmt; BENCHMARKS.md).
+            prefetch: opts
+                .coopmat_prefetch
+                .unwrap_or_else(|| !env_is("CALDERA_VK_COOPMAT_PREFETCH", "0")),
+            dual: !env_is("CALDERA_VK_COOPMAT_DUAL", "0")
+                && info.max_compute_shared_memory_size >= crate::kernels::MMC_DUAL_SHARED_BYTES,
+            ..l
+        });
     Tuning {
         int8_dot: info.int8_dot && !opts.force_no_int8_dot && !env_on("CALDERA_VK_NO_DOT"),
         q8_acts: !opts.force_f32_acts && !env_on("CALDERA_VK_NO_Q8"),
@@ -639,18 +691,13 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         tiled_mm: Kernel::MmtF32.fits(info)
             && !opts.force_no_tiled_mm
             && !env_on("CALDERA_VK_NO_MMT"),
-        coopmat_mm: coop_layout(info, required_subgroup_size)
-            .filter(|_| !opts.force_no_coopmat && !env_on("CALDERA_VK_NO_COOPMAT"))
-            .map(|l| CoopLayout {
-                // Both on by default (H200, pp512 of qwen3 8b q4_k_m: 1,604 tok/s with
-                // both, 1,490 with two steps only, 1,427 for mmt; BENCHMARKS.md).
-                prefetch: opts
-                    .coopmat_prefetch
-                    .unwrap_or_else(|| !env_is("CALDERA_VK_COOPMAT_PREFETCH", "0")),
-                dual: !env_is("CALDERA_VK_COOPMAT_DUAL", "0")
-                    && info.max_compute_shared_memory_size >= crate::kernels::MMC_DUAL_SHARED_BYTES,
-                ..l
-            }),
+        mvc: mvc_subgroup(info, required_subgroup_size, mvc_subgroups, coopmat_mm)
+            .filter(|_| !opts.force_no_mvc && !env_on("CALDERA_VK_NO_MVC")),
+        mvc_subgroups,
+        mvc_fixed: coopmat_mm.is_some_and(|l| (l.m, l.n, l.k) == (16, 16, 16))
+            && required_subgroup_size.unwrap_or(info.subgroup_min) == 32
+            && !env_is("CALDERA_VK_MVC_FIXED", "0"),
+        coopmat_mm,
         kv,
         mv_subgroup_rows: sg_ok && mv_sg,
         sg_workgroup_size,
@@ -850,7 +897,9 @@ fn create_pipeline(
                 return Err(VkError::from_vk(what, r));
             }
         };
-        let (wg, rows) = if desc.blk {
+        let (wg, rows) = if desc.mvc {
+            (tuning.mvc_subgroups * tuning.mvc.unwrap_or(1), 0)
+        } else if desc.blk {
             tuning.mvqb_shape(desc.wide)
         } else if desc.expert {
             tuning.mvx_shape()
@@ -884,8 +933,11 @@ fn create_pipeline(
             if c.dual { 2 } else { 1 },
             tuning.mv_unroll,
             u32::from(desc.blk),
+            tuning.mvc.unwrap_or(32),
         ];
-        let ids: &[u32] = if desc.rows_per_group {
+        let ids: &[u32] = if desc.mvc {
+            &[0, 4, 5, 6, 13]
+        } else if desc.rows_per_group {
             &[0, 1, 2, 3, 11, 12]
         } else if desc.coopmat {
             &[0, 2, 4, 5, 6, 7, 8, 9, 10]

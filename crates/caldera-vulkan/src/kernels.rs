@@ -257,6 +257,31 @@ pub enum Kernel {
     MvqwgeQ8_0 = 238,
     MvqwgeQ4K = 239,
     MvqwgeQ6K = 240,
+    HalfRows = 241,
+    MvcF32 = 242,
+    MvcF16 = 243,
+    MvcBF16 = 244,
+    MvcQ4_0 = 245,
+    MvcQ4_1 = 246,
+    MvcQ5_0 = 247,
+    MvcQ5_1 = 248,
+    MvcQ8_0 = 249,
+    MvcQ4K = 250,
+    MvcQ5K = 251,
+    MvcQ6K = 252,
+    MvcIQ4XS = 253,
+    MvcfF32 = 254,
+    MvcfF16 = 255,
+    MvcfBF16 = 256,
+    MvcfQ4_0 = 257,
+    MvcfQ4_1 = 258,
+    MvcfQ5_0 = 259,
+    MvcfQ5_1 = 260,
+    MvcfQ8_0 = 261,
+    MvcfQ4K = 262,
+    MvcfQ5K = 263,
+    MvcfQ6K = 264,
+    MvcfIQ4XS = 265,
 }
 
 /// One entry of the kernel table.
@@ -297,6 +322,13 @@ pub struct KernelDesc {
     /// exists only where [`Tuning::coopmat`] holds a shape, specialised with it
     /// (constants 4-8).
     pub coopmat: bool,
+    /// The batched decode mat-vec on cooperative matrices (`mvc.glsl`): also
+    /// specialised with the subgroup size (constant 13); runs where [`Tuning::mvc`]
+    /// holds.
+    pub mvc: bool,
+    /// A cooperative-matrix kernel built for 16 x 16 x 16 matrices in 32-lane subgroups
+    /// (`mvcf_*`): runs only where [`Tuning::mvc_fixed`] holds.
+    pub coop_fixed: bool,
     /// An int8 decode mat-vec whose workgroups count (or, 32 outputs each, do) the
     /// next mat-vec's input quantization per workgroup rather than per output
     /// (`mvq.glsl`'s `MV_BLK`, specialization constant 12): the same SPIR-V as its
@@ -525,6 +557,8 @@ const fn plain(
         invocations: 0,
         shared_bytes: 0,
         coopmat: false,
+        mvc: false,
+        coop_fixed: false,
         blk: false,
         wide: false,
     }
@@ -565,6 +599,56 @@ const fn mmc(
         shared_bytes: 10240 + 5120 + 8192 + 1024 + 256,
         coopmat: true,
         ..mmt(kernel, name, spv)
+    }
+}
+
+/// `half_rows` push constants: `k, flags` (u32), `eps` (f32), `ld_x, gpr` (u32).
+pub const HALF_ROWS_PUSH_BYTES: u32 = 20;
+
+/// The batched decode mat-vec on cooperative matrices (`mvc.glsl`, `mvc_*`) push
+/// constants: `k, rows, y_offset, ld_y, flags` (u32), `cap` (f32).
+pub const MVC_PUSH_BYTES: u32 = 24;
+
+/// Weight rows per workgroup of `mvc.glsl` (`RT`).
+pub const MVC_ROWS: u64 = 32;
+/// Columns of `mvc.glsl`'s output tile (`TN`).
+pub const MVC_COLS: u64 = 16;
+
+/// Elements per round of `mvc.glsl` (`RK`) in subgroups of at least `sgs` lanes: `k`
+/// must be a multiple.
+pub const fn mvc_k_step(sgs: u32) -> u64 {
+    2 * sgs as u64
+}
+
+/// `mvc.glsl`'s shared memory for `wg` invocations in subgroups of at least `sgs` lanes:
+/// per subgroup a 32 x (RK + 8) f16 tile, which later holds its 32 x 16 f32 partial sums.
+pub const fn mvc_shared_bytes(wg: u32, sgs: u32) -> u32 {
+    let tile = 32 * (2 * sgs + 8) * 2;
+    let sums = 32 * 16 * 4;
+    (wg / sgs) * if tile > sums { tile } else { sums }
+}
+
+/// The batched decode mat-vec on cooperative matrices (`mvc.glsl`): workgroups of
+/// [`Tuning::mvc_subgroups`] subgroups, specialised with the device's shape (constants 4-6) and
+/// the subgroup size (13); runs where [`Tuning::mvc`] holds.
+const fn mvc(
+    kernel: Kernel,
+    name: &'static str,
+    spv: (&'static [u8], &'static [u8]),
+) -> KernelDesc {
+    KernelDesc {
+        coopmat: true,
+        mvc: true,
+        ..plain(kernel, name, spv, 4, MVC_PUSH_BYTES)
+    }
+}
+
+/// `d` built for 16 x 16 x 16 matrices in 32-lane subgroups only
+/// ([`KernelDesc::coop_fixed`]).
+const fn fixed16(d: KernelDesc) -> KernelDesc {
+    KernelDesc {
+        coop_fixed: true,
+        ..d
     }
 }
 
@@ -725,7 +809,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub static KERNELS: [KernelDesc; 241] = [
+pub static KERNELS: [KernelDesc; 266] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1387,6 +1471,41 @@ pub static KERNELS: [KernelDesc; 241] = [
         spv!("mvqge_q6_k"),
         false,
     ))),
+    plain(
+        Kernel::HalfRows,
+        "half_rows",
+        spv!("half_rows"),
+        4,
+        HALF_ROWS_PUSH_BYTES,
+    ),
+    mvc(Kernel::MvcF32, "mvc_f32", spv_coop!("mvc_f32")),
+    mvc(Kernel::MvcF16, "mvc_f16", spv_coop!("mvc_f16")),
+    mvc(Kernel::MvcBF16, "mvc_bf16", spv_coop!("mvc_bf16")),
+    mvc(Kernel::MvcQ4_0, "mvc_q4_0", spv_coop!("mvc_q4_0")),
+    mvc(Kernel::MvcQ4_1, "mvc_q4_1", spv_coop!("mvc_q4_1")),
+    mvc(Kernel::MvcQ5_0, "mvc_q5_0", spv_coop!("mvc_q5_0")),
+    mvc(Kernel::MvcQ5_1, "mvc_q5_1", spv_coop!("mvc_q5_1")),
+    mvc(Kernel::MvcQ8_0, "mvc_q8_0", spv_coop!("mvc_q8_0")),
+    mvc(Kernel::MvcQ4K, "mvc_q4_k", spv_coop!("mvc_q4_k")),
+    mvc(Kernel::MvcQ5K, "mvc_q5_k", spv_coop!("mvc_q5_k")),
+    mvc(Kernel::MvcQ6K, "mvc_q6_k", spv_coop!("mvc_q6_k")),
+    mvc(Kernel::MvcIQ4XS, "mvc_iq4_xs", spv_coop!("mvc_iq4_xs")),
+    fixed16(mvc(Kernel::MvcfF32, "mvcf_f32", spv_coop!("mvcf_f32"))),
+    fixed16(mvc(Kernel::MvcfF16, "mvcf_f16", spv_coop!("mvcf_f16"))),
+    fixed16(mvc(Kernel::MvcfBF16, "mvcf_bf16", spv_coop!("mvcf_bf16"))),
+    fixed16(mvc(Kernel::MvcfQ4_0, "mvcf_q4_0", spv_coop!("mvcf_q4_0"))),
+    fixed16(mvc(Kernel::MvcfQ4_1, "mvcf_q4_1", spv_coop!("mvcf_q4_1"))),
+    fixed16(mvc(Kernel::MvcfQ5_0, "mvcf_q5_0", spv_coop!("mvcf_q5_0"))),
+    fixed16(mvc(Kernel::MvcfQ5_1, "mvcf_q5_1", spv_coop!("mvcf_q5_1"))),
+    fixed16(mvc(Kernel::MvcfQ8_0, "mvcf_q8_0", spv_coop!("mvcf_q8_0"))),
+    fixed16(mvc(Kernel::MvcfQ4K, "mvcf_q4_k", spv_coop!("mvcf_q4_k"))),
+    fixed16(mvc(Kernel::MvcfQ5K, "mvcf_q5_k", spv_coop!("mvcf_q5_k"))),
+    fixed16(mvc(Kernel::MvcfQ6K, "mvcf_q6_k", spv_coop!("mvcf_q6_k"))),
+    fixed16(mvc(
+        Kernel::MvcfIQ4XS,
+        "mvcf_iq4_xs",
+        spv_coop!("mvcf_iq4_xs"),
+    )),
 ];
 
 impl Kernel {
@@ -1429,6 +1548,19 @@ impl Kernel {
     pub fn mmc_for(ty: GgmlType) -> Option<Kernel> {
         let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
         Some(KERNELS[Kernel::MmcF32 as usize + i].kernel)
+    }
+
+    /// The batched decode mat-vec on cooperative matrices (`mvc_*`) for weights of
+    /// type `ty`.
+    /// `fixed`: the 16 x 16 x 16, 32-lane build (`mvcf_*`).
+    pub fn mvc_for(ty: GgmlType, fixed: bool) -> Option<Kernel> {
+        let i = Kernel::mm_plain(ty)? as usize - Kernel::MmF32 as usize;
+        let first = if fixed {
+            Kernel::MvcfF32
+        } else {
+            Kernel::MvcF32
+        };
+        Some(KERNELS[first as usize + i].kernel)
     }
 
     /// The grouped expert matmul (`mmx_*`) for weights of type `ty`.
@@ -1694,6 +1826,18 @@ pub struct Tuning {
     /// [`crate::ContextOptions::force_no_coopmat`] does not switch it off. The `mmc_*`
     /// pipelines exist only then.
     pub coopmat_mm: Option<CoopLayout>,
+    /// Batched decode steps run their mat-vecs on cooperative matrices (`mvc.glsl`,
+    /// with `half_rows`), in subgroups of at least this many lanes (constant 13): the
+    /// device has a [`Tuning::coopmat_mm`] shape that tiles `mvc.glsl`'s 32 x 16 x 64
+    /// round, room for its tiles in shared memory, and `CALDERA_VK_NO_MVC=1` does not
+    /// switch it off.
+    pub mvc: Option<u32>,
+    /// Subgroups per `mvc.glsl` workgroup (k is split among them): 8, or
+    /// `CALDERA_VK_MVC_NSG` (1-16).
+    pub mvc_subgroups: u32,
+    /// Run the `mvcf_*` build (shape and subgroup size compile-time constants) where the
+    /// device's shape is 16 x 16 x 16 in subgroups of 32, unless `CALDERA_VK_MVC_FIXED=0`.
+    pub mvc_fixed: bool,
     /// Prefill attention runs `attn_flash` (else `attention`): the device fits it and
     /// `CALDERA_VK_NO_FLASH=1` does not switch it off.
     pub flash_attn: bool,

@@ -62,8 +62,8 @@ use crate::kernels::{attn_dec_shape, attn_split, AttnDecShape, Kernel};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::moe::{MoeDevice, MoeFfn, MoeIo, MoeScratch, MoeSteps, MAX_EXPERTS, MAX_USED};
 use crate::ops::{
-    push_words, AttnIo, AttnShape, GluAct, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvq, Mvqn,
-    PrefillAttention, Q8Acts, QuantRows, QuantX, RowAct, RowsAct,
+    push_words, AttnIo, AttnShape, GluAct, HalfRows, Mm, MmIo, MmMode, Mv, MvMode, MvTail, Mvc,
+    Mvq, Mvqn, PrefillAttention, Q8Acts, QuantRows, QuantX, RowAct, RowsAct,
 };
 use crate::record::{Binding, Recorder, Recording};
 use crate::recurrent::{
@@ -902,6 +902,9 @@ pub struct VkRunner {
     /// The block sums of int8 pair 0's values in a batched step (`quant_rows` writes
     /// them for the `Mvqn` right after it, which reads them instead of summing itself).
     xsum: Buffer,
+    /// A batched step's columns in f16 for the cooperative-matrix mat-vecs ([`Mvc`]:
+    /// all 16 columns of the widest input; one word where they do not run).
+    xh: Buffer,
     /// K and V caches of the attention layers: pools of pages (`kv.glsl`'s paging).
     kv: Vec<Option<(Buffer, Buffer)>>,
     /// The page table the kernels bind (u32 page ids; the identity for a runner with
@@ -1269,6 +1272,14 @@ impl VkRunner {
             dev(widest.div_ceil(32), "the activation sums of squares")?,
         ];
         let xsum = dev(widest.div_ceil(32) * cols_mult, "the activation block sums")?;
+        let xh = if matches!(src, KvSource::Batch { .. }) && ctx.tuning().mvc.is_some() {
+            dev(
+                widest.div_ceil(2) * Mvc::MAX_COLS as usize,
+                "the f16 activations",
+            )?
+        } else {
+            dev(1, "the f16 activations")?
+        };
         let mut kv = Vec::with_capacity(m.layers.len());
         let mut states = Vec::with_capacity(m.layers.len());
         let mut rope: Vec<Option<Buffer>> = Vec::with_capacity(m.layers.len());
@@ -1420,6 +1431,7 @@ impl VkRunner {
             xd,
             xss,
             xsum,
+            xh,
             tail_count,
             attn_part,
             attn_count,
@@ -1723,7 +1735,7 @@ impl VkRunner {
         io: &MmIo<'_>,
         mode: MmMode,
     ) -> Result<AnyMm> {
-        self.mm_in(ctx, ty, w, k, io, mode, false)
+        self.mm_in(ctx, ty, w, k, io, mode, false, false)
     }
 
     /// Whether a batched decode step's mat-vec of `ty` over `k` inputs and `tokens`
@@ -1738,9 +1750,30 @@ impl VkRunner {
         })
     }
 
+    /// Whether a batched decode step's mat-vec of `ty` over `k` inputs and `tokens`
+    /// columns runs on cooperative matrices (`half_rows` + [`Mvc`]): with
+    /// [`BatchMm::Auto`], where the int8 one does not run (weight types without `mvqm`:
+    /// F16, BF16, Q4_1, Q5_0, Q5_1, Q5_K, IQ4_XS; or f32 activations) and the context
+    /// runs them ([`Tuning::mvc`](crate::kernels::Tuning::mvc)); never for f32 weights.
+    /// Else those take the tiled matmul, which on the H100 ran a qwen3 8b step of 2-8
+    /// columns in ~55 ms against ~15 ms for `mvc` (docs/BENCHMARKS.md, session 11).
+    fn batch_coop(&self, ty: GgmlType, k: u64, tokens: u64) -> bool {
+        !self.batch_q8(ty, k, tokens)
+            && self.batch.as_ref().is_some_and(|bm| {
+                matches!(bm.mm, BatchMm::Auto)
+                // f32 weights keep their precision (the fixtures' exactness checks).
+                && ty != GgmlType::F32
+                && tokens <= Mvc::MAX_COLS
+                && self.xh.size() >= Mvc::MAX_COLS * k * 2
+                && Mvc::usable(&self.m.ctx, ty, k)
+            })
+    }
+
     /// [`Self::mm`]; with `q8_ready`, a batched int8 mat-vec's input is already in
     /// int8 buffer pair 0 (quantized by the op before: an earlier member of the group
-    /// on the same input, or `attn_batch`), so no `quant_rows` runs for it.
+    /// on the same input, or `attn_batch`), so no `quant_rows` runs for it (and the
+    /// int8 mat-vec runs: the f32 input may not exist); with `half_ready`, an earlier
+    /// member of the group left the same input in f16 for a cooperative-matrix one.
     #[allow(clippy::too_many_arguments)]
     fn mm_in(
         &self,
@@ -1751,10 +1784,45 @@ impl VkRunner {
         io: &MmIo<'_>,
         mode: MmMode,
         q8_ready: bool,
+        half_ready: bool,
     ) -> Result<AnyMm> {
         let Some(bm) = &self.batch else {
             return Ok(AnyMm::Mm(Mm::new(ctx, ty, w, k, io, mode)?));
         };
+        if !q8_ready && self.batch_coop(ty, k, io.max_tokens) {
+            let gam = if mode.norm { io.gam } else { None };
+            let hr = if half_ready {
+                None
+            } else {
+                Some(HalfRows::new(
+                    ctx,
+                    k,
+                    io.x,
+                    io.ld_x,
+                    gam,
+                    mode.glu,
+                    mode.eps,
+                    &self.xh,
+                    io.step,
+                    io.max_tokens,
+                )?)
+            };
+            let mv = Mvc::new(
+                ctx,
+                ty,
+                w,
+                k,
+                &self.xh,
+                io.y,
+                io.ld_y,
+                io.y_offset,
+                mode.add,
+                mode.softcap,
+                io.step,
+                io.max_tokens,
+            )?;
+            return Ok(AnyMm::Coop(hr, mv));
+        }
         if self.batch_q8(ty, k, io.max_tokens) {
             let acts = self.acts(0, false);
             let gam = if mode.norm { io.gam } else { None };
@@ -1864,10 +1932,12 @@ impl VkRunner {
                 eps,
                 ..Default::default()
             };
-            // A batched step quantizes the normed input once for every int8 member.
-            let ready = group.iter().any(|g| matches!(g, AnyMm::Q8(..)))
-                && l.qkv.first().is_some_and(|f| f.k == p.k);
-            group.push(self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready)?);
+            // A batched step quantizes (or halves) the normed input once for every
+            // member of a kind.
+            let same = l.qkv.first().is_some_and(|f| f.k == p.k);
+            let ready = same && group.iter().any(|g| matches!(g, AnyMm::Q8(..)));
+            let half = same && group.iter().any(|g| matches!(g, AnyMm::Coop(..)));
+            group.push(self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready, half)?);
         }
         if !decode {
             ops.push(("qkv", Op::Mm(group)));
@@ -2345,10 +2415,12 @@ impl VkRunner {
                     eps,
                     ..Default::default()
                 };
-                // A batched step quantizes the normed input once for every int8 member.
-                let ready = group.iter().any(|g| matches!(g, AnyMm::Q8(..)))
-                    && r.input.first().is_some_and(|f| f.k == p.k);
-                group.push(self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready)?);
+                // A batched step quantizes (or halves) the normed input once for every
+                // member of a kind.
+                let same = r.input.first().is_some_and(|f| f.k == p.k);
+                let ready = same && group.iter().any(|g| matches!(g, AnyMm::Q8(..)));
+                let half = same && group.iter().any(|g| matches!(g, AnyMm::Coop(..)));
+                group.push(self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready, half)?);
             }
             ops.push(("mixer_in", Op::Mm(group)));
         }
@@ -2893,7 +2965,7 @@ impl VkRunner {
             ops.push((
                 label,
                 Op::Mm(vec![
-                    self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready)?
+                    self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready, false)?
                 ]),
             ));
         }
@@ -3181,6 +3253,9 @@ enum AnyMm {
     /// The columns' quantization (none where an op before left the input quantized)
     /// and the batched int8 mat-vec.
     Q8(Option<QuantRows>, Mvqn),
+    /// The columns in f16 (none where an earlier member of the group halved the same
+    /// input) and the cooperative-matrix mat-vec.
+    Coop(Option<HalfRows>, Mvc),
 }
 
 impl AnyMm {
@@ -3193,6 +3268,14 @@ impl AnyMm {
                 if let Some(q) = q {
                     r.barrier();
                     q.record(r)?;
+                    r.barrier();
+                }
+                m.record(r)
+            }
+            AnyMm::Coop(h, m) => {
+                if let Some(h) = h {
+                    r.barrier();
+                    h.record(r)?;
                     r.barrier();
                 }
                 m.record(r)

@@ -6,7 +6,7 @@ use caldera_format::GgmlType;
 
 use crate::context::Context;
 use crate::error::{Result, VkError};
-use crate::kernels::{Kernel, MvqnVariant, MMT_ROWS, MMT_TOKENS};
+use crate::kernels::{mvc_k_step, Kernel, MvqnVariant, MMT_ROWS, MMT_TOKENS, MVC_COLS, MVC_ROWS};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind};
 use crate::record::{Binding, Recorder};
 
@@ -808,6 +808,174 @@ impl Mvqn {
             parts.push((b, push_words(&words), groups));
         }
         Ok(Mvqn { parts })
+    }
+
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        for (b, push, groups) in &self.parts {
+            r.dispatch(b, push, *groups)?;
+        }
+        Ok(())
+    }
+}
+
+/// The columns of a batched decode step as f16 (`half_rows.comp`) for a [`Mvc`]: row
+/// r < step[0] of `x` (`ld_x` floats apart; `k` values, or `k` (gate, up) pairs with
+/// `glu`) into `k` halves at `r * k` of `out`, through the RMSNorm by `gam` when given.
+pub struct HalfRows {
+    binding: Binding,
+    push: Vec<u8>,
+    groups: u64,
+}
+
+impl HalfRows {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        k: u64,
+        x: &Buffer,
+        ld_x: u64,
+        gam: Option<&Buffer>,
+        glu: Option<GluAct>,
+        eps: f32,
+        out: &Buffer,
+        step: &Buffer,
+        max_rows: u64,
+    ) -> Result<HalfRows> {
+        let width = if glu.is_some() { 2 * k } else { k };
+        let rows = max_rows.max(1);
+        if k == 0
+            || !k.is_multiple_of(4)
+            || !ld_x.is_multiple_of(4)
+            || ld_x < width
+            || x.size() < ((rows - 1) * ld_x + width) * 4
+            || gam.is_some_and(|g| g.size() < k * 4)
+            || (gam.is_some() && glu.is_some())
+            || out.size() < rows * k * 2
+            || step.size() < 4
+        {
+            return Err(VkError::Invalid(format!(
+                "f16 rows of {rows} x {k} activations: not whole vec4s, buffers too small \
+                 or strides too short"
+            )));
+        }
+        let wg = ctx.tuning().workgroup_size as u64;
+        let mut flags = u32::from(gam.is_some());
+        match glu {
+            Some(GluAct::Silu) => flags |= 2,
+            Some(GluAct::GeluTanh) => flags |= 4,
+            None => {}
+        }
+        let gpr = (k / 4).div_ceil(wg);
+        let binding = ctx.bind(Kernel::HalfRows, &[x, gam.unwrap_or(x), out, step])?;
+        let push = push_words(&[
+            u32_of(k, "k")?,
+            flags,
+            eps.to_bits(),
+            u32_of(ld_x, "x stride")?,
+            u32_of(gpr, "workgroups per row")?,
+        ]);
+        Ok(HalfRows {
+            binding,
+            push,
+            groups: gpr * rows,
+        })
+    }
+
+    pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
+        r.dispatch(&self.binding, &self.push, self.groups)
+    }
+}
+
+/// Batched decode mat-vec on cooperative matrices (`mvc.glsl`): for every column c <
+/// step[0] (at most [`Mvc::MAX_COLS`]) and weight row r, `y[c * ld_y + y_offset + r]
+/// (+)= W[r] · x_c` with x_c in f16 from a [`HalfRows`] (`k` halves per column, `k` a
+/// multiple of the kernel's round, [`mvc_k_step`]); softcapped with `softcap`. The weights are dequantized
+/// once per step for all the columns and multiplied on the device's matrix units. One
+/// dispatch per weight piece, a workgroup per [`MVC_ROWS`] rows. Every weight type
+/// with a tiled matmul; the context must run it ([`Mvc::usable`]).
+pub struct Mvc {
+    parts: Vec<(Binding, Vec<u8>, u64)>,
+}
+
+impl Mvc {
+    /// Most columns.
+    pub const MAX_COLS: u64 = MVC_COLS;
+
+    /// Whether `ctx` runs it for weights of type `ty` over `k` inputs.
+    pub fn usable(ctx: &Context, ty: GgmlType, k: u64) -> bool {
+        ctx.tuning()
+            .mvc
+            .is_some_and(|sgs| k.is_multiple_of(mvc_k_step(sgs)))
+            && Kernel::mvc_for(ty, false).is_some()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &Context,
+        ty: GgmlType,
+        w: &DeviceTensor,
+        k: u64,
+        x: &Buffer,
+        y: &Buffer,
+        ld_y: u64,
+        y_offset: u64,
+        add: bool,
+        softcap: Option<f32>,
+        step: &Buffer,
+        max_cols: u64,
+    ) -> Result<Mvc> {
+        let kernel = Kernel::mvc_for(ty, ctx.tuning().mvc_fixed).ok_or_else(|| {
+            VkError::Invalid(format!(
+                "no cooperative-matrix mat-vec for tensor type {ty}"
+            ))
+        })?;
+        check_rows(ty, w, k)?;
+        let cols = max_cols.max(1);
+        let step_k = mvc_k_step(ctx.tuning().mvc.unwrap_or(32));
+        // The kernel reads all 16 columns' inputs (the dead ones' products are dropped).
+        if cols > Self::MAX_COLS
+            || !k.is_multiple_of(step_k)
+            || ld_y < y_offset + w.rows
+            || y.size() < ((cols - 1) * ld_y + y_offset + w.rows) * 4
+            || x.size() < Self::MAX_COLS * k * 2
+            || step.size() < 4
+        {
+            return Err(VkError::Invalid(format!(
+                "cooperative-matrix mat-vec of {} x {k} over {cols} columns: k not a \
+                 multiple of {step_k}, buffers too small, strides too short or too many \
+                 columns",
+                w.rows
+            )));
+        }
+        let mut flags = 0u32;
+        if add {
+            flags |= 1;
+        }
+        if softcap.is_some() {
+            flags |= 2;
+        }
+        // Profiling switches (wrong results): bits 0-3 skip the products, the input
+        // loads, the decode, the weight loads (mvc.glsl's MVC_NO_*).
+        if let Some(d) = std::env::var("CALDERA_VK_MVC_DEBUG")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            flags |= (d & 15) << 2;
+        }
+        let mut parts = Vec::with_capacity(w.pieces.len());
+        for piece in &w.pieces {
+            let b = ctx.bind(kernel, &[&piece.buffer, x, y, step])?;
+            let words = [
+                u32_of(k, "k")?,
+                u32_of(piece.rows, "rows")?,
+                u32_of(y_offset + piece.first_row, "y offset")?,
+                u32_of(ld_y, "y stride")?,
+                flags,
+                softcap.unwrap_or(0.0).to_bits(),
+            ];
+            parts.push((b, push_words(&words), piece.rows.div_ceil(MVC_ROWS)));
+        }
+        Ok(Mvc { parts })
     }
 
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {

@@ -64,6 +64,7 @@ pub fn coopmat_context(test: &str, opts: &ContextOptions) -> Option<Context> {
     let required = std::env::var(ENV_REQUIRE_COOPMAT).is_ok_and(|v| v == "1");
     let opts = ContextOptions {
         force_no_coopmat: false,
+        force_no_mvc: false,
         ..opts.clone()
     };
     let Some(ctx) = test_context(test, &opts) else {

@@ -1,0 +1,6 @@
+#version 450
+// Batched decode mat-vec on cooperative matrices over F32 weights (see mvc.glsl;
+// compiled by glslang, not glslc: build-shaders.sh).
+#extension GL_GOOGLE_include_directive : require
+#define TYPE_F32 1
+#include "mvc.glsl"
