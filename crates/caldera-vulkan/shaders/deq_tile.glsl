@@ -136,11 +136,8 @@ uint scale_byte(uint r[16], uint i) {
     uint wd = i < 4u ? r[9] : (i < 8u ? r[10] : r[11]);
     return (wd >> (8u * (i & 3u))) & 0xffu;
 }
-void decode16(uint r[16], uint sb, uint h, out float v[16]) {
-    uint g = sb & 7u;
-    vec2 dm = unpackHalf2x16(r[8]);
-    uint sc;
-    uint mn;
+// Group g's 6-bit scale and min.
+void scale_min(uint r[16], uint g, out uint sc, out uint mn) {
     if (g < 4u) {
         sc = scale_byte(r, g) & 63u;
         mn = scale_byte(r, g + 4u) & 63u;
@@ -149,6 +146,13 @@ void decode16(uint r[16], uint sb, uint h, out float v[16]) {
         sc = (a & 15u) | ((scale_byte(r, g - 4u) >> 6) << 4);
         mn = (a >> 4) | ((scale_byte(r, g) >> 6) << 4);
     }
+}
+void decode16(uint r[16], uint sb, uint h, out float v[16]) {
+    uint g = sb & 7u;
+    vec2 dm = unpackHalf2x16(r[8]);
+    uint sc;
+    uint mn;
+    scale_min(r, g, sc, mn);
     float d = dm.x * float(sc);
     float m = dm.y * float(mn);
     uint shift = 4u * (g & 1u);

@@ -120,14 +120,7 @@ void stage16(uint r[16], uint sb, uint h, out uvec4 t[2]) {
     vec2 dm = unpackHalf2x16(r[8]);
     uint sc;
     uint mn;
-    if (g < 4u) {
-        sc = scale_byte(r, g) & 63u;
-        mn = scale_byte(r, g + 4u) & 63u;
-    } else {
-        uint a = scale_byte(r, g + 4u);
-        sc = (a & 15u) | ((scale_byte(r, g - 4u) >> 6) << 4);
-        mn = (a >> 4) | ((scale_byte(r, g) >> 6) << 4);
-    }
+    scale_min(r, g, sc, mn);
     f16vec2 d2 = f16vec2(float16_t(dm.x * float(sc)));
     f16vec2 m2 = f16vec2(float16_t(-dm.y * float(mn)));
     f16vec2 k2 = f16vec2(float16_t(1024.0));

@@ -609,6 +609,17 @@ impl QuantX {
     }
 }
 
+/// The input flags of `quant_rows.comp` and `half_rows.comp`: 1 the RMSNorm, 2 / 4 the
+/// SiLU / GELU-tanh GLU of (gate, up) pairs.
+fn rows_input_flags(norm: bool, glu: Option<GluAct>) -> u32 {
+    u32::from(norm)
+        | match glu {
+            Some(GluAct::Silu) => 2,
+            Some(GluAct::GeluTanh) => 4,
+            None => 0,
+        }
+}
+
 /// Quantizes the rows of a batched decode step (`quant_rows.comp`): row r < step[0] of
 /// `x` (`ld_x` floats apart; `k` values, or `k` (gate, up) pairs with `glu`) into int8
 /// blocks of 32 at `r * k / 32` of `out`, through the RMSNorm by `gam` when given; with
@@ -660,12 +671,7 @@ impl QuantRows {
                 "quant_rows needs workgroups of 8 or more invocations (have {wg})"
             )));
         }
-        let mut flags = u32::from(gam.is_some());
-        match glu {
-            Some(GluAct::Silu) => flags |= 2,
-            Some(GluAct::GeluTanh) => flags |= 4,
-            None => {}
-        }
+        let mut flags = rows_input_flags(gam.is_some(), glu);
         if sums.is_some() {
             flags |= 8;
         }
@@ -859,12 +865,7 @@ impl HalfRows {
             )));
         }
         let wg = ctx.tuning().workgroup_size as u64;
-        let mut flags = u32::from(gam.is_some());
-        match glu {
-            Some(GluAct::Silu) => flags |= 2,
-            Some(GluAct::GeluTanh) => flags |= 4,
-            None => {}
-        }
+        let flags = rows_input_flags(gam.is_some(), glu);
         let gpr = (k / 4).div_ceil(wg);
         let binding = ctx.bind(Kernel::HalfRows, &[x, gam.unwrap_or(x), out, step])?;
         let push = push_words(&[
@@ -893,9 +894,7 @@ impl HalfRows {
 /// once per step for all the columns and multiplied on the device's matrix units. One
 /// dispatch per weight piece, a workgroup per [`MVC_ROWS`] rows. Every weight type
 /// with a tiled matmul; the context must run it ([`Mvc::usable`]).
-pub struct Mvc {
-    parts: Vec<(Binding, Vec<u8>, u64)>,
-}
+pub struct Mvc(PieceDispatches);
 
 impl Mvc {
     /// Most columns.
@@ -973,16 +972,16 @@ impl Mvc {
                 flags,
                 softcap.unwrap_or(0.0).to_bits(),
             ];
-            parts.push((b, push_words(&words), piece.rows.div_ceil(MVC_ROWS)));
+            parts.push((b, push_words(&words), piece.rows));
         }
-        Ok(Mvc { parts })
+        Ok(Mvc(PieceDispatches {
+            parts,
+            per_group: MVC_ROWS as u32,
+        }))
     }
 
     pub fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
-        for (b, push, groups) in &self.parts {
-            r.dispatch(b, push, *groups)?;
-        }
-        Ok(())
+        self.0.record(r)
     }
 }
 

@@ -18,7 +18,7 @@ use caldera_format::GgmlType;
 use caldera_vulkan::ops::{GluAct, HalfRows, Mvc};
 use caldera_vulkan::testing::{coopmat_context, ENV_REQUIRE_COOPMAT};
 use caldera_vulkan::{Context, ContextOptions, MemoryKind};
-use common::{gelu_tanh, random_vec, rng, silu, words};
+use common::{batch_input, random_vec, rng, words};
 use half::f16;
 use rand::rngs::StdRng;
 
@@ -37,24 +37,7 @@ fn round16(v: f32) -> f64 {
 /// Column x (k values, or k (gate, up) pairs with `glu`) as half_rows makes it: norm or
 /// GLU in f32, then rounded to f16.
 fn halved(x: &[f32], gam: &[f32], k: usize, mode: Mode) -> Vec<f64> {
-    let v: Vec<f32> = if let Some(act) = mode.glu {
-        (0..k)
-            .map(|c| {
-                let (g, u) = (x[2 * c] as f64, x[2 * c + 1] as f64);
-                let a = match act {
-                    GluAct::Silu => silu(g),
-                    GluAct::GeluTanh => gelu_tanh(g),
-                };
-                (a * u) as f32
-            })
-            .collect()
-    } else if mode.norm {
-        let ss = x[..k].iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
-        let inv = (1.0 / (ss + 1e-6).sqrt()) as f32;
-        (0..k).map(|c| x[c] * inv * gam[c]).collect()
-    } else {
-        x[..k].to_vec()
-    };
+    let v = batch_input(x, gam, k, mode.norm, mode.glu);
     v.into_iter().map(round16).collect()
 }
 

@@ -492,3 +492,27 @@ impl Pages {
         words(&w)
     }
 }
+
+/// A batched step's column input as `quant_rows` / `half_rows` form it, in f32: the
+/// GLU act(x[2c]) * x[2c + 1] of `k` (gate, up) pairs with `glu`, else x * gam / rms(x)
+/// with `norm` (epsilon 1e-6), else x; before their int8 / f16 rounding.
+pub fn batch_input(x: &[f32], gam: &[f32], k: usize, norm: bool, glu: Option<GluAct>) -> Vec<f32> {
+    if let Some(act) = glu {
+        (0..k)
+            .map(|c| {
+                let (g, u) = (x[2 * c] as f64, x[2 * c + 1] as f64);
+                let a = match act {
+                    GluAct::Silu => silu(g),
+                    GluAct::GeluTanh => gelu_tanh(g),
+                };
+                (a * u) as f32
+            })
+            .collect()
+    } else if norm {
+        let ss = x[..k].iter().map(|&v| v as f64 * v as f64).sum::<f64>() / k as f64;
+        let inv = (1.0 / (ss + 1e-6).sqrt()) as f32;
+        (0..k).map(|c| x[c] * inv * gam[c]).collect()
+    } else {
+        x[..k].to_vec()
+    }
+}
