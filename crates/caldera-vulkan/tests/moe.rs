@@ -1183,7 +1183,17 @@ fn check_block(ctx: &Context, rng: &mut StdRng, c: &BlockCase, q8: bool, seq: Se
     // blocks of 256 on the CPU.
     let exact =
         c.ty == GgmlType::F32 || (c.ty.block_size() == 32 && (q8 || c.ty == GgmlType::MXFP4));
-    let (tol, tol_max) = if exact { (1e-5, 1e-4) } else { (3e-2, 8e-2) };
+    // With int8 activations the exact cases still quantize each expert's down input
+    // (act(gate) * up, computed in f32 by sums in different orders here and there) on
+    // both sides, and those inputs are not drawn clear of rounding ties: one element a
+    // step apart moves every output (gpt-oss, MXFP4, seed 1795831456587756439: relative
+    // L2 error 1.8e-4, one output 1.08e-4 of the scale; the test failed the same way
+    // before session 11). A wrong expert, weight or slot is still off by ~1.
+    let (tol, tol_max) = match (exact, q8) {
+        (true, true) => (5e-4, 5e-4),
+        (true, false) => (1e-5, 1e-4),
+        _ => (3e-2, 8e-2),
+    };
     let what = format!(
         "{} ({}, q8 {q8}, {seq:?}, fused {}, dot {}, subgroup {})",
         c.name,
