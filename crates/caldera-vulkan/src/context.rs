@@ -332,7 +332,7 @@ impl Context {
         let tuning = &self.tuning;
         if desc.int8_dot && !tuning.int8_dot {
             Some("needs int8 dot products, which this context does not use")
-        } else if desc.coop_fixed && !(tuning.mvc.is_some() && tuning.mvc_fixed) {
+        } else if desc.coop_fixed && !tuning.mvc_fixed {
             Some("is built for 16 x 16 x 16 cooperative matrices, which this context does not use")
         } else if desc.mvc && tuning.mvc.is_none() {
             Some("is the cooperative-matrix batched mat-vec, which this context does not use")
@@ -672,6 +672,8 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
                 && info.max_compute_shared_memory_size >= crate::kernels::MMC_DUAL_SHARED_BYTES,
             ..l
         });
+    let mvc = mvc_subgroup(info, required_subgroup_size, mvc_subgroups, coopmat_mm)
+        .filter(|_| !opts.force_no_mvc && !env_on("CALDERA_VK_NO_MVC"));
     Tuning {
         int8_dot: info.int8_dot && !opts.force_no_int8_dot && !env_on("CALDERA_VK_NO_DOT"),
         q8_acts: !opts.force_f32_acts && !env_on("CALDERA_VK_NO_Q8"),
@@ -691,11 +693,11 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         tiled_mm: Kernel::MmtF32.fits(info)
             && !opts.force_no_tiled_mm
             && !env_on("CALDERA_VK_NO_MMT"),
-        mvc: mvc_subgroup(info, required_subgroup_size, mvc_subgroups, coopmat_mm)
-            .filter(|_| !opts.force_no_mvc && !env_on("CALDERA_VK_NO_MVC")),
+        mvc,
         mvc_subgroups,
-        mvc_fixed: coopmat_mm.is_some_and(|l| (l.m, l.n, l.k) == (16, 16, 16))
-            && required_subgroup_size.unwrap_or(info.subgroup_min) == 32
+        // (mvcf_* is mvc's build for that shape in 32-lane subgroups.)
+        mvc_fixed: mvc == Some(32)
+            && coopmat_mm.is_some_and(|l| (l.m, l.n, l.k) == (16, 16, 16))
             && !env_is("CALDERA_VK_MVC_FIXED", "0"),
         coopmat_mm,
         kv,
