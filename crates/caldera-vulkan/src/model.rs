@@ -1935,8 +1935,7 @@ impl VkRunner {
             // A batched step quantizes (or halves) the normed input once for every
             // member of a kind.
             let same = l.qkv.first().is_some_and(|f| f.k == p.k);
-            let ready = same && group.iter().any(|g| matches!(g, AnyMm::Q8(..)));
-            let half = same && group.iter().any(|g| matches!(g, AnyMm::Coop(..)));
+            let (ready, half) = AnyMm::prepared(&group, same);
             group.push(self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready, half)?);
         }
         if !decode {
@@ -2418,8 +2417,7 @@ impl VkRunner {
                 // A batched step quantizes (or halves) the normed input once for every
                 // member of a kind.
                 let same = r.input.first().is_some_and(|f| f.k == p.k);
-                let ready = same && group.iter().any(|g| matches!(g, AnyMm::Q8(..)));
-                let half = same && group.iter().any(|g| matches!(g, AnyMm::Coop(..)));
+                let (ready, half) = AnyMm::prepared(&group, same);
                 group.push(self.mm_in(ctx, p.ty, &p.t, p.k as u64, &io, mode, ready, half)?);
             }
             ops.push(("mixer_in", Op::Mm(group)));
@@ -3259,6 +3257,16 @@ enum AnyMm {
 }
 
 impl AnyMm {
+    /// Whether an earlier member of `group` left its input (the same one where `same`)
+    /// prepared: int8 (`quant_rows`), f16 (`half_rows`).
+    fn prepared(group: &[AnyMm], same: bool) -> (bool, bool) {
+        let any = |f: fn(&AnyMm) -> bool| same && group.iter().any(f);
+        (
+            any(|g| matches!(g, AnyMm::Q8(..))),
+            any(|g| matches!(g, AnyMm::Coop(..))),
+        )
+    }
+
     fn record(&self, r: &mut Recorder<'_>) -> Result<()> {
         match self {
             AnyMm::Mm(m) => m.record(r),
