@@ -4,6 +4,13 @@
 //! without the barrier the model puts between ops, and a latency-bound one-workgroup
 //! copy. Every case runs twice and the second pass is printed: the first finds the GPU
 //! at idle clocks (on the H100 it reads ~3x slower).
+//!
+//! Then chains of dispatches that each read a region of a large buffer (`CHAIN_MB`:
+//! region sizes in MiB, default 4,24,96; regions taken in turn from `CHAIN_TOTAL_MB`,
+//! default 768, so that the L2 cache does not hold them; 16 KiB per workgroup), ordered
+//! by pipeline barriers, by nothing (the lower bound, not a valid order), or by counters
+//! (`chain.comp`: each workgroup waits for the dispatch before to count all its
+//! workgroups done, polling with a backoff, optionally after issuing its first loads).
 
 use caldera_vulkan::{Context, Kernel, MemoryKind, Recorder};
 
@@ -68,6 +75,80 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             if pass == 1 {
                 println!("{label:42} {:8.2} us each", best / 1e3 / REPS as f64);
+            }
+        }
+    }
+    chains(&ctx)?;
+    Ok(())
+}
+
+fn chains(ctx: &Context) -> Result<(), Box<dyn std::error::Error>> {
+    const N: u32 = 60;
+    let mib = |v: &str| -> Vec<u64> { v.split(',').filter_map(|x| x.parse().ok()).collect() };
+    let sizes = mib(&std::env::var("CHAIN_MB").unwrap_or_else(|_| "4,24,96".into()));
+    let total: u64 = std::env::var("CHAIN_TOTAL_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(768);
+    let w = ctx.create_buffer(total << 20, MemoryKind::Device)?;
+    let out = ctx.create_buffer(1 << 20, MemoryKind::Device)?;
+    let cnt = ctx.create_buffer(4 * (N as u64 + 1), MemoryKind::Device)?;
+    let zeros = ctx.upload(&vec![0u8; 4 * (N as usize + 1)])?;
+    let b = ctx.bind(Kernel::Chain, &[&w, &out, &cnt])?;
+    let per_wg: u64 = 1024; // 16-byte words: 16 KiB per workgroup
+                            // (label, flags, backoff, barrier)
+    let modes: [(&str, u32, u32, bool); 6] = [
+        ("barriers", 0, 0, true),
+        ("nothing (lower bound)", 0, 0, false),
+        ("counters", 1, 0, false),
+        ("counters, backoff 64", 1, 64, false),
+        ("counters, backoff 64, loads first", 3, 64, false),
+        ("counters, backoff 512, loads first", 3, 512, false),
+    ];
+    for &mb in &sizes {
+        let words = (mb << 20) / 16;
+        let groups = words / per_wg;
+        let regions = (total / mb).max(1);
+        for pass in 0..2 {
+            for (label, flags, backoff, barrier) in modes {
+                let rec = ctx.record_with(true, |r| {
+                    r.copy(&zeros, &cnt, 4 * (N as u64 + 1))?;
+                    r.mark("reset");
+                    for j in 0..N {
+                        let base = (j as u64 % regions) * words;
+                        let push: Vec<u8> =
+                            [base as u32, per_wg as u32, flags, j, groups as u32, backoff]
+                                .iter()
+                                .flat_map(|v| v.to_le_bytes())
+                                .collect();
+                        r.dispatch(&b, &push, groups)?;
+                        if barrier {
+                            r.barrier();
+                        }
+                    }
+                    r.barrier();
+                    r.mark("chain");
+                    Ok(())
+                })?;
+                let mut best = f64::INFINITY;
+                for _ in 0..5 {
+                    ctx.submit(&rec)?;
+                    if let Some(p) = rec.profile()? {
+                        let t: f64 = p
+                            .iter()
+                            .filter(|(l, _)| *l == "chain")
+                            .map(|(_, ns)| ns)
+                            .sum();
+                        best = best.min(t);
+                    }
+                }
+                if pass == 1 {
+                    let us = best / 1e3 / N as f64;
+                    let gbs = (mb << 20) as f64 / (us * 1e3);
+                    println!(
+                        "chain {mb:4} MiB x {groups:5} wg, {label:36} {us:8.2} us each, {gbs:6.0} GB/s"
+                    );
+                }
             }
         }
     }

@@ -272,7 +272,18 @@ void main() {
     uint s = grp % p.max_splits;
     uint pos = step[1];
     uint lo = (p.window > 0u && pos + 1u > p.window) ? pos + 1u - p.window : 0u;
-    uint n_active = (pos + 1u - lo + p.split - 1u) / p.split;
+    // Bits 24-31 of flags (0: off): at most that many splits where longer ones fit
+    // MAX_SPLIT, so that long contexts run fewer, longer splits (fewer partials to
+    // combine); the dispatch is sized for p.split, the fewest positions per split.
+    uint ctx = pos + 1u - lo;
+    uint target = p.flags >> 24;
+    uint split = p.split;
+    if (target > 0u) {
+        split = clamp((ctx + target - 1u) / target, p.split, MAX_SPLIT);
+        split = min((split + 31u) / 32u * 32u, MAX_SPLIT);
+        split = max(split, p.split);
+    }
+    uint n_active = (ctx + split - 1u) / split;
     if (s >= n_active) {
         return; // uniform for the workgroup
     }
@@ -292,8 +303,8 @@ void main() {
     uint nh = min(hpw, gsize - c * hpw);
     uint kvd = p.n_kv * p.hd;
     uint kb = p.n_heads * p.hd + g * p.hd;
-    uint p0 = lo + s * p.split;
-    uint n = min(p.split, pos + 1u - p0);
+    uint p0 = lo + s * split;
+    uint n = min(split, pos + 1u - p0);
     bool has_pos = p0 + n == pos + 1u;
     bool own_kv = has_pos && (p.flags & F_NOKV) == 0u;
     for (uint i = tid; i < nh * p.hd; i += WG) {

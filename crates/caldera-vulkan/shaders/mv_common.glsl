@@ -21,6 +21,10 @@ const uint MV_TAIL = 32u;
 const uint MV_TAIL_NORM = 64u;
 const uint MV_XNORM = 128u;
 const uint MV_RELU2 = 256u;
+// Profiling switches (CALDERA_VK_MV_DEBUG; wrong results): the block tails without the
+// per-output fence, or without anything after the stores.
+const uint MV_DBG_NOFENCE = 1024u;
+const uint MV_DBG_NOTAIL = 2048u;
 
 #include "words.glsl"
 #include "act.glsl"

@@ -406,7 +406,7 @@ void main_sg() {
 #endif
                     if (blk && ROWS == 32u) {
                         blk_y[j] = v;
-                    } else if (blk) {
+                    } else if (blk && (p.flags & MV_DBG_NOFENCE) == 0u) {
                         memoryBarrierBuffer();
                     } else if (tail) {
                         tail_one(p.y_offset + o);
@@ -415,7 +415,7 @@ void main_sg() {
             }
         }
     }
-    if (!blk || !tail) {
+    if (!blk || !tail || (p.flags & MV_DBG_NOTAIL) != 0u) {
         return;
     }
     barrier();

@@ -717,10 +717,12 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         mamba2_chunk: Kernel::Mamba2Chunk.fits(info)
             && !opts.force_mamba2_scan
             && !env_on("CALDERA_VK_MAMBA2_SCAN"),
+        // One block per lane and step: two measured 1-3% slower on the H100 and, at some
+        // process starts, ~5x slower on Q6_K rows (docs/BENCHMARKS.md, session 12).
         mv_unroll: std::env::var("CALDERA_VK_MV_UNROLL")
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
-            .map_or(2, |v| v.clamp(1, 8)),
+            .map_or(1, |v| v.clamp(1, 8)),
         mv_block,
         mvb_workgroup_size: mv_block * sgs,
         mv_wide,

@@ -282,6 +282,7 @@ pub enum Kernel {
     MvcfQ5K = 263,
     MvcfQ6K = 264,
     MvcfIQ4XS = 265,
+    Chain = 266,
 }
 
 /// One entry of the kernel table.
@@ -809,7 +810,7 @@ const fn mvr(
 }
 
 /// The kernel table, indexed by `Kernel as usize`.
-pub static KERNELS: [KernelDesc; 266] = [
+pub static KERNELS: [KernelDesc; 267] = [
     plain(
         Kernel::RmsNorm,
         "rms_norm",
@@ -1506,6 +1507,8 @@ pub static KERNELS: [KernelDesc; 266] = [
         "mvcf_iq4_xs",
         spv_coop!("mvcf_iq4_xs"),
     )),
+    // dispatch_bench's dependency-chain probe (chain.comp); no model uses it.
+    plain(Kernel::Chain, "chain", spv!("chain"), 3, 24),
 ];
 
 impl Kernel {
@@ -1867,7 +1870,7 @@ pub struct Tuning {
     pub mamba2_chunk: bool,
     /// Weight blocks per lane and step of the subgroup-per-output int8 mat-vecs (spec
     /// constant 11, `mvq.glsl`'s `MV_UNR`): all their loads are issued before their
-    /// arithmetic. 2 by default; `CALDERA_VK_MV_UNROLL` (1-8) for tuning.
+    /// arithmetic. 1 by default; `CALDERA_VK_MV_UNROLL` (1-8) for tuning.
     pub mv_unroll: u32,
     /// Subgroups (and outputs, one each) per workgroup of the block-tail int8 mat-vecs
     /// ([`KernelDesc::blk`]: the next input's quantization counted per workgroup, or

@@ -940,6 +940,9 @@ pub struct VkRunner {
     /// `quant_x` dispatch: 5-6 dispatches per layer instead of 8-9.
     /// `CALDERA_VK_FUSE_QUANT=0` turns it off.
     fuse_quant: bool,
+    /// Whether the gate|up mat-vec quantizes the down projection's input in its tail
+    /// (with `fuse_quant`); `CALDERA_VK_FUSE_GLU_QUANT=0` runs a `quant_x` instead.
+    fuse_glu_quant: bool,
     /// Decode MoE blocks route in the router mat-vec's dispatch (`mvr_*`), take their
     /// input quantized by the mat-vec before (its tail with the block's norm) and
     /// quantize their output for the next one (the last down projection's tail): 3
@@ -969,6 +972,10 @@ pub struct VkRunner {
     /// `CALDERA_VK_ATTN_HPW` throughout as before).
     attn_hpw_small: usize,
     attn_merge: usize,
+    /// Single-sequence `attn_decode`: at most this many splits per (kv head, chunk)
+    /// where longer splits (up to 128 positions) fit, chosen per step from the context
+    /// (flags bits 24-31; `CALDERA_VK_ATTN_TARGET`, 0: the fixed `attn_split`).
+    attn_target: usize,
     /// Decode attention runs `attn_dec` (lane-parallel, block size picked on the device;
     /// `attn_dec_batch` in batched steps) with `CALDERA_VK_ATTN_DEC=1` where the device
     /// can run it (shared memory) and a layer's layout fits it ([`attn_dec_shape`]);
@@ -1220,6 +1227,7 @@ impl VkRunner {
             .unwrap_or(2)
             .clamp(1, 8);
         let attn_merge = env_usize("CALDERA_VK_ATTN_MERGE").unwrap_or(8).min(255);
+        let attn_target = env_usize("CALDERA_VK_ATTN_TARGET").unwrap_or(16).min(255);
         let split =
             env_usize("CALDERA_VK_ATTN_SPLIT").map_or(attn_split(cap), |v| v.clamp(8, 128) / 8 * 8);
         let attn_new = Kernel::AttnDec.fits(ctx.info())
@@ -1454,6 +1462,7 @@ impl VkRunner {
             attn_split: split,
             attn_hpw_small,
             attn_merge,
+            attn_target,
             attn_new,
             attn_dec_split,
             attn_dec_blocks,
@@ -1463,6 +1472,7 @@ impl VkRunner {
                 .unwrap_or(0)
                 .min(3),
             fuse_quant: std::env::var("CALDERA_VK_FUSE_QUANT").map_or(true, |v| v != "0"),
+            fuse_glu_quant: std::env::var("CALDERA_VK_FUSE_GLU_QUANT").map_or(true, |v| v != "0"),
             moe_fused: std::env::var("CALDERA_VK_MOE_UNFUSED").map_or(true, |v| v != "1"),
             head_mm: std::env::var("CALDERA_VK_HEAD_MM").is_ok_and(|v| v == "1"),
             profile_ns: HashMap::new(),
@@ -2570,10 +2580,11 @@ impl VkRunner {
                 relu2: mlp.act == MlpAct::Relu2,
                 ..Default::default()
             };
-            let next = (self.fuse_quant && self.q8_input(&mlp.down)).then_some(NextInput {
-                norm: None,
-                n: mlp.d_ff,
-            });
+            let next = (self.fuse_quant && self.fuse_glu_quant && self.q8_input(&mlp.down))
+                .then_some(NextInput {
+                    norm: None,
+                    n: mlp.d_ff,
+                });
             self.push_decode_mv(
                 ops,
                 "gate_up",
@@ -2814,6 +2825,11 @@ impl VkRunner {
         } else {
             0
         };
+        let target_flag = if batched {
+            0
+        } else {
+            (self.attn_target as u32) << 24
+        };
         let split = self.attn_split;
         let k = if batched {
             Kernel::AttnBatch
@@ -2821,7 +2837,14 @@ impl VkRunner {
             Kernel::AttnDecode
         };
         let splits = self.cap.div_ceil(split);
-        (k, hpw, gsize.div_ceil(hpw), split, splits, merge_flag)
+        (
+            k,
+            hpw,
+            gsize.div_ceil(hpw),
+            split,
+            splits,
+            merge_flag | target_flag,
+        )
     }
 
     /// Whether the decode mat-vec of `p` runs on int8 activations.

@@ -1091,6 +1091,15 @@ impl Mvq {
                 if t.gam.is_some() {
                     flags |= 64;
                 }
+                // Profiling switches (wrong results): bit 0 drops the block tails'
+                // per-output fence, bit 1 the tails after the stores (mvq.glsl's
+                // MV_DBG_*).
+                if let Some(d) = std::env::var("CALDERA_VK_MV_DEBUG")
+                    .ok()
+                    .and_then(|v| v.parse::<u32>().ok())
+                {
+                    flags |= (d & 3) << 10;
+                }
                 t.n
             }
             None => 0,

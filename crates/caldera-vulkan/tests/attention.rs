@@ -49,10 +49,12 @@ struct Case {
 enum Launch {
     Old,
     /// `attn_decode` in chunks of `hpw` query heads, merged into one chunk per kv head
-    /// from `merge_from` splits in use on (0: never).
+    /// from `merge_from` splits in use on (0: never), with at most `target` splits
+    /// where longer ones (up to 128 positions) fit (0: the launch's fixed split).
     Chunks {
         hpw: usize,
         merge_from: u32,
+        target: u32,
     },
     New {
         hpw: usize,
@@ -245,8 +247,11 @@ fn run(ctx: &Context, rng: &mut StdRng, c: &Case, launch: Launch) {
     if c.sinks {
         flags |= 1024;
     }
-    if let Launch::Chunks { merge_from, .. } = launch {
-        flags |= merge_from << 16;
+    if let Launch::Chunks {
+        merge_from, target, ..
+    } = launch
+    {
+        flags |= merge_from << 16 | target << 24;
     }
     let push = words(&[
         nh as u32,
@@ -400,11 +405,25 @@ fn attn_decode_matches_cpu() {
                     run(ctx, &mut rng, &c, Launch::Old);
                     run(ctx, &mut rng, &c, NEW_DEFAULT);
                     // The model's default where a group fits a workgroup: chunks of 2
-                    // heads, merged from 8 splits; and merged from 2 (cap 40: pos 37
-                    // merges, pos 0 does not), and chunks of one head never merged.
+                    // heads, merged from 8 splits, at most 8 splits; and merged from 2
+                    // (cap 40: pos 37 merges, pos 0 does not), chunks of one head never
+                    // merged, and at most 2 / 3 splits (pos 150: 2 of 96 positions, 3 of
+                    // 64 instead of 5 of 32).
                     if gsize_fits(n_heads / n_kv, hd) {
-                        for (hpw, merge_from) in [(2, 8), (2, 2), (1, 0), (3, 3)] {
-                            run(ctx, &mut rng, &c, Launch::Chunks { hpw, merge_from });
+                        for (hpw, merge_from, target) in [
+                            (2, 8, 8),
+                            (2, 2, 0),
+                            (1, 0, 0),
+                            (3, 3, 0),
+                            (2, 2, 2),
+                            (1, 0, 3),
+                        ] {
+                            let l = Launch::Chunks {
+                                hpw,
+                                merge_from,
+                                target,
+                            };
+                            run(ctx, &mut rng, &c, l);
                         }
                     }
                 }
