@@ -17,10 +17,14 @@
 //   MVQN_GROUPED (mvqm_*, the default): a workgroup takes NRB rows x one group of NC = 8
 //     columns (workgroup g: column group g % ncg, row group g / ncg, so the groups of one
 //     row group run side by side and its weights come from memory once); each lane keeps
-//     NC x NRB partial sums, and all of them are summed over the workgroup in one pass
-//     through shared memory (transposed: value-major, padded) with two barriers per 16
-//     values, so the cost after the dot products does not grow per column by a pair of
-//     barriers. No subgroup operations: both builds are the same.
+//     NC x NRB partial sums. The subgroup build sums them within each subgroup by a
+//     transposing shuffle butterfly and then over the subgroups through ~2 KB of shared
+//     memory, one barrier (H100: 6% faster steps than the shared build's pass, which
+//     held ~9 KB per workgroup: what a workgroup holds in shared memory the SM's L1,
+//     through which every column's activations are read, loses; docs/BENCHMARKS.md,
+//     session 12). The shared build sums them in one pass through shared memory
+//     (transposed: value-major, padded) with two barriers per 16 values, so the cost
+//     after the dot products does not grow per column by a pair of barriers.
 //   else (mvqn_*, CALDERA_VK_MVQN_OLD=1): one workgroup per NRB rows for all 16 columns,
 //     reduced column after column (a vec4 reduction with two barriers each).
 // Binding 0: the piece's raw blocks. 1: q (u32 words, k / 4 per column). 2: d (f32,
@@ -29,6 +33,9 @@
 // (QR_SUMS), which Q4_0 and Q4_K read instead of summing the block per row group; any
 // buffer without.
 #include "common.glsl"
+#if USE_SUBGROUP && MVQN_GROUPED
+#extension GL_KHR_shader_subgroup_shuffle : require
+#endif
 #if USE_DOT
 #extension GL_EXT_spirv_intrinsics : require
 #endif
@@ -296,8 +303,17 @@ float wacc(float acc, WB w) {
 const uint NC = 8u;  // columns per workgroup
 const uint RV = 16u; // partial sums reduced per round (NC * NRB is a multiple)
 const uint PAD = 2u; // red_m row padding: the part-sums of phase 2 read distinct banks
+#if USE_SUBGROUP
+// The subgroup build sums within subgroups by shuffles and meets the other subgroups in
+// red_s (subgroups of at least 8 lanes: the host runs mvqn_* below that), so the
+// workgroup holds ~2 KB of shared memory instead of ~9: the rest stays L1 cache, which
+// the columns' activations are read through.
+const uint V = NC * NRB;
+shared float red_s[(WG / 8u) * V];
+#else
 shared float red_m[RV * (WG + PAD)];
 shared float red_p[WG + RV];
+#endif
 
 // Writes (softcap, residual add) the finished sum of row row0 + r, column c.
 void store(uint c, uint row, float v) {
@@ -346,6 +362,56 @@ void main() {
             }
         }
     }
+#if USE_SUBGROUP
+    // All NC x NRB sums over each subgroup by a transposing butterfly: each step halves
+    // the values a lane holds, keeping the lower or upper half by its lane bit and adding
+    // the partner's copy of that half; past one value per lane (subgroups wider than V)
+    // the steps just add. Lane l then holds `held` sums, of values idx .. idx + held.
+    uint sgs = gl_SubgroupSize;
+    uint ln = gl_SubgroupInvocationID;
+    uint idx = 0u;
+    [[unroll]] for (uint k = 0u; k < 8u; k++) {
+        uint o = sgs >> (k + 1u);
+        uint h = V >> (k + 1u);
+        if (o != 0u) { // uniform
+            bool up = (ln & o) != 0u;
+            if (h != 0u) {
+                [[unroll]] for (uint i = 0u; i < V / 2u; i++) {
+                    if (i < h) {
+                        float keep = up ? a[i + h] : a[i];
+                        float give = up ? a[i] : a[i + h];
+                        a[i] = keep + subgroupShuffleXor(give, o);
+                    }
+                }
+                idx += up ? h : 0u;
+            } else {
+                a[0] += subgroupShuffleXor(a[0], o);
+            }
+        }
+    }
+    uint held = sgs >= V ? 1u : V / sgs;
+    // Past V lanes, lanes that differ only in the low bits hold the same sums.
+    if (sgs <= V || (ln & (sgs / V - 1u)) == 0u) {
+        [[unroll]] for (uint j = 0u; j < V; j++) {
+            if (j < held) {
+                red_s[gl_SubgroupID * V + idx + j] = a[j];
+            }
+        }
+    }
+    barrier();
+    for (uint v = tid; v < nc * NRB; v += WG) {
+        float s = 0.0;
+        for (uint g = 0u; g < gl_NumSubgroups; g++) {
+            s += red_s[g * V + v];
+        }
+        uint c = v / NRB;
+        uint row = row0 + v % NRB;
+        if (row <= last) {
+            store(c0 + c, row, s);
+        }
+    }
+}
+#else
     // All NC x NRB sums over the workgroup, RV at a time: each lane writes its partials
     // value-major (phase 1), P = WG / RV lanes per value add WG / P of them each (phase
     // 2), RV lanes add the P part-sums and store.
@@ -379,6 +445,7 @@ void main() {
         }
     }
 }
+#endif
 #else
 shared float red_n[NRB * WG];
 

@@ -705,7 +705,11 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         sg_workgroup_size,
         sg_rows,
         mvg_subgroup_rows: sg_ok && std::env::var("CALDERA_VK_MVG_SG").map_or(mv_sg, |v| v == "1"),
-        mvqn_old: opts.force_old_mvqn || env_on("CALDERA_VK_MVQN_OLD") || workgroup_size > 128,
+        // mvqm_*'s subgroup build meets its subgroups in WG / 8 slots per value.
+        mvqn_old: opts.force_old_mvqn
+            || env_on("CALDERA_VK_MVQN_OLD")
+            || workgroup_size > 128
+            || (info.subgroup_arithmetic && !force_shared && info.subgroup_size < 8),
         // 8 or else 4: the kernels exist for those two.
         mvqm_rows: match opts
             .mvqm_rows

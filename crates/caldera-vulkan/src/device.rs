@@ -84,7 +84,8 @@ pub struct DeviceInfo {
     /// `subgroupSizeControl` and `computeFullSubgroups` features.
     pub subgroup_size_control: bool,
     pub compute_full_subgroups: bool,
-    /// Subgroup arithmetic (subgroupAdd, ...) is supported in compute shaders.
+    /// Subgroup arithmetic (subgroupAdd, ...) and shuffles are supported in compute
+    /// shaders (the subgroup builds of the kernels use both).
     pub subgroup_arithmetic: bool,
     /// `shaderFloat16` (f16 arithmetic in shaders).
     pub fp16: bool,
@@ -491,7 +492,9 @@ impl Instance {
                 .supported_stages
                 .contains(vk::ShaderStageFlags::COMPUTE)
                 && subgroup.supported_operations.contains(
-                    vk::SubgroupFeatureFlags::ARITHMETIC | vk::SubgroupFeatureFlags::BASIC,
+                    vk::SubgroupFeatureFlags::ARITHMETIC
+                        | vk::SubgroupFeatureFlags::BASIC
+                        | vk::SubgroupFeatureFlags::SHUFFLE,
                 ),
             fp16: on(f12.shader_float16),
             int8: on(f12.shader_int8),

@@ -240,7 +240,8 @@ fn case(ty: GgmlType) {
     for (ci, ctx) in ctxs.iter().enumerate() {
         for (mi, &mode) in modes.iter().enumerate() {
             for cols in [1usize, 3, 8, 9, 16] {
-                for (rows, k) in [(1usize, bs), (7, 3 * bs), (333, 2 * bs)] {
+                // 70 blocks: several rounds of a workgroup's blocks, the last partial.
+                for (rows, k) in [(1usize, bs), (7, 3 * bs), (333, 2 * bs), (5, 70 * bs)] {
                     // Every size on the default context; a rotating subset on the others.
                     if ci > 0 && (mi + cols + rows) % 3 != 0 {
                         continue;
