@@ -73,6 +73,104 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     chains(&ctx)?;
+    cold(&ctx)?;
+    Ok(())
+}
+
+/// Small dependent dispatches between weight streams, as a decode step runs them:
+/// `COLD_MB` (default 96) MiB streamed (`chain.comp`, a fresh region of 8 in turn) after
+/// each of an empty one-workgroup dispatch, the one-workgroup 64 KiB copy and the MoE
+/// routing of 128 logits (`moe_route.comp`, top 8). Each small op's cost is the chain's
+/// time per unit less the stream's alone; beside it, the same op repeated without streams.
+fn cold(ctx: &Context) -> Result<(), Box<dyn std::error::Error>> {
+    const N: u32 = 40;
+    let mb: u64 = std::env::var("COLD_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96);
+    let total = 8 * mb;
+    let w = ctx.create_buffer(total << 20, MemoryKind::Device)?;
+    let out = ctx.create_buffer(1 << 20, MemoryKind::Device)?;
+    let cnt = ctx.create_buffer(4 * (N as u64 + 1), MemoryKind::Device)?;
+    let stream = ctx.bind(Kernel::Chain, &[&w, &out, &cnt])?;
+    let a = ctx.create_buffer(1 << 20, MemoryKind::Device)?;
+    let b = ctx.create_buffer(1 << 20, MemoryKind::Device)?;
+    let copy = ctx.bind(Kernel::Copy, &[&a, &b])?;
+    let logits: Vec<u8> = (0..128u32)
+        .flat_map(|i| ((i * 37 % 128) as f32 * 0.01).to_le_bytes())
+        .collect();
+    let logits = ctx.upload(&logits)?;
+    let ids = ctx.create_buffer(64, MemoryKind::Device)?;
+    let wts = ctx.create_buffer(64, MemoryKind::Device)?;
+    let one = ctx.upload(&1u32.to_le_bytes())?;
+    let route = ctx.bind(
+        Kernel::MoeRoute,
+        &[&logits, &logits, &logits, &ids, &wts, &one],
+    )?;
+    // moe_route's push constant: n, k, kind (softmax), flags (renormalize), scale, ld.
+    let route_push: Vec<u8> = [128u32, 8, 0, 1, 1f32.to_bits(), 128]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let per_wg: u64 = 1024;
+    let words = (mb << 20) / 16;
+    let groups = words / per_wg;
+    let regions = (total / mb).max(1);
+    type Op<'a> = Option<Box<dyn Fn(&mut Recorder<'_>) -> caldera_vulkan::Result<()> + 'a>>;
+    let ops: Vec<(&str, Op<'_>)> = vec![
+        ("nothing", None),
+        (
+            "empty, 1 workgroup",
+            Some(Box::new(|r| r.dispatch(&copy, &0u32.to_le_bytes(), 1))),
+        ),
+        (
+            "copy of 64 KiB by 1 workgroup",
+            Some(Box::new(|r| {
+                r.dispatch(&copy, &((64u32 << 10) / 16).to_le_bytes(), 1)
+            })),
+        ),
+        (
+            "moe_route, 128 logits, top 8",
+            Some(Box::new(|r| r.dispatch(&route, &route_push, 1))),
+        ),
+    ];
+    for pass in 0..2 {
+        for (label, op) in &ops {
+            for streams in [true, false] {
+                if op.is_none() && !streams {
+                    continue;
+                }
+                let rec = ctx.record_with(true, |r| {
+                    for j in 0..N {
+                        if let Some(op) = op {
+                            op(r)?;
+                            r.barrier();
+                        }
+                        if streams {
+                            let base = (j as u64 % regions) * words;
+                            let push: Vec<u8> =
+                                [base as u32, per_wg as u32, 0, j, groups as u32, 0]
+                                    .iter()
+                                    .flat_map(|v| v.to_le_bytes())
+                                    .collect();
+                            r.dispatch(&stream, &push, groups)?;
+                            r.barrier();
+                        }
+                    }
+                    r.mark("cold");
+                    Ok(())
+                })?;
+                let best = best_of_5(ctx, &rec, Some("cold"))?;
+                if pass == 1 {
+                    let what = if streams { "+ stream" } else { "alone" };
+                    println!(
+                        "cold {mb:4} MiB: {label:32} {what:9} {:8.2} us per unit",
+                        best / 1e3 / N as f64
+                    );
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -318,6 +318,63 @@ void reduce_rows(inout float a[MAXR], inout float extra) {
 #endif
 }
 
+#if USE_SUBGROUP
+shared float blk_y[32];
+// The block tail of the subgroup-per-output layouts (MV_BLK below, MV_BLKT in
+// mvq_expert.glsl), after the workgroup's stores and a barrier: the block of 32 outputs
+// that holds the workgroup's ROWS, from y index o0 (`whole`: all ROWS of them stored),
+// quantized as tail_one does by subgroup 0 (subgroups have at least 8 lanes where these
+// layouts run), lane l taking values 4l .. 4l + 4: the workgroup's own 32 (ROWS = 32,
+// from blk_y) or, read back, the block's 32 / ROWS workgroups' outputs by the one whose
+// count completes it.
+void block_tail(uint o0, bool whole) {
+    uint ln = gl_SubgroupInvocationID;
+    if (gl_SubgroupID != 0u || !whole || o0 >= p.n_next) {
+        return;
+    }
+    uint b = o0 / 32u;
+    bool norm = (p.flags & MV_TAIL_NORM) != 0u;
+    bool mine = ln < 8u;
+    vec4 v = vec4(0.0);
+    if (ROWS == 32u) {
+        if (mine) {
+            v = vec4(blk_y[4u * ln], blk_y[4u * ln + 1u], blk_y[4u * ln + 2u], blk_y[4u * ln + 3u]);
+        }
+    } else {
+        uint old = 0u;
+        if (subgroupElect()) {
+            old = atomicAdd(cnt[b], 1u) + 1u;
+        }
+        if (subgroupMax(old) != 32u / ROWS) {
+            return;
+        }
+        if (subgroupElect()) {
+            cnt[b] = 0u;
+        }
+        memoryBarrierBuffer();
+        if (mine) {
+            v = y4[8u * b + ln];
+        }
+    }
+    float ss = subgroupAdd(dot(v, v));
+    if (norm && mine) {
+        v *= ngam4[8u * b + ln];
+    }
+    vec4 av = abs(v);
+    float amax = subgroupMax(max(max(av.x, av.y), max(av.z, av.w)));
+    float id = amax > 0.0 ? 127.0 / amax : 0.0;
+    if (mine) {
+        nq[8u * b + ln] = q8_word(v, id);
+    }
+    if (ln == 0u) {
+        nd[b] = amax / 127.0;
+        if (norm) {
+            nss[b] = ss;
+        }
+    }
+}
+#endif
+
 #if defined(MV_EXPERT)
 #include "mvq_expert.glsl"
 #else
@@ -341,7 +398,6 @@ layout(constant_id = 11) const uint MV_UNR = 2u;
 // launches it only where every workgroup's outputs lie in one block (`ops::Mvq`).
 layout(constant_id = 12) const uint MV_BLK = 0u;
 const uint SG_ACC = MAXR; // weight rows per subgroup at most
-shared float blk_y[32];
 void main_sg() {
     uint grp = flat_group();
     uint sg = gl_SubgroupID;
@@ -419,55 +475,8 @@ void main_sg() {
         return;
     }
     barrier();
-    // The block, quantized as tail_one does by subgroup 0 (subgroups have at least 8
-    // lanes where MV_SG runs), lane l taking values 4l .. 4l + 4: this workgroup's own
-    // 32 outputs, or (ROWS < 32) the block's outputs read back by the workgroup whose
-    // count completes it.
     uint o0 = p.y_offset + grp * ROWS;
-    bool whole = 32u % ROWS == 0u && o0 % ROWS == 0u && grp * NR + NR - 1u <= last;
-    if (sg != 0u || !whole || o0 >= p.n_next) {
-        return;
-    }
-    uint b = o0 / 32u;
-    bool norm = (p.flags & MV_TAIL_NORM) != 0u;
-    bool mine = ln < 8u;
-    vec4 v = vec4(0.0);
-    if (ROWS == 32u) {
-        if (mine) {
-            v = vec4(blk_y[4u * ln], blk_y[4u * ln + 1u], blk_y[4u * ln + 2u], blk_y[4u * ln + 3u]);
-        }
-    } else {
-        uint old = 0u;
-        if (subgroupElect()) {
-            old = atomicAdd(cnt[b], 1u) + 1u;
-        }
-        if (subgroupMax(old) != 32u / ROWS) {
-            return;
-        }
-        if (subgroupElect()) {
-            cnt[b] = 0u;
-        }
-        memoryBarrierBuffer();
-        if (mine) {
-            v = y4[8u * b + ln];
-        }
-    }
-    float ss = subgroupAdd(dot(v, v));
-    if (norm && mine) {
-        v *= ngam4[8u * b + ln];
-    }
-    vec4 av = abs(v);
-    float amax = subgroupMax(max(max(av.x, av.y), max(av.z, av.w)));
-    float id = amax > 0.0 ? 127.0 / amax : 0.0;
-    if (mine) {
-        nq[8u * b + ln] = q8_word(v, id);
-    }
-    if (ln == 0u) {
-        nd[b] = amax / 127.0;
-        if (norm) {
-            nss[b] = ss;
-        }
-    }
+    block_tail(o0, 32u % ROWS == 0u && o0 % ROWS == 0u && grp * NR + NR - 1u <= last);
 }
 #endif
 

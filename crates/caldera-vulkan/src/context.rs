@@ -107,6 +107,12 @@ pub struct ContextOptions {
     /// When the wide block-tail mat-vecs run ([`Tuning::mv_wide`]: 0 never, 1 where
     /// they fill the device, 2 always); default 1, or `CALDERA_VK_MV_WIDE`.
     pub mv_wide: Option<u32>,
+    /// The int8 expert mat-vecs' subgroup-per-output layout ([`Tuning::mvx_subgroup`]);
+    /// default as `mv_subgroup_rows`, or `CALDERA_VK_MVX_SG=0|1`.
+    pub mvx_subgroup: Option<bool>,
+    /// Its outputs per workgroup (a power of two up to 32); default 4, or
+    /// `CALDERA_VK_MVXS_ROWS`.
+    pub mvxs_rows: Option<u32>,
 }
 
 /// The pipeline objects of one kernel.
@@ -659,6 +665,22 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
     } else {
         0
     };
+    // The int8 expert mat-vecs: a subgroup per output where the dense ones run so, in
+    // workgroups of 4 subgroups and 4 outputs (`CALDERA_VK_MVXS_WG`, `_ROWS`).
+    let mvx_subgroup = sg_ok
+        && opts
+            .mvx_subgroup
+            .unwrap_or_else(|| std::env::var("CALDERA_VK_MVX_SG").map_or(mv_sg, |v| v == "1"));
+    let mvxs_want = env_u32("CALDERA_VK_MVXS_WG")
+        .unwrap_or(4 * sgs)
+        .clamp(sgs.min(limit), limit.max(16));
+    let mvxs_workgroup_size = 1u32 << (31 - mvxs_want.max(1).leading_zeros());
+    let mvxs_rows = opts
+        .mvxs_rows
+        .or_else(|| env_u32("CALDERA_VK_MVXS_ROWS"))
+        .unwrap_or(4)
+        .clamp(1, 32);
+    let mvxs_rows = 1u32 << (31 - mvxs_rows.leading_zeros());
     let mvc_subgroups = env_u32("CALDERA_VK_MVC_NSG").unwrap_or(8).clamp(1, 16);
     let coopmat_mm = coop_layout(info, required_subgroup_size)
         .filter(|_| !opts.force_no_coopmat && !env_on("CALDERA_VK_NO_COOPMAT"))
@@ -684,6 +706,9 @@ fn choose_tuning(info: &DeviceInfo, opts: &ContextOptions, kv: KvType) -> Tuning
         mvg_rows,
         mvx_workgroup_size,
         mvx_rows,
+        mvx_subgroup,
+        mvxs_workgroup_size,
+        mvxs_rows,
         rows_per_group: opts.rows_per_group.unwrap_or(2).clamp(1, 64),
         subgroup_reduce: info.subgroup_arithmetic && !force_shared,
         required_subgroup_size,
@@ -909,6 +934,8 @@ fn create_pipeline(
             (tuning.mvc_subgroups * tuning.mvc.unwrap_or(1), 0)
         } else if desc.blk {
             tuning.mvqb_shape(desc.wide)
+        } else if desc.expert_q8 {
+            tuning.mvqx_shape()
         } else if desc.expert {
             tuning.mvx_shape()
         } else if desc.q8 {
@@ -920,12 +947,14 @@ fn create_pipeline(
         };
         // Constant 0: workgroup size; 1: rows per workgroup (mat-vecs only); 2: what the
         // KV cache holds (`KvType::spec`; kernels without a KV cache ignore it); 3: the
-        // int8 mat-vecs' subgroup-per-output layout (not the expert ones'); 4-8 (the
+        // int8 mat-vecs' subgroup-per-output layout (the expert ones' too); 4-8 (the
         // cooperative-matrix kernels): the matrix shape M, N, K and the accumulators per
         // subgroup along rows and tokens; 9: their prefetch; 10: steps per round; 11: the
         // blocks per lane and step of the subgroup-per-output int8 mat-vecs; 12: their
         // block tail (`KernelDesc::blk`, which always runs that layout).
-        let sg = desc.blk || (desc.q8 && tuning.mvq_subgroup(desc.glu));
+        let sg = desc.blk
+            || (desc.q8 && tuning.mvq_subgroup(desc.glu))
+            || (desc.expert_q8 && tuning.mvx_subgroup);
         let c = tuning.coopmat_mm.unwrap_or_default();
         let spec_data = [
             wg,

@@ -339,6 +339,10 @@ pub struct KernelDesc {
     /// A block-tail mat-vec of 32 subgroups per workgroup, which quantizes its block
     /// inside the workgroup ([`Tuning::mv_wide`]).
     pub wide: bool,
+    /// An expert mat-vec on int8 activations (`mvqx*`): launched with
+    /// [`Tuning::mvqx_shape`], in the subgroup-per-output layout (specialization
+    /// constant 3) where [`Tuning::mvx_subgroup`] holds.
+    pub expert_q8: bool,
 }
 
 /// `d`, marked as a gate|up decode mat-vec.
@@ -562,6 +566,7 @@ const fn plain(
         coop_fixed: false,
         blk: false,
         wide: false,
+        expert_q8: false,
     }
 }
 
@@ -785,6 +790,7 @@ const fn mvqx(
         bindings: 13,
         push_bytes: MVQX_PUSH_BYTES,
         expert: true,
+        expert_q8: true,
         q8: false,
         ..mvq(kernel, name, spv, int8_dot)
     }
@@ -1788,6 +1794,17 @@ impl Tuning {
     pub fn mvx_shape(&self) -> (u32, u32) {
         (self.mvx_workgroup_size, self.mvx_rows)
     }
+
+    /// (workgroup size, outputs per workgroup) of the expert mat-vecs on int8
+    /// activations: [`Tuning::mvx_shape`], or the subgroup-per-output shape where
+    /// [`Tuning::mvx_subgroup`] holds.
+    pub fn mvqx_shape(&self) -> (u32, u32) {
+        if self.mvx_subgroup {
+            (self.mvxs_workgroup_size, self.mvxs_rows)
+        } else {
+            self.mvx_shape()
+        }
+    }
 }
 
 /// The launch shape chosen once per device (specialization constants).
@@ -1813,6 +1830,13 @@ pub struct Tuning {
     /// `CALDERA_VK_MVX_WG` / `CALDERA_VK_MVX_ROWS`.
     pub mvx_workgroup_size: u32,
     pub mvx_rows: u32,
+    /// The expert mat-vecs on int8 activations run a subgroup per output
+    /// (`mvq_expert.glsl`'s `MV_SG`) with per-workgroup block tails, in workgroups of
+    /// `mvxs_workgroup_size` invocations and `mvxs_rows` outputs (a power of two up to
+    /// 32).
+    pub mvx_subgroup: bool,
+    pub mvxs_workgroup_size: u32,
+    pub mvxs_rows: u32,
     /// Int8 dot-product instructions are used (the device has them and they are not
     /// switched off with `CALDERA_VK_NO_DOT=1`).
     pub int8_dot: bool,

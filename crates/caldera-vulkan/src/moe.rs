@@ -860,6 +860,8 @@ const MV_RELU2: u32 = 256;
 const MV_SUM: u32 = 512;
 const MV_BIAS: u32 = 1024;
 const MV_CLAMP: u32 = 2048;
+/// `mvq_expert.glsl`'s per-workgroup block tail (subgroup-per-output layout only).
+const MV_BLKT: u32 = 4096;
 
 fn build(ctx: &Context, c: &Call<'_>) -> Result<ExpertDispatches> {
     let w = c.w;
@@ -976,7 +978,18 @@ fn build(ctx: &Context, c: &Call<'_>) -> Result<ExpertDispatches> {
         }
         None => 0,
     };
-    let rb = ctx.tuning().mvx_shape().1 as u64;
+    let sg = q8.is_some() && ctx.tuning().mvx_subgroup;
+    let rb = if q8.is_some() {
+        ctx.tuning().mvqx_shape().1
+    } else {
+        ctx.tuning().mvx_shape().1
+    } as u64;
+    // The subgroup layout's tails run per workgroup where its outputs (a power of two,
+    // dividing 32) lie in one block of 32: every slot's (or token's) outputs whole blocks.
+    let per_slot_outs = if c.sum { rpe } else { w.outputs() };
+    if sg && c.tail.is_some() && per_slot_outs.is_multiple_of(32) && 32 % rb == 0 {
+        flags |= MV_BLKT;
+    }
     let nr = if glu { 2 * rb } else { rb };
     let gpe = rpe.div_ceil(nr);
     let groups = if c.sum {

@@ -32,25 +32,33 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
-/// Launch shapes (workgroup, outputs per group, shared-memory reduce, no int8 dot): the
-/// default and variants that leave partial groups and partial block slots.
+/// Launch shapes (workgroup, outputs per group, shared-memory reduce, no int8 dot, the
+/// int8 experts' subgroup-per-output layout with its outputs per workgroup): the
+/// default, variants that leave partial groups and partial block slots, and the GPUs'
+/// subgroup layout (CPU drivers default to the other) with per-workgroup block tails
+/// counted (4 outputs) and inside one workgroup (32).
 fn contexts() -> &'static [Context] {
     static CTX: OnceLock<Vec<Context>> = OnceLock::new();
     CTX.get_or_init(|| {
         let mut v = Vec::new();
-        let shapes: [(Option<u32>, Option<u32>, bool, bool); 4] = [
-            (None, None, false, false),
+        type Shape = (Option<u32>, Option<u32>, bool, bool, Option<u32>);
+        let shapes: [Shape; 6] = [
+            (None, None, false, false, None),
             // The GPUs' default shape (CPU drivers default to 16 x 4).
-            (Some(128), Some(2), true, true),
-            (Some(16), Some(1), true, false),
-            (Some(32), Some(3), false, true),
+            (Some(128), Some(2), true, true, None),
+            (Some(16), Some(1), true, false, None),
+            (Some(32), Some(3), false, true, None),
+            (None, None, false, false, Some(4)),
+            (None, None, false, true, Some(32)),
         ];
-        for (wg, rows, shared, no_dot) in shapes {
+        for (wg, rows, shared, no_dot, sg_rows) in shapes {
             let opts = ContextOptions {
                 mv_workgroup_size: wg,
                 mv_rows: rows,
                 force_shared_reduce: shared,
                 force_no_int8_dot: no_dot,
+                mvx_subgroup: Some(sg_rows.is_some()),
+                mvxs_rows: sg_rows,
                 ..Default::default()
             };
             match test_context("vulkan moe kernels", &opts) {
@@ -62,7 +70,8 @@ fn contexts() -> &'static [Context] {
     })
 }
 
-/// Contexts whose buffers hold at most 16 KiB and 64 KiB (expert tensors in pieces).
+/// Contexts whose buffers hold at most 16 KiB and 64 KiB (expert tensors in pieces; the
+/// second runs the int8 experts' subgroup layout).
 fn split_contexts() -> &'static [Context] {
     static CTX: OnceLock<Vec<Context>> = OnceLock::new();
     CTX.get_or_init(|| {
@@ -71,6 +80,7 @@ fn split_contexts() -> &'static [Context] {
             let opts = ContextOptions {
                 max_buffer_bytes: Some(max),
                 force_no_int8_dot: no_dot,
+                mvx_subgroup: Some(no_dot),
                 mv_rows: Some(3),
                 ..Default::default()
             };
@@ -810,6 +820,15 @@ fn dims(ty: GgmlType, q8: bool) -> (usize, usize) {
 
 fn expert_cases(ctxs: &[Context], types: &[GgmlType], q8: bool, rng: &mut StdRng) {
     for (ci, ctx) in ctxs.iter().enumerate() {
+        if !q8 && ci >= 4 {
+            continue; // (the subgroup layout is the int8 kernels')
+        }
+        if ci >= 4 {
+            assert!(
+                ctx.tuning().mvx_subgroup || !ctx.tuning().subgroup_reduce,
+                "context {ci} should run the int8 experts a subgroup per output"
+            );
+        }
         for (ti, &ty) in types.iter().enumerate() {
             let (d, ff_down) = dims(ty, q8);
             for (ai, act) in acts().into_iter().enumerate() {
