@@ -124,6 +124,10 @@ fn cold(ctx: &Context) -> Result<(), Box<dyn std::error::Error>> {
             Some(Box::new(|r| r.dispatch(&copy, &0u32.to_le_bytes(), 1))),
         ),
         (
+            "copy of 16 B by 1 workgroup",
+            Some(Box::new(|r| r.dispatch(&copy, &1u32.to_le_bytes(), 1))),
+        ),
+        (
             "copy of 64 KiB by 1 workgroup",
             Some(Box::new(|r| {
                 r.dispatch(&copy, &((64u32 << 10) / 16).to_le_bytes(), 1)

@@ -278,7 +278,8 @@ void route_tail() {
         }
     }
     barrier();
-    if (route_last) { // uniform for the workgroup
+    // (MV_DBG_NOTAIL, a profiling switch: no routing, the ids of the step before.)
+    if (route_last && (p.flags & MV_DBG_NOTAIL) == 0u) { // uniform for the workgroup
         memoryBarrierBuffer();
         route_token(p.n_exp, p.n_used, p.kind, p.rflags, p.scale, 0u);
     }

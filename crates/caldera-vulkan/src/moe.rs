@@ -483,11 +483,17 @@ impl MoeRouter {
                 &count,
             ],
         )?;
+        // Profiling switch (wrong results): `CALDERA_VK_MV_DEBUG` bit 2 skips the
+        // routing after the logits (mv.glsl's MV_DBG_NOTAIL).
+        let debug = std::env::var("CALDERA_VK_MV_DEBUG")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|d| d & 4 != 0);
         let push = push_words(&[
             u32_of(k, "k")?,
             u32_of(piece.rows, "rows")?,
             0,
-            MV_NORM,
+            MV_NORM | if debug { 2048 } else { 0 },
             input.eps.to_bits(),
             0,
             spec.n_experts as u32,
@@ -1927,6 +1933,10 @@ fn grouped_pair_ok(ctx: &Context, up: &Experts, down: &Experts, act: Activation)
     act_ok && mmx_supported(ctx, up) && mmx_supported(ctx, down)
 }
 
+/// Steps of at most this many tokens run [`MoeSteps`]' router as the batched mat-vec
+/// (`mm.glsl`) rather than the tiled matmul.
+pub const ROUTER_ROWWISE_TOKENS: u64 = 16;
+
 /// Prefill and batched decode MoE blocks group their pairs by expert unless
 /// `CALDERA_VK_MOE_PAIRS=1` (the per-pair expert mat-vecs).
 pub fn grouped_default() -> bool {
@@ -2094,9 +2104,14 @@ impl MoeSteps {
             step,
             max_tokens: tokens,
         };
+        // Decode-sized steps (a batched runner's buckets) run the router row-wise: its
+        // few rows (128 experts) are one row tile of the tiled matmul, one workgroup
+        // streaming the whole weight (qwen3moe, 8 sequences on the H100: 238 us per
+        // layer, docs/BENCHMARKS.md session 13).
         let mode = crate::ops::MmMode {
             norm: true,
             eps,
+            rowwise: tokens <= ROUTER_ROWWISE_TOKENS,
             ..Default::default()
         };
         let router = crate::ops::Mm::new(ctx, m.router_ty, &m.router, d, &io, mode)?;
