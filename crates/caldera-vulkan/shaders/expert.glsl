@@ -54,6 +54,21 @@ float slot_bias(uint s, uint row) {
     return (p.flags & MV_BIAS) != 0u ? ebias[ids[slot_entry(s)] * p.rpe + row] : 0.0;
 }
 
+// The work of workgroup grp, which takes `per` of the `units` rows (or outputs) of a
+// slot (MV_SUM: of a token): the first of them (`first`), its slots s0 .. s1 (MV_SUM:
+// the token's, else one) and, with MV_SUM, the token. False where it has nothing to do
+// (its slot's expert lives in another piece): the whole workgroup returns.
+bool expert_work(uint grp, uint units, uint per, out uint tok, out uint s0, out uint s1,
+                 out uint first) {
+    bool sum = (p.flags & MV_SUM) != 0u;
+    uint gpe = (units + per - 1u) / per;
+    tok = grp / gpe;
+    s0 = sum ? tok * p.slots : grp / gpe;
+    s1 = sum ? s0 + p.slots : s0 + 1u;
+    first = (grp % gpe) * per;
+    return sum || slot_expert(s0) < p.ne;
+}
+
 // The gated activation of (gate, up): SiLU, GELU (tanh) or gpt-oss's clamped SwiGLU.
 float glu_act(float g, float u) {
     return glu_of(g, u, (p.flags & MV_CLAMP) != 0u, (p.flags & MV_GELU) != 0u, p.limit, p.alpha);

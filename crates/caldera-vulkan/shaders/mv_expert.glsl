@@ -11,13 +11,9 @@ void main() {
     uint tid = gl_LocalInvocationID.x;
     bool sum = (p.flags & MV_SUM) != 0u;
     bool norm = (p.flags & MV_NORM) != 0u;
-    uint gpe = (p.rpe + NR - 1u) / NR;
-    uint tok = grp / gpe; // MV_SUM: the token
-    uint s0 = sum ? tok * p.slots : grp / gpe;
-    uint s1 = sum ? s0 + p.slots : s0 + 1u;
-    uint r0 = (grp % gpe) * NR;
-    if (!sum && slot_expert(s0) >= p.ne) {
-        return; // the whole workgroup: its expert lives in another piece
+    uint tok, s0, s1, r0;
+    if (!expert_work(grp, p.rpe, NR, tok, s0, s1, r0)) {
+        return;
     }
     // a[0 .. NR]: the rows' dot products; a[NR]: this invocation's share of sum(x^2).
     float a[MAXR + 1u];

@@ -28,13 +28,9 @@ void main_sg() {
     bool sum = (p.flags & MV_SUM) != 0u;
     const uint PER = MVG != 0 ? 2u : 1u;
     uint ope = p.rpe / PER; // outputs per slot (MV_SUM: per token)
-    uint gpe = (ope + ROWS - 1u) / ROWS;
-    uint tok = grp / gpe; // MV_SUM: the token
-    uint s0 = sum ? tok * p.slots : grp / gpe;
-    uint s1 = sum ? s0 + p.slots : s0 + 1u;
-    uint q0 = (grp % gpe) * ROWS;
-    if (!sum && slot_expert(s0) >= p.ne) {
-        return; // the whole workgroup: its expert lives in another piece
+    uint tok, s0, s1, q0;
+    if (!expert_work(grp, ope, ROWS, tok, s0, s1, q0)) {
+        return;
     }
     uint lane = ln % L;
     uint bslots = gl_SubgroupSize / L;
@@ -113,13 +109,9 @@ void main() {
     uint grp = flat_group();
     uint tid = gl_LocalInvocationID.x;
     bool sum = (p.flags & MV_SUM) != 0u;
-    uint gpe = (p.rpe + NR - 1u) / NR;
-    uint tok = grp / gpe; // MV_SUM: the token
-    uint s0 = sum ? tok * p.slots : grp / gpe;
-    uint s1 = sum ? s0 + p.slots : s0 + 1u;
-    uint r0 = (grp % gpe) * NR;
-    if (!sum && slot_expert(s0) >= p.ne) {
-        return; // the whole workgroup: its expert lives in another piece
+    uint tok, s0, s1, r0;
+    if (!expert_work(grp, p.rpe, NR, tok, s0, s1, r0)) {
+        return;
     }
     float a[MAXR];
     [[unroll]] for (uint r = 0u; r < MAXR; r++) {
