@@ -136,6 +136,75 @@ float norm_scale(uint xb) {
     return inversesqrt(ss / float(p.k) + p.eps);
 }
 
+#if defined(TYPE_F32) && !MM_GLU
+layout(std430, binding = 0) readonly buffer Wbuf4 { vec4 w4[]; };
+layout(std430, binding = 1) readonly buffer Xbuf4 { vec4 x4[]; };
+layout(std430, binding = 3) readonly buffer Gbuf4 { vec4 gam4[]; };
+const uint TF = 16u;
+// 2 .. TF tokens over f32 weights (k and ld_x multiples of 4): a batched decode step's
+// f32 rows, such as a MoE router's 128. Each invocation loads its vec4s of the row once
+// and meets every token's x with them, summing the tokens' squares from the same loads
+// (first row only), so a row costs one pass and one reduction per TM tokens instead of
+// a norm pass per token and a dot32 (32 loads of one invocation) per sub-block and token.
+void rows_f32(uint group, uint t0, uint nt) {
+    uint tid = gl_LocalInvocationID.x;
+    uint k4 = p.k / 4u;
+    uint ld4 = p.ld_x / 4u;
+    bool norm = (p.flags & MM_NORM) != 0u;
+    float inv[TF];
+    [[unroll]] for (uint j = 0u; j < TF; j++) {
+        inv[j] = 1.0;
+    }
+    for (uint r = 0u; r < ROWS; r++) {
+        uint row = group * ROWS + r;
+        if (row >= p.rows) {
+            break; // uniform for the workgroup
+        }
+        float acc[TF];
+        float ss[TF];
+        [[unroll]] for (uint j = 0u; j < TF; j++) {
+            acc[j] = 0.0;
+            ss[j] = 0.0;
+        }
+        for (uint c = tid; c < k4; c += WG) {
+            vec4 wv = w4[row * k4 + c] * gam4[c];
+            [[unroll]] for (uint j = 0u; j < TF; j++) {
+                if (j < nt) {
+                    vec4 xv = x4[(t0 + j) * ld4 + c];
+                    acc[j] += dot(wv, xv);
+                    ss[j] += dot(xv, xv);
+                }
+            }
+        }
+        [[unroll]] for (uint h = 0u; h < TF / TM; h++) {
+            if (h * TM < nt) { // uniform for the workgroup
+                float a[TM];
+                if (r == 0u && norm) {
+                    [[unroll]] for (uint j = 0u; j < TM; j++) {
+                        a[j] = ss[h * TM + j];
+                    }
+                    reduce_tm(a);
+                    [[unroll]] for (uint j = 0u; j < TM; j++) {
+                        inv[h * TM + j] = inversesqrt(a[j] / float(p.k) + p.eps);
+                    }
+                }
+                [[unroll]] for (uint j = 0u; j < TM; j++) {
+                    a[j] = acc[h * TM + j];
+                }
+                reduce_tm(a);
+                if (tid == 0u) {
+                    [[unroll]] for (uint j = 0u; j < TM; j++) {
+                        if (h * TM + j < nt) {
+                            store(h * TM + j, row, a[j] * inv[h * TM + j]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+#endif
+
 void main() {
     uint group = flat_group();
     uint tid = gl_LocalInvocationID.x;
@@ -145,6 +214,12 @@ void main() {
         t0 = step[2];
         nt = step[3];
     }
+#if defined(TYPE_F32) && !MM_GLU
+    if (nt > 1u && nt <= TF && p.k % 4u == 0u && p.ld_x % 4u == 0u) {
+        rows_f32(group, t0, nt);
+        return;
+    }
+#endif
     uint nsub = (p.k + 31u) / 32u;
     if (nt == 1u) {
         // One token (decode): a plain mat-vec.

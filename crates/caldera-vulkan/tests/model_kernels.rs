@@ -62,8 +62,11 @@ fn case(ty: GgmlType) {
     let Some(ctx) = ctx() else { return };
     let mut rng = rng(&format!("mm {ty}"));
     let bs = ty.block_size();
+    // (F32 with k a multiple of 4 and 2-16 tokens takes mm.glsl's rows_f32: the last k,
+    // which the fused modes below use, and the 11- and 16-token shapes; 17 tokens and
+    // the odd k the general path.)
     let ks: Vec<usize> = if bs == 1 {
-        vec![1, 37, 96 + 5]
+        vec![1, 37, 96 + 5, 100]
     } else if bs == 32 {
         vec![32, 96 + 32 * 3]
     } else {
@@ -72,6 +75,11 @@ fn case(ty: GgmlType) {
     for &k in &ks {
         for &(rows, m) in &[(1usize, 1usize), (37, 1), (13, 11)] {
             check(ctx, &mut rng, ty, rows, k, m, MmMode::default());
+        }
+        if bs == 1 {
+            for &(rows, m) in &[(3usize, 2usize), (7, 16), (5, 17)] {
+                check(ctx, &mut rng, ty, rows, k, m, MmMode::default());
+            }
         }
     }
     // Each fused mode once, on an odd shape with a partial token tile.
