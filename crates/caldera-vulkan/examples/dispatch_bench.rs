@@ -108,10 +108,7 @@ fn cold(ctx: &Context) -> Result<(), Box<dyn std::error::Error>> {
         &[&logits, &logits, &logits, &ids, &wts, &one],
     )?;
     // moe_route's push constant: n, k, kind (softmax), flags (renormalize), scale, ld.
-    let route_push: Vec<u8> = [128u32, 8, 0, 1, 1f32.to_bits(), 128]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
+    let route_push = le_words(&[128, 8, 0, 1, 1f32.to_bits(), 128]);
     let per_wg: u64 = 1024;
     let words = (mb << 20) / 16;
     let groups = words / per_wg;
@@ -152,11 +149,8 @@ fn cold(ctx: &Context) -> Result<(), Box<dyn std::error::Error>> {
                         }
                         if streams {
                             let base = (j as u64 % regions) * words;
-                            let push: Vec<u8> =
-                                [base as u32, per_wg as u32, 0, j, groups as u32, 0]
-                                    .iter()
-                                    .flat_map(|v| v.to_le_bytes())
-                                    .collect();
+                            let push =
+                                le_words(&[base as u32, per_wg as u32, 0, j, groups as u32, 0]);
                             r.dispatch(&stream, &push, groups)?;
                             r.barrier();
                         }
@@ -212,11 +206,14 @@ fn chains(ctx: &Context) -> Result<(), Box<dyn std::error::Error>> {
                     r.mark("reset");
                     for j in 0..N {
                         let base = (j as u64 % regions) * words;
-                        let push: Vec<u8> =
-                            [base as u32, per_wg as u32, flags, j, groups as u32, backoff]
-                                .iter()
-                                .flat_map(|v| v.to_le_bytes())
-                                .collect();
+                        let push = le_words(&[
+                            base as u32,
+                            per_wg as u32,
+                            flags,
+                            j,
+                            groups as u32,
+                            backoff,
+                        ]);
                         r.dispatch(&b, &push, groups)?;
                         if barrier {
                             r.barrier();
@@ -260,4 +257,9 @@ fn best_of_5(
         }
     }
     Ok(best)
+}
+
+/// Push-constant bytes of `v`.
+fn le_words(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }

@@ -45,7 +45,7 @@ use crate::context::Context;
 use crate::error::{Result, VkError};
 use crate::kernels::{Kernel, KERNELS};
 use crate::memory::{Buffer, DeviceTensor, MemoryKind, TensorPiece, PIECE_PAD};
-use crate::ops::{push_words, Mv, MvMode, MvTail, Q8Acts, QuantX};
+use crate::ops::{mv_debug, push_words, Mv, MvMode, MvTail, Q8Acts, QuantX};
 use crate::record::{Binding, Recorder};
 
 /// Most experts [`MoeRoute`] chooses among.
@@ -483,17 +483,18 @@ impl MoeRouter {
                 &count,
             ],
         )?;
-        // Profiling switch (wrong results): `CALDERA_VK_MV_DEBUG` bit 2 skips the
-        // routing after the logits (mv.glsl's MV_DBG_NOTAIL).
-        let debug = std::env::var("CALDERA_VK_MV_DEBUG")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .is_some_and(|d| d & 4 != 0);
+        // Profiling switch (wrong results): `mv_debug` bit 2 skips the routing after the
+        // logits.
+        let no_route = if mv_debug() & 4 != 0 {
+            MV_DBG_NOTAIL
+        } else {
+            0
+        };
         let push = push_words(&[
             u32_of(k, "k")?,
             u32_of(piece.rows, "rows")?,
             0,
-            MV_NORM | if debug { 2048 } else { 0 },
+            MV_NORM | no_route,
             input.eps.to_bits(),
             0,
             spec.n_experts as u32,
@@ -866,6 +867,9 @@ const MV_RELU2: u32 = 256;
 const MV_SUM: u32 = 512;
 const MV_BIAS: u32 = 1024;
 const MV_CLAMP: u32 = 2048;
+/// mv.glsl's profiling switch (the fused router: no routing); the expert kernels'
+/// MV_CLAMP has the same bit.
+const MV_DBG_NOTAIL: u32 = 2048;
 /// `mvq_expert.glsl`'s per-workgroup block tail (subgroup-per-output layout only).
 const MV_BLKT: u32 = 4096;
 

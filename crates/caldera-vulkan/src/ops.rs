@@ -15,6 +15,17 @@ pub(crate) fn u32_of(v: u64, what: &str) -> Result<u32> {
 }
 
 /// Push constants made of 32-bit words, little-endian.
+/// The mat-vecs' profiling switches, `CALDERA_VK_MV_DEBUG` (bits; 0 when unset): they
+/// give wrong results and only time parts of a kernel. Bit 0 drops the block tails'
+/// per-output fence, bit 1 the tails after the stores (mvq.glsl's MV_DBG_*), bit 2 the
+/// fused MoE router's routing (mv.glsl's MV_DBG_NOTAIL).
+pub(crate) fn mv_debug() -> u32 {
+    std::env::var("CALDERA_VK_MV_DEBUG")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0)
+}
+
 pub(crate) fn push_words(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -1091,15 +1102,8 @@ impl Mvq {
                 if t.gam.is_some() {
                     flags |= 64;
                 }
-                // Profiling switches (wrong results): bit 0 drops the block tails'
-                // per-output fence, bit 1 the tails after the stores (mvq.glsl's
-                // MV_DBG_*).
-                if let Some(d) = std::env::var("CALDERA_VK_MV_DEBUG")
-                    .ok()
-                    .and_then(|v| v.parse::<u32>().ok())
-                {
-                    flags |= (d & 3) << 10;
-                }
+                // Profiling switches (wrong results; `mv_debug` bits 0 and 1).
+                flags |= (mv_debug() & 3) << 10;
                 t.n
             }
             None => 0,
